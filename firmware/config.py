@@ -1,0 +1,373 @@
+"""Kit configuration: one TOML file, validated completely before anything starts.
+
+Every key lives in `SCHEMA` with its type, default, allowed values and a one-line doc;
+`docs/configuration.md` is generated from it (`python -m firmware.config --markdown`).
+A bad file yields a `ConfigError` listing every problem as ``key = value: what is allowed``;
+`rekamd` then exits with status 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("/etc/rekam/rekam.toml")
+EX_CONFIG = 78
+
+Check = Callable[[Any], str | None]
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` holds one line per bad key."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type, default, an optional check and its documentation."""
+
+    type: type | tuple[type, ...]
+    default: Any
+    doc: str
+    check: Check | None = None
+    allowed: str = ""
+
+
+# --- small reusable checks; each returns None when fine, else what is allowed -------------
+
+
+def between(lo: float | None = None, hi: float | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "a finite number"
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if hi is None:
+                return f">= {lo}"
+            if lo is None:
+                return f"<= {hi}"
+            return f"between {lo} and {hi}"
+        return None
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def nonempty(v: Any) -> str | None:
+    return None if v else "not empty"
+
+
+def ip_address(v: Any) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return "an IP address such as 127.0.0.1"
+    return None
+
+
+def list_of(item_type: type, item_check: Check | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        for item in v:
+            if not isinstance(item, item_type) or isinstance(item, bool) and item_type is not bool:
+                return f"a list of {item_type.__name__}"
+            if item_check and (why := item_check(item)):
+                return f"a list whose items are {why}"
+        return None
+
+    return check
+
+
+def _all(*checks: Check) -> Check:
+    def check(v: Any) -> str | None:
+        for c in checks:
+            if why := c(v):
+                return why
+        return None
+
+    return check
+
+
+# --- the schema ------------------------------------------------------------------------
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "kit": {
+        "state_dir": Key(str, "/var/lib/rekam", "State directory on the SD card: identity, journal, records.",
+                         nonempty),
+        "site": Key(str, "", "Registration office or field team this kit belongs to (free text, in records)."),
+        "hardware_serial_file": Key(str, "/proc/device-tree/serial-number",
+                                    "Where the board's serial number is read from (Raspberry Pi)."),
+    },
+    "datacenter": {
+        "public_key_files": Key(list, [], "X25519 public keys (PEM or 32 raw bytes) that each record is "
+                                "sealed to: the data center first, then a disaster-recovery center. "
+                                "At least one is required to capture.", list_of(str, nonempty)),
+    },
+    "store": {
+        "reserve_floor_mb": Key(int, 64, "Free space (MiB) that is never used on any medium.", between(0)),
+        "reserve_records": Key(int, 2, "Room for this many of the largest records is kept free on top.",
+                               between(1, 1000)),
+        "journal_reserve_mb": Key(int, 16, "Room kept on the SD for journal (SQLite WAL) growth, MiB.",
+                                  between(1)),
+        "max_record_mb": Key(int, 8, "Largest record accepted, MiB; also the space a new enrollment "
+                             "reserves when it starts.", between(1, 512)),
+        "min_free_inodes": Key(int, 256, "Free inodes kept on each medium.", between(16)),
+        "warn_records": Key(int, 50, "WARN when fewer than this many records still fit.", between(1)),
+        "resume_records": Key(int, 5, "After a HALT, capture resumes only when this many records fit "
+                              "(hysteresis).", between(1)),
+        "verify_readback": Key(bool, True, "Drop each written copy from the page cache and re-read it to "
+                               "check its hash."),
+        "purge_requires_stick": Key(bool, True, "An acknowledged record leaves the SD only if a stick "
+                                    "also holds it."),
+    },
+    "usb": {
+        "mount_point": Key(str, "/media/rekam-usb", "Where the mirror stick is mounted.", nonempty),
+        "required": Key(bool, False, "If true, capture halts while no stick is present; if false "
+                        "(default) the kit warns and keeps capturing on the SD."),
+        "require_mountpoint": Key(bool, True, "Only a real mount point counts as a stick (false for "
+                                  "simulation, where the stick is a plain directory)."),
+        "label": Key(str, "", "Mount only sticks with this file-system label (empty: any stick)."),
+        "poll_seconds": Key(float, 2.0, "How often the stick's presence and free space are checked.",
+                            between(0.1, 60)),
+    },
+    "daemon": {
+        "log_format": Key(str, "text", "Log line format for journald.", one_of("text", "json")),
+        "log_level": Key(str, "info", "Lowest level logged.", one_of("debug", "info", "warning", "error")),
+        "status_interval_s": Key(float, 30.0, "How often the daemon logs and reports its status.",
+                                 between(1, 3600)),
+    },
+    "api": {
+        "bind": Key(str, "127.0.0.1", "Address the console and local API listen on.", ip_address),
+        "port": Key(int, 8470, "Port of the console and local API (0: pick a free one).", between(0, 65535)),
+    },
+    "simulation": {
+        "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
+                          "simulated sensor and camera (relative to the config file)."),
+        "record_kb": Key(int, 400, "Approximate size of a simulated record's biometric payload, KiB.",
+                         between(1, 100_000)),
+    },
+}
+
+
+class Section(Mapping[str, Any]):
+    """Read-only attribute access to one section's validated values."""
+
+    def __init__(self, name: str, values: dict[str, Any]) -> None:
+        self._name = name
+        self._values = values
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"no config key {self._name}.{key}") from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._name}, {self._values!r})"
+
+
+@dataclass
+class Config:
+    """A validated configuration; `raw` is the section -> key -> value dict it was built from."""
+
+    raw: dict[str, dict[str, Any]]
+    source: str = "<defaults>"
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def __getattr__(self, section: str) -> Section:
+        raw = self.__dict__.get("raw")
+        if raw is None or section not in raw:
+            raise AttributeError(f"no config section [{section}]")
+        return Section(section, raw[section])
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path(self.raw["kit"]["state_dir"])
+
+    @property
+    def usb_dir(self) -> Path:
+        return self.path(self.raw["usb"]["mount_point"])
+
+    def as_toml_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dict(v) for s, v in self.raw.items()}
+
+
+def _type_ok(value: Any, t: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return t is bool or (isinstance(t, tuple) and bool in t)
+    if t is float and isinstance(value, int):
+        return True
+    return isinstance(value, t)
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    if isinstance(t, tuple):
+        return " or ".join(names.get(x, x.__name__) for x in t)
+    return names.get(t, t.__name__)
+
+
+def validate(data: Mapping[str, Any], source: str = "config", base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML mapping against `SCHEMA`, fill defaults, and return a `Config`.
+
+    Raises `ConfigError` naming every bad key, its value and what is allowed.
+    """
+    problems: list[str] = []
+    out: dict[str, dict[str, Any]] = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(["the document must be a TOML table"], source)
+    for section in data:
+        if section not in SCHEMA:
+            problems.append(f"unknown section [{section}] (known: {', '.join(SCHEMA)})")
+    for section, keys in SCHEMA.items():
+        given = data.get(section, {})
+        if not isinstance(given, Mapping):
+            problems.append(f"[{section}] must be a table, got {given!r}")
+            given = {}
+        for k in given:
+            if k not in keys:
+                problems.append(f"unknown key {section}.{k} (known: {', '.join(keys)})")
+        values: dict[str, Any] = {}
+        for name, key in keys.items():
+            if name not in given:
+                values[name] = key.default
+                continue
+            v = given[name]
+            if not _type_ok(v, key.type):
+                problems.append(f"{section}.{name} = {v!r}: must be {_type_name(key.type)}")
+                values[name] = key.default
+                continue
+            if key.type is float and isinstance(v, int):
+                v = float(v)
+            if key.check and (why := key.check(v)):
+                problems.append(f"{section}.{name} = {v!r}: must be {why}")
+                values[name] = key.default
+                continue
+            values[name] = v
+        out[section] = values
+    cfg = Config(out, source, base_dir or Path.cwd())
+    problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one key, or the file system."""
+    problems = []
+    st = cfg.raw["store"]
+    if st["resume_records"] > st["warn_records"]:
+        problems.append(f"store.resume_records = {st['resume_records']}: must be <= store.warn_records "
+                        f"({st['warn_records']})")
+    for i, f in enumerate(cfg.raw["datacenter"]["public_key_files"]):
+        p = cfg.path(f)
+        try:
+            from firmware.seal import load_recipient_key
+
+            load_recipient_key(p.read_bytes())
+        except FileNotFoundError:
+            problems.append(f"datacenter.public_key_files[{i}] = {f!r}: file not found ({p})")
+        except (OSError, ValueError) as e:
+            problems.append(f"datacenter.public_key_files[{i}] = {f!r}: not an X25519 public key ({e})")
+    return problems
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate the TOML file at `path` (default /etc/rekam/rekam.toml)."""
+    p = Path(path) if path is not None else DEFAULT_PATH
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {p}"], str(p)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read {p}: {e}"], str(p)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"not valid TOML: {e}"], str(p)) from None
+    if overrides:
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".", 1)
+            data.setdefault(section, {})[key] = value
+    return validate(data, str(p), p.resolve().parent)
+
+
+def defaults(**sections: dict[str, Any]) -> Config:
+    """A configuration of defaults with some sections overridden (tests and tools)."""
+    return validate(sections, "<defaults>")
+
+
+def markdown() -> str:
+    """Render the reference of every key (docs/configuration.md)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "One TOML file, `/etc/rekam/rekam.toml` by default (`rekamd --config PATH`). Relative paths are",
+        "resolved against the file's directory. Unknown sections and keys are errors (a typo must not",
+        "silently fall back to a default). On any error `rekamd` prints every bad key, its value and",
+        "what is allowed, and exits with status 78 (EX_CONFIG).",
+        "",
+        "Generated from `firmware/config.py` by `python -m firmware.config --markdown`; do not edit by hand.",
+        "",
+    ]
+    for section, keys in SCHEMA.items():
+        lines += [f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, key in keys.items():
+            default = repr(key.default).replace("'", '"').replace("True", "true").replace("False", "false")
+            doc = key.doc.replace("|", "\\|")
+            lines.append(f"| `{name}` | {_type_name(key.type)} | `{default}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Validate a rekam config or print the key reference.")
+    ap.add_argument("path", nargs="?")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args(argv)
+    if a.markdown:
+        print(markdown())
+        return 0
+    try:
+        load(a.path)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return EX_CONFIG
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

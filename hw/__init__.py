@@ -1,0 +1,1 @@
+"""Hardware drivers and their simulators. Imports neither `firmware` nor `provisioning`."""

@@ -1,0 +1,1 @@
+"""Fleet and data-center side: opening sealed records, ingest, provisioning (rekam-fleet)."""
