@@ -1,0 +1,335 @@
+"""NFIQ 2 native quality measures, re-implemented in numpy and vectorised over blocks.
+
+Definitions follow NIST NFIQ 2.3 (usnistgov/NFIQ2, ISO/IEC 29794-4): the near-white frame is
+removed first, then orientation certainty (OCL), local clarity (LCS), frequency-domain analysis
+(FDA), ridge-valley uniformity (RVUP), orientation flow (OF) and contrast (Mu, MMB) are computed
+on 32x32 blocks (OF on 16x16) with the reference's block grids, segmentation mask
+(`ridgesegment`, threshold 0.1 on the normalised block std), centred-difference gradients,
+nearest-neighbour block rotation and histogram limits. Each feature yields the same 10-bin
+histogram, mean and (population) standard deviation as NFIQ 2's ``<NAME>_Bin10_*`` measures.
+
+Where the reference has a quirk it is kept on purpose (e.g. the orientation formula uses ``c``,
+not ``2c``; OF angle differences do not wrap), because the goal is to *track* NFIQ 2.
+Known difference: OpenCV's warpAffine rounds nearest-neighbour coordinates in 1/1024 fixed point;
+here they are rounded in floating point, which can move single pixels on exact ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FDA_LIMITS = (0.268, 0.304, 0.33, 0.355, 0.38, 0.407, 0.44, 0.50, 1.0)
+LCS_LIMITS = (0.0, 0.70, 0.74, 0.77, 0.79, 0.81, 0.83, 0.85, 0.87)
+OCL_LIMITS = (0.337, 0.479, 0.579, 0.655, 0.716, 0.766, 0.81, 0.852, 0.898)
+OF_LIMITS = (0.01715, 0.035, 0.0557, 0.081, 0.115, 0.1718, 0.2569, 0.4758, 0.748)
+RVUP_LIMITS = (0.5, 0.667, 0.8, 1.0, 1.25, 1.5, 2.0, 24.0, 30.0)
+
+NEAR_WHITE = 250.0  # rows/columns whose mean is above this are frame, not print
+SEG_THRESHOLD = 0.1  # ridgesegment: block std of the normalised image
+BLK = 32
+SLANT_X, SLANT_Y = 32, 16
+OF_BLK = 32
+OF_ANGLE_MIN_DEG = 4.0
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def crop_near_white_frame(img: np.ndarray) -> np.ndarray:
+    """Drop outer rows/columns whose mean gray is > 250 (NFIQ 2 `copyRemovingNearWhiteFrame`).
+
+    Column means are taken over the full height, as in the reference. An all-white image is
+    returned unchanged (the caller's gates reject it).
+    """
+    rows = np.flatnonzero(img.mean(axis=1) <= NEAR_WHITE)
+    cols = np.flatnonzero(img.mean(axis=0) <= NEAR_WHITE)
+    if rows.size < 2 or cols.size < 2:
+        return img
+    return img[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def histogram_features(values: np.ndarray, limits: tuple[float, ...]) -> dict[str, float]:
+    """10-bin histogram with NFIQ 2's bin rule (bin i counts limits[i-1] <= v < limits[i]), mean, std."""
+    v = np.asarray(values, np.float64)
+    bins = np.bincount(np.searchsorted(np.asarray(limits), v, side="right"), minlength=10)[:10]
+    out = {f"bin{i}": float(bins[i]) for i in range(10)}
+    out["mean"] = float(v.mean()) if v.size else 0.0
+    out["std"] = float(v.std()) if v.size else 0.0
+    return out
+
+
+def ridge_mask(img: np.ndarray, blk: int, thresh: float = SEG_THRESHOLD) -> np.ndarray:
+    """Pixel mask of ridge-like blocks (NFIQ 2 `ridgesegment`): blocks on a grid from (0, 0),
+    partial blocks included, whose std on the globally normalised image exceeds `thresh`."""
+    h, w = img.shape
+    f = img.astype(np.float64)
+    sd = f.std()
+    if sd == 0:
+        return np.zeros((h, w), bool)
+    nb_r, nb_c = -(-h // blk), -(-w // blk)
+    pad = np.full((nb_r * blk, nb_c * blk), np.nan)
+    pad[:h, :w] = (f - f.mean()) / sd
+    blocks = pad.reshape(nb_r, blk, nb_c, blk)
+    bstd = np.nanstd(blocks, axis=(1, 3))
+    return np.repeat(np.repeat(bstd > thresh, blk, 0), blk, 1)[:h, :w]
+
+
+def _windows(img: np.ndarray, r0: np.ndarray, c0: np.ndarray, size: int) -> np.ndarray:
+    """Stack of square windows (n, size, size) whose top-left corners are (r0[i], c0[i])."""
+    win = np.lib.stride_tricks.sliding_window_view(img, (size, size))
+    return win[r0, c0]
+
+
+def _grid(rows: int, cols: int, blk: int, offset: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Top-left corners of the reference's bordered block grid (loop `r = off; r < rows-(blk+off-1)`)."""
+    rs = np.arange(offset, rows - (blk + offset - 1), blk)
+    cs = np.arange(offset, cols - (blk + offset - 1), blk)
+    rr, cc = np.meshgrid(rs, cs, indexing="ij")
+    return rr.ravel(), cc.ravel(), len(rs), len(cs)
+
+
+def _centred_grad(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Matlab `gradient`: central differences inside, one-sided at the block edges (per block)."""
+    gx = np.empty_like(blocks)
+    gy = np.empty_like(blocks)
+    gx[..., 1:-1] = (blocks[..., 2:] - blocks[..., :-2]) / 2.0
+    gx[..., 0] = blocks[..., 1] - blocks[..., 0]
+    gx[..., -1] = blocks[..., -1] - blocks[..., -2]
+    gy[..., 1:-1, :] = (blocks[..., 2:, :] - blocks[..., :-2, :]) / 2.0
+    gy[..., 0, :] = blocks[..., 1, :] - blocks[..., 0, :]
+    gy[..., -1, :] = blocks[..., -1, :] - blocks[..., -2, :]
+    return gx, gy
+
+
+def _covariance(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    gx, gy = _centred_grad(blocks.astype(np.float64))
+    return (gx * gx).mean(axis=(-2, -1)), (gy * gy).mean(axis=(-2, -1)), (gx * gy).mean(axis=(-2, -1))
+
+
+def _ridge_orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    # Reference `ridgeorient`: atan2(c, a-b)/2 (sic: c, not 2c; kept to track NFIQ 2).
+    denom = c * c + (a - b) ** 2 + np.finfo(float).eps
+    return np.arctan2(c / denom, (a - b) / denom) / 2.0
+
+
+def _rotated_crop(src: np.ndarray, angles: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """Nearest-neighbour rotation of each window by its angle (radians, OpenCV sense) about the
+    window centre, then the crop ``[rows, cols]`` of the output; pixels that map outside read 0,
+    like warpAffine with a constant border.
+
+    For the reference's "padded" blocks, `src` is the 40x40 neighbourhood: NFIQ 2 pads the 36x36
+    block with `copyMakeBorder`, which on an OpenCV ROI takes the real image pixels around it."""
+    n = src.shape[0]
+    ss = src.shape[1]
+    ctr = ss / 2.0
+    ys, xs = np.mgrid[rows, cols]
+    ca = np.cos(angles)[:, None, None]
+    sa = np.sin(angles)[:, None, None]
+    dx, dy = xs[None] - ctr, ys[None] - ctr
+    sx = np.floor(ca * dx - sa * dy + ctr + 0.5).astype(np.int64)
+    sy = np.floor(sa * dx + ca * dy + ctr + 0.5).astype(np.int64)
+    inside = (sx >= 0) & (sx < ss) & (sy >= 0) & (sy < ss)
+    idx = np.arange(n)[:, None, None]
+    out = src[idx, np.clip(sy, 0, ss - 1), np.clip(sx, 0, ss - 1)].astype(np.float64)
+    out[~inside] = 0.0
+    return out
+
+
+def _ridge_valley(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: column-mean profile ``v`` (n, L) -> (ridge flags, linear trend `dt`), as
+    `getRidgeValleyStructure` (least-squares line on x = 1..L, coefficients rounded to 1e-10)."""
+    n, length = v.shape
+    x = np.arange(1, length + 1, dtype=np.float64)
+    xm = x.mean()
+    slope = ((x - xm) * (v - v.mean(axis=1, keepdims=True))).sum(axis=1) / ((x - xm) ** 2).sum()
+    icpt = v.mean(axis=1) - slope * xm
+    slope = np.round(slope * 1e10) / 1e10
+    icpt = np.round(icpt * 1e10) / 1e10
+    dt = x[None] * slope[:, None] + icpt[:, None]
+    return v < dt, dt
+
+
+# --- the measures ----------------------------------------------------------------------------
+
+
+def ocl_values(img: np.ndarray) -> np.ndarray:
+    """Orientation certainty 1 - lmin/lmax of each full 32x32 block on a grid from (0, 0)."""
+    h, w = img.shape
+    nr, nc = h // BLK, w // BLK
+    if nr == 0 or nc == 0:
+        return np.zeros(0)
+    blocks = img[:nr * BLK, :nc * BLK].reshape(nr, BLK, nc, BLK).swapaxes(1, 2).reshape(-1, BLK, BLK)
+    a, b, c = _covariance(blocks)
+    root = np.sqrt((a - b) ** 2 + 4 * c * c)
+    emax, emin = (a + b + root) / 2, (a + b - root) / 2
+    ok = emax != 0
+    return 1.0 - emin[ok] / emax[ok]
+
+
+def _slanted_blocks(img: np.ndarray, mask: np.ndarray):
+    """Common part of LCS/FDA/RVUP: bordered 32-px grid, block orientation, 36x36 windows, mask."""
+    diff = int(np.ceil(np.sqrt(SLANT_X ** 2 + SLANT_Y ** 2))) - BLK  # 36 - 32
+    off = int(np.ceil(diff / 2))
+    r0, c0, _, _ = _grid(*img.shape, BLK, off)
+    if r0.size == 0:
+        return None
+    f = img.astype(np.float64)
+    a, b, c = _covariance(_windows(f, r0, c0, BLK))
+    orient = _ridge_orient(a, b, c)
+    wins = _windows(f, r0 - off, c0 - off, BLK + 2 * off)
+    # 2 px more on each side, zero outside the image (copyMakeBorder on an ROI, see _rotated_crop).
+    wide = _windows(np.pad(f, 2), r0 - off, c0 - off, BLK + 2 * off + 4)
+    inmask = _windows(mask, r0, c0, BLK).all(axis=(1, 2))
+    return orient, wins, wide, inmask
+
+
+def lcs_values(v2: np.ndarray, ridval: np.ndarray, dt: np.ndarray) -> np.ndarray:
+    """Local clarity per block from the rotated 16x32 crop (reference `loclar`, 500 ppi)."""
+    scale = (500 / 125.0) * 5.0
+    nwr_min, nwr_max, nwv_min, nwv_max = 3.0 / scale, 10.0 / scale, 2.0 / scale, 10.0 / scale
+    out = np.zeros(len(v2))
+    # Pixels on the "wrong" side of the trend line, per column (used only for clear blocks).
+    below = v2 < dt[:, None, :]
+    for k in range(len(v2)):
+        rv = ridval[k]
+        change = rv != np.roll(rv, 1)
+        ci = np.flatnonzero(change[1:])  # indices i-1 for i >= 1
+        if ci.size == 0:
+            continue
+        wrv = np.diff(ci, prepend=0)
+        wrv[0] = ci[0]
+        if rv[0]:
+            nwr, nwv = wrv[0::2] / scale, wrv[1::2] / scale
+        else:
+            nwv, nwr = wrv[0::2] / scale, wrv[1::2] / scale
+        mr = nwr.mean() if nwr.size else 0.0
+        mv = nwv.mean() if nwv.size else 0.0
+        if not (nwr_min <= mr <= nwr_max and nwv_min <= mv <= nwv_max):
+            continue
+        ridge_cols, valley_cols = rv, ~rv
+        n_r, n_v = ridge_cols.sum(), valley_cols.sum()
+        if n_r == 0 or n_v == 0:
+            continue
+        beta = (~below[k][:, ridge_cols]).sum() / (n_r * v2.shape[1])
+        alpha = below[k][:, valley_cols].sum() / (n_v * v2.shape[1])
+        out[k] = 1.0 - (alpha + beta) / 2.0
+    return out
+
+
+def rvup_values(ridval: np.ndarray) -> np.ndarray:
+    """Ridge/valley width ratios of complete ridges and valleys (reference `rvuhist`)."""
+    res: list[float] = []
+    for rv in ridval.astype(np.int64):
+        n = rv.size
+        change = rv[: n - 1] != np.concatenate(([rv[n - 1]], rv[: n - 2]))
+        ci = np.flatnonzero(change[1:])
+        if ci.size == 0:
+            continue
+        complete = rv[ci[0] + 1: ci[-1]]
+        if complete.size == 0:
+            continue
+        begrid = int(complete[0])
+        cic = ci[1:] - ci[0]
+        if cic.size <= 1:
+            continue
+        widths = (cic[1:] - cic[:-1])[::-1].astype(np.float64)
+        ratios = widths[:-1] / widths[1:]
+        ratios[begrid::2] = 1.0 / ratios[begrid::2]
+        res.extend(ratios.tolist())
+    return np.asarray(res)
+
+
+def fda_values(wide: np.ndarray, orient: np.ndarray) -> np.ndarray:
+    """Frequency-domain analysis: dominance of the ridge frequency in the 1-D signature."""
+    bc = _rotated_crop(wide, orient + np.pi / 2, slice(2, 34), slice(10, 26))
+    t = bc.mean(axis=2)  # (n, 32) row means
+    amp = np.abs(np.fft.fft(t, axis=1))[:, 1:]
+    m = amp.argmax(axis=1)
+    mval = amp[np.arange(len(amp)), m]
+    denom = amp[:, : amp.shape[1] // 2].sum(axis=1)
+    edge = (m == 0) | (m + 1 >= amp.shape[1])
+    mi = np.clip(m, 1, amp.shape[1] - 2)
+    idx = np.arange(len(amp))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val = (mval + 0.3 * (amp[idx, mi - 1] + amp[idx, mi + 1])) / denom
+    return np.where(edge, 1.0, val)
+
+
+def of_values(img: np.ndarray) -> np.ndarray:
+    """Orientation flow: mean absolute orientation change to the 8 neighbours, 16x16 blocks."""
+    diff = int(np.ceil(np.sqrt(SLANT_X ** 2 + SLANT_Y ** 2))) - OF_BLK  # 36 - 16
+    off = int(np.ceil(diff / 2))
+    r0, c0, nr, nc = _grid(*img.shape, OF_BLK, off)
+    if r0.size == 0:
+        return np.zeros(0)
+    mask = ridge_mask(img, OF_BLK)
+    f = img.astype(np.float64)
+    orient = _ridge_orient(*_covariance(_windows(f, r0, c0, OF_BLK))).reshape(nr, nc)
+    seg = _windows(mask, r0, c0, OF_BLK).all(axis=(1, 2)).reshape(nr, nc)
+    po = np.pad(orient, 1)
+    ps = np.pad(seg, 1)
+    loq = np.zeros((nr, nc))
+    allseg = np.ones((nr, nc), bool)
+    for dr in range(3):
+        for dc in range(3):
+            loq += np.abs(po[dr:dr + nr, dc:dc + nc] - orient)
+            allseg &= ps[dr:dr + nr, dc:dc + nc]
+    loq /= 8.0
+    amin = np.deg2rad(OF_ANGLE_MIN_DEG)
+    adiff = np.deg2rad(90.0 - OF_ANGLE_MIN_DEG)
+    sel = (loq > amin) & allseg
+    return (loq[sel] - amin) / adiff
+
+
+def compute(img: np.ndarray) -> dict[str, dict[str, float] | float]:
+    """All NFIQ 2-style measures of an 8-bit gray image (any size).
+
+    Returns ``{"OCL": {...}, "LCS": {...}, "FDA": {...}, "RVUP": {...}, "OF": {...}, "Mu": x,
+    "MMB": x, "blocks": n}`` where each histogram dict has ``bin0..bin9``, ``mean``, ``std``.
+    """
+    img = crop_near_white_frame(np.ascontiguousarray(img))
+    f = img.astype(np.float64)
+    h, w = img.shape
+    # Contrast: mean, and mean of block means on a 32-px grid from (0, 0) including partial blocks.
+    nbr, nbc = -(-h // BLK), -(-w // BLK)
+    sums = np.add.reduceat(np.add.reduceat(f, np.arange(0, h, BLK), 0), np.arange(0, w, BLK), 1)
+    counts = np.outer(np.diff(np.append(np.arange(0, h, BLK), h)), np.diff(np.append(np.arange(0, w, BLK), w)))
+    out: dict[str, dict[str, float] | float] = {"Mu": float(f.mean()), "MMB": float((sums / counts).mean())}
+    assert sums.shape == (nbr, nbc)
+
+    out["OCL"] = histogram_features(ocl_values(img), OCL_LIMITS)
+    mask = ridge_mask(img, BLK)
+    sb = _slanted_blocks(img, mask)
+    if sb is None:
+        empty = histogram_features(np.zeros(0), LCS_LIMITS)
+        out["LCS"] = out["FDA"] = out["RVUP"] = empty
+        out["blocks"] = 0.0
+    else:
+        orient, wins, wide, inmask = sb
+        out["blocks"] = float(inmask.sum())
+        lw, lo, ww = wins[inmask], orient[inmask], wide[inmask]
+        # LCS: rotate by the orientation, no padding, 16 rows x 32 columns from the centre.
+        v2 = _rotated_crop(lw, lo, slice(10, 26), slice(2, 34))
+        ridval, dt = _ridge_valley(v2.mean(axis=1))
+        out["LCS"] = histogram_features(lcs_values(v2, ridval, dt), LCS_LIMITS)
+        out["FDA"] = histogram_features(fda_values(ww, lo), FDA_LIMITS)
+        v2p = _rotated_crop(ww, lo, slice(10, 26), slice(2, 34))
+        ridval_p, _ = _ridge_valley(v2p.mean(axis=1))
+        out["RVUP"] = histogram_features(rvup_values(ridval_p), RVUP_LIMITS)
+    out["OF"] = histogram_features(of_values(img), OF_LIMITS)
+    return out
+
+
+def as_nist_names(feats: dict[str, dict[str, float] | float]) -> dict[str, float]:
+    """Flatten `compute` output to NFIQ 2's feature names (``OCL_Bin10_3``, ``LCS_Bin10_Mean``, ``Mu``...)."""
+    flat: dict[str, float] = {}
+    for key in ("FDA", "LCS", "OCL", "OF", "RVUP"):
+        hist = feats[key]
+        assert isinstance(hist, dict)
+        for i in range(10):
+            flat[f"{key}_Bin10_{i}"] = hist[f"bin{i}"]
+        flat[f"{key}_Bin10_Mean"] = hist["mean"]
+        flat[f"{key}_Bin10_StdDev"] = hist["std"]
+    flat["Mu"] = float(feats["Mu"])  # type: ignore[arg-type]
+    flat["MMB"] = float(feats["MMB"])  # type: ignore[arg-type]
+    return flat
