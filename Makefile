@@ -37,6 +37,8 @@ system-deps:
 	fi
 
 run: $(STAMP)
+	@mkdir -p var/sd var/usb
+	@[ -f var/datacenter/datacenter.pub ] || $(VENV)/bin/rekam-fleet keygen --out var/datacenter
 	$(VENV)/bin/rekamd --config config/rekam-sim.toml --sim
 
 test: $(STAMP) system-deps

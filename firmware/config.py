@@ -159,8 +159,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "simulation": {
         "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
                           "simulated sensor and camera (relative to the config file)."),
-        "record_kb": Key(int, 400, "Approximate size of a simulated record's biometric payload, KiB.",
-                         between(1, 100_000)),
     },
 }
 
@@ -208,7 +206,7 @@ class Config:
     def path(self, value: str) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
 
     @property
     def state_dir(self) -> Path:
@@ -293,7 +291,7 @@ def _cross_checks(cfg: Config) -> list[str]:
     for i, f in enumerate(cfg.raw["datacenter"]["public_key_files"]):
         p = cfg.path(f)
         try:
-            from firmware.seal import load_recipient_key
+            from firmware.record_format import load_recipient_key
 
             load_recipient_key(p.read_bytes())
         except FileNotFoundError:

@@ -1,0 +1,79 @@
+"""The daemon's local HTTP API (FastAPI; OpenAPI at /api/v1/openapi.json).
+
+Used by the `rekam` CLI and the web console. Every input is validated by its model; errors are
+JSON with a `detail` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Query
+from pydantic import BaseModel, Field
+
+from firmware.capacity import CaptureHalted
+from firmware.journal import STATES
+from firmware.store import StoreError
+
+if TYPE_CHECKING:
+    from firmware.daemon import Kit
+
+
+class SimCommit(BaseModel):
+    """Commit simulated enrollments (simulation mode only)."""
+
+    count: int = Field(1, ge=1, le=10_000)
+    operator_id: str = Field("sim-operator", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    pad_to_kb: int = Field(0, ge=0, le=8192)
+
+
+def create_app(kit: Kit) -> FastAPI:
+    """Build the API bound to a running kit."""
+    app = FastAPI(title="rekam kit API", version="1", openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs",
+                  redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "kit_id": kit.identity.kit_id}
+
+    @app.get("/api/v1/status")
+    def status() -> dict[str, Any]:
+        """Records per state, media capacity and guard state, stick, mirror lag, services."""
+        return kit.status()
+
+    @app.get("/api/v1/records")
+    def records(state: str | None = Query(None, description="one of " + ", ".join(STATES)),
+                limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+        """The newest records (optionally of one state)."""
+        if state is not None and state not in STATES:
+            raise HTTPException(422, f"state {state!r} is not one of {', '.join(STATES)}")
+        rows = kit.store.j.records(state=state, limit=limit, newest_first=True)
+        return [r.__dict__ for r in rows]
+
+    @app.post("/api/v1/usb/eject")
+    def usb_eject() -> dict[str, Any]:
+        """Flush and release the stick so it can be pulled safely."""
+        kit.store.eject()
+        return {"ok": True}
+
+    @app.post("/api/v1/sim/commit")
+    def sim_commit(req: SimCommit) -> dict[str, Any]:
+        """Commit `count` simulated enrollments through the real store."""
+        if not kit.sim:
+            raise HTTPException(409, "simulated commits are only accepted in simulation mode (rekamd --sim)")
+        from firmware.sim_capture import SimulatedCapture
+
+        src = SimulatedCapture(kit.cfg.path(kit.cfg.simulation.corpus_dir), pad_to=req.pad_to_kb * 1024)
+        done = []
+        for _ in range(req.count):
+            try:
+                res = kit.store.commit(src.capture(req.operator_id).encode(), operator_id=req.operator_id)
+            except CaptureHalted as e:
+                raise HTTPException(507, {"error": "capture halted", "reason": e.reason,
+                                          "committed": done}) from None
+            except StoreError as e:
+                raise HTTPException(500, {"error": str(e), "committed": done}) from None
+            done.append(res.as_dict())
+        return {"committed": done}
+
+    return app

@@ -1,0 +1,216 @@
+"""`rekamd`: the kit daemon.
+
+Start-up: validate the config (exit 78 on any error), load or create the kit identity, open the
+store (recovery), start the local API/console and the maintenance loop, then tell systemd READY.
+SIGTERM/SIGINT: stop taking work, let a commit in progress finish, close the journal, exit 0
+within a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware import __version__, config, identity, logs
+from firmware.sdnotify import Notifier, watchdog_interval
+from firmware.store import Store, StoreError
+
+log = logging.getLogger("rekamd")
+
+EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, config.EX_CONFIG
+
+
+class Kit:
+    """The running kit: configuration, identity, store and the services around them."""
+
+    def __init__(self, cfg: config.Config, sim: bool = False) -> None:
+        self.cfg = cfg
+        self.sim = sim
+        self.stop = threading.Event()
+        self.identity = identity.load_or_create(cfg.state_dir)
+        self.store = Store(cfg, self.identity)
+        self.notifier = Notifier()
+        self.threads: list[threading.Thread] = []
+        self.api_server: Any = None
+        self.api_url = ""
+        self.started = time.monotonic()
+        self.services: dict[str, Any] = {}  # optional parts (sensor, camera, relay...) by name
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store and start every service; returns when they are up."""
+        rep = self.store.open()
+        log.info("store open kit_id=%s state_dir=%s records=%s recovered=%d quarantined=%d missing=%d",
+                 self.identity.kit_id, self.cfg.state_dir, self.store.j.max_seq(), len(rep.adopted),
+                 len(rep.quarantined), len(rep.missing))
+        self._start_api()
+        self._spawn("maintenance", self._maintenance_loop)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        t = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _guarded(self, name: str, target: Any) -> Any:
+        def run() -> None:
+            while not self.stop.is_set():
+                try:
+                    target()
+                    return
+                except Exception:
+                    # A service thread must never take the daemon down; log and restart it.
+                    log.exception("service crashed service=%s; restarting in 2 s", name)
+                    self.stop.wait(2)
+        return run
+
+    def shutdown(self) -> None:
+        """Stop services and close the store (waits for a commit in progress)."""
+        self.stop.set()
+        self.notifier.stopping()
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+        for t in self.threads:
+            t.join(timeout=3)
+        self.store.close()
+        try:
+            (self.cfg.state_dir / "api.json").unlink()
+        except OSError:
+            pass
+        log.info("stopped")
+
+    # --- services -----------------------------------------------------------------------
+
+    def _start_api(self) -> None:
+        import uvicorn
+
+        from firmware.api import create_app
+
+        app = create_app(self)
+        server = uvicorn.Server(uvicorn.Config(app, host=self.cfg.api.bind, port=self.cfg.api.port,
+                                               log_level="warning", access_log=False, lifespan="off"))
+        self.api_server = server
+        t = threading.Thread(target=server.run, name="api", daemon=True)
+        t.start()
+        self.threads.append(t)
+        deadline = time.monotonic() + 10
+        while not server.started and t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not server.started:
+            raise RuntimeError(f"console/API could not listen on {self.cfg.api.bind}:{self.cfg.api.port}")
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        self.api_url = f"http://{host}:{port}"
+        info = {"url": self.api_url, "pid": os.getpid()}
+        (self.cfg.state_dir / "api.json").write_text(json.dumps(info))
+        log.info("console and API listening url=%s", self.api_url)
+
+    def _maintenance_loop(self) -> None:
+        poll = self.cfg.usb.poll_seconds
+        every = self.cfg.daemon.status_interval_s
+        wd = watchdog_interval()
+        next_status = next_wd = 0.0
+        last_level = ""
+        while not self.stop.is_set():
+            now = time.monotonic()
+            try:
+                self.store.poll_usb()
+            except Exception:
+                log.exception("usb poll failed")
+            if wd and now >= next_wd:
+                self.notifier.watchdog()
+                next_wd = now + wd
+            if now >= next_status:
+                st = self.store.status()
+                level = st["guard"]["level"]
+                if level != last_level or now >= next_status:
+                    self._log_status(st)
+                last_level = level
+                next_status = now + every
+            self.stop.wait(min(poll, wd or poll))
+
+    def _log_status(self, st: dict[str, Any]) -> None:
+        rec = st["records"]
+        text = (f"{st['guard']['level']}: {rec['stored']['records'] + rec['sent']['records']} unacked, "
+                f"lag {st['mirror_lag']['records']}, stick {'yes' if st['stick']['present'] else 'no'}")
+        self.notifier.status(text)
+        level = logging.WARNING if st["guard"]["level"] != "OK" else logging.INFO
+        log.log(level, "status guard=%s reasons=%r stored=%d sent=%d acked=%d quarantined=%d mirror_lag=%d",
+                st["guard"]["level"], st["guard"]["reasons"], rec["stored"]["records"], rec["sent"]["records"],
+                rec["acked"]["records"], rec["quarantined"]["records"], st["mirror_lag"]["records"])
+
+    def status(self) -> dict[str, Any]:
+        """The store's status plus the daemon's own (version, uptime, services)."""
+        st = self.store.status()
+        st["daemon"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
+                        "simulation": self.sim, "pid": os.getpid()}
+        for name, svc in self.services.items():
+            if hasattr(svc, "status"):
+                try:
+                    st[name] = svc.status()
+                except Exception as e:  # status must always answer
+                    st[name] = {"error": str(e)}
+        return st
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="rekamd", description="rekam enrollment kit daemon")
+    ap.add_argument("--config", default=os.environ.get("REKAM_CONFIG", str(config.DEFAULT_PATH)))
+    ap.add_argument("--sim", action="store_true", help="simulation mode: simulated sensor and camera")
+    ap.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    ap.add_argument("--version", action="version", version=f"rekamd {__version__}")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rekamd`."""
+    args = parse_args(argv)
+    logs.setup()
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        for p in e.problems:
+            log.error("config error file=%s: %s", e.source, p)
+        return EX_CONFIG
+    logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
+    if args.check_config:
+        print(f"{args.config}: ok")
+        return EX_OK
+    log.info("starting version=%s config=%s simulation=%s", __version__, Path(args.config).resolve(), args.sim)
+    try:
+        kit = Kit(cfg, sim=args.sim)
+    except (identity.IdentityError, OSError, ValueError) as e:
+        log.error("cannot start: %s", e)
+        return EX_SOFTWARE
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal received signal=%s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        kit.start()
+    except (StoreError, OSError, RuntimeError) as e:
+        log.error("cannot start: %s", e)
+        kit.shutdown()
+        return EX_SOFTWARE
+    st = kit.store.status()
+    kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
+    log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
+    while not stop.wait(0.5):
+        pass
+    kit.shutdown()
+    return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Client side of the daemon's local API, for the `rekam` CLI (stdlib only: the CLI starts fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+class ApiError(Exception):
+    """The daemon answered with an error; `status` is the HTTP status, `detail` its explanation."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+def daemon_url(state_dir: Path) -> str | None:
+    """URL of the running daemon's API for this state directory, or None if it is not running."""
+    try:
+        info = json.loads((state_dir / "api.json").read_text())
+        url, pid = str(info["url"]), int(info["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return url
+
+
+def call(url: str, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
+    """One JSON request to the daemon."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail")
+        except ValueError:
+            detail = e.reason
+        raise ApiError(e.code, detail) from None

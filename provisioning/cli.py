@@ -1,0 +1,130 @@
+"""`rekam-fleet`: the data center and fleet side.
+
+Commands here: `keygen` (a data-center X25519 key pair), `open` (verify and decrypt one sealed
+record), `verify` (check a record's layout and signature without a key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from firmware import record_format as rf
+
+EXTRA_MODULES: list[str] = []  # further command groups (ingest, import, kits...) register here
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = out / "datacenter.key", out / "datacenter.pub"
+    if key_path.exists() and not args.force:
+        print(f"rekam-fleet: {key_path} exists (use --force to replace it; records sealed to it would be lost)",
+              file=sys.stderr)
+        return 1
+    priv, pub = rf.generate_datacenter_keypair()
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(priv)
+    pub_path.write_bytes(pub)
+    kid = rf.key_id(rf.raw_public(rf.load_recipient_key(pub)))
+    print(f"data-center key {kid}\n  private: {key_path} (keep offline, mode 0600)\n  public:  {pub_path} "
+          "(goes into each kit's datacenter.public_key_files)")
+    return 0
+
+
+def _read_record(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"rekam-fleet: cannot read {path}: {e.strerror or e}") from None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    rc = 0
+    for f in args.files:
+        try:
+            p = rf.parse(_read_record(f))
+            print(f"{f}: ok  record {p.header.record_id}  kit {p.header.kit_id}  signer {rf.key_id(p.header.kit_key)}")
+        except rf.RecordFormatError as e:
+            print(f"{f}: {type(e).__name__}: {e}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    data = _read_record(args.file)
+    try:
+        key = rf.load_datacenter_private_key(Path(args.key).read_bytes())
+    except (OSError, ValueError) as e:
+        print(f"rekam-fleet: cannot use key {args.key}: {e}", file=sys.stderr)
+        return 2
+    trusted = None
+    if args.kit_key:
+        import base64
+
+        trusted = base64.b64decode(args.kit_key)
+    try:
+        hdr, plain = rf.open_record(data, key, trusted)
+        payload = rf.Payload.decode(plain)
+    except rf.TruncatedRecord as e:
+        print(f"rekam-fleet: {args.file}: truncated: {e}", file=sys.stderr)
+        return 3
+    except rf.BadSignature as e:
+        print(f"rekam-fleet: {args.file}: bad signature: {e}", file=sys.stderr)
+        return 4
+    except rf.WrongKey as e:
+        print(f"rekam-fleet: {args.file}: wrong key: {e}", file=sys.stderr)
+        return 5
+    except rf.RecordFormatError as e:
+        print(f"rekam-fleet: {args.file}: invalid record: {e}", file=sys.stderr)
+        return 6
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for a in payload.attachments:
+            safe = Path(a.name).name  # attachment names come from the record: never a path
+            (out / safe).write_bytes(a.data)
+        (out / "manifest.json").write_text(json.dumps(payload.manifest, indent=2, ensure_ascii=False))
+    summary = {"record_id": hdr.record_id, "kit_id": hdr.kit_id, "seq": hdr.seq, "created": hdr.created,
+               "clock_synced": hdr.clock_synced, "manifest": payload.manifest,
+               "attachments": [{"name": a.name, "type": a.content_type, "size": len(a.data)}
+                               for a in payload.attachments]}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rekam-fleet", description="rekam data center and fleet tools")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser("keygen", help="create a data-center X25519 key pair")
+    p.add_argument("--out", required=True, help="folder for datacenter.key and datacenter.pub")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+    p = sub.add_parser("open", help="verify and decrypt one sealed record")
+    p.add_argument("file")
+    p.add_argument("--key", required=True, help="data-center private key (PEM)")
+    p.add_argument("--kit-key", help="the kit's registered Ed25519 public key (base64) to pin the signer")
+    p.add_argument("--out", help="write the manifest and attachments into this folder")
+    p.set_defaults(func=cmd_open)
+    p = sub.add_parser("verify", help="check layout and kit signature of records (no key needed)")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_verify)
+    for name in EXTRA_MODULES:
+        importlib.import_module(name).register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `rekam-fleet`."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
