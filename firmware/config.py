@@ -156,6 +156,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "bind": Key(str, "127.0.0.1", "Address the console and local API listen on.", ip_address),
         "port": Key(int, 8470, "Port of the console and local API (0: pick a free one).", between(0, 65535)),
     },
+    "gpio": {
+        # BCM numbers; defaults avoid the UART (14/15), I2C (2/3) and SPI pins. hw/files/wiring.md matches them.
+        "enabled": Key(bool, False, "Drive the LED/buzzer/button panel (gpiozero)."),
+        "led_ready": Key(int, 17, "Green LED: ready to enroll (BCM pin).", between(0, 27)),
+        "led_busy": Key(int, 27, "Yellow LED: capture in progress (BCM pin).", between(0, 27)),
+        "led_halted": Key(int, 22, "Red LED: capture halted, see the console (BCM pin).", between(0, 27)),
+        "led_uplink": Key(int, 23, "Blue LED: connected to the data center (BCM pin).", between(0, 27)),
+        "buzzer": Key(int, 24, "Active buzzer: short beep good capture, long beep retake (BCM pin).",
+                      between(0, 27)),
+        "button_confirm": Key(int, 5, "Start/confirm button to ground (BCM pin).", between(0, 27)),
+        "button_eject": Key(int, 6, "Safe USB eject button to ground (BCM pin).", between(0, 27)),
+        "sensor_touch": Key(int, 25, "Fingerprint sensor touch/wake-up output (R503 pin 5), -1 if not wired.",
+                            between(-1, 27)),
+    },
     "simulation": {
         "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
                           "simulated sensor and camera (relative to the config file)."),

@@ -218,6 +218,10 @@ class Store:
         stick = self.stick
         if stick is None:
             return None, ""
+        if not detect(stick.mount, self.cfg.usb.require_mountpoint):
+            # Checked per record: a pulled stick must not turn into writes to the bare mount-point folder.
+            self._stick_lost("removed")
+            return None, "stick removed"
         try:
             stick.write_record(record_id, seq, data, digest, verify=self.cfg.store.verify_readback)
             return stick.stick_id, ""
