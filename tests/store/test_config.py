@@ -1,0 +1,80 @@
+"""Config validation: every bad value is named with what is allowed; rekamd exits 78."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware import config
+
+
+@pytest.mark.parametrize(("section", "key", "value", "expect"), [
+    ("store", "reserve_floor_mb", -1, "store.reserve_floor_mb = -1: must be >= 0"),
+    ("store", "max_record_mb", "big", "store.max_record_mb = 'big': must be an integer"),
+    ("store", "verify_readback", 1, "store.verify_readback = 1: must be true or false"),
+    ("usb", "poll_seconds", 0.0, "usb.poll_seconds = 0.0: must be between 0.1 and 60"),
+    ("usb", "mount_point", "", "usb.mount_point = '': must be not empty"),
+    ("daemon", "log_level", "loud", "daemon.log_level = 'loud': must be one of 'debug'"),
+    ("api", "bind", "localhost:80", "api.bind = 'localhost:80': must be an IP address"),
+    ("api", "port", 70000, "api.port = 70000: must be between 0 and 65535"),
+    ("gpio", "buzzer", 40, "gpio.buzzer = 40: must be between 0 and 27"),
+    ("datacenter", "public_key_files", "k.pub", "datacenter.public_key_files = 'k.pub': must be a list"),
+])
+def test_bad_values_are_named(section: str, key: str, value: Any, expect: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.validate({section: {key: value}})
+    assert any(p.startswith(expect) for p in e.value.problems), e.value.problems
+
+
+def test_unknown_key_and_section() -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.validate({"store": {"reserv_mb": 1}, "stor": {}})
+    text = " | ".join(e.value.problems)
+    assert "unknown key store.reserv_mb" in text and "unknown section [stor]" in text
+
+
+def test_cross_check_and_missing_key_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.validate({"store": {"resume_records": 60, "warn_records": 50},
+                         "datacenter": {"public_key_files": [str(tmp_path / "nope.pub")]}})
+    text = " | ".join(e.value.problems)
+    assert "store.resume_records = 60: must be <= store.warn_records" in text
+    assert "file not found" in text
+    (tmp_path / "bad.pub").write_text("hello")
+    with pytest.raises(config.ConfigError, match="not an X25519 public key"):
+        config.validate({"datacenter": {"public_key_files": [str(tmp_path / "bad.pub")]}})
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    cfg = config.validate({})
+    assert cfg.store.reserve_records == 2 and cfg.usb.required is False
+    md = config.markdown()
+    for section, keys in config.SCHEMA.items():
+        for k in keys:
+            assert f"`{k}`" in md, f"{section}.{k} missing from the reference"
+
+
+def test_docs_configuration_md_is_current() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == config.markdown() + "\n", "regenerate: python -m firmware.config --markdown"
+
+
+def test_rekamd_exits_78_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "rekam.toml"
+    cfg.write_text('[store]\nreserve_floor_mb = "lots"\n[usb]\nrequired = "yes"\n')
+    r = subprocess.run([sys.executable, "-m", "firmware.daemon", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 78
+    assert "store.reserve_floor_mb = 'lots': must be an integer" in r.stderr
+    assert "usb.required = 'yes': must be true or false" in r.stderr
+    cfg.write_text("[store\n")
+    r = subprocess.run([sys.executable, "-m", "firmware.daemon", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 78 and "not valid TOML" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "firmware.daemon", "--config", str(tmp_path / "none.toml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78 and "file not found" in r.stderr

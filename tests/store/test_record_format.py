@@ -1,0 +1,93 @@
+"""Sealing and opening records: round trip, tampering, wrong keys, truncation, the fleet CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware import record_format as rf
+
+
+def _seal(payload: bytes, dc_pub: bytes, *extra: bytes, key: Ed25519PrivateKey | None = None) -> bytes:
+    return rf.seal(payload, record_id="rk-abcdefghjk-00000001-20261129T000000Z", kit_id="rk-abcdefghjk", seq=1,
+                   created="2026-11-29T00:00:00Z", clock_synced=False, signing_key=key or Ed25519PrivateKey.generate(),
+                   recipients=[rf.load_recipient_key(k) for k in (dc_pub, *extra)])
+
+
+def test_round_trip_and_no_plaintext_on_disk(dc_keys: dict[str, Any]) -> None:
+    secret = b"NIK 3273010101900001 " * 100
+    p = rf.Payload({"nik": "3273010101900001"}, [rf.Attachment("face.jpg", "image/jpeg", secret)]).encode()
+    sealed = _seal(p, dc_keys["pub"])
+    assert b"3273010101900001" not in sealed  # nothing personal in clear text
+    hdr, plain = rf.open_record(sealed, dc_keys["sk"])
+    assert hdr.record_id.endswith("00000001-20261129T000000Z") and plain == p
+    back = rf.Payload.decode(plain)
+    assert back.manifest["nik"] == "3273010101900001" and back.attachments[0].data == secret
+
+
+def test_two_recipients_each_open(dc_keys: dict[str, Any]) -> None:
+    priv2, pub2 = rf.generate_datacenter_keypair()
+    sealed = _seal(b"x" * 1000, dc_keys["pub"], pub2)
+    assert rf.open_record(sealed, dc_keys["sk"])[1] == b"x" * 1000
+    assert rf.open_record(sealed, rf.load_datacenter_private_key(priv2))[1] == b"x" * 1000
+
+
+def test_wrong_key(dc_keys: dict[str, Any]) -> None:
+    sealed = _seal(b"payload", dc_keys["pub"])
+    other, _ = rf.generate_datacenter_keypair()
+    with pytest.raises(rf.WrongKey, match="sealed to key"):
+        rf.open_record(sealed, rf.load_datacenter_private_key(other))
+
+
+@pytest.mark.parametrize("offset", [0, 20, 200, -100, -1])
+def test_any_flipped_byte_is_caught(dc_keys: dict[str, Any], offset: int) -> None:
+    sealed = bytearray(_seal(b"p" * 500, dc_keys["pub"]))
+    sealed[offset] ^= 0x40
+    with pytest.raises(rf.RecordFormatError):
+        rf.open_record(bytes(sealed), dc_keys["sk"])
+
+
+def test_truncated(dc_keys: dict[str, Any]) -> None:
+    sealed = _seal(b"p" * 500, dc_keys["pub"])
+    for n in (0, 5, 30, len(sealed) - 1):
+        with pytest.raises(rf.TruncatedRecord):
+            rf.parse(sealed[:n])
+
+
+def test_pinned_kit_key(dc_keys: dict[str, Any]) -> None:
+    kit = Ed25519PrivateKey.generate()
+    sealed = _seal(b"p", dc_keys["pub"], key=kit)
+    rf.parse(sealed, rf.raw_public(kit.public_key()))
+    with pytest.raises(rf.BadSignature, match="not the kit's registered key"):
+        rf.parse(sealed, rf.raw_public(Ed25519PrivateKey.generate().public_key()))
+
+
+def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], capture_output=True, text=True)
+
+
+def test_fleet_open_cli(tmp_path: Path, dc_keys: dict[str, Any]) -> None:
+    p = rf.Payload({"nik": "3273010101900001"}, [rf.Attachment("../../evil.jpg", "image/jpeg", b"jpg")]).encode()
+    f = tmp_path / "r.rkm"
+    f.write_bytes(_seal(p, dc_keys["pub"]))
+    r = _fleet("open", str(f), "--key", str(dc_keys["key_path"]), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert '"nik": "3273010101900001"' in r.stdout
+    assert (tmp_path / "out" / "evil.jpg").read_bytes() == b"jpg"  # the name cannot escape the folder
+    other = tmp_path / "other"
+    assert _fleet("keygen", "--out", str(other)).returncode == 0
+    r = _fleet("open", str(f), "--key", str(other / "datacenter.key"))
+    assert r.returncode == 5 and "wrong key" in r.stderr
+    f.write_bytes(f.read_bytes()[:-10])
+    r = _fleet("open", str(f), "--key", str(dc_keys["key_path"]))
+    assert r.returncode == 3 and "truncated" in r.stderr
+    data = bytearray(_seal(p, dc_keys["pub"]))
+    data[-70] ^= 1
+    f.write_bytes(bytes(data))
+    r = _fleet("open", str(f), "--key", str(dc_keys["key_path"]))
+    assert r.returncode == 4 and "bad signature" in r.stderr

@@ -1,0 +1,226 @@
+"""The durable store on real files, real SQLite and real size-limited tmpfs mounts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware import identity, record_format
+from firmware.capacity import CaptureHalted
+from firmware.store import Store
+from tests.store.conftest import Tmpfs, make_config
+
+
+def payload(n: int = 300_000, tag: str = "") -> bytes:
+    return record_format.Payload({"nik": "3273010101900001", "tag": tag},
+                                 [record_format.Attachment("blob", "application/octet-stream", os.urandom(n))]).encode()
+
+
+def open_store(cfg: Any) -> Store:
+    s = Store(cfg, identity.load_or_create(cfg.state_dir))
+    s.open()
+    return s
+
+
+def test_commit_is_on_sd_and_stick_and_opens(store: Store, dc_keys: dict[str, Any]) -> None:
+    res = store.commit(payload(tag="a"), operator_id="op1")
+    assert res.stick_id is not None
+    sd = store.sd_path(res.record_id).read_bytes()
+    usb = store.stick.record_path(res.record_id).read_bytes()
+    assert sd == usb and record_format.sha256_hex(sd) == res.sha256
+    hdr, plain = record_format.open_record(sd, dc_keys["sk"], store.identity.public_key_raw)
+    assert record_format.Payload.decode(plain).manifest["tag"] == "a" and hdr.seq == 1
+    row = store.j.get(res.record_id)
+    assert row.state == "stored" and row.operator_id == "op1"
+    index = list(__import__("firmware.usb", fromlist=["read_index"]).read_index(store.stick.kit_dir))
+    assert [e["record_id"] for e in index] == [res.record_id]
+    assert store.status()["mirror_lag"]["records"] == 0
+
+
+def test_no_stick_then_backfill(kit_cfg: Any) -> None:
+    shutil.rmtree(kit_cfg.usb_dir)
+    s = open_store(kit_cfg)
+    try:
+        ids = [s.commit(payload(50_000)).record_id for _ in range(3)]
+        st = s.status()
+        assert st["mirror_lag"]["records"] == 3 and st["guard"]["level"] == "WARN"
+        assert any("no USB stick" in r for r in st["guard"]["reasons"])
+        kit_cfg.usb_dir.mkdir()
+        s.poll_usb()
+        assert s.stick is not None
+        assert sorted(s.stick.record_files()) == sorted(ids)
+        assert s.status()["mirror_lag"]["records"] == 0
+    finally:
+        s.close()
+
+
+def test_required_stick_halts_capture(tmp_path: Path, dc_keys: dict[str, Any]) -> None:
+    cfg = make_config(tmp_path, dc_keys["pub_path"], usb={"required": True})
+    s = open_store(cfg)
+    try:
+        with pytest.raises(CaptureHalted, match="a stick is required"):
+            s.begin()
+    finally:
+        s.close()
+
+
+def test_stick_disappears_mid_mirror(store: Store) -> None:
+    """The stick's folder vanishes while records are being written: every commit still succeeds on the SD."""
+    results, errors = [], []
+    stop = threading.Event()
+
+    def writer() -> None:
+        try:
+            while not stop.is_set() and len(results) < 40:
+                results.append(store.commit(payload(200_000)))
+        except Exception as e:  # pragma: no cover - would fail the test below
+            errors.append(e)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while len(results) < 5:
+        pass
+    shutil.rmtree(store.cfg.usb_dir, ignore_errors=True)
+    t.join(timeout=60)
+    stop.set()
+    assert not errors
+    assert store.stick is None
+    assert any(r.stick_id is None for r in results) and any(r.stick_id for r in results)
+    for r in results:
+        assert record_format.sha256_hex(store.sd_path(r.record_id).read_bytes()) == r.sha256
+    lag = store.status()["mirror_lag"]["records"]
+    assert lag == sum(1 for r in results if r.stick_id is None)
+    store.cfg.usb_dir.mkdir()
+    store.poll_usb()
+    assert store.status()["mirror_lag"]["records"] == 0
+
+
+def test_fill_tmpfs_until_halt_then_swap_stick(tmp_path: Path, dc_keys: dict[str, Any], tmpfs: Tmpfs) -> None:
+    sd = tmpfs.mount(tmp_path / "sdfs", 40 * 1024)
+    usb = tmpfs.mount(tmp_path / "usbfs", 12 * 1024)
+    cfg = make_config(tmp_path, dc_keys["pub_path"], kit={"state_dir": str(sd)}, usb={"mount_point": str(usb)})
+    s = open_store(cfg)
+    try:
+        committed = []
+        with pytest.raises(CaptureHalted) as halt:
+            for _ in range(200):
+                committed.append(s.commit(payload(500_000)))
+        assert "usb is full" in halt.value.reason
+        assert 10 <= len(committed) < 24
+        # Nothing partial: every confirmed record is whole on both media; no temp files.
+        for r in committed:
+            assert record_format.sha256_hex(s.sd_path(r.record_id).read_bytes()) == r.sha256
+            assert r.stick_id
+        assert not list(Path(usb).rglob("*.tmp")) and not list(Path(sd).rglob("*.tmp"))
+        assert s.status()["guard"]["level"] == "HALT"
+        # Swap in a bigger, empty stick: everything is backfilled and capture resumes.
+        s.eject()
+        tmpfs.umount(usb)
+        tmpfs.mount(usb, 64 * 1024)
+        s.poll_usb()
+        assert len(s.stick.record_files()) == len(committed)
+        more = []
+        with pytest.raises(CaptureHalted) as halt:
+            for _ in range(200):
+                more.append(s.commit(payload(500_000)))
+        assert "sd is full" in halt.value.reason and more
+        assert s.status()["records"]["stored"]["records"] == len(committed) + len(more)
+    finally:
+        s.close()
+
+
+def test_reservation_lets_a_started_enrollment_finish(tmp_path: Path, dc_keys: dict[str, Any],
+                                                      tmpfs: Tmpfs) -> None:
+    sd = tmpfs.mount(tmp_path / "sdfs", 16 * 1024)
+    cfg = make_config(tmp_path, dc_keys["pub_path"], kit={"state_dir": str(sd)})
+    s = open_store(cfg)
+    try:
+        s.commit(payload(500_000))
+        held = []
+        with pytest.raises(CaptureHalted):
+            for _ in range(100):
+                held.append(s.begin())  # enrollments starting; each holds max_record_mb
+        assert held
+        done = [s.commit(payload(500_000), reservation=r) for r in held]  # all of them can still commit
+        for r in done:
+            assert record_format.sha256_hex(s.sd_path(r.record_id).read_bytes()) == r.sha256
+        assert s.guard.outstanding == 0
+    finally:
+        s.close()
+
+
+def test_purge_only_acknowledged_and_mirrored(store: Store) -> None:
+    a, b, c = (store.commit(payload(10_000)) for _ in range(3))
+    store.mark(a.record_id, "sent")
+    store.mark(a.record_id, "acked")
+    store.mark(b.record_id, "sent")
+    assert store.purge_acknowledged() == 1
+    assert not store.sd_path(a.record_id).exists()
+    assert store.sd_path(b.record_id).exists() and store.sd_path(c.record_id).exists()
+    assert store.j.get(a.record_id).state == "purged"
+
+
+def test_purge_waits_for_a_stick_copy(kit_cfg: Any) -> None:
+    shutil.rmtree(kit_cfg.usb_dir)
+    s = open_store(kit_cfg)
+    try:
+        r = s.commit(payload(10_000))
+        s.mark(r.record_id, "acked")
+        assert s.purge_acknowledged() == 0 and s.sd_path(r.record_id).exists()
+        kit_cfg.usb_dir.mkdir()
+        s.poll_usb()
+        assert s.purge_acknowledged() == 1
+    finally:
+        s.close()
+
+
+def test_recovery_quarantines_tampered_adopts_orphan_restores_missing(kit_cfg: Any) -> None:
+    s = open_store(kit_cfg)
+    a, b, c = (s.commit(payload(20_000)) for _ in range(3))
+    orphan_bytes = s.sd_path(c.record_id).read_bytes()
+    s.close()
+    # a: tampered on SD (same size) -> caught when read for relay; b: deleted from SD (stick has it);
+    # c: the journal row is lost (crash before the journal commit) -> adopted after verification.
+    pa = kit_cfg.state_dir / "records" / (a.record_id + ".rkm")
+    data = bytearray(pa.read_bytes())
+    data[100] ^= 1
+    pa.write_bytes(bytes(data))
+    (kit_cfg.state_dir / "records" / (b.record_id + ".rkm")).unlink()
+    import sqlite3
+
+    db = sqlite3.connect(kit_cfg.state_dir / "journal.db")
+    db.execute("DELETE FROM records WHERE id = ?", (c.record_id,))
+    db.commit()
+    db.close()
+    (kit_cfg.state_dir / "records" / "rk-zzzzzzzzzz-00000099-20261129T000000Z.rkm.tmp").write_bytes(b"half")
+    junk = kit_cfg.state_dir / "records" / "rk-zzzzzzzzzz-00000050-20261129T000000Z.rkm"
+    junk.write_bytes(b"garbage that is not a record")
+    s = open_store(kit_cfg)
+    try:
+        st = s.status()
+        assert s.j.get(c.record_id).state == "stored"
+        assert s.sd_path(c.record_id).read_bytes() == orphan_bytes
+        assert s.sd_path(b.record_id).exists()  # restored from the stick
+        assert s.j.get("rk-zzzzzzzzzz-00000050-20261129T000000Z").state == "quarantined"
+        assert (kit_cfg.state_dir / "quarantine" / junk.name).exists()  # kept, not deleted
+        with pytest.raises(Exception, match="corrupt"):
+            s.read_verified(a.record_id)
+        assert s.j.get(a.record_id).state == "quarantined"
+        assert st["records"]["quarantined"]["records"] >= 1
+        # The sequence never goes back, even past numbers only seen in temp or quarantined files.
+        assert s.commit(payload(1000)).seq == 100
+    finally:
+        s.close()
+
+
+def test_second_process_cannot_open_the_same_store(store: Store) -> None:
+    from firmware.store import StoreLocked
+
+    other = Store(store.cfg, store.identity)
+    with pytest.raises(StoreLocked, match="in use by another process"):
+        other.open()
