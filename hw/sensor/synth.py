@@ -201,19 +201,19 @@ def render_synthetic(master: np.ndarray, rng: np.random.Generator, quality: str)
     thr = 0.05 - 0.25 * (pressure - 1.0)  # more pressure: wider ridges
     darkness = 0.85
     if quality == "dry":
-        thr += 0.35
-        darkness = 0.55
-        breaks = _smooth_noise(rng, (h, w), 40) > rng.uniform(-0.2, 0.3)
-        contact = contact * np.where(breaks, 1.0, 0.15).astype(np.float32)
+        thr += 0.3
+        darkness = 0.6
+        breaks = _smooth_noise(rng, (h, w), 40) > rng.uniform(-0.6, 0.0)
+        contact = contact * np.where(breaks, 1.0, 0.25).astype(np.float32)
     elif quality == "wet":
-        thr -= 0.55
+        thr -= 0.8
         darkness = 1.0
     if quality == "partial":
         contact = contact * _partial_mask(rng, (h, w))
     ink = 1.0 / (1.0 + np.exp(-(ridges + thr) * 6.0))  # 1 on ridges, 0 in valleys
     if quality == "wet":
-        ink = cv2.GaussianBlur(ink, (0, 0), 1.6)
-        ink = np.clip(ink * 1.25 + 0.15, 0, 1)
+        ink = cv2.GaussianBlur(ink, (0, 0), 2.2)
+        ink = np.clip(ink * 1.3 + 0.2, 0, 1)
     uneven = 1.0 + 0.12 * _smooth_noise(rng, (h, w), 3)
     gray = 245.0 - 235.0 * darkness * ink * contact * uneven
     gray += rng.normal(0, 7.0, (h, w)).astype(np.float32)
