@@ -58,7 +58,8 @@ class FaceMeasures:
     dynamic_range_bits: float  # entropy of the face luminance histogram
     illumination_balance: float  # histogram intersection of left and right face halves (OFIQ raw)
     left_right_ratio: float  # darker half mean / brighter half mean
-    sharpness: float  # Laplacian variance / luminance variance at SHARPNESS_IED
+    sharpness: float  # min over x/y of var(2nd derivative) / var(luminance) at SHARPNESS_IED
+    sharpness_isotropic: float  # var(Laplacian) / var(luminance) at SHARPNESS_IED (reported only)
 
     def as_dict(self) -> dict[str, float]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -146,18 +147,20 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
             float((vals >= BRIGHT_LEVEL).mean()), entropy, inter, ratio)
 
 
-def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> float:
-    """Laplacian variance over luminance variance of the inner face, rescaled to SHARPNESS_IED.
+def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
+    """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
 
-    Rescaling to a fixed eye distance makes the value independent of resolution; dividing by
-    the luminance variance makes it independent of contrast and exposure (those have their own
-    measures). The crop spans 0.9 IED either side of the eye midpoint and 0.5 IED above to 1.4
-    IED below it, i.e. eyes, nose and mouth without background.
+    The crop (eye-levelled) spans 0.9 IED either side of the eye midpoint and 0.5 IED above to
+    1.4 IED below it: eyes, nose and mouth without background. Rescaling to a fixed eye
+    distance makes the values independent of resolution; dividing by the luminance variance
+    makes them independent of contrast and exposure (those have their own measures).
+    directional = min over x and y of var(second derivative) / var(luminance): motion blur
+    removes detail along one direction only, which the isotropic Laplacian ratio hides.
     """
     d = left_eye - right_eye
     ied = float(np.linalg.norm(d))
     if ied < 2:
-        return 0.0
+        return 0.0, 0.0
     k = SHARPNESS_IED / ied
     c, s = d[0] / ied, d[1] / ied
     w, h = int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED)
@@ -166,13 +169,14 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     m = np.array([[k * c, k * s, 0.0], [-k * s, k * c, 0.0]])
     m[:, 2] = np.array([w / 2, 0.5 * SHARPNESS_IED]) - m[:, :2] @ mid
     interp = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
-    crop = cv2.warpAffine(gray, m, (w, h), flags=interp, borderMode=cv2.BORDER_REFLECT)
-    crop = crop.astype(np.float32)
+    crop = cv2.warpAffine(gray, m, (w, h), flags=interp, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
     var = float(crop.var())
     if var < 1e-6:
-        return 0.0
-    lap = cv2.Laplacian(crop, cv2.CV_32F, ksize=3)
-    return float(lap.var()) / var
+        return 0.0, 0.0
+    dxx = float(cv2.Sobel(crop, cv2.CV_32F, 2, 0, ksize=3).var())
+    dyy = float(cv2.Sobel(crop, cv2.CV_32F, 0, 2, ksize=3).var())
+    lap = float(cv2.Laplacian(crop, cv2.CV_32F, ksize=3).var())
+    return min(dxx, dyy) / var, lap / var
 
 
 def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> FaceMeasures:
@@ -191,6 +195,7 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     top = mesh[MIDLINE_TOP, :2].mean(axis=0)
     bottom = mesh[MIDLINE_BOTTOM, :2].mean(axis=0)
     lum, dark, bright, ent, inter, ratio = photometry(gray, mesh, top, bottom)
+    sharp, sharp_iso = sharpness(gray, r_eye, l_eye)
     return FaceMeasures(
         faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
         margin_left=img_left_x / max(ied, 1e-6), margin_right=(w - img_right_x) / max(ied, 1e-6),
@@ -201,5 +206,5 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
         eye_open_ofiq=min(or_, ol) / t, mouth_open=mouth,
         luminance_mean=lum, dark_fraction=dark, bright_fraction=bright, dynamic_range_bits=ent,
         illumination_balance=inter, left_right_ratio=ratio,
-        sharpness=sharpness(gray, r_eye, l_eye),
+        sharpness=sharp, sharpness_isotropic=sharp_iso,
     )
