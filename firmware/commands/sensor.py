@@ -1,7 +1,226 @@
-"""`rekam sensor ...` commands (placeholder until its issue lands: registers nothing)."""
+"""`rekam sensor info|capture|simulate`: fingerprint sensor checks for technicians.
+
+    rekam sensor info --port /dev/serial0            model, capacity, templates, baud, packet size
+    rekam sensor capture --port /dev/ttyUSB0 --out f.png
+    rekam sensor simulate --profile r503 --link /tmp/fp   a simulated sensor until Ctrl-C/SIGTERM
+    rekam sensor info --sim                          the same checks against an in-process simulator
+
+Port, baud, password and address default to `[sensor]` of the config (`--config`, $REKAM_CONFIG,
+/etc/rekam/rekam.toml, else the defaults).
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import Any
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: D401
-    """Register this group's subcommands."""
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rekam sensor info|capture|simulate`."""
+    s = sub.add_parser("sensor", help="fingerprint sensor: info, capture an image, run a simulator")
+    ss = s.add_subparsers(dest="sensor_cmd", metavar="CMD")
+    ss.required = True
+
+    def link_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--port", help="serial port (default [sensor] port, /dev/serial0)")
+        p.add_argument("--baud", type=int, help="baud rate tried first (default [sensor] baud)")
+        p.add_argument("--password", type=lambda v: int(v, 0), help="module password (default [sensor])")
+        p.add_argument("--address", type=lambda v: int(v, 0), help="module address (default [sensor])")
+        p.add_argument("--no-raise", action="store_true", help="keep the found baud, do not raise it")
+        p.add_argument("--sim", action="store_true", help="run against an in-process simulator instead")
+        p.add_argument("--profile", choices=["r307", "r503"], help="simulated model with --sim")
+        p.add_argument("-v", "--verbose", action="store_true", help="log every frame (DEBUG)")
+
+    p = ss.add_parser("info", help="model, capacity, templates stored, baud, packet size")
+    link_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)
+
+    p = ss.add_parser("capture", help="wait for a finger and save its image as PNG")
+    link_args(p)
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
+    p.add_argument("--timeout", type=float, help="seconds to wait for a finger (default [sensor])")
+    p.add_argument("--finger", default="demo-000:1", metavar="RESIDENT:N",
+                   help="with --sim: which simulated finger is placed (corpus:<name>:0 for a corpus print)")
+    p.set_defaults(func=_capture)
+
+    p = ss.add_parser("simulate", help="run a simulated sensor on a pseudo-terminal until stopped")
+    p.add_argument("--profile", choices=["r307", "r503"], help="model (default [sensor] profile)")
+    p.add_argument("--link", metavar="PATH", help="keep a symlink to the pty at PATH")
+    p.add_argument("--corpus", help="corpus folder (default [simulation] corpus_dir)")
+    p.add_argument("--library", metavar="FILE.json", help="persist the template library (simulated flash)")
+    p.add_argument("--baud", type=int, default=57600, help="the module's initial baud (default 57600)")
+    p.add_argument("--password", type=lambda v: int(v, 0), default=0, help="module password (default 0)")
+    p.add_argument("--wire-speed", type=float, default=1.0, help="1 = real wire timing, 0 = instant")
+    p.add_argument("--no-auto", action="store_true",
+                   help="do not place and lift fingers on their own (default: demo mode, fingers come and go)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every command (DEBUG)")
+    p.set_defaults(func=_simulate)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from firmware import config
+
+    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG")
+    if path is None and config.DEFAULT_PATH.exists():
+        path = str(config.DEFAULT_PATH)
+    if path is None:
+        cfg = config.defaults()
+        if os.environ.get("REKAM_CORPUS"):
+            cfg.raw["simulation"]["corpus_dir"] = os.environ["REKAM_CORPUS"]
+        return cfg
+    return config.load(path)
+
+
+def _logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+class _Session:
+    """Open the sensor (optionally on an in-process simulator) for one command."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Any) -> None:
+        self.args, self.cfg, self.sim = args, cfg, None
+
+    def __enter__(self) -> Any:
+        from hw.sensor import FingerprintSensor
+
+        sc = self.cfg.sensor
+        port = self.args.port or sc.port
+        if self.args.sim:
+            from hw.sensor.simulator import SensorSimulator
+
+            self.sim = SensorSimulator(self.args.profile or sc.profile,
+                                       corpus_dir=self.cfg.path(self.cfg.simulation.corpus_dir)).start()
+            port = self.sim.port
+        target = None if self.args.no_raise or not sc.target_baud else sc.target_baud
+        self.fp = FingerprintSensor(port, self.args.baud or sc.baud,
+                                    password=sc.password if self.args.password is None else self.args.password,
+                                    address=sc.address if self.args.address is None else self.args.address,
+                                    target_baud=target)
+        try:
+            self.fp.open()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.fp
+
+    def __exit__(self, *exc: object) -> None:
+        if hasattr(self, "fp"):
+            self.fp.close()
+        if self.sim is not None:
+            self.sim.stop()
+
+
+def _fail(e: Exception) -> int:
+    print(f"rekam sensor: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+def _info(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from firmware import config
+    from hw.sensor import SensorError
+
+    _logging(args.verbose)
+    try:
+        cfg = _config(args)
+        with _Session(args, cfg) as fp:
+            info = fp.info()
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return config.EX_CONFIG
+    except (SensorError, ValueError) as e:
+        return _fail(e)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(info)))
+    else:
+        print(f"port:          {info.port}")
+        print(f"model:         {info.model}")
+        print(f"image:         {info.geometry}")
+        print(f"capacity:      {info.capacity}")
+        print(f"templates:     {info.templates}")
+        print(f"baud:          {info.baud}")
+        print(f"packet size:   {info.packet_size}")
+        print(f"security:      {info.security_level}")
+        print(f"address:       0x{info.address:08X}")
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    import time
+
+    import cv2
+
+    from firmware import config
+    from hw.sensor import SensorError
+
+    _logging(args.verbose)
+    try:
+        cfg = _config(args)
+        timeout = args.timeout or cfg.sensor.capture_timeout_s
+        session = _Session(args, cfg)
+        with session as fp:
+            if session.sim is not None:
+                resident, _, n = args.finger.rpartition(":")
+                session.sim.present_finger(resident, int(n))
+            print(f"place a finger on the sensor (waiting up to {timeout:.0f} s)...", file=sys.stderr)
+            t0 = time.monotonic()
+            img = fp.capture(timeout=timeout, poll_s=cfg.sensor.poll_interval_s)
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return config.EX_CONFIG
+    except (SensorError, ValueError) as e:
+        return _fail(e)
+    if img is None:
+        print(f"rekam sensor: no finger within {timeout:.0f} s", file=sys.stderr)
+        return 2
+    if not cv2.imwrite(args.out, img):
+        print(f"rekam sensor: cannot write {args.out} (use a .png name in an existing folder)", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {img.shape[1]}x{img.shape[0]} in {time.monotonic() - t0:.2f} s")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from firmware import config
+    from hw.sensor.simulator import SensorSimulator
+
+    _logging(args.verbose)
+    try:
+        cfg = _config(args)
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return config.EX_CONFIG
+    corpus = args.corpus or str(cfg.path(cfg.simulation.corpus_dir))
+    try:
+        sim = SensorSimulator(args.profile or cfg.sensor.profile, corpus_dir=corpus, wire_speed=args.wire_speed,
+                              baud=args.baud, password=args.password, library_path=args.library,
+                              link=args.link, auto_present=not args.no_auto)
+    except ValueError as e:
+        return _fail(e)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sim.start()
+    print(sim.port, flush=True)
+    if args.link:
+        print(f"link: {args.link} -> {sim.port}", file=sys.stderr, flush=True)
+    try:
+        stop.wait()
+    finally:
+        sim.stop()
+    return 0
