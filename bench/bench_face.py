@@ -1,0 +1,113 @@
+"""Face-quality benchmark (issue #5: camera and face-image quality).
+
+1. Per-image time of the full assessment (BlazeFace detection + FaceMesh (2 passes) + iris x2 +
+   every measure) at 640x480 and 1920x1080, against the bare model inference on tensors of the
+   same models, interleaved in the same run: the ratio is the cost of our pre/post-processing
+   and measures on top of the networks.
+2. Process memory: resident set after importing numpy/OpenCV (baseline), after loading and
+   hash-checking the four models (before any inference), and the peak after the runs above.
+
+    .venv/bin/python bench/bench_face.py [--rounds N] [--threads T] [--image PATH]
+
+Figures are from this machine (x86-64); a Raspberry Pi 4 is expected to be several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rss_mb() -> float:
+    """Current resident set size, MiB (from /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    corpus = Path(os.environ.get("REKAM_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--image", default=str(corpus / "faces" / "facerec-biden2.jpg"))
+    a = ap.parse_args()
+
+    import cv2
+    import numpy as np
+
+    base_rss = rss_mb()
+    from firmware.facequality.assess import FaceAssessor, FaceThresholds
+    from firmware.facequality.detect import letterbox
+
+    src = cv2.imread(a.image)
+    if src is None:
+        print(f"cannot read {a.image}", file=sys.stderr)
+        return 2
+    assessor = FaceAssessor(FaceThresholds(threads=a.threads))
+    det, mesh, iris = assessor.detector.model, assessor.landmarker.mesh_model, assessor.landmarker.iris_model
+    assert iris is not None
+
+    def frame(w: int, h: int) -> np.ndarray:
+        # the portrait scaled to fill the frame height, centred on a gray background (a kiosk view)
+        s = h / src.shape[0] * 0.9
+        small = cv2.resize(src, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        out = np.full((h, w, 3), 128, np.uint8)
+        y0, x0 = (h - small.shape[0]) // 2, (w - small.shape[1]) // 2
+        out[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+        return out
+
+    t_mesh = np.random.default_rng(0).random((mesh.size, mesh.size, 3), dtype=np.float32)
+    t_iris = np.random.default_rng(1).random((iris.size, iris.size, 3), dtype=np.float32)
+
+    def bare(img: np.ndarray) -> None:
+        # the networks alone: one detector call on the letterboxed frame, two mesh passes, two iris calls
+        det.run(letterbox(img, det.size)[0])
+        mesh.run(t_mesh)
+        mesh.run(t_mesh)
+        iris.run(t_iris)
+        iris.run(t_iris)
+
+    after_load_rss = rss_mb()
+    print(f"models: threads={a.threads} image={Path(a.image).name} rounds={a.rounds}")
+    print(f"{'size':>10} {'full ms':>9} {'bare ms':>9} {'ratio':>6} {'p90 full':>9}  verdict")
+    for w, h in ((640, 480), (1920, 1080)):
+        img = frame(w, h)
+        for _ in range(3):  # warm-up: XNNPACK packs weights on the first call
+            bare(img)
+            assessor.assess(img)
+        full, raw = [], []
+        for _ in range(a.rounds):  # interleaved so drift affects both equally
+            t0 = time.perf_counter()
+            bare(img)
+            t1 = time.perf_counter()
+            r = assessor.assess(img)
+            t2 = time.perf_counter()
+            raw.append((t1 - t0) * 1000)
+            full.append((t2 - t1) * 1000)
+        mf, mb = statistics.median(full), statistics.median(raw)
+        p90 = statistics.quantiles(full, n=10)[-1]
+        verdict = f"accepted={r.accepted} ied={r.measures.get('ied_px', 0):.0f}px"
+        print(f"{w}x{h:<5} {mf:9.2f} {mb:9.2f} {mf / mb:6.2f} {p90:9.2f}  {verdict}")
+    peak = peak_mb()
+    print(f"memory MiB: numpy+cv2 baseline {base_rss:.1f}; models loaded {after_load_rss:.1f} "
+          f"(+{after_load_rss - base_rss:.1f}); peak after 1080p assessments {peak:.1f} "
+          f"(+{peak - base_rss:.1f}); peak / models-loaded ratio {peak / after_load_rss:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
