@@ -116,7 +116,11 @@ class CapacityGuard:
             why = "no USB stick" + (" (a stick is required: insert one)" if self.usb_required
                                     else "; records are kept on the SD and copied when a stick is inserted")
             return MediumStatus(name, str(path or ""), False, level=level, reason=why)
-        sp = space(path)
+        try:
+            sp = space(path)
+        except OSError:
+            # The medium vanished between detection and measurement (a stick pulled just now).
+            return self.measure(name, path, present=False)
         with self._lock:
             held = sum(self._reservations.values())
             reserve = self.reserve_bytes(name)

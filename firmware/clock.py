@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import datetime as dt
+import functools
 
 _TIME_ERROR = 5  # adjtimex return value: clock not synchronised
 
@@ -20,13 +21,23 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 256)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    # find_library forks a helper process: do it once, not on every record.
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def clock_synchronised() -> bool:
     """True when the kernel reports the clock as NTP-synchronised."""
+    libc = _libc()
+    if libc is None:
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        tx = _Timex()
-        state = libc.adjtimex(ctypes.byref(tx))
-    except (OSError, AttributeError):
+        state = libc.adjtimex(ctypes.byref(_Timex()))
+    except AttributeError:
         return False
     return state not in (-1, _TIME_ERROR)
 

@@ -13,7 +13,7 @@ the only kit module the fleet side (`provisioning`) imports besides the protocol
     10      4     header length H, big-endian
     14      H     header: canonical JSON (UTF-8, sorted keys), no personal data
     14+H    C     ciphertext of the payload + 16-byte tag (AAD: bytes 0 .. 14+H)
-    end-64  64    Ed25519 signature of every byte before it
+    end-64  64    Ed25519 signature of SIG_CONTEXT + SHA-256(every byte before it)
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ MAX_HEADER = 64 * 1024
 PAYLOAD_MAGIC = b"RKPL"
 WRAP_INFO = b"rekam/v1 key-wrap"
 FILE_SUFFIX = ".rkm"
+SIG_CONTEXT = b"rekam/v1 record\0"  # domain separation: this key signs other things too (telemetry, claims)
 
 
 class RecordFormatError(ValueError):
@@ -246,7 +247,12 @@ def seal(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str,
     hj = hdr.to_json()
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(hj)) + hj
     body = prefix + ChaCha20Poly1305(dek).encrypt(nonce, payload, prefix)
-    return body + signing_key.sign(body)
+    return body + signing_key.sign(_signed_message(body))
+
+
+def _signed_message(body: bytes) -> bytes:
+    # Signing the SHA-256 of the body (not the body) halves the hashing cost of a 400 KB record.
+    return SIG_CONTEXT + hashlib.sha256(body).digest()
 
 
 @dataclass(frozen=True)
@@ -287,7 +293,7 @@ def parse(data: bytes, trusted_kit_key: bytes | None = None) -> Parsed:
         raise BadSignature(f"record {hdr.record_id} is signed by key {key_id(hdr.kit_key)}, "
                            f"not the kit's registered key {key_id(trusted_kit_key)}")
     try:
-        Ed25519PublicKey.from_public_bytes(signer).verify(data[-SIG_LEN:], data[:-SIG_LEN])
+        Ed25519PublicKey.from_public_bytes(signer).verify(data[-SIG_LEN:], _signed_message(data[:-SIG_LEN]))
     except InvalidSignature:
         raise BadSignature(f"record {hdr.record_id}: signature does not verify (file altered)") from None
     return Parsed(hdr, data[:end_hdr], data[end_hdr:-SIG_LEN])

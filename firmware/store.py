@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class Store:
         self.stick_error = ""
         self._seq = 0
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
+        self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Store:
     def close(self) -> None:
         """Wait for any commit in progress, then release everything."""
         with self._lock:
+            self._flush_stick()
             if self.journal:
                 self.journal.close()
                 self.journal = None
@@ -199,13 +202,16 @@ class Store:
             digest = record_format.sha256_hex(sealed)
             # The sequence number is used up from here on, whatever happens (never reused).
             self._seq = seq
+            # The SD and the stick are separate devices: write both at once, confirm when both are done.
+            mirror = self._mirror_pool.submit(self._mirror_one, record_id, seq, sealed, digest)
             try:
                 atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
                              expect_sha256=digest)
             except OSError as e:
                 log.error("commit failed on SD record_id=%s error=%s", record_id, e)
+                mirror.result()
                 raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
-            stick_id, mirror_error = self._mirror_one(record_id, seq, sealed, digest)
+            stick_id, mirror_error = mirror.result()
             self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
                               size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
             self.guard.note_record_size(len(sealed))
@@ -244,6 +250,9 @@ class Store:
         present = detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint)
         if self.stick is not None and not present:
             self._stick_lost("removed")
+        elif self.stick is not None:
+            with self._lock:
+                self._flush_stick()
         elif self.stick is None and present:
             try:
                 stick = open_stick(self.cfg.usb_dir, self.identity.kit_id, self.identity.public_key_b64)
@@ -309,14 +318,32 @@ class Store:
                     break
                 self.j.add_mirror(r.id, stick.stick_id)
             copied += 1
+        if self.stick is stick:
+            try:
+                added = stick.reindex({r.id: (r.seq, r.sha256, r.size) for r in todo})
+                if added:
+                    log.info("usb index repaired lines_added=%d stick_id=%s", added, stick.stick_id)
+            except OSError as e:
+                self._stick_lost(f"index write failed: {e.strerror or e}")
+        self._flush_stick()
         if copied:
             log.info("usb backfill copied=%d stick_id=%s", copied, stick.stick_id)
             self._changed()
         return copied
 
+    def _flush_stick(self) -> None:
+        stick = self.stick
+        if stick is None:
+            return
+        try:
+            stick.flush_index()
+        except OSError as e:
+            self._stick_lost(f"index flush failed: {e.strerror or e}")
+
     def eject(self) -> None:
         """Flush and forget the stick so it can be pulled (the mount helper unmounts it)."""
         with self._lock:
+            self._flush_stick()
             os.sync()
             if self.stick is not None:
                 self.j.audit("usb_eject", stick_id=self.stick.stick_id)

@@ -56,23 +56,57 @@ class Stick:
     def record_path(self, record_id: str) -> Path:
         return self.records_dir / (record_id + record_format.FILE_SUFFIX)
 
-    def write_record(self, record_id: str, seq: int, data: bytes, sha256: str, verify: bool = True) -> None:
-        """Copy one sealed record to the stick (atomic, fsync'd, read back) and index it."""
-        atomic_write(self.record_path(record_id), data, verify=verify, expect_sha256=sha256)
-        self._append_index({"record_id": record_id, "seq": seq, "sha256": sha256, "size": len(data),
-                            "at": iso()})
+    index_dirty: bool = False
 
-    def _append_index(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    def write_record(self, record_id: str, seq: int, data: bytes, sha256: str, verify: bool = True) -> None:
+        """Copy one sealed record to the stick (atomic, fsync'd, read back) and index it.
+
+        The record file itself is durable when this returns. The index line is flushed by
+        `flush_index()` (maintenance loop, eject, end of backfill): the index is a convenience for
+        the importer, which also scans `records/`, and `reindex()` re-adds lines a yank cost.
+        """
+        atomic_write(self.record_path(record_id), data, verify=verify, expect_sha256=sha256)
+        self._append_index([{"record_id": record_id, "seq": seq, "sha256": sha256, "size": len(data),
+                             "at": iso()}])
+
+    def _append_index(self, entries: list[dict[str, Any]], sync: bool = False) -> None:
+        lines = b"".join((json.dumps(e, sort_keys=True) + "\n").encode() for e in entries)
         fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             # A yank can leave a torn line; start a fresh line so one bad line cannot swallow the next.
             if os.fstat(fd).st_size and _last_byte(self.index_path) != b"\n":
                 os.write(fd, b"\n")
-            os.write(fd, line)
+            os.write(fd, lines)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.index_dirty = not sync
+
+    def flush_index(self) -> None:
+        """fsync the index if lines were appended since the last flush."""
+        if not self.index_dirty:
+            return
+        fd = os.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        self.index_dirty = False
+
+    def reindex(self, known: dict[str, tuple[int, str, int]]) -> int:
+        """Add index lines for record files present on the stick but missing from its index.
+
+        `known` maps record id -> (seq, sha256, size) from the kit's journal; only files whose
+        size matches are listed (the importer verifies every file anyway).
+        """
+        listed = {e["record_id"] for e in read_index(self.kit_dir)}
+        missing = [{"record_id": rid, "seq": known[rid][0], "sha256": known[rid][1], "size": size, "at": iso()}
+                   for rid, size in self.record_files().items()
+                   if rid not in listed and rid in known and known[rid][2] == size]
+        if missing:
+            self._append_index(missing, sync=True)
+        return len(missing)
 
     def record_files(self) -> dict[str, int]:
         """Record ids present on the stick with their file sizes."""

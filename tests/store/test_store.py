@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,18 +77,24 @@ def test_stick_disappears_mid_mirror(store: Store) -> None:
 
     def writer() -> None:
         try:
-            while not stop.is_set() and len(results) < 40:
+            while not stop.is_set() and len(results) < 400:
                 results.append(store.commit(payload(200_000)))
-        except Exception as e:  # pragma: no cover - would fail the test below
-            errors.append(e)
+        except Exception:  # pragma: no cover - would fail the test below
+            import traceback
+
+            errors.append(traceback.format_exc())
 
     t = threading.Thread(target=writer)
     t.start()
     while len(results) < 5:
-        pass
-    shutil.rmtree(store.cfg.usb_dir, ignore_errors=True)
-    t.join(timeout=60)
+        time.sleep(0.001)
+    gone = store.cfg.usb_dir.with_name("usb-pulled")
+    store.cfg.usb_dir.rename(gone)  # the stick's folder vanishes at once, as when it is pulled
+    n = len(results)
+    while len(results) < n + 10 and t.is_alive():
+        time.sleep(0.01)
     stop.set()
+    t.join(timeout=60)
     assert not errors
     assert store.stick is None
     assert any(r.stick_id is None for r in results) and any(r.stick_id for r in results)
@@ -95,7 +102,7 @@ def test_stick_disappears_mid_mirror(store: Store) -> None:
         assert record_format.sha256_hex(store.sd_path(r.record_id).read_bytes()) == r.sha256
     lag = store.status()["mirror_lag"]["records"]
     assert lag == sum(1 for r in results if r.stick_id is None)
-    store.cfg.usb_dir.mkdir()
+    gone.rename(store.cfg.usb_dir)  # plugged back in
     store.poll_usb()
     assert store.status()["mirror_lag"]["records"] == 0
 
