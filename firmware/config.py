@@ -218,7 +218,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  "(DARK_CLIPPING / BRIGHT_CLIPPING).", between(0, 1)),
         "illumination_min": Key(float, 0.4, "Lowest left/right face histogram intersection "
                                 "(UNEVEN_LIGHTING; OFIQ raw).", between(0, 1)),
-        "sharpness_min": Key(float, 0.3, "Lowest directional sharpness (min over x/y of 2nd-derivative "
+        "sharpness_min": Key(float, 0.15, "Lowest directional sharpness (min over x/y of 2nd-derivative "
                              "variance / luminance variance) at 64 px eye distance (BLURRED).", between(0)),
         "accept_score": Key(float, 50.0, "Lowest 0-100 summary score accepted (with no reject code).",
                             between(0, 100)),

@@ -71,7 +71,7 @@ class FaceThresholds:
     luminance_max: float = 0.75
     clip_max_fraction: float = 0.05
     illumination_min: float = 0.4
-    sharpness_min: float = 0.3
+    sharpness_min: float = 0.15
     accept_score: float = 50.0
     max_attempts: int = 3
     iris: bool = True

@@ -125,8 +125,16 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     The face region is the mesh's face oval; the two halves are split by the line through the
     midline points `mid_a` (forehead) and `mid_b` (chin), so roll does not mix them.
     """
-    mask = face_mask(gray.shape, mesh)
+    # work inside the face's bounding box only: a full-HD mask costs more than the rest together
+    h, w = gray.shape[:2]
+    oval = mesh[FACE_OVAL, :2]
+    x0, y0 = (int(max(0, min(np.floor(oval.min(axis=0)[i]), lim - 1))) for i, lim in ((0, w), (1, h)))
+    x1, y1 = (int(min(lim, max(np.ceil(oval.max(axis=0)[i]) + 1, 1))) for i, lim in ((0, w), (1, h)))
+    shift = np.array([x0, y0, 0.0])
+    region = gray[y0:y1, x0:x1]
+    mask = face_mask(region.shape, mesh - shift)
     ys, xs = np.nonzero(mask)
+    gray, mid_a, mid_b = region, mid_a - shift[:2], mid_b - shift[:2]
     if ys.size < 50:
         return 0.0, 1.0, 0.0, 0.0, 0.0, 0.0
     vals = gray[ys, xs]
@@ -165,11 +173,22 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     c, s = d[0] / ied, d[1] / ied
     w, h = int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED)
     mid = (right_eye + left_eye) / 2
+    if k < 1:
+        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would
+        # add false detail to high-resolution faces. Only a 2.5 IED box around the eyes is resized.
+        gh, gw = gray.shape[:2]
+        x0, y0 = int(max(0, mid[0] - 2.5 * ied)), int(max(0, mid[1] - 2.5 * ied))
+        x1, y1 = int(min(gw, mid[0] + 2.5 * ied)), int(min(gh, mid[1] + 2.5 * ied))
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return 0.0, 0.0
+        gray = cv2.resize(gray[y0:y1, x0:x1], None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        mid = (mid - (x0, y0)) * k
+        k = 1.0
     # dst = k * R(-roll) (src - mid) + (w/2, 0.5*SHARPNESS_IED)
     m = np.array([[k * c, k * s, 0.0], [-k * s, k * c, 0.0]])
     m[:, 2] = np.array([w / 2, 0.5 * SHARPNESS_IED]) - m[:, :2] @ mid
-    interp = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
-    crop = cv2.warpAffine(gray, m, (w, h), flags=interp, borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+    crop = cv2.warpAffine(gray, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    crop = crop.astype(np.float32)
     var = float(crop.var())
     if var < 1e-6:
         return 0.0, 0.0
