@@ -162,8 +162,9 @@ def codes_for(m: FaceMeasures, t: FaceThresholds) -> list[str]:
 
 @dataclass
 class FaceAssessment:
-    """The verdict on one photo. `score` is 0-100; `accepted` means no reject code and
-    score >= accept_score. `detection`/`landmarks` are kept for the portrait crop."""
+    """The verdict on one photo. `score` is 0-100: the geometric mean of the component scores,
+    halved for every reject code. `accepted` means no reject code and score >= accept_score.
+    `detection`/`landmarks` are kept for the portrait crop."""
 
     accepted: bool
     score: float
@@ -231,7 +232,9 @@ class FaceAssessor:
                 result.measures = m.as_dict()
                 result.components = components(m, self.t)
                 result.codes = codes_for(m, self.t)
-                result.score = summary_score(result.components)
+                # each reject code halves the summary, so a rejected shot scores below a clean one
+                # and, among rejected shots, the one with fewer problems is kept
+                result.score = summary_score(result.components) * 0.5 ** len(result.rejects)
         result.accepted = not result.rejects and result.score >= self.t.accept_score
         result.elapsed_ms = (time.perf_counter() - t0) * 1000
         log.info("face assessed size=%dx%d faces=%d score=%.1f accepted=%s codes=%s ms=%.1f",
