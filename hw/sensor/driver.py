@@ -65,6 +65,10 @@ _PROCESSING_S: dict[int, float] = {
 }
 _DEFAULT_PROCESSING_S = 0.5
 BULK_GAP_S = 0.5  # max silence between two data packets
+# Resending these after a lost reply could do harm or confuse the module's state machine.
+_NOT_RETRIED = frozenset({Instruction.DOWN_CHAR, Instruction.DOWN_IMAGE, Instruction.SET_SYS_PARA,
+                          Instruction.SOFT_RST, Instruction.SET_PWD, Instruction.SET_ADDER,
+                          Instruction.UP_IMAGE, Instruction.UP_CHAR, Instruction.GET_RANDOM_CODE})
 
 
 class WaitResult(enum.Enum):
@@ -273,7 +277,11 @@ class FingerprintSensor:
     def open(self) -> SystemParameters:
         """Connect: open the port, find the baud, verify the password, read parameters, raise the baud."""
         with self._lock:
-            self._connect()
+            try:
+                self._connect()
+            except BaseException:
+                self._close_port()  # do not keep the port (and its exclusive lock) after a failed open
+                raise
             assert self.params is not None
             return self.params
 
@@ -480,6 +488,24 @@ class FingerprintSensor:
             if data:
                 framer.feed(data)
 
+    def _read_ack(self, deadline: float, name: str) -> Packet:
+        """Wait for the ACK; give up early when the reply arrived damaged (rejected, then silence)."""
+        rejected0 = self._framer.rejected
+        while True:
+            try:
+                pkt = self._read_packet(min(deadline, time.monotonic() + 0.1), name)
+            except SensorTimeout:
+                fr = self._framer
+                if fr.rejected != rejected0 and fr.buffered == 0:
+                    raise ProtocolError(f"{name}: reply damaged in transit ({fr.last_reject})") from None
+                if time.monotonic() >= deadline:
+                    raise
+                self._timeouts_in_a_row = 0
+                continue
+            if pkt.pid == Pid.ACK:
+                return pkt
+            log.debug("skipping stray pid=0x%02X while waiting for the ACK of %s", pkt.pid, name)
+
     def _flush_input(self) -> None:
         assert self._ser is not None
         try:
@@ -498,16 +524,20 @@ class FingerprintSensor:
         if self._ser is None:
             raise SensorUnavailable(f"sensor port {self.port} is not open")
         name = _name(instruction)
-        self._flush_input()
         frame = command_frame(instruction, params, self.address)
-        self._write(frame)
         processing = 0.3 if quick else _PROCESSING_S.get(instruction, _DEFAULT_PROCESSING_S)
-        deadline = time.monotonic() + processing + 2 * self._wire_s(len(frame) + 11 + reply_len)
-        while True:
-            pkt = self._read_packet(deadline, name)
-            if pkt.pid == Pid.ACK:
+        retries = 0 if quick or instruction in _NOT_RETRIED else 1
+        for attempt in range(retries + 1):
+            self._flush_input()
+            self._write(frame)
+            deadline = time.monotonic() + processing + 2 * self._wire_s(len(frame) + 11 + reply_len)
+            try:
+                pkt = self._read_ack(deadline, name)
                 break
-            log.debug("skipping stray pid=0x%02X while waiting for the ACK of %s", pkt.pid, name)
+            except (SensorTimeout, ProtocolError) as e:
+                if attempt == retries:
+                    raise
+                log.warning("no valid reply, resending command=%s error=%s", name, e)
         self._timeouts_in_a_row = 0
         code = pkt.code
         if code == Code.PASSWORD_REQUIRED and instruction != Instruction.VFY_PWD and self.password:
