@@ -57,6 +57,15 @@ def _capture(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"{e.source}: {p}", file=sys.stderr)
         return config.EX_CONFIG
+    thresholds = None
+    if args.portrait:
+        from firmware.facequality.assess import FaceThresholds
+
+        try:
+            thresholds = FaceThresholds.from_mapping(cfg.quality_face)
+        except ValueError as e:  # a rule between [quality_face] keys
+            print(f"rekam camera capture: {e}", file=sys.stderr)
+            return config.EX_CONFIG
     cam_cfg = dict(cfg.camera)
     for key, val in (("backend", args.backend), ("device", args.device), ("sim_folder", args.sim_folder)):
         if val is not None:
@@ -66,13 +75,13 @@ def _capture(args: argparse.Namespace) -> int:
     try:
         with open_camera(cam_cfg, sim_folder=corpus_faces) as cam:
             if args.portrait:
-                from firmware.facequality.assess import FaceAssessor, FaceThresholds
+                from firmware.facequality.assess import FaceAssessor
                 from firmware.facequality.capture import capture_face
                 from firmware.facequality.portrait import PortraitSpec
 
                 spec = PortraitSpec(cam_cfg["portrait_width"], cam_cfg["portrait_height"],
                                     cam_cfg["head_height_ratio"])
-                res = capture_face(cam, FaceAssessor(FaceThresholds.from_mapping(cfg.quality_face)),
+                res = capture_face(cam, FaceAssessor(thresholds),
                                    portrait=spec, jpeg_quality=cam_cfg["jpeg_quality"],
                                    on_attempt=lambda i, a: None if args.json else print(
                                        f"shot {i + 1}: score={a.score:.1f} codes={','.join(a.codes) or '-'}"))

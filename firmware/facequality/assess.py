@@ -78,6 +78,17 @@ class FaceThresholds:
     threads: int = 2
     models_dir: str = ""
 
+    def __post_init__(self) -> None:
+        # rules between keys; single-key ranges are checked by the config schema
+        if self.ied_warn_px < self.ied_min_px:
+            raise ValueError(f"quality_face.ied_warn_px = {self.ied_warn_px}: must be >= ied_min_px "
+                             f"({self.ied_min_px})")
+        if self.luminance_min >= self.luminance_max:
+            raise ValueError(f"quality_face.luminance_min = {self.luminance_min}: must be < luminance_max "
+                             f"({self.luminance_max})")
+        if self.max_attempts < 1:
+            raise ValueError(f"quality_face.max_attempts = {self.max_attempts}: must be >= 1")
+
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> FaceThresholds:
         """Build from a config section (unknown keys are ignored; missing ones keep defaults)."""

@@ -76,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         for p in e.problems:
             print(f"{e.source}: {p}", file=sys.stderr)
         return config.EX_CONFIG
+    except ValueError as e:  # a rule between [quality_face] keys
+        print(f"rekam quality face: {e}", file=sys.stderr)
+        return config.EX_CONFIG
     except ModelError as e:
         print(f"rekam quality face: {e}", file=sys.stderr)
         return EX_MODELS

@@ -44,6 +44,9 @@ def test_quality_face_uses_config_thresholds(tmp_path: Path, faces_dir: Path, ca
     cfg.write_text("[quality_face]\nroll_max_deg = -1.0\n")
     assert main(["--config", str(cfg), "quality", "face", str(faces_dir / "facerec-biden2.jpg")]) == 78
     assert "quality_face.roll_max_deg = -1.0" in capsys.readouterr().err
+    cfg.write_text("[quality_face]\nied_min_px = 100.0\nied_warn_px = 90.0\n")
+    assert main(["--config", str(cfg), "quality", "face", str(faces_dir / "facerec-biden2.jpg")]) == 78
+    assert "ied_warn_px = 90.0: must be >= ied_min_px" in capsys.readouterr().err
 
 
 def test_camera_capture_frame_and_portrait(tmp_path: Path, faces_dir: Path, capsys) -> None:

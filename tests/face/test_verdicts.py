@@ -189,3 +189,23 @@ def test_ofiq_mappings() -> None:
     assert c["pitch"] == 25.0 and c["yaw"] == 100.0  # OFIQ pose: 100 cos^2
     assert c["illumination"] == 100.0
     assert summary_score({"a": 100.0, "b": 25.0}) == pytest.approx(50.0)
+
+
+def test_sharpness_does_not_depend_on_resolution(assessor, load) -> None:
+    # the same face area-downscaled keeps its sharpness within a factor of 1.6 while it stays
+    # above the normalised eye distance, whereas a 2 px blur at the same size drops it 4x
+    img = load("facerec-obama.jpg")
+    s0 = assessor.assess(img).measures["sharpness"]
+    for scale in (0.8, 0.65):
+        small = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        assert assessor.assess(small).measures["sharpness"] == pytest.approx(s0, rel=0.4)
+    assert assessor.assess(cv2.GaussianBlur(img, (0, 0), 2)).measures["sharpness"] < s0 / 4
+
+
+def test_without_the_iris_model_geometry_still_works(load) -> None:
+    from firmware.facequality.assess import FaceAssessor
+
+    plain = FaceAssessor(FaceThresholds(iris=False))
+    r = plain.assess(load("facerec-biden2.jpg"))
+    assert r.landmarks.right_iris is None and r.accepted
+    assert r.measures["ied_px"] == pytest.approx(189, rel=0.05)
