@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from firmware import config
 
-    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG")
+    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG") or None
     if path is None and config.DEFAULT_PATH.exists():
         path = str(config.DEFAULT_PATH)
     if path is None:

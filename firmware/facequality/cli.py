@@ -22,7 +22,7 @@ def _thresholds(args: argparse.Namespace) -> Any:
     from firmware import config
     from firmware.facequality.assess import FaceThresholds
 
-    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG")
+    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG") or None
     if path is None and config.DEFAULT_PATH.exists():
         path = str(config.DEFAULT_PATH)
     if path is None:

@@ -81,3 +81,15 @@ def test_portrait_spec_validation() -> None:
         PortraitSpec(413, 531, 1.5)
     with pytest.raises(ValueError, match=">= 16 px"):
         PortraitSpec(8, 531)
+
+
+def test_camera_failure_mid_loop_propagates(assessor, faces_dir: Path, tmp_path: Path) -> None:
+    from hw.camera import CameraError
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    cam = SimCamera(tmp_path, files=["broken.jpg"])
+    cam.serve(faces_dir / "nbisrs-landscape.jpg")  # first shot fine (no face), second one fails
+    seen: list[int] = []
+    with pytest.raises(CameraError, match="cannot read image"):
+        capture_face(cam, assessor, on_attempt=lambda i, a: seen.append(i))
+    assert seen == [0] and cam.health()["errors"] == 1
