@@ -126,7 +126,7 @@ class TFLiteModel:
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load face model {path}: {e}") from e
         inp = interp.get_input_details()[0]
-        if inp["dtype"] is not np.float32 and inp["dtype"] != np.float32:
+        if np.dtype(inp["dtype"]) != np.float32:
             raise ModelError(f"face model {path}: expected a float32 input, got {inp['dtype']}")
         outs = [d["index"] for d in interp.get_output_details()]
         log.debug("face model loaded name=%s input=%s threads=%d", name, list(inp["shape"]), threads)
