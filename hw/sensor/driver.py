@@ -21,6 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import serial
 
+try:
+    from termios import error as _TermiosError
+except ImportError:  # not POSIX
+    class _TermiosError(Exception):  # type: ignore[no-redef]
+        pass
+
 from hw.sensor.image import Geometry, geometry_for_bytes, pack_4bit, unpack_4bit
 from hw.sensor.protocol import (
     DEFAULT_ADDRESS,
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = "/dev/serial0"
 DEFAULT_BAUD = 57600
+# What pyserial lets escape when the device vanishes (USB-TTL pulled, pty closed): SerialException,
+# OSError (EIO), termios.error from tcflush/tcsetattr, TypeError when its fd was closed under it.
+PORT_ERRORS = (serial.SerialException, OSError, TypeError, _TermiosError)
 COMMON_BAUDS = (57600, 115200, 9600, 19200, 38400)
 READ_SLICE_S = 0.02  # serial read timeout: short, the deadline is enforced around it
 MAX_BULK_BYTES = 128 * 1024  # larger than any image or template; stops a runaway stream
@@ -377,7 +386,7 @@ class FingerprintSensor:
         assert self._ser is not None
         try:
             self._ser.baudrate = baud
-        except (serial.SerialException, OSError) as e:
+        except PORT_ERRORS as e:
             raise self._lost(e) from e
 
     def _find_baud(self) -> None:
@@ -459,7 +468,7 @@ class FingerprintSensor:
             self._ser.write(frame)
         except serial.SerialTimeoutException as e:
             raise SensorTimeout(f"write to {self.port} timed out") from e
-        except (serial.SerialException, OSError) as e:
+        except PORT_ERRORS as e:
             raise self._lost(e) from e
 
     def _read_packet(self, deadline: float, what: str) -> Packet:
@@ -482,7 +491,7 @@ class FingerprintSensor:
             try:
                 n = max(framer.needed(), min(ser.in_waiting, 4096))
                 data = ser.read(n)
-            except (serial.SerialException, OSError, TypeError) as e:
+            except PORT_ERRORS as e:
                 # TypeError: pyserial on a vanished pty/USB device (fd closed under it)
                 raise self._lost(e) from e
             if data:
@@ -510,7 +519,7 @@ class FingerprintSensor:
         assert self._ser is not None
         try:
             self._ser.reset_input_buffer()
-        except (serial.SerialException, OSError, TypeError) as e:
+        except PORT_ERRORS as e:
             raise self._lost(e) from e
         self._framer.reset()
 

@@ -679,10 +679,10 @@ class SensorSimulator:
             self._reply(Code.NO_VALID_IMAGE)
             return
         frac, contrast = image_quality(self.image)
-        if frac < 0.2:
+        if frac < 0.35:
             self._reply(Code.TOO_FEW_FEATURES)
             return
-        if contrast < 22:
+        if contrast < 30:
             self._reply(Code.TOO_MESSY)
             return
         # features: identity + noise that grows as less of the finger is usable

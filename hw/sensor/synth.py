@@ -228,10 +228,14 @@ def render_real(gray: np.ndarray, rng: np.random.Generator, quality: str) -> np.
     h, w = img.shape
     pressure = rng.uniform(0.85, 1.15)
     k = np.ones((3, 3), np.uint8)
-    if quality == "wet" or pressure > 1.08:
-        img = cv2.erode(img, k)  # dark ridges grow
-    if quality == "dry" or pressure < 0.92:
-        img = cv2.dilate(img, k)  # ridges thin and break
+    # pressure: blend towards grown (eroded) or thinned (dilated) ridges; full strength when wet/dry
+    if quality == "wet":
+        img = cv2.erode(img, k)
+    elif quality == "dry":
+        img = cv2.dilate(img, k)
+    else:
+        w = min(1.0, abs(pressure - 1.0) / 0.15) * 0.5
+        img = (1 - w) * img + w * (cv2.erode(img, k) if pressure > 1.0 else cv2.dilate(img, k))
     if quality == "dry":
         breaks = _smooth_noise(rng, (h, w), 30) > rng.uniform(-0.2, 0.3)
         img = np.where(breaks, img, 1.0 - (1.0 - img) * 0.2)

@@ -1,0 +1,232 @@
+"""Each fault knob: the driver recovers, or raises its typed error within its deadline; never hangs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hw.sensor import protocol as p
+from hw.sensor.driver import WaitResult
+from hw.sensor.simulator import image_quality
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Clock:
+    def __enter__(self) -> Clock:
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s = time.monotonic() - self.t0
+
+
+def test_corrupt_checksum_is_detected_and_the_command_resent(sim, fp) -> None:
+    rejected = fp._framer.rejected
+    sim.faults.corrupt_checksum_next = 1
+    with Clock() as c:
+        assert fp.template_count() == 0
+    assert fp._framer.rejected > rejected  # the bad frame was seen and refused
+    assert c.s < 0.5  # given up early (damaged reply), not after the deadline
+
+
+def test_dropped_bytes_cost_one_deadline_then_recover(sim, fp) -> None:
+    sim.faults.drop_bytes_next = 1
+    with Clock() as c:
+        assert fp.read_system_parameters().capacity == 1000
+    assert c.s < 2.0
+
+
+def test_stray_bytes_before_a_reply_are_skipped(sim, fp) -> None:
+    sim.faults.stray_bytes_next = 3
+    sim.faults.stray_payload = b"\x55\x00\xef\xef\x01\xff"
+    for _ in range(3):
+        assert fp.template_count() == 0
+    assert fp._framer.discarded >= 18
+
+
+def test_duplicate_ack_does_not_shift_later_replies(sim, fp) -> None:
+    sim.faults.duplicate_ack_next = 1
+    assert fp.template_count() == 0
+    params = fp.read_system_parameters()  # must not be answered by the duplicate TemplateNum ACK
+    assert params.capacity == 1000
+
+
+def test_short_error_ack_raises_typed_error_and_keeps_step(sim, fp) -> None:
+    sim.faults.error_ack_next = 1
+    with pytest.raises(p.PacketReceiveError, match="MATCH"):
+        fp.match()  # a 3-length ACK where 5 bytes are normal
+    assert fp.template_count() == 0
+
+
+def test_one_lost_reply_is_resent(sim, fp) -> None:
+    sim.faults.no_reply_next = 1
+    with Clock() as c:
+        assert fp.template_count() == 0
+    assert 0.4 < c.s < 2.0
+
+
+def test_dead_sensor_times_out_within_deadline_then_comes_back(sim, fp) -> None:
+    sim.faults.dead = True
+    with Clock() as c, pytest.raises(p.SensorTimeout, match="TEMPLATE_NUM"):
+        fp.template_count()
+    assert c.s < 2.5  # 2 attempts x 0.5 s processing allowance + wire time
+    with Clock() as c, pytest.raises(p.SensorTimeout):
+        fp.capture_image()
+    assert c.s < 4.0
+    sim.faults.dead = False
+    assert fp.template_count() == 0  # re-synchronised (auto-baud) on the next call
+
+
+def test_slow_reply_within_allowance_and_too_slow(sim, fp) -> None:
+    sim.faults.reply_delay_s = 0.25
+    assert fp.template_count() == 0
+    sim.faults.reply_delay_s = 3.0
+    with Clock() as c, pytest.raises(p.SensorTimeout):
+        fp.template_count()
+    assert c.s < 2.5
+    sim.faults.reply_delay_s = 0.0
+    time.sleep(3.2)  # let the late replies drain; the next command flushes them
+    assert fp.template_count() == 0
+
+
+def test_busy_after_parameter_change(make_sim, make_fp) -> None:
+    sim = make_sim("r307", time_scale=1.0)
+    sim.faults.busy_after_set_s = 0.6
+    fp = make_fp(sim.port, target_baud=None, settle_s=0.1)
+    fp.set_security_level(5)
+    assert fp.params.security_level == 5
+    assert fp.template_count() == 0
+
+
+def test_baud_mismatch_is_garbled_then_auto_baud_finds_it(sim, fp) -> None:
+    sim.set_sensor_baud(38400)  # e.g. someone changed N and power-cycled the module
+    with pytest.raises(p.SensorError):
+        fp.template_count()
+    assert sim.stats.garbled_bytes > 0
+    assert fp.template_count() == 0  # re-synchronised: found at 38400, raised again
+    assert fp.baud == 115200 and sim.sensor_baud == 115200
+
+
+def test_finger_removed_mid_capture(sim, fp) -> None:
+    sim.present_finger("frank", 4)
+    sim.faults.capture_removed_next = 1
+    with pytest.raises(p.CaptureFailed):
+        fp.capture_image()
+    assert not sim.finger_present
+    sim.present_finger("frank", 4)
+    sim.faults.capture_removed_next = 1
+    # wait_for_finger treats 0x03 as "keep polling": the finger comes back and is captured
+    threading.Timer(0.3, sim.present_finger, args=("frank", 4)).start()
+    assert fp.wait_for_finger(timeout=3, poll_s=0.02) is WaitResult.CAPTURED
+    assert sim.stats.captures >= 1
+
+
+def test_library_full_and_flash_failure(sim, fp) -> None:
+    sim.present_finger("gina", 0)
+    fp.capture_image()
+    fp.image_to_template(1)
+    sim.faults.library_full = True
+    with pytest.raises(p.LibraryFull):
+        fp.store(0)
+    sim.faults.library_full = False
+    sim.faults.flash_fail_next = 1
+    with pytest.raises(p.FlashError, match="flash"):
+        fp.store(0)
+    fp.store(0)
+    assert fp.used_slots() == [0]
+
+
+def test_damaged_data_packet_in_image_upload_is_retried(sim, fp) -> None:
+    img = ((np.indices((288, 256)).sum(axis=0) % 16) * 17).astype(np.uint8)
+    sim.present_image(img)
+    fp.capture_image()
+    sim.faults.corrupt_data_next = 1
+    assert np.array_equal(fp.upload_image(), img)
+    fp.bulk_retries = 0
+    sim.faults.corrupt_data_next = 1
+    with pytest.raises(p.ProtocolError, match="lost in transit"):
+        fp.upload_image()
+    assert np.array_equal(fp.upload_image(), img)
+
+
+def test_gap_in_bulk_transfer_times_out(sim, fp) -> None:
+    sim.present_finger("hugo", 1)
+    fp.capture_image()
+    fp.image_to_template(1)
+    sim.faults.bulk_gap_s = 0.7  # > BULK_GAP_S between data packets
+    fp.bulk_retries = 0
+    with Clock() as c, pytest.raises(p.SensorTimeout, match="UpChar data packet"):
+        fp.upload_template(1)
+    assert c.s < 2.0
+    sim.faults.bulk_gap_s = 0.0
+    deadline = time.monotonic() + 5  # the module finishes its slow transfer, then answers again
+    while True:
+        try:
+            assert len(fp.upload_template(1)) == 512
+            break
+        except p.SensorError:
+            assert time.monotonic() < deadline
+
+
+@pytest.mark.parametrize("quality", ["dry", "wet", "partial"])
+def test_skin_conditions_change_the_image(bank, quality: str) -> None:
+    from hw.sensor.image import R307_GEOMETRY
+
+    rng = np.random.default_rng(5)
+    good = [bank.impression("ivan/2", R307_GEOMETRY, "good", rng).image for _ in range(3)]
+    bad = [bank.impression("ivan/2", R307_GEOMETRY, quality, rng).image for _ in range(3)]
+    g_mean = np.mean([im.mean() for im in good])
+    b_mean = np.mean([im.mean() for im in bad])
+    g_frac = np.mean([image_quality(im)[0] for im in good])
+    b_frac = np.mean([image_quality(im)[0] for im in bad])
+    if quality == "dry":
+        assert b_mean > g_mean + 10  # lighter, broken ridges
+    elif quality == "wet":
+        assert b_mean < g_mean - 10  # darker, merged ridges
+    else:
+        assert b_frac < g_frac - 0.2  # much less of the finger on the glass
+
+
+def test_poor_images_fail_feature_extraction_more_often(sim, fp) -> None:
+    def failures(quality: str) -> int:
+        n = 0
+        for i in range(6):
+            sim.present_finger(f"judy{i}", i, quality)
+            fp.capture_image()
+            try:
+                fp.image_to_template(1)
+            except p.ImageQualityError:
+                n += 1
+        return n
+
+    assert failures("good") == 0
+    assert failures("partial") >= 1
+
+
+def test_unplugged_port_raises_unavailable_then_reopens(make_sim, make_fp, tmp_path: Path) -> None:
+    link = tmp_path / "fp"
+    sim = make_sim("r307", link=link)
+    fp = make_fp(str(link))
+    assert fp.template_count() == 0
+    sim.unplug()
+    with Clock() as c, pytest.raises(p.SensorUnavailable):
+        fp.template_count()
+    assert c.s < 1.0
+    with pytest.raises(p.SensorUnavailable, match="cannot open|next reopen"):
+        fp.template_count()  # port gone: clear error, no hang
+    sim.replug()
+    time.sleep(0.25)  # past the reopen backoff
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert fp.template_count() == 0
+            break
+        except p.SensorUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert fp.is_open
