@@ -1,0 +1,99 @@
+"""The feature vector the quality model and the hard-reject gates read, for one sensor image.
+
+Everything is computed on the image exactly as the sensor delivers it (16 gray levels, 256x288
+or 192x192): the NFIQ 2 native measures (`nfiq2_features`), the foreground (`foreground`) and
+the minutiae count (`minutiae`), plus a few cheap contrast figures used by the gates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from firmware.fpquality import foreground, minutiae, nfiq2_features
+
+#: Order of the model's inputs (the model file stores it too and is checked against it).
+MODEL_FEATURES: tuple[str, ...] = (
+    *(f"OCL_Bin10_{i}" for i in range(10)), "OCL_Bin10_Mean", "OCL_Bin10_StdDev",
+    *(f"LCS_Bin10_{i}" for i in range(10)), "LCS_Bin10_Mean", "LCS_Bin10_StdDev",
+    *(f"FDA_Bin10_{i}" for i in range(10)), "FDA_Bin10_Mean", "FDA_Bin10_StdDev",
+    *(f"RVUP_Bin10_{i}" for i in range(10)), "RVUP_Bin10_Mean", "RVUP_Bin10_StdDev",
+    *(f"OF_Bin10_{i}" for i in range(10)), "OF_Bin10_Mean", "OF_Bin10_StdDev",
+    "Mu", "MMB", "blocks",
+    "fg_fraction", "fg_cx", "fg_cy", "fg_border_contact",
+    "fg_mean", "fg_contrast", "minutiae", "endings", "bifurcations",
+    "skeleton_px", "fragments", "short_fragments",
+    "coherence_sum", "coherence_rel", "minutiae_com200", "minutiae_ocl80", "minutiae_contrast",
+)
+
+
+def compute(img: np.ndarray) -> dict[str, float]:
+    """All features of one 8-bit gray sensor image, by name (see `MODEL_FEATURES`)."""
+    native = nfiq2_features.compute(img)
+    out = nfiq2_features.as_nist_names(native)
+    out["blocks"] = float(native["blocks"])  # type: ignore[arg-type]
+    fg = foreground.segment(img)
+    out["fg_fraction"] = fg.fraction
+    out["fg_cx"] = fg.centroid_x
+    out["fg_cy"] = fg.centroid_y
+    out["fg_border_contact"] = float(fg.border_contact)
+    if fg.mask.any():
+        vals = img[fg.mask]
+        p5, p95 = np.percentile(vals, (5, 95))
+        out["fg_mean"] = float(vals.mean())
+        out["fg_contrast"] = float(p95 - p5)
+    else:
+        out["fg_mean"] = float(img.mean())
+        out["fg_contrast"] = 0.0
+    m = minutiae.extract(img, fg.mask)
+    out["minutiae"] = float(m.count)
+    out["endings"] = float(len(m.endings))
+    out["bifurcations"] = float(len(m.bifurcations))
+    out["skeleton_px"] = float(m.skeleton_px)
+    out["fragments"] = float(m.fragments)
+    out["short_fragments"] = float(m.short_fragments)
+    out["gray_std"] = float(img.std())
+    out.update(_coherence(img, fg.mask))
+    out.update(_minutiae_quality(img, fg.mask, np.concatenate([m.endings, m.bifurcations]).reshape(-1, 2)))
+    return out
+
+
+def _coherence(img: np.ndarray, mask: np.ndarray, blk: int = 16) -> dict[str, float]:
+    """Gradient coherence of 16x16 foreground blocks: sum and mean (after NFIQ 2's ROI coherence)."""
+    import cv2
+
+    h, w = img.shape
+    nr, nc = h // blk, w // blk
+    f = img[: nr * blk, : nc * blk].astype(np.float32)
+    gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)
+
+    def bsum(a: np.ndarray) -> np.ndarray:
+        return a.reshape(nr, blk, nc, blk).sum(axis=(1, 3))
+
+    gxx, gyy, gxy = bsum(gx * gx), bsum(gy * gy), bsum(gx * gy)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coh = np.where(gxx + gyy > 0, np.sqrt((gxx - gyy) ** 2 + 4 * gxy ** 2) / (gxx + gyy), 0.0)
+    fgb = mask[: nr * blk, : nc * blk].reshape(nr, blk, nc, blk).mean(axis=(1, 3)) > 0.5
+    total = float(coh[fgb].sum())
+    return {"coherence_sum": total, "coherence_rel": total / max(int(fgb.sum()), 1)}
+
+
+def _minutiae_quality(img: np.ndarray, mask: np.ndarray, pts: np.ndarray) -> dict[str, float]:
+    """Minutiae-based figures after NFIQ 2's FJFX measures: count within the 200x200 box around
+    their centre of mass, and the fractions whose 32x32 neighbourhood has OCL >= 0.8 or a
+    contrast at least that of the whole foreground."""
+    if len(pts) == 0:
+        return {"minutiae_com200": 0.0, "minutiae_ocl80": 0.0, "minutiae_contrast": 0.0}
+    com = pts.mean(axis=0)
+    in_box = (np.abs(pts - com) <= 100).all(axis=1)
+    pad = np.pad(img.astype(np.float64), 16, mode="edge")
+    wins = np.lib.stride_tricks.sliding_window_view(pad, (32, 32))[pts[:, 0], pts[:, 1]]
+    gy, gx = np.gradient(wins, axis=(1, 2))
+    a, b, c = (gx * gx).mean(axis=(1, 2)), (gy * gy).mean(axis=(1, 2)), (gx * gy).mean(axis=(1, 2))
+    root = np.sqrt((a - b) ** 2 + 4 * c * c)
+    emax = (a + b + root) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ocl = np.where(emax > 0, 1 - ((a + b - root) / 2) / emax, 0.0)
+    fg_std = float(img[mask].std()) if mask.any() else 0.0
+    return {"minutiae_com200": float(in_box.sum()), "minutiae_ocl80": float((ocl >= 0.8).mean()),
+            "minutiae_contrast": float((wins.std(axis=(1, 2)) >= fg_std).mean())}
