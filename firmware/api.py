@@ -76,4 +76,8 @@ def create_app(kit: Kit) -> FastAPI:
             done.append(res.as_dict())
         return {"committed": done}
 
+    if kit.enrollment is not None:
+        from firmware.api_enroll import router
+
+        app.include_router(router(kit.enrollment, kit.store, kit.hardware.get("sim_aliases") if kit.sim else None))
     return app

@@ -94,6 +94,38 @@ def list_of(item_type: type, item_check: Check | None = None) -> Check:
     return check
 
 
+FINGER_CODES = [f"{h}{n}" for h in "RL" for n in range(1, 6)]
+
+
+def _fingers(v: Any) -> str | None:
+    if not all(isinstance(f, str) and f in FINGER_CODES for f in v) or len(set(v)) != len(v):
+        return "a list of distinct finger codes from " + ", ".join(FINGER_CODES)
+    return None
+
+
+def _operators(v: Any) -> str | None:
+    from firmware.operators import valid_pin_hash
+
+    seen = set()
+    for i, e in enumerate(v):
+        if not isinstance(e, dict):
+            return f"a list of tables (item {i} is not)"
+        oid = e.get("id")
+        if not isinstance(oid, str) or not oid or not all(c.isalnum() or c in "._-" for c in oid) or len(oid) > 64:
+            return f"tables whose id is 1-64 letters, digits, . _ - (item {i} has {oid!r})"
+        if oid in seen:
+            return f"tables with distinct ids ({oid!r} repeats)"
+        seen.add(oid)
+        if why := valid_pin_hash(e.get("pin_hash")):
+            return f"tables with pin_hash = {why} (operator {oid!r})"
+        if e.get("role", "operator") not in ("operator", "supervisor"):
+            return f"tables whose role is 'operator' or 'supervisor' (operator {oid!r})"
+        extra = set(e) - {"id", "name", "pin_hash", "role"}
+        if extra:
+            return f"tables with keys id, name, pin_hash, role (operator {oid!r} has {', '.join(sorted(extra))})"
+    return None
+
+
 def _all(*checks: Check) -> Check:
     def check(v: Any) -> str | None:
         for c in checks:
@@ -288,7 +320,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "poll_interval_s": Key(float, 0.1, "GenImg polling period while waiting for a finger.",
                                between(0.02, 2)),
     },
+    "operators": {
+        "list": Key(list, [], "Operators allowed to sign in: tables with `id`, `name`, `pin_hash` (from "
+                    "`rekam operator hash-pin`) and `role` (`operator` or `supervisor`).", lambda v: _operators(v)),
+        "max_failures": Key(int, 5, "Wrong PINs in a row before an operator is locked out.", between(1, 100)),
+        "lockout_minutes": Key(int, 15, "How long a lockout lasts.", between(1, 1440)),
+        "idle_signout_s": Key(int, 900, "Idle time after which an operator is signed out.", between(60, 86400)),
+        "idle_warning_s": Key(int, 600, "Idle time after which the console warns of the coming sign-out.",
+                              between(30, 86400)),
+    },
+    "enrollment": {
+        "fingers": Key(list, ["R1", "R2", "R3", "R4", "R5", "L1", "L2", "L3", "L4", "L5"],
+                       "Fingers captured, in order: R/L + 1 (thumb) .. 5 (little).", lambda v: _fingers(v)),
+        "dedup_fingers": Key(list, ["R2", "L2"], "Fingers stored in the sensor's template library for the local "
+                             "duplicate check (index fingers by default).", lambda v: _fingers(v)),
+        "dedup_min_hits": Key(int, 1, "Matching fingers needed to flag a likely double enrollment.", between(1, 10)),
+        "capture_face": Key(bool, True, "Capture a face photo in each enrollment."),
+    },
     "simulation": {
+        "sensor_wire_speed": Key(float, 1.0, "Simulated sensor: 1.0 takes the real UART time at the set baud, "
+                                 "0 sends instantly (tests).", between(0, 10)),
         "corpus_dir": Key(str, "../shared/corpus", "Folder with fingerprints/ and faces/ used by the "
                           "simulated sensor and camera (relative to the config file)."),
     },

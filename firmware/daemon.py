@@ -43,6 +43,8 @@ class Kit:
         self.api_url = ""
         self.started = time.monotonic()
         self.services: dict[str, Any] = {}  # optional parts (sensor, camera, relay...) by name
+        self.hardware: dict[str, Any] = {}
+        self.enrollment: Any = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -52,8 +54,26 @@ class Kit:
         log.info("store open kit_id=%s state_dir=%s records=%s recovered=%d quarantined=%d missing=%d",
                  self.identity.kit_id, self.cfg.state_dir, self.store.j.max_seq(), len(rep.adopted),
                  len(rep.quarantined), len(rep.missing))
+        self._start_enrollment()
         self._start_api()
         self._spawn("maintenance", self._maintenance_loop)
+
+    def _start_enrollment(self) -> None:
+        from firmware.dedup import DuplicateChecker, nik_key
+        from firmware.devices import open_devices
+        from firmware.enrollment import EnrollmentService
+        from firmware.operators import Operators, operators_from_config
+
+        cfg = self.cfg
+        devices, self.hardware = open_devices(cfg, self.sim, cfg.state_dir)
+        sensor = self.hardware["sensor"]
+        dedup = DuplicateChecker(self.store.j, nik_key(cfg.state_dir), library_capacity=lambda: sensor.capacity)
+        ops = Operators(operators_from_config(cfg.operators.list), cfg.operators.max_failures,
+                        cfg.operators.lockout_minutes * 60)
+        if not cfg.operators.list:
+            log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
+        self.enrollment = EnrollmentService(self.store, cfg, ops, dedup, devices)
+        self.services["sensor"] = sensor
 
     def _spawn(self, name: str, target: Any) -> None:
         t = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
@@ -80,6 +100,15 @@ class Kit:
             self.api_server.should_exit = True
         for t in self.threads:
             t.join(timeout=3)
+        if self.enrollment is not None and self.enrollment.active is not None:
+            self.enrollment.active.cancel.set()
+        for name in ("sensor", "camera", "simulator"):
+            obj = self.hardware.get(name)
+            if obj is not None:
+                try:
+                    obj.close() if hasattr(obj, "close") else obj.stop()
+                except Exception as e:
+                    log.warning("closing %s failed error=%s", name, e)
         self.store.close()
         try:
             (self.cfg.state_dir / "api.json").unlink()
@@ -124,6 +153,8 @@ class Kit:
                 self.store.poll_usb()
             except Exception:
                 log.exception("usb poll failed")
+            if self.enrollment is not None:
+                self.enrollment.expire_idle()
             if wd and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd

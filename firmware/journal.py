@@ -94,6 +94,13 @@ class Journal:
                 db["sticks"].create({"stick_id": str, "first_seen": str, "last_seen": str}, pk="stick_id")
             if "audit" not in db.table_names():
                 db["audit"].create({"id": int, "at": str, "kind": str, "actor": str, "detail": str}, pk="id")
+            if "niks" not in db.table_names():
+                # HMAC digests of enrolled NIKs (never the NIK itself) for the "already enrolled here" check.
+                db["niks"].create({"digest": str, "record_id": str, "at": str}, pk=("digest", "record_id"))
+            if "fp_library" not in db.table_names():
+                # Which record each slot of the sensor's template library belongs to (local duplicate check).
+                db["fp_library"].create({"page": int, "record_id": str, "nik_digest": str, "finger": str,
+                                         "at": str}, pk="page")
             if "meta" not in db.table_names():
                 db["meta"].create({"key": str, "value": str}, pk="key")
                 db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
@@ -230,3 +237,25 @@ class Journal:
         for r in rows:
             r["detail"] = json.loads(r["detail"] or "{}")
         return rows
+
+    # --- enrollment indexes ---------------------------------------------------------------
+
+    def nik_records(self, digest: str) -> list[str]:
+        """Records enrolled on this kit under a NIK digest."""
+        with self._lock:
+            return [r[0] for r in self.conn.execute("SELECT record_id FROM niks WHERE digest = ? ORDER BY at",
+                                                    (digest,))]
+
+    def add_nik(self, digest: str, record_id: str) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO niks VALUES (?,?,?)", (digest, record_id, iso()))
+
+    def library_pages(self) -> dict[int, dict[str, Any]]:
+        """The sensor library's slots as this kit assigned them."""
+        with self._lock:
+            return {r["page"]: r for r in self.db.query("SELECT * FROM fp_library")}
+
+    def set_library_page(self, page: int, record_id: str, nik_digest: str, finger: str) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO fp_library VALUES (?,?,?,?,?)",
+                      (page, record_id, nik_digest, finger, iso()))

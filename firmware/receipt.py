@@ -1,0 +1,99 @@
+"""The resident's receipt: record id, date, and a QR code of record id + hash.
+
+The resident keeps it as proof of enrollment until the card is printed; the data center can
+check the QR against its archive. It carries no personal data. PNG for the screen, PDF (A6)
+for a printer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import segno
+
+KIT_TITLE = "Bukti Perekaman KTP-el / Enrollment receipt"
+
+
+def qr_payload(record_id: str, sha256: str) -> str:
+    """The QR's content: compact JSON with the record id and its SHA-256."""
+    return json.dumps({"r": record_id, "h": sha256}, separators=(",", ":"))
+
+
+def _qr(record_id: str, sha256: str) -> segno.QRCode:
+    return segno.make(qr_payload(record_id, sha256), error="m", micro=False)
+
+
+def lines(info: dict[str, Any]) -> list[str]:
+    return [
+        KIT_TITLE,
+        f"Record: {info['record_id']}",
+        f"Date: {info['created']}" + ("" if info.get("clock_synced", True) else " (kit clock not synchronised)"),
+        f"Kit: {info['kit_id']}" + (f"  Site: {info['site']}" if info.get("site") else ""),
+        f"SHA-256: {info['sha256'][:32]}",
+        f"         {info['sha256'][32:]}",
+    ]
+
+
+def png(info: dict[str, Any], scale: int = 6) -> bytes:
+    """Receipt as a PNG: the QR code above the text lines."""
+    import cv2
+    import numpy as np
+
+    qr = np.array(list(_qr(info["record_id"], info["sha256"]).matrix_iter(scale=scale, border=4)), dtype=np.uint8)
+    qr = np.where(qr > 0, 0, 255).astype(np.uint8)
+    text = lines(info)
+    width = max(qr.shape[1], 640)
+    canvas = np.full((qr.shape[0] + 28 * len(text) + 20, width), 255, np.uint8)
+    canvas[: qr.shape[0], (width - qr.shape[1]) // 2: (width - qr.shape[1]) // 2 + qr.shape[1]] = qr
+    y = qr.shape[0] + 20
+    for t in text:
+        cv2.putText(canvas, t, (12, y), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 0, 1, cv2.LINE_AA)
+        y += 28
+    ok, buf = cv2.imencode(".png", canvas)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def pdf(info: dict[str, Any]) -> bytes:
+    """Receipt as a one-page A6 PDF (the QR drawn as vector squares, Helvetica text)."""
+    w, h = 298, 420  # A6 in points
+    qr = _qr(info["record_id"], info["sha256"])
+    rows = list(qr.matrix_iter(scale=1, border=0))
+    n = len(rows)
+    module = 160 / n
+    x0, y0 = (w - 160) / 2, h - 40 - 160
+    ops = ["0 g"]
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
+            if v:
+                ops.append(f"{x0 + c * module:.2f} {y0 + (n - 1 - r) * module:.2f} {module:.2f} {module:.2f} re f")
+    y = y0 - 24
+    for i, t in enumerate(lines(info)):
+        size = 9 if i == 0 else 7
+        safe = t.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        ops.append(f"BT /F1 {size} Tf 16 {y:.1f} Td ({safe}) Tj ET")
+        y -= 14
+    content = "\n".join(ops).encode("latin-1", "replace")
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w} {h}] /Contents 4 0 R "
+        "/Resources << /Font << /F1 5 0 R >> >> >>".encode(),
+        b"<< /Length " + str(len(content)).encode() + b" >>\nstream\n" + content + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for i, o in enumerate(objs, 1):
+        offsets.append(out.tell())
+        out.write(f"{i} 0 obj\n".encode() + o + b"\nendobj\n")
+    xref = out.tell()
+    out.write(f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode())
+    for off in offsets:
+        out.write(f"{off:010d} 00000 n \n".encode())
+    out.write(f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
+    return out.getvalue()
