@@ -27,7 +27,7 @@ except ImportError:  # not POSIX
     class _TermiosError(Exception):  # type: ignore[no-redef]
         pass
 
-from hw.sensor.image import Geometry, geometry_for_bytes, pack_4bit, unpack_4bit
+from hw.sensor.image import GEOMETRIES, Geometry, geometry_for_bytes, pack_4bit, unpack_4bit
 from hw.sensor.protocol import (
     DEFAULT_ADDRESS,
     PACKET_SIZES,
@@ -369,6 +369,7 @@ class FingerprintSensor:
             if self.params.address != self.address:
                 log.warning("sensor address mismatch configured=0x%08X reported=0x%08X",
                             self.address, self.params.address)
+            self.geometry = None  # re-learned: the module may have been swapped while unplugged
             self._probe_product()
             if self.target_baud and self.target_baud > self.baud:
                 self._raise_baud(self.target_baud)
@@ -453,8 +454,11 @@ class FingerprintSensor:
             self.product = None  # not an R503-class module; not an error
             return
         self.product = ProductInfo.decode(ack.content[1:])
-        if self.product.width and self.product.height:
-            self.geometry = Geometry(self.product.width, self.product.height)
+        g = Geometry(self.product.width, self.product.height)
+        if g in GEOMETRIES:  # otherwise learn it from the first image's byte count
+            self.geometry = g
+        else:
+            log.info("ReadProdInfo geometry %s not a known UART image size; learning it from an image", g)
 
     # --- transport -----------------------------------------------------------------------
 
@@ -747,6 +751,7 @@ class FingerprintSensor:
                 geometry = self.geometry or geometry_for_bytes(len(payload))
             except ValueError as e:
                 raise ProtocolError(f"UpImage: {e}") from e
+            self.geometry = geometry  # learned from the first image on modules without ReadProdInfo
             return unpack_4bit(payload, geometry)
         return self._transaction(go)
 

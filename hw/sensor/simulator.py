@@ -11,7 +11,7 @@ drift. The baud the driver set on the slave is read back with ``tcgetattr(master
 differs from the sensor's rate, traffic in both directions is garbled (as on a real wire).
 
 Templates are opaque bytes to the host. The simulator's template format (documented in
-docs/sensor.md) carries a magic, the finger's key digest and a 128-value feature vector (the
+docs/sensor.md) carries a magic, the finger's key digest and a 256-value feature vector (the
 finger's identity vector plus per-impression noise); matching scores are the cosine between
 vectors, scaled to the 0..300 range of real modules. This is not minutiae matching: it models the
 outcomes (same finger matches, different fingers do not, poor impressions score lower).
@@ -115,8 +115,8 @@ def _sum16(b: bytes) -> int:
 
 def encode_template(key: str, vector: np.ndarray, size: int, kind: int = 2, quality: int = 200) -> bytes:
     """Simulator template: magic, key digest, kind, quality, int8 vector, opaque filler, sum16."""
-    if size < 160:
-        raise ValueError(f"template size {size} too small for the simulator format (>= 160)")
+    if size < 16 + synth.FEATURE_DIM:
+        raise ValueError(f"template size {size} too small for the simulator format (>= {16 + synth.FEATURE_DIM})")
     v = np.clip(np.round(vector / (np.abs(vector).max() or 1) * 127), -127, 127).astype(np.int8)
     head = TEMPLATE_MAGIC + hashlib.sha256(key.encode()).digest()[:8] + bytes([kind, quality]) + v.tobytes()
     filler = bytearray()
@@ -130,7 +130,9 @@ def encode_template(key: str, vector: np.ndarray, size: int, kind: int = 2, qual
 
 def decode_template(data: bytes) -> tuple[bytes, np.ndarray] | None:
     """(key digest, unit feature vector) of a simulator template, or None if it is not one."""
-    if len(data) < 160 or data[:4] != TEMPLATE_MAGIC or struct.unpack(">H", data[-2:])[0] != _sum16(data[:-2]):
+    if len(data) < 16 + synth.FEATURE_DIM or data[:4] != TEMPLATE_MAGIC:
+        return None
+    if struct.unpack(">H", data[-2:])[0] != _sum16(data[:-2]):
         return None
     v = np.frombuffer(data[14:14 + synth.FEATURE_DIM], dtype=np.int8).astype(np.float32)
     n = np.linalg.norm(v)

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 QUALITIES = ("good", "dry", "wet", "partial")
 CANVAS = (400, 360)  # master size (h, w): larger than 256x288 so impressions can shift and rotate
 N_BINS = 16
-FEATURE_DIM = 128
+FEATURE_DIM = 256
 
 # Real fingers in the corpus: name -> files that are impressions of that finger.
 CORPUS_FINGERS: dict[str, tuple[str, ...]] = {
@@ -201,10 +201,11 @@ def render_synthetic(master: np.ndarray, rng: np.random.Generator, quality: str)
     thr = 0.05 - 0.25 * (pressure - 1.0)  # more pressure: wider ridges
     darkness = 0.85
     if quality == "dry":
-        thr += 0.3
-        darkness = 0.6
-        breaks = _smooth_noise(rng, (h, w), 40) > rng.uniform(-0.6, 0.0)
-        contact = contact * np.where(breaks, 1.0, 0.25).astype(np.float32)
+        # thin, faint ridges broken into fragments (cracked skin does not touch the glass)
+        thr += 0.45
+        darkness = 0.5
+        breaks = _smooth_noise(rng, (h, w), 90) > rng.uniform(-0.1, 0.3)
+        contact = contact * np.where(breaks, 1.0, 0.1).astype(np.float32)
     elif quality == "wet":
         thr -= 0.8
         darkness = 1.0
@@ -212,8 +213,11 @@ def render_synthetic(master: np.ndarray, rng: np.random.Generator, quality: str)
         contact = contact * _partial_mask(rng, (h, w))
     ink = 1.0 / (1.0 + np.exp(-(ridges + thr) * 6.0))  # 1 on ridges, 0 in valleys
     if quality == "wet":
+        # water fills the valleys: merged ridges everywhere, solid dark smudges in patches
         ink = cv2.GaussianBlur(ink, (0, 0), 2.2)
         ink = np.clip(ink * 1.3 + 0.2, 0, 1)
+        smudge = np.clip((_smooth_noise(rng, (h, w), 8) - rng.uniform(-0.2, 0.4)) * 2.0, 0, 1)
+        ink = np.maximum(ink, smudge)
     uneven = 1.0 + 0.12 * _smooth_noise(rng, (h, w), 3)
     gray = 245.0 - 235.0 * darkness * ink * contact * uneven
     gray += rng.normal(0, 7.0, (h, w)).astype(np.float32)
@@ -234,8 +238,8 @@ def render_real(gray: np.ndarray, rng: np.random.Generator, quality: str) -> np.
     elif quality == "dry":
         img = cv2.dilate(img, k)
     else:
-        w = min(1.0, abs(pressure - 1.0) / 0.15) * 0.5
-        img = (1 - w) * img + w * (cv2.erode(img, k) if pressure > 1.0 else cv2.dilate(img, k))
+        wt = min(1.0, abs(pressure - 1.0) / 0.15) * 0.5
+        img = (1 - wt) * img + wt * (cv2.erode(img, k) if pressure > 1.0 else cv2.dilate(img, k))
     if quality == "dry":
         breaks = _smooth_noise(rng, (h, w), 30) > rng.uniform(-0.2, 0.3)
         img = np.where(breaks, img, 1.0 - (1.0 - img) * 0.2)
