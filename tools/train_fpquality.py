@@ -4,6 +4,7 @@
     .venv/bin/python tools/train_fpquality.py            # features + fit + evaluation, writes the model
     .venv/bin/python tools/train_fpquality.py --relabel  # first re-score every image with real NFIQ 2
     .venv/bin/python tools/train_fpquality.py --check    # fit again and compare with the committed model
+    .venv/bin/python tools/train_fpquality.py --calibrate  # also print the gate and threshold tables
 
 Data: every corpus print converted to the sensor format (8-bit gray, centre crop / white pad to
 256x288, 16 levels) and its named degradations (`firmware.fpquality.dataset.SPECS`). Labels are
@@ -33,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware.fpquality import dataset, features, gbt  # noqa: E402
+from firmware.fpquality import dataset, features, gates, gbt  # noqa: E402
 
 LABELS = REPO / "tools" / "fpquality_labels.csv"
 MODEL = REPO / "firmware" / "fpquality" / "data" / "fpquality_model.npz"
@@ -83,12 +84,41 @@ def load_labels() -> list[tuple[dataset.Item, float]]:
     return out
 
 
-def feature_matrix(corpus: Path, its: list[dataset.Item]) -> np.ndarray:
-    rows = []
-    for it in its:
-        f = features.compute(it.image(corpus))
-        rows.append([f[n] for n in features.MODEL_FEATURES])
-    return np.asarray(rows, np.float64)
+def feature_dicts(corpus: Path, its: list[dataset.Item]) -> list[dict[str, float]]:
+    return [features.compute(it.image(corpus)) for it in its]
+
+
+def feature_matrix(feats: list[dict[str, float]]) -> np.ndarray:
+    return np.asarray([[f[n] for n in features.MODEL_FEATURES] for f in feats], np.float64)
+
+
+def calibration_tables(its: list[dataset.Item], feats: list[dict[str, float]], y: np.ndarray,
+                       pred: np.ndarray) -> None:
+    """Print what the gates and the accept threshold do on the data (held-out predictions)."""
+    lim = gates.Limits()
+    codes = [gates.check(f, lim) for f in feats]
+    rejected = np.array([bool(c) for c in codes])
+    print("\nHard rejects per degradation (median NFIQ 2, share rejected, codes):")
+    for spec in dict.fromkeys(it.spec for it in its):
+        m = np.array([it.spec == spec for it in its])
+        counts: dict[str, int] = {}
+        for k in np.flatnonzero(m):
+            for c in codes[k]:
+                counts[c] = counts.get(c, 0) + 1
+        top = ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        print(f"  {spec:24} NFIQ2 {np.median(y[m]):4.0f}  rejected {rejected[m].sum():2d}/{m.sum():2d}  {top}")
+    for lo, hi, what in ((0, 0, "NFIQ 2 = 0"), (1, 29, "NFIQ 2 1-29"), (30, 44, "NFIQ 2 30-44"),
+                         (45, 100, "NFIQ 2 >= 45")):
+        m = (y >= lo) & (y <= hi)
+        print(f"  {what:14} n={m.sum():4d} hard-rejected {100 * rejected[m].mean():5.1f} %")
+    score = np.where(rejected, 0.0, np.clip(pred, 0, 100))
+    print("\nAccept threshold on the held-out score (share accepted at the first impression):")
+    print("  threshold  NFIQ2>=45  NFIQ2 30-44  NFIQ2 1-29  NFIQ2=0   clean corpus prints")
+    clean = np.array([it.spec == "none" for it in its])
+    for t in (30, 35, 40, 45, 50):
+        acc = score >= t
+        cells = [100 * acc[(y >= lo) & (y <= hi)].mean() for lo, hi in ((45, 100), (30, 44), (1, 29), (0, 0))]
+        print(f"  {t:9d}  " + "  ".join(f"{c:8.1f} %" for c in cells) + f"  {acc[clean].sum():2d}/{clean.sum()}")
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=Path, default=dataset.default_corpus(REPO))
     ap.add_argument("--relabel", action="store_true", help="re-score all images with the NFIQ 2 reference")
     ap.add_argument("--check", action="store_true", help="do not write; compare with the committed model")
+    ap.add_argument("--calibrate", action="store_true", help="print gate and threshold tables")
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args(argv)
     if a.relabel:
@@ -118,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     its = [it for it, _ in labelled]
     y = np.array([s for _, s in labelled])
     t0 = time.perf_counter()
-    x = feature_matrix(a.corpus, its)
+    feats = feature_dicts(a.corpus, its)
+    x = feature_matrix(feats)
     print(f"features: {len(its)} images in {time.perf_counter() - t0:.1f} s")
     fingers = np.array([it.finger for it in its])
 
@@ -130,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         pred[test] = gbt.predict(m, x[test])
     rho = spearman(pred, y)
     mae = float(np.abs(pred - y).mean())
+    nz = y > 0
     print(f"leave-one-finger-out over {len(set(fingers))} fingers, {len(y)} images: "
-          f"Spearman {rho:.3f}, MAE {mae:.2f} NFIQ 2 points")
+          f"Spearman {rho:.3f}, MAE {mae:.2f} NFIQ 2 points; on the {nz.sum()} images NFIQ 2 scores > 0: "
+          f"Spearman {spearman(pred[nz], y[nz]):.3f}")
     for fg in sorted(set(fingers)):
         t = fingers == fg
         print(f"  {fg:28} n={t.sum():3d} rho={spearman(pred[t], y[t]):.3f} MAE={np.abs(pred[t] - y[t]).mean():.2f}")
 
+    if a.calibrate:
+        calibration_tables(its, feats, y, pred)
     model = gbt.fit(x, y, **PARAMS)
     model["feature_names"] = np.array(features.MODEL_FEATURES)
     model["cv_spearman"] = np.array(rho)

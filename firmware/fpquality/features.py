@@ -52,9 +52,20 @@ def compute(img: np.ndarray) -> dict[str, float]:
     out["fragments"] = float(m.fragments)
     out["short_fragments"] = float(m.short_fragments)
     out["gray_std"] = float(img.std())
+    out["haze_fraction"] = _haze_fraction(img)
     out.update(_coherence(img, fg.mask))
     out.update(_minutiae_quality(img, fg.mask, np.concatenate([m.endings, m.bifurcations]).reshape(-1, 2)))
     return out
+
+
+def _haze_fraction(img: np.ndarray, blk: int = 16) -> float:
+    """Share of 16x16 blocks that are flat mid-gray: neither clean white glass, nor ridges, nor a
+    dark wet contact. Latent residue or a smear on the glass looks like this."""
+    h, w = img.shape
+    nr, nc = h // blk, w // blk
+    b = img[: nr * blk, : nc * blk].astype(np.float64).reshape(nr, blk, nc, blk)
+    mean, std = b.mean(axis=(1, 3)), b.std(axis=(1, 3))
+    return float(((std < 12.0) & (mean >= 90.0) & (mean < 235.0)).mean())
 
 
 def _coherence(img: np.ndarray, mask: np.ndarray, blk: int = 16) -> dict[str, float]:

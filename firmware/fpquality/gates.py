@@ -32,14 +32,12 @@ class Limits:
     no_finger_area: float = 0.10  # foreground fraction below which there is no finger at all
     no_finger_std: float = 6.0  # gray std of the whole image below which it is blank
     min_area: float = 0.40  # foreground fraction below which the finger must be pressed flatter
-    max_centre_offset: float = 0.20  # centroid farther than this (fraction of width/height) from the centre
-    wet_mean_max: float = 95.0  # foreground mean gray darker than this = wet / over-pressed
-    wet_lcs_max: float = 0.45  # ... together with local clarity below this (ridges merged)
-    smear_ocl_max: float = 0.45  # foreground with orientation certainty below this = smeared glass
-    smear_blocks_min: float = 0.30  # ... over at least this fraction of the blocks
-    dry_mean_min: float = 215.0  # foreground mean gray lighter than this = dry / light touch
-    dry_contrast_max: float = 85.0  # foreground p95-p5 below this (16-level: 5 steps) = too faint
-    dry_fragments_max: float = 0.55  # share of skeleton pieces that are short breaks above this = dry
+    max_centre_offset: float = 0.25  # centroid farther than this (share of width/height) from the centre
+    wet_mean_max: float = 40.0  # foreground mean gray darker than this = wet / over-pressed, ridges merged
+    haze_max: float = 0.30  # share of flat mid-gray 16x16 blocks above which the glass is smeared
+    dry_lcs_max: float = 0.30  # local clarity (LCS mean) below which ridges are broken = dry
+    dry_contrast_max: float = 30.0  # foreground p95-p5 below this (one 16-level step is 17) = too faint
+    dry_mean_min: float = 248.0  # foreground mean lighter than this = almost no ridge contact
     min_minutiae: int = 12
 
     @classmethod
@@ -51,24 +49,19 @@ class Limits:
 
 def check(f: Mapping[str, float], lim: Limits) -> list[str]:
     """Codes of every gate that fires, in `ORDER`; an empty list means no hard reject."""
-    codes: set[str] = set()
     if f["fg_fraction"] < lim.no_finger_area or f["gray_std"] < lim.no_finger_std:
         return ["no_finger"]  # nothing else is meaningful without a finger
+    codes: set[str] = set()
     if f["fg_fraction"] < lim.min_area:
         codes.add("press_flatter")
     if max(abs(f["fg_cx"] - 0.5), abs(f["fg_cy"] - 0.5)) > lim.max_centre_offset:
         codes.add("centre_finger")
-    if f["fg_mean"] < lim.wet_mean_max and f["LCS_Bin10_Mean"] < lim.wet_lcs_max:
+    if f["fg_mean"] < lim.wet_mean_max:
         codes.add("too_wet")
-    blocks = max(f["blocks"], 1.0)
-    low_ocl = sum(f[f"OCL_Bin10_{i}"] for i in range(2))  # OCL < 0.479
-    if low_ocl / max(sum(f[f"OCL_Bin10_{i}"] for i in range(10)), 1.0) > lim.smear_blocks_min \
-            and f["OCL_Bin10_Mean"] < lim.smear_ocl_max + 0.2:
+    if f["haze_fraction"] > lim.haze_max:
         codes.add("clean_glass")
-    del blocks
-    frag_share = f["short_fragments"] / max(f["fragments"], 1.0)
-    if f["fg_mean"] > lim.dry_mean_min or f["fg_contrast"] < lim.dry_contrast_max \
-            or frag_share > lim.dry_fragments_max:
+    if f["LCS_Bin10_Mean"] < lim.dry_lcs_max or f["fg_contrast"] < lim.dry_contrast_max \
+            or f["fg_mean"] > lim.dry_mean_min:
         codes.add("too_dry")
     if f["minutiae"] < lim.min_minutiae:
         codes.add("few_minutiae")
