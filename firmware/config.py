@@ -280,22 +280,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "(no_finger).", between(0, 128)),
         "min_area": Key(float, 0.40, "Foreground share below which the finger must be pressed flatter "
                         "(press_flatter).", between(0, 1)),
-        "max_centre_offset": Key(float, 0.20, "Largest offset of the contact centroid from the window centre, "
+        "max_centre_offset": Key(float, 0.25, "Largest offset of the contact centroid from the window centre, "
                                  "share of width/height (centre_finger).", between(0, 0.5)),
-        "wet_mean_max": Key(float, 95.0, "Foreground mean gray below which, with low local clarity, the "
-                            "finger is too wet (too_wet).", between(0, 255)),
-        "wet_lcs_max": Key(float, 0.45, "Local clarity (LCS mean) below which a dark print is too wet.",
+        "wet_mean_max": Key(float, 40.0, "Foreground mean gray below which the finger is too wet or pressed "
+                            "too hard (too_wet).", between(0, 255)),
+        "haze_max": Key(float, 0.30, "Share of flat mid-gray 16x16 blocks above which the image is smeared "
+                        "(clean_glass).", between(0, 1)),
+        "dry_lcs_max": Key(float, 0.30, "Local clarity (LCS mean) below which ridges are broken (too_dry).",
                            between(0, 1)),
-        "dry_mean_min": Key(float, 215.0, "Foreground mean gray above which the finger is too dry or too "
-                            "light (too_dry).", between(0, 255)),
-        "dry_contrast_max": Key(float, 85.0, "Foreground p95-p5 gray spread below which the print is too "
-                                "faint (too_dry).", between(0, 255)),
-        "dry_fragments_max": Key(float, 0.55, "Share of short ridge fragments above which ridges are broken "
-                                 "(too_dry).", between(0, 1)),
-        "smear_ocl_max": Key(float, 0.45, "Orientation certainty below which a block counts as smeared "
-                             "(clean_glass).", between(0, 1)),
-        "smear_blocks_min": Key(float, 0.30, "Share of smeared blocks above which the glass must be cleaned "
-                                "(clean_glass).", between(0, 1)),
+        "dry_contrast_max": Key(float, 30.0, "Foreground p95-p5 gray spread below which the print is too "
+                                "faint (too_dry; one sensor gray step is 17).", between(0, 255)),
+        "dry_mean_min": Key(float, 248.0, "Foreground mean gray above which there is almost no ridge contact "
+                            "(too_dry).", between(0, 255)),
         "min_minutiae": Key(int, 12, "Fewest minutiae accepted (few_minutiae; NFIQ 2's own floor is 5).",
                             between(0, 200)),
     },
