@@ -230,3 +230,25 @@ def test_unplugged_port_raises_unavailable_then_reopens(make_sim, make_fp, tmp_p
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert fp.is_open
+
+
+def test_random_line_noise_only_ever_raises_typed_errors(sim, fp) -> None:
+    """Seeded rounds of random garbage and damaged replies: every call ends in a result or a SensorError."""
+    rng = np.random.default_rng(7)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(25):
+        sim.faults.stray_bytes_next = 1
+        sim.faults.stray_payload = rng.integers(0, 256, int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+        kind = int(rng.integers(0, 3))
+        if kind == 0:
+            sim.faults.corrupt_checksum_next = 1
+        elif kind == 1:
+            sim.faults.drop_bytes_next = 1
+            sim.faults.drop_count = int(rng.integers(1, 6))
+        try:
+            assert fp.template_count() == 0
+            outcomes["ok"] += 1
+        except p.SensorError:
+            outcomes["error"] += 1
+    assert outcomes["ok"] >= 20  # resends recover almost every round
+    assert fp.read_system_parameters().capacity == 1000
