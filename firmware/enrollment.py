@@ -445,9 +445,9 @@ class EnrollmentService:
             try:
                 res: CommitResult = self.store.commit(payload, e.reservation, operator_id=s.operator.id)
             except Exception as ex:
-                # Nothing was confirmed; the enrollment stays open so the operator can retry.
-                e.reservation = self.store.begin() if not isinstance(ex, CaptureHalted) else e.reservation
-                raise EnrollmentError("store_error", f"could not store the record: {ex}", 500) from None
+                # Nothing was confirmed; the enrollment (and its reservation) stays open so the operator can retry.
+                log.error("commit failed enrollment=%s error=%s", e.id, ex)
+                raise EnrollmentError("store_error", f"could not store the record, try again: {ex}", 500) from None
         sensor = None
         if self.dev.sensor is not None:
             try:

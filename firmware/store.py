@@ -176,16 +176,21 @@ class Store:
     def commit(self, payload: bytes, reservation: Reservation | None = None, operator_id: str = "") -> CommitResult:
         """Seal `payload` and make it durable on the SD and the stick; see the module doc.
 
-        Without a `reservation` one is taken here (so a HALT refuses the commit).
+        Without a `reservation` one is taken here (so a HALT refuses the commit). A given
+        reservation is consumed on success and kept on failure.
         Raises `StoreError` if the SD copy cannot be made; the caller still holds the payload.
         """
         own = reservation is None
         if own:
             reservation = self.begin()
         try:
-            return self._commit(payload, operator_id)
-        finally:
-            self.guard.release(reservation)
+            result = self._commit(payload, operator_id)
+        except BaseException:
+            if own:
+                self.guard.release(reservation)
+            raise  # a caller's reservation stays held, so the enrollment can retry the commit
+        self.guard.release(reservation)
+        return result
 
     def _commit(self, payload: bytes, operator_id: str) -> CommitResult:
         max_bytes = self.guard.max_record_bytes
