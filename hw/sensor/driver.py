@@ -279,7 +279,6 @@ class FingerprintSensor:
         self._backoff = reopen_backoff[0]
         self._unavailable_reason = ""
         self._needs_sync = True
-        self._timeouts_in_a_row = 0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -393,13 +392,13 @@ class FingerprintSensor:
     def _find_baud(self) -> None:
         """VfyPwd at the configured baud, then at the other common rates."""
         order = [self.baud] + ([b for b in self.baud_candidates if b != self.baud] if self.auto_baud else [])
-        last: SensorError | None = None
+        last: SensorTimeout | ProtocolError | None = None
         for b in order:
             if self._ser is not None and self._ser.baudrate != b:
                 self._set_host_baud(b)
             try:
                 self._verify_password(quick=True)
-            except SensorTimeout as e:
+            except (SensorTimeout, ProtocolError) as e:  # silence or garbled bytes: wrong rate
                 last = e
                 log.debug("no answer at baud=%d", b)
                 continue
@@ -443,15 +442,15 @@ class FingerprintSensor:
             try:
                 self._verify_password(quick=True)
                 return True
-            except SensorTimeout:
+            except (SensorTimeout, ProtocolError):
                 if time.monotonic() >= end:
                     return False
 
     def _probe_product(self) -> None:
         try:
             ack = self._command(Instruction.READ_PROD_INFO, quick=True)
-        except (UnsupportedCommand, PacketReceiveError, SensorTimeout):
-            self.product = None  # not an R503-class module; not an error
+        except (UnsupportedCommand, PacketReceiveError, SensorTimeout, ProtocolError):
+            self.product = None  # not an R503-class module (or no usable answer); not an error
             return
         self.product = ProductInfo.decode(ack.content[1:])
         g = Geometry(self.product.width, self.product.height)
@@ -487,9 +486,6 @@ class FingerprintSensor:
                     log.debug("rx pid=0x%02X %s", pkt.pid, pkt.content[:32].hex(" "))
                 return pkt
             if time.monotonic() >= deadline:
-                self._timeouts_in_a_row += 1
-                if self._timeouts_in_a_row >= 2:
-                    self._needs_sync = True  # re-find the baud on the next call (sensor rebooted?)
                 raise SensorTimeout(f"{what}: no complete reply from the sensor on {self.port} "
                                     f"(buffered={framer.buffered} discarded={framer.discarded})")
             try:
@@ -513,7 +509,6 @@ class FingerprintSensor:
                     raise ProtocolError(f"{name}: reply damaged in transit ({fr.last_reject})") from None
                 if time.monotonic() >= deadline:
                     raise
-                self._timeouts_in_a_row = 0
                 continue
             if pkt.pid == Pid.ACK:
                 return pkt
@@ -549,9 +544,12 @@ class FingerprintSensor:
                 break
             except (SensorTimeout, ProtocolError) as e:
                 if attempt == retries:
+                    if not quick:
+                        # unanswered even after a resend: re-check the link (baud search, VfyPwd)
+                        # on the next call; cheap (one VfyPwd) when the module is fine
+                        self._needs_sync = True
                     raise
                 log.warning("no valid reply, resending command=%s error=%s", name, e)
-        self._timeouts_in_a_row = 0
         code = pkt.code
         if code == Code.PASSWORD_REQUIRED and instruction != Instruction.VFY_PWD and self.password:
             # the module rebooted and forgot the verification: verify and retry once
