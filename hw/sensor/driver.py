@@ -15,7 +15,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -252,8 +252,11 @@ class FingerprintSensor:
         reopen_backoff: tuple[float, float] = (0.5, 10.0),
         max_bulk_bytes: int = MAX_BULK_BYTES,
         bulk_retries: int = 1,
+        security_level: int | None = None,
     ) -> None:
         n_from_baud(baud)  # validates
+        if security_level is not None and security_level not in range(1, 6):
+            raise ValueError(f"security level must be 1..5, got {security_level!r}")
         if target_baud is not None:
             n_from_baud(target_baud)
         _u32(password, "password")
@@ -269,6 +272,7 @@ class FingerprintSensor:
         self.reopen_backoff = reopen_backoff
         self.max_bulk_bytes = max_bulk_bytes
         self.bulk_retries = bulk_retries
+        self.security_level = security_level
         self.params: SystemParameters | None = None
         self.product: ProductInfo | None = None
         self.geometry: Geometry | None = None
@@ -279,6 +283,17 @@ class FingerprintSensor:
         self._backoff = reopen_backoff[0]
         self._unavailable_reason = ""
         self._needs_sync = True
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> FingerprintSensor:
+        """Build from a `[sensor]` config section (port, baud, target_baud (0 keeps the found rate),
+        password, address, security_level); keyword arguments override it (e.g. port=sim.port)."""
+        kw: dict[str, Any] = {k: section[k] for k in ("port", "baud", "password", "address", "security_level")
+                              if k in section}
+        if "target_baud" in section:
+            kw["target_baud"] = section["target_baud"] or None
+        kw.update(overrides)
+        return cls(**kw)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -368,6 +383,12 @@ class FingerprintSensor:
             if self.params.address != self.address:
                 log.warning("sensor address mismatch configured=0x%08X reported=0x%08X",
                             self.address, self.params.address)
+            if self.security_level and self.params.security_level != self.security_level:
+                self._command(Instruction.SET_SYS_PARA, bytes([SysParam.SECURITY, self.security_level]))
+                if not self._verify_after_change():
+                    raise SensorTimeout("sensor silent after setting the security level")
+                self.params = self._read_sys_para()
+                log.info("security level set level=%d", self.security_level)
             self.geometry = None  # re-learned: the module may have been swapped while unplugged
             self._probe_product()
             if self.target_baud and self.target_baud > self.baud:

@@ -30,8 +30,10 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -197,6 +199,7 @@ class SensorSimulator:
             raise ValueError(f"packet size must be one of {PACKET_SIZES}, got {packet_size}")
         n_from_baud(baud)
         self.wire_speed = wire_speed
+        self.fifo_bytes = 32  # bytes handed to the host at a time when wire timing is on
         self.time_scale = time_scale
         self.faults = Faults()
         self.stats = SimStats()
@@ -231,6 +234,20 @@ class SensorSimulator:
         self._slave = -1
         self.port = ""
         self._reset_volatile()
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], corpus_dir: str | Path | None, **overrides: Any
+                    ) -> SensorSimulator:
+        """A simulator matching a `[sensor]` config section (profile, password, address); for `--sim`.
+
+        The module starts at 57600 like a factory module; the driver raises it to target_baud.
+        """
+        kw: dict[str, Any] = {"corpus_dir": corpus_dir}
+        for k in ("password", "address"):
+            if k in section:
+                kw[k] = section[k]
+        kw.update(overrides)
+        return cls(section.get("profile", "r307"), **kw)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -508,17 +525,31 @@ class SensorSimulator:
             select.select([], [self._master], [], 0.05)
 
     def _send_paced(self, frames: list[bytes], gap_s: float = 0.0) -> None:
-        """Send frames, each after its wire time at the sensor baud (absolute schedule)."""
+        """Send frames at the sensor baud: each `fifo_bytes` chunk after its wire time (absolute schedule).
+
+        Chunks, not whole frames, because a host UART hands bytes over a FIFO-load at a time, so
+        the driver sees partial frames as on real hardware.
+        """
         t = time.monotonic() + self.faults.reply_delay_s
         per_byte = 10.0 / self.sensor_baud * self.wire_speed
+        if per_byte == 0:
+            for f in frames:
+                if gap_s:
+                    self._sleep(gap_s)
+                self._write(f)
+            return
+        step = self.fifo_bytes
         for f in frames:
-            t += len(f) * per_byte + gap_s
-            delay = t - time.monotonic()
-            if delay > 0:
-                self._sleep(delay)
-            if self._stop.is_set():
-                return
-            self._write(f)
+            t += gap_s
+            for i in range(0, len(f), step):
+                chunk = f[i:i + step]
+                t += len(chunk) * per_byte
+                delay = t - time.monotonic()
+                if delay > 0:
+                    self._sleep(delay)
+                if self._stop.is_set():
+                    return
+                self._write(chunk)
 
     def _emit_later(self, data: bytes, delay: float) -> None:
         def go() -> None:

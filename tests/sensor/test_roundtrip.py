@@ -246,3 +246,20 @@ def test_pack_matches_what_the_sensor_sends(sim, fp) -> None:
     sim.present_image(img)
     fp.capture_image()
     assert pack_4bit(fp.upload_image()) == pack_4bit(img)
+
+
+def test_from_config_builds_driver_and_simulator(bank, corpus_dir) -> None:
+    from firmware import config
+    from hw.sensor.driver import FingerprintSensor
+    from hw.sensor.simulator import SensorSimulator
+
+    cfg = config.defaults(sensor={"profile": "r503", "password": 7, "security_level": 5, "target_baud": 0})
+    with SensorSimulator.from_config(cfg.sensor, corpus_dir, bank=bank, wire_speed=0, time_scale=0.02) as sim:
+        assert sim.profile.name == "r503" and sim.password == 7
+        fp = FingerprintSensor.from_config(cfg.sensor, port=sim.port, settle_s=0.02)
+        try:
+            params = fp.open()
+            assert params.security_level == 5 and sim.security == 5  # written at start-up
+            assert fp.baud == 57600  # target_baud 0: keep the found rate
+        finally:
+            fp.close()
