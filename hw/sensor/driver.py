@@ -544,7 +544,7 @@ class FingerprintSensor:
         self._framer.reset()
 
     def _command(self, instruction: int, params: bytes = b"", *, quick: bool = False,
-                 reply_len: int = 1, allow: Iterable[int] = ()) -> Packet:
+                 reply_len: int = 1, allow: Iterable[int] = (), _reverified: bool = False) -> Packet:
         """Send one command and return its ACK; raise the typed error for a failure code.
 
         `allow` lists non-zero codes that are results, not errors (no finger, not found...).
@@ -572,10 +572,13 @@ class FingerprintSensor:
                     raise
                 log.warning("no valid reply, resending command=%s error=%s", name, e)
         code = pkt.code
-        if code == Code.PASSWORD_REQUIRED and instruction != Instruction.VFY_PWD and self.password:
+        if (code == Code.PASSWORD_REQUIRED and instruction != Instruction.VFY_PWD and self.password
+                and not _reverified):
             # the module rebooted and forgot the verification: verify and retry once
+            log.info("module asks for the password again (rebooted?); verifying command=%s", name)
             self._verify_password(quick=False)
-            return self._command(instruction, params, quick=quick, reply_len=reply_len, allow=allow)
+            return self._command(instruction, params, quick=quick, reply_len=reply_len, allow=allow,
+                                 _reverified=True)
         if code != Code.OK and code not in allow:
             raise CommandError.for_code(code, name)
         if code == Code.OK and len(pkt.content) < reply_len:
@@ -597,6 +600,10 @@ class FingerprintSensor:
         while True:
             deadline = time.monotonic() + BULK_GAP_S + self._wire_s(2 * 267)
             pkt = self._read_packet(deadline, f"{what} data packet {packets + 1}")
+            if pkt.pid == Pid.ACK:
+                # a duplicated or late ACK (seen on real modules, adafruit#31): not data
+                log.debug("skipping ACK code=0x%02X inside %s data", pkt.code, what)
+                continue
             if pkt.pid not in (Pid.DATA, Pid.END):
                 raise ProtocolError(f"{what}: expected a data packet, got pid 0x{pkt.pid:02X}")
             out += pkt.content

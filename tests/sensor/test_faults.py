@@ -252,3 +252,13 @@ def test_random_line_noise_only_ever_raises_typed_errors(sim, fp) -> None:
             outcomes["error"] += 1
     assert outcomes["ok"] >= 20  # resends recover almost every round
     assert fp.read_system_parameters().capacity == 1000
+
+
+def test_duplicate_ack_before_bulk_data_is_not_taken_for_data(sim, fp) -> None:
+    sim.present_finger("lena", 6)
+    fp.capture_image()
+    fp.image_to_template(1)
+    tpl = fp.upload_template(1)
+    sim.faults.duplicate_ack_next = 1
+    fp.bulk_retries = 0
+    assert fp.upload_template(1) == tpl

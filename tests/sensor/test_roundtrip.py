@@ -13,6 +13,8 @@ from hw.sensor.driver import LedColor, LedMode, WaitResult
 from hw.sensor.image import pack_4bit
 from hw.sensor.simulator import decode_template
 
+pytestmark = pytest.mark.timeout(60)  # nothing here may hang
+
 PROFILES = {"r307": ((288, 256), 512, 1000), "r503": ((192, 192), 1536, 200)}
 
 

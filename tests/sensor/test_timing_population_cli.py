@@ -10,11 +10,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from hw.sensor.image import R307_GEOMETRY, R503_GEOMETRY
 from hw.sensor.protocol import wire_bytes_for_bulk
 from hw.sensor.simulator import SECURITY_THRESHOLDS, encode_template, match_score
 from hw.sensor.synth import FEATURE_DIM, FingerBank, identity_vector
+
+pytestmark = pytest.mark.timeout(60)  # nothing here may hang
 
 REPO = Path(__file__).resolve().parents[2]
 
