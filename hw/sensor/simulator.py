@@ -533,6 +533,7 @@ class SensorSimulator:
         t = time.monotonic() + self.faults.reply_delay_s
         per_byte = 10.0 / self.sensor_baud * self.wire_speed
         if per_byte == 0:
+            self._sleep(self.faults.reply_delay_s)
             for f in frames:
                 if gap_s:
                     self._sleep(gap_s)
