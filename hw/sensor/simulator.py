@@ -524,16 +524,16 @@ class SensorSimulator:
                 return
             select.select([], [self._master], [], 0.05)
 
-    def _send_paced(self, frames: list[bytes], gap_s: float = 0.0) -> None:
+    def _send_paced(self, frames: list[bytes], gap_s: float = 0.0, delay_s: float = 0.0) -> None:
         """Send frames at the sensor baud: each `fifo_bytes` chunk after its wire time (absolute schedule).
 
         Chunks, not whole frames, because a host UART hands bytes over a FIFO-load at a time, so
         the driver sees partial frames as on real hardware.
         """
-        t = time.monotonic() + self.faults.reply_delay_s
+        t = time.monotonic() + delay_s
         per_byte = 10.0 / self.sensor_baud * self.wire_speed
         if per_byte == 0:
-            self._sleep(self.faults.reply_delay_s)
+            self._sleep(delay_s)
             for f in frames:
                 if gap_s:
                     self._sleep(gap_s)
@@ -590,7 +590,7 @@ class SensorSimulator:
                 if k == damaged:
                     f = f[:20] + bytes([f[20] ^ 0xFF]) + f[21:]
                 frames.append(self._mangle(f) if k == damaged else f)
-        self._send_paced(frames[:1])
+        self._send_paced(frames[:1], delay_s=self.faults.reply_delay_s)
         self._send_paced(frames[1:], self.faults.bulk_gap_s)
 
     # --- command handling ---------------------------------------------------------------------
