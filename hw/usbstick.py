@@ -158,13 +158,12 @@ def mount_options(fstype: str, uid: int, gid: int) -> tuple[str, ...]:
     raise StickError(f"file system {fstype} not supported (use FAT32, exFAT or ext4)")
 
 
-# FUSE drivers used only when the running kernel has no vfat/exfat support (some CI and cloud
-# kernels). Raspberry Pi OS kernels have both; a fallback mount is logged as a warning.
+# FUSE driver used only when the running kernel has no exfat support (some CI and cloud kernels).
+# Raspberry Pi OS kernels have vfat and exfat; a fallback mount is logged as a warning. (fusefat,
+# the only FUSE FAT driver in Debian, cannot create directories reliably, so vfat has no fallback.)
 _FUSE = {
     "exfat": ("mount.exfat-fuse", lambda uid, gid: ("noatime", "nodev", "nosuid", "noexec", f"uid={uid}",
                                                      f"gid={gid}", "umask=0077")),
-    "vfat": ("fusefat", lambda uid, gid: ("rw+", "allow_other", "nodev", "nosuid", "noexec", f"uid={uid}",
-                                          f"gid={gid}", "umask=0077")),
 }
 
 
@@ -218,7 +217,7 @@ def _tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if path is None:
         pkg = {"fsck.vfat": "dosfstools", "fsck.exfat": "exfatprogs", "e2fsck": "e2fsprogs",
-               "mount.exfat-fuse": "exfat-fuse", "fusefat": "fusefat"}.get(name, "util-linux")
+               "mount.exfat-fuse": "exfat-fuse"}.get(name, "util-linux")
         raise StickError(f"{name} not found (apt-get install {pkg})")
     return path
 

@@ -199,5 +199,19 @@ def cmd_usb_eject(args: argparse.Namespace) -> int:
         call(url, "POST", "/api/v1/usb/eject")
     else:
         os.sync()
+    if cfg.usb.require_mountpoint:
+        # The daemon has flushed and forgotten the stick; now unmount it: directly (or through
+        # `systemctl stop rekam-usb-mount@<dev>`) as root, else via the rekam-usb-eject.path
+        # request file (no polkit, no sudo). See docs/pi-setup.md.
+        from hw import usbstick
+
+        try:
+            unmounted = usbstick.eject(cfg.usb_dir)
+        except (usbstick.StickError, OSError) as e:
+            print(f"rekam: stick flushed but NOT unmounted: {e}", file=sys.stderr)
+            return 1
+        if not unmounted:
+            print(f"no stick mounted at {cfg.usb_dir}")
+            return 0
     print("stick released: it can be pulled out now")
     return 0
