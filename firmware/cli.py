@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "firmware.commands.sensor",
     "firmware.commands.quality",
     "firmware.commands.camera",
+    "firmware.commands.identity",
 ]
 
 

@@ -1,0 +1,117 @@
+"""`rekam identity init|show`: the kit's identity (kit id + Ed25519 signing key) and its claim state.
+
+`init` is what rekam-firstboot.service runs before rekamd on every boot until the kit is claimed:
+it creates the identity once (atomically, mode 0600) and reports whether the data center has
+claimed the kit. Until then the kit enrolls and buffers sealed records on SD and stick; they are
+sent once the kit is claimed. The claim itself belongs to provisioning (not written yet): when it
+exists, `init` calls it when the network is up and writes ``identity/claim.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from firmware.commands.store import load_config
+
+CLAIM_FILE = "claim.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rekam identity`."""
+    ident = sub.add_parser("identity", help="kit identity and claim state").add_subparsers(dest="identity_cmd",
+                                                                                          metavar="CMD")
+    ident.required = True
+    p = ident.add_parser("init", help="create the kit identity if missing (first boot) and report the claim state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_init)
+    p = ident.add_parser("show", help="kit id, public key and fingerprint, board serial, claim state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+
+def fingerprint(public_key_raw: bytes) -> str:
+    """Short, read-aloud form of the public key: first 16 hex digits of its SHA-256 in groups of 4."""
+    h = hashlib.sha256(public_key_raw).hexdigest()[:16]
+    return "-".join(h[i:i + 4] for i in range(0, 16, 4))
+
+
+def board_serial(path: Path) -> str:
+    """The board's serial number (Raspberry Pi device tree), or "" where there is none."""
+    try:
+        return path.read_bytes().rstrip(b"\0\n").decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def claim_state(state_dir: Path) -> dict[str, Any]:
+    """{"claimed": bool, ...claim.json fields} (the file is written by the claim flow)."""
+    try:
+        data = json.loads((state_dir / "identity" / CLAIM_FILE).read_text())
+    except FileNotFoundError:
+        return {"claimed": False}
+    except (OSError, ValueError) as e:
+        return {"claimed": False, "error": f"unreadable {CLAIM_FILE}: {e}"}
+    return {"claimed": True, **(data if isinstance(data, dict) else {})}
+
+
+def _describe(cfg: Any, ident: Any, created: bool) -> dict[str, Any]:
+    return {"kit_id": ident.kit_id, "public_key": ident.public_key_b64,
+            "fingerprint": fingerprint(ident.public_key_raw), "created_now": created,
+            "board_serial": board_serial(Path(cfg.kit.hardware_serial_file)), "site": cfg.kit.site,
+            "state_dir": str(cfg.state_dir), "claim": claim_state(cfg.state_dir)}
+
+
+def _print(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"kit {info['kit_id']}" + ("  (identity created now)" if info["created_now"] else ""))
+    print(f"public key  {info['public_key']}")
+    print(f"fingerprint {info['fingerprint']}")
+    print(f"board       {info['board_serial'] or '-'}   site {info['site'] or '-'}")
+    c = info["claim"]
+    if c["claimed"]:
+        print(f"claimed     yes ({', '.join(f'{k}={v}' for k, v in c.items() if k != 'claimed') or 'no details'})")
+    else:
+        print("claimed     not claimed yet: the kit enrolls and buffers sealed records on SD and stick; "
+              "they are sent once the data center has claimed it" + (f" ({c['error']})" if "error" in c else ""))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the identity if absent; report it and the claim state."""
+    from firmware import identity
+
+    cfg = load_config(args)
+    existed = (cfg.state_dir / "identity" / "kit.json").exists()
+    try:
+        ident = identity.load_or_create(cfg.state_dir)
+    except (identity.IdentityError, OSError) as e:
+        print(f"rekam: {e}", file=sys.stderr)
+        return 1
+    info = _describe(cfg, ident, created=not existed)
+    # The claim flow (provisioning) is not written yet; when it is, it runs here once the network is up.
+    _print(info, args.json)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Show an existing identity (never creates one)."""
+    from firmware import identity
+
+    cfg = load_config(args)
+    if not (cfg.state_dir / "identity" / "kit.json").exists():
+        print(f"rekam: no kit identity in {cfg.state_dir / 'identity'} yet: run `rekam identity init` "
+              "(rekam-firstboot.service does it at boot)", file=sys.stderr)
+        return 1
+    try:
+        ident = identity.load(cfg.state_dir)
+    except identity.IdentityError as e:
+        print(f"rekam: {e}", file=sys.stderr)
+        return 1
+    _print(_describe(cfg, ident, created=False), args.json)
+    return 0

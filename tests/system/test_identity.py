@@ -1,0 +1,57 @@
+"""`rekam identity init|show`: what rekam-firstboot.service runs."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from firmware import identity
+from firmware.commands.identity import fingerprint
+from tests.system.conftest import REPO, write_kit_config
+
+
+def _rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "firmware.cli", "--config", str(cfg), *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
+    cfg = write_kit_config(tmp_path, corpus_dir)
+    r = _rekam(cfg, "identity", "show")
+    assert r.returncode == 1 and "rekam identity init" in r.stderr
+    r = _rekam(cfg, "identity", "init", "--json")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert first["created_now"] is True and first["kit_id"].startswith("rk-")
+    assert first["claim"] == {"claimed": False}
+    key = tmp_path / "sd" / "identity" / "kit.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    ident = identity.load(tmp_path / "sd")
+    assert first["public_key"] == ident.public_key_b64
+    assert first["fingerprint"] == fingerprint(ident.public_key_raw)
+    # Every later boot: same identity, not recreated.
+    r = _rekam(cfg, "identity", "init")
+    assert r.returncode == 0 and "not claimed yet" in r.stdout and "created now" not in r.stdout
+    assert first["kit_id"] in r.stdout
+    r = _rekam(cfg, "identity", "show", "--json")
+    assert json.loads(r.stdout)["kit_id"] == first["kit_id"]
+    # Claimed (by the future claim flow): show reports it.
+    (tmp_path / "sd" / "identity" / "claim.json").write_text('{"claimed_at": "2026-01-01T00:00:00Z"}')
+    r = _rekam(cfg, "identity", "show")
+    assert "claimed     yes (claimed_at=2026-01-01T00:00:00Z)" in r.stdout
+
+
+def test_broken_identity_is_reported(tmp_path: Path, corpus_dir: Path) -> None:
+    cfg = write_kit_config(tmp_path, corpus_dir)
+    assert _rekam(cfg, "identity", "init").returncode == 0
+    (tmp_path / "sd" / "identity" / "kit.json").unlink()
+    r = _rekam(cfg, "identity", "init")
+    assert r.returncode == 1 and "incomplete identity" in r.stderr
+
+
+def test_fingerprint_format() -> None:
+    # sha256 of 32 zero bytes starts 66687aadf862bd77...
+    assert fingerprint(b"\x00" * 32) == "6668-7aad-f862-bd77"
