@@ -433,8 +433,7 @@ class SensorSimulator:
                 r, _, _ = select.select([master], [], [], 0.05)
             except (OSError, ValueError):
                 return
-            if self._auto_tick():
-                continue
+            self._auto_tick()
             if not r:
                 continue
             try:
@@ -447,10 +446,10 @@ class SensorSimulator:
                 continue
             self._on_bytes(data)
 
-    def _auto_tick(self) -> bool:
+    def _auto_tick(self) -> None:
         """Auto mode: the finger comes and goes on its own (demos)."""
         if not self.auto_present:
-            return False
+            return
         now = time.monotonic()
         with self._lock:
             if self._finger is None and now - self._auto_changed >= self.auto_gap_s * self.time_scale:
@@ -460,7 +459,6 @@ class SensorSimulator:
             elif self._finger is not None and now - self._auto_changed >= self.auto_hold_s * self.time_scale:
                 self._finger = None
                 self._auto_changed = now
-        return False
 
     def _next_demo_finger(self) -> tuple[str, int]:
         corpus = self.bank.corpus_fingers()
@@ -654,11 +652,8 @@ class SensorSimulator:
             self.image_key = _image_key(self.image)
             self.image_noise = 0.3
 
-    def _finger_now(self) -> _Finger | None:
-        return self._finger
-
     def _capture(self, ex: bool) -> None:
-        finger = self._finger_now()
+        finger = self._finger
         if finger is None:
             self._process(self.profile.no_finger_s)
             self._reply(Code.NO_FINGER)
