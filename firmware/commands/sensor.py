@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--password", type=lambda v: int(v, 0), default=0, help="module password (default 0)")
     p.add_argument("--wire-speed", type=float, default=1.0, help="1 = real wire timing, 0 = instant")
     p.add_argument("--no-auto", action="store_true",
-                   help="do not place and lift fingers on their own (default: demo mode, fingers come and go)")
+                   help="do not place and lift fingers on their own (default: demo mode, "
+                        "fingers come and go)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every command (DEBUG)")
     p.set_defaults(func=_simulate)
 
@@ -100,7 +101,8 @@ class _Session:
             port = self.sim.port
         target = None if self.args.no_raise or not sc.target_baud else sc.target_baud
         self.fp = FingerprintSensor(port, self.args.baud or sc.baud,
-                                    password=sc.password if self.args.password is None else self.args.password,
+                                    password=sc.password if self.args.password is None
+                                    else self.args.password,
                                     address=sc.address if self.args.address is None else self.args.address,
                                     target_baud=target)
         try:
@@ -185,7 +187,8 @@ def _capture(args: argparse.Namespace) -> int:
         print(f"rekam sensor: no finger within {timeout:.0f} s", file=sys.stderr)
         return 2
     if not cv2.imwrite(args.out, img):
-        print(f"rekam sensor: cannot write {args.out} (use a .png name in an existing folder)", file=sys.stderr)
+        print(f"rekam sensor: cannot write {args.out} (use a .png name in an existing folder)",
+              file=sys.stderr)
         return 1
     print(f"{args.out}: {img.shape[1]}x{img.shape[0]} in {time.monotonic() - t0:.2f} s")
     return 0
@@ -207,7 +210,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return config.EX_CONFIG
     corpus = args.corpus or str(cfg.path(cfg.simulation.corpus_dir))
     try:
-        sim = SensorSimulator(args.profile or cfg.sensor.profile, corpus_dir=corpus, wire_speed=args.wire_speed,
+        sim = SensorSimulator(args.profile or cfg.sensor.profile, corpus_dir=corpus,
+                              wire_speed=args.wire_speed,
                               baud=args.baud, password=args.password, library_path=args.library,
                               link=args.link, auto_present=not args.no_auto)
     except ValueError as e:

@@ -739,6 +739,50 @@ class FingerprintSensor:
         params = bytes([int(mode), speed, int(color), count])
         self._transaction(lambda: self._command(Instruction.AURA_LED_CONFIG, params))
 
+    def read_notepad(self, page: int) -> bytes:
+        """ReadNotepad: 32 bytes of user flash page 0..15 (e.g. a kit identifier)."""
+        if not isinstance(page, int) or not 0 <= page <= 15:
+            raise ValueError(f"notepad page must be 0..15, got {page!r}")
+        ack = self._transaction(lambda: self._command(Instruction.READ_NOTEPAD, bytes([page]), reply_len=33))
+        return bytes(ack.content[1:33])
+
+    def write_notepad(self, page: int, data: bytes) -> None:
+        """WriteNotepad: store up to 32 bytes (zero-padded) in user flash page 0..15."""
+        if not isinstance(page, int) or not 0 <= page <= 15:
+            raise ValueError(f"notepad page must be 0..15, got {page!r}")
+        if not isinstance(data, bytes | bytearray) or len(data) > 32:
+            raise ValueError(f"notepad data must be at most 32 bytes, got {type(data).__name__} "
+                             f"{data[:40]!r}")
+        params = bytes([page]) + bytes(data).ljust(32, b"\0")
+        self._transaction(lambda: self._command(Instruction.WRITE_NOTEPAD, params))
+
+    def random_number(self) -> int:
+        """GetRandomCode: a 32-bit number from the module's hardware RNG."""
+        ack = self._transaction(lambda: self._command(Instruction.GET_RANDOM_CODE, reply_len=5))
+        return struct.unpack(">I", ack.content[1:5])[0]
+
+    def set_address(self, address: int) -> None:
+        """SetAdder: give the module a new address (its ACK already comes from the new one)."""
+        new = _u32(address, "address")
+
+        def go() -> None:
+            # the command goes to the old address; the ACK comes from the new one, so accept any
+            self._framer.address = None
+            try:
+                ack = self._command(Instruction.SET_ADDER, new)
+            finally:
+                self._framer.address = self.address
+            if ack.address != address:
+                log.warning("SetAdder ACK from 0x%08X, expected 0x%08X", ack.address, address)
+            self.address = self._framer.address = address
+        self._transaction(go)
+
+    def check_sensor(self) -> bool:
+        """R503 CheckSensor: True if the sensing array is fine (False on 0x29 sensor abnormal)."""
+        ack = self._transaction(lambda: self._command(Instruction.CHECK_SENSOR,
+                                                      allow=(Code.SENSOR_ABNORMAL,)))
+        return ack.code == Code.OK
+
     def soft_reset(self) -> None:
         """R503 SoftRst: the module reboots (and emits a 0x55 byte, which the framer skips)."""
         def go() -> None:
@@ -749,12 +793,15 @@ class FingerprintSensor:
 
     # --- images -------------------------------------------------------------------------
 
-    def capture_image(self) -> bool:
+    def capture_image(self, quality_check: bool = False) -> bool:
         """GenImg: True if a finger image is now in the image buffer, False if no finger.
 
-        Raises CaptureFailed (0x03) when the finger moved or was removed during the capture.
+        Raises CaptureFailed (0x03) when the finger moved or was removed during the capture. With
+        `quality_check` (R503 GetImageEx) a poor image raises ImageQualityError (0x07) instead of
+        passing as a capture.
         """
-        ack = self._transaction(lambda: self._command(Instruction.GEN_IMG, allow=(Code.NO_FINGER,)))
+        instr = Instruction.GET_IMAGE_EX if quality_check else Instruction.GEN_IMG
+        ack = self._transaction(lambda: self._command(instr, allow=(Code.NO_FINGER,)))
         return ack.code == Code.OK
 
     def upload_image(self) -> np.ndarray:

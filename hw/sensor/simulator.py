@@ -118,7 +118,8 @@ def _sum16(b: bytes) -> int:
 def encode_template(key: str, vector: np.ndarray, size: int, kind: int = 2, quality: int = 200) -> bytes:
     """Simulator template: magic, key digest, kind, quality, int8 vector, opaque filler, sum16."""
     if size < 16 + synth.FEATURE_DIM:
-        raise ValueError(f"template size {size} too small for the simulator format (>= {16 + synth.FEATURE_DIM})")
+        raise ValueError(f"template size {size} too small for the simulator format "
+                         f"(>= {16 + synth.FEATURE_DIM})")
     v = np.clip(np.round(vector / (np.abs(vector).max() or 1) * 127), -127, 127).astype(np.int8)
     head = TEMPLATE_MAGIC + hashlib.sha256(key.encode()).digest()[:8] + bytes([kind, quality]) + v.tobytes()
     filler = bytearray()
@@ -359,7 +360,8 @@ class SensorSimulator:
         a = np.asarray(image)
         g = self.profile.geometry
         if a.shape != (g.height, g.width) or a.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 {g.height}x{g.width} (rows x cols) for {self.profile.model}, "
+            raise ValueError(f"image must be uint8 {g.height}x{g.width} (rows x cols) for "
+                             f"{self.profile.model}, "
                              f"got {a.dtype} {a.shape}")
         q = unpack_4bit(pack_4bit(a), g)
         with self._lock:
@@ -718,7 +720,8 @@ class SensorSimulator:
         rng = np.random.default_rng(int.from_bytes(hashlib.sha256(self.image.tobytes()).digest()[:8], "big"))
         noise = self.image_noise + 0.6 * max(0.0, 0.6 - frac)
         ident = synth.identity_vector(self.image_key)
-        v = ident + rng.standard_normal(synth.FEATURE_DIM).astype(np.float32) * noise / np.sqrt(synth.FEATURE_DIM)
+        jitter = rng.standard_normal(synth.FEATURE_DIM).astype(np.float32) / np.sqrt(synth.FEATURE_DIM)
+        v = ident + jitter * noise
         self.chars[buf] = encode_template(self.image_key, v, self.profile.template_size, kind=1,
                                           quality=int(min(255, frac * 255)))
         self._reply(Code.OK)

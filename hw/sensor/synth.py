@@ -106,7 +106,8 @@ def _orientation_field(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     elif kind == "whorl":
         d = rng.uniform(10, 30)
         a = rng.uniform(-0.6, 0.6)
-        cores += [complex(cx - d * np.sin(a), cy - d * np.cos(a)), complex(cx + d * np.sin(a), cy + d * np.cos(a))]
+        cores += [complex(cx - d * np.sin(a), cy - d * np.cos(a)),
+                  complex(cx + d * np.sin(a), cy + d * np.cos(a))]
         deltas += [complex(cx - rng.uniform(90, 130), cy + rng.uniform(100, 140)),
                    complex(cx + rng.uniform(90, 130), cy + rng.uniform(100, 140))]
     elif kind == "tented":

@@ -50,7 +50,8 @@ def test_geometry_from_size_and_errors() -> None:
 def test_fit_crops_centre_and_pads_white() -> None:
     big = np.arange(400 * 500, dtype=np.uint32).reshape(500, 400).astype(np.uint8)
     out = fit_to_geometry(big, R307_GEOMETRY)
-    assert np.array_equal(out, big[(500 - 288) // 2:(500 - 288) // 2 + 288, (400 - 256) // 2:(400 - 256) // 2 + 256])
+    y0, x0 = (500 - 288) // 2, (400 - 256) // 2
+    assert np.array_equal(out, big[y0:y0 + 288, x0:x0 + 256])
     small = np.zeros((100, 50), np.uint8)
     out = fit_to_geometry(small, R307_GEOMETRY)
     assert out.shape == (288, 256)

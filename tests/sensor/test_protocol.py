@@ -80,7 +80,8 @@ def test_captured_read_sys_para_ack() -> None:
     pkt = parse_frame(raw)
     assert pkt.code == Code.OK
     p = SystemParameters.decode(pkt.content[1:])
-    assert (p.capacity, p.security_level, p.address, p.packet_size, p.baud) == (80, 3, 0xFFFFFFFF, 128, 115200)
+    got = (p.capacity, p.security_level, p.address, p.packet_size, p.baud)
+    assert got == (80, 3, 0xFFFFFFFF, 128, 115200)
 
 
 @pytest.mark.parametrize("mutate,what", [

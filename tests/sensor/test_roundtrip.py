@@ -265,3 +265,26 @@ def test_from_config_builds_driver_and_simulator(bank, corpus_dir) -> None:
             assert fp.baud == 57600  # target_baud 0: keep the found rate
         finally:
             fp.close()
+
+
+def test_notepad_random_and_address_change(sim, fp) -> None:
+    fp.write_notepad(3, b"kit-0042")
+    assert fp.read_notepad(3) == b"kit-0042".ljust(32, b"\0")
+    with pytest.raises(ValueError, match="notepad page"):
+        fp.read_notepad(16)
+    assert len({fp.random_number() for _ in range(5)}) > 1
+    fp.set_address(0x0000ABCD)
+    assert sim.address == 0x0000ABCD and fp.read_system_parameters().address == 0x0000ABCD
+
+
+def test_r503_image_quality_check_and_sensor_check(make_sim, make_fp) -> None:
+    sim = make_sim("r503")
+    fp = make_fp(sim.port)
+    assert fp.check_sensor()
+    sim.present_finger("mona", 2)
+    assert fp.capture_image(quality_check=True)
+    blank = np.full((192, 192), 255, np.uint8)
+    sim.present_image(blank)
+    assert fp.capture_image() is True  # plain GenImg: "finger detected" even for a useless image
+    with pytest.raises(p.ImageQualityError):
+        fp.capture_image(quality_check=True)
