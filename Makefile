@@ -28,6 +28,11 @@ system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	[ -x /usr/sbin/mkfs.vfat ] || [ -x /sbin/mkfs.vfat ] || missing="$$missing dosfstools"; \
+	[ -x /usr/sbin/mkfs.exfat ] || [ -x /sbin/mkfs.exfat ] || missing="$$missing exfatprogs"; \
+	[ -x /usr/sbin/mount.exfat-fuse ] || [ -x /sbin/mount.exfat-fuse ] || missing="$$missing exfat-fuse"; \
+	[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
@@ -50,6 +55,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Install on a Pi or any Debian 12 machine (as root): venv in /opt/rekam, user rekam, units, udev
+# rule, default /etc/rekam/rekam.toml (never overwritten). DESTDIR=... stages the tree only.
+install:
+	DESTDIR="$(DESTDIR)" sh systemd/install.sh install
+
+# Removes everything but the records in /var/lib/rekam (and an edited /etc/rekam/rekam.toml).
+uninstall:
+	DESTDIR="$(DESTDIR)" sh systemd/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache
