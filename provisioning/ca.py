@@ -1,0 +1,275 @@
+"""The fleet's PKI and the broker's security configuration.
+
+Two certificate authorities, so a claim certificate is useless anywhere but the claim listener:
+
+* the **fleet CA** signs the broker's server certificate, the fleet/ingest client certificate
+  (CN ``fleet``) and each kit's client certificate (CN = kit id, from a CSR made on the kit; the
+  kit's private key never leaves it). The main listener trusts only this CA, checks its CRL,
+  and takes the certificate CN as the MQTT user name (`use_identity_as_username`), which the
+  ACL patterns bind to topics (``rekam/v1/%u/...``).
+* the **claim CA** signs batch claim certificates (CN ``claim-<batch>``) that go into the kit
+  image. Only the claim listener trusts it, and its ACL allows nothing but the claim topics.
+
+Layout of ``<data>/ca``: ``fleet-ca.{key,crt}``, ``claim-ca.{key,crt}``, ``server.{key,crt}``,
+``fleet-client.{key,crt}``, ``claim-<batch>.{key,crt}``, ``crl.pem``, ``issued.json``.
+Private keys are written mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TEMPLATES = Path(__file__).resolve().parent / "mosquitto"
+KIT_ID_RE = re.compile(r"^rk-[a-z0-9]{1,32}$")
+BATCH_RE = re.compile(r"^[A-Za-z0-9._-]{1,42}$")
+
+
+class CaError(Exception):
+    """The CA cannot do what was asked (missing files, a CSR that does not match, ...)."""
+
+
+@dataclass(frozen=True)
+class CaPaths:
+    """Where the CA's files are."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:
+        files = {"fleet_ca_key": "fleet-ca.key", "fleet_ca_crt": "fleet-ca.crt", "claim_ca_key": "claim-ca.key",
+                 "claim_ca_crt": "claim-ca.crt", "server_key": "server.key", "server_crt": "server.crt",
+                 "fleet_key": "fleet-client.key", "fleet_crt": "fleet-client.crt", "crl": "crl.pem",
+                 "issued": "issued.json"}
+        if name in files:
+            return self.root / files[name]
+        raise AttributeError(name)
+
+    def claim_key(self, batch: str) -> Path:
+        return self.root / f"claim-{batch}.key"
+
+    def claim_crt(self, batch: str) -> Path:
+        return self.root / f"claim-{batch}.crt"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CaError(f"{path} is not an EC private key")
+    return key
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CaError(f"cannot read certificate {path}: {e}") from e
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rekam fleet"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _self_signed(cn: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return key, cert
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, cn: str, public_key: object, days: int,
+           server_hosts: list[str] | None = None) -> x509.Certificate:
+    now = _now()
+    b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+         .public_key(public_key).serial_number(x509.random_serial_number())  # type: ignore[arg-type]
+         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
+    if server_hosts:
+        sans: list[x509.GeneralName] = []
+        for h in server_hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    else:
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return b.sign(ca_key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _record_issued(paths: CaPaths, cert: x509.Certificate, kind: str) -> None:
+    issued = json.loads(paths.issued.read_text()) if paths.issued.exists() else []
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    issued.append({"serial": format(cert.serial_number, "x"), "cn": cn, "kind": kind,
+                   "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None})
+    paths.issued.write_text(json.dumps(issued, indent=1))
+
+
+def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: int = 3650) -> CaPaths:
+    """Create both CAs, the broker's server certificate, the fleet client certificate, one claim
+    certificate for `batch` and an empty CRL. Refuses to overwrite an existing CA."""
+    if not BATCH_RE.match(batch):
+        raise CaError(f"batch name {batch!r}: use 1-42 letters, digits, . _ -")
+    paths = CaPaths(root)
+    if paths.fleet_ca_key.exists():
+        raise CaError(f"a CA already exists in {root}; refusing to replace it (every kit certificate depends on it)")
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ca_key, ca_cert = _self_signed("rekam fleet CA", days)
+    _write_key(paths.fleet_ca_key, ca_key)
+    paths.fleet_ca_crt.write_bytes(_pem(ca_cert))
+    ck, cc = _self_signed("rekam claim CA", days)
+    _write_key(paths.claim_ca_key, ck)
+    paths.claim_ca_crt.write_bytes(_pem(cc))
+    for cn, key_path, crt_path, hosts in (("broker", paths.server_key, paths.server_crt, server_hosts),
+                                          ("fleet", paths.fleet_key, paths.fleet_crt, None)):
+        k = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(ca_key, ca_cert, cn, k.public_key(), days, hosts)
+        _write_key(key_path, k)
+        crt_path.write_bytes(_pem(cert))
+        _record_issued(paths, cert, "server" if hosts else "fleet")
+    issue_claim_cert(paths, batch, days)
+    write_crl(paths)
+    return paths
+
+
+def issue_claim_cert(paths: CaPaths, batch: str, days: int = 365) -> tuple[Path, Path]:
+    """A claim certificate (CN ``claim-<batch>``) signed by the claim CA; goes into a kit image."""
+    if not BATCH_RE.match(batch):
+        raise CaError(f"batch name {batch!r}: use 1-42 letters, digits, . _ -")
+    ck, cc = _load_key(paths.claim_ca_key), _load_cert(paths.claim_ca_crt)
+    k = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue(ck, cc, f"claim-{batch}", k.public_key(), days)
+    _write_key(paths.claim_key(batch), k)
+    paths.claim_crt(batch).write_bytes(_pem(cert))
+    _record_issued(paths, cert, "claim")
+    return paths.claim_crt(batch), paths.claim_key(batch)
+
+
+def sign_csr(paths: CaPaths, csr_pem: bytes | str, expected_cn: str, days: int = 825) -> tuple[bytes, str]:
+    """Sign a kit's CSR: its signature must verify and its CN must be `expected_cn` (the kit id).
+
+    Returns (certificate PEM, serial as hex).
+    """
+    if not KIT_ID_RE.match(expected_cn):
+        raise CaError(f"{expected_cn!r} is not a kit id")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)
+    except ValueError as e:
+        raise CaError(f"not a PEM certificate request: {e}") from None
+    if not csr.is_signature_valid:
+        raise CaError("CSR signature does not verify")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1 or cns[0].value != expected_cn:
+        raise CaError(f"CSR common name is {[c.value for c in cns]}, expected {expected_cn!r}")
+    pub = csr.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey):
+        raise CaError("CSR key must be an EC key (P-256)")
+    cert = _issue(_load_key(paths.fleet_ca_key), _load_cert(paths.fleet_ca_crt), expected_cn, pub, days)
+    _record_issued(paths, cert, "kit")
+    return _pem(cert), format(cert.serial_number, "x")
+
+
+def make_csr(kit_id: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A CSR for `kit_id` (used by `kits issue` for a kit made on the bench)."""
+    return (x509.CertificateSigningRequestBuilder().subject_name(_name(kit_id))
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def issue_kit_files(paths: CaPaths, kit_id: str, out: Path, days: int = 825) -> tuple[Path, Path, str]:
+    """Bench provisioning without a claim: make a key and certificate for `kit_id` into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    k = ec.generate_private_key(ec.SECP256R1())
+    pem, serial = sign_csr(paths, make_csr(kit_id, k), kit_id, days)
+    _write_key(out / "tls.key", k)
+    (out / "kit.crt").write_bytes(pem)
+    return out / "kit.crt", out / "tls.key", serial
+
+
+def revoke(paths: CaPaths, serial_hex: str) -> bool:
+    """Mark a certificate revoked and rewrite the CRL; False if the serial is unknown."""
+    issued = json.loads(paths.issued.read_text()) if paths.issued.exists() else []
+    found = False
+    for e in issued:
+        if e["serial"] == serial_hex.lower() and not e["revoked_at"]:
+            e["revoked_at"] = _now().isoformat()
+            found = True
+    if found:
+        paths.issued.write_text(json.dumps(issued, indent=1))
+        write_crl(paths)
+    return found
+
+
+def write_crl(paths: CaPaths, days: int = 30) -> Path:
+    """(Re)write ``crl.pem`` for the fleet CA listing every revoked certificate.
+
+    The broker reads it at start and on SIGHUP; re-run (or `rekam-fleet ca crl`) before `days` pass.
+    """
+    issued = json.loads(paths.issued.read_text()) if paths.issued.exists() else []
+    ca_key, ca_cert = _load_key(paths.fleet_ca_key), _load_cert(paths.fleet_ca_crt)
+    now = _now()
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=days)))
+    for e in issued:
+        if e["revoked_at"] and e["kind"] == "kit":
+            b = b.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(e["serial"], 16))
+                .revocation_date(dt.datetime.fromisoformat(e["revoked_at"])).build())
+    crl = b.sign(ca_key, hashes.SHA256())
+    tmp = paths.crl.with_suffix(".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, paths.crl)
+    return paths.crl
+
+
+def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_port: int = 8884,
+                         bind: str = "0.0.0.0", user: str = "mosquitto", extra: str = "") -> Path:
+    """Write ``mosquitto.conf``, ``acl`` and ``claim-acl`` for this CA into `out` from the templates in
+    ``provisioning/mosquitto/``; returns the path of mosquitto.conf."""
+    out.mkdir(parents=True, exist_ok=True)
+    values = {"port": str(port), "claim_port": str(claim_port), "bind": bind, "user": user,
+              "fleet_ca": str(paths.fleet_ca_crt), "claim_ca": str(paths.claim_ca_crt),
+              "server_crt": str(paths.server_crt), "server_key": str(paths.server_key), "crl": str(paths.crl),
+              "acl": str(out / "acl"), "claim_acl": str(out / "claim-acl"), "extra": extra}
+    conf = (TEMPLATES / "mosquitto.conf.template").read_text()
+    for k, v in values.items():
+        conf = conf.replace("{{" + k + "}}", v)
+    (out / "mosquitto.conf").write_text(conf)
+    for name in ("acl", "claim-acl"):
+        (out / name).write_text((TEMPLATES / name).read_text())
+    return out / "mosquitto.conf"

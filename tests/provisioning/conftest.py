@@ -1,0 +1,238 @@
+"""Fixtures: a fleet folder (CAs, signing key), a REAL mosquitto with the deployed TLS + ACL
+configuration (`provisioning/mosquitto/`) on free 127.0.0.1 ports, the fleet service, and kits
+made of the real parts (identity, store, operators, enrollment service) that the control plane
+drives. Missing mosquitto fails the test (apt-get install -y mosquitto); nothing is skipped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware import config, identity, record_format
+from firmware.control import ControlPlane, effective_config
+from firmware.enrollment import EnrollmentService
+from firmware.operators import Operators, hash_pin, operators_from_config
+from firmware.store import Store
+from provisioning import ca
+from provisioning.fleet import Fleet, FleetService
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+PIN_HASH = hash_pin("2468")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclass
+class Broker:
+    """A running mosquitto with the fleet's config; `restart()` re-reads the CRL."""
+
+    conf: Path
+    port: int
+    claim_port: int
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.conf.parent / "mosquitto.log"
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=logf, stderr=logf)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                for p in (self.port, self.claim_port):
+                    socket.create_connection(("127.0.0.1", p), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("mosquitto did not open its ports within 10 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def fleet_and_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Broker]]:
+    if not (shutil.which("mosquitto") or os.path.exists(MOSQUITTO)):
+        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto")
+    data = tmp_path_factory.mktemp("fleet")
+    port, claim_port = free_port(), free_port()
+    fleet = Fleet.init(data, [f"127.0.0.1:{port}"], [f"127.0.0.1:{claim_port}"], ["127.0.0.1", "localhost"],
+                       batch="test")
+    user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+    conf = ca.render_broker_config(fleet.ca, data / "broker", port=port, claim_port=claim_port, bind="127.0.0.1",
+                                   user=user)
+    b = Broker(conf, port, claim_port)
+    b.start()
+    yield fleet, b
+    b.stop()
+    fleet.close()
+
+
+@pytest.fixture(scope="session")
+def fleet(fleet_and_broker: tuple[Fleet, Broker]) -> Fleet:
+    return fleet_and_broker[0]
+
+
+@pytest.fixture(scope="session")
+def broker(fleet_and_broker: tuple[Fleet, Broker]) -> Broker:
+    return fleet_and_broker[1]
+
+
+@pytest.fixture(scope="session")
+def service(fleet: Fleet, broker: Broker) -> Iterator[FleetService]:
+    svc = FleetService(fleet).start()
+    yield svc
+    svc.close()
+
+
+@dataclass
+class KitHarness:
+    """The parts of a running kit the control plane drives, all real (no daemon, no capture hardware)."""
+
+    root: Path
+    cfg_path: Path
+    local: config.Config
+    cfg: config.Config
+    identity: identity.KitIdentity
+    store: Store
+    enrollment: EnrollmentService
+    services: dict[str, Any] = field(default_factory=dict)
+    hardware: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    exits: list[int] = field(default_factory=list)
+    exited: threading.Event = field(default_factory=threading.Event)
+    control: ControlPlane | None = None
+
+    def request_exit(self, status: int) -> None:
+        self.exits.append(status)
+        self.exited.set()
+
+    def start_control(self) -> ControlPlane:
+        self.control = ControlPlane(self)
+        self.control.start()
+        return self.control
+
+    def stop(self) -> None:
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
+        self.store.close()
+
+    def restart(self) -> KitHarness:
+        """What systemd does after EX_RESTART: a new process with the effective config."""
+        self.stop()
+        return make_kit(self.root, self.cfg_path)
+
+
+def make_kit(root: Path, cfg_path: Path) -> KitHarness:
+    local = config.load(cfg_path)
+    cfg = effective_config(local)
+    ident = identity.load_or_create(cfg.state_dir)
+    store = Store(cfg, ident)
+    store.open()
+    ops = Operators(operators_from_config(cfg.operators.list))
+    enr = EnrollmentService(store, cfg, ops, None, None)  # type: ignore[arg-type]  # no capture in these tests
+    return KitHarness(root, cfg_path, local, cfg, ident, store, enr)
+
+
+def write_kit_config(root: Path, fleet: Fleet, broker: Broker, **control: Any) -> Path:
+    """A kit config file as a technician would write it (TOML), pointing at the test broker."""
+    root.mkdir(parents=True, exist_ok=True)
+    _, pub = record_format.generate_datacenter_keypair()
+    (root / "dc.pub").write_bytes(pub)
+    (root / "serial").write_text("10000000deadbeef\n")
+    (root / "usb").mkdir(exist_ok=True)
+    c = {"enabled": True, "brokers": [f"127.0.0.1:{broker.port}"], "claim_brokers": [f"127.0.0.1:{broker.claim_port}"],
+         "ca_file": str(fleet.ca.fleet_ca_crt), "claim_cert_file": str(fleet.ca.claim_crt("test")),
+         "claim_key_file": str(fleet.ca.claim_key("test")), "telemetry_interval_s": 1.0, "rollback_after_s": 4.0,
+         "claim_wait_s": 3.0, "claim_retry_min_s": 0.3, "claim_retry_max_s": 1.0, **control}
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["[kit]", f"state_dir = {val(str(root / 'state'))}", f"hardware_serial_file = {val(str(root / 'serial'))}",
+             "[datacenter]", 'public_key_files = ["dc.pub"]',
+             "[usb]", f"mount_point = {val(str(root / 'usb'))}", "require_mountpoint = false",
+             "[store]", "reserve_floor_mb = 1", "journal_reserve_mb = 1", "max_record_mb = 1",
+             "[operators]", f'list = [{{id = "op1", name = "Op One", pin_hash = {val(PIN_HASH)}}}]',
+             "[control]"] + [f"{k} = {val(v)}" for k, v in c.items()]
+    p = root / "rekam.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.fixture
+def new_kit(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable[..., KitHarness]]:
+    """Factory: a fresh, unclaimed kit (`allow=True` puts it on the fleet's allow-list first)."""
+    made: list[KitHarness] = []
+
+    def make(name: str = "kit", allow: bool = True, **control: Any) -> KitHarness:
+        k = make_kit(tmp_path / name, write_kit_config(tmp_path / name, fleet, broker, **control))
+        if allow:
+            with open(fleet.data / "allowlist.txt", "a") as f:
+                f.write(k.identity.kit_id + "\n")
+        made.append(k)
+        return k
+
+    yield make
+    for k in made:
+        try:
+            k.stop()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def online_kit(new_kit: Callable[..., KitHarness], service: FleetService) -> KitHarness:
+    """A kit that has claimed, runs its control plane, and is connected."""
+    k = new_kit()
+    cp_ = k.start_control()
+    wait_for(cp_.connected.is_set, 20, "kit claimed and connected")
+    wait_for(lambda: service.fleet.kit(k.identity.kit_id)["online"] == "online", 10, "fleet sees the kit online")
+    return k
