@@ -126,6 +126,13 @@ def _operators(v: Any) -> str | None:
     return None
 
 
+def _hostport(v: Any) -> str | None:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "host:port strings such as broker.example.org:8883"
+    return None
+
+
 def _all(*checks: Check) -> Check:
     def check(v: Any) -> str | None:
         for c in checks:
@@ -332,6 +339,33 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "duplicate check (index fingers by default).", lambda v: _fingers(v)),
         "dedup_min_hits": Key(int, 1, "Matching fingers needed to flag a likely double enrollment.", between(1, 10)),
         "capture_face": Key(bool, True, "Capture a face photo in each enrollment."),
+    },
+    "control": {
+        # Fleet control plane (firmware/control.py, docs/provisioning.md). Remote config may not change
+        # enabled, ca_file, claim_*, fleet_public_key (firmware.control.DENIED).
+        "enabled": Key(bool, False, "Run the fleet control plane: claim, signed remote config, commands, telemetry."),
+        "brokers": Key(list, [], "Main broker listeners (host:port, mTLS with the kit's own certificate), tried in "
+                       "order.", list_of(str, lambda v: _hostport(v))),
+        "claim_brokers": Key(list, [], "Claim listeners (host:port) used with the claim certificate until the kit "
+                             "is claimed.", list_of(str, lambda v: _hostport(v))),
+        "ca_file": Key(str, "/etc/rekam/fleet-ca.crt", "Fleet CA certificate the broker's certificate must chain to."),
+        "claim_cert_file": Key(str, "/etc/rekam/claim.crt", "Batch claim certificate (CN claim-<batch>) in the image."),
+        "claim_key_file": Key(str, "/etc/rekam/claim.key", "Private key of the claim certificate."),
+        "fleet_public_key": Key(str, "", "Fleet Ed25519 public key (base64) required at claim; empty: trust the key "
+                                "of the first approved claim and pin it."),
+        "telemetry_interval_s": Key(float, 60.0, "How often telemetry is published.", between(1, 86400)),
+        "keepalive_s": Key(int, 60, "MQTT keepalive of the control connection, s.", between(5, 3600)),
+        "rollback_after_s": Key(float, 600.0, "A config that needed a restart must reach a broker within this "
+                                "time, or the last good config is restored.", between(1, 86400)),
+        "claim_wait_s": Key(float, 20.0, "How long one claim attempt waits for the fleet's answer, s.",
+                            between(1, 600)),
+        "claim_retry_min_s": Key(float, 5.0, "First delay between claim attempts (doubles, with jitter).",
+                                 between(0.1, 3600)),
+        "claim_retry_max_s": Key(float, 600.0, "Longest delay between claim attempts.", between(0.1, 86400)),
+        "max_clock_skew_s": Key(int, 300, "Commands issued further than this in the future are refused.",
+                                between(0, 86400)),
+        "max_command_ttl_s": Key(int, 7 * 86400, "Longest command lifetime (expires_at - issued_at) accepted.",
+                                 between(60, 30 * 86400)),
     },
     "simulation": {
         "sensor_wire_speed": Key(float, 1.0, "Simulated sensor: 1.0 takes the real UART time at the set baud, "

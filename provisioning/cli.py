@@ -15,7 +15,7 @@ from pathlib import Path
 
 from firmware import record_format as rf
 
-EXTRA_MODULES: list[str] = []  # further command groups (ingest, import, kits...) register here
+EXTRA_MODULES: list[str] = ["provisioning.fleet"]  # further command groups (ingest, import...) register here
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
