@@ -146,6 +146,7 @@ class EnrollmentService:
         self._lock = threading.RLock()
         self.last_receipt: dict[str, Any] | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # GPIO panel, console events
+        self.lock_reason = ""  # set by the control plane (fleet `lock` command); non-empty refuses new enrollments
 
     # --- operators ------------------------------------------------------------------------
 
@@ -223,6 +224,9 @@ class EnrollmentService:
     def start(self, token: str, nik: str, override_reason: str = "") -> Enrollment:
         """Begin an enrollment: validate the NIK, check it against this kit, reserve space."""
         s = self.session(token)
+        if self.lock_reason:
+            self._audit("start_refused", s.operator.id, reason="locked")
+            raise EnrollmentError("locked", f"capture is locked by the fleet: {self.lock_reason}", 423)
         parsed = nikmod.parse(nik)  # NikError -> 422 by the API
         with self._lock:
             if self.active is not None:
