@@ -45,6 +45,8 @@ class Kit:
         self.services: dict[str, Any] = {}  # optional parts (sensor, camera, relay...) by name
         self.hardware: dict[str, Any] = {}
         self.enrollment: Any = None
+        self.control: Any = None  # firmware.control.ControlPlane when [control] enabled
+        self.exit_code: int | None = None  # set by request_exit(): main() stops and exits with it
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -55,6 +57,7 @@ class Kit:
                  self.identity.kit_id, self.cfg.state_dir, self.store.j.max_seq(), len(rep.adopted),
                  len(rep.quarantined), len(rep.missing))
         self._start_enrollment()
+        self._start_control()
         self._start_api()
         self._spawn("maintenance", self._maintenance_loop)
 
@@ -74,6 +77,19 @@ class Kit:
             log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
         self.enrollment = EnrollmentService(self.store, cfg, ops, dedup, devices)
         self.services["sensor"] = sensor
+
+    def _start_control(self) -> None:
+        if not self.cfg.control.enabled:
+            return
+        from firmware.control import ControlPlane
+
+        self.control = ControlPlane(self)
+        self.services["control"] = self.control
+        self.control.start()
+
+    def request_exit(self, status: int) -> None:
+        """Stop the daemon with `status` (control plane: 75 restart for a new config, 76 reboot)."""
+        self.exit_code = status
 
     def _spawn(self, name: str, target: Any) -> None:
         t = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
@@ -96,6 +112,8 @@ class Kit:
         """Stop services and close the store (waits for a commit in progress)."""
         self.stop.set()
         self.notifier.stopping()
+        if self.control is not None:
+            self.control.stop()
         if self.api_server is not None:
             self.api_server.should_exit = True
         for t in self.threads:
@@ -214,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config}: ok")
         return EX_OK
+    if cfg.control.enabled:  # the local file merged with the fleet's current signed config (firmware/control.py)
+        from firmware.control import effective_config
+
+        cfg = effective_config(cfg)
     log.info("starting version=%s config=%s simulation=%s", __version__, Path(args.config).resolve(), args.sim)
     try:
         kit = Kit(cfg, sim=args.sim)
@@ -237,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     st = kit.store.status()
     kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
     log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
-    while not stop.wait(0.5):
+    while not stop.wait(0.5) and kit.exit_code is None:
         pass
     kit.shutdown()
-    return EX_OK
+    return kit.exit_code if kit.exit_code is not None else EX_OK
 
 
 if __name__ == "__main__":
