@@ -74,6 +74,37 @@ _PROCESSING_S: dict[int, float] = {
 }
 _DEFAULT_PROCESSING_S = 0.5
 BULK_GAP_S = 0.5  # max silence between two data packets
+# Confirmation codes each instruction can answer with, besides 00 and the generic ones. The protocol
+# has no sequence numbers: a late reply to an earlier command (after a timeout) can only be told
+# apart from the real one by a code or a length the current command never produces.
+_GENERIC_CODES = frozenset({0x01, 0x20, 0x21, 0xFC, 0xFD, 0xFE})
+_PLAUSIBLE: dict[int, frozenset[int]] = {
+    Instruction.GEN_IMG: frozenset({0x02, 0x03}),
+    Instruction.GET_IMAGE_EX: frozenset({0x02, 0x03, 0x07}),
+    Instruction.IMG2TZ: frozenset({0x04, 0x05, 0x06, 0x07, 0x15}),
+    Instruction.MATCH: frozenset({0x08}),
+    Instruction.SEARCH: frozenset({0x09, 0x24}),
+    Instruction.HIGH_SPEED_SEARCH: frozenset({0x09, 0x24}),
+    Instruction.REG_MODEL: frozenset({0x0A}),
+    Instruction.STORE: frozenset({0x0B, 0x18, 0x1F, 0x22}),
+    Instruction.LOAD_CHAR: frozenset({0x0B, 0x0C}),
+    Instruction.UP_CHAR: frozenset({0x0D, 0x22}),
+    Instruction.DOWN_CHAR: frozenset({0x0E}),
+    Instruction.UP_IMAGE: frozenset({0x0F, 0x15}),
+    Instruction.DOWN_IMAGE: frozenset({0x0E}),
+    Instruction.DELETE_CHAR: frozenset({0x0B, 0x10, 0x18}),
+    Instruction.EMPTY: frozenset({0x11, 0x18}),
+    Instruction.SET_SYS_PARA: frozenset({0x18, 0x1A, 0x1B}),
+    Instruction.READ_SYS_PARA: frozenset({0x18}),
+    Instruction.VFY_PWD: frozenset({0x13}),
+    Instruction.SET_PWD: frozenset({0x18}),
+    Instruction.WRITE_NOTEPAD: frozenset({0x18, 0x1C}),
+    Instruction.READ_NOTEPAD: frozenset({0x1C}),
+    Instruction.READ_INDEX_TABLE: frozenset({0x1C}),
+    Instruction.GET_ECHO: frozenset({0x55}),
+    Instruction.CHECK_SENSOR: frozenset({0x29}),
+    Instruction.AURA_LED_CONFIG: frozenset(),
+}
 # Resending these after a lost reply could do harm or confuse the module's state machine.
 _NOT_RETRIED = frozenset({Instruction.DOWN_CHAR, Instruction.DOWN_IMAGE, Instruction.SET_SYS_PARA,
                           Instruction.SOFT_RST, Instruction.SET_PWD, Instruction.SET_ADDER,
@@ -469,7 +500,7 @@ class FingerprintSensor:
 
     def _probe_product(self) -> None:
         try:
-            ack = self._command(Instruction.READ_PROD_INFO, quick=True)
+            ack = self._command(Instruction.READ_PROD_INFO, quick=True, reply_len=47)
         except (UnsupportedCommand, PacketReceiveError, SensorTimeout, ProtocolError):
             self.product = None  # not an R503-class module (or no usable answer); not an error
             return
@@ -518,8 +549,14 @@ class FingerprintSensor:
             if data:
                 framer.feed(data)
 
-    def _read_ack(self, deadline: float, name: str) -> Packet:
-        """Wait for the ACK; give up early when the reply arrived damaged (rejected, then silence)."""
+    def _read_ack(self, deadline: float, name: str, instruction: int = -1, reply_len: int = 1) -> Packet:
+        """Wait for this command's ACK.
+
+        Gives up early when the reply arrived damaged (rejected, then silence), and skips an ACK
+        that cannot be this command's (a code it never returns, or an OK shorter than its results):
+        that is a late reply to an earlier command.
+        """
+        plausible = _PLAUSIBLE.get(instruction)
         rejected0 = self._framer.rejected
         while True:
             try:
@@ -531,9 +568,18 @@ class FingerprintSensor:
                 if time.monotonic() >= deadline:
                     raise
                 continue
-            if pkt.pid == Pid.ACK:
-                return pkt
-            log.debug("skipping stray pid=0x%02X while waiting for the ACK of %s", pkt.pid, name)
+            if pkt.pid != Pid.ACK:
+                log.debug("skipping stray pid=0x%02X while waiting for the ACK of %s", pkt.pid, name)
+                continue
+            code = pkt.code
+            stale = (code == Code.OK and len(pkt.content) < reply_len) or (
+                plausible is not None and code != Code.OK and code not in plausible
+                and code not in _GENERIC_CODES)
+            if stale:
+                log.warning("skipping a reply that is not for %s (code=0x%02X len=%d): late reply to an "
+                            "earlier command", name, code, len(pkt.content))
+                continue
+            return pkt
 
     def _flush_input(self) -> None:
         assert self._ser is not None
@@ -561,7 +607,7 @@ class FingerprintSensor:
             self._write(frame)
             deadline = time.monotonic() + processing + 2 * self._wire_s(len(frame) + 11 + reply_len)
             try:
-                pkt = self._read_ack(deadline, name)
+                pkt = self._read_ack(deadline, name, instruction, reply_len)
                 break
             except (SensorTimeout, ProtocolError) as e:
                 if attempt == retries:

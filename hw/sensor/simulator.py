@@ -72,6 +72,8 @@ class Faults:
     stray_bytes_next: int = 0  # replies preceded by `stray_payload`
     stray_payload: bytes = b"\x55"
     duplicate_ack_next: int = 0  # ACKs sent twice (adafruit#31)
+    late_ack_next: int = 0  # replies preceded by a late ACK of an earlier command (code `late_ack_code`)
+    late_ack_code: int = 0x02
     error_ack_next: int = 0  # commands answered with a short 0x01 ACK
     no_reply_next: int = 0  # commands left unanswered
     dead: bool = False  # answer nothing at all
@@ -229,6 +231,8 @@ class SensorSimulator:
         self.auto_gap_s = 1.5
         self._auto_changed = time.monotonic()
         self._demo_index = 0
+        self._auto_next: str | None = None
+        self._warming = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._master = -1
@@ -383,6 +387,7 @@ class SensorSimulator:
             synth.finger_key(resident_id, finger)
         with self._lock:
             self._auto_key = (resident_id, finger) if resident_id is not None else None
+            self._auto_next = None
 
     def set_sensor_baud(self, baud: int) -> None:
         """Force the module's UART rate without telling the driver (baud-mismatch fault)."""
@@ -455,12 +460,28 @@ class SensorSimulator:
         now = time.monotonic()
         with self._lock:
             if self._finger is None and now - self._auto_changed >= self.auto_gap_s * self.time_scale:
-                resident, finger = self._auto_key or self._next_demo_finger()
-                self._finger = _Finger(synth.finger_key(resident, finger), "good")
+                if self._auto_next is None:
+                    resident, finger = self._auto_key or self._next_demo_finger()
+                    self._auto_next = synth.finger_key(resident, finger)
+                key = self._auto_next
+                if not self.bank.has_master(key):
+                    # grow it off the I/O thread: a GenImg must not wait for it
+                    if not self._warming:
+                        self._warming = True
+                        threading.Thread(target=self._warm, args=(key,), daemon=True).start()
+                    return
+                self._auto_next = None
+                self._finger = _Finger(key, "good")
                 self._auto_changed = now
             elif self._finger is not None and now - self._auto_changed >= self.auto_hold_s * self.time_scale:
                 self._finger = None
                 self._auto_changed = now
+
+    def _warm(self, key: str) -> None:
+        try:
+            self.bank.master(key)
+        finally:
+            self._warming = False
 
     def _next_demo_finger(self) -> tuple[str, int]:
         corpus = self.bank.corpus_fingers()
@@ -580,6 +601,8 @@ class SensorSimulator:
             return
         self.stats.replies += 1
         frames = [self._mangle(self._ack_frame(code, payload))]
+        if self._take("late_ack_next"):
+            frames.insert(0, self._ack_frame(self.faults.late_ack_code))
         if self._take("duplicate_ack_next"):
             frames.append(self._ack_frame(code, payload))
         if data is not None:
@@ -590,8 +613,9 @@ class SensorSimulator:
                 if k == damaged:
                     f = f[:20] + bytes([f[20] ^ 0xFF]) + f[21:]
                 frames.append(self._mangle(f) if k == damaged else f)
-        self._send_paced(frames[:1], delay_s=self.faults.reply_delay_s)
-        self._send_paced(frames[1:], self.faults.bulk_gap_s)
+        n_acks = 2 if len(frames) > 1 and frames[1][6] == Pid.ACK else 1
+        self._send_paced(frames[:n_acks], delay_s=self.faults.reply_delay_s)
+        self._send_paced(frames[n_acks:], self.faults.bulk_gap_s)
 
     # --- command handling ---------------------------------------------------------------------
 

@@ -271,6 +271,11 @@ class FingerBank:
         return [CORPUS_PREFIX + n for n, files in CORPUS_FINGERS.items()
                 if all((self.corpus_dir / "fingerprints" / f).exists() for f in files)]
 
+    def has_master(self, key: str) -> bool:
+        """Whether a finger's master is ready (corpus fingers need none)."""
+        with self._lock:
+            return key.startswith(CORPUS_PREFIX) or key in self._masters
+
     def master(self, key: str) -> np.ndarray:
         """The cached synthetic master of a finger key."""
         with self._lock:

@@ -262,3 +262,19 @@ def test_duplicate_ack_before_bulk_data_is_not_taken_for_data(sim, fp) -> None:
     sim.faults.duplicate_ack_next = 1
     fp.bulk_retries = 0
     assert fp.upload_template(1) == tpl
+
+
+def test_late_reply_of_an_earlier_command_is_not_taken_for_this_one(sim, fp) -> None:
+    """No sequence numbers in EF01: a stale ACK is recognised by a code or length this command never has."""
+    img = ((np.indices((288, 256)).sum(axis=0) % 16) * 17).astype(np.uint8)
+    sim.present_image(img)
+    fp.capture_image()
+    sim.faults.late_ack_next = 1
+    sim.faults.late_ack_code = 0x02  # "no finger": a GenImg answer, impossible for UpImage
+    assert np.array_equal(fp.upload_image(), img)
+    sim.faults.late_ack_next = 1
+    sim.faults.late_ack_code = 0x00  # a bare OK: too short for TemplateNum's count
+    assert fp.template_count() == 0
+    sim.faults.late_ack_next = 1
+    sim.faults.late_ack_code = 0x09  # "not found" cannot answer ReadSysPara
+    assert fp.read_system_parameters().capacity == 1000
