@@ -1,0 +1,131 @@
+"""`make install DESTDIR=...` / `make uninstall DESTDIR=...` into a throwaway root, and the default config."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from firmware import config, record_format
+from tests.system.conftest import REPO
+
+EXPECTED = [
+    "opt/rekam/venv/bin/rekamd", "opt/rekam/venv/bin/rekam", "opt/rekam/venv/bin/rekam-fleet",
+    "opt/rekam/venv/bin/python", "opt/rekam/venv/pyvenv.cfg",
+    "opt/rekam/share/rekam.toml.default", "opt/rekam/share/ingest.env.default",
+    "opt/rekam/share/doc/pi-setup.md", "opt/rekam/share/hw/config.txt", "opt/rekam/share/hw/wiring.md",
+    "etc/rekam/rekam.toml", "etc/rekam/ingest.env",
+    "etc/systemd/system/rekamd.service", "etc/systemd/system/rekam-firstboot.service",
+    "etc/systemd/system/rekam-usb-mount@.service", "etc/systemd/system/rekam-usb-eject.path",
+    "etc/systemd/system/rekam-usb-eject.service", "etc/systemd/system/rekam-ingest.service",
+    "etc/udev/rules.d/99-rekam-usb.rules", "etc/systemd/journald.conf.d/rekam.conf",
+]
+
+
+def _make(target: str, root: Path) -> subprocess.CompletedProcess[str]:
+    # --no-deps: the dependency wheels are the venv's business, not what this test checks (and slow).
+    env = {**os.environ, "REKAM_PIP_ARGS": "--no-deps"}
+    return subprocess.run(["make", "-s", target, f"DESTDIR={root}"], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+def _uncomment_all(text: str) -> str:
+    return re.sub(r"^# (\w+ = .*)$", r"\1", text, flags=re.M)
+
+
+def test_install_uninstall_destdir(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    r = _make("install", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    missing = [p for p in EXPECTED if not (root / p).exists()]
+    assert not missing, missing
+    assert (root / "var/lib/rekam").is_dir() and (root / "media/rekam-usb").is_dir()
+    assert (root / "var/lib/rekam").stat().st_mode & 0o777 == 0o700
+    assert (root / "etc/rekam/rekam.toml").stat().st_mode & 0o777 == 0o640
+    # The staged venv runs from its final place: no staging path left in scripts or pyvenv.cfg.
+    venv = root / "opt/rekam/venv"
+    assert (venv / "bin/rekamd").read_text().splitlines()[0] == "#!/opt/rekam/venv/bin/python"
+    leftovers = [p.name for p in [*venv.joinpath("bin").iterdir(), venv / "pyvenv.cfg"]
+                 if p.is_file() and not p.is_symlink() and str(root) in p.read_text(errors="replace")]
+    assert not leftovers, leftovers
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    # The package works from the staged venv (python path only: the shebang names the final path).
+    # (stdlib-only modules: the dependencies were left out with --no-deps)
+    r2 = subprocess.run([str(venv / "bin/python"), "-c", "import firmware.config, hw.usbstick; "
+                         "print(firmware.config.__file__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r2.stdout.startswith(str(venv / "lib")), r2.stdout + r2.stderr
+    # Units identical to the repo's.
+    for u in ("rekamd.service", "rekam-usb-mount@.service"):
+        assert (root / "etc/systemd/system" / u).read_text() == (REPO / "systemd" / u).read_text()
+    # DESTDIR mode touched no live system: it says so.
+    assert "no users, no systemctl" in r.stdout
+
+    # Idempotent, and an edited config survives a re-install.
+    cfg = root / "etc/rekam/rekam.toml"
+    cfg.write_text(cfg.read_text().replace('# site = ""', 'site = "Kantor Dukcapil Sleman"'))
+    r = _make("install", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "keeping existing /etc/rekam/rekam.toml" in r.stdout
+    assert 'site = "Kantor Dukcapil Sleman"' in cfg.read_text()
+
+    (root / "var/lib/rekam/journal.db").write_text("records")
+    r = _make("uninstall", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (root / "opt/rekam").exists()
+    assert not any((root / "etc/systemd/system").iterdir())
+    assert not (root / "etc/udev/rules.d/99-rekam-usb.rules").exists()
+    assert (root / "var/lib/rekam/journal.db").read_text() == "records"  # the records stay
+    assert cfg.exists() and "keeping edited /etc/rekam/rekam.toml" in r.stdout
+    assert not (root / "etc/rekam/ingest.env").exists()  # unchanged default: removed
+
+
+def test_uninstall_removes_unedited_config(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert _make("install", root).returncode == 0
+    r = _make("uninstall", root)
+    assert r.returncode == 0, r.stderr
+    assert not (root / "etc/rekam").exists()
+    assert (root / "var/lib/rekam").is_dir()
+
+
+def test_live_install_refuses_without_root(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh",
+                            str(REPO / "systemd/install.sh"), "install"], capture_output=True, text=True, timeout=60,
+                           env={"PATH": os.environ["PATH"]})
+    else:
+        r = subprocess.run(["sh", str(REPO / "systemd/install.sh"), "install"], capture_output=True, text=True,
+                           timeout=60, env={"PATH": os.environ["PATH"]})
+    assert r.returncode != 0 and "run as root" in r.stderr
+
+
+def test_default_config_lists_every_key_and_validates(tmp_path: Path) -> None:
+    text = subprocess.run([str(REPO / ".venv/bin/python"), str(REPO / "systemd/gen_config.py")], capture_output=True,
+                          text=True, check=True, cwd=REPO).stdout
+    data = tomllib.loads(text)
+    assert data["kit"]["state_dir"] == "/var/lib/rekam"
+    assert data["datacenter"]["public_key_files"] == ["/etc/rekam/datacenter.pub"]
+    assert data["usb"]["mount_point"] == "/media/rekam-usb" and data["usb"]["require_mountpoint"] is True
+    # Uncommenting every default must still be a valid config (the defaults are real values).
+    full = tomllib.loads(_uncomment_all(text))
+    for section, keys in config.SCHEMA.items():
+        assert set(full[section]) == set(keys), section
+    _, pub = record_format.generate_datacenter_keypair()
+    (tmp_path / "dc.pub").write_bytes(pub)
+    for variant in (text, _uncomment_all(text)):
+        f = tmp_path / "rekam.toml"
+        f.write_text(variant.replace("/etc/rekam/datacenter.pub", str(tmp_path / "dc.pub")))
+        cfg = config.load(f)
+        assert str(cfg.state_dir) == "/var/lib/rekam"
+
+
+@pytest.mark.parametrize("bad", ["REKAM_ROLE=server"])
+def test_bad_role_is_named(bad: str, tmp_path: Path) -> None:
+    k, v = bad.split("=")
+    r = subprocess.run(["sh", str(REPO / "systemd/install.sh"), "install"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": os.environ["PATH"], "DESTDIR": str(tmp_path), k: v})
+    assert r.returncode != 0 and "REKAM_ROLE must be kit or datacenter, not 'server'" in r.stderr
