@@ -132,3 +132,47 @@ def test_rekamd_check_config_entry_point() -> None:
     """The venv entry point the unit runs exists and answers."""
     r = subprocess.run([str(VENV / "bin" / "rekamd"), "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("rekamd ")
+
+
+def _expand(name: str, tool: str, cache: dict[str, set[str]]) -> set[str]:
+    if not name.startswith("@"):
+        return {name}
+    if name not in cache:
+        out = subprocess.run([tool, "syscall-filter", name], capture_output=True, text=True, timeout=60).stdout
+        members: set[str] = set()
+        for line in out.splitlines()[1:]:
+            item = line.strip()
+            if item and not item.startswith("#"):
+                members |= _expand(item, tool, cache)
+        assert members, f"unknown syscall group {name}"
+        cache[name] = members
+    return cache[name]
+
+
+def effective_syscalls(unit: Path) -> set[str]:
+    """The allow list SystemCallFilter= lines build, in order (allow adds, ~ removes), as systemd merges them."""
+    tool = need_tool("systemd-analyze", "systemd")
+    cache: dict[str, set[str]] = {}
+    allowed: set[str] = set()
+    for line in unit.read_text().splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1]
+        deny = value.startswith("~")
+        names = set().union(*(_expand(n, tool, cache) for n in value.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def test_rekamd_syscalls_cover_what_the_daemon_does() -> None:
+    allowed = effective_syscalls(SYSTEMD_DIR / "rekamd.service")
+    # adjtimex: clock_synced in every record (firmware/clock.py); ioctl: termios on the UART; fsync/fdatasync
+    # /renameat2: the store's atomic writes; socket family: API, MQTT, sd_notify; inotify, flock: SQLite/watchers.
+    needed = {"adjtimex", "ioctl", "fsync", "fdatasync", "rename", "renameat", "renameat2", "socket", "bind",
+              "connect", "sendto", "recvfrom", "listen", "accept4", "mmap", "mprotect", "clone", "clone3", "futex",
+              "epoll_wait", "statfs", "fstatfs", "getrandom", "flock", "fcntl", "openat", "unlink", "unlinkat",
+              "execve", "wait4", "pipe2", "kill"}
+    assert needed <= allowed, sorted(needed - allowed)
+    for denied in ("mount", "umount2", "reboot", "init_module", "ptrace", "settimeofday", "clock_settime",
+                   "swapon", "setuid", "chown", "bpf", "sched_setscheduler", "iopl"):
+        assert denied not in allowed, denied
