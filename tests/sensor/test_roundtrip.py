@@ -288,3 +288,31 @@ def test_r503_image_quality_check_and_sensor_check(make_sim, make_fp) -> None:
     assert fp.capture_image() is True  # plain GenImg: "finger detected" even for a useless image
     with pytest.raises(p.ImageQualityError):
         fp.capture_image(quality_check=True)
+
+
+def test_same_finger_matches_across_visits_and_flash_persists(make_sim, make_fp, tmp_path) -> None:
+    """Enrol on one run of the simulator; a later run (new process state, same flash file) finds it."""
+    flash = tmp_path / "flash.json"
+    sim = make_sim("r307", library_path=flash, seed=1)
+    fp = make_fp(sim.port)
+    for buf in (1, 2):
+        sim.present_finger("3201012345670001", 7)
+        fp.capture_image()
+        fp.image_to_template(buf)
+    fp.create_model()
+    fp.store(42)
+    fp.close()
+    sim.stop()
+    sim2 = make_sim("r307", library_path=flash, seed=99)  # the next visit: other impression noise
+    assert sim2.sensor_baud == 115200  # the raised baud was written to the module's flash
+    fp2 = make_fp(sim2.port)
+    assert fp2.used_slots() == [42]
+    sim2.present_finger("3201012345670001", 7, "dry")
+    fp2.capture_image()
+    fp2.image_to_template(1)
+    hit = fp2.search()
+    assert hit is not None and hit.page == 42
+    sim2.present_finger("3201012345670001", 6)  # another finger of the same resident
+    fp2.capture_image()
+    fp2.image_to_template(1)
+    assert fp2.search() is None
