@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -143,6 +144,7 @@ class RemoteConfig:
         problems = self._denied(sections) + self._floors(sections)
         if problems:
             raise Refused("forbidden", "; ".join(problems))
+        self._write_files(body, v)  # signed content; validation below reads the keys it ships
         merged = {s: dict(vals) for s, vals in self.local.raw.items()}
         for s, vals in sections.items():
             merged.setdefault(s, {}).update(vals)
@@ -159,16 +161,15 @@ class RemoteConfig:
         files = body.get("files") or {}
         dc = sections.get("datacenter", {})
         if "public_key_files" in dc and isinstance(dc["public_key_files"], list):
-            # Keys shipped inside the document are written next to it and referenced by absolute path.
-            d = self.dir / "files" / f"v{version}"
-            out = []
-            for name in dc["public_key_files"]:
-                if isinstance(name, str) and name in files:
-                    out.append(str(d / name))
-                else:
-                    out.append(name)
-            dc["public_key_files"] = out
+            # Keys shipped inside the document are referenced by absolute path; the path depends on the
+            # content only, so re-sending the same key in a later version is not a change.
+            dc["public_key_files"] = [str(self._file_path(n, files[n])) if isinstance(n, str) and n in files else n
+                                      for n in dc["public_key_files"]]
         return sections
+
+    def _file_path(self, name: str, text: Any) -> Path:
+        digest = hashlib.sha256(str(text).encode()).hexdigest()[:16]
+        return self.dir / "files" / digest / name
 
     def _denied(self, sections: dict[str, dict[str, Any]]) -> list[str]:
         out = []
@@ -201,18 +202,15 @@ class RemoteConfig:
 
     # -- applying ---------------------------------------------------------------------------
 
-    def _write_files(self, data: bytes, version: int) -> None:
-        body, _, _ = cp.decode(data, "config")
-        files = body.get("files") or {}
-        if not files:
-            return
-        d = self.dir / "files" / f"v{version}"
-        d.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
+    def _write_files(self, body: dict[str, Any], version: int) -> None:
+        for name, text in (body.get("files") or {}).items():
             if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or \
                     not isinstance(text, str) or len(text) > MAX_FILE_BYTES:
                 raise Refused("invalid", f"files.{name!r}: must be a plain file name and text <= {MAX_FILE_BYTES} B")
-            atomic_write(d / name, text.encode())
+            p = self._file_path(name, text)
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(p, text.encode())
 
     def note_seen(self, version: int) -> None:
         """Remember the highest version ever offered (so a refused or rolled-back one is not retried)."""
@@ -743,7 +741,6 @@ class ControlPlane:
                 pass
             return
         try:
-            self.remote._write_files(data, cand.version)
             if cand.live or not cand.changed:
                 self._apply_live(cand)
                 self.remote.accept(cand)

@@ -651,7 +651,14 @@ def _push(f: Fleet, kit: str, version: int, doc: bytes, offline: bool) -> None:
 
 def cmd_config_push(args: argparse.Namespace) -> int:
     f = _fleet(args)
-    sections = json.loads(Path(args.file).read_text()) if args.file else {}
+    sections: dict[str, Any] = {}
+    if not args.replace and args.kit != "*":
+        # A document is the kit's complete set of overrides: start from the previous version's.
+        prev = f.configs(args.kit)
+        sections = json.loads(prev[-1]["sections"]) if prev else {}
+    if args.file:
+        for s, kv in json.loads(Path(args.file).read_text()).items():
+            sections.setdefault(s, {}).update(kv)
     for s, kv in _parse_sets(args.set or []).items():
         sections.setdefault(s, {}).update(kv)
     files = {Path(p).name: Path(p).read_text() for p in (args.attach or [])}
@@ -818,6 +825,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", help="JSON file of sections {section: {key: value}}")
     p.add_argument("--attach", action="append", help="file shipped inside the document (e.g. a datacenter key)")
     p.add_argument("--note")
+    p.add_argument("--replace", action="store_true", help="start from nothing instead of the previous version")
     p.add_argument("--offline", action="store_true", help="sign and store only, do not publish")
     p.set_defaults(func=cmd_config_push)
     p = data(g.add_parser("show", help="versions issued and what the kit reports"))

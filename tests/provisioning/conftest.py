@@ -236,3 +236,37 @@ def online_kit(new_kit: Callable[..., KitHarness], service: FleetService) -> Kit
     wait_for(cp_.connected.is_set, 20, "kit claimed and connected")
     wait_for(lambda: service.fleet.kit(k.identity.kit_id)["online"] == "online", 10, "fleet sees the kit online")
     return k
+
+
+@pytest.fixture(scope="session")
+def fleet_link(fleet: Fleet, broker: Broker) -> Iterator[Any]:
+    """The fleet's own MQTT connection, for tests that publish as the fleet."""
+    from provisioning.fleet import FleetLink
+
+    link = FleetLink(fleet, "fleet-test-link").start()
+    yield link
+    link.close()
+
+
+def config_state(fleet: Fleet, kit_id: str) -> dict[str, Any]:
+    import json
+
+    row = fleet.kit(kit_id)
+    return json.loads(row["config_state"]) if row and row["config_state"] else {}
+
+
+def push_config(fleet: Fleet, link: Any, kit_id: str, sections: dict[str, Any], **kw: Any) -> int:
+    from firmware import control_protocol as cp
+
+    version, doc = fleet.make_config(kit_id, sections, **kw)
+    link.publish(cp.config_topic(kit_id), doc, retain=True)
+    return version
+
+
+def wait_event(fleet: Fleet, kit_id: str, version: int, status: str, timeout: float = 10) -> dict[str, Any]:
+    """Wait until the kit reports `status` for config `version` on its retained state topic."""
+    def ok() -> dict[str, Any] | None:
+        ev = config_state(fleet, kit_id).get("last_event") or {}
+        return ev if ev.get("version") == version and ev.get("status") == status else None
+
+    return wait_for(ok, timeout, f"config v{version} {status}")
