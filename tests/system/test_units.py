@@ -86,7 +86,7 @@ def test_rekamd_contract() -> None:
     assert int(get("WatchdogSec")[0]) >= 10
     assert get("StateDirectory") == ["rekam"] and get("ConfigurationDirectory") == ["rekam"]
     assert get("RuntimeDirectory") == ["rekam"]  # /run/rekam/usb-eject lives there
-    assert "-/media/rekam-usb" in get("ReadWritePaths")
+    assert get("ReadWritePaths") == ["-/media"]  # the parent of [usb] mount_point: see test_propagation.py
     assert get("RestartPreventExitStatus") == ["78"]
     assert shlex.split(get("ExecStart")[0])[1:] == ["--config", "/etc/rekam/rekam.toml"]
     assert "/run/rekam/usb-eject" in _directives("rekam-usb-eject.path", "PathExists")
