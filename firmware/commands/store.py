@@ -192,6 +192,11 @@ def _print_commits(done: list[dict[str, Any]], as_json: bool) -> None:
 
 def cmd_usb_eject(args: argparse.Namespace) -> int:
     cfg = load_config(args)
+    was_mounted = True
+    if cfg.usb.require_mountpoint:
+        from hw import usbstick
+
+        was_mounted = usbstick.mounted_at(cfg.usb_dir) is not None
     url = _daemon(cfg)
     if url:
         from firmware.localapi import call
@@ -202,15 +207,14 @@ def cmd_usb_eject(args: argparse.Namespace) -> int:
     if cfg.usb.require_mountpoint:
         # The daemon has flushed and forgotten the stick; now unmount it: directly (or through
         # `systemctl stop rekam-usb-mount@<dev>`) as root, else via the rekam-usb-eject.path
-        # request file (no polkit, no sudo). See docs/pi-setup.md.
-        from hw import usbstick
-
+        # request file (no polkit, no sudo). Already gone (the daemon asked itself) is fine.
+        # See docs/pi-setup.md.
         try:
-            unmounted = usbstick.eject(cfg.usb_dir)
+            usbstick.eject(cfg.usb_dir)
         except (usbstick.StickError, OSError) as e:
             print(f"rekam: stick flushed but NOT unmounted: {e}", file=sys.stderr)
             return 1
-        if not unmounted:
+        if not was_mounted:
             print(f"no stick mounted at {cfg.usb_dir}")
             return 0
     print("stick released: it can be pulled out now")
