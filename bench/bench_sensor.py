@@ -37,11 +37,13 @@ GOAL = 0.95
 
 
 def corpus_dir() -> Path:
+    """$REKAM_CORPUS, else ../shared/corpus next to the checkout."""
     env = os.environ.get("REKAM_CORPUS")
     return Path(env) if env else REPO.parent / "shared" / "corpus"
 
 
 def bench_upload(bank: FingerBank, profile: str, baud: int, packet: int, reps: int) -> dict:
+    """UpImage of a known image at a fixed baud and packet size, against the line-rate minimum."""
     with SensorSimulator(profile, baud=baud, packet_size=packet, bank=bank, wire_speed=1.0,
                          time_scale=1.0) as sim:
         fp = FingerprintSensor(sim.port, baud, target_baud=None)
@@ -136,6 +138,7 @@ def nfiq_comparison(bank: FingerBank, n: int) -> None:
 
 
 def main() -> int:
+    """Run the benchmark; exit status 1 if the worst ratio is below the goal."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--nfiq", action="store_true", help="also score synthetic prints with NFIQ 2")

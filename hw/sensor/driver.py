@@ -157,14 +157,17 @@ class SystemParameters:
 
     @property
     def busy(self) -> bool:
+        """Status bit 0: the module is busy."""
         return bool(self.status & 1)
 
     @property
     def password_verified(self) -> bool:
+        """Status bit 2: the password has been verified."""
         return bool(self.status & 4)
 
     @property
     def image_in_buffer(self) -> bool:
+        """Status bit 3: a valid image is in the image buffer."""
         return bool(self.status & 8)
 
     @classmethod
@@ -196,6 +199,7 @@ class ProductInfo:
 
     @classmethod
     def decode(cls, raw: bytes) -> ProductInfo:
+        """Decode the 46 result bytes; ProtocolError if the length is wrong."""
         if len(raw) != 46:
             raise ProtocolError(f"ReadProdInfo must return 46 bytes, got {len(raw)}")
 
@@ -354,6 +358,7 @@ class FingerprintSensor:
 
     @property
     def is_open(self) -> bool:
+        """Whether the serial port is open now."""
         return self._ser is not None
 
     def _open_port(self, baud: int) -> None:

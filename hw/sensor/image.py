@@ -21,6 +21,7 @@ class Geometry:
 
     @property
     def pixels(self) -> int:
+        """Pixel count."""
         return self.width * self.height
 
     @property

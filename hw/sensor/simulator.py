@@ -379,6 +379,7 @@ class SensorSimulator:
 
     @property
     def finger_present(self) -> bool:
+        """Whether a finger is on the glass now."""
         return self._finger is not None
 
     def set_auto_finger(self, resident_id: str | None, finger: int = 0) -> None:
