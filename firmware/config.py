@@ -133,6 +133,16 @@ def _hostport(v: Any) -> str | None:
     return None
 
 
+def _broker_url(v: Any) -> str | None:
+    from firmware.protocol import parse_broker_url
+
+    try:
+        parse_broker_url(str(v))
+    except ValueError:
+        return "broker URLs such as mqtts://dc.example.org:8883 or mqtt://127.0.0.1:1883"
+    return None
+
+
 def _all(*checks: Check) -> Check:
     def check(v: Any) -> str | None:
         for c in checks:
@@ -366,6 +376,40 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 between(0, 86400)),
         "max_command_ttl_s": Key(int, 7 * 86400, "Longest command lifetime (expires_at - issued_at) accepted.",
                                  between(60, 30 * 86400)),
+    },
+    "relay": {
+        # Record relay to the data center (firmware/relay.py, docs/protocol.md). No brokers: the kit only buffers.
+        "brokers": Key(list, [], "Broker URLs in priority order (data center first, then disaster recovery): "
+                       "mqtt://host:port or mqtts://host:port. Empty: the relay does not run.",
+                       list_of(str, lambda v: _broker_url(v))),
+        "ca_file": Key(str, "", "CA certificate the brokers' TLS certificates must chain to (mqtts://); empty: the "
+                       "system trust store."),
+        "cert_file": Key(str, "", "Client certificate for mutual TLS (empty: none)."),
+        "key_file": Key(str, "", "Private key of cert_file."),
+        "username": Key(str, "", "MQTT user name (empty: none; mTLS identity is preferred)."),
+        "password_file": Key(str, "", "File holding the MQTT password (never the password itself in this file)."),
+        "chunk_kb": Key(int, 128, "Largest chunk of a record per MQTT message, KiB (also capped by the broker's "
+                        "Maximum Packet Size).", between(4, 65536)),
+        "window": Key(int, 16, "Most QoS 1 messages awaiting PUBACK (also capped by the broker's Receive Maximum).",
+                      between(1, 65535)),
+        "max_unacked_records": Key(int, 1000, "Most records sent but not yet acknowledged by the data center before "
+                                   "the relay waits for acks (0: no limit).", between(0)),
+        "bytes_per_s": Key(int, 0, "Drain bandwidth cap, bytes/s (0: none); leave room for control traffic.",
+                           between(0)),
+        "publishes_per_s": Key(float, 100.0, "Drain publish-rate cap (0: none; AWS IoT allows 100/s per connection).",
+                               between(0)),
+        "ack_timeout_s": Key(float, 60.0, "A sent record without a data-center ack is resent after this long "
+                             "(doubling, with jitter, up to ack_timeout_max_s).", between(0.5, 86400)),
+        "ack_timeout_max_s": Key(float, 1800.0, "Longest wait before resending an unacknowledged record, s.",
+                                 between(0.5, 86400)),
+        "backoff_min_s": Key(float, 1.0, "First reconnect delay after every broker failed, s.", between(0.05, 3600)),
+        "backoff_max_s": Key(float, 120.0, "Longest reconnect delay (capped exponential, full jitter), s.",
+                             between(0.05, 86400)),
+        "keepalive_s": Key(int, 60, "MQTT keepalive, s.", between(5, 3600)),
+        "connect_timeout_s": Key(float, 10.0, "How long one connection attempt may take, s.", between(0.5, 300)),
+        "probe_interval_s": Key(float, 60.0, "While on a fallback broker, how often higher-priority brokers are "
+                                "probed to return to them, s.", between(0.5, 86400)),
+        "telemetry_interval_s": Key(float, 60.0, "How often relay telemetry is published, s.", between(1, 86400)),
     },
     "simulation": {
         "sensor_wire_speed": Key(float, 1.0, "Simulated sensor: 1.0 takes the real UART time at the set baud, "

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from firmware import record_format as rf
 
-EXTRA_MODULES: list[str] = ["provisioning.fleet"]  # further command groups (ingest, import...) register here
+# further command groups register here
+EXTRA_MODULES: list[str] = ["provisioning.fleet", "provisioning.ingest", "provisioning.usb_import"]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -1,0 +1,259 @@
+"""The data center's record archive: sealed files on disk, a SQLite index, the kit key registry.
+
+Layout of an archive directory (shared by every ingest worker and by `rekam-fleet import`)::
+
+    index.db                    records (unique record_id), kits (registered public keys)
+    records/<kit_id>/<record_id>.rkm
+    conflicts/                  a second, different file claiming an archived record id (kept, never merged)
+
+`Archive.store()` is the single way in, for MQTT and USB alike, so both paths are idempotent with
+each other: it verifies the kit signature against the registered key, writes the file (temp, fsync,
+rename, fsync dir), then inserts the index row with INSERT OR IGNORE in one fsync'd transaction
+(WAL, synchronous=FULL). Only after `store()` returns may anyone tell the kit the record is safe.
+Two workers racing on one record write identical bytes to the same path and only one index row wins.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from firmware import record_format as rf
+
+log = logging.getLogger(__name__)
+
+
+class ArchiveError(Exception):
+    """The archive cannot take a record for a transient reason (disk, database)."""
+
+
+class UnknownKit(ArchiveError):
+    """No public key is registered for this kit (and trust-on-first-use is off)."""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What happened to one record: stored (new), duplicate (already had), rejected (malformed)."""
+
+    status: str
+    record_id: str
+    sha256: str
+    reason: str = ""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def decode_kit_key(text: str) -> bytes:
+    """A kit's Ed25519 public key from base64 (as in kit.json / `rekam identity show`)."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        raise ValueError(f"kit public key {text[:20]!r}... is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"kit public key must be 32 bytes (Ed25519), got {len(raw)}")
+    return raw
+
+
+class Archive:
+    """An archive directory (see module doc). One instance per thread or process; cheap to open."""
+
+    def __init__(self, root: Path, tofu: bool = False, fleet_db: Path | None = None) -> None:
+        self.root = Path(root)
+        self.tofu = tofu
+        self.fleet_db = fleet_db
+        self.records_dir = self.root / "records"
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        (self.root / "conflicts").mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self.conn = sqlite3.connect(self.root / "index.db", timeout=60, isolation_level=None,
+                                    check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA busy_timeout=60000")
+        self.conn.executescript("""
+            CREATE TABLE IF NOT EXISTS records (
+                record_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, seq INTEGER NOT NULL, sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL, created TEXT, path TEXT NOT NULL, source TEXT NOT NULL,
+                received_at TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS records_kit ON records (kit_id, seq);
+            CREATE TABLE IF NOT EXISTS kits (
+                kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, registered_at TEXT NOT NULL, how TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS rejects (
+                id INTEGER PRIMARY KEY, record_id TEXT, kit_id TEXT, sha256 TEXT, reason TEXT, source TEXT, at TEXT);
+        """)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- kit registry ---------------------------------------------------------------------
+
+    def register_kit(self, kit_id: str, public_key_b64: str, how: str = "registered") -> None:
+        """Register (or confirm) a kit's Ed25519 key; a different key for a known kit is refused."""
+        decode_kit_key(public_key_b64)
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.conn.execute("SELECT public_key FROM kits WHERE kit_id = ?", (kit_id,)).fetchone()
+                if row and row[0] != public_key_b64.strip():
+                    raise ValueError(f"kit {kit_id} is already registered with another key; "
+                                     "remove it first if the kit was re-keyed")
+                if not row:
+                    self.conn.execute("INSERT INTO kits VALUES (?,?,?,?)", (kit_id, public_key_b64.strip(), _now(),
+                                                                             how))
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+        if not row:
+            log.info("kit registered kit_id=%s how=%s key=%s", kit_id, how,
+                     rf.key_id(decode_kit_key(public_key_b64)))
+
+    def kit_key(self, kit_id: str) -> bytes | None:
+        """The kit's registered key: the archive's own registry, else an approved kit of the fleet registry."""
+        with self._lock:
+            row = self.conn.execute("SELECT public_key FROM kits WHERE kit_id = ?", (kit_id,)).fetchone()
+        if row:
+            return decode_kit_key(row[0])
+        if self.fleet_db is not None:
+            try:
+                fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
+                try:
+                    frow = fc.execute("SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'",
+                                      (kit_id,)).fetchone()
+                finally:
+                    fc.close()
+            except sqlite3.Error as e:
+                raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
+            if frow:
+                self.register_kit(kit_id, frow[0], how="fleet")
+                return decode_kit_key(frow[0])
+        return None
+
+    def kits(self) -> list[dict[str, str]]:
+        with self._lock:
+            rows = self.conn.execute("SELECT kit_id, public_key, registered_at, how FROM kits ORDER BY kit_id")
+            return [dict(zip(("kit_id", "public_key", "registered_at", "how"), r, strict=True)) for r in rows]
+
+    # --- records ----------------------------------------------------------------------------
+
+    def has(self, record_id: str) -> str | None:
+        """The archived sha256 of `record_id`, or None."""
+        with self._lock:
+            row = self.conn.execute("SELECT sha256 FROM records WHERE record_id = ?", (record_id,)).fetchone()
+        return row[0] if row else None
+
+    def count(self, kit_id: str | None = None) -> int:
+        with self._lock:
+            if kit_id:
+                return int(self.conn.execute("SELECT COUNT(*) FROM records WHERE kit_id = ?", (kit_id,)).fetchone()[0])
+            return int(self.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
+    def record_ids(self, kit_id: str | None = None) -> list[str]:
+        with self._lock:
+            sql, args = "SELECT record_id FROM records", ()
+            if kit_id:
+                sql, args = sql + " WHERE kit_id = ?", (kit_id,)
+            return [r[0] for r in self.conn.execute(sql + " ORDER BY kit_id, seq", args)]
+
+    def path_of(self, kit_id: str, record_id: str) -> Path:
+        return self.records_dir / kit_id / (record_id + rf.FILE_SUFFIX)
+
+    def _reject(self, record_id: str, kit_id: str, sha: str, reason: str, source: str) -> StoreResult:
+        with self._lock:
+            self.conn.execute("INSERT INTO rejects (record_id, kit_id, sha256, reason, source, at) VALUES "
+                              "(?,?,?,?,?,?)", (record_id, kit_id, sha, reason, source, _now()))
+        log.error("record rejected record_id=%s kit_id=%s source=%s reason=%s", record_id, kit_id, source, reason)
+        return StoreResult("rejected", record_id, sha, reason)
+
+    def store(self, data: bytes, kit_id: str, source: str, expect_record_id: str | None = None,
+              expect_sha256: str | None = None) -> StoreResult:
+        """Verify and durably archive one sealed record from `kit_id` (see module doc).
+
+        Returns stored / duplicate / rejected; raises `UnknownKit` or `ArchiveError` for transient
+        problems (the record must then be offered again later, not acknowledged).
+        """
+        sha = rf.sha256_hex(data)
+        rid = expect_record_id or "?"
+        if expect_sha256 is not None and sha != expect_sha256:
+            raise ArchiveError(f"record {rid}: bytes hash to {sha[:12]}, sender announced {expect_sha256[:12]}")
+        known = self.has(rid) if expect_record_id else None
+        if known == sha:
+            return StoreResult("duplicate", rid, sha)
+        trusted = self.kit_key(kit_id)
+        try:
+            parsed = rf.parse(data, trusted_kit_key=trusted)
+        except rf.RecordFormatError as e:
+            return self._reject(rid, kit_id, sha, f"{type(e).__name__}: {e}", source)
+        h = parsed.header
+        if expect_record_id and h.record_id != expect_record_id:
+            return self._reject(rid, kit_id, sha, f"file holds record {h.record_id}, not {expect_record_id}", source)
+        if h.kit_id != kit_id:
+            return self._reject(h.record_id, kit_id, sha, f"record belongs to kit {h.kit_id}, sent as kit {kit_id}",
+                                source)
+        if trusted is None:
+            if not self.tofu:
+                raise UnknownKit(f"kit {kit_id} is not registered: "
+                                 f"rekam-fleet archive register-kit {kit_id} <public key>")
+            # Trust on first use (explicit flag): the first record pins the kit's key.
+            self.register_kit(kit_id, base64.b64encode(h.kit_key).decode(), how="tofu")
+        rid = h.record_id
+        known = self.has(rid)
+        if known == sha:
+            return StoreResult("duplicate", rid, sha)
+        if known is not None:
+            # Same id, other bytes: keep both files, never overwrite the archived one.
+            cpath = self.root / "conflicts" / f"{rid}.{sha[:16]}{rf.FILE_SUFFIX}"
+            self._write(cpath, data)
+            return self._reject(rid, kit_id, sha, f"record id already archived with sha256 {known[:12]}; "
+                                f"this copy kept as {cpath.name}", source)
+        path = self.path_of(kit_id, rid)
+        try:
+            self._write(path, data)
+            with self._lock:
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self.conn.execute(
+                        "INSERT OR IGNORE INTO records VALUES (?,?,?,?,?,?,?,?,?)",
+                        (rid, kit_id, h.seq, sha, len(data), h.created, str(path.relative_to(self.root)), source,
+                         _now()))
+                    inserted = cur.rowcount == 1
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+                self.conn.execute("COMMIT")
+        except (OSError, sqlite3.Error) as e:
+            raise ArchiveError(f"cannot archive {rid}: {e}") from e
+        if not inserted:
+            return StoreResult("duplicate", rid, sha)  # another worker won the race with the same bytes
+        log.info("record archived record_id=%s kit_id=%s size=%d source=%s", rid, kit_id, len(data), source)
+        return StoreResult("stored", rid, sha)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
