@@ -482,6 +482,7 @@ class ControlPlane:
         self._work: queue.Queue[tuple[dict[str, Any], Any] | None] = queue.Queue(maxsize=100)
         self._threads: list[threading.Thread] = []
         self._started = time.monotonic()
+        self._client: Any = None
         self._apply_lock_state()
 
     def _local_config(self) -> config.Config:
@@ -602,6 +603,7 @@ class ControlPlane:
                 delay = min(120.0, delay * 2)
                 continue
             self.broker = broker
+            self._client = client  # diagnostics only; only this thread calls it
             if self._loop(client, broker):
                 delay, n = 1.0, n - 1  # it worked: come back to the same broker first
             client.disconnect()

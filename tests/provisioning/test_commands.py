@@ -1,0 +1,196 @@
+"""Signed commands over the real broker: results by response topic + correlation data, replay and
+expiry protection that survives a restart, and each command's effect on the real kit parts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware import control_protocol as cp
+from firmware import identity, record_format
+from firmware.control import EX_REBOOT, CommandGuard, Refused
+from firmware.enrollment import EnrollmentError
+from firmware.nik import NikError
+from firmware.operators import hash_pin
+from provisioning.fleet import send_command
+
+from .conftest import wait_for
+
+
+def _cmd(fleet, kid: str, name: str, args=None, issued=None, ttl: int = 60, key=None, cmd_id=None) -> bytes:
+    now = int(time.time()) if issued is None else issued
+    body = {"cmd_id": cmd_id or f"t{time.monotonic_ns()}", "kit_id": kid, "name": name, "args": args or {},
+            "issued_at": now, "expires_at": now + ttl}
+    return cp.sign("cmd", body, key or fleet.key)
+
+
+def test_status_command_round_trip(online_kit, fleet) -> None:
+    kid = online_kit.identity.kit_id
+    res = send_command(fleet, kid, "status", {}, ttl=60, wait=10)
+    assert res is not None and res["ok"] and res["kit_id"] == kid
+    d = res["data"]
+    assert d["backlog"] == {"records": 0, "bytes": 0} and d["halted"] is False
+    assert {m["name"] for m in d["media"]} == {"sd", "usb"} and d["media"][0]["free_bytes"] > 0
+    assert d["versions"]["firmware"] and d["uptime_s"] >= 0
+
+
+def test_replayed_expired_forged_commands_refused(online_kit, fleet, fleet_link, caplog) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    ctl = k.control
+    now = int(time.time())
+    good = _cmd(fleet, kid, "status")
+    cases = [
+        (good, None),  # runs once
+        (good, "replayed"),  # the same signed bytes again
+        (_cmd(fleet, kid, "lock", issued=now - 600, ttl=300), "expired"),
+        (_cmd(fleet, kid, "lock", issued=now + 3600), "future"),
+        (_cmd(fleet, kid, "lock", ttl=40 * 86400), "ttl_too_long"),
+        (_cmd(fleet, kid, "lock", key=Ed25519PrivateKey.generate()), "bad_signature"),
+        (_cmd(fleet, "rk-someoneelse", "lock"), "wrong_kit"),
+    ]
+    with caplog.at_level(logging.WARNING, "firmware.control"):
+        for payload, reason in cases:
+            before = dict(ctl.stats.refused)
+            fleet_link.publish(cp.cmd_topic(kid), payload)
+            if reason is None:
+                wait_for(lambda: ctl.stats.commands == 1, 10, "first command accepted")
+            else:
+                wait_for(lambda r=reason, b=before: ctl.stats.refused.get(r, 0) == b.get(r, 0) + 1, 10, reason)
+                assert f"reason={reason}" in caplog.text
+    assert ctl.stats.commands == 1
+    assert ctl.lock_reason() == "" and k.enrollment.lock_reason == ""  # no refused lock ran
+
+
+def test_replay_protection_survives_restart(online_kit, fleet, fleet_link) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    payload = _cmd(fleet, kid, "lock", {"reason": "first"}, ttl=600)
+    fleet_link.publish(cp.cmd_topic(kid), payload)
+    wait_for(lambda: k.control.lock_reason() == "first", 10, "lock applied")
+    send_command(fleet, kid, "unlock", {}, 60, 10)
+    k2 = k.restart()
+    ctl = k2.start_control()
+    wait_for(ctl.connected.is_set, 10, "reconnected")
+    fleet_link.publish(cp.cmd_topic(kid), payload)  # captured and replayed after the reboot
+    wait_for(lambda: ctl.stats.refused.get("replayed"), 10, "replay after restart refused")
+    assert ctl.lock_reason() == ""
+    k2.stop()
+
+
+def test_command_guard_watermark(tmp_path) -> None:
+    g = CommandGuard(tmp_path / "c.db", max_skew_s=0, max_ttl_s=3600)
+    t0 = 1_800_000_000
+    g.admit({"cmd_id": "aaaaaaaa", "name": "status", "issued_at": t0, "expires_at": t0 + 10}, now=t0)
+    with pytest.raises(Refused, match="replayed"):
+        g.admit({"cmd_id": "aaaaaaaa", "name": "status", "issued_at": t0, "expires_at": t0 + 10}, now=t0 + 1)
+    # Later the row is forgotten (expired), but the watermark still refuses anything issued up to t0,
+    # even if the clock were set back so that it looks unexpired.
+    g.admit({"cmd_id": "bbbbbbbb", "name": "status", "issued_at": t0 + 500, "expires_at": t0 + 900}, now=t0 + 500)
+    assert g.watermark() == t0
+    g.close()
+    g = CommandGuard(tmp_path / "c.db", max_skew_s=0, max_ttl_s=3600)  # persistent
+    with pytest.raises(Refused, match="too_old"):
+        g.admit({"cmd_id": "aaaaaaaa", "name": "status", "issued_at": t0, "expires_at": t0 + 3000}, now=t0 + 600)
+    with pytest.raises(Refused, match="replayed"):
+        g.admit({"cmd_id": "bbbbbbbb", "name": "status", "issued_at": t0 + 500, "expires_at": t0 + 900}, now=t0 + 600)
+    g.close()
+
+
+def test_lock_blocks_enrollment_and_persists(online_kit, fleet) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    res = send_command(fleet, kid, "lock", {"reason": "kit reported stolen"}, 60, 10)
+    assert res["ok"]
+    token = k.enrollment.sign_in("op1", "2468").token
+    with pytest.raises(EnrollmentError) as ei:
+        k.enrollment.start(token, "3174012345670001")
+    assert ei.value.code == "locked" and "stolen" in str(ei.value)
+    k2 = k.restart()  # still locked after a restart, before any network
+    assert k2.control is None
+    k2.start_control()
+    assert k2.enrollment.lock_reason == "kit reported stolen"
+    wait_for(k2.control.connected.is_set, 10, "reconnected")
+    assert send_command(fleet, kid, "unlock", {}, 60, 10)["ok"]
+    token = k2.enrollment.sign_in("op1", "2468").token
+    with pytest.raises(NikError):  # past the lock check: now the NIK itself is checked
+        k2.enrollment.start(token, "not-a-nik")
+    k2.stop()
+
+
+def test_purge_and_export_to_usb(online_kit, fleet) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    ids = [k.store.commit(b"payload %d" % i).record_id for i in range(3)]
+    for rid in ids[:2]:
+        k.store.mark(rid, "sent")
+        k.store.mark(rid, "acked")
+    stick = k.store.stick
+    assert stick is not None
+    stick.record_path(ids[2]).unlink()  # the stick lost one copy: export puts it back
+    res = send_command(fleet, kid, "export_usb", {}, 60, 10)
+    assert res["ok"] and res["data"]["copied"] == 1 and stick.record_path(ids[2]).exists()
+    res = send_command(fleet, kid, "purge", {}, 60, 10)
+    assert res["ok"] and res["data"]["purged"] == 2
+    assert [r.state for r in k.store.j.records()] == ["purged", "purged", "stored"]
+
+
+def test_set_operators_live_and_after_restart(online_kit, fleet) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    ops = [{"id": "op9", "name": "Nine", "pin_hash": hash_pin("9999")}]
+    assert send_command(fleet, kid, "set_operators", {"operators": ops}, 60, 10)["ok"]
+    assert set(k.enrollment.operators.by_id) == {"op9"}
+    bad = send_command(fleet, kid, "set_operators", {"operators": [{"id": "x", "pin_hash": "plain"}]}, 60, 10)
+    assert not bad["ok"] and bad["code"] == "invalid" and set(k.enrollment.operators.by_id) == {"op9"}
+    k2 = k.restart()
+    assert [o["id"] for o in k2.cfg.operators.list] == ["op9"]
+    k2.stop()
+
+
+def test_sync_without_relay_reports_why(online_kit, fleet) -> None:
+    res = send_command(fleet, online_kit.identity.kit_id, "sync", {}, 60, 10)
+    assert not res["ok"] and res["code"] == "no_relay"
+
+
+def test_rotate_key(online_kit, fleet) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    old = k.identity.public_key_b64
+    res = send_command(fleet, kid, "rotate_key", {}, 60, 10)  # verified by the fleet with the OLD key
+    assert res["ok"] and res["data"]["old_public_key"] == old
+    new = res["data"]["new_public_key"]
+    wait_for(lambda: fleet.kit(kid)["public_key"] == new, 5, "fleet registers the new key")
+    on_disk = identity.load(k.cfg.state_dir)
+    assert on_disk.public_key_b64 == new and k.store.identity.public_key_b64 == new
+    assert len(list((k.cfg.state_dir / "identity" / "archive").glob("kit-*.key"))) == 1
+    # Telemetry is now signed with the new key and the fleet accepts it.
+    seen = fleet.kit(kid)["last_seen"]
+    wait_for(lambda: fleet.kit(kid)["last_seen"] > seen, 5, "telemetry under the new key")
+    # Records sealed from now on carry the new key.
+    rid = k.store.commit(b"after rotation").record_id
+    parsed = record_format.parse(k.store.sd_path(rid).read_bytes())
+    assert parsed.header.kit_key == on_disk.public_key_raw
+    record_format.parse(k.store.sd_path(rid).read_bytes(), trusted_kit_key=on_disk.public_key_raw)
+
+
+def test_reboot_exits_with_reboot_status_after_answering(online_kit, fleet) -> None:
+    k = online_kit
+    res = send_command(fleet, k.identity.kit_id, "reboot", {}, 60, 10)
+    assert res["ok"] and res["message"] == "rebooting"
+    assert k.exited.wait(5) and k.exits == [EX_REBOOT]
+
+
+def test_last_will_marks_kit_offline(online_kit, fleet) -> None:
+    k = online_kit
+    kid = k.identity.kit_id
+    k.control._client.socket().shutdown(socket.SHUT_RDWR)  # the link dies without a DISCONNECT
+    wait_for(lambda: fleet.kit(kid)["online"] == "offline", 10, "Last Will: offline")
+    wait_for(lambda: fleet.kit(kid)["online"] == "online", 15, "back online after reconnect")
+    t = json.loads(fleet.kit(kid)["telemetry"])
+    assert t["control"]["connects"] >= 2
