@@ -65,5 +65,9 @@ install:
 uninstall:
 	DESTDIR="$(DESTDIR)" sh systemd/install.sh uninstall
 
+# Debian package of the same tree (bonus): build/rekam_<version>_<arch>.deb, built on the target arch.
+deb:
+	sh systemd/build-deb.sh
+
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache

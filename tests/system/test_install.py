@@ -129,3 +129,24 @@ def test_bad_role_is_named(bad: str, tmp_path: Path) -> None:
     r = subprocess.run(["sh", str(REPO / "systemd/install.sh"), "install"], capture_output=True, text=True,
                        timeout=60, env={"PATH": os.environ["PATH"], "DESTDIR": str(tmp_path), k: v})
     assert r.returncode != 0 and "REKAM_ROLE must be kit or datacenter, not 'server'" in r.stderr
+
+
+def test_make_deb(tmp_path: Path) -> None:
+    """`make deb`: the same tree as a package; /etc files are conffiles, the records dir is not shipped."""
+    env = {**os.environ, "REKAM_PIP_ARGS": "--no-deps"}
+    r = subprocess.run(["make", "-s", "deb"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    deb = Path(r.stdout.strip().splitlines()[-1])
+    assert deb.name.startswith("rekam_") and deb.suffix == ".deb" and deb.exists()
+    info = subprocess.run(["dpkg-deb", "-f", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert "Package: rekam" in info and "exfatprogs" in info and "dosfstools" in info
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert "./opt/rekam/venv/bin/rekamd" in files and "./etc/systemd/system/rekamd.service" in files
+    assert "./var/lib/rekam" not in files
+    ctl = tmp_path / "ctl"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(ctl)], check=True)
+    conffiles = (ctl / "conffiles").read_text().split()
+    assert "/etc/rekam/rekam.toml" in conffiles and "/etc/udev/rules.d/99-rekam-usb.rules" in conffiles
+    assert "install -d -m 0700 -o rekam -g rekam /var/lib/rekam" in (ctl / "postinst").read_text()
+    for script in ("postinst", "prerm", "postrm"):
+        assert subprocess.run(["sh", "-n", str(ctl / script)]).returncode == 0
