@@ -11,7 +11,7 @@ Data: every corpus print converted to the sensor format (8-bit gray, centre crop
 real NFIQ 2.3 scores from ../shared/tools/nfiq2-reference (x86-64 only), cached in
 `tools/fpquality_labels.csv` so that training is reproducible without NFIQ 2.
 
-Model: gradient-boosted regression trees (depth 3) on `features.MODEL_FEATURES`, written as plain
+Model: gradient-boosted regression trees (depth 4, 250 trees) on `features.MODEL_FEATURES`, written as plain
 numpy arrays to `firmware/fpquality/data/fpquality_model.npz` (no pickle). Deterministic: the
 fit uses no randomness, so the same labels and features give the same file bit for bit.
 
@@ -38,7 +38,7 @@ from firmware.fpquality import dataset, features, gates, gbt  # noqa: E402
 
 LABELS = REPO / "tools" / "fpquality_labels.csv"
 MODEL = REPO / "firmware" / "fpquality" / "data" / "fpquality_model.npz"
-PARAMS = {"n_trees": 150, "depth": 3, "learning_rate": 0.08, "min_leaf": 8, "n_bins": 32}
+PARAMS = gbt.TRAIN_PARAMS
 
 
 def nfiq2_tool(corpus: Path) -> Path:
@@ -111,8 +111,9 @@ def calibration_tables(its: list[dataset.Item], feats: list[dict[str, float]], y
                          (45, 100, "NFIQ 2 >= 45")):
         m = (y >= lo) & (y <= hi)
         print(f"  {what:14} n={m.sum():4d} hard-rejected {100 * rejected[m].mean():5.1f} %")
-    score = np.where(rejected, 0.0, np.clip(pred, 0, 100))
-    print("\nAccept threshold on the held-out score (share accepted at the first impression):")
+    score = np.where(rejected, -1.0, np.clip(pred, 0, 100))  # a hard reject is never accepted
+    print("\nAccept threshold on the held-out score, hard rejects never accepted (share accepted at the "
+          "first impression):")
     print("  threshold  NFIQ2>=45  NFIQ2 30-44  NFIQ2 1-29  NFIQ2=0   clean corpus prints")
     clean = np.array([it.spec == "none" for it in its])
     for t in (30, 35, 40, 45, 50):

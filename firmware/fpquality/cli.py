@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(entry)
         if not args.json:
             verdict = "REJECT" if q.rejected else "ok"
-            print(f"{path}: score {q.score:.0f} ({verdict}; model {q.model_score:.1f}, {q.elapsed_ms:.0f} ms"
+            print(f"{path}: score {q.score:.0f} ({verdict}; {q.elapsed_ms:.0f} ms"
                   f"{', converted to 256x288 16-level' if converted else ''})")
             for code, msg in zip(q.codes, q.messages, strict=True):
                 print(f"  {code}: {msg}")

@@ -28,7 +28,7 @@ NEAR_WHITE = 250.0  # rows/columns whose mean is above this are frame, not print
 SEG_THRESHOLD = 0.1  # ridgesegment: block std of the normalised image
 BLK = 32
 SLANT_X, SLANT_Y = 32, 16
-OF_BLK = 32
+OF_BLK = 32  # NFIQ 2.3 (older releases used 16)
 OF_ANGLE_MIN_DEG = 4.0
 
 
@@ -67,10 +67,20 @@ def ridge_mask(img: np.ndarray, blk: int, thresh: float = SEG_THRESHOLD) -> np.n
     if sd == 0:
         return np.zeros((h, w), bool)
     nb_r, nb_c = -(-h // blk), -(-w // blk)
-    pad = np.full((nb_r * blk, nb_c * blk), np.nan)
-    pad[:h, :w] = (f - f.mean()) / sd
+    z = (f - f.mean()) / sd
+    # Per-block mean and std with partial edge blocks: zero-padded sums divided by true counts.
+    pad = np.zeros((nb_r * blk, nb_c * blk))
+    pad[:h, :w] = z
+    rows = np.minimum(blk, h - np.arange(nb_r) * blk)
+    cols = np.minimum(blk, w - np.arange(nb_c) * blk)
+    cnt = np.outer(rows, cols).astype(np.float64)
     blocks = pad.reshape(nb_r, blk, nb_c, blk)
-    bstd = np.nanstd(blocks, axis=(1, 3))
+    mean = blocks.sum(axis=(1, 3)) / cnt
+    dev = blocks - mean[:, None, :, None]
+    var = (dev * dev).sum(axis=(1, 3))
+    # Padding cells contributed (0 - mean)^2 each: remove them.
+    var -= (blk * blk - cnt) * mean * mean
+    bstd = np.sqrt(np.maximum(var / cnt, 0))
     return np.repeat(np.repeat(bstd > thresh, blk, 0), blk, 1)[:h, :w]
 
 
@@ -88,22 +98,27 @@ def _grid(rows: int, cols: int, blk: int, offset: int) -> tuple[np.ndarray, np.n
     return rr.ravel(), cc.ravel(), len(rs), len(cs)
 
 
-def _centred_grad(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Matlab `gradient`: central differences inside, one-sided at the block edges (per block)."""
-    gx = np.empty_like(blocks)
-    gy = np.empty_like(blocks)
-    gx[..., 1:-1] = (blocks[..., 2:] - blocks[..., :-2]) / 2.0
-    gx[..., 0] = blocks[..., 1] - blocks[..., 0]
-    gx[..., -1] = blocks[..., -1] - blocks[..., -2]
-    gy[..., 1:-1, :] = (blocks[..., 2:, :] - blocks[..., :-2, :]) / 2.0
-    gy[..., 0, :] = blocks[..., 1, :] - blocks[..., 0, :]
-    gy[..., -1, :] = blocks[..., -1, :] - blocks[..., -2, :]
-    return gx, gy
+def _grid_covariance(f: np.ndarray, off: int, blk: int, nr: int, nc: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_covariance` of every block of an adjacent grid (top-left (off, off), nr x nc blocks of
+    blk px) at once: whole-image central differences, one-sided on each block's own edges,
+    which equals differentiating every block separately."""
+    sub = f[off:off + nr * blk, off:off + nc * blk]
+    gx = np.empty_like(sub)
+    gy = np.empty_like(sub)
+    gx[:, 1:-1] = (sub[:, 2:] - sub[:, :-2]) / 2.0
+    gy[1:-1, :] = (sub[2:, :] - sub[:-2, :]) / 2.0
+    first, last = np.arange(0, nc * blk, blk), np.arange(blk - 1, nc * blk, blk)
+    gx[:, first] = sub[:, first + 1] - sub[:, first]
+    gx[:, last] = sub[:, last] - sub[:, last - 1]
+    first, last = np.arange(0, nr * blk, blk), np.arange(blk - 1, nr * blk, blk)
+    gy[first, :] = sub[first + 1, :] - sub[first, :]
+    gy[last, :] = sub[last, :] - sub[last - 1, :]
 
+    def bmean(a: np.ndarray) -> np.ndarray:
+        return a.reshape(nr, blk, nc, blk).mean(axis=(1, 3)).ravel()
 
-def _covariance(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    gx, gy = _centred_grad(blocks.astype(np.float64))
-    return (gx * gx).mean(axis=(-2, -1)), (gy * gy).mean(axis=(-2, -1)), (gx * gy).mean(axis=(-2, -1))
+    return bmean(gx * gx), bmean(gy * gy), bmean(gx * gy)
 
 
 def _ridge_orient(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -119,8 +134,7 @@ def _rotated_crop(src: np.ndarray, angles: np.ndarray, rows: slice, cols: slice)
 
     For the reference's "padded" blocks, `src` is the 40x40 neighbourhood: NFIQ 2 pads the 36x36
     block with `copyMakeBorder`, which on an OpenCV ROI takes the real image pixels around it."""
-    n = src.shape[0]
-    ss = src.shape[1]
+    n, ss = src.shape[0], src.shape[1]
     ctr = ss / 2.0
     ys, xs = np.mgrid[rows, cols]
     ca = np.cos(angles)[:, None, None]
@@ -128,11 +142,12 @@ def _rotated_crop(src: np.ndarray, angles: np.ndarray, rows: slice, cols: slice)
     dx, dy = xs[None] - ctr, ys[None] - ctr
     sx = np.floor(ca * dx - sa * dy + ctr + 0.5).astype(np.int64)
     sy = np.floor(sa * dx + ca * dy + ctr + 0.5).astype(np.int64)
-    inside = (sx >= 0) & (sx < ss) & (sy >= 0) & (sy < ss)
-    idx = np.arange(n)[:, None, None]
-    out = src[idx, np.clip(sy, 0, ss - 1), np.clip(sx, 0, ss - 1)].astype(np.float64)
-    out[~inside] = 0.0
-    return out
+    # Zero margin around each window so that every sample position is inside: one flat gather.
+    m = int(np.ceil(max(ys.max(), xs.max(), ss) * 0.5)) + 2
+    padded = np.pad(src, ((0, 0), (m, m), (m, m)))
+    side = ss + 2 * m
+    flat = (np.arange(n)[:, None, None] * side + (sy + m)) * side + (sx + m)
+    return padded.reshape(-1)[flat].astype(np.float64)
 
 
 def _ridge_valley(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,8 +173,7 @@ def ocl_values(img: np.ndarray) -> np.ndarray:
     nr, nc = h // BLK, w // BLK
     if nr == 0 or nc == 0:
         return np.zeros(0)
-    blocks = img[:nr * BLK, :nc * BLK].reshape(nr, BLK, nc, BLK).swapaxes(1, 2).reshape(-1, BLK, BLK)
-    a, b, c = _covariance(blocks)
+    a, b, c = _grid_covariance(img.astype(np.float64), 0, BLK, nr, nc)
     root = np.sqrt((a - b) ** 2 + 4 * c * c)
     emax, emin = (a + b + root) / 2, (a + b - root) / 2
     ok = emax != 0
@@ -167,53 +181,55 @@ def ocl_values(img: np.ndarray) -> np.ndarray:
 
 
 def _slanted_blocks(img: np.ndarray, mask: np.ndarray):
-    """Common part of LCS/FDA/RVUP: bordered 32-px grid, block orientation, 36x36 windows, mask."""
+    """Common part of LCS/FDA/RVUP/OF: bordered 32-px grid, block orientation, 36x36 and 40x40
+    windows, foreground flag per block, grid shape."""
     diff = int(np.ceil(np.sqrt(SLANT_X ** 2 + SLANT_Y ** 2))) - BLK  # 36 - 32
     off = int(np.ceil(diff / 2))
-    r0, c0, _, _ = _grid(*img.shape, BLK, off)
+    r0, c0, nr, nc = _grid(*img.shape, BLK, off)
     if r0.size == 0:
         return None
     f = img.astype(np.float64)
-    a, b, c = _covariance(_windows(f, r0, c0, BLK))
+    a, b, c = _grid_covariance(f, off, BLK, nr, nc)
     orient = _ridge_orient(a, b, c)
     wins = _windows(f, r0 - off, c0 - off, BLK + 2 * off)
     # 2 px more on each side, zero outside the image (copyMakeBorder on an ROI, see _rotated_crop).
     wide = _windows(np.pad(f, 2), r0 - off, c0 - off, BLK + 2 * off + 4)
     inmask = _windows(mask, r0, c0, BLK).all(axis=(1, 2))
-    return orient, wins, wide, inmask
+    return orient, wins, wide, inmask, (nr, nc)
 
 
 def lcs_values(v2: np.ndarray, ridval: np.ndarray, dt: np.ndarray) -> np.ndarray:
-    """Local clarity per block from the rotated 16x32 crop (reference `loclar`, 500 ppi)."""
+    """Local clarity per block from the rotated 16x32 crop (reference `loclar`, 500 ppi), vectorised."""
     scale = (500 / 125.0) * 5.0
     nwr_min, nwr_max, nwv_min, nwv_max = 3.0 / scale, 10.0 / scale, 2.0 / scale, 10.0 / scale
-    out = np.zeros(len(v2))
-    # Pixels on the "wrong" side of the trend line, per column (used only for clear blocks).
+    n, length = ridval.shape
+    if n == 0:
+        return np.zeros(0)
+    # Change positions i-1 (i >= 1 where ridval[i] != ridval[i-1]); sorted first in each row.
+    change = ridval[:, 1:] != ridval[:, :-1]
+    pos = np.where(change, np.arange(length - 1)[None, :], np.iinfo(np.int64).max)
+    pos.sort(axis=1)
+    count = change.sum(axis=1)
+    valid = np.arange(length - 1)[None, :] < count[:, None]
+    posf = np.where(valid, pos, 0).astype(np.float64)
+    widths = np.diff(posf, axis=1, prepend=0.0) * valid  # Wrv: first change index, then differences
+    even = (np.arange(length - 1) % 2 == 0)[None, :]
+    # Normalise each width first and sum left to right (cumsum), as cv::mean does: the clarity
+    # test compares these means with limits they can equal exactly, so the last bit matters.
+    nw = widths / scale
+    s_even, n_even = np.cumsum(nw * even, axis=1)[:, -1], (valid & even).sum(1)
+    s_odd, n_odd = np.cumsum(nw * ~even, axis=1)[:, -1], (valid & ~even).sum(1)
+    m_even = np.divide(s_even, n_even, out=np.zeros(n), where=n_even > 0)
+    m_odd = np.divide(s_odd, n_odd, out=np.zeros(n), where=n_odd > 0)
+    beg = ridval[:, 0]
+    mr, mv = np.where(beg, m_even, m_odd), np.where(beg, m_odd, m_even)
+    clear = (count > 0) & (mr >= nwr_min) & (mr <= nwr_max) & (mv >= nwv_min) & (mv <= nwv_max)
     below = v2 < dt[:, None, :]
-    for k in range(len(v2)):
-        rv = ridval[k]
-        change = rv != np.roll(rv, 1)
-        ci = np.flatnonzero(change[1:])  # indices i-1 for i >= 1
-        if ci.size == 0:
-            continue
-        wrv = np.diff(ci, prepend=0)
-        wrv[0] = ci[0]
-        if rv[0]:
-            nwr, nwv = wrv[0::2] / scale, wrv[1::2] / scale
-        else:
-            nwv, nwr = wrv[0::2] / scale, wrv[1::2] / scale
-        mr = nwr.mean() if nwr.size else 0.0
-        mv = nwv.mean() if nwv.size else 0.0
-        if not (nwr_min <= mr <= nwr_max and nwv_min <= mv <= nwv_max):
-            continue
-        ridge_cols, valley_cols = rv, ~rv
-        n_r, n_v = ridge_cols.sum(), valley_cols.sum()
-        if n_r == 0 or n_v == 0:
-            continue
-        beta = (~below[k][:, ridge_cols]).sum() / (n_r * v2.shape[1])
-        alpha = below[k][:, valley_cols].sum() / (n_v * v2.shape[1])
-        out[k] = 1.0 - (alpha + beta) / 2.0
-    return out
+    rows = v2.shape[1]
+    n_r, n_v = ridval.sum(1) * rows, (~ridval).sum(1) * rows
+    beta = (~below & ridval[:, None, :]).sum(axis=(1, 2)) / np.maximum(n_r, 1)
+    alpha = (below & ~ridval[:, None, :]).sum(axis=(1, 2)) / np.maximum(n_v, 1)
+    return np.where(clear & (n_r > 0) & (n_v > 0), 1.0 - (alpha + beta) / 2.0, 0.0)
 
 
 def rvup_values(ridval: np.ndarray) -> np.ndarray:
@@ -255,17 +271,10 @@ def fda_values(wide: np.ndarray, orient: np.ndarray) -> np.ndarray:
     return np.where(edge, 1.0, val)
 
 
-def of_values(img: np.ndarray) -> np.ndarray:
-    """Orientation flow: mean absolute orientation change to the 8 neighbours, 16x16 blocks."""
-    diff = int(np.ceil(np.sqrt(SLANT_X ** 2 + SLANT_Y ** 2))) - OF_BLK  # 36 - 16
-    off = int(np.ceil(diff / 2))
-    r0, c0, nr, nc = _grid(*img.shape, OF_BLK, off)
-    if r0.size == 0:
-        return np.zeros(0)
-    mask = ridge_mask(img, OF_BLK)
-    f = img.astype(np.float64)
-    orient = _ridge_orient(*_covariance(_windows(f, r0, c0, OF_BLK))).reshape(nr, nc)
-    seg = _windows(mask, r0, c0, OF_BLK).all(axis=(1, 2)).reshape(nr, nc)
+def of_values(orient: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """Orientation flow: mean absolute orientation change to the 8 neighbours (zero padded, no
+    angle wrap, as the reference), on the block map `orient` with foreground map `seg`."""
+    nr, nc = orient.shape
     po = np.pad(orient, 1)
     ps = np.pad(seg, 1)
     loq = np.zeros((nr, nc))
@@ -302,10 +311,10 @@ def compute(img: np.ndarray) -> dict[str, dict[str, float] | float]:
     sb = _slanted_blocks(img, mask)
     if sb is None:
         empty = histogram_features(np.zeros(0), LCS_LIMITS)
-        out["LCS"] = out["FDA"] = out["RVUP"] = empty
+        out["LCS"] = out["FDA"] = out["RVUP"] = out["OF"] = empty
         out["blocks"] = 0.0
     else:
-        orient, wins, wide, inmask = sb
+        orient, wins, wide, inmask, shape = sb
         out["blocks"] = float(inmask.sum())
         lw, lo, ww = wins[inmask], orient[inmask], wide[inmask]
         # LCS: rotate by the orientation, no padding, 16 rows x 32 columns from the centre.
@@ -316,7 +325,8 @@ def compute(img: np.ndarray) -> dict[str, dict[str, float] | float]:
         v2p = _rotated_crop(ww, lo, slice(10, 26), slice(2, 34))
         ridval_p, _ = _ridge_valley(v2p.mean(axis=1))
         out["RVUP"] = histogram_features(rvup_values(ridval_p), RVUP_LIMITS)
-    out["OF"] = histogram_features(of_values(img), OF_LIMITS)
+        # OF (NFIQ 2.3: 32-px blocks, same bordered grid, same orientation and mask as above).
+        out["OF"] = histogram_features(of_values(orient.reshape(shape), inmask.reshape(shape)), OF_LIMITS)
     return out
 
 

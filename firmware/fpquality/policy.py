@@ -64,5 +64,5 @@ class FingerCapture:
         out["finger"] = self.finger
         out["threshold"] = self.policy.threshold
         for a, q in zip(out["attempts"], self.qualities, strict=True):
-            a["model_score"] = round(q.model_score, 2)
+            a["messages"] = q.messages
         return out

@@ -2,8 +2,9 @@
 
 Pipeline for one capture (16-level 8-bit gray in sensor geometry): features (NFIQ 2 native
 measures, foreground, minutiae), hard-reject gates with operator feedback codes, and the score
-0-100 predicted by the distilled-NFIQ 2 model. A hard reject forces the score to 0 so that it can
-never be the kept impression while a usable one exists.
+0-100 predicted by the distilled-NFIQ 2 model. The score is always the model's estimate; a hard
+reject is carried by `rejected` (the capture policy never accepts a rejected impression and keeps
+one only when every impression was rejected), so the score keeps tracking NFIQ 2.
 """
 
 from __future__ import annotations
@@ -29,12 +30,11 @@ MODEL_PATH = Path(__file__).resolve().parent / "data" / "fpquality_model.npz"
 class FingerQuality:
     """The verdict on one impression."""
 
-    score: float  # 0..100, estimated NFIQ 2 on this sensor (0 when rejected)
+    score: float  # 0..100, estimated NFIQ 2 on this sensor
     codes: list[str]  # hard-reject feedback codes, most actionable first (see gates.MESSAGES)
     rejected: bool
     features: dict[str, float] = field(repr=False)
     elapsed_ms: float = 0.0
-    model_score: float = 0.0  # the model's estimate before a hard reject zeroes `score`
 
     @property
     def messages(self) -> list[str]:
@@ -44,7 +44,7 @@ class FingerQuality:
     def summary(self) -> dict[str, object]:
         """JSON-ready summary (features rounded) for records and the CLI."""
         return {
-            "score": round(self.score, 1), "model_score": round(self.model_score, 1),
+            "score": round(self.score, 1),
             "codes": list(self.codes), "messages": self.messages, "rejected": self.rejected,
             "elapsed_ms": round(self.elapsed_ms, 1),
             "features": {k: round(v, 4) for k, v in self.features.items()},
@@ -88,9 +88,9 @@ def assess(image: np.ndarray, limits: gates.Limits | None = None, model_path: Pa
     raw = float(np.clip(gbt.predict(model, x)[0], 0.0, 100.0))
     rejected = bool(codes)
     elapsed = (time.perf_counter() - t0) * 1000
-    q = FingerQuality(0.0 if rejected else raw, codes, rejected, feats, elapsed, raw)
-    log.info("finger_quality score=%.1f model_score=%.1f rejected=%s codes=%s minutiae=%d fg=%.2f ms=%.1f",
-             q.score, raw, rejected, ",".join(codes) or "-", int(feats["minutiae"]), feats["fg_fraction"], elapsed)
+    q = FingerQuality(raw, codes, rejected, feats, elapsed)
+    log.info("finger_quality score=%.1f rejected=%s codes=%s minutiae=%d fg=%.2f ms=%.1f",
+             q.score, rejected, ",".join(codes) or "-", int(feats["minutiae"]), feats["fg_fraction"], elapsed)
     return q
 
 

@@ -24,7 +24,7 @@ def test_no_code_on_good_prints(sensor_prints: dict[str, np.ndarray]) -> None:
 def test_no_finger_on_empty_glass() -> None:
     for img in (np.full((288, 256), 255, np.uint8), np.full((192, 192), 238, np.uint8)):
         q = quality.assess(img)
-        assert q.codes == ["no_finger"] and q.rejected and q.score == 0
+        assert q.codes == ["no_finger"] and q.rejected and q.score < 5
 
 
 def test_press_flatter_on_a_small_centred_contact(sensor_prints: dict[str, np.ndarray]) -> None:

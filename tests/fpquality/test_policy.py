@@ -25,15 +25,17 @@ def test_good_print_is_accepted_at_once(sensor_prints: dict[str, np.ndarray]) ->
 
 
 def test_bad_impressions_are_retaken_then_the_best_is_forced(corpus_dir: Path) -> None:
-    imgs = [dataset.Item("nbisrs-p2_1.png", "x", s).image(corpus_dir) for s in ("wet:3.5", "wet:2", "partial:0.3")]
+    imgs = [dataset.Item("nbisrs-p2_1.png", "x", s).image(corpus_dir) for s in ("wet:3.5", "wet:1", "partial:0.3")]
     cap = policy.FingerCapture(section(threshold=60.0, max_attempts=3), quality.assess, "L1")
     outs = [cap.add(im)[1] for im in imgs]
     assert [o.done for o in outs] == [False, False, True]
     rec = cap.record()
     assert rec["forced"] is True and len(rec["attempts"]) == 3
     scores = [a["score"] for a in rec["attempts"]]
-    assert rec["kept"] == int(np.argmax(scores)), rec  # best non-rejected impression kept
-    assert rec["attempts"][2]["rejected"] and "press_flatter" in rec["attempts"][2]["codes"]
+    assert [a["rejected"] for a in rec["attempts"]] == [True, False, True], rec
+    assert rec["kept"] == 1 and scores[1] < 60, rec  # the one usable impression, below threshold: forced
+    assert "too_wet" in rec["attempts"][0]["codes"] and "press_flatter" in rec["attempts"][2]["codes"]
+    assert rec["attempts"][0]["messages"][0].startswith("Finger too wet")
     assert cap.kept_image is imgs[rec["kept"]]
 
 

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Benchmark: on-device fingerprint quality vs NIST NFIQ 2, measured in the same run.
+
+    .venv/bin/python bench/bench_fpquality.py            # all 16 corpus prints x 69 variants = 1104 images
+    .venv/bin/python bench/bench_fpquality.py --limit 200  # a stable subsample, quicker
+
+Images: every corpus print converted to the sensor format (256x288, 16 levels) and its degraded
+variants (`firmware.fpquality.dataset.SPECS`). NFIQ 2 is the real reference (NIST NFIQ 2.3 via
+../shared/tools/nfiq2-reference, one process, one core); our check is `quality.assess` on the
+same images in this process, one core.
+
+Figures printed:
+* time per image: ours (features + gates + model) vs NFIQ 2 (startup excluded: a 1-image run is
+  timed separately and subtracted), and the ratio (goal: ours <= 1/10 of NFIQ 2);
+* Spearman rho of our score with NFIQ 2: in-sample (the committed model, trained on these images)
+  and held out by finger (the model refitted 11 times, each time without all images of one finger,
+  using the NFIQ 2 scores measured in this run) (goal: >= 0.85 held out).
+If the NFIQ 2 reference cannot run here, the benchmark says so, reports what it can against the
+cached labels in tools/fpquality_labels.csv, and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from firmware.fpquality import dataset, features, gbt, quality  # noqa: E402
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    def rank(x: np.ndarray) -> np.ndarray:
+        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+        starts = np.cumsum(counts) - counts
+        return (starts + (counts - 1) / 2.0)[inv]
+    return float(np.corrcoef(rank(np.asarray(a, float)), rank(np.asarray(b, float)))[0, 1])
+
+
+def run_nfiq2(tool: Path, paths: list[Path]) -> tuple[dict[str, float], float]:
+    """Scores by file name and the wall time of one process scoring `paths`."""
+    t0 = time.perf_counter()
+    out = subprocess.run([str(tool), *map(str, paths)], capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    if out.returncode == 3 or not out.stdout.strip():
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    scores = {}
+    for line in out.stdout.splitlines():
+        p, _, s = line.partition("\t")
+        if s != "NA":
+            scores[Path(p).name] = float(s)
+    return scores, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=dataset.default_corpus(REPO))
+    ap.add_argument("--limit", type=int, default=0, help="use every k-th image so that about N remain")
+    a = ap.parse_args(argv)
+
+    items = list(dataset.items(a.corpus))
+    if a.limit and a.limit < len(items):
+        items = items[:: len(items) // a.limit][: a.limit]
+    images = [it.image(a.corpus) for it in items]
+    print(f"images: {len(images)} ({len(dataset.corpus_prints(a.corpus))} corpus prints in sensor format "
+          f"256x288/16 levels, {len(dataset.SPECS)} variants each incl. the undegraded one)")
+
+    quality.assess(images[0])  # load the model once, outside the timing
+    ours, times, feats = [], [], []
+    for img in images:
+        t0 = time.perf_counter()
+        q = quality.assess(img)
+        times.append(time.perf_counter() - t0)
+        ours.append(q.score)
+        feats.append([q.features[n] for n in features.MODEL_FEATURES])
+    ours_a, x = np.array(ours), np.array(feats)
+    t_ours = statistics.mean(times)
+    print(f"ours:   {1000 * t_ours:7.1f} ms/image mean, {1000 * statistics.median(times):.1f} ms median "
+          f"(features + gates + model, one core)")
+
+    tool = a.corpus.parent / "tools" / "nfiq2-reference"
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-fpq-") as tmp:
+            import cv2
+
+            paths = []
+            for i, img in enumerate(images):
+                p = Path(tmp) / f"{i:05d}.png"
+                cv2.imwrite(str(p), img)
+                paths.append(p)
+            run_nfiq2(tool, paths[:1])  # first use may build the reference venv: not timed
+            _, t_one = run_nfiq2(tool, paths[:1])
+            scores, t_all = run_nfiq2(tool, paths)
+        ref = np.array([scores.get(f"{i:05d}.png", np.nan) for i in range(len(images))])
+        t_ref = (t_all - t_one) / max(len(images) - 1, 1)
+        print(f"NFIQ 2: {1000 * t_ref:7.1f} ms/image (NIST NFIQ 2.3 reference, one process; "
+              f"startup {t_one:.1f} s excluded)")
+        print(f"time ratio ours / NFIQ 2: {t_ours / t_ref:.3f} (1/{t_ref / t_ours:.1f}; goal <= 1/10)")
+        status = 0
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        print(f"NFIQ 2 reference CANNOT RUN here ({tool}): {e}")
+        print("falling back to the cached NFIQ 2 labels (tools/fpquality_labels.csv); no time ratio")
+        with open(REPO / "tools" / "fpquality_labels.csv", newline="") as f:
+            cache = {(r["file"], r["spec"]): float(r["nfiq2"]) for r in csv.DictReader(f) if r["nfiq2"] != "NA"}
+        ref = np.array([cache.get((it.file, it.spec), np.nan) for it in items])
+        status = 3
+
+    ok = ~np.isnan(ref)
+    print(f"Spearman vs NFIQ 2, committed model (in-sample, {ok.sum()} images): {spearman(ours_a[ok], ref[ok]):.3f}; "
+          f"MAE {np.abs(ours_a[ok] - ref[ok]).mean():.2f}")
+    fingers = np.array([it.finger for it in items])
+    held = np.full(len(items), np.nan)
+    for fg in sorted(set(fingers)):
+        test = fingers == fg
+        train = ~test & ok
+        m = gbt.fit(x[train], ref[train], **gbt.TRAIN_PARAMS)
+        held[test] = np.clip(gbt.predict(m, x[test]), 0, 100)
+    print(f"Spearman vs NFIQ 2, held out by finger ({len(set(fingers))} fingers, leave-one-finger-out): "
+          f"{spearman(held[ok], ref[ok]):.3f}; MAE {np.abs(held[ok] - ref[ok]).mean():.2f} (goal rho >= 0.85)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
