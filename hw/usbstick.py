@@ -26,6 +26,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -211,6 +212,52 @@ def _same_device(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _devnum(device: str) -> tuple[int, int]:
+    st = os.stat(device)
+    if not stat.S_ISBLK(st.st_mode):
+        raise StickError(f"{device} is not a block device")
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def _disk_of(devnum: tuple[int, int], sys_dev: Path = Path("/sys/dev/block")) -> str | None:
+    """Kernel name of the whole disk holding block device `devnum` (itself if it is not a partition)."""
+    p = sys_dev / f"{devnum[0]}:{devnum[1]}"
+    if not p.exists():
+        return None
+    real = p.resolve()
+    return real.parent.name if (real / "partition").exists() else real.name
+
+
+def in_use(device: str, mount_point: Path, mountinfo: Path = Path("/proc/self/mountinfo"),
+           sys_dev: Path = Path("/sys/dev/block")) -> str | None:
+    """Why `device` must not be touched, or None.
+
+    A Pi booting from a USB SSD has its root, boot and data partitions on ``ID_BUS=usb`` too: the
+    rule starts the unit for them. Refuse any device that is mounted elsewhere, used as swap, or on
+    the same disk as any mounted file system other than the stick's mount point.
+    """
+    dn = _devnum(device)
+    disk = _disk_of(dn, sys_dev)
+    target = os.path.realpath(mount_point)
+    for line in mountinfo.read_text().splitlines():
+        f = line.split()
+        if len(f) < 5 or _unescape(f[4]) == target:
+            continue
+        major, _, minor = f[2].partition(":")
+        mm = (int(major), int(minor))
+        if mm == dn:
+            return f"{device} is already mounted at {_unescape(f[4])}"
+        if disk is not None and major != "0" and _disk_of(mm, sys_dev) == disk:
+            return f"{device} is on disk {disk}, which also holds {_unescape(f[4])} (the system disk?)"
+    try:
+        for line in Path("/proc/swaps").read_text().splitlines()[1:]:
+            if line.split() and os.path.exists(line.split()[0]) and _same_device(line.split()[0], device):
+                return f"{device} is in use as swap"
+    except OSError:
+        pass
+    return None
+
+
 # --- mount / unmount -----------------------------------------------------------------------
 
 def _tool(name: str) -> str:
@@ -261,6 +308,8 @@ def mount(vol: Volume, settings: Settings, check: bool = True, fuse_fallback: bo
             log.info("stick already mounted device=%s mount=%s", vol.device, mp)
             return MountPlan(vol.device, vol.fstype, mp, cur.options, "kernel")
         raise StickError(f"{mp} already holds {cur.source} ({cur.fstype}); eject it before using {vol.device}")
+    if busy := in_use(vol.device, mp):
+        raise StickError(busy)  # checked before fsck: never check or mount a file system in use
     note = repair(vol) if check else "not checked"
     p = plan(vol, settings)
     r = _run([_tool("mount"), "-t", vol.fstype, "-o", ",".join(p.options), vol.device, str(mp)])
@@ -443,13 +492,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"verdict={why_not(v, s.label) or 'mount'}")
         elif args.cmd == "mount":
             if args.scan:
-                vol = choose([probe(d) for d in usb_partitions()], s.label)
+                vol = choose([probe(d) for d in usb_partitions() if not in_use(d, s.mount_point)], s.label)
             elif args.device:
                 vol = probe(args.device)
             else:
                 raise StickError("mount needs DEVICE or --scan")
-            if why := why_not(vol, s.label):
-                # Not ours (a technician's stick, wrong label): leave it alone without failing the unit.
+            if why := why_not(vol, s.label) or in_use(vol.device, s.mount_point):
+                # Not ours (a technician's stick, wrong label, a system disk on USB): leave it alone
+                # without failing the unit.
                 log.info("stick ignored: %s", why)
                 return 0
             mount(vol, s, check=not args.no_check)

@@ -258,3 +258,49 @@ def test_mountinfo_escapes(tmp_path: Path) -> None:
 
 def test_volume_without_usage_is_fine() -> None:
     assert usbstick.why_not(Volume("/dev/x", "ext4", "", "", "")) is None
+
+
+def test_devices_in_use_are_never_touched(make_stick: object, tmp_path: Path) -> None:
+    """A Pi booting from a USB SSD: its partitions match the udev rule too and must be left alone."""
+    root_src = next((ln.split(" - ")[1].split()[1] for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+                     if ln.split()[4] == "/"), "")
+    if root_src.startswith("/dev/") and os.path.exists(root_src):
+        assert "already mounted at /" in (usbstick.in_use(root_src, Path("/media/rekam-usb")) or "")
+    dev = make_stick("ext4")  # type: ignore[operator]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(["mount", dev, str(elsewhere)], check=True)
+    try:
+        s = _settings(tmp_path)
+        with pytest.raises(StickError, match="already mounted at"):
+            usbstick.mount(usbstick.probe(dev), s)
+        assert usbstick.mounted_at(s.mount_point) is None
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+
+
+def test_other_partition_of_a_mounted_disk_is_refused(make_stick: object, tmp_path: Path) -> None:
+    """Partition 2 of the disk whose partition 1 is /boot/firmware (a Pi booting from a USB SSD).
+
+    This kernel does not scan partitions on loop devices, so the device is a real loop device and the
+    sysfs links that place it on a disk are laid out as the kernel does (/sys/dev/block/M:m ->
+    .../sdz/sdz2 with a `partition` file).
+    """
+    dev = make_stick("ext4")  # type: ignore[operator]
+    st = os.stat(dev)
+    mm = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    sysfs = tmp_path / "sys"
+    for part in ("sdz1", "sdz2"):
+        (sysfs / "devices/usb1/sdz" / part).mkdir(parents=True)
+        (sysfs / "devices/usb1/sdz" / part / "partition").write_text(part[-1])
+    (sysfs / "dev/block").mkdir(parents=True)
+    (sysfs / "dev/block/8:1").symlink_to(sysfs / "devices/usb1/sdz/sdz1")
+    (sysfs / f"dev/block/{mm}").symlink_to(sysfs / "devices/usb1/sdz/sdz2")
+    mi = tmp_path / "mountinfo"
+    mi.write_text("20 1 8:1 / /boot/firmware rw,relatime - vfat /dev/sdz1 rw\n"
+                  "21 1 0:22 / /run rw - tmpfs tmpfs rw\n")
+    why = usbstick.in_use(dev, tmp_path / "media/rekam-usb", mi, sysfs / "dev/block") or ""
+    assert "on disk sdz, which also holds /boot/firmware" in why
+    # The same partition on a disk of its own is free.
+    mi.write_text("21 1 0:22 / /run rw - tmpfs tmpfs rw\n")
+    assert usbstick.in_use(dev, tmp_path / "media/rekam-usb", mi, sysfs / "dev/block") is None
