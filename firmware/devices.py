@@ -34,9 +34,7 @@ class SensorHandle:
             if self._sensor is None:
                 from hw.sensor.driver import FingerprintSensor
 
-                s = self.cfg.sensor
-                drv = FingerprintSensor(self.port, s.baud, password=s.password, address=s.address,
-                                        target_baud=s.target_baud or None)
+                drv = FingerprintSensor.from_config(self.cfg.sensor, port=self.port)
                 try:
                     params = drv.open()
                 except Exception as e:
