@@ -735,7 +735,9 @@ class ControlPlane:
             try:  # a well-signed but bad document is answered; junk is not
                 body = cp.verify(data, "config", self.remote.fleet_key())  # type: ignore[arg-type]
                 version = int(body.get("version", 0)) if isinstance(body.get("version"), int) else 0
-                if e.reason != "stale_version" and version > 0:
+                # Only a document for this kit that failed validation is remembered (and answered), so the
+                # same retained document is not re-tried; junk never moves the version counter.
+                if e.reason in ("invalid", "forbidden") and version > 0:
                     self.remote.note_seen(version)
                     self.remote.event(version, "rejected", str(e))
                     self._queue_config_state()
