@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from firmware.commands.store import load_config
+from firmware import config
 
 CLAIM_FILE = "claim.json"
 
@@ -32,6 +33,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = ident.add_parser("show", help="kit id, public key and fingerprint, board serial, claim state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+
+def load_config(args: argparse.Namespace) -> config.Config:
+    """The kit config (--config, $REKAM_CONFIG, /etc/rekam/rekam.toml); exits 78 on error.
+
+    The data-center key is not needed to create or show the kit's identity, and on a fresh kit it
+    may not be installed yet: its check is left out here (rekamd still refuses to start without it).
+    """
+    path = args.config or os.environ.get("REKAM_CONFIG") or config.DEFAULT_PATH
+    try:
+        return config.load(path, overrides={"datacenter.public_key_files": []})
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        raise SystemExit(config.EX_CONFIG) from None
 
 
 def fingerprint(public_key_raw: bytes) -> str:

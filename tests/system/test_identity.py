@@ -55,3 +55,16 @@ def test_broken_identity_is_reported(tmp_path: Path, corpus_dir: Path) -> None:
 def test_fingerprint_format() -> None:
     # sha256 of 32 zero bytes starts 66687aadf862bd77...
     assert fingerprint(b"\x00" * 32) == "6668-7aad-f862-bd77"
+
+
+def test_init_works_before_the_datacenter_key_is_installed(tmp_path: Path, corpus_dir: Path) -> None:
+    """A fresh kit: /etc/rekam/datacenter.pub not copied yet; first boot still creates the identity."""
+    cfg = write_kit_config(tmp_path, corpus_dir)
+    (tmp_path / "dc.pub").unlink()
+    r = _rekam(cfg, "identity", "init")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sd" / "identity" / "kit.json").exists()
+    # Other config errors still stop it with 78 and name the key.
+    cfg.write_text(cfg.read_text().replace("port = 0", "port = 99999"))
+    r = _rekam(cfg, "identity", "init")
+    assert r.returncode == 78 and "api.port" in r.stderr
