@@ -1,10 +1,11 @@
 """`rekam identity init|show`: the kit's identity (kit id + Ed25519 signing key) and its claim state.
 
 `init` is what rekam-firstboot.service runs before rekamd on every boot until the kit is claimed:
-it creates the identity once (atomically, mode 0600) and reports whether the data center has
-claimed the kit. Until then the kit enrolls and buffers sealed records on SD and stick; they are
-sent once the kit is claimed. The claim itself belongs to provisioning (not written yet): when it
-exists, `init` calls it when the network is up and writes ``identity/claim.json``.
+it creates the identity once (atomically, mode 0600) and reports whether the fleet has claimed the
+kit. The claim itself is run by rekamd (`firmware.provision`, when ``[control] enabled``), which
+retries until the network is up and the fleet approves; until then the kit enrolls and buffers
+sealed records on SD and stick. A claimed kit has its certificate and the pinned fleet key in
+``<state_dir>/control/`` (`rekam provision status` for the details).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from firmware import config
-
-CLAIM_FILE = "claim.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,22 +63,28 @@ def board_serial(path: Path) -> str:
         return ""
 
 
-def claim_state(state_dir: Path) -> dict[str, Any]:
-    """{"claimed": bool, ...claim.json fields} (the file is written by the claim flow)."""
-    try:
-        data = json.loads((state_dir / "identity" / CLAIM_FILE).read_text())
-    except FileNotFoundError:
-        return {"claimed": False}
-    except (OSError, ValueError) as e:
-        return {"claimed": False, "error": f"unreadable {CLAIM_FILE}: {e}"}
-    return {"claimed": True, **(data if isinstance(data, dict) else {})}
+def claim_state(cfg: config.Config) -> dict[str, Any]:
+    """{"claimed": bool, "control_enabled": bool, ...claim.json fields} from the control-plane files."""
+    from firmware.provision import ControlPaths
+
+    paths = ControlPaths.of(cfg)
+    out: dict[str, Any] = {"claimed": paths.provisioned(), "control_enabled": bool(cfg.control.enabled)}
+    if out["claimed"]:
+        try:
+            data = json.loads(paths.claim_state.read_text())
+            out.update(data if isinstance(data, dict) else {})
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            out["error"] = f"unreadable {paths.claim_state}: {e}"
+    return out
 
 
 def _describe(cfg: Any, ident: Any, created: bool) -> dict[str, Any]:
     return {"kit_id": ident.kit_id, "public_key": ident.public_key_b64,
             "fingerprint": fingerprint(ident.public_key_raw), "created_now": created,
             "board_serial": board_serial(Path(cfg.kit.hardware_serial_file)), "site": cfg.kit.site,
-            "state_dir": str(cfg.state_dir), "claim": claim_state(cfg.state_dir)}
+            "state_dir": str(cfg.state_dir), "claim": claim_state(cfg)}
 
 
 def _print(info: dict[str, Any], as_json: bool) -> None:
@@ -91,11 +96,15 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
     print(f"fingerprint {info['fingerprint']}")
     print(f"board       {info['board_serial'] or '-'}   site {info['site'] or '-'}")
     c = info["claim"]
+    details = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("claimed", "control_enabled"))
     if c["claimed"]:
-        print(f"claimed     yes ({', '.join(f'{k}={v}' for k, v in c.items() if k != 'claimed') or 'no details'})")
+        print(f"claimed     yes ({details or 'no details'})")
+    elif c["control_enabled"]:
+        print("claimed     not claimed yet: rekamd claims by itself once the network is up and the fleet approves; "
+              "meanwhile the kit enrolls and buffers sealed records on SD and stick")
     else:
-        print("claimed     not claimed yet: the kit enrolls and buffers sealed records on SD and stick; "
-              "they are sent once the data center has claimed it" + (f" ({c['error']})" if "error" in c else ""))
+        print("claimed     not claimed yet, and [control] enabled = false: the kit will not claim; it enrolls and "
+              "buffers sealed records on SD and stick")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -110,7 +119,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"rekam: {e}", file=sys.stderr)
         return 1
     info = _describe(cfg, ident, created=not existed)
-    # The claim flow (provisioning) is not written yet; when it is, it runs here once the network is up.
+    # The claim runs in rekamd (it needs the network and retries for hours); nothing to wait for here.
     _print(info, args.json)
     return 0
 

@@ -26,7 +26,7 @@ def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     assert r.returncode == 0, r.stderr
     first = json.loads(r.stdout)
     assert first["created_now"] is True and first["kit_id"].startswith("rk-")
-    assert first["claim"] == {"claimed": False}
+    assert first["claim"] == {"claimed": False, "control_enabled": False}
     key = tmp_path / "sd" / "identity" / "kit.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     ident = identity.load(tmp_path / "sd")
@@ -38,10 +38,14 @@ def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     assert first["kit_id"] in r.stdout
     r = _rekam(cfg, "identity", "show", "--json")
     assert json.loads(r.stdout)["kit_id"] == first["kit_id"]
-    # Claimed (by the future claim flow): show reports it.
-    (tmp_path / "sd" / "identity" / "claim.json").write_text('{"claimed_at": "2026-01-01T00:00:00Z"}')
+    # Claimed (the files firmware.provision writes at the end of a claim): show reports it.
+    control = tmp_path / "sd" / "control"
+    control.mkdir()
+    for name in ("kit.crt", "tls.key", "fleet.pub"):
+        (control / name).write_text("x")
+    (control / "claim.json").write_text('{"claimed_at": 1767225600}')
     r = _rekam(cfg, "identity", "show")
-    assert "claimed     yes (claimed_at=2026-01-01T00:00:00Z)" in r.stdout
+    assert "claimed     yes (claimed_at=1767225600)" in r.stdout
 
 
 def test_broken_identity_is_reported(tmp_path: Path, corpus_dir: Path) -> None:

@@ -87,7 +87,8 @@ def test_rekamd_contract() -> None:
     assert get("StateDirectory") == ["rekam"] and get("ConfigurationDirectory") == ["rekam"]
     assert get("RuntimeDirectory") == ["rekam"]  # /run/rekam/usb-eject lives there
     assert get("ReadWritePaths") == ["-/media"]  # the parent of [usb] mount_point: see test_propagation.py
-    assert get("RestartPreventExitStatus") == ["78"]
+    assert get("RestartPreventExitStatus") == ["76 78"]
+    assert "EXIT_STATUS" in get("ExecStopPost")[0] and get("ExecStopPost")[0].startswith("+")
     assert shlex.split(get("ExecStart")[0])[1:] == ["--config", "/etc/rekam/rekam.toml"]
     assert "/run/rekam/usb-eject" in _directives("rekam-usb-eject.path", "PathExists")
 
@@ -176,3 +177,18 @@ def test_rekamd_syscalls_cover_what_the_daemon_does() -> None:
     for denied in ("mount", "umount2", "reboot", "init_module", "ptrace", "settimeofday", "clock_settime",
                    "swapon", "setuid", "chown", "bpf", "sched_setscheduler", "iopl"):
         assert denied not in allowed, denied
+
+
+@pytest.mark.parametrize("status, reboots", [("76", True), ("0", False), ("75", False), ("", False)])
+def test_reboot_hook_only_on_status_76(status: str, reboots: bool, tmp_path: Path) -> None:
+    """Run the unit's ExecStopPost shell line with a stand-in systemctl that records its arguments."""
+    line = _directives("rekamd.service", "ExecStopPost")[0].lstrip("+")
+    argv = shlex.split(line)
+    fake = tmp_path / "systemctl"
+    log = tmp_path / "calls"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    argv[-1] = argv[-1].replace("/usr/bin/systemctl", str(fake))
+    r = subprocess.run(argv, env={"EXIT_STATUS": status, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (log.read_text().strip() == "--no-block reboot") if reboots else not log.exists()
