@@ -192,3 +192,25 @@ def test_reboot_hook_only_on_status_76(status: str, reboots: bool, tmp_path: Pat
     r = subprocess.run(argv, env={"EXIT_STATUS": status, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (log.read_text().strip() == "--no-block reboot") if reboots else not log.exists()
+
+
+def test_ingest_command_line_from_env_file() -> None:
+    """rekam-ingest.service's ExecStart, with the shipped EnvironmentFile expanded as systemd does, parses."""
+    from provisioning.cli import build_parser as fleet_parser
+
+    env = dict(line.split("=", 1) for line in (SYSTEMD_DIR / "rekam-ingest.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    line = _directives("rekam-ingest.service", "ExecStart")[0]
+    assert _directives("rekam-ingest.service", "EnvironmentFile") == ["/etc/rekam/ingest.env"]
+    # ${VAR}: one argument; $VAR: split on white space (systemd.service(5), "Command lines").
+    argv: list[str] = []
+    for word in line.split():
+        if word.startswith("${"):
+            argv.append(env[word[2:-1]])
+        elif word.startswith("$"):
+            argv += env[word[1:]].split()
+        else:
+            argv.append(word)
+    assert Path(argv[0]).name == "rekam-fleet"
+    args = fleet_parser().parse_args(argv[1:])
+    assert args.archive == "/var/lib/rekam-dc" and args.broker == env["REKAM_BROKER"]
