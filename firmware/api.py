@@ -56,6 +56,22 @@ def create_app(kit: Kit) -> FastAPI:
         kit.store.eject()
         return {"ok": True}
 
+    @app.post("/api/v1/usb/export")
+    def usb_export(limit: int | None = Query(None, ge=1, le=100_000,
+                                             description="copy at most this many (callers loop for progress)")
+                   ) -> dict[str, Any]:
+        """Copy every live record the mounted stick lacks now (backfill); returns copied and remaining counts."""
+        from firmware.journal import LIVE
+
+        stick = kit.store.stick
+        if stick is None:
+            raise HTTPException(409, {"code": "no_stick", "message": "no USB stick is mounted: insert the stick"})
+        copied = kit.store.backfill(limit)
+        on_stick = kit.store.j.mirrored_on(stick.stick_id)
+        live = [r.id for r in kit.store.j.records() if r.state in LIVE]
+        return {"copied": copied, "remaining": sum(1 for r in live if r not in on_stick), "total": len(live),
+                "stick_id": stick.stick_id}
+
     @app.post("/api/v1/sim/commit")
     def sim_commit(req: SimCommit) -> dict[str, Any]:
         """Commit `count` simulated enrollments through the real store."""
@@ -80,4 +96,27 @@ def create_app(kit: Kit) -> FastAPI:
         from firmware.api_enroll import router
 
         app.include_router(router(kit.enrollment, kit.store, kit.hardware.get("sim_aliases") if kit.sim else None))
+    _mount_console(app)
     return app
+
+
+CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+
+
+def _mount_console(app: FastAPI) -> None:
+    """Serve the web console (firmware/web, static, no build step) at / with a strict CSP (mounted last)."""
+    from pathlib import Path
+
+    from fastapi.staticfiles import StaticFiles
+
+    @app.middleware("http")
+    async def security_headers(request: Any, call_next: Any) -> Any:
+        response = await call_next(request)
+        if not request.url.path.startswith("/api/v1/docs"):  # Swagger UI needs its own inline script
+            response.headers.setdefault("Content-Security-Policy", CSP)
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    web = Path(__file__).resolve().parent / "web"
+    if web.is_dir():
+        app.mount("/", StaticFiles(directory=web, html=True), name="console")

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "firmware.commands.quality",
     "firmware.commands.camera",
     "firmware.commands.identity",
+    "firmware.commands.enroll",
     "firmware.commands.provision",
 ]
 

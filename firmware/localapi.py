@@ -30,14 +30,18 @@ def daemon_url(state_dir: Path) -> str | None:
     return url
 
 
-def call(url: str, method: str, path: str, body: Any = None, timeout: float = 600) -> Any:
-    """One JSON request to the daemon."""
+def call(url: str, method: str, path: str, body: Any = None, timeout: float = 600, token: str | None = None,
+         raw: bool = False) -> Any:
+    """One JSON request to the daemon (`token`: an operator session; `raw`: return the body bytes)."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
+            body_bytes = r.read()
+            return body_bytes if raw else json.loads(body_bytes or b"null")
     except urllib.error.HTTPError as e:
         try:
             detail = json.loads(e.read()).get("detail")

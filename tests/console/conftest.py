@@ -1,0 +1,186 @@
+"""Fixtures for the operator interfaces: a real `rekamd --sim` subprocess with a temp config.
+
+The daemon runs the simulated sensor on a real pty (wire speed 0: no emulated UART time) and the
+simulated camera on corpus faces; tests talk to it over HTTP like the console and the CLI do.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.store.conftest import Tmpfs, dc_keys  # noqa: F401  (dc_keys: a session fixture reused here)
+
+REPO = Path(__file__).resolve().parents[2]
+SIM_TOML = REPO / "config" / "rekam-sim.toml"
+OPERATOR = ("demo", "123456")
+SUPERVISOR = ("spv", "654321")
+# Valid NIKs (province 32 Jawa Barat / 35 Jawa Timur); each test uses its own residents.
+NIK_MALE = "3201011505900001"  # born 15.05.1990
+NIK_FEMALE = "3578015505900002"  # day 55 = 15 + 40: a woman born 15.05.1990
+
+
+def _operators_block() -> str:
+    """The demo operators of config/rekam-sim.toml (PIN hashes only), reused verbatim."""
+    text = SIM_TOML.read_text()
+    return text[text.index("[operators]"):]
+
+
+@dataclass
+class Daemon:
+    """A running rekamd and an HTTP client on its API."""
+
+    proc: subprocess.Popen
+    root: Path
+    cfg: Path
+    url: str
+
+    @property
+    def sd(self) -> Path:
+        return self.root / "sd"
+
+    @property
+    def usb(self) -> Path:
+        return self.root / "usb"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def signin(self, who: tuple[str, str] = OPERATOR) -> httpx.Client:
+        """A client signed in as `who` (Bearer token)."""
+        c = self.client()
+        r = c.post("/api/v1/auth/signin", json={"operator_id": who[0], "pin": who[1]})
+        assert r.status_code == 200, r.text
+        c.headers["Authorization"] = f"Bearer {r.json()['token']}"
+        return c
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stderr.read() if self.proc.stderr else ""
+
+
+def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
+                 dedup: list[str] | None = None, extra: str = "", sd: Path | None = None) -> Path:
+    """A kit config in `root` (SD = root/sd unless `sd`, USB = root/usb, API on a free port)."""
+    (root / "usb").mkdir(exist_ok=True)
+    fingers = fingers if fingers is not None else ["R1", "R2"]
+    dedup = dedup if dedup is not None else ["R2"]
+    cfg = root / "rekam.toml"
+    cfg.write_text(f"""
+[kit]
+state_dir = "{sd or root / 'sd'}"
+site = "test-site"
+[datacenter]
+public_key_files = ["{dc_pub}"]
+[usb]
+mount_point = "{root / 'usb'}"
+require_mountpoint = false
+poll_seconds = 0.2
+[store]
+reserve_floor_mb = 1
+journal_reserve_mb = 1
+max_record_mb = 2
+[api]
+port = 0
+[simulation]
+corpus_dir = "{corpus}"
+sensor_wire_speed = 0
+[camera]
+backend = "sim"
+[enrollment]
+fingers = {json.dumps(fingers)}
+dedup_fingers = {json.dumps(dedup)}
+{extra}
+{_operators_block()}
+""")
+    return cfg
+
+
+def start_daemon(root: Path, cfg: Path, sd: Path | None = None) -> Daemon:
+    """Start rekamd --sim on `cfg` and wait for its API."""
+    p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
+                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+    api = (sd or root / "sd") / "api.json"
+    deadline = time.monotonic() + 60
+    while not api.exists():
+        if p.poll() is not None:
+            pytest.fail(f"rekamd exited with {p.returncode}: {p.stderr.read() if p.stderr else ''}")
+        if time.monotonic() > deadline:
+            p.kill()
+            pytest.fail("rekamd did not start within 60 s")
+        time.sleep(0.05)
+    return Daemon(p, root, cfg, json.loads(api.read_text())["url"])
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> Iterator[Any]:
+    """`make_daemon(fingers=[...], dedup=[...], extra="toml", sd=Path)` starts a daemon; stopped at teardown."""
+    started: list[Daemon] = []
+
+    def make(**kw: Any) -> Daemon:
+        sd = kw.get("sd")
+        cfg = write_config(tmp_path, dc_keys["pub_path"], corpus_dir, **kw)
+        d = start_daemon(tmp_path, cfg, sd)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: Any) -> Daemon:
+    """A daemon capturing R1 and R2 (R2 in the duplicate library)."""
+    return make_daemon()
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Tmpfs]:
+    t = Tmpfs()
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+def enroll(c: httpx.Client, nik: str, override_reason: str = "", commit: bool = True) -> dict[str, Any]:
+    """Drive one whole enrollment through the API; returns the receipt (or the state before commit)."""
+    r = c.post("/api/v1/enrollment", json={"nik": nik, "override_reason": override_reason})
+    assert r.status_code == 200, r.text
+    state = r.json()
+    for _ in range(40):
+        step = state["step"]
+        if step == "face":
+            r = c.post("/api/v1/enrollment/face")
+        elif step.startswith("finger:"):
+            r = c.post(f"/api/v1/enrollment/fingers/{step[7:]}")
+        elif step == "dupcheck":
+            r = c.post("/api/v1/enrollment/dupcheck")
+        else:
+            break
+        assert r.status_code == 200, r.text
+        state = c.get("/api/v1/enrollment").json()
+    else:
+        pytest.fail(f"enrollment did not reach review: {state}")
+    if not commit:
+        return state
+    assert state["step"] == "review", state
+    r = c.post("/api/v1/enrollment/commit")
+    assert r.status_code == 200, r.text
+    return r.json()
