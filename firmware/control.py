@@ -153,6 +153,7 @@ class RemoteConfig:
         except config.ConfigError as e:
             raise Refused("invalid", "; ".join(e.problems)) from None
         cfg = config.Config(cfg.raw, self.local.source, self.local.base_dir)  # keeps pointing at the local file
+        cfg = self._with_claimed_identity(cfg)
         changed = sorted(f"{s}.{k}" for s in cfg.raw for k in cfg.raw[s] if cfg.raw[s][k] != running.raw[s].get(k))
         return Candidate(v, bytes(data), cfg, changed)
 
@@ -292,6 +293,7 @@ class RemoteConfig:
                 log.error("remote config unusable file=%s version=%d error=%s", name, version, e)
                 if name == "current.json":
                     self.rollback(f"stored document unusable: {e}")
+        cfg = self._with_claimed_identity(cfg)
         ops = _read_json(self.dir / "operators.json", None)
         if ops is not None:
             raw = cfg.as_toml_dict()
@@ -301,6 +303,20 @@ class RemoteConfig:
             except config.ConfigError as e:
                 log.error("operators set by command are invalid, ignored: %s", e)
         return cfg
+
+    def _with_claimed_identity(self, cfg: config.Config) -> config.Config:
+        """Once claimed, the record relay uses the kit certificate too (unless [relay] names its own)."""
+        relay = cfg.raw.get("relay")
+        if relay is None or not relay.get("brokers") or relay.get("cert_file") or not self.paths.provisioned():
+            return cfg
+        raw = cfg.as_toml_dict()
+        raw["relay"].update(cert_file=str(self.paths.cert), key_file=str(self.paths.tls_key),
+                            ca_file=relay.get("ca_file") or str(self.paths.ca))
+        try:
+            return config.Config(config.validate(raw, cfg.source, cfg.base_dir).raw, cfg.source, cfg.base_dir)
+        except config.ConfigError as e:
+            log.error("cannot give the relay the kit certificate: %s", e)
+            return cfg
 
     def set_operators(self, running: config.Config, operators: Any) -> config.Config:
         """Validate and persist an operators list set by command; returns the new running config."""
@@ -569,15 +585,18 @@ class ControlPlane:
             return
         self.kit.store.j.audit("claimed", "fleet", fleet_key=cp.key_fingerprint(self.paths.fleet_key.read_text()))
         self._offer_config(doc, "claim")
+        relay = self.cfg.raw.get("relay") or {}
+        if relay.get("brokers") and not relay.get("cert_file") and self.exit_requested is None:
+            self.request_exit(EX_RESTART, "claimed: restart so the record relay uses the kit certificate")
 
     def _session(self) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         c = self.cfg.control
-        brokers = list(c.brokers)
+        brokers = control_brokers(self.cfg)
         if not brokers:
-            log.error("control.brokers is empty; control plane idle")
+            log.error("no control brokers (control.brokers empty and no mqtts:// relay.brokers); control plane idle")
             self.stop_event.wait(60)
             return
         kit = self.identity.kit_id
@@ -851,6 +870,9 @@ class ControlPlane:
         if name == "sync":
             relay = (getattr(self.kit, "services", None) or {}).get("relay")
             fn = getattr(relay, "sync_now", None) or getattr(relay, "wake", None)
+            wake = getattr(relay, "_wake", None)  # firmware.relay.Relay has no public wake-up yet
+            if fn is None and isinstance(wake, threading.Event):
+                fn = wake.set
             if fn is None:
                 raise Refused("no_relay", "no record relay is running on this kit")
             fn()
@@ -939,7 +961,8 @@ class ControlPlane:
             "kit_id": self.identity.kit_id,
             "at": int(time.time()),
             "media": [{"name": m["name"], "present": m.get("present", True), "free_bytes": m.get("free_bytes"),
-                       "level": m.get("level"), "records_fit": m.get("records_fit")} for m in st["media"]],
+                       "total_bytes": m.get("total_bytes"), "records_left": m.get("records_left"),
+                       "level": m.get("level"), "reason": m.get("reason", "")} for m in st["media"]],
             "guard": {"level": guard["level"], "reasons": guard["reasons"]},
             "halted": guard["level"] == "HALT",
             "halt_reasons": guard["reasons"] if guard["level"] == "HALT" else [],
@@ -959,6 +982,21 @@ class ControlPlane:
             "control": {"refused": dict(self.stats.refused), "commands": self.stats.commands,
                         "connects": self.stats.connects},
         }
+
+
+def control_brokers(cfg: config.Config) -> list[str]:
+    """host:port list for the control connection: ``control.brokers``, else the relay's mqtts:// brokers
+    (same brokers, same fleet CA; the control plane only ever uses TLS with the kit certificate)."""
+    if cfg.control.brokers:
+        return list(cfg.control.brokers)
+    from urllib.parse import urlsplit
+
+    out = []
+    for url in (cfg.raw.get("relay") or {}).get("brokers", []):
+        u = urlsplit(url)
+        if u.scheme == "mqtts" and u.hostname:
+            out.append(f"{u.hostname}:{u.port or 8883}")
+    return out
 
 
 def cpu_temperature(path: Path = Path("/sys/class/thermal/thermal_zone0/temp")) -> float | None:

@@ -175,7 +175,7 @@ def make_kit(root: Path, cfg_path: Path) -> KitHarness:
     return KitHarness(root, cfg_path, local, cfg, ident, store, enr)
 
 
-def write_kit_config(root: Path, fleet: Fleet, broker: Broker, **control: Any) -> Path:
+def write_kit_config(root: Path, fleet: Fleet, broker: Broker, extra: str = "", **control: Any) -> Path:
     """A kit config file as a technician would write it (TOML), pointing at the test broker."""
     root.mkdir(parents=True, exist_ok=True)
     _, pub = record_format.generate_datacenter_keypair()
@@ -203,7 +203,7 @@ def write_kit_config(root: Path, fleet: Fleet, broker: Broker, **control: Any) -
              "[operators]", f'list = [{{id = "op1", name = "Op One", pin_hash = {val(PIN_HASH)}}}]',
              "[control]"] + [f"{k} = {val(v)}" for k, v in c.items()]
     p = root / "rekam.toml"
-    p.write_text("\n".join(lines) + "\n")
+    p.write_text("\n".join(lines) + "\n" + extra)
     return p
 
 
@@ -212,8 +212,8 @@ def new_kit(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable[.
     """Factory: a fresh, unclaimed kit (`allow=True` puts it on the fleet's allow-list first)."""
     made: list[KitHarness] = []
 
-    def make(name: str = "kit", allow: bool = True, **control: Any) -> KitHarness:
-        k = make_kit(tmp_path / name, write_kit_config(tmp_path / name, fleet, broker, **control))
+    def make(name: str = "kit", allow: bool = True, extra: str = "", **control: Any) -> KitHarness:
+        k = make_kit(tmp_path / name, write_kit_config(tmp_path / name, fleet, broker, extra, **control))
         if allow:
             with open(fleet.data / "allowlist.txt", "a") as f:
                 f.write(k.identity.kit_id + "\n")

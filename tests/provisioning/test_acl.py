@@ -15,6 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware import control_protocol as cp
+from firmware import protocol as proto
 from provisioning import ca
 
 NOT_AUTHORIZED = 0x87
@@ -90,17 +91,21 @@ def test_kit_cannot_act_as_another_kit(probes) -> None:
     assert f.publish(cp.config_topic("rk-aclbbbb"), b"config-for-b", retain=True) < 0x80
     for p in (a, b):
         p.subscribe(cp.config_topic("rk-aclbbbb"))
-        p.subscribe("rekam/v1/rk-aclbbbb/acks/#")
+        p.subscribe(proto.ack_topic("rk-aclbbbb"))
         p.subscribe(cp.telemetry_topic("rk-aclbbbb"))
-    assert f.publish("rekam/v1/rk-aclbbbb/acks/r1", b"ack-for-b") < 0x80
+    assert f.publish(proto.ack_topic("rk-aclbbbb"), b"ack-for-b") < 0x80
     # A's own topics work ...
     assert a.publish(cp.telemetry_topic("rk-aclaaaa")) < 0x80
     assert a.publish(cp.status_topic("rk-aclaaaa")) < 0x80
     assert a.publish(cp.result_topic("rk-aclaaaa")) < 0x80
     assert a.publish(cp.config_state_topic("rk-aclaaaa")) < 0x80
+    for topic in (proto.announce_topic("rk-aclaaaa"), proto.chunk_topic("rk-aclaaaa"),
+                  proto.relay_telemetry_topic("rk-aclaaaa")):
+        assert a.publish(topic) < 0x80, topic
     # ... but never B's, never a config, never a command (its own or B's).
     for topic in (cp.telemetry_topic("rk-aclbbbb"), cp.status_topic("rk-aclbbbb"), cp.result_topic("rk-aclbbbb"),
-                  cp.config_state_topic("rk-aclbbbb"), "rekam/v1/rk-aclbbbb/records/r1",
+                  cp.config_state_topic("rk-aclbbbb"), proto.chunk_topic("rk-aclbbbb"),
+                  proto.announce_topic("rk-aclbbbb"), proto.ack_topic("rk-aclbbbb"), proto.ack_topic("rk-aclaaaa"),
                   cp.config_topic("rk-aclaaaa"), cp.config_topic("rk-aclbbbb"),
                   cp.cmd_topic("rk-aclaaaa"), cp.cmd_topic("rk-aclbbbb"), "rekam/v1/rk-aclbbbb/cmd/x",
                   cp.claim_request_topic("claim-test", "rk-aclaaaa"), "rekam/v1/anything"):
@@ -110,7 +115,7 @@ def test_kit_cannot_act_as_another_kit(probes) -> None:
     got_b = {t: p for t, p in b.messages}
     assert got_a == set(), f"kit A read {got_a}"
     assert got_b[cp.config_topic("rk-aclbbbb")] == b"config-for-b"
-    assert got_b["rekam/v1/rk-aclbbbb/acks/r1"] == b"ack-for-b"
+    assert got_b[proto.ack_topic("rk-aclbbbb")] == b"ack-for-b"
     assert cp.telemetry_topic("rk-aclbbbb") not in got_b  # A's attempt never reached anyone
     assert f.publish(cp.config_topic("rk-aclbbbb"), b"", retain=True) < 0x80  # clear the retained message
 
@@ -125,7 +130,7 @@ def test_claim_credential_only_reaches_claim_topics(probes, fleet) -> None:
     for topic in (cp.claim_request_topic("claim-test", "rk-claimbbb"),  # not its client id
                   cp.claim_request_topic("claim-other", "rk-claimaaa"),  # not its user name
                   cp.telemetry_topic("rk-claimaaa"), cp.config_topic("rk-claimaaa"), cp.cmd_topic("rk-claimaaa"),
-                  "rekam/v1/rk-claimaaa/records/x"):
+                  proto.announce_topic("rk-claimaaa")):
         assert c.publish(topic) == NOT_AUTHORIZED, topic
     assert f.publish(cp.claim_response_topic("claim-test", "rk-claimaaa"), b"answer") < 0x80
     time.sleep(0.5)

@@ -51,3 +51,21 @@ def test_claim_response_forged_by_wrong_key_is_refused(new_kit, fleet, tmp_path)
         raise AssertionError("a response from another fleet key was accepted")
     except ClaimError as e:
         assert e.reason == "wrong_fleet_key"
+
+
+def test_claim_with_relay_brokers_only(new_kit, fleet, broker, service) -> None:
+    """No [control] brokers: the control plane uses the relay's mqtts:// brokers, and after the claim
+    the daemon restarts so the relay runs with the kit certificate."""
+    from firmware.control import EX_RESTART, control_brokers
+
+    k = new_kit(brokers=[], extra=f'[relay]\nbrokers = ["mqtts://127.0.0.1:{broker.port}"]\n')
+    assert control_brokers(k.cfg) == [f"127.0.0.1:{broker.port}"]
+    assert k.cfg.relay.cert_file == ""
+    k.start_control()
+    assert k.exited.wait(20) and k.exits == [EX_RESTART]
+    k2 = k.restart()
+    paths = ControlPaths.of(k2.cfg)
+    assert (k2.cfg.relay.cert_file, k2.cfg.relay.key_file) == (str(paths.cert), str(paths.tls_key))
+    ctl = k2.start_control()
+    wait_for(ctl.connected.is_set, 10, "connected through the relay's broker list")
+    k2.stop()
