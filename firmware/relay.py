@@ -42,6 +42,7 @@ from firmware.uplink import Uplink, UplinkSettings, backoff_delay
 
 log = logging.getLogger(__name__)
 
+MQTT_ERR_PROTOCOL = 2  # paho.mqtt.enums.MQTTErrorCode.MQTT_ERR_PROTOCOL (0x82: the same as a reason code)
 SIZE_REFUSALS = {0x83, 0x95, 0x97}  # implementation specific, packet too large, quota exceeded
 MARK_BATCH = 128
 MARK_EVERY_S = 0.25
@@ -127,6 +128,7 @@ class Relay:
         self._cursor = -1
         self._refill = True
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
+        self._broker_url = ""
         self._to_sent: list[str] = []
         self._to_acked: list[str] = []
         self._last_mark = time.monotonic()
@@ -134,7 +136,7 @@ class Relay:
         self._pubs = TokenBucket(self.r.publishes_per_s, max(1.0, self.r.publishes_per_s / 4))
         # Counters (read by status() from other threads: ints only).
         self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
-                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "read_errors": 0}
+                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "read_errors": 0, "chunk_shrinks": 0}
         self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
         self._status_cache: dict[str, Any] = {}
         self._status_at = 0.0
@@ -323,8 +325,29 @@ class Relay:
                 self._on_puback(e.mid, e.reason)
             elif e.kind == "message":
                 self._on_message(e.topic, e.payload)
-            elif e.kind in ("connected", "disconnected"):
+            elif e.kind == "connected":
+                self._broker_url = e.detail
                 self._reset_transfers()
+            elif e.kind == "disconnected":
+                self._on_connection_lost(e.reason)
+                self._reset_transfers()
+
+    def _on_connection_lost(self, rc: int) -> None:
+        """A protocol error while chunks were in flight: most likely a size refusal the client could not parse.
+
+        mosquitto 2.0 answers a PUBLISH above ``message_size_limit`` with PUBACK 0x95, which is not a
+        valid PUBACK reason in MQTT 5; paho then drops the connection with MQTT_ERR_PROTOCOL. Halving
+        the chunk size for that broker is harmless when the cause was something else.
+        """
+        if rc not in (MQTT_ERR_PROTOCOL, 0x82) or not self._mids or not self._broker_url:
+            return
+        size = max((t.chunk_size for t in self._active.values()), default=0)
+        if size > proto.MIN_CHUNK_BYTES:
+            new = max(proto.MIN_CHUNK_BYTES, size // 2)
+            self._chunk_cap[self._broker_url] = new
+            self.counters["chunk_shrinks"] += 1
+            log.warning("relay protocol error with chunks in flight broker=%s chunk_bytes=%d; now %d "
+                        "(broker message size limit?)", self._broker_url, size, new)
 
     def _reset_transfers(self) -> None:
         """Forget everything handed to paho: it is resent from the store on the next connection."""
@@ -376,6 +399,7 @@ class Relay:
         if t.failed in SIZE_REFUSALS and t.chunk_size > proto.MIN_CHUNK_BYTES and b is not None:
             new = max(proto.MIN_CHUNK_BYTES, t.chunk_size // 2)
             self._chunk_cap[b.url] = new
+            self.counters["chunk_shrinks"] += 1
             log.warning("relay broker refused chunk size broker=%s chunk_bytes=%d reason_code=0x%02x; now %d",
                         b.url, t.chunk_size, t.failed, new)
             self._wait(t.record_id, t.seq, 0.0, attempts)

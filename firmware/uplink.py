@@ -218,7 +218,7 @@ class Uplink:
         log.warning("uplink broker unavailable broker=%s error=%s", b.url, why)
         self._drop_client()
 
-    def _drop_client(self) -> None:
+    def _drop_client(self, rc: int = 0) -> None:
         c, self.client = self.client, None
         was = self.state == "connected"
         self.state = "disconnected"
@@ -234,7 +234,7 @@ class Uplink:
                 pass
         if was:
             self.since = iso()
-            self.events.append(Event("disconnected", detail=self.last_error))
+            self.events.append(Event("disconnected", reason=rc, detail=self.last_error))
 
     def connect_round(self, start: int = 0) -> bool:
         """Try the brokers in priority order from `start`; schedule the next round if all fail."""
@@ -271,14 +271,16 @@ class Uplink:
             self.last_error = f"{self.s.brokers[self.index].url}: connection lost ({mqtt.error_string(rc)})"
             log.warning("uplink disconnected broker=%s error=%s", self.s.brokers[self.index].url,
                         mqtt.error_string(rc))
-            self._drop_client()
+            self._drop_client(rc)
             self._next_attempt = time.monotonic() + backoff_delay(0, self.s.backoff_min_s, self.s.backoff_max_s,
                                                                   self.rng)
             return
-        if any(e.kind == "disconnected" for e in self.events) and self.state == "connected":
-            self.last_error = f"{self.s.brokers[self.index].url}: broker closed the connection"
+        lost = [e for e in self.events if e.kind == "disconnected"]
+        if lost and self.state == "connected":
+            self.last_error = f"{self.s.brokers[self.index].url}: connection closed ({lost[0].detail})"
+            log.warning("uplink disconnected broker=%s reason=%s", self.s.brokers[self.index].url, lost[0].detail)
             self.events = deque(e for e in self.events if e.kind != "disconnected")
-            self._drop_client()
+            self._drop_client(lost[0].reason)
             self._next_attempt = time.monotonic()
             return
         if self.index > 0 and now >= self._next_probe:
