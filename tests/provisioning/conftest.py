@@ -28,6 +28,7 @@ from provisioning import ca
 from provisioning.fleet import Fleet, FleetService
 
 MOSQUITTO = "/usr/sbin/mosquitto"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PIN_HASH = hash_pin("2468")
 
 
