@@ -158,6 +158,12 @@ class Archive:
             row = self.conn.execute("SELECT sha256 FROM records WHERE record_id = ?", (record_id,)).fetchone()
         return row[0] if row else None
 
+    def lookup(self, record_id: str) -> tuple[str, str] | None:
+        """(sha256, kit_id) of an archived record, or None."""
+        with self._lock:
+            row = self.conn.execute("SELECT sha256, kit_id FROM records WHERE record_id = ?", (record_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def count(self, kit_id: str | None = None) -> int:
         with self._lock:
             if kit_id:
@@ -192,8 +198,7 @@ class Archive:
         rid = expect_record_id or "?"
         if expect_sha256 is not None and sha != expect_sha256:
             raise ArchiveError(f"record {rid}: bytes hash to {sha[:12]}, sender announced {expect_sha256[:12]}")
-        known = self.has(rid) if expect_record_id else None
-        if known == sha:
+        if expect_record_id and self.lookup(rid) == (sha, kit_id):
             return StoreResult("duplicate", rid, sha)
         trusted = self.kit_key(kit_id)
         try:
@@ -215,7 +220,7 @@ class Archive:
         rid = h.record_id
         known = self.has(rid)
         if known == sha:
-            return StoreResult("duplicate", rid, sha)
+            return StoreResult("duplicate", rid, sha)  # (its kit was checked above: header and signature)
         if known is not None:
             # Same id, other bytes: keep both files, never overwrite the archived one.
             cpath = self.root / "conflicts" / f"{rid}.{sha[:16]}{rf.FILE_SUFFIX}"
