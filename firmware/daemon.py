@@ -60,6 +60,11 @@ class Kit:
         self._start_control()
         self._start_api()
         self._spawn("maintenance", self._maintenance_loop)
+        if self.cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
+            from firmware.relay import Relay
+
+            self.services["relay"] = Relay(self.store, self.cfg, self.stop)
+            self.services["relay"].start()
 
     def _start_enrollment(self) -> None:
         from firmware.dedup import DuplicateChecker, nik_key
@@ -127,6 +132,8 @@ class Kit:
                     obj.close() if hasattr(obj, "close") else obj.stop()
                 except Exception as e:
                     log.warning("closing %s failed error=%s", name, e)
+        if "relay" in self.services:
+            self.services["relay"].close()  # flushes its journal marks: before the store closes
         self.store.close()
         try:
             (self.cfg.state_dir / "api.json").unlink()

@@ -110,6 +110,18 @@ def print_status(st: dict[str, Any]) -> None:
     print(f"backlog: {rec['stored']['records'] + rec['sent']['records']} records, {unacked / MIB:.1f} MiB; "
           f"oldest unacknowledged: {st['oldest_unacked'] or '-'}")
     print(f"mirror lag: {st['mirror_lag']['records']} records on no stick")
+    up = st.get("relay")
+    if isinstance(up, dict) and "state" in up:
+        where = f"{up['broker']} (priority {up['broker_priority']})" if up.get("broker") else "no broker"
+        c = up.get("counters", {})
+        print(f"uplink: {up['state']} to {where} since {up.get('since', '-')}; sent {c.get('records_sent', 0)}, "
+              f"acked {c.get('records_acked', 0)}, rejected {c.get('records_rejected', 0)}")
+        if up.get("oldest_unacked_age_s") is not None:
+            print(f"  oldest unacknowledged record is {up['oldest_unacked_age_s'] / 3600:.1f} h old")
+        if up.get("last_error") and up["state"] != "connected":
+            print(f"  ! {up['last_error']}")
+    elif st.get("daemon", {}).get("version"):
+        print("uplink: not configured ([relay] brokers is empty): records stay on the kit and its stick")
     for m in st["media"]:
         if not m["present"]:
             print(f"  {m['name']:4s} absent   {m['level']:4s} {m['reason']}")
