@@ -192,5 +192,5 @@ def test_last_will_marks_kit_offline(online_kit, fleet) -> None:
     k.control._client.socket().shutdown(socket.SHUT_RDWR)  # the link dies without a DISCONNECT
     wait_for(lambda: fleet.kit(kid)["online"] == "offline", 10, "Last Will: offline")
     wait_for(lambda: fleet.kit(kid)["online"] == "online", 15, "back online after reconnect")
-    t = json.loads(fleet.kit(kid)["telemetry"])
-    assert t["control"]["connects"] >= 2
+    wait_for(lambda: json.loads(fleet.kit(kid)["telemetry"])["control"]["connects"] >= 2, 5,
+             "telemetry from the second connection")
