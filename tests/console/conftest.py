@@ -159,11 +159,16 @@ def tmpfs() -> Iterator[Tmpfs]:
         t.cleanup()
 
 
-def enroll(c: httpx.Client, nik: str, override_reason: str = "", commit: bool = True) -> dict[str, Any]:
-    """Drive one whole enrollment through the API; returns the receipt (or the state before commit)."""
-    r = c.post("/api/v1/enrollment", json={"nik": nik, "override_reason": override_reason})
-    assert r.status_code == 200, r.text
-    state = r.json()
+def enroll(c: httpx.Client, nik: str, override_reason: str = "", commit: bool = True,
+           start: bool = True) -> dict[str, Any]:
+    """Drive one whole enrollment through the API (`start=False`: the one in progress); returns the receipt,
+    or the state where it stopped (review, supervisor) when `commit` is False."""
+    if start:
+        r = c.post("/api/v1/enrollment", json={"nik": nik, "override_reason": override_reason})
+        assert r.status_code == 200, r.text
+        state = r.json()
+    else:
+        state = c.get("/api/v1/enrollment").json()
     for _ in range(40):
         step = state["step"]
         if step == "face":
