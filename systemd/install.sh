@@ -14,6 +14,8 @@ set -eu
 ACTION=${1:-install}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 DESTDIR=${DESTDIR:-}
+# Absolute and without a trailing slash: the staged venv's paths are rewritten by plain substitution.
+if [ -n "$DESTDIR" ]; then DESTDIR=$(realpath -m "$DESTDIR"); fi
 PYTHON=${PYTHON:-/usr/bin/python3}
 ROLE=${REKAM_ROLE:-kit}
 PIP_ARGS=${REKAM_PIP_ARGS:-}

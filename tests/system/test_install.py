@@ -150,3 +150,13 @@ def test_make_deb(tmp_path: Path) -> None:
     assert "install -d -m 0700 -o rekam -g rekam /var/lib/rekam" in (ctl / "postinst").read_text()
     for script in ("postinst", "prerm", "postrm"):
         assert subprocess.run(["sh", "-n", str(ctl / script)]).returncode == 0
+
+
+def test_destdir_relative_with_trailing_slash(tmp_path: Path) -> None:
+    """DESTDIR=stage/ (relative, trailing slash) stages the same runnable tree."""
+    env = {**os.environ, "REKAM_PIP_ARGS": "--no-deps", "DESTDIR": "stage/"}
+    r = subprocess.run(["sh", str(REPO / "systemd/install.sh"), "install"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rekamd = tmp_path / "stage/opt/rekam/venv/bin/rekamd"
+    assert rekamd.read_text().splitlines()[0] == "#!/opt/rekam/venv/bin/python"
