@@ -145,3 +145,31 @@ def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path
         p.wait(timeout=10)
         sock.close()
         os.unlink(sock_path)
+
+
+def test_watchdog_abort_leaves_python_stacks(tmp_path: Path, corpus_dir: Path) -> None:
+    """With the unit's Environment= (PYTHONFAULTHANDLER), the watchdog's SIGABRT logs every thread's stack."""
+    import shlex
+
+    unit_env: dict[str, str] = {}
+    for line in (REPO / "systemd" / "rekamd.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            unit_env.update(w.split("=", 1) for w in shlex.split(line.split("=", 1)[1]))
+    assert unit_env.get("PYTHONFAULTHANDLER") == "1"
+    assert signal.Signals[[ln.split("=", 1)[1] for ln in (REPO / "systemd" / "rekamd.service").read_text()
+                           .splitlines() if ln.startswith("WatchdogSignal=")][0]] == signal.SIGABRT
+    cfg = write_kit_config(tmp_path, corpus_dir)
+    env = {**os.environ, **{k: v for k, v in unit_env.items() if k != "LG_WD"}}
+    p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"], env=env, cwd=REPO,
+                         stderr=subprocess.PIPE, text=True)
+    api = tmp_path / "sd" / "api.json"
+    deadline = time.monotonic() + 60
+    while not api.exists():
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGABRT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err
+    assert err.count("Thread 0x") >= 2  # the main thread and the service threads
+    assert 'firmware/daemon.py", line' in err
