@@ -1,0 +1,185 @@
+"""The web console in a real headless Chromium (Playwright) against a real `rekamd --sim`.
+
+Screenshots of each main view at the kiosk size (800x480) and one at a phone size (360x640) go to
+a temp folder (path printed; kept by pytest's tmp_path) for a human look at the layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.console.conftest import NIK_MALE, OPERATOR, Daemon
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is not installed: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def capture_once(page: Any) -> None:
+    """Tap the capture button and wait for the answer."""
+    page.click("#capture-go")
+    page.wait_for_function("() => !document.getElementById('capture-go').disabled "
+                           "|| document.getElementById('capture').hidden", timeout=30_000)
+
+
+def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: Path) -> None:
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots in {shots}")
+    ctx = browser.new_context(viewport={"width": 800, "height": 480}, has_touch=True)
+    page = ctx.new_page()
+    problems: list[str] = []
+    # HTTP errors the test provokes (wrong PIN, bad NIK, no session yet) are logged as failed loads: expected.
+    page.on("console", lambda m: problems.append(m.text)
+            if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("dialog", lambda d: d.accept())
+    resp = page.goto(daemon.url + "/")
+    assert resp is not None and resp.status == 200
+    assert "default-src 'self'" in resp.headers["content-security-policy"]
+
+    # Sign-in: a wrong PIN shows the API's message, the right one opens the enrollment view.
+    page.fill("#signin-id", OPERATOR[0])
+    page.fill("#signin-pin", "999999")
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#signin-msg:has-text('wrong operator id or PIN')")
+    page.screenshot(path=str(shots / "1-signin.png"))
+    page.fill("#signin-pin", OPERATOR[1])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#view-enroll:not([hidden])")
+    assert "Demo Operator" in page.inner_text("#who")
+    assert "NIK" in page.inner_text("#prompt")
+
+    # A bad NIK: exactly the API's message.
+    page.fill("#nik", "3201011505900000")
+    page.click("#nik-start")
+    page.wait_for_selector("#nik-msg:has-text('serial number (digits 13-16) must not be 0000')")
+    page.screenshot(path=str(shots / "2-nik-error.png"))
+
+    page.fill("#nik", NIK_MALE)
+    page.click("#nik-start")
+    page.wait_for_selector("#enroll-active:not([hidden])")
+    assert page.inner_text("#enroll-nik") == "NIK 320101******0001"
+    assert "camera" in page.inner_text("#prompt")
+    page.click("#capture-go")  # face
+    page.wait_for_selector("#capture-title:has-text('R1')")
+    page.screenshot(path=str(shots / "3-face-done-next-finger.png"))
+    assert "RIGHT THUMB" in page.inner_text("#prompt")
+    assert page.inner_text("#fb-badge") in ("ACCEPTED", "KEPT BEST (low quality)", "RETAKE")
+    for code in ("R1", "R2"):
+        page.wait_for_selector(f"#capture-title:has-text('{code}')")
+        capture_once(page)
+        if code == "R1":
+            page.wait_for_selector("#preview:not([hidden])")
+            assert re.search(r"R1 score \d+ · attempt 1", page.inner_text("#fb-score"))
+            # The preview is really served (cookie session) and decoded by the browser.
+            assert page.evaluate("() => document.getElementById('preview').complete "
+                                 "&& document.getElementById('preview').naturalWidth") > 100
+            page.screenshot(path=str(shots / "4-finger-feedback.png"))
+        for _ in range(3):  # retakes (the policy keeps the best of 3): the prompt says why, tap again
+            if code not in page.inner_text("#capture-title") or page.is_hidden("#capture"):
+                break
+            assert "Retake" in page.inner_text("#prompt") or "no finger" in page.inner_text("#prompt")
+            capture_once(page)
+    # Duplicate check runs by itself, then the review.
+    page.wait_for_selector("#review:not([hidden])", timeout=30_000)
+    assert "No match" in page.inner_text("#dup-result") or page.is_hidden("#dup")
+    table = page.inner_text("#review-table")
+    assert "right thumb" in table and "right index" in table
+    page.screenshot(path=str(shots / "5-review.png"))
+    page.click("#commit")
+    page.wait_for_selector("#receipt:not([hidden])")
+    rid = page.inner_text("#rc-id")
+    assert re.fullmatch(r"rk-[a-z0-9]+-\d{8}-\d{8}T\d{6}Z", rid)
+    assert "USB stick" in page.inner_text("#rc-mirror")
+    page.wait_for_function("() => document.getElementById('rc-qr').complete "
+                           "&& document.getElementById('rc-qr').naturalWidth > 50")
+    assert page.get_attribute("#rc-pdf", "href") == f"/api/v1/receipts/{rid}.pdf"
+    pdf = ctx.request.get(daemon.url + f"/api/v1/receipts/{rid}.pdf")
+    assert pdf.ok and pdf.body()[:5] == b"%PDF-"
+    page.screenshot(path=str(shots / "6-receipt.png"))
+    assert [p.stem for p in (daemon.sd / "records").glob("*.rkm")] == [rid]
+
+    # Status: a capacity bar per medium, guard, uplink, backlog.
+    page.click("button[data-view=status]")
+    page.wait_for_selector("#st-media .bar")
+    assert page.locator("#st-media .medium").count() == 2
+    text = page.inner_text("#view-status")
+    assert "Capture: OK" in text and "Uplink" in text and "Oldest unacknowledged" in text
+    page.screenshot(path=str(shots / "7-status.png"), full_page=True)
+
+    # Today's records.
+    page.click("button[data-view=records]")
+    page.wait_for_selector(f"#rec-body td:has-text('{rid}')")
+    assert "1 record(s) today" in page.inner_text("#rec-summary")
+    page.screenshot(path=str(shots / "8-records.png"))
+
+    page.click("button[data-view=enroll]")
+    page.click("#rc-next")
+    assert "NIK" in page.inner_text("#prompt")
+    # Alerts: the stick is pulled (its folder goes away) -> the banner says so at the next status poll.
+    daemon.usb.rename(daemon.root / "usb-pulled")
+    page.wait_for_selector("#alerts .banner:has-text('USB stick missing')", timeout=15_000)
+    page.screenshot(path=str(shots / "8b-alert.png"))
+
+    # Phone size: the same console, one column.
+    phone = browser.new_context(viewport={"width": 360, "height": 640}, has_touch=True, is_mobile=True)
+    pp = phone.new_page()
+    pp.goto(daemon.url + "/")
+    pp.wait_for_selector("#view-signin:not([hidden])")
+    pp.screenshot(path=str(shots / "9-phone-signin.png"))
+    width = pp.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 360, f"the phone layout scrolls sideways ({width}px)"
+    phone.close()
+    ctx.close()
+    assert problems == [], problems  # no CSP violations, no script errors
+
+
+def test_console_shows_operator_text_as_text(daemon: Daemon, browser: Any) -> None:
+    d = daemon
+    c = d.signin()
+    page = browser.new_page(viewport={"width": 800, "height": 480})
+    page.goto(d.url + "/")
+    page.fill("#signin-id", OPERATOR[0])
+    page.fill("#signin-pin", OPERATOR[1])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#view-enroll:not([hidden])")
+    # Operator-typed text is shown as text: an override reason with markup stays literal.
+    from tests.console.conftest import enroll
+
+    enroll(c, NIK_MALE)
+    hostile = '<img src=x onerror="window.pwned=1">again'
+    page.fill("#nik", NIK_MALE)
+    page.click("#nik-start")
+    page.wait_for_selector("#override:not([hidden])")
+    assert "already enrolled on this kit" in page.inner_text("#nik-msg")
+    page.fill("#override-reason", hostile)
+    page.click("#nik-start")
+    page.wait_for_selector("#enroll-active:not([hidden])")
+    for _ in range(10):  # face, R1, R2 (and any retakes)
+        if page.is_hidden("#capture"):
+            break
+        capture_once(page)
+    page.wait_for_selector("#review:not([hidden])", timeout=30_000)
+    assert hostile in page.inner_text("#review-table")
+    assert page.locator("#review-table img").count() == 0 and page.evaluate("() => window.pwned") is None
+    page.close()
