@@ -57,6 +57,7 @@ class Kit:
                  self.identity.kit_id, self.cfg.state_dir, self.store.j.max_seq(), len(rep.adopted),
                  len(rep.quarantined), len(rep.missing))
         self._start_enrollment()
+        self._start_panel()
         self._start_control()
         self._start_api()
         self._spawn("maintenance", self._maintenance_loop)
@@ -82,6 +83,19 @@ class Kit:
             log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
         self.enrollment = EnrollmentService(self.store, cfg, ops, dedup, devices)
         self.services["sensor"] = sensor
+
+    def _start_panel(self) -> None:
+        if not self.cfg.gpio.enabled:
+            return
+        from firmware.panel_link import PanelLink
+
+        try:
+            link = PanelLink(self)
+        except Exception as e:  # no GPIO (not a Pi, pins busy): the console still works
+            log.error("gpio panel unavailable error=%s", e)
+            return
+        self.services["panel"] = link
+        self._spawn("panel", link.run)
 
     def _start_control(self) -> None:
         if not self.cfg.control.enabled:

@@ -18,7 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.store.conftest import Tmpfs, dc_keys  # noqa: F401  (dc_keys: a session fixture reused here)
+from tests.store import conftest as store_fixtures
+from tests.store.conftest import Tmpfs
+
+dc_keys = store_fixtures.dc_keys  # the data-center key pair fixture of the store tests (session scope)
 
 REPO = Path(__file__).resolve().parents[2]
 SIM_TOML = REPO / "config" / "rekam-sim.toml"

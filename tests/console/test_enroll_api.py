@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.console.conftest import NIK_FEMALE, NIK_MALE, OPERATOR, SUPERVISOR, REPO, Daemon, enroll
+from tests.console.conftest import NIK_FEMALE, NIK_MALE, OPERATOR, REPO, SUPERVISOR, Daemon, enroll
 
 ALL_FINGERS = ["R1", "R2", "R3", "R4", "R5", "L1", "L2", "L3", "L4", "L5"]
 
@@ -192,7 +192,8 @@ def test_duplicate_check_flags_the_same_fingers_under_another_nik(daemon: Daemon
     # The first resident comes back with another NIK: flagged, the supervisor rejects it.
     nik_b, nik_c = "3578011111800004", "3578016112900005"
     for nik in (nik_b, nik_c):
-        assert daemon.client().post("/api/v1/sim/alias", json={"nik": nik, "same_person_as": NIK_MALE}).status_code == 200
+        r = daemon.client().post("/api/v1/sim/alias", json={"nik": nik, "same_person_as": NIK_MALE})
+        assert r.status_code == 200
     state = enroll(c, nik_b, commit=False)
     assert state["step"] == "supervisor"
     assert [(h["finger"], h["record_id"]) for h in state["duplicates"]] == [("R2", a)]
