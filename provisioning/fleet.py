@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import secrets
+import socket
 import sqlite3
 import ssl
 import sys
@@ -447,8 +448,12 @@ class FleetLink:
                 log.warning("fleet connect failed broker=%s:%s error=%s", host, port, e)
                 self.stop.wait(1)
                 continue
+            try:  # small request/response messages: no Nagle delay
+                c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
             while not self.stop.is_set():
-                if c.loop(timeout=0.05) != 0:
+                if c.loop(timeout=0.02) != 0:
                     self.connected.clear()
                     break
                 while True:
