@@ -392,8 +392,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "Maximum Packet Size).", between(4, 65536)),
         "window": Key(int, 16, "Most QoS 1 messages awaiting PUBACK (also capped by the broker's Receive Maximum).",
                       between(1, 65535)),
-        "max_unacked_records": Key(int, 1000, "Most records sent but not yet acknowledged by the data center before "
-                                   "the relay waits for acks (0: no limit).", between(0)),
+        "max_unacked_records": Key(int, 100, "Most records sent but not yet acknowledged by the data center before "
+                                   "the relay waits for acks (0: no limit). Keep records x (chunks + 1) below the "
+                                   "broker's per-client queue (mosquitto max_queued_messages 1000).", between(0)),
         "bytes_per_s": Key(int, 0, "Drain bandwidth cap, bytes/s (0: none); leave room for control traffic.",
                            between(0)),
         "publishes_per_s": Key(float, 100.0, "Drain publish-rate cap (0: none; AWS IoT allows 100/s per connection).",

@@ -151,7 +151,7 @@ class Chunk:
     index: int
     total: int
     chunk_size: int  # nominal size of every chunk but the last
-    data: bytes
+    data: bytes | memoryview  # a view into the record on the sending side (no copy until encode)
 
     @property
     def offset(self) -> int:
@@ -160,7 +160,7 @@ class Chunk:
     def encode(self) -> bytes:
         hdr = json.dumps({"r": self.record_id, "h": self.sha256, "s": self.size, "i": self.index,
                           "n": self.total, "c": self.chunk_size}, sort_keys=True).encode()
-        return CHUNK_MAGIC + _HLEN.pack(len(hdr)) + hdr + self.data
+        return b"".join((CHUNK_MAGIC, _HLEN.pack(len(hdr)), hdr, self.data))  # one copy of the data
 
     @classmethod
     def decode(cls, data: bytes) -> Chunk:
@@ -180,7 +180,7 @@ class Chunk:
         want = csize if idx < total - 1 else size - csize * (total - 1)
         if len(body) != want:
             raise ProtocolError(f"chunk {idx}/{total} of {d['record_id']}: {len(body)} bytes, expected {want}")
-        return cls(d["record_id"], d["sha256"], size, idx, total, csize, body)
+        return cls(d["record_id"], d["sha256"], size, idx, total, csize, bytes(body))
 
 
 def split(record_id: str, data: bytes, sha256: str, chunk_size: int) -> list[Chunk]:
@@ -188,7 +188,8 @@ def split(record_id: str, data: bytes, sha256: str, chunk_size: int) -> list[Chu
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     total = max(1, -(-len(data) // chunk_size))
-    return [Chunk(record_id, sha256, len(data), i, total, chunk_size, data[i * chunk_size:(i + 1) * chunk_size])
+    view = memoryview(data)
+    return [Chunk(record_id, sha256, len(data), i, total, chunk_size, view[i * chunk_size:(i + 1) * chunk_size])
             for i in range(total)]
 
 

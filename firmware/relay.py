@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ MQTT_ERR_PROTOCOL = 2  # paho.mqtt.enums.MQTTErrorCode.MQTT_ERR_PROTOCOL (0x82: 
 SIZE_REFUSALS = {0x83, 0x95, 0x97}  # implementation specific, packet too large, quota exceeded
 MARK_BATCH = 128
 MARK_EVERY_S = 0.25
+READ_AHEAD = 4  # records prepared ahead of the network thread
 
 
 class TokenBucket:
@@ -79,7 +81,7 @@ class Transfer:
     seq: int
     sha256: str
     size: int
-    messages: list[tuple[str, bytes]]
+    messages: list[tuple[str, bytes, int]]  # topic, payload, QoS
     chunk_size: int
     next_index: int = 0
     outstanding: int = 0
@@ -129,6 +131,8 @@ class Relay:
         self._refill = True
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
         self._broker_url = ""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
+        self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, bytes, int]]]]] = {}
         self._to_sent: list[str] = []
         self._to_acked: list[str] = []
         self._last_mark = time.monotonic()
@@ -179,6 +183,7 @@ class Relay:
         except Exception:
             log.exception("relay could not flush state marks at stop")
         self.uplink.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         log.info("relay stopped")
 
     # --- main loop ----------------------------------------------------------------------
@@ -191,7 +196,7 @@ class Relay:
             busy = self.uplink.connected and self._pump()
             self.uplink.step(0.0 if busy else 0.05)
             self._handle_events()
-            self._flush_marks()
+            self._flush_marks(force=not self._mids)  # at once when nothing is in flight
             now = time.monotonic()
             if self.uplink.connected and now >= next_tel:
                 self._publish_telemetry()
@@ -248,13 +253,14 @@ class Relay:
                 return False
             if self._bytes.wait_time() > 0 or self._pubs.wait_time() > 0:
                 return False
-            topic, payload = t.messages[t.next_index]
-            mid = self.uplink.publish(topic, payload, qos=1)
+            topic, payload, qos = t.messages[t.next_index]
+            mid = self.uplink.publish(topic, payload, qos=qos)
             if mid is None:
                 return False  # connection gone; the disconnected event resets everything
             t.next_index += 1
-            t.outstanding += 1
-            self._mids[mid] = t.record_id
+            if qos:
+                t.outstanding += 1
+                self._mids[mid] = t.record_id
             self._bytes.take(len(payload))
             self._pubs.take(1)
             self.counters["bytes_sent"] += len(payload)
@@ -293,26 +299,42 @@ class Relay:
             cap = min(cap, self._chunk_cap.get(b.url, cap))
         return proto.chunk_data_limit(cap, self.uplink.max_packet, proto.chunk_topic(self.kit_id))
 
+    def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, bytes, int]]]:
+        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead thread)."""
+        data = self.store.read_verified(row.id)
+        chunks = proto.split(row.id, data, row.sha256, size)
+        ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
+        # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
+        # record it already holds before the chunks arrive.
+        ctopic = proto.chunk_topic(self.kit_id)
+        return size, len(data), [(proto.announce_topic(self.kit_id), ann.encode(), 0)] + [
+            (ctopic, c.encode(), 1) for c in chunks]
+
+    def _read_ahead(self, size: int) -> None:
+        """Prepare the next records off the network thread (disk read + SHA-256 overlap the sending)."""
+        for row in list(self._fresh)[:READ_AHEAD]:
+            if row.id not in self._ahead and len(self._ahead) < READ_AHEAD:
+                self._ahead[row.id] = self._pool.submit(self._prepare, row, size)
+
     def _begin(self, row: Any, attempts: int) -> Transfer | None:
         from firmware.store import StoreError
 
+        size = self._chunk_size()
+        fut = self._ahead.pop(row.id, None)
         try:
-            data = self.store.read_verified(row.id)
+            got = fut.result() if fut is not None else None
+            if got is None or got[0] != size:
+                got = self._prepare(row, size)
         except StoreError as e:
             self.counters["read_errors"] += 1
             log.error("relay cannot read record record_id=%s error=%s; skipping it", row.id, e)
             return None
-        size = self._chunk_size()
-        chunks = proto.split(row.id, data, row.sha256, size)
-        ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
-        msgs = [(proto.announce_topic(self.kit_id), ann.encode())]
-        ctopic = proto.chunk_topic(self.kit_id)
-        msgs += [(ctopic, c.encode()) for c in chunks]
-        t = Transfer(row.id, row.seq, row.sha256, len(data), msgs, size, attempts=attempts)
+        _size, length, msgs = got
+        t = Transfer(row.id, row.seq, row.sha256, length, msgs, size, attempts=attempts)
         self._active[row.id] = t
         self._order.append(row.id)
-        log.debug("relay sending record_id=%s size=%d chunks=%d attempt=%d", row.id, len(data), len(chunks),
-                  attempts)
+        log.debug("relay sending record_id=%s size=%d messages=%d attempt=%d", row.id, length, len(msgs), attempts)
+        self._read_ahead(size)
         return t
 
     # --- events -------------------------------------------------------------------------
@@ -356,6 +378,9 @@ class Relay:
         self._active.clear()
         self._order.clear()
         self._mids.clear()
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
         self._fresh.clear()
         self._cursor = -1
         self._refill = True
