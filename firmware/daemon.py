@@ -61,6 +61,7 @@ class Kit:
         self._start_control()
         self._start_api()
         self._spawn("maintenance", self._maintenance_loop)
+        self._spawn("usb", self._usb_loop)
         if self.cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
             from firmware.relay import Relay
 
@@ -180,31 +181,39 @@ class Kit:
         (self.cfg.state_dir / "api.json").write_text(json.dumps(info))
         log.info("console and API listening url=%s", self.api_url)
 
-    def _maintenance_loop(self) -> None:
-        poll = self.cfg.usb.poll_seconds
-        every = self.cfg.daemon.status_interval_s
-        wd = watchdog_interval()
-        next_status = next_wd = 0.0
-        last_level = ""
+    def _usb_loop(self) -> None:
+        # Its own thread: a backfill of thousands of records takes minutes and must not hold up the
+        # watchdog keep-alive or the status checks.
         while not self.stop.is_set():
-            now = time.monotonic()
             try:
                 self.store.poll_usb()
             except Exception:
                 log.exception("usb poll failed")
-            if self.enrollment is not None:
-                self.enrollment.expire_idle()
+            self.stop.wait(self.cfg.usb.poll_seconds)
+
+    def _maintenance_loop(self) -> None:
+        every = self.cfg.daemon.status_interval_s
+        check = self.cfg.usb.poll_seconds
+        wd = watchdog_interval()
+        tick = min(1.0, check, wd or 1.0)
+        next_log = next_wd = next_check = 0.0
+        last_level = ""
+        while not self.stop.is_set():
+            now = time.monotonic()
             if wd and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd
-            if now >= next_status:
+            if self.enrollment is not None:
+                self.enrollment.expire_idle()
+            if now >= next_check:
+                next_check = now + check
                 st = self.store.status()
                 level = st["guard"]["level"]
-                if level != last_level or now >= next_status:
+                if level != last_level or now >= next_log:  # a change of guard state is logged at once
                     self._log_status(st)
+                    next_log = now + every
                 last_level = level
-                next_status = now + every
-            self.stop.wait(min(poll, wd or poll))
+            self.stop.wait(tick)
 
     def _log_status(self, st: dict[str, Any]) -> None:
         rec = st["records"]

@@ -103,6 +103,7 @@ class Store:
         self._seq = 0
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
+        self.closing = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class Store:
 
     def close(self) -> None:
         """Wait for any commit in progress, then release everything."""
+        self.closing.set()  # a running backfill stops after its current record
         with self._lock:
             self._flush_stick()
             if self.journal:
@@ -294,7 +296,7 @@ class Store:
         for r in todo:
             if limit is not None and copied >= limit:
                 break
-            if self.stick is not stick:
+            if self.stick is not stick or self.closing.is_set():
                 break
             if on_stick.get(r.id) == r.size:
                 if r.id not in known:
@@ -316,6 +318,8 @@ class Store:
                 self._quarantine(r.id, "SD copy does not match its journal hash", seq=r.seq)
                 continue
             with self._lock:
+                if self.journal is None:
+                    break
                 try:
                     stick.write_record(r.id, r.seq, data, r.sha256, verify=self.cfg.store.verify_readback)
                 except OSError as e:
@@ -323,6 +327,8 @@ class Store:
                     break
                 self.j.add_mirror(r.id, stick.stick_id)
             copied += 1
+        if self.closing.is_set():
+            return copied
         if self.stick is stick:
             try:
                 added = stick.reindex({r.id: (r.seq, r.sha256, r.size) for r in todo})

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.system.conftest import REPO, write_kit_config
 
 
@@ -102,11 +100,6 @@ def test_watchdog_for_another_pid_is_ignored(tmp_path: Path, corpus_dir: Path) -
         os.unlink(sock_path)
 
 
-@pytest.mark.xfail(strict=True, reason="firmware/daemon.py runs store.poll_usb() -> backfill() inside the maintenance "
-                   "loop that also sends WATCHDOG=1: a large mirror backlog blocks the keep-alive for as long as the "
-                   "copy takes (minutes on a Pi with a full SD), and systemd kills the daemon mid-copy. Fix in the "
-                   "daemon (keep-alive from its own liveness check, or backfill in bounded slices); then drop this "
-                   "marker.")
 def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
     (tmp_path / "usb").rmdir()  # no stick while the backlog builds up
