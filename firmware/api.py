@@ -67,10 +67,10 @@ def create_app(kit: Kit) -> FastAPI:
         if stick is None:
             raise HTTPException(409, {"code": "no_stick", "message": "no USB stick is mounted: insert the stick"})
         copied = kit.store.backfill(limit)
-        on_stick = kit.store.j.mirrored_on(stick.stick_id)
-        live = [r.id for r in kit.store.j.records() if r.state in LIVE]
-        return {"copied": copied, "remaining": sum(1 for r in live if r not in on_stick), "total": len(live),
-                "stick_id": stick.stick_id}
+        on_stick = stick.record_files()  # what is really on the stick (it may have been wiped elsewhere)
+        live = [r for r in kit.store.j.records() if r.state in LIVE]
+        return {"copied": copied, "remaining": sum(1 for r in live if on_stick.get(r.id) != r.size),
+                "total": len(live), "stick_id": stick.stick_id}
 
     @app.post("/api/v1/sim/commit")
     def sim_commit(req: SimCommit) -> dict[str, Any]:

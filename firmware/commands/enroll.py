@@ -139,7 +139,6 @@ def _sign_in(s: Session, operator: str | None) -> None:
             s.say(f"! sign-in refused: {msg}")
             if code == "locked":
                 raise Abort(msg) from None
-            operator = None
             continue
         s.token = r["token"]
         s.say(f"Signed in: {r['name']} ({r['operator_id']}, {r['role']})")

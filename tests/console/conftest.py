@@ -78,7 +78,8 @@ class Daemon:
 
 
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
-                 dedup: list[str] | None = None, extra: str = "", sd: Path | None = None) -> Path:
+                 dedup: list[str] | None = None, extra: str = "", sd: Path | None = None,
+                 max_record_mb: int = 8) -> Path:
     """A kit config in `root` (SD = root/sd unless `sd`, USB = root/usb, API on a free port)."""
     (root / "usb").mkdir(exist_ok=True)
     fingers = fingers if fingers is not None else ["R1", "R2"]
@@ -97,7 +98,7 @@ poll_seconds = 0.2
 [store]
 reserve_floor_mb = 1
 journal_reserve_mb = 1
-max_record_mb = 2
+max_record_mb = {max_record_mb}
 [api]
 port = 0
 [simulation]

@@ -153,7 +153,7 @@ def test_cancel_at_each_step_keeps_nothing_and_releases_the_reservation(daemon: 
 def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_daemon: Any, tmpfs: Any,
                                                                          tmp_path: Path) -> None:
     tmpfs.mount(tmp_path / "sd", 6 * 1024)
-    d = make_daemon()
+    d = make_daemon(max_record_mb=2)  # each enrollment in progress holds 2 MiB
     c = d.signin()
     first = enroll(c, NIK_MALE)  # a normal morning enrollment; the guard now knows the record size
     # An enrollment is under way when the SD fills up (something else wrote a big file).

@@ -144,8 +144,8 @@ def test_panel_drives_a_real_kit(factory: Any, tmp_path: Path, dc_keys: dict[str
             step = svc.describe()["step"]
             beeps.clear_states()
             press(factory, PINS.button_confirm)
-            wait_for(lambda: svc.active is None or svc.describe()["step"] != step
-                     or link.last_action.startswith("confirm: " + step), 30, f"step {step}")
+            wait_for(lambda s=step: svc.active is None or svc.describe()["step"] != s
+                     or link.last_action.startswith("confirm: " + s), 30, f"step {step}")
             wait_for(lambda: not link._action.locked(), 30, "action end")
             if step in ("face", "finger:R1"):
                 assert any(s.state for s in beeps.states), f"no beep after {step}"
