@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS kits (
     cert_serial TEXT, last_seen INTEGER, online TEXT, telemetry TEXT, config_state TEXT, note TEXT);
 CREATE TABLE IF NOT EXISTS configs (
     kit_id TEXT NOT NULL, version INTEGER NOT NULL, issued_at INTEGER NOT NULL, sections TEXT NOT NULL,
-    doc BLOB NOT NULL, note TEXT, PRIMARY KEY (kit_id, version));
+    doc BLOB NOT NULL, note TEXT, files TEXT, PRIMARY KEY (kit_id, version));
 CREATE TABLE IF NOT EXISTS commands (
     cmd_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL,
     issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, result TEXT, result_at INTEGER);
@@ -264,26 +264,28 @@ class Fleet:
                 body["note"] = note[:200]
             doc = cp.sign("config", body, self.key)
             for t in targets:
-                self.db.execute("INSERT INTO configs VALUES (?,?,?,?,?,?)",
-                                (t, version, body["issued_at"], json.dumps(sections), doc, note))
+                self.db.execute("INSERT INTO configs VALUES (?,?,?,?,?,?,?)",
+                                (t, version, body["issued_at"], json.dumps(sections), doc, note,
+                                 json.dumps(files or {})))
         self.event("config", kit_id, version=version, sections=sorted(sections))
         return version, doc
 
     def rollback_config(self, kit_id: str, to_version: int | None = None) -> tuple[int, bytes]:
         """Re-issue an earlier version's sections as a NEW version (kits refuse old version numbers)."""
         with self._lock:
-            rows = list(self.db.execute("SELECT version, sections FROM configs WHERE kit_id = ? ORDER BY version DESC",
-                                        (kit_id,)))
+            rows = list(self.db.execute("SELECT version, sections, files FROM configs WHERE kit_id = ? "
+                                        "ORDER BY version DESC", (kit_id,)))
         if len(rows) < 2 and to_version is None:
             raise FleetError(f"{kit_id} has no earlier config version to roll back to")
         target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
         if target is None:
             raise FleetError(f"{kit_id} has no config version {to_version}")
-        return self.make_config(kit_id, json.loads(target["sections"]), note=f"rollback to v{target['version']}")
+        return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
+                                note=f"rollback to v{target['version']}")
 
     def configs(self, kit_id: str) -> list[sqlite3.Row]:
         with self._lock:
-            return list(self.db.execute("SELECT kit_id, version, issued_at, sections, note FROM configs "
+            return list(self.db.execute("SELECT kit_id, version, issued_at, sections, note, files FROM configs "
                                         "WHERE kit_id = ? ORDER BY version", (kit_id,)))
 
     # -- commands ---------------------------------------------------------------------------
@@ -657,16 +659,18 @@ def _push(f: Fleet, kit: str, version: int, doc: bytes, offline: bool) -> None:
 def cmd_config_push(args: argparse.Namespace) -> int:
     f = _fleet(args)
     sections: dict[str, Any] = {}
+    files: dict[str, str] = {}
     if not args.replace and args.kit != "*":
         # A document is the kit's complete set of overrides: start from the previous version's.
         prev = f.configs(args.kit)
         sections = json.loads(prev[-1]["sections"]) if prev else {}
+        files = json.loads(prev[-1]["files"] or "{}") if prev else {}
     if args.file:
         for s, kv in json.loads(Path(args.file).read_text()).items():
             sections.setdefault(s, {}).update(kv)
     for s, kv in _parse_sets(args.set or []).items():
         sections.setdefault(s, {}).update(kv)
-    files = {Path(p).name: Path(p).read_text() for p in (args.attach or [])}
+    files.update({Path(p).name: Path(p).read_text() for p in (args.attach or [])})
     try:
         version, doc = f.make_config(args.kit, sections, files, note=args.note or "")
     except FleetError as e:

@@ -42,8 +42,21 @@ def test_fleet_cli_offline(tmp_path, capsys) -> None:
     assert rc == 0 and "config v2" in out
     rc, out, _ = run(capsys, "config", "rollback", "rk-clikit1", "--offline", "--data", d)
     assert rc == 0 and "config v3" in out
+    key = tmp_path / "dc-2027.pub"
+    key.write_text("-----BEGIN PUBLIC KEY-----\n...\n")
+    rc, out, _ = run(capsys, "config", "push", "rk-clikit1", "--attach", str(key), "--set",
+                     'datacenter.public_key_files=["dc-2027.pub"]', "--offline", "--data", d)
+    assert rc == 0 and "config v4" in out
+    rc, out, _ = run(capsys, "config", "push", "rk-clikit1", "--set", "daemon.log_level=info", "--offline",
+                     "--data", d)
+    assert rc == 0 and "config v5" in out
+    from firmware import control_protocol as cp
+
+    body, _, _ = cp.decode(f.latest_config("rk-clikit1")[1], "config")
+    assert body["files"] == {"dc-2027.pub": key.read_text()}  # carried over with the sections
+    assert body["sections"]["datacenter"] == {"public_key_files": ["dc-2027.pub"]}
     rc, out, _ = run(capsys, "config", "show", "rk-clikit1", "--data", d)
-    versions = json.loads(out)["versions"]
+    versions = json.loads(out)["versions"][:3]
     # v2 merged onto v1; the rollback re-issues v1's sections as v3.
     assert versions[1]["sections"] == {"operators": {"max_failures": 7}, "daemon": {"log_level": "debug"}}
     assert versions[2]["sections"] == {"operators": {"max_failures": 7}} and "rollback to v1" in versions[2]["note"]
