@@ -69,3 +69,26 @@ def test_claim_with_relay_brokers_only(new_kit, fleet, broker, service) -> None:
     ctl = k2.start_control()
     wait_for(ctl.connected.is_set, 10, "connected through the relay's broker list")
     k2.stop()
+
+
+def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, capsys) -> None:
+    """A technician claims a kit at the bench (daemon stopped) with `rekam provision claim`."""
+    from firmware import cli, identity
+
+    from .conftest import write_kit_config
+
+    cfg = write_kit_config(tmp_path / "bench", fleet, broker)
+    assert cli.main(["--config", str(cfg), "provision", "status"]) == 0
+    assert "NOT claimed" in capsys.readouterr().out
+    # Not approved: gives up after the attempts asked for, exit 3.
+    assert cli.main(["--config", str(cfg), "provision", "claim", "--attempts", "1"]) == 3
+    kid = identity.load(tmp_path / "bench" / "state").kit_id
+    assert fleet.kit(kid)["state"] == "pending"
+    fleet.approve(kid)
+    assert cli.main(["--config", str(cfg), "provision", "claim", "--attempts", "3"]) == 0
+    assert "claimed; config v1 stored" in capsys.readouterr().out
+    assert cli.main(["--config", str(cfg), "provision", "status", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["claimed"] and st["kit_id"] == kid and st["config"]["current"] == 1
+    assert st["fleet_key"] == cp.key_fingerprint(fleet.public_key_b64)
+    assert st["certificate"]["subject"].startswith(f"CN={kid},")
