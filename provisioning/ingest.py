@@ -230,7 +230,11 @@ class IngestWorker:
                         attempt += 1
                         break
                     elif kind == "message":
-                        self._handle(*val)
+                        try:
+                            self._handle(*val)
+                        except Exception:
+                            # One bad message (or a DB hiccup) must not stop the worker; the kit resends.
+                            log.exception("ingest failed on a message topic=%s", val[0])
                 if time.monotonic() > next_expiry:
                     next_expiry = time.monotonic() + 60
                     n = self.staging.expire(self.s.transfer_ttl_s)
@@ -326,6 +330,7 @@ def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         proto.parse_broker_url(args.broker)
     except ValueError as e:

@@ -60,6 +60,10 @@ class Mosquitto:
                  f"persistence {'true' if persistence else 'false'}", f"persistence_location {self.dir}/",
                  f"log_dest file {self.dir / 'mosquitto.log'}", "log_type error", "log_type warning",
                  "log_type notice"]
+        if os.geteuid() == 0:
+            # Started as root (CI containers) mosquitto would switch to user "mosquitto", which cannot read
+            # pytest's 0700 temp folders (certificates, log file).
+            lines.append("user root")
         if message_size_limit:
             lines.append(f"message_size_limit {message_size_limit}")
         if max_packet_size:
