@@ -53,7 +53,9 @@ def create_app(kit: Kit) -> FastAPI:
     @app.post("/api/v1/usb/eject")
     def usb_eject() -> dict[str, Any]:
         """Flush and release the stick so it can be pulled safely."""
-        kit.store.eject()
+        ok = kit.eject_usb()
+        if not ok:
+            raise HTTPException(500, "the stick was flushed but could not be unmounted; do not pull it yet")
         return {"ok": True}
 
     @app.post("/api/v1/usb/export")

@@ -181,6 +181,19 @@ class Kit:
         (self.cfg.state_dir / "api.json").write_text(json.dumps(info))
         log.info("console and API listening url=%s", self.api_url)
 
+    def eject_usb(self) -> bool:
+        """Flush and release the stick, then unmount it (a real mount point only). False if unmount failed."""
+        self.store.eject()
+        if not self.cfg.usb.require_mountpoint:
+            return True
+        from hw import usbstick
+
+        try:
+            return usbstick.eject(self.cfg.usb_dir)
+        except Exception as e:
+            log.error("usb unmount failed mount=%s error=%s", self.cfg.usb_dir, e)
+            return False
+
     def _usb_loop(self) -> None:
         # Its own thread: a backfill of thousands of records takes minutes and must not hold up the
         # watchdog keep-alive or the status checks.

@@ -24,8 +24,13 @@ def daemon_url(state_dir: Path) -> str | None:
     try:
         info = json.loads((state_dir / "api.json").read_text())
         url, pid = str(info["url"]), int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
         os.kill(pid, 0)
-    except (OSError, ValueError, KeyError):
+    except PermissionError:
+        return url  # it runs as another user (rekam): it is there, use its API
+    except OSError:
         return None
     return url
 

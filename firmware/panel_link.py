@@ -157,7 +157,7 @@ class PanelLink:
     def eject(self) -> None:
         """Flush and release the stick; two short beeps when it can be pulled."""
         try:
-            self.kit.store.eject()
+            self.kit.eject_usb()
         except Exception as e:
             self.last_action = f"eject failed: {e}"
             log.error("panel eject failed error=%s", e)

@@ -30,7 +30,7 @@ from firmware.config import Config
 from firmware.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably, sha256_file
 from firmware.identity import KitIdentity
 from firmware.journal import LIVE, Journal
-from firmware.usb import Stick, StickError, detect, open_stick
+from firmware.usb import Stick, StickError, detect, open_stick, stick_id_at
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Store:
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
         self.closing = threading.Event()
+        self._ejected = ""  # id of the stick released by eject(), until it is gone
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -255,6 +256,11 @@ class Store:
     def poll_usb(self) -> None:
         """Notice a stick appearing or going; on insertion, backfill what it lacks."""
         present = detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint)
+        if self._ejected:
+            # The released stick stays ignored until it is gone (unmounted or pulled); another stick is taken.
+            if present and stick_id_at(self.cfg.usb_dir) == self._ejected:
+                return
+            self._ejected = ""
         if self.stick is not None and not present:
             self._stick_lost("removed")
         elif self.stick is not None:
@@ -359,6 +365,7 @@ class Store:
             if self.stick is not None:
                 self.j.audit("usb_eject", stick_id=self.stick.stick_id)
                 log.info("usb stick released for removal stick_id=%s", self.stick.stick_id)
+                self._ejected = self.stick.stick_id
             self.stick = None
 
     # --- relay hooks ----------------------------------------------------------------------

@@ -165,17 +165,21 @@ def detect(mount: Path, require_mountpoint: bool) -> bool:
         return False
 
 
+def stick_id_at(mount: Path) -> str:
+    """The id in a stick's rekam/stick.json, or "" when there is none or it is unreadable."""
+    try:
+        return str(json.loads((mount / "rekam" / "stick.json").read_text()).get("stick_id", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def open_stick(mount: Path, kit_id: str, kit_public_key: str) -> Stick:
     """Prepare a present stick for mirroring: its id, the kit folder and kit.json."""
     base = mount / "rekam"
     try:
         base.mkdir(exist_ok=True)
         meta_path = base / "stick.json"
-        stick_id = ""
-        try:
-            stick_id = str(json.loads(meta_path.read_text()).get("stick_id", ""))
-        except (OSError, ValueError):
-            pass
+        stick_id = stick_id_at(mount)
         if not stick_id:
             stick_id = "stick-" + uuid.uuid4().hex[:12]
             atomic_write(meta_path, json.dumps({"stick_id": stick_id, "created": iso()}).encode())

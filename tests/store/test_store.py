@@ -231,3 +231,19 @@ def test_second_process_cannot_open_the_same_store(store: Store) -> None:
     other = Store(store.cfg, store.identity)
     with pytest.raises(StoreLocked, match="in use by another process"):
         other.open()
+
+
+def test_ejected_stick_is_not_readopted_but_another_is(store: Store, tmp_path: Path) -> None:
+    store.commit(payload(10_000))
+    first = store.stick.stick_id
+    store.eject()
+    store.poll_usb()
+    assert store.stick is None  # still mounted, but released: not taken back
+    assert store.status()["stick"]["present"] is False
+    # A different stick at the same mount point is taken at once (and backfilled).
+    usb = store.cfg.usb_dir
+    usb.rename(tmp_path / "old-stick")
+    usb.mkdir()
+    store.poll_usb()
+    assert store.stick is not None and store.stick.stick_id != first
+    assert len(store.stick.record_files()) == 1
