@@ -128,7 +128,8 @@ class RemoteConfig:
 
     def evaluate(self, data: bytes, kit_id: str, running: config.Config, fleet_key: Ed25519PublicKey | None = None,
                  allow_version: int | None = None) -> Candidate:
-        """Verify, check and validate a document; raises `Refused`. Nothing is written."""
+        """Verify, check and validate a document; raises `Refused`. Only the files a verified document
+        ships (e.g. a data-center key) are written, under a content-addressed path; nothing is applied."""
         key = fleet_key or self.fleet_key()
         if key is None:
             raise Refused("not_claimed", "no pinned fleet key yet")
@@ -500,6 +501,7 @@ class ControlPlane:
         self._threads: list[threading.Thread] = []
         self._started = time.monotonic()
         self._client: Any = None
+        self._reconnect = threading.Event()
         self._apply_lock_state()
 
     def _local_config(self) -> config.Config:
@@ -581,7 +583,12 @@ class ControlPlane:
     def _claim(self) -> None:
         from firmware import provision
 
-        doc = provision.claim(self.cfg, self.identity, self.stop_event)
+        try:
+            doc = provision.claim(self.cfg, self.identity, self.stop_event)
+        except provision.ClaimError as e:  # misconfigured kit (no claim brokers or certificate): say so, slowly
+            log.error("cannot claim kit_id=%s reason=%s detail=%s", self.identity.kit_id, e.reason, e)
+            self.stop_event.wait(60)
+            return
         if doc is None:
             return
         self.kit.store.j.audit("claimed", "fleet", fleet_key=cp.key_fingerprint(self.paths.fleet_key.read_text()))
@@ -640,6 +647,7 @@ class ControlPlane:
 
         kit = self.identity.kit_id
         ok = False
+        flushed = False
         next_tel = 0.0
         connect_deadline = time.monotonic() + 30
         while not self.stop_event.is_set():
@@ -695,10 +703,14 @@ class ControlPlane:
             if now >= next_tel:
                 client.publish(cp.telemetry_topic(kit), self._signed("telemetry", self.telemetry()), qos=1)
                 next_tel = now + self.cfg.control.telemetry_interval_s
-            if self.exit_requested is not None:
-                # Let queued results/state go out before the daemon exits.
+            if self.exit_requested is not None and not flushed:
+                flushed = True  # let queued results and state go out before the daemon stops us
                 for _ in range(20):
                     client.loop(timeout=0.05)
+            if self._reconnect.is_set():
+                self._reconnect.clear()  # e.g. after a key rotation: the Last Will must be signed by the new key
+                log.info("control reconnecting broker=%s (new will)", broker)
+                return True
         if ok:
             client.publish(cp.status_topic(kit), self._status_payload("offline", "stopped"), qos=1, retain=True)
             for _ in range(10):
@@ -914,6 +926,7 @@ class ControlPlane:
             data = {"new_public_key": new.public_key_b64, "old_public_key": old.public_key_b64,
                     "proof": base64.b64encode(proof).decode()}
             self._switch_identity(new)
+            self._reconnect.set()
             return data, "kit key rotated"
         if name == "reboot":
             return {}, "rebooting"

@@ -177,6 +177,10 @@ def test_rotate_key(online_kit, fleet) -> None:
     parsed = record_format.parse(k.store.sd_path(rid).read_bytes())
     assert parsed.header.kit_key == on_disk.public_key_raw
     record_format.parse(k.store.sd_path(rid).read_bytes(), trusted_kit_key=on_disk.public_key_raw)
+    # The control connection was renewed so its Last Will is signed by the new key: the fleet accepts it.
+    wait_for(lambda: k.control.stats.connects >= 2 and k.control.connected.is_set(), 10, "reconnected with new will")
+    k.control._client.socket().shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: fleet.kit(kid)["online"] == "offline", 10, "Last Will under the new key")
 
 
 def test_reboot_exits_with_reboot_status_after_answering(online_kit, fleet) -> None:
