@@ -295,6 +295,9 @@ class RemoteConfig:
                 log.error("remote config unusable file=%s version=%d error=%s", name, version, e)
                 if name == "current.json":
                     self.rollback(f"stored document unusable: {e}")
+        else:  # neither document verifies: run the local file alone and say so
+            self.state.update(current=0, last_good=0, trial=None)
+            self.event(0, "rolled_back", "no stored config document verifies; running the local file")
         cfg = self._with_claimed_identity(cfg)
         ops = _read_json(self.dir / "operators.json", None)
         if ops is not None:

@@ -220,6 +220,10 @@ class Fleet:
             cert, serial = ca.sign_csr(self.ca, body["csr"], kit_id)
         except ca.CaError as e:
             return answer("rejected", f"bad CSR: {e}")
+        if row["cert_serial"] and row["cert_serial"] != serial:
+            # A kit only claims when it holds no certificate: the one issued before is unused; revoke it.
+            ca.revoke(self.ca, row["cert_serial"])
+            self.event("cert_replaced", kit_id, old=row["cert_serial"], new=serial)
         with self._lock:
             self.db.execute("UPDATE kits SET cert_serial = ?, software_version = ?, hardware_serial = ? "
                             "WHERE kit_id = ?", (serial, body["software_version"], body["hardware_serial"], kit_id))
