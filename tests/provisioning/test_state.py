@@ -13,7 +13,7 @@ from firmware import control_protocol as cp
 from firmware.control import MAX_TRIAL_BOOTS, RemoteConfig, effective_config, repair_identity, rotate_key
 from firmware.provision import ControlPaths
 
-from .conftest import write_kit_config
+from .conftest import wait_for, write_kit_config
 
 
 def _claimed_local(tmp_path, fleet, broker) -> tuple[config.Config, Ed25519PrivateKey, str]:
@@ -94,6 +94,7 @@ def test_interrupted_key_rotation_is_completed_or_discarded(tmp_path) -> None:
 
 def test_fleet_refuses_forged_kit_messages(online_kit, fleet) -> None:
     kid = online_kit.identity.kit_id
+    wait_for(lambda: fleet.kit(kid)["telemetry"], 10, "first telemetry")
     seen = fleet.kit(kid)["last_seen"]
     forged = cp.sign("telemetry", {"kit_id": kid, "halted": True}, Ed25519PrivateKey.generate())
     assert fleet.handle_kit_message(cp.telemetry_topic(kid), forged) is None
