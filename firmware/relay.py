@@ -132,6 +132,7 @@ class Relay:
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
         self._broker_url = ""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
+        self._journal_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal")
         self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, bytes, int]]]]] = {}
         self._to_sent: list[str] = []
         self._to_acked: list[str] = []
@@ -184,6 +185,7 @@ class Relay:
             log.exception("relay could not flush state marks at stop")
         self.uplink.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._journal_pool.shutdown(wait=True)  # every mark reaches the journal before the store closes
         log.info("relay stopped")
 
     # --- main loop ----------------------------------------------------------------------
@@ -490,14 +492,24 @@ class Relay:
         self._last_mark = now
         sent, acked = self._to_sent, self._to_acked
         self._to_sent, self._to_acked = [], []
+        # On its own thread: an fsync'd commit can take tens of ms on an SD card; the network must not wait.
+        self._journal_pool.submit(self._write_marks, sent, acked)
+
+    def _write_marks(self, sent: list[str], acked: list[str]) -> None:
         at = iso()
-        # The WHERE clauses make the batch order-proof: an ack that overtook its PUBACK stays acked.
-        with self.store.j.transaction() as c:
-            c.executemany("UPDATE records SET state = 'sent', state_at = ?, reason = '' WHERE id = ? "
-                          "AND state = 'stored'", [(at, r) for r in sent])
-            c.executemany("UPDATE records SET state = 'acked', state_at = ?, reason = '' WHERE id = ? "
-                          "AND state IN ('stored', 'sent')", [(at, r) for r in acked])
-        self.store._changed()  # wake the store's listeners (purge, API) once per batch
+        try:
+            # The WHERE clauses make batches order-proof: an ack that overtook its PUBACK stays acked, and a
+            # quarantined record is never moved back.
+            with self.store.j.transaction() as c:
+                c.executemany("UPDATE records SET state = 'sent', state_at = ?, reason = '' WHERE id = ? "
+                              "AND state = 'stored'", [(at, r) for r in sent])
+                c.executemany("UPDATE records SET state = 'acked', state_at = ?, reason = '' WHERE id = ? "
+                              "AND state IN ('stored', 'sent')", [(at, r) for r in acked])
+        except Exception:
+            # Not fatal: unmarked records are sent again and acked again (ingest is idempotent).
+            log.exception("relay could not write state marks sent=%d acked=%d", len(sent), len(acked))
+            return
+        self.store._changed()  # wake the store's listeners (API, purge) once per batch
 
     # --- observability ------------------------------------------------------------------
 
