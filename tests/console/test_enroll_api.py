@@ -130,7 +130,8 @@ def _advance_to(c: httpx.Client, target: str) -> None:
     pytest.fail(f"never reached {target}")
 
 
-def test_cancel_at_each_step_keeps_nothing_and_releases_the_reservation(daemon: Daemon) -> None:
+def test_cancel_at_each_step_keeps_nothing_and_releases_the_reservation(make_daemon: Any) -> None:
+    daemon = make_daemon(fingers=["R1", "R2"], dedup=["R1"])
     c = daemon.signin()
     st = daemon.client()
     steps = ["face", "finger:R1", "finger:R2", "dupcheck", "review"]
@@ -153,7 +154,7 @@ def test_cancel_at_each_step_keeps_nothing_and_releases_the_reservation(daemon: 
 def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_daemon: Any, tmpfs: Any,
                                                                          tmp_path: Path) -> None:
     tmpfs.mount(tmp_path / "sd", 6 * 1024)
-    d = make_daemon(max_record_mb=2)  # each enrollment in progress holds 2 MiB
+    d = make_daemon(max_record_mb=2, fingers=["R1"], dedup=["R1"])  # each enrollment in progress holds 2 MiB
     c = d.signin()
     first = enroll(c, NIK_MALE)  # a normal morning enrollment; the guard now knows the record size
     # An enrollment is under way when the SD fills up (something else wrote a big file).
@@ -183,7 +184,8 @@ def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_dae
     assert audit(c, "start_refused")[0]["detail"]["reason"].startswith("sd is full")
 
 
-def test_duplicate_check_flags_the_same_fingers_under_another_nik(daemon: Daemon) -> None:
+def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: Any) -> None:
+    daemon = make_daemon(fingers=["R2"], dedup=["R2"])  # one finger per resident keeps five enrollments quick
     c = daemon.signin()
     a = enroll(c, NIK_MALE)["record_id"]
     # A different person passes the check.
