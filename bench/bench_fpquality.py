@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware.fpquality import dataset, features, gbt, quality  # noqa: E402
+from firmware.fpquality import alloc, dataset, features, gbt, quality  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"images: {len(images)} ({len(dataset.corpus_prints(a.corpus))} corpus prints in sensor format "
           f"256x288/16 levels, {len(dataset.SPECS)} variants each incl. the undegraded one)")
 
+    tuned = alloc.tune()  # as the daemon's checker does (quality.checker_from_config)
     quality.assess(images[0])  # load the model once, outside the timing
     ours, times, feats = [], [], []
     for img in images:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_a, x = np.array(ours), np.array(feats)
     t_ours = statistics.mean(times)
     print(f"ours:   {1000 * t_ours:7.1f} ms/image mean, {1000 * statistics.median(times):.1f} ms median "
-          f"(features + gates + model, one core)")
+          f"(features + gates + model, one core; glibc malloc tuned: {tuned})")
 
     tool = a.corpus.parent / "tools" / "nfiq2-reference"
     try:

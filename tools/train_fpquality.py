@@ -7,7 +7,8 @@
     .venv/bin/python tools/train_fpquality.py --calibrate  # also print the gate and threshold tables
 
 Data: every corpus print converted to the sensor format (8-bit gray, centre crop / white pad to
-256x288, 16 levels) and its named degradations (`firmware.fpquality.dataset.SPECS`). Labels are
+256x288, 16 levels) and its named degradations (`firmware.fpquality.dataset.SPECS`), plus 40
+synthetic fingers of the sensor simulator (hw/sensor/synth.py: good x2, dry, wet, partial). Labels are
 real NFIQ 2.3 scores from ../shared/tools/nfiq2-reference (x86-64 only), cached in
 `tools/fpquality_labels.csv` so that training is reproducible without NFIQ 2.
 
@@ -52,11 +53,13 @@ def relabel(corpus: Path, jobs: int = 2) -> None:
     tool = nfiq2_tool(corpus)
     its = list(dataset.items(corpus))
     with tempfile.TemporaryDirectory(prefix="fpq-labels-") as tmp:
-        paths = []
+        paths, digests = [], []
         for i, it in enumerate(its):
             p = Path(tmp) / f"{i:05d}.png"
-            cv2.imwrite(str(p), it.image(corpus))
+            img = it.image(corpus)
+            cv2.imwrite(str(p), img)
             paths.append(p)
+            digests.append(dataset.image_digest(img))
         chunks = [paths[k::jobs] for k in range(jobs)]
         t0 = time.perf_counter()
         procs = [subprocess.Popen([str(tool), *map(str, c)], stdout=subprocess.PIPE, text=True) for c in chunks]
@@ -69,23 +72,31 @@ def relabel(corpus: Path, jobs: int = 2) -> None:
         print(f"NFIQ 2 scored {len(scores)} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     with open(LABELS, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["file", "finger", "spec", "nfiq2"])
+        w.writerow(["file", "finger", "spec", "nfiq2", "image_sha1"])
         for i, it in enumerate(its):
-            w.writerow([it.file, it.finger, it.spec, scores.get(f"{i:05d}.png", "NA")])
+            w.writerow([it.file, it.finger, it.spec, scores.get(f"{i:05d}.png", "NA"), digests[i]])
 
 
-def load_labels() -> list[tuple[dataset.Item, float]]:
-    """(item, NFIQ 2 score) for every labelled image; NA rows (NFIQ 2 refused them) are skipped."""
+def load_labels() -> list[tuple[dataset.Item, float, str]]:
+    """(item, NFIQ 2 score, image digest) per labelled image; NA rows (NFIQ 2 refused them) skipped."""
     out = []
     with open(LABELS, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             if r["nfiq2"] != "NA":
-                out.append((dataset.Item(r["file"], r["finger"], r["spec"]), float(r["nfiq2"])))
+                out.append((dataset.Item(r["file"], r["finger"], r["spec"]), float(r["nfiq2"]), r["image_sha1"]))
     return out
 
 
-def feature_dicts(corpus: Path, its: list[dataset.Item]) -> list[dict[str, float]]:
-    return [features.compute(it.image(corpus)) for it in its]
+def feature_dicts(corpus: Path, its: list[dataset.Item], digests: list[str]) -> list[dict[str, float]]:
+    """Features of every image; stops if an image no longer matches the one that was labelled."""
+    out = []
+    for it, d in zip(its, digests, strict=True):
+        img = it.image(corpus)
+        if dataset.image_digest(img) != d:
+            raise SystemExit(f"{it.file} {it.spec}: image differs from the labelled one (the corpus or "
+                             "a generator changed): run with --relabel")
+        out.append(features.compute(img))
+    return out
 
 
 def feature_matrix(feats: list[dict[str, float]]) -> np.ndarray:
@@ -147,10 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.relabel:
         relabel(a.corpus, a.jobs)
     labelled = load_labels()
-    its = [it for it, _ in labelled]
-    y = np.array([s for _, s in labelled])
+    its = [it for it, _, _ in labelled]
+    y = np.array([s for _, s, _ in labelled])
     t0 = time.perf_counter()
-    feats = feature_dicts(a.corpus, its)
+    feats = feature_dicts(a.corpus, its, [d for _, _, d in labelled])
     x = feature_matrix(feats)
     print(f"features: {len(its)} images in {time.perf_counter() - t0:.1f} s")
     fingers = np.array([it.finger for it in its])

@@ -20,8 +20,9 @@ SHOWN = ("OCL_Bin10_Mean", "LCS_Bin10_Mean", "FDA_Bin10_Mean", "RVUP_Bin10_Mean"
 
 def run(args: argparse.Namespace) -> int:
     """Judge every file in ``args.files``; print text (or JSON with ``args.json``)."""
-    from firmware.fpquality import quality
+    from firmware.fpquality import alloc, quality
 
+    alloc.tune()
     results: list[dict[str, object]] = []
     status = 0
     for path in args.files:

@@ -8,8 +8,11 @@ the image is regenerated from the read-only corpus (never copied into the reposi
 from __future__ import annotations
 
 import csv
+import hashlib
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +53,44 @@ FINGER_OF = {
 }
 
 
+#: Synthetic fingers from the sensor simulator (hw/sensor/synth.py, SFinGe method): how many, and
+#: the impressions rendered of each (simulator skin condition : impression number).
+SYNTH_FINGERS = 40
+SYNTH_SPECS: tuple[str, ...] = ("good:1", "good:2", "dry:1", "wet:1", "partial:1")
+SYNTH_PREFIX = "synth:"
+
+
+@lru_cache(maxsize=8)
+def _synth_master(key: str) -> np.ndarray:
+    from hw.sensor import synth
+
+    return synth.grow_master(key)
+
+
 @dataclass(frozen=True)
 class Item:
     """One image of the set, regenerated on demand."""
 
-    file: str  # name under corpus/fingerprints
+    file: str  # name under corpus/fingerprints, or synth:<finger key> for a simulator finger
     finger: str
     spec: str
 
     def image(self, corpus_dir: Path) -> np.ndarray:
         """The sensor-format image (16 levels, 256x288)."""
+        if self.file.startswith(SYNTH_PREFIX):
+            from hw.sensor import synth
+
+            key = self.file[len(SYNTH_PREFIX):]
+            quality, _, _ = self.spec.partition(":")
+            rng = np.random.default_rng(zlib.crc32(f"{key}/{self.spec}".encode()))
+            return sensor_image.to_sensor(synth.render_synthetic(_synth_master(key), rng, quality))
         gray = sensor_image.load_file(corpus_dir / "fingerprints" / self.file)
         return sensor_image.to_sensor(degrade.apply(gray, self.spec))
+
+
+def image_digest(img: np.ndarray) -> str:
+    """Short content hash, stored with each label so that a changed generator is noticed."""
+    return hashlib.sha1(img.tobytes()).hexdigest()[:12]
 
 
 def corpus_prints(corpus_dir: Path) -> list[str]:
@@ -71,12 +100,17 @@ def corpus_prints(corpus_dir: Path) -> list[str]:
     return sorted(Path(r["file"]).name for r in rows if r["kind"] in ("fingerprint", "fingerprint-synthetic"))
 
 
-def items(corpus_dir: Path, specs: tuple[str, ...] = SPECS) -> Iterator[Item]:
-    """Every (print, degradation) pair, in a stable order."""
+def items(corpus_dir: Path, specs: tuple[str, ...] = SPECS, synthetic: bool = True) -> Iterator[Item]:
+    """Every (corpus print, degradation) pair, then the simulator's synthetic impressions."""
     for name in corpus_prints(corpus_dir):
         finger = FINGER_OF.get(name, Path(name).stem)
         for spec in specs:
             yield Item(name, finger, spec)
+    if synthetic:
+        for k in range(SYNTH_FINGERS):
+            key = f"fpq-train-{k:03d}/0"
+            for spec in SYNTH_SPECS:
+                yield Item(SYNTH_PREFIX + key, f"synth-{k:03d}", spec)
 
 
 def default_corpus(repo: Path) -> Path:

@@ -30,7 +30,8 @@ def compute(img: np.ndarray) -> dict[str, float]:
     """All features of one 8-bit gray sensor image, by name (see `MODEL_FEATURES`)."""
     native = nfiq2_features.compute(img)
     out = nfiq2_features.as_nist_names(native)
-    out["blocks"] = float(native["blocks"])  # type: ignore[arg-type]
+    for k in ("blocks", "coherence_sum", "coherence_rel"):
+        out[k] = float(native[k])  # type: ignore[arg-type]
     fg = foreground.segment(img)
     out["fg_fraction"] = fg.fraction
     out["fg_cx"] = fg.centroid_x
@@ -41,11 +42,14 @@ def compute(img: np.ndarray) -> dict[str, float]:
         # Percentiles from the histogram (the sensor has 16 levels; sorting pixels is wasteful).
         cdf = np.cumsum(hist) / hist.sum()
         p5, p95 = int(np.searchsorted(cdf, 0.05)), int(np.searchsorted(cdf, 0.95))
-        out["fg_mean"] = float((hist * np.arange(256)).sum() / hist.sum())
+        levels = np.arange(256)
+        out["fg_mean"] = float((hist * levels).sum() / hist.sum())
         out["fg_contrast"] = float(p95 - p5)
+        fg_std = float(np.sqrt((hist * (levels - out["fg_mean"]) ** 2).sum() / hist.sum()))
     else:
         out["fg_mean"] = float(img.mean())
         out["fg_contrast"] = 0.0
+        fg_std = 0.0
     m = minutiae.extract(img, fg.mask)
     out["minutiae"] = float(m.count)
     out["endings"] = float(len(m.endings))
@@ -55,8 +59,7 @@ def compute(img: np.ndarray) -> dict[str, float]:
     out["short_fragments"] = float(m.short_fragments)
     out["gray_std"] = float(img.std())
     out["haze_fraction"] = _haze_fraction(img)
-    out.update(_coherence(img, fg.mask))
-    out.update(_minutiae_quality(img, fg.mask, np.concatenate([m.endings, m.bifurcations]).reshape(-1, 2)))
+    out.update(_minutiae_quality(img, fg_std, np.concatenate([m.endings, m.bifurcations]).reshape(-1, 2)))
     return out
 
 
@@ -65,53 +68,38 @@ def _haze_fraction(img: np.ndarray, blk: int = 16) -> float:
     dark wet contact. Latent residue or a smear on the glass looks like this."""
     h, w = img.shape
     nr, nc = h // blk, w // blk
-    b = img[: nr * blk, : nc * blk].astype(np.float64).reshape(nr, blk, nc, blk)
-    mean, std = b.mean(axis=(1, 3)), b.std(axis=(1, 3))
+    b = img[: nr * blk, : nc * blk].astype(np.float32).reshape(nr, blk, nc, blk)
+    mean = b.mean(axis=(1, 3))
+    std = np.sqrt(np.maximum((b * b).mean(axis=(1, 3)) - mean * mean, 0))
     return float(((std < 12.0) & (mean >= 90.0) & (mean < 235.0)).mean())
 
 
-def _coherence(img: np.ndarray, mask: np.ndarray, blk: int = 16) -> dict[str, float]:
-    """Gradient coherence of 16x16 foreground blocks: sum and mean (after NFIQ 2's ROI coherence)."""
-    import cv2
-
-    h, w = img.shape
-    nr, nc = h // blk, w // blk
-    f = img[: nr * blk, : nc * blk].astype(np.float32)
-    gx = cv2.Sobel(f, cv2.CV_32F, 1, 0, ksize=3)
-    gy = cv2.Sobel(f, cv2.CV_32F, 0, 1, ksize=3)
-
-    def bsum(a: np.ndarray) -> np.ndarray:
-        return a.reshape(nr, blk, nc, blk).sum(axis=(1, 3))
-
-    gxx, gyy, gxy = bsum(gx * gx), bsum(gy * gy), bsum(gx * gy)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        coh = np.where(gxx + gyy > 0, np.sqrt((gxx - gyy) ** 2 + 4 * gxy ** 2) / (gxx + gyy), 0.0)
-    fgb = mask[: nr * blk, : nc * blk].reshape(nr, blk, nc, blk).mean(axis=(1, 3)) > 0.5
-    total = float(coh[fgb].sum())
-    return {"coherence_sum": total, "coherence_rel": total / max(int(fgb.sum()), 1)}
-
-
-def _minutiae_quality(img: np.ndarray, mask: np.ndarray, pts: np.ndarray) -> dict[str, float]:
+def _minutiae_quality(img: np.ndarray, fg_std: float, pts: np.ndarray) -> dict[str, float]:
     """Minutiae-based figures after NFIQ 2's FJFX measures: count within the 200x200 box around
-    their centre of mass, and the fractions whose 32x32 neighbourhood has OCL >= 0.8 or a
-    contrast at least that of the whole foreground (32x32 box filters sampled at the minutiae)."""
+    their centre of mass, and the fractions whose 32x32 neighbourhood has OCL >= 0.8 or a gray
+    std at least `fg_std` (that of the whole foreground). Window sums come from integral images
+    sampled at the minutiae only."""
     import cv2
 
     if len(pts) == 0:
         return {"minutiae_com200": 0.0, "minutiae_ocl80": 0.0, "minutiae_contrast": 0.0}
     com = pts.mean(axis=0)
     in_box = (np.abs(pts - com) <= 100).all(axis=1)
-    f = img.astype(np.float32)
+    h, w = img.shape
+    f = img.astype(np.float64)
     gy, gx = np.gradient(f)
+    r0, r1 = np.clip(pts[:, 0] - 16, 0, h), np.clip(pts[:, 0] + 16, 0, h)
+    c0, c1 = np.clip(pts[:, 1] - 16, 0, w), np.clip(pts[:, 1] + 16, 0, w)
+    area = (r1 - r0) * (c1 - c0)
 
-    def local_mean(a: np.ndarray) -> np.ndarray:
-        return cv2.boxFilter(a, -1, (32, 32), borderType=cv2.BORDER_REPLICATE)[pts[:, 0], pts[:, 1]]
+    def window_mean(a: np.ndarray) -> np.ndarray:
+        ii = cv2.integral(a)
+        return (ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]) / area
 
-    a, b, c = local_mean(gx * gx), local_mean(gy * gy), local_mean(gx * gy)
+    a, b, c = window_mean(gx * gx), window_mean(gy * gy), window_mean(gx * gy)
     root = np.sqrt((a - b) ** 2 + 4 * c * c)
     emax = (a + b + root) / 2
     ocl = np.divide(emax - (a + b - root) / 2, emax, out=np.zeros_like(emax), where=emax > 0)
-    std = np.sqrt(np.maximum(local_mean(f * f) - local_mean(f) ** 2, 0))
-    fg_std = float(img[mask].std()) if mask.any() else 0.0
+    std = np.sqrt(np.maximum(window_mean(f * f) - window_mean(f) ** 2, 0))
     return {"minutiae_com200": float(in_box.sum()), "minutiae_ocl80": float((ocl >= 0.8).mean()),
             "minutiae_contrast": float((std >= fg_std).mean())}

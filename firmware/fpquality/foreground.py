@@ -49,10 +49,10 @@ def segment(img: np.ndarray) -> Foreground:
     keep = np.zeros(n, np.uint8)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= 0.02 * m.size
     mask = cv2.resize(keep[lab], (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-    frac = float(mask.mean())
-    if frac > 0:
-        ys, xs = np.nonzero(mask)
-        cx, cy = float(xs.mean() / (w - 1)), float(ys.mean() / (h - 1))
+    mom = cv2.moments(mask.view(np.uint8), binaryImage=True)
+    frac = float(mom["m00"] / mask.size)
+    if mom["m00"] > 0:
+        cx, cy = float(mom["m10"] / mom["m00"] / (w - 1)), float(mom["m01"] / mom["m00"] / (h - 1))
     else:
         cx = cy = 0.5
     edges = (mask[0].mean(), mask[-1].mean(), mask[:, 0].mean(), mask[:, -1].mean())

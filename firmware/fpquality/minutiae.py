@@ -120,9 +120,9 @@ def extract(img: np.ndarray, mask: np.ndarray) -> Minutiae:
     nlab, lab, stats, _ = cv2.connectedComponentsWithStats(skel.astype(np.uint8), connectivity=8)
     sizes = stats[:, cv2.CC_STAT_AREA]
     short = int((sizes[1:] < SHORT_FRAGMENT).sum())
-    big = sizes >= SHORT_FRAGMENT
-    big[0] = False
-    skel = big[lab]
+    big = (sizes >= SHORT_FRAGMENT).astype(np.uint8)
+    big[0] = 0
+    skel = np.take(big, lab).view(bool)
     cn = crossing_number(skel)
     inner = cv2.erode(mask.astype(np.uint8), np.ones((2 * BORDER_MARGIN + 1,) * 2, np.uint8)).astype(bool)
     end = skel & (cn == 1) & inner

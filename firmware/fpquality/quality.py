@@ -96,8 +96,11 @@ def assess(image: np.ndarray, limits: gates.Limits | None = None, model_path: Pa
 
 def checker_from_config(section: Mapping[str, Any]) -> Callable[[np.ndarray], FingerQuality]:
     """`image -> FingerQuality` using the gate limits of a validated ``[quality_finger]`` section."""
+    from firmware.fpquality import alloc
+
     lim = gates.Limits.from_config(section)
     load_model()  # fail at start-up, not at the first capture, if the model file is bad
+    alloc.tune()  # reuse heap blocks for the per-image temporaries (see alloc.py)
 
     def check(image: np.ndarray) -> FingerQuality:
         return assess(image, lim)

@@ -4,7 +4,7 @@ Ladders use steps that also lower NFIQ 2 (mild blur or faintness *raise* NFIQ 2 
 images, since they hide the quantisation steps, and some prints shrug off mild wetness under
 NFIQ 2 too, so those would not be fair ladders). "Lower" is the capture policy's order: a hard
 reject ranks below any accepted impression, then by score. Once both steps are at the floor
-(score < 5, where NFIQ 2 gives exactly 0) the order among them is not meaningful.
+(score < 10: unusable, where NFIQ 2 mostly gives exactly 0) the order among them is not meaningful.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from firmware.fpquality import dataset, quality
 
-FLOOR = 5.0
+FLOOR = 10.0
 
 
 def key(q: quality.FingerQuality) -> float:
