@@ -452,16 +452,19 @@ class EnrollmentService:
                 # Nothing was confirmed; the enrollment (and its reservation) stays open so the operator can retry.
                 log.error("commit failed enrollment=%s error=%s", e.id, ex)
                 raise EnrollmentError("store_error", f"could not store the record, try again: {ex}", 500) from None
+        with self._lock:
+            self.active = None  # stored: from here on nothing may leave it open (a retry would store it twice)
         sensor = None
         if self.dev.sensor is not None:
             try:
                 sensor = self.dev.sensor()
             except Exception as ex:
                 log.warning("sensor unavailable for the duplicate library error=%s", ex)
-        self.dedup.remember(sensor, e.nik.value, res.record_id,
-                            self._templates(e, list(self.cfg.enrollment.dedup_fingers)))
-        with self._lock:
-            self.active = None
+        try:
+            self.dedup.remember(sensor, e.nik.value, res.record_id,
+                                self._templates(e, list(self.cfg.enrollment.dedup_fingers)))
+        except Exception:  # the record is sealed and stored; only later duplicate checks are weakened
+            log.exception("could not index the record for the duplicate check record_id=%s", res.record_id)
         info = {"record_id": res.record_id, "sha256": res.sha256, "created": iso(),
                 "kit_id": self.store.identity.kit_id, "site": self.cfg.kit.site,
                 "clock_synced": clock_synchronised(), "mirrored": res.stick_id is not None}
