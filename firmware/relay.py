@@ -460,6 +460,12 @@ class Relay:
                 self._to_acked.append(ack.record_id)
                 self.counters["records_acked"] += 1
             self._waiting.pop(ack.record_id, None)
+            t = self._active.get(ack.record_id)
+            if t is not None and not t.all_handed:
+                # The data center already holds it (a resend answered at its announce): skip the other chunks.
+                t.messages = t.messages[:t.next_index]
+                if t.outstanding == 0:
+                    self._finish(t)
         elif ack.status == "rejected":
             if row.state in ("stored", "sent"):
                 self._flush_marks(force=True)

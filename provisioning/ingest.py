@@ -33,6 +33,8 @@ from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit
 
 log = logging.getLogger(__name__)
 
+RECEIVE_MAXIMUM = 32  # unacknowledged messages the broker may send one worker (x 128 KiB chunks = its RAM bound)
+
 
 @dataclass
 class IngestSettings:
@@ -147,7 +149,7 @@ class IngestWorker:
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         try:
-            self.events.append(("message", (msg.topic, bytes(msg.payload))))
+            self.events.append(("message", (msg.topic, bytes(msg.payload), msg.mid, msg.qos)))
         except Exception:  # pragma: no cover - never raise in a callback
             pass
 
@@ -157,7 +159,10 @@ class IngestWorker:
     def _make_client(self) -> Any:
         import paho.mqtt.client as mqtt
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        # manual_ack: a PUBACK goes out only after the chunk is staged, and with the Receive Maximum below the
+        # broker never has more than RECEIVE_MAXIMUM unprocessed messages on their way here (bounded memory).
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
+                        manual_ack=True)
         c.suppress_exceptions = True
         c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
         c.on_message, c.on_subscribe = self._on_message, self._on_subscribe
@@ -197,6 +202,7 @@ class IngestWorker:
                     self.client = self._make_client()
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = 0  # a dead worker's messages go to the others at once
+                    props.ReceiveMaximum = RECEIVE_MAXIMUM
                     try:
                         self.client.connect(self.url.host, self.url.port, keepalive=30, clean_start=True,
                                             properties=props)
@@ -230,11 +236,14 @@ class IngestWorker:
                         attempt += 1
                         break
                     elif kind == "message":
+                        topic, payload, mid, qos = val
                         try:
-                            self._handle(*val)
+                            self._handle(topic, payload)
                         except Exception:
                             # One bad message (or a DB hiccup) must not stop the worker; the kit resends.
-                            log.exception("ingest failed on a message topic=%s", val[0])
+                            log.exception("ingest failed on a message topic=%s", topic)
+                        if qos:
+                            self.client.ack(mid, qos)
                 if time.monotonic() > next_expiry:
                     next_expiry = time.monotonic() + 60
                     n = self.staging.expire(self.s.transfer_ttl_s)

@@ -131,3 +131,21 @@ def test_usb_import_of_stick_with_a_corrupted_record(make_kit, tmp_path, capsys)
 def test_fast_relay_settings_are_valid_config():
     # The test timers must stay inside the schema's limits (validate raises otherwise).
     config.validate({"relay": {"brokers": ["mqtt://127.0.0.1:1883"], **FAST_RELAY}})
+
+
+def test_records_already_imported_from_usb_are_not_sent_again(mosquitto, make_kit, make_ingest, tmp_path):
+    (tmp_path / "stick-kit" / "usb").mkdir(parents=True)
+    kit = make_kit([mosquitto.url], name="stick-kit", chunk_kb=16, bytes_per_s=400_000)
+    ids = kit.capture(4, size=250_000)  # ~16 chunks each
+    kit.store.eject()
+    archive = Archive(tmp_path / "archive", tofu=True)
+    from provisioning.usb_import import import_stick
+
+    assert len(import_stick(tmp_path / "stick-kit" / "usb", archive, tofu=True, progress=False).new) == 4
+    archive.close()
+    w = make_ingest(mosquitto.url)
+    kit.start_relay()
+    wait_for(lambda: kit.counts()["acked"] == 4, 20, "acked by announce")
+    assert_delivered_once(kit, tmp_path / "archive", ids)
+    # The announce got a 'duplicate' ack, so the relay stopped sending the rest of each record.
+    assert w.counters.chunks < 4 * 16 // 2, f"{w.counters.chunks} chunks sent for records the center already had"
