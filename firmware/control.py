@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import queue
+import random
 import shutil
 import sqlite3
 import ssl
@@ -629,7 +630,7 @@ class ControlPlane:
                 client.connect(host, port, keepalive=c.keepalive_s, clean_start=True)
             except (OSError, ssl.SSLError, ValueError) as e:
                 log.warning("control connect failed broker=%s error=%s; next in %.0f s", broker, e, delay)
-                self.stop_event.wait(delay)
+                self.stop_event.wait(delay * random.uniform(0.5, 1.0))  # jitter: a fleet must not reconnect in step
                 delay = min(120.0, delay * 2)
                 continue
             self.broker = broker
@@ -640,7 +641,7 @@ class ControlPlane:
             client.disconnect()
             self.connected.clear()
             if not self.stop_event.is_set():
-                self.stop_event.wait(delay)
+                self.stop_event.wait(delay * random.uniform(0.5, 1.0))
                 delay = min(120.0, delay * 2)
 
     def _loop(self, client: Any, broker: str) -> bool:
