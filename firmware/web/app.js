@@ -152,9 +152,12 @@ $("idle-stay").addEventListener("click", async () => {
 function alertsFrom(st) {
   const out = [];
   const g = st.guard || {};
-  if (g.level === "HALT") out.push(["halt", "CAPTURE HALTED: " + (g.reasons || []).join("; ") + " — no new enrollment can start."]);
-  else if (g.level === "WARN") out.push(["warn", "Storage low: " + (g.reasons || []).join("; ")]);
-  if (st.stick && !st.stick.present) out.push(["warn", "USB stick missing: records are only on the SD card. Insert the stick."]);
+  const noStick = st.stick && !st.stick.present;
+  // The stick's absence has its own alert; do not repeat the guard's reason for it.
+  const reasons = (g.reasons || []).filter((r) => !(noStick && /no USB stick/.test(r)));
+  if (g.level === "HALT") out.push(["halt", "CAPTURE HALTED: " + reasons.join("; ") + " — no new enrollment can start."]);
+  else if (g.level === "WARN" && reasons.length) out.push(["warn", "Storage low: " + reasons.join("; ")]);
+  if (noStick) out.push([g.level === "HALT" ? "halt" : "warn", "USB stick missing: records are only on the SD card. Insert the stick."]);
   if (st.sensor && st.sensor.error) out.push(["halt", "Fingerprint sensor error: " + st.sensor.error]);
   if (st.control && st.control.locked) out.push(["halt", "Capture locked by the fleet: " + (st.control.lock_reason || "")]);
   return out;

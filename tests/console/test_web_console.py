@@ -92,8 +92,8 @@ def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: 
             page.wait_for_selector("#preview:not([hidden])")
             assert re.search(r"R1 score \d+ · attempt 1", page.inner_text("#fb-score"))
             # The preview is really served (cookie session) and decoded by the browser.
-            assert page.evaluate("() => document.getElementById('preview').complete "
-                                 "&& document.getElementById('preview').naturalWidth") > 100
+            page.wait_for_function("() => document.getElementById('preview').complete "
+                                   "&& document.getElementById('preview').naturalWidth > 100", timeout=10_000)
             page.screenshot(path=str(shots / "4-finger-feedback.png"))
         for _ in range(3):  # retakes (the policy keeps the best of 3): the prompt says why, tap again
             if code not in page.inner_text("#capture-title") or page.is_hidden("#capture"):
@@ -147,14 +147,21 @@ def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: 
     pp.goto(daemon.url + "/")
     pp.wait_for_selector("#view-signin:not([hidden])")
     pp.screenshot(path=str(shots / "9-phone-signin.png"))
+    pp.fill("#signin-id", OPERATOR[0])
+    pp.fill("#signin-pin", OPERATOR[1])
+    pp.click("#signin-form button[type=submit]")
+    pp.wait_for_selector("#enroll-start:not([hidden])")
+    pp.screenshot(path=str(shots / "10-phone-enroll.png"))
     width = pp.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 360, f"the phone layout scrolls sideways ({width}px)"
+    box = pp.locator("#nik-start").bounding_box()
+    assert box is not None and box["height"] >= 44 and box["width"] >= 300  # a thumb-sized, full-width button
     phone.close()
     ctx.close()
     assert problems == [], problems  # no CSP violations, no script errors
 
 
-def test_console_shows_operator_text_as_text(make_daemon: Any, browser: Any) -> None:
+def test_console_text_escaping_cancel_and_supervisor(make_daemon: Any, browser: Any, tmp_path: Path) -> None:
     d = make_daemon(fingers=["R1"], dedup=["R1"])
     c = d.signin()
     page = browser.new_page(viewport={"width": 800, "height": 480})
@@ -182,4 +189,59 @@ def test_console_shows_operator_text_as_text(make_daemon: Any, browser: Any) -> 
     page.wait_for_selector("#review:not([hidden])", timeout=30_000)
     assert hostile in page.inner_text("#review-table")
     assert page.locator("#review-table img").count() == 0 and page.evaluate("() => window.pwned") is None
+    # Cancel (after the confirmation dialog): nothing kept.
+    page.on("dialog", lambda dlg: dlg.accept())
+    page.click("#cancel")
+    page.wait_for_selector("#nik-msg:has-text('nothing was kept')")
+    assert d.client().get("/api/v1/status").json()["guard"]["enrollments_in_progress"] == 0
+
+    # The first resident again under another NIK: flagged, the supervisor form, a rejection.
+    nik_b = "3578011111800004"
+    assert d.client().post("/api/v1/sim/alias", json={"nik": nik_b, "same_person_as": NIK_MALE}).status_code == 200
+    page.fill("#nik", nik_b)
+    page.click("#nik-start")
+    page.wait_for_selector("#enroll-active:not([hidden])")
+    for _ in range(10):
+        if page.is_hidden("#capture"):
+            break
+        capture_once(page)
+    page.wait_for_selector("#sup:not([hidden])", timeout=30_000)
+    assert "double enrollment" in page.inner_text("#prompt") and "R1" in page.inner_text("#sup-matches")
+    page.screenshot(path=str(tmp_path / "supervisor.png"))
+    print(f"screenshot {tmp_path / 'supervisor.png'}")
+    page.fill("#sup-id", "spv")
+    page.fill("#sup-pin", "000000")
+    page.fill("#sup-reason", "same fingers as an earlier record")
+    page.click("#sup-form button[type=submit]")
+    page.wait_for_selector("#sup-msg:has-text('wrong operator id or PIN')")
+    page.fill("#sup-pin", "654321")
+    page.fill("#sup-reason", "same fingers as an earlier record")
+    page.click("#sup-form button[type=submit]")
+    page.wait_for_selector("#nik-msg:has-text('Rejected by the supervisor')")
+    events = [e for e in c.get("/api/v1/audit").json() if e["kind"] == "supervisor_decision"]
+    assert [(e["actor"], e["detail"]["decision"]) for e in events] == [("spv", "reject")]
+    assert len(c.get("/api/v1/records").json()) == 1
+    page.close()
+
+
+def test_console_shows_the_halt(make_daemon: Any, browser: Any, tmpfs: Any, tmp_path: Path) -> None:
+    tmpfs.mount(tmp_path / "sd", 4 * 1024)
+    d = make_daemon(max_record_mb=2, fingers=["R1"], dedup=["R1"])
+    sd = next(m for m in d.client().get("/api/v1/status").json()["media"] if m["name"] == "sd")
+    with open(d.sd / "filler.bin", "wb") as f:
+        f.write(b"\0" * max(0, sd["free_bytes"] - sd["reserve_bytes"] - 100_000))
+    page = browser.new_page(viewport={"width": 800, "height": 480})
+    page.goto(d.url + "/")
+    page.wait_for_selector("#alerts .banner.halt:has-text('CAPTURE HALTED')")
+    assert "sd is full" in page.inner_text("#alerts")
+    page.fill("#signin-id", OPERATOR[0])
+    page.fill("#signin-pin", OPERATOR[1])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#prompt.halt")
+    assert "Capture is halted: sd is full" in page.inner_text("#prompt")
+    page.fill("#nik", NIK_MALE)
+    page.click("#nik-start")
+    page.wait_for_selector("#nik-msg:has-text('capture is halted: sd is full')")
+    page.screenshot(path=str(tmp_path / "halt.png"))
+    print(f"screenshot {tmp_path / 'halt.png'}")
     page.close()
