@@ -88,6 +88,14 @@ class Item:
         return sensor_image.to_sensor(degrade.apply(gray, self.spec))
 
 
+def fold_of(finger: str) -> str:
+    """Cross-validation fold of a finger: each real finger alone; simulator fingers in 4 groups of
+    10 (all impressions of a finger always stay in the same fold)."""
+    if finger.startswith("synth-"):
+        return f"synth-group-{int(finger.split('-')[1]) % 4}"
+    return finger
+
+
 def image_digest(img: np.ndarray) -> str:
     """Short content hash, stored with each label so that a changed generator is noticed."""
     return hashlib.sha1(img.tobytes()).hexdigest()[:12]
