@@ -2,6 +2,9 @@
 
 Against a real mosquitto with the deployed TLS + ACL configuration (provisioning/mosquitto/):
 
+0. Idle CPU of the process with the control connection up (20 ms network tick) against the same process
+   with the control plane stopped.
+
 1. Command round trip (fleet signs -> broker -> kit verifies, replay check in SQLite, runs `status`,
    signs the result -> broker -> fleet verifies): latency p50/p95 with the kit idle (baseline), then
    the same while the real record relay (firmware/relay.py) drains a backlog of 400 KB records from
@@ -129,6 +132,22 @@ def main() -> int:
         for _ in range(a.records):
             kit.store.commit(payload)
         print(f"backlog: {a.records} records x 400 KB committed in {time.perf_counter() - t:.1f} s")
+        # Idle cost of the control connection (20 ms network tick): process CPU over 5 s, connected vs stopped.
+        def cpu_pct(seconds: float = 5.0) -> float:
+            c0, t0 = time.process_time(), time.perf_counter()
+            time.sleep(seconds)
+            return 100 * (time.process_time() - c0) / (time.perf_counter() - t0)
+
+        svc.link.stop.set()  # the fleet service runs in this process too: measure it out
+        svc.link._thread.join(5)  # type: ignore[union-attr]
+        on = cpu_pct()
+        ctl.stop()
+        off = cpu_pct()
+        print(f"idle CPU of this process: control connected {on:.2f}% vs stopped {off:.2f}% of one core")
+        kit.control = None
+        ctl = kit.start_control()
+        svc = FleetService(fleet).start()
+        wait_for(ctl.connected.is_set, 10, "control reconnected")
         cmdr = Commander(fleet, kid)
         cmdr.round_trips(3)  # warm-up
         idle = cmdr.round_trips(a.commands)

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 EX_RESTART = 75  # EX_TEMPFAIL: restart the daemon to load a new (or the last good) config
 EX_REBOOT = 76  # the unit's ExecStopPost reboots the machine on this status
 MAX_TRIAL_BOOTS = 3
-LOOP_S = 0.02  # network loop tick: bounds the delay of results and state queued by other threads
+LOOP_S = 0.02  # network loop tick while a command runs: bounds the delay of its result
+IDLE_LOOP_S = 0.25  # tick otherwise (incoming packets wake the loop at once; ~0.1% CPU idle)
 
 # Safety floors: remote config may raise these, never lower them below the local file's value.
 FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requires_stick", "store.verify_readback")
@@ -506,6 +507,7 @@ class ControlPlane:
         self._started = time.monotonic()
         self._client: Any = None
         self._reconnect = threading.Event()
+        self._pending = threading.Event()  # a command is queued or running: tick fast for its result
         self._apply_lock_state()
 
     def _local_config(self) -> config.Config:
@@ -655,7 +657,8 @@ class ControlPlane:
         next_tel = 0.0
         connect_deadline = time.monotonic() + 30
         while not self.stop_event.is_set():
-            rc = client.loop(timeout=LOOP_S)  # short: results queued by the worker go out promptly
+            busy = self._pending.is_set() or not self._out.empty()
+            rc = client.loop(timeout=LOOP_S if busy else IDLE_LOOP_S)
             if rc != 0:  # connection lost (before or after CONNACK)
                 log.warning("control connection lost broker=%s rc=%s connected=%s", broker, rc, ok)
                 return ok
@@ -836,6 +839,7 @@ class ControlPlane:
         if resp != cp.result_topic(self.identity.kit_id):
             resp = cp.result_topic(self.identity.kit_id)  # only ever answer on our own result topic
         self.stats.commands += 1
+        self._pending.set()
         try:
             self._work.put_nowait((body, (resp, corr)))
         except queue.Full:
@@ -877,6 +881,8 @@ class ControlPlane:
             except Exception as ae:
                 log.debug("audit failed error=%s", ae)
             self._out.put(out)
+            if self._work.empty():
+                self._pending.clear()
             if body["name"] == "reboot":
                 self.request_exit(EX_REBOOT, f"reboot command {body['cmd_id']}")
 
