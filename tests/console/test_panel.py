@@ -74,19 +74,31 @@ def test_leds_follow_the_state_and_busy_blinks(factory: Any) -> None:
         panel.close()
 
 
+def beep_lengths(pin: Any) -> list[float]:
+    """Durations of the buzzer's on-periods from the mock pin's state history (each entry's timestamp is
+    the time since the previous change)."""
+    out, on = [], False
+    for st in pin.states:
+        if st.state and not on:
+            on = True
+        elif not st.state and on:
+            out.append(st.timestamp)
+            on = False
+    return out
+
+
 def test_short_beep_for_good_long_beep_for_retake(factory: Any) -> None:
     panel = Panel(PINS, pin_factory=factory)
     buzzer = factory.pin(PINS.buzzer)
     try:
-        panel.beep_good()
-        wait_for(lambda: not buzzer.state, 1.0, "short beep to end")
-        on_times = [s for s in buzzer.states if s.state]
-        assert on_times, "the buzzer never sounded"
-        buzzer.clear_states()
-        panel.beep_retake()
-        time.sleep(0.3)
-        assert buzzer.state, "a retake beep is still sounding after 0.3 s"
-        wait_for(lambda: not buzzer.state, 2.0, "long beep to end")
+        for beep, n, low, high in ((panel.beep_good, 1, 0.05, 0.3), (panel.beep_retake, 1, 0.5, 1.0),
+                                   (panel.beep_done, 2, 0.05, 0.3)):
+            buzzer.clear_states()
+            beep()
+            time.sleep(0.05)
+            wait_for(lambda k=n: not buzzer.state and len(beep_lengths(buzzer)) >= k, 3.0, f"{beep.__name__} end")
+            lengths = beep_lengths(buzzer)
+            assert len(lengths) == n and all(low <= x <= high for x in lengths), (beep.__name__, lengths)
     finally:
         panel.close()
 
