@@ -245,3 +245,35 @@ def test_console_shows_the_halt(make_daemon: Any, browser: Any, tmpfs: Any, tmp_
     page.screenshot(path=str(tmp_path / "halt.png"))
     print(f"screenshot {tmp_path / 'halt.png'}")
     page.close()
+
+
+def test_console_idle_warning_and_signout(daemon: Daemon, browser: Any) -> None:
+    """The console's side of the idle sign-out: it polls /auth/me every 15 s (timers fast-forwarded with
+    Playwright's clock) and shows what the kit answers. The kit's answers are fixed here because the
+    real warning needs >= 10 min of idling (`[operators] idle_warning_s`, minimum 30 s)."""
+    import json
+
+    page = browser.new_page(viewport={"width": 800, "height": 480})
+    page.clock.install()
+    page.goto(daemon.url + "/")
+    page.fill("#signin-id", OPERATOR[0])
+    page.fill("#signin-pin", OPERATOR[1])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#view-enroll:not([hidden])")
+    real_me = page.evaluate("() => fetch('/api/v1/auth/me').then(r => r.json())")
+    assert real_me["signed_in"] is True and real_me["warn"] is False and real_me["signout_in_s"] > 800
+    answer = {"signed_in": True, "operator_id": "demo", "name": "Demo Operator", "role": "operator",
+              "signout_in_s": 42, "warn": True}
+    page.route("**/api/v1/auth/me", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                                body=json.dumps(answer)))
+    page.clock.run_for(16_000)
+    page.wait_for_selector("#idle:not([hidden])")
+    assert "signed out in 42 s" in page.inner_text("#idle-text")
+    page.click("#idle-stay")  # touches the session on the kit (GET /enrollment) and hides the bar
+    page.wait_for_selector("#idle", state="hidden")
+    answer = {"signed_in": False}
+    page.clock.run_for(16_000)
+    page.wait_for_selector("#view-signin:not([hidden])")
+    assert "Signed out after inactivity" in page.inner_text("#signin-msg")
+    assert page.is_hidden("#nav")
+    page.close()
