@@ -411,7 +411,9 @@ class FleetLink:
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self.pubacks: dict[int, Any] = {}
+        self.inflight: dict[int, str] = {}  # mid -> topic, until its PUBACK
+        self.refused: list[tuple[str, str]] = []  # (topic, reason) of publishes the broker refused
+        self._queued = 0
 
     def start(self, timeout: float = 10) -> FleetLink:
         self._thread = threading.Thread(target=self._run, name=f"fleet-{self.client_id}", daemon=True)
@@ -423,6 +425,7 @@ class FleetLink:
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, response_topic: str | None = None,
                 correlation: bytes | None = None) -> None:
+        self._queued += 1
         self._out.put(("pub", (topic, payload, retain, response_topic, correlation)))
 
     def _client(self) -> Any:
@@ -477,7 +480,10 @@ class FleetLink:
                         except Exception:
                             log.exception("fleet message handler failed topic=%s", arg.topic)
                     elif kind == "puback":
-                        self.pubacks[arg[0]] = arg[1]
+                        topic = self.inflight.pop(arg[0], "?")
+                        if arg[1].is_failure:
+                            log.error("fleet publish refused topic=%s reason=%s", topic, arg[1])
+                            self.refused.append((topic, str(arg[1])))
                 if not self.connected.is_set():
                     continue
                 while True:
@@ -493,17 +499,22 @@ class FleetLink:
                             props.ResponseTopic = resp
                         if corr:
                             props.CorrelationData = corr
-                    c.publish(topic, payload, qos=1, retain=retain, properties=props)
+                    info = c.publish(topic, payload, qos=1, retain=retain, properties=props)
+                    self.inflight[info.mid] = topic
+                    self._queued -= 1
             c.disconnect()
             for _ in range(5):
                 c.loop(timeout=0.05)
 
-    def flush(self, timeout: float = 5) -> None:
-        """Wait until everything queued has been handed to the broker and acknowledged."""
+    def flush(self, timeout: float = 5) -> list[tuple[str, str]]:
+        """Wait until everything published so far is acknowledged by the broker (PUBACK); returns the
+        (topic, reason) of publishes it refused, and raises `FleetError` on timeout."""
         deadline = time.monotonic() + timeout
-        while not self._out.empty() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)
+        while (self._queued > 0 or self.inflight) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self._queued > 0 or self.inflight:
+            raise FleetError(f"{self._queued + len(self.inflight)} message(s) not acknowledged within {timeout:.0f} s")
+        return list(self.refused)
 
     def close(self) -> None:
         self.stop.set()
@@ -646,16 +657,20 @@ def _parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
 
 def _publish(f: Fleet, items: list[tuple[str, bytes, bool]]) -> None:
     link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}").start()
-    for topic, payload, retain in items:
-        link.publish(topic, payload, retain=retain)
-    link.flush()
-    link.close()
+    try:
+        for topic, payload, retain in items:
+            link.publish(topic, payload, retain=retain)
+        refused = link.flush(timeout=15)
+    finally:
+        link.close()
+    if refused:
+        raise FleetError("broker refused: " + "; ".join(f"{t} ({r})" for t, r in refused))
 
 
 def _push(f: Fleet, kit: str, version: int, doc: bytes, offline: bool) -> None:
     targets = [kit] if kit != "*" else [r["kit_id"] for r in f.kits() if r["state"] == "approved"]
     if not offline:
-        _publish(f, [(cp.config_topic(t), doc, True) for t in targets])
+        _publish(f, [(cp.config_topic(t), doc, True) for t in targets])  # FleetError if not acknowledged
     where = "signed, not published" if offline else f"published (retained) to {len(targets)} kit(s)"
     print(f"config v{version} for {kit} {where}")
 
@@ -677,10 +692,10 @@ def cmd_config_push(args: argparse.Namespace) -> int:
     files.update({Path(p).name: Path(p).read_text() for p in (args.attach or [])})
     try:
         version, doc = f.make_config(args.kit, sections, files, note=args.note or "")
+        _push(f, args.kit, version, doc, args.offline)
     except FleetError as e:
         print(f"rekam-fleet: {e}", file=sys.stderr)
         return 1
-    _push(f, args.kit, version, doc, args.offline)
     return 0
 
 
@@ -688,10 +703,10 @@ def cmd_config_rollback(args: argparse.Namespace) -> int:
     f = _fleet(args)
     try:
         version, doc = f.rollback_config(args.kit, args.to)
+        _push(f, args.kit, version, doc, args.offline)
     except FleetError as e:
         print(f"rekam-fleet: {e}", file=sys.stderr)
         return 1
-    _push(f, args.kit, version, doc, args.offline)
     return 0
 
 

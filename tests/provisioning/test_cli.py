@@ -79,3 +79,28 @@ def test_cmd_send_through_the_broker(online_kit, fleet, capsys) -> None:
     assert rc == 2 and json.loads(out)["code"] == "no_relay"
     rc, out, _ = run(capsys, "status", "--data", str(fleet.data), "--json")
     assert any(r["kit_id"] == kid and r["online"] == "online" for r in json.loads(out))
+
+
+def test_config_push_through_the_broker(online_kit, fleet, capsys) -> None:
+    from .conftest import wait_event
+
+    kid = online_kit.identity.kit_id
+    rc, out, _ = run(capsys, "config", "push", kid, "--set", "control.telemetry_interval_s=2.5", "--data",
+                     str(fleet.data))
+    assert rc == 0 and "published (retained) to 1 kit(s)" in out
+    v = int(out.split("config v")[1].split()[0])
+    wait_event(fleet, kid, v, "applied")
+    rc, out, _ = run(capsys, "config", "show", kid, "--data", str(fleet.data))
+    assert json.loads(out)["kit_reports"]["running"] == v
+
+
+def test_fleet_link_reports_refused_publishes(fleet, broker) -> None:
+    from provisioning.fleet import FleetLink
+
+    link = FleetLink(fleet, "fleet-refusal-probe").start()
+    try:
+        link.publish("outside/rekam", b"x")  # the fleet identity only has rekam/v1/#
+        link.publish("rekam/v1/rk-refusal1/config", b"", retain=True)
+        assert link.flush() == [("outside/rekam", "Not authorized")]
+    finally:
+        link.close()
