@@ -611,13 +611,11 @@ def cmd_kits_revoke(args: argparse.Namespace) -> int:
     except FleetError as e:
         print(f"rekam-fleet: {e}", file=sys.stderr)
         return 1
-    try:  # clear the retained config so nothing more reaches it
-        link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}").start(timeout=5)
-        link.publish(cp.config_topic(args.kit), b"", retain=True)
-        link.flush()
-        link.close()
-    except FleetError as e:
-        print(f"rekam-fleet: warning: retained config not cleared: {e}", file=sys.stderr)
+    if not args.offline:
+        try:  # clear the retained config so nothing more reaches it
+            _publish(f, [(cp.config_topic(args.kit), b"", True)])
+        except FleetError as e:
+            print(f"rekam-fleet: warning: retained config not cleared: {e}", file=sys.stderr)
     print(f"{args.kit} revoked (certificate {serial or 'none'} on {f.ca.crl}); reload the broker: "
           "systemctl reload mosquitto (SIGHUP) so it re-reads the CRL")
     return 0
@@ -838,6 +836,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_kits_approve)
     p = data(g.add_parser("revoke", help="revoke a kit (CRL, no more config or commands)"))
     p.add_argument("kit")
+    p.add_argument("--offline", action="store_true", help="do not clear its retained config on the broker")
     p.set_defaults(func=cmd_kits_revoke)
     p = data(g.add_parser("issue", help="issue a kit certificate without a claim (from its CSR, or a new key)"))
     p.add_argument("kit")

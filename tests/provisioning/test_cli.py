@@ -64,7 +64,7 @@ def test_fleet_cli_offline(tmp_path, capsys) -> None:
     assert rc == 0 and "rk-clikit1" in out
     rc, out, _ = run(capsys, "status", "--data", d)
     assert rc == 0 and "rk-clikit1" in out and "never" in out
-    rc, _, err = run(capsys, "kits", "revoke", "rk-clikit1", "--data", d)  # no broker reachable: warns, revokes
+    rc, _, err = run(capsys, "kits", "revoke", "rk-clikit1", "--offline", "--data", d)
     assert rc == 0
     rc, _, err = run(capsys, "config", "push", "rk-clikit1", "--set", "daemon.log_level=info", "--offline",
                      "--data", d)

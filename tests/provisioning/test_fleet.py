@@ -66,8 +66,19 @@ def test_pending_claims_expire(fleet) -> None:
 def test_revoked_kit_is_cut_off(online_kit, fleet, broker, tmp_path) -> None:
     k = online_kit
     kid = k.identity.kit_id
-    serial = fleet.revoke(kid)
-    assert serial
+    from provisioning import cli
+    from provisioning.fleet import FleetLink
+
+    assert fleet.latest_config(kid)  # v1 is retained on the broker for it
+    assert cli.main(["kits", "revoke", kid, "--data", str(fleet.data)]) == 0
+    serial = fleet.kit(kid)["cert_serial"]
+    assert serial and fleet.kit(kid)["state"] == "revoked"
+    got: list[bytes] = []
+    probe = FleetLink(fleet, "fleet-revoke-probe", lambda _l, m: got.append(bytes(m.payload)),
+                      (cp.config_topic(kid),)).start()
+    time.sleep(0.5)
+    probe.close()
+    assert got == []  # the retained config was cleared
     with pytest.raises(FleetError, match="revoked"):
         fleet.make_config(kid, {})
     with pytest.raises(FleetError, match="revoked"):
