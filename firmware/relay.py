@@ -120,6 +120,7 @@ class Relay:
         self.ack_topic = proto.ack_topic(self.kit_id)
         self.uplink = Uplink(UplinkSettings.from_config(cfg, f"{self.kit_id}-relay", [(self.ack_topic, 1)]),
                              self.rng)
+        self.uplink.should_stop = self._stopping
         self.thread: threading.Thread | None = None
         self._wake = threading.Event()
         # Relay-thread state.

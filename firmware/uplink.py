@@ -19,6 +19,7 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,7 @@ class Uplink:
         self._failed_rounds = 0
         self._next_attempt = 0.0
         self._next_probe = 0.0
+        self.should_stop: Callable[[], bool] = lambda: False  # the owner's stop flag, checked while connecting
 
     @property
     def broker(self) -> BrokerURL | None:
@@ -185,7 +187,7 @@ class Uplink:
             self._fail(b, f"connect failed: {e}")
             return False
         deadline = time.monotonic() + self.s.connect_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.should_stop():
             rc = client.loop(timeout=0.05)
             while self.events and self.events[0].kind != "connack":
                 self.events.popleft()  # stale events of a previous client cannot be here; be safe anyway
@@ -239,6 +241,8 @@ class Uplink:
     def connect_round(self, start: int = 0) -> bool:
         """Try the brokers in priority order from `start`; schedule the next round if all fail."""
         for i in range(start, len(self.s.brokers)):
+            if self.should_stop():
+                return False
             if self._try(i):
                 return True
         self._failed_rounds += 1
