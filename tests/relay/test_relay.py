@@ -251,3 +251,25 @@ def test_bandwidth_cap_and_control_traffic_during_drain(mosquitto, make_kit, mak
     # The bucket allows one chunk of debt plus a burst of one second at most.
     assert elapsed >= (total - rate - 40_000) / rate, f"drained {total} B in {elapsed:.2f} s, above {rate} B/s"
     assert max(latencies) < 0.5
+
+
+def test_corrupt_sd_copy_is_quarantined_by_the_kit_and_skipped(mosquitto, make_kit, make_ingest, tmp_path):
+    make_ingest(mosquitto.url)
+    kit = make_kit([mosquitto.url])
+    ids = kit.capture(5)
+    bad = ids[1]
+    p = kit.store.sd_path(bad)
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0x01  # bit rot on the SD: the journal hash no longer matches
+    p.write_bytes(bytes(data))
+    relay = kit.start_relay()
+    wait_for(lambda: kit.counts()["acked"] == 4, 20, "the 4 good records acked")
+    row = kit.store.j.get(bad)
+    assert row.state == "quarantined" and "does not match" in row.reason
+    assert relay.status()["counters"]["read_errors"] == 1
+    assert not p.exists() and (kit.store.quarantine_dir / p.name).exists()  # moved, never deleted
+    from provisioning.archive import Archive
+
+    a = Archive(tmp_path / "archive")
+    assert sorted(a.record_ids(kit.kit_id)) == sorted(i for i in ids if i != bad)
+    a.close()
