@@ -217,6 +217,12 @@ class RemoteConfig:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(p, text.encode())
 
+    def current_bytes(self) -> bytes:
+        try:
+            return (self.dir / "current.json").read_bytes()
+        except OSError:
+            return b""
+
     def note_seen(self, version: int) -> None:
         """Remember the highest version ever offered (so a refused or rolled-back one is not retried)."""
         if version > self.state["max_seen"]:
@@ -768,6 +774,9 @@ class ControlPlane:
 
     def _offer_config(self, data: bytes, topic: str) -> None:
         """Verify, validate and apply a config document (see module doc)."""
+        if self.remote.version and data == self.remote.current_bytes():
+            log.debug("config document already current version=%d", self.remote.version)  # retained, re-delivered
+            return
         try:
             cand = self.remote.evaluate(data, self.identity.kit_id, self.cfg)
         except Refused as e:

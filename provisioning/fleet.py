@@ -540,6 +540,11 @@ class FleetService:
             ans = self.fleet.handle_claim(msg.topic, payload)
             if ans is not None:
                 link.publish(*ans)
+                parsed = cp.parse_claim_topic(msg.topic)
+                row = self.fleet.kit(parsed[1]) if parsed else None
+                latest = self.fleet.latest_config(row["kit_id"]) if row and row["state"] == "approved" else None
+                if latest and row["cert_serial"]:  # the config topic always holds the kit's current document
+                    link.publish(cp.config_topic(row["kit_id"]), latest[1], retain=True)
             return
         kind = self.fleet.handle_kit_message(msg.topic, payload)
         if kind:

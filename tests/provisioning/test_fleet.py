@@ -69,7 +69,12 @@ def test_revoked_kit_is_cut_off(online_kit, fleet, broker, tmp_path) -> None:
     from provisioning import cli
     from provisioning.fleet import FleetLink
 
-    assert fleet.latest_config(kid)  # v1 is retained on the broker for it
+    seen: list[bytes] = []
+    probe = FleetLink(fleet, "fleet-revoke-probe0", lambda _l, m: seen.append(bytes(m.payload)),
+                      (cp.config_topic(kid),)).start()
+    wait_for(lambda: seen, 5, "v1 retained on the kit's config topic since the claim")
+    probe.close()
+    assert seen == [fleet.latest_config(kid)[1]]
     assert cli.main(["kits", "revoke", kid, "--data", str(fleet.data)]) == 0
     serial = fleet.kit(kid)["cert_serial"]
     assert serial and fleet.kit(kid)["state"] == "revoked"
