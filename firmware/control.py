@@ -58,6 +58,7 @@ FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requir
 DENIED = {"kit": None, "api": None,
           "control": {"enabled", "ca_file", "claim_cert_file", "claim_key_file", "fleet_public_key", "claim_brokers"},
           "datacenter": set()}
+ANSWERED_REFUSALS = ("expired", "future", "ttl_too_long", "too_old")
 LIVE_KEYS = {"operators.list", "control.telemetry_interval_s"}  # applied without a restart
 MAX_FILE_BYTES = 16 * 1024
 
@@ -830,6 +831,10 @@ class ControlPlane:
     def _on_command(self, data: bytes, props: Any) -> None:
         topic = cp.cmd_topic(self.identity.kit_id)
         key = self.remote.fleet_key()
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        # Only ever answer on our own result topic, whatever Response Topic the message names.
+        reply = (cp.result_topic(self.identity.kit_id), corr)
+        body: dict[str, Any] | None = None
         try:
             if key is None:
                 raise Refused("not_claimed", "no pinned fleet key")
@@ -842,18 +847,18 @@ class ControlPlane:
             self.guard.admit(body)
         except Refused as e:
             self._refuse("command", topic, e)
+            if body is not None and e.reason in ANSWERED_REFUSALS:
+                # Genuine fleet command, refused for its timing: tell the operator why (replays get no answer,
+                # the original already had one).
+                self._out.put(self._result(body, reply, False, e.reason, str(e)))
             return
-        corr = getattr(props, "CorrelationData", None) if props is not None else None
-        resp = getattr(props, "ResponseTopic", None) if props is not None else None
-        if resp != cp.result_topic(self.identity.kit_id):
-            resp = cp.result_topic(self.identity.kit_id)  # only ever answer on our own result topic
         self.stats.commands += 1
         self._pending.set()
         try:
-            self._work.put_nowait((body, (resp, corr)))
+            self._work.put_nowait((body, reply))
         except queue.Full:
             self.guard.done(body["cmd_id"], "dropped: busy")
-            self._out.put(self._result(body, (resp, corr), False, "busy", "command queue full"))
+            self._out.put(self._result(body, reply, False, "busy", "command queue full"))
 
     def _result(self, body: dict[str, Any], reply: tuple[str, Any], ok: bool, code: str, message: str,
                 data: dict[str, Any] | None = None, key: Ed25519PrivateKey | None = None) -> _Outgoing:

@@ -67,6 +67,20 @@ def test_replayed_expired_forged_commands_refused(online_kit, fleet, fleet_link,
     assert ctl.lock_reason() == "" and k.enrollment.lock_reason == ""  # no refused lock ran
 
 
+def test_expired_command_is_answered_with_the_reason(online_kit, fleet, fleet_link) -> None:
+    kid = online_kit.identity.kit_id
+    now = int(time.time())
+    body = {"cmd_id": "expiredcmd01", "kit_id": kid, "name": "purge", "args": {}, "issued_at": now - 900,
+            "expires_at": now - 300}
+    fleet.db.execute("INSERT INTO commands (cmd_id, kit_id, name, args, issued_at, expires_at) VALUES "
+                     "(?,?,?,?,?,?)", (body["cmd_id"], kid, "purge", "{}", body["issued_at"], body["expires_at"]))
+    fleet_link.publish(cp.cmd_topic(kid), cp.sign("cmd", body, fleet.key), response_topic=cp.result_topic(kid),
+                       correlation=body["cmd_id"].encode())
+    row = wait_for(lambda: fleet.command("expiredcmd01")["result"], 10, "answer to the expired command")
+    res = json.loads(row)
+    assert res["ok"] is False and res["code"] == "expired" and online_kit.control.stats.commands == 0
+
+
 def test_replay_protection_survives_restart(online_kit, fleet, fleet_link) -> None:
     k = online_kit
     kid = k.identity.kit_id
