@@ -61,7 +61,7 @@ class KitUnderTest:
         return self.store.identity.public_key_b64
 
     def capture(self, n: int, size: int = 30_000) -> list[str]:
-        """Commit `n` records of about `size` bytes (random payload, no corpus needed)."""
+        """Commit `n` records of max(`size`, ~260 KB) bytes (random face + ten fingers, padded; no corpus)."""
         ids = []
         cap = SimulatedCapture(None, seed=self.rng.randrange(1 << 30), pad_to=size)
         for _ in range(n):

@@ -219,9 +219,9 @@ def test_forged_ack_with_wrong_hash_is_ignored(mosquitto, make_kit):
 
 def test_bandwidth_cap_and_control_traffic_during_drain(mosquitto, make_kit, make_ingest, tmp_path):
     make_ingest(mosquitto.url)
-    rate = 400_000
+    rate = 1_000_000
     kit = make_kit([mosquitto.url], bytes_per_s=rate, chunk_kb=32)
-    ids = kit.capture(20, size=60_000)
+    ids = kit.capture(20)  # ~260 KB each without a corpus: ~5 MB at 1 MB/s
     total = sum(kit.store.j.get(i).size for i in ids)
     # A control-plane round trip (its own connection, as firmware.control does) while the backlog drains.
     latencies: list[float] = []
