@@ -273,3 +273,22 @@ def test_corrupt_sd_copy_is_quarantined_by_the_kit_and_skipped(mosquitto, make_k
     a = Archive(tmp_path / "archive")
     assert sorted(a.record_ids(kit.kit_id)) == sorted(i for i in ids if i != bad)
     a.close()
+
+
+def test_window_respects_broker_receive_maximum(mosquitto_factory, make_kit, make_ingest, tmp_path):
+    # mosquitto announces max_inflight_messages as Receive Maximum; exceeding it gets the client disconnected
+    # (0x93), which paho does not prevent: the relay must bound its window itself.
+    broker = mosquitto_factory(extra="max_inflight_messages 4\n")
+    make_ingest(broker.url)
+    kit = make_kit([broker.url], window=64, chunk_kb=16)
+    ids = kit.capture(6)
+    relay = kit.start_relay()
+    peak = 0
+    t_end = time.monotonic() + 30
+    while kit.counts()["acked"] < 6 and time.monotonic() < t_end:
+        peak = max(peak, relay.status()["in_flight_messages"])
+        time.sleep(0.002)
+    assert_delivered_once(kit, tmp_path / "archive", ids)
+    st = relay.status()
+    assert st["window"] == 4 and peak <= 4
+    assert st["connects"] == 1, "the broker disconnected the relay"
