@@ -684,8 +684,7 @@ class ControlPlane:
                     log.info("control connected broker=%s kit_id=%s", broker, kit)
                     client.subscribe([(cp.config_topic(kit), 1), (cp.cmd_topic(kit), 1)])
                     client.publish(cp.status_topic(kit), self._status_payload("online"), qos=1, retain=True)
-                    if self.remote.promote(self.running_version) is not None:
-                        self.kit.store.j.audit("config_promoted", "control", version=self.running_version)
+                    self._try_promote()
                     client.publish(cp.config_state_topic(kit), self._config_state(), qos=1, retain=True)
                     next_tel = 0.0
                 elif kind == "disconnect":
@@ -713,6 +712,9 @@ class ControlPlane:
                     props = Properties(PacketTypes.PUBLISH)
                     props.CorrelationData = o.correlation
                 client.publish(o.topic, o.payload, qos=1, retain=o.retain, properties=props)
+            if self._trial_running() and self._try_promote():
+                client.publish(cp.config_state_topic(kit), self._config_state(), qos=1, retain=True)
+            self._check_trial_deadline()
             now = time.monotonic()
             if now >= next_tel:
                 client.publish(cp.telemetry_topic(kit), self._signed("telemetry", self.telemetry()), qos=1)
@@ -731,14 +733,40 @@ class ControlPlane:
                 client.loop(timeout=0.05)
         return ok
 
-    def _check_trial_deadline(self) -> None:
+    def _trial_running(self) -> bool:
         trial = self.remote.state.get("trial")
-        if not trial or trial["version"] != self.running_version or self.exit_requested is not None:
+        return bool(trial) and trial["version"] == self.running_version
+
+    def _uplinks_healthy(self) -> tuple[bool, str]:
+        """The trial config may be promoted: control is connected, and so is the record relay if one runs."""
+        if not self.connected.is_set():
+            return False, "control not connected"
+        relay = (getattr(self.kit, "services", None) or {}).get("relay")
+        if relay is not None and hasattr(relay, "status"):
+            try:
+                state = relay.status().get("state")
+            except Exception as e:  # a broken relay is not healthy
+                return False, f"relay status failed: {e}"
+            if state != "connected":
+                return False, f"relay {state}"
+        return True, ""
+
+    def _try_promote(self) -> bool:
+        ok, why = self._uplinks_healthy()
+        if not ok or self.remote.promote(self.running_version) is None:
+            return False
+        self.kit.store.j.audit("config_promoted", "control", version=self.running_version)
+        return True
+
+    def _check_trial_deadline(self) -> None:
+        if not self._trial_running() or self.exit_requested is not None:
             return
+        trial = self.remote.state["trial"]
         waited = time.monotonic() - self._started
         if waited > self.cfg.control.rollback_after_s:
+            _, why = self._uplinks_healthy()
             self.remote.rollback(f"no broker connection within {self.cfg.control.rollback_after_s:.0f} s "
-                                 f"with config v{trial['version']}")
+                                 f"with config v{trial['version']} ({why})")
             self.kit.store.j.audit("config_rollback", "control", version=trial["version"])
             self.request_exit(EX_RESTART, "config rolled back: restart with the last good one")
 

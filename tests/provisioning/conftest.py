@@ -153,10 +153,22 @@ class KitHarness:
         self.control.start()
         return self.control
 
+    def start_relay(self) -> Any:
+        """The real record relay (firmware/relay.py) as the daemon runs it."""
+        from firmware.relay import Relay
+
+        relay = Relay(self.store, self.cfg)
+        relay.start()
+        self.services["relay"] = relay
+        return relay
+
     def stop(self) -> None:
         if self.control is not None:
             self.control.stop()
             self.control = None
+        relay = self.services.pop("relay", None)
+        if relay is not None:
+            relay.close()
         self.store.close()
 
     def restart(self) -> KitHarness:

@@ -167,3 +167,34 @@ def test_wildcard_document_and_datacenter_key_shipped_inside(online_kit, fleet, 
     wait_event(fleet, kid, v + 1, "applied")
     assert k2.control.cfg.control.telemetry_interval_s == 2.5
     k2.stop()
+
+
+def test_config_that_cuts_the_relay_is_rolled_back(new_kit, fleet, broker, service, fleet_link) -> None:
+    """The control connection survives, but the record relay cannot reach its new brokers: not promoted,
+    rolled back after rollback_after_s. Uses the real relay (firmware/relay.py)."""
+    good = f"mqtts://127.0.0.1:{broker.port}"
+    k = new_kit(extra=f'[relay]\nbrokers = ["{good}"]\nbackoff_max_s = 1.0\n')
+    kid = k.identity.kit_id
+    k.start_control()
+    assert k.exited.wait(20)  # claimed: restart so the relay gets the kit certificate
+    k2 = k.restart()
+    k2.start_relay()
+    k2.start_control()
+    wait_for(lambda: k2.services["relay"].status()["state"] == "connected", 15, "relay connected")
+    dead = f"mqtts://127.0.0.1:{free_port()}"
+    v = push_config(fleet, fleet_link, kid, {"relay": {"brokers": [dead]}})
+    wait_event(fleet, kid, v, "pending_restart")
+    assert k2.exited.wait(5)
+    k3 = k2.restart()
+    assert k3.cfg.relay.brokers == [dead]
+    k3.start_relay()
+    ctl = k3.start_control()
+    wait_for(ctl.connected.is_set, 10, "control connects (its brokers did not change)")
+    assert k3.exited.wait(15) and k3.exits == [EX_RESTART]
+    k4 = k3.restart()
+    assert k4.cfg.relay.brokers == [good]
+    k4.start_relay()
+    k4.start_control()
+    ev = wait_event(fleet, kid, v, "rolled_back")
+    assert "relay" in ev["reason"]
+    k4.stop()
