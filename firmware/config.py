@@ -182,6 +182,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "(hysteresis).", between(1)),
         "verify_readback": Key(bool, True, "Drop each written copy from the page cache and re-read it to "
                                "check its hash."),
+        "auto_purge": Key(bool, True, "Delete SD copies of records the data center has acknowledged (subject to "
+                          "purge_requires_stick); false keeps them until `purge` is commanded."),
         "purge_requires_stick": Key(bool, True, "An acknowledged record leaves the SD only if a stick "
                                     "also holds it."),
     },

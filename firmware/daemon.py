@@ -195,13 +195,18 @@ class Kit:
             return False
 
     def _usb_loop(self) -> None:
-        # Its own thread: a backfill of thousands of records takes minutes and must not hold up the
-        # watchdog keep-alive or the status checks.
+        # USB polling, backfill and purging of acknowledged records. Its own thread: a backfill of
+        # thousands of records takes minutes and must not hold up the watchdog keep-alive or status checks.
         while not self.stop.is_set():
             try:
                 self.store.poll_usb()
             except Exception:
                 log.exception("usb poll failed")
+            if self.cfg.store.auto_purge:
+                try:
+                    self.store.purge_acknowledged()
+                except Exception:
+                    log.exception("purge of acknowledged records failed")
             self.stop.wait(self.cfg.usb.poll_seconds)
 
     def _maintenance_loop(self) -> None:

@@ -159,6 +159,16 @@ class Journal:
             if cur.rowcount != 1:
                 raise KeyError(f"no record {record_id} in the journal")
 
+    def mark_delivery(self, sent: list[str], acked: list[str]) -> None:
+        """Batch progress from the relay in one commit. Order-proof: an ack that overtook its PUBACK
+        stays acked, and a quarantined or purged record is never moved back."""
+        at = iso()
+        with self.transaction() as c:
+            c.executemany("UPDATE records SET state = 'sent', state_at = ?, reason = '' WHERE id = ? "
+                          "AND state = 'stored'", [(at, r) for r in sent])
+            c.executemany("UPDATE records SET state = 'acked', state_at = ?, reason = '' WHERE id = ? "
+                          "AND state IN ('stored', 'sent')", [(at, r) for r in acked])
+
     def insert_quarantined(self, record_id: str, seq: int, size: int, sha256: str, reason: str) -> None:
         """Journal a file found on disk that fails verification (never deleted silently)."""
         with self.transaction() as c:

@@ -512,20 +512,11 @@ class Relay:
         self._journal_pool.submit(self._write_marks, sent, acked)
 
     def _write_marks(self, sent: list[str], acked: list[str]) -> None:
-        at = iso()
         try:
-            # The WHERE clauses make batches order-proof: an ack that overtook its PUBACK stays acked, and a
-            # quarantined record is never moved back.
-            with self.store.j.transaction() as c:
-                c.executemany("UPDATE records SET state = 'sent', state_at = ?, reason = '' WHERE id = ? "
-                              "AND state = 'stored'", [(at, r) for r in sent])
-                c.executemany("UPDATE records SET state = 'acked', state_at = ?, reason = '' WHERE id = ? "
-                              "AND state IN ('stored', 'sent')", [(at, r) for r in acked])
+            self.store.mark_delivery(sent, acked)
         except Exception:
             # Not fatal: unmarked records are sent again and acked again (ingest is idempotent).
             log.exception("relay could not write state marks sent=%d acked=%d", len(sent), len(acked))
-            return
-        self.store._changed()  # wake the store's listeners (API, purge) once per batch
 
     # --- observability ------------------------------------------------------------------
 

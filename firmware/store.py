@@ -389,18 +389,32 @@ class Store:
         self.j.set_state(record_id, state, reason)
         self._changed()
 
-    def purge_acknowledged(self) -> int:
-        """Delete SD copies of acknowledged records (and mirrored, if configured). Never anything else."""
+    def mark_delivery(self, sent: list[str], acked: list[str]) -> None:
+        """Record the relay's progress for many records in one journal commit."""
+        self.j.mark_delivery(sent, acked)
+        self._changed()
+
+    def purge_acknowledged(self, batch: int = 200) -> int:
+        """Delete SD copies of acknowledged records (and mirrored, if configured). Never anything else.
+
+        Crash order per batch: the journal marks them purged (one commit), then the files are unlinked
+        and the directory fsync'd; recovery removes any file left behind. Commits wait at most one batch.
+        """
         need_stick = self.cfg.store.purge_requires_stick
+        todo = [r.id for r in self.j.records(state="acked") if not need_stick or self.j.has_mirror(r.id)]
         n = 0
-        with self._lock:
-            for r in self.j.records(state="acked"):
-                if need_stick and not self.j.has_mirror(r.id):
-                    continue
-                # Crash order: journal first, then unlink and fsync the directory; recovery finishes it.
-                self.j.set_state(r.id, "purged")
-                remove_durably(self.sd_path(r.id))
-                n += 1
+        for i in range(0, len(todo), batch):
+            ids = todo[i:i + batch]
+            with self._lock:
+                if self.closing.is_set() or self.journal is None:
+                    break
+                with self.j.transaction() as c:
+                    c.executemany("UPDATE records SET state = 'purged', state_at = ?, reason = '' "
+                                  "WHERE id = ? AND state = 'acked'", [(iso(), rid) for rid in ids])
+                for rid in ids:
+                    self.sd_path(rid).unlink(missing_ok=True)
+                fsync_dir(self.records_dir)
+            n += len(ids)
         if n:
             log.info("purged acknowledged records count=%d", n)
             self.j.audit("purge", count=n)
