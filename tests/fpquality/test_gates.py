@@ -87,3 +87,10 @@ def test_assess_refuses_non_sensor_images() -> None:
         quality.assess(np.zeros((300, 300), np.uint8))
     with pytest.raises(sensor_image.ImageFormatError, match="uint8"):
         quality.assess(np.zeros((288, 256, 3), np.uint8))
+
+
+def test_r503_geometry_is_judged(sensor_prints: dict[str, np.ndarray]) -> None:
+    # R503 delivers 192x192; no training image has that geometry (see docs), but it must work.
+    img = sensor_image.crop_or_pad(sensor_prints["nbisrs-p2_2.png"], 192, 192)
+    q = quality.assess(img)
+    assert q.codes == [] and 0 <= q.score <= 100 and q.features["minutiae"] >= 12

@@ -45,3 +45,12 @@ def test_committed_model_matches_the_feature_list() -> None:
     assert m["feature"].max() < len(features.MODEL_FEATURES)
     assert quality.MODEL_PATH.stat().st_size < 100_000  # a small data file, not a 50 MB forest
     assert float(m["cv_spearman"]) >= 0.85  # held-out (leave-one-finger-out) figure at training time
+
+
+def test_allocator_tuning_on_glibc() -> None:
+    import platform
+
+    from firmware.fpquality import alloc
+
+    if platform.libc_ver()[0] == "glibc":
+        assert alloc.tune() is True and alloc.tune() is True  # idempotent
