@@ -31,3 +31,18 @@ def test_label_cache_matches_nfiq2_reference(corpus_dir: Path, shared_dir: Path,
     got = {Path(ln.split("\t")[0]).name: ln.split("\t")[1] for ln in out.stdout.splitlines()}
     for i, r in enumerate(picked):
         assert got[f"{i}.png"] == r["nfiq2"], f"{r['file']} {r['spec']}: cache {r['nfiq2']}, NFIQ 2 {got[f'{i}.png']}"
+
+
+def test_labelled_images_are_still_generated_identically(corpus_dir: Path) -> None:
+    # The cache stores a hash of every labelled image. If the corpus, the degradations or the
+    # simulator's renderer (hw/sensor/synth.py) change, the labels no longer describe the images:
+    # re-run tools/train_fpquality.py --relabel. Checked here on a sample of both kinds.
+    with open(REPO / "tools" / "fpquality_labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    corpus_rows = [r for r in rows if not r["file"].startswith(dataset.SYNTH_PREFIX)][::23]
+    synth_rows = [r for r in rows if r["file"].startswith(dataset.SYNTH_PREFIX)][:40]
+    assert synth_rows, "no simulator images in the label cache"
+    for r in corpus_rows + synth_rows:
+        img = dataset.Item(r["file"], r["finger"], r["spec"]).image(corpus_dir)
+        assert dataset.image_digest(img) == r["image_sha1"], \
+            f"{r['file']} {r['spec']}: image changed since it was labelled; run tools/train_fpquality.py --relabel"
