@@ -67,6 +67,7 @@ class Daemon:
         return c
 
     def stop(self) -> str:
+        """Stop the daemon (SIGTERM, then SIGKILL after 10 s); returns its log."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -74,7 +75,7 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        return self.proc.stderr.read() if self.proc.stderr else ""
+        return (self.root / "rekamd.log").read_text()
 
 
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
@@ -117,18 +118,24 @@ dedup_fingers = {json.dumps(dedup)}
 
 def start_daemon(root: Path, cfg: Path, sd: Path | None = None) -> Daemon:
     """Start rekamd --sim on `cfg` and wait for its API."""
-    p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
-                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+    with open(root / "rekamd.log", "w") as log:  # a file, not a pipe: a full pipe would block the daemon
+        p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
+                             stderr=log, text=True, cwd=REPO)
     api = (sd or root / "sd") / "api.json"
     deadline = time.monotonic() + 60
-    while not api.exists():
+    while True:
+        try:
+            url = json.loads(api.read_text())["url"]  # may be caught half-written: retry
+            break
+        except (OSError, ValueError, KeyError):
+            pass
         if p.poll() is not None:
-            pytest.fail(f"rekamd exited with {p.returncode}: {p.stderr.read() if p.stderr else ''}")
+            pytest.fail(f"rekamd exited with {p.returncode}: {(root / 'rekamd.log').read_text()[-3000:]}")
         if time.monotonic() > deadline:
             p.kill()
             pytest.fail("rekamd did not start within 60 s")
         time.sleep(0.05)
-    return Daemon(p, root, cfg, json.loads(api.read_text())["url"])
+    return Daemon(p, root, cfg, url)
 
 
 @pytest.fixture
