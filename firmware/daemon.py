@@ -189,6 +189,8 @@ class Kit:
         from hw import usbstick
 
         try:
+            if usbstick.mounted_at(self.cfg.usb_dir) is None:
+                return True  # nothing mounted: nothing to unmount
             return usbstick.eject(self.cfg.usb_dir)
         except Exception as e:
             log.error("usb unmount failed mount=%s error=%s", self.cfg.usb_dir, e)

@@ -68,7 +68,7 @@ def finger_quality_checker(cfg: Config) -> Any:
     """`image -> assessment` (score, codes, rejected, summary()) from firmware.fpquality."""
     from firmware.fpquality import quality
 
-    return quality.assess
+    return quality.checker_from_config(cfg.quality_finger)
 
 
 def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict[str, Any]]:
@@ -123,6 +123,7 @@ def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict
     qface = cfg.quality_face
     dev = Devices(sensor=sensor, camera=camera, finger_quality=fq, face_assessor=face,
                   finger_threshold=float(qf.get("threshold", 40)), finger_attempts=int(qf.get("max_attempts", 3)),
+                  finger_thresholds={k: float(v) for k, v in (qf.get("finger_thresholds") or {}).items()},
                   face_threshold=float(qface.get("accept_score", 50)), face_attempts=int(qface.get("max_attempts", 3)),
                   present_finger=present)
     return dev, extra

@@ -73,6 +73,7 @@ class Devices:
     finger_quality: Callable[[np.ndarray], Any] | None = None  # -> .score .codes .rejected .summary()
     face_assessor: Any = None  # firmware.facequality.assess.FaceAssessor
     finger_threshold: float = 40.0
+    finger_thresholds: dict[str, float] = field(default_factory=dict)  # per-finger overrides
     finger_attempts: int = 3
     face_threshold: float = 50.0
     face_attempts: int = 3
@@ -242,7 +243,8 @@ class EnrollmentService:
             except CaptureHalted as e:
                 self._audit("start_refused", s.operator.id, reason=e.reason)
                 raise EnrollmentError("halted", f"capture is halted: {e.reason}", 507) from None
-            fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_threshold, self.dev.finger_attempts))
+            fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_thresholds.get(c, self.dev.finger_threshold),
+                                                       self.dev.finger_attempts))
                        for c in self.cfg.enrollment.fingers}
             e = Enrollment(uuid.uuid4().hex[:12], s.operator.id, parsed, res, iso(), fingers,
                            override_reason=override_reason if previous else "", previous_records=previous)
