@@ -935,10 +935,7 @@ class ControlPlane:
             return self.telemetry(), "status"
         if name == "sync":
             relay = (getattr(self.kit, "services", None) or {}).get("relay")
-            fn = getattr(relay, "sync_now", None) or getattr(relay, "wake", None)
-            wake = getattr(relay, "_wake", None)  # firmware.relay.Relay has no public wake-up yet
-            if fn is None and isinstance(wake, threading.Event):
-                fn = wake.set
+            fn = getattr(relay, "sync_now", None)
             if fn is None:
                 raise Refused("no_relay", "no record relay is running on this kit")
             fn()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware import __version__, config, identity, logs
+from firmware.fsutil import atomic_write
 from firmware.sdnotify import Notifier, watchdog_interval
 from firmware.store import Store, StoreError
 
@@ -178,7 +179,8 @@ class Kit:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         self.api_url = f"http://{host}:{port}"
         info = {"url": self.api_url, "pid": os.getpid()}
-        (self.cfg.state_dir / "api.json").write_text(json.dumps(info))
+        # Atomic: a CLI started at the same moment must never read a half-written file.
+        atomic_write(self.cfg.state_dir / "api.json", json.dumps(info).encode(), verify=False)
         log.info("console and API listening url=%s", self.api_url)
 
     def eject_usb(self) -> bool:

@@ -158,6 +158,10 @@ class Relay:
         self.thread.start()
         log.info("relay started kit_id=%s brokers=%s", self.kit_id, ",".join(self.r.brokers))
 
+    def sync_now(self) -> None:
+        """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
+        self._wake.set()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread, flush state marks, disconnect cleanly."""
         self._own_stop.set()
