@@ -230,6 +230,13 @@ class Header:
 def seal(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
          signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey]) -> bytes:
     """Encrypt `payload` to every recipient and sign the result with the kit key."""
+    return seal_with_digest(payload, record_id=record_id, kit_id=kit_id, seq=seq, created=created,
+                            clock_synced=clock_synced, signing_key=signing_key, recipients=recipients)[0]
+
+
+def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
+                     signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey]) -> tuple[bytes, str]:
+    """`seal`, also returning the record hash (SHA-256 of the whole file, hex) without a second pass."""
     if not recipients:
         raise ValueError("at least one data-center public key is needed to seal a record")
     dek = ChaCha20Poly1305.generate_key()
@@ -247,7 +254,10 @@ def seal(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str,
     hj = hdr.to_json()
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(hj)) + hj
     body = prefix + ChaCha20Poly1305(dek).encrypt(nonce, payload, prefix)
-    return body + signing_key.sign(_signed_message(body))
+    h = hashlib.sha256(body)
+    sig = signing_key.sign(SIG_CONTEXT + h.digest())
+    h.update(sig)
+    return body + sig, h.hexdigest()
 
 
 def _signed_message(body: bytes) -> bytes:

@@ -204,10 +204,9 @@ class Store:
             created = iso()
             record_id = f"{self.identity.kit_id}-{seq:08d}-{compact()}"
             synced = clock_synchronised()
-            sealed = record_format.seal(payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq,
-                                        created=created, clock_synced=synced,
-                                        signing_key=self.identity.signing_key, recipients=self.recipients)
-            digest = record_format.sha256_hex(sealed)
+            sealed, digest = record_format.seal_with_digest(
+                payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq, created=created,
+                clock_synced=synced, signing_key=self.identity.signing_key, recipients=self.recipients)
             # The sequence number is used up from here on, whatever happens (never reused).
             self._seq = seq
             # The SD and the stick are separate devices: write both at once, confirm when both are done.
