@@ -84,6 +84,8 @@ def create_app(kit: Kit) -> FastAPI:
         src = SimulatedCapture(kit.cfg.path(kit.cfg.simulation.corpus_dir), pad_to=req.pad_to_kb * 1024)
         done = []
         for _ in range(req.count):
+            if kit.stop.is_set():
+                break  # the daemon is stopping: report what was committed
             try:
                 res = kit.store.commit(src.capture(req.operator_id).encode(), operator_id=req.operator_id)
             except CaptureHalted as e:

@@ -317,5 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     return kit.exit_code if kit.exit_code is not None else EX_OK
 
 
+def run() -> None:
+    """Console-script entry point: `main()`, then exit without interpreter finalization.
+
+    By then the store is closed (no write can be half done), but a request thread may still be
+    inside native code (OpenCV, LiteRT); tearing the interpreter down under it can abort the
+    process, so the exit status would lie. Flush the logs and leave directly.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -30,18 +30,41 @@ class SimulatedCapture:
     def __init__(self, corpus_dir: Path | None, seed: int | None = None, pad_to: int = 0) -> None:
         self.rng = random.Random(seed)
         self.pad_to = pad_to
-        self.fingers = sorted((corpus_dir / "fingerprints").glob("*.p[ngm]*")) if corpus_dir else []
+        self.fingers = sorted(p for p in (corpus_dir / "fingerprints").glob("*")
+                              if p.suffix in (".png", ".pgm", ".jpg")) if corpus_dir else []
         self.faces = sorted((corpus_dir / "faces").glob("*.jpg")) if corpus_dir else []
 
+    def _face(self) -> bytes:
+        # A portrait-sized JPEG (413x531, as the real capture stores), so records have a realistic size.
+        import cv2
+
+        img = cv2.imread(str(self.rng.choice(self.faces)))
+        h, w = img.shape[:2]
+        side = min(w, int(h * 413 / 531))
+        x0 = (w - side) // 2
+        crop = img[: int(side * 531 / 413), x0: x0 + side]
+        ok, buf = cv2.imencode(".jpg", cv2.resize(crop, (413, 531), interpolation=cv2.INTER_AREA),
+                               [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return buf.tobytes()
+
+    def _finger(self) -> bytes:
+        # The sensor's format: 256x288, 16 gray levels, PNG (as the real capture stores).
+        import cv2
+
+        from firmware.fpquality.sensor_image import load_sensor_file
+
+        ok, buf = cv2.imencode(".png", load_sensor_file(self.rng.choice(self.fingers)))
+        return buf.tobytes()
+
     def capture(self, operator_id: str = "sim-operator") -> record_format.Payload:
-        """One enrollment: a NIK, a face photo and ten fingerprints (corpus files, or random bytes)."""
+        """One enrollment: a NIK, a face portrait and ten fingerprints (from the corpus, or random bytes)."""
         rng = self.rng
         atts = []
-        face = rng.choice(self.faces).read_bytes() if self.faces else rng.randbytes(60_000)
+        face = self._face() if self.faces else rng.randbytes(60_000)
         atts.append(record_format.Attachment("face.jpg", "image/jpeg", face))
         for f in FINGERS:
-            img = rng.choice(self.fingers).read_bytes() if self.fingers else rng.randbytes(20_000)
-            atts.append(record_format.Attachment(f"finger-{f}.img", "application/octet-stream", img))
+            img = self._finger() if self.fingers else rng.randbytes(40_000)
+            atts.append(record_format.Attachment(f"finger-{f}.png", "image/png", img))
         size = sum(len(a.data) for a in atts)
         if self.pad_to > size:
             atts.append(record_format.Attachment("padding.bin", "application/octet-stream",
@@ -50,7 +73,7 @@ class SimulatedCapture:
             "schema": "rekam.enrollment/1", "simulated": True, "operator_id": operator_id,
             "nik": random_nik(rng), "captured_at": iso(),
             "face": {"attachment": "face.jpg", "quality": {"score": round(rng.uniform(60, 95), 1)}},
-            "fingers": [{"finger": f, "attachment": f"finger-{f}.img",
+            "fingers": [{"finger": f, "attachment": f"finger-{f}.png",
                          "quality": {"score": round(rng.uniform(35, 90), 1)}} for f in FINGERS],
         }
         return record_format.Payload(manifest, atts)
