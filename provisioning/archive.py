@@ -94,6 +94,9 @@ class Archive:
             CREATE INDEX IF NOT EXISTS records_kit ON records (kit_id, seq);
             CREATE TABLE IF NOT EXISTS kits (
                 kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, registered_at TEXT NOT NULL, how TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS kit_keys (
+                kit_id TEXT NOT NULL, public_key TEXT NOT NULL, added_at TEXT NOT NULL, how TEXT NOT NULL,
+                PRIMARY KEY (kit_id, public_key));
             CREATE TABLE IF NOT EXISTS rejects (
                 id INTEGER PRIMARY KEY, record_id TEXT, kit_id TEXT, sha256 TEXT, reason TEXT, source TEXT, at TEXT);
         """)
@@ -123,6 +126,39 @@ class Archive:
         if not row:
             log.info("kit registered kit_id=%s how=%s key=%s", kit_id, how,
                      rf.key_id(decode_kit_key(public_key_b64)))
+
+    def kit_keys(self, kit_id: str) -> list[bytes]:
+        """Every key the kit has signed with: its first registered key, later keys (rotations), and the
+        current key of an approved kit in the fleet registry. Records sealed before a rotation and
+        sent after it carry the old key, so all of them stay valid."""
+        first = self.kit_key(kit_id)
+        keys = [first] if first is not None else []
+        with self._lock:
+            rows = self.conn.execute("SELECT public_key FROM kit_keys WHERE kit_id = ? ORDER BY added_at",
+                                     (kit_id,)).fetchall()
+        keys += [k for k in (decode_kit_key(r[0]) for r in rows) if k not in keys]
+        if self.fleet_db is not None and first is not None:
+            current = self._fleet_key(kit_id)
+            if current is not None and decode_kit_key(current) not in keys:
+                with self._lock:
+                    self.conn.execute("INSERT OR IGNORE INTO kit_keys VALUES (?,?,?,?)",
+                                      (kit_id, current.strip(), _now(), "fleet-rotation"))
+                log.info("kit key added from the fleet registry kit_id=%s key=%s", kit_id,
+                         rf.key_id(decode_kit_key(current)))
+                keys.append(decode_kit_key(current))
+        return keys
+
+    def _fleet_key(self, kit_id: str) -> str | None:
+        try:
+            fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
+            try:
+                row = fc.execute("SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'",
+                                 (kit_id,)).fetchone()
+            finally:
+                fc.close()
+        except sqlite3.Error as e:
+            raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
+        return row[0] if row else None
 
     def kit_key(self, kit_id: str) -> bytes | None:
         """The kit's registered key: the archive's own registry, else an approved kit of the fleet registry."""
@@ -200,12 +236,16 @@ class Archive:
             raise ArchiveError(f"record {rid}: bytes hash to {sha[:12]}, sender announced {expect_sha256[:12]}")
         if expect_record_id and self.lookup(rid) == (sha, kit_id):
             return StoreResult("duplicate", rid, sha)
-        trusted = self.kit_key(kit_id)
+        keys = self.kit_keys(kit_id)
+        trusted = keys[0] if keys else None
         try:
-            parsed = rf.parse(data, trusted_kit_key=trusted)
+            parsed = rf.parse(data)  # layout and signature, with the key in the header
         except rf.RecordFormatError as e:
             return self._reject(rid, kit_id, sha, f"{type(e).__name__}: {e}", source)
         h = parsed.header
+        if keys and h.kit_key not in keys:
+            return self._reject(rid, kit_id, sha, f"BadSignature: record {h.record_id} is signed by key "
+                                f"{rf.key_id(h.kit_key)}, not by a registered key of kit {kit_id}", source)
         if expect_record_id and h.record_id != expect_record_id:
             return self._reject(rid, kit_id, sha, f"file holds record {h.record_id}, not {expect_record_id}", source)
         if h.kit_id != kit_id:
