@@ -366,9 +366,23 @@ class Relay:
             elif e.kind == "connected":
                 self._broker_url = e.detail
                 self._reset_transfers()
+                self._resend_waiting()
             elif e.kind == "disconnected":
                 self._on_connection_lost(e.reason)
                 self._reset_transfers()
+
+    def _resend_waiting(self) -> None:
+        """After a (re)connection, records still owed an ack are offered again now, not at their ack timeout.
+
+        A broker restart (or a session that expired) can lose chunks or acks queued while we were away;
+        the ingest answers a record it already has with a duplicate ack at the announce, so this is cheap.
+        """
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        for w in list(self._waiting.values()):
+            self._wait(w.record_id, w.seq, now, w.attempts)
+        log.info("relay reconnected; re-offering records_awaiting_ack=%d", len(self._waiting))
 
     def _on_connection_lost(self, rc: int) -> None:
         """A protocol error while chunks were in flight: most likely a size refusal the client could not parse.
