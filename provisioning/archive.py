@@ -167,18 +167,10 @@ class Archive:
         if row:
             return decode_kit_key(row[0])
         if self.fleet_db is not None:
-            try:
-                fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
-                try:
-                    frow = fc.execute("SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'",
-                                      (kit_id,)).fetchone()
-                finally:
-                    fc.close()
-            except sqlite3.Error as e:
-                raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
-            if frow:
-                self.register_kit(kit_id, frow[0], how="fleet")
-                return decode_kit_key(frow[0])
+            current = self._fleet_key(kit_id)
+            if current is not None:
+                self.register_kit(kit_id, current, how="fleet")
+                return decode_kit_key(current)
         return None
 
     def kits(self) -> list[dict[str, str]]:
