@@ -138,3 +138,27 @@ def mosquitto_factory(tmp_path: Path):
 def mosquitto(mosquitto_factory) -> Mosquitto:
     """One running broker on a free local port (persistence off, anonymous)."""
     return mosquitto_factory()
+
+
+def write_daemon_config(root: Path, dc_pub: Path, corpus: Path, extra: str = "") -> Path:
+    """A simulation kit config for a real `rekamd` under `root` (SD in root/sd, stick folder root/usb,
+    API on a free port); `extra` is appended TOML. Returns its path."""
+    (root / "usb").mkdir(exist_ok=True)
+    cfg = root / "rekam.toml"
+    cfg.write_text(f"""
+[kit]
+state_dir = "{root / 'sd'}"
+[datacenter]
+public_key_files = ["{dc_pub}"]
+[usb]
+mount_point = "{root / 'usb'}"
+require_mountpoint = false
+poll_seconds = 0.2
+[store]
+reserve_floor_mb = 1
+[api]
+port = 0
+[simulation]
+corpus_dir = "{corpus}"
+""" + extra)
+    return cfg

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import write_daemon_config
 from tests.relay.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,21 +22,7 @@ def rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_daemon_runs_the_relay(mosquitto, make_ingest, tmp_path, dc_pub, corpus_dir):
     make_ingest(mosquitto.url)
-    cfg = tmp_path / "rekam.toml"
-    cfg.write_text(f"""
-[kit]
-state_dir = "{tmp_path / 'sd'}"
-[datacenter]
-public_key_files = ["{dc_pub}"]
-[usb]
-mount_point = "{tmp_path / 'usb'}"
-require_mountpoint = false
-[store]
-reserve_floor_mb = 1
-[api]
-port = 0
-[simulation]
-corpus_dir = "{corpus_dir}"
+    cfg = write_daemon_config(tmp_path, dc_pub, corpus_dir, f"""
 [relay]
 brokers = ["mqtt://127.0.0.1:1", "{mosquitto.url}"]
 ack_timeout_s = 2.0

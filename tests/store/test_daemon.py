@@ -14,29 +14,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import write_daemon_config
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def write_config(tmp_path: Path, dc_pub: Path, corpus: Path) -> Path:
-    (tmp_path / "usb").mkdir(exist_ok=True)
-    cfg = tmp_path / "rekam.toml"
-    cfg.write_text(f"""
-[kit]
-state_dir = "{tmp_path / 'sd'}"
-[datacenter]
-public_key_files = ["{dc_pub}"]
-[usb]
-mount_point = "{tmp_path / 'usb'}"
-require_mountpoint = false
-poll_seconds = 0.2
-[store]
-reserve_floor_mb = 1
-[api]
-port = 0
-[simulation]
-corpus_dir = "{corpus}"
-""")
-    return cfg
+    return write_daemon_config(tmp_path, dc_pub, corpus)
 
 
 def rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from firmware import record_format
+from tests.conftest import write_daemon_config
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -32,22 +33,4 @@ def write_kit_config(root: Path, corpus: Path, **extra: str) -> Path:
     """A sim kit config under `root` with a fresh data-center key; returns its path."""
     priv, pub = record_format.generate_datacenter_keypair()
     (root / "dc.pub").write_bytes(pub)
-    (root / "usb").mkdir(exist_ok=True)
-    cfg = root / "rekam.toml"
-    cfg.write_text(f"""
-[kit]
-state_dir = "{root / 'sd'}"
-[datacenter]
-public_key_files = ["{root / 'dc.pub'}"]
-[usb]
-mount_point = "{root / 'usb'}"
-require_mountpoint = false
-poll_seconds = 0.2
-[store]
-reserve_floor_mb = 1
-[api]
-port = 0
-[simulation]
-corpus_dir = "{corpus}"
-""" + "".join(f"{v}\n" for v in extra.values()))
-    return cfg
+    return write_daemon_config(root, root / "dc.pub", corpus, "".join(f"{v}\n" for v in extra.values()))
