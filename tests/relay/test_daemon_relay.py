@@ -29,6 +29,7 @@ ack_timeout_s = 2.0
 backoff_min_s = 0.1
 backoff_max_s = 0.5
 """)
+    (tmp_path / "usb").rmdir()  # no stick: acked records stay on the SD (not purged), as this test counts them
     p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
                          stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
