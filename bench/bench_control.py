@@ -7,7 +7,7 @@ Against a real mosquitto with the deployed TLS + ACL configuration (provisioning
 
 1. Command round trip (fleet signs -> broker -> kit verifies, replay check in SQLite, runs `status`,
    signs the result -> broker -> fleet verifies): latency p50/p95 with the kit idle (baseline), then
-   the same while the real record relay (firmware/relay.py) drains a backlog of 400 KB records from
+   the same while the real record relay (firmware/relay/relay.py) drains a backlog of 400 KB records from
    the same kit over its own TLS connection to the same broker. The ratio (busy / idle) is the figure:
    the control connection is separate, so commands must not queue behind the records (goal p95 < 5x).
 2. Envelope cost: sign + verify of a command envelope (canonical JSON + Ed25519) against a bare
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from firmware import control_protocol as cp  # noqa: E402
+from firmware.wire import control_protocol as cp  # noqa: E402
 from provisioning import ca  # noqa: E402
 from provisioning.fleet import Fleet, FleetLink, FleetService, send_command  # noqa: E402
 from tests.provisioning.conftest import Broker, free_port, make_kit, wait_for, write_kit_config  # noqa: E402
@@ -152,7 +152,7 @@ def main() -> int:
         cmdr.round_trips(3)  # warm-up
         idle = cmdr.round_trips(a.commands)
         cli = cli_round_trips(fleet, kid, 5)
-        from firmware.relay import Relay
+        from firmware.relay.relay import Relay
 
         relay = Relay(kit.store, kit.cfg)
         relay.start()

@@ -32,8 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware import config, record_format  # noqa: E402
-from firmware.operators import hash_pin  # noqa: E402
+from firmware import config
+from firmware.enrollment.operators import hash_pin  # noqa: E402
+from firmware.wire import record_format  # noqa: E402
 
 FINGERS = ["R1", "R2", "R3", "R4", "R5", "L1", "L2", "L3", "L4", "L5"]
 

@@ -50,8 +50,8 @@ def main() -> int:
     import numpy as np
 
     base_rss = rss_mb()
-    from firmware.facequality.assess import FaceAssessor, FaceThresholds
-    from firmware.facequality.detect import letterbox
+    from firmware.quality.face.assess import FaceAssessor, FaceThresholds
+    from firmware.quality.face.detect import letterbox
 
     src = cv2.imread(a.image)
     if src is None:

@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_fpquality.py --limit 200  # a stable subsample, quicker
 
 Images: every corpus print converted to the sensor format (256x288, 16 levels) and its degraded
-variants (`firmware.fpquality.dataset.SPECS`), plus the sensor simulator's synthetic impressions
+variants (`firmware.quality.finger.dataset.SPECS`), plus the sensor simulator's synthetic impressions
 (`dataset.SYNTH_SPECS` of 40 fingers): 1304 images. NFIQ 2 is the real reference (NIST NFIQ 2.3 via
 ../shared/tools/nfiq2-reference, one process, one core); our check is `quality.assess` on the
 same images in this process, one core.
@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware.fpquality import alloc, dataset, features, gbt, quality  # noqa: E402
+from firmware.quality.finger import alloc, dataset, features, gbt, quality  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

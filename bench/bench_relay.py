@@ -26,10 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware import config, identity, record_format  # noqa: E402
-from firmware.relay import Relay  # noqa: E402
-from firmware.sim_capture import SimulatedCapture  # noqa: E402
-from firmware.store import Store  # noqa: E402
+from firmware import config
+from firmware.capture.simulated import SimulatedCapture  # noqa: E402
+from firmware.relay.relay import Relay  # noqa: E402
+from firmware.seal import identity
+from firmware.store.store import Store  # noqa: E402
+from firmware.wire import record_format  # noqa: E402
 from provisioning.archive import Archive  # noqa: E402
 
 RECORD = 400 * 1000

@@ -23,9 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware import config, identity, record_format  # noqa: E402
-from firmware.fsutil import fsync_dir  # noqa: E402
-from firmware.store import Store  # noqa: E402
+from firmware import config
+from firmware.seal import identity
+from firmware.store.store import Store  # noqa: E402
+from firmware.system.fsutil import fsync_dir  # noqa: E402
+from firmware.wire import record_format  # noqa: E402
 
 RECORD = 400 * 1024
 

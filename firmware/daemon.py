@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware import __version__, config, identity, logs
-from firmware.fsutil import atomic_write
-from firmware.sdnotify import Notifier, watchdog_interval
-from firmware.store import Store, StoreError
+from firmware import __version__, config
+from firmware.seal import identity
+from firmware.store.store import Store, StoreError
+from firmware.system import logs
+from firmware.system.fsutil import atomic_write
+from firmware.system.sdnotify import Notifier, watchdog_interval
 
 log = logging.getLogger("rekamd")
 
@@ -46,7 +48,7 @@ class Kit:
         self.services: dict[str, Any] = {}  # optional parts (sensor, camera, relay...) by name
         self.hardware: dict[str, Any] = {}
         self.enrollment: Any = None
-        self.control: Any = None  # firmware.control.ControlPlane when [control] enabled
+        self.control: Any = None  # firmware.control.plane.ControlPlane when [control] enabled
         self.exit_code: int | None = None  # set by request_exit(): main() stops and exits with it
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -64,16 +66,16 @@ class Kit:
         self._spawn("maintenance", self._maintenance_loop)
         self._spawn("usb", self._usb_loop)
         if self.cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
-            from firmware.relay import Relay
+            from firmware.relay.relay import Relay
 
             self.services["relay"] = Relay(self.store, self.cfg, self.stop)
             self.services["relay"].start()
 
     def _start_enrollment(self) -> None:
-        from firmware.dedup import DuplicateChecker, nik_key
-        from firmware.devices import open_devices
-        from firmware.enrollment import EnrollmentService
-        from firmware.operators import Operators, operators_from_config
+        from firmware.enrollment.dedup import DuplicateChecker, nik_key
+        from firmware.enrollment.devices import open_devices
+        from firmware.enrollment.operators import Operators, operators_from_config
+        from firmware.enrollment.session import EnrollmentService
 
         cfg = self.cfg
         devices, self.hardware = open_devices(cfg, self.sim, cfg.state_dir)
@@ -89,7 +91,7 @@ class Kit:
     def _start_panel(self) -> None:
         if not self.cfg.gpio.enabled:
             return
-        from firmware.panel_link import PanelLink
+        from firmware.console.panel_link import PanelLink
 
         try:
             link = PanelLink(self)
@@ -102,7 +104,7 @@ class Kit:
     def _start_control(self) -> None:
         if not self.cfg.control.enabled:
             return
-        from firmware.control import ControlPlane
+        from firmware.control.plane import ControlPlane
 
         self.control = ControlPlane(self)
         self.services["control"] = self.control
@@ -162,7 +164,7 @@ class Kit:
     def _start_api(self) -> None:
         import uvicorn
 
-        from firmware.api import create_app
+        from firmware.console.api import create_app
 
         app = create_app(self)
         server = uvicorn.Server(uvicorn.Config(app, host=self.cfg.api.bind, port=self.cfg.api.port,
@@ -284,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"{args.config}: ok")
         return EX_OK
-    if cfg.control.enabled:  # the local file merged with the fleet's current signed config (firmware/control.py)
-        from firmware.control import effective_config
+    if cfg.control.enabled:  # the local file merged with the fleet's current signed config (firmware/control/plane.py)
+        from firmware.control.plane import effective_config
 
         cfg = effective_config(cfg)
     log.info("starting version=%s config=%s simulation=%s", __version__, Path(args.config).resolve(), args.sim)

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware.errors import StickError
+
 log = logging.getLogger("hw.usbstick" if __name__ == "__main__" else __name__)
 
 SUPPORTED = ("vfat", "exfat", "ext4")
@@ -43,10 +45,6 @@ DEFAULT_MOUNT_POINT = Path("/media/rekam-usb")
 DEFAULT_REQUEST = Path("/run/rekam/usb-eject")
 UNIT_PREFIX = "rekam-usb-mount@"
 EX_CONFIG = 78
-
-
-class StickError(Exception):
-    """A stick cannot be mounted or unmounted; the message says why, for a technician."""
 
 
 @dataclass(frozen=True)

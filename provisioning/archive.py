@@ -24,17 +24,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware import record_format as rf
+from firmware.errors import ArchiveError, UnknownKit
+from firmware.wire import record_format as rf
 
 log = logging.getLogger(__name__)
-
-
-class ArchiveError(Exception):
-    """The archive cannot take a record for a transient reason (disk, database)."""
-
-
-class UnknownKit(ArchiveError):
-    """No public key is registered for this kit (and trust-on-first-use is off)."""
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from firmware.errors import CaError
+from firmware.wire.ids import is_kit_id
+
 TEMPLATES = Path(__file__).resolve().parent / "mosquitto"
-KIT_ID_RE = re.compile(r"^rk-[a-z0-9]{1,32}$")
 BATCH_RE = re.compile(r"^[A-Za-z0-9._-]{1,42}$")
-
-
-class CaError(Exception):
-    """The CA cannot do what was asked (missing files, a CSR that does not match, ...)."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +184,7 @@ def sign_csr(paths: CaPaths, csr_pem: bytes | str, expected_cn: str, days: int =
 
     Returns (certificate PEM, serial as hex).
     """
-    if not KIT_ID_RE.match(expected_cn):
+    if not is_kit_id(expected_cn):
         raise CaError(f"{expected_cn!r} is not a kit id")
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode() if isinstance(csr_pem, str) else csr_pem)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from firmware import record_format as rf
+from firmware.wire import record_format as rf
 
 # further command groups register here
 EXTRA_MODULES: list[str] = ["provisioning.fleet", "provisioning.ingest", "provisioning.usb_import"]

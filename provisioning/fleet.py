@@ -31,7 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import control_protocol as cp
+from firmware.errors import FleetError
+from firmware.wire import control_protocol as cp
 from provisioning import ca
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ CREATE TABLE IF NOT EXISTS commands (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kit_id TEXT, kind TEXT NOT NULL, detail TEXT);
 """
-
-
-class FleetError(Exception):
-    """A fleet operation cannot be done (unknown kit, revoked kit, no broker...)."""
 
 
 class Fleet:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware import protocol as proto
+from firmware.wire import relay_protocol as proto
 from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit
 
 log = logging.getLogger(__name__)

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from firmware import record_format as rf
+from firmware.wire import record_format as rf
+from firmware.wire.ids import parse_record_id
 from provisioning.archive import Archive, ArchiveError, UnknownKit, decode_kit_key
-
-_SEQ = re.compile(r"-(\d{8,})-\d{8}T\d{6}Z$")
 
 
 @dataclass
@@ -120,7 +118,7 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
         summary.kits.append(kit_id)
         listed = {e["record_id"]: e for e in read_index(kdir)}
         files = {p.name[: -len(rf.FILE_SUFFIX)]: p for p in (kdir / "records").glob("*" + rf.FILE_SUFFIX)}
-        ids = sorted(set(listed) | set(files), key=lambda r: (int(m.group(1)) if (m := _SEQ.search(r)) else 0, r))
+        ids = sorted(set(listed) | set(files), key=lambda r: ((p.seq if (p := parse_record_id(r)) else 0), r))
         bar = Progress(len(ids), f"{kit_id}", enabled=progress)
         for rid in ids:
             bar.step()

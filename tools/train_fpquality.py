@@ -7,13 +7,13 @@
     .venv/bin/python tools/train_fpquality.py --calibrate  # also print the gate and threshold tables
 
 Data: every corpus print converted to the sensor format (8-bit gray, centre crop / white pad to
-256x288, 16 levels) and its named degradations (`firmware.fpquality.dataset.SPECS`), plus 40
+256x288, 16 levels) and its named degradations (`firmware.quality.finger.dataset.SPECS`), plus 40
 synthetic fingers of the sensor simulator (hw/sensor/synth.py: good x2, dry, wet, partial). Labels are
 real NFIQ 2.3 scores from ../shared/tools/nfiq2-reference (x86-64 only), cached in
 `tools/fpquality_labels.csv` so that training is reproducible without NFIQ 2.
 
 Model: gradient-boosted regression trees (depth 4, 250 trees) on `features.MODEL_FEATURES`, written as plain
-numpy arrays to `firmware/fpquality/data/fpquality_model.npz` (no pickle). Deterministic: the
+numpy arrays to `firmware/quality/finger/data/fpquality_model.npz` (no pickle). Deterministic: the
 fit uses no randomness, so the same labels and features give the same file bit for bit.
 
 Evaluation: held out by finger (all images of a finger, including its other impressions and all
@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from firmware.fpquality import dataset, features, gates, gbt  # noqa: E402
+from firmware.quality.finger import dataset, features, gates, gbt  # noqa: E402
 
 LABELS = REPO / "tools" / "fpquality_labels.csv"
 MODEL = REPO / "firmware" / "fpquality" / "data" / "fpquality_model.npz"

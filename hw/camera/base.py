@@ -8,11 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from firmware.errors import CameraError
+
 log = logging.getLogger(__name__)
-
-
-class CameraError(RuntimeError):
-    """The camera cannot be opened or did not deliver a usable frame."""
 
 
 def to_bgr(frame: Any, source: str) -> np.ndarray:

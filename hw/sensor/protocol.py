@@ -15,6 +15,8 @@ import logging
 import struct
 from dataclasses import dataclass
 
+from firmware.errors import SensorError
+
 log = logging.getLogger(__name__)
 
 HEADER = b"\xef\x01"
@@ -184,10 +186,6 @@ def code_text(code: int) -> str:
 
 
 # --- typed errors ------------------------------------------------------------------------
-
-
-class SensorError(Exception):
-    """Base class of every error this package raises about the sensor or its link."""
 
 
 class SensorUnavailable(SensorError):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from firmware import nik, receipt
-from firmware.operators import Operator, Operators, SignInError, check_pin, hash_pin
+from firmware.enrollment import nik, receipt
+from firmware.enrollment.operators import Operator, Operators, SignInError, check_pin, hash_pin
 
 TODAY = dt.date(2026, 11, 29)
 

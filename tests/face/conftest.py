@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware.facequality.assess import FaceAssessor
-from firmware.facequality.landmarks import FaceLandmarks
+from firmware.quality.face.assess import FaceAssessor
+from firmware.quality.face.landmarks import FaceLandmarks
 
 
 @pytest.fixture(scope="session")

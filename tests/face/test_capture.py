@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware.facequality.capture import capture_face
-from firmware.facequality.portrait import PortraitSpec, make_portrait
+from firmware.quality.face.capture import capture_face
+from firmware.quality.face.portrait import PortraitSpec, make_portrait
 from hw.camera.sim import SimCamera
 
 from .conftest import rotate

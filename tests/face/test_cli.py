@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from firmware.cli import main
+from firmware.cli.main import main
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from firmware.facequality.detect import FaceDetector, ssd_anchors, weighted_nms
+from firmware.quality.face.detect import FaceDetector, ssd_anchors, weighted_nms
 
 
 def test_anchor_grids_match_the_models() -> None:

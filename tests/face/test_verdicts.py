@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware.facequality.assess import CODES, FaceThresholds, components, summary_score
-from firmware.facequality.measures import FaceMeasures, head_pose
+from firmware.quality.face.assess import CODES, FaceThresholds, components, summary_score
+from firmware.quality.face.measures import FaceMeasures, head_pose
 
 from .conftest import close_eyes, rotate, side_light
 
@@ -165,7 +165,7 @@ def test_rgba_png_gives_the_same_result_as_the_jpeg(assessor, load) -> None:
 
 def test_thresholds_come_from_config_values(assessor, load) -> None:
     from firmware import config
-    from firmware.facequality.assess import FaceAssessor
+    from firmware.quality.face.assess import FaceAssessor
 
     cfg = config.defaults(quality_face={"mouth_open_max": 0.25, "roll_max_deg": 2.0})
     t = FaceThresholds.from_mapping(cfg.quality_face)
@@ -203,7 +203,7 @@ def test_sharpness_does_not_depend_on_resolution(assessor, load) -> None:
 
 
 def test_without_the_iris_model_geometry_still_works(load) -> None:
-    from firmware.facequality.assess import FaceAssessor
+    from firmware.quality.face.assess import FaceAssessor
 
     plain = FaceAssessor(FaceThresholds(iris=False))
     r = plain.assess(load("facerec-biden2.jpg"))

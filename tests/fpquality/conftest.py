@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.fpquality import dataset, sensor_image
+from firmware.capture import sensor_image
+from firmware.quality.finger import dataset
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.fpquality import dataset, gates, quality, sensor_image
+from firmware.capture import sensor_image
+from firmware.quality.finger import dataset, gates, quality
 
 
 def sensor(corpus_dir: Path, name: str, spec: str) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.fpquality import features, gbt, quality
+from firmware.quality.finger import features, gbt, quality
 
 
 def data(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +50,7 @@ def test_committed_model_matches_the_feature_list() -> None:
 def test_allocator_tuning_on_glibc() -> None:
     import platform
 
-    from firmware.fpquality import alloc
+    from firmware.quality.finger import alloc
 
     if platform.libc_ver()[0] == "glibc":
         assert alloc.tune() is True and alloc.tune() is True  # idempotent

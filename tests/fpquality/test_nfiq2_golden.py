@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware.fpquality import nfiq2_features, sensor_image
+from firmware.capture import sensor_image
+from firmware.quality.finger import nfiq2_features
 from tests.fpquality.conftest import golden
 
 TOL = {  # feature: (mean/std tolerance, per-bin tolerance)

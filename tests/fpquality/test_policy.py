@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from firmware import config
-from firmware.fpquality import dataset, policy, quality
+from firmware.quality.finger import dataset, policy, quality
 
 
 def section(**over: object) -> dict[str, object]:

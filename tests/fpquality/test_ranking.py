@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from firmware.fpquality import dataset, quality
+from firmware.quality.finger import dataset, quality
 
 FLOOR = 10.0
 

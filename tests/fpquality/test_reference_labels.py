@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cv2
 
-from firmware.fpquality import dataset
+from firmware.quality.finger import dataset
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = 6  # a few images keep this test fast; the trainer's --relabel re-scores them all

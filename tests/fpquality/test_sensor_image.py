@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from firmware.fpquality import sensor_image as si
+from firmware.capture import sensor_image as si
 
 
 def test_quantise_to_16_levels() -> None:

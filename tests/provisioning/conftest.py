@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 
-from firmware import config, identity, record_format
-from firmware.control import ControlPlane, effective_config
-from firmware.enrollment import EnrollmentService
-from firmware.operators import Operators, hash_pin, operators_from_config
-from firmware.store import Store
+from firmware import config
+from firmware.control.plane import ControlPlane, effective_config
+from firmware.enrollment.operators import Operators, hash_pin, operators_from_config
+from firmware.enrollment.session import EnrollmentService
+from firmware.seal import identity
+from firmware.store.store import Store
+from firmware.wire import record_format
 from provisioning import ca
 from provisioning.fleet import Fleet, FleetService
 
@@ -154,8 +156,8 @@ class KitHarness:
         return self.control
 
     def start_relay(self) -> Any:
-        """The real record relay (firmware/relay.py) as the daemon runs it."""
-        from firmware.relay import Relay
+        """The real record relay (firmware/relay/relay.py) as the daemon runs it."""
+        from firmware.relay.relay import Relay
 
         relay = Relay(self.store, self.cfg)
         relay.start()
@@ -269,7 +271,7 @@ def config_state(fleet: Fleet, kit_id: str) -> dict[str, Any]:
 
 
 def push_config(fleet: Fleet, link: Any, kit_id: str, sections: dict[str, Any], **kw: Any) -> int:
-    from firmware import control_protocol as cp
+    from firmware.wire import control_protocol as cp
 
     version, doc = fleet.make_config(kit_id, sections, **kw)
     link.publish(cp.config_topic(kit_id), doc, retain=True)

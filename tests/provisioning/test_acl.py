@@ -14,8 +14,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from firmware import control_protocol as cp
-from firmware import protocol as proto
+from firmware.wire import control_protocol as cp
+from firmware.wire import relay_protocol as proto
 from provisioning import ca
 
 NOT_AUTHORIZED = 0x87

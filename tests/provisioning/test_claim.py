@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from firmware import control_protocol as cp
-from firmware.provision import ControlPaths
+from firmware.control.claim import ControlPaths
+from firmware.wire import control_protocol as cp
 
 from .conftest import wait_for
 
@@ -38,7 +38,7 @@ def test_claim_pending_then_approved(new_kit, fleet, service) -> None:
 def test_claim_response_forged_by_wrong_key_is_refused(new_kit, fleet, tmp_path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from firmware.provision import ClaimError, check_response, ensure_tls_key
+    from firmware.control.claim import ClaimError, check_response, ensure_tls_key
 
     k = new_kit(allow=False, fleet_public_key=fleet.public_key_b64)
     paths = ControlPaths.of(k.cfg)
@@ -56,7 +56,7 @@ def test_claim_response_forged_by_wrong_key_is_refused(new_kit, fleet, tmp_path)
 def test_claim_with_relay_brokers_only(new_kit, fleet, broker, service) -> None:
     """No [control] brokers: the control plane uses the relay's mqtts:// brokers, and after the claim
     the daemon restarts so the relay runs with the kit certificate."""
-    from firmware.control import EX_RESTART, control_brokers
+    from firmware.control.plane import EX_RESTART, control_brokers
 
     k = new_kit(brokers=[], extra=f'[relay]\nbrokers = ["mqtts://127.0.0.1:{broker.port}"]\n')
     assert control_brokers(k.cfg) == [f"127.0.0.1:{broker.port}"]
@@ -73,7 +73,8 @@ def test_claim_with_relay_brokers_only(new_kit, fleet, broker, service) -> None:
 
 def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, capsys) -> None:
     """A technician claims a kit at the bench (daemon stopped) with `rekam provision claim`."""
-    from firmware import cli, identity
+    from firmware.cli import main as cli
+    from firmware.seal import identity
 
     from .conftest import write_kit_config
 

@@ -50,7 +50,7 @@ def test_fleet_cli_offline(tmp_path, capsys) -> None:
     rc, out, _ = run(capsys, "config", "push", "rk-clikit1", "--set", "daemon.log_level=info", "--offline",
                      "--data", d)
     assert rc == 0 and "config v5" in out
-    from firmware import control_protocol as cp
+    from firmware.wire import control_protocol as cp
 
     body, _, _ = cp.decode(f.latest_config("rk-clikit1")[1], "config")
     assert body["files"] == {"dc-2027.pub": key.read_text()}  # carried over with the sections

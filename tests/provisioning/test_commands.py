@@ -11,12 +11,13 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import control_protocol as cp
-from firmware import identity, record_format
-from firmware.control import EX_REBOOT, CommandGuard, Refused
-from firmware.enrollment import EnrollmentError
-from firmware.nik import NikError
-from firmware.operators import hash_pin
+from firmware.control.plane import EX_REBOOT, CommandGuard, Refused
+from firmware.enrollment.nik import NikError
+from firmware.enrollment.operators import hash_pin
+from firmware.enrollment.session import EnrollmentError
+from firmware.seal import identity
+from firmware.wire import control_protocol as cp
+from firmware.wire import record_format
 from provisioning.fleet import send_command
 
 from .conftest import wait_for
@@ -54,7 +55,7 @@ def test_replayed_expired_forged_commands_refused(online_kit, fleet, fleet_link,
         (_cmd(fleet, kid, "lock", key=Ed25519PrivateKey.generate()), "bad_signature"),
         (_cmd(fleet, "rk-someoneelse", "lock"), "wrong_kit"),
     ]
-    with caplog.at_level(logging.WARNING, "firmware.control"):
+    with caplog.at_level(logging.WARNING, "firmware.control.plane"):
         for payload, reason in cases:
             before = dict(ctl.stats.refused)
             fleet_link.publish(cp.cmd_topic(kid), payload)

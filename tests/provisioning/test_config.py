@@ -7,10 +7,10 @@ import logging
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import control_protocol as cp
-from firmware import record_format
-from firmware.control import EX_RESTART
-from firmware.operators import hash_pin
+from firmware.control.plane import EX_RESTART
+from firmware.enrollment.operators import hash_pin
+from firmware.wire import control_protocol as cp
+from firmware.wire import record_format
 
 from .conftest import config_state, free_port, push_config, wait_event, wait_for
 
@@ -40,7 +40,7 @@ def test_forged_config_refused_and_nothing_applied(online_kit, fleet, fleet_link
     before = _files(k)
     evil = Ed25519PrivateKey.generate()
     body = {"kit_id": kid, "version": 99, "issued_at": 1, "sections": {"operators": {"list": []}}}
-    with caplog.at_level(logging.WARNING, "firmware.control"):
+    with caplog.at_level(logging.WARNING, "firmware.control.plane"):
         fleet_link.publish(cp.config_topic(kid), cp.sign("config", body, evil), retain=True)
         wait_for(lambda: k.control.stats.refused.get("bad_signature"), 10, "forged config refused")
     assert "reason=bad_signature" in caplog.text
@@ -171,7 +171,7 @@ def test_wildcard_document_and_datacenter_key_shipped_inside(online_kit, fleet, 
 
 def test_config_that_cuts_the_relay_is_rolled_back(new_kit, fleet, broker, service, fleet_link) -> None:
     """The control connection survives, but the record relay cannot reach its new brokers: not promoted,
-    rolled back after rollback_after_s. Uses the real relay (firmware/relay.py)."""
+    rolled back after rollback_after_s. Uses the real relay (firmware/relay/relay.py)."""
     good = f"mqtts://127.0.0.1:{broker.port}"
     k = new_kit(extra=f'[relay]\nbrokers = ["{good}"]\nbackoff_max_s = 1.0\n')
     kid = k.identity.kit_id

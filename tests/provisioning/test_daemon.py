@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from firmware import identity
-from firmware.control import EX_REBOOT, EX_RESTART
+from firmware.control.plane import EX_REBOOT, EX_RESTART
+from firmware.seal import identity
 from provisioning.fleet import send_command
 
 from .conftest import REPO_ROOT, config_state, push_config, wait_event, wait_for, write_kit_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from firmware import config
-from firmware import control_protocol as cp
+from firmware.wire import control_protocol as cp
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "provisioning.md").read_text()
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import __version__
-from firmware import control_protocol as cp
+from firmware.wire import control_protocol as cp
 from provisioning.fleet import FleetError
 
 from .conftest import wait_for

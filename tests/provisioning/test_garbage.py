@@ -9,7 +9,7 @@ import logging
 import random
 import time
 
-from firmware import control_protocol as cp
+from firmware.wire import control_protocol as cp
 from provisioning.fleet import send_command
 
 from .conftest import wait_for
@@ -68,7 +68,7 @@ def test_garbage_on_config_and_cmd_topics(online_kit, fleet, fleet_link, caplog)
     ctl = k.control
     state_before = (k.cfg.state_dir / "remote-config" / "state.json").read_bytes()
     items = _garbage(fleet, kid)
-    with caplog.at_level(logging.WARNING, "firmware.control"):
+    with caplog.at_level(logging.WARNING, "firmware.control.plane"):
         for topic in (cp.config_topic(kid), cp.cmd_topic(kid)):
             n0 = sum(ctl.stats.refused.values())
             for payload in items:

@@ -1,4 +1,4 @@
-"""The signed envelope and message shapes (firmware/control_protocol.py), property-tested (bounded)."""
+"""The signed envelope and message shapes (firmware/wire/control_protocol.py), property-tested (bounded)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firmware import control_protocol as cp
+from firmware.wire import control_protocol as cp
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

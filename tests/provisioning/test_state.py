@@ -8,10 +8,11 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import config, identity
-from firmware import control_protocol as cp
-from firmware.control import MAX_TRIAL_BOOTS, RemoteConfig, effective_config, repair_identity, rotate_key
-from firmware.provision import ControlPaths
+from firmware import config
+from firmware.control.claim import ControlPaths
+from firmware.control.plane import MAX_TRIAL_BOOTS, RemoteConfig, effective_config, repair_identity, rotate_key
+from firmware.seal import identity
+from firmware.wire import control_protocol as cp
 
 from .conftest import wait_for, write_kit_config
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from firmware import config, identity, record_format
-from firmware.relay import Relay
-from firmware.sim_capture import SimulatedCapture
-from firmware.store import Store
+from firmware import config
+from firmware.capture.simulated import SimulatedCapture
+from firmware.relay.relay import Relay
+from firmware.seal import identity
+from firmware.store.store import Store
+from firmware.wire import record_format
 from provisioning.archive import Archive
 from provisioning.ingest import IngestSettings, IngestWorker
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from firmware import config, identity
-from firmware.sim_capture import SimulatedCapture
-from firmware.store import Store
+from firmware import config
+from firmware.capture.simulated import SimulatedCapture
+from firmware.seal import identity
+from firmware.store.store import Store
 from provisioning import cli as fleet_cli
 from provisioning.archive import Archive
 from tests.relay.conftest import FAST_RELAY, KitUnderTest, assert_delivered_once, kit_config, wait_for

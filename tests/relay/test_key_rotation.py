@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import record_format as rf
+from firmware.wire import record_format as rf
 from provisioning.archive import Archive
 
 KIT = "rk-abcdefghjk"

@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from firmware import config, identity, record_format
-from firmware import protocol as proto
-from firmware.sim_capture import SimulatedCapture
+from firmware import config
+from firmware.capture.simulated import SimulatedCapture
+from firmware.seal import identity
+from firmware.wire import record_format
+from firmware.wire import relay_protocol as proto
 from provisioning.archive import Archive, UnknownKit
 from provisioning.ingest import Staging
 

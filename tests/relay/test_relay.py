@@ -8,7 +8,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from firmware import protocol as proto
+from firmware.wire import relay_protocol as proto
 from tests.relay.conftest import assert_delivered_once, wait_for
 
 
@@ -188,7 +188,7 @@ def test_rejected_record_is_quarantined_and_does_not_block(mosquitto, make_kit, 
     data = bytearray(p.read_bytes())
     data[-100] ^= 0xFF  # inside the ciphertext: layout intact, signature broken
     p.write_bytes(bytes(data))
-    from firmware.record_format import sha256_hex
+    from firmware.wire.record_format import sha256_hex
     with kit.store.j.transaction() as c:
         c.execute("UPDATE records SET sha256 = ? WHERE id = ?", (sha256_hex(bytes(data)), bad))
     relay = kit.start_relay()

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from firmware import config, identity, record_format
-from firmware.store import Store
+from firmware import config
+from firmware.seal import identity
+from firmware.store.store import Store
+from firmware.wire import record_format
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@
 import os
 import sys
 
-from firmware import config, identity, record_format
-from firmware.store import Store
+from firmware import config
+from firmware.seal import identity
+from firmware.store.store import Store
+from firmware.wire import record_format
 
 state, usb, pub = sys.argv[1:4]
 cfg = config.validate({"kit": {"state_dir": state}, "datacenter": {"public_key_files": [pub]},

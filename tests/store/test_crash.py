@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from firmware import identity, record_format
-from firmware.store import Store
+from firmware.seal import identity
+from firmware.store.store import Store
+from firmware.wire import record_format
 from tests.store.conftest import make_config
 
 ROUNDS = 12  # bounded: ~1 s each; longer campaigns: bench/crash_campaign.py

@@ -79,8 +79,9 @@ def test_sigterm_during_commits_leaves_nothing_half_written(daemon: Any) -> None
     t.join(60)
     assert not list((root / "sd" / "records").glob("*.tmp"))
     # After the stop the store opens cleanly with nothing to repair.
-    from firmware import config, identity
-    from firmware.store import Store
+    from firmware import config
+    from firmware.seal import identity
+    from firmware.store.store import Store
 
     s = Store(config.load(cfg), identity.load_or_create(root / "sd"))
     rep = s.open()

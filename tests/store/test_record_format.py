@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware import record_format as rf
+from firmware.wire import record_format as rf
 
 
 def _seal(payload: bytes, dc_pub: bytes, *extra: bytes, key: Ed25519PrivateKey | None = None) -> bytes:

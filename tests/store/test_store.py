@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from firmware import identity, record_format
-from firmware.capacity import CaptureHalted
-from firmware.store import Store
+from firmware.seal import identity
+from firmware.store.capacity import CaptureHalted
+from firmware.store.store import Store
+from firmware.wire import record_format
 from tests.store.conftest import Tmpfs, make_config
 
 
@@ -38,7 +39,7 @@ def test_commit_is_on_sd_and_stick_and_opens(store: Store, dc_keys: dict[str, An
     assert record_format.Payload.decode(plain).manifest["tag"] == "a" and hdr.seq == 1
     row = store.j.get(res.record_id)
     assert row.state == "stored" and row.operator_id == "op1"
-    index = list(__import__("firmware.usb", fromlist=["read_index"]).read_index(store.stick.kit_dir))
+    index = list(__import__("firmware.store.usb", fromlist=["read_index"]).read_index(store.stick.kit_dir))
     assert [e["record_id"] for e in index] == [res.record_id]
     assert store.status()["mirror_lag"]["records"] == 0
 
@@ -226,7 +227,7 @@ def test_recovery_quarantines_tampered_adopts_orphan_restores_missing(kit_cfg: A
 
 
 def test_second_process_cannot_open_the_same_store(store: Store) -> None:
-    from firmware.store import StoreLocked
+    from firmware.store.store import StoreLocked
 
     other = Store(store.cfg, store.identity)
     with pytest.raises(StoreLocked, match="in use by another process"):

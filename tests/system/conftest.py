@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from firmware import record_format
+from firmware.wire import record_format
 from tests.conftest import write_daemon_config
 
 REPO = Path(__file__).resolve().parents[2]

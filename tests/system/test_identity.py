@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from firmware import identity
-from firmware.commands.identity import fingerprint
+from firmware.cli.identity import fingerprint
+from firmware.seal import identity
 from tests.system.conftest import REPO, write_kit_config
 
 

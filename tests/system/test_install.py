@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware import config, record_format
+from firmware import config
+from firmware.wire import record_format
 from tests.system.conftest import REPO
 
 EXPECTED = [

@@ -100,7 +100,7 @@ def test_exec_commands_parse(name: str) -> None:
         argv = shlex.split(line.replace("%I", "sda1"))
         prog = Path(argv[0]).name
         if prog == "rekam":
-            from firmware.cli import build_parser
+            from firmware.cli.main import build_parser
             build_parser().parse_args(argv[1:])
         else:
             assert prog == "python" and argv[1:3] == ["-m", "hw.usbstick"]
@@ -167,7 +167,7 @@ def effective_syscalls(unit: Path) -> set[str]:
 
 def test_rekamd_syscalls_cover_what_the_daemon_does() -> None:
     allowed = effective_syscalls(SYSTEMD_DIR / "rekamd.service")
-    # adjtimex: clock_synced in every record (firmware/clock.py); ioctl: termios on the UART; fsync/fdatasync
+    # adjtimex: clock_synced in every record (firmware/system/clock.py); ioctl: termios on the UART; fsync/fdatasync
     # /renameat2: the store's atomic writes; socket family: API, MQTT, sd_notify; inotify, flock: SQLite/watchers.
     needed = {"adjtimex", "ioctl", "fsync", "fdatasync", "rename", "renameat", "renameat2", "socket", "bind",
               "connect", "sendto", "recvfrom", "listen", "accept4", "mmap", "mprotect", "clone", "clone3", "futex",

@@ -66,7 +66,7 @@ def _settings(tmp_path: Path, label: str = "") -> Settings:
 
 @pytest.mark.parametrize("fstype", ["vfat", "exfat", "ext4"])
 def test_mount_write_unmount_remount(fstype: str, make_stick: object, tmp_path: Path) -> None:
-    from firmware import usb
+    from firmware.store import usb
 
     dev = make_stick(fstype, "REKAM")  # type: ignore[operator]
     vol = usbstick.probe(dev)

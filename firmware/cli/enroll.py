@@ -1,0 +1,359 @@
+"""`rekam enroll` (terminal enrollment) and `rekam usb export` (copy every record to the stick now).
+
+Both talk to the running daemon's local API (firmware/cli/localapi.py), like the web console: the
+daemon owns the sensor, the camera and the store. `rekam enroll` signs in (PIN by getpass, or a
+line of stdin when stdin is not a terminal, for scripts), asks for the NIK, then walks the
+operator through face, fingers, duplicate check, supervisor decision and commit, printing one
+feedback line per capture. Ctrl-C cancels the enrollment on the daemon (nothing is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+API = "/api/v1"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rekam enroll` and `rekam usb export` (the `usb` group is created by commands.store)."""
+    p = sub.add_parser("enroll", help="enroll a resident from this terminal (face, fingers, commit)")
+    p.add_argument("--operator", help="operator id (asked when missing)")
+    p.add_argument("--nik", help="the resident's NIK (asked when missing)")
+    p.add_argument("--receipt-dir", help="save the receipt PNG and PDF into this folder")
+    p.add_argument("--auto", action="store_true",
+                   help="capture without waiting for Enter before each attempt (the sensor still waits for the finger)")
+    p.set_defaults(func=cmd_enroll)
+
+    usb = sub.choices.get("usb")
+    if usb is None:
+        usb_sub = sub.add_parser("usb", help="USB mirror stick").add_subparsers(dest="usb_cmd", metavar="CMD")
+        usb_sub.required = True
+    else:
+        usb_sub = next(a for a in usb._actions if isinstance(a, argparse._SubParsersAction))
+    p = usb_sub.add_parser("export", help="copy every record the stick lacks to it now, with progress")
+    p.add_argument("--batch", type=int, default=5, help="records per request (progress granularity)")
+    p.set_defaults(func=cmd_usb_export)
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+
+class Abort(Exception):
+    """Stop the command with this message (exit status 1)."""
+
+
+def _daemon_url(args: argparse.Namespace) -> str:
+    from firmware.cli.localapi import daemon_url
+    from firmware.cli.store import load_config
+
+    cfg = load_config(args)
+    url = daemon_url(cfg.state_dir)
+    if url is None:
+        raise Abort(f"the daemon is not running (no live api.json in {cfg.state_dir}); start rekamd first")
+    return url
+
+
+class Session:
+    """The signed-in operator's calls to the daemon."""
+
+    def __init__(self, url: str, out: Any = sys.stdout) -> None:
+        self.url = url
+        self.token: str | None = None
+        self.out = out
+
+    def call(self, method: str, path: str, body: Any = None, raw: bool = False) -> Any:
+        from firmware.cli.localapi import call
+
+        return call(self.url, method, API + path, body, token=self.token, raw=raw)
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+
+def _detail(e: Any) -> tuple[str, str]:
+    """(code, message) of an ApiError (the enrollment API's `{"code", "message"}` or a validation list)."""
+    d = e.detail
+    if isinstance(d, dict):
+        return str(d.get("code", "")), str(d.get("message", d))
+    if isinstance(d, list):  # FastAPI validation errors: name the field
+        parts = []
+        for item in d:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", [])[1:])
+                parts.append(f"{loc}: {item.get('msg', '')}")
+        return "invalid", "; ".join(parts) or str(d)
+    return "", str(d)
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:
+        raise Abort("input ended") from None
+
+
+def _secret(prompt: str) -> str:
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(prompt)
+    return _ask(prompt)  # scripted input: one line of stdin
+
+
+# --- rekam enroll ---------------------------------------------------------------------------
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Interactive terminal enrollment through the daemon."""
+    from firmware.cli.localapi import ApiError
+
+    try:
+        s = Session(_daemon_url(args))
+        _sign_in(s, args.operator)
+        try:
+            return _enroll(s, args)
+        except KeyboardInterrupt:
+            _cancel_quietly(s, "interrupted")
+            return 130
+    except Abort as e:
+        print(f"rekam enroll: {e}", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        print(f"rekam enroll: {_detail(e)[1]}", file=sys.stderr)
+        return 1
+
+
+def _sign_in(s: Session, operator: str | None) -> None:
+    from firmware.cli.localapi import ApiError
+
+    for _ in range(3):
+        op = operator or _ask("Operator id: ").strip()
+        pin = _secret("PIN: ").strip()
+        try:
+            r = s.call("POST", "/auth/signin", {"operator_id": op, "pin": pin})
+        except ApiError as e:
+            code, msg = _detail(e)
+            s.say(f"! sign-in refused: {msg}")
+            if code == "locked":
+                raise Abort(msg) from None
+            continue
+        s.token = r["token"]
+        s.say(f"Signed in: {r['name']} ({r['operator_id']}, {r['role']})")
+        return
+    raise Abort("sign-in failed three times")
+
+
+def _cancel_quietly(s: Session, why: str) -> None:
+    from firmware.cli.localapi import ApiError
+
+    try:
+        s.call("POST", "/enrollment/cancel")
+        s.say(f"Enrollment cancelled ({why}); nothing was kept.")
+    except (ApiError, OSError):
+        pass
+
+
+def _start(s: Session, nik: str | None) -> dict[str, Any]:
+    """Ask for the NIK until the daemon accepts it; handles 'already enrolled here' with a reason."""
+    from firmware.cli.localapi import ApiError
+
+    while True:
+        value = nik or _ask("Resident's NIK (16 digits): ").strip()
+        nik = None
+        reason = ""
+        while True:
+            try:
+                return s.call("POST", "/enrollment", {"nik": value, "override_reason": reason})
+            except ApiError as e:
+                code, msg = _detail(e)
+                if code == "nik_enrolled" and not reason:
+                    s.say(f"! {msg}")
+                    reason = _ask("Reason to enroll again (empty: enter another NIK): ").strip()
+                    if reason:
+                        continue
+                elif code in ("halted", "locked", "busy"):
+                    raise Abort(msg) from None
+                else:
+                    s.say(f"! {msg}")
+                break
+
+
+def _enroll(s: Session, args: argparse.Namespace) -> int:
+    state = s.call("GET", "/enrollment")
+    if state.get("active"):
+        s.say(f"Resuming the enrollment in progress ({state['nik_masked']}, next: {state['step']}).")
+    else:
+        state = _start(s, args.nik)
+        s.say(f"Enrollment {state['id']} started for NIK {state['nik_masked']}.")
+    while state.get("active"):
+        step = state["step"]
+        if step == "face":
+            _face(s, args.auto)
+        elif step.startswith("finger:"):
+            _finger(s, step[7:], state, args.auto)
+        elif step == "dupcheck":
+            _dupcheck(s)
+        elif step == "supervisor":
+            _supervisor(s)
+        elif step == "review":
+            return _review_commit(s, state, args.receipt_dir)
+        state = s.call("GET", "/enrollment")
+    s.say("The enrollment was closed (cancelled or rejected); nothing was stored.")
+    return 1
+
+
+def _choice(s: Session, what: str, auto: bool) -> str:
+    """'' to capture, 'x' for an exception, 'c' to cancel."""
+    if auto:
+        return ""
+    while True:
+        a = _ask(f"{what} [Enter] capture  [x] exception  [c] cancel: ").strip().lower()
+        if a in ("", "x", "c"):
+            return a
+        s.say("  type nothing, x or c")
+
+
+def _feedback(s: Session, label: str, r: dict[str, Any]) -> None:
+    if r.get("status") == "timeout":
+        s.say(f"  {label}: {r['message']}")
+        return
+    mark = "OK " if r["accepted"] else ("KEPT" if r["done"] else "RETAKE")
+    s.say(f"  {label}: score {r['score']:.0f} attempt {r['attempt']} {mark} - {r['message']}")
+
+
+def _cancel_or_raise(s: Session) -> None:
+    s.call("POST", "/enrollment/cancel")
+    raise Abort("enrollment cancelled by the operator; nothing was kept")
+
+
+def _face(s: Session, auto: bool) -> None:
+    s.say("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap.")
+    a = _choice(s, "Face:", auto)
+    if a == "c":
+        _cancel_or_raise(s)
+    if a == "x":
+        reason = _ask("Why no photo (e.g. camera broken)? ").strip()
+        if reason:
+            s.call("POST", "/enrollment/face/exception", {"reason": reason})
+        return
+    _feedback(s, "face", s.call("POST", "/enrollment/face"))
+
+
+def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
+    label = next((f["label"] for f in state["fingers"] if f["finger"] == code), code)
+    s.say(f"Finger {code}: place the {label} flat on the sensor glass.")
+    a = _choice(s, f"{code} {label}:", auto)
+    if a == "c":
+        _cancel_or_raise(s)
+    if a == "x":
+        reason = _ask(f"Why is the {label} not captured (missing, bandaged, injured)? ").strip()
+        if reason:
+            s.call("POST", f"/enrollment/fingers/{code}/exception", {"reason": reason})
+        return
+    _feedback(s, f"{code} {label}", s.call("POST", f"/enrollment/fingers/{code}"))
+
+
+def _dupcheck(s: Session) -> None:
+    s.say("Duplicate check: searching this kit's earlier enrollments...")
+    r = s.call("POST", "/enrollment/dupcheck")
+    if r["flagged"]:
+        fingers = ", ".join(m["finger"] for m in r["matches"])
+        s.say(f"! LIKELY DOUBLE ENROLLMENT: fingers {fingers} match record(s) {', '.join(r['records'])}.")
+        s.say("  A supervisor must decide before the record can be stored.")
+    else:
+        s.say("  no match: this resident is not enrolled under another NIK on this kit")
+
+
+def _supervisor(s: Session) -> None:
+    from firmware.cli.localapi import ApiError
+
+    sid = _ask("Supervisor id: ").strip()
+    pin = _secret("Supervisor PIN: ").strip()
+    decision = ""
+    while decision not in ("accept", "reject"):
+        decision = _ask("Decision [accept/reject]: ").strip().lower()
+    reason = ""
+    while not reason:
+        reason = _ask("Reason (required): ").strip()
+    try:
+        s.call("POST", "/enrollment/supervisor", {"supervisor_id": sid, "pin": pin, "decision": decision,
+                                                 "reason": reason})
+    except ApiError as e:
+        s.say(f"! supervisor decision refused: {_detail(e)[1]}")
+        return
+    s.say(f"  supervisor {sid}: {decision}")
+
+
+def _review_commit(s: Session, state: dict[str, Any], receipt_dir: str | None) -> int:
+    s.say("Review:")
+    face = state.get("face") or {}
+    s.say(f"  NIK {state['nik_masked']}; face: " + (f"exception ({state['face_exception']})"
+                                                    if state.get("face_exception")
+                                                    else f"score {face.get('score')}"))
+    for f in state["fingers"]:
+        s.say(f"  {f['finger']} {f['label']}: " + (f"exception ({f['exception']})" if f["exception"]
+                                                   else f"score {f['score']}" + (" (kept best)" if f["forced"]
+                                                                                 else "")))
+    if _ask("Store this enrollment? [Y/n] ").strip().lower() in ("n", "no"):
+        _cancel_or_raise(s)
+    r = s.call("POST", "/enrollment/commit")
+    s.say(f"STORED record {r['record_id']}")
+    s.say(f"  sha256 {r['sha256']}")
+    s.say("  copied to the USB stick" if r["mirrored"] else "  ! NOT on a USB stick yet (insert one)")
+    if receipt_dir:
+        d = Path(receipt_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for fmt in ("png", "pdf"):
+            path = d / f"{r['record_id']}.{fmt}"
+            path.write_bytes(s.call("GET", f"/receipts/{r['record_id']}.{fmt}", raw=True))
+            s.say(f"  receipt saved: {path}")
+    return 0
+
+
+# --- rekam usb export -----------------------------------------------------------------------
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    frac = done / total if total else 1.0
+    n = int(round(frac * width))
+    return f"[{'#' * n}{'.' * (width - n)}] {done}/{total}"
+
+
+def cmd_usb_export(args: argparse.Namespace) -> int:
+    """Copy every record the stick lacks, in batches, with a progress bar."""
+    from firmware.cli.localapi import ApiError, call
+
+    if args.batch < 1:
+        print("rekam usb export: --batch must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        url = _daemon_url(args)
+        copied = 0
+        total = None
+        tty = sys.stdout.isatty()
+        while True:
+            r = call(url, "POST", f"{API}/usb/export?limit={args.batch}")
+            copied += r["copied"]
+            if total is None:
+                total = copied + r["remaining"]
+            line = _bar(copied, total)
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            if r["remaining"] == 0 or r["copied"] == 0:
+                break
+        if tty:
+            print()
+        if r["remaining"]:
+            print(f"rekam usb export: {r['remaining']} record(s) could not be copied (see the daemon log)",
+                  file=sys.stderr)
+            return 1
+        print(f"stick {r['stick_id']}: {copied} copied, all {r['total']} records are on it")
+        return 0
+    except Abort as e:
+        print(f"rekam usb export: {e}", file=sys.stderr)
+        return 1
+    except ApiError as e:
+        print(f"rekam usb export: {_detail(e)[1]}", file=sys.stderr)
+        return 1

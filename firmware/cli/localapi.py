@@ -1,0 +1,48 @@
+"""Client side of the daemon's local API, for the `rekam` CLI (stdlib only: the CLI starts fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from firmware.errors import ApiError
+
+
+def daemon_url(state_dir: Path) -> str | None:
+    """URL of the running daemon's API for this state directory, or None if it is not running."""
+    try:
+        info = json.loads((state_dir / "api.json").read_text())
+        url, pid = str(info["url"]), int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return url  # it runs as another user (rekam): it is there, use its API
+    except OSError:
+        return None
+    return url
+
+
+def call(url: str, method: str, path: str, body: Any = None, timeout: float = 600, token: str | None = None,
+         raw: bool = False) -> Any:
+    """One JSON request to the daemon (`token`: an operator session; `raw`: return the body bytes)."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body_bytes = r.read()
+            return body_bytes if raw else json.loads(body_bytes or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("detail")
+        except ValueError:
+            detail = e.reason
+        raise ApiError(e.code, detail) from None

@@ -1,0 +1,30 @@
+"""`rekam quality finger|face FILE... [--json]`: run the on-device quality checks on image files."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rekam quality finger` and `rekam quality face`."""
+    q = sub.add_parser("quality", help="score fingerprint or face images as the kit would")
+    qs = q.add_subparsers(dest="kind", metavar="KIND")
+    qs.required = True
+    for kind, what in (("finger", "fingerprint images (any size; converted to the sensor format)"),
+                       ("face", "face photos (JPEG/PNG)")):
+        p = qs.add_parser(kind, help=f"quality of {what}")
+        p.add_argument("files", nargs="+", metavar="FILE")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=_finger if kind == "finger" else _face)
+
+
+def _finger(args: argparse.Namespace) -> int:
+    from firmware.quality.finger.cli import run
+
+    return run(args)
+
+
+def _face(args: argparse.Namespace) -> int:
+    from firmware.quality.face.cli import run
+
+    return run(args)

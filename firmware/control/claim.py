@@ -1,0 +1,273 @@
+"""Claiming: how a new kit joins the fleet with nothing secret in its image but a batch claim certificate.
+
+1. The kit makes its own TLS key (EC P-256, never leaves ``<state_dir>/control/``) and a CSR whose
+   CN is its kit id.
+2. It connects to a *claim listener* with the claim certificate (client id = kit id), subscribes to
+   its claim response topic, then publishes a claim request signed with its Ed25519 kit key:
+   kit id, kit public key, hardware serial, software version, CSR, a fresh nonce.
+3. The fleet approves it (allow-list or `rekam-fleet kits approve`) and answers, signed with the
+   fleet key: the kit's certificate (signed by the fleet CA for that CSR), the CA certificate, the
+   fleet public key and the first signed config document. Until then it answers ``pending``.
+4. The kit checks the answer (same nonce, certificate for its own key and id, signature by the
+   fleet key it carries - pinned here, trust on first claim unless `control.fleet_public_key`
+   presets it), stores everything atomically and from then on connects with its own certificate.
+
+A claim attempt that gets no answer or ``pending`` is retried with capped, jittered backoff
+forever; the fleet drops pending claims after some hours, and the next retry renews it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import secrets
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from firmware import __version__
+from firmware.config import Config
+from firmware.errors import ClaimError
+from firmware.seal.identity import KitIdentity
+from firmware.system.fsutil import atomic_write, fsync_dir
+from firmware.wire import control_protocol as cp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ControlPaths:
+    """The kit's control-plane files under ``<state_dir>/control/``."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, cfg: Config) -> ControlPaths:
+        return cls(cfg.state_dir / "control")
+
+    @property
+    def tls_key(self) -> Path:
+        return self.root / "tls.key"
+
+    @property
+    def csr(self) -> Path:
+        return self.root / "tls.csr"
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "kit.crt"
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "fleet-ca.crt"
+
+    @property
+    def fleet_key(self) -> Path:
+        return self.root / "fleet.pub"
+
+    @property
+    def claim_state(self) -> Path:
+        return self.root / "claim.json"
+
+    def provisioned(self) -> bool:
+        """True once a claim completed (own certificate and pinned fleet key present)."""
+        return self.cert.exists() and self.tls_key.exists() and self.fleet_key.exists()
+
+    def pinned_fleet_key(self) -> Any:
+        """The pinned fleet Ed25519 public key, or None before the claim."""
+        try:
+            return cp.load_public_b64(self.fleet_key.read_text())
+        except FileNotFoundError:
+            return None
+
+
+def hardware_serial(cfg: Config) -> str:
+    """The board serial (Raspberry Pi device tree), or ``unknown`` off a Pi."""
+    try:
+        raw = Path(cfg.kit.hardware_serial_file).read_bytes()
+        return raw.rstrip(b"\x00\n ").decode("ascii", "replace")[:64] or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def ensure_tls_key(paths: ControlPaths, kit_id: str) -> bytes:
+    """Create the kit's TLS key and CSR once; returns the CSR (PEM)."""
+    paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if paths.tls_key.exists() and paths.csr.exists():
+        return paths.csr.read_bytes()
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    atomic_write(paths.tls_key, pem)
+    paths.tls_key.chmod(0o600)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, kit_id)]))
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    atomic_write(paths.csr, csr)
+    return csr
+
+
+def claim_user(cfg: Config) -> str:
+    """The claim certificate's CN (``claim-<batch>``): the broker's user name for it."""
+    p = cfg.path(cfg.control.claim_cert_file)
+    try:
+        cert = x509.load_pem_x509_certificate(p.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ClaimError("no_claim_cert", f"cannot read claim certificate {p}: {e}") from None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cn or not cp.CLAIM_USER_RE.match(str(cn[0].value)):
+        raise ClaimError("no_claim_cert", f"{p}: CN must be claim-<batch>")
+    return str(cn[0].value)
+
+
+def build_request(cfg: Config, identity: KitIdentity, csr: bytes, nonce: str) -> bytes:
+    """The signed claim request payload."""
+    body = {"kit_id": identity.kit_id, "public_key": identity.public_key_b64, "hardware_serial": hardware_serial(cfg),
+            "software_version": __version__, "csr": csr.decode(), "nonce": nonce, "issued_at": int(time.time())}
+    return cp.sign("claim", body, identity.signing_key)
+
+
+def check_response(data: bytes, cfg: Config, identity: KitIdentity, paths: ControlPaths, nonce: str) -> dict[str, Any]:
+    """Verify a claim response; returns its body. Raises `ClaimError` naming what is wrong."""
+    try:
+        body, _, _ = cp.decode(data, "claim_response")
+        cp.check_claim_response(body)
+        preset = cfg.control.fleet_public_key or (paths.fleet_key.read_text() if paths.fleet_key.exists() else "")
+        if preset and preset.strip() != body["fleet_public_key"]:
+            raise ClaimError("wrong_fleet_key", f"response key {cp.key_fingerprint(body['fleet_public_key'])} is not "
+                             f"the pinned fleet key {cp.key_fingerprint(preset.strip())}")
+        body = cp.verify(data, "claim_response", cp.load_public_b64(body["fleet_public_key"]))
+    except cp.ProtocolError as e:
+        raise ClaimError("bad_response", str(e)) from None
+    if body["kit_id"] != identity.kit_id or body["nonce"] != nonce:
+        raise ClaimError("bad_response", "response is for another kit or another attempt (kit id/nonce)")
+    if body["status"] != "approved":
+        return body
+    try:
+        cert = x509.load_pem_x509_certificate(body["certificate"].encode())
+        x509.load_pem_x509_certificate(body["ca_certificate"].encode())
+    except ValueError as e:
+        raise ClaimError("bad_response", f"certificate does not parse: {e}") from None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    key = serialization.load_pem_private_key(paths.tls_key.read_bytes(), password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    same_key = cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+    if not cn or cn[0].value != identity.kit_id or not same_key:
+        raise ClaimError("bad_response", "certificate is not for this kit's id and TLS key")
+    return body
+
+
+def store_credentials(paths: ControlPaths, body: dict[str, Any]) -> None:
+    """Write the certificate, CA and pinned fleet key (fleet key last: it marks the claim complete)."""
+    atomic_write(paths.cert, body["certificate"].encode())
+    atomic_write(paths.ca, body["ca_certificate"].encode())
+    atomic_write(paths.claim_state, json.dumps({"claimed_at": int(time.time()),
+                                                "fleet_key": cp.key_fingerprint(body["fleet_public_key"])}).encode())
+    atomic_write(paths.fleet_key, body["fleet_public_key"].encode())
+    fsync_dir(paths.root)
+
+
+def tls_context(ca_file: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """Client TLS: verify the broker against the fleet CA, present our certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def split_hostport(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def attempt(cfg: Config, identity: KitIdentity, broker: str, wait_s: float) -> dict[str, Any]:
+    """One claim attempt against one claim listener; returns the verified response body."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    paths = ControlPaths.of(cfg)
+    csr = ensure_tls_key(paths, identity.kit_id)
+    user = claim_user(cfg)
+    nonce = secrets.token_hex(16)
+    got: list[bytes] = []
+    subscribed = threading.Event()
+    answered = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity.kit_id, protocol=mqtt.MQTTv5)
+    c.tls_set_context(tls_context(cfg.path(cfg.control.ca_file), cfg.path(cfg.control.claim_cert_file),
+                                  cfg.path(cfg.control.claim_key_file)))
+    c.on_subscribe = lambda *_a: subscribed.set()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got.append(bytes(msg.payload))
+        answered.set()
+
+    c.on_message = on_message
+    host, port = split_hostport(broker)
+    try:
+        c.connect(host, port, keepalive=30)
+    except (OSError, ssl.SSLError) as e:
+        raise ClaimError("connect", f"{broker}: {e}") from None
+    c.loop_start()
+    try:
+        c.subscribe(cp.claim_response_topic(user, identity.kit_id), qos=1)
+        if not subscribed.wait(wait_s):
+            raise ClaimError("timeout", f"{broker}: no SUBACK within {wait_s:.0f} s")
+        c.publish(cp.claim_request_topic(user, identity.kit_id), build_request(cfg, identity, csr, nonce), qos=1)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            answered.wait(max(0.0, deadline - time.monotonic()))
+            answered.clear()
+            while got:
+                try:
+                    return check_response(got.pop(0), cfg, identity, paths, nonce)
+                except ClaimError as e:
+                    # A stale retained answer or junk: log it and keep waiting for ours.
+                    log.warning("claim response refused reason=%s detail=%s", e.reason, e)
+        raise ClaimError("timeout", f"{broker}: no answer from the fleet within {wait_s:.0f} s")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def claim(cfg: Config, identity: KitIdentity, stop: threading.Event | None = None,
+          max_attempts: int | None = None) -> bytes | None:
+    """Claim until approved (or `stop`/`max_attempts`); stores the credentials and returns the first signed
+    config document (bytes) the fleet sent, or None if it gave up. Backoff: claim_retry_min_s doubling to
+    claim_retry_max_s, with jitter."""
+    c = cfg.control
+    brokers = list(c.claim_brokers)
+    if not brokers:
+        raise ClaimError("no_brokers", "control.claim_brokers is empty")
+    paths = ControlPaths.of(cfg)
+    delay = c.claim_retry_min_s
+    n = 0
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        broker = brokers[n % len(brokers)]
+        n += 1
+        try:
+            body = attempt(cfg, identity, broker, c.claim_wait_s)
+            if body["status"] == "approved":
+                store_credentials(paths, body)
+                log.info("claimed kit_id=%s broker=%s fleet_key=%s", identity.kit_id, broker,
+                         cp.key_fingerprint(body["fleet_public_key"]))
+                return body["config"].encode()
+            log.info("claim %s kit_id=%s reason=%s; retrying in %.0f s", body["status"], identity.kit_id,
+                     body.get("reason", ""), delay)
+        except ClaimError as e:
+            log.warning("claim attempt failed kit_id=%s broker=%s reason=%s detail=%s; retrying in %.0f s",
+                        identity.kit_id, broker, e.reason, e, delay)
+        if max_attempts is not None and n >= max_attempts:
+            return None
+        stop.wait(delay * random.uniform(0.8, 1.2))
+        delay = min(c.claim_retry_max_s, delay * 2)
+    return None

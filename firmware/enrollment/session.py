@@ -1,0 +1,612 @@
+"""The enrollment session: sign-in, NIK, face, ten fingers, duplicate check, review, commit.
+
+One enrollment at a time per kit. Each capture *attempt* is one call that returns immediate
+feedback (score, codes, what to do next), so the console, the CLI and the GPIO panel can all
+drive it. The session holds the kit's space reservation from the start, so a HALT stops a new
+enrollment from starting but never one already under way. Cancel at any step releases the
+reservation and leaves nothing behind (nothing touches a disk before commit, and then only
+sealed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from firmware import __version__
+from firmware.enrollment import nik as nikmod
+from firmware.enrollment.dedup import DuplicateChecker, FingerHit
+from firmware.enrollment.operators import Operators, SignedIn, SignInError
+from firmware.errors import EnrollmentError
+from firmware.quality.policy import Attempt, CapturePolicy, Outcome
+from firmware.store.capacity import CaptureHalted, Reservation
+from firmware.store.store import CommitResult, Store
+from firmware.system.clock import clock_synchronised, iso
+from firmware.wire import record_format
+
+log = logging.getLogger(__name__)
+
+FINGER_NAMES = {"1": "thumb", "2": "index", "3": "middle", "4": "ring", "5": "little"}
+def finger_label(code: str) -> str:
+    return ("right " if code[0] == "R" else "left ") + FINGER_NAMES[code[1]]
+
+
+class FingerSensor(Protocol):
+    """What enrollment needs from the fingerprint driver (`hw.sensor.driver.FingerprintSensor`)."""
+
+    def wait_for_finger(self, timeout: float = ..., cancel: threading.Event | None = ..., poll_s: float = ...,
+                        touch: Any = ...) -> Any: ...
+    def wait_for_lift(self, timeout: float = ..., cancel: threading.Event | None = ..., poll_s: float = ...,
+                      touch: Any = ...) -> Any: ...
+    def upload_image(self) -> np.ndarray: ...
+    def image_to_template(self, buffer: int = 1) -> None: ...
+    def upload_template(self, buffer: int = 1) -> bytes: ...
+    def download_template(self, data: bytes, buffer: int = 1) -> None: ...
+    def search(self, buffer: int = 1, start: int = 0, count: int | None = None, high_speed: bool = False) -> Any: ...
+    def store(self, page: int, buffer: int = 1) -> None: ...
+
+
+@dataclass
+class Devices:
+    """The capture hardware and quality checks the session uses (real or simulated)."""
+
+    sensor: Callable[[], FingerSensor] | None = None  # returns an open sensor or raises
+    camera: Any = None  # hw.camera backend: capture() -> BGR ndarray
+    finger_quality: Callable[[np.ndarray], Any] | None = None  # -> .score .codes .rejected .summary()
+    face_assessor: Any = None  # firmware.quality.face.assess.FaceAssessor
+    finger_threshold: float = 40.0
+    finger_thresholds: dict[str, float] = field(default_factory=dict)  # per-finger overrides
+    finger_attempts: int = 3
+    face_threshold: float = 50.0
+    face_attempts: int = 3
+    library_capacity: int = 0
+    # Simulation only: called before waiting for a finger, to put the resident's finger on the simulator.
+    present_finger: Callable[[str, str], None] | None = None
+
+
+@dataclass
+class FingerState:
+    """One finger's progress."""
+
+    code: str
+    policy: CapturePolicy
+    outcome: Outcome | None = None
+    exception: str = ""
+
+    @property
+    def done(self) -> bool:
+        return bool(self.exception) or (self.outcome is not None and self.outcome.done)
+
+
+@dataclass
+class Enrollment:
+    """One resident's enrollment in progress."""
+
+    id: str
+    operator_id: str
+    nik: nikmod.Nik
+    reservation: Reservation
+    started: str
+    fingers: dict[str, FingerState]
+    override_reason: str = ""
+    previous_records: list[str] = field(default_factory=list)
+    face_policy: CapturePolicy | None = None
+    face_outcome: Outcome | None = None
+    face_exception: str = ""
+    dup_hits: list[FingerHit] | None = None
+    supervisor: dict[str, Any] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    previews: dict[str, bytes] = field(default_factory=dict)  # PNG/JPEG previews for the console (RAM only)
+    busy: bool = False
+
+    def step(self, capture_face: bool) -> str:
+        """What the operator does next: face, finger:<code>, dupcheck, supervisor, review."""
+        if capture_face and not (self.face_exception or (self.face_outcome and self.face_outcome.done)):
+            return "face"
+        for f in self.fingers.values():
+            if not f.done:
+                return f"finger:{f.code}"
+        if self.dup_hits is None:
+            return "dupcheck"
+        if self.dup_hits and self.supervisor is None:
+            return "supervisor"
+        return "review"
+
+
+class EnrollmentService:
+    """Drives enrollments for one kit; thread safe (one enrollment at a time)."""
+
+    def __init__(self, store: Store, cfg: Any, operators: Operators, dedup: DuplicateChecker, devices: Devices,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.operators = operators
+        self.dedup = dedup
+        self.dev = devices
+        self.clock = clock
+        self.sessions: dict[str, SignedIn] = {}
+        self.active: Enrollment | None = None
+        self._lock = threading.RLock()
+        self.last_receipt: dict[str, Any] | None = None
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # GPIO panel, console events
+        self.lock_reason = ""  # set by the control plane (fleet `lock` command); non-empty refuses new enrollments
+
+    # --- operators ------------------------------------------------------------------------
+
+    def _audit(self, kind: str, actor: str = "", **detail: Any) -> None:
+        self.store.j.audit(kind, actor, **detail)
+
+    def _emit(self, event: str, **data: Any) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb(event, data)
+            except Exception:
+                log.exception("enrollment listener failed event=%s", event)
+
+    def sign_in(self, operator_id: str, pin: str) -> SignedIn:
+        """Check the PIN; a wrong one counts towards the lockout."""
+        try:
+            op = self.operators.authenticate(operator_id, pin)
+        except SignInError as e:
+            self._audit("signin_failed", operator_id, reason=e.code)
+            log.warning("sign-in refused operator=%s reason=%s", operator_id, e.code)
+            raise
+        s = SignedIn(op, last_active=self.clock())
+        with self._lock:
+            self.sessions[s.token] = s
+        self._audit("signin", op.id)
+        log.info("operator signed in operator=%s", op.id)
+        return s
+
+    def session(self, token: str) -> SignedIn:
+        """The signed-in operator for a token; expired after `idle_signout_s` without activity."""
+        with self._lock:
+            s = self.sessions.get(token)
+            if s is None:
+                raise EnrollmentError("not_signed_in", "sign in first", 401)
+            now = self.clock()
+            if now - s.last_active > self.cfg.operators.idle_signout_s:
+                self._sign_out(s, "idle")
+                raise EnrollmentError("signed_out_idle", "signed out after inactivity; sign in again", 401)
+            s.touch(now)
+            return s
+
+    def idle_info(self, token: str) -> dict[str, Any]:
+        """Seconds until idle sign-out, and whether the console should warn."""
+        with self._lock:
+            s = self.sessions.get(token)
+            if s is None:
+                return {"signed_in": False}
+            idle = self.clock() - s.last_active
+        left = self.cfg.operators.idle_signout_s - idle
+        return {"signed_in": True, "operator_id": s.operator.id, "name": s.operator.name, "role": s.operator.role,
+                "signout_in_s": max(0, int(left)), "warn": idle >= self.cfg.operators.idle_warning_s}
+
+    def sign_out(self, token: str) -> None:
+        with self._lock:
+            s = self.sessions.get(token)
+            if s:
+                self._sign_out(s, "operator")
+
+    def _sign_out(self, s: SignedIn, why: str) -> None:
+        self.sessions.pop(s.token, None)
+        if self.active and self.active.operator_id == s.operator.id and not self.active.busy:
+            self._cancel(self.active, f"operator signed out ({why})")
+        self._audit("signout", s.operator.id, reason=why)
+
+    def expire_idle(self) -> None:
+        """Sign out idle operators (called periodically by the daemon)."""
+        with self._lock:
+            now = self.clock()
+            for s in list(self.sessions.values()):
+                if now - s.last_active > self.cfg.operators.idle_signout_s:
+                    self._sign_out(s, "idle")
+
+    # --- start / cancel -------------------------------------------------------------------
+
+    def start(self, token: str, nik: str, override_reason: str = "") -> Enrollment:
+        """Begin an enrollment: validate the NIK, check it against this kit, reserve space."""
+        s = self.session(token)
+        if self.lock_reason:
+            self._audit("start_refused", s.operator.id, reason="locked")
+            raise EnrollmentError("locked", f"capture is locked by the fleet: {self.lock_reason}", 423)
+        parsed = nikmod.parse(nik)  # NikError -> 422 by the API
+        with self._lock:
+            if self.active is not None:
+                raise EnrollmentError("busy", f"an enrollment is already in progress (by {self.active.operator_id})")
+            previous = self.dedup.nik_enrolled(parsed.value)
+            override_reason = override_reason.strip()
+            if previous and not override_reason:
+                raise EnrollmentError("nik_enrolled", f"this NIK was already enrolled on this kit "
+                                      f"({len(previous)} time(s), last {previous[-1]}); give a reason to enroll again",
+                                      previous=previous)
+            try:
+                res = self.store.begin()
+            except CaptureHalted as e:
+                self._audit("start_refused", s.operator.id, reason=e.reason)
+                raise EnrollmentError("halted", f"capture is halted: {e.reason}", 507) from None
+            fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_thresholds.get(c, self.dev.finger_threshold),
+                                                       self.dev.finger_attempts))
+                       for c in self.cfg.enrollment.fingers}
+            e = Enrollment(uuid.uuid4().hex[:12], s.operator.id, parsed, res, iso(), fingers,
+                           override_reason=override_reason if previous else "", previous_records=previous)
+            if self.cfg.enrollment.capture_face:
+                e.face_policy = CapturePolicy(self.dev.face_threshold, self.dev.face_attempts)
+            self.active = e
+        if previous:
+            self._audit("nik_override", s.operator.id, enrollment=e.id, previous=previous, reason=override_reason)
+        self._audit("enrollment_start", s.operator.id, enrollment=e.id)
+        log.info("enrollment started enrollment=%s operator=%s", e.id, s.operator.id)
+        self._emit("started", enrollment=e.id)
+        return e
+
+    def _current(self, token: str) -> tuple[SignedIn, Enrollment]:
+        s = self.session(token)
+        e = self.active
+        if e is None:
+            raise EnrollmentError("no_enrollment", "no enrollment in progress; start one with the resident's NIK")
+        return s, e
+
+    def cancel(self, token: str, reason: str = "cancelled by operator") -> None:
+        """Abandon the enrollment; nothing is kept, the reservation is released."""
+        s, e = self._current(token)
+        e.cancel.set()  # stops a wait for a finger in progress
+        with self._lock:
+            self._cancel(e, reason, s.operator.id)
+
+    def _cancel(self, e: Enrollment, reason: str, actor: str = "") -> None:
+        if self.active is not e:
+            return
+        self.active = None
+        e.cancel.set()
+        self.store.release(e.reservation)
+        e.previews.clear()
+        self._audit("enrollment_cancel", actor or e.operator_id, enrollment=e.id, reason=reason,
+                    step=e.step(self.cfg.enrollment.capture_face))
+        log.info("enrollment cancelled enrollment=%s reason=%s", e.id, reason)
+        self._emit("cancelled", enrollment=e.id)
+
+    # --- face -----------------------------------------------------------------------------
+
+    def face_attempt(self, token: str) -> dict[str, Any]:
+        """Take one photo, assess it, and say whether to retake."""
+        _, e = self._current(token)
+        if e.face_policy is None or (e.face_outcome and e.face_outcome.done):
+            raise EnrollmentError("face_done", "the face photo is already taken")
+        if self.dev.camera is None or self.dev.face_assessor is None:
+            raise EnrollmentError("no_camera", "no camera is available on this kit", 503)
+        with self._busy(e):
+            try:
+                frame = self.dev.camera.capture()
+            except Exception as ex:
+                raise EnrollmentError("camera_error", f"camera error: {ex}", 503) from None
+            a = self.dev.face_assessor.assess(frame)
+            outcome = e.face_policy.add(Attempt(a.score, list(a.codes), rejected=bool(a.rejects), data=(frame, a)))
+            e.face_outcome = outcome
+            e.previews["face-last.jpg"] = _jpeg(frame, 640)
+        result = self._feedback(outcome, a.score, list(a.codes), _face_hints(a))
+        self._emit("face", accepted=result["accepted"], done=outcome.done)
+        return result
+
+    def face_exception(self, token: str, reason: str) -> None:
+        """Record why no face photo is taken (e.g. camera broken, resident refuses)."""
+        s, e = self._current(token)
+        if not reason.strip():
+            raise EnrollmentError("reason_required", "give a reason", 422)
+        e.face_exception = reason.strip()
+        self._audit("face_exception", s.operator.id, enrollment=e.id, reason=e.face_exception)
+
+    # --- fingers --------------------------------------------------------------------------
+
+    def finger_attempt(self, token: str, code: str) -> dict[str, Any]:
+        """Wait for the finger, capture, assess; say whether to retake, and move on when done."""
+        _, e = self._current(token)
+        f = self._finger(e, code)
+        if f.done:
+            raise EnrollmentError("finger_done", f"{finger_label(code)} is already captured")
+        if self.dev.sensor is None or self.dev.finger_quality is None:
+            raise EnrollmentError("no_sensor", "no fingerprint sensor is configured", 503)
+        with self._busy(e):
+            try:
+                sensor = self.dev.sensor()
+                if self.dev.present_finger:
+                    self.dev.present_finger(e.nik.value, code)
+                r = sensor.wait_for_finger(self.cfg.sensor.capture_timeout_s, e.cancel)
+                if getattr(r, "name", str(r)) != "CAPTURED":
+                    if e.cancel.is_set():
+                        raise EnrollmentError("cancelled", "the enrollment was cancelled")
+                    return {"finger": code, "status": "timeout", "done": False,
+                            "message": f"no finger on the sensor: place the {finger_label(code)} flat on the glass"}
+                img = sensor.upload_image()
+                q = self.dev.finger_quality(img)
+                template = b""
+                if not q.rejected:
+                    try:
+                        sensor.image_to_template(1)
+                        template = sensor.upload_template(1)
+                    except Exception as ex:  # the module refused the image: treat as a retake
+                        log.info("sensor could not make a template finger=%s error=%s", code, ex)
+                        q.rejected = True
+                        q.codes = [*q.codes, "sensor_rejected"]
+                outcome = f.policy.add(Attempt(q.score, list(q.codes), rejected=q.rejected,
+                                               data=(img, template, q)))
+                f.outcome = outcome
+                e.previews[f"finger-{code}.png"] = _png(img)
+                if not outcome.done and self.dev.present_finger is None:
+                    sensor.wait_for_lift(5.0, e.cancel)
+            except EnrollmentError:
+                raise
+            except Exception as ex:
+                log.warning("sensor error finger=%s error=%s", code, ex)
+                raise EnrollmentError("sensor_error", f"fingerprint sensor error: {ex}", 503) from None
+        hints = q.messages() if callable(getattr(q, "messages", None)) else list(q.codes)
+        result = self._feedback(outcome, q.score, list(q.codes), hints)
+        result["finger"] = code
+        if outcome.done:
+            nxt = next((x.code for x in e.fingers.values() if not x.done), None)
+            result["next"] = f"finger:{nxt}" if nxt else "dupcheck"
+        self._emit("finger", finger=code, accepted=result["accepted"], done=outcome.done)
+        return result
+
+    def finger_exception(self, token: str, code: str, reason: str) -> None:
+        """Record a missing, bandaged or injured finger instead of capturing it."""
+        s, e = self._current(token)
+        f = self._finger(e, code)
+        reason = reason.strip()
+        if not reason:
+            raise EnrollmentError("reason_required", "give a reason (missing, bandaged, injured...)", 422)
+        f.exception = reason
+        self._audit("finger_exception", s.operator.id, enrollment=e.id, finger=code, reason=reason)
+
+    def _finger(self, e: Enrollment, code: str) -> FingerState:
+        f = e.fingers.get(code)
+        if f is None:
+            raise EnrollmentError("unknown_finger", f"finger {code!r} is not captured at this kit "
+                                  f"(fingers: {', '.join(e.fingers)})", 422)
+        return f
+
+    # --- duplicate check, supervisor, commit ------------------------------------------------
+
+    def _templates(self, e: Enrollment, only: list[str] | None = None) -> dict[str, bytes]:
+        out = {}
+        for code, f in e.fingers.items():
+            if only is not None and code not in only:
+                continue
+            if f.outcome and f.outcome.accepted and f.outcome.accepted.data[1]:
+                out[code] = f.outcome.accepted.data[1]
+        return out
+
+    def dup_check(self, token: str) -> dict[str, Any]:
+        """Search the new prints in this kit's earlier enrollments; flag a hit under another NIK."""
+        s, e = self._current(token)
+        if any(not f.done for f in e.fingers.values()):
+            raise EnrollmentError("fingers_pending", "capture every finger (or record an exception) first")
+        hits: list[FingerHit] = []
+        if self.dev.sensor is not None and self.dedup.capacity:
+            with self._busy(e):
+                try:
+                    hits = self.dedup.search_fingers(self.dev.sensor(), e.nik.value, self._templates(e))
+                except Exception as ex:
+                    raise EnrollmentError("sensor_error", f"duplicate check failed: {ex}", 503) from None
+        records = {h.record_id for h in hits}
+        flagged = len(hits) >= self.cfg.enrollment.dedup_min_hits
+        e.dup_hits = hits if flagged else []
+        if flagged:
+            self._audit("duplicate_flagged", s.operator.id, enrollment=e.id, records=sorted(records),
+                        fingers=[h.finger for h in hits])
+            log.warning("likely double enrollment enrollment=%s matches=%s", e.id, sorted(records))
+        return {"flagged": flagged, "matches": [h.__dict__ for h in hits], "records": sorted(records),
+                "next": "supervisor" if flagged else "review"}
+
+    def supervisor_decision(self, token: str, supervisor_id: str, pin: str, decision: str, reason: str) -> None:
+        """A supervisor accepts (enroll anyway, e.g. twins' data error) or rejects a flagged enrollment."""
+        _, e = self._current(token)
+        if not e.dup_hits:
+            raise EnrollmentError("not_flagged", "this enrollment is not flagged")
+        if decision not in ("accept", "reject"):
+            raise EnrollmentError("bad_decision", "decision must be accept or reject", 422)
+        if not reason.strip():
+            raise EnrollmentError("reason_required", "the supervisor must give a reason", 422)
+        try:
+            sup = self.operators.authenticate(supervisor_id, pin, role="supervisor")
+        except SignInError as ex:
+            raise EnrollmentError("supervisor_auth", str(ex), 403) from None
+        e.supervisor = {"supervisor_id": sup.id, "decision": decision, "reason": reason.strip(), "at": iso()}
+        self._audit("supervisor_decision", sup.id, enrollment=e.id, decision=decision, reason=reason.strip())
+        if decision == "reject":
+            with self._lock:
+                self._cancel(e, f"rejected by supervisor {sup.id}: {reason.strip()}", sup.id)
+
+    def review(self, token: str) -> dict[str, Any]:
+        """Everything the operator checks before committing."""
+        _, e = self._current(token)
+        return self.describe(e)
+
+    def commit(self, token: str) -> dict[str, Any]:
+        """Seal and store the enrollment; returns the receipt information."""
+        s, e = self._current(token)
+        step = e.step(self.cfg.enrollment.capture_face)
+        if step != "review":
+            raise EnrollmentError("not_ready", f"not ready to commit: next step is {step}")
+        with self._busy(e):
+            payload = self._payload(e)
+            try:
+                res: CommitResult = self.store.commit(payload, e.reservation, operator_id=s.operator.id)
+            except Exception as ex:
+                # Nothing was confirmed; the enrollment (and its reservation) stays open so the operator can retry.
+                log.error("commit failed enrollment=%s error=%s", e.id, ex)
+                raise EnrollmentError("store_error", f"could not store the record, try again: {ex}", 500) from None
+        with self._lock:
+            self.active = None  # stored: from here on nothing may leave it open (a retry would store it twice)
+        sensor = None
+        if self.dev.sensor is not None:
+            try:
+                sensor = self.dev.sensor()
+            except Exception as ex:
+                log.warning("sensor unavailable for the duplicate library error=%s", ex)
+        try:
+            self.dedup.remember(sensor, e.nik.value, res.record_id,
+                                self._templates(e, list(self.cfg.enrollment.dedup_fingers)))
+        except Exception:  # the record is sealed and stored; only later duplicate checks are weakened
+            log.exception("could not index the record for the duplicate check record_id=%s", res.record_id)
+        info = {"record_id": res.record_id, "sha256": res.sha256, "created": iso(),
+                "kit_id": self.store.identity.kit_id, "site": self.cfg.kit.site,
+                "clock_synced": clock_synchronised(), "mirrored": res.stick_id is not None}
+        self.last_receipt = info
+        self._audit("enrollment_commit", s.operator.id, enrollment=e.id, record_id=res.record_id,
+                    mirrored=res.stick_id is not None)
+        log.info("enrollment committed enrollment=%s record_id=%s", e.id, res.record_id)
+        self._emit("committed", record_id=res.record_id)
+        return info
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _busy(self, e: Enrollment) -> Any:
+        svc = self
+
+        class _Busy:
+            def __enter__(self) -> None:
+                with svc._lock:
+                    if e.busy:
+                        raise EnrollmentError("busy", "a capture is already running")
+                    e.busy = True
+                svc._emit("busy", on=True)
+
+            def __exit__(self, *exc: object) -> None:
+                e.busy = False
+                svc._emit("busy", on=False)
+        return _Busy()
+
+    @staticmethod
+    def _feedback(outcome: Outcome, score: float, codes: list[str], hints: list[str]) -> dict[str, Any]:
+        accepted = outcome.done and not outcome.forced
+        if outcome.done and outcome.forced:
+            msg = f"kept the best of {len(outcome.attempts)} attempts (quality below the threshold)"
+        elif outcome.done:
+            msg = "good capture"
+        else:
+            msg = "retake: " + ("; ".join(hints) if hints else "quality too low")
+        return {"status": "captured", "score": round(float(score), 1), "codes": codes, "hints": hints,
+                "accepted": accepted, "forced": outcome.forced, "done": outcome.done,
+                "attempt": len(outcome.attempts), "message": msg}
+
+    def describe(self, e: Enrollment | None = None) -> dict[str, Any]:
+        """The enrollment's state for the console and CLI (no images, no full NIK)."""
+        e = e or self.active
+        if e is None:
+            return {"active": False, "last_receipt": self.last_receipt}
+        fingers = []
+        for f in e.fingers.values():
+            best = f.outcome.accepted if f.outcome and f.outcome.done else None
+            fingers.append({"finger": f.code, "label": finger_label(f.code), "done": f.done,
+                            "exception": f.exception,
+                            "attempts": len(f.policy.attempts), "score": round(best.score, 1) if best else None,
+                            "forced": bool(f.outcome and f.outcome.forced), "preview": f"finger-{f.code}.png"
+                            if f"finger-{f.code}.png" in e.previews else None})
+        face = None
+        if e.face_outcome:
+            face = {"attempts": len(e.face_outcome.attempts), "done": e.face_outcome.done,
+                    "forced": e.face_outcome.forced,
+                    "score": round(e.face_outcome.accepted.score, 1) if e.face_outcome.accepted else None}
+        return {"active": True, "id": e.id, "operator_id": e.operator_id, "nik_masked": e.nik.value[:6] + "******"
+                + e.nik.value[12:], "started": e.started, "step": e.step(self.cfg.enrollment.capture_face),
+                "face": face, "face_exception": e.face_exception, "fingers": fingers, "busy": e.busy,
+                "override_reason": e.override_reason,
+                "duplicates": None if e.dup_hits is None else [h.__dict__ for h in e.dup_hits],
+                "supervisor": e.supervisor}
+
+    def preview(self, name: str) -> bytes | None:
+        e = self.active
+        return e.previews.get(name) if e else None
+
+    def _payload(self, e: Enrollment) -> bytes:
+        atts: list[record_format.Attachment] = []
+        face_doc: dict[str, Any] = {"exception": e.face_exception} if e.face_exception else {}
+        if e.face_outcome and e.face_outcome.accepted:
+            frame, a = e.face_outcome.accepted.data
+            portrait = _portrait(frame, a)
+            atts.append(record_format.Attachment("face.jpg", "image/jpeg", portrait))
+            face_doc = {"attachment": "face.jpg", **e.face_outcome.summary(),
+                        "attempt_details": [x.data[1].summary() for x in e.face_outcome.attempts]}
+            if getattr(self.cfg, "raw", {}).get("camera", {}).get("store_full_frame"):
+                atts.append(record_format.Attachment("face-full.jpg", "image/jpeg", _jpeg(frame)))
+                face_doc["full_frame"] = "face-full.jpg"
+        fingers = []
+        for f in e.fingers.values():
+            doc: dict[str, Any] = {"finger": f.code}
+            if f.exception:
+                doc["exception"] = f.exception
+            elif f.outcome and f.outcome.accepted:
+                img, tpl, q = f.outcome.accepted.data
+                atts.append(record_format.Attachment(f"finger-{f.code}.png", "image/png", _png(img)))
+                doc.update({"image": f"finger-{f.code}.png", "width": int(img.shape[1]), "height": int(img.shape[0]),
+                            **f.outcome.summary(),
+                            "attempt_details": [_summary(x.data[2]) for x in f.outcome.attempts]})
+                if tpl:
+                    atts.append(record_format.Attachment(f"finger-{f.code}.tpl", "application/octet-stream", tpl))
+                    doc["template"] = f"finger-{f.code}.tpl"
+            fingers.append(doc)
+        manifest = {
+            "schema": "rekam.enrollment/1", "nik": e.nik.value, "operator_id": e.operator_id,
+            "site": self.cfg.kit.site, "started": e.started, "committed": iso(),
+            "clock_synced": clock_synchronised(), "software": f"rekam {__version__}",
+            "nik_override": {"reason": e.override_reason, "previous_records": e.previous_records}
+            if e.override_reason else None,
+            "face": face_doc, "fingers": fingers,
+            "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
+        }
+        return record_format.Payload(manifest, atts).encode()
+
+
+def _summary(q: Any) -> dict[str, Any]:
+    if hasattr(q, "summary"):
+        return q.summary()
+    return {"score": float(getattr(q, "score", 0)), "codes": list(getattr(q, "codes", []))}
+
+
+def _face_hints(a: Any) -> list[str]:
+    try:
+        from firmware.quality.face.assess import CODES
+
+        return [CODES[c][1] for c in a.codes if c in CODES]
+    except Exception:
+        return list(a.codes)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _jpeg(frame: np.ndarray, max_width: int | None = None, quality: int = 90) -> bytes:
+    import cv2
+
+    if max_width and frame.shape[1] > max_width:
+        f = max_width / frame.shape[1]
+        frame = cv2.resize(frame, (max_width, int(frame.shape[0] * f)), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _portrait(frame: np.ndarray, a: Any) -> bytes:
+    from firmware.quality.face.portrait import PortraitSpec, centre_portrait, encode_jpeg, make_portrait
+
+    spec = PortraitSpec()
+    if getattr(a, "landmarks", None) is not None:
+        img, _ = make_portrait(frame, a.landmarks, spec)
+    else:
+        img = centre_portrait(frame, spec)
+    return encode_jpeg(img)

@@ -1,0 +1,231 @@
+"""The one error tree of rekam: every error the kit, its drivers and the data center raise on purpose.
+
+Rooted at `RekamError`, one family per layer; leaves also inherit the builtin a caller would
+naturally catch (`ValueError` for bad input, `OSError` for a medium, `TimeoutError`...), as gpiozero
+does. A module raises the leaf defined here (or, for the sensor's many confirmation codes, a leaf in
+`hw.sensor.protocol` under `SensorError`); the CLIs map families to messages and exit codes in one
+place (`firmware.cli.main`, `provisioning.cli`).
+
+This module imports nothing from the tree: `hw`, every `firmware` stage and `provisioning` may use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RekamError(Exception):
+    """Base class of every error rekam raises on purpose."""
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+class ConfigError(RekamError, ValueError):
+    """The configuration is invalid; `problems` holds one line per bad key (key = value: what is allowed)."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+# --- hardware (hw/) ------------------------------------------------------------------------------
+
+
+class HardwareError(RekamError):
+    """A device of the kit cannot be used (sensor, camera, GPIO, stick mount)."""
+
+
+class SensorError(HardwareError):
+    """The fingerprint sensor or its serial link failed; leaves in `hw.sensor.protocol`."""
+
+
+class CameraError(HardwareError, RuntimeError):
+    """The camera cannot be opened or did not deliver a usable frame."""
+
+
+# --- quality -------------------------------------------------------------------------------------
+
+
+class QualityError(RekamError):
+    """A quality check cannot judge its input."""
+
+
+class ImageFormatError(QualityError, ValueError):
+    """The input is not an image the quality check can use; the message says what is wrong."""
+
+
+class ModelError(QualityError, RuntimeError):
+    """A model file is missing, has the wrong hash, or cannot be loaded."""
+
+
+# --- wire formats (firmware/wire/) ---------------------------------------------------------------
+
+
+class WireError(RekamError, ValueError):
+    """Bytes from outside (a record file, an MQTT message) are not in the expected format."""
+
+
+class ProtocolError(WireError):
+    """A relay or control message is malformed, too large, or badly signed.
+
+    `reason` is one word for logs, telemetry and answers (``malformed`` unless the raiser names one).
+    """
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        if message:
+            self.reason = reason
+            super().__init__(f"{reason}: {message}")
+        else:
+            self.reason = "malformed"
+            super().__init__(reason)
+
+
+class RecordFormatError(WireError):
+    """A sealed record could not be parsed, verified or opened."""
+
+
+class TruncatedRecord(RecordFormatError):
+    """The file is shorter than its own layout says (an interrupted copy)."""
+
+
+class BadSignature(RecordFormatError):
+    """The kit signature does not verify: the file was altered or signed by another key."""
+
+
+class WrongKey(RecordFormatError):
+    """None of the given data-center keys can open this record."""
+
+
+# --- seal ----------------------------------------------------------------------------------------
+
+
+class SealError(RekamError):
+    """A record cannot be sealed: the kit's keys or the data center's keys are unusable."""
+
+
+class IdentityError(SealError):
+    """The identity files exist but cannot be used (corrupt, wrong permissions)."""
+
+
+# --- store ---------------------------------------------------------------------------------------
+
+
+class StoreError(RekamError):
+    """The store cannot take this record; nothing was confirmed."""
+
+
+class StoreLocked(StoreError):
+    """Another process (normally rekamd) owns this state directory."""
+
+
+class RecordTooLarge(StoreError, ValueError):
+    """A record exceeds store.max_record_mb."""
+
+
+class CaptureHalted(StoreError):
+    """A new enrollment cannot start: `reason` says why, for the operator."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class StickError(StoreError, OSError):
+    """The USB stick cannot be used: not mountable, went away, or failed while being written."""
+
+
+class ReadbackMismatch(StoreError, OSError):
+    """A file read back from the medium does not hash to what was written."""
+
+
+# --- enrollment ----------------------------------------------------------------------------------
+
+
+class EnrollmentError(RekamError):
+    """A request the session cannot accept now; `code` for programs, message for the operator."""
+
+    def __init__(self, code: str, message: str, status: int = 409, **extra: Any) -> None:
+        self.code = code
+        self.status = status
+        self.extra = extra
+        super().__init__(message)
+
+
+class NikError(RekamError, ValueError):
+    """The NIK is invalid; `code` is stable for programs, the message is for the operator."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class SignInError(RekamError):
+    """Sign-in refused; `code` is one of unknown, bad_pin, locked."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float = 0) -> None:
+        self.code = code
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+# --- relay ---------------------------------------------------------------------------------------
+
+
+class RelayError(RekamError):
+    """The uplink to the data center cannot be used (no broker, refused connection, bad TLS files)."""
+
+
+# --- control -------------------------------------------------------------------------------------
+
+
+class ControlError(RekamError):
+    """A fleet control action failed; `reason` is one word for logs, telemetry and answers."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
+class Refused(ControlError):
+    """A control message (config, command) is refused."""
+
+
+class ClaimError(ControlError):
+    """A claim attempt failed (rejected, timeout, bad_response, connect, ...)."""
+
+
+# --- local API client ----------------------------------------------------------------------------
+
+
+class ApiError(RekamError):
+    """The daemon's local API answered with an error; `status` is the HTTP status, `detail` its text."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status = status
+        self.detail = detail
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+# --- data center (provisioning/) -----------------------------------------------------------------
+
+
+class DataCenterError(RekamError):
+    """The data center's tools cannot do what was asked."""
+
+
+class ArchiveError(DataCenterError):
+    """The archive cannot take a record for a transient reason (disk, database)."""
+
+
+class UnknownKit(ArchiveError):
+    """No public key is registered for this kit (and trust-on-first-use is off)."""
+
+
+class FleetError(DataCenterError):
+    """A fleet operation cannot be done (unknown kit, revoked kit, no broker...)."""
+
+
+class CaError(DataCenterError):
+    """The CA cannot do what was asked (missing files, a CSR that does not match, ...)."""

@@ -1,0 +1,104 @@
+"""`rekam quality face FILE... [--json]`: judge photos exactly as the kit judges a camera shot.
+
+Thresholds come from `[quality_face]` of the config named by `--config` / $REKAM_CONFIG /
+/etc/rekam/rekam.toml when one exists, else the shipped defaults.
+Exit status: 0 every photo accepted, 1 at least one rejected, 2 a file could not be read,
+3 the face models could not be loaded, 78 a bad config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EX_ACCEPTED, EX_REJECTED, EX_UNREADABLE, EX_MODELS = 0, 1, 2, 3
+
+
+def _thresholds(args: argparse.Namespace) -> Any:
+    from firmware import config
+    from firmware.quality.face.assess import FaceThresholds
+
+    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG") or None
+    if path is None and config.DEFAULT_PATH.exists():
+        path = str(config.DEFAULT_PATH)
+    if path is None:
+        return FaceThresholds()
+    cfg = config.load(path)  # ConfigError is reported by run()
+    return FaceThresholds.from_mapping(cfg.quality_face)
+
+
+def load_image(path: str | Path) -> Any:
+    """Read a photo as BGR uint8 (alpha and 16-bit depth dropped); ValueError names the file."""
+    import cv2
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file")
+    data = np.fromfile(p, dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise ValueError(f"{p}: not an image OpenCV can decode (JPEG/PNG/BMP/TIFF expected)")
+    return img
+
+
+def _text(path: str, s: dict[str, Any]) -> str:
+    from firmware.quality.face.assess import CODES
+
+    verdict = "ACCEPT" if s["accepted"] else "REJECT"
+    lines = [f"{path}: {verdict} score={s['score']:.1f} faces={s['faces']} size={s['size'][0]}x{s['size'][1]}"]
+    m = s["measures"]
+    if m:
+        lines.append(
+            f"  ied={m['ied_px']:.0f}px yaw={m['yaw_deg']:+.1f} pitch={m['pitch_deg']:+.1f} "
+            f"roll={m['roll_deg']:+.1f} eyes={min(m['eye_open_right'], m['eye_open_left']):.2f} "
+            f"mouth={m['mouth_open']:.2f} lum={m['luminance_mean']:.2f} "
+            f"clip={m['dark_fraction']:.3f}/{m['bright_fraction']:.3f} "
+            f"balance={m['illumination_balance']:.2f} sharp={m['sharpness']:.2f}")
+    for c in s["codes"]:
+        lines.append(f"  {c} ({CODES[c][0]}): {CODES[c][1]}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Assess `args.files`; print text or (with `args.json`) one JSON document. Returns the exit status."""
+    from firmware import config
+    from firmware.quality.face.assess import FaceAssessor
+    from firmware.quality.face.models import ModelError
+
+    try:
+        assessor = FaceAssessor(_thresholds(args))
+    except config.ConfigError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        return config.EX_CONFIG
+    except ValueError as e:  # a rule between [quality_face] keys
+        print(f"rekam quality face: {e}", file=sys.stderr)
+        return config.EX_CONFIG
+    except ModelError as e:
+        print(f"rekam quality face: {e}", file=sys.stderr)
+        return EX_MODELS
+    status = EX_ACCEPTED
+    results = []
+    for f in args.files:
+        try:
+            img = load_image(f)
+        except ValueError as e:
+            print(f"rekam quality face: {e}", file=sys.stderr)
+            results.append({"file": f, "error": str(e)})
+            status = EX_UNREADABLE
+            continue
+        s = assessor.assess(img).summary()
+        results.append({"file": f, **s})
+        if not s["accepted"] and status == EX_ACCEPTED:
+            status = EX_REJECTED
+        if not args.json:
+            print(_text(f, s))
+    if args.json:
+        json.dump(results, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    return status

@@ -1,0 +1,229 @@
+"""Raw geometric and photometric face measures (OFIQ / ISO/IEC 29794-5 definitions where they exist).
+
+All functions take frame pixels and landmarks from `landmarks.FaceLandmarks`; none applies a
+threshold (that is `assess.py`'s job). Names follow OFIQ: T is the distance from the eye
+midpoint to the chin (mesh 152), IED the distance between the eye centres.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+from firmware.quality.face.detect import Detection
+from firmware.quality.face.landmarks import FaceLandmarks
+
+CHIN = 152
+FOREHEAD = 10
+UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14
+# Face oval of the canonical mesh (MediaPipe FACEMESH_FACE_OVAL), in order around the face.
+FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
+# Symmetric (subject-right, subject-left) mesh pairs that define the head's left-right axis:
+# outer and inner eye corners, mouth corners, cheek contour at eye level, jaw angle.
+SYMMETRIC_PAIRS = [(33, 263), (133, 362), (61, 291), (234, 454), (172, 397), (70, 300)]
+# Midline points, forehead to chin, that define the head's vertical axis.
+MIDLINE_TOP, MIDLINE_BOTTOM = [10, 151, 9, 8, 168], [0, 17, 18, 200, 199, 175, 152]
+SHARPNESS_IED = 64.0  # face crop rescaled so the eyes are this far apart before the Laplacian
+DARK_LEVEL, BRIGHT_LEVEL = 10, 245  # 8-bit luminance counted as clipped (about 4 % from each end)
+
+
+@dataclass
+class FaceMeasures:
+    """Raw values for one face; see docs/face-quality.md for each definition."""
+
+    faces: int
+    face_score: float
+    ied_px: float
+    t_px: float
+    head_size: float  # T / image height (OFIQ HeadSize raw)
+    margin_left: float  # image-left eye x / IED (OFIQ LeftwardCrop)
+    margin_right: float  # (W - image-right eye x) / IED (OFIQ RightwardCrop)
+    margin_above: float  # eye-midpoint y / T (OFIQ MarginAbove)
+    margin_below: float  # (H - eye-midpoint y) / T (OFIQ MarginBelow)
+    centre_offset: float  # |eye-midpoint x - W/2| / W
+    yaw_deg: float
+    pitch_deg: float
+    roll_deg: float
+    eye_open_right: float  # max lid opening / eye width (corner to corner)
+    eye_open_left: float
+    eye_open_ofiq: float  # min over both eyes of max lid opening / T (OFIQ EyesOpen raw)
+    mouth_open: float  # inner-lip gap / T (OFIQ MouthClosed raw)
+    luminance_mean: float  # 0-1, face region
+    dark_fraction: float  # share of face pixels <= DARK_LEVEL
+    bright_fraction: float  # share of face pixels >= BRIGHT_LEVEL
+    dynamic_range_bits: float  # entropy of the face luminance histogram
+    illumination_balance: float  # histogram intersection of left and right face halves (OFIQ raw)
+    left_right_ratio: float  # darker half mean / brighter half mean
+    sharpness: float  # min over x/y of var(2nd derivative) / var(luminance) at SHARPNESS_IED
+    sharpness_isotropic: float  # var(Laplacian) / var(luminance) at SHARPNESS_IED (reported only)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def eye_centres(lm: FaceLandmarks) -> tuple[np.ndarray, np.ndarray]:
+    """(subject-right, subject-left) eye centres: iris centres when refined, else contour means."""
+    if lm.right_iris is not None and lm.left_iris is not None:
+        return lm.right_iris[0].astype(np.float64), lm.left_iris[0].astype(np.float64)
+    return lm.eye_contour("right").mean(axis=0), lm.eye_contour("left").mean(axis=0)
+
+
+def head_pose(mesh: np.ndarray) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) in degrees from the 3D mesh (x right, y down, z away from the camera).
+
+    The head's left-right axis is the mean of symmetric landmark pairs, its vertical axis the
+    forehead-to-chin midline made orthogonal to it. Yaw > 0: the subject's left cheek turns away
+    (face turns to the image left); pitch > 0: chin towards the chest; roll > 0: the eye line
+    goes down to the image right. FaceMesh z is scaled like x (weak perspective).
+    """
+    p = mesh.astype(np.float64)
+    xa = sum(p[b] - p[a] for a, b in SYMMETRIC_PAIRS)
+    xa /= np.linalg.norm(xa)
+    ya = p[MIDLINE_BOTTOM].mean(axis=0) - p[MIDLINE_TOP].mean(axis=0)
+    ya -= xa * float(ya @ xa)
+    ya /= np.linalg.norm(ya)
+    yaw = math.degrees(math.atan2(xa[2], math.hypot(xa[0], xa[1])))
+    roll = math.degrees(math.atan2(xa[1], xa[0]))
+    pitch = math.degrees(math.atan2(ya[2], math.hypot(ya[0], ya[1])))
+    return yaw, pitch, roll
+
+
+def eye_opening(contour: np.ndarray) -> tuple[float, float]:
+    """(max lid opening px, eye width px) of a 16-point contour (lower 0-8, upper 9-15)."""
+    a, b = contour[0], contour[8]
+    width = float(np.linalg.norm(b - a))
+    if width <= 0:
+        return 0.0, 0.0
+    normal = np.array([-(b - a)[1], (b - a)[0]]) / width  # perpendicular to the eye axis
+    gaps = (contour[1:8] - contour[9:16]) @ normal  # lower lid minus upper lid, column by column
+    return float(max(0.0, np.abs(gaps).max())), width
+
+
+def face_mask(shape: tuple[int, ...], mesh: np.ndarray) -> np.ndarray:
+    """uint8 mask (255 inside) of the face oval polygon."""
+    mask = np.zeros(shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(mesh[FACE_OVAL, :2]).astype(np.int32)], 255)
+    return mask
+
+
+def _hist(values: np.ndarray, bins: int = 256) -> np.ndarray:
+    h = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    if bins != 256:
+        h = h.reshape(bins, -1).sum(axis=1)
+    s = h.sum()
+    return h / s if s else h
+
+
+def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.ndarray
+               ) -> tuple[float, float, float, float, float, float]:
+    """(mean, dark, bright, entropy bits, left/right histogram intersection, left/right mean ratio).
+
+    The face region is the mesh's face oval; the two halves are split by the line through the
+    midline points `mid_a` (forehead) and `mid_b` (chin), so roll does not mix them.
+    """
+    # work inside the face's bounding box only: a full-HD mask costs more than the rest together
+    h, w = gray.shape[:2]
+    oval = mesh[FACE_OVAL, :2]
+    x0, y0 = (int(max(0, min(np.floor(oval.min(axis=0)[i]), lim - 1))) for i, lim in ((0, w), (1, h)))
+    x1, y1 = (int(min(lim, max(np.ceil(oval.max(axis=0)[i]) + 1, 1))) for i, lim in ((0, w), (1, h)))
+    shift = np.array([x0, y0, 0.0])
+    region = gray[y0:y1, x0:x1]
+    mask = face_mask(region.shape, mesh - shift)
+    ys, xs = np.nonzero(mask)
+    gray, mid_a, mid_b = region, mid_a - shift[:2], mid_b - shift[:2]
+    if ys.size < 50:
+        return 0.0, 1.0, 0.0, 0.0, 0.0, 0.0
+    vals = gray[ys, xs]
+    h = _hist(vals)
+    nz = h[h > 0]
+    entropy = float(-(nz * np.log2(nz)).sum())
+    d = mid_b - mid_a
+    side = (xs - mid_a[0]) * d[1] - (ys - mid_a[1]) * d[0]  # sign of the cross product
+    left, right = vals[side > 0], vals[side <= 0]
+    if left.size < 25 or right.size < 25:
+        inter, ratio = 0.0, 0.0
+    else:
+        # 32 bins: OFIQ's 256-bin intersection is dominated by sensor noise on small faces
+        inter = float(np.minimum(_hist(left, 32), _hist(right, 32)).sum())
+        ml, mr = float(left.mean()), float(right.mean())
+        ratio = min(ml, mr) / max(ml, mr) if max(ml, mr) > 0 else 0.0
+    return (float(vals.mean()) / 255.0, float((vals <= DARK_LEVEL).mean()),
+            float((vals >= BRIGHT_LEVEL).mean()), entropy, inter, ratio)
+
+
+def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
+    """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
+
+    The crop (eye-levelled) spans 0.9 IED either side of the eye midpoint and 0.5 IED above to
+    1.4 IED below it: eyes, nose and mouth without background. Rescaling to a fixed eye
+    distance makes the values independent of resolution; dividing by the luminance variance
+    makes them independent of contrast and exposure (those have their own measures).
+    directional = min over x and y of var(second derivative) / var(luminance): motion blur
+    removes detail along one direction only, which the isotropic Laplacian ratio hides.
+    """
+    d = left_eye - right_eye
+    ied = float(np.linalg.norm(d))
+    if ied < 2:
+        return 0.0, 0.0
+    k = SHARPNESS_IED / ied
+    c, s = d[0] / ied, d[1] / ied
+    w, h = int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED)
+    mid = (right_eye + left_eye) / 2
+    if k < 1:
+        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would
+        # add false detail to high-resolution faces. Only a 2.5 IED box around the eyes is resized.
+        gh, gw = gray.shape[:2]
+        x0, y0 = int(max(0, mid[0] - 2.5 * ied)), int(max(0, mid[1] - 2.5 * ied))
+        x1, y1 = int(min(gw, mid[0] + 2.5 * ied)), int(min(gh, mid[1] + 2.5 * ied))
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return 0.0, 0.0
+        gray = cv2.resize(gray[y0:y1, x0:x1], None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        mid = (mid - (x0, y0)) * k
+        k = 1.0
+    # dst = k * R(-roll) (src - mid) + (w/2, 0.5*SHARPNESS_IED)
+    m = np.array([[k * c, k * s, 0.0], [-k * s, k * c, 0.0]])
+    m[:, 2] = np.array([w / 2, 0.5 * SHARPNESS_IED]) - m[:, :2] @ mid
+    crop = cv2.warpAffine(gray, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    crop = crop.astype(np.float32)
+    var = float(crop.var())
+    if var < 1e-6:
+        return 0.0, 0.0
+    dxx = float(cv2.Sobel(crop, cv2.CV_32F, 2, 0, ksize=3).var())
+    dyy = float(cv2.Sobel(crop, cv2.CV_32F, 0, 2, ksize=3).var())
+    lap = float(cv2.Laplacian(crop, cv2.CV_32F, ksize=3).var())
+    return min(dxx, dyy) / var, lap / var
+
+
+def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> FaceMeasures:
+    """Every raw measure of face `det` (with landmarks `lm`) in the BGR frame."""
+    h, w = bgr.shape[:2]
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    mesh = lm.mesh
+    r_eye, l_eye = eye_centres(lm)
+    ied = float(np.linalg.norm(l_eye - r_eye))
+    mid = (r_eye + l_eye) / 2
+    t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
+    img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
+    yaw, pitch, roll = head_pose(mesh)
+    (or_, wr), (ol, wl) = eye_opening(lm.eye_contour("right")), eye_opening(lm.eye_contour("left"))
+    mouth = float(np.linalg.norm(mesh[LOWER_LIP_INNER, :2] - mesh[UPPER_LIP_INNER, :2])) / t
+    top = mesh[MIDLINE_TOP, :2].mean(axis=0)
+    bottom = mesh[MIDLINE_BOTTOM, :2].mean(axis=0)
+    lum, dark, bright, ent, inter, ratio = photometry(gray, mesh, top, bottom)
+    sharp, sharp_iso = sharpness(gray, r_eye, l_eye)
+    return FaceMeasures(
+        faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
+        margin_left=img_left_x / max(ied, 1e-6), margin_right=(w - img_right_x) / max(ied, 1e-6),
+        margin_above=float(mid[1]) / t, margin_below=(h - float(mid[1])) / t,
+        centre_offset=abs(float(mid[0]) - w / 2) / w,
+        yaw_deg=yaw, pitch_deg=pitch, roll_deg=roll,
+        eye_open_right=or_ / wr if wr else 0.0, eye_open_left=ol / wl if wl else 0.0,
+        eye_open_ofiq=min(or_, ol) / t, mouth_open=mouth,
+        luminance_mean=lum, dark_fraction=dark, bright_fraction=bright, dynamic_range_bits=ent,
+        illumination_balance=inter, left_right_ratio=ratio,
+        sharpness=sharp, sharpness_isotropic=sharp_iso,
+    )

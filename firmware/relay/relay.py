@@ -1,0 +1,636 @@
+"""The record relay: drains the store to the data center over MQTT and owns delivery end to end.
+
+A broker's PUBACK proves little (brokers drop oversized or unrouted messages after acking them, paho's
+queue is RAM). So the store is the queue and the data center's ingest has the last word:
+
+    stored --(PUBACK of the last chunk)--> sent --(ack from ingest, hash checked)--> acked
+                                             \\--(ingest says malformed)--> quarantined
+
+* Records go out in capture order: an announce (id, size, hash), then chunks no larger than
+  min(relay.chunk_kb, broker Maximum Packet Size) at QoS 1. At most min(relay.window, broker Receive
+  Maximum) messages await a PUBACK. A PUBACK reason code >= 0x80 fails the transfer; a size-related
+  refusal (0x95, 0x97, 0x83) halves the chunk size for that broker (brokers with ``message_size_limit``
+  do not announce it).
+* After any reconnect or restart everything not acked is sent again from the store. A sent record
+  without an ack is resent after ``ack_timeout_s``, doubling (jittered) up to ``ack_timeout_max_s``,
+  forever. At most ``max_unacked_records`` records wait for acks before new ones start.
+* Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
+* One thread owns the paho client (`firmware.uplink`); callbacks only enqueue.
+
+Run standalone (tests, field debugging): ``python -m firmware.relay --config /etc/rekam/rekam.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import heapq
+import itertools
+import json
+import logging
+import random
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from firmware.relay.uplink import Uplink, UplinkSettings
+from firmware.system.backoff import backoff_delay
+from firmware.system.clock import iso
+from firmware.wire import record_format
+from firmware.wire import relay_protocol as proto
+
+log = logging.getLogger(__name__)
+
+MQTT_ERR_PROTOCOL = 2  # paho.mqtt.enums.MQTTErrorCode.MQTT_ERR_PROTOCOL (0x82: the same as a reason code)
+SIZE_REFUSALS = {0x83, 0x95, 0x97}  # implementation specific, packet too large, quota exceeded
+MARK_BATCH = 128
+MARK_EVERY_S = 0.25
+READ_AHEAD = 4  # records prepared ahead of the network thread
+
+
+class TokenBucket:
+    """Average-rate limiter that may go into debt by one item (so an item larger than the rate passes)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.tokens = self.burst
+        self.t = time.monotonic()
+
+    def wait_time(self) -> float:
+        """Seconds until something may be sent (0: now)."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        return 0.0 if self.tokens > 0 else -self.tokens / self.rate + 1e-3
+
+    def take(self, n: float) -> None:
+        if self.rate > 0:
+            self.tokens -= n
+
+
+@dataclass
+class Transfer:
+    """One record on its way: its messages, how many were handed to paho, how many are unacknowledged."""
+
+    record_id: str
+    seq: int
+    sha256: str
+    size: int
+    messages: list[tuple[str, bytes, int]]  # topic, payload, QoS
+    chunk_size: int
+    next_index: int = 0
+    outstanding: int = 0
+    failed: int = 0  # first failing PUBACK reason code
+    attempts: int = 1
+
+    @property
+    def all_handed(self) -> bool:
+        return self.next_index >= len(self.messages)
+
+
+@dataclass(order=True)
+class Waiting:
+    """A record that is sent and awaits its ack, or failed and waits for its next attempt."""
+
+    due: float
+    seq: int
+    record_id: str = field(compare=False)
+    attempts: int = field(default=1, compare=False)
+
+
+class Relay:
+    """Relays the kit's records to the data center (see module doc). `start()`, `status()`, `close()`."""
+
+    def __init__(self, store: Any, cfg: Any, stop: threading.Event | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.r = cfg.relay
+        self.kit_id = store.identity.kit_id
+        self.stop_event = stop or threading.Event()
+        self._own_stop = threading.Event()
+        self.rng = rng or random.Random()
+        self.ack_topic = proto.ack_topic(self.kit_id)
+        self.uplink = Uplink(UplinkSettings.from_config(cfg, f"{self.kit_id}-relay", [(self.ack_topic, 1)]),
+                             self.rng)
+        self.uplink.should_stop = self._stopping
+        self.thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        # Relay-thread state.
+        self._active: dict[str, Transfer] = {}
+        self._order: deque[str] = deque()  # active transfers in hand-out order
+        self._mids: dict[int, str] = {}
+        self._waiting: dict[str, Waiting] = {}
+        self._heap: list[Waiting] = []
+        self._fresh: deque[Any] = deque()
+        self._cursor = -1
+        self._refill = True
+        self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
+        self._broker_url = ""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
+        self._journal_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal")
+        self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, bytes, int]]]]] = {}
+        self._to_sent: list[str] = []
+        self._to_acked: list[str] = []
+        self._last_mark = time.monotonic()
+        self._bytes = TokenBucket(self.r.bytes_per_s, max(self.r.bytes_per_s, self.r.chunk_kb * 1024 + 2048))
+        self._pubs = TokenBucket(self.r.publishes_per_s, max(1.0, self.r.publishes_per_s / 4))
+        # Counters (read by status() from other threads: ints only).
+        self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
+                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "read_errors": 0, "chunk_shrinks": 0}
+        self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
+        self._status_cache: dict[str, Any] = {}
+        self._status_at = 0.0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the relay thread (returns at once)."""
+        self.store.on_change.append(self._wake.set)
+        self.thread = threading.Thread(target=self._run_guarded, name="relay", daemon=True)
+        self.thread.start()
+        log.info("relay started kit_id=%s brokers=%s", self.kit_id, ",".join(self.r.brokers))
+
+    def sync_now(self) -> None:
+        """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread, flush state marks, disconnect cleanly."""
+        self._own_stop.set()
+        self._wake.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        try:
+            self.store.on_change.remove(self._wake.set)
+        except ValueError:
+            pass
+
+    def _stopping(self) -> bool:
+        return self.stop_event.is_set() or self._own_stop.is_set()
+
+    def _run_guarded(self) -> None:
+        while not self._stopping():
+            try:
+                self.run()
+            except Exception:
+                # The relay must never die for good: log, drop the connection, start again.
+                log.exception("relay crashed; restarting in 2 s")
+                self.uplink.close()
+                self._reset_transfers()
+                self._own_stop.wait(2)
+        try:
+            self._flush_marks(force=True)
+        except Exception:
+            log.exception("relay could not flush state marks at stop")
+        self.uplink.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._journal_pool.shutdown(wait=True)  # every mark reaches the journal before the store closes
+        log.info("relay stopped")
+
+    # --- main loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """The relay thread's loop (see module doc)."""
+        self._load_sent()
+        next_tel = time.monotonic() + min(5.0, self.r.telemetry_interval_s)
+        while not self._stopping():
+            busy = self.uplink.connected and self._pump()
+            self.uplink.step(0.0 if busy else 0.05)
+            self._handle_events()
+            self._flush_marks(force=not self._mids)  # at once when nothing is in flight
+            now = time.monotonic()
+            if self.uplink.connected and now >= next_tel:
+                self._publish_telemetry()
+                next_tel = now + self.r.telemetry_interval_s
+            if now - self._status_at > 2.0:
+                self._refresh_status()
+
+    def _load_sent(self) -> None:
+        """After a start: records already 'sent' are owed an ack; resend them first (capture order)."""
+        now = time.monotonic()
+        for row in self.store.j.records(state="sent"):
+            self._wait(row.id, row.seq, now, attempts=1)
+        if self._waiting:
+            log.info("relay resuming records_awaiting_ack=%d", len(self._waiting))
+
+    def _wait(self, record_id: str, seq: int, due: float, attempts: int) -> None:
+        w = Waiting(due, seq, record_id, attempts)
+        self._waiting[record_id] = w
+        heapq.heappush(self._heap, w)
+
+    def _next_due(self) -> Waiting | None:
+        now = time.monotonic()
+        while self._heap:
+            w = self._heap[0]
+            if self._waiting.get(w.record_id) is not w:
+                heapq.heappop(self._heap)  # stale entry (acked, or rescheduled)
+                continue
+            if w.due > now:
+                return None
+            heapq.heappop(self._heap)
+            return w
+        return None
+
+    def _next_fresh(self) -> Any:
+        if not self._fresh and (self._refill or self._wake.is_set()):
+            self._wake.clear()
+            self._refill = False
+            rows = self.store.j.records(state="stored", after_seq=self._cursor, limit=256)
+            if rows:
+                self._cursor = rows[-1].seq
+                self._refill = len(rows) == 256
+            self._fresh.extend(r for r in rows if r.id not in self._waiting and r.id not in self._active)
+        return self._fresh.popleft() if self._fresh else None
+
+    def _window(self) -> int:
+        return max(1, min(self.r.window, self.uplink.receive_maximum))
+
+    def _pump(self) -> bool:
+        """Hand paho as many messages as the window and the buckets allow; True if more could go now."""
+        window = self._window()
+        while len(self._mids) < window:
+            t = self._current_transfer()
+            if t is None:
+                return False
+            if self._bytes.wait_time() > 0 or self._pubs.wait_time() > 0:
+                return False
+            topic, payload, qos = t.messages[t.next_index]
+            mid = self.uplink.publish(topic, payload, qos=qos)
+            if mid is None:
+                return False  # connection gone; the disconnected event resets everything
+            t.next_index += 1
+            if qos:
+                t.outstanding += 1
+                self._mids[mid] = t.record_id
+            self._bytes.take(len(payload))
+            self._pubs.take(1)
+            self.counters["bytes_sent"] += len(payload)
+        return False
+
+    def _current_transfer(self) -> Transfer | None:
+        if self._order:
+            t = self._active[self._order[-1]]
+            if not t.all_handed:
+                return t
+        while True:
+            w = self._next_due()
+            if w is not None:
+                row = self.store.j.get(w.record_id)
+                if row is None or row.state not in ("stored", "sent"):
+                    self._waiting.pop(w.record_id, None)
+                    continue
+                self.counters["records_resent"] += 1
+                self._waiting.pop(w.record_id, None)
+                t = self._begin(row, attempts=w.attempts + 1)
+            else:
+                max_unacked = self.r.max_unacked_records
+                if max_unacked and len(self._waiting) >= max_unacked:
+                    return None
+                row = self._next_fresh()
+                if row is None:
+                    return None
+                t = self._begin(row, attempts=1)
+            if t is not None:
+                return t
+
+    def _chunk_size(self) -> int:
+        b = self.uplink.broker
+        cap = self.r.chunk_kb * 1024
+        if b is not None:
+            cap = min(cap, self._chunk_cap.get(b.url, cap))
+        return proto.chunk_data_limit(cap, self.uplink.max_packet, proto.chunk_topic(self.kit_id))
+
+    def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, bytes, int]]]:
+        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead thread)."""
+        # Fast path without the journal (its lock is held through every fsync'd commit): the row already carries
+        # the hash. On any doubt, read_verified re-checks against the journal and quarantines a corrupt copy.
+        try:
+            data = self.store.sd_path(row.id).read_bytes()
+        except OSError:
+            data = b""
+        if not data or record_format.sha256_hex(data) != row.sha256:
+            data = self.store.read_verified(row.id)
+        chunks = proto.split(row.id, data, row.sha256, size)
+        ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
+        # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
+        # record it already holds before the chunks arrive.
+        ctopic = proto.chunk_topic(self.kit_id)
+        return size, len(data), [(proto.announce_topic(self.kit_id), ann.encode(), 0)] + [
+            (ctopic, c.encode(), 1) for c in chunks]
+
+    def _read_ahead(self, size: int) -> None:
+        """Prepare the next records off the network thread (disk read + SHA-256 overlap the sending)."""
+        for row in itertools.islice(self._fresh, READ_AHEAD):
+            if row.id not in self._ahead and len(self._ahead) < READ_AHEAD:
+                self._ahead[row.id] = self._pool.submit(self._prepare, row, size)
+
+    def _begin(self, row: Any, attempts: int) -> Transfer | None:
+        from firmware.store.store import StoreError
+
+        size = self._chunk_size()
+        fut = self._ahead.pop(row.id, None)
+        try:
+            got = fut.result() if fut is not None else None
+            if got is None or got[0] != size:
+                got = self._prepare(row, size)
+        except StoreError as e:
+            self.counters["read_errors"] += 1
+            log.error("relay cannot read record record_id=%s error=%s; skipping it", row.id, e)
+            return None
+        _size, length, msgs = got
+        t = Transfer(row.id, row.seq, row.sha256, length, msgs, size, attempts=attempts)
+        self._active[row.id] = t
+        self._order.append(row.id)
+        log.debug("relay sending record_id=%s size=%d messages=%d attempt=%d", row.id, length, len(msgs), attempts)
+        self._read_ahead(size)
+        return t
+
+    # --- events -------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        ev = self.uplink.events
+        while ev:
+            e = ev.popleft()
+            if e.kind == "puback":
+                self._on_puback(e.mid, e.reason)
+            elif e.kind == "message":
+                self._on_message(e.topic, e.payload)
+            elif e.kind == "connected":
+                self._broker_url = e.detail
+                self._reset_transfers()
+                self._resend_waiting()
+            elif e.kind == "disconnected":
+                self._on_connection_lost(e.reason)
+                self._reset_transfers()
+
+    def _resend_waiting(self) -> None:
+        """After a (re)connection, records still owed an ack are offered again now, not at their ack timeout.
+
+        A broker restart (or a session that expired) can lose chunks or acks queued while we were away;
+        the ingest answers a record it already has with a duplicate ack at the announce, so this is cheap.
+        """
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        for w in list(self._waiting.values()):
+            self._wait(w.record_id, w.seq, now, w.attempts)
+        log.info("relay reconnected; re-offering records_awaiting_ack=%d", len(self._waiting))
+
+    def _on_connection_lost(self, rc: int) -> None:
+        """A protocol error while chunks were in flight: most likely a size refusal the client could not parse.
+
+        mosquitto 2.0 answers a PUBLISH above ``message_size_limit`` with PUBACK 0x95, which is not a
+        valid PUBACK reason in MQTT 5; paho then drops the connection with MQTT_ERR_PROTOCOL. Halving
+        the chunk size for that broker is harmless when the cause was something else.
+        """
+        if rc not in (MQTT_ERR_PROTOCOL, 0x82) or not self._mids or not self._broker_url:
+            return
+        size = max((t.chunk_size for t in self._active.values()), default=0)
+        if size > proto.MIN_CHUNK_BYTES:
+            new = max(proto.MIN_CHUNK_BYTES, size // 2)
+            self._chunk_cap[self._broker_url] = new
+            self.counters["chunk_shrinks"] += 1
+            log.warning("relay protocol error with chunks in flight broker=%s chunk_bytes=%d; now %d "
+                        "(broker message size limit?)", self._broker_url, size, new)
+
+    def _reset_transfers(self) -> None:
+        """Forget everything handed to paho: it is resent from the store on the next connection."""
+        if self._active:
+            log.info("relay transfers interrupted count=%d; they restart from the store", len(self._active))
+        self._active.clear()
+        self._order.clear()
+        self._mids.clear()
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+        self._fresh.clear()
+        self._cursor = -1
+        self._refill = True
+        try:
+            self._flush_marks(force=True)
+        except Exception:
+            log.exception("relay could not flush state marks")
+
+    def _on_puback(self, mid: int, reason: int) -> None:
+        rid = self._mids.pop(mid, None)
+        if rid is None:
+            return
+        t = self._active.get(rid)
+        if t is None:
+            return
+        t.outstanding -= 1
+        if reason >= 0x80:
+            self.counters["puback_failures"] += 1
+            if not t.failed:
+                t.failed = reason
+                log.warning("relay broker refused a message record_id=%s reason_code=0x%02x", rid, reason)
+        if t.outstanding == 0 and t.all_handed:
+            self._finish(t)
+
+    def _finish(self, t: Transfer) -> None:
+        del self._active[t.record_id]
+        try:
+            self._order.remove(t.record_id)
+        except ValueError:
+            pass
+        attempts = t.attempts
+        if not t.failed:
+            self._to_sent.append(t.record_id)
+            self.counters["records_sent"] += 1
+            if t.record_id in self._to_acked:
+                return  # the data center's ack overtook the last PUBACK
+            timeout = min(self.r.ack_timeout_max_s, self.r.ack_timeout_s * (2 ** min(attempts - 1, 20)))
+            self._wait(t.record_id, t.seq, time.monotonic() + timeout * self.rng.uniform(0.8, 1.2), attempts)
+            return
+        b = self.uplink.broker
+        if t.failed in SIZE_REFUSALS and t.chunk_size > proto.MIN_CHUNK_BYTES and b is not None:
+            new = max(proto.MIN_CHUNK_BYTES, t.chunk_size // 2)
+            self._chunk_cap[b.url] = new
+            self.counters["chunk_shrinks"] += 1
+            log.warning("relay broker refused chunk size broker=%s chunk_bytes=%d reason_code=0x%02x; now %d",
+                        b.url, t.chunk_size, t.failed, new)
+            self._wait(t.record_id, t.seq, 0.0, attempts)
+            return
+        delay = backoff_delay(attempts - 1, self.r.backoff_min_s, self.r.backoff_max_s, self.rng)
+        log.error("relay transfer refused by broker record_id=%s reason_code=0x%02x retry_in_s=%.1f", t.record_id,
+                  t.failed, delay)
+        self._wait(t.record_id, t.seq, time.monotonic() + delay, attempts)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != self.ack_topic:
+            return
+        try:
+            ack = proto.Ack.decode(payload)
+        except proto.ProtocolError as e:
+            self.counters["acks_ignored"] += 1
+            log.warning("relay ignoring malformed ack error=%s", e)
+            return
+        row = self.store.j.get(ack.record_id)
+        if row is None:
+            self.counters["acks_ignored"] += 1
+            log.warning("relay ack for unknown record record_id=%s", ack.record_id)
+            return
+        if row.sha256 != ack.sha256:
+            self.counters["acks_ignored"] += 1
+            log.error("relay ack hash mismatch record_id=%s ours=%s theirs=%s; not acknowledged", ack.record_id,
+                      row.sha256[:12], ack.sha256[:12])
+            return
+        if ack.ok:
+            if row.state in ("stored", "sent") and ack.record_id not in self._to_acked:
+                self._to_acked.append(ack.record_id)
+                self.counters["records_acked"] += 1
+            self._waiting.pop(ack.record_id, None)
+            t = self._active.get(ack.record_id)
+            if t is not None and not t.all_handed:
+                # The data center already holds it (a resend answered at its announce): skip the other chunks.
+                t.messages = t.messages[:t.next_index]
+                if t.outstanding == 0:
+                    self._finish(t)
+        elif ack.status == "rejected":
+            if row.state in ("stored", "sent"):
+                self._flush_marks(force=True)
+                reason = f"rejected by data center: {ack.reason}"
+                self.store.mark(ack.record_id, "quarantined", reason)
+                self.counters["records_rejected"] += 1
+                self.last_rejects.append({"record_id": ack.record_id, "reason": ack.reason, "at": iso()})
+                self.store.j.audit("relay_rejected", record_id=ack.record_id, reason=ack.reason)
+                log.error("relay record rejected by data center record_id=%s reason=%s; quarantined",
+                          ack.record_id, ack.reason)
+            self._waiting.pop(ack.record_id, None)
+        else:  # retry: the data center has a transient problem; back off this record
+            w = self._waiting.get(ack.record_id)
+            attempts = w.attempts if w else 1
+            delay = backoff_delay(attempts, self.r.backoff_min_s, self.r.ack_timeout_max_s, self.rng)
+            log.warning("relay data center asks to retry record_id=%s reason=%s retry_in_s=%.1f", ack.record_id,
+                        ack.reason, delay)
+            if ack.record_id not in self._active:
+                self._wait(ack.record_id, row.seq, time.monotonic() + delay, attempts)
+
+    # --- journal marks (batched: one fsync'd transaction per batch) -----------------------
+
+    def _flush_marks(self, force: bool = False) -> None:
+        if not self._to_sent and not self._to_acked:
+            return
+        now = time.monotonic()
+        n = len(self._to_sent) + len(self._to_acked)
+        if not force and n < MARK_BATCH and now - self._last_mark < MARK_EVERY_S:
+            return
+        self._last_mark = now
+        sent, acked = self._to_sent, self._to_acked
+        self._to_sent, self._to_acked = [], []
+        # On its own thread: an fsync'd commit can take tens of ms on an SD card; the network must not wait.
+        self._journal_pool.submit(self._write_marks, sent, acked)
+
+    def _write_marks(self, sent: list[str], acked: list[str]) -> None:
+        try:
+            self.store.mark_delivery(sent, acked)
+        except Exception:
+            # Not fatal: unmarked records are sent again and acked again (ingest is idempotent).
+            log.exception("relay could not write state marks sent=%d acked=%d", len(sent), len(acked))
+
+    # --- observability ------------------------------------------------------------------
+
+    def _refresh_status(self) -> None:
+        self._status_at = time.monotonic()
+        counts = self.store.j.counts()
+        oldest = self.store.j.oldest_unacked()
+        age = None
+        if oldest:
+            try:
+                age = max(0.0, (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(
+                    oldest.replace("Z", "+00:00"))).total_seconds())
+            except ValueError:
+                age = None
+        self._status_cache = {
+            "backlog": {"records": counts["stored"]["records"] + counts["sent"]["records"],
+                        "bytes": counts["stored"]["bytes"] + counts["sent"]["bytes"],
+                        "unsent_records": counts["stored"]["records"],
+                        "awaiting_ack_records": counts["sent"]["records"]},
+            "oldest_unacked": oldest, "oldest_unacked_age_s": round(age, 1) if age is not None else None,
+            "quarantined": counts["quarantined"]["records"],
+        }
+
+    def status(self) -> dict[str, Any]:
+        """Uplink state, backlog and counters (safe to call from any thread)."""
+        u = self.uplink
+        b = u.broker
+        out = {
+            "state": u.state if not self._stopping() else "stopped",
+            "broker": b.url if b else None,
+            "broker_priority": u.index if b else None,
+            "since": u.since,
+            "last_error": u.last_error,
+            "connects": u.connects,
+            "window": self._window() if b else None,
+            "chunk_bytes": self._chunk_size() if b else None,
+            "in_flight_messages": len(self._mids),
+            "awaiting_ack_in_memory": len(self._waiting),
+            "counters": dict(self.counters),
+            "last_rejects": list(self.last_rejects),
+        }
+        out.update(self._status_cache)
+        return out
+
+    def _publish_telemetry(self) -> None:
+        self._refresh_status()
+        st = self.status()
+        st.update({"kit_id": self.kit_id, "at": iso()})
+        # QoS 0: telemetry is periodic and must not take window slots from records.
+        self.uplink.publish(proto.relay_telemetry_topic(self.kit_id), json.dumps(st, sort_keys=True).encode(), qos=0)
+
+
+# --- standalone runner ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run only the store and the relay (no sensors, no API): tests and field debugging."""
+    from firmware import config
+    from firmware.seal import identity
+    from firmware.store.store import Store
+    from firmware.system import logs
+
+    ap = argparse.ArgumentParser(prog="python -m firmware.relay", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--exit-when-drained", action="store_true", help="exit 0 once no record awaits an ack")
+    args = ap.parse_args(argv)
+    logs.setup()
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as e:
+        for p in e.problems:
+            log.error("config error file=%s: %s", e.source, p)
+        return config.EX_CONFIG
+    if not cfg.relay.brokers:
+        log.error("relay.brokers is empty: nothing to relay to")
+        return config.EX_CONFIG
+    store = Store(cfg, identity.load_or_create(cfg.state_dir))
+    store.open()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    relay = Relay(store, cfg, stop)
+    relay.start()
+    try:
+        while not stop.wait(0.2):
+            if args.exit_when_drained:
+                c = store.j.counts()
+                if c["stored"]["records"] + c["sent"]["records"] == 0:
+                    break
+    finally:
+        stop.set()
+        relay.close()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

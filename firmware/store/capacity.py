@@ -1,0 +1,171 @@
+"""The capacity guard: halt capture *before* any medium can overflow.
+
+For each medium in use (the SD, and the USB stick when present) free bytes and free inodes
+(statvfs) are compared with a reserve: room for `reserve_records` of the largest records seen,
+the journal's growth (SD only), and a configured floor. From what is left it derives how many
+more records fit, and a state:
+
+* OK    - more than `warn_records` fit;
+* WARN  - fewer than `warn_records` fit (or no stick while one is optional);
+* HALT  - not even one more fits (or no stick while one is required). A halted medium stays
+  halted until `resume_records` fit again (hysteresis), so capture does not flap.
+
+A new enrollment *reserves* one maximal record's space when it starts; that reservation counts
+against every later check, so an enrollment under way can always finish.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from firmware.errors import CaptureHalted
+from firmware.system.fsutil import space
+
+MIB = 1024 * 1024
+
+
+class Level(StrEnum):
+    """Guard state of one medium or of the kit; ordered OK < WARN < HALT."""
+
+    OK = "OK"
+    WARN = "WARN"
+    HALT = "HALT"
+
+    @property
+    def rank(self) -> int:
+        return ("OK", "WARN", "HALT").index(self.value)
+
+
+@dataclass
+class MediumStatus:
+    """Capacity of one medium as last measured."""
+
+    name: str
+    path: str
+    present: bool
+    total_bytes: int = 0
+    free_bytes: int = 0
+    free_inodes: int = 0
+    reserve_bytes: int = 0
+    records_left: int = 0
+    level: Level = Level.OK
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["level"] = self.level.value
+        return d
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Space held for one enrollment in progress."""
+
+    token: int
+    bytes: int
+
+
+class CapacityGuard:
+    """Decides whether capture may proceed; thread safe."""
+
+    def __init__(self, store_cfg: Any, usb_required: bool) -> None:
+        self.cfg = store_cfg
+        self.usb_required = usb_required
+        self._lock = threading.Lock()
+        self._halted: dict[str, bool] = {}
+        self._reservations: dict[int, int] = {}
+        self._next = 1
+        self.largest_record = 0
+        self.record_estimate = 0  # bytes per record used to count what still fits
+
+    @property
+    def max_record_bytes(self) -> int:
+        return int(self.cfg.max_record_mb) * MIB
+
+    def note_record_size(self, size: int) -> None:
+        """Tell the guard about a record's size (the reserve follows the largest one)."""
+        self.largest_record = max(self.largest_record, size)
+
+    def _estimate(self) -> int:
+        # Until a record has been seen, assume the configured maximum (conservative).
+        return self.largest_record or self.max_record_bytes
+
+    def reserve_bytes(self, medium: str) -> int:
+        """Bytes kept free on `medium` whatever happens."""
+        c = self.cfg
+        r = c.reserve_floor_mb * MIB + c.reserve_records * max(self.largest_record, 1)
+        if medium == "sd":
+            r += c.journal_reserve_mb * MIB
+        return r
+
+    def measure(self, name: str, path: Path | None, present: bool = True) -> MediumStatus:
+        """statvfs one medium and classify it (applies hysteresis)."""
+        if not present or path is None:
+            level = Level.HALT if self.usb_required else Level.WARN
+            why = "no USB stick" + (" (a stick is required: insert one)" if self.usb_required
+                                    else "; records are kept on the SD and copied when a stick is inserted")
+            return MediumStatus(name, str(path or ""), False, level=level, reason=why)
+        try:
+            sp = space(path)
+        except OSError:
+            # The medium vanished between detection and measurement (a stick pulled just now).
+            return self.measure(name, path, present=False)
+        with self._lock:
+            held = sum(self._reservations.values())
+            reserve = self.reserve_bytes(name)
+            usable = sp.free_bytes - reserve - held
+            est = self._estimate()
+            left = max(0, usable // est) if usable > 0 else 0
+            inode_left = sp.free_inodes - self.cfg.min_free_inodes - 2 * len(self._reservations)
+            # Each record takes one inode (plus a temporary one while written).
+            left = min(left, max(0, inode_left // 2))
+            halted = self._halted.get(name, False)
+            if halted:
+                halted = left < self.cfg.resume_records
+            else:
+                halted = left < 1
+            self._halted[name] = halted
+        if halted:
+            level = Level.HALT
+            if inode_left < 2:
+                why = f"{name} is out of inodes ({sp.free_inodes} free)"
+            else:
+                why = (f"{name} is full: {sp.free_bytes // MIB} MiB free, {reserve // MIB} MiB reserved; "
+                       f"capture resumes when {self.cfg.resume_records} records fit")
+        elif left < self.cfg.warn_records:
+            level, why = Level.WARN, f"{name} nearly full: room for {left} more records"
+        else:
+            level, why = Level.OK, ""
+        return MediumStatus(name, str(path), True, sp.total_bytes, sp.free_bytes, sp.free_inodes, reserve,
+                            int(left), level, why)
+
+    def reserve(self, media: list[MediumStatus]) -> Reservation:
+        """Hold space for one enrollment, or raise `CaptureHalted` with the reason."""
+        halted = [m for m in media if m.level is Level.HALT]
+        if halted:
+            raise CaptureHalted("; ".join(m.reason for m in halted))
+        with self._lock:
+            token = self._next
+            self._next += 1
+            self._reservations[token] = self.max_record_bytes
+        return Reservation(token, self.max_record_bytes)
+
+    def release(self, r: Reservation) -> None:
+        """Give back a reservation (the enrollment was committed or cancelled)."""
+        with self._lock:
+            self._reservations.pop(r.token, None)
+
+    @property
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._reservations)
+
+
+def overall(media: list[MediumStatus]) -> tuple[Level, list[str]]:
+    """The kit's guard state: the worst of its media, with every reason."""
+    level = max((m.level for m in media), key=lambda lv: lv.rank, default=Level.OK)
+    return level, [m.reason for m in media if m.reason]
