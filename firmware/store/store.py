@@ -143,6 +143,25 @@ class Store:
             raise StoreError("store is not open")
         return self.journal
 
+    # --- the journal's public face: what callers outside the store may read and record --------
+
+    def records(self, state: str | None = None, limit: int | None = None, after_seq: int = -1,
+                newest_first: bool = False) -> list[Any]:
+        """Journal rows of records in capture order, optionally of one state (see `Journal.records`)."""
+        return self.j.records(state=state, limit=limit, after_seq=after_seq, newest_first=newest_first)
+
+    def record(self, record_id: str) -> Any:
+        """The journal row of one record, or None."""
+        return self.j.get(record_id)
+
+    def audit(self, kind: str, actor: str = "", **detail: Any) -> None:
+        """Append an event to the kit's audit log (kept in the journal, same durability as records)."""
+        self.j.audit(kind, actor, **detail)
+
+    def audit_events(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit events, optionally of one kind."""
+        return self.j.audit_events(kind, limit)
+
     def sd_path(self, record_id: str) -> Path:
         return self.records_dir / (record_id + record_format.FILE_SUFFIX)
 
