@@ -38,11 +38,11 @@ from hw.sensor.protocol import (
     Packet,
     PacketReceiveError,
     Pid,
-    ProtocolError,
     SensorError,
     SensorTimeout,
     SensorUnavailable,
     SysParam,
+    UnexpectedReply,
     UnsupportedCommand,
     baud_from_n,
     command_frame,
@@ -172,14 +172,14 @@ class SystemParameters:
 
     @classmethod
     def decode(cls, table: bytes) -> SystemParameters:
-        """Decode the table; ProtocolError if it is malformed."""
+        """Decode the table; UnexpectedReply if it is malformed."""
         if len(table) != 16:
-            raise ProtocolError(f"ReadSysPara table must be 16 bytes, got {len(table)}")
+            raise UnexpectedReply(f"ReadSysPara table must be 16 bytes, got {len(table)}")
         status, sysid, cap, sec, addr, pkt, n = struct.unpack(">HHHHIHH", table)
         if pkt > 3:
-            raise ProtocolError(f"ReadSysPara: packet size code {pkt} not in 0..3")
+            raise UnexpectedReply(f"ReadSysPara: packet size code {pkt} not in 0..3")
         if not 1 <= n <= 12:
-            raise ProtocolError(f"ReadSysPara: baud multiplier {n} not in 1..12")
+            raise UnexpectedReply(f"ReadSysPara: baud multiplier {n} not in 1..12")
         return cls(status, sysid, cap, sec, addr, PACKET_SIZES[pkt], baud_from_n(n))
 
 
@@ -199,9 +199,9 @@ class ProductInfo:
 
     @classmethod
     def decode(cls, raw: bytes) -> ProductInfo:
-        """Decode the 46 result bytes; ProtocolError if the length is wrong."""
+        """Decode the 46 result bytes; UnexpectedReply if the length is wrong."""
         if len(raw) != 46:
-            raise ProtocolError(f"ReadProdInfo must return 46 bytes, got {len(raw)}")
+            raise UnexpectedReply(f"ReadProdInfo must return 46 bytes, got {len(raw)}")
 
         def text(b: bytes) -> str:
             return b.split(b"\0", 1)[0].decode("ascii", "replace").strip()
@@ -449,13 +449,13 @@ class FingerprintSensor:
     def _find_baud(self) -> None:
         """VfyPwd at the configured baud, then at the other common rates."""
         order = [self.baud] + ([b for b in self.baud_candidates if b != self.baud] if self.auto_baud else [])
-        last: SensorTimeout | ProtocolError | None = None
+        last: SensorTimeout | UnexpectedReply | None = None
         for b in order:
             if self._ser is not None and self._ser.baudrate != b:
                 self._set_host_baud(b)
             try:
                 self._verify_password(quick=True)
-            except (SensorTimeout, ProtocolError) as e:  # silence or garbled bytes: wrong rate
+            except (SensorTimeout, UnexpectedReply) as e:  # silence or garbled bytes: wrong rate
                 last = e
                 log.debug("no answer at baud=%d", b)
                 continue
@@ -499,14 +499,14 @@ class FingerprintSensor:
             try:
                 self._verify_password(quick=True)
                 return True
-            except (SensorTimeout, ProtocolError):
+            except (SensorTimeout, UnexpectedReply):
                 if time.monotonic() >= end:
                     return False
 
     def _probe_product(self) -> None:
         try:
             ack = self._command(Instruction.READ_PROD_INFO, quick=True, reply_len=47)
-        except (UnsupportedCommand, PacketReceiveError, SensorTimeout, ProtocolError):
+        except (UnsupportedCommand, PacketReceiveError, SensorTimeout, UnexpectedReply):
             self.product = None  # not an R503-class module (or no usable answer); not an error
             return
         self.product = ProductInfo.decode(ack.content[1:])
@@ -569,7 +569,7 @@ class FingerprintSensor:
             except SensorTimeout:
                 fr = self._framer
                 if fr.rejected != rejected0 and fr.buffered == 0:
-                    raise ProtocolError(f"{name}: reply damaged in transit ({fr.last_reject})") from None
+                    raise UnexpectedReply(f"{name}: reply damaged in transit ({fr.last_reject})") from None
                 if time.monotonic() >= deadline:
                     raise
                 continue
@@ -614,7 +614,7 @@ class FingerprintSensor:
             try:
                 pkt = self._read_ack(deadline, name, instruction, reply_len)
                 break
-            except (SensorTimeout, ProtocolError) as e:
+            except (SensorTimeout, UnexpectedReply) as e:
                 if attempt == retries:
                     if not quick:
                         # unanswered even after a resend: re-check the link (baud search, VfyPwd)
@@ -633,7 +633,7 @@ class FingerprintSensor:
         if code != Code.OK and code not in allow:
             raise CommandError.for_code(code, name)
         if code == Code.OK and len(pkt.content) < reply_len:
-            raise ProtocolError(f"{name}: ACK has {len(pkt.content)} content bytes, expected {reply_len}")
+            raise UnexpectedReply(f"{name}: ACK has {len(pkt.content)} content bytes, expected {reply_len}")
         return pkt
 
     def _verify_password(self, quick: bool) -> None:
@@ -656,19 +656,19 @@ class FingerprintSensor:
                 log.debug("skipping ACK code=0x%02X inside %s data", pkt.code, what)
                 continue
             if pkt.pid not in (Pid.DATA, Pid.END):
-                raise ProtocolError(f"{what}: expected a data packet, got pid 0x{pkt.pid:02X}")
+                raise UnexpectedReply(f"{what}: expected a data packet, got pid 0x{pkt.pid:02X}")
             out += pkt.content
             packets += 1
             if len(out) > self.max_bulk_bytes:
-                raise ProtocolError(f"{what}: more than {self.max_bulk_bytes} bytes without an end packet")
+                raise UnexpectedReply(f"{what}: more than {self.max_bulk_bytes} bytes without an end packet")
             if pkt.pid == Pid.END:
                 break
         lost = self._framer.discarded - discarded0
         if lost or self._framer.rejected != rejected0:
-            raise ProtocolError(f"{what}: {lost} bytes lost in transit ({self._framer.last_reject}); "
+            raise UnexpectedReply(f"{what}: {lost} bytes lost in transit ({self._framer.last_reject}); "
                                 f"received {len(out)} bytes in {packets} packets")
         if expected is not None and len(out) != expected:
-            raise ProtocolError(f"{what}: received {len(out)} bytes, expected {expected}")
+            raise UnexpectedReply(f"{what}: received {len(out)} bytes, expected {expected}")
         log.debug("bulk %s bytes=%d packets=%d", what, len(out), packets)
         return bytes(out)
 
@@ -867,14 +867,14 @@ class FingerprintSensor:
                     self._command(Instruction.UP_IMAGE)
                     payload = self._receive_bulk("UpImage", expected)
                     break
-                except (ProtocolError, SensorTimeout) as e:
+                except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise
                     log.warning("image upload damaged, retrying attempt=%d error=%s", attempt + 1, e)
             try:
                 geometry = self.geometry or geometry_for_bytes(len(payload))
             except ValueError as e:
-                raise ProtocolError(f"UpImage: {e}") from e
+                raise UnexpectedReply(f"UpImage: {e}") from e
             self.geometry = geometry  # learned from the first image on modules without ReadProdInfo
             return unpack_4bit(payload, geometry)
         return self._transaction(go)
@@ -978,7 +978,7 @@ class FingerprintSensor:
                 try:
                     self._command(Instruction.UP_CHAR, b)
                     return self._receive_bulk("UpChar")
-                except (ProtocolError, SensorTimeout) as e:
+                except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise
                     log.warning("template upload damaged, retrying attempt=%d error=%s", attempt + 1, e)

@@ -149,7 +149,7 @@ def test_damaged_data_packet_in_image_upload_is_retried(sim, fp) -> None:
     assert np.array_equal(fp.upload_image(), img)
     fp.bulk_retries = 0
     sim.faults.corrupt_data_next = 1
-    with pytest.raises(p.ProtocolError, match="lost in transit"):
+    with pytest.raises(p.UnexpectedReply, match="lost in transit"):
         fp.upload_image()
     assert np.array_equal(fp.upload_image(), img)
 
