@@ -161,6 +161,7 @@ class SensorLink:
 
     @address.setter
     def address(self, value: int) -> None:
+        """Change the address; the framer accepts only replies from the new one."""
         u32(value, "address")
         self._address = self.framer.address = value
 

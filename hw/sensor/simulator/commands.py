@@ -30,8 +30,8 @@ from hw.sensor.simulator.templates import (
 if TYPE_CHECKING:
     from hw.sensor import synth
     from hw.sensor.profiles import SensorProfile
-    from hw.sensor.simulator.device import Finger, SimStats
     from hw.sensor.simulator.faults import Faults
+    from hw.sensor.simulator.state import Finger, SimStats
 
 log = logging.getLogger(__name__)
 

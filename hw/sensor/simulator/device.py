@@ -26,7 +26,6 @@ import threading
 import time
 import tty
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from hw.sensor.protocol import (
 )
 from hw.sensor.simulator.commands import CommandHandlers
 from hw.sensor.simulator.faults import Faults, damage_data_frame
+from hw.sensor.simulator.state import Finger, SimStats
 from hw.sensor.simulator.templates import image_key, load_flash, save_flash
 
 log = logging.getLogger(__name__)
@@ -54,28 +54,6 @@ log = logging.getLogger(__name__)
 _BAUD_CONST = {getattr(termios, f"B{b}"): b for b in (
     1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
     if hasattr(termios, f"B{b}")}
-
-
-@dataclass
-class Finger:
-    """What lies on the glass: a finger (bank key, skin condition) or a fixed image."""
-
-    key: str
-    quality: str
-    image: np.ndarray | None = None  # a fixed image (present_image)
-
-
-@dataclass
-class SimStats:
-    """Counters a test or demo can look at."""
-
-    commands: int = 0
-    replies: int = 0
-    bad_frames: int = 0
-    garbled_bytes: int = 0
-    dropped_output: int = 0
-    captures: int = 0
-    by_instruction: dict[str, int] = field(default_factory=dict)
 
 
 class SensorSimulator(CommandHandlers):
