@@ -5,6 +5,9 @@ search and framed I/O with deadlines. This module is the commands: start-up (par
 level, product info, raising the baud), images, templates, the library, LED, notepad, finger waits.
 Errors are typed (`hw.sensor.protocol`) while "no finger", "no match" and "not found" are plain
 results; one lock per transaction so several threads may share a sensor.
+
+A little over 600 lines on purpose: one short method per EF01 command; splitting them by theme
+would scatter one API over several files.
 """
 
 from __future__ import annotations
