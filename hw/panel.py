@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from firmware.errors import ConfigError, HardwareError
+
 log = logging.getLogger(__name__)
 
 SHORT_BEEP_S = 0.08
@@ -36,12 +38,13 @@ class PanelPins:
     button_eject: int = 6
 
     def __post_init__(self) -> None:
+        # ConfigError (a ValueError): the pins come from the `[gpio]` config section
         used = [v for v in self.__dict__.values()]
         for name, v in self.__dict__.items():
             if not isinstance(v, int) or not 0 <= v <= 27:
-                raise ValueError(f"panel pin {name}={v!r} is not a BCM GPIO number 0-27")
+                raise ConfigError([f"panel pin {name}={v!r} is not a BCM GPIO number 0-27"], "gpio")
         if len(set(used)) != len(used):
-            raise ValueError(f"panel pins must all differ, got {self.__dict__}")
+            raise ConfigError([f"panel pins must all differ, got {self.__dict__}"], "gpio")
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,17 @@ class PanelState:
 
 
 class Panel:
-    """Drives the LEDs and buzzer and calls back on button presses (callbacks run on gpiozero's thread)."""
+    """Drives the LEDs and buzzer and calls back on button presses (callbacks run on gpiozero's thread).
+
+    Raises `HardwareError` when the pins cannot be claimed (no GPIO on this machine, pins busy).
+    """
 
     def __init__(self, pins: PanelPins, on_confirm: Callable[[], None] | None = None,
                  on_eject: Callable[[], None] | None = None, pin_factory: Any = None) -> None:
-        from gpiozero import LED, Button, Buzzer
+        try:
+            from gpiozero import LED, Button, Buzzer
+        except ImportError as e:
+            raise HardwareError(f"gpio panel needs gpiozero ({e})") from e
 
         kw = {"pin_factory": pin_factory} if pin_factory is not None else {}
         self.pins = pins
@@ -73,9 +82,9 @@ class Panel:
             self.buzzer = self._add(Buzzer(pins.buzzer, **kw))
             self.confirm = self._add(Button(pins.button_confirm, pull_up=True, bounce_time=DEBOUNCE_S, **kw))
             self.eject = self._add(Button(pins.button_eject, pull_up=True, bounce_time=DEBOUNCE_S, **kw))
-        except Exception:
+        except Exception as e:  # gpiozero: BadPinFactory, GPIOPinInUse, PinInvalidPin...
             self.close()  # release the pins already claimed
-            raise
+            raise HardwareError(f"gpio panel: cannot claim pins: {type(e).__name__}: {e}") from e
         if on_confirm is not None:
             self.confirm.when_pressed = self._wrap("confirm", on_confirm)
         if on_eject is not None:

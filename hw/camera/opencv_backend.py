@@ -72,9 +72,11 @@ class OpenCVCamera(Camera):
         return to_bgr(self._read(), f"opencv camera {self.source}")
 
     def close(self) -> None:
+        """Release the V4L2 device; idempotent."""
         if not self.closed:
             self._cap.release()
         super().close()
 
     def health(self) -> dict[str, Any]:
+        """Base health plus the source and the frame size."""
         return {**super().health(), "source": str(self.source), "size": [self.width, self.height]}

@@ -78,6 +78,7 @@ class Picamera2Camera(Camera):
         return to_bgr(frame, "picamera2")
 
     def close(self) -> None:
+        """Stop and close the camera; idempotent, never raises."""
         if not self.closed:
             try:
                 self._cam.stop()
@@ -87,4 +88,5 @@ class Picamera2Camera(Camera):
         super().close()
 
     def health(self) -> dict[str, Any]:
+        """Base health plus the frame size and the last exposure settle time."""
         return {**super().health(), "size": list(self.size), "last_settle_ms": self.last_settle_ms}

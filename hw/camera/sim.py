@@ -96,5 +96,6 @@ class SimCamera(Camera):
         return _read(item)
 
     def health(self) -> dict[str, Any]:
+        """Base health plus the folder, the cycle length, queued images and the last image served."""
         return {**super().health(), "folder": str(self.folder), "cycle": len(self.cycle),
                 "queued": len(self._queue), "last_source": self.last_source}

@@ -22,14 +22,14 @@ from hw.sensor.protocol import (
     Code,
     CommandError,
     FrameError,
-    ProtocolError,
     SensorError,
     SensorTimeout,
     SensorUnavailable,
+    UnexpectedReply,
 )
 
 __all__ = [
     "Code", "CommandError", "FingerprintSensor", "FrameError", "LedColor", "LedMode", "MatchResult",
-    "ProductInfo", "ProtocolError", "SearchResult", "SensorError", "SensorInfo", "SensorTimeout",
-    "SensorUnavailable", "SystemParameters", "WaitResult",
+    "ProductInfo", "SearchResult", "SensorError", "SensorInfo", "SensorTimeout", "SensorUnavailable",
+    "SystemParameters", "UnexpectedReply", "WaitResult",
 ]

@@ -1,53 +1,50 @@
-"""`FingerprintSensor`: a robust pyserial driver for EF01 sensors (ZFM-20, R305/R307, AS608, R503).
+"""`FingerprintSensor`: the command API of EF01 sensors (ZFM-20, R305/R307, AS608, R503) over a link.
 
-What it does that the common libraries do not: parses by the length field with a re-synchronising
-framer and verifies every checksum and address; gives every command a deadline
-(`time.monotonic`); iterates over data packets of any size with a size cap; raises typed errors
-(`hw.sensor.protocol`) while "no finger", "no match" and "not found" are plain results; finds the
-baud rate and raises the link to 115200; survives the port disappearing (reopens with backoff on
-the next call); one lock per transaction so several threads may share it.
+The link (`hw.sensor.link.SensorLink`) owns the serial port, its reopen after an unplug, the baud
+search and framed I/O with deadlines. This module is the commands: start-up (parameters, security
+level, product info, raising the baud), images, templates, the library, LED, notepad, finger waits.
+Errors are typed (`hw.sensor.protocol`) while "no finger", "no match" and "not found" are plain
+results; one lock per transaction so several threads may share a sensor.
+
+A little over 600 lines on purpose: one short method per EF01 command; splitting them by theme
+would scatter one API over several files.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import serial
-
-try:
-    from termios import error as _TermiosError
-except ImportError:  # not POSIX
-    class _TermiosError(Exception):  # type: ignore[no-redef]
-        pass
-
 from hw.sensor.image import GEOMETRIES, Geometry, geometry_for_bytes, pack_4bit, unpack_4bit
+from hw.sensor.link import COMMON_BAUDS, DEFAULT_BAUD, DEFAULT_PORT, MAX_BULK_BYTES, SensorLink, u32
 from hw.sensor.protocol import (
     DEFAULT_ADDRESS,
     PACKET_SIZES,
     Code,
     CommandError,
-    Framer,
     Instruction,
     Packet,
     PacketReceiveError,
-    Pid,
-    ProtocolError,
-    SensorError,
     SensorTimeout,
-    SensorUnavailable,
     SysParam,
+    UnexpectedReply,
     UnsupportedCommand,
     baud_from_n,
-    command_frame,
-    data_frames,
     n_from_baud,
+)
+from hw.sensor.results import (
+    LedColor,
+    LedMode,
+    MatchResult,
+    ProductInfo,
+    SearchResult,
+    SensorInfo,
+    SystemParameters,
+    WaitResult,
 )
 
 if TYPE_CHECKING:
@@ -55,192 +52,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = "/dev/serial0"
-DEFAULT_BAUD = 57600
-# What pyserial lets escape when the device vanishes (USB-TTL pulled, pty closed): SerialException,
-# OSError (EIO), termios.error from tcflush/tcsetattr, TypeError when its fd was closed under it.
-PORT_ERRORS = (serial.SerialException, OSError, TypeError, _TermiosError)
-COMMON_BAUDS = (57600, 115200, 9600, 19200, 38400)
-READ_SLICE_S = 0.02  # serial read timeout: short, the deadline is enforced around it
-MAX_BULK_BYTES = 128 * 1024  # larger than any image or template; stops a runaway stream
-
-# Processing allowance per instruction, seconds (wire time is added on top).
-_PROCESSING_S: dict[int, float] = {
-    Instruction.GEN_IMG: 1.5, Instruction.GET_IMAGE_EX: 1.5, Instruction.IMG2TZ: 1.0,
-    Instruction.SEARCH: 2.0, Instruction.HIGH_SPEED_SEARCH: 2.0, Instruction.REG_MODEL: 1.0,
-    Instruction.STORE: 2.0, Instruction.DELETE_CHAR: 2.0, Instruction.EMPTY: 2.0,
-    Instruction.SET_SYS_PARA: 2.0, Instruction.SET_PWD: 2.0, Instruction.SET_ADDER: 2.0,
-    Instruction.WRITE_NOTEPAD: 2.0, Instruction.LOAD_CHAR: 1.0, Instruction.SOFT_RST: 1.0,
-}
-_DEFAULT_PROCESSING_S = 0.5
-BULK_GAP_S = 0.5  # max silence between two data packets
-# Confirmation codes each instruction can answer with, besides 00 and the generic ones. The protocol
-# has no sequence numbers: a late reply to an earlier command (after a timeout) can only be told
-# apart from the real one by a code or a length the current command never produces.
-_GENERIC_CODES = frozenset({0x01, 0x20, 0x21, 0xFC, 0xFD, 0xFE})
-_PLAUSIBLE: dict[int, frozenset[int]] = {
-    Instruction.GEN_IMG: frozenset({0x02, 0x03}),
-    Instruction.GET_IMAGE_EX: frozenset({0x02, 0x03, 0x07}),
-    Instruction.IMG2TZ: frozenset({0x04, 0x05, 0x06, 0x07, 0x15}),
-    Instruction.MATCH: frozenset({0x08}),
-    Instruction.SEARCH: frozenset({0x09, 0x24}),
-    Instruction.HIGH_SPEED_SEARCH: frozenset({0x09, 0x24}),
-    Instruction.REG_MODEL: frozenset({0x0A}),
-    Instruction.STORE: frozenset({0x0B, 0x18, 0x1F, 0x22}),
-    Instruction.LOAD_CHAR: frozenset({0x0B, 0x0C}),
-    Instruction.UP_CHAR: frozenset({0x0D, 0x22}),
-    Instruction.DOWN_CHAR: frozenset({0x0E}),
-    Instruction.UP_IMAGE: frozenset({0x0F, 0x15}),
-    Instruction.DOWN_IMAGE: frozenset({0x0E}),
-    Instruction.DELETE_CHAR: frozenset({0x0B, 0x10, 0x18}),
-    Instruction.EMPTY: frozenset({0x11, 0x18}),
-    Instruction.SET_SYS_PARA: frozenset({0x18, 0x1A, 0x1B}),
-    Instruction.READ_SYS_PARA: frozenset({0x18}),
-    Instruction.VFY_PWD: frozenset({0x13}),
-    Instruction.SET_PWD: frozenset({0x18}),
-    Instruction.WRITE_NOTEPAD: frozenset({0x18, 0x1C}),
-    Instruction.READ_NOTEPAD: frozenset({0x1C}),
-    Instruction.READ_INDEX_TABLE: frozenset({0x1C}),
-    Instruction.GET_ECHO: frozenset({0x55}),
-    Instruction.CHECK_SENSOR: frozenset({0x29}),
-    Instruction.AURA_LED_CONFIG: frozenset(),
-}
-# Resending these after a lost reply could do harm or confuse the module's state machine.
-_NOT_RETRIED = frozenset({Instruction.DOWN_CHAR, Instruction.DOWN_IMAGE, Instruction.SET_SYS_PARA,
-                          Instruction.SOFT_RST, Instruction.SET_PWD, Instruction.SET_ADDER,
-                          Instruction.UP_IMAGE, Instruction.UP_CHAR, Instruction.GET_RANDOM_CODE})
-
-
-class WaitResult(enum.Enum):
-    """Outcome of waiting for a finger to be placed or lifted."""
-
-    CAPTURED = "captured"  # a finger image is in the sensor's image buffer
-    LIFTED = "lifted"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-
-
-class LedMode(enum.IntEnum):
-    """R503 AuraLedConfig control codes."""
-
-    BREATHING = 1
-    FLASHING = 2
-    ON = 3
-    OFF = 4
-    FADE_IN = 5
-    FADE_OUT = 6
-
-
-class LedColor(enum.IntEnum):
-    """R503 ring colours (4..7 from manual V1.2 on)."""
-
-    RED = 1
-    BLUE = 2
-    PURPLE = 3
-    GREEN = 4
-    YELLOW = 5
-    CYAN = 6
-    WHITE = 7
-
-
-@dataclass(frozen=True)
-class SystemParameters:
-    """The 16-byte ReadSysPara table, decoded."""
-
-    status: int
-    system_id: int
-    capacity: int
-    security_level: int
-    address: int
-    packet_size: int  # bytes (32/64/128/256)
-    baud: int  # bits per second
-
-    @property
-    def busy(self) -> bool:
-        """Status bit 0: the module is busy."""
-        return bool(self.status & 1)
-
-    @property
-    def password_verified(self) -> bool:
-        """Status bit 2: the password has been verified."""
-        return bool(self.status & 4)
-
-    @property
-    def image_in_buffer(self) -> bool:
-        """Status bit 3: a valid image is in the image buffer."""
-        return bool(self.status & 8)
-
-    @classmethod
-    def decode(cls, table: bytes) -> SystemParameters:
-        """Decode the table; ProtocolError if it is malformed."""
-        if len(table) != 16:
-            raise ProtocolError(f"ReadSysPara table must be 16 bytes, got {len(table)}")
-        status, sysid, cap, sec, addr, pkt, n = struct.unpack(">HHHHIHH", table)
-        if pkt > 3:
-            raise ProtocolError(f"ReadSysPara: packet size code {pkt} not in 0..3")
-        if not 1 <= n <= 12:
-            raise ProtocolError(f"ReadSysPara: baud multiplier {n} not in 1..12")
-        return cls(status, sysid, cap, sec, addr, PACKET_SIZES[pkt], baud_from_n(n))
-
-
-@dataclass(frozen=True)
-class ProductInfo:
-    """R503 ReadProdInfo (46 bytes)."""
-
-    model: str
-    batch: str
-    serial: str
-    hw_version: str
-    sensor_type: str
-    width: int
-    height: int
-    template_size: int
-    database_size: int
-
-    @classmethod
-    def decode(cls, raw: bytes) -> ProductInfo:
-        """Decode the 46 result bytes; ProtocolError if the length is wrong."""
-        if len(raw) != 46:
-            raise ProtocolError(f"ReadProdInfo must return 46 bytes, got {len(raw)}")
-
-        def text(b: bytes) -> str:
-            return b.split(b"\0", 1)[0].decode("ascii", "replace").strip()
-
-        hw = f"{raw[28]}.{raw[29]}"
-        w, h, tsize, dbsize = struct.unpack(">HHHH", raw[38:46])
-        return cls(text(raw[0:16]), text(raw[16:20]), text(raw[20:28]), hw, text(raw[30:38]),
-                   w, h, tsize, dbsize)
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """A library hit."""
-
-    page: int
-    score: int
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    """CharBuffer1 vs CharBuffer2."""
-
-    matched: bool
-    score: int
-
-
-@dataclass(frozen=True)
-class SensorInfo:
-    """What `rekam sensor info` shows."""
-
-    model: str
-    capacity: int
-    templates: int
-    baud: int
-    packet_size: int
-    security_level: int
-    address: int
-    geometry: str
-    port: str
+__all__ = [  # the result types live in hw.sensor.results; importing them from here keeps working
+    "FingerprintSensor", "LedColor", "LedMode", "MatchResult", "ProductInfo", "SearchResult", "SensorInfo",
+    "SystemParameters", "Touch", "WaitResult",
+]
 
 
 Touch = Callable[[], bool] | threading.Event
@@ -252,16 +67,11 @@ def _u16(v: int, what: str) -> bytes:
     return struct.pack(">H", v)
 
 
-def _u32(v: int, what: str) -> bytes:
-    if not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
-        raise ValueError(f"{what} must be an integer 0..0xFFFFFFFF, got {v!r}")
-    return struct.pack(">I", v)
-
-
 def _buffer_id(b: int) -> bytes:
     if not isinstance(b, int) or not 1 <= b <= 6:
         raise ValueError(f"char buffer must be 1..6 (1 or 2 on ZFM/R30x), got {b!r}")
     return bytes([b])
+
 
 
 class FingerprintSensor:
@@ -270,7 +80,8 @@ class FingerprintSensor:
     ``FingerprintSensor("/dev/serial0").open()`` finds the sensor (trying the common baud rates),
     verifies the password, reads the system parameters and raises the link to `target_baud`.
     Every public method is one locked transaction; after the port disappears, calls raise
-    `SensorUnavailable` until a reopen (attempted on a call, with exponential backoff) succeeds.
+    `SensorUnavailable` until a reopen (attempted on a call, with `reopen_backoff` = (lo, hi)
+    seconds of `firmware.system.backoff.Backoff` between failed attempts) succeeds.
     """
 
     def __init__(
@@ -289,35 +100,20 @@ class FingerprintSensor:
         bulk_retries: int = 1,
         security_level: int | None = None,
     ) -> None:
-        n_from_baud(baud)  # validates
         if security_level is not None and security_level not in range(1, 6):
             raise ValueError(f"security level must be 1..5, got {security_level!r}")
         if target_baud is not None:
             n_from_baud(target_baud)
-        _u32(password, "password")
-        _u32(address, "address")
-        self.port = port
-        self.baud = baud
-        self.password = password
-        self.address = address
+        self.link = SensorLink(port, baud, password=password, address=address, auto_baud=auto_baud,
+                               baud_candidates=baud_candidates, settle_s=settle_s,
+                               reopen_backoff=reopen_backoff, max_bulk_bytes=max_bulk_bytes)
         self.target_baud = target_baud
-        self.auto_baud = auto_baud
-        self.baud_candidates = tuple(baud_candidates)
-        self.settle_s = settle_s
-        self.reopen_backoff = reopen_backoff
-        self.max_bulk_bytes = max_bulk_bytes
         self.bulk_retries = bulk_retries
         self.security_level = security_level
         self.params: SystemParameters | None = None
         self.product: ProductInfo | None = None
         self.geometry: Geometry | None = None
-        self._ser: serial.SerialBase | None = None
-        self._framer = Framer(address)
         self._lock = threading.RLock()
-        self._retry_at = 0.0
-        self._backoff = reopen_backoff[0]
-        self._unavailable_reason = ""
-        self._needs_sync = True
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> FingerprintSensor:
@@ -330,15 +126,35 @@ class FingerprintSensor:
         kw.update(overrides)
         return cls(**kw)
 
+    @property
+    def port(self) -> str:
+        """The serial port path (or pyserial URL)."""
+        return self.link.port
+
+    @property
+    def baud(self) -> int:
+        """The link rate in use (after the baud search and any raise)."""
+        return self.link.baud
+
+    @property
+    def password(self) -> int:
+        """The module password the driver verifies with."""
+        return self.link.password
+
+    @property
+    def address(self) -> int:
+        """The module address (change it with `set_address`)."""
+        return self.link.address
+
     # --- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> SystemParameters:
         """Connect: open the port, find the baud, verify the password, read parameters, raise the baud."""
         with self._lock:
             try:
-                self._connect()
+                self.link.connect(self._setup)
             except BaseException:
-                self._close_port()  # do not keep the port (and its exclusive lock) after a failed open
+                self.link.close()  # do not keep the port (and its exclusive lock) after a failed open
                 raise
             assert self.params is not None
             return self.params
@@ -346,8 +162,7 @@ class FingerprintSensor:
     def close(self) -> None:
         """Close the port (a later call reopens it)."""
         with self._lock:
-            self._close_port()
-            self._needs_sync = True
+            self.link.close()
 
     def __enter__(self) -> FingerprintSensor:
         self.open()
@@ -359,113 +174,28 @@ class FingerprintSensor:
     @property
     def is_open(self) -> bool:
         """Whether the serial port is open now."""
-        return self._ser is not None
+        return self.link.is_open
 
-    def _open_port(self, baud: int) -> None:
-        try:
-            self._ser = serial.serial_for_url(self.port, baudrate=baud, timeout=READ_SLICE_S,
-                                              write_timeout=10.0, exclusive=True)
-        except (serial.SerialException, OSError, ValueError) as e:
-            self._ser = None
-            raise SensorUnavailable(f"cannot open sensor port {self.port}: {e}") from e
-        self._framer.reset()
-        log.info("sensor port opened port=%s baud=%d", self.port, baud)
-
-    def _close_port(self) -> None:
-        ser, self._ser = self._ser, None
-        if ser is not None:
-            try:
-                ser.close()
-            except (serial.SerialException, OSError):
-                pass
-
-    def _lost(self, exc: BaseException) -> SensorUnavailable:
-        """The port failed under us: close it, schedule a reopen, return the error to raise."""
-        self._close_port()
-        self._needs_sync = True
-        self._unavailable_reason = f"{type(exc).__name__}: {exc}"
-        self._retry_at = time.monotonic()  # first reopen attempt on the very next call
-        self._backoff = self.reopen_backoff[0]
-        log.warning("sensor port lost port=%s error=%s", self.port, self._unavailable_reason)
-        return SensorUnavailable(f"sensor port {self.port} lost: {self._unavailable_reason}")
-
-    def _ensure_ready(self) -> None:
-        """Open and synchronise if needed, honouring the reopen backoff."""
-        if self._ser is not None and not self._needs_sync:
-            return
-        now = time.monotonic()
-        if self._ser is None and now < self._retry_at:
-            raise SensorUnavailable(
-                f"sensor on {self.port} unavailable ({self._unavailable_reason or 'not opened'}); "
-                f"next reopen attempt in {self._retry_at - now:.1f} s")
-        try:
-            self._connect()
-        except SensorError as e:
-            if self._ser is None or isinstance(e, SensorUnavailable):
-                self._close_port()
-                self._unavailable_reason = str(e)
-                self._retry_at = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, self.reopen_backoff[1])
-                raise SensorUnavailable(str(e)) from e
-            raise
-
-    def _connect(self) -> None:
-        if self._ser is None:
-            self._open_port(self.baud)
-        self._needs_sync = False
-        try:
-            self._find_baud()
+    def _setup(self) -> None:
+        """Start-up after the link found the baud: parameters, security level, product, baud raise."""
+        self.params = self._read_sys_para()
+        if self.params.address != self.address:
+            log.warning("sensor address mismatch configured=0x%08X reported=0x%08X",
+                        self.address, self.params.address)
+        if self.security_level and self.params.security_level != self.security_level:
+            self.link.command(Instruction.SET_SYS_PARA, bytes([SysParam.SECURITY, self.security_level]))
+            if not self.link.verify_after_change():
+                raise SensorTimeout("sensor silent after setting the security level")
             self.params = self._read_sys_para()
-            if self.params.address != self.address:
-                log.warning("sensor address mismatch configured=0x%08X reported=0x%08X",
-                            self.address, self.params.address)
-            if self.security_level and self.params.security_level != self.security_level:
-                self._command(Instruction.SET_SYS_PARA, bytes([SysParam.SECURITY, self.security_level]))
-                if not self._verify_after_change():
-                    raise SensorTimeout("sensor silent after setting the security level")
-                self.params = self._read_sys_para()
-                log.info("security level set level=%d", self.security_level)
-            self.geometry = None  # re-learned: the module may have been swapped while unplugged
-            self._probe_product()
-            if self.target_baud and self.target_baud > self.baud:
-                self._raise_baud(self.target_baud)
-        except SensorError:
-            self._needs_sync = True
-            raise
-        self._backoff = self.reopen_backoff[0]
-        self._unavailable_reason = ""
+            log.info("security level set level=%d", self.security_level)
+        self.geometry = None  # re-learned: the module may have been swapped while unplugged
+        self._probe_product()
+        if self.target_baud and self.target_baud > self.baud:
+            self._raise_baud(self.target_baud)
         p = self.params
         log.info("sensor ready port=%s baud=%d capacity=%d packet=%d security=%d model=%s",
                  self.port, self.baud, p.capacity, p.packet_size, p.security_level,
                  self.product.model if self.product else "EF01")
-
-    def _set_host_baud(self, baud: int) -> None:
-        assert self._ser is not None
-        try:
-            self._ser.baudrate = baud
-        except PORT_ERRORS as e:
-            raise self._lost(e) from e
-
-    def _find_baud(self) -> None:
-        """VfyPwd at the configured baud, then at the other common rates."""
-        order = [self.baud] + ([b for b in self.baud_candidates if b != self.baud] if self.auto_baud else [])
-        last: SensorTimeout | ProtocolError | None = None
-        for b in order:
-            if self._ser is not None and self._ser.baudrate != b:
-                self._set_host_baud(b)
-            try:
-                self._verify_password(quick=True)
-            except (SensorTimeout, ProtocolError) as e:  # silence or garbled bytes: wrong rate
-                last = e
-                log.debug("no answer at baud=%d", b)
-                continue
-            if b != self.baud:
-                log.info("sensor found at baud=%d (configured %d)", b, self.baud)
-            self.baud = b
-            return
-        tried = ", ".join(str(b) for b in order)
-        raise SensorTimeout(f"no EF01 sensor answered on {self.port} at {tried} baud (check power, TX/RX "
-                            f"wiring, that the serial console is off, and the address) ") from last
 
     def _raise_baud(self, target: int) -> None:
         try:
@@ -474,39 +204,15 @@ class FingerprintSensor:
             log.warning("sensor refused baud change target=%d error=%s", target, e)
 
     def _change_baud(self, target: int) -> int:
-        old = self.baud
-        n = n_from_baud(target)
-        self._command(Instruction.SET_SYS_PARA, bytes([SysParam.BAUD, n]))
-        self._set_host_baud(target)
-        if self._verify_after_change():
-            self.baud = target
+        rate = self.link.change_baud(target)
+        if rate == target:
             self.params = self._read_sys_para()
-            log.info("link raised old_baud=%d baud=%d", old, target)
-            return target
-        # Many modules apply the new rate only after a power cycle: go back and check.
-        self._set_host_baud(old)
-        if self._verify_after_change():
-            log.warning("baud change did not take effect now old_baud=%d target=%d "
-                        "(module will use it after a power cycle; auto-baud will find it)", old, target)
-            return old
-        raise SensorTimeout(f"sensor silent at {target} and {old} baud after a baud change")
-
-    def _verify_after_change(self) -> bool:
-        """Wait out the post-SetSysPara busy window, then VfyPwd until answered or 1.5 s."""
-        time.sleep(self.settle_s)
-        end = time.monotonic() + 1.5
-        while True:
-            try:
-                self._verify_password(quick=True)
-                return True
-            except (SensorTimeout, ProtocolError):
-                if time.monotonic() >= end:
-                    return False
+        return rate
 
     def _probe_product(self) -> None:
         try:
-            ack = self._command(Instruction.READ_PROD_INFO, quick=True, reply_len=47)
-        except (UnsupportedCommand, PacketReceiveError, SensorTimeout, ProtocolError):
+            ack = self.link.command(Instruction.READ_PROD_INFO, quick=True, reply_len=47)
+        except (UnsupportedCommand, PacketReceiveError, SensorTimeout, UnexpectedReply):
             self.product = None  # not an R503-class module (or no usable answer); not an error
             return
         self.product = ProductInfo.decode(ack.content[1:])
@@ -516,171 +222,21 @@ class FingerprintSensor:
         else:
             log.info("ReadProdInfo geometry %s not a known UART image size; learning it from an image", g)
 
-    # --- transport -----------------------------------------------------------------------
-
-    def _wire_s(self, nbytes: int) -> float:
-        return nbytes * 10 / self.baud
-
-    def _write(self, frame: bytes) -> None:
-        assert self._ser is not None
-        log.debug("tx %s", frame.hex(" "))
-        try:
-            self._ser.write(frame)
-        except serial.SerialTimeoutException as e:
-            raise SensorTimeout(f"write to {self.port} timed out") from e
-        except PORT_ERRORS as e:
-            raise self._lost(e) from e
-
-    def _read_packet(self, deadline: float, what: str) -> Packet:
-        """The next valid frame, or SensorTimeout at `deadline`."""
-        ser = self._ser
-        assert ser is not None
-        framer = self._framer
-        while True:
-            pkt = framer.next_packet()
-            if pkt is not None:
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("rx pid=0x%02X %s", pkt.pid, pkt.content[:32].hex(" "))
-                return pkt
-            if time.monotonic() >= deadline:
-                raise SensorTimeout(f"{what}: no complete reply from the sensor on {self.port} "
-                                    f"(buffered={framer.buffered} discarded={framer.discarded})")
-            try:
-                n = max(framer.needed(), min(ser.in_waiting, 4096))
-                data = ser.read(n)
-            except PORT_ERRORS as e:
-                # TypeError: pyserial on a vanished pty/USB device (fd closed under it)
-                raise self._lost(e) from e
-            if data:
-                framer.feed(data)
-
-    def _read_ack(self, deadline: float, name: str, instruction: int = -1, reply_len: int = 1) -> Packet:
-        """Wait for this command's ACK.
-
-        Gives up early when the reply arrived damaged (rejected, then silence), and skips an ACK
-        that cannot be this command's (a code it never returns, or an OK shorter than its results):
-        that is a late reply to an earlier command.
-        """
-        plausible = _PLAUSIBLE.get(instruction)
-        rejected0 = self._framer.rejected
-        while True:
-            try:
-                pkt = self._read_packet(min(deadline, time.monotonic() + 0.1), name)
-            except SensorTimeout:
-                fr = self._framer
-                if fr.rejected != rejected0 and fr.buffered == 0:
-                    raise ProtocolError(f"{name}: reply damaged in transit ({fr.last_reject})") from None
-                if time.monotonic() >= deadline:
-                    raise
-                continue
-            if pkt.pid != Pid.ACK:
-                log.debug("skipping stray pid=0x%02X while waiting for the ACK of %s", pkt.pid, name)
-                continue
-            code = pkt.code
-            stale = (code == Code.OK and len(pkt.content) < reply_len) or (
-                plausible is not None and code != Code.OK and code not in plausible
-                and code not in _GENERIC_CODES)
-            if stale:
-                log.warning("skipping a reply that is not for %s (code=0x%02X len=%d): late reply to an "
-                            "earlier command", name, code, len(pkt.content))
-                continue
-            return pkt
-
-    def _flush_input(self) -> None:
-        assert self._ser is not None
-        try:
-            self._ser.reset_input_buffer()
-        except PORT_ERRORS as e:
-            raise self._lost(e) from e
-        self._framer.reset()
-
-    def _command(self, instruction: int, params: bytes = b"", *, quick: bool = False,
-                 reply_len: int = 1, allow: Iterable[int] = (), _reverified: bool = False) -> Packet:
-        """Send one command and return its ACK; raise the typed error for a failure code.
-
-        `allow` lists non-zero codes that are results, not errors (no finger, not found...).
-        `quick` uses a short deadline (probing at a possibly wrong baud).
-        """
-        if self._ser is None:
-            raise SensorUnavailable(f"sensor port {self.port} is not open")
-        name = _name(instruction)
-        frame = command_frame(instruction, params, self.address)
-        processing = 0.3 if quick else _PROCESSING_S.get(instruction, _DEFAULT_PROCESSING_S)
-        retries = 0 if quick or instruction in _NOT_RETRIED else 1
-        for attempt in range(retries + 1):
-            self._flush_input()
-            self._write(frame)
-            deadline = time.monotonic() + processing + 2 * self._wire_s(len(frame) + 11 + reply_len)
-            try:
-                pkt = self._read_ack(deadline, name, instruction, reply_len)
-                break
-            except (SensorTimeout, ProtocolError) as e:
-                if attempt == retries:
-                    if not quick:
-                        # unanswered even after a resend: re-check the link (baud search, VfyPwd)
-                        # on the next call; cheap (one VfyPwd) when the module is fine
-                        self._needs_sync = True
-                    raise
-                log.warning("no valid reply, resending command=%s error=%s", name, e)
-        code = pkt.code
-        if (code == Code.PASSWORD_REQUIRED and instruction != Instruction.VFY_PWD and self.password
-                and not _reverified):
-            # the module rebooted and forgot the verification: verify and retry once
-            log.info("module asks for the password again (rebooted?); verifying command=%s", name)
-            self._verify_password(quick=False)
-            return self._command(instruction, params, quick=quick, reply_len=reply_len, allow=allow,
-                                 _reverified=True)
-        if code != Code.OK and code not in allow:
-            raise CommandError.for_code(code, name)
-        if code == Code.OK and len(pkt.content) < reply_len:
-            raise ProtocolError(f"{name}: ACK has {len(pkt.content)} content bytes, expected {reply_len}")
-        return pkt
-
-    def _verify_password(self, quick: bool) -> None:
-        self._command(Instruction.VFY_PWD, _u32(self.password, "password"), quick=quick)
+    def _command(self, instruction: int, params: bytes = b"", *, reply_len: int = 1,
+                 allow: Iterable[int] = ()) -> Packet:
+        return self.link.command(instruction, params, reply_len=reply_len, allow=allow)
 
     def _read_sys_para(self) -> SystemParameters:
-        ack = self._command(Instruction.READ_SYS_PARA, reply_len=17)
+        ack = self.link.command(Instruction.READ_SYS_PARA, reply_len=17)
         return SystemParameters.decode(ack.content[1:17])
 
-    def _receive_bulk(self, what: str, expected: int | None = None) -> bytes:
-        """Collect DATA packets until the END packet; iterative, size-capped, corruption-aware."""
-        out = bytearray()
-        rejected0, discarded0 = self._framer.rejected, self._framer.discarded
-        packets = 0
-        while True:
-            deadline = time.monotonic() + BULK_GAP_S + self._wire_s(2 * 267)
-            pkt = self._read_packet(deadline, f"{what} data packet {packets + 1}")
-            if pkt.pid == Pid.ACK:
-                # a duplicated or late ACK (seen on real modules, adafruit#31): not data
-                log.debug("skipping ACK code=0x%02X inside %s data", pkt.code, what)
-                continue
-            if pkt.pid not in (Pid.DATA, Pid.END):
-                raise ProtocolError(f"{what}: expected a data packet, got pid 0x{pkt.pid:02X}")
-            out += pkt.content
-            packets += 1
-            if len(out) > self.max_bulk_bytes:
-                raise ProtocolError(f"{what}: more than {self.max_bulk_bytes} bytes without an end packet")
-            if pkt.pid == Pid.END:
-                break
-        lost = self._framer.discarded - discarded0
-        if lost or self._framer.rejected != rejected0:
-            raise ProtocolError(f"{what}: {lost} bytes lost in transit ({self._framer.last_reject}); "
-                                f"received {len(out)} bytes in {packets} packets")
-        if expected is not None and len(out) != expected:
-            raise ProtocolError(f"{what}: received {len(out)} bytes, expected {expected}")
-        log.debug("bulk %s bytes=%d packets=%d", what, len(out), packets)
-        return bytes(out)
-
     def _send_bulk(self, data: bytes) -> None:
-        size = self.params.packet_size if self.params else 128
-        for frame in data_frames(data, size, self.address):
-            self._write(frame)
+        self.link.send_bulk(data, self.params.packet_size if self.params else 128)
 
     def _transaction(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` under the lock with the link ready."""
+        """Run `fn` under the lock with the link ready (opened, reopened or re-checked as needed)."""
         with self._lock:
-            self._ensure_ready()
+            self.link.ensure(self._setup)
             return fn()
 
     # --- system -----------------------------------------------------------------------------
@@ -688,7 +244,7 @@ class FingerprintSensor:
     def handshake(self) -> bool:
         """Liveness probe (VfyPwd with the configured password); False on timeout."""
         try:
-            self._transaction(lambda: self._verify_password(quick=False))
+            self._transaction(lambda: self.link.verify_password(quick=False))
         except SensorTimeout:
             return False
         return True
@@ -696,15 +252,15 @@ class FingerprintSensor:
     def verify_password(self, password: int | None = None) -> None:
         """VfyPwd; raises PasswordError(0x13) if wrong. A given password becomes the configured one."""
         if password is not None:
-            _u32(password, "password")
-            self.password = password
-        self._transaction(lambda: self._verify_password(quick=False))
+            u32(password, "password")
+            self.link.password = password
+        self._transaction(lambda: self.link.verify_password(quick=False))
 
     def set_password(self, password: int) -> None:
         """SetPwd (takes effect at once); the driver keeps using the new password."""
-        pw = _u32(password, "password")
+        pw = u32(password, "password")
         self._transaction(lambda: self._command(Instruction.SET_PWD, pw))
-        self.password = password
+        self.link.password = password
 
     def read_system_parameters(self) -> SystemParameters:
         """ReadSysPara (and refresh `params`)."""
@@ -723,7 +279,7 @@ class FingerprintSensor:
 
         def go() -> None:
             self._command(Instruction.SET_SYS_PARA, bytes([int(param), value]))
-            if not self._verify_after_change():
+            if not self.link.verify_after_change():
                 raise SensorTimeout(f"sensor silent after SetSysPara({int(param)}, {value})")
             self.params = self._read_sys_para()
         self._transaction(go)
@@ -814,18 +370,19 @@ class FingerprintSensor:
 
     def set_address(self, address: int) -> None:
         """SetAdder: give the module a new address (its ACK already comes from the new one)."""
-        new = _u32(address, "address")
+        new = u32(address, "address")
 
         def go() -> None:
             # the command goes to the old address; the ACK comes from the new one, so accept any
-            self._framer.address = None
+            framer = self.link.framer
+            framer.address = None
             try:
                 ack = self._command(Instruction.SET_ADDER, new)
             finally:
-                self._framer.address = self.address
+                framer.address = self.address
             if ack.address != address:
                 log.warning("SetAdder ACK from 0x%08X, expected 0x%08X", ack.address, address)
-            self.address = self._framer.address = address
+            self.link.address = address
         self._transaction(go)
 
     def check_sensor(self) -> bool:
@@ -838,8 +395,8 @@ class FingerprintSensor:
         """R503 SoftRst: the module reboots (and emits a 0x55 byte, which the framer skips)."""
         def go() -> None:
             self._command(Instruction.SOFT_RST)
-            time.sleep(self.settle_s)
-            self._needs_sync = True
+            time.sleep(self.link.settle_s)
+            self.link.needs_sync = True
         self._transaction(go)
 
     # --- images -------------------------------------------------------------------------
@@ -865,16 +422,16 @@ class FingerprintSensor:
             for attempt in range(self.bulk_retries + 1):
                 try:
                     self._command(Instruction.UP_IMAGE)
-                    payload = self._receive_bulk("UpImage", expected)
+                    payload = self.link.receive_bulk("UpImage", expected)
                     break
-                except (ProtocolError, SensorTimeout) as e:
+                except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise
                     log.warning("image upload damaged, retrying attempt=%d error=%s", attempt + 1, e)
             try:
                 geometry = self.geometry or geometry_for_bytes(len(payload))
             except ValueError as e:
-                raise ProtocolError(f"UpImage: {e}") from e
+                raise UnexpectedReply(f"UpImage: {e}") from e
             self.geometry = geometry  # learned from the first image on modules without ReadProdInfo
             return unpack_4bit(payload, geometry)
         return self._transaction(go)
@@ -977,8 +534,8 @@ class FingerprintSensor:
             for attempt in range(self.bulk_retries + 1):
                 try:
                     self._command(Instruction.UP_CHAR, b)
-                    return self._receive_bulk("UpChar")
-                except (ProtocolError, SensorTimeout) as e:
+                    return self.link.receive_bulk("UpChar")
+                except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise
                     log.warning("template upload damaged, retrying attempt=%d error=%s", attempt + 1, e)
@@ -1043,11 +600,6 @@ class FingerprintSensor:
         return WaitResult.CAPTURED
 
 
-def _name(instruction: int) -> str:
-    try:
-        return Instruction(instruction).name
-    except ValueError:
-        return f"instruction 0x{instruction:02X}"
 
 
 def _touched(touch: Touch, wait_s: float) -> bool:
@@ -1063,3 +615,4 @@ def _sleep(cancel: threading.Event | None, seconds: float) -> None:
         cancel.wait(seconds)
     else:
         time.sleep(seconds)
+

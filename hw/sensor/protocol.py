@@ -200,8 +200,12 @@ class FrameError(SensorError):
     """Bytes that are not a valid frame (bad header, length, address, PID or checksum)."""
 
 
-class ProtocolError(SensorError):
-    """A well-formed frame that is not what the transaction expects (wrong PID, short ACK, lost data)."""
+class UnexpectedReply(SensorError):
+    """A well-formed frame that is not what the transaction expects (wrong PID, short ACK, lost data).
+
+    Not `firmware.errors.ProtocolError`: that one is about relay/control messages, this one about
+    sensor replies on the UART.
+    """
 
 
 class CommandError(SensorError):

@@ -26,11 +26,11 @@ class Clock:
 
 
 def test_corrupt_checksum_is_detected_and_the_command_resent(sim, fp) -> None:
-    rejected = fp._framer.rejected
+    rejected = fp.link.framer.rejected
     sim.faults.corrupt_checksum_next = 1
     with Clock() as c:
         assert fp.template_count() == 0
-    assert fp._framer.rejected > rejected  # the bad frame was seen and refused
+    assert fp.link.framer.rejected > rejected  # the bad frame was seen and refused
     assert c.s < 0.5  # given up early (damaged reply), not after the deadline
 
 
@@ -46,7 +46,7 @@ def test_stray_bytes_before_a_reply_are_skipped(sim, fp) -> None:
     sim.faults.stray_payload = b"\x55\x00\xef\xef\x01\xff"
     for _ in range(3):
         assert fp.template_count() == 0
-    assert fp._framer.discarded >= 18
+    assert fp.link.framer.discarded >= 18
 
 
 def test_duplicate_ack_does_not_shift_later_replies(sim, fp) -> None:
@@ -149,7 +149,7 @@ def test_damaged_data_packet_in_image_upload_is_retried(sim, fp) -> None:
     assert np.array_equal(fp.upload_image(), img)
     fp.bulk_retries = 0
     sim.faults.corrupt_data_next = 1
-    with pytest.raises(p.ProtocolError, match="lost in transit"):
+    with pytest.raises(p.UnexpectedReply, match="lost in transit"):
         fp.upload_image()
     assert np.array_equal(fp.upload_image(), img)
 

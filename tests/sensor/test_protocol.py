@@ -13,8 +13,8 @@ from hw.sensor.protocol import (
     FrameError,
     Framer,
     Pid,
-    ProtocolError,
     SensorError,
+    UnexpectedReply,
     build_frame,
     command_frame,
     data_frames,
@@ -210,5 +210,5 @@ def test_decoders_raise_only_typed_errors(raw: bytes) -> None:
     for fn in (parse_frame, lambda b: SystemParameters.decode(b[:16]), ProductInfo.decode):
         try:
             fn(raw)
-        except (FrameError, ProtocolError):
+        except (FrameError, UnexpectedReply):
             pass
