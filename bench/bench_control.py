@@ -33,7 +33,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from firmware.wire import control_protocol as cp  # noqa: E402
 from provisioning import ca  # noqa: E402
-from provisioning.fleet import Fleet, FleetLink, FleetService, send_command  # noqa: E402
+from provisioning.fleet_link import FleetLink  # noqa: E402
+from provisioning.fleet_ops import send_command  # noqa: E402
+from provisioning.fleet_service import FleetService  # noqa: E402
+from provisioning.registry import Fleet  # noqa: E402
 from tests.provisioning.conftest import Broker, free_port, make_kit, wait_for, write_kit_config  # noqa: E402
 
 
