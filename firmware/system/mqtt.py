@@ -236,6 +236,19 @@ class Delivery:
         """Block until the outcome is known (True) or `timeout` passes (False)."""
         return self._done.wait(timeout)
 
+    @property
+    def reason_name(self) -> str:
+        """The PUBACK reason code's MQTT name ("Success", "Not authorized"...), else `error` or "pending"."""
+        if self.reason is None or self.reason == LOST:
+            return self.error or ("pending" if not self.done else "")
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.reasoncodes import ReasonCode
+
+        try:
+            return str(ReasonCode(PacketTypes.PUBACK, identifier=self.reason))
+        except (KeyError, ValueError):
+            return f"reason code 0x{self.reason:02x}"
+
     def __repr__(self) -> str:
         return f"Delivery(topic={self.topic!r}, mid={self.mid}, reason={self.reason}, error={self.error!r})"
 
