@@ -1,144 +1,97 @@
 """The fleet's MQTT connection (client certificate CN ``fleet``), used by the service and by the CLI
-commands that publish (config push, kits revoke, cmd send)."""
+commands that publish (config push, kits revoke, cmd send). A thin layer over the one MQTT adapter,
+`firmware.system.mqtt.MqttLink`: brokers from ``fleet.json``, the fleet certificate, checked publishes."""
 
 from __future__ import annotations
 
 import logging
-import queue
-import socket
-import ssl
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
 
 from firmware.errors import FleetError
+from firmware.system.mqtt import Broker, Delivery, Message, MqttLink, MqttSettings
 from provisioning.registry import Fleet
 
 log = logging.getLogger(__name__)
 
+BACKOFF_MIN_S = 1.0  # between rounds over every broker of fleet.json
+BACKOFF_MAX_S = 30.0
+MAX_INFLIGHT = 100  # a config push to '*' publishes one retained document per kit
+KEEP_DELIVERIES = 1000  # a long-running link (the service) never flushes: forget what was accepted past this
+
 
 class FleetLink:
-    """The fleet's MQTT connection (client certificate CN ``fleet``). One thread owns the client;
-    `publish`/`subscribe` from any thread enqueue; received messages go to `on_message`."""
+    """The fleet's MQTT connection. `publish`/`flush` from any thread; received messages go to
+    ``on_message(link, msg)`` on the link's thread (`msg`: `firmware.system.mqtt.Message`)."""
 
-    def __init__(self, fleet: Fleet, client_id: str, on_message: Any = None,
+    def __init__(self, fleet: Fleet, client_id: str, on_message: Callable[[FleetLink, Message], None] | None = None,
                  subscriptions: tuple[str, ...] = ()) -> None:
         self.fleet = fleet
         self.client_id = client_id
         self.on_message = on_message
         self.subscriptions = subscriptions
-        self.connected = threading.Event()
-        self.stop = threading.Event()
-        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self.inflight: dict[int, str] = {}  # mid -> topic, until its PUBACK
-        self.refused: list[tuple[str, str]] = []  # (topic, reason) of publishes the broker refused
-        self._queued = 0
+        try:
+            brokers = [Broker.parse(b, tls=True) for b in fleet.settings.get("brokers", [])]
+        except ValueError as e:
+            raise FleetError(f"fleet.json brokers: {e}") from None
+        if not brokers:
+            raise FleetError("fleet.json lists no brokers")
+        self.mqtt = MqttLink(MqttSettings(
+            brokers, client_id=client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S, backoff_max_s=BACKOFF_MAX_S,
+            ca_file=str(fleet.ca.fleet_ca_crt), cert_file=str(fleet.ca.fleet_crt), key_file=str(fleet.ca.fleet_key),
+            subscriptions=[(s, 1) for s in subscriptions], max_inflight=MAX_INFLIGHT,
+            tcp_nodelay=True,  # small request/response messages: no Nagle delay
+            name="fleet"))
+        self.mqtt.on_message = self._on_message
+        self._lock = threading.Lock()
+        self._deliveries: list[Delivery] = []  # every publish since the last flush()
+
+    @property
+    def connected(self) -> threading.Event:
+        """Set while connected with every subscription granted."""
+        return self.mqtt.ready
 
     def start(self, timeout: float = 10) -> FleetLink:
-        self._thread = threading.Thread(target=self._run, name=f"fleet-{self.client_id}", daemon=True)
-        self._thread.start()
-        if not self.connected.wait(timeout):
+        """Connect (own thread); `FleetError` if no broker answers within `timeout` seconds."""
+        self.mqtt.start(name=f"fleet-{self.client_id}")
+        if not self.mqtt.ready.wait(timeout):
             self.close()
-            raise FleetError(f"cannot reach any broker of {self.fleet.settings.get('brokers')}")
+            why = f" ({self.mqtt.last_error})" if self.mqtt.last_error else ""
+            raise FleetError(f"cannot reach any broker of {self.fleet.settings.get('brokers')}{why}")
         return self
 
+    def _on_message(self, msg: Message) -> None:
+        if self.on_message is not None:
+            self.on_message(self, msg)  # a handler that raises is logged by the adapter
+
     def publish(self, topic: str, payload: bytes, retain: bool = False, response_topic: str | None = None,
-                correlation: bytes | None = None) -> None:
-        self._queued += 1
-        self._out.put(("pub", (topic, payload, retain, response_topic, correlation)))
-
-    def _client(self) -> Any:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.fleet.ca.fleet_ca_crt))
-        ctx.load_cert_chain(str(self.fleet.ca.fleet_crt), str(self.fleet.ca.fleet_key))
-        c.tls_set_context(ctx)
-        c.on_connect = lambda _c, _u, _f, rc, _p: self._events.put(("connect", rc))
-        c.on_message = lambda _c, _u, msg: self._events.put(("message", msg))
-        c.on_publish = lambda _c, _u, mid, rc, _p: self._events.put(("puback", (mid, rc)))
-        return c
-
-    def _run(self) -> None:
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        brokers = self.fleet.settings.get("brokers", [])
-        n = 0
-        while not self.stop.is_set():
-            host, _, port = brokers[n % len(brokers)].rpartition(":")
-            n += 1
-            c = self._client()
-            try:
-                c.connect(host, int(port), keepalive=30, clean_start=True)
-            except (OSError, ssl.SSLError) as e:
-                log.warning("fleet connect failed broker=%s:%s error=%s", host, port, e)
-                self.stop.wait(1)
-                continue
-            try:  # small request/response messages: no Nagle delay
-                c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except (OSError, AttributeError):
-                pass
-            while not self.stop.is_set():
-                if c.loop(timeout=0.02) != 0:
-                    self.connected.clear()
-                    break
-                while True:
-                    try:
-                        kind, arg = self._events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if kind == "connect" and not arg.is_failure:
-                        if self.subscriptions:
-                            c.subscribe([(s, 1) for s in self.subscriptions])
-                        self.connected.set()
-                    elif kind == "message" and self.on_message is not None:
-                        try:
-                            self.on_message(self, arg)
-                        except Exception:
-                            log.exception("fleet message handler failed topic=%s", arg.topic)
-                    elif kind == "puback":
-                        topic = self.inflight.pop(arg[0], "?")
-                        if arg[1].is_failure:
-                            log.error("fleet publish refused topic=%s reason=%s", topic, arg[1])
-                            self.refused.append((topic, str(arg[1])))
-                if not self.connected.is_set():
-                    continue
-                while True:
-                    try:
-                        kind, arg = self._out.get_nowait()
-                    except queue.Empty:
-                        break
-                    topic, payload, retain, resp, corr = arg
-                    props = None
-                    if resp or corr:
-                        props = Properties(PacketTypes.PUBLISH)
-                        if resp:
-                            props.ResponseTopic = resp
-                        if corr:
-                            props.CorrelationData = corr
-                    info = c.publish(topic, payload, qos=1, retain=retain, properties=props)
-                    self.inflight[info.mid] = topic
-                    self._queued -= 1
-            c.disconnect()
-            for _ in range(5):
-                c.loop(timeout=0.05)
+                correlation: bytes | None = None) -> Delivery:
+        """Publish at QoS 1 (queued while disconnected); `flush()` reports what the broker refused."""
+        d = self.mqtt.publish(topic, payload, qos=1, retain=retain, correlation=correlation,
+                              response_topic=response_topic)
+        with self._lock:
+            self._deliveries.append(d)
+            if len(self._deliveries) > KEEP_DELIVERIES:  # keep what a flush() still has to report
+                self._deliveries = [x for x in self._deliveries if not x.ok][-KEEP_DELIVERIES:]
+        return d
 
     def flush(self, timeout: float = 5) -> list[tuple[str, str]]:
         """Wait until everything published so far is acknowledged by the broker (PUBACK); returns the
-        (topic, reason) of publishes it refused, and raises `FleetError` on timeout."""
+        (topic, reason) of publishes it refused, and raises `FleetError` on timeout or a lost connection."""
         deadline = time.monotonic() + timeout
-        while (self._queued > 0 or self.inflight) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if self._queued > 0 or self.inflight:
-            raise FleetError(f"{self._queued + len(self.inflight)} message(s) not acknowledged within {timeout:.0f} s")
-        return list(self.refused)
+        with self._lock:
+            pending = list(self._deliveries)
+        for d in pending:
+            d.wait(max(0.0, deadline - time.monotonic()))
+        unanswered = [d for d in pending if not d.done or (d.reason is None or d.reason < 0)]
+        if unanswered:
+            why = "; ".join(sorted({d.reason_name for d in unanswered}))
+            raise FleetError(f"{len(unanswered)} message(s) not acknowledged within {timeout:.0f} s ({why})")
+        with self._lock:
+            self._deliveries = [d for d in self._deliveries if d not in pending]
+        return [(d.topic, d.reason_name) for d in pending if not d.ok]
 
     def close(self) -> None:
-        self.stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-
+        """Disconnect cleanly (no Last Will) and stop the link's thread."""
+        self.mqtt.stop()

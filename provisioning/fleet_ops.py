@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import CaError, FleetError
+from firmware.system.mqtt import Message
 from firmware.wire import control_protocol as cp
 from provisioning import ca
 from provisioning.fleet_link import FleetLink
@@ -142,13 +143,12 @@ def send_command(f: Fleet, kit: str, name: str, args: dict[str, Any], ttl: int, 
     cmd_id, payload = f.make_command(kit, name, args, ttl)
     got: queue.Queue[dict[str, Any]] = queue.Queue()
 
-    def on_message(_link: FleetLink, msg: Any) -> None:
-        if f.handle_kit_message(msg.topic, bytes(msg.payload)) == "result":
-            corr = getattr(msg.properties, "CorrelationData", None)
-            if corr == cmd_id.encode():
-                r = f.command(cmd_id)
-                if r is not None and r["result"]:
-                    got.put(json.loads(r["result"]))
+    def on_message(_link: FleetLink, msg: Message) -> None:
+        # Record every result (handle_kit_message first), then pick out this command's.
+        if f.handle_kit_message(msg.topic, msg.payload) == "result" and msg.correlation == cmd_id.encode():
+            r = f.command(cmd_id)
+            if r is not None and r["result"]:
+                got.put(json.loads(r["result"]))
 
     link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}", on_message, (cp.result_topic(kit),)).start()
     try:

@@ -8,8 +8,8 @@ import logging
 import queue
 import secrets
 import threading
-from typing import Any
 
+from firmware.system.mqtt import Message
 from firmware.wire import control_protocol as cp
 from provisioning.fleet_link import FleetLink
 from provisioning.registry import Fleet
@@ -32,8 +32,8 @@ class FleetService:
         self.link.start()
         return self
 
-    def _on_message(self, link: FleetLink, msg: Any) -> None:
-        payload = bytes(msg.payload)
+    def _on_message(self, link: FleetLink, msg: Message) -> None:
+        payload = msg.payload
         if msg.topic.startswith(f"{cp.PREFIX}/claim/"):
             ans = self.fleet.handle_claim(msg.topic, payload)
             if ans is not None:
