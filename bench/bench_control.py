@@ -33,7 +33,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 
 from firmware.wire import control_protocol as cp  # noqa: E402
 from provisioning import ca  # noqa: E402
-from provisioning.fleet import Fleet, FleetLink, FleetService, send_command  # noqa: E402
+from provisioning.fleet_link import FleetLink  # noqa: E402
+from provisioning.fleet_ops import send_command  # noqa: E402
+from provisioning.fleet_service import FleetService  # noqa: E402
+from provisioning.registry import Fleet  # noqa: E402
 from tests.provisioning.conftest import Broker, free_port, make_kit, wait_for, write_kit_config  # noqa: E402
 
 
@@ -138,8 +141,7 @@ def main() -> int:
             time.sleep(seconds)
             return 100 * (time.process_time() - c0) / (time.perf_counter() - t0)
 
-        svc.link.stop.set()  # the fleet service runs in this process too: measure it out
-        svc.link._thread.join(5)  # type: ignore[union-attr]
+        svc.close()  # the fleet service runs in this process too: measure it out
         on = cpu_pct()
         ctl.stop()
         off = cpu_pct()

@@ -1,7 +1,10 @@
 """`rekam-fleet`: the data center and fleet side.
 
 Commands here: `keygen` (a data-center X25519 key pair), `open` (verify and decrypt one sealed
-record), `verify` (check a record's layout and signature without a key).
+record), `verify` (check a record's layout and signature without a key). The other groups register
+from their modules (`EXTRA_MODULES`): fleet (`provisioning.fleet_cli`), ingest/archive, import.
+Data-center errors (`firmware.errors.DataCenterError`: FleetError, CaError, ArchiveError) are printed
+here, in one place, and exit 1.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import os
 import sys
 from pathlib import Path
 
+from firmware.errors import DataCenterError
 from firmware.wire import record_format as rf
 
 # further command groups register here
-EXTRA_MODULES: list[str] = ["provisioning.fleet", "provisioning.ingest", "provisioning.usb_import"]
+EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import"]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -124,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rekam-fleet`."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except DataCenterError as e:
+        print(f"rekam-fleet: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

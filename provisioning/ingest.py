@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sqlite3
-import ssl
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware.system.mqtt import Message, MqttLink, MqttSettings
 from firmware.wire import relay_protocol as proto
 from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit
 
 log = logging.getLogger(__name__)
 
 RECEIVE_MAXIMUM = 32  # unacknowledged messages the broker may send one worker (x 128 KiB chunks = its RAM bound)
+BACKOFF_MIN_S = 0.5  # first reconnect delay; doubles up to IngestSettings.backoff_max_s
+EXPIRE_EVERY_S = 60.0  # how often abandoned partial transfers are looked for
 
 
 @dataclass
@@ -123,7 +123,12 @@ class Staging:
 
 
 class IngestWorker:
-    """One ingest worker: its own MQTT connection, archive handle and staging handle (see module doc)."""
+    """One ingest worker: its own MQTT connection, archive handle and staging handle (see module doc).
+
+    The connection is the one MQTT adapter (`firmware.system.mqtt.MqttLink`): it reconnects with the one
+    backoff helper (0.5 s doubling up to ``backoff_max_s``, jittered) and, with ``manual_ack``, sends a
+    message's PUBACK only once its handler (staging, archiving, the record ack) returned.
+    """
 
     def __init__(self, s: IngestSettings) -> None:
         self.s = s
@@ -131,50 +136,26 @@ class IngestWorker:
         self.archive = Archive(s.archive, tofu=s.tofu, fleet_db=s.fleet_db)
         self.staging = Staging(Path(s.archive) / "staging.db")
         self.counters = IngestCounters()
-        self.events: deque[tuple[str, Any]] = deque()
-        self.client: Any = None
-        self.connected = threading.Event()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.client_id = s.client_id or f"ingest-{s.group}-{uuid.uuid4().hex[:8]}"
-        self._rng = random.Random()
+        # With the Receive Maximum below the broker never has more than RECEIVE_MAXIMUM unprocessed messages on
+        # their way here (bounded memory); session expiry 0: a dead worker's messages go to the others at once.
+        self.mqtt = MqttLink(MqttSettings(
+            [self.url], client_id=self.client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S,
+            backoff_max_s=max(BACKOFF_MIN_S, s.backoff_max_s), ca_file=s.ca_file, cert_file=s.cert_file,
+            key_file=s.key_file, username=s.username, password=s.password,
+            subscriptions=[(proto.shared_records_filter(s.group), 1)], clean_start=True, session_expiry_s=0,
+            receive_maximum=RECEIVE_MAXIMUM, manual_ack=True, max_inflight=100, name="ingest"))
+        self.mqtt.on_message = self._on_message
+        self.mqtt.on_connect = lambda: log.info("ingest connected broker=%s group=%s client_id=%s", s.broker,
+                                                s.group, self.client_id)
+        self._next_expiry = 0.0
 
-    # --- paho callbacks: enqueue only --------------------------------------------------------
-
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        self.events.append(("connack", int(getattr(rc, "value", rc) or 0)))
-
-    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        self.events.append(("disconnected", str(rc)))
-
-    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
-        try:
-            self.events.append(("message", (msg.topic, bytes(msg.payload), msg.mid, msg.qos)))
-        except Exception:  # pragma: no cover - never raise in a callback
-            pass
-
-    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: Any, _p: Any) -> None:
-        self.events.append(("suback", [int(getattr(r, "value", r)) for r in rcs]))
-
-    def _make_client(self) -> Any:
-        import paho.mqtt.client as mqtt
-
-        # manual_ack: a PUBACK goes out only after the chunk is staged, and with the Receive Maximum below the
-        # broker never has more than RECEIVE_MAXIMUM unprocessed messages on their way here (bounded memory).
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True)
-        c.suppress_exceptions = True
-        c.on_connect, c.on_disconnect = self._on_connect, self._on_disconnect
-        c.on_message, c.on_subscribe = self._on_message, self._on_subscribe
-        c.max_inflight_messages_set(100)
-        if self.s.username:
-            c.username_pw_set(self.s.username, self.s.password or None)
-        if self.url.tls:
-            ctx = ssl.create_default_context(cafile=self.s.ca_file or None)
-            if self.s.cert_file:
-                ctx.load_cert_chain(self.s.cert_file, self.s.key_file or None)
-            c.tls_set_context(ctx)
-        return c
+    @property
+    def connected(self) -> threading.Event:
+        """Set while connected and subscribed."""
+        return self.mqtt.ready
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -185,102 +166,43 @@ class IngestWorker:
         return self
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker (clean DISCONNECT) and wait for its thread."""
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout)
 
     def run(self) -> None:
-        """Connect, subscribe, process messages until `stop`; reconnects with jittered backoff."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        attempt = 0
-        next_expiry = time.monotonic() + 60
+        """Connect, subscribe, process messages until `stop` (the adapter reconnects); then close."""
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
         try:
-            while not self.stop.is_set():
-                if self.client is None:
-                    self.client = self._make_client()
-                    props = Properties(PacketTypes.CONNECT)
-                    props.SessionExpiryInterval = 0  # a dead worker's messages go to the others at once
-                    props.ReceiveMaximum = RECEIVE_MAXIMUM
-                    try:
-                        self.client.connect(self.url.host, self.url.port, keepalive=30, clean_start=True,
-                                            properties=props)
-                    except (OSError, ssl.SSLError) as e:
-                        self._lost(f"connect failed: {e}", attempt)
-                        attempt += 1
-                        continue
-                rc = self.client.loop(timeout=0.1)
-                if rc != 0:
-                    self._lost(f"connection lost rc={rc}", attempt)
-                    attempt += 1
-                    continue
-                while self.events:
-                    kind, val = self.events.popleft()
-                    if kind == "connack":
-                        if val >= 0x80:
-                            self._lost(f"broker refused the connection reason=0x{val:02x}", attempt)
-                            attempt += 1
-                            break
-                        self.client.subscribe(proto.shared_records_filter(self.s.group), qos=1)
-                    elif kind == "suback":
-                        if any(v >= 0x80 for v in val):
-                            log.error("ingest subscription refused reason_codes=%s", val)
-                        else:
-                            attempt = 0
-                            self.connected.set()
-                            log.info("ingest subscribed broker=%s group=%s client_id=%s", self.s.broker,
-                                     self.s.group, self.client_id)
-                    elif kind == "disconnected":
-                        self._lost(f"disconnected: {val}", attempt)
-                        attempt += 1
-                        break
-                    elif kind == "message":
-                        topic, payload, mid, qos = val
-                        try:
-                            self._handle(topic, payload)
-                        except Exception:
-                            # One bad message (or a DB hiccup) must not stop the worker; the kit resends.
-                            log.exception("ingest failed on a message topic=%s", topic)
-                        if qos:
-                            self.client.ack(mid, qos)
-                if time.monotonic() > next_expiry:
-                    next_expiry = time.monotonic() + 60
-                    n = self.staging.expire(self.s.transfer_ttl_s)
-                    if n:
-                        self.counters.expired_chunks += n
-                        log.info("ingest expired abandoned chunks count=%d", n)
+            self.mqtt.run(self.stop, tick=0.1, on_tick=self._tick)
         finally:
-            if self.client is not None:
-                try:
-                    self.client.disconnect()
-                    self.client.loop(0.05)
-                except Exception:
-                    pass
             self.staging.close()
             self.archive.close()
 
-    def _lost(self, why: str, attempt: int) -> None:
-        self.connected.clear()
-        if self.client is not None:
-            try:
-                self.client.socket() and self.client.socket().close()
-            except Exception:
-                pass
-        self.client = None
-        self.events.clear()
-        cap = min(self.s.backoff_max_s, 0.5 * 2 ** min(attempt, 10))
-        delay = cap / 2 + self._rng.uniform(0, cap / 2)
-        log.warning("ingest broker unavailable broker=%s error=%s retry_in_s=%.1f", self.s.broker, why, delay)
-        self.stop.wait(delay)
+    def _tick(self) -> None:
+        if time.monotonic() < self._next_expiry:
+            return
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
+        n = self.staging.expire(self.s.transfer_ttl_s)
+        if n:
+            self.counters.expired_chunks += n
+            log.info("ingest expired abandoned chunks count=%d", n)
+
+    def _on_message(self, msg: Message) -> None:
+        try:
+            self._handle(msg.topic, msg.payload)
+        except Exception:
+            # One bad message (or a DB hiccup) must not stop the worker; the kit resends.
+            log.exception("ingest failed on a message topic=%s", msg.topic)
 
     # --- messages -------------------------------------------------------------------------------
 
     def _ack(self, kit_id: str, r: StoreResult) -> None:
         self.counters.by_status[r.status] = self.counters.by_status.get(r.status, 0) + 1
         setattr(self.counters, r.status, getattr(self.counters, r.status) + 1)
-        self.client.publish(proto.ack_topic(kit_id), proto.Ack(r.record_id, r.sha256, r.status, r.reason).encode(),
-                            qos=1)
+        self.mqtt.publish(proto.ack_topic(kit_id), proto.Ack(r.record_id, r.sha256, r.status, r.reason).encode(),
+                          qos=1)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
@@ -342,7 +264,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         proto.parse_broker_url(args.broker)
-    except ValueError as e:
+        proto.shared_records_filter(args.group)
+    except ValueError as e:  # ProtocolError is a ValueError too
         raise SystemExit(f"rekam-fleet ingest: {e}") from None
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")

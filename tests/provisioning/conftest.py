@@ -27,7 +27,8 @@ from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.wire import record_format
 from provisioning import ca
-from provisioning.fleet import Fleet, FleetService
+from provisioning.fleet_service import FleetService
+from provisioning.registry import Fleet
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -256,7 +257,7 @@ def online_kit(new_kit: Callable[..., KitHarness], service: FleetService) -> Kit
 @pytest.fixture(scope="session")
 def fleet_link(fleet: Fleet, broker: Broker) -> Iterator[Any]:
     """The fleet's own MQTT connection, for tests that publish as the fleet."""
-    from provisioning.fleet import FleetLink
+    from provisioning.fleet_link import FleetLink
 
     link = FleetLink(fleet, "fleet-test-link").start()
     yield link

@@ -29,7 +29,7 @@ def test_fleet_cli_offline(tmp_path, capsys) -> None:
     rc, out, _ = run(capsys, "kits", "issue", "rk-bench1", "--out", str(tmp_path / "bench"), "--data", d)
     assert rc == 0 and (tmp_path / "bench" / "kit.crt").exists()
     # A kit that claimed (made by hand here) so configs can be signed for it.
-    from provisioning.fleet import Fleet
+    from provisioning.registry import Fleet
 
     f = Fleet(tmp_path / "fleet")
     f.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES ('rk-clikit1', 'AAAA', "
@@ -95,7 +95,7 @@ def test_config_push_through_the_broker(online_kit, fleet, capsys) -> None:
 
 
 def test_fleet_link_reports_refused_publishes(fleet, broker) -> None:
-    from provisioning.fleet import FleetLink
+    from provisioning.fleet_link import FleetLink
 
     link = FleetLink(fleet, "fleet-refusal-probe").start()
     try:

@@ -18,7 +18,7 @@ from firmware.enrollment.session import EnrollmentError
 from firmware.seal import identity
 from firmware.wire import control_protocol as cp
 from firmware.wire import record_format
-from provisioning.fleet import send_command
+from provisioning.fleet_ops import send_command
 
 from .conftest import wait_for
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from firmware.control.plane import EX_REBOOT, EX_RESTART
 from firmware.seal import identity
-from provisioning.fleet import send_command
+from provisioning.fleet_ops import send_command
 
 from .conftest import REPO_ROOT, config_state, push_config, wait_event, wait_for, write_kit_config
 

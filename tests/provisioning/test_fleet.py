@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import __version__
+from firmware.errors import FleetError
 from firmware.wire import control_protocol as cp
-from provisioning.fleet import FleetError
 
 from .conftest import wait_for
 
@@ -67,7 +67,7 @@ def test_revoked_kit_is_cut_off(online_kit, fleet, broker, tmp_path) -> None:
     k = online_kit
     kid = k.identity.kit_id
     from provisioning import cli
-    from provisioning.fleet import FleetLink
+    from provisioning.fleet_link import FleetLink
 
     seen: list[bytes] = []
     probe = FleetLink(fleet, "fleet-revoke-probe0", lambda _l, m: seen.append(bytes(m.payload)),

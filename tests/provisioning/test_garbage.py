@@ -10,7 +10,7 @@ import random
 import time
 
 from firmware.wire import control_protocol as cp
-from provisioning.fleet import send_command
+from provisioning.fleet_ops import send_command
 
 from .conftest import wait_for
 

@@ -1,0 +1,162 @@
+"""What the operator does to the fleet, as library calls (`rekam-fleet ca|kits|config|cmd`): create the
+fleet folder, revoke, issue, sign and publish config, send a command and wait for its result.
+
+Each call signs or changes the registry (`provisioning.registry.Fleet`) and, unless told to stay
+offline, publishes through a short-lived `FleetLink` with the fleet certificate. Errors are
+`firmware.errors` classes (`FleetError`, `CaError`); the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware.errors import CaError, FleetError
+from firmware.system.mqtt import Message
+from firmware.wire import control_protocol as cp
+from provisioning import ca
+from provisioning.fleet_link import FleetLink
+from provisioning.registry import Fleet
+
+PUBLISH_TIMEOUT_S = 15.0  # how long a CLI publish waits for the broker's PUBACKs
+
+
+def open_fleet(data: Path) -> Fleet:
+    """The fleet folder at `data`; `FleetError` if it is not one or cannot be read."""
+    try:
+        return Fleet(Path(data))
+    except FleetError:
+        raise
+    except (OSError, ValueError) as e:
+        raise FleetError(str(e)) from e
+
+
+def create_fleet(data: Path, brokers: list[str], claim_brokers: list[str], hosts: list[str], batch: str,
+                 claim_ttl_h: float, port: int, claim_port: int) -> tuple[Fleet, Path]:
+    """`rekam-fleet ca init`: the fleet folder and its broker config; returns (fleet, mosquitto.conf)."""
+    try:
+        f = Fleet.init(Path(data), brokers, claim_brokers, hosts, batch, claim_ttl_h)
+    except FileExistsError as e:  # the signing key: every kit pins it, never replaced
+        raise CaError(str(e)) from e
+    return f, ca.render_broker_config(f.ca, Path(data) / "broker", port=port, claim_port=claim_port)
+
+
+def issue_certificate(f: Fleet, kit_id: str, out: Path, csr: Path | None = None) -> str:
+    """A kit certificate without a claim, from its CSR or with a new key made here; returns its serial."""
+    try:
+        if csr is not None:
+            pem, serial = ca.sign_csr(f.ca, Path(csr).read_bytes(), kit_id)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "kit.crt").write_bytes(pem)
+            return serial
+        return ca.issue_kit_files(f.ca, kit_id, out)[2]
+    except OSError as e:
+        raise CaError(str(e)) from e
+
+
+def publish(f: Fleet, items: list[tuple[str, bytes, bool]]) -> None:
+    """Publish (topic, payload, retain) items and wait for the broker; `FleetError` if it refused any."""
+    link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}").start()
+    try:
+        for topic, payload, retain in items:
+            link.publish(topic, payload, retain=retain)
+        refused = link.flush(timeout=PUBLISH_TIMEOUT_S)
+    finally:
+        link.close()
+    if refused:
+        raise FleetError("broker refused: " + "; ".join(f"{t} ({r})" for t, r in refused))
+
+
+def revoke_kit(f: Fleet, kit_id: str, offline: bool = False) -> tuple[str | None, str]:
+    """Revoke a kit and clear its retained config; returns (certificate serial, warning or "").
+
+    Clearing the retained config is best effort: the kit is revoked in the registry and on the CRL
+    whatever the broker says.
+    """
+    serial = f.revoke(kit_id)
+    if offline:
+        return serial, ""
+    try:  # clear the retained config so nothing more reaches it
+        publish(f, [(cp.config_topic(kit_id), b"", True)])
+    except FleetError as e:
+        return serial, f"retained config not cleared: {e}"
+    return serial, ""
+
+
+def _targets(f: Fleet, kit_id: str) -> list[str]:
+    return [kit_id] if kit_id != "*" else [r["kit_id"] for r in f.kits() if r["state"] == "approved"]
+
+
+def _publish_config(f: Fleet, kit_id: str, doc: bytes, offline: bool) -> int | None:
+    if offline:
+        return None
+    targets = _targets(f, kit_id)
+    publish(f, [(cp.config_topic(t), doc, True) for t in targets])  # FleetError if not acknowledged
+    return len(targets)
+
+
+def push_config(f: Fleet, kit_id: str, updates: list[dict[str, dict[str, Any]]], attach: list[Path] | None = None,
+                note: str = "", replace: bool = False, offline: bool = False) -> tuple[int, int | None]:
+    """Sign the next config version and publish it retained; returns (version, kits published to or None).
+
+    A document is the kit's complete set of overrides: unless `replace`, it starts from the previous
+    version's sections and files, then applies `updates` ({section: {key: value}}) in order.
+    """
+    sections: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    if not replace and kit_id != "*":
+        prev = f.configs(kit_id)
+        sections = json.loads(prev[-1]["sections"]) if prev else {}
+        files = json.loads(prev[-1]["files"] or "{}") if prev else {}
+    for u in updates:
+        for s, kv in u.items():
+            sections.setdefault(s, {}).update(kv)
+    files.update({Path(p).name: Path(p).read_text() for p in (attach or [])})
+    version, doc = f.make_config(kit_id, sections, files, note=note)
+    return version, _publish_config(f, kit_id, doc, offline)
+
+
+def rollback_config(f: Fleet, kit_id: str, to_version: int | None = None,
+                    offline: bool = False) -> tuple[int, int | None]:
+    """Re-issue an earlier version as a new one and publish it; returns (version, kits published to or None)."""
+    version, doc = f.rollback_config(kit_id, to_version)
+    return version, _publish_config(f, kit_id, doc, offline)
+
+
+def config_report(f: Fleet, kit_id: str) -> dict[str, Any]:
+    """The versions issued to a kit and the config state it reports (`rekam-fleet config show`)."""
+    row = f.kit(kit_id)
+    if row is None:
+        raise FleetError(f"unknown kit {kit_id}")
+    state = json.loads(row["config_state"]) if row["config_state"] else {}
+    return {"kit_id": kit_id, "kit_reports": state,
+            "versions": [{"version": r["version"], "issued_at": r["issued_at"], "note": r["note"],
+                          "sections": json.loads(r["sections"])} for r in f.configs(kit_id)]}
+
+
+def send_command(f: Fleet, kit: str, name: str, args: dict[str, Any], ttl: int, wait: float) -> dict[str, Any] | None:
+    """Send one signed command and wait up to `wait` seconds for its result (None if none came)."""
+    cmd_id, payload = f.make_command(kit, name, args, ttl)
+    got: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def on_message(_link: FleetLink, msg: Message) -> None:
+        # Record every result (handle_kit_message first), then pick out this command's.
+        if f.handle_kit_message(msg.topic, msg.payload) == "result" and msg.correlation == cmd_id.encode():
+            r = f.command(cmd_id)
+            if r is not None and r["result"]:
+                got.put(json.loads(r["result"]))
+
+    link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}", on_message, (cp.result_topic(kit),)).start()
+    try:
+        time.sleep(0.2)  # let the SUBACK in before the command goes out
+        link.publish(cp.cmd_topic(kit), payload, response_topic=cp.result_topic(kit), correlation=cmd_id.encode())
+        try:
+            return got.get(timeout=wait) if wait > 0 else None
+        except queue.Empty:
+            return None
+    finally:
+        link.close()

@@ -1,0 +1,387 @@
+"""The fleet registry: kits, claims, approvals, revocation, signed config versions, commands, events.
+
+Data lives in a folder (``--data DIR``): ``fleet.db`` (SQLite), ``fleet.json`` (brokers, claim
+batches, claim lifetime), ``fleet-signing.key`` (see `provisioning.signer`), ``allowlist.txt`` (kit ids
+or hardware serials approved on sight), ``default-config.json`` (the sections every newly claimed kit
+gets as config version 1) and ``ca/`` (see `provisioning.ca`).
+
+No network here: `provisioning.fleet_service` answers claims and records kit reports over MQTT,
+`provisioning.fleet_ops` publishes what the operator signs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+
+from firmware.errors import CaError, FleetError
+from firmware.wire import control_protocol as cp
+from provisioning import ca
+from provisioning.signer import KEY_FILE, Signer
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kits (
+    kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, hardware_serial TEXT, software_version TEXT,
+    state TEXT NOT NULL, claim_user TEXT, claimed_at INTEGER, approved_at INTEGER, revoked_at INTEGER,
+    cert_serial TEXT, last_seen INTEGER, online TEXT, telemetry TEXT, config_state TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS configs (
+    kit_id TEXT NOT NULL, version INTEGER NOT NULL, issued_at INTEGER NOT NULL, sections TEXT NOT NULL,
+    doc BLOB NOT NULL, note TEXT, files TEXT, PRIMARY KEY (kit_id, version));
+CREATE TABLE IF NOT EXISTS commands (
+    cmd_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL,
+    issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, result TEXT, result_at INTEGER);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kit_id TEXT, kind TEXT NOT NULL, detail TEXT);
+"""
+
+
+class Fleet:
+    """The fleet registry (no network; see `FleetService` and `FleetLink` for MQTT)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = Path(data)
+        if not (self.data / "fleet.json").exists():
+            raise FleetError(f"{self.data} is not a fleet folder (run `rekam-fleet ca init --data {self.data}`)")
+        self.settings = json.loads((self.data / "fleet.json").read_text())
+        self.ca = ca.CaPaths(self.data / "ca")
+        self.signer = Signer.load(self.data / KEY_FILE)
+        self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
+        self.db = sqlite3.connect(self.data / "fleet.db", check_same_thread=False, isolation_level=None, timeout=10)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    @staticmethod
+    def init(data: Path, brokers: list[str], claim_brokers: list[str], hosts: list[str], batch: str = "batch1",
+             claim_ttl_h: float = 24.0) -> Fleet:
+        """Create a fleet folder: CA, broker certificates, claim certificate, signing key, settings."""
+        data = Path(data)
+        data.mkdir(parents=True, exist_ok=True)
+        ca.init_ca(data / "ca", hosts, batch=batch)
+        Signer.create(data / KEY_FILE)
+        (data / "fleet.json").write_text(json.dumps({"brokers": brokers, "claim_brokers": claim_brokers,
+                                                     "claim_batches": [f"claim-{batch}"],
+                                                     "claim_ttl_hours": claim_ttl_h}, indent=1))
+        (data / "allowlist.txt").touch()
+        return Fleet(data)
+
+    @property
+    def public_key_b64(self) -> str:
+        """The fleet's public signing key, base64 (what kits pin)."""
+        return self.signer.public_key_b64
+
+    def event(self, kind: str, kit_id: str | None = None, **detail: Any) -> None:
+        """Append one row to the event log (detail as JSON, capped at 4000 characters)."""
+        with self._lock:
+            self.db.execute("INSERT INTO events (at, kit_id, kind, detail) VALUES (?,?,?,?)",
+                            (int(time.time()), kit_id, kind, json.dumps(detail, default=str)[:4000]))
+
+    # -- kits -------------------------------------------------------------------------------
+
+    def kit(self, kit_id: str) -> sqlite3.Row | None:
+        """The registry row of one kit, or None."""
+        with self._lock:
+            return self.db.execute("SELECT * FROM kits WHERE kit_id = ?", (kit_id,)).fetchone()
+
+    def kits(self) -> list[sqlite3.Row]:
+        """Every kit, by id."""
+        with self._lock:
+            return list(self.db.execute("SELECT * FROM kits ORDER BY kit_id"))
+
+    def allowlisted(self, kit_id: str, serial: str) -> bool:
+        """True if `allowlist.txt` names the kit id or its hardware serial (approved on sight)."""
+        try:
+            lines = (self.data / "allowlist.txt").read_text().split("\n")
+        except OSError:
+            return False
+        entries = {ln.split("#")[0].strip() for ln in lines} - {""}
+        return kit_id in entries or (serial not in ("", "unknown") and serial in entries)
+
+    def expire_claims(self, now: float | None = None) -> int:
+        """Drop pending claims older than ``claim_ttl_hours``; the kit's next retry renews them."""
+        cutoff = int((now or time.time()) - float(self.settings.get("claim_ttl_hours", 24)) * 3600)
+        with self._lock:
+            n = self.db.execute("DELETE FROM kits WHERE state = 'pending' AND claimed_at < ?", (cutoff,)).rowcount
+        if n:
+            log.info("expired pending claims count=%d", n)
+            self.event("claims_expired", count=n)
+        return n
+
+    def approve(self, kit_id: str) -> None:
+        """Approve a pending claim; the kit gets its certificate on its next claim attempt."""
+        self.expire_claims()
+        row = self.kit(kit_id)
+        if row is None:
+            raise FleetError(f"no claim from {kit_id} (never seen, or expired: the kit will retry)")
+        if row["state"] == "revoked":
+            raise FleetError(f"{kit_id} is revoked; a revoked kit cannot be approved again")
+        with self._lock:
+            self.db.execute("UPDATE kits SET state = 'approved', approved_at = ? WHERE kit_id = ?",
+                            (int(time.time()), kit_id))
+        self.event("approved", kit_id)
+
+    def revoke(self, kit_id: str) -> str | None:
+        """Revoke a kit: its certificate goes on the CRL, config and commands for it stop.
+
+        Returns the revoked certificate serial (None if it never got one). The broker must re-read
+        the CRL (SIGHUP or restart) for a connected kit to be cut off.
+        """
+        row = self.kit(kit_id)
+        if row is None:
+            raise FleetError(f"unknown kit {kit_id}")
+        serial = row["cert_serial"]
+        if serial:
+            ca.revoke(self.ca, serial)
+        with self._lock:
+            self.db.execute("UPDATE kits SET state = 'revoked', revoked_at = ? WHERE kit_id = ?",
+                            (int(time.time()), kit_id))
+        self.event("revoked", kit_id, serial=serial)
+        return serial
+
+    # -- claims -----------------------------------------------------------------------------
+
+    def handle_claim(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
+        """Answer a claim request: (response topic, payload), or None when it must be ignored."""
+        parsed = cp.parse_claim_topic(topic)
+        if parsed is None:
+            log.warning("claim ignored reason=bad_topic topic=%s", topic)
+            return None
+        user, topic_kit = parsed
+        if user not in self.settings.get("claim_batches", []):
+            log.warning("claim ignored reason=unknown_claim_credential user=%s kit_id=%s", user, topic_kit)
+            self.event("claim_refused", topic_kit, reason="unknown claim credential", user=user)
+            return None
+        try:
+            body, _, _ = cp.decode(payload, "claim")
+            cp.check_claim(body)
+            cp.verify(payload, "claim", cp.load_public_b64(body["public_key"]))
+        except cp.ProtocolError as e:
+            log.warning("claim ignored reason=%s kit_id=%s detail=%s", e.reason, topic_kit, e)
+            self.event("claim_refused", topic_kit, reason=str(e))
+            return None
+        kit_id = body["kit_id"]
+        if kit_id != topic_kit:
+            log.warning("claim ignored reason=kit_mismatch topic_kit=%s body_kit=%s", topic_kit, kit_id)
+            return None
+        self.expire_claims()
+        now = int(time.time())
+        row = self.kit(kit_id)
+        resp_topic = cp.claim_response_topic(user, kit_id)
+
+        def answer(status: str, reason: str = "", **extra: Any) -> tuple[str, bytes]:
+            b = {"kit_id": kit_id, "nonce": body["nonce"], "status": status, "reason": reason,
+                 "fleet_public_key": self.public_key_b64, **extra}
+            return resp_topic, self.signer.sign("claim_response", b)
+
+        if row is not None and row["public_key"] != body["public_key"]:
+            self.event("claim_refused", kit_id, reason="kit id registered with another key")
+            return answer("rejected", "this kit id is registered with another key")
+        if row is not None and row["state"] == "revoked":
+            return answer("rejected", "this kit is revoked")
+        if row is None:
+            state = "approved" if self.allowlisted(kit_id, body["hardware_serial"]) else "pending"
+            with self._lock:
+                self.db.execute("INSERT INTO kits (kit_id, public_key, hardware_serial, software_version, state, "
+                                "claim_user, claimed_at, approved_at) VALUES (?,?,?,?,?,?,?,?)",
+                                (kit_id, body["public_key"], body["hardware_serial"], body["software_version"],
+                                 state, user, now, now if state == "approved" else None))
+            self.event("claim", kit_id, state=state, serial=body["hardware_serial"])
+            log.info("claim received kit_id=%s serial=%s state=%s", kit_id, body["hardware_serial"], state)
+            row = self.kit(kit_id)
+        assert row is not None
+        if row["state"] == "pending":
+            return answer("pending", "waiting for approval (rekam-fleet kits approve)")
+        try:
+            cert, serial = ca.sign_csr(self.ca, body["csr"], kit_id)
+        except CaError as e:
+            return answer("rejected", f"bad CSR: {e}")
+        if row["cert_serial"] and row["cert_serial"] != serial:
+            # A kit only claims when it holds no certificate: the one issued before is unused; revoke it.
+            ca.revoke(self.ca, row["cert_serial"])
+            self.event("cert_replaced", kit_id, old=row["cert_serial"], new=serial)
+        with self._lock:
+            self.db.execute("UPDATE kits SET cert_serial = ?, software_version = ?, hardware_serial = ? "
+                            "WHERE kit_id = ?", (serial, body["software_version"], body["hardware_serial"], kit_id))
+        version, doc = self.latest_config(kit_id) or self.make_config(kit_id, self.default_sections(),
+                                                                      note="initial config (claim)")
+        self.event("claim_approved", kit_id, serial=serial, config_version=version)
+        log.info("claim answered kit_id=%s cert_serial=%s config_version=%d", kit_id, serial, version)
+        return answer("approved", certificate=cert.decode(), ca_certificate=self.ca.fleet_ca_crt.read_text(),
+                      config=doc.decode())
+
+    def default_sections(self) -> dict[str, Any]:
+        """The sections of a newly claimed kit's config version 1 (`default-config.json`)."""
+        p = self.data / "default-config.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    # -- config -----------------------------------------------------------------------------
+
+    def latest_config(self, kit_id: str) -> tuple[int, bytes] | None:
+        """(version, signed document) of the kit's newest config, or None."""
+        with self._lock:
+            r = self.db.execute("SELECT version, doc FROM configs WHERE kit_id = ? ORDER BY version DESC LIMIT 1",
+                                (kit_id,)).fetchone()
+        return (r["version"], bytes(r["doc"])) if r else None
+
+    def make_config(self, kit_id: str, sections: dict[str, Any], files: dict[str, str] | None = None,
+                    note: str = "") -> tuple[int, bytes]:
+        """Sign the next config version for `kit_id` ('*': every approved kit, one shared document)."""
+        if kit_id == "*":
+            targets = [r["kit_id"] for r in self.kits() if r["state"] == "approved"]
+        else:
+            row = self.kit(kit_id)
+            if row is None or row["state"] == "revoked":
+                raise FleetError(f"{kit_id} is {'revoked' if row else 'unknown'}: no config is pushed to it")
+            targets = [kit_id]
+        with self._lock:
+            marks = ",".join("?" * len(targets)) or "''"
+            r = self.db.execute(f"SELECT MAX(version) FROM configs WHERE kit_id IN ({marks})", targets).fetchone()
+            version = (r[0] or 0) + 1
+            body: dict[str, Any] = {"kit_id": kit_id, "version": version, "issued_at": int(time.time()),
+                                    "sections": sections}
+            if files:
+                body["files"] = files
+            if note:
+                body["note"] = note[:200]
+            doc = self.signer.sign("config", body)
+            for t in targets:
+                self.db.execute("INSERT INTO configs VALUES (?,?,?,?,?,?,?)",
+                                (t, version, body["issued_at"], json.dumps(sections), doc, note,
+                                 json.dumps(files or {})))
+        self.event("config", kit_id, version=version, sections=sorted(sections))
+        return version, doc
+
+    def rollback_config(self, kit_id: str, to_version: int | None = None) -> tuple[int, bytes]:
+        """Re-issue an earlier version's sections as a NEW version (kits refuse old version numbers)."""
+        with self._lock:
+            rows = list(self.db.execute("SELECT version, sections, files FROM configs WHERE kit_id = ? "
+                                        "ORDER BY version DESC", (kit_id,)))
+        if len(rows) < 2 and to_version is None:
+            raise FleetError(f"{kit_id} has no earlier config version to roll back to")
+        target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
+        if target is None:
+            raise FleetError(f"{kit_id} has no config version {to_version}")
+        return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
+                                note=f"rollback to v{target['version']}")
+
+    def configs(self, kit_id: str) -> list[sqlite3.Row]:
+        """Every config version issued to the kit, oldest first."""
+        with self._lock:
+            return list(self.db.execute("SELECT kit_id, version, issued_at, sections, note, files FROM configs "
+                                        "WHERE kit_id = ? ORDER BY version", (kit_id,)))
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def make_command(self, kit_id: str, name: str, args: dict[str, Any] | None = None,
+                     ttl_s: int = 300) -> tuple[str, bytes]:
+        """Sign a command for one kit; returns (cmd_id, payload)."""
+        row = self.kit(kit_id)
+        if row is None or row["state"] != "approved":
+            raise FleetError(f"{kit_id} is {row['state'] if row else 'unknown'}: commands go only to approved kits")
+        if name not in cp.COMMANDS:
+            raise FleetError(f"unknown command {name!r} (known: {', '.join(cp.COMMANDS)})")
+        now = int(time.time())
+        body = {"cmd_id": secrets.token_hex(12), "kit_id": kit_id, "name": name, "args": args or {},
+                "issued_at": now, "expires_at": now + ttl_s}
+        payload = self.signer.sign("cmd", body)
+        with self._lock:
+            self.db.execute("INSERT INTO commands (cmd_id, kit_id, name, args, issued_at, expires_at) "
+                            "VALUES (?,?,?,?,?,?)", (body["cmd_id"], kit_id, name, json.dumps(args or {}), now,
+                                                     body["expires_at"]))
+        return body["cmd_id"], payload
+
+    def command(self, cmd_id: str) -> sqlite3.Row | None:
+        """The command row (with its result once the kit answered), or None."""
+        with self._lock:
+            return self.db.execute("SELECT * FROM commands WHERE cmd_id = ?", (cmd_id,)).fetchone()
+
+    # -- what kits report -------------------------------------------------------------------
+
+    def handle_kit_message(self, topic: str, payload: bytes) -> str | None:
+        """Record a kit's telemetry, status, config state or command result. Returns the kind, or
+        None if the message was refused (unknown/revoked kit, bad signature, malformed)."""
+        parsed = cp.parse_kit_topic(topic)
+        if parsed is None:
+            return None
+        kit_id, rest = parsed
+        kind = {"telemetry": "telemetry", "status": "status", "config/applied": "config_state",
+                "result": "result"}.get(rest)
+        row = self.kit(kit_id)
+        if kind is None or row is None or row["state"] == "revoked" or not payload:
+            return None
+        try:
+            body = cp.verify(payload, kind, cp.load_public_b64(row["public_key"]))
+        except cp.ProtocolError as e:
+            log.warning("kit message refused kit_id=%s topic=%s reason=%s", kit_id, topic, e.reason)
+            self.event("kit_message_refused", kit_id, topic=topic, reason=str(e))
+            return None
+        now = int(time.time())
+        with self._lock:
+            self.db.execute("UPDATE kits SET last_seen = ? WHERE kit_id = ?", (now, kit_id))
+            if kind == "telemetry":
+                self.db.execute("UPDATE kits SET telemetry = ? WHERE kit_id = ?", (json.dumps(body), kit_id))
+            elif kind == "status":
+                self.db.execute("UPDATE kits SET online = ? WHERE kit_id = ?", (body.get("state", "?"), kit_id))
+            elif kind == "config_state":
+                self.db.execute("UPDATE kits SET config_state = ? WHERE kit_id = ?", (json.dumps(body), kit_id))
+            else:
+                self.db.execute("UPDATE commands SET result = ?, result_at = ? WHERE cmd_id = ? AND kit_id = ?",
+                                (json.dumps(body), now, body.get("cmd_id"), kit_id))
+        if kind == "result" and body.get("name") == "rotate_key" and body.get("ok"):
+            self._key_rotated(kit_id, body)
+        return kind
+
+    def _key_rotated(self, kit_id: str, body: dict[str, Any]) -> None:
+        import base64
+
+        d = body.get("data", {})
+        try:
+            new = cp.load_public_b64(d["new_public_key"])
+            old = cp.load_public_b64(d["old_public_key"])
+            new.verify(base64.b64decode(d["proof"]),
+                       b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
+        except (KeyError, cp.ProtocolError, InvalidSignature, ValueError) as e:
+            log.error("key rotation result refused kit_id=%s error=%s", kit_id, e)
+            self.event("key_rotation_refused", kit_id, error=str(e))
+            return
+        with self._lock:
+            self.db.execute("UPDATE kits SET public_key = ? WHERE kit_id = ?", (d["new_public_key"], kit_id))
+        self.event("key_rotated", kit_id, new=cp.key_fingerprint(d["new_public_key"]))
+        log.info("kit key rotated kit_id=%s new_key=%s", kit_id, cp.key_fingerprint(d["new_public_key"]))
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        """One row per kit for `rekam-fleet status`."""
+        out = []
+        for r in self.kits():
+            t = json.loads(r["telemetry"]) if r["telemetry"] else {}
+            cs = json.loads(r["config_state"]) if r["config_state"] else {}
+            media = {m["name"]: m for m in t.get("media", [])}
+            out.append({"kit_id": r["kit_id"], "state": r["state"], "online": r["online"] or "-",
+                        "last_seen": r["last_seen"], "backlog": t.get("backlog", {}).get("records"),
+                        "sd_free_mb": _mb(media.get("sd", {}).get("free_bytes")),
+                        "usb_free_mb": _mb(media.get("usb", {}).get("free_bytes")),
+                        "halted": ", ".join(t.get("halt_reasons", [])) if t.get("halted") else "",
+                        "locked": t.get("locked", ""), "config": cs.get("running")})
+        return out
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+
+def _mb(v: Any) -> int | None:
+    return int(v) // (1024 * 1024) if isinstance(v, int) else None
+
