@@ -13,7 +13,7 @@ problem lines of a `ConfigError`: ``rekam_must`` (``key = value: must be <allowe
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -208,12 +208,16 @@ TargetBaud = Annotated[int, checked(one_of(0, *BAUD_RATES))]
 class Section(BaseModel):
     """Base of every section: strict, unknown keys forbidden, read-only.
 
-    Besides attributes (``cfg.relay.backoff_min_s``) a section reads like a mapping (``section["port"]``,
-    ``"port" in section``, ``section.get(...)``, ``dict(section)``): hw drivers take plain mappings
-    and never import the config. Iterating yields (name, value) pairs, as every pydantic model does.
+    Besides attributes (``cfg.relay.backoff_min_s``) a section is a read-only `Mapping` of key names
+    to values (``section["port"]``, ``"port" in section``, ``section.get(...)``, ``dict(section)``), as
+    before the models: hw drivers take plain mappings and never import the config. So, unlike other
+    pydantic models, iterating a section yields its key names, not (name, value) pairs.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(type(self).model_fields)
 
     def __getitem__(self, key: str) -> Any:
         if key not in type(self).model_fields:
@@ -239,6 +243,9 @@ class Section(BaseModel):
 
     def items(self) -> list[tuple[str, Any]]:
         return [(k, getattr(self, k)) for k in type(self).model_fields]
+
+
+Mapping.register(Section)
 
 
 class KitConfig(Section):
