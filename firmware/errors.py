@@ -11,7 +11,11 @@ This module imports nothing from the tree: `hw`, every `firmware` stage and `pro
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, TextIO
+
+#: Exit status of every program stopped by a bad configuration (sysexits EX_CONFIG).
+EX_CONFIG = 78
 
 
 class RekamError(Exception):
@@ -28,6 +32,16 @@ class ConfigError(RekamError, ValueError):
         self.problems = problems
         self.source = source
         super().__init__(f"{source}: " + "; ".join(problems))
+
+    def report(self, stream: TextIO | None = None) -> int:
+        """Print every problem as ``source: problem`` (to stderr by default) and return `EX_CONFIG`.
+
+        The one printout of a bad configuration, for every program that loads one.
+        """
+        out = stream if stream is not None else sys.stderr
+        for p in self.problems:
+            print(f"{self.source}: {p}", file=out)
+        return EX_CONFIG
 
 
 # --- hardware (hw/) ------------------------------------------------------------------------------

@@ -35,11 +35,8 @@ def _config(args: argparse.Namespace) -> Any:
     if path is None and config.DEFAULT_PATH.exists():
         path = str(config.DEFAULT_PATH)
     if path is None:
-        cfg = config.defaults()
         corpus = os.environ.get("REKAM_CORPUS")
-        if corpus:
-            cfg.raw["simulation"]["corpus_dir"] = corpus
-        return cfg
+        return config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
     return config.load(path)
 
 
@@ -51,12 +48,7 @@ def _capture(args: argparse.Namespace) -> int:
     from firmware import config
     from hw.camera import CameraError, open_camera
 
-    try:
-        cfg = _config(args)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        return config.EX_CONFIG
+    cfg = _config(args)  # a ConfigError is reported by `rekam` (exit 78)
     thresholds = None
     if args.portrait:
         from firmware.quality.face.assess import FaceThresholds

@@ -35,18 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_config(args: argparse.Namespace) -> config.Config:
-    """The kit config (--config, $REKAM_CONFIG, /etc/rekam/rekam.toml); exits 78 on error.
+    """The kit config (--config, $REKAM_CONFIG, /etc/rekam/rekam.toml); ConfigError: `rekam` exits 78.
 
     The data-center key is not needed to create or show the kit's identity, and on a fresh kit it
     may not be installed yet: its check is left out here (rekamd still refuses to start without it).
     """
     path = args.config or os.environ.get("REKAM_CONFIG") or config.DEFAULT_PATH
-    try:
-        return config.load(path, overrides={"datacenter.public_key_files": []})
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        raise SystemExit(config.EX_CONFIG) from None
+    return config.load(path, overrides={"datacenter.public_key_files": []})
 
 
 def fingerprint(public_key_raw: bytes) -> str:

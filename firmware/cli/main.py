@@ -2,6 +2,8 @@
 
 Each command group lives in its own module under `firmware.cli` and exposes
 ``register(subparsers)``; importing one must stay cheap (heavy imports go inside handlers).
+Commands just raise: `main` maps every `RekamError` family that escapes one to a message on stderr
+and an exit status (`EXIT_CODES`; a bad config prints every problem and exits 78).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import TextIO
 
 from firmware import __version__
+from firmware.errors import EX_CONFIG, CaptureHalted, ConfigError, RekamError
 
 COMMAND_MODULES = [
     "firmware.cli.store",
@@ -21,6 +25,21 @@ COMMAND_MODULES = [
     "firmware.cli.enroll",
     "firmware.cli.provision",
 ]
+
+#: Exit status for an error family a command lets escape; the first matching family wins.
+EXIT_CODES: list[tuple[type[RekamError], int]] = [
+    (ConfigError, EX_CONFIG),  # 78, sysexits EX_CONFIG, as rekamd
+    (CaptureHalted, 2),  # the store refuses new records (as `rekam sim commit` reports it)
+    (RekamError, 1),  # anything else the kit raises on purpose: sensor, camera, identity, store locked, ...
+]
+
+
+def report_error(e: RekamError, stream: TextIO | None = None) -> int:
+    """Print `e` for the operator (stderr by default) and return the exit status of its family."""
+    if isinstance(e, ConfigError):
+        return e.report(stream)
+    print(f"rekam: {e}", file=stream if stream is not None else sys.stderr)
+    return next(code for family, code in EXIT_CODES if isinstance(e, family))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except RekamError as e:
+        return report_error(e)
 
 
 if __name__ == "__main__":

@@ -68,10 +68,8 @@ def _config(args: argparse.Namespace) -> Any:
     if path is None and config.DEFAULT_PATH.exists():
         path = str(config.DEFAULT_PATH)
     if path is None:
-        cfg = config.defaults()
-        if os.environ.get("REKAM_CORPUS"):
-            cfg.raw["simulation"]["corpus_dir"] = os.environ["REKAM_CORPUS"]
-        return cfg
+        corpus = os.environ.get("REKAM_CORPUS")
+        return config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
     return config.load(path)
 
 
@@ -128,18 +126,13 @@ def _info(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from firmware import config
     from hw.sensor import SensorError
 
     _logging(args.verbose)
+    cfg = _config(args)  # a ConfigError is reported by `rekam` (exit 78)
     try:
-        cfg = _config(args)
         with _Session(args, cfg) as fp:
             info = fp.info()
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        return config.EX_CONFIG
     except (SensorError, ValueError) as e:
         return _fail(e)
     if args.json:
@@ -162,12 +155,11 @@ def _capture(args: argparse.Namespace) -> int:
 
     import cv2
 
-    from firmware import config
     from hw.sensor import SensorError
 
     _logging(args.verbose)
+    cfg = _config(args)  # a ConfigError is reported by `rekam` (exit 78)
     try:
-        cfg = _config(args)
         timeout = args.timeout or cfg.sensor.capture_timeout_s
         session = _Session(args, cfg)
         with session as fp:
@@ -177,10 +169,6 @@ def _capture(args: argparse.Namespace) -> int:
             print(f"place a finger on the sensor (waiting up to {timeout:.0f} s)...", file=sys.stderr)
             t0 = time.monotonic()
             img = fp.capture(timeout=timeout, poll_s=cfg.sensor.poll_interval_s)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        return config.EX_CONFIG
     except (SensorError, ValueError) as e:
         return _fail(e)
     if img is None:
@@ -198,16 +186,10 @@ def _simulate(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from firmware import config
     from hw.sensor.simulator import SensorSimulator
 
     _logging(args.verbose)
-    try:
-        cfg = _config(args)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        return config.EX_CONFIG
+    cfg = _config(args)  # a ConfigError is reported by `rekam` (exit 78)
     corpus = args.corpus or str(cfg.path(cfg.simulation.corpus_dir))
     try:
         sim = SensorSimulator(args.profile or cfg.sensor.profile, corpus_dir=corpus,

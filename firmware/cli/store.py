@@ -47,27 +47,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_config(args: argparse.Namespace) -> config.Config:
-    """The config named by --config, $REKAM_CONFIG, or /etc/rekam/rekam.toml; exits 78 on error."""
+    """The config named by --config, $REKAM_CONFIG, or /etc/rekam/rekam.toml (ConfigError: `rekam` exits 78)."""
     path = args.config or os.environ.get("REKAM_CONFIG") or config.DEFAULT_PATH
-    try:
-        return config.load(path)
-    except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        raise SystemExit(config.EX_CONFIG) from None
+    return config.load(path)
 
 
 @contextmanager
 def direct_store(cfg: config.Config, recover: bool = True) -> Iterator[Any]:
-    """Open the store in this process (only when no daemon runs)."""
+    """Open the store in this process (only when no daemon runs; StoreLocked otherwise)."""
     from firmware.seal import identity
-    from firmware.store.store import Store, StoreLocked
+    from firmware.store.store import Store
 
     st = Store(cfg, identity.load_or_create(cfg.state_dir))
-    try:
-        st.open(recover=recover)
-    except StoreLocked as e:
-        raise SystemExit(f"rekam: {e}") from None
+    st.open(recover=recover)
     try:
         yield st
     finally:

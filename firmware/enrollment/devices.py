@@ -37,9 +37,10 @@ def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict
         log.error("fingerprint quality model unavailable error=%s", e)
     qf = cfg.quality_finger
     qface = cfg.quality_face
+    # typed by the config models: no casts or fallbacks needed
     dev = Devices(sensor=hw.sensor, camera=hw.camera, finger_quality=fq, face_assessor=face,
-                  finger_threshold=float(qf.threshold), finger_attempts=int(qf.max_attempts),
-                  finger_thresholds={k: float(v) for k, v in (qf.finger_thresholds or {}).items()},
-                  face_threshold=float(qface.accept_score), face_attempts=int(qface.max_attempts),
+                  finger_threshold=qf.threshold, finger_attempts=qf.max_attempts,
+                  finger_thresholds=dict(qf.finger_thresholds),
+                  face_threshold=qface.accept_score, face_attempts=qface.max_attempts,
                   present_finger=hw.present_finger)
     return dev, hw.closables

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from firmware import __version__
+from firmware.config.models import QualityFaceConfig, QualityFingerConfig
 from firmware.enrollment import nik as nikmod
 from firmware.enrollment.dedup import DuplicateChecker, FingerHit
 from firmware.enrollment.operators import Operators, SignedIn, SignInError
@@ -53,6 +54,10 @@ class FingerSensor(Protocol):
     def store(self, page: int, buffer: int = 1) -> None: ...
 
 
+_FINGER = QualityFingerConfig()  # policy defaults live once, in the config models
+_FACE = QualityFaceConfig()
+
+
 @dataclass
 class Devices:
     """The capture hardware and quality checks the session uses (real or simulated)."""
@@ -61,11 +66,11 @@ class Devices:
     camera: Any = None  # hw.camera backend: capture() -> BGR ndarray
     finger_quality: Callable[[np.ndarray], Any] | None = None  # -> .score .codes .rejected .summary()
     face_assessor: Any = None  # firmware.quality.face.assess.FaceAssessor
-    finger_threshold: float = 40.0
+    finger_threshold: float = _FINGER.threshold
     finger_thresholds: dict[str, float] = field(default_factory=dict)  # per-finger overrides
-    finger_attempts: int = 3
-    face_threshold: float = 50.0
-    face_attempts: int = 3
+    finger_attempts: int = _FINGER.max_attempts
+    face_threshold: float = _FACE.accept_score
+    face_attempts: int = _FACE.max_attempts
     library_capacity: int = 0
     # Simulation only: called before waiting for a finger, to put the resident's finger on the simulator.
     present_finger: Callable[[str, str], None] | None = None

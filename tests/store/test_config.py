@@ -78,3 +78,45 @@ def test_rekamd_exits_78_naming_the_key(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "firmware.daemon", "--config", str(tmp_path / "none.toml")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 78 and "file not found" in r.stderr
+
+
+def test_models_are_typed_sections_and_mappings() -> None:
+    cfg = config.defaults(camera={"width": 640})
+    assert isinstance(cfg.relay, config.RelayConfig) and cfg.relay.backoff_min_s == 1.0
+    assert dict(cfg.camera)["width"] == 640 and cfg.camera["width"] == 640 and "width" in cfg.camera
+    assert cfg.raw["camera"]["width"] == 640
+    cfg.raw["camera"]["width"] = 1  # raw is derived: changing it changes nothing
+    assert cfg.camera.width == 640
+    again = config.Config(cfg.raw, "copy", cfg.base_dir)  # the form firmware.control.plane uses
+    assert again.camera.width == 640 and again.source == "copy" and again.base_dir == cfg.base_dir
+    with pytest.raises(ValueError):
+        cfg.camera.width = 1  # type: ignore[misc]  # frozen
+
+
+def test_quality_defaults_come_from_the_models() -> None:
+    from firmware.enrollment.session import Devices
+    from firmware.quality.face.assess import FaceThresholds
+    from firmware.quality.finger.gates import Limits
+
+    face, finger = config.QualityFaceConfig(), config.QualityFingerConfig()
+    assert FaceThresholds() == FaceThresholds.from_mapping(face)
+    assert FaceThresholds().ied_min_px == face.ied_min_px and Limits().min_minutiae == finger.min_minutiae
+    assert Limits() == Limits.from_config(finger)
+    d = Devices()
+    assert (d.finger_threshold, d.finger_attempts) == (finger.threshold, finger.max_attempts)
+    assert (d.face_threshold, d.face_attempts) == (face.accept_score, face.max_attempts)
+
+
+def test_report_and_rekam_cli_exit_78(tmp_path: Path, capsys) -> None:
+    import io
+
+    from firmware.cli.main import main
+
+    err = config.ConfigError(["a.b = 1: must be x", "c.d = 2: must be y"], "f.toml")
+    out = io.StringIO()
+    assert err.report(out) == config.EX_CONFIG == 78
+    assert out.getvalue() == "f.toml: a.b = 1: must be x\nf.toml: c.d = 2: must be y\n"
+    bad = tmp_path / "rekam.toml"
+    bad.write_text("[store]\nreserve_floor_mb = -1\n")
+    assert main(["--config", str(bad), "status"]) == 78
+    assert f"{bad}: store.reserve_floor_mb = -1: must be >= 0" in capsys.readouterr().err

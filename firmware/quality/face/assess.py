@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from firmware.config.models import QualityFaceConfig
 from firmware.quality.face.detect import Detection, FaceDetector
 from firmware.quality.face.landmarks import FaceLandmarks, LandmarkModel
 from firmware.quality.face.measures import FaceMeasures, measure
@@ -49,34 +50,37 @@ CODES: dict[str, tuple[str, str]] = {
 }
 
 
+_DEFAULTS = QualityFaceConfig()  # the defaults live once, in the config model
+
+
 @dataclass(frozen=True)
 class FaceThresholds:
-    """Thresholds of the `[quality_face]` config section (defaults = the shipped config)."""
+    """Thresholds of the `[quality_face]` config section; defaults and meaning: `QualityFaceConfig`."""
 
-    detector: str = "full"
-    min_detection_score: float = 0.5
-    secondary_face_ratio: float = 0.1
-    ied_min_px: float = 60.0
-    ied_warn_px: float = 90.0
-    margin_side_min: float = 0.9
-    margin_above_min: float = 1.0
-    margin_below_min: float = 1.3
-    centre_offset_max: float = 0.25
-    yaw_max_deg: float = 10.0
-    pitch_max_deg: float = 10.0
-    roll_max_deg: float = 8.0
-    eye_open_min: float = 0.13
-    mouth_open_max: float = 0.15
-    luminance_min: float = 0.25
-    luminance_max: float = 0.75
-    clip_max_fraction: float = 0.05
-    illumination_min: float = 0.4
-    sharpness_min: float = 0.15
-    accept_score: float = 50.0
-    max_attempts: int = 3
-    iris: bool = True
-    threads: int = 2
-    models_dir: str = ""
+    detector: str = _DEFAULTS.detector
+    min_detection_score: float = _DEFAULTS.min_detection_score
+    secondary_face_ratio: float = _DEFAULTS.secondary_face_ratio
+    ied_min_px: float = _DEFAULTS.ied_min_px
+    ied_warn_px: float = _DEFAULTS.ied_warn_px
+    margin_side_min: float = _DEFAULTS.margin_side_min
+    margin_above_min: float = _DEFAULTS.margin_above_min
+    margin_below_min: float = _DEFAULTS.margin_below_min
+    centre_offset_max: float = _DEFAULTS.centre_offset_max
+    yaw_max_deg: float = _DEFAULTS.yaw_max_deg
+    pitch_max_deg: float = _DEFAULTS.pitch_max_deg
+    roll_max_deg: float = _DEFAULTS.roll_max_deg
+    eye_open_min: float = _DEFAULTS.eye_open_min
+    mouth_open_max: float = _DEFAULTS.mouth_open_max
+    luminance_min: float = _DEFAULTS.luminance_min
+    luminance_max: float = _DEFAULTS.luminance_max
+    clip_max_fraction: float = _DEFAULTS.clip_max_fraction
+    illumination_min: float = _DEFAULTS.illumination_min
+    sharpness_min: float = _DEFAULTS.sharpness_min
+    accept_score: float = _DEFAULTS.accept_score
+    max_attempts: int = _DEFAULTS.max_attempts
+    iris: bool = _DEFAULTS.iris
+    threads: int = _DEFAULTS.threads
+    models_dir: str = _DEFAULTS.models_dir
 
     def __post_init__(self) -> None:
         # rules between keys; single-key ranges are checked by the config schema
@@ -91,7 +95,8 @@ class FaceThresholds:
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> FaceThresholds:
-        """Build from a config section (unknown keys are ignored; missing ones keep defaults)."""
+        """Build from a config section (a `QualityFaceConfig` or a plain mapping; unknown keys are
+        ignored, missing ones keep defaults)."""
         if not section:
             return cls()
         names = {f.name for f in fields(cls)}

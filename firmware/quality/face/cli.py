@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         assessor = FaceAssessor(_thresholds(args))
     except config.ConfigError as e:
-        for p in e.problems:
-            print(f"{e.source}: {p}", file=sys.stderr)
-        return config.EX_CONFIG
+        return e.report()
     except ValueError as e:  # a rule between [quality_face] keys
         print(f"rekam quality face: {e}", file=sys.stderr)
         return config.EX_CONFIG

