@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from firmware.errors import StickError
+from firmware.errors import EX_CONFIG, StickError
 
 log = logging.getLogger("hw.usbstick" if __name__ == "__main__" else __name__)
 
@@ -44,7 +44,6 @@ DEFAULT_CONFIG = Path("/etc/rekam/rekam.toml")
 DEFAULT_MOUNT_POINT = Path("/media/rekam-usb")
 DEFAULT_REQUEST = Path("/run/rekam/usb-eject")
 UNIT_PREFIX = "rekam-usb-mount@"
-EX_CONFIG = 78
 
 
 @dataclass(frozen=True)
