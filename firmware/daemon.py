@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     st = kit.store.status()
     kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
     log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
-    while not kit.stop.wait(0.5):
+    while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
         pass
     kit.shutdown()
     return kit.exit_code if kit.exit_code is not None else EX_OK

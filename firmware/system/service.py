@@ -144,9 +144,9 @@ class Supervisor:
     def start(self) -> None:
         """Start every service in order, then the monitor. If one refuses, stop those started (in reverse) and raise."""
         with self._lock:
+            # All of them even if the stop event is set meanwhile (a signal, an exit request during
+            # start-up): the caller then stops them in reverse, as after any start.
             for e in self._entries:
-                if self.stop_event.is_set():
-                    break  # stopping already (a signal during start-up): start nothing more
                 e.state = STARTING
                 try:
                     e.service.start()
