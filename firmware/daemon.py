@@ -1,30 +1,37 @@
 """`rekamd`: the kit daemon.
 
-Start-up: validate the config (exit 78 on any error), load or create the kit identity, open the
-store (recovery), start the local API/console and the maintenance loop, then tell systemd READY.
-SIGTERM/SIGINT: stop taking work, let a commit in progress finish, close the journal, exit 0
+The composition root: it builds every part and wires them together; nothing imports it.
+Start-up: validate the config (exit 78 on any error), load or create the kit identity (exit 70 if
+it cannot), then start the services in data-path order under one `Supervisor` (store open and
+recovery, capture devices and enrollment, USB watcher, relay, control plane, local API/console,
+GPIO panel, watchdog/status; exit 70 if one cannot start), then tell systemd READY. A service that
+crashes is restarted with backoff. SIGTERM/SIGINT (or the control plane's exit request, 75/76):
+stop the services in reverse order (a commit in progress finishes, the journal closes last), exit
 within a few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from firmware import __version__, config
 from firmware.seal import identity
 from firmware.store.store import Store, StoreError
 from firmware.system import logs
-from firmware.system.fsutil import atomic_write
 from firmware.system.sdnotify import Notifier, watchdog_interval
+from firmware.system.service import RUNNING, STOPPED, Supervisor, ThreadService
+
+if TYPE_CHECKING:
+    from firmware.enrollment.session import EnrollmentService
 
 log = logging.getLogger("rekamd")
 
@@ -32,158 +39,90 @@ EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, config.EX_CONFIG
 
 
 class Kit:
-    """The running kit: configuration, identity, store and the services around them."""
+    """The running kit: configuration, identity, store and the services around them (the composition root).
+
+    `start()` builds the services and starts them in data-path order under one `Supervisor`
+    (store -> enrollment -> USB -> relay -> control -> API -> panel -> watchdog); `shutdown()` stops
+    them in reverse on the one stop event `stop`.
+    """
 
     def __init__(self, cfg: config.Config, sim: bool = False) -> None:
         self.cfg = cfg
         self.sim = sim
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # THE stop event: signals, exit requests and shutdown set it
         self.identity = identity.load_or_create(cfg.state_dir)
         self.store = Store(cfg, self.identity)
         self.notifier = Notifier()
-        self.threads: list[threading.Thread] = []
-        self.api_server: Any = None
         self.api_url = ""
         self.started = time.monotonic()
-        self.services: dict[str, Any] = {}  # optional parts (sensor, camera, relay...) by name
+        self.services: dict[str, Any] = {}  # optional parts (sensor, relay, control, panel) by name, for status
         self.hardware: dict[str, Any] = {}
-        self.enrollment: Any = None
+        self.enrollment: EnrollmentService | None = None
         self.control: Any = None  # firmware.control.plane.ControlPlane when [control] enabled
         self.exit_code: int | None = None  # set by request_exit(): main() stops and exits with it
+        self.port = ConsolePort(self)
+        self.supervisor: Supervisor | None = None
+        self.api: Any = None  # firmware.console.server.ApiServer
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the store and start every service; returns when they are up."""
-        rep = self.store.open()
-        log.info("store open kit_id=%s state_dir=%s records=%s recovered=%d quarantined=%d missing=%d",
-                 self.identity.kit_id, self.cfg.state_dir, self.store.j.max_seq(), len(rep.adopted),
-                 len(rep.quarantined), len(rep.missing))
-        self._start_enrollment()
-        self._start_panel()
-        self._start_control()
-        self._start_api()
-        self._spawn("maintenance", self._maintenance_loop)
-        self._spawn("usb", self._usb_loop)
-        if self.cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
-            from firmware.relay.relay import Relay
-
-            self.services["relay"] = Relay(self.store, self.cfg, self.stop)
-            self.services["relay"].start()
-
-    def _start_enrollment(self) -> None:
-        from firmware.enrollment.dedup import DuplicateChecker, nik_key
-        from firmware.enrollment.devices import open_devices
-        from firmware.enrollment.operators import Operators, operators_from_config
-        from firmware.enrollment.session import EnrollmentService
+    def build(self) -> list[Any]:
+        """The services in data-path order (start order; stopped in reverse)."""
+        from firmware.console.server import ApiServer
+        from firmware.store.service import StoreService, UsbWatcher
 
         cfg = self.cfg
-        devices, self.hardware = open_devices(cfg, self.sim, cfg.state_dir)
-        sensor = self.hardware["sensor"]
-        dedup = DuplicateChecker(self.store.j, nik_key(cfg.state_dir), library_capacity=lambda: sensor.capacity)
-        ops = Operators(operators_from_config(cfg.operators.list), cfg.operators.max_failures,
-                        cfg.operators.lockout_minutes * 60)
-        if not cfg.operators.list:
-            log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
-        self.enrollment = EnrollmentService(self.store, cfg, ops, dedup, devices)
-        self.services["sensor"] = sensor
+        services: list[Any] = [StoreService(self.store), EnrollmentStage(self),
+                               UsbWatcher(self.store, cfg.usb.poll_seconds, cfg.store.auto_purge)]
+        if cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
+            services.append(RelayService(self))
+        if cfg.control.enabled:
+            services.append(ControlService(self))
+        self.api = ApiServer(self.port, cfg.api.bind, cfg.api.port, cfg.state_dir / "api.json")
+        services.append(self.api)
+        panel = self._panel()
+        if panel is not None:
+            services.append(panel)
+        services.append(StatusWatchdog(self))
+        return services
 
-    def _start_panel(self) -> None:
+    def _panel(self) -> Any:
         if not self.cfg.gpio.enabled:
-            return
+            return None
         from firmware.console.panel_link import PanelLink
 
         try:
-            link = PanelLink(self)
+            link = PanelLink(self.port, self.cfg.gpio)
         except Exception as e:  # no GPIO (not a Pi, pins busy): the console still works
             log.error("gpio panel unavailable error=%s", e)
-            return
+            return None
         self.services["panel"] = link
-        self._spawn("panel", link.run)
+        return link
 
-    def _start_control(self) -> None:
-        if not self.cfg.control.enabled:
-            return
-        from firmware.control.plane import ControlPlane
-
-        self.control = ControlPlane(self)
-        self.services["control"] = self.control
-        self.control.start()
+    def start(self) -> None:
+        """Build and start every service; returns when they are up (raises if one cannot start)."""
+        self.supervisor = Supervisor(self.build(), self.stop)
+        self.supervisor.start()
+        self.api_url = self.api.url
 
     def request_exit(self, status: int) -> None:
         """Stop the daemon with `status` (control plane: 75 restart for a new config, 76 reboot)."""
         self.exit_code = status
-
-    def _spawn(self, name: str, target: Any) -> None:
-        t = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
-        t.start()
-        self.threads.append(t)
-
-    def _guarded(self, name: str, target: Any) -> Any:
-        def run() -> None:
-            while not self.stop.is_set():
-                try:
-                    target()
-                    return
-                except Exception:
-                    # A service thread must never take the daemon down; log and restart it.
-                    log.exception("service crashed service=%s; restarting in 2 s", name)
-                    self.stop.wait(2)
-        return run
+        self.stop.set()
 
     def shutdown(self) -> None:
-        """Stop services and close the store (waits for a commit in progress)."""
+        """Stop the services in reverse order; the store closes last (it waits for a commit in progress)."""
         self.stop.set()
         self.notifier.stopping()
-        if self.control is not None:
-            self.control.stop()
-        if self.api_server is not None:
-            self.api_server.should_exit = True
-        for t in self.threads:
-            t.join(timeout=3)
-        if self.enrollment is not None and self.enrollment.active is not None:
-            self.enrollment.active.cancel.set()
-        for name in ("sensor", "camera", "simulator"):
-            obj = self.hardware.get(name)
-            if obj is not None:
-                try:
-                    obj.close() if hasattr(obj, "close") else obj.stop()
-                except Exception as e:
-                    log.warning("closing %s failed error=%s", name, e)
-        if "relay" in self.services:
-            self.services["relay"].close()  # flushes its journal marks: before the store closes
-        self.store.close()
-        try:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        try:  # after the store closed: a CLI that finds no api.json knows the daemon is gone
             (self.cfg.state_dir / "api.json").unlink()
         except OSError:
             pass
         log.info("stopped")
 
-    # --- services -----------------------------------------------------------------------
-
-    def _start_api(self) -> None:
-        import uvicorn
-
-        from firmware.console.api import create_app
-
-        app = create_app(self)
-        server = uvicorn.Server(uvicorn.Config(app, host=self.cfg.api.bind, port=self.cfg.api.port,
-                                               log_level="warning", access_log=False, lifespan="off"))
-        self.api_server = server
-        t = threading.Thread(target=server.run, name="api", daemon=True)
-        t.start()
-        self.threads.append(t)
-        deadline = time.monotonic() + 10
-        while not server.started and t.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if not server.started:
-            raise RuntimeError(f"console/API could not listen on {self.cfg.api.bind}:{self.cfg.api.port}")
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        self.api_url = f"http://{host}:{port}"
-        info = {"url": self.api_url, "pid": os.getpid()}
-        # Atomic: a CLI started at the same moment must never read a half-written file.
-        atomic_write(self.cfg.state_dir / "api.json", json.dumps(info).encode(), verify=False)
-        log.info("console and API listening url=%s", self.api_url)
+    # --- what the console may do (through ConsolePort) -----------------------------------
 
     def eject_usb(self) -> bool:
         """Flush and release the stick, then unmount it (a real mount point only). False if unmount failed."""
@@ -200,67 +139,247 @@ class Kit:
             log.error("usb unmount failed mount=%s error=%s", self.cfg.usb_dir, e)
             return False
 
-    def _usb_loop(self) -> None:
-        # USB polling, backfill and purging of acknowledged records. Its own thread: a backfill of
-        # thousands of records takes minutes and must not hold up the watchdog keep-alive or status checks.
-        while not self.stop.is_set():
-            try:
-                self.store.poll_usb()
-            except Exception:
-                log.exception("usb poll failed")
-            if self.cfg.store.auto_purge:
-                try:
-                    self.store.purge_acknowledged()
-                except Exception:
-                    log.exception("purge of acknowledged records failed")
-            self.stop.wait(self.cfg.usb.poll_seconds)
-
-    def _maintenance_loop(self) -> None:
-        every = self.cfg.daemon.status_interval_s
-        check = self.cfg.usb.poll_seconds
-        wd = watchdog_interval()
-        tick = min(1.0, check, wd or 1.0)
-        next_log = next_wd = next_check = 0.0
-        last_level = ""
-        while not self.stop.is_set():
-            now = time.monotonic()
-            if wd and now >= next_wd:
-                self.notifier.watchdog()
-                next_wd = now + wd
-            if self.enrollment is not None:
-                self.enrollment.expire_idle()
-            if now >= next_check:
-                next_check = now + check
-                st = self.store.status()
-                level = st["guard"]["level"]
-                if level != last_level or now >= next_log:  # a change of guard state is logged at once
-                    self._log_status(st)
-                    next_log = now + every
-                last_level = level
-            self.stop.wait(tick)
-
-    def _log_status(self, st: dict[str, Any]) -> None:
-        rec = st["records"]
-        text = (f"{st['guard']['level']}: {rec['stored']['records'] + rec['sent']['records']} unacked, "
-                f"lag {st['mirror_lag']['records']}, stick {'yes' if st['stick']['present'] else 'no'}")
-        self.notifier.status(text)
-        level = logging.WARNING if st["guard"]["level"] != "OK" else logging.INFO
-        log.log(level, "status guard=%s reasons=%r stored=%d sent=%d acked=%d quarantined=%d mirror_lag=%d",
-                st["guard"]["level"], st["guard"]["reasons"], rec["stored"]["records"], rec["sent"]["records"],
-                rec["acked"]["records"], rec["quarantined"]["records"], st["mirror_lag"]["records"])
-
     def status(self) -> dict[str, Any]:
-        """The store's status plus the daemon's own (version, uptime, services)."""
+        """The store's status plus the daemon's own (version, uptime, supervised services) and each part's."""
         st = self.store.status()
         st["daemon"] = {"version": __version__, "uptime_s": round(time.monotonic() - self.started, 1),
-                        "simulation": self.sim, "pid": os.getpid()}
-        for name, svc in self.services.items():
+                        "simulation": self.sim, "pid": os.getpid(),
+                        "services": self.supervisor.status() if self.supervisor is not None else {}}
+        for name, svc in list(self.services.items()):
             if hasattr(svc, "status"):
                 try:
                     st[name] = svc.status()
                 except Exception as e:  # status must always answer
                     st[name] = {"error": str(e)}
         return st
+
+
+class ConsolePort:
+    """The kit as the console and the panel see it (`firmware.console.port.KitPort`): nothing more."""
+
+    def __init__(self, kit: Kit) -> None:
+        self._kit = kit
+
+    @property
+    def kit_id(self) -> str:
+        return self._kit.identity.kit_id
+
+    @property
+    def site(self) -> str:
+        return self._kit.cfg.kit.site
+
+    @property
+    def simulation(self) -> bool:
+        return self._kit.sim
+
+    @property
+    def enrollment(self) -> EnrollmentService | None:
+        return self._kit.enrollment
+
+    @property
+    def sim_aliases(self) -> dict[str, str] | None:
+        return self._kit.hardware.get("sim_aliases") if self._kit.sim else None
+
+    def status(self) -> dict[str, Any]:
+        return self._kit.status()
+
+    def guard(self) -> dict[str, Any]:
+        return self._kit.store.status()["guard"]
+
+    def records(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return [dict(vars(r)) for r in self._kit.store.records(state=state, limit=limit, newest_first=True)]
+
+    def record(self, record_id: str) -> dict[str, Any] | None:
+        row = self._kit.store.record(record_id)
+        return dict(vars(row)) if row is not None else None
+
+    def audit_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._kit.store.audit_events(limit=limit)
+
+    def commit_simulated(self, count: int, operator_id: str, pad_to: int = 0) -> Iterator[dict[str, Any]]:
+        from firmware.capture.simulated import SimulatedCapture
+
+        kit = self._kit
+        if not kit.sim:
+            raise StoreError("simulated commits are only accepted in simulation mode (rekamd --sim)")
+        src = SimulatedCapture(kit.cfg.path(kit.cfg.simulation.corpus_dir), pad_to=pad_to)
+        for _ in range(count):
+            if kit.stop.is_set():
+                return  # the daemon is stopping: the caller reports what was committed
+            yield kit.store.commit(src.capture(operator_id).encode(), operator_id=operator_id).as_dict()
+
+    def eject_usb(self) -> bool:
+        return self._kit.eject_usb()
+
+    def export_usb(self, limit: int | None = None) -> dict[str, Any] | None:
+        from firmware.store.journal import LIVE
+
+        store = self._kit.store
+        stick = store.stick
+        if stick is None:
+            return None
+        copied = store.backfill(limit)
+        on_stick = stick.record_files()  # what is really on the stick (it may have been wiped elsewhere)
+        live = [r for r in store.records() if r.state in LIVE]
+        return {"copied": copied, "remaining": sum(1 for r in live if on_stick.get(r.id) != r.size),
+                "total": len(live), "stick_id": stick.stick_id}
+
+    def sensor_error(self) -> str:
+        return str(getattr(self._kit.services.get("sensor"), "error", "") or "")
+
+    def uplink_connected(self) -> bool:
+        relay = self._kit.services.get("relay")
+        return relay is not None and hasattr(relay, "status") and relay.status().get("state") == "connected"
+
+    def is_stopping(self) -> bool:
+        return self._kit.stop.is_set()
+
+
+# --- the daemon's own services -------------------------------------------------------------
+
+
+class EnrollmentStage:
+    """Capture devices and the enrollment service: opened on start, closed on stop (after the console)."""
+
+    name = "enrollment"
+
+    def __init__(self, kit: Kit) -> None:
+        self.kit = kit
+
+    def start(self) -> None:
+        """Open the devices (real or simulated) and build the enrollment service."""
+        from firmware.enrollment.dedup import DuplicateChecker, nik_key
+        from firmware.enrollment.devices import open_devices
+        from firmware.enrollment.operators import Operators, operators_from_config
+        from firmware.enrollment.session import EnrollmentService
+
+        kit, cfg = self.kit, self.kit.cfg
+        devices, kit.hardware = open_devices(cfg, kit.sim, cfg.state_dir)
+        sensor = kit.hardware["sensor"]
+        dedup = DuplicateChecker(kit.store.j, nik_key(cfg.state_dir), library_capacity=lambda: sensor.capacity)
+        ops = Operators(operators_from_config(cfg.operators.list), cfg.operators.max_failures,
+                        cfg.operators.lockout_minutes * 60)
+        if not cfg.operators.list:
+            log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
+        kit.enrollment = EnrollmentService(kit.store, cfg, ops, dedup, devices)
+        kit.services["sensor"] = sensor
+
+    def stop(self) -> None:
+        """Cancel an enrollment in progress and close the devices (idempotent)."""
+        kit = self.kit
+        if kit.enrollment is not None and kit.enrollment.active is not None:
+            kit.enrollment.active.cancel.set()
+        hardware, kit.hardware = kit.hardware, {}
+        for name in ("sensor", "camera", "simulator"):
+            obj = hardware.get(name)
+            if obj is not None:
+                try:
+                    obj.close() if hasattr(obj, "close") else obj.stop()
+                except Exception as e:
+                    log.warning("closing %s failed error=%s", name, e)
+
+    def health(self) -> dict[str, Any]:
+        return {"state": RUNNING if self.kit.enrollment is not None else STOPPED}
+
+
+class RelayService:
+    """Adapter: the record relay as a `Service` (until `Relay` has start/stop/health itself)."""
+
+    name = "relay"
+
+    def __init__(self, kit: Kit) -> None:
+        self.kit = kit
+        self.relay: Any = None
+        self._stopped = False
+
+    def start(self) -> None:
+        from firmware.relay.relay import Relay
+
+        self._stopped = False
+        self.relay = Relay(self.kit.store, self.kit.cfg, self.kit.stop)
+        self.kit.services["relay"] = self.relay
+        self.relay.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self.relay is not None:
+            self.relay.close()  # flushes its journal marks: before the store closes
+
+    def health(self) -> dict[str, Any]:
+        t = getattr(self.relay, "thread", None)
+        if t is not None and t.is_alive():
+            return {"state": RUNNING}
+        if t is not None and not self._stopped and not self.kit.stop.is_set():
+            return {"state": "failed", "error": "relay thread ended"}
+        return {"state": STOPPED}
+
+
+class ControlService:
+    """Adapter: the control plane as a `Service` (until `ControlPlane` has health itself)."""
+
+    name = "control"
+
+    def __init__(self, kit: Kit) -> None:
+        self.kit = kit
+
+    def start(self) -> None:
+        from firmware.control.plane import ControlPlane
+
+        self.kit.control = ControlPlane(self.kit)  # after the enrollment: it applies a fleet lock to it
+        self.kit.services["control"] = self.kit.control
+        self.kit.control.start()
+
+    def stop(self) -> None:
+        if self.kit.control is not None:
+            self.kit.control.stop()
+
+    def health(self) -> dict[str, Any]:
+        return {"state": RUNNING if self.kit.control is not None else STOPPED}
+
+
+class StatusWatchdog(ThreadService):
+    """The systemd keep-alive, the periodic (and on-change) status log and STATUS=, idle operator sign-out.
+
+    Started last and stopped first; never does slow work (the USB watcher has its own thread), so
+    the keep-alive keeps its rhythm during a backfill.
+    """
+
+    def __init__(self, kit: Kit) -> None:
+        self.kit = kit
+        self.every = kit.cfg.daemon.status_interval_s
+        self.check = kit.cfg.usb.poll_seconds
+        self.wd = watchdog_interval()
+        super().__init__("watchdog", min(1.0, self.check, self.wd or 1.0))
+        self.next_log = self.next_wd = self.next_check = 0.0
+        self.last_level = ""
+
+    def tick(self) -> None:
+        kit = self.kit
+        now = time.monotonic()
+        if self.wd and now >= self.next_wd:
+            kit.notifier.watchdog()
+            self.next_wd = now + self.wd
+        if kit.enrollment is not None:
+            kit.enrollment.expire_idle()
+        if now >= self.next_check:
+            self.next_check = now + self.check
+            st = kit.store.status()
+            level = st["guard"]["level"]
+            if level != self.last_level or now >= self.next_log:  # a change of guard state is logged at once
+                self.log_status(st)
+                self.next_log = now + self.every
+            self.last_level = level
+
+    def log_status(self, st: dict[str, Any]) -> None:
+        """STATUS= for systemd and one structured status line."""
+        rec = st["records"]
+        text = (f"{st['guard']['level']}: {rec['stored']['records'] + rec['sent']['records']} unacked, "
+                f"lag {st['mirror_lag']['records']}, stick {'yes' if st['stick']['present'] else 'no'}")
+        self.kit.notifier.status(text)
+        level = logging.WARNING if st["guard"]["level"] != "OK" else logging.INFO
+        log.log(level, "status guard=%s reasons=%r stored=%d sent=%d acked=%d quarantined=%d mirror_lag=%d",
+                st["guard"]["level"], st["guard"]["reasons"], rec["stored"]["records"], rec["sent"]["records"],
+                rec["acked"]["records"], rec["quarantined"]["records"], st["mirror_lag"]["records"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -296,11 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except (identity.IdentityError, OSError, ValueError) as e:
         log.error("cannot start: %s", e)
         return EX_SOFTWARE
-    stop = threading.Event()
-
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal received signal=%s; stopping", signal.Signals(signum).name)
-        stop.set()
+        kit.stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -313,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     st = kit.store.status()
     kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
     log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
-    while not stop.wait(0.5) and kit.exit_code is None:
+    while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
         pass
     kit.shutdown()
     return kit.exit_code if kit.exit_code is not None else EX_OK

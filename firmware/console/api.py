@@ -6,17 +6,15 @@ JSON with a `detail` naming what was wrong.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
+from firmware.console.port import KitPort
 from firmware.store.capacity import CaptureHalted
 from firmware.store.journal import STATES
 from firmware.store.store import StoreError
-
-if TYPE_CHECKING:
-    from firmware.daemon import Kit
 
 
 class SimCommit(BaseModel):
@@ -27,14 +25,14 @@ class SimCommit(BaseModel):
     pad_to_kb: int = Field(0, ge=0, le=8192)
 
 
-def create_app(kit: Kit) -> FastAPI:
-    """Build the API bound to a running kit."""
+def create_app(kit: KitPort) -> FastAPI:
+    """Build the API bound to a running kit (through its console port)."""
     app = FastAPI(title="rekam kit API", version="1", openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs",
                   redoc_url=None)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"ok": True, "kit_id": kit.identity.kit_id}
+        return {"ok": True, "kit_id": kit.kit_id}
 
     @app.get("/api/v1/status")
     def status() -> dict[str, Any]:
@@ -47,8 +45,7 @@ def create_app(kit: Kit) -> FastAPI:
         """The newest records (optionally of one state)."""
         if state is not None and state not in STATES:
             raise HTTPException(422, f"state {state!r} is not one of {', '.join(STATES)}")
-        rows = kit.store.j.records(state=state, limit=limit, newest_first=True)
-        return [r.__dict__ for r in rows]
+        return kit.records(state=state, limit=limit)
 
     @app.post("/api/v1/usb/eject")
     def usb_eject() -> dict[str, Any]:
@@ -63,43 +60,30 @@ def create_app(kit: Kit) -> FastAPI:
                                              description="copy at most this many (callers loop for progress)")
                    ) -> dict[str, Any]:
         """Copy every live record the mounted stick lacks now (backfill); returns copied and remaining counts."""
-        from firmware.store.journal import LIVE
-
-        stick = kit.store.stick
-        if stick is None:
+        res = kit.export_usb(limit)
+        if res is None:
             raise HTTPException(409, {"code": "no_stick", "message": "no USB stick is mounted: insert the stick"})
-        copied = kit.store.backfill(limit)
-        on_stick = stick.record_files()  # what is really on the stick (it may have been wiped elsewhere)
-        live = [r for r in kit.store.j.records() if r.state in LIVE]
-        return {"copied": copied, "remaining": sum(1 for r in live if on_stick.get(r.id) != r.size),
-                "total": len(live), "stick_id": stick.stick_id}
+        return res
 
     @app.post("/api/v1/sim/commit")
     def sim_commit(req: SimCommit) -> dict[str, Any]:
         """Commit `count` simulated enrollments through the real store."""
-        if not kit.sim:
+        if not kit.simulation:
             raise HTTPException(409, "simulated commits are only accepted in simulation mode (rekamd --sim)")
-        from firmware.capture.simulated import SimulatedCapture
-
-        src = SimulatedCapture(kit.cfg.path(kit.cfg.simulation.corpus_dir), pad_to=req.pad_to_kb * 1024)
-        done = []
-        for _ in range(req.count):
-            if kit.stop.is_set():
-                break  # the daemon is stopping: report what was committed
-            try:
-                res = kit.store.commit(src.capture(req.operator_id).encode(), operator_id=req.operator_id)
-            except CaptureHalted as e:
-                raise HTTPException(507, {"error": "capture halted", "reason": e.reason,
-                                          "committed": done}) from None
-            except StoreError as e:
-                raise HTTPException(500, {"error": str(e), "committed": done}) from None
-            done.append(res.as_dict())
+        done: list[dict[str, Any]] = []
+        try:  # the port stops early when the daemon is stopping: report what was committed
+            for res in kit.commit_simulated(req.count, req.operator_id, pad_to=req.pad_to_kb * 1024):
+                done.append(res)
+        except CaptureHalted as e:
+            raise HTTPException(507, {"error": "capture halted", "reason": e.reason, "committed": done}) from None
+        except StoreError as e:
+            raise HTTPException(500, {"error": str(e), "committed": done}) from None
         return {"committed": done}
 
     if kit.enrollment is not None:
         from firmware.console.api_enroll import router
 
-        app.include_router(router(kit.enrollment, kit.store, kit.hardware.get("sim_aliases") if kit.sim else None))
+        app.include_router(router(kit.enrollment, kit, kit.sim_aliases))
     _mount_console(app)
     return app
 

@@ -18,8 +18,8 @@ from firmware.enrollment.session import EnrollmentError
 from firmware.wire.ids import RECORD_ID_PATTERN
 
 if TYPE_CHECKING:
+    from firmware.console.port import KitPort
     from firmware.enrollment.session import EnrollmentService
-    from firmware.store.store import Store
 
 ID = r"^[A-Za-z0-9._-]{1,64}$"
 FINGER = r"^[RL][1-5]$"
@@ -62,8 +62,8 @@ def _err(e: Exception) -> HTTPException:
     raise e
 
 
-def router(svc: EnrollmentService, store: Store, sim_aliases: dict[str, str] | None = None) -> APIRouter:
-    """Routes bound to one enrollment service."""
+def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | None = None) -> APIRouter:
+    """Routes bound to one enrollment service (`kit` answers for records, receipts and the audit log)."""
     r = APIRouter(prefix="/api/v1")
 
     def token(authorization: str | None, cookie: str | None) -> str:
@@ -172,13 +172,13 @@ def router(svc: EnrollmentService, store: Store, sim_aliases: dict[str, str] | N
                 rekam_session: str | None = Sess) -> Response:
         """The resident's receipt (record id, date, QR of id + hash) as PNG or PDF."""
         call(svc.session, token(authorization, rekam_session))
-        row = store.j.get(record_id)
+        row = kit.record(record_id)
         if row is None:
             raise HTTPException(404, {"code": "no_record", "message": f"no record {record_id}"})
         from firmware.enrollment import receipt as rc
 
-        info = {"record_id": row.id, "sha256": row.sha256, "created": row.created, "clock_synced": row.clock_synced,
-                "kit_id": store.identity.kit_id, "site": store.cfg.kit.site}
+        info = {"record_id": row["id"], "sha256": row["sha256"], "created": row["created"],
+                "clock_synced": row["clock_synced"], "kit_id": kit.kit_id, "site": kit.site}
         if fmt == "png":
             return Response(rc.png(info), media_type="image/png")
         return Response(rc.pdf(info), media_type="application/pdf",
@@ -188,7 +188,7 @@ def router(svc: EnrollmentService, store: Store, sim_aliases: dict[str, str] | N
     def audit(limit: int = 100, authorization: str | None = Auth, rekam_session: str | None = Sess) -> list:
         """The newest audit events (operator actions, overrides, cancels, quarantines)."""
         call(svc.session, token(authorization, rekam_session))
-        return store.j.audit_events(limit=max(1, min(limit, 1000)))
+        return kit.audit_events(limit=max(1, min(limit, 1000)))
 
     if sim_aliases is not None:
         @r.post("/sim/alias")

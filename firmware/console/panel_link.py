@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from firmware.console.port import KitPort
+from firmware.system.service import FAILED, RUNNING, STOPPED
 from hw.panel import Panel, PanelPins, PanelState
-
-if TYPE_CHECKING:
-    from firmware.daemon import Kit
 
 log = logging.getLogger(__name__)
 
@@ -33,89 +32,134 @@ def pins_from_config(gpio: Any) -> PanelPins:
 
 
 class PanelLink:
-    """Drives a `Panel` from the kit's state and enrollment events; runs the buttons' actions."""
+    """Drives a `Panel` from the kit's state and enrollment events; runs the buttons' actions.
 
-    def __init__(self, kit: Kit, pin_factory: Any = None, poll_s: float = POLL_S) -> None:
+    A service: `start()` listens to the enrollment and polls the kit's state in a thread named
+    ``panel``; `stop()` ends it and releases the GPIO pins. Constructing it claims the pins (raises
+    when there is no GPIO), so the daemon can leave the panel out and keep the console.
+    """
+
+    name = "panel"
+
+    def __init__(self, kit: KitPort, gpio: Any, pin_factory: Any = None, poll_s: float = POLL_S) -> None:
         self.kit = kit
+        self.gpio = gpio
+        self.pin_factory = pin_factory
         self.poll_s = poll_s
         self.busy = False
         self._action = threading.Lock()  # one button action at a time
         self.last_action = ""
-        self.panel = Panel(pins_from_config(kit.cfg.gpio), on_confirm=self.confirm, on_eject=self.eject,
-                           pin_factory=pin_factory)
-        if kit.enrollment is not None:
-            kit.enrollment.listeners.append(self.on_event)
+        self.error = ""
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.panel: Panel | None = self._open_panel()
+
+    def _open_panel(self) -> Panel:
+        return Panel(pins_from_config(self.gpio), on_confirm=self.confirm, on_eject=self.eject,
+                     pin_factory=self.pin_factory)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow the enrollment's events and poll the kit's state in a thread (returns at once)."""
+        if self.thread is not None and self.thread.is_alive():
+            return
+        if self.panel is None:  # stopped before (a restart): claim the pins again
+            self.panel = self._open_panel()
+        self.stop_event.clear()
+        self.error = ""
+        svc = self.kit.enrollment
+        if svc is not None:
+            svc.add_listener(self.on_event)
+        self.thread = threading.Thread(target=self.run, name="panel", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop polling, stop listening, turn the panel off and release the pins (idempotent)."""
+        self.stop_event.set()
+        t = self.thread
+        if t is not None and t is not threading.current_thread():
+            t.join(3)
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        """Running while the poll thread lives; failed if it died."""
+        t = self.thread
+        if t is not None and t.is_alive():
+            return {"state": RUNNING}
+        if self.error:
+            return {"state": FAILED, "error": self.error}
+        return {"state": STOPPED}
 
     # --- state -> LEDs --------------------------------------------------------------------
 
     def refresh(self) -> PanelState:
         """Read the kit's state and set the LEDs."""
-        st = self.kit.store.status()
+        guard = self.kit.guard()
         svc = self.kit.enrollment
         locked = bool(svc is not None and svc.lock_reason)
-        halted = st["guard"]["level"] == "HALT" or locked
-        sensor = self.kit.services.get("sensor")
-        sensor_error = bool(getattr(sensor, "error", ""))
-        relay = self.kit.services.get("relay")
-        uplink = False
-        if relay is not None and hasattr(relay, "status"):
-            try:
-                uplink = relay.status().get("state") == "connected"
-            except Exception as e:
-                log.debug("relay status unavailable error=%s", e)
+        halted = guard["level"] == "HALT" or locked
+        sensor_error = bool(self.kit.sensor_error())
+        try:
+            uplink = self.kit.uplink_connected()
+        except Exception as e:
+            log.debug("relay status unavailable error=%s", e)
+            uplink = False
         active = svc.active if svc is not None else None
         busy = self.busy or bool(active is not None and active.busy)
         state = PanelState(ready=not halted and not sensor_error, busy=busy, halted=halted, uplink=uplink)
-        self.panel.show(state)
+        if self.panel is not None:
+            self.panel.show(state)
         return state
 
     def on_event(self, event: str, data: dict[str, Any]) -> None:
         """Enrollment listener: busy LED and feedback beeps."""
+        panel = self.panel
+        if panel is None:
+            return
         if event == "busy":
             self.busy = bool(data.get("on"))
-            self.panel.show(PanelState(**{**self.panel.state.__dict__, "busy": self.busy}))
+            panel.show(PanelState(**{**panel.state.__dict__, "busy": self.busy}))
         elif event in ("face", "finger"):
             if data.get("accepted"):
-                self.panel.beep_good()
+                panel.beep_good()
             else:
-                self.panel.beep_retake()  # retake, or done with the best attempt below the threshold
+                panel.beep_retake()  # retake, or done with the best attempt below the threshold
         elif event == "committed":
-            self.panel.beep_done()
+            panel.beep_done()
 
     def run(self) -> None:
-        """Poll the kit's state until it stops (run in a daemon thread); turns the panel off at the end."""
+        """Poll the kit's state until stopped (the service's thread)."""
         try:
-            while not self.kit.stop.is_set():
+            while not self.stop_event.is_set():
                 try:
                     self.refresh()
                 except Exception:
                     log.exception("panel refresh failed")
-                self.kit.stop.wait(self.poll_s)
-        finally:
-            self.close()
+                self.stop_event.wait(self.poll_s)
+        except Exception as e:  # reported through health(); the supervisor logs it and restarts us
+            self.error = f"{type(e).__name__}: {e}"
 
     def close(self) -> None:
+        """Stop listening to the enrollment and release the panel."""
         svc = self.kit.enrollment
-        if svc is not None and self.on_event in svc.listeners:
-            svc.listeners.remove(self.on_event)
-        self.panel.close()
+        if svc is not None:
+            svc.remove_listener(self.on_event)
+        panel, self.panel = self.panel, None
+        if panel is not None:
+            panel.close()
+
+    def _beep(self, kind: str) -> None:
+        panel = self.panel
+        if panel is not None:  # a button pressed while the panel is being released: no sound
+            panel.beep_done() if kind == "done" else panel.beep_retake()
 
     def status(self) -> dict[str, Any]:
         """The LED state and the last button action (for /api/v1/status)."""
-        return {**self.panel.state.__dict__, "last_action": self.last_action}
+        state = self.panel.state.__dict__ if self.panel is not None else {}
+        return {**state, "last_action": self.last_action}
 
     # --- buttons --------------------------------------------------------------------------
-
-    def _token(self) -> str | None:
-        svc = self.kit.enrollment
-        e = svc.active
-        if e is None:
-            return None
-        with svc._lock:
-            for token, s in svc.sessions.items():
-                if s.operator.id == e.operator_id:
-                    return token
-        return None
 
     def confirm(self) -> None:
         """The console's main action for the current step (runs on a worker thread: a capture waits)."""
@@ -125,10 +169,10 @@ class PanelLink:
         from firmware.enrollment.session import EnrollmentError
 
         svc = self.kit.enrollment
-        token = self._token() if svc is not None else None
+        token = svc.active_token() if svc is not None else None
         if token is None:
             self.last_action = "confirm: no enrollment in progress (start one on the console)"
-            self.panel.beep_retake()
+            self._beep("retake")
             return
         if not self._action.acquire(blocking=False):
             return  # a capture started by the button is still running
@@ -144,13 +188,13 @@ class PanelLink:
                 svc.commit(token)
             else:  # supervisor: needs a PIN on the console
                 self.last_action = f"confirm: step {step} needs the console"
-                self.panel.beep_retake()
+                self._beep("retake")
                 return
             self.last_action = f"confirm: {step}"
         except EnrollmentError as e:
             self.last_action = f"confirm: {e.code}"
             log.info("panel confirm refused code=%s message=%s", e.code, e)
-            self.panel.beep_retake()
+            self._beep("retake")
         finally:
             self._action.release()
 
@@ -161,7 +205,7 @@ class PanelLink:
         except Exception as e:
             self.last_action = f"eject failed: {e}"
             log.error("panel eject failed error=%s", e)
-            self.panel.beep_retake()
+            self._beep("retake")
             return
         self.last_action = "eject: stick released"
-        self.panel.beep_done()
+        self._beep("done")

@@ -206,6 +206,30 @@ class EnrollmentService:
             self._cancel(self.active, f"operator signed out ({why})")
         self._audit("signout", s.operator.id, reason=why)
 
+    def active_token(self) -> str | None:
+        """The session token of the operator who owns the enrollment in progress (None: none, or signed out).
+
+        For a second input on the kit (the GPIO panel's confirm button) acting as that operator.
+        """
+        with self._lock:
+            e = self.active
+            if e is None:
+                return None
+            for token, s in self.sessions.items():
+                if s.operator.id == e.operator_id:
+                    return token
+        return None
+
+    def add_listener(self, cb: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `cb(event, data)` on enrollment events (busy, face, finger, committed...)."""
+        if cb not in self.listeners:
+            self.listeners.append(cb)
+
+    def remove_listener(self, cb: Callable[[str, dict[str, Any]], None]) -> None:
+        """Stop calling `cb` (no error if it was not registered)."""
+        if cb in self.listeners:
+            self.listeners.remove(cb)
+
     def expire_idle(self) -> None:
         """Sign out idle operators (called periodically by the daemon)."""
         with self._lock:
