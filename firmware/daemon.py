@@ -398,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:
-        for p in e.problems:
-            log.error("config error file=%s: %s", e.source, p)
-        return EX_CONFIG
+        return e.report(log=log)
     logs.setup(cfg.daemon.log_level, cfg.daemon.log_format)
     if args.check_config:
         print(f"{args.config}: ok")

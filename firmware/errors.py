@@ -11,6 +11,7 @@ This module imports nothing from the tree: `hw`, every `firmware` stage and `pro
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -33,14 +34,17 @@ class ConfigError(RekamError, ValueError):
         self.source = source
         super().__init__(f"{source}: " + "; ".join(problems))
 
-    def report(self, stream: TextIO | None = None) -> int:
+    def report(self, stream: TextIO | None = None, log: logging.Logger | None = None) -> int:
         """Print every problem as ``source: problem`` (to stderr by default) and return `EX_CONFIG`.
 
-        The one printout of a bad configuration, for every program that loads one.
+        The one printout of a bad configuration, for every program that loads one. Daemons pass their
+        `log` instead: one ``config error file=... : problem`` line per problem, at error priority.
         """
-        out = stream if stream is not None else sys.stderr
         for p in self.problems:
-            print(f"{self.source}: {p}", file=out)
+            if log is not None:
+                log.error("config error file=%s: %s", self.source, p)
+            else:
+                print(f"{self.source}: {p}", file=stream if stream is not None else sys.stderr)
         return EX_CONFIG
 
 
