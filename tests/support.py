@@ -243,8 +243,8 @@ def render_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
 def write_daemon_config(root: Path, dc_pub: Path, corpus: Path, extra: str = "",
                      **sections: Mapping[str, Any]) -> Path:
     """THE simulation kit config for a real `rekamd --sim` under `root`: SD in root/sd, stick folder root/usb
-    (created), API on a free port, the simulation on `corpus`. `sections` are merged over that base key by key
-    (a None value drops a base key); `extra` is TOML appended after. Returns the path of root/rekam.toml."""
+    (created), API on a free port, the simulation on `corpus`. `sections` are merged over that base key by key;
+    `extra` is TOML appended after. Returns the path of root/rekam.toml."""
     (root / "usb").mkdir(parents=True, exist_ok=True)
     base: dict[str, dict[str, Any]] = {
         "kit": {"state_dir": str(root / "sd")},
@@ -255,12 +255,7 @@ def write_daemon_config(root: Path, dc_pub: Path, corpus: Path, extra: str = "",
         "simulation": {"corpus_dir": str(corpus)},
     }
     for name, keys in sections.items():
-        table = base.setdefault(name, {})
-        for k, v in keys.items():
-            if v is None:
-                table.pop(k, None)
-            else:
-                table[k] = v
+        base.setdefault(name, {}).update(keys)
     cfg = root / "rekam.toml"
     cfg.write_text(render_toml(base) + extra)
     return cfg

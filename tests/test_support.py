@@ -45,10 +45,10 @@ def test_broker_that_cannot_start_fails_with_its_log(tmp_path: Path) -> None:
 
 def test_sim_config_merges_sections_and_loads(tmp_path: Path) -> None:
     cfg = write_daemon_config(tmp_path, tmp_path / "dc.pub", tmp_path / "corpus", "[camera]\nbackend = \"sim\"\n",
-                              kit={"site": "x"}, usb={"poll_seconds": None})
+                              kit={"site": "x"}, usb={"poll_seconds": 1.0})
     doc = tomllib.loads(cfg.read_text())
     assert doc["kit"] == {"state_dir": str(tmp_path / "sd"), "site": "x"}
-    assert "poll_seconds" not in doc["usb"] and doc["camera"] == {"backend": "sim"}
+    assert doc["usb"]["poll_seconds"] == 1.0 and doc["camera"] == {"backend": "sim"}
     assert (tmp_path / "usb").is_dir()
     (tmp_path / "dc.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
     assert config.load(cfg).state_dir == tmp_path / "sd"

@@ -81,13 +81,12 @@ def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | No
                  dedup: list[str] | None = None, extra: str = "", sd: Path | None = None,
                  max_record_mb: int = 8) -> Path:
     """The shared sim config (tests/support.py) for the console tests: SD = root/sd unless `sd`, the sim camera,
-    the sensor without emulated UART time, the stick polled at the daemon's default rate, the demo operators."""
+    the sensor without emulated UART time, the demo operators."""
     fingers = fingers if fingers is not None else ["R1", "R2"]
     dedup = dedup if dedup is not None else ["R2"]
     return write_daemon_config(
         root, dc_pub, corpus, f"{extra}\n{_operators_block()}",
         kit={"state_dir": str(sd or root / "sd"), "site": "test-site"},
-        usb={"poll_seconds": None},
         store={"journal_reserve_mb": 1, "max_record_mb": max_record_mb},
         simulation={"sensor_wire_speed": 0},
         camera={"backend": "sim"},
