@@ -37,7 +37,8 @@ from provisioning.fleet_link import FleetLink  # noqa: E402
 from provisioning.fleet_ops import send_command  # noqa: E402
 from provisioning.fleet_service import FleetService  # noqa: E402
 from provisioning.registry import Fleet  # noqa: E402
-from tests.provisioning.conftest import Broker, free_port, make_kit, wait_for, write_kit_config  # noqa: E402
+from tests.provisioning.conftest import make_kit, write_kit_config  # noqa: E402
+from tests.support import Mosquitto, free_port, wait_for  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -111,7 +112,7 @@ def main() -> int:
     conf = ca.render_broker_config(fleet.ca, tmp / "broker", port=port, claim_port=claim_port, bind="127.0.0.1",
                                    user="root" if os.geteuid() == 0 else os.environ.get("USER", "nobody"),
                                    extra="max_queued_messages 100000\n")
-    broker = Broker(conf, port, claim_port)
+    broker = Mosquitto(conf.parent, config=conf, port=port, claim_port=claim_port)
     broker.start()
     svc = FleetService(fleet).start()
     relay = None

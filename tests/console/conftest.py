@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from tests.store import conftest as store_fixtures
-from tests.store.conftest import Tmpfs
+from tests.support import wait_for, write_daemon_config
 
 dc_keys = store_fixtures.dc_keys  # the data-center key pair fixture of the store tests (session scope)
 
@@ -81,39 +80,18 @@ class Daemon:
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
                  dedup: list[str] | None = None, extra: str = "", sd: Path | None = None,
                  max_record_mb: int = 8) -> Path:
-    """A kit config in `root` (SD = root/sd unless `sd`, USB = root/usb, API on a free port)."""
-    (root / "usb").mkdir(exist_ok=True)
+    """The shared sim config (tests/support.py) for the console tests: SD = root/sd unless `sd`, the sim camera,
+    the sensor without emulated UART time, the demo operators."""
     fingers = fingers if fingers is not None else ["R1", "R2"]
     dedup = dedup if dedup is not None else ["R2"]
-    cfg = root / "rekam.toml"
-    cfg.write_text(f"""
-[kit]
-state_dir = "{sd or root / 'sd'}"
-site = "test-site"
-[datacenter]
-public_key_files = ["{dc_pub}"]
-[usb]
-mount_point = "{root / 'usb'}"
-require_mountpoint = false
-poll_seconds = 0.2
-[store]
-reserve_floor_mb = 1
-journal_reserve_mb = 1
-max_record_mb = {max_record_mb}
-[api]
-port = 0
-[simulation]
-corpus_dir = "{corpus}"
-sensor_wire_speed = 0
-[camera]
-backend = "sim"
-[enrollment]
-fingers = {json.dumps(fingers)}
-dedup_fingers = {json.dumps(dedup)}
-{extra}
-{_operators_block()}
-""")
-    return cfg
+    return write_daemon_config(
+        root, dc_pub, corpus, f"{extra}\n{_operators_block()}",
+        kit={"state_dir": str(sd or root / "sd"), "site": "test-site"},
+        store={"journal_reserve_mb": 1, "max_record_mb": max_record_mb},
+        simulation={"sensor_wire_speed": 0},
+        camera={"backend": "sim"},
+        enrollment={"fingers": fingers, "dedup_fingers": dedup},
+    )
 
 
 def start_daemon(root: Path, cfg: Path, sd: Path | None = None) -> Daemon:
@@ -122,19 +100,20 @@ def start_daemon(root: Path, cfg: Path, sd: Path | None = None) -> Daemon:
         p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
                              stderr=log, text=True, cwd=REPO)
     api = (sd or root / "sd") / "api.json"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            url = json.loads(api.read_text())["url"]  # may be caught half-written: retry
-            break
-        except (OSError, ValueError, KeyError):
-            pass
+
+    def api_url() -> str | None:
         if p.poll() is not None:
             pytest.fail(f"rekamd exited with {p.returncode}: {(root / 'rekamd.log').read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            p.kill()
-            pytest.fail("rekamd did not start within 60 s")
-        time.sleep(0.05)
+        try:
+            return json.loads(api.read_text())["url"]  # may be caught half-written: retry
+        except (OSError, ValueError, KeyError):
+            return None
+
+    try:
+        url = wait_for(api_url, 60, "rekamd to start (its API)")
+    except AssertionError:
+        p.kill()
+        raise
     return Daemon(p, root, cfg, url)
 
 
@@ -159,15 +138,6 @@ def make_daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> It
 def daemon(make_daemon: Any) -> Daemon:
     """A daemon capturing R1 and R2 (R2 in the duplicate library)."""
     return make_daemon()
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Tmpfs]:
-    t = Tmpfs()
-    try:
-        yield t
-    finally:
-        t.cleanup()
 
 
 def enroll(c: httpx.Client, nik: str, override_reason: str = "", commit: bool = True,

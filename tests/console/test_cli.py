@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.console.conftest import NIK_FEMALE, REPO, Daemon
+from tests.support import wait_for
 
 
 def rekam(d: Daemon, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -61,9 +61,7 @@ def test_rekam_usb_export_copies_what_the_stick_lacks(daemon: Daemon) -> None:
         assert p.read_bytes() == (daemon.sd / "records" / p.name).read_bytes()
     # Without a stick: a clear refusal.
     daemon.usb.rename(daemon.root / "usb-pulled")
-    deadline = time.monotonic() + 10
-    while daemon.client().get("/api/v1/status").json()["stick"]["present"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(lambda: not daemon.client().get("/api/v1/status").json()["stick"]["present"], 10,
+             "the daemon to see the stick gone", step=0.1)
     r = rekam(daemon, "usb", "export")
     assert r.returncode == 1 and "no USB stick is mounted" in r.stderr

@@ -13,6 +13,7 @@ import pytest
 
 from hw.panel import Panel, PanelPins, PanelState
 from tests.console.conftest import NIK_MALE, OPERATOR, write_config
+from tests.support import wait_for
 
 PINS = PanelPins()
 
@@ -30,13 +31,6 @@ def factory() -> Iterator[Any]:
     finally:
         f.reset()
         Device.pin_factory = old
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def levels(f: Any) -> dict[str, bool]:

@@ -5,11 +5,6 @@ drives. Missing mosquitto fails the test (apt-get install -y mosquitto); nothing
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,83 +24,20 @@ from firmware.wire import record_format
 from provisioning import ca
 from provisioning.fleet_service import FleetService
 from provisioning.registry import Fleet
+from tests.support import Mosquitto, broker_user, free_port, render_toml, wait_for  # noqa: F401 (free_port: for the tests)
 
-MOSQUITTO = "/usr/sbin/mosquitto"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PIN_HASH = hash_pin("2468")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@dataclass
-class Broker:
-    """A running mosquitto with the fleet's config; `restart()` re-reads the CRL."""
-
-    conf: Path
-    port: int
-    claim_port: int
-    proc: subprocess.Popen | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.conf.parent / "mosquitto.log"
-
-    def start(self) -> None:
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=logf, stderr=logf)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"mosquitto exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                for p in (self.port, self.claim_port):
-                    socket.create_connection(("127.0.0.1", p), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail("mosquitto did not open its ports within 10 s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
 @pytest.fixture(scope="session")
-def fleet_and_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Broker]]:
-    if not (shutil.which("mosquitto") or os.path.exists(MOSQUITTO)):
-        pytest.fail("mosquitto is not installed: apt-get install -y mosquitto")
+def fleet_and_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, Mosquitto]]:
     data = tmp_path_factory.mktemp("fleet")
-    port, claim_port = free_port(), free_port()
-    fleet = Fleet.init(data, [f"127.0.0.1:{port}"], [f"127.0.0.1:{claim_port}"], ["127.0.0.1", "localhost"],
+    # The shared broker with a claim listener, on the deployed config; ports first: the fleet and its config name them.
+    b = Mosquitto(data / "broker", claim_listener=True)
+    fleet = Fleet.init(data, [f"127.0.0.1:{b.port}"], [f"127.0.0.1:{b.claim_port}"], ["127.0.0.1", "localhost"],
                        batch="test")
-    user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
-    conf = ca.render_broker_config(fleet.ca, data / "broker", port=port, claim_port=claim_port, bind="127.0.0.1",
-                                   user=user)
-    b = Broker(conf, port, claim_port)
+    b.use_config(ca.render_broker_config(fleet.ca, b.dir, port=b.port, claim_port=b.claim_port, bind="127.0.0.1",
+                                         user=broker_user()))
     b.start()
     yield fleet, b
     b.stop()
@@ -113,17 +45,17 @@ def fleet_and_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
 
 
 @pytest.fixture(scope="session")
-def fleet(fleet_and_broker: tuple[Fleet, Broker]) -> Fleet:
+def fleet(fleet_and_broker: tuple[Fleet, Mosquitto]) -> Fleet:
     return fleet_and_broker[0]
 
 
 @pytest.fixture(scope="session")
-def broker(fleet_and_broker: tuple[Fleet, Broker]) -> Broker:
+def broker(fleet_and_broker: tuple[Fleet, Mosquitto]) -> Mosquitto:
     return fleet_and_broker[1]
 
 
 @pytest.fixture(scope="session")
-def service(fleet: Fleet, broker: Broker) -> Iterator[FleetService]:
+def service(fleet: Fleet, broker: Mosquitto) -> Iterator[FleetService]:
     svc = FleetService(fleet).start()
     yield svc
     svc.close()
@@ -191,7 +123,7 @@ def make_kit(root: Path, cfg_path: Path) -> KitHarness:
     return KitHarness(root, cfg_path, local, cfg, ident, store, enr)
 
 
-def write_kit_config(root: Path, fleet: Fleet, broker: Broker, extra: str = "", **control: Any) -> Path:
+def write_kit_config(root: Path, fleet: Fleet, broker: Mosquitto, extra: str = "", **control: Any) -> Path:
     """A kit config file as a technician would write it (TOML), pointing at the test broker."""
     root.mkdir(parents=True, exist_ok=True)
     _, pub = record_format.generate_datacenter_keypair()
@@ -203,28 +135,21 @@ def write_kit_config(root: Path, fleet: Fleet, broker: Broker, extra: str = "", 
          "claim_key_file": str(fleet.ca.claim_key("test")), "telemetry_interval_s": 1.0, "rollback_after_s": 4.0,
          "claim_wait_s": 3.0, "claim_retry_min_s": 0.3, "claim_retry_max_s": 1.0, **control}
 
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = ["[kit]", f"state_dir = {val(str(root / 'state'))}", f"hardware_serial_file = {val(str(root / 'serial'))}",
-             "[datacenter]", 'public_key_files = ["dc.pub"]',
-             "[usb]", f"mount_point = {val(str(root / 'usb'))}", "require_mountpoint = false",
-             "[store]", "reserve_floor_mb = 1", "journal_reserve_mb = 1", "max_record_mb = 1",
-             "[operators]", f'list = [{{id = "op1", name = "Op One", pin_hash = {val(PIN_HASH)}}}]',
-             "[control]"] + [f"{k} = {val(v)}" for k, v in c.items()]
+    sections = {
+        "kit": {"state_dir": str(root / "state"), "hardware_serial_file": str(root / "serial")},
+        "datacenter": {"public_key_files": ["dc.pub"]},
+        "usb": {"mount_point": str(root / "usb"), "require_mountpoint": False},
+        "store": {"reserve_floor_mb": 1, "journal_reserve_mb": 1, "max_record_mb": 1},
+        "operators": {"list": [{"id": "op1", "name": "Op One", "pin_hash": PIN_HASH}]},
+        "control": c,
+    }
     p = root / "rekam.toml"
-    p.write_text("\n".join(lines) + "\n" + extra)
+    p.write_text(render_toml(sections) + extra)
     return p
 
 
 @pytest.fixture
-def new_kit(tmp_path: Path, fleet: Fleet, broker: Broker) -> Iterator[Callable[..., KitHarness]]:
+def new_kit(tmp_path: Path, fleet: Fleet, broker: Mosquitto) -> Iterator[Callable[..., KitHarness]]:
     """Factory: a fresh, unclaimed kit (`allow=True` puts it on the fleet's allow-list first)."""
     made: list[KitHarness] = []
 
@@ -255,7 +180,7 @@ def online_kit(new_kit: Callable[..., KitHarness], service: FleetService) -> Kit
 
 
 @pytest.fixture(scope="session")
-def fleet_link(fleet: Fleet, broker: Broker) -> Iterator[Any]:
+def fleet_link(fleet: Fleet, broker: Mosquitto) -> Iterator[Any]:
     """The fleet's own MQTT connection, for tests that publish as the fleet."""
     from provisioning.fleet_link import FleetLink
 

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from firmware.wire import control_protocol as cp
 from firmware.wire import relay_protocol as proto
 from provisioning import ca
+from tests.support import wait_for
 
 NOT_AUTHORIZED = 0x87
 
@@ -41,17 +42,13 @@ class Probe:
 
     def publish(self, topic: str, payload: bytes = b"x", retain: bool = False) -> int:
         info = self.c.publish(topic, payload, qos=1, retain=retain)
-        deadline = time.monotonic() + 5
-        while info.mid not in self.pubacks and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: info.mid in self.pubacks, 5, f"PUBACK for {topic}", step=0.01)
         return self.pubacks[info.mid]
 
     def subscribe(self, topic: str) -> None:
         n = len(self.subacks)
         self.c.subscribe(topic, qos=1)
-        deadline = time.monotonic() + 5
-        while len(self.subacks) == n and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(self.subacks) > n, 5, f"SUBACK for {topic}", step=0.01)
 
     def close(self) -> None:
         self.c.disconnect()

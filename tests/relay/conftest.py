@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from firmware.store.store import Store
 from firmware.wire import record_format
 from provisioning.archive import Archive
 from provisioning.ingest import IngestSettings, IngestWorker
+from tests.support import wait_for  # noqa: F401  (the tests here import it from this conftest)
 
 FAST_RELAY = {"ack_timeout_s": 2.0, "ack_timeout_max_s": 4.0, "backoff_min_s": 0.1, "backoff_max_s": 0.5,
               "probe_interval_s": 0.5, "connect_timeout_s": 3.0, "keepalive_s": 10, "telemetry_interval_s": 1.0,
@@ -119,15 +119,6 @@ def make_ingest(tmp_path: Path) -> Iterator[Callable[..., IngestWorker]]:
     yield make
     for w in made:
         w.close()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def assert_delivered_once(kit: KitUnderTest, archive_dir: Path, ids: list[str]) -> None:

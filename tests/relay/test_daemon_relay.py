@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import write_daemon_config
 from tests.relay.conftest import wait_for
+from tests.support import write_daemon_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.relay.conftest import assert_delivered_once, wait_for
+from tests.support import BrokerTls
 
 
 def _cert(name: str, issuer_key, issuer_name, key, ca: bool = False, ip: str | None = None) -> x509.Certificate:
@@ -45,8 +46,7 @@ def test_mutual_tls(mosquitto_factory, make_kit, make_ingest, tmp_path):
                                     keys["broker"])
     kit_crt, kit_key = _write(d, "kit", _cert("rk-tlskit", ca_key, ca_name, keys["kit"]), keys["kit"])
     fleet_crt, fleet_key = _write(d, "fleet", _cert("fleet", ca_key, ca_name, keys["fleet"]), keys["fleet"])
-    broker = mosquitto_factory(extra=f"cafile {ca_file}\ncertfile {broker_crt}\nkeyfile {broker_key}\n"
-                                     "require_certificate true\nuse_identity_as_username true\n")
+    broker = mosquitto_factory(tls=BrokerTls(ca_file, broker_crt, broker_key, use_identity_as_username=True))
     url = f"mqtts://127.0.0.1:{broker.port}"
     make_ingest(url, ca_file=ca_file, cert_file=fleet_crt, key_file=fleet_key)
     kit = make_kit([url], ca_file=ca_file, cert_file=kit_crt, key_file=kit_key)
@@ -65,8 +65,7 @@ def test_tls_without_client_certificate_is_refused(mosquitto_factory, make_kit, 
     ca_file, _ = _write(d, "ca", _cert("rekam test CA", ca_key, ca_name, ca_key, ca=True), ca_key)
     bk = ec.generate_private_key(ec.SECP256R1())
     broker_crt, broker_key = _write(d, "broker", _cert("broker", ca_key, ca_name, bk, ip="127.0.0.1"), bk)
-    broker = mosquitto_factory(extra=f"cafile {ca_file}\ncertfile {broker_crt}\nkeyfile {broker_key}\n"
-                                     "require_certificate true\n")
+    broker = mosquitto_factory(tls=BrokerTls(ca_file, broker_crt, broker_key))
     kit = make_kit([f"mqtts://127.0.0.1:{broker.port}"], ca_file=ca_file)
     kit.capture(1)
     relay = kit.start_relay()

@@ -12,6 +12,7 @@ import pytest
 from hw.sensor import protocol as p
 from hw.sensor.driver import WaitResult
 from hw.sensor.simulator import image_quality
+from tests.support import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -164,13 +165,15 @@ def test_gap_in_bulk_transfer_times_out(sim, fp) -> None:
         fp.upload_template(1)
     assert c.s < 2.0
     sim.faults.bulk_gap_s = 0.0
-    deadline = time.monotonic() + 5  # the module finishes its slow transfer, then answers again
-    while True:
+
+    def answers() -> bool:
         try:
             assert len(fp.upload_template(1)) == 512
-            break
+            return True
         except p.SensorError:
-            assert time.monotonic() < deadline
+            return False
+
+    wait_for(answers, 5, "the module to finish its slow transfer and answer again", step=0)
 
 
 @pytest.mark.parametrize("quality", ["dry", "wet", "partial"])
@@ -221,14 +224,15 @@ def test_unplugged_port_raises_unavailable_then_reopens(make_sim, make_fp, tmp_p
         fp.template_count()  # port gone: clear error, no hang
     sim.replug()
     time.sleep(0.25)  # past the reopen backoff
-    deadline = time.monotonic() + 5
-    while True:
+
+    def reopened() -> bool:
         try:
             assert fp.template_count() == 0
-            break
+            return True
         except p.SensorUnavailable:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            return False
+
+    wait_for(reopened, 5, "the driver to reopen the port", step=0.1)
     assert fp.is_open
 
 

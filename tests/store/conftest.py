@@ -1,8 +1,8 @@
-"""Fixtures for store tests: a data-center key pair and a kit configuration in a temp folder."""
+"""Fixtures for store tests: a data-center key pair and a kit configuration in a temp folder (the `tmpfs`
+fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,33 +50,3 @@ def store(kit_cfg: config.Config) -> Iterator[Store]:
     s.open()
     yield s
     s.close()
-
-
-class Tmpfs:
-    """A real size-limited tmpfs mount (we are root), unmounted at teardown."""
-
-    def __init__(self) -> None:
-        self.mounted: list[Path] = []
-
-    def mount(self, path: Path, size_kb: int) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs", str(path)], check=True)
-        self.mounted.append(path)
-        return path
-
-    def umount(self, path: Path, lazy: bool = False) -> None:
-        subprocess.run(["umount", *(["-l"] if lazy else []), str(path)], check=True)
-        self.mounted.remove(path)
-
-    def cleanup(self) -> None:
-        for p in reversed(self.mounted):
-            subprocess.run(["umount", "-l", str(p)], check=False)
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Tmpfs]:
-    t = Tmpfs()
-    try:
-        yield t
-    finally:
-        t.cleanup()

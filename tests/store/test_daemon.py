@@ -14,13 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import write_daemon_config
+from tests.support import wait_for, write_daemon_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def write_config(tmp_path: Path, dc_pub: Path, corpus: Path) -> Path:
-    return write_daemon_config(tmp_path, dc_pub, corpus)
 
 
 def rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -30,15 +26,16 @@ def rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> Any:
-    cfg = write_config(tmp_path, dc_keys["pub_path"], corpus_dir)
+    cfg = write_daemon_config(tmp_path, dc_keys["pub_path"], corpus_dir)
     p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
                          stderr=subprocess.PIPE, text=True, cwd=REPO)
     api = tmp_path / "sd" / "api.json"
-    deadline = time.monotonic() + 30
-    while not api.exists():
+
+    def started() -> bool:
         assert p.poll() is None, p.stderr.read()
-        assert time.monotonic() < deadline, "rekamd did not start"
-        time.sleep(0.05)
+        return api.exists()
+
+    wait_for(started, 30, "rekamd to start (its api.json)")
     yield p, cfg, tmp_path
     if p.poll() is None:
         p.kill()
@@ -97,7 +94,7 @@ def test_sigterm_during_commits_leaves_nothing_half_written(daemon: Any) -> None
 
 
 def test_cli_without_daemon_opens_store_directly(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> None:
-    cfg = write_config(tmp_path, dc_keys["pub_path"], corpus_dir)
+    cfg = write_daemon_config(tmp_path, dc_keys["pub_path"], corpus_dir)
     r = rekam(cfg, "sim", "commit", "2")
     assert r.returncode == 0 and r.stdout.count("captured ") == 2, r.stderr
     r = rekam(cfg, "records", "--json")

@@ -15,7 +15,8 @@ from firmware.seal import identity
 from firmware.store.capacity import CaptureHalted
 from firmware.store.store import Store
 from firmware.wire import record_format
-from tests.store.conftest import Tmpfs, make_config
+from tests.store.conftest import make_config
+from tests.support import Tmpfs
 
 
 def payload(n: int = 300_000, tag: str = "") -> bytes:

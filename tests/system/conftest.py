@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from firmware.wire import record_format
-from tests.conftest import write_daemon_config
+from tests.support import write_daemon_config
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"

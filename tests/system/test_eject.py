@@ -7,10 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from hw import usbstick
+from tests.support import wait_for
 from tests.system.conftest import REPO, need_root, write_kit_config
 
 
@@ -36,14 +36,12 @@ def test_eject_flushes_then_unmounts(tmp_path: Path, corpus_dir: Path) -> None:
         usbstick.mount(usbstick.probe(dev), usbstick.Settings(mp, "", 0, 0))
         p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
                              stderr=subprocess.PIPE, text=True, cwd=REPO)
-        deadline = time.monotonic() + 60
-        while True:
-            assert p.poll() is None, p.stderr.read() if p.stderr else ""
-            assert time.monotonic() < deadline, "daemon did not pick up the stick"
+        def stick_seen() -> bool:
+            assert p is not None and p.poll() is None, p.stderr.read() if p and p.stderr else ""
             r = _rekam(cfg, "status", "--json")
-            if r.returncode in (0, 2) and r.stdout and json.loads(r.stdout).get("stick", {}).get("present"):
-                break
-            time.sleep(0.3)
+            return bool(r.returncode in (0, 2) and r.stdout and json.loads(r.stdout).get("stick", {}).get("present"))
+
+        wait_for(stick_seen, 60, "the daemon to pick up the stick", step=0.3)
         r = _rekam(cfg, "sim", "commit", "2", "--json")
         assert r.returncode == 0, r.stderr
         ids = [d["record_id"] for d in json.loads(r.stdout)]

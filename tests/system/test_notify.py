@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.support import wait_for
 from tests.system.conftest import REPO, write_kit_config
 
 
@@ -156,10 +157,12 @@ def test_watchdog_abort_leaves_python_stacks(tmp_path: Path, corpus_dir: Path) -
     p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"], env=env, cwd=REPO,
                          stderr=subprocess.PIPE, text=True)
     api = tmp_path / "sd" / "api.json"
-    deadline = time.monotonic() + 60
-    while not api.exists():
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+
+    def started() -> bool:
+        assert p.poll() is None
+        return api.exists()
+
+    wait_for(started, 60, "rekamd to start (its api.json)")
     p.send_signal(signal.SIGABRT)
     _, err = p.communicate(timeout=20)
     assert p.returncode == -signal.SIGABRT

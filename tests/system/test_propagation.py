@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import Tmpfs
 from tests.system.conftest import SYSTEMD_DIR, need_root, need_tool
 
 
@@ -35,18 +36,17 @@ def _sources_at(mountinfo: str, target: str) -> list[str]:
 
 @pytest.mark.parametrize("bind, pinned", [(None, False), ("/media/rekam-usb", True)],
                          ids=["unit-ReadWritePaths", "mount-point-itself"])
-def test_unmount_reaches_daemon_namespace(bind: str | None, pinned: bool, tmp_path: Path) -> None:
+def test_unmount_reaches_daemon_namespace(bind: str | None, pinned: bool, tmp_path: Path, tmpfs: Tmpfs) -> None:
     need_root("mount namespaces")
     need_tool("unshare", "util-linux")
     root = tmp_path / "root"
-    root.mkdir()
     img = tmp_path / "stick.img"
     with open(img, "wb") as f:
         f.truncate(16 * 1024 * 1024)
     subprocess.run(["mkfs.ext4", "-q", str(img)], check=True)
     dev = subprocess.run(["losetup", "-f", "--show", str(img)], check=True, capture_output=True,
                          text=True).stdout.strip()
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(root)], check=True)
+    tmpfs.mount(root, None)
     ns = None
     try:
         subprocess.run(["mount", "--make-shared", str(root)], check=True)
@@ -77,5 +77,5 @@ def test_unmount_reaches_daemon_namespace(bind: str | None, pinned: bool, tmp_pa
     finally:
         if ns is not None and ns.poll() is None:
             ns.kill()
-        subprocess.run(["umount", "-R", "-l", str(root)], capture_output=True)
+        tmpfs.cleanup()  # recursive and lazy, before the loop device goes
         subprocess.run(["losetup", "-d", dev], capture_output=True)

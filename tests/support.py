@@ -1,0 +1,261 @@
+"""Set-up helpers every test folder shares: free ports, bounded waits, real tmpfs mounts, a real mosquitto
+and the simulation kit config a real `rekamd` runs on. The fixtures built on them are in tests/conftest.py.
+
+Services are real; a missing one fails the test with the package to install, never a silent skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+# --- ports and waits -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "condition", step: float = 0.05) -> T:
+    """Poll `cond` every `step` s until it returns something truthy, and return that; after `timeout` s raise an
+    AssertionError naming `what`. `cond` is called at least once; whatever it raises (an assert) propagates."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+# --- tmpfs ------------------------------------------------------------------------------------------------------
+
+
+class Tmpfs:
+    """Real tmpfs mounts (size-limited unless `size_kb` is None); the `tmpfs` fixture unmounts what is left."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def mount(self, path: Path, size_kb: int | None) -> Path:
+        """Mount a fresh tmpfs of `size_kb` KiB (None: the kernel's default size) on `path` (created)."""
+        if os.geteuid() != 0:
+            pytest.fail("real tmpfs mounts need root (CI and the dev container run the tests as root)")
+        path.mkdir(parents=True, exist_ok=True)
+        opts = ["-o", f"size={size_kb}k,mode=0755"] if size_kb is not None else []
+        subprocess.run(["mount", "-t", "tmpfs", *opts, "tmpfs", str(path)], check=True)
+        self.mounted.append(path)
+        return path
+
+    def umount(self, path: Path, lazy: bool = False, recursive: bool = False) -> None:
+        """Unmount `path` now (`recursive`: with everything mounted below it)."""
+        flags = (["-R"] if recursive else []) + (["-l"] if lazy else [])
+        subprocess.run(["umount", *flags, str(path)], check=True)
+        self.mounted.remove(path)
+
+    def cleanup(self) -> None:
+        """Lazily unmount every mount still up, newest first, with whatever is mounted below it."""
+        for p in reversed(self.mounted):
+            subprocess.run(["umount", "-R", "-l", str(p)], check=False, capture_output=True)
+        self.mounted.clear()
+
+
+# --- mosquitto --------------------------------------------------------------------------------------------------
+
+MOSQUITTO_BIN = "/usr/sbin/mosquitto"
+
+
+def mosquitto_binary() -> str:
+    """Path of mosquitto, or fail naming the package."""
+    binary = MOSQUITTO_BIN if Path(MOSQUITTO_BIN).exists() else shutil.which("mosquitto")
+    if binary is None:
+        pytest.fail("mosquitto not installed: apt-get install -y mosquitto")
+    return binary
+
+
+def broker_user() -> str:
+    """The `user` line's value: started as root (CI containers) mosquitto would switch to user "mosquitto",
+    which cannot read pytest's 0700 temp folders (certificates, log file)."""
+    return "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The certificates of a TLS listener; clients must present one signed by `cafile` unless told otherwise."""
+
+    cafile: Path | str
+    certfile: Path | str
+    keyfile: Path | str
+    crlfile: Path | str | None = None
+    require_certificate: bool = True
+    use_identity_as_username: bool = False
+
+    def lines(self) -> list[str]:
+        out = [f"cafile {self.cafile}", f"certfile {self.certfile}", f"keyfile {self.keyfile}",
+               f"require_certificate {'true' if self.require_certificate else 'false'}"]
+        if self.use_identity_as_username:
+            out.append("use_identity_as_username true")
+        if self.crlfile:
+            out.append(f"crlfile {self.crlfile}")
+        return out
+
+
+class Mosquitto:
+    """A mosquitto process on 127.0.0.1; stop/start/restart keep its ports.
+
+    By default it runs a generated config: one anonymous listener, `tls` on it (BrokerTls), `acl` file,
+    `persistence`, size limits and `extra` lines; `claim_listener` adds a second listener (`claim_port`) with the
+    same settings. `config` runs a config written elsewhere instead (the fleet's deployed template): give it the
+    `port` (and `claim_port`) it listens on, or set it later with `use_config()` once the ports are known.
+    The log (stdout and stderr) is `workdir/mosquitto.log`; its tail is in the failure message of a broker that
+    does not come up, and in the report of a test that fails (tests/conftest.py)."""
+
+    def __init__(self, workdir: Path, *, tls: BrokerTls | None = None, claim_listener: bool = False,
+                 acl: Path | str | None = None, persistence: bool = False, message_size_limit: int = 0,
+                 max_packet_size: int = 0, extra: str = "", config: Path | None = None, port: int | None = None,
+                 claim_port: int | None = None) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.claim_port = claim_port or (free_port() if claim_listener else None)
+        self.tls = tls
+        self.log = self.dir / "mosquitto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        if config is not None:
+            self.conf = config
+            return
+        self.conf = self.dir / "mosquitto.conf"
+        lines = ["per_listener_settings true" if self.claim_port else "",
+                 f"user {broker_user()}", f"persistence {'true' if persistence else 'false'}",
+                 f"persistence_location {self.dir}/", "log_dest stderr", "log_type error", "log_type warning",
+                 "log_type notice"]
+        if message_size_limit:
+            lines.append(f"message_size_limit {message_size_limit}")
+        if max_packet_size:
+            lines.append(f"max_packet_size {max_packet_size}")
+        for p in (self.port, self.claim_port):
+            if p is None:
+                continue
+            lines += [f"listener {p} 127.0.0.1", "allow_anonymous true"]
+            lines += tls.lines() if tls is not None else []
+            lines += [f"acl_file {acl}"] if acl is not None else []
+        self.conf.write_text("\n".join(ln for ln in lines if ln) + "\n" + extra)
+
+    def use_config(self, conf: Path) -> None:
+        """Run `conf` (written for this broker's ports) from the next start on."""
+        self.conf = conf
+
+    @property
+    def url(self) -> str:
+        """The main listener's URL (mqtts:// with TLS)."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def ports(self) -> list[int]:
+        return [p for p in (self.port, self.claim_port) if p is not None]
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        """Start and wait until every listener accepts connections; fails with the log if it does not."""
+        with open(self.log, "ab") as logf:  # a file, not a pipe: a full pipe would block the broker
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=logf, stderr=logf)
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto exited at start (status {proc.returncode}): {self.log_tail()}")
+            try:
+                for p in self.ports:
+                    socket.create_connection(("127.0.0.1", p), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        try:
+            wait_for(listening, timeout, f"mosquitto to listen on {self.ports}", step=0.02)
+        except AssertionError as e:
+            self.stop()
+            pytest.fail(f"{e}; log: {self.log_tail()}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 5 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# --- kit configuration files ------------------------------------------------------------------------------------
+
+
+def toml_value(v: Any) -> str:
+    """`v` (str, Path, bool, int, float, list, dict) as a TOML value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Tables of plain keys as TOML text (one `[section]` each, in order)."""
+    out: list[str] = []
+    for name, keys in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
+    return "\n".join(out) + "\n"
+
+
+def write_daemon_config(root: Path, dc_pub: Path, corpus: Path, extra: str = "",
+                     **sections: Mapping[str, Any]) -> Path:
+    """THE simulation kit config for a real `rekamd --sim` under `root`: SD in root/sd, stick folder root/usb
+    (created), API on a free port, the simulation on `corpus`. `sections` are merged over that base key by key;
+    `extra` is TOML appended after. Returns the path of root/rekam.toml."""
+    (root / "usb").mkdir(parents=True, exist_ok=True)
+    base: dict[str, dict[str, Any]] = {
+        "kit": {"state_dir": str(root / "sd")},
+        "datacenter": {"public_key_files": [str(dc_pub)]},
+        "usb": {"mount_point": str(root / "usb"), "require_mountpoint": False, "poll_seconds": 0.2},
+        "store": {"reserve_floor_mb": 1},
+        "api": {"port": 0},
+        "simulation": {"corpus_dir": str(corpus)},
+    }
+    for name, keys in sections.items():
+        base.setdefault(name, {}).update(keys)
+    cfg = root / "rekam.toml"
+    cfg.write_text(render_toml(base) + extra)
+    return cfg
