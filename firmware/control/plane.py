@@ -246,7 +246,8 @@ class ControlPlane:
 
     def _on_connect(self) -> None:
         link = self.link
-        assert link is not None and link.broker is not None
+        if link is None or link.broker is None:  # gone again before the handler ran; the next connect counts
+            return
         kit = self.identity.kit_id
         self.broker = f"{link.broker.host}:{link.broker.port}"
         self.stats.connects += 1
