@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import secrets
 import ssl
 import threading
@@ -38,7 +37,9 @@ from firmware import __version__
 from firmware.config import Config
 from firmware.errors import ClaimError
 from firmware.seal.identity import KitIdentity
+from firmware.system.backoff import Backoff
 from firmware.system.fsutil import atomic_write, fsync_dir
+from firmware.system.mqtt import Broker, MqttLink, MqttSettings
 from firmware.wire import control_protocol as cp
 
 log = logging.getLogger(__name__)
@@ -184,71 +185,59 @@ def tls_context(ca_file: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-def split_hostport(s: str) -> tuple[str, int]:
-    host, _, port = s.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def attempt(cfg: Config, identity: KitIdentity, broker: str, wait_s: float) -> dict[str, Any]:
     """One claim attempt against one claim listener; returns the verified response body."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     paths = ControlPaths.of(cfg)
     csr = ensure_tls_key(paths, identity.kit_id)
     user = claim_user(cfg)
     nonce = secrets.token_hex(16)
-    got: list[bytes] = []
-    subscribed = threading.Event()
-    answered = threading.Event()
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity.kit_id, protocol=mqtt.MQTTv5)
-    c.tls_set_context(tls_context(cfg.path(cfg.control.ca_file), cfg.path(cfg.control.claim_cert_file),
-                                  cfg.path(cfg.control.claim_key_file)))
-    c.on_subscribe = lambda *_a: subscribed.set()
-
-    def on_message(_c: Any, _u: Any, msg: Any) -> None:
-        got.append(bytes(msg.payload))
-        answered.set()
-
-    c.on_message = on_message
-    host, port = split_hostport(broker)
+    deadline = time.monotonic() + wait_s
+    settings = MqttSettings(
+        [Broker.parse(broker, tls=True)], identity.kit_id, keepalive_s=30, connect_timeout_s=wait_s,
+        probe_interval_s=0,
+        tls_context=lambda: tls_context(cfg.path(cfg.control.ca_file), cfg.path(cfg.control.claim_cert_file),
+                                        cfg.path(cfg.control.claim_key_file)),
+        subscriptions=[(cp.claim_response_topic(user, identity.kit_id), 1)], name="claim")
+    link = MqttLink(settings)
+    link.should_stop = lambda: time.monotonic() > deadline  # one attempt: no reconnect rounds past its time
+    if not link.connect(0):
+        raise ClaimError("connect", link.last_error or f"{broker}: cannot connect")
     try:
-        c.connect(host, port, keepalive=30)
-    except (OSError, ssl.SSLError) as e:
-        raise ClaimError("connect", f"{broker}: {e}") from None
-    c.loop_start()
-    try:
-        c.subscribe(cp.claim_response_topic(user, identity.kit_id), qos=1)
-        if not subscribed.wait(wait_s):
-            raise ClaimError("timeout", f"{broker}: no SUBACK within {wait_s:.0f} s")
-        c.publish(cp.claim_request_topic(user, identity.kit_id), build_request(cfg, identity, csr, nonce), qos=1)
+        while not link.ready.is_set():
+            if time.monotonic() > deadline:
+                raise ClaimError("timeout", f"{broker}: no SUBACK within {wait_s:.0f} s")
+            link.step(0.05)
+        if link.send(cp.claim_request_topic(user, identity.kit_id), build_request(cfg, identity, csr, nonce),
+                     qos=1) is None:
+            raise ClaimError("connect", f"{broker}: connection lost before the claim request")
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
-            answered.wait(max(0.0, deadline - time.monotonic()))
-            answered.clear()
-            while got:
+            link.step(0.05)
+            while link.events:
+                ev = link.events.popleft()
+                if ev.kind != "message":
+                    continue
                 try:
-                    return check_response(got.pop(0), cfg, identity, paths, nonce)
+                    return check_response(ev.payload, cfg, identity, paths, nonce)
                 except ClaimError as e:
                     # A stale retained answer or junk: log it and keep waiting for ours.
                     log.warning("claim response refused reason=%s detail=%s", e.reason, e)
         raise ClaimError("timeout", f"{broker}: no answer from the fleet within {wait_s:.0f} s")
     finally:
-        c.disconnect()
-        c.loop_stop()
+        link.close()
 
 
 def claim(cfg: Config, identity: KitIdentity, stop: threading.Event | None = None,
           max_attempts: int | None = None) -> bytes | None:
     """Claim until approved (or `stop`/`max_attempts`); stores the credentials and returns the first signed
-    config document (bytes) the fleet sent, or None if it gave up. Backoff: claim_retry_min_s doubling to
-    claim_retry_max_s, with jitter."""
+    config document (bytes) the fleet sent, or None if it gave up. Backoff (`firmware.system.backoff`):
+    claim_retry_min_s doubling to claim_retry_max_s, equal jitter."""
     c = cfg.control
     brokers = list(c.claim_brokers)
     if not brokers:
         raise ClaimError("no_brokers", "control.claim_brokers is empty")
     paths = ControlPaths.of(cfg)
-    delay = c.claim_retry_min_s
+    backoff = Backoff(min(c.claim_retry_min_s, c.claim_retry_max_s), c.claim_retry_max_s)
     n = 0
     stop = stop or threading.Event()
     while not stop.is_set():
@@ -261,13 +250,14 @@ def claim(cfg: Config, identity: KitIdentity, stop: threading.Event | None = Non
                 log.info("claimed kit_id=%s broker=%s fleet_key=%s", identity.kit_id, broker,
                          cp.key_fingerprint(body["fleet_public_key"]))
                 return body["config"].encode()
+            delay = backoff.next()
             log.info("claim %s kit_id=%s reason=%s; retrying in %.0f s", body["status"], identity.kit_id,
                      body.get("reason", ""), delay)
         except ClaimError as e:
+            delay = backoff.next()
             log.warning("claim attempt failed kit_id=%s broker=%s reason=%s detail=%s; retrying in %.0f s",
                         identity.kit_id, broker, e.reason, e, delay)
         if max_attempts is not None and n >= max_attempts:
             return None
-        stop.wait(delay * random.uniform(0.8, 1.2))
-        delay = min(c.claim_retry_max_s, delay * 2)
+        stop.wait(delay)
     return None

@@ -15,7 +15,7 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
   without an ack is resent after ``ack_timeout_s``, doubling (jittered) up to ``ack_timeout_max_s``,
   forever. At most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
-* One thread owns the paho client (`firmware.uplink`); callbacks only enqueue.
+* One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
 
 Run standalone (tests, field debugging): ``python -m firmware.relay --config /etc/rekam/rekam.toml``.
 """
@@ -38,9 +38,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware.relay.uplink import Uplink, UplinkSettings
+from firmware.relay.uplink import uplink_settings
 from firmware.system.backoff import backoff_delay
 from firmware.system.clock import iso
+from firmware.system.mqtt import MqttLink
 from firmware.wire import record_format
 from firmware.wire import relay_protocol as proto
 
@@ -107,7 +108,13 @@ class Waiting:
 
 
 class Relay:
-    """Relays the kit's records to the data center (see module doc). `start()`, `status()`, `close()`."""
+    """Relays the kit's records to the data center (see module doc).
+
+    A `firmware.system.service.Service`: `start()`, `stop()` (idempotent), `health()`; `close()` and
+    `status()` are the older names of `stop()` and `health()`.
+    """
+
+    name = "relay"
 
     def __init__(self, store: Any, cfg: Any, stop: threading.Event | None = None,
                  rng: random.Random | None = None) -> None:
@@ -119,8 +126,7 @@ class Relay:
         self._own_stop = threading.Event()
         self.rng = rng or random.Random()
         self.ack_topic = proto.ack_topic(self.kit_id)
-        self.uplink = Uplink(UplinkSettings.from_config(cfg, f"{self.kit_id}-relay", [(self.ack_topic, 1)]),
-                             self.rng)
+        self.uplink = MqttLink(uplink_settings(cfg, f"{self.kit_id}-relay", [(self.ack_topic, 1)]), self.rng)
         self.uplink.should_stop = self._stopping
         self.thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -153,7 +159,9 @@ class Relay:
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the relay thread (returns at once)."""
+        """Start the relay thread (returns at once; a second call does nothing)."""
+        if self.thread is not None:
+            return
         self.store.on_change.append(self._wake.set)
         self.thread = threading.Thread(target=self._run_guarded, name="relay", daemon=True)
         self.thread.start()
@@ -163,8 +171,8 @@ class Relay:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
         self._wake.set()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the thread, flush state marks, disconnect cleanly."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread, flush state marks, disconnect cleanly (idempotent)."""
         self._own_stop.set()
         self._wake.set()
         if self.thread is not None:
@@ -173,6 +181,12 @@ class Relay:
             self.store.on_change.remove(self._wake.set)
         except ValueError:
             pass
+
+    close = stop  # the name the daemon and the tests have used
+
+    def health(self) -> dict[str, Any]:
+        """The Service view: the same as `status()` (from memory, never blocks)."""
+        return self.status()
 
     def _stopping(self) -> bool:
         return self.stop_event.is_set() or self._own_stop.is_set()
@@ -217,7 +231,7 @@ class Relay:
     def _load_sent(self) -> None:
         """After a start: records already 'sent' are owed an ack; resend them first (capture order)."""
         now = time.monotonic()
-        for row in self.store.j.records(state="sent"):
+        for row in self.store.records(state="sent"):
             self._wait(row.id, row.seq, now, attempts=1)
         if self._waiting:
             log.info("relay resuming records_awaiting_ack=%d", len(self._waiting))
@@ -244,7 +258,7 @@ class Relay:
         if not self._fresh and (self._refill or self._wake.is_set()):
             self._wake.clear()
             self._refill = False
-            rows = self.store.j.records(state="stored", after_seq=self._cursor, limit=256)
+            rows = self.store.records(state="stored", after_seq=self._cursor, limit=256)
             if rows:
                 self._cursor = rows[-1].seq
                 self._refill = len(rows) == 256
@@ -264,7 +278,7 @@ class Relay:
             if self._bytes.wait_time() > 0 or self._pubs.wait_time() > 0:
                 return False
             topic, payload, qos = t.messages[t.next_index]
-            mid = self.uplink.publish(topic, payload, qos=qos)
+            mid = self.uplink.send(topic, payload, qos=qos)
             if mid is None:
                 return False  # connection gone; the disconnected event resets everything
             t.next_index += 1
@@ -284,7 +298,7 @@ class Relay:
         while True:
             w = self._next_due()
             if w is not None:
-                row = self.store.j.get(w.record_id)
+                row = self.store.record(w.record_id)
                 if row is None or row.state not in ("stored", "sent"):
                     self._waiting.pop(w.record_id, None)
                     continue
@@ -474,7 +488,7 @@ class Relay:
             self.counters["acks_ignored"] += 1
             log.warning("relay ignoring malformed ack error=%s", e)
             return
-        row = self.store.j.get(ack.record_id)
+        row = self.store.record(ack.record_id)
         if row is None:
             self.counters["acks_ignored"] += 1
             log.warning("relay ack for unknown record record_id=%s", ack.record_id)
@@ -502,7 +516,7 @@ class Relay:
                 self.store.mark(ack.record_id, "quarantined", reason)
                 self.counters["records_rejected"] += 1
                 self.last_rejects.append({"record_id": ack.record_id, "reason": ack.reason, "at": iso()})
-                self.store.j.audit("relay_rejected", record_id=ack.record_id, reason=ack.reason)
+                self.store.audit("relay_rejected", record_id=ack.record_id, reason=ack.reason)
                 log.error("relay record rejected by data center record_id=%s reason=%s; quarantined",
                           ack.record_id, ack.reason)
             self._waiting.pop(ack.record_id, None)
@@ -585,7 +599,7 @@ class Relay:
         st = self.status()
         st.update({"kit_id": self.kit_id, "at": iso()})
         # QoS 0: telemetry is periodic and must not take window slots from records.
-        self.uplink.publish(proto.relay_telemetry_topic(self.kit_id), json.dumps(st, sort_keys=True).encode(), qos=0)
+        self.uplink.send(proto.relay_telemetry_topic(self.kit_id), json.dumps(st, sort_keys=True).encode(), qos=0)
 
 
 # --- standalone runner ----------------------------------------------------------------------

@@ -447,6 +447,9 @@ class MqttLink:
             if rc != 0:
                 self._fail(b, f"connection lost during handshake (rc={rc})")
                 return False
+        if self.should_stop():
+            self._drop_client()  # stopping: not a broker failure, nothing to log
+            return False
         self._fail(b, "no CONNACK within connect_timeout_s")
         return False
 
@@ -509,6 +512,8 @@ class MqttLink:
                 return False
             if self.connect(i):
                 return True
+        if self.should_stop():
+            return False
         delay = self._backoff.next()
         self._next_attempt = time.monotonic() + delay
         log.warning("%s no broker reachable rounds=%d retry_in_s=%.1f last_error=%s", self.s.name,

@@ -180,7 +180,10 @@ def decode(data: bytes, kind: str) -> tuple[dict[str, Any], bytes, bytes]:
         sig = base64.b64decode(obj["sig"], validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("malformed", "sig is not base64") from None
-    signed = canonical({"v": obj["v"], "kind": obj["kind"], "body": obj["body"]})
+    try:
+        signed = canonical({"v": obj["v"], "kind": obj["kind"], "body": obj["body"]})
+    except ValueError as e:  # e.g. 1e999: json.loads makes it inf, which has no canonical form
+        raise ProtocolError("not_json", str(e)[:120]) from None
     return obj["body"], signed, sig
 
 

@@ -10,8 +10,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import config
 from firmware.control.claim import ControlPaths
-from firmware.control.plane import MAX_TRIAL_BOOTS, RemoteConfig, effective_config, repair_identity, rotate_key
+from firmware.control.plane import MAX_TRIAL_BOOTS, RemoteConfig, effective_config
 from firmware.seal import identity
+from firmware.seal.rotation import repair_identity, rotate_key
 from firmware.wire import control_protocol as cp
 
 from .conftest import wait_for, write_kit_config

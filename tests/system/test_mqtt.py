@@ -1,0 +1,159 @@
+"""The one MQTT adapter (firmware/system/mqtt.py) against real mosquitto brokers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from firmware.system.mqtt import Broker, Message, MqttLink, MqttSettings, Will
+
+
+def _until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _broker(m) -> Broker:
+    return Broker.parse(m.url)
+
+
+def test_broker_parse() -> None:
+    assert Broker.parse("mqtts://dc.example") == Broker("dc.example", 8883, True)
+    assert Broker.parse("mqtt://[::1]:1884") == Broker("::1", 1884, False)
+    assert Broker.parse("10.0.0.1:8884") == Broker("10.0.0.1", 8884, True)
+    assert Broker("::1", 1884, False).url == "mqtt://[::1]:1884"
+
+
+def test_own_thread_publish_from_many_threads_and_handlers(mosquitto) -> None:
+    got: list[tuple[str, bytes, bytes | None]] = []
+    other: list[str] = []
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-own", subscriptions=[("t/#", 1)], tcp_nodelay=True))
+    link.handle("t/x", lambda m: got.append((m.topic, m.payload, m.correlation)))
+    link.on_message = lambda m: other.append(m.topic)
+    connects: list[str] = []
+    link.on_connect = lambda: connects.append(link.broker.url)
+    link.start()
+    try:
+        assert link.ready.wait(10)
+        assert connects == [mosquitto.url] and link.health()["state"] == "connected"
+        d = link.publish("t/x", b"1", correlation=b"c1")
+        assert d.wait(5) and d.ok and d.reason == 0
+        results = []
+
+        def pub() -> None:
+            results.extend(link.publish("t/y", b"%d" % i) for i in range(100))
+
+        threads = [threading.Thread(target=pub) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert link.flush(10)
+        assert len(results) == 300 and all(r.ok for r in results)
+        assert _until(lambda: len(other) == 300, 5)
+        assert got == [("t/x", b"1", b"c1")]
+    finally:
+        link.stop()
+    assert link.health()["state"] == "disconnected"
+
+
+def test_failover_queue_and_return_to_preferred(mosquitto_factory) -> None:
+    first, second = mosquitto_factory(), mosquitto_factory()
+    link = MqttLink(MqttSettings([_broker(first), _broker(second)], "t-fail", probe_interval_s=0.5,
+                                 backoff_min_s=0.1, backoff_max_s=0.5))
+    link.start()
+    try:
+        assert _until(lambda: link.connected and link.index == 0)
+        first.stop()
+        assert _until(lambda: link.connected and link.index == 1)
+        assert link.publish("a", b"on the fallback").wait(5)
+        first.start()
+        assert _until(lambda: link.connected and link.index == 0)
+        assert link.connects >= 3
+    finally:
+        link.stop()
+
+
+def test_publish_while_down_waits_for_the_connection(mosquitto) -> None:
+    mosquitto.stop()
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-queue", backoff_min_s=0.1, backoff_max_s=0.3))
+    link.start()
+    try:
+        d = link.publish("q", b"later")
+        time.sleep(0.3)
+        assert not d.done and link.health()["queued"] == 1
+        mosquitto.start()
+        assert d.wait(10) and d.ok
+    finally:
+        link.stop()
+
+
+def test_refused_publish_is_surfaced(mosquitto_factory, tmp_path) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite ok/#\n")
+    m = mosquitto_factory(extra=f"acl_file {acl}\n")
+    link = MqttLink(MqttSettings([_broker(m)], "t-acl"))
+    link.start()
+    try:
+        assert link.ready.wait(10)
+        assert link.publish("ok/1", b"x").wait(5)
+        d = link.publish("denied/1", b"x")
+        assert d.wait(5) and not d.ok and d.reason is not None and d.reason >= 0x80
+    finally:
+        link.stop()
+
+
+def test_owner_thread_step_events_and_connack_limits(mosquitto_factory) -> None:
+    m = mosquitto_factory(max_packet_size=50_000)
+    link = MqttLink(MqttSettings([_broker(m)], "t-step", subscriptions=[("s", 1)]))
+    assert _step_until(link, lambda: link.connected)
+    assert link.max_packet == 50_000 and link.receive_maximum > 0
+    mid = link.send("s", b"hello")
+    assert mid is not None
+    assert _step_until(link, lambda: {"puback", "message"} <= {e.kind for e in link.events})
+    msgs = [e.message for e in link.events if e.kind == "message"]
+    assert isinstance(msgs[0], Message) and msgs[0].payload == b"hello"
+    assert any(e.kind == "puback" and e.mid == mid and e.reason == 0 for e in link.events)
+    link.close()
+    assert not link.connected and link.send("s", b"x") is None
+
+
+def _step_until(link: MqttLink, cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        link.step(0.05)
+        if cond():
+            return True
+    return False
+
+
+def test_last_will_is_made_at_every_connect(mosquitto) -> None:
+    n = [0]
+
+    def will() -> Will:
+        n[0] += 1
+        return Will("w", b"dead-%d" % n[0])
+
+    seen: list[bytes] = []
+    watcher = MqttLink(MqttSettings([_broker(mosquitto)], "t-watch", subscriptions=[("w", 1)]))
+    watcher.on_message = lambda m: seen.append(m.payload)
+    watcher.start()
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-will", will=will, backoff_min_s=0.1, backoff_max_s=0.2))
+    link.start()
+    try:
+        assert watcher.ready.wait(10) and _until(lambda: link.connected)
+        link.client.socket().shutdown(socket.SHUT_RDWR)  # dies without a DISCONNECT: the broker sends the will
+        assert _until(lambda: b"dead-1" in seen)
+        assert _until(lambda: link.connected and n[0] == 2)
+        link.reconnect()  # a clean reconnect sends no will
+        assert _until(lambda: n[0] == 3 and link.connected)
+        time.sleep(0.3)
+        assert seen.count(b"dead-2") == 0
+    finally:
+        link.stop()
+        watcher.stop()
