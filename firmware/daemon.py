@@ -75,9 +75,15 @@ class Kit:
         services: list[Any] = [StoreService(self.store), EnrollmentStage(self),
                                UsbWatcher(self.store, cfg.usb.poll_seconds, cfg.store.auto_purge)]
         if cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
-            services.append(RelayService(self))
+            from firmware.relay.relay import Relay
+
+            self.services["relay"] = Relay(self.store, cfg, self.stop)
+            services.append(self.services["relay"])
         if cfg.control.enabled:
-            services.append(ControlService(self))
+            from firmware.control.plane import ControlPlane
+
+            self.control = self.services["control"] = ControlPlane(self)
+            services.append(self.control)
         self.api = ApiServer(self.port, cfg.api.bind, cfg.api.port, cfg.state_dir / "api.json")
         services.append(self.api)
         panel = self._panel()
@@ -280,61 +286,6 @@ class EnrollmentStage:
 
     def health(self) -> dict[str, Any]:
         return {"state": RUNNING if self.kit.enrollment is not None else STOPPED}
-
-
-class RelayService:
-    """Adapter: the record relay as a `Service` (until `Relay` has start/stop/health itself)."""
-
-    name = "relay"
-
-    def __init__(self, kit: Kit) -> None:
-        self.kit = kit
-        self.relay: Any = None
-        self._stopped = False
-
-    def start(self) -> None:
-        from firmware.relay.relay import Relay
-
-        self._stopped = False
-        self.relay = Relay(self.kit.store, self.kit.cfg, self.kit.stop)
-        self.kit.services["relay"] = self.relay
-        self.relay.start()
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self.relay is not None:
-            self.relay.close()  # flushes its journal marks: before the store closes
-
-    def health(self) -> dict[str, Any]:
-        t = getattr(self.relay, "thread", None)
-        if t is not None and t.is_alive():
-            return {"state": RUNNING}
-        if t is not None and not self._stopped and not self.kit.stop.is_set():
-            return {"state": "failed", "error": "relay thread ended"}
-        return {"state": STOPPED}
-
-
-class ControlService:
-    """Adapter: the control plane as a `Service` (until `ControlPlane` has health itself)."""
-
-    name = "control"
-
-    def __init__(self, kit: Kit) -> None:
-        self.kit = kit
-
-    def start(self) -> None:
-        from firmware.control.plane import ControlPlane
-
-        self.kit.control = ControlPlane(self.kit)  # after the enrollment: it applies a fleet lock to it
-        self.kit.services["control"] = self.kit.control
-        self.kit.control.start()
-
-    def stop(self) -> None:
-        if self.kit.control is not None:
-            self.kit.control.stop()
-
-    def health(self) -> dict[str, Any]:
-        return {"state": RUNNING if self.kit.control is not None else STOPPED}
 
 
 class StatusWatchdog(ThreadService):

@@ -88,7 +88,6 @@ class ControlPlane:
         self._stopped = False
         self._started = time.monotonic()
         self._next_tel = 0.0
-        self.apply_lock_state()
 
     def _local_config(self) -> config.Config:
         # The daemon runs the merged config; floors and merges always start from the local file.
@@ -106,6 +105,7 @@ class ControlPlane:
         """Start the network and command threads (returns at once; a second call does nothing)."""
         if self._thread is not None or self._stopped:
             return
+        self.apply_lock_state()  # here, not in __init__: the enrollment service exists once its stage started
         self.runner.start()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self._thread.start()
@@ -129,8 +129,11 @@ class ControlPlane:
     close = stop
 
     def health(self) -> dict[str, Any]:
-        """The Service view: the same as `status()` (from memory, never blocks)."""
-        return self.status()
+        """The Service view: ``state`` (``failed`` if the thread ended without a stop) and the connection."""
+        t = self._thread
+        state = ("running" if t is not None and t.is_alive()
+                 else "stopped" if t is None or self._stopped or self.stop_event.is_set() else "failed")
+        return {"state": state, "connected": self.connected.is_set(), "broker": self.broker}
 
     def request_exit(self, status: int, why: str) -> None:
         """Ask the daemon to exit with `status` (75 restart, 76 reboot)."""

@@ -185,8 +185,11 @@ class Relay:
     close = stop  # the name the daemon and the tests have used
 
     def health(self) -> dict[str, Any]:
-        """The Service view: the same as `status()` (from memory, never blocks)."""
-        return self.status()
+        """The Service view: ``state`` (``failed`` if the thread ended without a stop) and the uplink's state."""
+        t = self.thread
+        alive = t is not None and t.is_alive()
+        state = "running" if alive else "stopped" if t is None or self._stopping() else "failed"
+        return {"state": state, "uplink": self.uplink.state}
 
     def _stopping(self) -> bool:
         return self.stop_event.is_set() or self._own_stop.is_set()
