@@ -441,13 +441,7 @@ class ControlPlane:
         """Use the rotated kit key everywhere: here, in the kit and in the store."""
         self.identity = new
         self.kit.identity = new
-        store = self.kit.store
-        lock = getattr(store, "_lock", None)
-        if lock is not None:
-            with lock:  # never between the seal and the journal row of a commit
-                store.identity = new
-        else:
-            store.identity = new
+        self.kit.store.use_identity(new)
 
     # -- telemetry ----------------------------------------------------------------------------
 

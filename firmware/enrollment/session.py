@@ -146,7 +146,7 @@ class EnrollmentService:
     # --- operators ------------------------------------------------------------------------
 
     def _audit(self, kind: str, actor: str = "", **detail: Any) -> None:
-        self.store.j.audit(kind, actor, **detail)
+        self.store.audit(kind, actor, **detail)
 
     def _emit(self, event: str, **data: Any) -> None:
         for cb in list(self.listeners):

@@ -558,8 +558,8 @@ class Relay:
 
     def _refresh_status(self) -> None:
         self._status_at = time.monotonic()
-        counts = self.store.j.counts()
-        oldest = self.store.j.oldest_unacked()
+        counts = self.store.counts()
+        oldest = self.store.oldest_unacked()
         age = None
         if oldest:
             try:
@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while not stop.wait(0.2):
             if args.exit_when_drained:
-                c = store.j.counts()
+                c = store.counts()
                 if c["stored"]["records"] + c["sent"]["records"] == 0:
                     break
     finally:

@@ -162,6 +162,19 @@ class Store:
         """The newest audit events, optionally of one kind."""
         return self.j.audit_events(kind, limit)
 
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Records and bytes per journal state."""
+        return self.j.counts()
+
+    def oldest_unacked(self) -> str | None:
+        """Creation time of the oldest record not yet acknowledged, or None."""
+        return self.j.oldest_unacked()
+
+    def use_identity(self, identity: KitIdentity) -> None:
+        """Seal from now on with `identity` (after a key rotation); never between a seal and its journal row."""
+        with self._lock:
+            self.identity = identity
+
     def sd_path(self, record_id: str) -> Path:
         return self.records_dir / (record_id + record_format.FILE_SUFFIX)
 
