@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -27,10 +28,18 @@ EXPECTED = [
 ]
 
 
+def _no_deps_env() -> dict[str, str]:
+    # --no-deps: the dependency wheels are the venv's business, not what this test checks (and slow). The
+    # install step that renders the default config imports firmware.config, which needs pydantic: it comes
+    # from this test's own environment (PYTHONPATH holds only third-party packages; firmware itself must
+    # still be loaded from the staged venv, which test_install_uninstall_destdir checks).
+    deps = next(p for p in sys.path if p.endswith("site-packages") and (Path(p) / "pydantic").is_dir())
+    return {**os.environ, "REKAM_PIP_ARGS": "--no-deps", "PYTHONPATH": deps}
+
+
 def _make(target: str, root: Path) -> subprocess.CompletedProcess[str]:
-    # --no-deps: the dependency wheels are the venv's business, not what this test checks (and slow).
     # The trailing slash is on purpose: the staged venv's paths must still be rewritten.
-    env = {**os.environ, "REKAM_PIP_ARGS": "--no-deps"}
+    env = _no_deps_env()
     return subprocess.run(["make", "-s", target, f"DESTDIR={root}/"], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=300)
 
@@ -56,9 +65,10 @@ def test_install_uninstall_destdir(tmp_path: Path) -> None:
     assert not leftovers, leftovers
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
     # The package works from the staged venv (python path only: the shebang names the final path).
-    # (stdlib-only modules: the dependencies were left out with --no-deps)
+    # (the dependencies were left out with --no-deps: pydantic comes from this test's environment, as above)
     r2 = subprocess.run([str(venv / "bin/python"), "-c", "import firmware.config, hw.usbstick; "
-                         "print(firmware.config.__file__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                         "print(firmware.config.__file__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                        env=_no_deps_env())
     assert r2.stdout.startswith(str(venv / "lib")), r2.stdout + r2.stderr
     # Units identical to the repo's.
     for u in ("rekamd.service", "rekam-usb-mount@.service"):
@@ -127,7 +137,7 @@ def test_bad_role_is_named(bad: str, tmp_path: Path) -> None:
 
 def test_make_deb(tmp_path: Path) -> None:
     """`make deb`: the same tree as a package; /etc files are conffiles, the records dir is not shipped."""
-    env = {**os.environ, "REKAM_PIP_ARGS": "--no-deps"}
+    env = _no_deps_env()
     r = subprocess.run(["make", "-s", "deb"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     deb = Path(r.stdout.strip().splitlines()[-1])
