@@ -75,7 +75,7 @@ class ControlPlane:
         self.remote = RemoteConfig(local or self._local_config())
         self.running_version = self.remote.version  # the document the running config was built from
         c = self.cfg.control
-        self.guard = CommandGuard(self.paths.root / "commands.db", c.max_clock_skew_s, c.max_command_ttl_s)
+        self.guard = self._new_guard()
         self.stats = Stats()
         self.connected = threading.Event()
         self.broker = ""
@@ -88,6 +88,8 @@ class ControlPlane:
         self._stopped = False
         self._started = time.monotonic()
         self._next_tel = 0.0
+        self.error = ""  # why the network thread ended on its own (health: failed; the supervisor restarts it)
+        self.exception: BaseException | None = None
 
     def _local_config(self) -> config.Config:
         # The daemon runs the merged config; floors and merges always start from the local file.
@@ -101,10 +103,24 @@ class ControlPlane:
 
     # -- lifecycle (Service) ----------------------------------------------------------------
 
+    def _new_guard(self) -> CommandGuard:
+        c = self.cfg.control
+        return CommandGuard(self.paths.root / "commands.db", c.max_clock_skew_s, c.max_command_ttl_s)
+
     def start(self) -> None:
-        """Start the network and command threads (returns at once; a second call does nothing)."""
-        if self._thread is not None or self._stopped:
+        """Start the network and command threads (returns at once; does nothing while they run).
+
+        Also the restart after a crash: the daemon's supervisor calls `stop()`, waits its backoff, then
+        `start()` again, which reopens the replay guard and the command worker.
+        """
+        if self._thread is not None and self._thread.is_alive():
             return
+        if self._stopped:  # started again after a stop (a supervisor restart)
+            self._stopped = False
+            self.stop_event.clear()
+            self.guard = self._new_guard()
+            self.runner = CommandRunner(self, self.guard, self._send)
+        self.error, self.exception = "", None
         self.apply_lock_state()  # here, not in __init__: the enrollment service exists once its stage started
         self.runner.start()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
@@ -131,9 +147,11 @@ class ControlPlane:
     def health(self) -> dict[str, Any]:
         """The Service view: ``state`` (``failed`` if the thread ended without a stop) and the connection."""
         t = self._thread
-        state = ("running" if t is not None and t.is_alive()
-                 else "stopped" if t is None or self._stopped or self.stop_event.is_set() else "failed")
-        return {"state": state, "connected": self.connected.is_set(), "broker": self.broker}
+        if t is not None and t.is_alive():
+            return {"state": "running", "connected": self.connected.is_set(), "broker": self.broker}
+        if t is not None and not (self._stopped or self.stop_event.is_set()):
+            return {"state": "failed", "error": self.error or "control thread ended"}
+        return {"state": "stopped"}
 
     def request_exit(self, status: int, why: str) -> None:
         """Ask the daemon to exit with `status` (75 restart, 76 reboot)."""
@@ -184,15 +202,17 @@ class ControlPlane:
     # -- network thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self.stop_event.is_set():
-            try:
+        # No restart loop here: a crash ends the thread, health() says failed, and the daemon's
+        # supervisor restarts the control plane with backoff (and reports it).
+        try:
+            while not self.stop_event.is_set():
                 if not self.paths.provisioned():
                     self._claim()
                     continue
                 self._session()
-            except Exception:
-                log.exception("control loop crashed; restarting in 5 s")
-                self.stop_event.wait(5)
+        except Exception as e:
+            self.error, self.exception = f"{type(e).__name__}: {e}", e
+            log.error("control plane crashed error=%s", self.error)
 
     def _claim(self) -> None:
         from firmware.control import claim as provision

@@ -42,6 +42,7 @@ from firmware.relay.uplink import uplink_settings
 from firmware.system.backoff import backoff_delay
 from firmware.system.clock import iso
 from firmware.system.mqtt import MqttLink
+from firmware.system.service import Supervisor
 from firmware.wire import record_format
 from firmware.wire import relay_protocol as proto
 
@@ -141,8 +142,9 @@ class Relay:
         self._refill = True
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
         self._broker_url = ""
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read")
-        self._journal_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal")
+        self._pool, self._journal_pool = self._new_pools()
+        self.error = ""  # why the relay thread ended on its own (health: failed; the supervisor restarts it)
+        self.exception: BaseException | None = None
         self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, bytes, int]]]]] = {}
         self._to_sent: list[str] = []
         self._to_acked: list[str] = []
@@ -158,12 +160,27 @@ class Relay:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    @staticmethod
+    def _new_pools() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        return (ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read"),
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal"))
+
     def start(self) -> None:
-        """Start the relay thread (returns at once; a second call does nothing)."""
-        if self.thread is not None:
+        """Start the relay thread (returns at once; does nothing while it runs).
+
+        Also the restart after a crash (the daemon's supervisor calls `stop()`, waits its backoff, then
+        `start()`): transfers in flight are forgotten and resent from the store.
+        """
+        if self.thread is not None and self.thread.is_alive():
             return
-        self.store.on_change.append(self._wake.set)
-        self.thread = threading.Thread(target=self._run_guarded, name="relay", daemon=True)
+        if self.thread is not None:  # a restart: the last run shut its pools down
+            self._own_stop.clear()
+            self._pool, self._journal_pool = self._new_pools()
+            self._reset_transfers()
+        self.error, self.exception = "", None
+        if self._wake.set not in self.store.on_change:
+            self.store.on_change.append(self._wake.set)
+        self.thread = threading.Thread(target=self._main, name="relay", daemon=True)
         self.thread.start()
         log.info("relay started kit_id=%s brokers=%s", self.kit_id, ",".join(self.r.brokers))
 
@@ -187,30 +204,31 @@ class Relay:
     def health(self) -> dict[str, Any]:
         """The Service view: ``state`` (``failed`` if the thread ended without a stop) and the uplink's state."""
         t = self.thread
-        alive = t is not None and t.is_alive()
-        state = "running" if alive else "stopped" if t is None or self._stopping() else "failed"
-        return {"state": state, "uplink": self.uplink.state}
+        if t is not None and t.is_alive():
+            return {"state": "running", "uplink": self.uplink.state}
+        if t is not None and not self._stopping():
+            return {"state": "failed", "error": self.error or "relay thread ended"}
+        return {"state": "stopped"}
 
     def _stopping(self) -> bool:
         return self.stop_event.is_set() or self._own_stop.is_set()
 
-    def _run_guarded(self) -> None:
-        while not self._stopping():
-            try:
-                self.run()
-            except Exception:
-                # The relay must never die for good: log, drop the connection, start again.
-                log.exception("relay crashed; restarting in 2 s")
-                self.uplink.close()
-                self._reset_transfers()
-                self._own_stop.wait(2)
+    def _main(self) -> None:
+        # No restart loop here: a crash ends the thread, health() says failed, and the daemon's
+        # supervisor restarts the relay with backoff (and reports it). What must happen at any end
+        # happens here: marks flushed, connection closed, every mark in the journal before the store closes.
+        try:
+            self.run()
+        except Exception as e:
+            self.error, self.exception = f"{type(e).__name__}: {e}", e
+            log.error("relay crashed error=%s", self.error)
         try:
             self._flush_marks(force=True)
         except Exception:
-            log.exception("relay could not flush state marks at stop")
+            log.exception("relay could not flush state marks")
         self.uplink.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._journal_pool.shutdown(wait=True)  # every mark reaches the journal before the store closes
+        self._journal_pool.shutdown(wait=True)
         log.info("relay stopped")
 
     # --- main loop ----------------------------------------------------------------------
@@ -623,9 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.load(args.config)
     except config.ConfigError as e:
-        for p in e.problems:
-            log.error("config error file=%s: %s", e.source, p)
-        return config.EX_CONFIG
+        return e.report(log=log)
     if not cfg.relay.brokers:
         log.error("relay.brokers is empty: nothing to relay to")
         return config.EX_CONFIG
@@ -634,8 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    relay = Relay(store, cfg, stop)
-    relay.start()
+    supervisor = Supervisor([Relay(store, cfg, stop)], stop)  # restarts the relay after a crash, as rekamd does
+    supervisor.start()
     try:
         while not stop.wait(0.2):
             if args.exit_when_drained:
@@ -643,8 +659,7 @@ def main(argv: list[str] | None = None) -> int:
                 if c["stored"]["records"] + c["sent"]["records"] == 0:
                     break
     finally:
-        stop.set()
-        relay.close()
+        supervisor.stop()
         store.close()
     return 0
 

@@ -292,3 +292,36 @@ def test_window_respects_broker_receive_maximum(mosquitto_factory, make_kit, mak
     st = relay.status()
     assert st["window"] == 4 and peak <= 4
     assert st["connects"] == 1, "the broker disconnected the relay"
+
+
+def test_relay_crash_mid_drain_is_restarted_by_the_supervisor(mosquitto, make_kit, make_ingest, tmp_path, caplog):
+    # The relay has no restart loop of its own: a crash ends its thread, health() says failed, and the
+    # daemon's one supervisor restarts it with backoff. In flight transfers are resent from the store.
+    from firmware.system.service import Supervisor
+
+    make_ingest(mosquitto.url)
+    kit = make_kit([mosquitto.url], bytes_per_s=1_000_000)
+    ids = kit.capture(20, size=100_000)
+    relay = kit.start_relay()
+    kit.relay = None  # the supervisor owns it now
+    relay.stop()
+    real_step, crashes = relay._handle_events, []
+
+    def step_that_crashes_once(*a, **kw):
+        if not crashes and relay.counters["records_sent"] >= 3:
+            crashes.append(1)
+            raise OSError("simulated fault in the relay loop")
+        return real_step(*a, **kw)
+
+    relay._handle_events = step_that_crashes_once
+    sup = Supervisor([relay], backoff_lo=0.2, backoff_hi=1.0, check_s=0.05)
+    sup.start()
+    try:
+        wait_for(lambda: crashes and sup.status()["relay"]["restarts"] == 1, 20, "crash and one restart")
+        assert "simulated fault" in sup.status()["relay"]["last_error"]
+        wait_for(lambda: kit.counts()["acked"] == 20, 30, "all acked after the restart")
+        assert_delivered_once(kit, tmp_path / "archive", ids)
+        assert any("service crashed service=relay" in r.getMessage() for r in caplog.records)
+    finally:
+        sup.stop()
+    assert relay.health()["state"] == "stopped"
