@@ -9,7 +9,6 @@ else the defaults); `--backend`/`--device`/`--sim-folder` override it for a benc
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 
@@ -29,15 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from firmware import config
+    from firmware.cli.common import load_config
 
-    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG") or None
-    if path is None and config.DEFAULT_PATH.exists():
-        path = str(config.DEFAULT_PATH)
-    if path is None:
-        corpus = os.environ.get("REKAM_CORPUS")
-        return config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
-    return config.load(path)
+    return load_config(args, optional=True)
 
 
 def _capture(args: argparse.Namespace) -> int:

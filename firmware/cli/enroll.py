@@ -46,8 +46,8 @@ class Abort(Exception):
 
 
 def _daemon_url(args: argparse.Namespace) -> str:
+    from firmware.cli.common import load_config
     from firmware.cli.localapi import daemon_url
-    from firmware.cli.store import load_config
 
     cfg = load_config(args)
     url = daemon_url(cfg.state_dir)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from firmware import config
+from firmware.cli import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +40,7 @@ def load_config(args: argparse.Namespace) -> config.Config:
     The data-center key is not needed to create or show the kit's identity, and on a fresh kit it
     may not be installed yet: its check is left out here (rekamd still refuses to start without it).
     """
-    path = args.config or os.environ.get("REKAM_CONFIG") or config.DEFAULT_PATH
-    return config.load(path, overrides={"datacenter.public_key_files": []})
+    return common.load_config(args, overrides={"datacenter.public_key_files": []})
 
 
 def fingerprint(public_key_raw: bytes) -> str:

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from firmware.cli.store import load_config
+from firmware.cli.common import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,7 +12,6 @@ Port, baud, password and address default to `[sensor]` of the config (`--config`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -62,15 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from firmware import config
+    from firmware.cli.common import load_config
 
-    path = getattr(args, "config", None) or os.environ.get("REKAM_CONFIG")
-    if path is None and config.DEFAULT_PATH.exists():
-        path = str(config.DEFAULT_PATH)
-    if path is None:
-        corpus = os.environ.get("REKAM_CORPUS")
-        return config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
-    return config.load(path)
+    return load_config(args, optional=True)
 
 
 def _logging(verbose: bool) -> None:

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from firmware import config
+from firmware.cli.common import load_config
 
 MIB = 1024 * 1024
 
@@ -46,10 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_usb_eject)
 
 
-def load_config(args: argparse.Namespace) -> config.Config:
-    """The config named by --config, $REKAM_CONFIG, or /etc/rekam/rekam.toml (ConfigError: `rekam` exits 78)."""
-    path = args.config or os.environ.get("REKAM_CONFIG") or config.DEFAULT_PATH
-    return config.load(path)
 
 
 @contextmanager

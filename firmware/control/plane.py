@@ -74,7 +74,6 @@ class ControlPlane:
         self.paths = ControlPaths.of(self.cfg)
         self.remote = RemoteConfig(local or self._local_config())
         self.running_version = self.remote.version  # the document the running config was built from
-        c = self.cfg.control
         self.guard = self._new_guard()
         self.stats = Stats()
         self.connected = threading.Event()

@@ -188,11 +188,11 @@ def code_text(code: int) -> str:
 # --- typed errors ------------------------------------------------------------------------
 
 
-class SensorUnavailable(SensorError):
+class SensorUnavailable(SensorError, OSError):
     """The serial port cannot be opened or has gone (USB-TTL unplugged, wrong path, no permission)."""
 
 
-class SensorTimeout(SensorError):
+class SensorTimeout(SensorError, TimeoutError):
     """No (complete) reply within the command's deadline: wiring, baud mismatch, dead or busy sensor."""
 
 
