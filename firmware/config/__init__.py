@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from firmware.config.checks import FINGER_CODES, valid_pin_hash
 from firmware.config.docs import markdown, python_type
 from firmware.config.loader import DEFAULT_PATH, defaults, load, problems, validate
 from firmware.config.models import (
-    FINGER_CODES,
     SECTIONS,
     ApiConfig,
     CameraConfig,
@@ -38,7 +38,6 @@ from firmware.config.models import (
     SimulationConfig,
     StoreConfig,
     UsbConfig,
-    valid_pin_hash,
 )
 from firmware.errors import EX_CONFIG, ConfigError
 

@@ -21,7 +21,8 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from firmware.config.models import SECTIONS, RekamConfig, checking_files_in
+from firmware.config.checks import checking_files_in
+from firmware.config.models import SECTIONS, RekamConfig
 from firmware.errors import EX_CONFIG, ConfigError
 
 DEFAULT_PATH = Path("/etc/rekam/rekam.toml")
