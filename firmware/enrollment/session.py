@@ -20,17 +20,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from firmware import __version__
 from firmware.config.models import QualityFaceConfig, QualityFingerConfig
 from firmware.enrollment import nik as nikmod
 from firmware.enrollment.dedup import DuplicateChecker, FingerHit
 from firmware.enrollment.operators import Operators, SignedIn, SignInError
+from firmware.enrollment.payload import build_payload, face_hints, jpeg, png
 from firmware.errors import EnrollmentError
 from firmware.quality.policy import Attempt, CapturePolicy, Outcome
 from firmware.store.capacity import CaptureHalted, Reservation
 from firmware.store.store import CommitResult, Store
 from firmware.system.clock import clock_synchronised, iso
-from firmware.wire import record_format
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +318,8 @@ class EnrollmentService:
             a = self.dev.face_assessor.assess(frame)
             outcome = e.face_policy.add(Attempt(a.score, list(a.codes), rejected=bool(a.rejects), data=(frame, a)))
             e.face_outcome = outcome
-            e.previews["face-last.jpg"] = _jpeg(frame, 640)
-        result = self._feedback(outcome, a.score, list(a.codes), _face_hints(a))
+            e.previews["face-last.jpg"] = jpeg(frame, 640)
+        result = self._feedback(outcome, a.score, list(a.codes), face_hints(a))
         self._emit("face", accepted=result["accepted"], done=outcome.done)
         return result
 
@@ -367,7 +366,7 @@ class EnrollmentService:
                 outcome = f.policy.add(Attempt(q.score, list(q.codes), rejected=q.rejected,
                                                data=(img, template, q)))
                 f.outcome = outcome
-                e.previews[f"finger-{code}.png"] = _png(img)
+                e.previews[f"finger-{code}.png"] = png(img)
                 if not outcome.done and self.dev.present_finger is None:
                     sensor.wait_for_lift(5.0, e.cancel)
             except EnrollmentError:
@@ -556,86 +555,4 @@ class EnrollmentService:
         return e.previews.get(name) if e else None
 
     def _payload(self, e: Enrollment) -> bytes:
-        atts: list[record_format.Attachment] = []
-        face_doc: dict[str, Any] = {"exception": e.face_exception} if e.face_exception else {}
-        if e.face_outcome and e.face_outcome.accepted:
-            frame, a = e.face_outcome.accepted.data
-            portrait = _portrait(frame, a)
-            atts.append(record_format.Attachment("face.jpg", "image/jpeg", portrait))
-            face_doc = {"attachment": "face.jpg", **e.face_outcome.summary(),
-                        "attempt_details": [x.data[1].summary() for x in e.face_outcome.attempts]}
-            if getattr(self.cfg, "raw", {}).get("camera", {}).get("store_full_frame"):
-                atts.append(record_format.Attachment("face-full.jpg", "image/jpeg", _jpeg(frame)))
-                face_doc["full_frame"] = "face-full.jpg"
-        fingers = []
-        for f in e.fingers.values():
-            doc: dict[str, Any] = {"finger": f.code}
-            if f.exception:
-                doc["exception"] = f.exception
-            elif f.outcome and f.outcome.accepted:
-                img, tpl, q = f.outcome.accepted.data
-                atts.append(record_format.Attachment(f"finger-{f.code}.png", "image/png", _png(img)))
-                doc.update({"image": f"finger-{f.code}.png", "width": int(img.shape[1]), "height": int(img.shape[0]),
-                            **f.outcome.summary(),
-                            "attempt_details": [_summary(x.data[2]) for x in f.outcome.attempts]})
-                if tpl:
-                    atts.append(record_format.Attachment(f"finger-{f.code}.tpl", "application/octet-stream", tpl))
-                    doc["template"] = f"finger-{f.code}.tpl"
-            fingers.append(doc)
-        manifest = {
-            "schema": "rekam.enrollment/1", "nik": e.nik.value, "operator_id": e.operator_id,
-            "site": self.cfg.kit.site, "started": e.started, "committed": iso(),
-            "clock_synced": clock_synchronised(), "software": f"rekam {__version__}",
-            "nik_override": {"reason": e.override_reason, "previous_records": e.previous_records}
-            if e.override_reason else None,
-            "face": face_doc, "fingers": fingers,
-            "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
-        }
-        return record_format.Payload(manifest, atts).encode()
-
-
-def _summary(q: Any) -> dict[str, Any]:
-    if hasattr(q, "summary"):
-        return q.summary()
-    return {"score": float(getattr(q, "score", 0)), "codes": list(getattr(q, "codes", []))}
-
-
-def _face_hints(a: Any) -> list[str]:
-    try:
-        from firmware.quality.face.assess import CODES
-
-        return [CODES[c][1] for c in a.codes if c in CODES]
-    except Exception:
-        return list(a.codes)
-
-
-def _png(img: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", img)
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def _jpeg(frame: np.ndarray, max_width: int | None = None, quality: int = 90) -> bytes:
-    import cv2
-
-    if max_width and frame.shape[1] > max_width:
-        f = max_width / frame.shape[1]
-        frame = cv2.resize(frame, (max_width, int(frame.shape[0] * f)), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def _portrait(frame: np.ndarray, a: Any) -> bytes:
-    from firmware.quality.face.portrait import PortraitSpec, centre_portrait, encode_jpeg, make_portrait
-
-    spec = PortraitSpec()
-    if getattr(a, "landmarks", None) is not None:
-        img, _ = make_portrait(frame, a.landmarks, spec)
-    else:
-        img = centre_portrait(frame, spec)
-    return encode_jpeg(img)
+        return build_payload(e, self.cfg)

@@ -1,0 +1,104 @@
+"""The sealed record's payload: the manifest (NIK, operator, scores, exceptions, duplicate check) and its
+images, built from a finished enrollment; and the image encoders the session's previews share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from firmware import __version__
+from firmware.config import Config
+from firmware.system.clock import clock_synchronised, iso
+from firmware.wire import record_format
+
+
+def build_payload(e: Any, cfg: Config) -> bytes:
+    """The encoded payload of enrollment `e` (a `firmware.enrollment.session.Enrollment`) ready to seal."""
+    atts: list[record_format.Attachment] = []
+    face_doc: dict[str, Any] = {"exception": e.face_exception} if e.face_exception else {}
+    if e.face_outcome and e.face_outcome.accepted:
+        frame, a = e.face_outcome.accepted.data
+        atts.append(record_format.Attachment("face.jpg", "image/jpeg", portrait(frame, a)))
+        face_doc = {"attachment": "face.jpg", **e.face_outcome.summary(),
+                    "attempt_details": [x.data[1].summary() for x in e.face_outcome.attempts]}
+        if cfg.camera.store_full_frame:
+            atts.append(record_format.Attachment("face-full.jpg", "image/jpeg", jpeg(frame)))
+            face_doc["full_frame"] = "face-full.jpg"
+    fingers = []
+    for f in e.fingers.values():
+        doc: dict[str, Any] = {"finger": f.code}
+        if f.exception:
+            doc["exception"] = f.exception
+        elif f.outcome and f.outcome.accepted:
+            img, tpl, q = f.outcome.accepted.data
+            atts.append(record_format.Attachment(f"finger-{f.code}.png", "image/png", png(img)))
+            doc.update({"image": f"finger-{f.code}.png", "width": int(img.shape[1]), "height": int(img.shape[0]),
+                        **f.outcome.summary(),
+                        "attempt_details": [summary(x.data[2]) for x in f.outcome.attempts]})
+            if tpl:
+                atts.append(record_format.Attachment(f"finger-{f.code}.tpl", "application/octet-stream", tpl))
+                doc["template"] = f"finger-{f.code}.tpl"
+        fingers.append(doc)
+    manifest = {
+        "schema": "rekam.enrollment/1", "nik": e.nik.value, "operator_id": e.operator_id,
+        "site": cfg.kit.site, "started": e.started, "committed": iso(),
+        "clock_synced": clock_synchronised(), "software": f"rekam {__version__}",
+        "nik_override": {"reason": e.override_reason, "previous_records": e.previous_records}
+        if e.override_reason else None,
+        "face": face_doc, "fingers": fingers,
+        "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
+    }
+    return record_format.Payload(manifest, atts).encode()
+
+
+def summary(q: Any) -> dict[str, Any]:
+    """A quality result as stored per attempt (score and codes)."""
+    if hasattr(q, "summary"):
+        return q.summary()
+    return {"score": float(getattr(q, "score", 0)), "codes": list(getattr(q, "codes", []))}
+
+
+def face_hints(a: Any) -> list[str]:
+    """What to tell the resident for each face quality code."""
+    try:
+        from firmware.quality.face.assess import CODES
+
+        return [CODES[c][1] for c in a.codes if c in CODES]
+    except Exception:
+        return list(a.codes)
+
+
+def png(img: np.ndarray) -> bytes:
+    """Lossless PNG of a fingerprint image."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def jpeg(frame: np.ndarray, max_width: int | None = None, quality: int = 90) -> bytes:
+    """JPEG of a camera frame, scaled down to `max_width` if given."""
+    import cv2
+
+    if max_width and frame.shape[1] > max_width:
+        f = max_width / frame.shape[1]
+        frame = cv2.resize(frame, (max_width, int(frame.shape[0] * f)), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def portrait(frame: np.ndarray, a: Any) -> bytes:
+    """The ICAO-proportioned portrait JPEG (centred crop when no landmarks were found)."""
+    from firmware.quality.face.portrait import PortraitSpec, centre_portrait, encode_jpeg, make_portrait
+
+    spec = PortraitSpec()
+    if getattr(a, "landmarks", None) is not None:
+        img, _ = make_portrait(frame, a.landmarks, spec)
+    else:
+        img = centre_portrait(frame, spec)
+    return encode_jpeg(img)
