@@ -142,7 +142,7 @@ def _record_issued(paths: CaPaths, cert: x509.Certificate, kind: str) -> None:
 def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: int = 3650) -> CaPaths:
     """Create both CAs, the broker's server certificate, the fleet client certificate, one claim
     certificate for `batch` and an empty CRL. Refuses to overwrite an existing CA."""
-    if not BATCH_RE.match(batch):
+    if not BATCH_RE.fullmatch(batch):
         raise CaError(f"batch name {batch!r}: use 1-42 letters, digits, . _ -")
     paths = CaPaths(root)
     if paths.fleet_ca_key.exists():
@@ -168,7 +168,7 @@ def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: in
 
 def issue_claim_cert(paths: CaPaths, batch: str, days: int = 365) -> tuple[Path, Path]:
     """A claim certificate (CN ``claim-<batch>``) signed by the claim CA; goes into a kit image."""
-    if not BATCH_RE.match(batch):
+    if not BATCH_RE.fullmatch(batch):
         raise CaError(f"batch name {batch!r}: use 1-42 letters, digits, . _ -")
     ck, cc = _load_key(paths.claim_ca_key), _load_cert(paths.claim_ca_crt)
     k = ec.generate_private_key(ec.SECP256R1())

@@ -125,7 +125,7 @@ def claim_user(cfg: Config) -> str:
     except (OSError, ValueError) as e:
         raise ClaimError("no_claim_cert", f"cannot read claim certificate {p}: {e}") from None
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not cn or not cp.CLAIM_USER_RE.match(str(cn[0].value)):
+    if not cn or not cp.CLAIM_USER_RE.fullmatch(str(cn[0].value)):
         raise ClaimError("no_claim_cert", f"{p}: CN must be claim-<batch>")
     return str(cn[0].value)
 

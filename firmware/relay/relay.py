@@ -483,8 +483,9 @@ class Relay:
             self.counters["records_sent"] += 1
             if t.record_id in self._to_acked:
                 return  # the data center's ack overtook the last PUBACK
-            timeout = min(self.r.ack_timeout_max_s, self.r.ack_timeout_s * (2 ** min(attempts - 1, 20)))
-            self._wait(t.record_id, t.seq, time.monotonic() + timeout * self.rng.uniform(0.8, 1.2), attempts)
+            # Doubling per attempt up to ack_timeout_max_s; a little jitter so a backlog's resends spread out.
+            timeout = backoff_delay(attempts - 1, self.r.ack_timeout_s, self.r.ack_timeout_max_s, self.rng, spread=0.2)
+            self._wait(t.record_id, t.seq, time.monotonic() + timeout, attempts)
             return
         b = self.uplink.broker
         if t.failed in SIZE_REFUSALS and t.chunk_size > proto.MIN_CHUNK_BYTES and b is not None:

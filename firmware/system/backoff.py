@@ -14,10 +14,12 @@ import random
 import time
 
 
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None) -> float:
-    """The delay before retry number `attempt` (0 first): ``min(hi, lo * 2**attempt)``, equal jitter."""
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random | None = None,
+                  spread: float = 0.5) -> float:
+    """The delay before retry number `attempt` (0 first): ``cap = min(hi, lo * 2**attempt)``, of which the
+    share `spread` is random: between ``cap * (1 - spread)`` and `cap` (0.5, the default, is equal jitter)."""
     cap = min(hi, lo * (2 ** min(max(attempt, 0), 30)))
-    return cap / 2 + (rng or random).uniform(0, cap / 2)
+    return cap * (1 - spread) + (rng or random).uniform(0, cap * spread)
 
 
 class Backoff:

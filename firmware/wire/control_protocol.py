@@ -101,7 +101,7 @@ def parse_claim_topic(topic: str) -> tuple[str, str] | None:
     """``rekam/v1/claim/<claim_user>/<kit>/request`` -> (claim_user, kit_id), or None."""
     parts = topic.split("/")
     if (len(parts) != 6 or f"{parts[0]}/{parts[1]}" != PREFIX or parts[2] != "claim" or parts[5] != "request"
-            or not CLAIM_USER_RE.match(parts[3]) or not is_kit_id(parts[4])):
+            or not CLAIM_USER_RE.fullmatch(parts[3]) or not is_kit_id(parts[4])):
         return None
     return parts[3], parts[4]
 
@@ -236,7 +236,7 @@ def check_config_doc(body: Mapping[str, Any]) -> dict[str, Any]:
 def check_command(body: Mapping[str, Any]) -> dict[str, Any]:
     """Shape of a command body: cmd_id, kit_id, name, args, issued_at, expires_at."""
     cmd_id = _need(body, "cmd_id", str, "cmd")
-    if not CMD_ID_RE.match(cmd_id):
+    if not CMD_ID_RE.fullmatch(cmd_id):
         raise ProtocolError("malformed", "cmd.cmd_id must be 8-64 letters, digits, _ or -")
     kit = _need(body, "kit_id", str, "cmd")
     if not is_kit_id(kit):
