@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Mosquitto, Tmpfs
+from tests.support import Mosquitto, Rekamd, Tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,14 +37,16 @@ def shared_dir(corpus_dir: Path) -> Path:
     return corpus_dir.parent
 
 
-# --- shared set-up (tests/support.py): brokers, tmpfs ----------------------------------------------------------
+# --- shared set-up (tests/support.py): brokers, daemons, tmpfs -------------------------------------------------
 
 _BROKERS = pytest.StashKey[list[Mosquitto]]()
+_DAEMONS = pytest.StashKey[list[Rekamd]]()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
-    """A failed test's report ends with the log of every broker it used (the factory's and fixture values)."""
+    """A failed test's report ends with the log of every broker (the factory's and fixture values) and every
+    rekamd (rekamd_factory's) it used."""
     outcome = yield
     rep = outcome.get_result()
     if not rep.failed:
@@ -53,6 +55,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     brokers += [v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Mosquitto) and v not in brokers]
     for b in brokers:
         rep.sections.append((f"mosquitto log ({b.dir})", b.log_tail()))
+    for d in item.stash.get(_DAEMONS, []):
+        rep.sections.append((f"rekamd log ({d.log})", d.log_tail()))
 
 
 @pytest.fixture
@@ -75,6 +79,24 @@ def mosquitto_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
 def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
     """One running broker on a free local port (persistence off, anonymous)."""
     return mosquitto_factory()
+
+
+@pytest.fixture
+def rekamd_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Rekamd]]:
+    """Start `rekamd --sim` processes, each stopped at teardown: `rekamd_factory(cfg, log_path=None,
+    state_dir=None, wait=True, timeout=60, extra_args=(), env=None, command=None)` (see tests/support.Rekamd);
+    the log is tmp_path/rekamd-N.log unless `log_path`."""
+    made = request.node.stash.setdefault(_DAEMONS, [])
+
+    def make(cfg: Path | str, log_path: Path | str | None = None, *, wait: bool = True, timeout: float = 60.0,
+             **kw: Any) -> Rekamd:
+        d = Rekamd(cfg, log_path or tmp_path / f"rekamd-{len(made)}.log", **kw)
+        made.append(d)
+        return d.start(wait, timeout)
+
+    yield make
+    for d in made:
+        d.stop()
 
 
 @pytest.fixture

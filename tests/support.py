@@ -1,16 +1,20 @@
-"""Set-up helpers every test folder shares: free ports, bounded waits, real tmpfs mounts, a real mosquitto
-and the simulation kit config a real `rekamd` runs on. The fixtures built on them are in tests/conftest.py.
+"""Set-up helpers every test folder shares: free ports, bounded waits, real tmpfs mounts, a real mosquitto,
+the simulation kit config a real `rekamd` runs on, a real `rekamd --sim` process (Rekamd) and the `rekam` CLI as
+a real process (rekam). The fixtures built on them are in tests/conftest.py.
 
 Services are real; a missing one fails the test with the package to install, never a silent skip."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +22,8 @@ from typing import Any, TypeVar
 import pytest
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 # --- ports and waits -------------------------------------------------------------------------------------------
@@ -259,3 +265,140 @@ def write_daemon_config(root: Path, dc_pub: Path, corpus: Path, extra: str = "",
     cfg = root / "rekam.toml"
     cfg.write_text(render_toml(base) + extra)
     return cfg
+
+
+# --- rekamd and rekam as real processes ------------------------------------------------------------------------
+
+REKAMD = (sys.executable, "-m", "firmware.daemon")
+REKAM = (sys.executable, "-m", "firmware.cli")
+
+
+def subprocess_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a `rekamd`/`rekam` child: this one, with the checkout under test first on PYTHONPATH
+    and no REKAM_CONFIG (a developer's own config must not leak in), then `env` over it (a None value removes
+    that variable)."""
+    out = dict(os.environ)
+    out.pop("REKAM_CONFIG", None)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    for k, v in (env or {}).items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def rekam(*args: str | Path, cfg: Path | str | None = None, input: str | None = None, timeout: float = 120,
+          env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `rekam` CLI (`--config cfg` first when given) from the checkout and return what it did (text
+    stdout/stderr; a hang fails after `timeout` s). `input` is its stdin (default: none, /dev/null);
+    `env` as in `subprocess_env`."""
+    argv = [*REKAM, *(["--config", str(cfg)] if cfg is not None else []), *map(str, args)]
+    stdin: dict[str, Any] = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=subprocess_env(env), **stdin)
+
+
+def _state_dir_of(cfg: Path) -> Path:
+    """`kit.state_dir` of the config file `cfg` (relative: to the file's folder)."""
+    try:
+        sd = tomllib.loads(cfg.read_text())["kit"]["state_dir"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"no kit.state_dir in {cfg} ({e!r}): pass state_dir") from None
+    return cfg.parent / sd
+
+
+class Rekamd:
+    """A real `rekamd --config cfg --sim` process (`command` replaces `python -m firmware.daemon`, e.g. the
+    installed entry point), its stdout and stderr appended to `log_path` (a file, not a pipe: a full pipe would
+    block the daemon). Up means its `api.json` in the state dir (by default the config's `kit.state_dir`)
+    names this process. A context manager: stopped on exit; `start()` again after it ended restarts it."""
+
+    def __init__(self, cfg: Path | str, log_path: Path | str, *, state_dir: Path | str | None = None,
+                 extra_args: Sequence[str] = (), env: Mapping[str, str | None] | None = None,
+                 command: Sequence[str] | None = None) -> None:
+        self.cfg = Path(cfg)
+        self.log = Path(log_path)
+        self.state_dir = Path(state_dir) if state_dir is not None else _state_dir_of(self.cfg)
+        self.argv = [*(command or REKAMD), "--config", str(self.cfg), "--sim", *extra_args]
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, wait: bool = True, timeout: float = 60.0) -> Rekamd:
+        """Start it; with `wait`, return once it is up (see `wait_up`)."""
+        if self.running:
+            raise RuntimeError(f"rekamd already running (pid {self.proc.pid if self.proc else '?'})")
+        self.url = ""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
+                                         env=subprocess_env(self.env))
+        if wait:
+            self.wait_up(timeout)
+        return self
+
+    def _api_url(self) -> str | None:
+        proc = self.proc
+        assert proc is not None, "rekamd not started"
+        if proc.poll() is not None:
+            pytest.fail(f"rekamd exited with {proc.returncode} before it was up; log: {self.log_tail()}")
+        try:  # may be caught half-written, or be a dead daemon's: retry
+            info = json.loads((self.state_dir / "api.json").read_text())
+            return str(info["url"]) if int(info["pid"]) == proc.pid else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def wait_up(self, timeout: float = 60.0) -> str:
+        """Wait until its API is up and return the API's URL; fail with the end of its log if it exits first
+        or is not up within `timeout` s (then it is killed)."""
+        try:
+            self.url = wait_for(self._api_url, timeout, f"rekamd to start (its api.json in {self.state_dir})")
+        except AssertionError as e:
+            self.stop(timeout=0)
+            pytest.fail(f"{e}; log: {self.log_tail()}")
+        return self.url
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "rekamd not started"
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        """Everything it logged so far (every start, as the log is appended to)."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_text()[-chars:] or "(no log)"
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, SIGKILL if it has not ended after `timeout` s; returns its exit status (None: never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __enter__(self) -> Rekamd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_rekamd(cfg: Path | str, log_path: Path | str, state_dir: Path | str | None = None, wait: bool = True,
+                 timeout: float = 60.0, extra_args: Sequence[str] = (), env: Mapping[str, str | None] | None = None,
+                 command: Sequence[str] | None = None) -> Rekamd:
+    """Start `rekamd --sim` on `cfg` (see Rekamd) and, with `wait`, wait until it is up. Prefer the
+    `rekamd_factory` fixture (tests/conftest.py), which stops it at teardown; else use the result in a `with`."""
+    return Rekamd(cfg, log_path, state_dir=state_dir, extra_args=extra_args, env=env, command=command).start(
+        wait, timeout)

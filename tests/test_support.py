@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import tomllib
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 
 from firmware import config
 from firmware.wire import record_format
-from tests.support import Mosquitto, free_port, wait_for, write_daemon_config
+from tests.support import Mosquitto, Rekamd, free_port, rekam, subprocess_env, wait_for, write_daemon_config
 
 
 def test_wait_for_returns_the_value_and_names_what_timed_out() -> None:
@@ -52,3 +54,39 @@ def test_sim_config_merges_sections_and_loads(tmp_path: Path) -> None:
     assert (tmp_path / "usb").is_dir()
     (tmp_path / "dc.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
     assert config.load(cfg).state_dir == tmp_path / "sd"
+
+
+def _sim_config(tmp_path: Path, corpus: Path) -> Path:
+    (tmp_path / "dc.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
+    return write_daemon_config(tmp_path, tmp_path / "dc.pub", corpus)
+
+
+def test_rekamd_comes_up_answers_the_cli_and_stops(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
+    cfg = _sim_config(tmp_path, corpus_dir)
+    d = rekamd_factory(cfg)
+    assert d.running and d.url.startswith("http://127.0.0.1:") and d.state_dir == tmp_path / "sd"
+    r = rekam("status", "--json", cfg=cfg)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["daemon"]["simulation"] is True
+    assert d.stop(10) == 0 and not d.running
+    assert "stopped" in d.log_text()
+    d.start()  # again, on the same log
+    assert d.running and d.log_text().count("stopped") == 1
+
+
+def test_rekamd_that_exits_at_start_fails_with_its_log(tmp_path: Path) -> None:
+    cfg = tmp_path / "rekam.toml"
+    cfg.write_text(f'[kit]\nstate_dir = "{tmp_path / "sd"}"\n[store]\nreserve_floor_mb = "lots"\n')
+    d = Rekamd(cfg, tmp_path / "rekamd.log")
+    with d, pytest.raises(pytest.fail.Exception, match=r"(?s)exited with 78.*lots"):
+        d.start(timeout=30)
+    assert not d.running
+
+
+def test_rekam_runs_the_checkout_without_a_stray_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REKAM_CONFIG", str(tmp_path / "nowhere.toml"))
+    env = subprocess_env({"EXTRA": "1", "HOME": None})
+    assert "REKAM_CONFIG" not in env and "HOME" not in env and env["EXTRA"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parent.parent)
+    r = rekam("--help")
+    assert r.returncode == 0 and "usage" in r.stdout.lower()

@@ -6,10 +6,8 @@ simulated camera on corpus faces; tests talk to it over HTTP like the console an
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import httpx
 import pytest
 
 from tests.store import conftest as store_fixtures
-from tests.support import wait_for, write_daemon_config
+from tests.support import Rekamd, write_daemon_config
 
 dc_keys = store_fixtures.dc_keys  # the data-center key pair fixture of the store tests (session scope)
 
@@ -39,12 +37,23 @@ def _operators_block() -> str:
 
 @dataclass
 class Daemon:
-    """A running rekamd and an HTTP client on its API."""
+    """A running rekamd (tests/support.Rekamd) under `root` and an HTTP client on its API."""
 
-    proc: subprocess.Popen
+    rekamd: Rekamd
     root: Path
-    cfg: Path
-    url: str
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.rekamd.proc is not None
+        return self.rekamd.proc
+
+    @property
+    def cfg(self) -> Path:
+        return self.rekamd.cfg
+
+    @property
+    def url(self) -> str:
+        return self.rekamd.url
 
     @property
     def sd(self) -> Path:
@@ -67,14 +76,8 @@ class Daemon:
 
     def stop(self) -> str:
         """Stop the daemon (SIGTERM, then SIGKILL after 10 s); returns its log."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return (self.root / "rekamd.log").read_text()
+        self.rekamd.stop(10)
+        return self.rekamd.log_text()
 
 
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
@@ -94,44 +97,17 @@ def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | No
     )
 
 
-def start_daemon(root: Path, cfg: Path, sd: Path | None = None) -> Daemon:
-    """Start rekamd --sim on `cfg` and wait for its API."""
-    with open(root / "rekamd.log", "w") as log:  # a file, not a pipe: a full pipe would block the daemon
-        p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
-                             stderr=log, text=True, cwd=REPO)
-    api = (sd or root / "sd") / "api.json"
-
-    def api_url() -> str | None:
-        if p.poll() is not None:
-            pytest.fail(f"rekamd exited with {p.returncode}: {(root / 'rekamd.log').read_text()[-3000:]}")
-        try:
-            return json.loads(api.read_text())["url"]  # may be caught half-written: retry
-        except (OSError, ValueError, KeyError):
-            return None
-
-    try:
-        url = wait_for(api_url, 60, "rekamd to start (its API)")
-    except AssertionError:
-        p.kill()
-        raise
-    return Daemon(p, root, cfg, url)
-
-
 @pytest.fixture
-def make_daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> Iterator[Any]:
-    """`make_daemon(fingers=[...], dedup=[...], extra="toml", sd=Path)` starts a daemon; stopped at teardown."""
-    started: list[Daemon] = []
+def make_daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path,
+                rekamd_factory: Callable[..., Rekamd]) -> Callable[..., Daemon]:
+    """`make_daemon(fingers=[...], dedup=[...], extra="toml", sd=Path)` starts a daemon and waits for its API;
+    stopped at teardown (rekamd_factory)."""
 
     def make(**kw: Any) -> Daemon:
-        sd = kw.get("sd")
         cfg = write_config(tmp_path, dc_keys["pub_path"], corpus_dir, **kw)
-        d = start_daemon(tmp_path, cfg, sd)
-        started.append(d)
-        return d
+        return Daemon(rekamd_factory(cfg), tmp_path)
 
-    yield make
-    for d in started:
-        d.stop()
+    return make
 
 
 @pytest.fixture

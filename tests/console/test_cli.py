@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.console.conftest import NIK_FEMALE, REPO, Daemon
-from tests.support import wait_for
-
-
-def rekam(d: Daemon, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "firmware.cli", "--config", str(d.cfg), *args], input=stdin,
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+from tests.console.conftest import NIK_FEMALE, Daemon
+from tests.support import rekam, wait_for
 
 
 def test_rekam_enroll_in_the_terminal(daemon: Daemon, tmp_path: Path) -> None:
     # Operator id, PIN (stdin is not a terminal: read as a line), a mistyped NIK, the right one, then Enter
     # for every capture (retakes included) and for "Store this enrollment? [Y/n]".
     script = "demo\n123456\n12345\n" + NIK_FEMALE + "\n" + "\n" * 12
-    r = rekam(daemon, "enroll", "--receipt-dir", str(tmp_path / "receipts"), stdin=script)
+    r = rekam("enroll", "--receipt-dir", str(tmp_path / "receipts"), cfg=daemon.cfg, input=script)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "Signed in: Demo Operator (demo, operator)" in out
@@ -36,23 +29,23 @@ def test_rekam_enroll_in_the_terminal(daemon: Daemon, tmp_path: Path) -> None:
 
 
 def test_rekam_enroll_cancel_and_wrong_pin(daemon: Daemon) -> None:
-    r = rekam(daemon, "enroll", "--operator", "demo", stdin="111111\n222222\n333333\n")
+    r = rekam("enroll", "--operator", "demo", cfg=daemon.cfg, input="111111\n222222\n333333\n")
     assert r.returncode == 1 and r.stdout.count("! sign-in refused: wrong operator id or PIN") == 3
     assert "sign-in failed three times" in r.stderr
-    r = rekam(daemon, "enroll", "--operator", "demo", "--nik", NIK_FEMALE, stdin="123456\nc\n")
+    r = rekam("enroll", "--operator", "demo", "--nik", NIK_FEMALE, cfg=daemon.cfg, input="123456\nc\n")
     assert r.returncode == 1 and "cancelled by the operator; nothing was kept" in r.stderr
     st = daemon.client().get("/api/v1/status").json()
     assert st["guard"]["enrollments_in_progress"] == 0 and st["records"]["stored"]["records"] == 0
 
 
 def test_rekam_usb_export_copies_what_the_stick_lacks(daemon: Daemon) -> None:
-    r = rekam(daemon, "sim", "commit", "4")
+    r = rekam("sim", "commit", "4", cfg=daemon.cfg)
     assert r.returncode == 0, r.stderr
     on_stick = sorted(daemon.usb.rglob("*.rkm"))
     assert len(on_stick) == 4
     for p in on_stick[:3]:  # lost from the stick (e.g. it was wiped on a PC)
         p.unlink()
-    r = rekam(daemon, "usb", "export", "--batch", "2")
+    r = rekam("usb", "export", "--batch", "2", cfg=daemon.cfg)
     assert r.returncode == 0, r.stderr
     # Progress ends at n/n (n = 3 unless the daemon's own USB poll copied one meanwhile).
     assert re.search(r"\] ([1-3])/\1\n", r.stdout) and "all 4 records are on it" in r.stdout, r.stdout
@@ -63,5 +56,5 @@ def test_rekam_usb_export_copies_what_the_stick_lacks(daemon: Daemon) -> None:
     daemon.usb.rename(daemon.root / "usb-pulled")
     wait_for(lambda: not daemon.client().get("/api/v1/status").json()["stick"]["present"], 10,
              "the daemon to see the stick gone", step=0.1)
-    r = rekam(daemon, "usb", "export")
+    r = rekam("usb", "export", cfg=daemon.cfg)
     assert r.returncode == 1 and "no USB stick is mounted" in r.stderr

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def rekam(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "firmware.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+from tests.support import rekam
 
 
 def test_text_output_for_corpus_and_sensor_files(corpus_dir: Path, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,9 @@ from hw.sensor.image import R307_GEOMETRY, R503_GEOMETRY
 from hw.sensor.protocol import wire_bytes_for_bulk
 from hw.sensor.simulator import SECURITY_THRESHOLDS, encode_template, match_score
 from hw.sensor.synth import FEATURE_DIM, FingerBank, identity_vector
+from tests.support import REKAM, REPO, rekam, subprocess_env
 
 pytestmark = pytest.mark.timeout(60)  # nothing here may hang
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_real_wire_timing_and_baud_mismatch(make_sim, make_fp) -> None:
@@ -75,27 +73,20 @@ def test_corpus_fingers_available(bank: FingerBank) -> None:
     assert img.shape == (288, 256)
 
 
-def _rekam(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("REKAM_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "firmware.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
-
-
 def test_cli_simulate_info_capture(tmp_path: Path, corpus_dir: Path) -> None:
     link = tmp_path / "fp"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "firmware.cli", "sensor", "simulate", "--profile", "r503",
-                             "--link", str(link), "--corpus", str(corpus_dir), "--wire-speed", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    # A long-running CLI command read line by line: a Popen, with rekam()'s environment.
+    proc = subprocess.Popen([*REKAM, "sensor", "simulate", "--profile", "r503", "--link", str(link), "--corpus",
+                             str(corpus_dir), "--wire-speed", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
     try:
         port = proc.stdout.readline().strip()
         assert port.startswith("/dev/pts/") and os.path.realpath(link) == port
-        r = _rekam("sensor", "info", "--port", str(link), "--json")
+        r = rekam("sensor", "info", "--port", str(link), "--json")
         assert r.returncode == 0, r.stderr
         assert '"model": "R503"' in r.stdout and '"capacity": 200' in r.stdout
         out = tmp_path / "f.png"
-        r = _rekam("sensor", "capture", "--port", str(link), "--out", str(out), "--timeout", "10")
+        r = rekam("sensor", "capture", "--port", str(link), "--out", str(out), "--timeout", "10")
         assert r.returncode == 0, r.stderr
         img = cv2.imread(str(out), cv2.IMREAD_GRAYSCALE)
         assert img.shape == (192, 192)
@@ -106,6 +97,6 @@ def test_cli_simulate_info_capture(tmp_path: Path, corpus_dir: Path) -> None:
 
 
 def test_cli_errors_are_clear(tmp_path: Path) -> None:
-    r = _rekam("sensor", "info", "--port", str(tmp_path / "nothing"))
+    r = rekam("sensor", "info", "--port", str(tmp_path / "nothing"))
     assert r.returncode == 1
     assert "SensorUnavailable" in r.stderr and "nothing" in r.stderr

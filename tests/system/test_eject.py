@@ -4,19 +4,12 @@ helper; eject flushes through the daemon's API and then unmounts (root path)."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from hw import usbstick
-from tests.support import wait_for
-from tests.system.conftest import REPO, need_root, write_kit_config
-
-
-def _rekam(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "firmware.cli", "--config", str(cfg), *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+from tests.support import Rekamd, rekam, wait_for
+from tests.system.conftest import need_root, write_kit_config
 
 
 def test_eject_flushes_then_unmounts(tmp_path: Path, corpus_dir: Path) -> None:
@@ -31,35 +24,33 @@ def test_eject_flushes_then_unmounts(tmp_path: Path, corpus_dir: Path) -> None:
     text = cfg.read_text().replace("require_mountpoint = false", "require_mountpoint = true")
     cfg.write_text(text)
     mp = tmp_path / "usb"
-    p = None
+    d = Rekamd(cfg, tmp_path / "rekamd.log")
     try:
         usbstick.mount(usbstick.probe(dev), usbstick.Settings(mp, "", 0, 0))
-        p = subprocess.Popen([sys.executable, "-m", "firmware.daemon", "--config", str(cfg), "--sim"],
-                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+        d.start()
+
         def stick_seen() -> bool:
-            assert p is not None and p.poll() is None, p.stderr.read() if p and p.stderr else ""
-            r = _rekam(cfg, "status", "--json")
+            assert d.running, d.log_tail()
+            r = rekam("status", "--json", cfg=cfg)
             return bool(r.returncode in (0, 2) and r.stdout and json.loads(r.stdout).get("stick", {}).get("present"))
 
         wait_for(stick_seen, 60, "the daemon to pick up the stick", step=0.3)
-        r = _rekam(cfg, "sim", "commit", "2", "--json")
+        r = rekam("sim", "commit", "2", "--json", cfg=cfg)
         assert r.returncode == 0, r.stderr
         ids = [d["record_id"] for d in json.loads(r.stdout)]
         assert all(d["mirrored"] for d in json.loads(r.stdout))
 
-        r = _rekam(cfg, "usb", "eject")
+        r = rekam("usb", "eject", cfg=cfg)
         assert r.returncode == 0, r.stderr
         assert "it can be pulled out now" in r.stdout
         assert usbstick.mounted_at(mp) is None
-        st = json.loads(_rekam(cfg, "status", "--json").stdout)
+        st = json.loads(rekam("status", "--json", cfg=cfg).stdout)
         assert st["stick"]["present"] is False
         # A second eject with nothing mounted says so and succeeds.
-        r = _rekam(cfg, "usb", "eject")
+        r = rekam("usb", "eject", cfg=cfg)
         assert r.returncode == 0 and "no stick mounted" in r.stdout
     finally:
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=10)
+        d.stop(timeout=10)
         if usbstick.mounted_at(mp) is not None:
             subprocess.run(["umount", "-l", str(mp)], capture_output=True)
     # What the daemon wrote survived the eject: mount again read-only and look.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.support import wait_for
+from tests.support import rekam
 from tests.system.conftest import REPO, write_kit_config
+
+# The installed entry point, as systemd runs it (rekamd.service's ExecStart).
+REKAMD_ENTRY = [str(REPO / ".venv" / "bin" / "rekamd")]
 
 
 def _recv_all(sock: socket.socket, until: float) -> list[str]:
@@ -38,21 +39,20 @@ def _recv_timed(sock: socket.socket, until: float) -> list[tuple[float, str]]:
     return out
 
 
-def test_ready_watchdog_stopping(tmp_path: Path, corpus_dir: Path) -> None:
+def test_ready_watchdog_stopping(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
     # Short path: AF_UNIX addresses are limited to 108 bytes and pytest's tmp paths can be long.
     sock_path = f"/tmp/rekam-notify-{os.getpid()}.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
-    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
-    env.pop("WATCHDOG_PID", None)
-    p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"],
-                         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": None}
+    d = rekamd_factory(cfg, wait=False, env=env, command=REKAMD_ENTRY)
+    p = d.proc
     try:
         msgs: list[str] = []
         deadline = time.monotonic() + 60
         while not any("READY=1" in m for m in msgs):
-            assert p.poll() is None, f"rekamd exited {p.returncode}: {p.stderr.read() if p.stderr else ''}"
+            assert p.poll() is None, f"rekamd exited {p.returncode}: {d.log_tail()}"
             assert time.monotonic() < deadline, f"no READY=1 within 60 s; got {msgs}"
             msgs += _recv_all(sock, time.monotonic() + 0.5)
         ready = next(m for m in msgs if "READY=1" in m)
@@ -70,22 +70,20 @@ def test_ready_watchdog_stopping(tmp_path: Path, corpus_dir: Path) -> None:
         tail = _recv_all(sock, time.monotonic() + 0.3)
         assert "STOPPING=1" in tail, tail
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        d.stop()
         sock.close()
         os.unlink(sock_path)
 
 
-def test_watchdog_for_another_pid_is_ignored(tmp_path: Path, corpus_dir: Path) -> None:
+def test_watchdog_for_another_pid_is_ignored(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
     """WATCHDOG_PID naming another process (a wrapper's child) means the keep-alive is not ours to send."""
     cfg = write_kit_config(tmp_path, corpus_dir)
     sock_path = f"/tmp/rekam-notify-{os.getpid()}-b.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
-    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
-    p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"],
-                         env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}
+    d = rekamd_factory(cfg, wait=False, env=env, command=REKAMD_ENTRY)
+    p = d.proc
     try:
         msgs: list[str] = []
         deadline = time.monotonic() + 60
@@ -95,26 +93,23 @@ def test_watchdog_for_another_pid_is_ignored(tmp_path: Path, corpus_dir: Path) -
         msgs += _recv_all(sock, time.monotonic() + 1.5)
         assert "WATCHDOG=1" not in msgs
     finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=10)
+        d.stop(timeout=10)
         sock.close()
         os.unlink(sock_path)
 
 
-def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path) -> None:
+def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
     (tmp_path / "usb").rmdir()  # no stick while the backlog builds up
     n = 200
-    r = subprocess.run([sys.executable, "-m", "firmware.cli", "--config", str(cfg), "sim", "commit", str(n),
-                        "--pad-kb", "512", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = rekam("sim", "commit", str(n), "--pad-kb", "512", "--json", cfg=cfg)
     assert r.returncode == 0, r.stderr
     sock_path = f"/tmp/rekam-notify-{os.getpid()}-c.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
-    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
-    env.pop("WATCHDOG_PID", None)
-    p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"], env=env, cwd=REPO,
-                         stderr=subprocess.DEVNULL)
+    env = {"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": None}
+    d = rekamd_factory(cfg, wait=False, env=env, command=REKAMD_ENTRY)
+    p = d.proc
     try:
         deadline = time.monotonic() + 60
         while not any("READY=1" in m for m in _recv_all(sock, time.monotonic() + 0.5)):
@@ -135,13 +130,12 @@ def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path
         print(f"backfill copy~{copy_s:.2f}s pings={len(pings)} max_gap={max(gaps or [0]):.2f}")
         assert gaps and max(gaps) < 1.0, f"longest keep-alive gap {max(gaps or [0]):.2f} s during backfill"
     finally:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=10)
+        d.stop(timeout=10)
         sock.close()
         os.unlink(sock_path)
 
 
-def test_watchdog_abort_leaves_python_stacks(tmp_path: Path, corpus_dir: Path) -> None:
+def test_watchdog_abort_leaves_python_stacks(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
     """With the unit's Environment= (PYTHONFAULTHANDLER), the watchdog's SIGABRT logs every thread's stack."""
     import shlex
 
@@ -153,18 +147,12 @@ def test_watchdog_abort_leaves_python_stacks(tmp_path: Path, corpus_dir: Path) -
     assert signal.Signals[[ln.split("=", 1)[1] for ln in (REPO / "systemd" / "rekamd.service").read_text()
                            .splitlines() if ln.startswith("WatchdogSignal=")][0]] == signal.SIGABRT
     cfg = write_kit_config(tmp_path, corpus_dir)
-    env = {**os.environ, **{k: v for k, v in unit_env.items() if k != "LG_WD"}}
-    p = subprocess.Popen([str(REPO / ".venv" / "bin" / "rekamd"), "--config", str(cfg), "--sim"], env=env, cwd=REPO,
-                         stderr=subprocess.PIPE, text=True)
-    api = tmp_path / "sd" / "api.json"
-
-    def started() -> bool:
-        assert p.poll() is None
-        return api.exists()
-
-    wait_for(started, 60, "rekamd to start (its api.json)")
+    env = {k: v for k, v in unit_env.items() if k != "LG_WD"}
+    d = rekamd_factory(cfg, env=env, command=REKAMD_ENTRY)  # waits for its api.json
+    p = d.proc
     p.send_signal(signal.SIGABRT)
-    _, err = p.communicate(timeout=20)
+    p.wait(timeout=20)
+    err = d.log_text()
     assert p.returncode == -signal.SIGABRT
     assert "Fatal Python error: Aborted" in err
     assert err.count("Thread 0x") >= 2  # the main thread and the service threads
