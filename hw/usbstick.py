@@ -10,7 +10,7 @@ device carrying a file system; that unit runs ``python -m hw.usbstick mount /dev
 4. mounts it at ``[usb] mount_point`` with options chosen for sudden removal, owned by the
    ``rekam`` user so the unprivileged daemon can write it.
 
-The daemon notices the mount by polling (`firmware.usb.detect`). Unmounting happens when the
+The daemon notices the mount by polling (`firmware.store.usb.detect`). Unmounting happens when the
 device disappears (``BindsTo=`` stops the unit), on ``rekam usb eject`` (as root: directly or
 through ``systemctl stop``), or on the daemon's request file handled by
 ``rekam-usb-eject.path`` (no polkit, no sudo). See docs/pi-setup.md.

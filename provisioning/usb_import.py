@@ -1,7 +1,7 @@
 """`rekam-fleet import PATH`: take a kit's USB mirror stick into the archive (when the network never came back).
 
 PATH may be the stick's mount point, its ``rekam/`` folder, or one ``rekam/<kit_id>/`` folder (layout in
-`firmware.usb`). Every record file is verified and stored through `Archive.store()`, the same door the
+`firmware.store.usb`). Every record file is verified and stored through `Archive.store()`, the same door the
 MQTT ingest uses, so importing records that already arrived over MQTT (or importing a stick twice) stores
 nothing twice. Records are found from the index *and* by scanning ``records/`` (a yank can cost index
 lines). The summary counts new, already had, and rejected records with their reasons; the exit status is
@@ -46,7 +46,7 @@ def kit_dirs(path: Path) -> list[Path]:
 
 
 def read_index(kit_dir: Path) -> list[dict[str, Any]]:
-    """The stick's index.jsonl entries, skipping torn or invalid lines (same rules as firmware.usb, which
+    """The stick's index.jsonl entries, skipping torn or invalid lines (same rules as firmware.store.usb, which
     the fleet side may not import)."""
     out = []
     try:

@@ -2,7 +2,7 @@
 
 `init` is what rekam-firstboot.service runs before rekamd on every boot until the kit is claimed:
 it creates the identity once (atomically, mode 0600) and reports whether the fleet has claimed the
-kit. The claim itself is run by rekamd (`firmware.provision`, when ``[control] enabled``), which
+kit. The claim itself is run by rekamd (`firmware.control.claim`, when ``[control] enabled``), which
 retries until the network is up and the fleet approves; until then the kit enrolls and buffers
 sealed records on SD and stick. A claimed kit has its certificate and the pinned fleet key in
 ``<state_dir>/control/`` (`rekam provision status` for the details).

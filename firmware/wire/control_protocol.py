@@ -1,6 +1,6 @@
-"""Control-plane wire format shared by the kit (`firmware.control`, `firmware.provision`) and the
-fleet (`provisioning.fleet`): topic names under ``rekam/v1/``, the signed envelope, and the
-shape of each message body (claim, config document, command, result, telemetry, state).
+"""Control-plane wire format shared by the kit (`firmware.control`: plane, claim) and the fleet
+(`provisioning.registry`, `provisioning.fleet_service`): topic names under ``rekam/v1/``, the signed
+envelope, and the shape of each message body (claim, config document, command, result, telemetry, state).
 
 Every control message is one JSON object, at most `MAX_PAYLOAD` bytes::
 

@@ -35,7 +35,7 @@ def test_old_and_new_key_accepted_after_rotation(tmp_path: Path) -> None:
     archive = Archive(tmp_path / "archive", fleet_db=fleet)
     rid, data = sealed(old, 1, dc_pub)
     assert archive.store(data, KIT, "mqtt", rid, rf.sha256_hex(data)).status == "stored"
-    # The fleet registers the rotated key (what provisioning.fleet does on a rotate_key result).
+    # The fleet registers the rotated key (what provisioning.registry does on a rotate_key result).
     db.execute("UPDATE kits SET public_key = ? WHERE kit_id = ?", (b64(new), KIT))
     db.commit()
     for seq, key in ((2, old), (3, new)):  # sealed before the rotation but sent after it, and after it

@@ -32,7 +32,7 @@ def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     assert first["kit_id"] in r.stdout
     r = rekam("identity", "show", "--json", cfg=cfg)
     assert json.loads(r.stdout)["kit_id"] == first["kit_id"]
-    # Claimed (the files firmware.provision writes at the end of a claim): show reports it.
+    # Claimed (the files firmware.control.claim writes at the end of a claim): show reports it.
     control = tmp_path / "sd" / "control"
     control.mkdir()
     for name in ("kit.crt", "tls.key", "fleet.pub"):

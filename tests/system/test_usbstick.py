@@ -1,7 +1,7 @@
 """hw/usbstick.py against real file systems on loop devices: FAT32, exFAT and ext4 sticks.
 
 Each image is made with the real mkfs, attached with losetup, probed with blkid, checked with
-fsck, mounted by the helper, written through firmware.usb (the daemon's own stick code, with
+fsck, mounted by the helper, written through firmware.store.usb (the daemon's own stick code, with
 fsync and rename), unmounted, and mounted again to read the record back.
 """
 

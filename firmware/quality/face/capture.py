@@ -1,6 +1,6 @@
 """The face capture loop: shoot, assess, retake up to N times, keep the best, build the portrait.
 
-Uses the shared retake policy (`firmware.capture_policy`): the first acceptable shot ends the
+Uses the shared retake policy (`firmware.quality.policy`): the first acceptable shot ends the
 loop; otherwise the best one is kept after the last attempt with ``forced=True``. Every
 attempt's measures and codes go into the summary for the record.
 """

@@ -1,6 +1,6 @@
 """Per-finger capture policy: up to N impressions, accept at the threshold, else keep the best.
 
-Glue between `quality.assess` and the shared `firmware.capture_policy.CapturePolicy`, configured
+Glue between `quality.assess` and the shared `firmware.quality.policy.CapturePolicy`, configured
 from ``[quality_finger]`` (threshold, max_attempts, per-finger threshold overrides). Every
 impression's score and feedback codes go into the record via `FingerCapture.record()`.
 """
