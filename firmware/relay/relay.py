@@ -18,6 +18,9 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
 * One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
 
 Run standalone (tests, field debugging): ``python -m firmware.relay --config /etc/rekam/rekam.toml``.
+
+Over 600 lines on purpose: one state machine owned by one thread (transfers, PUBACK window, ack
+timers, journal marks); split across files its invariants would have to be read in several places.
 """
 
 from __future__ import annotations
