@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rekamd")
 
-EX_OK, EX_SOFTWARE, EX_CONFIG = 0, 70, config.EX_CONFIG
+EX_OK, EX_SOFTWARE = 0, 70  # EX_CONFIG (78) comes from ConfigError.report()
 
 
 class Kit:

@@ -51,7 +51,7 @@ class CommandTarget(Protocol):
     identity: KitIdentity
     remote: RemoteConfig
     paths: ControlPaths
-    host: Any  # firmware.control.host.ControlHost
+    kit: Any  # firmware.control.host.ControlHost
 
     def telemetry(self) -> dict[str, Any]:
         """The current telemetry body."""
@@ -138,7 +138,7 @@ class CommandRunner:
                 out = sign_result(kit_id, body, reply, False, "error", f"{type(e).__name__}: {e}", sign_key)
                 self.guard.done(body["cmd_id"], "error")
             try:
-                self.t.host.store.audit("command", "fleet", cmd_id=body["cmd_id"], name=body["name"], ok=ok)
+                self.t.kit.store.audit("command", "fleet", cmd_id=body["cmd_id"], name=body["name"], ok=ok)
             except Exception as ae:
                 log.debug("audit failed error=%s", ae)
             self.send(out)
@@ -151,11 +151,11 @@ class CommandRunner:
         """Run one command; its result data and message. Raises `Refused` for a command that cannot run."""
         t = self.t
         name, args = body["name"], body["args"]
-        store = t.host.store
+        store = t.kit.store
         if name == "status":
             return t.telemetry(), "status"
         if name == "sync":
-            relay = (getattr(t.host, "services", None) or {}).get("relay")
+            relay = (getattr(t.kit, "services", None) or {}).get("relay")
             fn = getattr(relay, "sync_now", None)
             if fn is None:
                 raise Refused("no_relay", "no record relay is running on this kit")
@@ -164,7 +164,7 @@ class CommandRunner:
         if name == "set_operators":
             ops = args.get("operators")
             t.cfg = t.remote.set_operators(t.cfg, ops)
-            enr = getattr(t.host, "enrollment", None)
+            enr = getattr(t.kit, "enrollment", None)
             if enr is not None:
                 from firmware.enrollment.operators import operators_from_config
 

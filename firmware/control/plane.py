@@ -68,7 +68,6 @@ class ControlPlane:
 
     def __init__(self, kit: ControlHost, local: config.Config | None = None) -> None:
         self.kit = kit
-        self.host = kit
         self.cfg: config.Config = kit.cfg
         self.identity: KitIdentity = kit.identity
         self.paths = ControlPaths.of(self.cfg)
