@@ -325,6 +325,8 @@ class Fleet:
         try:
             body = cp.verify(payload, kind, cp.load_public_b64(row["public_key"]))
         except cp.ProtocolError as e:
+            if kind == "result" and self._already_recorded(kit_id, payload):
+                return kind  # a second copy of a result already verified and recorded: nothing to do
             log.warning("kit message refused kit_id=%s topic=%s reason=%s", kit_id, topic, e.reason)
             self.event("kit_message_refused", kit_id, topic=topic, reason=str(e))
             return None
@@ -343,6 +345,22 @@ class Fleet:
         if kind == "result" and body.get("name") == "rotate_key" and body.get("ok"):
             self._key_rotated(kit_id, body)
         return kind
+
+    def _already_recorded(self, kit_id: str, payload: bytes) -> bool:
+        """True if `payload` is a command result whose body is exactly the one already recorded (verified then).
+
+        The fleet service and a `rekam-fleet cmd send` both see every result. For a key rotation the first to
+        handle it registers the new key, so the second copy no longer verifies against the current key;
+        it is a duplicate, not a forgery, when its body equals what was recorded. Nothing is changed for it.
+        """
+        try:
+            body = cp.decode(payload, "result")[0]
+        except cp.ProtocolError:
+            return False
+        with self._lock:
+            r = self.db.execute("SELECT result FROM commands WHERE cmd_id = ? AND kit_id = ?",
+                                (body.get("cmd_id"), kit_id)).fetchone()
+        return r is not None and r["result"] is not None and json.loads(r["result"]) == body
 
     def _key_rotated(self, kit_id: str, body: dict[str, Any]) -> None:
         import base64

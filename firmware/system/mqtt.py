@@ -295,6 +295,7 @@ class MqttLink:
         self._sub_mids: set[int] = set()
         self._lock = threading.RLock()  # state/client swaps vs publish() from other threads
         self._inflight: dict[int, Delivery] = {}
+        self._reconnect_by = 0.0  # a requested reconnect waits for earlier publishes until then
         self._outbox: deque[tuple[Delivery, bytes, bool, Any]] = deque()
         self._threaded = False
         self._reconnect = threading.Event()
@@ -530,14 +531,20 @@ class MqttLink:
         except OSError:
             return False
 
-    def reconnect(self) -> None:
-        """Ask for a clean reconnection (e.g. a new Last Will); any thread. Done by the loop thread."""
+    def reconnect(self, settle_s: float = 5.0) -> None:
+        """Ask for a clean reconnection (e.g. a new Last Will); any thread. Done by the loop thread.
+
+        What was published before the request goes out first: the loop keeps running until nothing is queued
+        or awaiting a PUBACK, for at most `settle_s`, and only then drops the connection.
+        """
+        self._reconnect_by = time.monotonic() + settle_s
         self._reconnect.set()
 
     def step(self, timeout: float) -> None:
         """Drive the network for up to `timeout` seconds: I/O, reconnects, probes (loop thread only)."""
         now = time.monotonic()
-        if self._reconnect.is_set() and self.state == "connected":
+        if (self._reconnect.is_set() and self.state == "connected"
+                and (not (self._outbox or self._inflight) or now >= self._reconnect_by)):
             self._reconnect.clear()
             log.info("%s reconnecting broker=%s (asked)", self.s.name, self.s.brokers[self.index].url)
             self._drop_client()

@@ -213,3 +213,29 @@ def test_last_will_marks_kit_offline(online_kit, fleet) -> None:
     wait_for(lambda: fleet.kit(kid)["online"] == "online", 15, "back online after reconnect")
     wait_for(lambda: json.loads(fleet.kit(kid)["telemetry"])["control"]["connects"] >= 2, 5,
              "telemetry from the second connection")
+
+
+def test_a_second_copy_of_a_rotation_result_is_a_duplicate_not_a_forgery(online_kit, fleet) -> None:
+    # The fleet service and `rekam-fleet cmd send` both handle every result. The first copy of a rotate_key
+    # result registers the new key, so the second no longer verifies against the current key: it must be
+    # recognised as the same result (nothing changes), while a different body under the same cmd_id is refused.
+    import base64
+
+    from firmware.control.commands import sign_result
+
+    kid = online_kit.identity.kit_id
+    old = online_kit.identity.signing_key
+    new = Ed25519PrivateKey.generate()
+    cmd_id, _ = fleet.make_command(kid, "rotate_key", {}, 60)
+    proof = new.sign(b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
+    data = {"new_public_key": cp.public_b64(new), "old_public_key": cp.public_b64(old),
+            "proof": base64.b64encode(proof).decode()}
+    body = {"cmd_id": cmd_id, "name": "rotate_key"}
+    out = sign_result(kid, body, (cp.result_topic(kid), None), True, "ok", "kit key rotated", old, data)
+    assert fleet.handle_kit_message(out.topic, out.payload) == "result"
+    assert fleet.kit(kid)["public_key"] == cp.public_b64(new)
+    assert fleet.handle_kit_message(out.topic, out.payload) == "result"  # the duplicate
+    assert fleet.kit(kid)["public_key"] == cp.public_b64(new)
+    forged = sign_result(kid, body, (cp.result_topic(kid), None), False, "error", "forged", old)
+    assert fleet.handle_kit_message(forged.topic, forged.payload) is None
+    assert json.loads(fleet.command(cmd_id)["result"])["ok"] is True

@@ -157,3 +157,24 @@ def test_last_will_is_made_at_every_connect(mosquitto) -> None:
     finally:
         link.stop()
         watcher.stop()
+
+
+def test_requested_reconnect_lets_earlier_publishes_out_first(mosquitto) -> None:
+    # A key rotation publishes its result, then asks for a reconnect (new will): the result must not be lost.
+    seen: list[bytes] = []
+    watcher = MqttLink(MqttSettings([_broker(mosquitto)], "t-watch2", subscriptions=[("r/#", 1)]))
+    watcher.on_message = lambda m: seen.append(m.payload)
+    watcher.start()
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-reconn", backoff_min_s=0.1, backoff_max_s=0.2))
+    link.start()
+    try:
+        assert watcher.ready.wait(10) and _until(lambda: link.connected)
+        for round_ in range(20):
+            ds = [link.publish("r/x", b"%d-%d" % (round_, i)) for i in range(5)]
+            link.reconnect()
+            assert all(d.wait(10) and d.ok for d in ds), [d for d in ds if not d.ok]
+            assert _until(lambda: link.connected)
+        assert _until(lambda: len(seen) == 100)
+    finally:
+        link.stop()
+        watcher.stop()
