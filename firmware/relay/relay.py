@@ -156,7 +156,8 @@ class Relay:
         self._pubs = TokenBucket(self.r.publishes_per_s, max(1.0, self.r.publishes_per_s / 4))
         # Counters (read by status() from other threads: ints only).
         self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
-                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "read_errors": 0, "chunk_shrinks": 0}
+                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "retry_acks": 0, "read_errors": 0,
+                         "chunk_shrinks": 0}
         self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
         self._status_cache: dict[str, Any] = {}
         self._status_at = 0.0
@@ -546,6 +547,7 @@ class Relay:
                           ack.record_id, ack.reason)
             self._waiting.pop(ack.record_id, None)
         else:  # retry: the data center has a transient problem; back off this record
+            self.counters["retry_acks"] += 1
             w = self._waiting.get(ack.record_id)
             attempts = w.attempts if w else 1
             delay = backoff_delay(attempts, self.r.backoff_min_s, self.r.ack_timeout_max_s, self.rng)
