@@ -48,6 +48,17 @@ class ConfigError(RekamError, ValueError):
         return EX_CONFIG
 
 
+# --- untrusted media ------------------------------------------------------------------------------
+
+
+class UntrustedFile(RekamError, OSError):
+    """A file on an untrusted medium (a USB stick, an upload) that is not a plain regular file within bounds.
+
+    Raised by `firmware.system.fsutil.open_untrusted` for symlinks, FIFOs, devices, paths that leave
+    their root, and files over their size cap; `errno` says which (ELOOP, EINVAL, EFBIG...).
+    """
+
+
 # --- hardware (hw/) ------------------------------------------------------------------------------
 
 

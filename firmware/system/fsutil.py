@@ -1,14 +1,23 @@
-"""Crash-safe file primitives: atomic write with fsync discipline, read-back check, statvfs."""
+"""File primitives: atomic write with fsync discipline, read-back check, statvfs, and safe reads of untrusted media.
+
+`open_untrusted` / `read_untrusted` / `sha256_untrusted` are how anything on a USB stick (or any
+other medium a stranger may have prepared) is opened: every path component is walked with
+``O_NOFOLLOW`` beneath a root, only regular files are accepted (a FIFO or device is refused without
+blocking), and a size cap is checked on the open descriptor before a byte is read.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from firmware.errors import ReadbackMismatch
+from firmware.errors import ReadbackMismatch, UntrustedFile
 
 TMP_SUFFIX = ".tmp"
 
@@ -94,3 +103,103 @@ def space(path: Path) -> Space:
     """statvfs of the file system holding `path` (f_bavail: what a non-root writer can use)."""
     st = os.statvfs(path)
     return Space(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, st.f_favail, st.f_files)
+
+
+# --- untrusted media -----------------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def _parts(rel: str | os.PathLike[str]) -> list[str]:
+    parts = [p for p in PurePosixPath(os.fspath(rel)).parts if p not in ("", ".")]
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise UntrustedFile(errno.EINVAL, f"path {os.fspath(rel)!r} is not relative to its root")
+    return parts
+
+
+def open_dir_beneath(root: Path, rel: str | os.PathLike[str] = ".") -> int:
+    """Open directory `root`/`rel` without following a symlink at any component below `root`.
+
+    Returns a directory descriptor (the caller closes it). `root` itself is trusted (a mount point
+    the kit chose). Raises `UntrustedFile` (ELOOP) for a symlink, ENOTDIR for a non-directory, and
+    FileNotFoundError when a component is missing.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = [] if os.fspath(rel) in (".", "") else _parts(rel)
+        for name in parts:
+            try:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UntrustedFile(e.errno, f"{root}/{rel}: {name!r} is a symlink or not a directory") from None
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@contextmanager
+def open_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> Iterator[tuple[int, int]]:
+    """Open regular file `root`/`rel` for reading, safely; yields ``(fd, size)``.
+
+    No component below `root` may be a symlink (ELOOP), the file must be a regular file (a FIFO,
+    socket or device is refused without blocking: EINVAL) and at most `max_bytes` long (EFBIG), all
+    checked on the open descriptor so the file cannot be swapped between check and read.
+    """
+    parts = _parts(rel)
+    dfd = open_dir_beneath(root, "/".join(parts[:-1]) or ".")
+    try:
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UntrustedFile(errno.ELOOP, f"{root}/{rel} is a symlink") from None
+            if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without a writer, a device node
+                raise UntrustedFile(errno.EINVAL, f"{root}/{rel} is not a regular file") from None
+            raise
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFile(errno.EINVAL, f"{root}/{rel} is not a regular file")
+        if st.st_size > max_bytes:
+            raise UntrustedFile(errno.EFBIG, f"{root}/{rel} is {st.st_size} bytes; the limit is {max_bytes}")
+        os.set_blocking(fd, True)
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def read_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The whole content of a regular file on an untrusted medium, at most `max_bytes` (see `open_untrusted`).
+
+    Reads at most ``max_bytes + 1`` bytes, so a file that grows after the size check is refused too.
+    """
+    with open_untrusted(root, rel, max_bytes) as (fd, _size):
+        chunks: list[bytes] = []
+        total = 0
+        while chunk := os.read(fd, min(1 << 20, max_bytes + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise UntrustedFile(errno.EFBIG, f"{root}/{rel} grew past the limit of {max_bytes} bytes")
+        return b"".join(chunks)
+
+
+def sha256_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> tuple[str, int]:
+    """Streaming SHA-256 and byte count of a regular file on an untrusted medium (never all in memory)."""
+    h = hashlib.sha256()
+    total = 0
+    with open_untrusted(root, rel, max_bytes) as (fd, _size):
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise UntrustedFile(errno.EFBIG, f"{root}/{rel} grew past the limit of {max_bytes} bytes")
+            h.update(chunk)
+    return h.hexdigest(), total
