@@ -18,6 +18,8 @@ Private keys are written mode 0600.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -253,6 +255,25 @@ def write_crl(paths: CaPaths, days: int = 30) -> Path:
     tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     os.replace(tmp, paths.crl)
     return paths.crl
+
+
+def ingest_group(group: str | None, key_file: str | Path | None) -> str:
+    """The ingest's shared-subscription group: `group` if the operator named one, else ``ingest-`` and 128 bits of
+    an HMAC keyed with the ingest's TLS private key (``ingest`` without a key file: a plain test broker).
+
+    Why a secret: mosquitto 2.0's ACL file does not check subscriptions, so any kit may subscribe to
+    ``$share/<group>/rekam/v1/+/records/+``; a kit in the ingest's group would be handed its share of every
+    kit's records and the broker would drop them on its read ACL. A kit cannot join a group it cannot name;
+    every worker started with the same key (one host or several) lands in the same group."""
+    if group:
+        return group
+    if not key_file:
+        return "ingest"
+    try:
+        key = Path(key_file).read_bytes()
+    except OSError as e:
+        raise CaError(f"cannot read the ingest key {key_file}: {e}") from None
+    return "ingest-" + hmac.new(key, b"rekam ingest share group v1", hashlib.sha256).hexdigest()[:32]
 
 
 def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_port: int = 8884,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import queue
-import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 from firmware.errors import CaError, FleetError
-from firmware.system.mqtt import Message
+from firmware.system.mqtt import Message, client_id
 from firmware.wire import control_protocol as cp
 from provisioning import ca
 from provisioning.fleet_link import FleetLink
@@ -60,7 +59,7 @@ def issue_certificate(f: Fleet, kit_id: str, out: Path, csr: Path | None = None)
 
 def publish(f: Fleet, items: list[tuple[str, bytes, bool]]) -> None:
     """Publish (topic, payload, retain) items and wait for the broker; `FleetError` if it refused any."""
-    link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}").start()
+    link = FleetLink(f, client_id("fleet", "cli")).start()
     try:
         for topic, payload, retain in items:
             link.publish(topic, payload, retain=retain)
@@ -150,7 +149,7 @@ def send_command(f: Fleet, kit: str, name: str, args: dict[str, Any], ttl: int, 
             if r is not None and r["result"]:
                 got.put(json.loads(r["result"]))
 
-    link = FleetLink(f, f"fleet-cli-{secrets.token_hex(3)}", on_message, (cp.result_topic(kit),)).start()
+    link = FleetLink(f, client_id("fleet", "cli"), on_message, (cp.result_topic(kit),)).start()
     try:
         time.sleep(0.2)  # let the SUBACK in before the command goes out
         link.publish(cp.cmd_topic(kit), payload, response_topic=cp.result_topic(kit), correlation=cmd_id.encode())

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 
-from firmware.system.mqtt import Message
+from firmware.system.mqtt import Message, client_id
 from firmware.wire import control_protocol as cp
 from provisioning.fleet_link import FleetLink
 from provisioning.registry import Fleet
@@ -24,7 +23,7 @@ class FleetService:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.link = FleetLink(fleet, f"fleet-service-{secrets.token_hex(3)}", self._on_message, cp.FLEET_FILTERS)
+        self.link = FleetLink(fleet, client_id("fleet", "service"), self._on_message, cp.FLEET_FILTERS)
         self.received: queue.Queue[tuple[str, str]] = queue.Queue()  # (kind, kit_id) for watchers/tests
 
     def start(self) -> FleetService:

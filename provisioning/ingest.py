@@ -20,13 +20,13 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from firmware.system.mqtt import Message, MqttLink, MqttSettings
+from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
 from firmware.wire import relay_protocol as proto
+from provisioning import ca
 from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class IngestWorker:
         self.counters = IngestCounters()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        self.client_id = s.client_id or f"ingest-{s.group}-{uuid.uuid4().hex[:8]}"
+        self.client_id = s.client_id or client_id("fleet", "ingest")
         # With the Receive Maximum below the broker never has more than RECEIVE_MAXIMUM unprocessed messages on
         # their way here (bounded memory); session expiry 0: a dead worker's messages go to the others at once.
         self.mqtt = MqttLink(MqttSettings(
@@ -253,7 +253,8 @@ class IngestWorker:
 
 def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
     password = Path(args.password_file).read_text().strip() if args.password_file else ""
-    return IngestSettings(broker=broker, archive=Path(args.archive), group=args.group, tofu=args.tofu,
+    return IngestSettings(broker=broker, archive=Path(args.archive), group=ca.ingest_group(args.group, args.key_file),
+                          tofu=args.tofu,
                           fleet_db=Path(args.fleet_db) if args.fleet_db else None,
                           transfer_ttl_s=args.transfer_ttl, max_record_bytes=args.max_record_mb * 1024 * 1024,
                           ca_file=args.ca_file or "", cert_file=args.cert_file or "", key_file=args.key_file or "",
@@ -264,7 +265,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         proto.parse_broker_url(args.broker)
-        proto.shared_records_filter(args.group)
+        proto.shared_records_filter(ca.ingest_group(args.group, args.key_file))
     except ValueError as e:  # ProtocolError is a ValueError too
         raise SystemExit(f"rekam-fleet ingest: {e}") from None
     if args.tofu:
@@ -305,7 +306,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("ingest", help="receive records over MQTT into an archive (shared subscription)")
     p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--archive", required=True, help="archive directory (index.db, records/, staging.db)")
-    p.add_argument("--group", default="ingest", help="shared-subscription group (workers of one group share load)")
+    p.add_argument("--group", help="shared-subscription group (workers of one group share load); default: a secret "
+                   "derived from --key-file, so no kit can join it (docs/security/broker.md)")
     p.add_argument("--workers", type=int, default=1, help="worker connections in this process")
     p.add_argument("--tofu", action="store_true",
                    help="trust on first use: register an unknown kit's key from its first record (tests, pilots)")

@@ -1,6 +1,6 @@
 """The kit's control plane service: signed remote config with rollback, signed replay-proof commands, telemetry.
 
-It runs on its own MQTT v5 connection (client id ``<kit_id>-ctl``, mTLS with the certificate the claim
+It runs on its own MQTT v5 connection (client id ``<kit_id>-ctl-<random>``, mTLS with the certificate the claim
 produced, see `firmware.control.claim`) so control traffic is never stuck behind the record relay. The
 connection is the one MQTT adapter (`firmware.system.mqtt.MqttLink`) run on the ``control`` thread: its
 handlers verify and dispatch what arrives; commands run on one worker thread (`firmware.control.commands`)
@@ -33,7 +33,7 @@ from firmware.control.replay import ANSWERED_REFUSALS, CommandGuard
 from firmware.control.telemetry import telemetry as build_telemetry
 from firmware.errors import Refused
 from firmware.seal.identity import KitIdentity
-from firmware.system.mqtt import Broker, Message, MqttLink, MqttSettings, Will
+from firmware.system.mqtt import Broker, Message, MqttLink, MqttSettings, Will, client_id
 from firmware.wire import control_protocol as cp
 
 __all__ = ["EX_REBOOT", "EX_RESTART", "MAX_TRIAL_BOOTS", "CommandGuard", "ControlPlane", "Refused", "RemoteConfig",
@@ -232,8 +232,8 @@ class ControlPlane:
     def _settings(self, brokers: list[str]) -> MqttSettings:
         kit = self.identity.kit_id
         return MqttSettings(
-            [Broker.parse(b, tls=True) for b in brokers], f"{kit}-ctl", keepalive_s=self.cfg.control.keepalive_s,
-            connect_timeout_s=CONNECT_TIMEOUT_S,
+            [Broker.parse(b, tls=True) for b in brokers], client_id(kit, "ctl"),
+            keepalive_s=self.cfg.control.keepalive_s, connect_timeout_s=CONNECT_TIMEOUT_S,
             tls_context=lambda: tls_context(self.paths.ca, self.paths.cert, self.paths.tls_key),
             # A function: after a key rotation the next connection's will is signed by the new key.
             will=lambda: Will(cp.status_topic(kit), self._status_payload("offline", "connection lost")),

@@ -44,7 +44,7 @@ from typing import Any
 from firmware.relay.uplink import uplink_settings
 from firmware.system.backoff import backoff_delay
 from firmware.system.clock import iso
-from firmware.system.mqtt import MqttLink
+from firmware.system.mqtt import MqttLink, client_id
 from firmware.system.service import Supervisor
 from firmware.wire import record_format
 from firmware.wire import relay_protocol as proto
@@ -130,7 +130,7 @@ class Relay:
         self._own_stop = threading.Event()
         self.rng = rng or random.Random()
         self.ack_topic = proto.ack_topic(self.kit_id)
-        self.uplink = MqttLink(uplink_settings(cfg, f"{self.kit_id}-relay", [(self.ack_topic, 1)]), self.rng)
+        self.uplink = MqttLink(uplink_settings(cfg, client_id(self.kit_id, "relay"), [(self.ack_topic, 1)]), self.rng)
         self.uplink.should_stop = self._stopping
         self.thread: threading.Thread | None = None
         self._wake = threading.Event()

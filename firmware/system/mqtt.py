@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import socket
 import ssl
 import threading
@@ -136,6 +137,16 @@ class Broker:
         if not host or not port.isdigit():
             raise ValueError(f"broker {text!r}: expected host:port or an mqtt(s):// URL")
         return cls(host.strip("[]"), int(port), tls)
+
+
+def client_id(identity: str, role: str) -> str:
+    """The client id of one connection: ``<identity>-<role>-<32 hex>``, `identity` being the certificate's CN
+    (the kit id, ``fleet``). The prefix lets a broker that can check it tie the id to the certificate
+    (docs/provisioning.md, "Other brokers"); the 128 random bits, new for every process, mean nobody can name
+    another client's id, so nobody can take its session over: mosquitto 2.0 cannot tie a client id to a
+    certificate that has several connections (docs/security/broker.md), and it disconnects the owner of an id
+    whenever anyone connects with that id."""
+    return f"{identity}-{role}-{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ the claim credential reaches nothing but the claim topics; each CA works only on
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 import time
@@ -29,6 +30,7 @@ class Probe:
         self.pubacks: dict[int, int] = {}
         self.messages: list[tuple[str, bytes]] = []
         self.subacks: list[list[int]] = []
+        self.disconnects = 0
         self.connected = threading.Event()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.c.tls_set(ca_certs=str(cafile), certfile=str(cert), keyfile=str(key))
@@ -36,6 +38,7 @@ class Probe:
         self.c.on_publish = lambda _c, _u, mid, rc, _p: self.pubacks.__setitem__(mid, rc.value)
         self.c.on_subscribe = lambda _c, _u, _m, rcs, _p: self.subacks.append([r.value for r in rcs])
         self.c.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.c.on_disconnect = lambda *_a: setattr(self, "disconnects", self.disconnects + 1)
         self.c.connect("127.0.0.1", port)
         self.c.loop_start()
         assert self.connected.wait(5), f"{client_id} could not connect"
@@ -171,3 +174,117 @@ def test_no_certificate_no_connection(fleet, broker) -> None:
         except (ssl.SSLError, OSError):
             pass
         assert not any(not rc.is_failure for rc in result), f"port {port} accepted a client without certificate"
+
+
+# --- shared-subscription hijack and client-id takeover (issue 13, findings 4 and 5) ------------------------------
+
+SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
+
+
+def deployed_ingest(fleet, broker, archive: Path):
+    """An ingest worker exactly as rekam-ingest.service starts it: the shipped `systemd/rekam-ingest.env` arguments
+    through the real `rekam-fleet ingest` parser and settings, with this test fleet's TLS files in place of
+    /etc/rekam's (the deployed ingest certificate is a fleet-CA client certificate like `fleet-client.crt`)."""
+    from provisioning import ingest
+    from provisioning.cli import build_parser
+
+    env = dict(ln.split("=", 1) for ln in (SYSTEMD / "rekam-ingest.env").read_text().splitlines()
+               if ln and not ln.startswith("#"))
+    files = {"/etc/rekam/fleet-ca.crt": str(fleet.ca.fleet_ca_crt), "/etc/rekam/ingest.crt": str(fleet.ca.fleet_crt),
+             "/etc/rekam/ingest.key": str(fleet.ca.fleet_key)}
+    argv = ["ingest", "--broker", f"mqtts://127.0.0.1:{broker.port}", "--archive", str(archive),
+            *(files.get(w, w) for w in env["REKAM_INGEST_ARGS"].split())]
+    args = build_parser().parse_args(argv)
+    return ingest.IngestWorker(ingest._settings(args, args.broker)), args.workers
+
+
+def _chunk(kit_id: str, n: int) -> bytes:
+    """A well-formed first chunk of a two-chunk record (never completed: it stays staged, nothing is archived)."""
+    rid = f"{kit_id}-{n:08d}-20260101T000000Z"
+    return proto.Chunk(rid, "0" * 64, 8, 0, 2, 4, b"abcd").encode()
+
+
+def test_kit_cannot_take_a_share_of_the_ingest_group(probes, fleet, broker, tmp_path) -> None:
+    """Finding 4: a kit subscribing to the ingest's shared subscription (or anything else) gets nothing, and every
+    record of every other kit reaches the deployed ingest. mosquitto 2.0's ACL file does not check subscriptions:
+    what stops the hijack is that the deployed group is a secret the kit cannot name (provisioning.ca.ingest_group)."""
+    kit, _, claimant = probes
+    first, count = deployed_ingest(fleet, broker, tmp_path / "archive")
+    workers = [first] + [deployed_ingest(fleet, broker, tmp_path / "archive")[0] for _ in range(count - 1)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            wait_for(w.connected.is_set, 10, "deployed ingest subscribed")
+        # The hijackers: a kit certificate on the main listener and the claim certificate (every kit image has it) on
+        # the claim listener, each on every share group and filter it can name.
+        thief, claim_thief = kit("rk-thiefaaa"), claimant("rk-thiefbbb")
+        for p in (thief, claim_thief):
+            for f in ("$share/ingest/rekam/v1/+/records/+", "$share/ingest/rekam/v1/#", "$share/rekam/rekam/v1/#",
+                      "$share/fleet/rekam/v1/#", "$share/ingest/#", "rekam/v1/#", "#"):
+                p.subscribe(f)
+        senders = {kid: kit(kid) for kid in ("rk-shareaaa", "rk-sharebbb", "rk-shareccc")}
+        per_kit = 40
+        for kid, sender in senders.items():
+            for n in range(per_kit):
+                assert sender.publish(proto.chunk_topic(kid), _chunk(kid, n)) < 0x80
+        total = per_kit * len(senders)
+        wait_for(lambda: sum(w.counters.chunks for w in workers) >= total, 15, f"{total} chunks at the ingest")
+        time.sleep(0.5)  # anything else in flight lands now
+        assert sum(w.counters.chunks for w in workers) == total  # every chunk, once
+        assert thief.messages == [] and claim_thief.messages == []
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _attempt(client_id: str, cert: Path, key: Path, port: int, cafile: Path) -> Probe | None:
+    """Connect once as `client_id` (no reconnect): the Probe if the broker let it in, else None."""
+    try:
+        p = Probe(client_id, cafile, cert, key, port)
+    except AssertionError:
+        return None
+    p.c.reconnect_delay_set(60, 60)  # one try each: a thief that keeps reconnecting is the loop of finding 5
+    return p
+
+
+def test_no_certificate_can_take_over_another_clients_session(new_kit, service, fleet, broker, tmp_path) -> None:
+    """Finding 5: a kit (its own certificate, main listener) or anyone with the claim certificate (claim listener)
+    connecting with every client id it can derive for kit B's control plane and relay or for the fleet service
+    kicks nobody: each owner keeps its one connection (no reconnect) and a command still makes the round trip
+    fleet -> B -> fleet. mosquitto 2.0 disconnects the owner of a client id whenever anyone connects with it; what
+    stops the takeover is that every real id ends in 128 random bits (firmware.system.mqtt.client_id)."""
+    from provisioning.fleet_ops import send_command
+
+    k = new_kit(extra=f'[relay]\nbrokers = ["mqtts://127.0.0.1:{broker.port}"]\n')
+    k.start_control()
+    assert k.exited.wait(20)  # claimed: restart so the relay gets the kit certificate
+    k = k.restart()
+    relay, plane = k.start_relay(), k.start_control()
+    b = k.identity.kit_id
+    wait_for(lambda: plane.connected.is_set() and relay.status()["state"] == "connected", 15, "kit B connected")
+    owners = {"B control": plane.link, "B relay": relay.uplink, "fleet service": service.link.mqtt}
+    before = {name: link.connects for name, link in owners.items()}
+    crt, key, _ = ca.issue_kit_files(fleet.ca, "rk-takeover", tmp_path / "thief")
+    derivable = [b, f"{b}-ctl", f"{b}-relay", "fleet", "fleet-service", "fleet-cli", "fleet-ingest", "ingest"]
+    thieves: list[Probe] = []
+    try:
+        for cid in derivable:
+            for cert_, key_, port in ((crt, key, broker.port),
+                                      (fleet.ca.claim_crt("test"), fleet.ca.claim_key("test"), broker.claim_port)):
+                t = _attempt(cid, cert_, key_, port, fleet.ca.fleet_ca_crt)
+                if t is not None:
+                    thieves.append(t)
+        time.sleep(1.0)  # a kicked owner would be reconnecting now
+        res = send_command(fleet, b, "status", {}, ttl=60, wait=10)
+        assert res is not None and res["ok"] and res["kit_id"] == b
+        after = {name: link.connects for name, link in owners.items()}
+        assert after == before, f"kicked off (connections before/after): {before} {after}"
+        assert plane.connected.is_set() and relay.status()["state"] == "connected" and service.link.connected.is_set()
+        # The real ids: <certificate identity>-<role>-<128 random bits>, a derivable prefix and an unguessable whole.
+        for link, pattern in ((plane.link, rf"{b}-ctl-[0-9a-f]{{32}}"), (relay.uplink, rf"{b}-relay-[0-9a-f]{{32}}"),
+                              (service.link.mqtt, r"fleet-service-[0-9a-f]{32}")):
+            assert re.fullmatch(pattern, link.s.client_id), link.s.client_id
+    finally:
+        for t in thieves:
+            t.close()
