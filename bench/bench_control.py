@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from firmware.wire import control_protocol as cp  # noqa: E402
-from provisioning import ca  # noqa: E402
 from provisioning.fleet_link import FleetLink  # noqa: E402
 from provisioning.fleet_ops import send_command  # noqa: E402
 from provisioning.fleet_service import FleetService  # noqa: E402
@@ -109,10 +108,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-control-"))
     port, claim_port = free_port(), free_port()
     fleet = Fleet.init(tmp / "fleet", [f"127.0.0.1:{port}"], [f"127.0.0.1:{claim_port}"], ["127.0.0.1"], batch="test")
-    conf = ca.render_broker_config(fleet.ca, tmp / "broker", port=port, claim_port=claim_port, bind="127.0.0.1",
-                                   user="root" if os.geteuid() == 0 else os.environ.get("USER", "nobody"),
-                                   extra="max_queued_messages 100000\n")
-    broker = Mosquitto(conf.parent, config=conf, port=port, claim_port=claim_port)
+    broker = Mosquitto(tmp / "broker", port=port, claim_port=claim_port)
+    broker.use_shipped(fleet.ca, extra="max_queued_messages 100000\n")
     broker.start()
     svc = FleetService(fleet).start()
     relay = None

@@ -277,11 +277,14 @@ def ingest_group(group: str | None, key_file: str | Path | None) -> str:
 
 
 def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_port: int = 8884,
-                         bind: str = "0.0.0.0", user: str = "mosquitto", extra: str = "") -> Path:
+                         bind: str = "0.0.0.0", user: str = "mosquitto", extra: str = "",
+                         persistence_dir: str | Path = "/var/lib/mosquitto/") -> Path:
     """Write ``mosquitto.conf``, ``acl`` and ``claim-acl`` for this CA into `out` from the templates in
-    ``provisioning/mosquitto/``; returns the path of mosquitto.conf."""
+    ``provisioning/mosquitto/``; returns the path of mosquitto.conf. `persistence_dir` (retained messages) must be
+    writable by `user` (Debian's package makes /var/lib/mosquitto for it)."""
     out.mkdir(parents=True, exist_ok=True)
-    values = {"port": str(port), "claim_port": str(claim_port), "bind": bind, "user": user,
+    pdir = str(persistence_dir).rstrip("/") + "/"  # mosquitto appends the file name to it as it is
+    values = {"port": str(port), "claim_port": str(claim_port), "bind": bind, "user": user, "persistence_dir": pdir,
               "fleet_ca": str(paths.fleet_ca_crt), "claim_ca": str(paths.claim_ca_crt),
               "server_crt": str(paths.server_crt), "server_key": str(paths.server_key), "crl": str(paths.crl),
               "acl": str(out / "acl"), "claim_acl": str(out / "claim-acl"), "extra": extra}

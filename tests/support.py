@@ -166,6 +166,20 @@ class Mosquitto:
         """Run `conf` (written for this broker's ports) from the next start on."""
         self.conf = conf
 
+    def use_shipped(self, ca_paths: Any, extra: str = "") -> Path:
+        """Run the fleet's shipped broker configuration from the next start on: `provisioning/mosquitto/` rendered
+        by `provisioning.ca.render_broker_config` for the CA at `ca_paths` (a `CaPaths`), on this broker's ports
+        (a claim listener needs `claim_listener=True`), bound to 127.0.0.1, its retained messages in `self.dir`.
+        The TLS listeners take client certificates only: `self.tls` stays None, `url` is not for them."""
+        from provisioning import ca
+
+        if self.claim_port is None:
+            raise ValueError("the shipped configuration has a claim listener: make the broker with claim_listener=True")
+        self.conf = ca.render_broker_config(ca_paths, self.dir, port=self.port, claim_port=self.claim_port,
+                                            bind="127.0.0.1", user=broker_user(), extra=extra,
+                                            persistence_dir=self.dir)
+        return self.conf
+
     @property
     def url(self) -> str:
         """The main listener's URL (mqtts:// with TLS)."""

@@ -21,7 +21,6 @@ from firmware.enrollment.session import EnrollmentService
 from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.wire import record_format
-from provisioning import ca
 from provisioning.fleet_service import FleetService
 from provisioning.registry import Fleet
 from tests.support import Mosquitto, broker_user, free_port, render_toml, wait_for  # noqa: F401 (free_port: for the tests)
@@ -36,8 +35,7 @@ def fleet_and_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     b = Mosquitto(data / "broker", claim_listener=True)
     fleet = Fleet.init(data, [f"127.0.0.1:{b.port}"], [f"127.0.0.1:{b.claim_port}"], ["127.0.0.1", "localhost"],
                        batch="test")
-    b.use_config(ca.render_broker_config(fleet.ca, b.dir, port=b.port, claim_port=b.claim_port, bind="127.0.0.1",
-                                         user=broker_user()))
+    b.use_shipped(fleet.ca)
     b.start()
     yield fleet, b
     b.stop()

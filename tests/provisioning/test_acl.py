@@ -288,3 +288,23 @@ def test_no_certificate_can_take_over_another_clients_session(new_kit, service, 
     finally:
         for t in thieves:
             t.close()
+
+
+def test_retained_config_survives_a_broker_restart(mosquitto_factory, fleet) -> None:
+    """The shipped broker keeps retained messages across a restart: a kit's config topic still holds its current
+    document for a kit that was offline during the push and comes back after the broker restarted."""
+    b = mosquitto_factory(start=False, claim_listener=True)
+    b.use_shipped(fleet.ca)
+    b.start()
+    topic = cp.config_topic("rk-persist1")
+    f = Probe("fleet-persist", fleet.ca.fleet_ca_crt, fleet.ca.fleet_crt, fleet.ca.fleet_key, b.port)
+    assert f.publish(topic, b"config-v7", retain=True) < 0x80
+    f.close()
+    b.restart()
+    g = Probe("fleet-persist-2", fleet.ca.fleet_ca_crt, fleet.ca.fleet_crt, fleet.ca.fleet_key, b.port)
+    try:
+        g.subscribe(topic)
+        wait_for(lambda: g.messages, 5, "the retained config after the restart")
+        assert g.messages == [(topic, b"config-v7")]
+    finally:
+        g.close()
