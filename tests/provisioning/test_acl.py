@@ -238,6 +238,22 @@ def test_kit_cannot_take_a_share_of_the_ingest_group(probes, fleet, broker, tmp_
             w.close()
 
 
+def test_ingest_group_is_a_secret_of_the_ingest_key(fleet, tmp_path) -> None:
+    """The default share group: the same for every worker with the same key, another for another key, never the
+    guessable `ingest`; an explicit --group wins; an unreadable key is a clear error."""
+    from firmware.errors import CaError
+
+    g = ca.ingest_group(None, fleet.ca.fleet_key)
+    assert re.fullmatch(r"ingest-[0-9a-f]{32}", g) and g == ca.ingest_group("", str(fleet.ca.fleet_key))
+    other = tmp_path / "other.key"
+    other.write_bytes(fleet.ca.server_key.read_bytes())
+    assert ca.ingest_group(None, other) not in (g, "ingest")
+    assert ca.ingest_group("dr-7f3a", fleet.ca.fleet_key) == "dr-7f3a"
+    assert ca.ingest_group(None, None) == "ingest"  # plain test broker, no TLS key: name a secret --group there
+    with pytest.raises(CaError, match="ingest key"):
+        ca.ingest_group(None, tmp_path / "missing.key")
+
+
 def _attempt(client_id: str, cert: Path, key: Path, port: int, cafile: Path) -> Probe | None:
     """Connect once as `client_id` (no reconnect): the Probe if the broker let it in, else None."""
     try:
