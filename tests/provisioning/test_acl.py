@@ -181,9 +181,9 @@ def test_no_certificate_no_connection(fleet, broker) -> None:
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 
 
-def deployed_ingest(fleet, broker, archive: Path):
-    """An ingest worker exactly as rekam-ingest.service starts it: the shipped `systemd/rekam-ingest.env` arguments
-    through the real `rekam-fleet ingest` parser and settings, with this test fleet's TLS files in place of
+def deployed_ingest(fleet, broker, archive: Path) -> list[Any]:
+    """The ingest workers exactly as rekam-ingest.service starts them: the shipped `systemd/rekam-ingest.env`
+    arguments through the real `rekam-fleet ingest` parser and settings, with this test fleet's TLS files in place of
     /etc/rekam's (the deployed ingest certificate is a fleet-CA client certificate like `fleet-client.crt`)."""
     from provisioning import ingest
     from provisioning.cli import build_parser
@@ -195,7 +195,7 @@ def deployed_ingest(fleet, broker, archive: Path):
     argv = ["ingest", "--broker", f"mqtts://127.0.0.1:{broker.port}", "--archive", str(archive),
             *(files.get(w, w) for w in env["REKAM_INGEST_ARGS"].split())]
     args = build_parser().parse_args(argv)
-    return ingest.IngestWorker(ingest._settings(args, args.broker)), args.workers
+    return [ingest.IngestWorker(ingest._settings(args, args.broker)) for _ in range(args.workers)]
 
 
 def _chunk(kit_id: str, n: int) -> bytes:
@@ -209,8 +209,7 @@ def test_kit_cannot_take_a_share_of_the_ingest_group(probes, fleet, broker, tmp_
     record of every other kit reaches the deployed ingest. mosquitto 2.0's ACL file does not check subscriptions:
     what stops the hijack is that the deployed group is a secret the kit cannot name (provisioning.ca.ingest_group)."""
     kit, _, claimant = probes
-    first, count = deployed_ingest(fleet, broker, tmp_path / "archive")
-    workers = [first] + [deployed_ingest(fleet, broker, tmp_path / "archive")[0] for _ in range(count - 1)]
+    workers = deployed_ingest(fleet, broker, tmp_path / "archive")
     try:
         for w in workers:
             w.start()
