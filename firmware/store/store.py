@@ -27,9 +27,9 @@ from firmware.errors import RecordTooLarge, StoreError, StoreLocked
 from firmware.seal.identity import KitIdentity
 from firmware.store.capacity import CapacityGuard, Level, MediumStatus, Reservation, overall
 from firmware.store.journal import LIVE, Journal
-from firmware.store.usb import Stick, StickError, detect, open_stick, stick_id_at
+from firmware.store.usb import HostileStick, Stick, StickError, detect, open_stick, stick_id_at
 from firmware.system.clock import clock_synchronised, compact, iso
-from firmware.system.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably, sha256_file
+from firmware.system.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably
 from firmware.wire import record_format
 from firmware.wire.ids import make_record_id, parse_record_id
 
@@ -293,6 +293,8 @@ class Store:
             except StickError as e:
                 if str(e) != self.stick_error:
                     log.warning("usb stick unusable mount=%s error=%s", self.cfg.usb_dir, e)
+                    if isinstance(e, HostileStick):  # prepared to hurt the kit: on the record, once per stick
+                        self.j.audit("usb_refused", reason=str(e))
                 self.stick_error = str(e)
                 return
             self.stick_error = ""
@@ -329,7 +331,7 @@ class Store:
                 if r.id not in known:
                     # Present but never recorded (e.g. the journal commit was cut short): verify, then record.
                     try:
-                        if sha256_file(stick.record_path(r.id)) == r.sha256:
+                        if stick.sha256_of(r.id, r.size) == r.sha256:
                             self.j.add_mirror(r.id, stick.stick_id)
                             continue
                     except OSError:
@@ -541,9 +543,8 @@ class Store:
     def _restore_from_stick(self, r: Any) -> bool:
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
             return False
-        src = self.cfg.usb_dir / "rekam" / self.identity.kit_id / "records" / (r.id + record_format.FILE_SUFFIX)
-        try:
-            data = src.read_bytes()
+        try:  # the stick is untrusted: no symlink followed, at most the journaled size read
+            data = Stick(self.cfg.usb_dir, "", self.identity.kit_id).read_record(r.id, r.size)
         except OSError:
             return False
         if record_format.sha256_hex(data) != r.sha256:
