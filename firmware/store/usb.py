@@ -221,15 +221,15 @@ def _read_stick_id(mount: Path) -> str:
     except FileNotFoundError:
         return ""
     except UntrustedFile as e:
-        raise HostileStick(e.errno, f"{mount / rel} refused: {e}") from None
+        raise HostileStick(e.errno, f"stick refused: {e.strerror or e}") from None
     except ProtocolError as e:
         if e.reason in L.HOSTILE_REASONS:
-            raise HostileStick(errno.EINVAL, f"{mount / rel} refused: {e}") from None
+            raise HostileStick(errno.EINVAL, f"stick refused: {e}") from None
         return ""  # torn or garbled (a yank, another tool): a fresh id replaces it
     try:
         return L.stick_id_of(meta, str(mount / rel))
     except ProtocolError as e:  # an id made to be logged (newlines, 10 kB): not a stick of ours
-        raise HostileStick(errno.EINVAL, f"{mount / rel} refused: {e}") from None
+        raise HostileStick(errno.EINVAL, f"stick refused: {e}") from None
 
 
 def stick_id_at(mount: Path) -> str:
@@ -272,10 +272,10 @@ def _kit_json_usable(mount: Path, rel: str) -> bool:
     except FileNotFoundError:
         return False
     except UntrustedFile as e:
-        raise HostileStick(e.errno, f"{mount / rel} refused: {e}") from None
+        raise HostileStick(e.errno, f"stick refused: {e.strerror or e}") from None
     except ProtocolError as e:
         if e.reason in L.HOSTILE_REASONS:
-            raise HostileStick(errno.EINVAL, f"{mount / rel} refused: {e}") from None
+            raise HostileStick(errno.EINVAL, f"stick refused: {e}") from None
         return False
 
 
@@ -330,7 +330,7 @@ def open_stick(mount: Path, kit_id: str, kit_public_key: str) -> Stick:
     except StickError:
         raise
     except UntrustedFile as e:
-        raise HostileStick(e.errno, f"stick at {mount} refused: {e}") from None
+        raise HostileStick(e.errno, f"stick refused: {e.strerror or e}") from None
     except OSError as e:
         raise StickError(e.errno or 5, f"stick at {mount} is not writable: {e.strerror or e}") from e
     return stick
