@@ -91,14 +91,13 @@ def test_symlinked_index_cannot_write_into_the_identity(medium: str, tmp_path: P
     before = tree(state / "identity", "kit.json", "kit.key")
 
     d = rekamd_factory(cfg, timeout=60)
-    st = wait_for(lambda: (s := json.loads(rekam("status", "--json", cfg=cfg).stdout))["stick"]["error"] and s,
-                  20, "the stick to be refused")
+    r = rekam("sim", "commit", "2", "--json", cfg=cfg)  # before the fix: two index lines appended to kit.json
+    assert r.returncode == 0, r.stderr
+    assert tree(state / "identity", "kit.json", "kit.key") == before, "the stick wrote into the kit's identity"
+    assert all(c["stick_id"] is None for c in json.loads(r.stdout))  # capture went on, to the SD only
+    st = json.loads(rekam("status", "--json", cfg=cfg).stdout)
     assert st["stick"]["present"] is False
     assert "index.jsonl" in st["stick"]["error"] and "symlink" in st["stick"]["error"]
-    r = rekam("sim", "commit", "2", "--json", cfg=cfg)  # capture goes on, to the SD
-    assert r.returncode == 0, r.stderr
-    assert all(c["stick_id"] is None for c in json.loads(r.stdout))
-    assert tree(state / "identity", "kit.json", "kit.key") == before, "the stick wrote into the kit's identity"
     assert "usb stick unusable" in d.log_text() and "index.jsonl" in d.log_text()
     assert d.stop() == 0
 
