@@ -59,8 +59,9 @@ def _show(name: str) -> str:
 
 
 def _kind(st: os.stat_result) -> str:
-    return "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular file" if not stat.S_ISDIR(
-        st.st_mode) else "a folder"
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    return "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,8 @@ def find_kits(path: Path) -> tuple[list[KitFolder], list[tuple[str, str]]]:
         for e in entries:
             rel = e.name if base == "." else f"{base}/{e.name}"
             if e.is_symlink():
-                if _lstat(path, rel) is not None:
-                    refused.append((str(path / _show(rel)), "kit folder is a symlink: not read"))
+                if is_kit_id(e.name):  # a kit folder elsewhere (stick.json and other names: checked where read)
+                    refused.append((str(path / rel), "kit folder is a symlink: not read"))
                 continue
             if e.is_dir(follow_symlinks=False) and _lstat(path, f"{rel}/{L.KIT_JSON}") is not None:
                 found.append(KitFolder(path, rel))
@@ -245,7 +246,7 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
     if not dirs and not refused:
         raise FileNotFoundError(f"{path}: no rekam/<kit_id>/kit.json found (is this a rekam stick?)")
     summary.rejected += refused
-    stick_id = _stick_id(path, summary, kit_folder=dirs[:1] == [KitFolder(path, ".")])
+    stick_id = _stick_id(path, summary, kit_folder=dirs[:1] == [KitFolder(path, ".")]) if dirs else "?"
     for kit in dirs:
         kdir = kit.path
         try:

@@ -126,6 +126,22 @@ def kit_json_deep(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]
 
 
 @attack
+def kit_json_fifo(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
+    d = k.usb / "rekam" / "rk-fifo"
+    (d / "records").mkdir(parents=True)
+    os.mkfifo(d / "kit.json")
+    return "not a regular file", []
+
+
+@attack
+def stick_json_symlink(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
+    (tmp / "elsewhere.json").write_text(json.dumps({"stick_id": "stick-elsewhere"}))
+    (k.usb / "rekam" / "stick.json").unlink()
+    (k.usb / "rekam" / "stick.json").symlink_to(tmp / "elsewhere.json")
+    return "symlink", []
+
+
+@attack
 def stick_json_deep(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
     (k.usb / "rekam" / "stick.json").write_text(deep_json(1500))
     return "too_deep", []
@@ -180,8 +196,9 @@ def test_a_stick_with_every_attack_at_once(medium: str, tmp_path: Path, dc_pub: 
     k = kit_stick(tmp_path / "kit", usb, dc_pub, 4)
     # FAT and exFAT hold no symlinks or FIFOs, nor sparse files: there, the oversized record is a real 2 MiB file
     # against a 1 MiB cap.
-    names = sorted(ATTACKS) if medium != "exfat" else ["index_line_deep", "index_line_endless", "kit_json_deep",
-                                                       "stick_json_deep"]
+    on_exfat = ["index_line_deep", "index_line_endless", "kit_json_deep", "stick_json_deep"]
+    # (stick.json can be made deep or a symlink, not both at once)
+    names = sorted(set(ATTACKS) - {"stick_json_symlink"}) if medium != "exfat" else on_exfat
     expected, not_imported = [], []
     for n in names:
         needle, skip = ATTACKS[n](k, tmp_path, dc_pub)
@@ -222,3 +239,15 @@ def test_import_stick_api_caps_each_record(tmp_path: Path, dc_pub: Path) -> None
         assert all(f"limit is {size - 1}" in why for _rid, why in s.rejected)
     finally:
         a.close()
+
+
+def test_a_symlinked_rekam_folder_is_refused_whole(tmp_path: Path, dc_pub: Path, capsys: Any) -> None:
+    k = kit_stick(tmp_path / "kit", tmp_path / "usb", dc_pub, 2)
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    (stick / "rekam").symlink_to(k.usb / "rekam")  # the whole layout lives elsewhere
+    rc = fleet_cli.main(["import", str(stick), "--archive", str(tmp_path / "archive"), "--tofu", "--json",
+                         "--no-progress"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 1 and summary["new"] == 0 and summary["kits"] == []
+    assert [r["reason"] for r in summary["rejected"]] == ["is a symlink: not read"]
