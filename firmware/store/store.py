@@ -90,6 +90,7 @@ class Store:
         self.journal: Journal | None = None
         self.stick: Stick | None = None
         self.stick_error = ""
+        self._refused = False  # stick_error is a refusal of the stick still inserted (cleared when it is pulled)
         self._seq = 0
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
@@ -284,6 +285,8 @@ class Store:
             self._ejected = ""
         if self.stick is not None and not present:
             self._stick_lost("removed")
+        elif self._refused and not present:
+            self.stick_error, self._refused = "", False  # the refused stick was pulled
         elif self.stick is not None:
             with self._lock:
                 self._flush_stick()
@@ -295,7 +298,7 @@ class Store:
                     log.warning("usb stick unusable mount=%s error=%s", self.cfg.usb_dir, e)
                     if isinstance(e, HostileStick):  # prepared to hurt the kit: on the record, once per stick
                         self.j.audit("usb_refused", reason=str(e))
-                self.stick_error = str(e)
+                self.stick_error, self._refused = str(e), isinstance(e, HostileStick)
                 return
             self.stick_error = ""
             self.stick = stick

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -193,6 +194,9 @@ def test_odd_entry_on_the_stick_is_refused_and_nothing_outside_changes(case: str
         assert [e["detail"] for e in s.audit_events("usb_refused")], "no audit event"
         s.poll_usb()
         assert len(s.audit_events("usb_refused")) == 1  # once per stick, not once per poll
+        shutil.rmtree(usb)  # pulled (rmtree removes the links, never what they point to)
+        s.poll_usb()
+        assert s.stick_error == "" and s.status()["stick"]["error"] == ""
     finally:
         s.close()
     assert tree(outside) == before_out and sorted(os.listdir(outside)) == ["stick.json"]
