@@ -31,6 +31,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256: str | None = None) -> None:
     """Write `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 
@@ -43,10 +50,7 @@ def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -230,9 +234,7 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
         fd = os.open(tmp, _NEW_FILE_FLAGS, 0o640, dir_fd=dir_fd)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,9 +32,9 @@ FAKE_TIME = "20260101T000000Z"
 
 @pytest.fixture(scope="module")
 def dc_pub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data center's public key file (records are sealed to it; the import never needs the private half)."""
     d = tmp_path_factory.mktemp("dc")
-    _priv, pub = record_format.generate_datacenter_keypair()
-    (d / "datacenter.pub").write_bytes(pub)
+    (d / "datacenter.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
     return d / "datacenter.pub"
 
 
