@@ -46,27 +46,11 @@ def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256:
     On any error the temp file is removed and the exception propagates; `path` is then either
     absent or an earlier complete version, never partial.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a trusted folder: may be a symlink
     try:
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    if verify:
-        want = expect_sha256 or hashlib.sha256(data).hexdigest()
-        got = sha256_file(path, drop_cache=True)
-        if got != want:
-            raise ReadbackMismatch(errno.EIO, f"read-back of {path} gave sha256 {got[:12]}, wrote {want[:12]}")
+        atomic_write_at(dfd, path.name, data, verify=verify, expect_sha256=expect_sha256, where=str(path.parent))
+    finally:
+        os.close(dfd)
 
 
 def sha256_file(path: Path, drop_cache: bool = False) -> str:
