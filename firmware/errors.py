@@ -165,6 +165,14 @@ class StickError(StoreError, OSError):
     """The USB stick cannot be used: not mountable, went away, or failed while being written."""
 
 
+class HostileStick(StickError):
+    """The stick holds something the kit will not touch: a symlink, FIFO or device where a rekam file or folder
+    belongs, a file over its size cap, or JSON nested too deep. The stick is not used; nothing is written to it."""
+
+    def __str__(self) -> str:  # shown in `rekam status` and the console as is: no "[Errno 40]" in front
+        return str(self.strerror or super().__str__())
+
+
 class ReadbackMismatch(StoreError, OSError):
     """A file read back from the medium does not hash to what was written."""
 

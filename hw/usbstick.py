@@ -44,6 +44,7 @@ DEFAULT_CONFIG = Path("/etc/rekam/rekam.toml")
 DEFAULT_MOUNT_POINT = Path("/media/rekam-usb")
 DEFAULT_REQUEST = Path("/run/rekam/usb-eject")
 UNIT_PREFIX = "rekam-usb-mount@"
+NOSYMFOLLOW = "nosymfollow"
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,17 @@ def mount_options(fstype: str, uid: int, gid: int) -> tuple[str, ...]:
     """Mount options for `fstype`, chosen for a stick that may be pulled at any moment.
 
     Every file system: ``noatime`` (no write per read), ``nodev,nosuid,noexec`` (a stick is data,
-    never code), ``errors=remount-ro`` where supported (a failing stick stops taking writes rather
+    never code), ``nosymfollow`` (the kernel follows no symlink on the stick: a stick prepared with
+    ``rekam/<kit>/index.jsonl -> /var/lib/rekam/...`` cannot redirect a write; Linux 5.10+, dropped with a
+    warning by `mount` where the kernel refuses it; the daemon opens everything with ``O_NOFOLLOW``
+    anyway), ``errors=remount-ro`` where supported (a failing stick stops taking writes rather
     than corrupting more). FAT/exFAT have no owners: ``uid/gid`` make the files the rekam user's,
     ``umask=0077`` hides them from everyone else. ``flush`` (vfat) writes a file's data back as
     soon as it is closed instead of on the 30 s writeback timer. ext4 keeps owners on disk (the
     helper chowns the root directory) and runs with ``data=journal``: data goes through the journal
     so a yank never leaves a file with stale blocks; the store fsyncs every record anyway.
     """
-    common = ("rw", "noatime", "nodev", "nosuid", "noexec")
+    common = ("rw", "noatime", "nodev", "nosuid", "noexec", NOSYMFOLLOW)
     if fstype == "vfat":
         return (*common, "flush", f"uid={uid}", f"gid={gid}", "umask=0077", "shortname=mixed", "utf8",
                 "errors=remount-ro")
@@ -310,6 +314,15 @@ def mount(vol: Volume, settings: Settings, check: bool = True, fuse_fallback: bo
     note = repair(vol) if check else "not checked"
     p = plan(vol, settings)
     r = _run([_tool("mount"), "-t", vol.fstype, "-o", ",".join(p.options), vol.device, str(mp)])
+    if r.returncode != 0 and NOSYMFOLLOW in p.options and "unknown filesystem type" not in r.stderr:
+        # Kernels before 5.10 (or util-linux before 2.36) refuse the option: mount without it rather than
+        # not at all; the daemon never follows a symlink on the stick either way (O_NOFOLLOW everywhere).
+        without = tuple(o for o in p.options if o != NOSYMFOLLOW)
+        r2 = _run([_tool("mount"), "-t", vol.fstype, "-o", ",".join(without), vol.device, str(mp)])
+        if r2.returncode == 0:
+            log.warning("mount option %s refused by this kernel; mounted without it (the daemon still follows no "
+                        "symlink on the stick) device=%s error=%s", NOSYMFOLLOW, vol.device, r.stderr.strip())
+            p, r = MountPlan(p.device, p.fstype, p.mount_point, without, p.driver), r2
     if r.returncode != 0 and fuse_fallback and "unknown filesystem type" in r.stderr and vol.fstype in _FUSE:
         prog, opts = _FUSE[vol.fstype]
         fopts = opts(settings.uid, settings.gid)

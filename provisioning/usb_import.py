@@ -1,26 +1,42 @@
 """`rekam-fleet import PATH`: take a kit's USB mirror stick into the archive (when the network never came back).
 
 PATH may be the stick's mount point, its ``rekam/`` folder, or one ``rekam/<kit_id>/`` folder (layout in
-`firmware.store.usb`). Every record file is verified and stored through `Archive.store()`, the same door the
-MQTT ingest uses, so importing records that already arrived over MQTT (or importing a stick twice) stores
+`firmware.wire.stick_layout`). Every record file is verified and stored through `Archive.store()`, the same door
+the MQTT ingest uses, so importing records that already arrived over MQTT (or importing a stick twice) stores
 nothing twice. Records are found from the index *and* by scanning ``records/`` (a yank can cost index
 lines). The summary counts new, already had, and rejected records with their reasons; the exit status is
-1 if anything was rejected or unreadable.
+1 if anything was rejected or unreadable (a partial import: everything else was imported).
+
+The stick is untrusted input: PATH itself is trusted (the operator chose it), everything beneath it is
+opened with ``O_NOFOLLOW`` on every component, regular files only (a FIFO or device is refused without
+blocking), each record at most ``--max-record-mb`` read (checked on the open file before a byte is read),
+JSON bounded in size and depth. A symlinked, FIFO, oversized or too-deep file is one rejected line in the
+report; the rest of the stick is still imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from firmware.errors import ProtocolError, UntrustedFile
+from firmware.system.fsutil import open_dir_beneath, open_untrusted, read_untrusted
 from firmware.wire import record_format as rf
-from firmware.wire.ids import parse_record_id
+from firmware.wire import stick_layout as L
+from firmware.wire.ids import is_kit_id, parse_record_id
+from firmware.wire.relay_protocol import MAX_RECORD_BYTES
 from provisioning.archive import Archive, ArchiveError, UnknownKit, decode_kit_key
+
+MIB = 1024 * 1024
+#: Largest record file read from a stick by default: the ingest's default cap (``--max-record-mb``).
+DEFAULT_MAX_RECORD_BYTES = 64 * MIB
 
 
 @dataclass
@@ -37,30 +53,164 @@ class ImportSummary:
                 "rejected": [{"record": r, "reason": why} for r, why in self.rejected]}
 
 
+def _show(name: str) -> str:
+    """A name from the stick as it may be printed (no control characters, no undecodable bytes)."""
+    return name if name.isprintable() and name.encode("utf-8", "surrogateescape").isascii() else ascii(name)
+
+
+def _kind(st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    return "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+
+
+@dataclass(frozen=True)
+class KitFolder:
+    """One ``rekam/<kit_id>/`` folder: `rel` beneath the trusted `root` (walked with O_NOFOLLOW)."""
+
+    root: Path
+    rel: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.rel if self.rel != "." else self.root
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def sub(self, name: str) -> str:
+        return name if self.rel == "." else f"{self.rel}/{name}"
+
+
+def _lstat(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of `rel` beneath `root` without following a symlink on the way (None if absent or unreachable)."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        fd = open_dir_beneath(root, parent or ".")
+    except OSError:
+        return None
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def find_kits(path: Path) -> tuple[list[KitFolder], list[tuple[str, str]]]:
+    """The kit folders under PATH (mount point, rekam/ folder, or a kit folder), and those refused, with why."""
+    st = _lstat(path, L.KIT_JSON)
+    if st is not None:
+        return [KitFolder(path, ".")], []
+    rk = _lstat(path, L.ROOT)
+    if rk is not None and not stat.S_ISDIR(rk.st_mode):
+        return [], [(str(path / L.ROOT), f"is {_kind(rk)}: not read")]
+    base = L.ROOT if rk is not None else "."
+    found, refused = [], []
+    try:
+        fd = open_dir_beneath(path, base)
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            rel = e.name if base == "." else f"{base}/{e.name}"
+            if e.is_symlink():
+                if is_kit_id(e.name):  # a kit folder elsewhere (stick.json and other names: checked where read)
+                    refused.append((str(path / rel), "kit folder is a symlink: not read"))
+                continue
+            if e.is_dir(follow_symlinks=False) and _lstat(path, f"{rel}/{L.KIT_JSON}") is not None:
+                found.append(KitFolder(path, rel))
+    finally:
+        os.close(fd)
+    return found, refused
+
+
 def kit_dirs(path: Path) -> list[Path]:
-    """The ``rekam/<kit_id>/`` folders under PATH (mount point, rekam/ folder, or a kit folder)."""
-    if (path / "kit.json").is_file():
-        return [path]
-    base = path / "rekam" if (path / "rekam").is_dir() else path
-    return sorted(p for p in base.iterdir() if p.is_dir() and (p / "kit.json").is_file()) if base.is_dir() else []
+    """The ``rekam/<kit_id>/`` folders under PATH (mount point, rekam/ folder, or a kit folder); never a symlink."""
+    return [k.path for k in find_kits(path)[0]]
+
+
+def _index(kit: KitFolder, summary: ImportSummary) -> dict[str, dict[str, Any]]:
+    """The kit folder's index.jsonl entries; torn lines skipped, hostile lines and files reported."""
+    out: dict[str, dict[str, Any]] = {}
+    where = str(kit.path / L.INDEX)
+    try:
+        with open_untrusted(kit.root, kit.sub(L.INDEX), L.MAX_INDEX_BYTES) as (fd, _), \
+                open(fd, "rb", closefd=False) as f:
+            for n, e in L.index_entries(f, where):
+                if isinstance(e, ProtocolError):
+                    if e.reason in L.HOSTILE_REASONS:
+                        summary.rejected.append((f"{where} line {n}", str(e)))
+                    continue  # a torn line (yank): the records/ scan finds its file anyway
+                rid = e["record_id"]
+                if parse_record_id(rid) is None:
+                    summary.rejected.append((f"{where} line {n}", f"record_id {_show(rid[:80])} is not a record id"))
+                    continue
+                out[rid] = e
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        summary.rejected.append((where, f"refused: {e}"))
+    return out
 
 
 def read_index(kit_dir: Path) -> list[dict[str, Any]]:
-    """The stick's index.jsonl entries, skipping torn or invalid lines (same rules as firmware.store.usb, which
-    the fleet side may not import)."""
-    out = []
+    """The stick's index.jsonl entries, skipping torn, invalid and hostile lines (`firmware.wire.stick_layout`)."""
+    return list(_index(KitFolder(kit_dir, "."), ImportSummary()).values())
+
+
+def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str], set[str], bool]:
+    """Record files in ``records/``: (id -> rel path of regular files, ids refused, whether records/ was refused)."""
+    files: dict[str, str] = {}
+    refused: set[str] = set()
+    rel = kit.sub(L.RECORDS)
     try:
-        with open(kit_dir / "index.jsonl", "rb") as f:
-            for raw in f:
-                try:
-                    e = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(e, dict) and isinstance(e.get("record_id"), str):
-                    out.append(e)
+        fd = open_dir_beneath(kit.root, rel)
     except FileNotFoundError:
-        pass
-    return out
+        return files, refused, False
+    except OSError as e:
+        summary.rejected.append((str(kit.path / L.RECORDS), f"refused: {e}"))
+        return files, refused, True
+    try:
+        with os.scandir(fd) as it:
+            for e in it:
+                if not e.name.endswith(rf.FILE_SUFFIX):
+                    continue
+                rid = e.name[: -len(rf.FILE_SUFFIX)]
+                if e.is_file(follow_symlinks=False):
+                    files[rid] = f"{rel}/{e.name}"
+                else:
+                    refused.add(rid)
+                    summary.rejected.append((_show(rid), f"{_show(e.name)} is {_kind(e.stat(follow_symlinks=False))}: "
+                                                         "not read"))
+    finally:
+        os.close(fd)
+    return files, refused, False
+
+
+def _stick_id(path: Path, summary: ImportSummary, kit_folder: bool) -> str:
+    """The stick's id from its stick.json ("?" if none); a hostile stick.json is reported, never fatal."""
+    places = [(path.parent, L.STICK_JSON)] if kit_folder else [(path, f"{L.ROOT}/{L.STICK_JSON}"), (path, L.STICK_JSON)]
+    for root, rel in places:
+        where = str(root / rel)
+        try:
+            sid = L.stick_id_of(L.parse_meta(read_untrusted(root, rel, L.MAX_STICK_JSON), where, L.MAX_STICK_JSON),
+                                where)
+            return sid or "?"
+        except FileNotFoundError:
+            continue
+        except ProtocolError as e:
+            if e.reason in L.HOSTILE_REASONS or e.reason == "malformed":
+                summary.rejected.append((where, str(e)))
+                return "?"
+            continue  # torn: the records carry their own ids
+        except OSError as e:
+            summary.rejected.append((where, f"refused: {e}"))
+            return "?"
+    return "?"
 
 
 class Progress:
@@ -84,29 +234,35 @@ class Progress:
             self.out.flush()
 
 
-def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: bool | None = None) -> ImportSummary:
-    """Import every kit folder under `path` into `archive`; see the module doc."""
+def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: bool | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ImportSummary:
+    """Import every kit folder under `path` into `archive`; see the module doc.
+
+    Never reads more than `max_record_bytes` of one record file, never follows a symlink below `path`;
+    each refused file is one entry in `rejected` and the rest is still imported.
+    """
     summary = ImportSummary()
-    dirs = kit_dirs(path)
-    if not dirs:
+    dirs, refused = find_kits(path)
+    if not dirs and not refused:
         raise FileNotFoundError(f"{path}: no rekam/<kit_id>/kit.json found (is this a rekam stick?)")
-    stick_id = "?"
-    for cand in (path / "rekam" / "stick.json", path / "stick.json", path.parent / "stick.json"):
+    summary.rejected += refused
+    stick_id = _stick_id(path, summary, kit_folder=dirs[:1] == [KitFolder(path, ".")]) if dirs else "?"
+    for kit in dirs:
+        kdir = kit.path
         try:
-            stick_id = str(json.loads(cand.read_text()).get("stick_id", "?"))
-            break
-        except (OSError, ValueError):
-            continue
-    for kdir in dirs:
-        try:
-            meta = json.loads((kdir / "kit.json").read_text())
+            where = str(kdir / L.KIT_JSON)
+            meta = L.parse_meta(read_untrusted(kit.root, kit.sub(L.KIT_JSON), L.MAX_KIT_JSON), where, L.MAX_KIT_JSON)
             kit_id, key_b64 = str(meta["kit_id"]), str(meta["kit_public_key"])
             decode_kit_key(key_b64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            summary.rejected.append((str(kdir), f"kit.json unreadable: {e}"))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # ProtocolError is a ValueError
+            summary.rejected.append((_show(str(kdir)), f"kit.json unreadable: {e}"))
             continue
         if kit_id != kdir.name:
-            summary.rejected.append((str(kdir), f"kit.json names kit {kit_id}, folder is {kdir.name}"))
+            summary.rejected.append((_show(str(kdir)), f"kit.json names kit {_show(kit_id[:80])}, folder is "
+                                                       f"{_show(kdir.name)}"))
+            continue
+        if not is_kit_id(kit_id):  # it names archive folders and database rows
+            summary.rejected.append((_show(str(kdir)), f"{_show(kit_id[:80])} is not a kit id"))
             continue
         registered = archive.kit_key(kit_id)
         if registered is None:
@@ -116,32 +272,37 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
                 continue
             archive.register_kit(kit_id, key_b64, how="usb-tofu")
         summary.kits.append(kit_id)
-        listed = {e["record_id"]: e for e in read_index(kdir)}
-        files = {p.name[: -len(rf.FILE_SUFFIX)]: p for p in (kdir / "records").glob("*" + rf.FILE_SUFFIX)}
-        ids = sorted(set(listed) | set(files), key=lambda r: ((p.seq if (p := parse_record_id(r)) else 0), r))
+        listed = _index(kit, summary)
+        files, bad, records_refused = _record_files(kit, summary)
+        ids = sorted((set(listed) | set(files)) - bad,
+                     key=lambda r: ((p.seq if (p := parse_record_id(r)) else 0), r))
         bar = Progress(len(ids), f"{kit_id}", enabled=progress)
         for rid in ids:
             bar.step()
-            p = files.get(rid)
-            if p is None:
-                summary.rejected.append((rid, "listed in the stick's index but its file is missing"))
+            rel = files.get(rid)
+            if rel is None:
+                if not records_refused:  # else already reported once for the whole folder
+                    summary.rejected.append((rid, "listed in the stick's index but its file is missing"))
                 continue
             try:
-                data = p.read_bytes()
+                data = read_untrusted(kit.root, rel, max_record_bytes)
+            except UntrustedFile as e:
+                summary.rejected.append((_show(rid), f"refused: {e}"))
+                continue
             except OSError as e:
-                summary.rejected.append((rid, f"unreadable: {e.strerror or e}"))
+                summary.rejected.append((_show(rid), f"unreadable: {e.strerror or e}"))
                 continue
             try:
                 r = archive.store(data, kit_id, f"usb:{stick_id}", expect_record_id=rid)
             except (UnknownKit, ArchiveError) as e:
-                summary.rejected.append((rid, str(e)))
+                summary.rejected.append((_show(rid), str(e)))
                 continue
             if r.status == "stored":
                 summary.new.append(rid)
             elif r.status == "duplicate":
                 summary.already.append(rid)
             else:
-                summary.rejected.append((rid, r.reason))
+                summary.rejected.append((_show(rid), r.reason))
     return summary
 
 
@@ -152,7 +313,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         return 2
     archive = Archive(Path(args.archive))
     try:
-        s = import_stick(path, archive, tofu=args.tofu, progress=None if not args.no_progress else False)
+        s = import_stick(path, archive, tofu=args.tofu, progress=None if not args.no_progress else False,
+                         max_record_bytes=args.max_record_mb * MIB)
     except FileNotFoundError as e:
         print(f"rekam-fleet import: {e}", file=sys.stderr)
         return 2
@@ -178,4 +340,13 @@ def register(sub: Any) -> None:
     p.add_argument("--tofu", action="store_true", help="register an unknown kit from the stick's kit.json")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-record-mb", type=_record_mb, default=DEFAULT_MAX_RECORD_BYTES // MIB,
+                   help="largest record file read from the stick, MiB (larger ones are refused, never read)")
     p.set_defaults(func=cmd_import)
+
+
+def _record_mb(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= MAX_RECORD_BYTES // MIB:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_RECORD_BYTES // MIB}")
+    return n

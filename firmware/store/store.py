@@ -27,9 +27,9 @@ from firmware.errors import RecordTooLarge, StoreError, StoreLocked
 from firmware.seal.identity import KitIdentity
 from firmware.store.capacity import CapacityGuard, Level, MediumStatus, Reservation, overall
 from firmware.store.journal import LIVE, Journal
-from firmware.store.usb import Stick, StickError, detect, open_stick, stick_id_at
+from firmware.store.usb import HostileStick, Stick, StickError, detect, open_stick, stick_id_at
 from firmware.system.clock import clock_synchronised, compact, iso
-from firmware.system.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably, sha256_file
+from firmware.system.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably
 from firmware.wire import record_format
 from firmware.wire.ids import make_record_id, parse_record_id
 
@@ -90,6 +90,7 @@ class Store:
         self.journal: Journal | None = None
         self.stick: Stick | None = None
         self.stick_error = ""
+        self._refused = False  # stick_error is a refusal of the stick still inserted (cleared when it is pulled)
         self._seq = 0
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
@@ -284,6 +285,8 @@ class Store:
             self._ejected = ""
         if self.stick is not None and not present:
             self._stick_lost("removed")
+        elif self._refused and not present:
+            self.stick_error, self._refused = "", False  # the refused stick was pulled
         elif self.stick is not None:
             with self._lock:
                 self._flush_stick()
@@ -293,7 +296,9 @@ class Store:
             except StickError as e:
                 if str(e) != self.stick_error:
                     log.warning("usb stick unusable mount=%s error=%s", self.cfg.usb_dir, e)
-                self.stick_error = str(e)
+                    if isinstance(e, HostileStick):  # prepared to hurt the kit: on the record, once per stick
+                        self.j.audit("usb_refused", reason=str(e))
+                self.stick_error, self._refused = str(e), isinstance(e, HostileStick)
                 return
             self.stick_error = ""
             self.stick = stick
@@ -329,7 +334,7 @@ class Store:
                 if r.id not in known:
                     # Present but never recorded (e.g. the journal commit was cut short): verify, then record.
                     try:
-                        if sha256_file(stick.record_path(r.id)) == r.sha256:
+                        if stick.sha256_of(r.id, r.size) == r.sha256:
                             self.j.add_mirror(r.id, stick.stick_id)
                             continue
                     except OSError:
@@ -541,9 +546,8 @@ class Store:
     def _restore_from_stick(self, r: Any) -> bool:
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
             return False
-        src = self.cfg.usb_dir / "rekam" / self.identity.kit_id / "records" / (r.id + record_format.FILE_SUFFIX)
-        try:
-            data = src.read_bytes()
+        try:  # the stick is untrusted: no symlink followed, at most the journaled size read
+            data = Stick(self.cfg.usb_dir, "", self.identity.kit_id).read_record(r.id, r.size)
         except OSError:
             return False
         if record_format.sha256_hex(data) != r.sha256:

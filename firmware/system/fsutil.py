@@ -31,6 +31,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256: str | None = None) -> None:
     """Write `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 
@@ -39,30 +46,11 @@ def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256:
     On any error the temp file is removed and the exception propagates; `path` is then either
     absent or an earlier complete version, never partial.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a trusted folder: may be a symlink
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-    if verify:
-        want = expect_sha256 or hashlib.sha256(data).hexdigest()
-        got = sha256_file(path, drop_cache=True)
-        if got != want:
-            raise ReadbackMismatch(errno.EIO, f"read-back of {path} gave sha256 {got[:12]}, wrote {want[:12]}")
+        atomic_write_at(dfd, path.name, data, verify=verify, expect_sha256=expect_sha256, where=str(path.parent))
+    finally:
+        os.close(dfd)
 
 
 def sha256_file(path: Path, drop_cache: bool = False) -> str:
@@ -203,3 +191,85 @@ def sha256_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) ->
                 raise UntrustedFile(errno.EFBIG, f"{root}/{rel} grew past the limit of {max_bytes} bytes")
             h.update(chunk)
     return h.hexdigest(), total
+
+
+# Creating a file on an untrusted medium: never through a symlink or onto a FIFO/device left there.
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
+                    expect_sha256: str | None = None, where: str = "") -> None:
+    """`atomic_write` relative to a directory descriptor from `open_dir_beneath`, for untrusted media.
+
+    The temp file is created with ``O_EXCL|O_NOFOLLOW`` (a symlink or FIFO planted under the temp name
+    is unlinked, never followed), renamed over `name` with ``renameat`` (which replaces a symlink at
+    `name` rather than writing through it), then the file and the directory are fsync'd. With `verify`
+    the file is re-opened with ``O_NOFOLLOW``, dropped from the page cache and its SHA-256 compared.
+    `where` names the directory in errors.
+    """
+    if "/" in name or name in ("", ".", ".."):
+        raise UntrustedFile(errno.EINVAL, f"{name!r} is not a file name")
+    tmp = name + TMP_SUFFIX
+    try:
+        fd = os.open(tmp, _NEW_FILE_FLAGS, 0o640, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(tmp, dir_fd=dir_fd)  # a leftover temp file (or whatever was planted there): removed, not followed
+        fd = os.open(tmp, _NEW_FILE_FLAGS, 0o640, dir_fd=dir_fd)
+    try:
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+    os.fsync(dir_fd)
+    if verify:
+        want = expect_sha256 or hashlib.sha256(data).hexdigest()
+        h = hashlib.sha256()
+        rfd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(rfd).st_mode):
+                raise UntrustedFile(errno.EINVAL, f"{where}/{name} is not a regular file after the rename")
+            os.set_blocking(rfd, True)
+            os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            while chunk := os.read(rfd, 1 << 20):
+                h.update(chunk)
+        finally:
+            os.close(rfd)
+        if h.hexdigest() != want:
+            raise ReadbackMismatch(errno.EIO, f"read-back of {where}/{name} gave sha256 {h.hexdigest()[:12]}, "
+                                              f"wrote {want[:12]}")
+
+
+@contextmanager
+def open_append_at(dir_fd: int, name: str, where: str = "") -> Iterator[tuple[int, int]]:
+    """Open (creating if absent) regular file `name` in `dir_fd` for appending (and reading, e.g. its last byte
+    with ``pread``); yields ``(fd, size)``.
+
+    ``O_NOFOLLOW|O_NONBLOCK``, then the descriptor must be a regular file: a symlink (ELOOP) or a FIFO,
+    device or directory (EINVAL) planted under `name` raises `UntrustedFile` without blocking or
+    writing anything through it. `where` names the directory in errors.
+    """
+    try:
+        fd = os.open(name, _APPEND_FLAGS, 0o644, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UntrustedFile(errno.ELOOP, f"{where}/{name} is a symlink") from None
+        if e.errno in (errno.ENXIO, errno.ENODEV, errno.EISDIR):
+            raise UntrustedFile(errno.EINVAL, f"{where}/{name} is not a regular file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFile(errno.EINVAL, f"{where}/{name} is not a regular file")
+        os.set_blocking(fd, True)
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
