@@ -232,11 +232,14 @@ def test_console_shows_the_halt(make_daemon: Any, browser: Any, tmpfs: Any, tmp_
         f.write(b"\0" * max(0, sd["free_bytes"] - sd["reserve_bytes"] - 100_000))
     page = browser.new_page(viewport={"width": 800, "height": 480})
     page.goto(d.url + "/")
-    page.wait_for_selector("#alerts .banner.halt:has-text('CAPTURE HALTED')")
-    assert "sd is full" in page.inner_text("#alerts")
+    # The kit's status is shown to signed-in operators only (issue #13): nothing before the sign-in.
+    page.wait_for_selector("#signin-form")
+    assert page.inner_text("#alerts") == ""
     page.fill("#signin-id", OPERATOR[0])
     page.fill("#signin-pin", OPERATOR[1])
     page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#alerts .banner.halt:has-text('CAPTURE HALTED')")
+    assert "sd is full" in page.inner_text("#alerts")
     page.wait_for_selector("#prompt.halt")
     assert "Capture is halted: sd is full" in page.inner_text("#prompt")
     page.fill("#nik", NIK_MALE)
