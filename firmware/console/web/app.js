@@ -95,12 +95,12 @@ function go(view) {
   if (view === "enroll") refreshEnrollment();
 }
 
-function onSignedIn(me) {
+async function onSignedIn(me) {
   state.me = me;
   $("who").textContent = me.name + " (" + me.operator_id + ")";
   show("nav", true); show("signout", true);
+  await pollStatus(); // the status is for signed-in operators: fetched now, before the enrollment view uses it
   go("enroll");
-  pollStatus();
 }
 
 function onSignedOut(message) {
