@@ -131,7 +131,8 @@ class ApiServer:
     def health(self) -> dict[str, Any]:
         """Running while every server thread serves; failed if one ended on its own."""
         if self.threads and all(t.is_alive() for t in self.threads):
-            return {"state": RUNNING, "url": self.url, **({"https_url": self.https_url} if self.https_url else {})}
+            tls = {"https_url": self.https_url, "tls_sha256": self.tls.sha256} if self.https_url else {}
+            return {"state": RUNNING, "url": self.url, **tls}
         if self.threads and not self._stopping:
             return {"state": FAILED, "error": "API server thread ended"}
         return {"state": STOPPED}
