@@ -88,7 +88,11 @@ def load_or_create(folder: Path, kit_id: str, addresses: list[str] | None = None
 
 def qr_svg(cert: ConsoleCert, url: str = "") -> str:
     """An SVG QR code of the fingerprint (and the HTTPS address, when given) for a phone to scan."""
+    import io
+
     import segno
 
     text = f"rekam-console sha256={cert.fingerprint}" + (f" url={url}" if url else "")
-    return segno.make(text, error="m").svg_inline(scale=4)
+    buf = io.BytesIO()  # a standalone SVG document (with its namespace: served as an image, not inlined)
+    segno.make(text, error="m").save(buf, kind="svg", scale=4, xmldecl=False, border=2)
+    return buf.getvalue().decode()
