@@ -1,8 +1,8 @@
 """Client side of the daemon's local API, for the `rekam` CLI (stdlib only: the CLI starts fast).
 
-The CLI's credential is the daemon's local token (`api.token` beside `api.json`, mode 0640: root
-and the daemon's group). `daemon_url` reads it with the URL and `call` sends it as `X-Rekam-Token`
-when no operator session is given; a user who cannot read it gets the API's 401.
+The CLI's credential is the daemon's local token (`api.token` beside `api.json`, mode 0640 inside
+the 0700 state directory: in practice root). `daemon_url` reads it with the URL and `call` sends it
+as `X-Rekam-Token` when no operator session is given; a user who cannot read it gets the API's 401.
 """
 
 from __future__ import annotations

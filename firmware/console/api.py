@@ -6,7 +6,7 @@ JSON with a `detail` naming what was wrong, never a 500 for a bad body (see `gua
 Every route needs a credential except `/healthz` (which says only that the kit answers), the
 sign-in route and the console's static files: an operator session (`Authorization: Bearer`, or the
 console's same-site cookie) or the kit's local token (`X-Rekam-Token`, the `rekam` CLI; the token
-is in `api.token` in the state directory, readable only by root and the daemon's group).
+is in `api.token` in the state directory, mode 0640 in the 0700 state directory: root and the daemon's user).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class SimCommit(BaseModel):
 
 LOCAL_TOKEN_HEADER = "X-Rekam-Token"
 NOT_SIGNED_IN = {"code": "not_signed_in",
-                 "message": "silakan masuk dulu / sign in first (or run rekam as root or in the rekam group)"}
+                 "message": "silakan masuk dulu / sign in first (or run rekam as root: sudo rekam ...)"}
 
 
 def session_checker(kit: KitPort, local_token: str) -> Any:

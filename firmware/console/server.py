@@ -6,8 +6,8 @@ while nobody asked it to is reported failed; the supervisor restarts it (a new u
 the same app; with port 0 the new port is written to `api.json`).
 
 Plain HTTP listens on loopback only (the config refuses anything else). Beside `api.json` the
-server writes `api.token` (mode 0640: root and the daemon's group), the local credential the
-`rekam` CLI sends as `X-Rekam-Token`; a new token is made at each daemon start. With
+server writes `api.token` (mode 0640 inside the 0700 state directory: root and the daemon's user),
+the local credential the `rekam` CLI sends as `X-Rekam-Token`; a new token is made at each daemon start. With
 `[api] https_bind` set, a second listener serves the same app over HTTPS with the kit's console
 certificate (`firmware.console.tls`) for phones on the kit's Wi-Fi; its URL and certificate
 fingerprint go into `api.json` too.
@@ -88,7 +88,7 @@ class ApiServer:
             host, port = self._serve(self.https_bind, self.https_port, tls=True)
             self.https_url = f"https://{_urlhost(host)}:{port}"
             info |= {"https_url": self.https_url, "tls_sha256": self.tls.sha256}
-        old = os.umask(0o027)  # root and the daemon's group (the CLI's technicians), nobody else
+        old = os.umask(0o027)  # the daemon's user and group and root (the technician's sudo rekam), nobody else
         try:
             atomic_write(self.token_path, self.local_token.encode(), verify=False)
             os.chmod(self.token_path, 0o640)
