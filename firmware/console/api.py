@@ -66,9 +66,19 @@ def create_app(kit: KitPort, local_token: str = "", tls: Any = None) -> FastAPI:
     `local_token`: the CLI's credential (empty: only operator sessions); `tls`: the console certificate
     (`firmware.console.tls.ConsoleCert`) whose fingerprint `/api/v1/tls` shows, or None.
     """
-    app = FastAPI(title="rekam kit API", version="1", openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs",
-                  redoc_url=None)
+    # The schema and its viewer need a credential too (served by our own routes below, not FastAPI's open ones).
+    app = FastAPI(title="rekam kit API", version="1", openapi_url=None, docs_url=None, redoc_url=None)
     signed_in = Depends(session_checker(kit, local_token))
+
+    @app.get("/api/v1/openapi.json", dependencies=[signed_in], include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/api/v1/docs", dependencies=[signed_in], include_in_schema=False)
+    def docs() -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="rekam kit API")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -26,7 +26,8 @@ from tests.support import REKAMD, subprocess_env
 ROUTES = [("GET", "/api/v1/status"), ("GET", "/api/v1/records"), ("POST", "/api/v1/usb/eject"),
           ("POST", "/api/v1/usb/export"), ("POST", "/api/v1/sim/commit"), ("POST", "/api/v1/sim/alias"),
           ("GET", "/api/v1/audit"), ("GET", "/api/v1/tls"), ("GET", "/api/v1/enrollment"),
-          ("POST", "/api/v1/enrollment"), ("POST", "/api/v1/enrollment/commit")]
+          ("POST", "/api/v1/enrollment"), ("POST", "/api/v1/enrollment/commit"), ("GET", "/api/v1/openapi.json"),
+          ("GET", "/api/v1/docs")]
 
 
 def vm_rss_kib(pid: int) -> int:
@@ -72,6 +73,7 @@ def test_every_route_needs_a_credential_and_health_reveals_nothing(daemon: Daemo
     # the credentials that are meant to work: the local token (CLI) and an operator session (console)
     assert daemon.client().get("/api/v1/status").status_code == 200
     assert daemon.signin().get("/api/v1/records").status_code == 200
+    assert "/api/v1/status" in daemon.client().get("/api/v1/openapi.json").json()["paths"]
     # the console page itself (the sign-in form) loads without a session
     assert anon.get("/").status_code == 200
 
