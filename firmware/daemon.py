@@ -84,7 +84,9 @@ class Kit:
 
             self.control = self.services["control"] = ControlPlane(self)
             services.append(self.control)
-        self.api = ApiServer(self.port, cfg.api.bind, cfg.api.port, cfg.state_dir / "api.json")
+        self.api = ApiServer(self.port, cfg.api.bind, cfg.api.port, cfg.state_dir / "api.json",
+                             https_bind=cfg.api.https_bind, https_port=cfg.api.https_port,
+                             hostnames=cfg.api.hostnames, max_body=cfg.api.max_body_kb * 1024)
         services.append(self.api)
         panel = self._panel()
         if panel is not None:
@@ -123,6 +125,7 @@ class Kit:
         if self.supervisor is not None:
             self.supervisor.stop()
         try:  # after the store closed: a CLI that finds no api.json knows the daemon is gone
+            (self.cfg.state_dir / "api.token").unlink(missing_ok=True)
             (self.cfg.state_dir / "api.json").unlink()
         except OSError:
             pass
@@ -264,7 +267,7 @@ class EnrollmentStage:
         sensor = kit.hardware["sensor"]
         dedup = DuplicateChecker(kit.store.j, nik_key(cfg.state_dir), library_capacity=lambda: sensor.capacity)
         ops = Operators(operators_from_config(cfg.operators.list), cfg.operators.max_failures,
-                        cfg.operators.lockout_minutes * 60)
+                        cfg.operators.lockout_minutes * 60, db_path=cfg.state_dir / "lockout.sqlite")
         if not cfg.operators.list:
             log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
         kit.enrollment = EnrollmentService(kit.store, cfg, ops, dedup, devices)

@@ -1,4 +1,9 @@
-"""Client side of the daemon's local API, for the `rekam` CLI (stdlib only: the CLI starts fast)."""
+"""Client side of the daemon's local API, for the `rekam` CLI (stdlib only: the CLI starts fast).
+
+The CLI's credential is the daemon's local token (`api.token` beside `api.json`, mode 0640 inside
+the 0700 state directory: in practice root). `daemon_url` reads it with the URL and `call` sends it
+as `X-Rekam-Token` when no operator session is given; a user who cannot read it gets the API's 401.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from typing import Any
 
 from firmware.errors import ApiError
 
+TOKEN_HEADER = "X-Rekam-Token"
+_local_tokens: dict[str, str] = {}  # url -> the local token read with it (one daemon per state dir)
+
 
 def daemon_url(state_dir: Path) -> str | None:
     """URL of the running daemon's API for this state directory, or None if it is not running."""
@@ -22,10 +30,21 @@ def daemon_url(state_dir: Path) -> str | None:
     try:
         os.kill(pid, 0)
     except PermissionError:
+        _remember_token(url, state_dir)
         return url  # it runs as another user (rekam): it is there, use its API
     except OSError:
         return None
+    _remember_token(url, state_dir)
     return url
+
+
+def _remember_token(url: str, state_dir: Path) -> None:
+    try:
+        token = (state_dir / "api.token").read_text().strip()
+    except OSError:
+        return  # not readable for this user: requests go without it (and get 401 where it is needed)
+    if token:
+        _local_tokens[url] = token
 
 
 def call(url: str, method: str, path: str, body: Any = None, timeout: float = 600, token: str | None = None,
@@ -35,6 +54,8 @@ def call(url: str, method: str, path: str, body: Any = None, timeout: float = 60
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    elif url in _local_tokens:
+        headers[TOKEN_HEADER] = _local_tokens[url]
     req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

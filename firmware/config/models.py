@@ -172,8 +172,40 @@ class DaemonConfig(Section):
 class ApiConfig(Section):
     """``[api]``"""
 
-    bind: IpAddress = Field("127.0.0.1", description="Address the console and local API listen on.")
+    bind: IpAddress = Field(
+        "127.0.0.1",
+        description="Address the plain-HTTP console and local API listen on: loopback only (127.0.0.1 or ::1); "
+                    "phones on the kit's Wi-Fi use `https_bind`.")
     port: int = Field(8470, ge=0, le=65535, description="Port of the console and local API (0: pick a free one).")
+    https_bind: str = Field(
+        "",
+        description="Address of the HTTPS console for phones on the kit's Wi-Fi (e.g. 0.0.0.0), with the kit's own "
+                    "certificate whose SHA-256 fingerprint the console shows; unset: no HTTPS listener.")
+    https_port: int = Field(8471, ge=0, le=65535, description="Port of the HTTPS console (0: pick a free one).")
+    hostnames: list[str] = Field(
+        [],
+        description="Extra host names the console answers to (the kit's own host name, `<name>.local`, localhost "
+                    "and the address a request arrived on are always accepted; any other Host is refused).")
+    max_body_kb: int = Field(64, ge=1, le=4096, description="Largest request body accepted, KiB (larger: 413).")
+
+    @field_validator("bind")
+    @classmethod
+    def _plain_http_on_loopback(cls, v: str) -> str:
+        import ipaddress
+
+        if not ipaddress.ip_address(v).is_loopback:
+            raise must("a loopback address (127.0.0.1 or ::1): plain HTTP is not served on the LAN; "
+                       "set api.https_bind for phones on the kit's Wi-Fi")
+        return v
+
+    @field_validator("https_bind")
+    @classmethod
+    def _https_bind_ip(cls, v: str) -> str:
+        from firmware.config.checks import ip_address
+
+        if v and (why := ip_address(v)):
+            raise must(why + " (or empty: no HTTPS console)")
+        return v
 
 
 class GpioConfig(Section):

@@ -1,14 +1,22 @@
 """The daemon's local HTTP API (FastAPI; OpenAPI at /api/v1/openapi.json).
 
 Used by the `rekam` CLI and the web console. Every input is validated by its model; errors are
-JSON with a `detail` naming what was wrong.
+JSON with a `detail` naming what was wrong, never a 500 for a bad body (see `guard`).
+
+Every route needs a credential except `/healthz` (which says only that the kit answers), the
+sign-in route and the console's static files: an operator session (`Authorization: Bearer`, or the
+console's same-site cookie) or the kit's local token (`X-Rekam-Token`, the `rekam` CLI; the token
+is in `api.token` in the state directory, mode 0640 in the 0700 state directory: root and the daemon's user).
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from firmware.console.port import KitPort
@@ -25,21 +33,87 @@ class SimCommit(BaseModel):
     pad_to_kb: int = Field(0, ge=0, le=8192)
 
 
-def create_app(kit: KitPort) -> FastAPI:
-    """Build the API bound to a running kit (through its console port)."""
-    app = FastAPI(title="rekam kit API", version="1", openapi_url="/api/v1/openapi.json", docs_url="/api/v1/docs",
-                  redoc_url=None)
+LOCAL_TOKEN_HEADER = "X-Rekam-Token"
+NOT_SIGNED_IN = {"code": "not_signed_in",
+                 "message": "silakan masuk dulu / sign in first (or run rekam as root: sudo rekam ...)"}
+
+
+def session_checker(kit: KitPort, local_token: str) -> Any:
+    """A FastAPI dependency: the request carries the local token or a live operator session, else 401.
+
+    Checking does not count as operator activity (status polls must not hold off the idle sign-out).
+    """
+
+    def check(request: Request) -> str:
+        got = request.headers.get(LOCAL_TOKEN_HEADER, "")
+        if local_token and got and hmac.compare_digest(got.encode(), local_token.encode()):
+            return "local"
+        auth = request.headers.get("authorization", "")
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.cookies.get("rekam_session", "")
+        svc = kit.enrollment
+        if token and svc is not None:
+            info = svc.idle_info(token)
+            if info.get("signed_in") and info.get("signout_in_s", 0) > 0:
+                return str(info["operator_id"])
+        raise HTTPException(401, NOT_SIGNED_IN)
+
+    return check
+
+
+def create_app(kit: KitPort, local_token: str = "", tls: Any = None) -> FastAPI:
+    """Build the API bound to a running kit (through its console port).
+
+    `local_token`: the CLI's credential (empty: only operator sessions); `tls`: the console certificate
+    (`firmware.console.tls.ConsoleCert`) whose fingerprint `/api/v1/tls` shows, or None.
+    """
+    # The schema and its viewer need a credential too (served by our own routes below, not FastAPI's open ones).
+    app = FastAPI(title="rekam kit API", version="1", openapi_url=None, docs_url=None, redoc_url=None)
+    signed_in = Depends(session_checker(kit, local_token))
+
+    @app.get("/api/v1/openapi.json", dependencies=[signed_in], include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/api/v1/docs", dependencies=[signed_in], include_in_schema=False)
+    def docs() -> Response:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title="rekam kit API")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only where and what: the rejected input itself may not be JSON-serialisable (and is the caller's anyway).
+        errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+                  for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        return {"ok": True, "kit_id": kit.kit_id}
+        """The kit answers (nothing else: no id, no counts)."""
+        return {"ok": True}
 
-    @app.get("/api/v1/status")
+    @app.get("/api/v1/tls", dependencies=[signed_in])
+    def tls_info() -> dict[str, Any]:
+        """The HTTPS console's certificate fingerprint (SHA-256) and a QR code of it, for the operator to compare."""
+        if tls is None:
+            return {"https": False}
+        return {"https": True, "sha256": tls.sha256, "fingerprint": tls.fingerprint, "qr": "/api/v1/tls/qr.svg"}
+
+    @app.get("/api/v1/tls/qr.svg", dependencies=[signed_in])
+    def tls_qr() -> Response:
+        """The fingerprint as a QR code (SVG) for the console's status page."""
+        if tls is None:
+            raise HTTPException(404, {"code": "no_https", "message": "no HTTPS console ([api] https_bind unset)"})
+        from firmware.console.tls import qr_svg
+
+        return Response(qr_svg(tls), media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/v1/status", dependencies=[signed_in])
     def status() -> dict[str, Any]:
         """Records per state, media capacity and guard state, stick, mirror lag, services."""
         return kit.status()
 
-    @app.get("/api/v1/records")
+    @app.get("/api/v1/records", dependencies=[signed_in])
     def records(state: str | None = Query(None, description="one of " + ", ".join(STATES)),
                 limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
         """The newest records (optionally of one state)."""
@@ -47,7 +121,7 @@ def create_app(kit: KitPort) -> FastAPI:
             raise HTTPException(422, f"state {state!r} is not one of {', '.join(STATES)}")
         return kit.records(state=state, limit=limit)
 
-    @app.post("/api/v1/usb/eject")
+    @app.post("/api/v1/usb/eject", dependencies=[signed_in])
     def usb_eject() -> dict[str, Any]:
         """Flush and release the stick so it can be pulled safely."""
         ok = kit.eject_usb()
@@ -55,7 +129,7 @@ def create_app(kit: KitPort) -> FastAPI:
             raise HTTPException(500, "the stick was flushed but could not be unmounted; do not pull it yet")
         return {"ok": True}
 
-    @app.post("/api/v1/usb/export")
+    @app.post("/api/v1/usb/export", dependencies=[signed_in])
     def usb_export(limit: int | None = Query(None, ge=1, le=100_000,
                                              description="copy at most this many (callers loop for progress)")
                    ) -> dict[str, Any]:
@@ -65,7 +139,7 @@ def create_app(kit: KitPort) -> FastAPI:
             raise HTTPException(409, {"code": "no_stick", "message": "no USB stick is mounted: insert the stick"})
         return res
 
-    @app.post("/api/v1/sim/commit")
+    @app.post("/api/v1/sim/commit", dependencies=[signed_in])
     def sim_commit(req: SimCommit) -> dict[str, Any]:
         """Commit `count` simulated enrollments through the real store."""
         if not kit.simulation:
@@ -83,7 +157,7 @@ def create_app(kit: KitPort) -> FastAPI:
     if kit.enrollment is not None:
         from firmware.console.api_enroll import router
 
-        app.include_router(router(kit.enrollment, kit, kit.sim_aliases))
+        app.include_router(router(kit.enrollment, kit, kit.sim_aliases, signed_in))
     _mount_console(app)
     return app
 

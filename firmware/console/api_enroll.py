@@ -62,9 +62,16 @@ def _err(e: Exception) -> HTTPException:
     raise e
 
 
-def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | None = None) -> APIRouter:
-    """Routes bound to one enrollment service (`kit` answers for records, receipts and the audit log)."""
+def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | None = None,
+           signed_in: Any = None) -> APIRouter:
+    """Routes bound to one enrollment service (`kit` answers for records, receipts and the audit log).
+
+    `signed_in`: the dependency that admits the local token or an operator session (routes without an
+    operator of their own, i.e. the simulation helpers).
+    """
     r = APIRouter(prefix="/api/v1")
+    # A credential is checked before the body is even validated: nobody learns more than 401 without one.
+    deps = [signed_in] if signed_in is not None else []
 
     def token(authorization: str | None, cookie: str | None) -> str:
         if authorization and authorization.lower().startswith("bearer "):
@@ -100,63 +107,63 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
         """Who is signed in and how long until the idle sign-out (does not count as activity)."""
         return svc.idle_info(token(authorization, rekam_session))
 
-    @r.post("/enrollment")
+    @r.post("/enrollment", dependencies=deps)
     def start(req: Start, authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         """Start an enrollment for a NIK (refused while capture is halted)."""
         call(svc.start, token(authorization, rekam_session), req.nik, req.override_reason)
         return svc.describe()
 
-    @r.get("/enrollment")
+    @r.get("/enrollment", dependencies=deps)
     def current(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         call(svc.session, token(authorization, rekam_session))
         return svc.describe()
 
-    @r.post("/enrollment/face")
+    @r.post("/enrollment/face", dependencies=deps)
     def face(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         """Take one face photo and return its quality feedback."""
         return call(svc.face_attempt, token(authorization, rekam_session))
 
-    @r.post("/enrollment/face/exception")
+    @r.post("/enrollment/face/exception", dependencies=deps)
     def face_exc(req: Reason, authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict:
         call(svc.face_exception, token(authorization, rekam_session), req.reason)
         return svc.describe()
 
-    @r.post("/enrollment/fingers/{code}")
+    @r.post("/enrollment/fingers/{code}", dependencies=deps)
     def finger(code: str = Path(pattern=FINGER), authorization: str | None = Auth,
                rekam_session: str | None = Sess) -> dict[str, Any]:
         """Wait for the finger, capture it and return its quality feedback."""
         return call(svc.finger_attempt, token(authorization, rekam_session), code)
 
-    @r.post("/enrollment/fingers/{code}/exception")
+    @r.post("/enrollment/fingers/{code}/exception", dependencies=deps)
     def finger_exc(req: Reason, code: str = Path(pattern=FINGER), authorization: str | None = Auth,
                    rekam_session: str | None = Sess) -> dict[str, Any]:
         """Record a missing, bandaged or injured finger."""
         call(svc.finger_exception, token(authorization, rekam_session), code, req.reason)
         return svc.describe()
 
-    @r.post("/enrollment/dupcheck")
+    @r.post("/enrollment/dupcheck", dependencies=deps)
     def dupcheck(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         """Search the new prints against this kit's earlier enrollments."""
         return call(svc.dup_check, token(authorization, rekam_session))
 
-    @r.post("/enrollment/supervisor")
+    @r.post("/enrollment/supervisor", dependencies=deps)
     def supervisor(req: Supervisor, authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict:
         """A supervisor's decision on a flagged enrollment (with their own PIN)."""
         call(svc.supervisor_decision, token(authorization, rekam_session), req.supervisor_id, req.pin,
              req.decision, req.reason)
         return svc.describe()
 
-    @r.post("/enrollment/commit")
+    @r.post("/enrollment/commit", dependencies=deps)
     def commit(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         """Seal and store the enrollment; returns the receipt data."""
         return call(svc.commit, token(authorization, rekam_session))
 
-    @r.post("/enrollment/cancel")
+    @r.post("/enrollment/cancel", dependencies=deps)
     def cancel(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
         call(svc.cancel, token(authorization, rekam_session))
         return svc.describe()
 
-    @r.get("/enrollment/preview/{name}")
+    @r.get("/enrollment/preview/{name}", dependencies=deps)
     def preview(name: str = Path(pattern=r"^[A-Za-z0-9.-]{1,40}$"), authorization: str | None = Auth,
                 rekam_session: str | None = Sess) -> Response:
         call(svc.session, token(authorization, rekam_session))
@@ -166,7 +173,7 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
         return Response(data, media_type="image/png" if name.endswith(".png") else "image/jpeg",
                         headers={"Cache-Control": "no-store"})
 
-    @r.get("/receipts/{record_id}.{fmt}")
+    @r.get("/receipts/{record_id}.{fmt}", dependencies=deps)
     def receipt(record_id: str = Path(pattern=rf"^{RECORD_ID_PATTERN}$"),
                 fmt: str = Path(pattern=r"^(png|pdf)$"), authorization: str | None = Auth,
                 rekam_session: str | None = Sess) -> Response:
@@ -184,14 +191,14 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
         return Response(rc.pdf(info), media_type="application/pdf",
                         headers={"Content-Disposition": f'inline; filename="{record_id}.pdf"'})
 
-    @r.get("/audit")
+    @r.get("/audit", dependencies=deps)
     def audit(limit: int = 100, authorization: str | None = Auth, rekam_session: str | None = Sess) -> list:
         """The newest audit events (operator actions, overrides, cancels, quarantines)."""
         call(svc.session, token(authorization, rekam_session))
         return kit.audit_events(limit=max(1, min(limit, 1000)))
 
     if sim_aliases is not None:
-        @r.post("/sim/alias")
+        @r.post("/sim/alias", dependencies=deps)
         def alias(req: Alias) -> dict[str, Any]:
             """Simulation: the resident with `nik` presents the fingers of `same_person_as` (a double enrollment)."""
             sim_aliases[req.nik] = req.same_person_as

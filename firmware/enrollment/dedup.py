@@ -1,7 +1,13 @@
 """Local duplicate checks before a record is sealed.
 
 * NIK: a NIK already enrolled on this kit is refused unless the operator gives a reason. The
-  journal keeps only an HMAC of each NIK (key in the identity folder), never the NIK itself.
+  journal keeps only a slow keyed digest of each NIK, never the NIK itself: scrypt (N=2^14, r=8,
+  p=1: 16 MiB and tens of ms per NIK) salted with the kit's `nik.key`, stored as ``s1:<hex>``.
+  A stolen SD card holds the key too, so the slowness is what protects the NIKs: each guess costs
+  the attacker one scrypt instead of one HMAC (docs/security/nik.md gives the figures and
+  `bench/bench_nik.py` measures them). Digests made by earlier versions (HMAC-SHA256, no prefix)
+  cannot be re-hashed without the NIK: they are still found, and re-keyed the moment their NIK is
+  typed again (`nik_enrolled`); those older than `legacy_keep_days` are dropped at start-up.
 * Fingerprints: the index fingers of each enrollment go into the sensor's own template library;
   a new enrollment's fingers are searched there (the sensor's 1:N Search), and a hit that belongs
   to a *different* NIK flags a likely double enrollment for a supervisor's decision.
@@ -13,19 +19,38 @@ oldest slots are reused. Central de-duplication at the data center covers everyt
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from firmware.store.journal import Journal
+from firmware.system.clock import iso, utc_now
 from firmware.system.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
+
+# scrypt cost of one NIK digest: 16 MiB (128 * r * N bytes) and ~40 ms here, ~4x that on a Pi 4 core.
+NIK_SCRYPT_N, NIK_SCRYPT_R, NIK_SCRYPT_P = 2**14, 8, 1
+DIGEST_PREFIX = "s1:"
+LEGACY_KEEP_DAYS = 90
+
+
+def slow_digest(key: bytes, nik: str, n: int = NIK_SCRYPT_N, r: int = NIK_SCRYPT_R, p: int = NIK_SCRYPT_P) -> str:
+    """The journal's NIK digest: ``s1:`` + hex scrypt(NIK, salt = the kit's NIK key)."""
+    h = hashlib.scrypt(nik.encode(), salt=key, n=n, r=r, p=p, dklen=32, maxmem=2 * 128 * r * n + (1 << 20))
+    return DIGEST_PREFIX + h.hex()
+
+
+def legacy_digest(key: bytes, nik: str) -> str:
+    """The digest of versions before issue #13 (HMAC-SHA256, fast: an oracle for a stolen card)."""
+    return hmac.new(key, nik.encode(), hashlib.sha256).hexdigest()
 
 
 class TemplateLibrary(Protocol):
@@ -70,10 +95,14 @@ class FingerHit:
 class DuplicateChecker:
     """NIK and fingerprint checks against this kit's earlier enrollments."""
 
-    def __init__(self, journal: Journal, key: bytes, library_capacity: int | Callable[[], int] = 0) -> None:
+    def __init__(self, journal: Journal, key: bytes, library_capacity: int | Callable[[], int] = 0,
+                 legacy_keep_days: float = LEGACY_KEEP_DAYS) -> None:
         self.j = journal
         self.key = key
         self._capacity = library_capacity
+        # one enrollment asks for the same NIK's digest several times (check, search, remember): hash it once
+        self._digest = lru_cache(maxsize=8)(lambda nik: slow_digest(self.key, nik))
+        self.drop_legacy(older_than_days=legacy_keep_days)
 
     @property
     def capacity(self) -> int:
@@ -82,11 +111,41 @@ class DuplicateChecker:
         return int(c() if callable(c) else c)
 
     def digest(self, nik: str) -> str:
-        return hmac.new(self.key, nik.encode(), hashlib.sha256).hexdigest()
+        """The NIK's slow keyed digest as the journal keeps it."""
+        return str(self._digest(nik))
 
     def nik_enrolled(self, nik: str) -> list[str]:
-        """Record ids already enrolled here under this NIK."""
-        return self.j.nik_records(self.digest(nik))
+        """Record ids already enrolled here under this NIK (re-keys rows of the old, fast digest on a match)."""
+        new = self.digest(nik)
+        found = self.j.nik_records(new)
+        old = legacy_digest(self.key, nik)
+        legacy = self.j.nik_records(old)
+        if legacy:
+            self._rekey(old, new, legacy)
+            found += [r for r in legacy if r not in found]
+        return found
+
+    def _rekey(self, old: str, new: str, records: list[str]) -> None:
+        """Move the rows of a fast legacy digest to the slow one (the NIK is known now, so it can be re-hashed)."""
+        for rid in records:
+            self.j.add_nik(new, rid)
+        with self.j.transaction() as c:
+            c.execute("DELETE FROM niks WHERE digest = ?", (old,))
+            c.execute("UPDATE fp_library SET nik_digest = ? WHERE nik_digest = ?", (new, old))
+        log.info("nik digests re-keyed from the legacy HMAC to scrypt records=%d", len(records))
+
+    def drop_legacy(self, older_than_days: float) -> int:
+        """Delete legacy (fast HMAC) NIK rows older than `older_than_days`; returns how many went.
+
+        They cannot be re-hashed without the NIK, and each one is a fast oracle on a stolen card; a
+        resident enrolled that long ago is still found by the data center's de-duplication.
+        """
+        cutoff = iso(utc_now() - dt.timedelta(days=older_than_days))
+        with self.j.transaction() as c:
+            n = c.execute("DELETE FROM niks WHERE digest NOT LIKE ? AND at < ?", (DIGEST_PREFIX + "%", cutoff)).rowcount
+        if n:
+            log.info("legacy nik digests dropped rows=%d older_than_days=%s", n, older_than_days)
+        return int(n)
 
     def search_fingers(self, sensor: TemplateLibrary, nik: str, templates: dict[str, bytes]) -> list[FingerHit]:
         """Search each template in the sensor library; return hits that belong to another NIK."""

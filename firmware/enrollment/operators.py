@@ -1,7 +1,14 @@
 """Operator sign-in: per-operator PINs (scrypt hashes), lockout after repeated failures, idle sign-out.
 
 Operators come from config (`[operators] list`), later from the fleet. A PIN hash is made with
-`rekam operator hash-pin`. Lockout state is kept in memory and in the journal's audit log.
+`rekam operator hash-pin`.
+
+Lockout state lives in SQLite (`lockout.sqlite` in the state directory; in memory when no path is
+given), so a locked operator stays locked across a daemon restart until the lock time passes. Each
+attempt is counted as a failure *before* its PIN is checked, in one `BEGIN IMMEDIATE` transaction,
+and cleared only when the PIN proves right: 40 concurrent wrong PINs get at most `max_failures`
+PINs checked (the others are refused as locked without a check), and a crash in the middle of a
+check counts as a failure. Times are wall-clock seconds (a restart resets the monotonic clock).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ import hashlib
 import hmac
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from firmware.errors import SignInError
@@ -53,51 +62,105 @@ class Operator:
     role: str = "operator"
 
 
-@dataclass
-class _Attempts:
-    failures: list[float] = field(default_factory=list)
-    locked_until: float = 0.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pin_failures (operator_id TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS pin_failures_op ON pin_failures (operator_id, at);
+CREATE INDEX IF NOT EXISTS pin_failures_at ON pin_failures (at);
+CREATE TABLE IF NOT EXISTS pin_locks (operator_id TEXT PRIMARY KEY, until REAL NOT NULL);
+"""
 
 
 class Operators:
-    """Sign-in with lockout. Thread safe; `clock` is injectable so lockout can be tested without waiting."""
+    """Sign-in with a persistent lockout. Thread safe; `clock` (wall seconds) is injectable for tests."""
 
     def __init__(self, operators: list[Operator], max_failures: int = 5, lockout_s: float = 900,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, db_path: Path | str | None = None) -> None:
         self.by_id = {o.id: o for o in operators}
         self.max_failures = max_failures
         self.lockout_s = lockout_s
         self.clock = clock
-        self._attempts: dict[str, _Attempts] = {}
         self._lock = threading.Lock()
+        # One connection, serialised by the lock; BEGIN IMMEDIATE also serialises another process on the file.
+        self._db = sqlite3.connect(str(db_path) if db_path else ":memory:", timeout=10, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL" if db_path else "PRAGMA journal_mode=MEMORY")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._dummy = hash_pin("0000", b"x" * 16)
 
     def replace(self, operators: list[Operator]) -> None:
         """New operator list (from the fleet); lockouts are kept."""
         with self._lock:
             self.by_id = {o.id: o for o in operators}
 
+    def close(self) -> None:
+        """Close the lockout database."""
+        with self._lock:
+            self._db.close()
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return out
+
+    def locked_for(self, operator_id: str) -> float:
+        """Seconds the operator stays locked (0: not locked)."""
+        now = self.clock()
+        with self._lock:
+            row = self._db.execute("SELECT until FROM pin_locks WHERE operator_id=?", (operator_id,)).fetchone()
+        return max(0.0, row[0] - now) if row else 0.0
+
     def authenticate(self, operator_id: str, pin: str, role: str | None = None) -> Operator:
         """Check a PIN; raise `SignInError` (and count the failure) when it is wrong or the operator is locked."""
         now = self.clock()
+
+        def reserve(db: sqlite3.Connection) -> tuple[float, int]:
+            row = db.execute("SELECT until FROM pin_locks WHERE operator_id=?", (operator_id,)).fetchone()
+            if row and row[0] > now:
+                return row[0] - now, 0
+            # expired rows of every id go (an attacker trying made-up ids must not grow the file)
+            db.execute("DELETE FROM pin_locks WHERE until<=?", (now,))
+            db.execute("DELETE FROM pin_failures WHERE at<=?", (now - self.lockout_s,))
+            n = db.execute("SELECT count(*) FROM pin_failures WHERE operator_id=?", (operator_id,)).fetchone()[0]
+            if n >= self.max_failures:  # the limit is taken by checks under way: refuse without checking
+                return self.lockout_s, 0
+            db.execute("INSERT INTO pin_failures (operator_id, at) VALUES (?, ?)", (operator_id, now))
+            return 0.0, n + 1
+
+        locked, nth = self._tx(reserve)
+        if locked:
+            raise SignInError("locked", f"operator {operator_id} terkunci / is locked after {self.max_failures} "
+                              f"wrong PINs; try again in {int(locked) // 60 + 1} min", locked)
         with self._lock:
-            st = self._attempts.setdefault(operator_id, _Attempts())
-            if st.locked_until > now:
-                raise SignInError("locked", f"operator {operator_id} is locked after {self.max_failures} wrong PINs; "
-                                  f"try again in {int(st.locked_until - now) // 60 + 1} min", st.locked_until - now)
             op = self.by_id.get(operator_id)
         # Hash even for unknown ids so timing does not reveal which ids exist.
-        ok = check_pin(pin, op.pin_hash if op else hash_pin("0000", b"x" * 16))
-        with self._lock:
-            if op is None or not ok:
-                st.failures = [t for t in st.failures if now - t < self.lockout_s] + [now]
-                if len(st.failures) >= self.max_failures:
-                    st.locked_until = now + self.lockout_s
-                    st.failures.clear()
-                    raise SignInError("locked", f"wrong PIN {self.max_failures} times: operator {operator_id} is "
-                                      f"locked for {int(self.lockout_s // 60)} min", self.lockout_s)
-                left = self.max_failures - len(st.failures)
-                raise SignInError("bad_pin", f"wrong operator id or PIN ({left} tries left before lockout)")
-            st.failures.clear()
+        ok = op is not None and check_pin(pin, op.pin_hash)
+        if op is None:
+            check_pin(pin, self._dummy)
+        if ok:
+            self._tx(lambda db: db.execute("DELETE FROM pin_failures WHERE operator_id=?", (operator_id,)))
+        else:
+            def fail(db: sqlite3.Connection) -> int:
+                n = db.execute("SELECT count(*) FROM pin_failures WHERE operator_id=?", (operator_id,)).fetchone()[0]
+                if n >= self.max_failures:
+                    db.execute("INSERT OR REPLACE INTO pin_locks (operator_id, until) VALUES (?, ?)",
+                               (operator_id, self.clock() + self.lockout_s))
+                    db.execute("DELETE FROM pin_failures WHERE operator_id=?", (operator_id,))
+                return int(n)
+
+            if self._tx(fail) >= self.max_failures:
+                raise SignInError("locked", f"wrong PIN {self.max_failures} times: operator {operator_id} is "
+                                  f"locked for {int(self.lockout_s // 60)} min", self.lockout_s)
+            left = max(0, self.max_failures - nth)
+            raise SignInError("bad_pin", f"wrong operator id or PIN ({left} tries left before lockout)")
+        assert op is not None
         if role and op.role != role:
             raise SignInError("role", f"operator {operator_id} is not a {role}")
         return op

@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hw.sensor.image import GEOMETRIES, Geometry, geometry_for_bytes, pack_4bit, unpack_4bit
-from hw.sensor.link import COMMON_BAUDS, DEFAULT_BAUD, DEFAULT_PORT, MAX_BULK_BYTES, SensorLink, u32
+from hw.sensor.link import (
+    COMMON_BAUDS,
+    DEFAULT_BAUD,
+    DEFAULT_PORT,
+    MAX_BULK_BYTES,
+    UPCHAR_BUDGET_BYTES,
+    SensorLink,
+    u32,
+)
 from hw.sensor.protocol import (
     DEFAULT_ADDRESS,
     PACKET_SIZES,
@@ -412,6 +420,10 @@ class FingerprintSensor:
         ack = self._transaction(lambda: self._command(instr, allow=(Code.NO_FINGER,)))
         return ack.code == Code.OK
 
+    def _packet_size(self) -> int:
+        """The module's data packet size (the smallest, 32, when unknown: the most generous deadline)."""
+        return self.params.packet_size if self.params else 32
+
     def upload_image(self) -> np.ndarray:
         """UpImage: the image buffer as an 8-bit array (256x288 or 192x192, 16 gray levels).
 
@@ -422,7 +434,8 @@ class FingerprintSensor:
             for attempt in range(self.bulk_retries + 1):
                 try:
                     self._command(Instruction.UP_IMAGE)
-                    payload = self.link.receive_bulk("UpImage", expected)
+                    payload = self.link.receive_bulk("UpImage", expected, packet_size=self._packet_size(),
+                                                     budget=max(g.packed_bytes for g in GEOMETRIES))
                     break
                 except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
@@ -534,7 +547,8 @@ class FingerprintSensor:
             for attempt in range(self.bulk_retries + 1):
                 try:
                     self._command(Instruction.UP_CHAR, b)
-                    return self.link.receive_bulk("UpChar")
+                    return self.link.receive_bulk("UpChar", packet_size=self._packet_size(),
+                                                  budget=UPCHAR_BUDGET_BYTES)
                 except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise

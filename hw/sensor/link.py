@@ -52,6 +52,13 @@ COMMON_BAUDS = (57600, 115200, 9600, 19200, 38400)
 READ_SLICE_S = 0.02  # serial read timeout: short, the deadline is enforced around it
 MAX_BULK_BYTES = 128 * 1024  # larger than any image or template; stops a runaway stream
 BULK_GAP_S = 0.5  # max silence between two data packets
+# A whole bulk transfer must end within BULK_WIRE_FACTOR x its wire time (frame overhead included)
+# + BULK_GAP_S + BULK_MARGIN_S: a device trickling 1-byte packets just inside the gap cannot keep an
+# UpImage going for hours. Real modules stream at (close to) the wire rate; 2x leaves room for a slow UART.
+BULK_WIRE_FACTOR = 2.0
+BULK_MARGIN_S = 1.0
+MAX_BULK_STRAY = 8  # non-data frames (duplicated or late ACKs) tolerated inside one transfer
+UPCHAR_BUDGET_BYTES = 4096  # deadline basis for a template of unknown size (largest known: 1536, R503)
 
 # Processing allowance per instruction, seconds (wire time is added on top).
 _PROCESSING_S: dict[int, float] = {
@@ -425,16 +432,42 @@ class SensorLink:
             raise UnexpectedReply(f"{name}: ACK has {len(pkt.content)} content bytes, expected {reply_len}")
         return pkt
 
-    def receive_bulk(self, what: str, expected: int | None = None) -> bytes:
-        """Collect DATA packets until the END packet; iterative, size-capped, corruption-aware."""
+    def bulk_deadline_s(self, nbytes: int, packet_size: int = 128) -> float:
+        """Seconds a bulk transfer of `nbytes` in packets of `packet_size` may take in all, at the current baud."""
+        packets = -(-max(nbytes, 1) // max(packet_size, 1))
+        return BULK_WIRE_FACTOR * self.wire_s(nbytes + 11 * packets) + BULK_GAP_S + BULK_MARGIN_S
+
+    def receive_bulk(self, what: str, expected: int | None = None, *, packet_size: int = 128,
+                     budget: int | None = None) -> bytes:
+        """Collect DATA packets until the END packet; iterative, size-capped, time-capped, corruption-aware.
+
+        The whole transfer has a deadline (`bulk_deadline_s` of `expected`, else of `budget`, else of the
+        size cap) on top of the gap allowed between two packets; non-data frames inside it are skipped up
+        to `MAX_BULK_STRAY`, then refused. Raises SensorTimeout or UnexpectedReply.
+        """
         out = bytearray()
         rejected0, discarded0 = self.framer.rejected, self.framer.discarded
-        packets = 0
+        packets = strays = 0
+        allowed = self.bulk_deadline_s(expected or budget or self.max_bulk_bytes, packet_size)
+        end = time.monotonic() + allowed
         while True:
-            deadline = time.monotonic() + BULK_GAP_S + self.wire_s(2 * 267)
-            pkt = self.read_packet(deadline, f"{what} data packet {packets + 1}")
+            now = time.monotonic()
+            if now >= end:
+                raise SensorTimeout(f"{what}: transfer not finished within {allowed:.1f} s "
+                                    f"({len(out)} bytes in {packets} packets)")
+            deadline = min(end, now + BULK_GAP_S + self.wire_s(2 * 267))
+            try:
+                pkt = self.read_packet(deadline, f"{what} data packet {packets + 1}")
+            except SensorTimeout as e:
+                if time.monotonic() >= end:
+                    raise SensorTimeout(f"{what}: transfer not finished within {allowed:.1f} s "
+                                        f"({len(out)} bytes in {packets} packets)") from e
+                raise
             if pkt.pid == Pid.ACK:
-                # a duplicated or late ACK (seen on real modules, adafruit#31): not data
+                # a duplicated or late ACK (seen on real modules, adafruit#31): not data; a few at most
+                strays += 1
+                if strays > MAX_BULK_STRAY:
+                    raise UnexpectedReply(f"{what}: {strays} ACK frames inside the data (at most {MAX_BULK_STRAY})")
                 log.debug("skipping ACK code=0x%02X inside %s data", pkt.code, what)
                 continue
             if pkt.pid not in (Pid.DATA, Pid.END):
@@ -443,6 +476,8 @@ class SensorLink:
             packets += 1
             if len(out) > self.max_bulk_bytes:
                 raise UnexpectedReply(f"{what}: more than {self.max_bulk_bytes} bytes without an end packet")
+            if expected is not None and len(out) > expected:
+                raise UnexpectedReply(f"{what}: more than the {expected} bytes expected")
             if pkt.pid == Pid.END:
                 break
         lost = self.framer.discarded - discarded0

@@ -63,12 +63,22 @@ class Daemon:
     def usb(self) -> Path:
         return self.root / "usb"
 
+    @property
+    def local_token(self) -> str:
+        """The daemon's local credential (the CLI's), from `api.token` in its state directory."""
+        return (self.rekamd.state_dir / "api.token").read_text().strip()
+
     def client(self) -> httpx.Client:
+        """A client with the local token (as the `rekam` CLI sends it)."""
+        return httpx.Client(base_url=self.url, timeout=60, headers={"X-Rekam-Token": self.local_token})
+
+    def anon(self) -> httpx.Client:
+        """A client without any credential."""
         return httpx.Client(base_url=self.url, timeout=60)
 
     def signin(self, who: tuple[str, str] = OPERATOR) -> httpx.Client:
-        """A client signed in as `who` (Bearer token)."""
-        c = self.client()
+        """A client signed in as `who` (Bearer token, no local token)."""
+        c = self.anon()
         r = c.post("/api/v1/auth/signin", json={"operator_id": who[0], "pin": who[1]})
         assert r.status_code == 200, r.text
         c.headers["Authorization"] = f"Bearer {r.json()['token']}"
@@ -82,7 +92,7 @@ class Daemon:
 
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
                  dedup: list[str] | None = None, extra: str = "", sd: Path | None = None,
-                 max_record_mb: int = 8) -> Path:
+                 max_record_mb: int = 8, api: dict[str, Any] | None = None) -> Path:
     """The shared sim config (tests/support.py) for the console tests: SD = root/sd unless `sd`, the sim camera,
     the sensor without emulated UART time, the demo operators."""
     fingers = fingers if fingers is not None else ["R1", "R2"]
@@ -94,14 +104,15 @@ def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | No
         simulation={"sensor_wire_speed": 0},
         camera={"backend": "sim"},
         enrollment={"fingers": fingers, "dedup_fingers": dedup},
+        api=api or {},
     )
 
 
 @pytest.fixture
 def make_daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path,
                 rekamd_factory: Callable[..., Rekamd]) -> Callable[..., Daemon]:
-    """`make_daemon(fingers=[...], dedup=[...], extra="toml", sd=Path)` starts a daemon and waits for its API;
-    stopped at teardown (rekamd_factory)."""
+    """`make_daemon(fingers=[...], dedup=[...], extra="toml", sd=Path, api={...})` starts a daemon and waits for
+    its API; stopped at teardown (rekamd_factory)."""
 
     def make(**kw: Any) -> Daemon:
         cfg = write_config(tmp_path, dc_keys["pub_path"], corpus_dir, **kw)

@@ -232,11 +232,14 @@ def test_console_shows_the_halt(make_daemon: Any, browser: Any, tmpfs: Any, tmp_
         f.write(b"\0" * max(0, sd["free_bytes"] - sd["reserve_bytes"] - 100_000))
     page = browser.new_page(viewport={"width": 800, "height": 480})
     page.goto(d.url + "/")
-    page.wait_for_selector("#alerts .banner.halt:has-text('CAPTURE HALTED')")
-    assert "sd is full" in page.inner_text("#alerts")
+    # The kit's status is shown to signed-in operators only (issue #13): nothing before the sign-in.
+    page.wait_for_selector("#signin-form")
+    assert page.inner_text("#alerts") == ""
     page.fill("#signin-id", OPERATOR[0])
     page.fill("#signin-pin", OPERATOR[1])
     page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#alerts .banner.halt:has-text('CAPTURE HALTED')")
+    assert "sd is full" in page.inner_text("#alerts")
     page.wait_for_selector("#prompt.halt")
     assert "Capture is halted: sd is full" in page.inner_text("#prompt")
     page.fill("#nik", NIK_MALE)
@@ -276,4 +279,27 @@ def test_console_idle_warning_and_signout(daemon: Daemon, browser: Any) -> None:
     page.wait_for_selector("#view-signin:not([hidden])")
     assert "Signed out after inactivity" in page.inner_text("#signin-msg")
     assert page.is_hidden("#nav")
+    page.close()
+
+
+def test_status_page_shows_the_https_fingerprint_and_its_qr(make_daemon: Any, browser: Any) -> None:
+    import hashlib
+    import json
+    import ssl
+
+    d = make_daemon(api={"https_bind": "127.0.0.1", "https_port": 0})
+    info = json.loads((d.sd / "api.json").read_text())
+    host, port = info["https_url"].removeprefix("https://").rsplit(":", 1)
+    der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, int(port))))
+    fingerprint = ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
+    page = browser.new_page(viewport={"width": 800, "height": 900})
+    page.goto(d.url + "/")  # the kiosk: plain HTTP on loopback
+    page.fill("#signin-id", OPERATOR[0])
+    page.fill("#signin-pin", OPERATOR[1])
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("#prompt")
+    page.click("button[data-view=status]")
+    page.wait_for_selector("#st-tls code")
+    assert page.inner_text("#st-tls code") == fingerprint  # what the phone's browser shows for the kit
+    page.wait_for_function("() => document.getElementById('st-tls-qr').naturalWidth > 0")
     page.close()

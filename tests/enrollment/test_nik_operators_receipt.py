@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,39 @@ def test_receipt_png_and_pdf() -> None:
         off = int(e.split()[0])
         assert pdf[off:].startswith(f"{n} 0 obj".encode())
     assert b"rk-abcdefghjk-00000007-20261129T040312Z" in pdf
+
+
+def test_concurrent_wrong_pins_are_checked_at_most_max_failures_times(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    import threading
+
+    from firmware.enrollment import operators as mod
+
+    checks = []
+    real = mod.check_pin
+    monkeypatch.setattr(mod, "check_pin", lambda pin, stored: checks.append(pin) or real(pin, stored))
+    db = tmp_path / "lockout.sqlite"
+    ops = Operators([Operator("siti", "Siti", hash_pin("1234"))], max_failures=5, lockout_s=900, db_path=db)
+    barrier = threading.Barrier(40)
+    codes: list[str] = []
+
+    def attempt() -> None:
+        barrier.wait(10)
+        try:
+            ops.authenticate("siti", "9999")
+        except SignInError as e:
+            codes.append(e.code)
+
+    threads = [threading.Thread(target=attempt) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(codes) == 40 and len(checks) <= 5, (len(checks), codes)
+    assert ops.locked_for("siti") > 0
+    ops.close()
+    # a new process (a restart) reads the lock from the file
+    again = Operators([Operator("siti", "Siti", hash_pin("1234"))], max_failures=5, lockout_s=900, db_path=db)
+    with pytest.raises(SignInError) as e:
+        again.authenticate("siti", "1234")
+    assert e.value.code == "locked"

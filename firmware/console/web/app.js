@@ -95,10 +95,11 @@ function go(view) {
   if (view === "enroll") refreshEnrollment();
 }
 
-function onSignedIn(me) {
+async function onSignedIn(me) {
   state.me = me;
   $("who").textContent = me.name + " (" + me.operator_id + ")";
   show("nav", true); show("signout", true);
+  await pollStatus(); // the status is for signed-in operators: fetched now, before the enrollment view uses it
   go("enroll");
 }
 
@@ -170,6 +171,7 @@ function renderAlerts(st) {
 }
 
 async function pollStatus() {
+  if (!state.me) { clear($("alerts")); return; } // the kit's status is for signed-in operators only
   try {
     state.status = await api("GET", "/status");
   } catch (e) {
@@ -233,6 +235,25 @@ function renderStatus(st) {
   if (st.sensor) row(t, "Fingerprint sensor", st.sensor.error ? "ERROR: " + st.sensor.error : (st.sensor.open ? "ready" : "idle") + " (" + (st.sensor.port || "") + ")");
   if (st.daemon) row(t, "Software", "rekam " + st.daemon.version + (st.daemon.simulation ? " (SIMULATION)" : "") + ", up " + Math.round(st.daemon.uptime_s / 60) + " min");
   if (st.kit_id) row(t, "Kit", st.kit_id);
+  renderTls();
+}
+
+async function renderTls() {
+  let tls;
+  try { tls = await api("GET", "/tls"); } catch (e) { return; }
+  const box = $("st-tls");
+  clear(box);
+  show("st-tls", !!tls.https);
+  if (!tls.https) return;
+  box.appendChild(el("h2", "Sidik jari sertifikat HTTPS / HTTPS certificate fingerprint (SHA-256)"));
+  box.appendChild(el("p", "Sebelum masuk dari ponsel, cocokkan sidik jari ini dengan yang ditampilkan browser ponsel. " +
+    "Before signing in from a phone, compare this fingerprint with the one the phone's browser shows."));
+  box.appendChild(el("code", tls.fingerprint, "fingerprint"));
+  const img = el("img");
+  img.src = API + "/tls/qr.svg";
+  img.alt = "QR: " + tls.fingerprint;
+  img.id = "st-tls-qr";
+  box.appendChild(img);
 }
 
 async function refreshStatus() { await pollStatus(); if (state.status) renderStatus(state.status); }

@@ -471,7 +471,25 @@ class SensorSimulator(CommandHandlers):
                 frames.append(faults.mangle(damage_data_frame(f)) if k == damaged else f)
         n_acks = 2 if len(frames) > 1 and frames[1][6] == Pid.ACK else 1
         self._send_paced(frames[:n_acks], delay_s=faults.reply_delay_s)
+        if data is not None and (faults.bulk_trickle_s or faults.bulk_ack_flood_s):
+            self._send_hostile(data, code)
+            return
         self._send_paced(frames[n_acks:], faults.bulk_gap_s)
+
+    def _send_hostile(self, data: bytes, code: int) -> None:
+        """A hostile module's data phase: 1-byte packets trickled, or a stream of ACKs; stops when cleared."""
+        faults = self.faults
+        if faults.bulk_ack_flood_s:
+            self._write(build_frame(Pid.DATA, data[:self.packet_size], self.address))
+            while faults.bulk_ack_flood_s and not self._stop.is_set():
+                self._sleep(faults.bulk_ack_flood_s)
+                self._write(self._ack_frame(code))
+            return
+        for i, b in enumerate(data):
+            if not faults.bulk_trickle_s or self._stop.is_set():
+                return
+            self._write(build_frame(Pid.END if i == len(data) - 1 else Pid.DATA, bytes([b]), self.address))
+            self._sleep(faults.bulk_trickle_s)
 
 
 def _garble(data: bytes) -> bytes:

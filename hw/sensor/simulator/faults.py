@@ -32,6 +32,10 @@ class Faults:
     flash_fail_next: int = 0  # Store returns 0x18
     corrupt_data_next: int = 0  # bulk uploads with one damaged data packet
     bulk_gap_s: float = 0.0  # extra silence between data packets
+    # hostile device: the upload's data as 1-byte DATA packets, one every `bulk_trickle_s` seconds (until cleared)
+    bulk_trickle_s: float = 0.0
+    # hostile device: after the first data packet, ACK frames every `bulk_ack_flood_s` seconds (until cleared)
+    bulk_ack_flood_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def take(self, name: str) -> bool:
