@@ -3,8 +3,12 @@
 A broker's PUBACK proves little (brokers drop oversized or unrouted messages after acking them, paho's
 queue is RAM). So the store is the queue and the data center's ingest has the last word:
 
-    stored --(PUBACK of the last chunk)--> sent --(ack from ingest, hash checked)--> acked
-                                             \\--(ingest says malformed)--> quarantined
+    stored --(PUBACK of the last chunk)--> sent --(signed ack from ingest, hash checked)--> acked
+                                             \\--(signed: ingest says malformed)--> quarantined
+
+* An ack counts only if a data-center ack key (``relay.ack_public_keys``) signed it over the record id,
+  hash and status; anything else is logged (``relay ignoring unverifiable ack ...``), counted
+  (``acks_unverified``) and ignored.
 
 * Records go out in capture order: an announce (id, size, hash), then chunks no larger than
   min(relay.chunk_kb, broker Maximum Packet Size) at QoS 1. At most min(relay.window, broker Receive
@@ -156,8 +160,9 @@ class Relay:
         self._pubs = TokenBucket(self.r.publishes_per_s, max(1.0, self.r.publishes_per_s / 4))
         # Counters (read by status() from other threads: ints only).
         self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
-                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "retry_acks": 0, "read_errors": 0,
-                         "chunk_shrinks": 0}
+                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "acks_unverified": 0,
+                         "retry_acks": 0, "read_errors": 0, "chunk_shrinks": 0}
+        self._ack_keys = [proto.load_ack_public_key(k) for k in self.r.ack_public_keys]
         self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
         self._status_cache: dict[str, Any] = {}
         self._status_at = 0.0
@@ -186,7 +191,10 @@ class Relay:
             self.store.on_change.append(self._wake.set)
         self.thread = threading.Thread(target=self._main, name="relay", daemon=True)
         self.thread.start()
-        log.info("relay started kit_id=%s brokers=%s", self.kit_id, ",".join(self.r.brokers))
+        log.info("relay started kit_id=%s brokers=%s ack_kids=%s", self.kit_id, ",".join(self.r.brokers),
+                 ",".join(proto.ack_key_id(k) for k in self._ack_keys) or "none")
+        if not self._ack_keys:
+            log.error("relay has no relay.ack_public_keys: no data-center ack can be verified, records stay sent")
 
     def sync_now(self) -> None:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
@@ -509,10 +517,18 @@ class Relay:
         if topic != self.ack_topic:
             return
         try:
-            ack = proto.Ack.decode(payload)
+            ack = proto.Ack.decode(payload)  # bounded (size, depth): a hostile payload cannot crash this thread
         except proto.ProtocolError as e:
             self.counters["acks_ignored"] += 1
-            log.warning("relay ignoring malformed ack error=%s", e)
+            log.warning("relay ignoring malformed ack reason=%s error=%s", e.reason, e)
+            return
+        # Nothing is marked acked or quarantined on an ack the data center did not sign: whoever can publish on
+        # our ack topic (a misconfigured broker, a stolen credential) could otherwise make us purge or quarantine.
+        if not ack.verify(self._ack_keys):
+            self.counters["acks_ignored"] += 1
+            self.counters["acks_unverified"] += 1
+            log.error("relay ignoring unverifiable ack record_id=%s status=%s kid=%s trusted_kids=%s", ack.record_id,
+                      ack.status, ack.kid or "-", ",".join(proto.ack_key_id(k) for k in self._ack_keys) or "none")
             return
         row = self.store.record(ack.record_id)
         if row is None:
