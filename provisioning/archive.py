@@ -11,7 +11,8 @@ each other: it verifies the kit signature against the registered key, refuses a 
 not carry the kit that signed it (`record_id_mismatch`: topic or stick folder, header and record id
 agree), writes the file (temp, fsync, rename, fsync dir), then inserts the index row with INSERT OR
 IGNORE in one fsync'd transaction (WAL, synchronous=FULL). Only after `store()` returns may anyone
-tell the kit the record is safe. Two workers racing on one record write identical bytes to the same path and only one index row wins.
+tell the kit the record is safe. Two workers racing on one record write identical bytes to the same
+path and only one index row wins.
 """
 
 from __future__ import annotations
