@@ -15,9 +15,10 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
   Maximum) messages await a PUBACK. A PUBACK reason code >= 0x80 fails the transfer; a size-related
   refusal (0x95, 0x97, 0x83) halves the chunk size for that broker (brokers with ``message_size_limit``
   do not announce it).
-* After any reconnect or restart everything not acked is sent again from the store. A sent record
-  without an ack is resent after ``ack_timeout_s``, doubling (jittered) up to ``ack_timeout_max_s``,
-  forever. At most ``max_unacked_records`` records wait for acks before new ones start.
+* After any reconnect or restart everything not acked is sent again from the store (transfers cut
+  by a lost connection included). A sent record without an ack is resent after ``ack_timeout_s``,
+  doubling (jittered) up to ``ack_timeout_max_s``, forever; a sweep every min(``ack_timeout_s``, 60 s)
+  re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
 * One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
 
@@ -59,6 +60,7 @@ MQTT_ERR_PROTOCOL = 2  # paho.mqtt.enums.MQTTErrorCode.MQTT_ERR_PROTOCOL (0x82: 
 SIZE_REFUSALS = {0x83, 0x95, 0x97}  # implementation specific, packet too large, quota exceeded
 MARK_BATCH = 128
 MARK_EVERY_S = 0.25
+SWEEP_MAX_S = 60.0  # longest time between two looks for `sent` records nobody is tracking (issue 19.4)
 READ_AHEAD = 4  # records prepared ahead of the network thread
 
 
@@ -161,7 +163,7 @@ class Relay:
         # Counters (read by status() from other threads: ints only).
         self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
                          "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "acks_unverified": 0,
-                         "retry_acks": 0, "read_errors": 0, "chunk_shrinks": 0}
+                         "retry_acks": 0, "read_errors": 0, "chunk_shrinks": 0, "sent_requeued": 0}
         self._ack_keys = [proto.load_ack_public_key(k) for k in self.r.ack_public_keys]
         self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
         self._status_cache: dict[str, Any] = {}
@@ -195,6 +197,15 @@ class Relay:
                  ",".join(proto.ack_key_id(k) for k in self._ack_keys) or "none")
         if not self._ack_keys:
             log.error("relay has no relay.ack_public_keys: no data-center ack can be verified, records stay sent")
+
+    def set_ack_keys(self, keys: list[str]) -> None:
+        """Trust these data-center ack keys from now on (a live remote-config change: key rotation).
+
+        Safe from any thread: the relay thread reads the list through one attribute, replaced whole.
+        """
+        raws = [proto.load_ack_public_key(k) for k in keys]
+        self._ack_keys = raws
+        log.info("relay ack keys updated ack_kids=%s", ",".join(proto.ack_key_id(k) for k in raws) or "none")
 
     def sync_now(self) -> None:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
@@ -249,6 +260,8 @@ class Relay:
         """The relay thread's loop (see module doc)."""
         self._load_sent()
         next_tel = time.monotonic() + min(5.0, self.r.telemetry_interval_s)
+        sweep_every = max(1.0, min(self.r.ack_timeout_s, SWEEP_MAX_S))
+        next_sweep = time.monotonic() + sweep_every
         while not self._stopping():
             busy = self.uplink.connected and self._pump()
             self.uplink.step(0.0 if busy else 0.05)
@@ -260,6 +273,27 @@ class Relay:
                 next_tel = now + self.r.telemetry_interval_s
             if now - self._status_at > 2.0:
                 self._refresh_status()
+            if now >= next_sweep:
+                self._sweep_sent()
+                next_sweep = now + sweep_every
+
+    def _sweep_sent(self) -> None:
+        """Offer again every `sent` record that nothing here tracks (not awaiting an ack, not in transfer).
+
+        The events should never lose one, but a record that falls through (a transfer forgotten on a lost
+        connection, a read error on a resend) would otherwise wait for the next restart: this bounds that
+        at one sweep interval, whatever happened to the connection.
+        """
+        tracked = set(self._waiting) | set(self._active) | set(self._to_acked)
+        now = time.monotonic()
+        n = 0
+        for row in self.store.records(state="sent"):
+            if row.id not in tracked:
+                self._wait(row.id, row.seq, now, attempts=1)
+                n += 1
+        if n:
+            self.counters["sent_requeued"] += n
+            log.warning("relay re-offering sent records nobody tracked count=%d", n)
 
     def _load_sent(self) -> None:
         """After a start: records already 'sent' are owed an ack; resend them first (capture order)."""
@@ -450,9 +484,18 @@ class Relay:
                         "(broker message size limit?)", self._broker_url, size, new)
 
     def _reset_transfers(self) -> None:
-        """Forget everything handed to paho: it is resent from the store on the next connection."""
+        """Forget everything handed to paho: it is resent from the store on the next connection.
+
+        An interrupted transfer goes back to the records awaiting an ack, due now: a resend of a `sent`
+        record is neither fresh (state stored) nor awaited any more once it started, so without this it
+        would stay `sent` until a restart (issue 19.4: a broker killed during a resend).
+        """
         if self._active:
             log.info("relay transfers interrupted count=%d; they restart from the store", len(self._active))
+        now = time.monotonic()
+        for t in self._active.values():
+            if t.record_id not in self._to_acked:
+                self._wait(t.record_id, t.seq, now, t.attempts)
         self._active.clear()
         self._order.clear()
         self._mids.clear()
