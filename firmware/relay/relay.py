@@ -18,7 +18,8 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
 * After any reconnect or restart everything not acked is sent again from the store (transfers cut
   by a lost connection included). A sent record without an ack is resent after ``ack_timeout_s``,
   doubling (jittered) up to ``ack_timeout_max_s``, forever; a sweep every min(``ack_timeout_s``, 60 s)
-  re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At most ``max_unacked_records`` records wait for acks before new ones start.
+  re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At
+  most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
 * One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
 
