@@ -21,7 +21,8 @@ def squat(b, rid: str, header_kit: str) -> bytes:
     dc = rf.load_recipient_key(b.cfg.path(b.cfg.datacenter.public_key_files[0]).read_bytes())
     p = parse_record_id(rid)
     return rf.seal(b"squatted payload" * 100, record_id=rid, kit_id=header_kit, seq=p.seq,
-                   created="2026-12-01T00:00:00Z", clock_synced=True, signing_key=b.store.identity.signing_key, recipients=[dc])
+                   created="2026-12-01T00:00:00Z", clock_synced=True, signing_key=b.store.identity.signing_key,
+                   recipients=[dc])
 
 
 def publish_record(port: int, topic_kit: str, rid: str, data: bytes) -> None:
