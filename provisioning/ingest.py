@@ -97,10 +97,12 @@ class StagingFull(Exception):
 class StagingLimits:
     """Caps on unfinished transfers: per kit and in total, in transfers and in (announced) bytes."""
 
+    # A healthy kit draining a backlog while the ingest lags has up to relay.max_unacked_records (100) + a
+    # window of records partly staged: the per-kit count leaves room for that; bytes bound the disk.
     kit_bytes: int = 256 * 1024 * 1024
-    kit_transfers: int = 16
+    kit_transfers: int = 128
     total_bytes: int = 4 * 1024 * 1024 * 1024
-    total_transfers: int = 2000
+    total_transfers: int = 4096
 
 
 class Staging:

@@ -102,6 +102,7 @@ class Transfer:
     outstanding: int = 0
     failed: int = 0  # first failing PUBACK reason code
     attempts: int = 1
+    retry_in: float | None = None  # the data center said "retry" while the transfer was still going
 
     @property
     def all_handed(self) -> bool:
@@ -541,6 +542,8 @@ class Relay:
                 return  # the data center's ack overtook the last PUBACK
             # Doubling per attempt up to ack_timeout_max_s; a little jitter so a backlog's resends spread out.
             timeout = backoff_delay(attempts - 1, self.r.ack_timeout_s, self.r.ack_timeout_max_s, self.rng, spread=0.2)
+            if t.retry_in is not None:  # no ack will come for this attempt: resend after the retry delay
+                timeout = min(timeout, t.retry_in)
             self._wait(t.record_id, t.seq, time.monotonic() + timeout, attempts)
             return
         b = self.uplink.broker
@@ -613,8 +616,11 @@ class Relay:
             delay = backoff_delay(attempts, self.r.backoff_min_s, self.r.ack_timeout_max_s, self.rng)
             log.warning("relay data center asks to retry record_id=%s reason=%s retry_in_s=%.1f", ack.record_id,
                         ack.reason, delay)
-            if ack.record_id not in self._active:
+            t = self._active.get(ack.record_id)
+            if t is None:
                 self._wait(ack.record_id, row.seq, time.monotonic() + delay, attempts)
+            else:
+                t.retry_in = delay
 
     # --- journal marks (batched: one fsync'd transaction per batch) -----------------------
 
