@@ -15,7 +15,6 @@ from .conftest import push_config, wait_event, wait_for
 
 def test_ack_key_at_claim_and_rotated_live_by_signed_config(online_kit, fleet, fleet_link) -> None:
     k = online_kit
-    kit_id = k.identity.kit_id
     dc_key = rp.ack_public_b64(load_ack_key(fleet.data / ACK_KEY_FILE))
     assert fleet.ack_public_keys() == [dc_key]  # made by `ca init`, next to (not the same as) the fleet key
     assert dc_key != fleet.public_key_b64
