@@ -13,9 +13,10 @@ daemon's supervisor, capturing while it relays). A scenario injects one fault du
 * ``kit_kill9``: the kit SIGKILL mid-drain (and mid-capture), restarted: recovery, then it drains and captures on.
 
 Each run ends with the count, against the kit journal (SQLite, read-only) and the archive (index + files, every
-file's hash and kit signature checked): confirmed records (commit returned), lost (confirmed, neither archived nor still on the kit),
-corrupt (archived bytes that do not verify or differ from the kit's), duplicated (a record id stored twice or a
-conflict copy), stuck (still `stored`/`sent` on the kit after the bounded settle). All must be zero but confirmed.
+file's hash and kit signature checked): confirmed records (commit returned), lost (confirmed, neither archived
+nor still on the kit), corrupt (archived bytes that do not verify or differ from the kit's), duplicated (a record
+id stored twice or a conflict copy), stuck (still `stored`/`sent` on the kit after the bounded settle). All
+must be zero but confirmed.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Rig:
             "relay": {"brokers": [self.broker.url], "ack_timeout_s": 1.0, "ack_timeout_max_s": 2.0,
                       "backoff_min_s": 0.1, "backoff_max_s": 0.5, "probe_interval_s": 0.5, "connect_timeout_s": 2.0,
                       "keepalive_s": 5, "telemetry_interval_s": 5.0, "publishes_per_s": 0.0,
-                      "bytes_per_s": 600_000, "chunk_kb": 64,
+                      "bytes_per_s": 1_000_000, "chunk_kb": 64,
                       "ack_public_keys": [proto.ack_public_b64(key)]},
         }))
         self.ingest: subprocess.Popen[bytes] | None = None
@@ -123,11 +124,11 @@ class Rig:
     def start_kit(self, capture: int, seed: int) -> None:
         out = self.root / f"kit-{len(self.kit_out) + 1}.out"
         self.kit_out.append(out)
-        err = open(self.root / f"kit-{len(self.kit_out)}.log", "wb")
-        self.kit = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.kit_driver", "--config", str(self.cfg), "--capture", str(capture),
-             "--interval", str(self.rng.uniform(0.02, 0.08)), "--seed", str(seed)], cwd=REPO, env=subprocess_env(),
-            stdout=open(out, "w"), stderr=err, text=True)
+        with open(out, "w") as o, open(self.root / f"kit-{len(self.kit_out)}.log", "wb") as err:
+            self.kit = subprocess.Popen(  # (the child keeps its own copies of the descriptors)
+                [sys.executable, "-m", "tests.faults.kit_driver", "--config", str(self.cfg), "--capture",
+                 str(capture), "--interval", str(self.rng.uniform(0.02, 0.08)), "--seed", str(seed)], cwd=REPO,
+                env=subprocess_env(), stdout=o, stderr=err, text=True)
 
     def kill_kit(self) -> None:
         if self.kit is not None and self.kit.poll() is None:

@@ -13,6 +13,6 @@ from tests.faults.relay_harness import SCENARIOS, run
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_relay_fault(scenario, tmp_path):
-    out = run(scenario, tmp_path / scenario, seed=SCENARIOS.index(scenario) + 1)
+    out = run(scenario, tmp_path / scenario, seed=SCENARIOS.index(scenario) + 1, records=10)
     assert out.confirmed > 0
     assert (out.lost, out.corrupt, out.duplicated, out.stuck) == (0, 0, 0, 0), out
