@@ -228,7 +228,14 @@ class IngestWorker:
         self.url = proto.parse_broker_url(s.broker)
         self.archive = Archive(s.archive, tofu=s.tofu, fleet_db=s.fleet_db)
         self.staging = Staging(Path(s.archive) / "staging.db", s.staging)
-        self.ack_key = load_ack_key(s.ack_key or Path(s.archive) / ACK_KEY_FILE, create=s.ack_key is None)
+        key_path = s.ack_key or Path(s.archive) / ACK_KEY_FILE
+        made = s.ack_key is None and not key_path.exists()
+        self.ack_key = load_ack_key(key_path, create=s.ack_key is None)
+        if made:
+            # A new key no kit trusts yet: its acks are ignored (and counted) on every kit until the fleet lists it.
+            log.warning("ingest made a new ack-signing key path=%s public_key=%s; kits trust it only once it is in "
+                        "their relay.ack_public_keys (fleet.json ack_public_keys, or use the fleet's "
+                        "ack-signing.key with --ack-key)", key_path, proto.ack_public_b64(self.ack_key))
         self.expire_every_s = min(EXPIRE_EVERY_S, max(0.5, s.transfer_ttl_s / 4))
         self.counters = IngestCounters()
         self.stop = threading.Event()

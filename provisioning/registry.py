@@ -56,6 +56,14 @@ class Fleet:
         self.settings = json.loads((self.data / "fleet.json").read_text())
         self.ca = ca.CaPaths(self.data / "ca")
         self.signer = Signer.load(self.data / KEY_FILE)
+        if not (self.data / ACK_KEY_FILE).exists() and not self.settings.get("ack_public_keys"):
+            # A fleet folder from before signed acks: give it its ack key (kits learn it from the next config).
+            try:
+                Signer.create(self.data / ACK_KEY_FILE)
+            except FileExistsError:  # another process of the fleet made it first
+                pass
+            log.warning("fleet made its data-center ack key path=%s; copy it to the ingest hosts (--ack-key)",
+                        self.data / ACK_KEY_FILE)
         self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
         self.db = sqlite3.connect(self.data / "fleet.db", check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
