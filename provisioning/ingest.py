@@ -60,6 +60,7 @@ class IngestSettings:
     max_record_bytes: int = 64 * 1024 * 1024
     staging: StagingLimits = field(default_factory=lambda: StagingLimits())
     ack_key: Path | None = None  # None: <archive>/ack-signing.key, created if missing
+    legacy_unsigned_acks: bool = False  # also publish v1 (unsigned) acks, for kits not yet upgraded (rollout only)
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -306,6 +307,8 @@ class IngestWorker:
         setattr(self.counters, r.status, getattr(self.counters, r.status) + 1)
         ack = proto.Ack(r.record_id, r.sha256, r.status, r.reason[:500])
         self.mqtt.publish(proto.ack_topic(kit_id), ack.encode(self.ack_key), qos=1)
+        if self.s.legacy_unsigned_acks:  # old kits read only v1; upgraded kits ignore it (counted, logged)
+            self.mqtt.publish(proto.ack_topic(kit_id), ack.encode_unsigned_v1(), qos=1)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
@@ -386,6 +389,7 @@ def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
                                                 total_bytes=args.staging_total_mb * 1024 * 1024,
                                                 total_transfers=args.staging_total_transfers),
                           ack_key=Path(args.ack_key) if args.ack_key else None,
+                          legacy_unsigned_acks=args.legacy_unsigned_acks,
                           ca_file=args.ca_file or "", cert_file=args.cert_file or "", key_file=args.key_file or "",
                           username=args.username or "", password=password)
 
@@ -458,6 +462,9 @@ def register(sub: Any) -> None:
                    help="most MiB of unfinished transfers in staging, all kits together")
     p.add_argument("--staging-total-transfers", type=int, default=lim.total_transfers,
                    help="most unfinished transfers in staging, all kits together")
+    p.add_argument("--legacy-unsigned-acks", action="store_true",
+                   help="also publish the old unsigned (v1) acks, for kits not yet upgraded; only during a rollout: "
+                        "a kit on old firmware stays open to forged acks")
     p.add_argument("--ack-key", help="Ed25519 key that signs record acks (default <archive>/ack-signing.key, made "
                                      "if missing; kits list its public half in relay.ack_public_keys)")
     p.add_argument("--max-record-mb", type=int, default=64)

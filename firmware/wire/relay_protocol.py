@@ -268,6 +268,12 @@ class Ack:
                            "status": self.status, "reason": self.reason, "kid": ack_key_id(raw),
                            "sig": base64.b64encode(sig).decode()}, sort_keys=True).encode()
 
+    def encode_unsigned_v1(self) -> bytes:
+        """The old unsigned v1 ack, only for kits not yet upgraded during a rollout (``--legacy-unsigned-acks``);
+        this build's kits refuse it."""
+        return json.dumps({"v": 1, "record_id": self.record_id, "sha256": self.sha256, "status": self.status,
+                           "reason": self.reason}, sort_keys=True).encode()
+
     def verify(self, keys: Iterable[bytes]) -> bool:
         """True if one of `keys` (raw Ed25519 public keys) signed this ack."""
         for raw in keys:

@@ -173,3 +173,28 @@ def test_deeply_nested_ack_does_not_crash_the_relay(mosquitto, make_kit, make_in
     make_ingest(mosquitto.url)
     wait_for(lambda: kit.counts()["acked"] == 2, 30, "the next genuine acks work")
     assert_delivered_once(kit, tmp_path / "archive", ids)
+
+
+def test_rollout_flag_also_sends_v1_acks_which_upgraded_kits_ignore(mosquitto, make_kit, make_ingest, tmp_path):
+    """`--legacy-unsigned-acks` (rollout only): old kits still get the v1 ack they read; upgraded kits act on the
+    signed v2 one and ignore (count) the v1 copy."""
+    kit = make_kit([mosquitto.url])
+    seen: list[dict] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: seen.append(json.loads(m.payload))
+    sub.connect("127.0.0.1", mosquitto.port)
+    sub.subscribe(proto.ack_topic(kit.kit_id), qos=1)
+    sub.loop_start()
+    try:
+        make_ingest(mosquitto.url, legacy_unsigned_acks=True)
+        ids = kit.capture(2)
+        relay = kit.start_relay()
+        wait_for(lambda: kit.counts()["acked"] == 2, 30, "acked through the signed acks")
+        wait_for(lambda: sum(1 for a in seen if a["v"] == 1) >= 2, 10, "v1 copies published")
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    v1 = [a for a in seen if a["v"] == 1]
+    assert set(v1[0]) == {"v", "record_id", "sha256", "status", "reason"}  # the v1 shape old kits decode
+    assert relay.status()["counters"]["acks_ignored"] >= 2
+    assert_delivered_once(kit, tmp_path / "archive", ids)
