@@ -182,8 +182,12 @@ class Staging:
 
     def drop(self, record_id: str, sha256: str) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
-        self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
-        self.conn.execute("DELETE FROM transfers WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+        try:
+            self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+            self.conn.execute("DELETE FROM transfers WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
         self.conn.execute("COMMIT")
 
     def expire(self, ttl_s: float) -> int:
@@ -401,6 +405,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         proto.shared_records_filter(args.group)
     except ValueError as e:  # ProtocolError is a ValueError too
         raise SystemExit(f"rekam-fleet ingest: {e}") from None
+    if args.staging_kit_mb < args.max_record_mb:
+        raise SystemExit(f"rekam-fleet ingest: --staging-kit-mb {args.staging_kit_mb} is below --max-record-mb "
+                         f"{args.max_record_mb}: the largest record could never be staged")
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")
     workers = [IngestWorker(_settings(args, args.broker)).start() for _ in range(args.workers)]
