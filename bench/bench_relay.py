@@ -32,7 +32,9 @@ from firmware.relay.relay import Relay  # noqa: E402
 from firmware.seal import identity
 from firmware.store.store import Store  # noqa: E402
 from firmware.wire import record_format  # noqa: E402
+from firmware.wire import relay_protocol as proto  # noqa: E402
 from provisioning.archive import Archive  # noqa: E402
+from provisioning.signer import load_ack_key  # noqa: E402
 
 RECORD = 400 * 1000
 
@@ -70,7 +72,9 @@ def make_store(root: Path, port: int, **relay: object) -> Store:
         "usb": {"mount_point": str(root / "no-stick"), "require_mountpoint": False},
         "store": {"reserve_floor_mb": 1, "verify_readback": False},
         "relay": {"brokers": [f"mqtt://127.0.0.1:{port}"], "publishes_per_s": 0.0, "window": 20,
-                  "telemetry_interval_s": 3600.0, "ack_timeout_s": 120.0, **relay},
+                  "telemetry_interval_s": 3600.0, "ack_timeout_s": 120.0,
+                  "ack_public_keys": [proto.ack_public_b64(load_ack_key(root / "ack-signing.key", create=True))],
+                  **relay},
     })
     s = Store(cfg, identity.load_or_create(cfg.state_dir))
     s.open()
@@ -169,7 +173,8 @@ def ingest_run(root: Path, port: int, store: Store, n: int, workers: int) -> flo
     arch = root / f"archive-{workers}"
     repo = Path(__file__).resolve().parents[1]
     procs = [subprocess.Popen([sys.executable, "-m", "provisioning.cli", "ingest", "--broker",
-                               f"mqtt://127.0.0.1:{port}", "--archive", str(arch), "--tofu"], cwd=repo,
+                               f"mqtt://127.0.0.1:{port}", "--archive", str(arch), "--tofu",
+                               "--ack-key", str(store.cfg.state_dir.parent / "ack-signing.key")], cwd=repo,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
     time.sleep(1.5)  # let them subscribe
     relay = Relay(store, store.cfg)

@@ -7,10 +7,12 @@ Layout of an archive directory (shared by every ingest worker and by `rekam-flee
     conflicts/                  a second, different file claiming an archived record id (kept, never merged)
 
 `Archive.store()` is the single way in, for MQTT and USB alike, so both paths are idempotent with
-each other: it verifies the kit signature against the registered key, writes the file (temp, fsync,
-rename, fsync dir), then inserts the index row with INSERT OR IGNORE in one fsync'd transaction
-(WAL, synchronous=FULL). Only after `store()` returns may anyone tell the kit the record is safe.
-Two workers racing on one record write identical bytes to the same path and only one index row wins.
+each other: it verifies the kit signature against the registered key, refuses a record whose id does
+not carry the kit that signed it (`record_id_mismatch`: topic or stick folder, header and record id
+agree), writes the file (temp, fsync, rename, fsync dir), then inserts the index row with INSERT OR
+IGNORE in one fsync'd transaction (WAL, synchronous=FULL). Only after `store()` returns may anyone
+tell the kit the record is safe. Two workers racing on one record write identical bytes to the same
+path and only one index row wins.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from firmware.errors import ArchiveError, UnknownKit
 from firmware.wire import record_format as rf
+from firmware.wire.ids import parse_record_id
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def record_id_mismatch(record_id: str, kit_id: str, seq: int | None = None) -> str:
+    """Why `record_id` cannot be a record of `kit_id` (with sequence number `seq`), or "" if it can.
+
+    The one check that binds a record id to its kit: the id, the header's kit and the kit that signed
+    (the registered key, the MQTT topic, the stick's kit folder) must all name the same kit.
+    """
+    p = parse_record_id(record_id)
+    if p is None:
+        return f"KitMismatch: {record_id!r} is not a valid record id"
+    if p.kit_id != kit_id:
+        return f"KitMismatch: record id {record_id} belongs to kit {p.kit_id}, signed by kit {kit_id}"
+    if seq is not None and p.seq != seq:
+        return f"KitMismatch: record id {record_id} has sequence number {p.seq}, its header says {seq}"
+    return ""
 
 
 def decode_kit_key(text: str) -> bytes:
@@ -201,6 +220,10 @@ class Archive:
     def path_of(self, kit_id: str, record_id: str) -> Path:
         return self.records_dir / kit_id / (record_id + rf.FILE_SUFFIX)
 
+    def refuse(self, record_id: str, kit_id: str, sha: str, reason: str, source: str) -> StoreResult:
+        """Log and record a refusal decided before `store()` (e.g. by the ingest); returns the rejected result."""
+        return self._reject(record_id, kit_id, sha, reason, source)
+
     def _reject(self, record_id: str, kit_id: str, sha: str, reason: str, source: str) -> StoreResult:
         with self._lock:
             self.conn.execute("INSERT INTO rejects (record_id, kit_id, sha256, reason, source, at) VALUES "
@@ -219,6 +242,8 @@ class Archive:
         rid = expect_record_id or "?"
         if expect_sha256 is not None and sha != expect_sha256:
             raise ArchiveError(f"record {rid}: bytes hash to {sha[:12]}, sender announced {expect_sha256[:12]}")
+        if expect_record_id and (why := record_id_mismatch(expect_record_id, kit_id)):
+            return self._reject(rid, kit_id, sha, why, source)
         if expect_record_id and self.lookup(rid) == (sha, kit_id):
             return StoreResult("duplicate", rid, sha)
         keys = self.kit_keys(kit_id)
@@ -236,6 +261,9 @@ class Archive:
         if h.kit_id != kit_id:
             return self._reject(h.record_id, kit_id, sha, f"record belongs to kit {h.kit_id}, sent as kit {kit_id}",
                                 source)
+        if why := record_id_mismatch(h.record_id, h.kit_id, h.seq):
+            # A stolen kit signing records named after another kit's next numbers would otherwise squat them.
+            return self._reject(h.record_id, kit_id, sha, why, source)
         if trusted is None:
             if not self.tofu:
                 raise UnknownKit(f"kit {kit_id} is not registered: "

@@ -7,10 +7,19 @@ therefore land on different workers: they are staged in a SQLite file next to th
 RAM. The worker whose insert completes a record assembles it (one record in memory at a time, bounded
 by --max-record-mb), checks the announced hash, stores it through `Archive.store()` (signature against
 the registered kit key, fsync, unique index row) and only then publishes the ack on
-``rekam/v1/<kit>/acks``. Partial transfers older than --transfer-ttl are deleted (the kit resends).
+``rekam/v1/<kit>/acks``, signed with the data center's ack key (``--ack-key``, default
+``<archive>/ack-signing.key``, made on first start; see `provisioning.signer`).
+
+Staging is bounded: unfinished transfers are capped per kit and in total (count and announced bytes,
+`StagingLimits`) and expire after --transfer-ttl without a chunk (default 5 minutes; the kit resends).
+A transfer that does not fit is answered ``retry`` at its last chunk, so a genuine kit backs off and
+resends later while a flooding kit cannot fill the disk.
+
+A record id must carry the kit of the topic it came on (and the archive checks the header and the
+signer too): kit B cannot stage or archive records named after kit A's.
 
 Acks: stored / duplicate (safe at the data center), rejected (malformed: the kit quarantines it),
-retry (unknown kit, disk or database trouble, inconsistent chunks: the kit resends later).
+retry (unknown kit, disk or database trouble, inconsistent chunks, staging full: the kit resends later).
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ from typing import Any
 from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
 from firmware.wire import relay_protocol as proto
 from provisioning import ca
-from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit
+from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit, record_id_mismatch
+from provisioning.signer import ACK_KEY_FILE, load_ack_key
 
 log = logging.getLogger(__name__)
 
 RECEIVE_MAXIMUM = 32  # unacknowledged messages the broker may send one worker (x 128 KiB chunks = its RAM bound)
 BACKOFF_MIN_S = 0.5  # first reconnect delay; doubles up to IngestSettings.backoff_max_s
-EXPIRE_EVERY_S = 60.0  # how often abandoned partial transfers are looked for
+EXPIRE_EVERY_S = 60.0  # how often abandoned partial transfers are looked for (at most; less with a short TTL)
+DEFAULT_TRANSFER_TTL_S = 300.0
 
 
 @dataclass
@@ -45,8 +56,11 @@ class IngestSettings:
     group: str = "ingest"
     tofu: bool = False
     fleet_db: Path | None = None
-    transfer_ttl_s: float = 3600.0
+    transfer_ttl_s: float = DEFAULT_TRANSFER_TTL_S
     max_record_bytes: int = 64 * 1024 * 1024
+    staging: StagingLimits = field(default_factory=lambda: StagingLimits())
+    ack_key: Path | None = None  # None: <archive>/ack-signing.key, created if missing
+    legacy_unsigned_acks: bool = False  # also publish v1 (unsigned) acks, for kits not yet upgraded (rollout only)
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
@@ -67,13 +81,41 @@ class IngestCounters:
     retry: int = 0
     malformed: int = 0
     expired_chunks: int = 0
+    staging_refused: int = 0  # chunks refused because their transfer did not fit the staging limits
+    wrong_kit: int = 0  # messages whose record id does not carry the topic's kit
     by_status: dict[str, int] = field(default_factory=dict)
 
 
-class Staging:
-    """Chunks of records in transit, in SQLite (shared by the workers of one host)."""
+class StagingFull(Exception):
+    """A new transfer would exceed a staging limit (`scope`: kit_bytes, kit_transfers, total_bytes, total_transfers)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, scope: str, detail: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+
+@dataclass(frozen=True)
+class StagingLimits:
+    """Caps on unfinished transfers: per kit and in total, in transfers and in (announced) bytes."""
+
+    # A healthy kit draining a backlog while the ingest lags has up to relay.max_unacked_records (100) + a
+    # window of records partly staged: the per-kit count leaves room for that; bytes bound the disk.
+    kit_bytes: int = 256 * 1024 * 1024
+    kit_transfers: int = 128
+    total_bytes: int = 4 * 1024 * 1024 * 1024
+    total_transfers: int = 4096
+
+
+class Staging:
+    """Chunks of records in transit, in SQLite (shared by the workers of one host).
+
+    Every unfinished transfer has a row in ``transfers`` that reserves the record's whole announced size
+    when its first chunk arrives, so the caps (`StagingLimits`) hold whatever order chunks come in: a kit
+    that floods chunks of made-up records is refused once it holds its share, and the disk never fills.
+    """
+
+    def __init__(self, path: Path, limits: StagingLimits | None = None) -> None:
+        self.limits = limits or StagingLimits()
         self.conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         # Losing staged chunks in a power cut is harmless (the kit resends until acked): no fsync per chunk.
@@ -84,13 +126,43 @@ class Staging:
             size INTEGER NOT NULL, kit_id TEXT NOT NULL, data BLOB NOT NULL, at REAL NOT NULL,
             PRIMARY KEY (record_id, sha256, idx))""")
         self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_at ON chunks (at)")
+        self.conn.execute("""CREATE TABLE IF NOT EXISTS transfers (
+            record_id TEXT NOT NULL, sha256 TEXT NOT NULL, kit_id TEXT NOT NULL, size INTEGER NOT NULL,
+            first_at REAL NOT NULL, last_at REAL NOT NULL, PRIMARY KEY (record_id, sha256))""")
+        self.conn.execute("CREATE INDEX IF NOT EXISTS transfers_kit ON transfers (kit_id)")
+
+    def _admit(self, kit_id: str, c: proto.Chunk, now: float) -> None:
+        """Reserve room for the transfer of `c` (inside the caller's transaction); `StagingFull` if none."""
+        row = self.conn.execute("SELECT 1 FROM transfers WHERE record_id = ? AND sha256 = ?",
+                                (c.record_id, c.sha256)).fetchone()
+        if row is not None:
+            self.conn.execute("UPDATE transfers SET last_at = ? WHERE record_id = ? AND sha256 = ?",
+                              (now, c.record_id, c.sha256))
+            return
+        lim = self.limits
+        kn, kb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers WHERE kit_id = ?",
+                                   (kit_id,)).fetchone()
+        tn, tb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers").fetchone()
+        for scope, have, cap in (("kit_transfers", kn + 1, lim.kit_transfers),
+                                 ("kit_bytes", kb + c.size, lim.kit_bytes),
+                                 ("total_transfers", tn + 1, lim.total_transfers),
+                                 ("total_bytes", tb + c.size, lim.total_bytes)):
+            if have > cap:
+                raise StagingFull(scope, f"staging full ({scope}: {have} > {cap}); resend later")
+        self.conn.execute("INSERT INTO transfers VALUES (?,?,?,?,?,?)",
+                          (c.record_id, c.sha256, kit_id, c.size, now, now))
 
     def add(self, kit_id: str, c: proto.Chunk) -> bool:
-        """Stage one chunk; True if this insert completed the record (exactly one inserter sees that)."""
+        """Stage one chunk; True if this insert completed the record (exactly one inserter sees that).
+
+        Raises `StagingFull` when a new transfer does not fit the limits (nothing is staged).
+        """
+        now = time.time()
         self.conn.execute("BEGIN IMMEDIATE")
         try:
+            self._admit(kit_id, c, now)
             self.conn.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?)",
-                              (c.record_id, c.sha256, c.index, c.total, c.size, kit_id, c.data, time.time()))
+                              (c.record_id, c.sha256, c.index, c.total, c.size, kit_id, c.data, now))
             (n,) = self.conn.execute("SELECT COUNT(*) FROM chunks WHERE record_id = ? AND sha256 = ? AND total = ?",
                                      (c.record_id, c.sha256, c.total)).fetchone()
             # A chunk resent after completion may assemble the record again: the archive answers duplicate.
@@ -109,14 +181,40 @@ class Staging:
         return b"".join(r[1] for r in rows)
 
     def drop(self, record_id: str, sha256: str) -> None:
-        self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+            self.conn.execute("DELETE FROM transfers WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def expire(self, ttl_s: float) -> int:
-        """Delete chunks of transfers older than `ttl_s` (abandoned; the kit resends from its store)."""
-        return self.conn.execute("DELETE FROM chunks WHERE at < ?", (time.time() - ttl_s,)).rowcount
+        """Delete transfers with no chunk for `ttl_s` (abandoned; the kit resends from its store); returns the
+        number of chunks deleted."""
+        cutoff = time.time() - ttl_s
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("DELETE FROM transfers WHERE last_at < ?", (cutoff,))
+            n = self.conn.execute("DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM transfers t WHERE "
+                                  "t.record_id = chunks.record_id AND t.sha256 = chunks.sha256)").rowcount
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        return n
 
     def pending(self) -> int:
         return int(self.conn.execute("SELECT COUNT(DISTINCT record_id) FROM chunks").fetchone()[0])
+
+    def usage(self, kit_id: str | None = None) -> tuple[int, int]:
+        """(unfinished transfers, bytes reserved), of one kit or of all."""
+        sql, args = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers", ()
+        if kit_id is not None:
+            sql, args = sql + " WHERE kit_id = ?", (kit_id,)
+        n, b = self.conn.execute(sql, args).fetchone()
+        return int(n), int(b)
 
     def close(self) -> None:
         self.conn.close()
@@ -134,7 +232,16 @@ class IngestWorker:
         self.s = s
         self.url = proto.parse_broker_url(s.broker)
         self.archive = Archive(s.archive, tofu=s.tofu, fleet_db=s.fleet_db)
-        self.staging = Staging(Path(s.archive) / "staging.db")
+        self.staging = Staging(Path(s.archive) / "staging.db", s.staging)
+        key_path = s.ack_key or Path(s.archive) / ACK_KEY_FILE
+        made = s.ack_key is None and not key_path.exists()
+        self.ack_key = load_ack_key(key_path, create=s.ack_key is None)
+        if made:
+            # A new key no kit trusts yet: its acks are ignored (and counted) on every kit until the fleet lists it.
+            log.warning("ingest made a new ack-signing key path=%s public_key=%s; kits trust it only once it is in "
+                        "their relay.ack_public_keys (fleet.json ack_public_keys, or use the fleet's "
+                        "ack-signing.key with --ack-key)", key_path, proto.ack_public_b64(self.ack_key))
+        self.expire_every_s = min(EXPIRE_EVERY_S, max(0.5, s.transfer_ttl_s / 4))
         self.counters = IngestCounters()
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -148,8 +255,9 @@ class IngestWorker:
             subscriptions=[(proto.shared_records_filter(s.group), 1)], clean_start=True, session_expiry_s=0,
             receive_maximum=RECEIVE_MAXIMUM, manual_ack=True, max_inflight=100, name="ingest"))
         self.mqtt.on_message = self._on_message
-        self.mqtt.on_connect = lambda: log.info("ingest connected broker=%s group=%s client_id=%s", s.broker,
-                                                s.group, self.client_id)
+        self.mqtt.on_connect = lambda: log.info("ingest connected broker=%s group=%s client_id=%s ack_key=%s",
+                                                s.broker, s.group, self.client_id,
+                                                proto.ack_public_b64(self.ack_key))
         self._next_expiry = 0.0
 
     @property
@@ -173,7 +281,7 @@ class IngestWorker:
 
     def run(self) -> None:
         """Connect, subscribe, process messages until `stop` (the adapter reconnects); then close."""
-        self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
+        self._next_expiry = time.monotonic() + self.expire_every_s
         try:
             self.mqtt.run(self.stop, tick=0.1, on_tick=self._tick)
         finally:
@@ -183,7 +291,7 @@ class IngestWorker:
     def _tick(self) -> None:
         if time.monotonic() < self._next_expiry:
             return
-        self._next_expiry = time.monotonic() + EXPIRE_EVERY_S
+        self._next_expiry = time.monotonic() + self.expire_every_s
         n = self.staging.expire(self.s.transfer_ttl_s)
         if n:
             self.counters.expired_chunks += n
@@ -201,15 +309,19 @@ class IngestWorker:
     def _ack(self, kit_id: str, r: StoreResult) -> None:
         self.counters.by_status[r.status] = self.counters.by_status.get(r.status, 0) + 1
         setattr(self.counters, r.status, getattr(self.counters, r.status) + 1)
-        self.mqtt.publish(proto.ack_topic(kit_id), proto.Ack(r.record_id, r.sha256, r.status, r.reason).encode(),
-                          qos=1)
+        ack = proto.Ack(r.record_id, r.sha256, r.status, r.reason[:500])
+        self.mqtt.publish(proto.ack_topic(kit_id), ack.encode(self.ack_key), qos=1)
+        if self.s.legacy_unsigned_acks:  # old kits read only v1; upgraded kits ignore it (counted, logged)
+            self.mqtt.publish(proto.ack_topic(kit_id), ack.encode_unsigned_v1(), qos=1)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
             kit_id, kind = proto.parse_records_topic(topic)
             if kind == "announce":
                 a = proto.Announce.decode(payload)
-                if self.archive.has(a.record_id) == a.sha256:
+                if self._wrong_kit(kit_id, a.record_id, a.sha256, last=False):
+                    return
+                if self.archive.lookup(a.record_id) == (a.sha256, kit_id):
                     self._ack(kit_id, StoreResult("duplicate", a.record_id, a.sha256))
                 return
             c = proto.Chunk.decode(payload)
@@ -218,13 +330,15 @@ class IngestWorker:
             log.warning("ingest malformed message topic=%s error=%s", topic, e)
             return
         self.counters.chunks += 1
+        if self._wrong_kit(kit_id, c.record_id, c.sha256, last=c.index == c.total - 1):
+            return
         if c.size > self.s.max_record_bytes:
             if c.index == c.total - 1:
                 self._ack(kit_id, StoreResult("rejected", c.record_id, c.sha256,
                                               f"record of {c.size} bytes exceeds the ingest limit "
                                               f"{self.s.max_record_bytes}"))
             return
-        if self.archive.has(c.record_id) == c.sha256:
+        if self.archive.lookup(c.record_id) == (c.sha256, kit_id):
             if c.index == c.total - 1:
                 self._ack(kit_id, StoreResult("duplicate", c.record_id, c.sha256))
             return
@@ -232,6 +346,13 @@ class IngestWorker:
             if not self.staging.add(kit_id, c):
                 return
             data = self.staging.assemble(c.record_id, c.sha256, c.total)
+        except StagingFull as e:
+            self.counters.staging_refused += 1
+            if c.index == c.total - 1:  # once per transfer: the kit backs off this record and resends later
+                log.warning("ingest staging refused kit_id=%s record_id=%s scope=%s detail=%s", kit_id, c.record_id,
+                            e.scope, e)
+                self._ack(kit_id, StoreResult("retry", c.record_id, c.sha256, str(e)))
+            return
         except (sqlite3.Error, ArchiveError) as e:
             log.error("ingest staging failed record_id=%s error=%s", c.record_id, e)
             return
@@ -247,6 +368,17 @@ class IngestWorker:
             self.staging.drop(c.record_id, c.sha256)
         self._ack(kit_id, r)
 
+    def _wrong_kit(self, kit_id: str, record_id: str, sha256: str, last: bool) -> bool:
+        """True (and refused, answered at the last chunk) if `record_id` does not carry the topic's kit."""
+        why = record_id_mismatch(record_id, kit_id)
+        if not why:
+            return False
+        self.counters.wrong_kit += 1
+        if last:
+            self.archive.refuse(record_id, kit_id, sha256, why, "mqtt")
+            self._ack(kit_id, StoreResult("rejected", record_id, sha256, why))
+        return True
+
 
 # --- CLI --------------------------------------------------------------------------------------
 
@@ -257,6 +389,12 @@ def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
                           tofu=args.tofu,
                           fleet_db=Path(args.fleet_db) if args.fleet_db else None,
                           transfer_ttl_s=args.transfer_ttl, max_record_bytes=args.max_record_mb * 1024 * 1024,
+                          staging=StagingLimits(kit_bytes=args.staging_kit_mb * 1024 * 1024,
+                                                kit_transfers=args.staging_kit_transfers,
+                                                total_bytes=args.staging_total_mb * 1024 * 1024,
+                                                total_transfers=args.staging_total_transfers),
+                          ack_key=Path(args.ack_key) if args.ack_key else None,
+                          legacy_unsigned_acks=args.legacy_unsigned_acks,
                           ca_file=args.ca_file or "", cert_file=args.cert_file or "", key_file=args.key_file or "",
                           username=args.username or "", password=password)
 
@@ -268,6 +406,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         proto.shared_records_filter(ca.ingest_group(args.group, args.key_file))
     except ValueError as e:  # ProtocolError is a ValueError too
         raise SystemExit(f"rekam-fleet ingest: {e}") from None
+    if args.staging_kit_mb < args.max_record_mb:
+        raise SystemExit(f"rekam-fleet ingest: --staging-kit-mb {args.staging_kit_mb} is below --max-record-mb "
+                         f"{args.max_record_mb}: the largest record could never be staged")
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")
     workers = [IngestWorker(_settings(args, args.broker)).start() for _ in range(args.workers)]
@@ -279,6 +420,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     finally:
         for w in workers:
             w.close()
+    return 0
+
+
+def cmd_ack_key(args: argparse.Namespace) -> int:
+    """`rekam-fleet archive ack-key`: the base64 public ack key kits must trust."""
+    path = Path(args.ack_key) if args.ack_key else Path(args.archive) / ACK_KEY_FILE
+    Path(args.archive).mkdir(parents=True, exist_ok=True)
+    print(proto.ack_public_b64(load_ack_key(path, create=args.ack_key is None)))
     return 0
 
 
@@ -311,7 +460,22 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker connections in this process")
     p.add_argument("--tofu", action="store_true",
                    help="trust on first use: register an unknown kit's key from its first record (tests, pilots)")
-    p.add_argument("--transfer-ttl", type=float, default=3600.0, help="drop partial transfers older than this, s")
+    p.add_argument("--transfer-ttl", type=float, default=DEFAULT_TRANSFER_TTL_S,
+                   help="drop a partial transfer after this long without a chunk, s")
+    lim = StagingLimits()
+    p.add_argument("--staging-kit-mb", type=int, default=lim.kit_bytes // 2**20,
+                   help="most MiB of unfinished transfers one kit may hold in staging")
+    p.add_argument("--staging-kit-transfers", type=int, default=lim.kit_transfers,
+                   help="most unfinished transfers one kit may hold in staging")
+    p.add_argument("--staging-total-mb", type=int, default=lim.total_bytes // 2**20,
+                   help="most MiB of unfinished transfers in staging, all kits together")
+    p.add_argument("--staging-total-transfers", type=int, default=lim.total_transfers,
+                   help="most unfinished transfers in staging, all kits together")
+    p.add_argument("--legacy-unsigned-acks", action="store_true",
+                   help="also publish the old unsigned (v1) acks, for kits not yet upgraded; only during a rollout: "
+                        "a kit on old firmware stays open to forged acks")
+    p.add_argument("--ack-key", help="Ed25519 key that signs record acks (default <archive>/ack-signing.key, made "
+                                     "if missing; kits list its public half in relay.ack_public_keys)")
     p.add_argument("--max-record-mb", type=int, default=64)
     p.add_argument("--ca-file")
     p.add_argument("--cert-file")
@@ -330,3 +494,7 @@ def register(sub: Any) -> None:
     r = ks.add_parser("kits", help="kits known to the archive and their record counts")
     r.add_argument("--archive", required=True)
     r.set_defaults(func=cmd_kits)
+    r = ks.add_parser("ack-key", help="print the public half of the ack-signing key (for relay.ack_public_keys)")
+    r.add_argument("--archive", required=True)
+    r.add_argument("--ack-key", help="key file (default <archive>/ack-signing.key, made if missing)")
+    r.set_defaults(func=cmd_ack_key)

@@ -24,8 +24,9 @@ from cryptography.exceptions import InvalidSignature
 
 from firmware.errors import CaError, FleetError
 from firmware.wire import control_protocol as cp
+from firmware.wire import relay_protocol as rp
 from provisioning import ca
-from provisioning.signer import KEY_FILE, Signer
+from provisioning.signer import ACK_KEY_FILE, KEY_FILE, Signer, load_ack_key
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ class Fleet:
         self.settings = json.loads((self.data / "fleet.json").read_text())
         self.ca = ca.CaPaths(self.data / "ca")
         self.signer = Signer.load(self.data / KEY_FILE)
+        if not (self.data / ACK_KEY_FILE).exists() and not self.settings.get("ack_public_keys"):
+            # A fleet folder from before signed acks: give it its ack key (kits learn it from the next config).
+            try:
+                Signer.create(self.data / ACK_KEY_FILE)
+            except FileExistsError:  # another process of the fleet made it first
+                pass
+            log.warning("fleet made its data-center ack key path=%s; copy it to the ingest hosts (--ack-key)",
+                        self.data / ACK_KEY_FILE)
         self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
         self.db = sqlite3.connect(self.data / "fleet.db", check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
@@ -72,6 +81,7 @@ class Fleet:
         data.mkdir(parents=True, exist_ok=True)
         ca.init_ca(data / "ca", hosts, batch=batch)
         Signer.create(data / KEY_FILE)
+        Signer.create(data / ACK_KEY_FILE)  # the ingest's ack key: copy it to the ingest hosts, never to the kits
         (data / "fleet.json").write_text(json.dumps({"brokers": brokers, "claim_brokers": claim_brokers,
                                                      "claim_batches": [f"claim-{batch}"],
                                                      "claim_ttl_hours": claim_ttl_h}, indent=1))
@@ -82,6 +92,26 @@ class Fleet:
     def public_key_b64(self) -> str:
         """The fleet's public signing key, base64 (what kits pin)."""
         return self.signer.public_key_b64
+
+    def ack_public_keys(self) -> list[str]:
+        """The data-center ack keys kits must trust (base64): ``ack_public_keys`` in fleet.json (a rotation lists
+        old and new), else the public half of ``ack-signing.key`` in the fleet folder, else none."""
+        listed = self.settings.get("ack_public_keys")
+        if isinstance(listed, list) and listed:
+            return [str(k) for k in listed]
+        if (self.data / ACK_KEY_FILE).exists():
+            return [rp.ack_public_b64(load_ack_key(self.data / ACK_KEY_FILE))]
+        return []
+
+    def _with_ack_keys(self, sections: dict[str, Any]) -> dict[str, Any]:
+        """`sections` with relay.ack_public_keys set (every document carries them: a document replaces the last)."""
+        keys = self.ack_public_keys()
+        relay = sections.get("relay")
+        if not keys or (isinstance(relay, dict) and "ack_public_keys" in relay):
+            return sections
+        out = dict(sections)
+        out["relay"] = {**(relay if isinstance(relay, dict) else {}), "ack_public_keys": keys}
+        return out
 
     def event(self, kind: str, kit_id: str | None = None, **detail: Any) -> None:
         """Append one row to the event log (detail as JSON, capped at 4000 characters)."""
@@ -251,7 +281,7 @@ class Fleet:
             r = self.db.execute(f"SELECT MAX(version) FROM configs WHERE kit_id IN ({marks})", targets).fetchone()
             version = (r[0] or 0) + 1
             body: dict[str, Any] = {"kit_id": kit_id, "version": version, "issued_at": int(time.time()),
-                                    "sections": sections}
+                                    "sections": self._with_ack_keys(sections)}
             if files:
                 body["files"] = files
             if note:

@@ -1,8 +1,14 @@
-"""The fleet's signing key: one Ed25519 key whose public half every kit pins at its claim.
+"""The fleet's signing keys.
 
-Everything the fleet tells a kit (claim answers, config documents, commands) is signed here, in the
-signed envelope of `firmware.wire.control_protocol`. The key file is ``fleet-signing.key`` (PKCS#8
-PEM, mode 0600) in the fleet folder.
+* ``fleet-signing.key``: one Ed25519 key whose public half every kit pins at its claim. Everything the
+  fleet tells a kit (claim answers, config documents, commands) is signed with it, in the signed
+  envelope of `firmware.wire.control_protocol`.
+* ``ack-signing.key``: the data center's ack key (`AckKey`), a separate Ed25519 key held by the ingest
+  workers only: they sign every record ack with it (`firmware.wire.relay_protocol.Ack`), so a
+  compromised ingest host can forge acks but never commands or config. Kits learn its public half from
+  their signed config (``relay.ack_public_keys``, sent at claim and in every later document).
+
+Both are PKCS#8 PEM, mode 0600.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from firmware.errors import FleetError
 from firmware.wire import control_protocol as cp
 
 KEY_FILE = "fleet-signing.key"
+ACK_KEY_FILE = "ack-signing.key"
 
 
 class Signer:
@@ -52,3 +59,20 @@ class Signer:
     def sign(self, kind: str, body: dict[str, Any]) -> bytes:
         """The signed envelope of `body` as message kind `kind` (claim_response, config, cmd)."""
         return cp.sign(kind, body, self.key)
+
+
+def load_ack_key(path: Path, create: bool = False) -> Ed25519PrivateKey:
+    """The data center's ack-signing key at `path`; with `create`, a new one (mode 0600) if none is there.
+
+    Several ingest hosts share one key file (copy it); kits trust every key in ``relay.ack_public_keys``.
+    """
+    path = Path(path)
+    if create and not path.exists():
+        try:
+            return Signer.create(path).key
+        except FileExistsError:  # another worker made it first
+            pass
+    try:
+        return Signer.load(path).key
+    except (OSError, ValueError) as e:
+        raise FleetError(f"cannot read the ack-signing key {path}: {e}") from None

@@ -176,6 +176,19 @@ def _key_file(v: str) -> str:
     return v
 
 
+def ack_public_keys(v: list[Any]) -> str | None:
+    """Data-center ack keys: distinct base64 Ed25519 public keys (32 bytes each)."""
+    from firmware.wire.relay_protocol import load_ack_public_key
+
+    try:
+        raws = [load_ack_public_key(k) for k in v]
+    except (ValueError, TypeError):
+        return "a list of base64 Ed25519 public keys (from `rekam-fleet archive ack-key`)"
+    if len(set(raws)) != len(raws):
+        return "a list of distinct keys"
+    return None
+
+
 # --- value types --------------------------------------------------------------------------------------
 
 NonEmptyStr = Annotated[str, checked(nonempty)]
@@ -186,6 +199,7 @@ KeyFile = Annotated[str, checked(nonempty), AfterValidator(_key_file)]
 FingerList = Annotated[list[str], checked_if(list, fingers)]
 FingerThresholds = Annotated[dict[str, float], checked_if(dict, finger_thresholds)]
 OperatorList = Annotated[list[dict[str, Any]], checked_if(list, operators)]
+AckKeyList = Annotated[list[str], checked_if(list, ack_public_keys)]
 # Integer choices are not Literal: a Literal would also take False for 0 and 9600.0 for 9600.
 Baud = Annotated[int, checked(one_of(*BAUD_RATES))]
 TargetBaud = Annotated[int, checked(one_of(0, *BAUD_RATES))]

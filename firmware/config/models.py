@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from firmware.config.checks import (
+    AckKeyList,
     Baud,
     BrokerUrl,
     FingerList,
@@ -521,6 +522,12 @@ class RelayConfig(Section):
         60.0, ge=0.5, le=86400,
         description="While on a fallback broker, how often higher-priority brokers are probed to return to them, s.")
     telemetry_interval_s: float = Field(60.0, ge=1, le=86400, description="How often relay telemetry is published, s.")
+    ack_public_keys: AckKeyList = Field(
+        [],
+        description="Data-center ack keys (base64 Ed25519, `rekam-fleet archive ack-key`): an ack marks a record "
+                    "acked or quarantined only if one of them signed it. The fleet sends them in the signed config "
+                    "(at claim and after); list old and new during a rotation. Empty: no ack is trusted and records "
+                    "stay sent.")
 
 
 class SimulationConfig(Section):

@@ -418,6 +418,10 @@ class ControlPlane:
             self.request_exit(EX_RESTART, f"config v{cand.version} needs a restart")
 
     def _apply_live(self, cand: Candidate) -> None:
+        if "relay.ack_public_keys" in cand.changed:
+            relay = self.kit.services.get("relay") if isinstance(getattr(self.kit, "services", None), dict) else None
+            if relay is not None and hasattr(relay, "set_ack_keys"):
+                relay.set_ack_keys(cand.cfg.relay.ack_public_keys)
         if "operators.list" in cand.changed:
             from firmware.enrollment.operators import operators_from_config
 

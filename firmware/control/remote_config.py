@@ -41,7 +41,8 @@ FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requir
 DENIED = {"kit": None, "api": None,
           "control": {"enabled", "ca_file", "claim_cert_file", "claim_key_file", "fleet_public_key", "claim_brokers"},
           "datacenter": set()}
-LIVE_KEYS = {"operators.list", "control.telemetry_interval_s"}  # applied without a restart
+# Applied without a restart (the data-center ack keys too: a key rotation must not need a restart per kit).
+LIVE_KEYS = {"operators.list", "control.telemetry_interval_s", "relay.ack_public_keys"}
 MAX_FILE_BYTES = 16 * 1024
 
 

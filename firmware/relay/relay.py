@@ -3,17 +3,23 @@
 A broker's PUBACK proves little (brokers drop oversized or unrouted messages after acking them, paho's
 queue is RAM). So the store is the queue and the data center's ingest has the last word:
 
-    stored --(PUBACK of the last chunk)--> sent --(ack from ingest, hash checked)--> acked
-                                             \\--(ingest says malformed)--> quarantined
+    stored --(PUBACK of the last chunk)--> sent --(signed ack from ingest, hash checked)--> acked
+                                             \\--(signed: ingest says malformed)--> quarantined
+
+* An ack counts only if a data-center ack key (``relay.ack_public_keys``) signed it over the record id,
+  hash and status; anything else is logged (``relay ignoring unverifiable ack ...``), counted
+  (``acks_unverified``) and ignored.
 
 * Records go out in capture order: an announce (id, size, hash), then chunks no larger than
   min(relay.chunk_kb, broker Maximum Packet Size) at QoS 1. At most min(relay.window, broker Receive
   Maximum) messages await a PUBACK. A PUBACK reason code >= 0x80 fails the transfer; a size-related
   refusal (0x95, 0x97, 0x83) halves the chunk size for that broker (brokers with ``message_size_limit``
   do not announce it).
-* After any reconnect or restart everything not acked is sent again from the store. A sent record
-  without an ack is resent after ``ack_timeout_s``, doubling (jittered) up to ``ack_timeout_max_s``,
-  forever. At most ``max_unacked_records`` records wait for acks before new ones start.
+* After any reconnect or restart everything not acked is sent again from the store (transfers cut
+  by a lost connection included). A sent record without an ack is resent after ``ack_timeout_s``,
+  doubling (jittered) up to ``ack_timeout_max_s``, forever; a sweep every min(``ack_timeout_s``, 60 s)
+  re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At
+  most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
 * One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
 
@@ -55,6 +61,7 @@ MQTT_ERR_PROTOCOL = 2  # paho.mqtt.enums.MQTTErrorCode.MQTT_ERR_PROTOCOL (0x82: 
 SIZE_REFUSALS = {0x83, 0x95, 0x97}  # implementation specific, packet too large, quota exceeded
 MARK_BATCH = 128
 MARK_EVERY_S = 0.25
+SWEEP_MAX_S = 60.0  # longest time between two looks for `sent` records nobody is tracking (issue 19.4)
 READ_AHEAD = 4  # records prepared ahead of the network thread
 
 
@@ -95,6 +102,7 @@ class Transfer:
     outstanding: int = 0
     failed: int = 0  # first failing PUBACK reason code
     attempts: int = 1
+    retry_in: float | None = None  # the data center said "retry" while the transfer was still going
 
     @property
     def all_handed(self) -> bool:
@@ -156,8 +164,9 @@ class Relay:
         self._pubs = TokenBucket(self.r.publishes_per_s, max(1.0, self.r.publishes_per_s / 4))
         # Counters (read by status() from other threads: ints only).
         self.counters = {"records_sent": 0, "records_acked": 0, "records_rejected": 0, "records_resent": 0,
-                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "retry_acks": 0, "read_errors": 0,
-                         "chunk_shrinks": 0}
+                         "puback_failures": 0, "bytes_sent": 0, "acks_ignored": 0, "acks_unverified": 0,
+                         "retry_acks": 0, "read_errors": 0, "chunk_shrinks": 0, "sent_requeued": 0}
+        self._ack_keys = [proto.load_ack_public_key(k) for k in self.r.ack_public_keys]
         self.last_rejects: deque[dict[str, str]] = deque(maxlen=10)
         self._status_cache: dict[str, Any] = {}
         self._status_at = 0.0
@@ -186,7 +195,19 @@ class Relay:
             self.store.on_change.append(self._wake.set)
         self.thread = threading.Thread(target=self._main, name="relay", daemon=True)
         self.thread.start()
-        log.info("relay started kit_id=%s brokers=%s", self.kit_id, ",".join(self.r.brokers))
+        log.info("relay started kit_id=%s brokers=%s ack_kids=%s", self.kit_id, ",".join(self.r.brokers),
+                 ",".join(proto.ack_key_id(k) for k in self._ack_keys) or "none")
+        if not self._ack_keys:
+            log.error("relay has no relay.ack_public_keys: no data-center ack can be verified, records stay sent")
+
+    def set_ack_keys(self, keys: list[str]) -> None:
+        """Trust these data-center ack keys from now on (a live remote-config change: key rotation).
+
+        Safe from any thread: the relay thread reads the list through one attribute, replaced whole.
+        """
+        raws = [proto.load_ack_public_key(k) for k in keys]
+        self._ack_keys = raws
+        log.info("relay ack keys updated ack_kids=%s", ",".join(proto.ack_key_id(k) for k in raws) or "none")
 
     def sync_now(self) -> None:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
@@ -241,6 +262,8 @@ class Relay:
         """The relay thread's loop (see module doc)."""
         self._load_sent()
         next_tel = time.monotonic() + min(5.0, self.r.telemetry_interval_s)
+        sweep_every = max(1.0, min(self.r.ack_timeout_s, SWEEP_MAX_S))
+        next_sweep = time.monotonic() + sweep_every
         while not self._stopping():
             busy = self.uplink.connected and self._pump()
             self.uplink.step(0.0 if busy else 0.05)
@@ -252,6 +275,27 @@ class Relay:
                 next_tel = now + self.r.telemetry_interval_s
             if now - self._status_at > 2.0:
                 self._refresh_status()
+            if now >= next_sweep:
+                self._sweep_sent()
+                next_sweep = now + sweep_every
+
+    def _sweep_sent(self) -> None:
+        """Offer again every `sent` record that nothing here tracks (not awaiting an ack, not in transfer).
+
+        The events should never lose one, but a record that falls through (a transfer forgotten on a lost
+        connection, a read error on a resend) would otherwise wait for the next restart: this bounds that
+        at one sweep interval, whatever happened to the connection.
+        """
+        tracked = set(self._waiting) | set(self._active) | set(self._to_acked)
+        now = time.monotonic()
+        n = 0
+        for row in self.store.records(state="sent"):
+            if row.id not in tracked:
+                self._wait(row.id, row.seq, now, attempts=1)
+                n += 1
+        if n:
+            self.counters["sent_requeued"] += n
+            log.warning("relay re-offering sent records nobody tracked count=%d", n)
 
     def _load_sent(self) -> None:
         """After a start: records already 'sent' are owed an ack; resend them first (capture order)."""
@@ -442,9 +486,18 @@ class Relay:
                         "(broker message size limit?)", self._broker_url, size, new)
 
     def _reset_transfers(self) -> None:
-        """Forget everything handed to paho: it is resent from the store on the next connection."""
+        """Forget everything handed to paho: it is resent from the store on the next connection.
+
+        An interrupted transfer goes back to the records awaiting an ack, due now: a resend of a `sent`
+        record is neither fresh (state stored) nor awaited any more once it started, so without this it
+        would stay `sent` until a restart (issue 19.4: a broker killed during a resend).
+        """
         if self._active:
             log.info("relay transfers interrupted count=%d; they restart from the store", len(self._active))
+        now = time.monotonic()
+        for t in self._active.values():
+            if t.record_id not in self._to_acked:
+                self._wait(t.record_id, t.seq, now, t.attempts)
         self._active.clear()
         self._order.clear()
         self._mids.clear()
@@ -489,6 +542,8 @@ class Relay:
                 return  # the data center's ack overtook the last PUBACK
             # Doubling per attempt up to ack_timeout_max_s; a little jitter so a backlog's resends spread out.
             timeout = backoff_delay(attempts - 1, self.r.ack_timeout_s, self.r.ack_timeout_max_s, self.rng, spread=0.2)
+            if t.retry_in is not None:  # no ack will come for this attempt: resend after the retry delay
+                timeout = min(timeout, t.retry_in)
             self._wait(t.record_id, t.seq, time.monotonic() + timeout, attempts)
             return
         b = self.uplink.broker
@@ -509,10 +564,18 @@ class Relay:
         if topic != self.ack_topic:
             return
         try:
-            ack = proto.Ack.decode(payload)
+            ack = proto.Ack.decode(payload)  # bounded (size, depth): a hostile payload cannot crash this thread
         except proto.ProtocolError as e:
             self.counters["acks_ignored"] += 1
-            log.warning("relay ignoring malformed ack error=%s", e)
+            log.warning("relay ignoring malformed ack reason=%s error=%s", e.reason, e)
+            return
+        # Nothing is marked acked or quarantined on an ack the data center did not sign: whoever can publish on
+        # our ack topic (a misconfigured broker, a stolen credential) could otherwise make us purge or quarantine.
+        if not ack.verify(self._ack_keys):
+            self.counters["acks_ignored"] += 1
+            self.counters["acks_unverified"] += 1
+            log.error("relay ignoring unverifiable ack record_id=%s status=%s kid=%s trusted_kids=%s", ack.record_id,
+                      ack.status, ack.kid or "-", ",".join(proto.ack_key_id(k) for k in self._ack_keys) or "none")
             return
         row = self.store.record(ack.record_id)
         if row is None:
@@ -553,8 +616,11 @@ class Relay:
             delay = backoff_delay(attempts, self.r.backoff_min_s, self.r.ack_timeout_max_s, self.rng)
             log.warning("relay data center asks to retry record_id=%s reason=%s retry_in_s=%.1f", ack.record_id,
                         ack.reason, delay)
-            if ack.record_id not in self._active:
+            t = self._active.get(ack.record_id)
+            if t is None:
                 self._wait(ack.record_id, row.seq, time.monotonic() + delay, attempts)
+            else:
+                t.retry_in = delay
 
     # --- journal marks (batched: one fsync'd transaction per batch) -----------------------
 

@@ -6,25 +6,39 @@ docs/protocol.md is the prose version of this module.
 
     rekam/v1/<kit>/records/announce   kit -> dc   JSON: one per transfer of a record
     rekam/v1/<kit>/records/chunk      kit -> dc   binary: b"RKC1" | u16 header length | JSON header | data
-    rekam/v1/<kit>/acks               dc -> kit   JSON: stored / duplicate / rejected / retry
+    rekam/v1/<kit>/acks               dc -> kit   JSON, v2: stored / duplicate / rejected / retry, signed by a
+                                                  data-center ack key (Ed25519) over record id + hash + status
     rekam/v1/<kit>/telemetry/relay    kit -> dc   JSON: uplink state and backlog
 
 All QoS 1, never retained, no Message Expiry (a record must never expire in a queue), no topic aliases.
+Every JSON document is parsed with `firmware.wire.safejson` (size and depth bounded).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from firmware.errors import ProtocolError
+from firmware.wire import safejson
 from firmware.wire.ids import is_kit_id, is_record_id
 
 PREFIX = "rekam/v1"
-VERSION = 1
+VERSION = 1  # announce and chunk header
+ACK_VERSION = 2  # v2: signed by a data-center ack key (v1 acks were unsigned and are refused)
+ACK_SIG_CONTEXT = b"rekam/v1 ack\0"  # domain separation from every other Ed25519 signature
+MAX_JSON_BYTES = 4096  # an announce or an ack is ~300 bytes
 CHUNK_MAGIC = b"RKC1"
 _HLEN = struct.Struct(">H")
 
@@ -198,41 +212,104 @@ def chunk_data_limit(configured: int, broker_max_packet: int | None, topic: str)
     return max(MIN_CHUNK_BYTES, limit)
 
 
+def ack_key_id(public_raw: bytes) -> str:
+    """Short identifier of an ack key: the first 8 bytes of its SHA-256, hex (as `record_format.key_id`)."""
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+def load_ack_public_key(text: str) -> bytes:
+    """A data-center ack public key (base64 of the 32 raw Ed25519 bytes) -> raw bytes; ValueError if not one."""
+    try:
+        raw = base64.b64decode(str(text).strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("ack public key is not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"ack public key must be 32 bytes (Ed25519), got {len(raw)}")
+    Ed25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+def ack_public_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """The base64 public half of an ack key (what `relay.ack_public_keys` lists)."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return base64.b64encode(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+
+
 @dataclass(frozen=True)
 class Ack:
-    """The data center's answer for one record (sent only after the record is committed, for stored)."""
+    """The data center's answer for one record (sent only after the record is committed, for stored).
+
+    On the wire (v2) it is signed by a data-center ack key over ``ACK_SIG_CONTEXT`` + the canonical JSON
+    of (v, record_id, sha256, status, reason); `kid` names the key, `sig` is the signature. A decoded ack
+    proves nothing until `verify()` says which trusted key signed it.
+    """
 
     record_id: str
     sha256: str
     status: str
     reason: str = ""
+    kid: str = ""
+    sig: bytes = b""
 
     @property
     def ok(self) -> bool:
         return self.status in ACK_OK
 
-    def encode(self) -> bytes:
-        return json.dumps({"v": VERSION, "record_id": self.record_id, "sha256": self.sha256, "status": self.status,
+    def _signed(self) -> bytes:
+        return ACK_SIG_CONTEXT + json.dumps(
+            {"v": ACK_VERSION, "record_id": self.record_id, "sha256": self.sha256, "status": self.status,
+             "reason": self.reason}, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def encode(self, key: Ed25519PrivateKey) -> bytes:
+        """The signed ack, signed with the data center's ack key `key`."""
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        sig = key.sign(self._signed())
+        return json.dumps({"v": ACK_VERSION, "record_id": self.record_id, "sha256": self.sha256,
+                           "status": self.status, "reason": self.reason, "kid": ack_key_id(raw),
+                           "sig": base64.b64encode(sig).decode()}, sort_keys=True).encode()
+
+    def encode_unsigned_v1(self) -> bytes:
+        """The old unsigned v1 ack, only for kits not yet upgraded during a rollout (``--legacy-unsigned-acks``);
+        this build's kits refuse it."""
+        return json.dumps({"v": 1, "record_id": self.record_id, "sha256": self.sha256, "status": self.status,
                            "reason": self.reason}, sort_keys=True).encode()
+
+    def verify(self, keys: Iterable[bytes]) -> bool:
+        """True if one of `keys` (raw Ed25519 public keys) signed this ack."""
+        for raw in keys:
+            try:
+                Ed25519PublicKey.from_public_bytes(raw).verify(self.sig, self._signed())
+                return True
+            except (InvalidSignature, ValueError):
+                continue
+        return False
 
     @classmethod
     def decode(cls, data: bytes) -> Ack:
-        d = _json(data, "ack")
+        """Parse (bounded) and check the fields of an ack; the signature is checked by `verify()`."""
+        d = safejson.loads_object(data, max_bytes=MAX_JSON_BYTES, max_depth=2, what="ack")
+        if d.get("v") != ACK_VERSION:
+            raise ProtocolError("bad_version", f"ack: protocol version {d.get('v')!r}, this build speaks "
+                                f"{ACK_VERSION} (signed acks)")
         _check_common(d, "ack")
         status = _need(d, "status", str, "ack")
         if status not in ACK_STATUSES:
             raise ProtocolError(f"ack: unknown status {status!r} (known: {', '.join(ACK_STATUSES)})")
         reason = d.get("reason", "")
-        return cls(d["record_id"], d["sha256"], status, str(reason)[:500])
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise ProtocolError("ack: reason must be a string of at most 500 characters")
+        kid, sig = d.get("kid"), d.get("sig")
+        if not isinstance(kid, str) or not isinstance(sig, str):
+            raise ProtocolError("unsigned", "ack: no kid/sig (unsigned ack)")
+        try:
+            raw_sig = base64.b64decode(sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("unsigned", "ack: sig is not base64") from None
+        return cls(d["record_id"], d["sha256"], status, reason, kid[:32], raw_sig)
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        d = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"{what}: not JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ProtocolError(f"{what}: not a JSON object")
+    d = safejson.loads_object(data, max_bytes=MAX_JSON_BYTES, max_depth=2, what=what)
     if d.get("v", VERSION) != VERSION:
         raise ProtocolError(f"{what}: protocol version {d.get('v')!r}, this build speaks {VERSION}")
     return d

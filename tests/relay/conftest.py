@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import config
 from firmware.capture.simulated import SimulatedCapture
@@ -16,6 +18,7 @@ from firmware.relay.relay import Relay
 from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.wire import record_format
+from firmware.wire import relay_protocol as proto
 from provisioning.archive import Archive
 from provisioning.ingest import IngestSettings, IngestWorker
 from tests.support import wait_for  # noqa: F401  (the tests here import it from this conftest)
@@ -23,6 +26,24 @@ from tests.support import wait_for  # noqa: F401  (the tests here import it from
 FAST_RELAY = {"ack_timeout_s": 2.0, "ack_timeout_max_s": 4.0, "backoff_min_s": 0.1, "backoff_max_s": 0.5,
               "probe_interval_s": 0.5, "connect_timeout_s": 3.0, "keepalive_s": 10, "telemetry_interval_s": 1.0,
               "publishes_per_s": 0.0}
+
+
+# The data center's ack-signing key of these tests: ingest workers sign with it, kits trust its public half.
+ACK_KEY = Ed25519PrivateKey.generate()
+ACK_PUB = proto.ack_public_b64(ACK_KEY)
+
+
+def write_ack_key(path: Path, key: Ed25519PrivateKey = ACK_KEY) -> Path:
+    """Write `key` as an ingest ack-key file (PKCS#8 PEM) at `path`."""
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ack_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_ack_key(tmp_path_factory.mktemp("ack") / "ack-signing.key")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +55,8 @@ def dc_pub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def kit_config(root: Path, dc_pub: Path, brokers: list[str], **relay: Any) -> config.Config:
-    """A kit configuration in `root` relaying to `brokers` with test-speed timers."""
+    """A kit configuration in `root` relaying to `brokers` with test-speed timers (trusting `ACK_KEY`)."""
+    relay.setdefault("ack_public_keys", [ACK_PUB])
     return config.validate({
         "kit": {"state_dir": str(root / "sd")},
         "datacenter": {"public_key_files": [str(dc_pub)]},
@@ -104,12 +126,13 @@ def make_kit(tmp_path: Path, dc_pub: Path) -> Iterator[Callable[..., KitUnderTes
 
 
 @pytest.fixture
-def make_ingest(tmp_path: Path) -> Iterator[Callable[..., IngestWorker]]:
-    """Start ingest workers (threads with their own MQTT connection) on a shared archive."""
+def make_ingest(tmp_path: Path, ack_key_file: Path) -> Iterator[Callable[..., IngestWorker]]:
+    """Start ingest workers (threads with their own MQTT connection) on a shared archive, signing with `ACK_KEY`."""
     made: list[IngestWorker] = []
 
     def make(broker: str, archive: Path | None = None, wait: bool = True, **kw: Any) -> IngestWorker:
         kw.setdefault("tofu", True)
+        kw.setdefault("ack_key", ack_key_file)
         w = IngestWorker(IngestSettings(broker=broker, archive=archive or tmp_path / "archive", **kw)).start()
         made.append(w)
         if wait:

@@ -6,7 +6,7 @@ import json
 import signal
 import time
 
-from tests.relay.conftest import wait_for
+from tests.relay.conftest import ACK_PUB, wait_for
 from tests.support import rekam, write_daemon_config
 
 
@@ -18,6 +18,7 @@ brokers = ["mqtt://127.0.0.1:1", "{mosquitto.url}"]
 ack_timeout_s = 2.0
 backoff_min_s = 0.1
 backoff_max_s = 0.5
+ack_public_keys = ["{ACK_PUB}"]
 """)
     (tmp_path / "usb").rmdir()  # no stick: acked records stay on the SD (not purged), as this test counts them
     p = rekamd_factory(cfg, timeout=30).proc  # stopped at teardown whatever happens

@@ -13,10 +13,11 @@ from tests.relay.conftest import assert_delivered_once, wait_for
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_ingest_cli_unknown_kit_then_registered(mosquitto, make_kit, tmp_path, capsys):
+def test_ingest_cli_unknown_kit_then_registered(mosquitto, make_kit, tmp_path, capsys, ack_key_file):
     arch = tmp_path / "archive"
     p = subprocess.Popen([sys.executable, "-m", "provisioning.cli", "ingest", "--broker", mosquitto.url,
-                          "--archive", str(arch), "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                          "--archive", str(arch), "--workers", "2", "--ack-key", str(ack_key_file)],
+                         cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         kit = make_kit([mosquitto.url])
         ids = kit.capture(5)

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import config
 from firmware.capture.simulated import SimulatedCapture
@@ -45,11 +46,13 @@ def test_announce_and_ack_validation():
     with pytest.raises(proto.ProtocolError, match="chunks does not fit"):
         proto.Announce.decode(proto.Announce(RID, 42, 1000, SHA, 3, 300).encode())
     with pytest.raises(proto.ProtocolError, match="unknown status"):
-        proto.Ack.decode(b'{"record_id": "%s", "sha256": "%s", "status": "maybe"}' % (RID.encode(), SHA.encode()))
+        proto.Ack.decode(b'{"v": 2, "record_id": "%s", "sha256": "%s", "status": "maybe"}' % (RID.encode(),
+                                                                                             SHA.encode()))
     with pytest.raises(proto.ProtocolError, match="bad record_id"):
-        proto.Ack.decode(b'{"record_id": "../etc", "sha256": "%s", "status": "stored"}' % SHA.encode())
+        proto.Ack.decode(b'{"v": 2, "record_id": "../etc", "sha256": "%s", "status": "stored"}' % SHA.encode())
+    key = Ed25519PrivateKey.generate()
     with pytest.raises(proto.ProtocolError, match="protocol version"):
-        proto.Ack.decode(proto.Ack(RID, SHA, "stored").encode().replace(b'"v": 1', b'"v": 2'))
+        proto.Ack.decode(proto.Ack(RID, SHA, "stored").encode(key).replace(b'"v": 2', b'"v": 3'))
 
 
 def test_topics_and_broker_urls():

@@ -9,7 +9,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from firmware.wire import relay_protocol as proto
-from tests.relay.conftest import assert_delivered_once, wait_for
+from tests.relay.conftest import ACK_KEY, assert_delivered_once, wait_for
 
 
 def test_happy_path_status_and_telemetry(mosquitto, make_kit, make_ingest, tmp_path):
@@ -209,7 +209,9 @@ def test_forged_ack_with_wrong_hash_is_ignored(mosquitto, make_kit):
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     pub.connect("127.0.0.1", mosquitto.port)
     pub.loop_start()
-    pub.publish(proto.ack_topic(kit.kit_id), proto.Ack(rid, "0" * 64, "stored").encode(), qos=1).wait_for_publish(5)
+    # Signed by the data center's own ack key, but for other bytes: still not an ack of our record.
+    pub.publish(proto.ack_topic(kit.kit_id), proto.Ack(rid, "0" * 64, "stored").encode(ACK_KEY),
+                qos=1).wait_for_publish(5)
     pub.publish(proto.ack_topic(kit.kit_id), b"{not json", qos=1).wait_for_publish(5)
     wait_for(lambda: relay.status()["counters"]["acks_ignored"] >= 2, 5, "acks ignored")
     pub.loop_stop()

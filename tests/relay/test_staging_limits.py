@@ -1,0 +1,69 @@
+"""Issue 13.9: the ingest's staging is capped per kit and in total and expires quickly, so a kit flooding chunks of
+transfers it never finishes cannot fill the data center's disk; a genuine kit refused for lack of room is answered
+`retry` and gets its records in once room is back. Real mosquitto, real ingest, real staging.db."""
+
+from __future__ import annotations
+
+import json
+
+import paho.mqtt.client as mqtt
+
+from firmware.wire import relay_protocol as proto
+from firmware.wire.ids import make_record_id
+from provisioning.ingest import StagingLimits
+from tests.relay.conftest import assert_delivered_once, wait_for
+
+CHUNK = 16 * 1024
+
+
+def flood(port: int, kit_id: str, n: int, first_seq: int, chunks: int = 64, last_too: bool = False) -> None:
+    """First chunks of `n` made-up 1 MiB transfers of `kit_id` (never finished), and their last chunks if `last_too`."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        size = chunks * CHUNK
+        for i in range(n):
+            rid = make_record_id(kit_id, first_seq + i, "20261201T000000Z")
+            sha = f"{i:064x}"
+            for idx in ((0, chunks - 1) if last_too else (0,)):
+                body = b"\0" * CHUNK
+                ch = proto.Chunk(rid, sha, size, idx, chunks, CHUNK, body)
+                c.publish(proto.chunk_topic(kit_id), ch.encode(), qos=1).wait_for_publish(5)
+    finally:
+        c.loop_stop()
+        c.disconnect()
+
+
+def test_flooding_kit_is_capped_and_genuine_kit_resends_later(mosquitto, make_kit, make_ingest, tmp_path):
+    limits = StagingLimits(kit_bytes=3 * 1024 * 1024, kit_transfers=3, total_bytes=64 * 1024 * 1024,
+                           total_transfers=4)
+    w = make_ingest(mosquitto.url, staging=limits, transfer_ttl_s=3.0)
+    flooder, flooder2 = "rk-flood1", "rk-flood2"
+    acks: list[dict] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: acks.append(json.loads(m.payload))
+    sub.connect("127.0.0.1", mosquitto.port)
+    sub.subscribe(proto.ack_topic(flooder), qos=1)
+    sub.loop_start()
+    try:
+        flood(mosquitto.port, flooder, 20, 1, last_too=True)
+        wait_for(lambda: w.counters.staging_refused >= 17 * 2, 15, "the flood refused past the per-kit cap")
+        assert w.staging.usage(flooder) == (3, 3 * 64 * CHUNK)  # its share, no more
+        wait_for(lambda: len(acks) >= 17, 10, "retry answers for the refused transfers")
+        assert {a["status"] for a in acks} == {"retry"} and "kit_transfers" in acks[0]["reason"]
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    flood(mosquitto.port, flooder2, 1, 1)  # staging now holds the total cap: 4 unfinished transfers
+    wait_for(lambda: w.staging.usage() == (4, 4 * 64 * CHUNK), 10, "staging full")
+    kit = make_kit([mosquitto.url], chunk_kb=16)
+    ids = kit.capture(3)
+    relay = kit.start_relay()
+    wait_for(lambda: relay.status()["counters"]["retry_acks"] >= 1, 15, "the genuine kit told to retry")
+    assert kit.counts()["acked"] == 0 and kit.counts()["quarantined"] == 0
+    # The flood expires (3 s without a chunk); the genuine kit's resends then go in.
+    wait_for(lambda: kit.counts()["acked"] == 3, 40, "genuine records stored after the flood expired")
+    assert_delivered_once(kit, tmp_path / "archive", ids)
+    assert w.counters.expired_chunks >= 4
+    wait_for(lambda: w.staging.usage() == (0, 0), 10, "staging empty again")
