@@ -304,8 +304,18 @@ class Store:
                     self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
                 raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
             stick_id, mirror_error = mirror.result()
-            self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
-                              size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+            try:
+                self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
+                                  size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+            except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
+                log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
+                try:
+                    remove_durably(self.sd_path(record_id))
+                except OSError:
+                    pass  # left behind: recovery adopts it after verification (its number stays fenced)
+                if stick_id is not None:
+                    self._unmirror(record_id)
+                raise StoreError(f"could not write the journal on the SD card: {e}") from e
             self.guard.note_record_size(len(sealed))
         log.info("record captured record_id=%s size=%d sha256=%s stick=%s", record_id, len(sealed), digest[:12],
                  stick_id or "-")
@@ -371,9 +381,10 @@ class Store:
             if present and stick_id_at(self.cfg.usb_dir) == self._ejected:
                 return
             self._ejected = ""
-        if self.stick is not None and not present:
+        if self.stick is not None and (not present or stick_id_at(self.cfg.usb_dir) != self.stick.stick_id):
+            # Gone, or another medium (or the bare mount-point folder of a pulled stick) is there now.
             self._stick_lost("removed")
-        elif self.stick is not None:
+        if self.stick is not None:
             with self._lock:
                 self._flush_stick()
             if self.stick_full and self.stick is not None and self._stick_has_room(self.stick, self._largest()):
@@ -571,8 +582,8 @@ class Store:
             seq = seq_of(rid)
             if seq is None or seq > self._boot_seq:  # later numbers: this process's own commits, journaled
                 continue
-            if self.closing.is_set() or self.stick is not stick:
-                return
+            if self.closing.is_set() or (self.stick is not None and self.stick is not stick):
+                return  # (recovery passes a stick it opened itself, before `self.stick` is set)
             with self._lock:
                 if self.journal is not None and self.j.get(rid) is None:
                     self._adopt_from_stick(stick, rid, rep)
