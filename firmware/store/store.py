@@ -514,7 +514,7 @@ class Store:
                 continue
             break
         self._backfill_cursor = -1 if done else cursor  # a finished pass: the next one looks at everything again
-        if self.stick is stick and not self.closing.is_set():
+        if self.stick is stick and not stopped():  # (a stop goes now: the index is repaired on the next pass)
             try:
                 added = stick.reindex(listed)
                 if added:
