@@ -67,7 +67,7 @@ class UsbWatcher(ThreadService):
                 log.exception("background reconcile failed")
         if store.backfill_due and not self.stop_event.is_set():
             try:
-                store.backfill(stop=self.stop_event)
+                store.backfill(stop=self.stop_event, background=True)
             except Exception:
                 log.exception("usb backfill failed")
         if self.auto_purge and not self.stop_event.is_set():

@@ -111,6 +111,7 @@ class Store:
         self._lock = threading.RLock()  # serialises commits, mirroring and purges
         self._begin_lock = threading.Lock()
         self._backfill_lock = threading.Lock()
+        self._backfill_waiting = 0  # explicit backfill calls waiting for the lock (the watcher's pass yields)
         self._lockfile: int | None = None
         self.recipients = [record_format.load_recipient_key(cfg.path(p).read_bytes())
                            for p in cfg.datacenter.public_key_files]
@@ -454,7 +455,7 @@ class Store:
     def _max_sealed(self) -> int:
         return self.guard.max_record_bytes + record_format.MAX_HEADER + 1024 * 1024
 
-    def backfill(self, limit: int | None = None, stop: threading.Event | None = None) -> int:
+    def backfill(self, limit: int | None = None, stop: threading.Event | None = None, background: bool = False) -> int:
         """Copy live records the current stick lacks, in capture order; returns how many were copied.
 
         Works in bounded batches of journal rows and checks `stop` (and the store closing) before each
@@ -462,15 +463,25 @@ class Store:
         start) resumes. Never fills the stick past its reserve: a full stick is kept and reported
         (`stick_full`), not dropped. Stick-only files (a kill between the stick and the SD copy) are
         adopted when they verify, removed when they do not. Clears `backfill_due` when done.
+        One pass at a time: a `background` pass (the USB watcher's) ends early, keeping its place, when
+        an explicit call (e.g. `rekam usb export`) is waiting for its turn.
         """
-        if not self._backfill_lock.acquire(blocking=False):
-            return 0  # one backfill at a time (the USB watcher's, or an export's): the running one goes on
+        if background:  # the USB watcher: never waits; gives way to an explicit call (an export)
+            if not self._backfill_lock.acquire(blocking=False):
+                return 0
+        else:
+            self._backfill_waiting += 1
+            try:
+                if not self._backfill_lock.acquire(timeout=60):
+                    return 0
+            finally:
+                self._backfill_waiting -= 1
         try:
-            return self._backfill(limit, stop)
+            return self._backfill(limit, stop, background)
         finally:
             self._backfill_lock.release()
 
-    def _backfill(self, limit: int | None, stop: threading.Event | None) -> int:
+    def _backfill(self, limit: int | None, stop: threading.Event | None, background: bool) -> int:
         stick = self.stick
         if stick is None:
             return 0
@@ -484,7 +495,8 @@ class Store:
         listed: dict[str, tuple[int, str, int]] = {}
 
         def stopped() -> bool:
-            return self.stick is not stick or self.closing.is_set() or (stop is not None and stop.is_set())
+            return (self.stick is not stick or self.closing.is_set() or (stop is not None and stop.is_set())
+                    or (background and self._backfill_waiting > 0))
 
         done = False
         while not stopped():
