@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -56,18 +57,21 @@ class Tally:
     reused: int = 0
     stuck: int = 0
     notes: list[str] = field(default_factory=list)
+    extra: Counter[str] = field(default_factory=Counter)  # scenario-specific evidence (e.g. writes a cut dropped)
 
     def add(self, other: Tally) -> None:
         for f in FIELDS:
             setattr(self, f, getattr(self, f) + getattr(other, f))
         self.notes += other.notes
+        self.extra.update(other.extra)
 
     @property
     def bad(self) -> int:
         return self.lost + self.corrupt + self.duplicated + self.reused + self.stuck
 
     def line(self) -> str:
-        return f"{self.name:24s} " + " ".join(f"{f}={getattr(self, f)}" for f in FIELDS)
+        return f"{self.name:24s} " + " ".join([f"{f}={getattr(self, f)}" for f in FIELDS]
+                                              + [f"{k}={v}" for k, v in sorted(self.extra.items())])
 
 
 def kit_config(state: Path, usb: Path, dc_pub: Path, **store: Any) -> config.Config:
@@ -519,11 +523,12 @@ def usb_required(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> T
 
 
 def power_loss(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tally:
-    """Power cut emulated at the block layer. This kernel has no device-mapper (no dm-flakey/dm-log-writes), so:
-    the SD is ext4 on a loop device over an image file; the writer is killed with SIGKILL at a random moment and
-    the image file is copied at once: the copy holds exactly what the block device had received (what fsync
-    forced out, plus whatever writeback happened to send), not the dirty pages still in the page cache - those
-    are lost, as in a power cut. The copy is then fsck'd (journal replay), loop-mounted and recovered."""
+    """Power cut emulated at the block layer. This kernel has no device-mapper (no dm-flakey/dm-log-writes), so
+    the SD is ext4 on a loop device over an image file, and the image file is copied at a random moment: the copy
+    holds exactly what the block device had received (what fsync forced out, plus whatever writeback happened
+    to send), not the dirty pages still in the page cache, which are lost as in a power cut. The writer is
+    frozen (SIGSTOP) at that moment (between a write() and its fsync, say), the image copied, the writer killed;
+    the copy is then fsck'd (journal replay), loop-mounted and recovered."""
     total = Tally("power_loss")
     for i in range(trials):
         trial = root / f"pl{i}"
@@ -540,9 +545,10 @@ def power_loss(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             child = writer(mnt, usb, dc_pub, f"size={rng.choice([5_000, 80_000, 250_000])}")
             wait_ready(child)
             time.sleep(rng.uniform(0.05, 0.6))
-            child.kill()
-            child.wait()
+            child.send_signal(signal.SIGSTOP)  # frozen wherever it is: between a write() and its fsync, say
             shutil.copyfile(img, cut)  # the power cut: what the device holds now, nothing more
+            live = _listing(mnt / "records")
+            child.kill()
             led.read_child(child)
             subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
             fsck = subprocess.run(["e2fsck", "-p", str(cut)], capture_output=True, text=True)
@@ -553,8 +559,12 @@ def power_loss(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             subprocess.run(["mount", "-o", "loop", str(cut), str(mnt)], check=True)
             try:
                 led.survey()
+                after = _listing(mnt / "records")
                 t = led.audit("power_loss")
                 t.trials = 1
+                # Evidence that the cut really dropped writes the page cache still held (e.g. the record in
+                # progress): the files after the cut differ from what the killed process had left.
+                t.extra["cuts_dropping_writes"] += int(after != live)
                 total.add(t)
             finally:
                 subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
@@ -562,6 +572,13 @@ def power_loss(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             umount(mnt)
             umount(img_dir)
     return total
+
+
+def _listing(d: Path) -> dict[str, int]:
+    try:
+        return {e.name: e.stat().st_size for e in os.scandir(d)}
+    except OSError:
+        return {}
 
 
 SCENARIOS = {
