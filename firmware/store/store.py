@@ -127,6 +127,7 @@ class Store:
         self.backfill_due = False  # the current stick may lack records (the USB watcher copies them)
         self._backfill_cursor = -1  # seq up to which the current stick has been backfilled
         self.stick_full: dict[str, Any] = {}  # {"stick_id", "not_mirrored", "message"} once a stick is full
+        self._full_reported = ""  # the stick whose "full" was logged and audited (once per insertion)
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
         self.closing = threading.Event()
@@ -404,6 +405,7 @@ class Store:
             self.stick_error = ""
             self.stick = stick
             self.stick_full = {}
+            self._full_reported = ""
             self._backfill_cursor = -1
             self.backfill_due = True
             self.j.note_stick(stick.stick_id)
@@ -435,9 +437,11 @@ class Store:
 
     def _note_stick_full(self, stick: Stick, not_mirrored: int | None = None) -> None:
         """The stick is full up to its reserve: keep it (no flapping), say so once (log, audit, status)."""
-        if not_mirrored is None:
-            not_mirrored = self.j.mirror_lag()["records"]
-        first = self.stick_full.get("stick_id") != stick.stick_id
+        if not_mirrored is None:  # a commit that did not fit: one more (no O(n) count on the commit path)
+            prev = self.stick_full.get("not_mirrored") if self.stick_full.get("stick_id") == stick.stick_id else None
+            not_mirrored = prev + 1 if prev is not None else self.j.mirror_lag()["records"]
+        first = self._full_reported != stick.stick_id  # once per insertion, however often room comes and goes
+        self._full_reported = stick.stick_id
         self.stick_full = {
             "stick_id": stick.stick_id, "not_mirrored": not_mirrored,
             "message": f"Stik USB penuh: {not_mirrored} rekaman belum tersalin ke stik. Ganti dengan stik yang "
