@@ -316,16 +316,18 @@ def umount(path: Path, lazy: bool = False) -> None:
 
 
 def exhaustion(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tally:
-    """Fill a small real tmpfs SD or stick (bytes or inodes), also behind the guard's back so that SQLite's own
-    writes and the record writes hit ENOSPC; every commit either returns (confirmed) or raises a StoreError
-    (CaptureHalted included) before anything is half written; then space comes back and capture goes on."""
+    """Fill a small real tmpfs SD or stick (bytes or inodes), also behind the guard's back: another writer fills
+    the SD to the last byte (SQLite's own writes hit ENOSPC), or takes every inode as it comes free while
+    commits run (the record's temp file cannot be created after the guard said yes). Every commit either
+    returns (confirmed) or raises a StoreError (CaptureHalted included) with nothing half written, the journal
+    passes `PRAGMA integrity_check`; then space comes back and capture goes on."""
     from firmware.errors import StoreError
 
     total = Tally("exhaustion")
     for i in range(trials):
-        kind = ["sd_bytes", "sd_inodes", "stick_bytes", "stick_inodes", "sqlite"][i % 5]
+        kind = KINDS[i % len(KINDS)]
         trial = root / f"ex{i}"
-        sd = mount_tmpfs(trial / "sd", 24 * 1024, 60 if kind == "sd_inodes" else None)
+        sd = mount_tmpfs(trial / "sd", 24 * 1024, {"sd_inodes": 60, "inode_race": 400}.get(kind))
         usb = mount_tmpfs(trial / "usb", 6 * 1024, 40 if kind == "stick_inodes" else None) \
             if kind.startswith("stick") else trial / "usb"
         try:
@@ -338,31 +340,51 @@ def exhaustion(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             s = Store(cfg, identity.load_or_create(sd))
             s.open()
             filler = sd / "filler"
+            ex: Counter[str] = Counter()
+            stop_race = threading.Event()
             try:
                 errors = 0
                 for n in range(400):
                     if kind == "sqlite" and n == 3:
-                        # Another writer fills the SD to the last byte while commits go on: the guard's
-                        # figures go stale between its check and the writes, so the record files, the
-                        # high-water mark and the journal commit (SQLite's WAL) hit ENOSPC at random points.
-                        threading.Thread(target=_fill, args=(filler, 0, rng.choice([4096, 65536])),
-                                         daemon=True).start()
+                        # Another writer fills the SD to the last byte: SQLite's own writes now hit ENOSPC
+                        # (a write that must grow the WAL), and so would any commit the guard let through.
+                        _fill(filler, 0)
+                        try:
+                            s.audit("probe", blob="x" * 400_000)
+                        except Exception:
+                            ex["sqlite_enospc"] += 1
+                    if kind == "inode_race" and n == 3:
+                        # Another process takes every inode it can, as fast as they come free, while commits
+                        # go on: the guard's check passes, then the record's temp file cannot be created.
+                        stop_race.clear()
+                        threading.Thread(target=_eat_inodes, args=(sd / "eaten", stop_race), daemon=True).start()
                     try:
                         r = s.commit(payload(rng.choice([20_000, 120_000, 300_000])))
                         led.confirm(r.record_id, r.sha256, r.stick_id is not None)
-                    except StoreError:
+                    except CaptureHalted:
+                        ex["halted"] += 1
                         errors += 1
-                        if errors > 4:
-                            break
+                    except StoreError as e:  # refused mid-way: no copy left, the number skipped
+                        ex["journal_failed" if "journal" in str(e) else "write_failed"] += 1
+                        errors += 1
+                    if errors > 4:
+                        break
                     try:
                         s.audit("probe")  # SQLite writes outside a commit may fail too; they must not corrupt
                     except Exception:
-                        pass
+                        ex["sqlite_enospc"] += 1
+                stop_race.set()
+                ok = s.j.conn.execute("PRAGMA integrity_check").fetchone()[0]
+                if ok != "ok":
+                    ex["journal_damaged"] += 1
             finally:
                 s.close()
             filler.unlink(missing_ok=True)
+            shutil.rmtree(sd / "eaten", ignore_errors=True)
             led.survey()
             t = led.audit("exhaustion", **opts)
+            t.corrupt += ex.pop("journal_damaged", 0)
+            t.extra.update(ex)
             if kind.startswith("stick") and t.confirmed and not any(m for _, m in led.confirmed.values()):
                 t.notes.append("no record mirrored at all")
             t.trials = 1
@@ -371,6 +393,20 @@ def exhaustion(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             umount(trial / "usb")
             umount(trial / "sd")
     return total
+
+
+KINDS = ("sd_bytes", "sd_inodes", "stick_bytes", "stick_inodes", "sqlite", "inode_race")
+
+
+def _eat_inodes(d: Path, stop: threading.Event) -> None:
+    d.mkdir(exist_ok=True)
+    n = 0
+    while not stop.is_set():
+        try:
+            os.close(os.open(d / str(n), os.O_CREAT | os.O_WRONLY, 0o600))
+            n += 1
+        except OSError:
+            time.sleep(0.0005)  # none free: grab the next one that comes free
 
 
 def _fill(path: Path, leave: int, chunk: int = 1 << 20) -> None:

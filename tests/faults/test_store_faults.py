@@ -14,7 +14,7 @@ import pytest
 
 from tests.faults import harness
 
-TRIALS = {"kill_capture": 8, "kill_points": 3, "kill_recovery": 3, "exhaustion": 5, "small_stick": 1,
+TRIALS = {"kill_capture": 8, "kill_points": 3, "kill_recovery": 3, "exhaustion": 6, "small_stick": 1,
           "yank_backfill": 2, "usb_required": 1, "power_loss": 3}
 
 
