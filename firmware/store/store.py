@@ -158,7 +158,11 @@ class Store:
         report = RecoveryReport()
         if recover:
             clean = j.get_meta(META_CLEAN) == "1"
-            j.set_meta(**{META_CLEAN: "0"})  # durable before any write: a kill from here on is an unclean stop
+            try:
+                j.set_meta(**{META_CLEAN: "0"})  # durable before any write: a kill from here on is unclean
+            except Exception as e:  # SD full to the last byte: start anyway (status, purge); every number
+                # reservation clears the marker again in its own commit, so no record can exist unfenced
+                log.error("cannot clear the clean-shutdown marker error=%s", e)
             self._writable = True
             self.reconcile_pending = not clean
             if not clean and not defer_reconcile:
@@ -328,7 +332,7 @@ class Store:
         """Durably reserve a block of sequence numbers from `seq` on, before `seq` is used anywhere."""
         hwm = seq + SEQ_BLOCK - 1
         try:
-            self.j.set_meta(**{META_HWM: str(hwm)})
+            self.j.set_meta(**{META_HWM: str(hwm), META_CLEAN: "0"})
         except Exception as e:  # SQLite's own ENOSPC/EIO: refuse the record before its number exists
             log.error("cannot reserve sequence numbers seq=%d error=%s", seq, e)
             raise StoreError(f"could not write the journal on the SD card: {e}") from e
