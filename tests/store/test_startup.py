@@ -96,6 +96,9 @@ def test_ready_and_sigterm_never_wait_for_a_backfill(tmp_path: Path, dc_keys: di
         # An unclean stop: the next start is READY at once and reconciles in the background.
         d2.proc.kill()
         d2.proc.wait()
+        kit_id = identity.load_or_create(cfg.state_dir).kit_id
+        temp = cfg.state_dir / "records" / f"{kit_id}-{N + 7:08d}-20261201T000000Z.rkm.tmp"
+        temp.write_bytes(b"half a record")  # what a kill mid-write leaves
         d3 = rekamd_factory(cfg_path, wait=False, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": None})
         _ready(sock, d3.proc)
         assert "clean=False" in d3.log_text()
@@ -103,6 +106,10 @@ def test_ready_and_sigterm_never_wait_for_a_backfill(tmp_path: Path, dc_keys: di
         while json.loads(rekam("status", "--json", cfg=cfg_path).stdout).get("reconcile_pending"):
             assert time.monotonic() < deadline, "the background reconcile did not finish"
             time.sleep(0.2)
+        assert not temp.exists()
+        r = rekam("sim", "commit", "1", "--json", cfg=cfg_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)[0]["seq"] > N + 7  # the number the temp file showed is never handed out
         d3.proc.send_signal(signal.SIGTERM)
         assert d3.proc.wait(timeout=5) == 0
     finally:
