@@ -39,6 +39,7 @@ from firmware.seal import identity
 from firmware.store.journal import LIVE
 from firmware.store.store import Store, seq_of
 from firmware.wire import record_format
+from tests.support import Tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = ("trials", "confirmed", "lost", "corrupt", "duplicated", "reused", "stuck")
@@ -304,15 +305,16 @@ def _zero_trials(t: Tally) -> Tally:
     return t
 
 
+_tmpfs = Tmpfs()  # the one tmpfs helper (tests/support.py); every scenario unmounts what it mounted
+
+
 def mount_tmpfs(path: Path, size_kb: int, inodes: int | None = None) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size_kb}k,mode=0755" + (f",nr_inodes={inodes}" if inodes else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
-    return path
+    return _tmpfs.mount(path, size_kb, inodes)
 
 
 def umount(path: Path, lazy: bool = False) -> None:
-    subprocess.run(["umount", *(["-l"] if lazy else []), str(path)], check=False, capture_output=True)
+    if path in _tmpfs.mounted:
+        _tmpfs.umount(path, lazy=lazy)
 
 
 def exhaustion(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tally:
@@ -605,7 +607,7 @@ def power_loss(root: Path, dc_pub: Path, trials: int, rng: random.Random) -> Tal
             finally:
                 subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
         finally:
-            umount(mnt)
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)  # the loop mount, if still up
             umount(img_dir)
     return total
 
