@@ -97,6 +97,7 @@ class Ledger:
         self.confirmed: dict[str, tuple[str, bool]] = {}
         self.seen: dict[int, str] = {}  # seq -> record id, from every medium and confirmation so far
         self.reused = 0
+        self.saw_ready = False  # whether the last writer read by read_child() got as far as READY
 
     # --- evidence -------------------------------------------------------------------------
 
@@ -134,7 +135,9 @@ class Ledger:
         """Confirmations printed by a (killed) writer; a line cut short by the kill is no confirmation."""
         n = 0
         assert child.stdout is not None
+        self.saw_ready = False
         for line in child.stdout:
+            self.saw_ready |= line.strip() == "READY"
             parts = line.split()
             if line.endswith("\n") and len(parts) == 4 and parts[0] == "OK":
                 self.confirm(parts[1], parts[2], parts[3] == "1")
@@ -217,10 +220,15 @@ def writer(state: Path, usb: Path, dc_pub: Path, *opts: str) -> subprocess.Popen
                              *opts], stdout=subprocess.PIPE, text=True, cwd=REPO)
 
 
-def wait_ready(child: subprocess.Popen[str], timeout: float = 30) -> bool:
+def wait_ready(child: subprocess.Popen[str], until: str = "READY") -> bool:
+    """Read the writer's lines up to `until` ("OPENING": its recovery is about to run; "READY": it commits)."""
     assert child.stdout is not None
-    line = child.stdout.readline()
-    return line.strip() == "READY"
+    while line := child.stdout.readline():
+        if line.strip() == until:
+            return True
+        if line.strip() != "OPENING":
+            return False
+    return False
 
 
 # --- scenarios (each returns the Tally of `trials` trials) ---------------------------------------------------
@@ -289,11 +297,13 @@ def kill_during_recovery(root: Path, dc_pub: Path, trials: int, rng: random.Rand
         child.kill()
         led.read_child(child)
         led.survey()
-        # The recovering start, killed at a random moment of its open() (often before READY).
+        # The recovering start, killed at a random moment of its open() (its recovery) or just after.
         child = writer(state, usb, dc_pub, "size=40000")
-        time.sleep(rng.uniform(0.0, 0.4))
+        wait_ready(child, "OPENING")
+        time.sleep(rng.uniform(0.0, 0.012))  # its open() takes ~7-20 ms here
         child.kill()
         led.read_child(child)
+        total.extra["killed_in_recovery"] += int(not led.saw_ready)
         led.survey()
         total.trials += 1
     total.add(_zero_trials(led.audit("kill_recovery", expect_mirror=True)))

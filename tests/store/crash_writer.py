@@ -72,6 +72,7 @@ if kill == "stick_only":
             s.stick_done.set()  # type: ignore[attr-defined]
 
     s._mirror_one = mirror_then_signal  # type: ignore[method-assign]
+print("OPENING", flush=True)  # recovery starts now (the kill-during-recovery trials aim here)
 s.open()
 print("READY", flush=True)
 n = 0
