@@ -58,12 +58,15 @@ class Tmpfs:
     def __init__(self) -> None:
         self.mounted: list[Path] = []
 
-    def mount(self, path: Path, size_kb: int | None) -> Path:
-        """Mount a fresh tmpfs of `size_kb` KiB (None: the kernel's default size) on `path` (created)."""
+    def mount(self, path: Path, size_kb: int | None, inodes: int | None = None) -> Path:
+        """Mount a fresh tmpfs of `size_kb` KiB (None: the kernel's default size) and at most `inodes` inodes
+        (None: the default) on `path` (created)."""
         if os.geteuid() != 0:
             pytest.fail("real tmpfs mounts need root (CI and the dev container run the tests as root)")
         path.mkdir(parents=True, exist_ok=True)
-        opts = ["-o", f"size={size_kb}k,mode=0755"] if size_kb is not None else []
+        o = ([f"size={size_kb}k", "mode=0755"] if size_kb is not None else []) + \
+            ([f"nr_inodes={inodes}"] if inodes is not None else [])
+        opts = ["-o", ",".join(o)] if o else []
         subprocess.run(["mount", "-t", "tmpfs", *opts, "tmpfs", str(path)], check=True)
         self.mounted.append(path)
         return path

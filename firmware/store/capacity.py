@@ -10,8 +10,11 @@ more records fit, and a state:
 * HALT  - not even one more fits (or no stick while one is required). A halted medium stays
   halted until `resume_records` fit again (hysteresis), so capture does not flap.
 
-A new enrollment *reserves* one maximal record's space when it starts; that reservation counts
-against every later check, so an enrollment under way can always finish.
+A medium is HALT unless a record of the largest size the kit may write (`max_record_mb`) still
+fits beyond its reserve, whatever the largest record seen so far. A new enrollment *reserves* one
+maximal record's space when it starts; that reservation counts against every later check, so an
+enrollment under way can always finish; `check_room()` checks again just before a record takes
+its sequence number.
 """
 
 from __future__ import annotations
@@ -119,7 +122,10 @@ class CapacityGuard:
             reserve = self.reserve_bytes(name)
             usable = sp.free_bytes - reserve - held
             est = self._estimate()
-            left = max(0, usable // est) if usable > 0 else 0
+            # The next record may be as large as the kit allows (max_record_mb), whatever the largest so
+            # far: it fits only if a maximal record does; further ones are counted at the estimate.
+            first = self.max_record_bytes
+            left = 0 if usable < first else 1 + (usable - first) // est
             inode_left = sp.free_inodes - self.cfg.min_free_inodes - 2 * len(self._reservations)
             # Each record takes one inode (plus a temporary one while written).
             left = min(left, max(0, inode_left // 2))
@@ -142,6 +148,20 @@ class CapacityGuard:
             level, why = Level.OK, ""
         return MediumStatus(name, str(path), True, sp.total_bytes, sp.free_bytes, sp.free_inodes, reserve,
                             int(left), level, why)
+
+    def check_room(self, name: str, path: Path, nbytes: int) -> None:
+        """Raise `CaptureHalted` unless `nbytes` fit on medium `name` beyond its reserve right now (checked
+        just before a record takes its number: a reservation taken earlier does not prove the room)."""
+        try:
+            sp = space(path)
+        except OSError:
+            return  # the write itself will report a vanished medium
+        reserve = self.reserve_bytes(name)
+        if sp.free_bytes - reserve < nbytes:
+            raise CaptureHalted(f"{name} is full: {sp.free_bytes // MIB} MiB free, {reserve // MIB} MiB reserved, "
+                                f"the record needs {nbytes // MIB + 1} MiB")
+        if sp.free_inodes - self.cfg.min_free_inodes < 2:
+            raise CaptureHalted(f"{name} is out of inodes ({sp.free_inodes} free)")
 
     def reserve(self, media: list[MediumStatus]) -> Reservation:
         """Hold space for one enrollment, or raise `CaptureHalted` with the reason."""

@@ -117,6 +117,20 @@ class Journal:
                 raise
             self.conn.execute("COMMIT")
 
+    # --- meta: the sequence high-water mark and the clean-shutdown marker --------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the `meta` table (None when unset)."""
+        with self._lock:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, **values: str) -> None:
+        """Set `meta` values in one durable commit (the store's sequence high-water mark, clean marker)."""
+        with self.transaction() as c:
+            c.executemany("INSERT INTO meta (key, value) VALUES (?, ?) "
+                          "ON CONFLICT(key) DO UPDATE SET value = excluded.value", list(values.items()))
+
     # --- records ------------------------------------------------------------------------
 
     def add_record(self, *, record_id: str, seq: int, created: str, clock_synced: bool, size: int,

@@ -1,9 +1,12 @@
 """The store's services for the daemon: open/recovery and close, and the USB watcher.
 
 `StoreService` is the first service started and the last stopped: everything else reads or
-writes through the store. `UsbWatcher` polls for the stick (insertion backfills what it lacks)
-and purges acknowledged records; it is its own thread because a backfill of thousands of records
-takes minutes and must not hold up the watchdog keep-alive or the status checks.
+writes through the store. Its start is O(1) in the backlog (the journal is the index; after an
+unclean stop the reconcile is owed and runs in the background). `UsbWatcher` polls for the stick,
+runs that reconcile, backfills a new stick and purges acknowledged records, all in its own thread:
+a backfill of thousands of records takes minutes and must never hold up READY, the watchdog
+keep-alive, the status checks or a stop (it checks the stop event before every record and resumes
+where it stopped, in this run or the next).
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ class StoreService:
 
     def start(self) -> None:
         """Open the store and log what recovery found; raises StoreError (e.g. locked by another process)."""
-        rep = self.store.open()
+        rep = self.store.open(defer_reconcile=True)
         self.report = rep
-        log.info("store open kit_id=%s state_dir=%s records=%s recovered=%d quarantined=%d missing=%d",
-                 self.store.identity.kit_id, self.store.state_dir, self.store.j.max_seq(), len(rep.adopted),
-                 len(rep.quarantined), len(rep.missing))
+        log.info("store open kit_id=%s state_dir=%s records=%s clean=%s", self.store.identity.kit_id,
+                 self.store.state_dir, self.store.j.max_seq(), not self.store.reconcile_pending)
 
     def stop(self) -> None:
         """Close the store (idempotent)."""
@@ -52,12 +54,23 @@ class UsbWatcher(ThreadService):
         self.auto_purge = auto_purge
 
     def tick(self) -> None:
-        """One poll (and purge); failures are logged and retried on the next poll."""
+        """One poll: stick, owed reconcile, backfill (stoppable), purge; failures are logged and retried next poll."""
+        store = self.store
         try:
-            self.store.poll_usb()
+            store.poll_usb(backfill=False)
         except Exception:
             log.exception("usb poll failed")
-        if self.auto_purge:
+        if store.reconcile_pending and not self.stop_event.is_set():
+            try:
+                store.recover()
+            except Exception:
+                log.exception("background reconcile failed")
+        if store.backfill_due and not self.stop_event.is_set():
+            try:
+                store.backfill(stop=self.stop_event, background=True)
+            except Exception:
+                log.exception("usb backfill failed")
+        if self.auto_purge and not self.stop_event.is_set():
             try:
                 self.store.purge_acknowledged()
             except Exception:

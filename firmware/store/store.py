@@ -12,6 +12,7 @@ and reported, never deleted, and never block the other records.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -23,18 +24,34 @@ from pathlib import Path
 from typing import Any
 
 from firmware.config import Config
-from firmware.errors import RecordTooLarge, StoreError, StoreLocked
+from firmware.errors import RecordTooLarge, StoreError, StoreLocked, UntrustedFile
 from firmware.seal.identity import KitIdentity
 from firmware.store.capacity import CapacityGuard, Level, MediumStatus, Reservation, overall
 from firmware.store.journal import LIVE, Journal
 from firmware.store.usb import HostileStick, Stick, StickError, detect, open_stick, stick_id_at
 from firmware.system.clock import clock_synchronised, compact, iso
-from firmware.system.fsutil import TMP_SUFFIX, atomic_write, fsync_dir, remove_durably
+from firmware.system.fsutil import (
+    TMP_SUFFIX,
+    atomic_write,
+    fsync_dir,
+    read_untrusted,
+    remove_durably,
+    sha256_untrusted,
+    space,
+)
 from firmware.wire import record_format
 from firmware.wire.ids import make_record_id, parse_record_id
 
 log = logging.getLogger(__name__)
 
+# Sequence numbers are reserved durably in blocks before any of them is used (one journal commit per
+# block, not per record); a clean close writes back the last number really used, so only an unclean
+# stop skips (never reuses) the rest of a block.
+SEQ_BLOCK = 32
+META_HWM = "seq_high_water"  # every number <= this may have been used on some medium
+META_CLEAN = "clean_shutdown"  # "1": the last owner closed cleanly, nothing to reconcile
+BACKFILL_BATCH = 256  # journal rows read per backfill step (the stop event is checked per record)
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -64,6 +81,8 @@ class RecoveryReport:
     restored_from_stick: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     purged_leftovers: int = 0
+    stick_adopted: list[str] = field(default_factory=list)  # complete records found only on the stick
+    stick_removed: list[str] = field(default_factory=list)  # stick-only files that failed verification
 
 
 def seq_of(record_id: str) -> int | None:
@@ -71,6 +90,13 @@ def seq_of(record_id: str) -> int | None:
     rid = parse_record_id(record_id)
     return rid.seq if rid else None
 
+
+
+def _int(v: str | None) -> int:
+    try:
+        return int(v or 0)
+    except ValueError:
+        return 0
 
 
 class Store:
@@ -83,6 +109,9 @@ class Store:
         self.records_dir = self.state_dir / "records"
         self.quarantine_dir = self.state_dir / "quarantine"
         self._lock = threading.RLock()  # serialises commits, mirroring and purges
+        self._begin_lock = threading.Lock()
+        self._backfill_lock = threading.Lock()
+        self._backfill_waiting = 0  # explicit backfill calls waiting for the lock (the watcher's pass yields)
         self._lockfile: int | None = None
         self.recipients = [record_format.load_recipient_key(cfg.path(p).read_bytes())
                            for p in cfg.datacenter.public_key_files]
@@ -91,7 +120,15 @@ class Store:
         self.stick: Stick | None = None
         self.stick_error = ""
         self._refused = False  # stick_error is a refusal of the stick still inserted (cleared when it is pulled)
-        self._seq = 0
+        self._seq = 0  # the last sequence number used (or possibly used: never handed out again)
+        self._hwm = 0  # the durable high-water mark: numbers up to here are reserved in the journal
+        self._boot_seq = 0  # numbers up to here predate this open (what a reconcile may find on media)
+        self._writable = False
+        self.reconcile_pending = False  # an unclean stop left media to reconcile (done in the background)
+        self.backfill_due = False  # the current stick may lack records (the USB watcher copies them)
+        self._backfill_cursor = -1  # seq up to which the current stick has been backfilled
+        self.stick_full: dict[str, Any] = {}  # {"stick_id", "not_mirrored", "message"} once a stick is full
+        self._full_reported = ""  # the stick whose "full" was logged and audited (once per insertion)
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
         self.closing = threading.Event()
@@ -99,10 +136,14 @@ class Store:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def open(self, recover: bool = True) -> RecoveryReport:
-        """Take ownership of the state directory, open the journal and reconcile it with the files.
+    def open(self, recover: bool = True, defer_reconcile: bool = False) -> RecoveryReport:
+        """Take ownership of the state directory, open the journal and, after an unclean stop, reconcile.
 
-        `recover=False` (read-only inspection) skips reconciliation; such a store must not commit.
+        O(1) in the backlog after a clean stop: the journal is the index, and the clean-shutdown marker
+        says there is nothing to reconcile. After an unclean stop `recover()` runs here, or, with
+        `defer_reconcile`, later in the background (`reconcile_pending`; the store is usable meanwhile:
+        new numbers start above everything any medium may hold). Never backfills: see `backfill()`.
+        `recover=False` (read-only inspection) changes nothing; such a store must not commit.
         """
         for d in (self.state_dir, self.records_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -113,18 +154,39 @@ class Store:
             os.close(fd)
             raise StoreLocked(f"{self.state_dir} is in use by another process (is rekamd running?)") from None
         self._lockfile = fd
-        self.journal = Journal(self.state_dir / "journal.db")
-        report = self.recover() if recover else RecoveryReport()
-        self.guard.note_record_size(self.journal.largest_size())
-        self.poll_usb()
+        self.journal = j = Journal(self.state_dir / "journal.db")
+        self._seq = self._hwm = self._boot_seq = max(j.max_seq(), _int(j.get_meta(META_HWM)))
+        report = RecoveryReport()
+        if recover:
+            clean = j.get_meta(META_CLEAN) == "1"
+            try:
+                j.set_meta(**{META_CLEAN: "0"})  # durable before any write: a kill from here on is unclean
+            except Exception as e:  # SD full to the last byte: start anyway (status, purge); every number
+                # reservation clears the marker again in its own commit, so no record can exist unfenced
+                log.error("cannot clear the clean-shutdown marker error=%s", e)
+            self._writable = True
+            self.reconcile_pending = not clean
+            if not clean and not defer_reconcile:
+                report = self.recover()
+        self.guard.note_record_size(j.largest_size())
+        self.poll_usb(backfill=False)
         return report
 
     def close(self) -> None:
         """Wait for any commit in progress, then release everything."""
-        self.closing.set()  # a running backfill stops after its current record
+        self.closing.set()  # a running backfill or reconcile stops after its current record
         with self._lock:
             self._flush_stick()
             if self.journal:
+                if self._writable:
+                    # Nothing is half done now (commits, purges and mirror copies run under the lock);
+                    # the numbers reserved but unused go back. Clean only if no reconcile is owed.
+                    marker = "0" if self.reconcile_pending else "1"
+                    try:
+                        self.journal.set_meta(**{META_HWM: str(self._seq), META_CLEAN: marker})
+                    except Exception as e:  # the SD failing at close: the next start reconciles
+                        log.error("store close could not write the clean marker error=%s", e)
+                    self._writable = False
                 self.journal.close()
                 self.journal = None
             if self._lockfile is not None:
@@ -190,8 +252,9 @@ class Store:
 
     def begin(self) -> Reservation:
         """Start an enrollment: reserve room for one record, or raise `CaptureHalted` with the reason."""
-        self.poll_usb()
-        return self.guard.reserve(self.media())
+        self.poll_usb(backfill=False)
+        with self._begin_lock:  # measure and hold in one step: two enrollments cannot share the last room
+            return self.guard.reserve(self.media())
 
     def release(self, reservation: Reservation) -> None:
         """End an enrollment that will not be committed (cancelled)."""
@@ -223,7 +286,12 @@ class Store:
         if len(payload) > max_bytes:
             raise RecordTooLarge(f"record payload is {len(payload)} bytes; store.max_record_mb allows {max_bytes}")
         with self._lock:
+            # Refuse before a number is used: the sealed record must fit on the SD beyond its reserve
+            # (a reservation taken earlier does not prove the room is still there).
+            self.guard.check_room("sd", self.state_dir, len(payload) + record_format.MAX_HEADER)
             seq = self._seq + 1
+            if seq > self._hwm:
+                self._reserve_numbers(seq)
             created = iso()
             record_id = make_record_id(self.identity.kit_id, seq, compact())
             synced = clock_synchronised()
@@ -239,16 +307,46 @@ class Store:
                              expect_sha256=digest)
             except OSError as e:
                 log.error("commit failed on SD record_id=%s error=%s", record_id, e)
-                mirror.result()
+                if mirror.result()[0] is not None:
+                    self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
                 raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
             stick_id, mirror_error = mirror.result()
-            self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
-                              size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+            try:
+                self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
+                                  size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+            except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
+                log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
+                try:
+                    remove_durably(self.sd_path(record_id))
+                except OSError:
+                    pass  # left behind: recovery adopts it after verification (its number stays fenced)
+                if stick_id is not None:
+                    self._unmirror(record_id)
+                raise StoreError(f"could not write the journal on the SD card: {e}") from e
             self.guard.note_record_size(len(sealed))
         log.info("record captured record_id=%s size=%d sha256=%s stick=%s", record_id, len(sealed), digest[:12],
                  stick_id or "-")
         self._changed()
         return CommitResult(record_id, digest, len(sealed), seq, stick_id, mirror_error)
+
+    def _reserve_numbers(self, seq: int) -> None:
+        """Durably reserve a block of sequence numbers from `seq` on, before `seq` is used anywhere."""
+        hwm = seq + SEQ_BLOCK - 1
+        try:
+            self.j.set_meta(**{META_HWM: str(hwm), META_CLEAN: "0"})
+        except Exception as e:  # SQLite's own ENOSPC/EIO: refuse the record before its number exists
+            log.error("cannot reserve sequence numbers seq=%d error=%s", seq, e)
+            raise StoreError(f"could not write the journal on the SD card: {e}") from e
+        self._hwm = hwm
+
+    def _unmirror(self, record_id: str) -> None:
+        stick = self.stick
+        if stick is None:
+            return
+        try:
+            remove_durably(stick.record_path(record_id))
+        except OSError as e:
+            log.warning("cannot remove stick copy of a failed commit record_id=%s error=%s", record_id, e)
 
     def _mirror_one(self, record_id: str, seq: int, data: bytes, digest: str) -> tuple[str | None, str]:
         stick = self.stick
@@ -258,10 +356,16 @@ class Store:
             # Checked per record: a pulled stick must not turn into writes to the bare mount-point folder.
             self._stick_lost("removed")
             return None, "stick removed"
+        if not self._stick_has_room(stick, len(data)):
+            self._note_stick_full(stick)
+            return None, "stick full"
         try:
             stick.write_record(record_id, seq, data, digest, verify=self.cfg.store.verify_readback)
             return stick.stick_id, ""
         except OSError as e:
+            if e.errno in NO_ROOM:  # full, not gone: keep the stick (never flap), the record joins the backlog
+                self._note_stick_full(stick)
+                return None, "stick full"
             # The stick vanished or failed: the SD copy stands, the record joins the mirror backlog.
             self._stick_lost(f"write failed: {e.strerror or e}")
             return None, str(e)
@@ -275,21 +379,28 @@ class Store:
 
     # --- USB ----------------------------------------------------------------------------
 
-    def poll_usb(self) -> None:
-        """Notice a stick appearing or going; on insertion, backfill what it lacks."""
+    def poll_usb(self, backfill: bool = True) -> None:
+        """Notice a stick appearing or going; on insertion, backfill what it lacks (`backfill=False`: only
+        flag it, `backfill_due`, for the USB watcher, which copies in the background)."""
         present = detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint)
         if self._ejected:
             # The released stick stays ignored until it is gone (unmounted or pulled); another stick is taken.
             if present and stick_id_at(self.cfg.usb_dir) == self._ejected:
                 return
             self._ejected = ""
-        if self.stick is not None and not present:
+        if self.stick is not None and (not present or stick_id_at(self.cfg.usb_dir) != self.stick.stick_id):
+            # Gone, or another medium (or the bare mount-point folder of a pulled stick) is there now.
             self._stick_lost("removed")
-        elif self._refused and not present:
+        if self._refused and not present:
             self.stick_error, self._refused = "", False  # the refused stick was pulled
-        elif self.stick is not None:
+        if self.stick is not None:
             with self._lock:
                 self._flush_stick()
+            if self.stick_full and self.stick is not None and self._stick_has_room(self.stick, self._largest()):
+                # Room again (files deleted, a bigger filesystem): resume the backfill.
+                log.info("usb stick has room again stick_id=%s", self.stick.stick_id)
+                self.stick_full = {}
+                self.backfill_due = True
         elif self.stick is None and present:
             try:
                 stick = open_stick(self.cfg.usb_dir, self.identity.kit_id, self.identity.public_key_b64)
@@ -302,9 +413,14 @@ class Store:
                 return
             self.stick_error = ""
             self.stick = stick
+            self.stick_full = {}
+            self._full_reported = ""
+            self._backfill_cursor = -1
+            self.backfill_due = True
             self.j.note_stick(stick.stick_id)
             log.info("usb stick inserted stick_id=%s mount=%s", stick.stick_id, stick.mount)
             self.j.audit("usb_inserted", stick_id=stick.stick_id)
+        if backfill and self.backfill_due:
             self.backfill()
 
     def _stick_lost(self, why: str) -> None:
@@ -313,9 +429,72 @@ class Store:
             self.j.audit("usb_removed", stick_id=self.stick.stick_id, reason=why)
         self.stick = None
         self.stick_error = why
+        self.stick_full = {}
+        self.backfill_due = False
 
-    def backfill(self, limit: int | None = None) -> int:
-        """Copy every live record the current stick lacks; returns how many were copied."""
+    def _largest(self) -> int:
+        return max(self.guard.largest_record, 1)
+
+    def _stick_has_room(self, stick: Stick, nbytes: int) -> bool:
+        """Does a record of `nbytes` fit on the stick beyond its reserve (bytes and inodes)?"""
+        try:
+            sp = space(stick.mount)
+        except OSError:
+            return True  # gone: the write itself will tell (and the stick is then dropped)
+        return (sp.free_bytes - self.guard.reserve_bytes("usb") >= nbytes
+                and sp.free_inodes - self.cfg.store.min_free_inodes >= 2)
+
+    def _note_stick_full(self, stick: Stick, not_mirrored: int | None = None) -> None:
+        """The stick is full up to its reserve: keep it (no flapping), say so once (log, audit, status)."""
+        if not_mirrored is None:  # a commit that did not fit: one more (no O(n) count on the commit path)
+            prev = self.stick_full.get("not_mirrored") if self.stick_full.get("stick_id") == stick.stick_id else None
+            not_mirrored = prev + 1 if prev is not None else self.j.mirror_lag()["records"]
+        first = self._full_reported != stick.stick_id  # once per insertion, however often room comes and goes
+        self._full_reported = stick.stick_id
+        self.stick_full = {
+            "stick_id": stick.stick_id, "not_mirrored": not_mirrored,
+            "message": f"Stik USB penuh: {not_mirrored} rekaman belum tersalin ke stik. Ganti dengan stik yang "
+                       f"lebih besar; rekaman tetap aman di kartu SD.",
+        }
+        self.backfill_due = False
+        if first:
+            log.warning("usb stick full stick_id=%s not_mirrored=%d", stick.stick_id, not_mirrored)
+            self.j.audit("usb_full", stick_id=stick.stick_id, not_mirrored=not_mirrored)
+
+    def _stick_rel(self, record_id: str) -> str:
+        return f"rekam/{self.identity.kit_id}/records/{record_id}{record_format.FILE_SUFFIX}"
+
+    @property
+    def _max_sealed(self) -> int:
+        return self.guard.max_record_bytes + record_format.MAX_HEADER + 1024 * 1024
+
+    def backfill(self, limit: int | None = None, stop: threading.Event | None = None, background: bool = False) -> int:
+        """Copy live records the current stick lacks, in capture order; returns how many were copied.
+
+        Works in bounded batches of journal rows and checks `stop` (and the store closing) before each
+        record, so a stop mid-backfill takes at most one record's copy; the next call (or the next
+        start) resumes. Never fills the stick past its reserve: a full stick is kept and reported
+        (`stick_full`), not dropped. Stick-only files (a kill between the stick and the SD copy) are
+        adopted when they verify, removed when they do not. Clears `backfill_due` when done.
+        One pass at a time: a `background` pass (the USB watcher's) ends early, keeping its place, when
+        an explicit call (e.g. `rekam usb export`) is waiting for its turn.
+        """
+        if background:  # the USB watcher: never waits; gives way to an explicit call (an export)
+            if not self._backfill_lock.acquire(blocking=False):
+                return 0
+        else:
+            self._backfill_waiting += 1
+            try:
+                if not self._backfill_lock.acquire(timeout=60):
+                    return 0
+            finally:
+                self._backfill_waiting -= 1
+        try:
+            return self._backfill(limit, stop, background)
+        finally:
+            self._backfill_lock.release()
+
+    def _backfill(self, limit: int | None, stop: threading.Event | None, background: bool) -> int:
         stick = self.stick
         if stick is None:
             return 0
@@ -324,55 +503,150 @@ class Store:
             stick.remove_temp_files()
             on_stick = stick.record_files()
             known = self.j.mirrored_on(stick.stick_id)
-            todo = [r for r in self.j.records() if r.state in LIVE]
-        for r in todo:
-            if limit is not None and copied >= limit:
-                break
-            if self.stick is not stick or self.closing.is_set():
-                break
-            if on_stick.get(r.id) == r.size:
-                if r.id not in known:
-                    # Present but never recorded (e.g. the journal commit was cut short): verify, then record.
-                    try:
-                        if stick.sha256_of(r.id, r.size) == r.sha256:
-                            self.j.add_mirror(r.id, stick.stick_id)
-                            continue
-                    except OSError:
-                        pass
-                else:
-                    continue
-            try:
-                data = self.sd_path(r.id).read_bytes()
-            except OSError as e:
-                log.error("backfill cannot read SD copy record_id=%s error=%s", r.id, e)
-                continue
-            if record_format.sha256_hex(data) != r.sha256:
-                self._quarantine(r.id, "SD copy does not match its journal hash", seq=r.seq)
-                continue
+        self._reconcile_stick_only(stick, on_stick, known)
+        cursor = self._backfill_cursor
+        listed: dict[str, tuple[int, str, int]] = {}
+
+        def stopped() -> bool:
+            return (self.stick is not stick or self.closing.is_set() or (stop is not None and stop.is_set())
+                    or (background and self._backfill_waiting > 0))
+
+        done = False
+        while not stopped():
             with self._lock:
                 if self.journal is None:
                     break
-                try:
-                    stick.write_record(r.id, r.seq, data, r.sha256, verify=self.cfg.store.verify_readback)
-                except OSError as e:
-                    self._stick_lost(f"write failed during backfill: {e.strerror or e}")
+                rows = self.j.records(after_seq=cursor, limit=BACKFILL_BATCH)
+            if not rows:
+                done = True
+                break
+            for r in rows:
+                if (limit is not None and copied >= limit) or stopped():
                     break
-                self.j.add_mirror(r.id, stick.stick_id)
-            copied += 1
-        if self.closing.is_set():
-            return copied
-        if self.stick is stick:
+                if r.state in LIVE:
+                    listed[r.id] = (r.seq, r.sha256, r.size)
+                    res = self._backfill_one(stick, r, on_stick, known)
+                    if res == "full":
+                        with self._lock:
+                            lag = self.j.mirror_lag()["records"]
+                        self._note_stick_full(stick, lag)
+                        break
+                    if res == "lost":
+                        break
+                    copied += res == "copied"
+                cursor = r.seq
+            else:
+                continue
+            break
+        self._backfill_cursor = -1 if done else cursor  # a finished pass: the next one looks at everything again
+        if self.stick is stick and not stopped():  # (a stop goes now: the index is repaired on the next pass)
             try:
-                added = stick.reindex({r.id: (r.seq, r.sha256, r.size) for r in todo})
+                added = stick.reindex(listed)
                 if added:
                     log.info("usb index repaired lines_added=%d stick_id=%s", added, stick.stick_id)
             except OSError as e:
-                self._stick_lost(f"index write failed: {e.strerror or e}")
-        self._flush_stick()
+                if e.errno not in NO_ROOM:
+                    self._stick_lost(f"index write failed: {e.strerror or e}")
+            with self._lock:
+                self._flush_stick()
+            if done:
+                self.backfill_due = False
         if copied:
-            log.info("usb backfill copied=%d stick_id=%s", copied, stick.stick_id)
+            log.info("usb backfill copied=%d stick_id=%s complete=%s", copied, stick.stick_id, done)
             self._changed()
         return copied
+
+    def _backfill_one(self, stick: Stick, r: Any, on_stick: dict[str, int], known: set[str]) -> str:
+        """Mirror one record: "copied", "present", "skipped", "full" or "lost" (the stick went)."""
+        if on_stick.get(r.id) == r.size:
+            if r.id in known:
+                return "present"
+            # Present but never recorded (e.g. the journal commit was cut short): verify, then record.
+            try:
+                if sha256_untrusted(stick.mount, self._stick_rel(r.id), self._max_sealed)[0] == r.sha256:
+                    with self._lock:
+                        if self.journal is not None:
+                            self.j.add_mirror(r.id, stick.stick_id)
+                    return "present"
+            except OSError:
+                pass
+        if not detect(stick.mount, self.cfg.usb.require_mountpoint):
+            self._stick_lost("removed")  # never write into the bare mount-point folder of a pulled stick
+            return "lost"
+        if not self._stick_has_room(stick, r.size):
+            return "full"
+        try:
+            data = self.sd_path(r.id).read_bytes()
+        except OSError as e:
+            log.error("backfill cannot read SD copy record_id=%s error=%s", r.id, e)
+            return "skipped"
+        if record_format.sha256_hex(data) != r.sha256:
+            self._quarantine(r.id, "SD copy does not match its journal hash", seq=r.seq)
+            return "skipped"
+        with self._lock:
+            if self.journal is None or self.stick is not stick:
+                return "lost"
+            try:
+                stick.write_record(r.id, r.seq, data, r.sha256, verify=self.cfg.store.verify_readback)
+            except OSError as e:
+                if e.errno in NO_ROOM:
+                    return "full"
+                self._stick_lost(f"write failed during backfill: {e.strerror or e}")
+                return "lost"
+            self.j.add_mirror(r.id, stick.stick_id)
+        return "copied"
+
+    def _reconcile_stick_only(self, stick: Stick, on_stick: dict[str, int], known: set[str],
+                              rep: RecoveryReport | None = None) -> None:
+        """Adopt (verified) or remove record files on the stick that the journal does not know.
+
+        A kill between the stick copy and the SD copy leaves such a file; its number was reserved
+        (high-water mark), so it is never handed out again either way.
+        """
+        for rid in sorted(set(on_stick) - known):
+            seq = seq_of(rid)
+            if seq is None or seq > self._boot_seq:  # later numbers: this process's own commits, journaled
+                continue
+            if self.closing.is_set() or (self.stick is not None and self.stick is not stick):
+                return  # (recovery passes a stick it opened itself, before `self.stick` is set)
+            with self._lock:
+                if self.journal is not None and self.j.get(rid) is None:
+                    self._adopt_from_stick(stick, rid, rep)
+
+    def _adopt_from_stick(self, stick: Stick, rid: str, rep: RecoveryReport | None = None) -> None:
+        rel = self._stick_rel(rid)
+        try:
+            data = read_untrusted(stick.mount, rel, self._max_sealed)
+            parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
+            h = parsed.header
+            if h.record_id != rid or h.seq != seq_of(rid) or h.kit_id != self.identity.kit_id:
+                raise record_format.RecordFormatError("file name does not match the record inside")
+        except (OSError, record_format.RecordFormatError) as e:
+            if isinstance(e, OSError) and not isinstance(e, UntrustedFile) and e.errno not in (errno.ENOENT,):
+                log.warning("stick-only record unreadable record_id=%s error=%s", rid, e)
+                return  # an I/O error is not a verdict: try again on the next pass
+            log.error("stick-only record fails verification record_id=%s error=%s; removed from the stick", rid, e)
+            try:
+                os.unlink(stick.mount / rel)  # our kit folder: a bad or planted file is not kept as ours
+                fsync_dir(stick.records_dir)
+            except OSError:
+                pass
+            self.j.audit("usb_orphan_removed", record_id=rid, reason=str(e))
+            if rep is not None:
+                rep.stick_removed.append(rid)
+            return
+        digest = record_format.sha256_hex(data)
+        try:
+            atomic_write(self.sd_path(rid), data, verify=True, expect_sha256=digest)
+            self.j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
+                              size=len(data), sha256=digest, stick_id=stick.stick_id)
+        except Exception as e:  # SD full, or a row with that number exists: leave it for the next pass
+            log.error("cannot adopt stick-only record record_id=%s error=%s", rid, e)
+            return
+        self.j.audit("usb_orphan_adopted", record_id=rid, stick_id=stick.stick_id)
+        log.warning("adopted stick-only record record_id=%s stick_id=%s", rid, stick.stick_id)
+        if rep is not None:
+            rep.stick_adopted.append(rid)
 
     def _flush_stick(self) -> None:
         stick = self.stick
@@ -402,6 +676,12 @@ class Store:
         if r is None or r.state not in LIVE:
             raise StoreError(f"record {record_id} is not in the store")
         try:
+            data = self.sd_path(record_id).read_bytes()
+        except FileNotFoundError as e:
+            # Lost from the SD while the kit was stopped (a clean start does not scan): the stick may hold it.
+            with self._lock:
+                if not self._restore_from_stick(r):
+                    raise StoreError(f"cannot read {record_id}: {e}") from e
             data = self.sd_path(record_id).read_bytes()
         except OSError as e:
             raise StoreError(f"cannot read {record_id}: {e}") from e
@@ -472,82 +752,154 @@ class Store:
         log.error("record quarantined record_id=%s reason=%s file=%s", record_id, reason, dst)
 
     def recover(self) -> RecoveryReport:
-        """Reconcile journal and files after a start or a crash (see module doc)."""
+        """Reconcile the journal with the SD and the stick after an unclean stop (see module doc).
+
+        Safe while the store is in use (the USB watcher runs it in the background after an unclean
+        stop): the listing, the fencing of every number seen (high-water mark) and the removal of stale
+        temp files happen under the store lock (no commit is half done then), the rest per record under
+        it. Stops early when the store closes, and is then owed again (`reconcile_pending`, no clean
+        marker) at the next start.
+        """
         rep = RecoveryReport()
         j = self.j
-        max_seq = j.max_seq()
-        rows = {r.id: r for r in j.records()}
+        stick = self.stick
+        if stick is None and detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
+            try:
+                stick = open_stick(self.cfg.usb_dir, self.identity.kit_id, self.identity.public_key_b64)
+            except StickError:
+                stick = None
+        with self._lock:  # no commit is under way meanwhile: every temp file is stale, every new file journaled
+            files, rows, on_stick = self._scan_and_fence(stick, rep)
+        # Files the journal does not know: written, then the process died before the journal commit.
+        for rid, p in sorted(files.items()):
+            if self.closing.is_set():
+                return rep
+            if rid not in rows:
+                with self._lock:
+                    if j.get(rid) is None:
+                        self._adopt_sd_file(rid, p, rep)
+        # Records only on the stick: the kill came between the stick copy and the SD copy.
+        if stick is not None:
+            self._reconcile_stick_only(stick, on_stick, j.mirrored_on(stick.stick_id), rep)
+        # Journaled records whose file is missing or the wrong size.
+        for r0 in rows.values():
+            if self.closing.is_set():
+                return rep
+            if self._sd_file_ok(r0, files):
+                continue
+            with self._lock:
+                r = j.get(r0.id)  # fresh: a purge or the relay may have moved it since
+                if r is not None and not self._sd_file_ok(r, files):
+                    self._check_sd_file(r, files, rep)
+        if self.stick is None and stick is not None:
+            self.poll_usb(backfill=False)
+        self.reconcile_pending = False
+        if rep.adopted or rep.quarantined or rep.missing or rep.temp_removed or rep.restored_from_stick \
+                or rep.stick_adopted or rep.stick_removed:
+            log.info("recovery temp_removed=%d adopted=%d quarantined=%d restored=%d missing=%d stick_adopted=%d "
+                     "stick_removed=%d", rep.temp_removed, len(rep.adopted), len(rep.quarantined),
+                     len(rep.restored_from_stick), len(rep.missing), len(rep.stick_adopted), len(rep.stick_removed))
+        return rep
+
+    def _scan_and_fence(self, stick: Stick | None, rep: RecoveryReport
+                        ) -> tuple[dict[str, Path], dict[str, Any], dict[str, int]]:
+        """List the SD (and stick) files, fence every number seen, remove stale temp files (lock held)."""
+        j = self.j
+        on_stick = stick.record_files() if stick is not None else {}
+        temps: list[Path] = []
         files: dict[str, Path] = {}
         with os.scandir(self.records_dir) as it:
             for e in it:
-                p = Path(e.path)
                 if e.name.endswith(TMP_SUFFIX):
-                    rid = e.name[: -len(record_format.FILE_SUFFIX + TMP_SUFFIX)]
-                    max_seq = max(max_seq, seq_of(rid) or 0)  # its number may have been shown: never reuse
-                    p.unlink(missing_ok=True)
-                    rep.temp_removed += 1
+                    temps.append(Path(e.path))
                 elif e.name.endswith(record_format.FILE_SUFFIX):
-                    files[e.name[: -len(record_format.FILE_SUFFIX)]] = p
-        for q in self.quarantine_dir.iterdir():
-            max_seq = max(max_seq, seq_of(q.name.split(".")[0]) or 0)
-        if rep.temp_removed:
-            fsync_dir(self.records_dir)
-        # Files the journal does not know: written, then the process died before the journal commit.
-        for rid, p in sorted(files.items()):
-            if rid in rows:
-                continue
-            seq = seq_of(rid)
-            max_seq = max(max_seq, seq or 0)
+                    files[e.name[: -len(record_format.FILE_SUFFIX)]] = Path(e.path)
+        rows = {r.id: r for r in j.records()}
+        # Every number any medium has seen (temp files, quarantine, stick files incl. stick-only ones) goes
+        # into the durable high-water mark BEFORE any evidence of it is removed: it is never reused.
+        seen = [seq_of(p.name[: -len(record_format.FILE_SUFFIX + TMP_SUFFIX)]) or 0 for p in temps]
+        seen += [seq_of(rid) or 0 for rid in files]
+        seen += [seq_of(q.name.split(".")[0]) or 0 for q in self.quarantine_dir.iterdir()]
+        seen += [seq_of(rid) or 0 for rid in on_stick]
+        if stick is not None:
             try:
-                data = p.read_bytes()
-                parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
-                if parsed.header.record_id != rid or seq is None:
-                    raise record_format.RecordFormatError("file name does not match the record inside")
-            except (OSError, record_format.RecordFormatError) as e:
-                self._quarantine(rid, f"unjournaled file fails verification: {e}", seq=seq, path=p)
-                rep.quarantined.append(rid)
-                continue
-            h = parsed.header
-            j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
-                         size=len(data), sha256=record_format.sha256_hex(data))
-            rep.adopted.append(rid)
-            log.warning("recovered unjournaled record record_id=%s", rid)
-        # Journaled records whose file is missing or the wrong size.
-        for rid, r in rows.items():
-            p = self.sd_path(rid)
-            if r.state == "purged":
-                if rid in files:
-                    remove_durably(p)
-                    rep.purged_leftovers += 1
-                continue
-            if r.state not in LIVE:
-                continue
-            size = files[rid].stat().st_size if rid in files else None
-            if size == r.size:
-                continue
-            if size is not None:
-                self._quarantine(rid, f"SD file is {size} bytes, journal says {r.size}", seq=r.seq)
-                rep.quarantined.append(rid)
-            if self._restore_from_stick(r):
-                rep.restored_from_stick.append(rid)
-                if rid in rep.quarantined:
-                    j.set_state(rid, "stored", "restored from stick")
-            elif size is None:
-                rep.missing.append(rid)
-                j.audit("missing", record_id=rid)
-                log.error("journaled record missing from SD record_id=%s; insert a stick that holds it", rid)
-        self._seq = max_seq
-        if rep.adopted or rep.quarantined or rep.missing or rep.temp_removed or rep.restored_from_stick:
-            log.info("recovery temp_removed=%d adopted=%d quarantined=%d restored=%d missing=%d",
-                     rep.temp_removed, len(rep.adopted), len(rep.quarantined), len(rep.restored_from_stick),
-                     len(rep.missing))
-        return rep
+                seen += [seq_of(p.name.split(".")[0]) or 0 for p in stick.records_dir.glob("*" + TMP_SUFFIX)]
+            except OSError:
+                pass
+        self._seq = max(self._seq, *seen) if seen else self._seq
+        if self._seq > self._hwm:
+            j.set_meta(**{META_HWM: str(self._seq)})
+            self._hwm = self._seq
+        self._boot_seq = max(self._boot_seq, self._seq)  # stick-only files up to here may be adopted
+        for p in temps:
+            p.unlink(missing_ok=True)
+            rep.temp_removed += 1
+        if temps:
+            fsync_dir(self.records_dir)
+        if stick is not None:
+            stick.remove_temp_files()
+        return files, rows, on_stick
+
+    def _adopt_sd_file(self, rid: str, p: Path, rep: RecoveryReport) -> None:
+        seq = seq_of(rid)
+        try:
+            data = p.read_bytes()
+            parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
+            if parsed.header.record_id != rid or seq is None:
+                raise record_format.RecordFormatError("file name does not match the record inside")
+        except (OSError, record_format.RecordFormatError) as e:
+            self._quarantine(rid, f"unjournaled file fails verification: {e}", seq=seq, path=p)
+            rep.quarantined.append(rid)
+            return
+        h = parsed.header
+        self.j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
+                          size=len(data), sha256=record_format.sha256_hex(data))
+        rep.adopted.append(rid)
+        log.warning("recovered unjournaled record record_id=%s", rid)
+
+    def _sd_file_ok(self, r: Any, files: dict[str, Path]) -> bool:
+        if r.state == "purged":
+            return r.id not in files
+        if r.state not in LIVE:
+            return True
+        try:
+            return files[r.id].stat().st_size == r.size if r.id in files else False
+        except OSError:
+            return False
+
+    def _check_sd_file(self, r: Any, files: dict[str, Path], rep: RecoveryReport) -> None:
+        rid = r.id
+        p = self.sd_path(rid)
+        if r.state == "purged":
+            if rid in files and p.exists():
+                remove_durably(p)
+                rep.purged_leftovers += 1
+            return
+        if r.state not in LIVE:
+            return
+        try:
+            size: int | None = p.stat().st_size
+        except FileNotFoundError:
+            size = None
+        if size == r.size:
+            return
+        if size is not None:
+            self._quarantine(rid, f"SD file is {size} bytes, journal says {r.size}", seq=r.seq)
+            rep.quarantined.append(rid)
+        if self._restore_from_stick(r):
+            rep.restored_from_stick.append(rid)
+            if rid in rep.quarantined:
+                self.j.set_state(rid, "stored", "restored from stick")
+        elif size is None:
+            rep.missing.append(rid)
+            self.j.audit("missing", record_id=rid)
+            log.error("journaled record missing from SD record_id=%s; insert a stick that holds it", rid)
 
     def _restore_from_stick(self, r: Any) -> bool:
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
             return False
-        try:  # the stick is untrusted: no symlink followed, at most the journaled size read
-            data = Stick(self.cfg.usb_dir, "", self.identity.kit_id).read_record(r.id, r.size)
+        try:
+            data = read_untrusted(self.cfg.usb_dir, self._stick_rel(r.id), self._max_sealed)
         except OSError:
             return False
         if record_format.sha256_hex(data) != r.sha256:
@@ -562,6 +914,8 @@ class Store:
         """Everything a technician needs: records per state, media, guard state, mirror lag."""
         media = self.media()
         level, reasons = overall(media)
+        if self.stick_full.get("message"):
+            reasons = [*reasons, self.stick_full["message"]]
         stick = self.stick
         return {
             "kit_id": self.identity.kit_id,
@@ -572,5 +926,8 @@ class Store:
             "guard": {"level": level.value, "reasons": reasons, "capture_allowed": level is not Level.HALT,
                       "enrollments_in_progress": self.guard.outstanding},
             "stick": {"present": stick is not None, "stick_id": stick.stick_id if stick else None,
-                      "error": self.stick_error},
+                      "error": self.stick_error, "full": bool(self.stick_full),
+                      "not_mirrored": self.stick_full.get("not_mirrored", 0),
+                      "message": self.stick_full.get("message", ""), "backfilling": self.backfill_due},
+            "reconcile_pending": self.reconcile_pending,
         }

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,29 +10,24 @@ from typing import Any
 from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.wire import record_format
+from tests.faults.harness import Ledger, wait_ready, writer
 from tests.store.conftest import make_config
 
-ROUNDS = 12  # bounded: ~1 s each; longer campaigns: bench/crash_campaign.py
+ROUNDS = 12  # bounded: ~1 s each; longer campaigns: bench/bench_faults.py
 
 
 def test_kill_minus_nine_loses_nothing_confirmed(tmp_path: Path, dc_keys: dict[str, Any]) -> None:
     rng = random.Random(1234)
     state, usb = tmp_path / "sd", tmp_path / "usb"
     usb.mkdir()
-    confirmed: dict[str, tuple[str, bool]] = {}
-    repo = Path(__file__).resolve().parents[2]
+    led = Ledger(state, usb, dc_keys["pub_path"])  # the fault harness's child and confirmation rules
     for _ in range(ROUNDS):
-        child = subprocess.Popen([sys.executable, "-m", "tests.store.crash_writer", str(state), str(usb),
-                                  str(dc_keys["pub_path"])], stdout=subprocess.PIPE, text=True, cwd=repo)
-        assert child.stdout.readline().strip() == "READY"
+        child = writer(state, usb, dc_keys["pub_path"])
+        assert wait_ready(child)
         time.sleep(rng.uniform(0.02, 0.4))
         child.kill()
-        for line in child.stdout:
-            parts = line.split()
-            # A kill can cut the last line short: a confirmation printed only in part was never confirmed.
-            if line.endswith("\n") and len(parts) == 4 and parts[0] == "OK":
-                confirmed[parts[1]] = (parts[2], parts[3] == "1")
-        child.wait()
+        led.read_child(child)
+    confirmed = led.confirmed
     assert len(confirmed) > ROUNDS  # the writer did make progress between kills
     cfg = make_config(tmp_path, dc_keys["pub_path"])
     s = Store(cfg, identity.load_or_create(cfg.state_dir))
@@ -54,6 +47,7 @@ def test_kill_minus_nine_loses_nothing_confirmed(tmp_path: Path, dc_keys: dict[s
         assert on_disk <= journaled
         seqs = [r.seq for r in s.j.records()]
         assert len(seqs) == len(set(seqs))
-        assert s.status()["mirror_lag"]["records"] == 0  # the stick was backfilled on open
+        s.backfill()  # open() never backfills (the USB watcher does, in the background)
+        assert s.status()["mirror_lag"]["records"] == 0
     finally:
         s.close()

@@ -204,6 +204,7 @@ def test_recovery_quarantines_tampered_adopts_orphan_restores_missing(kit_cfg: A
 
     db = sqlite3.connect(kit_cfg.state_dir / "journal.db")
     db.execute("DELETE FROM records WHERE id = ?", (c.record_id,))
+    db.execute("UPDATE meta SET value = '0' WHERE key = 'clean_shutdown'")  # as a crash leaves it
     db.commit()
     db.close()
     (kit_cfg.state_dir / "records" / "rk-zzzzzzzzzz-00000099-20261129T000000Z.rkm.tmp").write_bytes(b"half")
