@@ -456,7 +456,7 @@ def register(sub: Any) -> None:
     p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     p.add_argument("--archive", required=True, help="archive directory (index.db, records/, staging.db)")
     p.add_argument("--group", help="shared-subscription group (workers of one group share load); default: a secret "
-                   "derived from --key-file, so no kit can join it (docs/security/broker.md)")
+                   "derived from --key-file, so no kit can join it (docs/security.md)")
     p.add_argument("--workers", type=int, default=1, help="worker connections in this process")
     p.add_argument("--tofu", action="store_true",
                    help="trust on first use: register an unknown kit's key from its first record (tests, pilots)")

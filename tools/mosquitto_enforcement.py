@@ -1,4 +1,4 @@
-"""What the installed mosquitto enforces for certificate users (the evidence behind docs/security/broker.md).
+"""What the installed mosquitto enforces for certificate users (the evidence behind docs/security.md).
 
     .venv/bin/python tools/mosquitto_enforcement.py
 

@@ -4,7 +4,7 @@
   journal keeps only a slow keyed digest of each NIK, never the NIK itself: scrypt (N=2^14, r=8,
   p=1: 16 MiB and tens of ms per NIK) salted with the kit's `nik.key`, stored as ``s1:<hex>``.
   A stolen SD card holds the key too, so the slowness is what protects the NIKs: each guess costs
-  the attacker one scrypt instead of one HMAC (docs/security/nik.md gives the figures and
+  the attacker one scrypt instead of one HMAC (docs/security.md gives the figures and
   `bench/bench_nik.py` measures them). Digests made by earlier versions (HMAC-SHA256, no prefix)
   cannot be re-hashed without the NIK: they are still found, and re-keyed the moment their NIK is
   typed again (`nik_enrolled`); those older than `legacy_keep_days` are dropped at start-up.

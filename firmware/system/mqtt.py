@@ -144,7 +144,7 @@ def client_id(identity: str, role: str) -> str:
     (the kit id, ``fleet``). The prefix lets a broker that can check it tie the id to the certificate
     (docs/provisioning.md, "Other brokers"); the 128 random bits, new for every process, mean nobody can name
     another client's id, so nobody can take its session over: mosquitto 2.0 cannot tie a client id to a
-    certificate that has several connections (docs/security/broker.md), and it disconnects the owner of an id
+    certificate that has several connections (docs/security.md), and it disconnects the owner of an id
     whenever anyone connects with that id."""
     return f"{identity}-{role}-{secrets.token_hex(16)}"
 
