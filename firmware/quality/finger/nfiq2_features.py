@@ -139,14 +139,29 @@ def _rotated_crop(src: np.ndarray, angles: np.ndarray, rows: slice, cols: slice)
     ys, xs = np.mgrid[rows, cols]
     ca = np.cos(angles)[:, None, None]
     sa = np.sin(angles)[:, None, None]
-    dx, dy = xs[None] - ctr, ys[None] - ctr
-    sx = np.floor(ca * dx - sa * dy + ctr + 0.5).astype(np.int64)
-    sy = np.floor(sa * dx + ca * dy + ctr + 0.5).astype(np.int64)
+    dx, dy = (xs - ctr)[None], (ys - ctr)[None]
+    # floor(ca*dx - sa*dy + ctr + 0.5), in place and in the same order of operations.
+    sx = ca * dx
+    sx -= sa * dy
+    sx += ctr
+    sx += 0.5
+    np.floor(sx, out=sx)
+    sy = sa * dx
+    sy += ca * dy
+    sy += ctr
+    sy += 0.5
+    np.floor(sy, out=sy)
     # Samples that fall outside the window read 0 (one flat gather, no padded copy of the windows).
     inside = (sx >= 0) & (sx < ss) & (sy >= 0) & (sy < ss)
-    flat = (np.arange(n)[:, None, None] * ss + np.clip(sy, 0, ss - 1)) * ss + np.clip(sx, 0, ss - 1)
-    src = np.ascontiguousarray(src)
-    out = src.reshape(-1)[flat].astype(np.float64)
+    np.clip(sx, 0, ss - 1, out=sx)
+    np.clip(sy, 0, ss - 1, out=sy)
+    sy *= ss
+    sy += sx
+    flat = sy.astype(np.intp)
+    flat += (np.arange(n) * (ss * ss))[:, None, None]
+    out = np.ascontiguousarray(src).reshape(-1)[flat]
+    if out.dtype != np.float64:
+        out = out.astype(np.float64)
     out[~inside] = 0.0
     return out
 
