@@ -90,8 +90,10 @@ def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, flo
     px, py = (size - nw) // 2, (size - nh) // 2
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[py:py + nh, px:px + nw] = small
-    rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).astype(np.float32)
-    return rgb * (2.0 / 255.0) - 1.0, scale, float(px), float(py)
+    # float32 x float32(2/255) - 1 in two passes (as astype() then * (2.0 / 255.0) - 1.0)
+    rgb = np.multiply(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), np.float32(2.0 / 255.0), dtype=np.float32)
+    rgb -= np.float32(1.0)
+    return rgb, scale, float(px), float(py)
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

@@ -144,7 +144,7 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     # terms against one column of y terms instead of a value per pixel.
     xs = (np.arange(region.shape[1]) - mid_a[0]) * d[1]
     ys = (np.arange(region.shape[0]) - mid_a[1]) * d[0]
-    left_mask = cv2.bitwise_and(mask, (xs[None, :] > ys[:, None]).view(np.uint8) * np.uint8(255))
+    left_mask = (xs[None, :] > ys[:, None]).view(np.uint8) & mask  # nonzero = left face pixel
     left = cv2.calcHist([region], [0], left_mask, [256], [0, 256]).ravel().astype(np.float64)
     right = counts - left
     n_l, n_r = left.sum(), right.sum()
