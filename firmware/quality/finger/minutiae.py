@@ -79,12 +79,32 @@ def _codes(img: np.ndarray) -> np.ndarray:
     return cv2.filter2D(img, -1, _KERNEL, borderType=cv2.BORDER_CONSTANT)
 
 
-def thin(binary: np.ndarray, max_iter: int = 60) -> np.ndarray:
-    """Zhang-Suen thinning of a boolean image: each sub-iteration is one 3x3 filter (neighbour
-    code) and a 256-entry lookup table, over the whole image at once.
+#: Thinning switches from whole-image sub-iterations to the rows near the last deletions once a
+#: sub-iteration deletes fewer pixels than this (see `thin`).
+SPARSE_BELOW = 1500
+_RUN_GAP = 6  # dirty row runs closer than this are processed as one slice
 
-    Only the bounding box of the set pixels (plus a 1-px zero frame) is processed: outside it the
-    image is all zero and stays so, and the frame gives every box pixel its true neighbours."""
+
+def _dirty_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) runs of True in `rows`, runs closer than _RUN_GAP merged."""
+    idx = np.flatnonzero(rows)
+    if idx.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(idx) > _RUN_GAP)
+    starts = np.concatenate(([idx[0]], idx[cut + 1]))
+    stops = np.concatenate((idx[cut], [idx[-1]])) + 1
+    return list(zip(starts.tolist(), stops.tolist(), strict=True))
+
+
+def thin(binary: np.ndarray, max_iter: int = 60) -> np.ndarray:
+    """Zhang-Suen thinning of a boolean image.
+
+    Each sub-iteration is one 3x3 filter (the 8-neighbour code) and a 256-entry lookup table over
+    the image. Only the bounding box of the set pixels (plus a 1-px zero frame) is processed. Once
+    few pixels go (the long tail: a handful per pass for a dozen passes), only the rows within one
+    row of a pixel deleted in the last two sub-iterations are evaluated again: every other pixel
+    has the same neighbourhood as when this sub-iteration's table last kept it, so it would be
+    kept again. The result is the whole-image loop's, pixel for pixel."""
     import cv2
 
     out = np.zeros(binary.shape, bool)
@@ -94,14 +114,38 @@ def thin(binary: np.ndarray, max_iter: int = 60) -> np.ndarray:
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     img = np.zeros((r1 - r0 + 2, c1 - c0 + 2), np.uint8)
     img[1:-1, 1:-1] = binary[r0:r1, c0:c1]
+    height = img.shape[0]
     delete = np.empty_like(img)
+    # Rows holding a deletion in each of the last two sub-iterations (None: not tracked).
+    recent: list[np.ndarray | None] = [None, None]
     for _ in range(max_iter):
         changed = False
         for table in (_LUT1, _LUT2):
-            cv2.bitwise_and(cv2.LUT(_codes(img), table), img, dst=delete)
-            if cv2.countNonZero(delete):
-                cv2.subtract(img, delete, dst=img)
-                changed = True
+            if recent[0] is not None and recent[1] is not None:
+                touched = recent[0] | recent[1]
+                dirty = touched.copy()
+                dirty[1:] |= touched[:-1]
+                dirty[:-1] |= touched[1:]
+                gone_rows = np.zeros(height, bool)
+                pending = []
+                for a, b in _dirty_runs(dirty):
+                    g0, g1 = max(a - 1, 0), min(b + 1, height)  # one ghost row each side
+                    code = _codes(img[g0:g1])[a - g0: b - g0]
+                    d = cv2.bitwise_and(cv2.LUT(code, table), img[a:b])
+                    if cv2.countNonZero(d):
+                        pending.append((a, b, d))
+                        gone_rows[a:b] = d.any(axis=1)
+                for a, b, d in pending:  # all deletions of a sub-iteration at once
+                    cv2.subtract(img[a:b], d, dst=img[a:b])
+                n_gone = len(pending)
+            else:
+                cv2.bitwise_and(cv2.LUT(_codes(img), table), img, dst=delete)
+                n_gone = cv2.countNonZero(delete)
+                gone_rows = delete.any(axis=1) if n_gone < SPARSE_BELOW else None
+                if n_gone:
+                    cv2.subtract(img, delete, dst=img)
+            recent = [recent[1], gone_rows]
+            changed = changed or n_gone > 0
         if not changed:
             break
     out[r0:r1, c0:c1] = img[1:-1, 1:-1].view(bool)
