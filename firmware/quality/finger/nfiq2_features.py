@@ -75,9 +75,9 @@ def ridge_mask(img: np.ndarray, blk: int, thresh: float = SEG_THRESHOLD) -> np.n
     cols = np.minimum(blk, w - np.arange(nb_c) * blk)
     cnt = np.outer(rows, cols).astype(np.float64)
     blocks = pad.reshape(nb_r, blk, nb_c, blk)
-    mean = blocks.sum(axis=(1, 3)) / cnt
+    mean = _block_sums(pad, nb_r, blk, nb_c, blk) / cnt
     dev = blocks - mean[:, None, :, None]
-    var = (dev * dev).sum(axis=(1, 3))
+    var = _block_sums((dev * dev).reshape(nb_r * blk, nb_c * blk), nb_r, blk, nb_c, blk)
     # Padding cells contributed (0 - mean)^2 each: remove them.
     var -= (blk * blk - cnt) * mean * mean
     bstd = np.sqrt(np.maximum(var / cnt, 0))
@@ -98,6 +98,13 @@ def _grid(rows: int, cols: int, blk: int, offset: int) -> tuple[np.ndarray, np.n
     return rr.ravel(), cc.ravel(), len(rs), len(cs)
 
 
+def _block_sums(a: np.ndarray, nr: int, br: int, nc: int, bc: int) -> np.ndarray:
+    """(nr, nc) sums of the br x bc blocks of `a` (nr*br rows, nc*bc columns): rows added first
+    (contiguous), then each block's columns. numpy's reduction over axes (1, 3) of the 4-D view
+    gives the same sums to rounding but strides through memory, and cost 3x more here."""
+    return a.reshape(nr, br, nc * bc).sum(axis=1).reshape(nr, nc, bc).sum(axis=2)
+
+
 def _grid_covariance(f: np.ndarray, off: int, blk: int, nr: int, nc: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`_covariance` of every block of an adjacent grid (top-left (off, off), nr x nc blocks of
@@ -116,7 +123,7 @@ def _grid_covariance(f: np.ndarray, off: int, blk: int, nr: int, nc: int
     gy[last, :] = sub[last, :] - sub[last - 1, :]
 
     def bmean(a: np.ndarray) -> np.ndarray:
-        return a.reshape(nr, blk, nc, blk).mean(axis=(1, 3)).ravel()
+        return (_block_sums(a, nr, blk, nc, blk) / (blk * blk)).ravel()
 
     return bmean(gx * gx), bmean(gy * gy), bmean(gx * gy)
 
