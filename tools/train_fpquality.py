@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from firmware.quality.finger import dataset, features, gates, gbt  # noqa: E402
 
 LABELS = REPO / "tools" / "fpquality_labels.csv"
-MODEL = REPO / "firmware" / "fpquality" / "data" / "fpquality_model.npz"
+MODEL = REPO / "firmware" / "quality" / "finger" / "data" / "fpquality_model.npz"
 PARAMS = gbt.TRAIN_PARAMS
 
 

@@ -54,3 +54,14 @@ def test_allocator_tuning_on_glibc() -> None:
 
     if platform.libc_ver()[0] == "glibc":
         assert alloc.tune() is True and alloc.tune() is True  # idempotent
+
+
+def test_trainer_writes_the_model_file_the_checker_loads() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "train_fpquality.py"
+    spec = importlib.util.spec_from_file_location("train_fpquality", path)
+    assert spec is not None and spec.loader is not None
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    assert trainer.MODEL == quality.MODEL_PATH

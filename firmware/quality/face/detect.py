@@ -63,6 +63,15 @@ def ssd_anchors(size: int, layers: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+#: A frame whose long side is more than this many times the model input (1536 px for the 192-px
+#: full-range model) is first reduced with cheap bilinear sampling to twice the input size (reads
+#: ~4 pixels per output pixel instead of all of them), then area-averaged 2:1: detection runs on a
+#: downscaled frame and the box is mapped back to the full frame. A 1920x1080 frame then costs
+#: ~0.15 ms instead of ~1.2 ms for a full area resize. Smaller frames keep the full area resize
+#: (under ~0.7 ms), so their detections, and the landmarks seeded from them, are unchanged.
+PREDECIMATE_ABOVE = 8
+
+
 def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, float]:
     """Fit `bgr` into a `size` square (aspect kept, centred, black bars) as RGB float in [-1, 1].
 
@@ -71,13 +80,20 @@ def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, flo
     h, w = bgr.shape[:2]
     scale = size / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    small = cv2.resize(bgr, (nw, nh), interpolation=interp)
+    if max(h, w) > PREDECIMATE_ABOVE * size:
+        # Detect on a downscaled frame: the box is mapped back with `scale` as before.
+        half = cv2.resize(bgr, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
+        small = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_AREA)
+    else:
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        small = cv2.resize(bgr, (nw, nh), interpolation=interp)
     px, py = (size - nw) // 2, (size - nh) // 2
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[py:py + nh, px:px + nw] = small
-    rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).astype(np.float32)
-    return rgb * (2.0 / 255.0) - 1.0, scale, float(px), float(py)
+    # float32 x float32(2/255) - 1 in two passes (as astype() then * (2.0 / 255.0) - 1.0)
+    rgb = np.multiply(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), np.float32(2.0 / 255.0), dtype=np.float32)
+    rgb -= np.float32(1.0)
+    return rgb, scale, float(px), float(py)
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:

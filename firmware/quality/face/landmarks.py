@@ -56,7 +56,8 @@ class Roi:
                                borderMode=cv2.BORDER_CONSTANT)
         if flip:
             patch = patch[:, ::-1]
-        return cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        # one pass uint8 -> float32 / 255 (the same float32 division as astype() then / 255.0)
+        return np.divide(cv2.cvtColor(patch, cv2.COLOR_BGR2RGB), np.float32(255.0), dtype=np.float32)
 
     def to_image(self, pts: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
         """Map (N, 3) model-pixel points (x, y, z) back to frame pixels; z is scaled like x."""

@@ -68,9 +68,14 @@ def _haze_fraction(img: np.ndarray, blk: int = 16) -> float:
     dark wet contact. Latent residue or a smear on the glass looks like this."""
     h, w = img.shape
     nr, nc = h // blk, w // blk
-    b = img[: nr * blk, : nc * blk].astype(np.float32).reshape(nr, blk, nc, blk)
-    mean = b.mean(axis=(1, 3))
-    std = np.sqrt(np.maximum((b * b).mean(axis=(1, 3)) - mean * mean, 0))
+    b = img[: nr * blk, : nc * blk].astype(np.float32)
+    n = float(blk * blk)
+
+    def block_mean(a: np.ndarray) -> np.ndarray:  # rows first (contiguous), then columns
+        return a.reshape(nr, blk, nc * blk).sum(axis=1).reshape(nr, nc, blk).sum(axis=2) / n
+
+    mean = block_mean(b)
+    std = np.sqrt(np.maximum(block_mean(b * b) - mean * mean, 0))
     return float(((std < 12.0) & (mean >= 90.0) & (mean < 235.0)).mean())
 
 

@@ -1,0 +1,82 @@
+"""The faster face measures (issue #17) give exactly what the per-pixel definitions give.
+
+`photometry` now works from masked histograms and `measure` converts to gray only the face box
+that photometry and sharpness read; both must leave every value unchanged. Large frames are
+detected on a pre-decimated copy (`detect.letterbox`); the detection must still find the face
+where a full area resize finds it.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from firmware.quality.face import detect, measures
+
+NAMES = ("facerec-biden2.jpg", "facerec-obama.jpg", "facerec-obama-1080p.jpg", "facerec-obama_partial_face.jpg")
+
+
+def photometry_reference(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.ndarray):
+    """Per-pixel definition: list the face pixels, split them by the midline, histogram each."""
+    mask = measures.face_mask(gray.shape, mesh)
+    ys, xs = np.nonzero(mask)
+    if ys.size < 50:
+        return 0.0, 1.0, 0.0, 0.0, 0.0, 0.0
+    vals = gray[ys, xs]
+
+    def hist(v: np.ndarray, bins: int = 256) -> np.ndarray:
+        h = np.bincount(v.ravel(), minlength=256).astype(np.float64).reshape(bins, -1).sum(axis=1)
+        return h / h.sum() if h.sum() else h
+
+    h = hist(vals)
+    nz = h[h > 0]
+    d = mid_b - mid_a
+    side = (xs - mid_a[0]) * d[1] - (ys - mid_a[1]) * d[0]
+    left, right = vals[side > 0], vals[side <= 0]
+    if left.size < 25 or right.size < 25:
+        inter, ratio = 0.0, 0.0
+    else:
+        inter = float(np.minimum(hist(left, 32), hist(right, 32)).sum())
+        ml, mr = float(left.mean()), float(right.mean())
+        ratio = min(ml, mr) / max(ml, mr)
+    return (float(vals.mean()) / 255.0, float((vals <= measures.DARK_LEVEL).mean()),
+            float((vals >= measures.BRIGHT_LEVEL).mean()), float(-(nz * np.log2(nz)).sum()), inter, ratio)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("roll", [0.0, 12.0])
+def test_photometry_and_face_gray_match_the_per_pixel_definition(assessor, load, name: str, roll: float) -> None:
+    img = load(name)
+    if roll:
+        h, w = img.shape[:2]
+        img = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), roll, 1.0), (w, h))
+    r = assessor.assess(img)
+    lm = r.landmarks
+    assert lm is not None, r.codes
+    full = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    top = lm.mesh[measures.MIDLINE_TOP, :2].mean(axis=0)
+    bottom = lm.mesh[measures.MIDLINE_BOTTOM, :2].mean(axis=0)
+    assert measures.photometry(full, lm.mesh, top, bottom) == photometry_reference(full, lm.mesh, top, bottom)
+    r_eye, l_eye = measures.eye_centres(lm)
+    part = measures.face_gray(img, lm.mesh, (r_eye + l_eye) / 2, float(np.linalg.norm(l_eye - r_eye)))
+    assert measures.photometry(part, lm.mesh, top, bottom) == measures.photometry(full, lm.mesh, top, bottom)
+    assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(full, r_eye, l_eye)
+
+
+def test_large_frames_are_detected_on_a_downscaled_copy(assessor, load, monkeypatch) -> None:
+    img = load("facerec-obama-1080p.jpg")
+    assert max(img.shape[:2]) > detect.PREDECIMATE_ABOVE * 192  # the cheap path is the one taken
+    fast, scale, px, py = detect.letterbox(img, 192)
+    h, w = img.shape[:2]
+    nw, nh, x0, y0 = round(w * scale), round(h * scale), int(px), int(py)
+    area = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA).astype(np.float32)
+    got = (fast[y0:y0 + nh, x0:x0 + nw][..., ::-1] + 1.0) * 127.5  # back to BGR 0-255
+    assert np.abs(got - area).mean() < 2.0  # as smooth as a full area resize, not aliased
+    quick = assessor.detector.detect(img)
+    monkeypatch.setattr(detect, "PREDECIMATE_ABOVE", 10 ** 6)  # force the full area resize
+    full = assessor.detector.detect(img)
+    assert len(quick) == len(full) == 1
+    width = full[0].width
+    assert np.abs(np.subtract(quick[0].box, full[0].box)).max() < 0.03 * width
+    assert np.abs(quick[0].keypoints - full[0].keypoints).max() < 0.03 * width
