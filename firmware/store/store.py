@@ -418,20 +418,19 @@ class Store:
     def purge_acknowledged(self, batch: int = 200) -> int:
         """Delete SD copies of acknowledged records (and mirrored, if configured). Never anything else.
 
+        Driven by the journal's purge queue: a call with nothing to purge reads no record row.
         Crash order per batch: the journal marks them purged (one commit), then the files are unlinked
         and the directory fsync'd; recovery removes any file left behind. Commits wait at most one batch.
         """
         need_stick = self.cfg.store.purge_requires_stick
-        todo = [r.id for r in self.j.records(state="acked") if not need_stick or self.j.has_mirror(r.id)]
         n = 0
-        for i in range(0, len(todo), batch):
-            ids = todo[i:i + batch]
+        while True:
             with self._lock:
                 if self.closing.is_set() or self.journal is None:
                     break
-                with self.j.transaction() as c:
-                    c.executemany("UPDATE records SET state = 'purged', state_at = ?, reason = '' "
-                                  "WHERE id = ? AND state = 'acked'", [(iso(), rid) for rid in ids])
+                ids = self.j.mark_purged(self.j.purgeable(need_stick, batch))
+                if not ids:
+                    break
                 for rid in ids:
                     self.sd_path(rid).unlink(missing_ok=True)
                 fsync_dir(self.records_dir)
