@@ -244,3 +244,16 @@ def test_schema_1_journal_is_migrated_in_place(tmp_path: Path) -> None:
         check(j)
     finally:
         j.close()
+
+
+def test_begin_leaves_the_stick_index_fsync_to_the_poll(store: Store) -> None:
+    """The commit path's serial part: `begin()` notices the stick but does not fsync its index (issue #17.3);
+    the USB watcher's poll does, and so do eject and close."""
+    store.commit(payload("x"))
+    stick = store.stick
+    assert stick is not None and stick.index_dirty  # the line is appended, its fsync deferred
+    r = store.begin()
+    store.release(r)
+    assert store.stick is stick and stick.index_dirty
+    store.poll_usb()
+    assert not stick.index_dirty
