@@ -36,7 +36,7 @@ LIVE = ("stored", "sent", "acked")  # a file is expected on the SD in these stat
 SCHEMA_VERSION = 2
 
 # Schema 2: counters and the purge queue, maintained by triggers in the writer's own transaction.
-# `_has_mirror(x)` below is expanded into an indexed lookup on mirrors' primary key (O(log n)).
+# `_HAS_MIRROR` is an indexed lookup on mirrors' primary key (O(log n)).
 _HAS_MIRROR = "(SELECT EXISTS (SELECT 1 FROM mirrors WHERE record_id = {}))"
 _TALLY_ADD = ("INSERT INTO tally (state, mirrored, records, bytes) VALUES ({state}, {m}, 1, {size}) "
               "ON CONFLICT (state, mirrored) DO UPDATE SET records = records + 1, bytes = bytes + excluded.bytes;")
@@ -164,7 +164,7 @@ class Journal:
                 db["meta"].create({"key": str, "value": str}, pk="key")
                 db["meta"].insert({"key": "schema_version", "value": "1"})
             (version,) = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if int(version) < 2:
+            if int(version) < 2:  # one step per schema version
                 self._migrate_2()
 
     def _migrate_2(self) -> None:
