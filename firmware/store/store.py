@@ -421,16 +421,20 @@ class Store:
         self.j.mark_delivery(sent, acked)
         self._changed()
 
-    def purge_acknowledged(self, batch: int = 200) -> int:
+    def purge_acknowledged(self, batch: int = 200, max_batches: int | None = None) -> int:
         """Delete SD copies of acknowledged records (and mirrored, if configured). Never anything else.
 
-        Driven by the journal's purge queue: a call with nothing to purge reads no record row.
+        Driven by the journal's purge queue: a call with nothing to purge reads no record row. With
+        `max_batches` it stops after that many batches (the rest stays queued for the next call), so a
+        periodic caller returns promptly (a stop is not held up by a 25,000-record purge).
         Crash order per batch: the journal marks them purged (one commit), then the files are unlinked
         and the directory fsync'd; recovery removes any file left behind. Commits wait at most one batch.
         """
         need_stick = self.cfg.store.purge_requires_stick
         n = 0
-        while True:
+        batches = 0
+        while max_batches is None or batches < max_batches:
+            batches += 1
             with self._lock:
                 if self.closing.is_set() or self.journal is None:
                     break

@@ -257,3 +257,25 @@ def test_begin_leaves_the_stick_index_fsync_to_the_poll(store: Store) -> None:
     assert store.stick is stick and stick.index_dirty
     store.poll_usb()
     assert not stick.index_dirty
+
+
+def test_periodic_purge_is_bounded_per_poll_and_resumes(tmp_path: Path, dc_keys: dict[str, Any]) -> None:
+    """The USB watcher purges at most PURGE_BATCHES_PER_POLL batches per poll; the queue keeps the rest."""
+    from firmware.store.service import UsbWatcher
+
+    (tmp_path / "usb").mkdir()
+    cfg = make_config(tmp_path, dc_keys["pub_path"], store={"purge_requires_stick": True})
+    s = open_store(cfg)
+    try:
+        _fill(s.j, 2500, "acked", mirrored=True)
+        w = UsbWatcher(s, 2.0, auto_purge=True)
+        per_poll = w.PURGE_BATCHES_PER_POLL * 200
+        w.tick()
+        assert s.j.counts()["purged"]["records"] == per_poll
+        check(s.j)
+        w.tick()
+        w.tick()
+        assert s.j.counts()["purged"]["records"] == 2500 and s.j.purgeable(True, 10) == []
+        check(s.j)
+    finally:
+        s.close()
