@@ -2,9 +2,14 @@
 
 1. Capture-to-durable time of a 400 KB record (seal + SD + USB, fsync, read-back, journal) against
    the raw cost of writing and fsyncing the same bytes to both places, interleaved in the same run.
-2. Cost of one commit with 1,000 vs 100,000 records already in the journal.
+2. `Store.commit` against the crash-safe minimum for the same guarantees, interleaved, `--runs` runs
+   (median of the runs' medians): per medium, in parallel (SD here, stick in a second thread), write a
+   temp file, fsync, rename, fsync the directory, drop it from the page cache and read it back (SHA-256);
+   then one WAL transaction (synchronous=FULL) journaling it. Printed with and without the seal (the
+   same payload sealed in the same loop), since sealing is part of the guarantee but not I/O.
+3. Cost of one commit with 1,000 vs 100,000 records already in the journal.
 
-    .venv/bin/python bench/bench_store.py [--rounds N] [--dir PATH]
+    .venv/bin/python bench/bench_store.py [--rounds N] [--runs N] [--dir PATH]
 
 `--dir` chooses the file system (default: a folder under /var/tmp, i.e. the real disk; tmpfs
 would hide fsync's cost). The journal rows for the 100,000 case are inserted directly with SQL
@@ -14,11 +19,14 @@ would hide fsync's cost). The journal rows for the 100,000 case are inserted dir
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,12 +104,87 @@ def bench_durable(root: Path, pub: Path, rounds: int) -> None:
     print(f"  (baseline incl. directory fsync: {r2 * 1000:.2f} ms; ratio {c / r2:.2f})")
 
 
+def durable_copy(d: Path, name: str, data: bytes) -> None:
+    """The crash-safe minimum for one medium: temp, fsync, rename, directory fsync, read back from the medium."""
+    tmp, final = d / (name + ".tmp"), d / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(d)
+    fd = os.open(final, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    if h.hexdigest() != hashlib.sha256(data).hexdigest():
+        raise SystemExit("read-back mismatch")
+
+
+def bench_minimum(root: Path, pub: Path, rounds: int, runs: int) -> None:
+    """Store.commit (own reservation, as a caller without one) vs the crash-safe minimum, interleaved."""
+    ratios, ratios_seal, parts = [], [], []
+    for run in range(runs):
+        s = make_store(root / f"min-a{run}", pub)
+        dirs = [root / f"min-sd{run}", root / f"min-usb{run}"]
+        for d in dirs:
+            d.mkdir()
+        db = sqlite3.connect(dirs[0] / "journal.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE r (id TEXT PRIMARY KEY, seq INTEGER, size INTEGER, sha256 TEXT)")
+        db.execute("CREATE TABLE m (id TEXT, stick TEXT)")
+        pool = ThreadPoolExecutor(max_workers=1)
+        t_c, t_m, t_s = [], [], []
+        for i in range(rounds):
+            p = payload()
+            t0 = time.perf_counter()
+            s.commit(p)
+            t_c.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            f = pool.submit(durable_copy, dirs[1], f"r{i}", p)
+            durable_copy(dirs[0], f"r{i}", p)
+            f.result()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO r VALUES (?,?,?,?)", (f"r{i}", i, len(p), "0" * 64))
+            db.execute("INSERT INTO m VALUES (?,?)", (f"r{i}", "stick"))
+            db.execute("COMMIT")
+            t_m.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            record_format.seal_with_digest(p, record_id=f"k-{i}", kit_id=s.identity.kit_id, seq=i + 1,
+                                           created="2026-01-01T00:00:00Z", clock_synced=True,
+                                           signing_key=s.identity.signing_key, recipients=s.recipients)
+            t_s.append(time.perf_counter() - t0)
+        pool.shutdown()
+        db.close()
+        s.close()
+        c, m, se = statistics.median(t_c), statistics.median(t_m), statistics.median(t_s)
+        ratios.append(c / m)
+        ratios_seal.append(c / (m + se))
+        parts.append((c, m, se))
+        print(f"  run {run + 1}: commit {c * 1000:.2f} ms, minimum {m * 1000:.2f} ms, seal {se * 1000:.2f} ms; "
+              f"commit/minimum {c / m:.2f}, commit/(minimum + seal) {c / (m + se):.2f}")
+    print(f"store.commit vs the crash-safe minimum, 400 KB record, {runs} runs x {rounds} rounds "
+          f"(median of the runs; load average {os.getloadavg()[0]:.2f}):")
+    print(f"  commit / minimum (I/O only)       = {statistics.median(ratios):.2f}")
+    print(f"  commit / (minimum + seal)         = {statistics.median(ratios_seal):.2f}   (goal <= 1.15)")
+
+
 def fill_journal(s: Store, n: int) -> None:
     rows = [(f"{s.identity.kit_id}-{i:08d}-20260101T000000Z", i, "2026-01-01T00:00:00Z", 0, RECORD, "0" * 64,
              "acked", "2026-01-01T00:00:00Z", "op", "") for i in range(1, n + 1)]
     with s.j.transaction() as c:
-        c.executemany("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-        c.executemany("INSERT INTO mirrors VALUES (?,?,?)", [(r[0], "stick-x", r[2]) for r in rows])
+        c.executemany("INSERT INTO records (id, seq, created, clock_synced, size, sha256, state, state_at, "
+                      "operator_id, reason) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        # The older half on a stick; acked but on no stick for the rest (nothing purgeable: the outage case).
+        c.executemany("INSERT INTO mirrors VALUES (?,?,?)", [(r[0], "stick-x", r[2]) for r in rows[: n // 2]])
+        c.execute("UPDATE records SET state = 'purged' WHERE seq <= ?", (n // 2,))
     s._seq = n
 
 
@@ -119,9 +202,23 @@ def bench_scaling(root: Path, pub: Path, rounds: int) -> None:
             t0 = time.perf_counter()
             s.commit(p)
             times[n].append(time.perf_counter() - t0)
+    st: dict[int, list[float]] = {1_000: [], 100_000: []}
+    pg: dict[int, list[float]] = {1_000: [], 100_000: []}
+    for _ in range(rounds):  # what the daemon runs every poll: status, and a purge with nothing to do
+        for n, s in stores.items():
+            t0 = time.perf_counter()
+            s.status()
+            st[n].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.purge_acknowledged()
+            pg[n].append(time.perf_counter() - t0)
     for n, s in stores.items():
         res[n] = statistics.median(times[n])
         s.close()
+    for what, d in (("status()", st), ("idle purge", pg)):
+        a, b = statistics.median(d[1_000]), statistics.median(d[100_000])
+        print(f"{what} vs journal size (median): 1,000: {a * 1000:.3f} ms, 100,000: {b * 1000:.3f} ms, "
+              f"ratio {b / a:.2f}")
     print(f"commit cost vs journal size, {rounds} rounds (median):")
     print(f"  1,000 records:   {res[1_000] * 1000:8.2f} ms")
     print(f"  100,000 records: {res[100_000] * 1000:8.2f} ms")
@@ -131,15 +228,21 @@ def bench_scaling(root: Path, pub: Path, rounds: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--only", choices=["durable", "minimum", "scaling"], help="run one part")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="rekam-bench-") as d:
         root = Path(d)
         priv, pub = record_format.generate_datacenter_keypair()
         (root / "dc.pub").write_bytes(pub)
         print(f"file system under test: {a.dir}")
-        bench_durable(root, root / "dc.pub", a.rounds)
-        bench_scaling(root, root / "dc.pub", a.rounds)
+        if a.only in (None, "durable"):
+            bench_durable(root, root / "dc.pub", a.rounds)
+        if a.only in (None, "minimum"):
+            bench_minimum(root, root / "dc.pub", a.rounds, a.runs)
+        if a.only in (None, "scaling"):
+            bench_scaling(root, root / "dc.pub", a.rounds)
     return 0
 
 

@@ -9,6 +9,11 @@ Record states (``records.state``)::
 
 ``stored`` means the sealed file is durable on the SD. Copies on USB sticks are rows in
 ``mirrors`` (one per stick id), so "mirrored" is per stick and independent of the uplink.
+
+What the daemon reads every poll is kept O(1) in the backlog (schema 2): SQLite triggers maintain
+``tally`` (records and bytes per state and mirrored-or-not) and ``purgeable`` (acked records that a
+stick holds, the purge queue) in the same transaction as every change to ``records`` or ``mirrors``,
+whoever writes it. ``_migrate`` builds both from the rows when it upgrades a schema-1 journal.
 """
 
 from __future__ import annotations
@@ -28,7 +33,59 @@ from firmware.system.clock import iso
 
 STATES = ("stored", "sent", "acked", "purged", "quarantined")
 LIVE = ("stored", "sent", "acked")  # a file is expected on the SD in these states
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Schema 2: counters and the purge queue, maintained by triggers in the writer's own transaction.
+# `_HAS_MIRROR` is an indexed lookup on mirrors' primary key (O(log n)).
+_HAS_MIRROR = "(SELECT EXISTS (SELECT 1 FROM mirrors WHERE record_id = {}))"
+_TALLY_ADD = ("INSERT INTO tally (state, mirrored, records, bytes) VALUES ({state}, {m}, 1, {size}) "
+              "ON CONFLICT (state, mirrored) DO UPDATE SET records = records + 1, bytes = bytes + excluded.bytes;")
+_TALLY_SUB = "UPDATE tally SET records = records - 1, bytes = bytes - {size} WHERE state = {state} AND mirrored = {m};"
+_SCHEMA_2 = [
+    "CREATE TABLE IF NOT EXISTS tally (state TEXT NOT NULL, mirrored INTEGER NOT NULL, records INTEGER NOT NULL, "
+    "bytes INTEGER NOT NULL, PRIMARY KEY (state, mirrored))",
+    "CREATE TABLE IF NOT EXISTS purgeable (seq INTEGER PRIMARY KEY, id TEXT NOT NULL)",
+    # oldest_unacked(): MIN(created) of one state is one index probe.
+    "CREATE INDEX IF NOT EXISTS idx_records_state_created ON records (state, created)",
+    "CREATE TRIGGER IF NOT EXISTS rk_records_ins AFTER INSERT ON records BEGIN "
+    + _TALLY_ADD.format(state="NEW.state", m=_HAS_MIRROR.format("NEW.id"), size="NEW.size")
+    + " INSERT OR IGNORE INTO purgeable (seq, id) SELECT NEW.seq, NEW.id WHERE NEW.state = 'acked' AND "
+    + _HAS_MIRROR.format("NEW.id") + "; END",
+    "CREATE TRIGGER IF NOT EXISTS rk_records_del AFTER DELETE ON records BEGIN "
+    + _TALLY_SUB.format(state="OLD.state", m=_HAS_MIRROR.format("OLD.id"), size="OLD.size")
+    + " DELETE FROM purgeable WHERE seq = OLD.seq; END",
+    "CREATE TRIGGER IF NOT EXISTS rk_records_upd AFTER UPDATE OF state, size, seq, id ON records "
+    "WHEN OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size OR OLD.seq IS NOT NEW.seq OR OLD.id IS NOT NEW.id "
+    "BEGIN "
+    + _TALLY_SUB.format(state="OLD.state", m=_HAS_MIRROR.format("OLD.id"), size="OLD.size") + " "
+    + _TALLY_ADD.format(state="NEW.state", m=_HAS_MIRROR.format("NEW.id"), size="NEW.size")
+    + " DELETE FROM purgeable WHERE seq = OLD.seq;"
+    + " INSERT OR IGNORE INTO purgeable (seq, id) SELECT NEW.seq, NEW.id WHERE NEW.state = 'acked' AND "
+    + _HAS_MIRROR.format("NEW.id") + "; END",
+    # A record's first copy on any stick moves it from "on no stick" to "mirrored"; its last removed, back.
+    "CREATE TRIGGER IF NOT EXISTS rk_mirrors_ins AFTER INSERT ON mirrors "
+    "WHEN (SELECT COUNT(*) FROM mirrors WHERE record_id = NEW.record_id) = 1 BEGIN "
+    "UPDATE tally SET records = records - 1, bytes = bytes - (SELECT size FROM records WHERE id = NEW.record_id) "
+    "WHERE mirrored = 0 AND state = (SELECT state FROM records WHERE id = NEW.record_id); "
+    "INSERT INTO tally (state, mirrored, records, bytes) SELECT state, 1, 1, size FROM records "
+    "WHERE id = NEW.record_id ON CONFLICT (state, mirrored) DO UPDATE SET records = records + 1, "
+    "bytes = bytes + excluded.bytes; "
+    "INSERT OR IGNORE INTO purgeable (seq, id) SELECT seq, id FROM records WHERE id = NEW.record_id "
+    "AND state = 'acked'; END",
+    "CREATE TRIGGER IF NOT EXISTS rk_mirrors_del AFTER DELETE ON mirrors "
+    "WHEN NOT EXISTS (SELECT 1 FROM mirrors WHERE record_id = OLD.record_id) BEGIN "
+    "UPDATE tally SET records = records - 1, bytes = bytes - (SELECT size FROM records WHERE id = OLD.record_id) "
+    "WHERE mirrored = 1 AND state = (SELECT state FROM records WHERE id = OLD.record_id); "
+    "INSERT INTO tally (state, mirrored, records, bytes) SELECT state, 0, 1, size FROM records "
+    "WHERE id = OLD.record_id ON CONFLICT (state, mirrored) DO UPDATE SET records = records + 1, "
+    "bytes = bytes + excluded.bytes; "
+    "DELETE FROM purgeable WHERE seq = (SELECT seq FROM records WHERE id = OLD.record_id); END",
+]
+# Full recomputations (the migration, and the tests that check the triggers against them).
+TALLY_RECOMPUTE = ("SELECT state, " + _HAS_MIRROR.format("r.id") + " AS m, COUNT(*), COALESCE(SUM(size), 0) "
+                   "FROM records r GROUP BY state, m")
+PURGEABLE_RECOMPUTE = ("SELECT seq, id FROM records r WHERE state = 'acked' AND " + _HAS_MIRROR.format("r.id")
+                       + " ORDER BY seq")
 
 
 @dataclass(frozen=True)
@@ -64,6 +121,8 @@ class Journal:
             conn = sqlite3.connect(path, check_same_thread=False, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            # INSERT OR REPLACE deletes the row it replaces: only with this do the counters' delete triggers see it.
+            conn.execute("PRAGMA recursive_triggers=ON")
         conn.execute("PRAGMA busy_timeout=10000")
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
@@ -103,7 +162,24 @@ class Journal:
                                          "at": str}, pk="page")
             if "meta" not in db.table_names():
                 db["meta"].create({"key": str, "value": str}, pk="key")
-                db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+                db["meta"].insert({"key": "schema_version", "value": "1"})
+            (version,) = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if int(version) < 2:  # one step per schema version
+                self._migrate_2()
+
+    def _migrate_2(self) -> None:
+        """Schema 1 -> 2 in place (inside `_migrate`'s transaction): counters, purge queue, their triggers.
+
+        The counters start from a full count of the rows; from then on the triggers keep them.
+        """
+        c = self.conn
+        for ddl in _SCHEMA_2:
+            c.execute(ddl)
+        c.execute("DELETE FROM tally")
+        c.execute("INSERT INTO tally (state, mirrored, records, bytes) " + TALLY_RECOMPUTE)
+        c.execute("DELETE FROM purgeable")
+        c.execute("INSERT INTO purgeable (seq, id) " + PURGEABLE_RECOMPUTE)
+        c.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -200,20 +276,50 @@ class Journal:
             (v,) = self.conn.execute("SELECT COALESCE(MAX(size), 0) FROM records").fetchone()
         return int(v)
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Records and bytes per state."""
-        out = {s: {"records": 0, "bytes": 0} for s in STATES}
+    def _tally(self) -> list[tuple[str, int, int, int]]:
         with self._lock:
-            for state, n, b in self.conn.execute(
-                    "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM records GROUP BY state"):
-                out[state] = {"records": n, "bytes": b}
+            return list(self.conn.execute("SELECT state, mirrored, records, bytes FROM tally"))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Records and bytes per state (from the trigger-kept counters: at most 2 rows per state read)."""
+        out = {s: {"records": 0, "bytes": 0} for s in STATES}
+        for state, _m, n, b in self._tally():
+            d = out.setdefault(state, {"records": 0, "bytes": 0})
+            d["records"] += n
+            d["bytes"] += b
         return out
 
     def oldest_unacked(self) -> str | None:
-        """Creation time of the oldest record the data center has not acknowledged."""
+        """Creation time of the oldest record the data center has not acknowledged (two index probes)."""
         with self._lock:
-            row = self.conn.execute("SELECT MIN(created) FROM records WHERE state IN ('stored', 'sent')").fetchone()
+            row = self.conn.execute(
+                "SELECT MIN(c) FROM (SELECT MIN(created) AS c FROM records WHERE state = 'stored' "
+                "UNION ALL SELECT MIN(created) FROM records WHERE state = 'sent')").fetchone()
         return row[0] if row and row[0] else None
+
+    def purgeable(self, need_stick: bool, limit: int) -> list[str]:
+        """Up to `limit` acked records whose SD copy may go (oldest first): with `need_stick`, only those
+        a stick holds (the trigger-kept queue); else every acked one. Reads only the rows it returns."""
+        with self._lock:
+            if need_stick:
+                rows = self.conn.execute("SELECT id FROM purgeable ORDER BY seq LIMIT ?", (limit,))
+            else:
+                rows = self.conn.execute("SELECT id FROM records WHERE state = 'acked' ORDER BY seq LIMIT ?",
+                                         (limit,))
+            return [r[0] for r in rows]
+
+    def mark_purged(self, ids: list[str]) -> list[str]:
+        """Move those of `ids` still acked to purged, in one commit; returns the ones moved."""
+        at = iso()
+        with self.transaction() as c:
+            moved = [rid for rid in ids
+                     if c.execute("UPDATE records SET state = 'purged', state_at = ?, reason = '' "
+                                  "WHERE id = ? AND state = 'acked'", (at, rid)).rowcount == 1]
+            # A queue entry whose record is no longer acked cannot stay at the head of the queue.
+            stale = [(rid,) for rid in ids if rid not in moved]
+            if stale:
+                c.executemany("DELETE FROM purgeable WHERE id = ?", stale)
+        return moved
 
     # --- mirrors ------------------------------------------------------------------------
 
@@ -227,11 +333,12 @@ class Journal:
                                                     (stick_id,))}
 
     def mirror_lag(self) -> dict[str, int]:
-        """Live records that are on no stick at all (records, bytes)."""
-        with self._lock:
-            n, b = self.conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records r WHERE r.state IN ('stored','sent','acked') "
-                "AND NOT EXISTS (SELECT 1 FROM mirrors m WHERE m.record_id = r.id)").fetchone()
+        """Live records that are on no stick at all (records, bytes), from the counters."""
+        n = b = 0
+        for state, m, rn, rb in self._tally():
+            if state in LIVE and not m:
+                n += rn
+                b += rb
         return {"records": n, "bytes": b}
 
     def has_mirror(self, record_id: str) -> bool:

@@ -48,6 +48,8 @@ class StoreService:
 class UsbWatcher(ThreadService):
     """Polls the USB stick every `[usb] poll_seconds` (insertion -> backfill) and purges acknowledged records."""
 
+    PURGE_BATCHES_PER_POLL = 5  # of 200 records: well inside the supervisor's 3 s join on stop
+
     def __init__(self, store: Store, poll_s: float, auto_purge: bool) -> None:
         super().__init__("usb", poll_s)
         self.store = store
@@ -72,6 +74,7 @@ class UsbWatcher(ThreadService):
                 log.exception("usb backfill failed")
         if self.auto_purge and not self.stop_event.is_set():
             try:
-                self.store.purge_acknowledged()
+                # Bounded per poll (the queue keeps the rest): the thread stays responsive to stop.
+                self.store.purge_acknowledged(max_batches=self.PURGE_BATCHES_PER_POLL)
             except Exception:
                 log.exception("purge of acknowledged records failed")

@@ -239,11 +239,13 @@ def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, c
                  wraps, nonce, len(payload))
     hj = hdr.to_json()
     prefix = PREFIX.pack(MAGIC, VERSION, 0, len(hj)) + hj
-    body = prefix + ChaCha20Poly1305(dek).encrypt(nonce, payload, prefix)
-    h = hashlib.sha256(body)
+    ct = ChaCha20Poly1305(dek).encrypt(nonce, payload, prefix)
+    # Hashed piecewise and joined once: the same bytes as hashing `prefix + ct`, one 400 KB copy fewer.
+    h = hashlib.sha256(prefix)
+    h.update(ct)
     sig = signing_key.sign(SIG_CONTEXT + h.digest())
     h.update(sig)
-    return body + sig, h.hexdigest()
+    return b"".join((prefix, ct, sig)), h.hexdigest()
 
 
 def _signed_message(body: bytes) -> bytes:
