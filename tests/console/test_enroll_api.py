@@ -153,7 +153,9 @@ def test_cancel_at_each_step_keeps_nothing_and_releases_the_reservation(make_dae
 
 def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_daemon: Any, tmpfs: Any,
                                                                          tmp_path: Path) -> None:
-    tmpfs.mount(tmp_path / "sd", 6 * 1024)
+    # 10 MiB: the 2 MiB reserve, a 2 MiB hold for the enrollment under way and room for one more
+    # maximal record (the guard lets a capture start only if a record of max_record_mb fits).
+    tmpfs.mount(tmp_path / "sd", 10 * 1024)
     d = make_daemon(max_record_mb=2, fingers=["R1"], dedup=["R1"])  # each enrollment in progress holds 2 MiB
     c = d.signin()
     first = enroll(c, NIK_MALE)  # a normal morning enrollment; the guard now knows the record size
