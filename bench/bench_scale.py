@@ -65,6 +65,7 @@ class Kit:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self.url = ""
+        self.token = ""
 
     def write_config(self, broker: str) -> None:
         stick = self.usb.exists()
@@ -108,6 +109,8 @@ class Kit:
             if "READY=1" in msg.split("\n"):
                 ready = time.monotonic() - t0
                 self.url = json.loads((self.state_dir / "api.json").read_text())["url"]
+                # The local API needs the daemon's local token (the one `rekam` sends).
+                self.token = (self.state_dir / "api.token").read_text().strip()
                 return ready
         return None
 
@@ -129,12 +132,13 @@ class Kit:
         return dt
 
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+        req = urllib.request.Request(self.url + path, headers={"X-Rekam-Token": self.token})
+        with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "X-Rekam-Token": self.token})
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
