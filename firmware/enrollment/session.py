@@ -293,7 +293,7 @@ class EnrollmentService:
         return s, e
 
     def _operator_name(self, operator_id: str) -> str:
-        op = self.operators.get(operator_id) if callable(getattr(self.operators, "get", None)) else None
+        op = getattr(self.operators, "by_id", {}).get(operator_id)
         return str(getattr(op, "name", "") or operator_id)
 
     def cancel(self, token: str, reason: str = "cancelled by operator") -> None:

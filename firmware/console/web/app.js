@@ -829,6 +829,6 @@ async function boot() {
 }
 
 // For the browser tests: the formatters, to compare with firmware.system.i18n on the same values.
-window.rekamFormat = { count: fmtCount, size: fmtBytes, date: fmtDate, lang: () => I18N.lang };
+window.rekamFormat = { count: fmtCount, size: fmtBytes, date: fmtDate, state: stateLabel, lang: () => I18N.lang };
 
 boot();
