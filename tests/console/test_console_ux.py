@@ -337,3 +337,29 @@ def test_receipt_is_indonesian_first() -> None:
     assert lines[2].startswith("Tanggal / Date: ") and "jam perangkat belum disinkronkan / kit clock" in lines[2]
     assert lines[3] == "Perangkat / Kit: rk-abc  Lokasi / Site: Kec. Cibinong"
     assert receipt.pdf(info).startswith(b"%PDF-") and b"Tanggal / Date" in receipt.pdf(info)
+
+
+def test_retake_reason_is_said_once(daemon: Daemon, browser: Any) -> None:
+    """Item 8: a face retake's reason appears once (as a tip under the result), not in the prompt, the message
+    and the bullet. The kit's answer to the one photo is fixed (the simulator's faces pass): the console's
+    rendering is what is tested; everything else is the real daemon."""
+    import json
+
+    hint = "head turned (yaw): look straight into the camera"
+    answer = {"status": "captured", "score": 31.0, "codes": ["yaw"], "hints": [hint], "accepted": False,
+              "forced": False, "done": False, "attempt": 1, "message": "retake: " + hint}
+    page = browser.new_page(viewport={"width": 800, "height": 480})
+    page.goto(daemon.url + "/")
+    signin(page)
+    page.fill("#nik", NIK_MALE)
+    page.click("#nik-start")
+    page.wait_for_selector("#capture-title:has-text('Foto wajah')")
+    page.route("**/api/v1/enrollment/face", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(answer)))
+    page.click("#capture-go")
+    page.wait_for_selector("#fb-badge:has-text('ULANGI')")
+    text = page.inner_text("#view-enroll")
+    translated = "kepala menoleh: tatap lurus ke kamera"
+    assert text.count(translated) == 1, text
+    assert hint not in text and "Ulangi: ikuti petunjuk di bawah" in page.inner_text("#prompt")
+    page.close()
