@@ -201,9 +201,10 @@ class NikError(RekamError, ValueError):
 class SignInError(RekamError):
     """Sign-in refused; `code` is one of unknown, bad_pin, locked."""
 
-    def __init__(self, code: str, message: str, retry_after_s: float = 0) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float = 0, tries_left: int | None = None) -> None:
         self.code = code
         self.retry_after_s = retry_after_s
+        self.tries_left = tries_left  # bad_pin: wrong PINs left before the lockout (the console words it)
         super().__init__(message)
 
 

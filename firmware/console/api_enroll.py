@@ -57,8 +57,9 @@ def _err(e: Exception) -> HTTPException:
     if isinstance(e, NikError):
         return HTTPException(422, {"code": f"nik_{e.code}", "message": str(e)})
     if isinstance(e, SignInError):
+        extra = {"tries_left": e.tries_left} if e.tries_left is not None else {}
         return HTTPException(423 if e.code == "locked" else 401,
-                             {"code": e.code, "message": str(e), "retry_after_s": int(e.retry_after_s)})
+                             {"code": e.code, "message": str(e), "retry_after_s": int(e.retry_after_s), **extra})
     raise e
 
 

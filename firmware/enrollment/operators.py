@@ -159,7 +159,8 @@ class Operators:
                 raise SignInError("locked", f"wrong PIN {self.max_failures} times: operator {operator_id} is "
                                   f"locked for {int(self.lockout_s // 60)} min", self.lockout_s)
             left = max(0, self.max_failures - nth)
-            raise SignInError("bad_pin", f"wrong operator id or PIN ({left} tries left before lockout)")
+            raise SignInError("bad_pin", f"wrong operator id or PIN ({left} tries left before lockout)",
+                              tries_left=left)
         assert op is not None
         if role and op.role != role:
             raise SignInError("role", f"operator {operator_id} is not a {role}")

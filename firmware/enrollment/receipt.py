@@ -13,7 +13,19 @@ from typing import Any
 
 import segno
 
+from firmware.system.i18n import N_, gettext
+
 KIT_TITLE = "Bukti Perekaman KTP-el / Enrollment receipt"
+# Each label in Bahasa Indonesia first, then English: the resident reads Indonesian, a checker may read English.
+LABELS = {"record": N_("Record"), "date": N_("Date"), "kit": N_("Kit"), "site": N_("Site"),
+          "unsynced": N_("kit clock not synchronised")}
+
+
+def _both(key: str) -> str:
+    """'Indonesian / English' for one label (the same text once if there is no translation)."""
+    msgid = LABELS[key]
+    ind = gettext(msgid, lang="id")
+    return ind if ind == msgid else f"{ind} / {msgid}"
 
 
 def qr_payload(record_id: str, sha256: str) -> str:
@@ -26,11 +38,12 @@ def _qr(record_id: str, sha256: str) -> segno.QRCode:
 
 
 def lines(info: dict[str, Any]) -> list[str]:
+    """The receipt's text lines, Bahasa Indonesia first (ASCII only: the PDF's Helvetica and the PNG's font)."""
     return [
         KIT_TITLE,
-        f"Record: {info['record_id']}",
-        f"Date: {info['created']}" + ("" if info.get("clock_synced", True) else " (kit clock not synchronised)"),
-        f"Kit: {info['kit_id']}" + (f"  Site: {info['site']}" if info.get("site") else ""),
+        f"{_both('record')}: {info['record_id']}",
+        f"{_both('date')}: {info['created']}" + ("" if info.get("clock_synced", True) else f" ({_both('unsynced')})"),
+        f"{_both('kit')}: {info['kit_id']}" + (f"  {_both('site')}: {info['site']}" if info.get("site") else ""),
         f"SHA-256: {info['sha256'][:32]}",
         f"         {info['sha256'][32:]}",
     ]

@@ -276,11 +276,25 @@ class EnrollmentService:
         return e
 
     def _current(self, token: str) -> tuple[SignedIn, Enrollment]:
+        """The caller's session and the enrollment in progress, which they must own (or be a supervisor).
+
+        Another operator signing in sees whose enrollment it is (`describe`) but may not continue or
+        cancel it: only its owner or a supervisor may (issue #16 item 10).
+        """
         s = self.session(token)
         e = self.active
         if e is None:
             raise EnrollmentError("no_enrollment", "no enrollment in progress; start one with the resident's NIK")
+        if e.operator_id != s.operator.id and s.operator.role != "supervisor":
+            self._audit("not_owner", s.operator.id, enrollment=e.id, owner=e.operator_id)
+            raise EnrollmentError("not_owner", f"this enrollment belongs to operator {e.operator_id}: only they "
+                                  "or a supervisor may continue or cancel it", 403, owner=e.operator_id,
+                                  owner_name=self._operator_name(e.operator_id))
         return s, e
+
+    def _operator_name(self, operator_id: str) -> str:
+        op = getattr(self.operators, "by_id", {}).get(operator_id)
+        return str(getattr(op, "name", "") or operator_id)
 
     def cancel(self, token: str, reason: str = "cancelled by operator") -> None:
         """Abandon the enrollment; nothing is kept, the reservation is released."""
@@ -542,9 +556,17 @@ class EnrollmentService:
         if e.face_outcome:
             face = {"attempts": len(e.face_outcome.attempts), "done": e.face_outcome.done,
                     "forced": e.face_outcome.forced,
-                    "score": round(e.face_outcome.accepted.score, 1) if e.face_outcome.accepted else None}
-        return {"active": True, "id": e.id, "operator_id": e.operator_id, "nik_masked": e.nik.value[:6] + "******"
-                + e.nik.value[12:], "started": e.started, "step": e.step(self.cfg.enrollment.capture_face),
+                    "score": round(e.face_outcome.accepted.score, 1) if e.face_outcome.accepted else None,
+                    "preview": "face-last.jpg" if "face-last.jpg" in e.previews else None}
+        step = e.step(self.cfg.enrollment.capture_face)
+        # At review the full NIK and the birth date it encodes are shown, for the resident to confirm (a typo in
+        # digits 7-12 is a wrong birth date); before that, masked (the screen may be seen by the queue).
+        resident = ({"nik": e.nik.value, "birth_date": e.nik.birth_date.isoformat(), "female": e.nik.female}
+                    if step == "review" else {})
+        return {"active": True, "id": e.id, "operator_id": e.operator_id,
+                "operator_name": self._operator_name(e.operator_id), **resident,
+                "nik_masked": e.nik.value[:6] + "******"
+                + e.nik.value[12:], "started": e.started, "step": step,
                 "face": face, "face_exception": e.face_exception, "fingers": fingers, "busy": e.busy,
                 "override_reason": e.override_reason,
                 "duplicates": None if e.dup_hits is None else [h.__dict__ for h in e.dup_hits],

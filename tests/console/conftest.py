@@ -7,7 +7,7 @@ simulated camera on corpus faces; tests talk to it over HTTP like the console an
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,26 @@ def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | No
         enrollment={"fingers": fingers, "dedup_fingers": dedup},
         api=api or {},
     )
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A real headless Chromium (Playwright) for the console tests."""
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is not installed: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ ROUTES = [("GET", "/api/v1/status"), ("GET", "/api/v1/records"), ("POST", "/api/
           ("POST", "/api/v1/usb/export"), ("POST", "/api/v1/sim/commit"), ("POST", "/api/v1/sim/alias"),
           ("GET", "/api/v1/audit"), ("GET", "/api/v1/tls"), ("GET", "/api/v1/enrollment"),
           ("POST", "/api/v1/enrollment"), ("POST", "/api/v1/enrollment/commit"), ("GET", "/api/v1/openapi.json"),
-          ("GET", "/api/v1/docs")]
+          ]
 
 
 def vm_rss_kib(pid: int) -> int:
