@@ -94,6 +94,10 @@ class KitConfig(Section):
     hardware_serial_file: str = Field(
         "/proc/device-tree/serial-number",
         description="Where the board's serial number is read from (Raspberry Pi).")
+    language: Literal["id", "en"] = Field(
+        "id",
+        description="Language of everything an operator reads (console, receipts, CLI): `id` Bahasa Indonesia, "
+                    "`en` English. The console can switch per browser.")
 
 
 class DatacenterConfig(Section):
