@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from firmware.system.i18n import _, format_count, ngettext
+
 API = "/api/v1"
 
 
@@ -129,21 +131,41 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def _sign_in(s: Session, operator: str | None) -> None:
     from firmware.cli.localapi import ApiError
 
-    for _ in range(3):
+    for _attempt in range(3):
         op = operator or _ask("Operator id: ").strip()
         pin = _secret("PIN: ").strip()
         try:
             r = s.call("POST", "/auth/signin", {"operator_id": op, "pin": pin})
         except ApiError as e:
             code, msg = _detail(e)
-            s.say(f"! sign-in refused: {msg}")
-            if code == "locked":
-                raise Abort(msg) from None
+            if code == "locked":  # said once, by the error handler (it ends the command)
+                raise Abort(_signin_refused(code, msg, e.detail)) from None
+            s.say("! " + _signin_refused(code, msg, e.detail))
             continue
         s.token = r["token"]
         s.say(f"Signed in: {r['name']} ({r['operator_id']}, {r['role']})")
         return
     raise Abort("sign-in failed three times")
+
+
+def _signin_refused(code: str, msg: str, detail: Any) -> str:
+    """One sentence for a refused sign-in, in the CLI's language: the lockout's minutes or the tries left
+    counted with the right plural (the daemon's own message is English and carries the numbers)."""
+    import re
+
+    if code == "locked":
+        retry = int(detail.get("retry_after_s", 0)) if isinstance(detail, dict) else 0
+        minutes = max(1, -(-retry // 60))
+        return ngettext("operator locked after too many wrong PINs; try again in {n} minute",
+                        "operator locked after too many wrong PINs; try again in {n} minutes", minutes)
+    if code in ("bad_pin", "unknown"):
+        m = re.search(r"\((\d+) tries? left", msg)
+        if m:
+            return ngettext("sign-in refused: wrong operator id or PIN ({n} try left before lockout)",
+                            "sign-in refused: wrong operator id or PIN ({n} tries left before lockout)",
+                            int(m.group(1)))
+        return _("sign-in refused: wrong operator id or PIN")
+    return _("sign-in refused: {reason}", reason=msg)
 
 
 def _cancel_quietly(s: Session, why: str) -> None:
@@ -323,33 +345,47 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 def cmd_usb_export(args: argparse.Namespace) -> int:
-    """Copy every record the stick lacks, in batches, with a progress bar."""
+    """Copy every record the stick lacks, in batches, with a progress bar.
+
+    The daemon's USB watcher may be copying the same records in the background (it gives way to each of
+    our batches, and may take a few between them), so progress counts what the stick holds, not only what
+    our calls copied: done = lacking at the start - lacking now; the summary says who copied how many.
+    """
     from firmware.cli.localapi import ApiError, call
 
     if args.batch < 1:
-        print("rekam usb export: --batch must be at least 1", file=sys.stderr)
+        print("rekam usb export: " + _("--batch must be at least 1"), file=sys.stderr)
         return 2
     try:
         url = _daemon_url(args)
-        copied = 0
-        total = None
+        copied = done = 0
+        target: int | None = None  # records the stick lacks (grows if new ones are captured meanwhile)
         tty = sys.stdout.isatty()
         while True:
             r = call(url, "POST", f"{API}/usb/export?limit={args.batch}")
             copied += r["copied"]
-            if total is None:
-                total = copied + r["remaining"]
-            line = _bar(copied, total)
+            if target is None:
+                target = r["copied"] + r["remaining"]
+            if target - r["remaining"] < done:  # new records arrived: they are to be copied too
+                target = done + r["remaining"]
+            progressed = target - r["remaining"] > done or r["copied"] > 0
+            done = target - r["remaining"]
+            line = _bar(done, target)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-            if r["remaining"] == 0 or r["copied"] == 0:
+            if r["remaining"] == 0 or not progressed:
                 break
         if tty:
             print()
         if r["remaining"]:
-            print(f"rekam usb export: {r['remaining']} record(s) could not be copied (see the daemon log)",
-                  file=sys.stderr)
+            print("rekam usb export: " + ngettext(
+                "{n} record could not be copied (see the daemon log)",
+                "{n} records could not be copied (see the daemon log)", r["remaining"]), file=sys.stderr)
             return 1
-        print(f"stick {r['stick_id']}: {copied} copied, all {r['total']} records are on it")
+        print(_("stick {stick}: all {total} records are on it", stick=r["stick_id"],
+                total=format_count(r["total"]))
+              + "; " + ngettext("{n} copied now", "{n} copied now", copied)
+              + (("; " + ngettext("{n} by the kit's background copy", "{n} by the kit's background copy",
+                                  done - copied)) if done > copied else ""))
         return 0
     except Abort as e:
         print(f"rekam usb export: {e}", file=sys.stderr)

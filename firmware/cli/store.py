@@ -16,7 +16,7 @@ from typing import Any
 
 from firmware import config
 from firmware.cli.common import load_config
-from firmware.cli.text import _, format_count, format_size, ngettext
+from firmware.system.i18n import _, format_count, format_size, ngettext
 
 
 def register(sub: argparse._SubParsersAction) -> None:
