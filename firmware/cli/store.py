@@ -14,9 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from babel.numbers import format_decimal
+
 from firmware import config
 from firmware.cli.common import load_config
-from firmware.system.i18n import _, format_count, format_size, ngettext
+from firmware.system.i18n import N_, _, format_count, format_size, get_language, gettext, ngettext
+
+#: Column headings of `rekam records`.
+HEADER = (N_("RECORD"), N_("STATE"), N_("SIZE"), N_("CREATED"), N_("NOTE"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -100,12 +105,12 @@ def print_status(st: dict[str, Any]) -> None:
         print(_("kit {kit}   capture: {level}", kit=st["kit_id"], level=g["level"])
               + ("" if g["capture_allowed"] else "  " + _("(HALTED)")))
     for r in g["reasons"]:
-        print(f"  ! {r}")
+        print(f"  ! {_without_action(r)}")
     for m in st["media"]:
         if m["level"] == "HALT" and m["present"]:
             print("  > " + halt_action(m["name"]))
     rec = st["records"]
-    print(_("records: ") + ", ".join(f"{_(k)} {format_count(v['records'])}" for k, v in rec.items()))
+    print(_("records: ") + ", ".join(f"{k} {format_count(v['records'])}" for k, v in rec.items()))
     backlog = rec["stored"]["records"] + rec["sent"]["records"]
     unacked = rec["stored"]["bytes"] + rec["sent"]["bytes"]
     print(ngettext("backlog: {count} record, {size}; oldest unacknowledged: {oldest}",
@@ -122,8 +127,8 @@ def print_status(st: dict[str, Any]) -> None:
                 sent=format_count(c.get("records_sent", 0)), acked=format_count(c.get("records_acked", 0)),
                 rejected=format_count(c.get("records_rejected", 0))))
         if up.get("oldest_unacked_age_s") is not None:
-            print("  " + _("oldest unacknowledged record is {hours} h old",
-                           hours=f"{up['oldest_unacked_age_s'] / 3600:.1f}"))
+            hours = format_decimal(up["oldest_unacked_age_s"] / 3600, format="#,##0.0", locale=get_language())
+            print("  " + _("oldest unacknowledged record is {hours} h old", hours=hours))
         if up.get("last_error") and up["state"] != "connected":
             print(f"  ! {up['last_error']}")
     elif running:
@@ -135,10 +140,10 @@ def print_status(st: dict[str, Any]) -> None:
         used = 1 - m["free_bytes"] / m["total_bytes"] if m["total_bytes"] else 0
         bar = "#" * int(used * 20)
         print(f"  {m['name']:4s} [{bar:20s}] "
-              + _("{free} free of {total}, room for {left} records",
+              + _("{free} free of {total}, room for about {left} records",
                   free=format_size(m["free_bytes"]), total=format_size(m["total_bytes"]),
                   left=format_count(m["records_left"]))
-              + f"  {m['level']} {m['reason']}")
+              + f"  {m['level']} {_without_action(m['reason'])}")
     d = st.get("daemon", {})
     if running:
         print(_("daemon: running, version {version}, up {uptime} s", version=d.get("version"),
@@ -148,13 +153,19 @@ def print_status(st: dict[str, Any]) -> None:
 
 
 def halt_action(medium: str) -> str:
-    """What the operator does when `medium` ("sd" or "usb") is full: the two need different hands."""
-    if medium == "usb":
-        return _("the USB stick is full: run `rekam usb eject`, take it out, give it to the data center and "
-                 "insert an empty stick; the records stay safe on the SD card meanwhile")
-    return _("the SD card is full: connect the kit to the uplink so the data center acknowledges records "
-             "(acknowledged records on a stick are then removed from the SD by themselves), or call the "
-             "technician; do not delete files by hand")
+    """What the operator does when `medium` ("sd" or "usb") is full, in the CLI's language (the guard's text)."""
+    from firmware.store.capacity import HALT_ACTIONS
+
+    return gettext(HALT_ACTIONS.get(medium, HALT_ACTIONS["sd"]))
+
+
+def _without_action(reason: str) -> str:
+    """A guard reason without the English "To do: ..." part (the CLI prints it translated on its own line)."""
+    from firmware.store.capacity import HALT_ACTIONS
+
+    for action in HALT_ACTIONS.values():
+        reason = reason.replace(". " + action, "").replace(action, "")
+    return reason.strip()
 
 
 def stick_line(st: dict[str, Any]) -> str:
@@ -194,12 +205,13 @@ def cmd_records(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(_("no records") + (f" ({_(args.state)})" if args.state else ""))
+        print(_("no records") + (f" ({args.state})" if args.state else ""))
         return 0
     width = max(len(r["id"]) for r in rows)
-    print(f"{_('RECORD'):{width}s}  {_('STATE'):11s} {_('SIZE'):>10s}  {_('CREATED'):25s} {_('NOTE')}")
-    for r in rows:
-        print(f"{r['id']:{width}s}  {_(r['state']):11s} {format_size(r['size']):>10s}  {r['created']:25s} "
+    head = [gettext(h) for h in HEADER]
+    print(f"{head[0]:{width}s}  {head[1]:11s} {head[2]:>10s}  {head[3]:25s} {head[4]}".rstrip())
+    for r in rows:  # the state is the journal's word, as `--state` takes it
+        print(f"{r['id']:{width}s}  {r['state']:11s} {format_size(r['size']):>10s}  {r['created']:25s} "
               f"{r['reason'] or ''}".rstrip())
     return 0
 
@@ -255,7 +267,7 @@ def _halted(n: int, reason: str) -> None:
     """Say on stderr that capture halted after `n` records, why, and what to do about each full medium."""
     print("rekam: " + ngettext("capture halted after {count} record: {reason}",
                                "capture halted after {count} records: {reason}", n,
-                               count=format_count(n), reason=reason), file=sys.stderr)
+                               count=format_count(n), reason=_without_action(reason)), file=sys.stderr)
     for medium in ("sd", "usb"):
         if reason.startswith(f"{medium} ") or f"; {medium} " in reason:
             print("  > " + halt_action(medium), file=sys.stderr)
