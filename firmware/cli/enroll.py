@@ -54,7 +54,7 @@ def _daemon_url(args: argparse.Namespace) -> str:
     cfg = load_config(args)
     url = daemon_url(cfg.state_dir)
     if url is None:
-        raise Abort(f"the daemon is not running (no live api.json in {cfg.state_dir}); start rekamd first")
+        raise Abort(_("the daemon is not running (no live api.json in {dir}); start rekamd first", dir=cfg.state_dir))
     return url
 
 
@@ -94,7 +94,7 @@ def _ask(prompt: str) -> str:
     try:
         return input(prompt)
     except EOFError:
-        raise Abort("input ended") from None
+        raise Abort(_("input ended")) from None
 
 
 def _secret(prompt: str) -> str:
@@ -132,8 +132,8 @@ def _sign_in(s: Session, operator: str | None) -> None:
     from firmware.cli.localapi import ApiError
 
     for _attempt in range(3):
-        op = operator or _ask("Operator id: ").strip()
-        pin = _secret("PIN: ").strip()
+        op = operator or _ask(_("Operator id: ")).strip()
+        pin = _secret(_("PIN: ")).strip()
         try:
             r = s.call("POST", "/auth/signin", {"operator_id": op, "pin": pin})
         except ApiError as e:
@@ -143,9 +143,9 @@ def _sign_in(s: Session, operator: str | None) -> None:
             s.say("! " + _signin_refused(code, msg, e.detail))
             continue
         s.token = r["token"]
-        s.say(f"Signed in: {r['name']} ({r['operator_id']}, {r['role']})")
+        s.say(_("Signed in: {name} ({id}, {role})", name=r["name"], id=r["operator_id"], role=r["role"]))
         return
-    raise Abort("sign-in failed three times")
+    raise Abort(_("sign-in failed three times"))
 
 
 def _signin_refused(code: str, msg: str, detail: Any) -> str:
@@ -173,7 +173,7 @@ def _cancel_quietly(s: Session, why: str) -> None:
 
     try:
         s.call("POST", "/enrollment/cancel")
-        s.say(f"Enrollment cancelled ({why}); nothing was kept.")
+        s.say(_("Enrollment cancelled ({why}); nothing was kept.", why=why))
     except (ApiError, OSError):
         pass
 
@@ -183,7 +183,7 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
     from firmware.cli.localapi import ApiError
 
     while True:
-        value = nik or _ask("Resident's NIK (16 digits): ").strip()
+        value = nik or _ask(_("Resident's NIK (16 digits): ")).strip()
         nik = None
         reason = ""
         while True:
@@ -193,7 +193,7 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
                 code, msg = _detail(e)
                 if code == "nik_enrolled" and not reason:
                     s.say(f"! {msg}")
-                    reason = _ask("Reason to enroll again (empty: enter another NIK): ").strip()
+                    reason = _ask(_("Reason to enroll again (empty: enter another NIK): ")).strip()
                     if reason:
                         continue
                 elif code in ("halted", "locked", "busy"):
@@ -206,10 +206,11 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
 def _enroll(s: Session, args: argparse.Namespace) -> int:
     state = s.call("GET", "/enrollment")
     if state.get("active"):
-        s.say(f"Resuming the enrollment in progress ({state['nik_masked']}, next: {state['step']}).")
+        s.say(_("Resuming the enrollment in progress ({nik}, next: {step}).", nik=state["nik_masked"],
+                step=state["step"]))
     else:
         state = _start(s, args.nik)
-        s.say(f"Enrollment {state['id']} started for NIK {state['nik_masked']}.")
+        s.say(_("Enrollment {id} started for NIK {nik}.", id=state["id"], nik=state["nik_masked"]))
     while state.get("active"):
         step = state["step"]
         if step == "face":
@@ -223,7 +224,7 @@ def _enroll(s: Session, args: argparse.Namespace) -> int:
         elif step == "review":
             return _review_commit(s, state, args.receipt_dir)
         state = s.call("GET", "/enrollment")
-    s.say("The enrollment was closed (cancelled or rejected); nothing was stored.")
+    s.say(_("The enrollment was closed (cancelled or rejected); nothing was stored."))
     return 1
 
 
@@ -232,46 +233,48 @@ def _choice(s: Session, what: str, auto: bool) -> str:
     if auto:
         return ""
     while True:
-        a = _ask(f"{what} [Enter] capture  [x] exception  [c] cancel: ").strip().lower()
+        a = _ask(_("{what} [Enter] capture  [x] exception  [c] cancel: ", what=what)).strip().lower()
         if a in ("", "x", "c"):
             return a
-        s.say("  type nothing, x or c")
+        s.say("  " + _("type nothing, x or c"))
 
 
 def _feedback(s: Session, label: str, r: dict[str, Any]) -> None:
     if r.get("status") == "timeout":
         s.say(f"  {label}: {r['message']}")
         return
-    mark = "OK " if r["accepted"] else ("KEPT" if r["done"] else "RETAKE")
-    s.say(f"  {label}: score {r['score']:.0f} attempt {r['attempt']} {mark} - {r['message']}")
+    mark = _("OK ") if r["accepted"] else (_("KEPT") if r["done"] else _("RETAKE"))
+    score = round(float(r["score"]))
+    s.say(f"  {label}: " + _("score {score} attempt {attempt} {mark} - {message}", score=score,
+                             attempt=r["attempt"], mark=mark, message=r["message"]))
 
 
 def _cancel_or_raise(s: Session) -> None:
     s.call("POST", "/enrollment/cancel")
-    raise Abort("enrollment cancelled by the operator; nothing was kept")
+    raise Abort(_("enrollment cancelled by the operator; nothing was kept"))
 
 
 def _face(s: Session, auto: bool) -> None:
-    s.say("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap.")
-    a = _choice(s, "Face:", auto)
+    s.say(_("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap."))
+    a = _choice(s, _("Face:"), auto)
     if a == "c":
         _cancel_or_raise(s)
     if a == "x":
-        reason = _ask("Why no photo (e.g. camera broken)? ").strip()
+        reason = _ask(_("Why no photo (e.g. camera broken)? ")).strip()
         if reason:
             s.call("POST", "/enrollment/face/exception", {"reason": reason})
         return
-    _feedback(s, "face", s.call("POST", "/enrollment/face"))
+    _feedback(s, _("face"), s.call("POST", "/enrollment/face"))
 
 
 def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
     label = next((f["label"] for f in state["fingers"] if f["finger"] == code), code)
-    s.say(f"Finger {code}: place the {label} flat on the sensor glass.")
+    s.say(_("Finger {code}: place the {label} flat on the sensor glass.", code=code, label=label))
     a = _choice(s, f"{code} {label}:", auto)
     if a == "c":
         _cancel_or_raise(s)
     if a == "x":
-        reason = _ask(f"Why is the {label} not captured (missing, bandaged, injured)? ").strip()
+        reason = _ask(_("Why is the {label} not captured (missing, bandaged, injured)? ", label=label)).strip()
         if reason:
             s.call("POST", f"/enrollment/fingers/{code}/exception", {"reason": reason})
         return
@@ -279,59 +282,60 @@ def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
 
 
 def _dupcheck(s: Session) -> None:
-    s.say("Duplicate check: searching this kit's earlier enrollments...")
+    s.say(_("Duplicate check: searching this kit's earlier enrollments..."))
     r = s.call("POST", "/enrollment/dupcheck")
     if r["flagged"]:
         fingers = ", ".join(m["finger"] for m in r["matches"])
-        s.say(f"! LIKELY DOUBLE ENROLLMENT: fingers {fingers} match record(s) {', '.join(r['records'])}.")
-        s.say("  A supervisor must decide before the record can be stored.")
+        s.say("! " + _("LIKELY DOUBLE ENROLLMENT: fingers {fingers} match record(s) {records}.", fingers=fingers,
+                        records=", ".join(r["records"])))
+        s.say("  " + _("A supervisor must decide before the record can be stored."))
     else:
-        s.say("  no match: this resident is not enrolled under another NIK on this kit")
+        s.say("  " + _("no match: this resident is not enrolled under another NIK on this kit"))
 
 
 def _supervisor(s: Session) -> None:
     from firmware.cli.localapi import ApiError
 
-    sid = _ask("Supervisor id: ").strip()
-    pin = _secret("Supervisor PIN: ").strip()
+    sid = _ask(_("Supervisor id: ")).strip()
+    pin = _secret(_("Supervisor PIN: ")).strip()
     decision = ""
     while decision not in ("accept", "reject"):
-        decision = _ask("Decision [accept/reject]: ").strip().lower()
+        decision = _ask(_("Decision [accept/reject]: ")).strip().lower()
     reason = ""
     while not reason:
-        reason = _ask("Reason (required): ").strip()
+        reason = _ask(_("Reason (required): ")).strip()
     try:
         s.call("POST", "/enrollment/supervisor", {"supervisor_id": sid, "pin": pin, "decision": decision,
                                                  "reason": reason})
     except ApiError as e:
-        s.say(f"! supervisor decision refused: {_detail(e)[1]}")
+        s.say("! " + _("supervisor decision refused: {reason}", reason=_detail(e)[1]))
         return
-    s.say(f"  supervisor {sid}: {decision}")
+    s.say("  " + _("supervisor {id}: {decision}", id=sid, decision=decision))
 
 
 def _review_commit(s: Session, state: dict[str, Any], receipt_dir: str | None) -> int:
-    s.say("Review:")
+    s.say(_("Review:"))
     face = state.get("face") or {}
-    s.say(f"  NIK {state['nik_masked']}; face: " + (f"exception ({state['face_exception']})"
-                                                    if state.get("face_exception")
-                                                    else f"score {face.get('score')}"))
+    s.say(f"  NIK {state['nik_masked']}; " + _("face: ")
+          + (_("exception ({reason})", reason=state["face_exception"]) if state.get("face_exception")
+             else _("score {score}", score=face.get("score"))))
     for f in state["fingers"]:
-        s.say(f"  {f['finger']} {f['label']}: " + (f"exception ({f['exception']})" if f["exception"]
-                                                   else f"score {f['score']}" + (" (kept best)" if f["forced"]
-                                                                                 else "")))
-    if _ask("Store this enrollment? [Y/n] ").strip().lower() in ("n", "no"):
+        s.say(f"  {f['finger']} {f['label']}: "
+              + (_("exception ({reason})", reason=f["exception"]) if f["exception"]
+                 else _("score {score}", score=f["score"]) + (" " + _("(kept best)") if f["forced"] else "")))
+    if _ask(_("Store this enrollment? [Y/n] ")).strip().lower() in ("n", "no", "t", "tidak"):
         _cancel_or_raise(s)
     r = s.call("POST", "/enrollment/commit")
-    s.say(f"STORED record {r['record_id']}")
+    s.say(_("STORED record {id}", id=r["record_id"]))
     s.say(f"  sha256 {r['sha256']}")
-    s.say("  copied to the USB stick" if r["mirrored"] else "  ! NOT on a USB stick yet (insert one)")
+    s.say("  " + (_("copied to the USB stick") if r["mirrored"] else "! " + _("NOT on a USB stick yet (insert one)")))
     if receipt_dir:
         d = Path(receipt_dir)
         d.mkdir(parents=True, exist_ok=True)
         for fmt in ("png", "pdf"):
             path = d / f"{r['record_id']}.{fmt}"
             path.write_bytes(s.call("GET", f"/receipts/{r['record_id']}.{fmt}", raw=True))
-            s.say(f"  receipt saved: {path}")
+            s.say("  " + _("receipt saved: {path}", path=path))
     return 0
 
 

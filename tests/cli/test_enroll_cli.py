@@ -40,3 +40,14 @@ def test_usb_export_beside_the_background_backfill_tells_the_truth(daemon: Daemo
     assert m and int(m.group(1)) == 40, r.stdout
     assert int(m.group(2)) + int(m.group(3) or 0) == total, r.stdout  # every record the bar counted, by whom
     assert len(list(usb.rglob("*.rkm"))) == 40
+
+
+def test_terminal_enrollment_speaks_indonesian_by_default(daemon: Daemon) -> None:
+    from tests.console.conftest import NIK_MALE
+
+    r = rekam("enroll", cfg=daemon.cfg, input="demo\n123456\n" + NIK_MALE + "\n" + "\n" * 12)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "Masuk sebagai: Demo Operator (demo, operator)" in out and "dimulai untuk NIK 320101******0001" in out
+    assert "[Enter] ambil  [x] pengecualian  [c] batal" in out and "TERSIMPAN rekaman " in out, out
+    assert "Signed in" not in out and "STORED" not in out

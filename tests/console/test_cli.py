@@ -33,7 +33,7 @@ def test_rekam_enroll_in_the_terminal(daemon: Daemon, tmp_path: Path) -> None:
 def test_rekam_enroll_cancel_and_wrong_pin(daemon: Daemon) -> None:
     r = rekam("enroll", "--operator", "demo", cfg=daemon.cfg, input="111111\n222222\n333333\n")
     assert r.returncode == 1 and r.stdout.count("! gagal masuk: ID petugas atau PIN salah") == 3, r.stdout
-    assert "sign-in failed three times" in r.stderr
+    assert "gagal masuk tiga kali" in r.stderr
     r = rekam("enroll", "--operator", "demo", "--nik", NIK_FEMALE, cfg=daemon.cfg, input="123456\nc\n", env=EN)
     assert r.returncode == 1 and "cancelled by the operator; nothing was kept" in r.stderr
     st = daemon.client().get("/api/v1/status").json()
