@@ -18,7 +18,16 @@ from babel.numbers import format_decimal
 
 from firmware import config
 from firmware.cli.common import load_config
-from firmware.system.i18n import N_, _, format_count, format_size, get_language, gettext, ngettext
+from firmware.system.i18n import (
+    N_,
+    _,
+    format_count,
+    format_datetime,
+    format_size,
+    get_language,
+    gettext,
+    ngettext,
+)
 
 #: Column headings of `rekam records`.
 HEADER = (N_("RECORD"), N_("STATE"), N_("SIZE"), N_("CREATED"), N_("NOTE"))
@@ -89,6 +98,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if st["guard"]["level"] != "HALT" else 2
 
 
+def when(iso: str | None) -> str:
+    """A journal timestamp (ISO 8601, UTC) in the one date format of the CLI's language; "-" for none."""
+    if not iso:
+        return "-"
+    import datetime as dt
+
+    try:
+        return format_datetime(dt.datetime.fromisoformat(iso.replace("Z", "+00:00")))
+    except ValueError:
+        return iso
+
+
 def _running(st: dict[str, Any]) -> bool:
     d = st.get("daemon", {})
     return bool(d.get("version")) and d.get("running", True) is not False
@@ -115,7 +136,7 @@ def print_status(st: dict[str, Any]) -> None:
     unacked = rec["stored"]["bytes"] + rec["sent"]["bytes"]
     print(ngettext("backlog: {count} record, {size}; oldest unacknowledged: {oldest}",
                    "backlog: {count} records, {size}; oldest unacknowledged: {oldest}", backlog,
-                   count=format_count(backlog), size=format_size(unacked), oldest=st["oldest_unacked"] or "-"))
+                   count=format_count(backlog), size=format_size(unacked), oldest=when(st["oldest_unacked"])))
     print(stick_line(st))
     up = st.get("relay")
     if isinstance(up, dict) and "state" in up:
@@ -209,9 +230,11 @@ def cmd_records(args: argparse.Namespace) -> int:
         return 0
     width = max(len(r["id"]) for r in rows)
     head = [gettext(h) for h in HEADER]
-    print(f"{head[0]:{width}s}  {head[1]:11s} {head[2]:>10s}  {head[3]:25s} {head[4]}".rstrip())
-    for r in rows:  # the state is the journal's word, as `--state` takes it
-        print(f"{r['id']:{width}s}  {r['state']:11s} {format_size(r['size']):>10s}  {r['created']:25s} "
+    created = [when(r["created"]) for r in rows]
+    cw = max(len(head[3]), *(len(c) for c in created))
+    print(f"{head[0]:{width}s}  {head[1]:11s} {head[2]:>10s}  {head[3]:{cw}s}  {head[4]}".rstrip())
+    for r, c in zip(rows, created, strict=True):  # the state is the journal's word, as `--state` takes it
+        print(f"{r['id']:{width}s}  {r['state']:11s} {format_size(r['size']):>10s}  {c:{cw}s}  "
               f"{r['reason'] or ''}".rstrip())
     return 0
 

@@ -37,6 +37,7 @@ def test_status_names_the_stick_and_records_have_a_header(daemon: Daemon) -> Non
     lines = rekam("records", cfg=daemon.cfg).stdout.splitlines()
     assert lines[0].split()[:4] == ["REKAMAN", "STATUS", "UKURAN", "DIBUAT"], lines  # Indonesian by default
     assert len(lines) == 4 and all(re.search(r"\d,\d KiB ", ln) for ln in lines[1:]), lines  # 347,0 KiB
+    assert all(re.search(r" \d{1,2} \w{3} \d{4} \d\d\.\d\d\.\d\d UTC", ln) for ln in lines[1:]), lines
     assert rekam("records", cfg=daemon.cfg, env=EN).stdout.split()[:4] == ["RECORD", "STATE", "SIZE", "CREATED"]
     # The stick pulled: the status says so and counts what is on none.
     daemon.usb.rename(daemon.root / "usb-pulled")
