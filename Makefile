@@ -48,10 +48,10 @@ run: $(STAMP)
 	$(VENV)/bin/rekamd --config config/rekam-sim.toml --sim
 
 # The whole path on one machine: local mosquitto + data-center ingest + a simulated kit relaying to it.
+# All of it under var/demo (its own SD, stick, keys, archive; console on port 8480): `make run`'s var/sd
+# is never touched. The demo commits a few simulated enrollments itself and says so.
 demo: $(STAMP)
-	@mkdir -p var/sd var/usb
-	@[ -f var/datacenter/datacenter.pub ] || $(VENV)/bin/rekam-fleet keygen --out var/datacenter
-	$(PY) tools/demo.py
+	$(PY) tools/demo.py --root var/demo
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check firmware hw provisioning tests bench tools systemd

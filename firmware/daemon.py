@@ -124,9 +124,10 @@ class Kit:
         self.notifier.stopping()
         if self.supervisor is not None:
             self.supervisor.stop()
-        try:  # after the store closed: a CLI that finds no api.json knows the daemon is gone
-            (self.cfg.state_dir / "api.token").unlink(missing_ok=True)
-            (self.cfg.state_dir / "api.json").unlink()
+        try:  # after the store closed: a CLI that finds no api.json knows the daemon is gone. Only ours:
+            # a second rekamd that refused to start (state dir in use) must leave the running one's alone.
+            if self.api is not None:
+                self.api.unpublish()
         except OSError:
             pass
         log.info("stopped")

@@ -129,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `rekam-fleet`."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is handled below
+        return code
+    except BrokenPipeError:
+        # stdout's reader went away (`rekam-fleet open ... | head`): stop quietly, no traceback, status 0;
+        # stdout now points at /dev/null so the flush at exit cannot fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except DataCenterError as e:
         print(f"rekam-fleet: {e}", file=sys.stderr)
         return 1

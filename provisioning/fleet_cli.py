@@ -132,18 +132,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'kit':16} {'state':9} {'online':8} {'last seen':17} {'backlog':>8} {'sd MB':>7} {'usb MB':>7} "
+    print(f"{'kit':16} {'state':9} {'online':8} {'last seen':17} {'backlog':>8} {'sd MiB':>9} {'usb MiB':>9} "
           f"{'cfg':>4} halted/locked")
     for r in rows:
         seen = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["last_seen"])) if r["last_seen"] else "never"
         flag = r["halted"] or (f"locked: {r['locked']}" if r["locked"] else "")
         print(f"{r['kit_id']:16} {r['state']:9} {r['online']:8} {seen:17} {_s(r['backlog']):>8} "
-              f"{_s(r['sd_free_mb']):>7} {_s(r['usb_free_mb']):>7} {_s(r['config']):>4} {flag}")
+              f"{_s(r['sd_free_mb']):>9} {_s(r['usb_free_mb']):>9} {_s(r['config']):>4} {flag}")
     return 0
 
 
 def _s(v: Any) -> str:
-    return "-" if v is None else str(v)
+    """A cell: "-" for nothing, counts and sizes with thousands separators (binary sizes, labelled MiB)."""
+    if v is None:
+        return "-"
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

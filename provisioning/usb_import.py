@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -267,8 +268,12 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
         registered = archive.kit_key(kit_id)
         if registered is None:
             if not tofu:
-                summary.rejected.append((str(kdir), f"kit {kit_id} is not registered (rekam-fleet archive register-kit "
-                                                    f"{kit_id} {key_b64}, or --tofu to trust the stick's kit.json)"))
+                # A command that runs as printed: the archive named (register-kit requires --archive), quoted.
+                cmd = shlex.join(["rekam-fleet", "archive", "register-kit", kit_id, key_b64,
+                                  "--archive", str(archive.root)])
+                summary.rejected.append((str(kdir), f"kit {kit_id} is not registered (check the key against "
+                                                    f"`rekam identity show` on the kit, then: {cmd} ; or --tofu to "
+                                                    f"trust the stick's kit.json)"))
                 continue
             archive.register_kit(kit_id, key_b64, how="usb-tofu")
         summary.kits.append(kit_id)

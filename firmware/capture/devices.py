@@ -89,7 +89,8 @@ def open_hardware(cfg: Config, sim: bool, state_dir: Path) -> Hardware:
         from hw.sensor.simulator import SensorSimulator
 
         simulator = SensorSimulator(cfg.sensor.profile, corpus_dir=corpus, wire_speed=cfg.simulation.sensor_wire_speed,
-                                    library_path=state_dir / "sim-sensor-library.json")
+                                    library_path=state_dir / "sim-sensor-library.json",
+                                    finger_conditions=dict(cfg.simulation.finger_conditions))
         simulator.start()
         port = simulator.port
         closables["simulator"] = simulator
@@ -97,7 +98,9 @@ def open_hardware(cfg: Config, sim: bool, state_dir: Path) -> Hardware:
         closables["sim_aliases"] = aliases  # NIK -> the resident whose fingers are really presented (tests, demos)
 
         def present(nik: str, finger: str) -> None:
-            simulator.present_finger(aliases.get(nik, nik), FINGER_INDEX[finger])
+            # quality None: this placement's condition (dry, wet, partial, moved or good) is drawn from
+            # [simulation] finger_conditions, seeded, so retakes happen as in the field and runs repeat.
+            simulator.present_finger(aliases.get(nik, nik), FINGER_INDEX[finger], quality=None)
         log.info("simulated fingerprint sensor profile=%s port=%s", cfg.sensor.profile, port)
     sensor = SensorHandle(cfg, port)
     closables["sensor"] = sensor

@@ -7,6 +7,16 @@ import os
 from typing import Any
 
 from firmware import config
+from firmware.system import i18n
+
+#: Environment variable that picks the CLI's language over the kit's `[kit] language` (a visiting technician).
+LANG_ENV = "REKAM_LANG"
+
+
+def choose_language(configured: str | None = None) -> None:
+    """Speak $REKAM_LANG if set (and known), else `configured` (the kit's `[kit] language`), else Indonesian."""
+    wanted = os.environ.get(LANG_ENV) or configured or i18n.DEFAULT_LANGUAGE
+    i18n.set_language(i18n.normalize(wanted))
 
 
 def load_config(args: argparse.Namespace, *, optional: bool = False,
@@ -21,5 +31,8 @@ def load_config(args: argparse.Namespace, *, optional: bool = False,
         path = str(config.DEFAULT_PATH)
     if path is None:
         corpus = os.environ.get("REKAM_CORPUS")
-        return config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
-    return config.load(path, overrides=overrides)
+        cfg = config.defaults(simulation={"corpus_dir": corpus}) if corpus else config.defaults()
+    else:
+        cfg = config.load(path, overrides=overrides)
+    choose_language(cfg.kit.language)
+    return cfg

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from firmware.system.i18n import _, format_count, ngettext
+
 API = "/api/v1"
 
 
@@ -52,7 +54,7 @@ def _daemon_url(args: argparse.Namespace) -> str:
     cfg = load_config(args)
     url = daemon_url(cfg.state_dir)
     if url is None:
-        raise Abort(f"the daemon is not running (no live api.json in {cfg.state_dir}); start rekamd first")
+        raise Abort(_("the daemon is not running (no live api.json in {dir}); start rekamd first", dir=cfg.state_dir))
     return url
 
 
@@ -92,7 +94,7 @@ def _ask(prompt: str) -> str:
     try:
         return input(prompt)
     except EOFError:
-        raise Abort("input ended") from None
+        raise Abort(_("input ended")) from None
 
 
 def _secret(prompt: str) -> str:
@@ -129,21 +131,41 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def _sign_in(s: Session, operator: str | None) -> None:
     from firmware.cli.localapi import ApiError
 
-    for _ in range(3):
-        op = operator or _ask("Operator id: ").strip()
-        pin = _secret("PIN: ").strip()
+    for _attempt in range(3):
+        op = operator or _ask(_("Operator id: ")).strip()
+        pin = _secret(_("PIN: ")).strip()
         try:
             r = s.call("POST", "/auth/signin", {"operator_id": op, "pin": pin})
         except ApiError as e:
             code, msg = _detail(e)
-            s.say(f"! sign-in refused: {msg}")
-            if code == "locked":
-                raise Abort(msg) from None
+            if code == "locked":  # said once, by the error handler (it ends the command)
+                raise Abort(_signin_refused(code, msg, e.detail)) from None
+            s.say("! " + _signin_refused(code, msg, e.detail))
             continue
         s.token = r["token"]
-        s.say(f"Signed in: {r['name']} ({r['operator_id']}, {r['role']})")
+        s.say(_("Signed in: {name} ({id}, {role})", name=r["name"], id=r["operator_id"], role=r["role"]))
         return
-    raise Abort("sign-in failed three times")
+    raise Abort(_("sign-in failed three times"))
+
+
+def _signin_refused(code: str, msg: str, detail: Any) -> str:
+    """One sentence for a refused sign-in, in the CLI's language: the lockout's minutes or the tries left
+    counted with the right plural (the daemon's own message is English and carries the numbers)."""
+    import re
+
+    if code == "locked":
+        retry = int(detail.get("retry_after_s", 0)) if isinstance(detail, dict) else 0
+        minutes = max(1, -(-retry // 60))
+        return ngettext("operator locked after too many wrong PINs; try again in {n} minute",
+                        "operator locked after too many wrong PINs; try again in {n} minutes", minutes)
+    if code in ("bad_pin", "unknown"):
+        m = re.search(r"\((\d+) tries? left", msg)
+        if m:
+            return ngettext("sign-in refused: wrong operator id or PIN ({n} try left before lockout)",
+                            "sign-in refused: wrong operator id or PIN ({n} tries left before lockout)",
+                            int(m.group(1)))
+        return _("sign-in refused: wrong operator id or PIN")
+    return _("sign-in refused: {reason}", reason=msg)
 
 
 def _cancel_quietly(s: Session, why: str) -> None:
@@ -151,7 +173,7 @@ def _cancel_quietly(s: Session, why: str) -> None:
 
     try:
         s.call("POST", "/enrollment/cancel")
-        s.say(f"Enrollment cancelled ({why}); nothing was kept.")
+        s.say(_("Enrollment cancelled ({why}); nothing was kept.", why=why))
     except (ApiError, OSError):
         pass
 
@@ -161,7 +183,7 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
     from firmware.cli.localapi import ApiError
 
     while True:
-        value = nik or _ask("Resident's NIK (16 digits): ").strip()
+        value = nik or _ask(_("Resident's NIK (16 digits): ")).strip()
         nik = None
         reason = ""
         while True:
@@ -171,7 +193,7 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
                 code, msg = _detail(e)
                 if code == "nik_enrolled" and not reason:
                     s.say(f"! {msg}")
-                    reason = _ask("Reason to enroll again (empty: enter another NIK): ").strip()
+                    reason = _ask(_("Reason to enroll again (empty: enter another NIK): ")).strip()
                     if reason:
                         continue
                 elif code in ("halted", "locked", "busy"):
@@ -184,10 +206,11 @@ def _start(s: Session, nik: str | None) -> dict[str, Any]:
 def _enroll(s: Session, args: argparse.Namespace) -> int:
     state = s.call("GET", "/enrollment")
     if state.get("active"):
-        s.say(f"Resuming the enrollment in progress ({state['nik_masked']}, next: {state['step']}).")
+        s.say(_("Resuming the enrollment in progress ({nik}, next: {step}).", nik=state["nik_masked"],
+                step=state["step"]))
     else:
         state = _start(s, args.nik)
-        s.say(f"Enrollment {state['id']} started for NIK {state['nik_masked']}.")
+        s.say(_("Enrollment {id} started for NIK {nik}.", id=state["id"], nik=state["nik_masked"]))
     while state.get("active"):
         step = state["step"]
         if step == "face":
@@ -201,7 +224,7 @@ def _enroll(s: Session, args: argparse.Namespace) -> int:
         elif step == "review":
             return _review_commit(s, state, args.receipt_dir)
         state = s.call("GET", "/enrollment")
-    s.say("The enrollment was closed (cancelled or rejected); nothing was stored.")
+    s.say(_("The enrollment was closed (cancelled or rejected); nothing was stored."))
     return 1
 
 
@@ -210,46 +233,48 @@ def _choice(s: Session, what: str, auto: bool) -> str:
     if auto:
         return ""
     while True:
-        a = _ask(f"{what} [Enter] capture  [x] exception  [c] cancel: ").strip().lower()
+        a = _ask(_("{what} [Enter] capture  [x] exception  [c] cancel: ", what=what)).strip().lower()
         if a in ("", "x", "c"):
             return a
-        s.say("  type nothing, x or c")
+        s.say("  " + _("type nothing, x or c"))
 
 
 def _feedback(s: Session, label: str, r: dict[str, Any]) -> None:
     if r.get("status") == "timeout":
         s.say(f"  {label}: {r['message']}")
         return
-    mark = "OK " if r["accepted"] else ("KEPT" if r["done"] else "RETAKE")
-    s.say(f"  {label}: score {r['score']:.0f} attempt {r['attempt']} {mark} - {r['message']}")
+    mark = _("OK ") if r["accepted"] else (_("KEPT") if r["done"] else _("RETAKE"))
+    score = round(float(r["score"]))
+    s.say(f"  {label}: " + _("score {score} attempt {attempt} {mark} - {message}", score=score,
+                             attempt=r["attempt"], mark=mark, message=r["message"]))
 
 
 def _cancel_or_raise(s: Session) -> None:
     s.call("POST", "/enrollment/cancel")
-    raise Abort("enrollment cancelled by the operator; nothing was kept")
+    raise Abort(_("enrollment cancelled by the operator; nothing was kept"))
 
 
 def _face(s: Session, auto: bool) -> None:
-    s.say("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap.")
-    a = _choice(s, "Face:", auto)
+    s.say(_("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap."))
+    a = _choice(s, _("Face:"), auto)
     if a == "c":
         _cancel_or_raise(s)
     if a == "x":
-        reason = _ask("Why no photo (e.g. camera broken)? ").strip()
+        reason = _ask(_("Why no photo (e.g. camera broken)? ")).strip()
         if reason:
             s.call("POST", "/enrollment/face/exception", {"reason": reason})
         return
-    _feedback(s, "face", s.call("POST", "/enrollment/face"))
+    _feedback(s, _("face"), s.call("POST", "/enrollment/face"))
 
 
 def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
     label = next((f["label"] for f in state["fingers"] if f["finger"] == code), code)
-    s.say(f"Finger {code}: place the {label} flat on the sensor glass.")
+    s.say(_("Finger {code}: place the {label} flat on the sensor glass.", code=code, label=label))
     a = _choice(s, f"{code} {label}:", auto)
     if a == "c":
         _cancel_or_raise(s)
     if a == "x":
-        reason = _ask(f"Why is the {label} not captured (missing, bandaged, injured)? ").strip()
+        reason = _ask(_("Why is the {label} not captured (missing, bandaged, injured)? ", label=label)).strip()
         if reason:
             s.call("POST", f"/enrollment/fingers/{code}/exception", {"reason": reason})
         return
@@ -257,59 +282,60 @@ def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
 
 
 def _dupcheck(s: Session) -> None:
-    s.say("Duplicate check: searching this kit's earlier enrollments...")
+    s.say(_("Duplicate check: searching this kit's earlier enrollments..."))
     r = s.call("POST", "/enrollment/dupcheck")
     if r["flagged"]:
         fingers = ", ".join(m["finger"] for m in r["matches"])
-        s.say(f"! LIKELY DOUBLE ENROLLMENT: fingers {fingers} match record(s) {', '.join(r['records'])}.")
-        s.say("  A supervisor must decide before the record can be stored.")
+        s.say("! " + _("LIKELY DOUBLE ENROLLMENT: fingers {fingers} match record(s) {records}.", fingers=fingers,
+                        records=", ".join(r["records"])))
+        s.say("  " + _("A supervisor must decide before the record can be stored."))
     else:
-        s.say("  no match: this resident is not enrolled under another NIK on this kit")
+        s.say("  " + _("no match: this resident is not enrolled under another NIK on this kit"))
 
 
 def _supervisor(s: Session) -> None:
     from firmware.cli.localapi import ApiError
 
-    sid = _ask("Supervisor id: ").strip()
-    pin = _secret("Supervisor PIN: ").strip()
+    sid = _ask(_("Supervisor id: ")).strip()
+    pin = _secret(_("Supervisor PIN: ")).strip()
     decision = ""
     while decision not in ("accept", "reject"):
-        decision = _ask("Decision [accept/reject]: ").strip().lower()
+        decision = _ask(_("Decision [accept/reject]: ")).strip().lower()
     reason = ""
     while not reason:
-        reason = _ask("Reason (required): ").strip()
+        reason = _ask(_("Reason (required): ")).strip()
     try:
         s.call("POST", "/enrollment/supervisor", {"supervisor_id": sid, "pin": pin, "decision": decision,
                                                  "reason": reason})
     except ApiError as e:
-        s.say(f"! supervisor decision refused: {_detail(e)[1]}")
+        s.say("! " + _("supervisor decision refused: {reason}", reason=_detail(e)[1]))
         return
-    s.say(f"  supervisor {sid}: {decision}")
+    s.say("  " + _("supervisor {id}: {decision}", id=sid, decision=decision))
 
 
 def _review_commit(s: Session, state: dict[str, Any], receipt_dir: str | None) -> int:
-    s.say("Review:")
+    s.say(_("Review:"))
     face = state.get("face") or {}
-    s.say(f"  NIK {state['nik_masked']}; face: " + (f"exception ({state['face_exception']})"
-                                                    if state.get("face_exception")
-                                                    else f"score {face.get('score')}"))
+    s.say(f"  NIK {state['nik_masked']}; " + _("face: ")
+          + (_("exception ({reason})", reason=state["face_exception"]) if state.get("face_exception")
+             else _("score {score}", score=face.get("score"))))
     for f in state["fingers"]:
-        s.say(f"  {f['finger']} {f['label']}: " + (f"exception ({f['exception']})" if f["exception"]
-                                                   else f"score {f['score']}" + (" (kept best)" if f["forced"]
-                                                                                 else "")))
-    if _ask("Store this enrollment? [Y/n] ").strip().lower() in ("n", "no"):
+        s.say(f"  {f['finger']} {f['label']}: "
+              + (_("exception ({reason})", reason=f["exception"]) if f["exception"]
+                 else _("score {score}", score=f["score"]) + (" " + _("(kept best)") if f["forced"] else "")))
+    if _ask(_("Store this enrollment? [Y/n] ")).strip().lower() in ("n", "no", "t", "tidak"):
         _cancel_or_raise(s)
     r = s.call("POST", "/enrollment/commit")
-    s.say(f"STORED record {r['record_id']}")
+    s.say(_("STORED record {id}", id=r["record_id"]))
     s.say(f"  sha256 {r['sha256']}")
-    s.say("  copied to the USB stick" if r["mirrored"] else "  ! NOT on a USB stick yet (insert one)")
+    s.say("  " + (_("copied to the USB stick") if r["mirrored"] else "! " + _("NOT on a USB stick yet (insert one)")))
     if receipt_dir:
         d = Path(receipt_dir)
         d.mkdir(parents=True, exist_ok=True)
         for fmt in ("png", "pdf"):
             path = d / f"{r['record_id']}.{fmt}"
             path.write_bytes(s.call("GET", f"/receipts/{r['record_id']}.{fmt}", raw=True))
-            s.say(f"  receipt saved: {path}")
+            s.say("  " + _("receipt saved: {path}", path=path))
     return 0
 
 
@@ -323,33 +349,47 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 def cmd_usb_export(args: argparse.Namespace) -> int:
-    """Copy every record the stick lacks, in batches, with a progress bar."""
+    """Copy every record the stick lacks, in batches, with a progress bar.
+
+    The daemon's USB watcher may be copying the same records in the background (it gives way to each of
+    our batches, and may take a few between them), so progress counts what the stick holds, not only what
+    our calls copied: done = lacking at the start - lacking now; the summary says who copied how many.
+    """
     from firmware.cli.localapi import ApiError, call
 
     if args.batch < 1:
-        print("rekam usb export: --batch must be at least 1", file=sys.stderr)
+        print("rekam usb export: " + _("--batch must be at least 1"), file=sys.stderr)
         return 2
     try:
         url = _daemon_url(args)
-        copied = 0
-        total = None
+        copied = done = 0
+        target: int | None = None  # records the stick lacks (grows if new ones are captured meanwhile)
         tty = sys.stdout.isatty()
         while True:
             r = call(url, "POST", f"{API}/usb/export?limit={args.batch}")
             copied += r["copied"]
-            if total is None:
-                total = copied + r["remaining"]
-            line = _bar(copied, total)
+            if target is None:
+                target = r["copied"] + r["remaining"]
+            if target - r["remaining"] < done:  # new records arrived: they are to be copied too
+                target = done + r["remaining"]
+            progressed = target - r["remaining"] > done or r["copied"] > 0
+            done = target - r["remaining"]
+            line = _bar(done, target)
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-            if r["remaining"] == 0 or r["copied"] == 0:
+            if r["remaining"] == 0 or not progressed:
                 break
         if tty:
             print()
         if r["remaining"]:
-            print(f"rekam usb export: {r['remaining']} record(s) could not be copied (see the daemon log)",
-                  file=sys.stderr)
+            print("rekam usb export: " + ngettext(
+                "{n} record could not be copied (see the daemon log)",
+                "{n} records could not be copied (see the daemon log)", r["remaining"]), file=sys.stderr)
             return 1
-        print(f"stick {r['stick_id']}: {copied} copied, all {r['total']} records are on it")
+        print(_("stick {stick}: all {total} records are on it", stick=r["stick_id"],
+                total=format_count(r["total"]))
+              + "; " + ngettext("{n} copied now", "{n} copied now", copied)
+              + (("; " + ngettext("{n} by the kit's background copy", "{n} by the kit's background copy",
+                                  done - copied)) if done > copied else ""))
         return 0
     except Abort as e:
         print(f"rekam usb export: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import TextIO
 
@@ -56,16 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rekam`; returns the process exit status."""
+    from firmware.cli.common import choose_language
+
+    choose_language()  # until a command loads the config and its [kit] language
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (`| head`) is handled below
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        return reader_gone()
     except RekamError as e:
         return report_error(e)
+
+
+def reader_gone() -> int:
+    """stdout's reader went away (`rekam records | head`): stop quietly, no traceback at exit, status 0."""
+    try:  # what is still buffered can go nowhere: point stdout at /dev/null so the exit flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 if __name__ == "__main__":

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auto", action="store_true",
                    help="do not place and lift fingers on their own (default: demo mode, "
                         "fingers come and go)")
+    p.add_argument("--hold", type=int, default=2, metavar="N",
+                   help="demo mode: place each finger N times before the next (default 2: a two-impression enrol "
+                        "of one finger works)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every command (DEBUG)")
     p.set_defaults(func=_simulate)
 
@@ -188,7 +191,8 @@ def _simulate(args: argparse.Namespace) -> int:
         sim = SensorSimulator(args.profile or cfg.sensor.profile, corpus_dir=corpus,
                               wire_speed=args.wire_speed,
                               baud=args.baud, password=args.password, library_path=args.library,
-                              link=args.link, auto_present=not args.no_auto)
+                              link=args.link, auto_present=not args.no_auto, auto_repeat=args.hold,
+                              finger_conditions=dict(cfg.simulation.finger_conditions))
     except ValueError as e:
         return _fail(e)
     stop = threading.Event()

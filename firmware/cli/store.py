@@ -14,10 +14,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from babel.numbers import format_decimal
+
 from firmware import config
 from firmware.cli.common import load_config
+from firmware.system.i18n import (
+    N_,
+    _,
+    format_count,
+    format_datetime,
+    format_size,
+    get_language,
+    gettext,
+    ngettext,
+)
 
-MIB = 1024 * 1024
+#: Column headings of `rekam records`.
+HEADER = (N_("RECORD"), N_("STATE"), N_("SIZE"), N_("CREATED"), N_("NOTE"))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     usb.required = True
     p = usb.add_parser("eject", help="flush and release the stick so it can be pulled")
     p.set_defaults(func=cmd_usb_eject)
-
-
 
 
 @contextmanager
@@ -87,41 +98,115 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if st["guard"]["level"] != "HALT" else 2
 
 
+def when(iso: str | None) -> str:
+    """A journal timestamp (ISO 8601, UTC) in the one date format of the CLI's language; "-" for none."""
+    if not iso:
+        return "-"
+    import datetime as dt
+
+    try:
+        return format_datetime(dt.datetime.fromisoformat(iso.replace("Z", "+00:00")))
+    except ValueError:
+        return iso
+
+
+def _running(st: dict[str, Any]) -> bool:
+    d = st.get("daemon", {})
+    return bool(d.get("version")) and d.get("running", True) is not False
+
+
 def print_status(st: dict[str, Any]) -> None:
-    """Human-readable status for a technician."""
+    """Human-readable status for a technician (the `cli` catalog's words, one number format)."""
     g = st["guard"]
-    print(f"kit {st['kit_id']}   capture: {g['level']}" + ("" if g["capture_allowed"] else "  (HALTED)"))
+    running = _running(st)
+    if not running:  # the store's guard may say OK, but nothing captures while the daemon is down
+        print(_("kit {kit}   capture: NOT POSSIBLE (the daemon is not running)", kit=st["kit_id"]))
+        print("  ! " + _("start it: sudo systemctl start rekamd (or `make run` on a development machine)"))
+    else:
+        print(_("kit {kit}   capture: {level}", kit=st["kit_id"], level=g["level"])
+              + ("" if g["capture_allowed"] else "  " + _("(HALTED)")))
     for r in g["reasons"]:
-        print(f"  ! {r}")
+        print(f"  ! {_without_action(r)}")
+    for m in st["media"]:
+        if m["level"] == "HALT" and m["present"]:
+            print("  > " + halt_action(m["name"]))
     rec = st["records"]
-    print("records: " + ", ".join(f"{k} {v['records']}" for k, v in rec.items()))
+    print(_("records: ") + ", ".join(f"{k} {format_count(v['records'])}" for k, v in rec.items()))
+    backlog = rec["stored"]["records"] + rec["sent"]["records"]
     unacked = rec["stored"]["bytes"] + rec["sent"]["bytes"]
-    print(f"backlog: {rec['stored']['records'] + rec['sent']['records']} records, {unacked / MIB:.1f} MiB; "
-          f"oldest unacknowledged: {st['oldest_unacked'] or '-'}")
-    print(f"mirror lag: {st['mirror_lag']['records']} records on no stick")
+    print(ngettext("backlog: {count} record, {size}; oldest unacknowledged: {oldest}",
+                   "backlog: {count} records, {size}; oldest unacknowledged: {oldest}", backlog,
+                   count=format_count(backlog), size=format_size(unacked), oldest=when(st["oldest_unacked"])))
+    print(stick_line(st))
     up = st.get("relay")
     if isinstance(up, dict) and "state" in up:
-        where = f"{up['broker']} (priority {up['broker_priority']})" if up.get("broker") else "no broker"
+        where = (_("{broker} (priority {priority})", broker=up["broker"], priority=up["broker_priority"])
+                 if up.get("broker") else _("no broker"))
         c = up.get("counters", {})
-        print(f"uplink: {up['state']} to {where} since {up.get('since', '-')}; sent {c.get('records_sent', 0)}, "
-              f"acked {c.get('records_acked', 0)}, rejected {c.get('records_rejected', 0)}")
+        print(_("uplink: {state} to {where} since {since}; sent {sent}, acked {acked}, rejected {rejected}",
+                state=up["state"], where=where, since=up.get("since", "-"),
+                sent=format_count(c.get("records_sent", 0)), acked=format_count(c.get("records_acked", 0)),
+                rejected=format_count(c.get("records_rejected", 0))))
         if up.get("oldest_unacked_age_s") is not None:
-            print(f"  oldest unacknowledged record is {up['oldest_unacked_age_s'] / 3600:.1f} h old")
+            hours = format_decimal(up["oldest_unacked_age_s"] / 3600, format="#,##0.0", locale=get_language())
+            print("  " + _("oldest unacknowledged record is {hours} h old", hours=hours))
         if up.get("last_error") and up["state"] != "connected":
             print(f"  ! {up['last_error']}")
-    elif st.get("daemon", {}).get("version"):
-        print("uplink: not configured ([relay] brokers is empty): records stay on the kit and its stick")
+    elif running:
+        print(_("uplink: not configured ([relay] brokers is empty): records stay on the kit and its stick"))
     for m in st["media"]:
         if not m["present"]:
-            print(f"  {m['name']:4s} absent   {m['level']:4s} {m['reason']}")
+            print(f"  {m['name']:4s} " + _("absent") + f"   {m['level']:4s} {m['reason']}")
             continue
         used = 1 - m["free_bytes"] / m["total_bytes"] if m["total_bytes"] else 0
         bar = "#" * int(used * 20)
-        print(f"  {m['name']:4s} [{bar:20s}] {m['free_bytes'] / MIB:,.0f} MiB free, room for {m['records_left']:,} "
-              f"records  {m['level']} {m['reason']}")
+        print(f"  {m['name']:4s} [{bar:20s}] "
+              + _("{free} free of {total}, room for about {left} records",
+                  free=format_size(m["free_bytes"]), total=format_size(m["total_bytes"]),
+                  left=format_count(m["records_left"]))
+              + f"  {m['level']} {_without_action(m['reason'])}")
     d = st.get("daemon", {})
-    print("daemon: " + (f"running, version {d.get('version')}, up {d.get('uptime_s')} s" if d.get("version")
-                        else "not running"))
+    if running:
+        print(_("daemon: running, version {version}, up {uptime} s", version=d.get("version"),
+                uptime=format_count(int(d.get("uptime_s") or 0))))
+    else:
+        print(_("daemon: not running"))
+
+
+def halt_action(medium: str) -> str:
+    """What the operator does when `medium` ("sd" or "usb") is full, in the CLI's language (the guard's text)."""
+    from firmware.store.capacity import HALT_ACTIONS
+
+    return gettext(HALT_ACTIONS.get(medium, HALT_ACTIONS["sd"]))
+
+
+def _without_action(reason: str) -> str:
+    """A guard reason without the English "To do: ..." part (the CLI prints it translated on its own line)."""
+    from firmware.store.capacity import HALT_ACTIONS
+
+    for action in HALT_ACTIONS.values():
+        reason = reason.replace(". " + action, "").replace(action, "")
+    return reason.strip()
+
+
+def stick_line(st: dict[str, Any]) -> str:
+    """The mirror line: is a stick there, is it full or still being filled, and how many records are on none."""
+    stick = st.get("stick") or {}
+    lag = st["mirror_lag"]["records"]
+    on_none = (ngettext("{count} record is on no stick yet", "{count} records are on no stick yet", lag,
+                        count=format_count(lag)) if lag else _("every record is on a stick"))
+    if not stick.get("present"):
+        where = _("stick: absent")
+        if stick.get("error"):
+            where += f" ({stick['error']})"
+    elif stick.get("full"):
+        where = _("stick {id}: FULL, {n} not copied", id=stick.get("stick_id"),
+                  n=format_count(int(stick.get("not_mirrored") or 0)))
+    elif stick.get("backfilling") and lag:
+        where = _("stick {id}: present, copying", id=stick.get("stick_id"))
+    else:
+        where = _("stick {id}: present", id=stick.get("stick_id"))
+    return f"{where}; {on_none}"
 
 
 def cmd_records(args: argparse.Namespace) -> int:
@@ -139,15 +224,24 @@ def cmd_records(args: argparse.Namespace) -> int:
             rows = [r.__dict__ for r in s.j.records(state=args.state, limit=args.limit, newest_first=True)]
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['id']}  {r['state']:11s} {r['size'] / 1024:8.0f} KiB  {r['created']}  {r['reason']}")
+        return 0
+    if not rows:
+        print(_("no records") + (f" ({args.state})" if args.state else ""))
+        return 0
+    width = max(len(r["id"]) for r in rows)
+    head = [gettext(h) for h in HEADER]
+    created = [when(r["created"]) for r in rows]
+    cw = max(len(head[3]), *(len(c) for c in created))
+    print(f"{head[0]:{width}s}  {head[1]:11s} {head[2]:>10s}  {head[3]:{cw}s}  {head[4]}".rstrip())
+    for r, c in zip(rows, created, strict=True):  # the state is the journal's word, as `--state` takes it
+        print(f"{r['id']:{width}s}  {r['state']:11s} {format_size(r['size']):>10s}  {c:{cw}s}  "
+              f"{r['reason'] or ''}".rstrip())
     return 0
 
 
 def cmd_sim_commit(args: argparse.Namespace) -> int:
     if args.count < 1:
-        raise SystemExit("rekam: count must be >= 1")
+        raise SystemExit("rekam: " + _("count must be >= 1"))
     cfg = load_config(args)
     url = _daemon(cfg)
     if url:
@@ -157,7 +251,15 @@ def cmd_sim_commit(args: argparse.Namespace) -> int:
             res = call(url, "POST", "/api/v1/sim/commit",
                        {"count": args.count, "operator_id": args.operator, "pad_to_kb": args.pad_kb})
         except ApiError as e:
-            print(f"rekam: {e.detail}", file=sys.stderr)
+            # 507: capture halted part way ({"error", "reason", "committed"}); 500: a store error, same shape
+            detail = e.detail if isinstance(e.detail, dict) else {"error": str(e.detail)}
+            done = list(detail.get("committed") or [])
+            _print_commits(done, args.json)
+            if e.status == 507:
+                _halted(len(done), str(detail.get("reason", "")))
+            else:
+                print("rekam: " + _("stopped after {n} records: {error}", n=format_count(len(done)),
+                                    error=detail.get("error", "")), file=sys.stderr)
             return 2
         done = res["committed"]
     else:
@@ -171,8 +273,10 @@ def cmd_sim_commit(args: argparse.Namespace) -> int:
                 try:
                     done.append(s.commit(src.capture(args.operator).encode(), operator_id=args.operator).as_dict())
                 except CaptureHalted as e:
-                    print(f"rekam: capture halted after {i} records: {e.reason}", file=sys.stderr)
+                    if not args.json and sys.stderr.isatty():
+                        print(file=sys.stderr)
                     _print_commits(done, args.json)
+                    _halted(i, e.reason)
                     return 2
                 if not args.json and sys.stderr.isatty():
                     print(f"\r{i + 1}/{args.count}", end="", file=sys.stderr)
@@ -182,13 +286,23 @@ def cmd_sim_commit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _halted(n: int, reason: str) -> None:
+    """Say on stderr that capture halted after `n` records, why, and what to do about each full medium."""
+    print("rekam: " + ngettext("capture halted after {count} record: {reason}",
+                               "capture halted after {count} records: {reason}", n,
+                               count=format_count(n), reason=_without_action(reason)), file=sys.stderr)
+    for medium in ("sd", "usb"):
+        if reason.startswith(f"{medium} ") or f"; {medium} " in reason:
+            print("  > " + halt_action(medium), file=sys.stderr)
+
+
 def _print_commits(done: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(done, indent=2))
     else:
         for d in done:
-            print(f"captured {d['record_id']} sha256 {d['sha256'][:16]} "
-                  + ("mirrored" if d["mirrored"] else "SD only (mirror backlog)"))
+            print(_("captured {id} sha256 {sha} ", id=d["record_id"], sha=d["sha256"][:16])
+                  + (_("mirrored") if d["mirrored"] else _("SD only (mirror backlog)")))
 
 
 def cmd_usb_eject(args: argparse.Namespace) -> int:

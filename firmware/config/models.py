@@ -544,6 +544,22 @@ class SimulationConfig(Section):
         "../shared/corpus",
         description="Folder with fingerprints/ and faces/ used by the simulated sensor and camera (relative to the "
                     "config file).")
+    finger_conditions: dict[str, float] = Field(
+        {"dry": 0.08, "wet": 0.05, "partial": 0.06, "moved": 0.04},
+        description="Simulated sensor: share of placements that are dry, wet, partial or moved (the rest are good; "
+                    "seeded, so a run repeats). The kit's quality check decides which of them fail. Defaults from "
+                    "field figures (hw/sensor/simulator/conditions.py); {} for always good.")
+
+    @field_validator("finger_conditions")
+    @classmethod
+    def _conditions(cls, v: dict[str, float]) -> dict[str, float]:
+        known = ("dry", "wet", "partial", "moved")
+        bad = [k for k in v if k not in known]
+        if bad:
+            raise must(f"only {', '.join(known)} (not {', '.join(bad)})")
+        if any(not 0 <= x <= 1 for x in v.values()) or sum(v.values()) > 1:
+            raise must("rates within 0..1 that add up to at most 1")
+        return v
 
 
 class RekamConfig(BaseModel):

@@ -57,6 +57,7 @@ class ApiServer:
         self.servers: list[Any] = []
         self.threads: list[threading.Thread] = []
         self._stopping = False
+        self.published = False  # api.json/api.token written by this process: only then may it remove them
 
     @property
     def server(self) -> Any:
@@ -95,8 +96,23 @@ class ApiServer:
         finally:
             os.umask(old)
         atomic_write(self.info_path, json.dumps(info).encode(), verify=False)
+        self.published = True
         log.info("console and API listening url=%s https_url=%s tls_sha256=%s", self.url, self.https_url or "-",
                  self.tls.sha256 if self.tls else "-")
+
+    def unpublish(self) -> None:
+        """Remove `api.json` and `api.token`, only if this process wrote them: a daemon that refused to start
+        (the state dir is another's) must not make the running one look gone."""
+        if not self.published:
+            return
+        self.published = False
+        try:
+            if int(json.loads(self.info_path.read_text())["pid"]) != os.getpid():
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for p in (self.token_path, self.info_path):
+            p.unlink(missing_ok=True)
 
     def _serve(self, bind: str, port: int, tls: bool = False) -> tuple[str, int]:
         import uvicorn

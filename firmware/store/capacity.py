@@ -27,8 +27,26 @@ from typing import Any
 
 from firmware.errors import CaptureHalted
 from firmware.system.fsutil import space
+from firmware.system.i18n import N_, format_size
 
 MIB = 1024 * 1024
+#: A typical enrollment record (face photo and prints, sealed), used to count what fits until the first
+#: record is written: `rekam sim commit` records (corpus face and prints) are 322-353 KiB.
+TYPICAL_RECORD_BYTES = 384 * 1024
+
+#: What the operator does when a medium is full (appended to its HALT reason; the CLI and console show it
+#: translated). The SD and the stick need different hands: records leave the SD only once acknowledged.
+HALT_ACTIONS: dict[str, str] = {
+    "sd": N_("To do: connect the kit to the uplink so the data center acknowledges the records (acknowledged "
+             "records already on a stick then leave the SD by themselves), or call the technician; never delete "
+             "files by hand."),
+    "usb": N_("To do: eject the USB stick (`rekam usb eject` or the console), hand it to the data center and "
+              "insert an empty one; the records stay safe on the SD card meanwhile."),
+}
+
+
+def _size(nbytes: int) -> str:
+    return format_size(nbytes, lang="en")  # the one size format (binary units, labelled), English like the logs
 
 
 class Level(StrEnum):
@@ -94,8 +112,11 @@ class CapacityGuard:
         self.largest_record = max(self.largest_record, size)
 
     def _estimate(self) -> int:
-        # Until a record has been seen, assume the configured maximum (conservative).
-        return self.largest_record or self.max_record_bytes
+        # Bytes per record for counting what still fits: the largest seen. Before the first record, a typical
+        # enrollment (TYPICAL_RECORD_BYTES), not max_record_mb: counting at the maximum made the count jump ~20x
+        # once the first record showed the real size (9,726 -> 212,546 records). Safety does not rest on this:
+        # HALT still needs room for one maximal record (see measure()).
+        return self.largest_record or min(TYPICAL_RECORD_BYTES, self.max_record_bytes)
 
     def reserve_bytes(self, medium: str) -> int:
         """Bytes kept free on `medium` whatever happens."""
@@ -140,10 +161,12 @@ class CapacityGuard:
             if inode_left < 2:
                 why = f"{name} is out of inodes ({sp.free_inodes} free)"
             else:
-                why = (f"{name} is full: {sp.free_bytes // MIB} MiB free, {reserve // MIB} MiB reserved; "
+                why = (f"{name} is full: {_size(sp.free_bytes)} free, {_size(reserve)} reserved; "
                        f"capture resumes when {self.cfg.resume_records} records fit")
+            if name in HALT_ACTIONS:
+                why += ". " + HALT_ACTIONS[name]
         elif left < self.cfg.warn_records:
-            level, why = Level.WARN, f"{name} nearly full: room for {left} more records"
+            level, why = Level.WARN, f"{name} nearly full: room for {left:,} more records"
         else:
             level, why = Level.OK, ""
         return MediumStatus(name, str(path), True, sp.total_bytes, sp.free_bytes, sp.free_inodes, reserve,
@@ -158,8 +181,8 @@ class CapacityGuard:
             return  # the write itself will report a vanished medium
         reserve = self.reserve_bytes(name)
         if sp.free_bytes - reserve < nbytes:
-            raise CaptureHalted(f"{name} is full: {sp.free_bytes // MIB} MiB free, {reserve // MIB} MiB reserved, "
-                                f"the record needs {nbytes // MIB + 1} MiB")
+            raise CaptureHalted(f"{name} is full: {_size(sp.free_bytes)} free, {_size(reserve)} reserved, "
+                                f"the record needs {_size(nbytes)}. {HALT_ACTIONS.get(name, '')}".rstrip())
         if sp.free_inodes - self.cfg.min_free_inodes < 2:
             raise CaptureHalted(f"{name} is out of inodes ({sp.free_inodes} free)")
 

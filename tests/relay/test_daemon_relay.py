@@ -9,6 +9,8 @@ import time
 from tests.relay.conftest import ACK_PUB, wait_for
 from tests.support import rekam, write_daemon_config
 
+EN = {"REKAM_LANG": "en"}  # these checks read the CLI's English text (the kit speaks Indonesian by default)
+
 
 def test_daemon_runs_the_relay(mosquitto, make_ingest, rekamd_factory, tmp_path, dc_pub, corpus_dir):
     make_ingest(mosquitto.url)
@@ -33,7 +35,7 @@ ack_public_keys = ["{ACK_PUB}"]
     st = status()
     assert st["relay"]["state"] == "connected" and st["relay"]["broker"] == mosquitto.url
     assert st["relay"]["broker_priority"] == 1  # the first broker does not exist
-    text = rekam("status", cfg=cfg).stdout
+    text = rekam("status", cfg=cfg, env=EN).stdout
     assert f"uplink: connected to {mosquitto.url} (priority 1)" in text
     assert "acked 3" in text
     p.send_signal(signal.SIGTERM)

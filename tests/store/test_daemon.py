@@ -14,6 +14,8 @@ import pytest
 
 from tests.support import Rekamd, rekam, write_daemon_config
 
+EN = {"REKAM_LANG": "en"}  # these checks read the CLI's English text (the kit speaks Indonesian by default)
+
 
 @pytest.fixture
 def daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path, rekamd_factory: Any) -> tuple[Rekamd, Path, Path]:
@@ -36,7 +38,7 @@ def test_cli_through_daemon_and_clean_stop(daemon: tuple[Rekamd, Path, Path]) ->
     svcs = st["daemon"]["services"]
     assert list(svcs) == ["store", "enrollment", "usb", "api", "watchdog"]
     assert all(v["state"] == "running" and v["restarts"] == 0 and v["last_error"] == "" for v in svcs.values())
-    r = rekam("status", cfg=cfg)
+    r = rekam("status", cfg=cfg, env=EN)
     assert "capture: OK" in r.stdout and "stored 3" in r.stdout
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
@@ -76,10 +78,10 @@ def test_sigterm_during_commits_leaves_nothing_half_written(daemon: tuple[Rekamd
 
 def test_cli_without_daemon_opens_store_directly(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> None:
     cfg = write_daemon_config(tmp_path, dc_keys["pub_path"], corpus_dir)
-    r = rekam("sim", "commit", "2", cfg=cfg)
+    r = rekam("sim", "commit", "2", cfg=cfg, env=EN)
     assert r.returncode == 0 and r.stdout.count("captured ") == 2, r.stderr
     r = rekam("records", "--json", cfg=cfg)
     assert len(json.loads(r.stdout)) == 2
-    r = rekam("status", cfg=cfg)
+    r = rekam("status", cfg=cfg, env=EN)
     assert "daemon: not running" in r.stdout
     assert os.stat(tmp_path / "sd" / "identity" / "kit.key").st_mode & 0o777 == 0o600

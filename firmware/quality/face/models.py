@@ -14,6 +14,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -103,6 +108,34 @@ def _interpreter_class() -> Any:
     return Interpreter
 
 
+@contextmanager
+def _quiet_native_info() -> Iterator[None]:
+    """Hold back LiteRT's C++ `INFO: Created TensorFlow Lite XNNPACK delegate` line on fd 2.
+
+    Its logger writes straight to fd 2 and no env variable or Python call lowers its level, so fd 2
+    goes to a temporary file while the interpreter is built; whatever else was written there meanwhile
+    (another thread's log line, a real warning) is written back afterwards, only `INFO:` lines are dropped.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not ln.startswith(b"INFO: ")]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 @dataclass
 class TFLiteModel:
     """One verified model with its interpreter; `run(x)` returns the output tensors in order."""
@@ -119,8 +152,9 @@ class TFLiteModel:
         """Verify `name`'s hash and build its interpreter (float32 NHWC input expected)."""
         path = verified_path(name, folder)
         try:
-            interp = _interpreter_class()(model_path=str(path), num_threads=threads)
-            interp.allocate_tensors()
+            with _quiet_native_info():
+                interp = _interpreter_class()(model_path=str(path), num_threads=threads)
+                interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load face model {path}: {e}") from e
         inp = interp.get_input_details()[0]

@@ -16,6 +16,7 @@ from firmware.config.models import QualityFingerConfig
 
 MESSAGES: dict[str, str] = {
     "no_finger": "No finger on the sensor",
+    "blurred": "Image blurred: the finger moved or slid; hold it still and press again",
     "press_flatter": "Press the finger flatter: the contact area is too small",
     "centre_finger": "Centre the finger on the sensor",
     "too_wet": "Finger too wet or pressed too hard: wipe it and press lightly",
@@ -28,6 +29,10 @@ ORDER = tuple(MESSAGES)
 
 
 _DEFAULTS = QualityFingerConfig()  # the defaults live once, in the config model
+
+#: Foreground p95-p5 spread at or above which the little ridge area found is sharp (a partial contact),
+#: below which it is blurred. Calibrated on the corpus: `partial:0.25` gives 170-255, `blur:5`/`blur:8` 0-119.
+SHARP_RIDGES_CONTRAST = 150.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,15 @@ class Limits:
 
 def check(f: Mapping[str, float], lim: Limits) -> list[str]:
     """Codes of every gate that fires, in `ORDER`; an empty list means no hard reject."""
-    if f["fg_fraction"] < lim.no_finger_area or f["gray_std"] < lim.no_finger_std:
-        return ["no_finger"]  # nothing else is meaningful without a finger
+    if f["gray_std"] < lim.no_finger_std:
+        return ["no_finger"]  # blank glass: nothing else is meaningful without a finger
+    if f["fg_fraction"] < lim.no_finger_area:
+        # Something dark is on the glass but hardly any ridge area: sharp ridges on a sliver of the
+        # window are a partial contact; no sharp ridges at all is a finger that moved (blur).
+        if f["fg_contrast"] < SHARP_RIDGES_CONTRAST:
+            return ["blurred"]
+        off = max(abs(f["fg_cx"] - 0.5), abs(f["fg_cy"] - 0.5)) > lim.max_centre_offset
+        return ["press_flatter", "centre_finger"] if off else ["press_flatter"]
     codes: set[str] = set()
     if f["fg_fraction"] < lim.min_area:
         codes.add("press_flatter")

@@ -18,6 +18,7 @@ import numpy as np
 from hw.sensor.image import pack_4bit, unpack_4bit
 from hw.sensor.protocol import PACKET_SIZES, Code, Packet, Pid, baud_from_n
 from hw.sensor.protocol import Instruction as I  # noqa: N817
+from hw.sensor.simulator import conditions
 from hw.sensor.simulator.templates import (
     SECURITY_THRESHOLDS,
     extract_features,
@@ -160,8 +161,12 @@ class CommandHandlers:
         if finger.image is not None:
             img, key, noise = finger.image, finger.key, 0.3
         else:
-            imp = self.bank.impression(finger.key, self.profile.geometry, finger.quality, self._rng)
+            moved = finger.quality == "moved"  # rendered good, then smeared as the finger slid
+            imp = self.bank.impression(finger.key, self.profile.geometry, "good" if moved else finger.quality,
+                                       self._rng)
             img, key, noise = imp.image, imp.key, imp.noise
+            if moved:
+                img, noise = conditions.moved(img, self._rng), 0.65
         self._process(max(0.0, self.profile.capture_s - (time.monotonic() - t0) / max(self.time_scale, 1e-9)))
         self.image, self.image_key, self.image_noise = img, key, noise
         self.stats.captures += 1

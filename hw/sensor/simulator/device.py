@@ -44,12 +44,16 @@ from hw.sensor.protocol import (
     build_frame,
     n_from_baud,
 )
+from hw.sensor.simulator import conditions
 from hw.sensor.simulator.commands import CommandHandlers
 from hw.sensor.simulator.faults import Faults, damage_data_frame
 from hw.sensor.simulator.state import Finger, SimStats
 from hw.sensor.simulator.templates import image_key, load_flash, save_flash
 
 log = logging.getLogger(__name__)
+
+#: What a placed finger may be like: the renderer's qualities and a finger that moved (conditions.moved).
+QUALITIES = (*synth.QUALITIES, "moved")
 
 _BAUD_CONST = {getattr(termios, f"B{b}"): b for b in (
     1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
@@ -83,6 +87,8 @@ class SensorSimulator(CommandHandlers):
         baud_apply: str = "immediate",
         power_on_byte: bool = True,
         bank: synth.FingerBank | None = None,
+        finger_conditions: Mapping[str, float] | None = None,
+        auto_repeat: int = 1,
     ) -> None:
         self.profile = profile if isinstance(profile, SensorProfile) else get_profile(profile)
         if baud_apply not in ("immediate", "power_cycle"):
@@ -101,6 +107,16 @@ class SensorSimulator(CommandHandlers):
         self.baud_apply = baud_apply
         self.power_on_byte = power_on_byte
         self._rng = np.random.default_rng(seed)
+        self.seed = seed
+        # How fingers lie on the glass (conditions.py): None = the field defaults; {} = always good.
+        self.finger_conditions = conditions.check_rates(
+            conditions.DEFAULT_RATES if finger_conditions is None else finger_conditions)
+        self._placements: dict[str, int] = {}  # placements per finger, for the seeded condition draw
+        if auto_repeat < 1:
+            raise ValueError(f"auto_repeat must be >= 1, got {auto_repeat}")
+        self.auto_repeat = auto_repeat  # auto mode: placements of one finger before the next (2 for an enrol)
+        self._auto_left = 0
+        self._auto_current: str | None = None
         # "flash": survives power cycles
         self._flash = {
             "baud_n": n_from_baud(baud), "security": security, "packet_code": PACKET_SIZES.index(packet_size),
@@ -240,15 +256,28 @@ class SensorSimulator(CommandHandlers):
 
     # --- control API --------------------------------------------------------------------------
 
-    def present_finger(self, resident_id: str, finger: int = 0, quality: str = "good") -> None:
-        """Put a finger on the glass. `resident_id` ``corpus:<name>`` uses a real corpus print."""
-        if quality not in synth.QUALITIES:
-            raise ValueError(f"quality must be one of {synth.QUALITIES}, got {quality!r}")
+    def present_finger(self, resident_id: str, finger: int = 0, quality: str | None = "good") -> None:
+        """Put a finger on the glass. `resident_id` ``corpus:<name>`` uses a real corpus print.
+
+        `quality`: good, dry, wet, partial or moved; None draws it from `finger_conditions` (seeded: the
+        same placements in the same order get the same conditions)."""
+        if quality is not None and quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {QUALITIES}, got {quality!r}")
         key = synth.finger_key(resident_id, finger)
         with self._lock:
-            self._finger = Finger(key, quality)
+            self._finger = Finger(key, quality or self._draw(key))
         if not key.startswith(synth.CORPUS_PREFIX):
             self.bank.master(key)  # grow it now, not during the first GenImg
+
+    def _draw(self, key: str) -> str:
+        """The condition of this placement of `key` (caller holds the lock); counted in `stats.conditions`."""
+        n = self._placements.get(key, 0)
+        self._placements[key] = n + 1
+        c = conditions.draw(self.finger_conditions, self.seed, key, n)
+        self.stats.conditions[c] = self.stats.conditions.get(c, 0) + 1
+        if c != "good":
+            log.info("sim finger placed key=%s placement=%d condition=%s", key, n + 1, c)
+        return c
 
     def present_image(self, image: np.ndarray, key: str | None = None) -> None:
         """Put a fixed image on the glass (gray, sensor geometry); identity = its content digest."""
@@ -280,6 +309,7 @@ class SensorSimulator(CommandHandlers):
         with self._lock:
             self._auto_key = (resident_id, finger) if resident_id is not None else None
             self._auto_next = None
+            self._auto_current, self._auto_left = None, 0
 
     def set_sensor_baud(self, baud: int) -> None:
         """Force the module's UART rate without telling the driver (baud-mismatch fault)."""
@@ -328,8 +358,12 @@ class SensorSimulator(CommandHandlers):
         with self._lock:
             if self._finger is None and now - self._auto_changed >= self.auto_gap_s * self.time_scale:
                 if self._auto_next is None:
-                    resident, finger = self._auto_key or self._next_demo_finger()
-                    self._auto_next = synth.finger_key(resident, finger)
+                    if self._auto_current is not None and self._auto_left > 0:  # hold the same finger
+                        self._auto_next = self._auto_current
+                    else:
+                        resident, finger = self._auto_key or self._next_demo_finger()
+                        self._auto_next = synth.finger_key(resident, finger)
+                        self._auto_left = self.auto_repeat
                 key = self._auto_next
                 if not self.bank.has_master(key):
                     # grow it off the I/O thread: a GenImg must not wait for it
@@ -338,7 +372,9 @@ class SensorSimulator(CommandHandlers):
                         threading.Thread(target=self._warm, args=(key,), daemon=True).start()
                     return
                 self._auto_next = None
-                self._finger = Finger(key, "good")
+                self._auto_current = key
+                self._auto_left -= 1
+                self._finger = Finger(key, self._draw(key))
                 self._auto_changed = now
             elif self._finger is not None and now - self._auto_changed >= self.auto_hold_s * self.time_scale:
                 self._finger = None

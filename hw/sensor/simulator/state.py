@@ -27,3 +27,4 @@ class SimStats:
     dropped_output: int = 0
     captures: int = 0
     by_instruction: dict[str, int] = field(default_factory=dict)
+    conditions: dict[str, int] = field(default_factory=dict)  # placements per condition (good, dry, ...)

@@ -1,0 +1,36 @@
+"""`rekam-fleet import` of an unknown kit's stick prints a register-kit command that works pasted as printed."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.support import REPO, rekam, subprocess_env, write_daemon_config
+
+FLEET = (sys.executable, "-m", "provisioning.cli")
+
+
+def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLEET, *args], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=subprocess_env())
+
+
+def test_printed_register_kit_command_runs_as_printed(tmp_path: Path, dc_keys: dict[str, Any],
+                                                      corpus_dir: Path) -> None:
+    cfg = write_daemon_config(tmp_path, dc_keys["pub_path"], corpus_dir)
+    assert rekam("sim", "commit", "2", cfg=cfg).returncode == 0
+    archive = tmp_path / "my archive"  # a space: the printed command must quote it
+    r = _fleet("import", str(tmp_path / "usb"), "--archive", str(archive), "--no-progress")
+    assert r.returncode == 1, r.stdout + r.stderr
+    m = re.search(r"then: (rekam-fleet archive register-kit .+?) ; or --tofu", r.stdout)
+    assert m, r.stdout
+    argv = shlex.split(m.group(1))
+    assert argv[:3] == ["rekam-fleet", "archive", "register-kit"] and "--archive" in argv
+    done = _fleet(*argv[1:])  # exactly as printed (rekam-fleet = python -m provisioning.cli)
+    assert done.returncode == 0, done.stdout + done.stderr
+    r = _fleet("import", str(tmp_path / "usb"), "--archive", str(archive), "--no-progress")
+    assert r.returncode == 0 and re.search(r"new:\s+2", r.stdout), r.stdout + r.stderr
