@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from firmware import __version__, config
 from firmware.seal import identity
 from firmware.store.store import Store, StoreError
-from firmware.system import logs
+from firmware.system import i18n, logs
 from firmware.system.sdnotify import Notifier, watchdog_interval
 from firmware.system.service import RUNNING, STOPPED, Supervisor, ThreadService
 
@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         from firmware.control.plane import effective_config
 
         cfg = effective_config(cfg)
+    i18n.set_language(cfg.kit.language)  # what operators read from the daemon (receipts, reasons); logs stay English
     log.info("starting version=%s config=%s simulation=%s", __version__, Path(args.config).resolve(), args.sim)
     try:
         kit = Kit(cfg, sim=args.sim)
