@@ -10,11 +10,12 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
   hash and status; anything else is logged (``relay ignoring unverifiable ack ...``), counted
   (``acks_unverified``) and ignored.
 
-* Records go out in capture order: an announce (id, size, hash), then chunks no larger than
-  min(relay.chunk_kb, broker Maximum Packet Size) at QoS 1. At most min(relay.window, broker Receive
-  Maximum) messages await a PUBACK. A PUBACK reason code >= 0x80 fails the transfer; a size-related
-  refusal (0x95, 0x97, 0x83) halves the chunk size for that broker (brokers with ``message_size_limit``
-  do not announce it).
+* Records go out in capture order: an announce (id, size, hash), then chunks at QoS 1, as large as the
+  broker's CONNACK Maximum Packet Size allows up to relay.chunk_max_kb (relay.chunk_kb if the broker
+  announces none). A record that fits one chunk goes as that chunk alone (the announce would only
+  repeat its header). At most min(relay.window, broker Receive Maximum) messages await a PUBACK. A
+  PUBACK reason code >= 0x80 fails the transfer; a size-related refusal (0x95, 0x97, 0x83) halves the
+  chunk size for that broker (brokers with ``message_size_limit`` do not announce it).
 * After any reconnect or restart everything not acked is sent again from the store (transfers cut
   by a lost connection included). A sent record without an ack is resent after ``ack_timeout_s``,
   doubling (jittered) up to ``ack_timeout_max_s``, forever; a sweep every min(``ack_timeout_s``, 60 s)
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import heapq
 import itertools
 import json
@@ -175,7 +177,8 @@ class Relay:
 
     @staticmethod
     def _new_pools() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        return (ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read"),
+        # Two readers: file reads and SHA-256 release the GIL, so two records are prepared at once.
+        return (ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-read"),
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal"))
 
     def start(self) -> None:
@@ -387,13 +390,19 @@ class Relay:
 
     def _chunk_size(self) -> int:
         b = self.uplink.broker
-        cap = self.r.chunk_kb * 1024
+        # A broker that announces its Maximum Packet Size gets chunks that large (bounded by chunk_max_kb: RAM is
+        # window x chunk); one that announces none may still have a silent limit, so chunk_kb stays the default.
+        cap = (max(self.r.chunk_kb, self.r.chunk_max_kb) if self.uplink.max_packet else self.r.chunk_kb) * 1024
         if b is not None:
             cap = min(cap, self._chunk_cap.get(b.url, cap))
         return proto.chunk_data_limit(cap, self.uplink.max_packet, proto.chunk_topic(self.kit_id))
 
     def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, bytes, int]]]:
-        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead thread)."""
+        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead threads)."""
+        if 0 < row.size <= size:
+            one = self._prepare_one(row, size)
+            if one is not None:
+                return size, row.size, [one]
         # Fast path without the journal (its lock is held through every fsync'd commit): the row already carries
         # the hash. On any doubt, read_verified re-checks against the journal and quarantines a corrupt copy.
         try:
@@ -403,12 +412,38 @@ class Relay:
         if not data or record_format.sha256_hex(data) != row.sha256:
             data = self.store.read_verified(row.id)
         chunks = proto.split(row.id, data, row.sha256, size)
-        ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
-        # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
-        # record it already holds before the chunks arrive.
         ctopic = proto.chunk_topic(self.kit_id)
-        return size, len(data), [(proto.announce_topic(self.kit_id), ann.encode(), 0)] + [
-            (ctopic, c.encode(), 1) for c in chunks]
+        msgs = [(ctopic, c.encode(), 1) for c in chunks]
+        if len(chunks) > 1:
+            # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
+            # record it already holds before the other chunks go. A one-chunk record needs none (one packet less).
+            ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
+            msgs.insert(0, (proto.announce_topic(self.kit_id), ann.encode(), 0))
+        return size, len(data), msgs
+
+    def _prepare_one(self, row: Any, size: int) -> tuple[str, bytes, int] | None:
+        """A record that fits one chunk: read straight into the message after its chunk header (no copy but
+        paho's), hash-checked there. None on any doubt (short, long, unreadable, wrong hash): the caller then
+        takes the path through `read_verified`, which quarantines a corrupt copy."""
+        prefix = proto.Chunk(row.id, row.sha256, row.size, 0, 1, size, b"").encode()
+        msg = bytearray(len(prefix) + row.size)
+        msg[:len(prefix)] = prefix
+        body = memoryview(msg)[len(prefix):]
+        try:
+            with open(self.store.sd_path(row.id), "rb", buffering=0) as f:
+                got = 0
+                while got < row.size:
+                    n = f.readinto(body[got:])
+                    if not n:
+                        return None
+                    got += n
+                if f.read(1):
+                    return None
+        except OSError:
+            return None
+        if hashlib.sha256(body).hexdigest() != row.sha256:
+            return None
+        return proto.chunk_topic(self.kit_id), msg, 1  # type: ignore[return-value]  # paho takes a bytearray
 
     def _read_ahead(self, size: int) -> None:
         """Prepare the next records off the network thread (disk read + SHA-256 overlap the sending)."""

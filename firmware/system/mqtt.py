@@ -369,6 +369,7 @@ class MqttLink:
                 self.events.append(Event("subscribed", mid=mid, reason=max(codes), detail=str(codes)))
             elif not self._sub_mids:
                 self.ready.set()
+                log.info("%s subscribed filters=%s", self.s.name, ",".join(t for t, _ in self.s.subscriptions))
                 self.events.append(Event("subscribed", mid=mid, detail=str(codes)))
         except Exception:  # pragma: no cover
             pass
@@ -703,7 +704,9 @@ class MqttLink:
         """Loop thread: consume `events`, calling the handlers. A handler that raises is logged, never fatal."""
         from paho.mqtt.client import topic_matches_sub
 
-        while self.events:
+        # Once stopping, what is left is not handled (nor acked): a stop is never held up by a queue of
+        # messages; the sender resends what it got no answer for.
+        while self.events and not (self._threaded and self._stop.is_set()):
             ev = self.events.popleft()
             try:
                 if ev.kind == "message" and ev.message is not None:
