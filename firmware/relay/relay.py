@@ -22,7 +22,10 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
   re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At
   most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
-* One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
+* One thread owns the relay's state; the MQTT link (`firmware.system.mqtt.MqttLink`) runs its network on an
+  I/O thread of its own (``start(dispatch=False)``): reading and parsing PUBACKs and acks happen there, the
+  relay thread only hands paho packets (`send()`), consumes the queued events and sleeps on `wakeup` (one
+  wake-up per batch of PUBACKs). Ack signatures are verified on the relay thread, which owns the state.
 
 Run standalone (tests, field debugging): ``python -m firmware.relay --config /etc/rekam/rekam.toml``.
 
@@ -155,6 +158,7 @@ class Relay:
         self._refill = True
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
         self._broker_url = ""
+        self._link_up = False  # the relay thread saw "connected" (and no "disconnected" since): sends may go
         self._pool, self._journal_pool = self._new_pools()
         self.error = ""  # why the relay thread ended on its own (health: failed; the supervisor restarts it)
         self.exception: BaseException | None = None
@@ -254,7 +258,9 @@ class Relay:
             self._flush_marks(force=True)
         except Exception:
             log.exception("relay could not flush state marks")
-        self.uplink.close()
+        self.uplink.stop()
+        if not self.uplink.running:
+            self.uplink.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._journal_pool.shutdown(wait=True)
         log.info("relay stopped")
@@ -267,9 +273,15 @@ class Relay:
         next_tel = time.monotonic() + min(5.0, self.r.telemetry_interval_s)
         sweep_every = max(1.0, min(self.r.ack_timeout_s, SWEEP_MAX_S))
         next_sweep = time.monotonic() + sweep_every
+        link = self.uplink
+        self._link_up = False
+        link.start(name="relay-uplink", dispatch=False, tick=0.05)
         while not self._stopping():
-            busy = self.uplink.connected and self._pump()
-            self.uplink.step(0.0 if busy else 0.05)
+            link.wakeup.clear()  # before looking: a set from now on ends the wait below
+            if self._link_up and link.connected:
+                self._pump()
+            if not link.events:
+                link.wakeup.wait(0.05)  # a PUBACK batch, an ack, a (dis)connection; new records within 50 ms
             self._handle_events()
             self._flush_marks(force=not self._mids)  # at once when nothing is in flight
             now = time.monotonic()
@@ -483,10 +495,12 @@ class Relay:
             elif e.kind == "message":
                 self._on_message(e.topic, e.payload)
             elif e.kind == "connected":
+                self._link_up = True
                 self._broker_url = e.detail
                 self._reset_transfers()
                 self._resend_waiting()
             elif e.kind == "disconnected":
+                self._link_up = False
                 self._on_connection_lost(e.reason)
                 self._reset_transfers()
 
