@@ -1,14 +1,20 @@
-"""Relay benchmarks (issue #6: MQTT relay with end-to-end acknowledgement).
+"""Relay benchmarks (issue #6, issue #17: the relay against its fair limit; ingest 1 vs 2 workers).
 
-1. Drain of a backlog of N records of 400 KB each to a local mosquitto, by the relay (announce + 128 KiB
-   chunks, window, journal marks, read + hash from the SD) against a plain paho QoS 1 publisher sending
-   the same record bytes (one message per record, paho's default window of 20) to the same broker in the
-   same run. Both are timed until the last PUBACK. The ratio relay/plain is the figure (goal >= 0.8).
+1. Drain of a backlog of N records of 400 KB each to a local mosquitto that announces a Maximum Packet Size
+   (16 MiB), until the last PUBACK, in `--runs` interleaved runs (medians and every run's ratio printed):
+   * plain paho QoS 1 sending the same record bytes (one message per record, paho's default window of 20);
+   * the relay (announce when needed + chunks as large as the broker allows up to relay.chunk_max_kb,
+     window 20, journal marks, read + SHA-256 check from the SD);
+   * its *fair limit*: plain paho doing the same SHA-256 check and the same slicing as the relay's
+     negotiated chunk size (so one message per 400 KB record at 1 MiB);
+   * the same pair at 128 KiB chunks (a broker that announces no limit; the relay of before issue 17).
+   Ratios: relay / plain paho, relay / fair limit (goal >= 0.9), and how much the fair limit rose.
    During this phase nothing acknowledges records, so `max_unacked_records` is 0 (no limit) here.
-2. End-to-end with the data center: relay + `rekam-fleet ingest` processes (staging, signature, fsync'd
-   archive, ack), one and two workers sharing the subscription: records/s until every record is acked.
+2. End to end with the data center: relay + `rekam-fleet ingest` processes (signature, fsync'd archive,
+   ack; staging for multi-chunk records), 1 and 2 worker processes sharing the subscription, interleaved:
+   records/s until every record is acked, and each run's slowest exit after SIGINT.
 
-    .venv/bin/python bench/bench_relay.py [--records 2000] [--ingest-records 300] [--dir PATH]
+    .venv/bin/python bench/bench_relay.py [--records 1000] [--runs 3] [--ingest-records 300] [--dir PATH]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,11 +52,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+MAX_PACKET = 16 * 1024 * 1024  # announced in CONNACK: the relay's chunks are then up to relay.chunk_max_kb
+
+
 def start_mosquitto(d: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = d / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_queued_messages 100000\n")
+                    f"max_queued_messages 100000\nmax_packet_size {MAX_PACKET}\n")
     binary = "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else shutil.which("mosquitto")
     if not binary:
         raise SystemExit("mosquitto not installed: apt-get install -y mosquitto")
@@ -96,14 +106,6 @@ def reset(store: Store) -> None:
         c.execute("UPDATE records SET state = 'stored'")
 
 
-def hash_cost(store: Store) -> float:
-    """Time to read and SHA-256 every record once (what `read_verified` adds before sending)."""
-    t = time.monotonic()
-    for r in store.j.records():
-        record_format.sha256_hex(store.sd_path(r.id).read_bytes())
-    return time.monotonic() - t
-
-
 def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = False) -> float:
     """QoS 1, window 20 (paho's default in-flight limit), until the last PUBACK: one message per record, or
     the record cut in `slice_bytes` pieces (the same message count as the relay's chunks)."""
@@ -141,17 +143,19 @@ def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = Fal
     return dt
 
 
-def relay_drain(store: Store, chunk_kb: int = 128) -> float:
-    """The relay, timed like the baseline: from a connected client to the last record's last PUBACK."""
+def relay_drain(store: Store, chunk_kb: int = 128, chunk_max_kb: int = 1024) -> tuple[float, int]:
+    """The relay, timed like the baseline: from a connected client to the last record's last PUBACK.
+    Returns the time and the chunk size the relay negotiated."""
     with store.j.transaction() as c:
         c.execute("UPDATE records SET state = 'acked'")  # nothing to send while it connects
     raw = store.cfg.raw
-    cfg = config.validate({**raw, "relay": {**raw["relay"], "chunk_kb": chunk_kb}})
+    cfg = config.validate({**raw, "relay": {**raw["relay"], "chunk_kb": chunk_kb, "chunk_max_kb": chunk_max_kb}})
     relay = Relay(store, cfg)
     relay.start()
     while relay.status()["state"] != "connected":
         time.sleep(0.005)
     time.sleep(0.2)
+    chunk = int(relay.status()["chunk_bytes"])
     reset(store)
     t = time.monotonic()
     store._changed()  # wake the relay: the backlog is there
@@ -162,21 +166,30 @@ def relay_drain(store: Store, chunk_kb: int = 128) -> float:
     while store.j.counts()["sent"]["records"] < total:  # the batched journal marks follow within 0.25 s
         time.sleep(0.01)
     relay.close()
-    return dt
+    return dt, chunk
 
 
-def ingest_run(root: Path, port: int, store: Store, n: int, workers: int) -> float:
-    """Relay + `rekam-fleet ingest` worker processes sharing one subscription, until every record is acked."""
+def ingest_run(root: Path, port: int, store: Store, n: int, workers: int, tag: str) -> tuple[float, float, str]:
+    """Relay + `workers` `rekam-fleet ingest` processes sharing one subscription, until every record is acked.
+
+    Returns (seconds, slowest exit after SIGINT, a note). The relay starts only once every worker is subscribed:
+    a shared subscription with no member drops what is published to it (the kit would resend it only after its
+    ack timeout: the 143 s run of issue 17)."""
     with store.j.transaction() as c:
         c.execute("UPDATE records SET state = 'purged' WHERE seq > ?", (n,))
         c.execute("UPDATE records SET state = 'stored' WHERE seq <= ?", (n,))
-    arch = root / f"archive-{workers}"
+    arch = root / f"archive-{tag}-{workers}"
     repo = Path(__file__).resolve().parents[1]
+    logs = [root / f"ingest-{tag}-{workers}-{i}.log" for i in range(workers)]
     procs = [subprocess.Popen([sys.executable, "-m", "provisioning.cli", "ingest", "--broker",
                                f"mqtt://127.0.0.1:{port}", "--archive", str(arch), "--tofu",
                                "--ack-key", str(store.cfg.state_dir.parent / "ack-signing.key")], cwd=repo,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
-    time.sleep(1.5)  # let them subscribe
+                              stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    deadline = time.monotonic() + 60
+    while not all("ingest subscribed" in log.read_text() for log in logs):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ingest workers did not subscribe within 60 s: see {root}")
+        time.sleep(0.05)
     relay = Relay(store, store.cfg)
     t = time.monotonic()
     relay.start()
@@ -184,24 +197,38 @@ def ingest_run(root: Path, port: int, store: Store, n: int, workers: int) -> flo
         time.sleep(0.02)
     dt = time.monotonic() - t
     relay.close()
+    t = time.monotonic()
     for p in procs:
         p.send_signal(signal.SIGINT)
-        p.wait(10)
+    exits, note = [], ""
+    for p in procs:
+        try:
+            p.wait(max(0.1, 10 - (time.monotonic() - t)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            note = " (a worker did not exit within 10 s of SIGINT: killed)"
+        exits.append(time.monotonic() - t)
     a = Archive(arch)
     stored = a.count()
     a.close()
-    print(f"  ingest workers={workers}: archived {stored} records, resent {relay.counters['records_resent']}",
-          file=sys.stderr)
-    return dt
+    note = f"archived {stored}, resent {relay.counters['records_resent']}" + note
+    return dt, max(exits), note
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--records", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=3, help="interleaved runs (median reported)")
     ap.add_argument("--ingest-records", type=int, default=300)
     ap.add_argument("--dir", default="/var/tmp", help="where the kit store lives (a real disk, not tmpfs)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval (s) for this process; default: Python's 0.005")
+    ap.add_argument("--no-ingest", action="store_true", help="only the drain to the broker")
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -213,39 +240,61 @@ def main() -> int:
         fill(store, args.records)
         size = sum(r.size for r in store.j.records())
         mb = size / 1e6
+        load0 = Path("/proc/loadavg").read_text().split()[:3]
         plain_paho(port, store)  # warm the page cache and the broker once
-        base = plain_paho(port, store)
-        rel = relay_drain(store)
-        rel512 = relay_drain(store, 512)
-        base2 = plain_paho(port, store)
-        base = min(base, base2)
-        sliced = plain_paho(port, store, 128 * 1024)
-        verified = plain_paho(port, store, verify=True)
-        hashing = hash_cost(store)
-        print(f"\ndrain of {args.records} records ({mb:.0f} MB) to a local mosquitto, until the last PUBACK "
-              f"(GIL switch interval {sys.getswitchinterval() * 1000:g} ms)")
-        print(f"  plain paho QoS 1 (1 msg/record, window 20): {base:6.2f} s  {args.records / base:7.1f} rec/s  "
-              f"{mb / base:6.1f} MB/s")
-        print(f"  relay (announce + 128 KiB chunks, marks):   {rel:6.2f} s  {args.records / rel:7.1f} rec/s  "
-              f"{mb / rel:6.1f} MB/s")
-        print(f"  relay with chunk_kb = 512 (1 chunk/record): {rel512:6.2f} s  {args.records / rel512:7.1f} rec/s  "
-              f"{mb / rel512:6.1f} MB/s")
-        print(f"  plain paho QoS 1, same 128 KiB slices:      {sliced:6.2f} s  {args.records / sliced:7.1f} rec/s  "
-              f"{mb / sliced:6.1f} MB/s")
-        print(f"  plain paho QoS 1 + the same SHA-256 check:  {verified:6.2f} s  {args.records / verified:7.1f} rec/s  "
-              f"{mb / verified:6.1f} MB/s")
-        print(f"  ratio relay / plain: {base / rel:.2f}  (goal >= 0.8);  relay / plain sliced: {sliced / rel:.2f};  "
-              f"relay / plain + SHA-256: {verified / rel:.2f};  relay 512 KiB chunks / plain: {base / rel512:.2f}")
-        print(f"  of which read + SHA-256 check of every record (done by the relay, not the baseline): "
-              f"{hashing:.2f} s")
+        rows: dict[str, list[float]] = {k: [] for k in ("plain", "fair", "relay", "fair128", "relay128")}
+        chunk = 0
+        for run in range(args.runs):
+            # Interleaved: every figure of one run is measured within a few seconds of the others.
+            rows["plain"].append(plain_paho(port, store))
+            rel, chunk = relay_drain(store)
+            rows["relay"].append(rel)
+            rows["fair"].append(plain_paho(port, store, chunk, verify=True))
+            rel128, _ = relay_drain(store, 128, 128)
+            rows["relay128"].append(rel128)
+            rows["fair128"].append(plain_paho(port, store, 128 * 1024, verify=True))
+            print(f"  run {run + 1}: plain {rows['plain'][-1]:.2f} s, relay {rel:.2f} s, fair {rows['fair'][-1]:.2f} s,"
+                  f" relay 128 KiB {rel128:.2f} s, fair 128 KiB {rows['fair128'][-1]:.2f} s", file=sys.stderr)
+        load1 = Path("/proc/loadavg").read_text().split()[:3]
+        print(f"\ndrain of {args.records} records ({mb:.0f} MB) to a local mosquitto announcing Maximum Packet Size "
+              f"{MAX_PACKET}, until the last PUBACK; {args.runs} interleaved runs, medians "
+              f"(load average {' '.join(load0)} -> {' '.join(load1)}; GIL switch interval "
+              f"{sys.getswitchinterval() * 1000:g} ms)")
+        labels = {"plain": "plain paho QoS 1 (1 msg/record, window 20)",
+                  "fair": f"fair limit: plain + SHA-256 + {chunk // 1024} KiB slices",
+                  "relay": f"relay (negotiated {chunk // 1024} KiB chunks)",
+                  "fair128": "fair limit at 128 KiB: plain + SHA-256 + 128 KiB",
+                  "relay128": "relay at 128 KiB (broker announcing nothing)"}
+        for k, label in labels.items():
+            t = median(rows[k])
+            print(f"  {label:<46} {t:6.2f} s  {args.records / t:7.1f} rec/s  {mb / t:6.1f} MB/s")
+        per = {"plain": [p / r for p, r in zip(rows["plain"], rows["relay"], strict=True)],
+               "fair": [f / r for f, r in zip(rows["fair"], rows["relay"], strict=True)],
+               "fair128": [f / r for f, r in zip(rows["fair128"], rows["relay128"], strict=True)],
+               "raised": [f / r for f, r in zip(rows["fair128"], rows["fair"], strict=True)]}
+        fmt = lambda xs: f"{median(xs):.2f} (runs: {', '.join(f'{x:.2f}' for x in xs)})"  # noqa: E731
+        print(f"  ratio relay / plain paho:           {fmt(per['plain'])}")
+        print(f"  ratio relay / its fair limit:       {fmt(per['fair'])}  (goal >= 0.9)")
+        print(f"  ratio relay / fair limit, 128 KiB:  {fmt(per['fair128'])}")
+        print(f"  fair limit raised (128 KiB -> {chunk // 1024} KiB): x{median(per['raised']):.2f}")
         store.close()
+        if args.no_ingest:
+            return 0
         n = min(args.ingest_records, args.records)
         store = make_store(root / "kit", port)  # default max_unacked_records: acks pace the drain
-        print(f"\nend to end with ingest (staging, signature, fsync'd archive, ack), {n} records:")
-        for workers in (1, 2):
-            dt = ingest_run(root, port, store, n, workers)
-            print(f"  {workers} ingest worker{'s' if workers > 1 else ' '}: {dt:6.2f} s  {n / dt:7.1f} rec/s  "
-                  f"{n * size / args.records / 1e6 / dt:6.1f} MB/s")
+        print(f"\nend to end with ingest (staging, signature, fsync'd archive, ack), {n} records, 1 vs 2 worker "
+              f"processes, interleaved, {args.runs} runs:")
+        times: dict[int, list[float]] = {1: [], 2: []}
+        for run in range(args.runs):
+            for workers in (1, 2):
+                dt, exit_s, note = ingest_run(root, port, store, n, workers, f"r{run}")
+                times[workers].append(dt)
+                print(f"  run {run + 1}, {workers} worker{'s' if workers > 1 else ' '}: {dt:6.2f} s  "
+                      f"{n / dt:7.1f} rec/s  exit after SIGINT {exit_s:4.2f} s  {note}")
+        one, two = median(times[1]), median(times[2])
+        print(f"  median: 1 worker {one:.2f} s ({n / one:.1f} rec/s), 2 workers {two:.2f} s ({n / two:.1f} rec/s); "
+              f"2 workers / 1 worker throughput {one / two:.2f}  (goal >= 1.0); load average "
+              f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         store.close()
     finally:
         broker.terminate()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sqlite3
 import threading
 import time
@@ -45,6 +46,7 @@ RECEIVE_MAXIMUM = 32  # unacknowledged messages the broker may send one worker (
 BACKOFF_MIN_S = 0.5  # first reconnect delay; doubles up to IngestSettings.backoff_max_s
 EXPIRE_EVERY_S = 60.0  # how often abandoned partial transfers are looked for (at most; less with a short TTL)
 DEFAULT_TRANSFER_TTL_S = 300.0
+STOP_WITHIN_S = 1.5  # SIGINT/SIGTERM to exit (issue 17: within 2 s)
 
 
 @dataclass
@@ -342,6 +344,10 @@ class IngestWorker:
             if c.index == c.total - 1:
                 self._ack(kit_id, StoreResult("duplicate", c.record_id, c.sha256))
             return
+        if c.total == 1:
+            # A whole record in one message: nothing to stage, whichever worker of the group the broker chose.
+            self._store(kit_id, c, bytes(c.data), staged=False)
+            return
         try:
             if not self.staging.add(kit_id, c):
                 return
@@ -356,6 +362,10 @@ class IngestWorker:
         except (sqlite3.Error, ArchiveError) as e:
             log.error("ingest staging failed record_id=%s error=%s", c.record_id, e)
             return
+        self._store(kit_id, c, data, staged=True)
+
+    def _store(self, kit_id: str, c: proto.Chunk, data: bytes, staged: bool) -> None:
+        """Archive one complete record, drop its staged chunks, then ack it (after the archive's commit)."""
         try:
             r = self.archive.store(data, kit_id, "mqtt", expect_record_id=c.record_id, expect_sha256=c.sha256)
         except UnknownKit as e:
@@ -365,7 +375,8 @@ class IngestWorker:
             r = StoreResult("retry", c.record_id, c.sha256, str(e))
             log.error("ingest cannot archive record_id=%s error=%s", c.record_id, e)
         finally:
-            self.staging.drop(c.record_id, c.sha256)
+            if staged:
+                self.staging.drop(c.record_id, c.sha256)
         self._ack(kit_id, r)
 
     def _wrong_kit(self, kit_id: str, record_id: str, sha256: str, last: bool) -> bool:
@@ -411,16 +422,36 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                          f"{args.max_record_mb}: the largest record could never be staged")
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")
-    workers = [IngestWorker(_settings(args, args.broker)).start() for _ in range(args.workers)]
+    # SIGINT/SIGTERM only set an event (no KeyboardInterrupt in the middle of a commit); every worker is then
+    # told at once and all are waited for against one deadline, so the process ends within STOP_WITHIN_S.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    workers: list[IngestWorker] = []
     try:
-        while all(w.thread is not None and w.thread.is_alive() for w in workers):
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        for _ in range(args.workers):
+            if stop.is_set():
+                break
+            workers.append(IngestWorker(_settings(args, args.broker)).start())
+        while not stop.wait(0.5):
+            if not all(w.thread is not None and w.thread.is_alive() for w in workers):
+                break
     finally:
-        for w in workers:
-            w.close()
+        stop_workers(workers, STOP_WITHIN_S)
     return 0
+
+
+def stop_workers(workers: list[IngestWorker], within_s: float) -> None:
+    """Stop every worker at once (clean DISCONNECT each) and wait for them against one deadline."""
+    for w in workers:
+        w.stop.set()
+    deadline = time.monotonic() + within_s
+    for w in workers:
+        if w.thread is not None:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
+    late = [w.client_id for w in workers if w.thread is not None and w.thread.is_alive()]
+    if late:  # a handler still in a commit: the kit resends whatever it did not get an ack for
+        log.warning("ingest workers still busy at exit count=%d client_ids=%s", len(late), ",".join(late))
 
 
 def cmd_ack_key(args: argparse.Namespace) -> int:

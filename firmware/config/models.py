@@ -491,8 +491,13 @@ class RelayConfig(Section):
         description="File holding the MQTT password (never the password itself in this file).")
     chunk_kb: int = Field(
         128, ge=4, le=65536,
-        description="Largest chunk of a record per MQTT message, KiB (also capped by the broker's Maximum Packet "
-                    "Size).")
+        description="Largest chunk of a record per MQTT message, KiB, when the broker announces no Maximum Packet "
+                    "Size (also the floor of chunk_max_kb).")
+    chunk_max_kb: int = Field(
+        1024, ge=4, le=65536,
+        description="Largest chunk, KiB, when the broker announces its Maximum Packet Size in CONNACK: chunks are "
+                    "then as large as that allows, up to this cap (RAM: window x chunk in flight). A 400 KB record "
+                    "then goes in one message.")
     window: int = Field(
         16, ge=1, le=65535,
         description="Most QoS 1 messages awaiting PUBACK (also capped by the broker's Receive Maximum).")

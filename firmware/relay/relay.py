@@ -10,18 +10,22 @@ queue is RAM). So the store is the queue and the data center's ingest has the la
   hash and status; anything else is logged (``relay ignoring unverifiable ack ...``), counted
   (``acks_unverified``) and ignored.
 
-* Records go out in capture order: an announce (id, size, hash), then chunks no larger than
-  min(relay.chunk_kb, broker Maximum Packet Size) at QoS 1. At most min(relay.window, broker Receive
-  Maximum) messages await a PUBACK. A PUBACK reason code >= 0x80 fails the transfer; a size-related
-  refusal (0x95, 0x97, 0x83) halves the chunk size for that broker (brokers with ``message_size_limit``
-  do not announce it).
+* Records go out in capture order: an announce (id, size, hash), then chunks at QoS 1, as large as the
+  broker's CONNACK Maximum Packet Size allows up to relay.chunk_max_kb (relay.chunk_kb if the broker
+  announces none). A record that fits one chunk goes as that chunk alone (the announce would only
+  repeat its header). At most min(relay.window, broker Receive Maximum) messages await a PUBACK. A
+  PUBACK reason code >= 0x80 fails the transfer; a size-related refusal (0x95, 0x97, 0x83) halves the
+  chunk size for that broker (brokers with ``message_size_limit`` do not announce it).
 * After any reconnect or restart everything not acked is sent again from the store (transfers cut
   by a lost connection included). A sent record without an ack is resent after ``ack_timeout_s``,
   doubling (jittered) up to ``ack_timeout_max_s``, forever; a sweep every min(``ack_timeout_s``, 60 s)
   re-offers any `sent` record nothing tracks, so none stays `sent` for long whatever happened. At
   most ``max_unacked_records`` records wait for acks before new ones start.
 * Token buckets on bytes/s and publishes/s leave room for control traffic on the same uplink.
-* One thread owns the MQTT link (`firmware.system.mqtt.MqttLink`, driven with `step()`); callbacks only enqueue.
+* One thread owns the relay's state; the MQTT link (`firmware.system.mqtt.MqttLink`) runs its network on an
+  I/O thread of its own (``start(dispatch=False)``): reading and parsing PUBACKs and acks happen there, the
+  relay thread only hands paho packets (`send()`), consumes the queued events and sleeps on `wakeup` (one
+  wake-up per batch of PUBACKs). Ack signatures are verified on the relay thread, which owns the state.
 
 Run standalone (tests, field debugging): ``python -m firmware.relay --config /etc/rekam/rekam.toml``.
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import heapq
 import itertools
 import json
@@ -153,6 +158,7 @@ class Relay:
         self._refill = True
         self._chunk_cap: dict[str, int] = {}  # per broker URL, after size refusals
         self._broker_url = ""
+        self._link_up = False  # the relay thread saw "connected" (and no "disconnected" since): sends may go
         self._pool, self._journal_pool = self._new_pools()
         self.error = ""  # why the relay thread ended on its own (health: failed; the supervisor restarts it)
         self.exception: BaseException | None = None
@@ -175,7 +181,8 @@ class Relay:
 
     @staticmethod
     def _new_pools() -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        return (ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-read"),
+        # Two readers: file reads and SHA-256 release the GIL, so two records are prepared at once.
+        return (ThreadPoolExecutor(max_workers=2, thread_name_prefix="relay-read"),
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-journal"))
 
     def start(self) -> None:
@@ -251,7 +258,9 @@ class Relay:
             self._flush_marks(force=True)
         except Exception:
             log.exception("relay could not flush state marks")
-        self.uplink.close()
+        self.uplink.stop()
+        if not self.uplink.running:
+            self.uplink.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._journal_pool.shutdown(wait=True)
         log.info("relay stopped")
@@ -264,9 +273,15 @@ class Relay:
         next_tel = time.monotonic() + min(5.0, self.r.telemetry_interval_s)
         sweep_every = max(1.0, min(self.r.ack_timeout_s, SWEEP_MAX_S))
         next_sweep = time.monotonic() + sweep_every
+        link = self.uplink
+        self._link_up = False
+        link.start(name="relay-uplink", dispatch=False, tick=0.05)
         while not self._stopping():
-            busy = self.uplink.connected and self._pump()
-            self.uplink.step(0.0 if busy else 0.05)
+            link.wakeup.clear()  # before looking: a set from now on ends the wait below
+            if self._link_up and link.connected:
+                self._pump()
+            if not link.events:
+                link.wakeup.wait(0.05)  # a PUBACK batch, an ack, a (dis)connection; new records within 50 ms
             self._handle_events()
             self._flush_marks(force=not self._mids)  # at once when nothing is in flight
             now = time.monotonic()
@@ -387,13 +402,19 @@ class Relay:
 
     def _chunk_size(self) -> int:
         b = self.uplink.broker
-        cap = self.r.chunk_kb * 1024
+        # A broker that announces its Maximum Packet Size gets chunks that large (bounded by chunk_max_kb: RAM is
+        # window x chunk); one that announces none may still have a silent limit, so chunk_kb stays the default.
+        cap = (max(self.r.chunk_kb, self.r.chunk_max_kb) if self.uplink.max_packet else self.r.chunk_kb) * 1024
         if b is not None:
             cap = min(cap, self._chunk_cap.get(b.url, cap))
         return proto.chunk_data_limit(cap, self.uplink.max_packet, proto.chunk_topic(self.kit_id))
 
     def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, bytes, int]]]:
-        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead thread)."""
+        """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead threads)."""
+        if 0 < row.size <= size:
+            one = self._prepare_one(row, size)
+            if one is not None:
+                return size, row.size, [one]
         # Fast path without the journal (its lock is held through every fsync'd commit): the row already carries
         # the hash. On any doubt, read_verified re-checks against the journal and quarantines a corrupt copy.
         try:
@@ -403,12 +424,38 @@ class Relay:
         if not data or record_format.sha256_hex(data) != row.sha256:
             data = self.store.read_verified(row.id)
         chunks = proto.split(row.id, data, row.sha256, size)
-        ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
-        # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
-        # record it already holds before the chunks arrive.
         ctopic = proto.chunk_topic(self.kit_id)
-        return size, len(data), [(proto.announce_topic(self.kit_id), ann.encode(), 0)] + [
-            (ctopic, c.encode(), 1) for c in chunks]
+        msgs = [(ctopic, c.encode(), 1) for c in chunks]
+        if len(chunks) > 1:
+            # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
+            # record it already holds before the other chunks go. A one-chunk record needs none (one packet less).
+            ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
+            msgs.insert(0, (proto.announce_topic(self.kit_id), ann.encode(), 0))
+        return size, len(data), msgs
+
+    def _prepare_one(self, row: Any, size: int) -> tuple[str, bytes, int] | None:
+        """A record that fits one chunk: read straight into the message after its chunk header (no copy but
+        paho's), hash-checked there. None on any doubt (short, long, unreadable, wrong hash): the caller then
+        takes the path through `read_verified`, which quarantines a corrupt copy."""
+        prefix = proto.Chunk(row.id, row.sha256, row.size, 0, 1, size, b"").encode()
+        msg = bytearray(len(prefix) + row.size)
+        msg[:len(prefix)] = prefix
+        body = memoryview(msg)[len(prefix):]
+        try:
+            with open(self.store.sd_path(row.id), "rb", buffering=0) as f:
+                got = 0
+                while got < row.size:
+                    n = f.readinto(body[got:])
+                    if not n:
+                        return None
+                    got += n
+                if f.read(1):
+                    return None
+        except OSError:
+            return None
+        if hashlib.sha256(body).hexdigest() != row.sha256:
+            return None
+        return proto.chunk_topic(self.kit_id), msg, 1  # type: ignore[return-value]  # paho takes a bytearray
 
     def _read_ahead(self, size: int) -> None:
         """Prepare the next records off the network thread (disk read + SHA-256 overlap the sending)."""
@@ -448,10 +495,12 @@ class Relay:
             elif e.kind == "message":
                 self._on_message(e.topic, e.payload)
             elif e.kind == "connected":
+                self._link_up = True
                 self._broker_url = e.detail
                 self._reset_transfers()
                 self._resend_waiting()
             elif e.kind == "disconnected":
+                self._link_up = False
                 self._on_connection_lost(e.reason)
                 self._reset_transfers()
 

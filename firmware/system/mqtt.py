@@ -22,9 +22,14 @@ What it does:
 
 Two ways to drive it (the network is only ever read and written by one thread, the *loop thread*):
 
-1. **Owner thread** (the relay): call `step(timeout)` in your loop, then consume `events` (connected,
-   disconnected, puback, message, subscribed). `send()` hands one message to paho at once and returns
-   its mid (matching ``puback`` events carry it).
+1. **Owner thread**: call `step(timeout)` in your loop, then consume `events` (connected, disconnected,
+   puback, message, subscribed). `send()` hands one message to paho at once and returns its mid (matching
+   ``puback`` events carry it).
+1b. **Events with an I/O thread** (the relay): `start(dispatch=False)` runs the network on the link's own
+   thread, which only queues `events` and sets `wakeup` once per batch (no handler runs there); your thread
+   calls `send()` (paho queues the packet and wakes the I/O thread to write it), waits on `wakeup`, and
+   consumes `events` as in 1. Reading and parsing PUBACKs and acks then never happens on the publishing
+   thread, and a batch of PUBACKs costs the publisher one wake-up.
 2. **Own thread** (control plane, claim, ingest, fleet): set handlers (`on_message`, per-filter `handle()`,
    `on_connect`, `on_disconnect`), then `start()` (a thread running `run(stop)`) or call `run(stop)` on a
    thread of yours. `publish()` may be called from ANY thread: while connected the message goes to paho
@@ -291,6 +296,7 @@ class MqttLink:
         self.last_error = ""
         self.connects = 0
         self.ready = threading.Event()  # connected and every subscription granted
+        self.wakeup = threading.Event()  # start(dispatch=False): set when the I/O thread queued events
         self.should_stop: Callable[[], bool] = lambda: False  # checked while connecting
         # Handlers (own-thread use; run on the loop thread by dispatch()).
         self.on_message: Callable[[Message], None] | None = None
@@ -369,6 +375,7 @@ class MqttLink:
                 self.events.append(Event("subscribed", mid=mid, reason=max(codes), detail=str(codes)))
             elif not self._sub_mids:
                 self.ready.set()
+                log.info("%s subscribed filters=%s", self.s.name, ",".join(t for t, _ in self.s.subscriptions))
                 self.events.append(Event("subscribed", mid=mid, detail=str(codes)))
         except Exception:  # pragma: no cover
             pass
@@ -616,9 +623,19 @@ class MqttLink:
 
     # --- publishing ----------------------------------------------------------------------------
 
-    def send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+    def send(self, topic: str, payload: bytes | bytearray, qos: int = 1, retain: bool = False,
              properties: Any = None) -> int | None:
-        """Owner thread: hand one message to paho now; its mid (PUBACK comes as an event), None if not connected."""
+        """Owner thread (or the consumer of ``start(dispatch=False)``): hand one message to paho now; its mid
+        (the PUBACK comes as an event), None if not connected."""
+        if self._threaded:
+            # The I/O thread swaps clients under the lock; paho only queues here (write hook) and wakes it.
+            with self._lock:
+                if self.state != "connected" or self.client is None:
+                    return None
+                info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            if info.rc != 0:
+                return None  # the connection is gone: the I/O thread sees it and queues "disconnected"
+            return int(info.mid)
         if self.state != "connected":
             return None
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
@@ -703,7 +720,9 @@ class MqttLink:
         """Loop thread: consume `events`, calling the handlers. A handler that raises is logged, never fatal."""
         from paho.mqtt.client import topic_matches_sub
 
-        while self.events:
+        # Once stopping, what is left is not handled (nor acked): a stop is never held up by a queue of
+        # messages; the sender resends what it got no answer for.
+        while self.events and not (self._threaded and self._stop.is_set()):
             ev = self.events.popleft()
             try:
                 if ev.kind == "message" and ev.message is not None:
@@ -724,8 +743,10 @@ class MqttLink:
 
     # --- own-thread driving ----------------------------------------------------------------------
 
-    def run(self, stop: threading.Event, tick: float = 0.25, on_tick: Callable[[], None] | None = None) -> None:
-        """Loop until `stop`: network, handlers, then `on_tick()`; closes the connection at the end."""
+    def run(self, stop: threading.Event, tick: float = 0.25, on_tick: Callable[[], None] | None = None,
+            dispatch: bool = True) -> None:
+        """Loop until `stop`: network, handlers (or, with ``dispatch=False``, only `wakeup` for whoever consumes
+        `events`), then `on_tick()`; closes the connection at the end."""
         self._threaded = True
         self._stop = stop
         outer = self.should_stop
@@ -733,6 +754,10 @@ class MqttLink:
         try:
             while not stop.is_set():
                 self.step(tick)
+                if not dispatch:
+                    if self.events:
+                        self.wakeup.set()
+                    continue
                 self.dispatch()
                 if on_tick is not None:
                     try:
@@ -741,12 +766,17 @@ class MqttLink:
                         log.exception("%s tick failed", self.s.name)
         finally:
             self.close()
+            self.should_stop = outer  # a later start() must not inherit this run's (set) stop
+            self.wakeup.set()
 
-    def start(self, name: str | None = None) -> MqttLink:
-        """Run `run()` on a daemon thread of its own; returns at once (see `ready`)."""
+    def start(self, name: str | None = None, dispatch: bool = True, tick: float = 0.25) -> MqttLink:
+        """Run `run()` on a daemon thread of its own; returns at once (see `ready`). ``dispatch=False``: the
+        thread does only the network; the caller consumes `events` (waiting on `wakeup`) and calls `send()`."""
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.run, args=(self._stop,), name=name or self.s.client_id,
-                                        daemon=True)
+        self._threaded = True  # before the thread runs: send() must never write the socket itself
+        self.wakeup.clear()
+        self._thread = threading.Thread(target=self.run, args=(self._stop, tick), kwargs={"dispatch": dispatch},
+                                        name=name or self.s.client_id, daemon=True)
         self._thread.start()
         return self
 
@@ -755,6 +785,11 @@ class MqttLink:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while the thread `start()` made is alive."""
+        return self._thread is not None and self._thread.is_alive()
 
     def close(self) -> None:
         """Disconnect cleanly (DISCONNECT packet: no Last Will) and forget the client; queued publishes fail."""

@@ -177,6 +177,28 @@ def test_broker_max_packet_size_from_connack(mosquitto_factory, make_kit, make_i
     assert st["counters"]["puback_failures"] == 0  # sized right from the start
 
 
+def test_chunks_as_large_as_the_broker_max_packet_size_two_workers_archive_once(mosquitto_factory, make_kit,
+                                                                                make_ingest, tmp_path):
+    # Issue 17: a broker announcing a 1 MB Maximum Packet Size gets ~400 KB records in one message each (not
+    # 128 KiB chunks + an announce), verified end to end; two workers of the shared group each archive whole
+    # records, every record exactly once, with nothing staged.
+    broker = mosquitto_factory(max_packet_size=1_000_000)
+    w1 = make_ingest(broker.url)
+    w2 = make_ingest(broker.url)
+    kit = make_kit([broker.url])  # chunk_kb 128 (default), chunk_max_kb 1024 (default)
+    ids = kit.capture(12, size=400_000)
+    relay = kit.start_relay()
+    wait_for(lambda: kit.counts()["acked"] == 12, 30, "all acked")
+    assert_delivered_once(kit, tmp_path / "archive", ids)
+    st = relay.status()
+    assert 400_000 < st["chunk_bytes"] <= 1_000_000 - proto.PACKET_OVERHEAD
+    assert st["counters"]["puback_failures"] == 0 and st["counters"]["records_resent"] == 0
+    assert w1.counters.chunks + w2.counters.chunks == 12, "one message per record"
+    assert w1.counters.chunks > 0 and w2.counters.chunks > 0, "the broker did not share the load"
+    assert w1.counters.stored + w2.counters.stored == 12 and w1.counters.duplicate + w2.counters.duplicate == 0
+    assert w1.staging.usage() == (0, 0)
+
+
 def test_rejected_record_is_quarantined_and_does_not_block(mosquitto, make_kit, make_ingest, tmp_path):
     make_ingest(mosquitto.url)
     kit = make_kit([mosquitto.url])

@@ -178,3 +178,43 @@ def test_requested_reconnect_lets_earlier_publishes_out_first(mosquitto) -> None
     finally:
         link.stop()
         watcher.stop()
+
+
+def test_io_thread_mode_sender_consumes_events_and_wakeups(mosquitto) -> None:
+    # start(dispatch=False) (the relay): the link's own thread reads the network and only queues events; the
+    # caller sends and consumes them. PUBACKs come in batches: fewer wake-ups than messages. A stopped link
+    # starts again (its stop of the last run must not stop the next: the relay's restart after a crash).
+    handled: list[str] = []
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-io", subscriptions=[("io/#", 1)], max_inflight=65535))
+    link.on_message = lambda m: handled.append(m.topic)  # never called in this mode
+    for round_ in range(2):
+        link.start(dispatch=False, tick=0.05)
+        try:
+            assert _until(lambda: link.ready.is_set())
+            kinds: list[str] = []
+            acked: set[int] = set()
+            sent: set[int] = set()
+            wakeups = 0
+            payload = bytes(200_000)
+            while len(acked) < 200:
+                while len(sent) < 200 and len(sent) - len(acked) < 20:
+                    mid = link.send("io/x", payload)
+                    assert mid is not None
+                    sent.add(mid)
+                link.wakeup.clear()
+                if not link.events:
+                    assert link.wakeup.wait(5), f"no wake-up with {len(sent) - len(acked)} messages in flight"
+                    wakeups += 1
+                while link.events:
+                    e = link.events.popleft()
+                    kinds.append(e.kind)
+                    if e.kind == "puback":
+                        assert e.reason == 0 and e.mid in sent
+                        acked.add(e.mid)
+            assert wakeups < 200, "one wake-up per PUBACK"
+            seen = kinds.count("message")
+            assert _until(lambda seen=seen: seen + sum(e.kind == "message" for e in link.events) == 200)
+            assert handled == [], "a handler ran on the I/O thread"
+        finally:
+            link.stop()
+        assert not link.running and not link.connected, f"round {round_}: not stopped"
