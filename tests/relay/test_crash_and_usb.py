@@ -16,17 +16,13 @@ from firmware.store.store import Store
 from provisioning import cli as fleet_cli
 from provisioning.archive import Archive
 from tests.relay.conftest import FAST_RELAY, KitUnderTest, assert_delivered_once, kit_config, wait_for
+from tests.support import render_toml
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _toml(cfg: config.Config) -> str:
-    out = []
-    for section, values in cfg.raw.items():
-        out.append(f"[{section}]")
-        for k, v in values.items():
-            out.append(f"{k} = {json.dumps(v)}")  # JSON scalars and string lists are valid TOML here
-    return "\n".join(out) + "\n"
+    return render_toml(cfg.raw)  # the one TOML writer of the tests (inline tables too)
 
 
 def test_kit_killed_mid_transfer_and_restarted(mosquitto, make_ingest, tmp_path, dc_pub):
