@@ -45,6 +45,8 @@ from firmware.capture.simulated import SimulatedCapture  # noqa: E402
 from firmware.seal import identity  # noqa: E402
 from firmware.store.store import Store  # noqa: E402
 from firmware.wire import record_format  # noqa: E402
+from firmware.wire import relay_protocol as proto  # noqa: E402
+from provisioning.signer import load_ack_key  # noqa: E402
 from tests.support import REKAMD, REPO, Mosquitto, free_port, subprocess_env, write_daemon_config  # noqa: E402
 
 
@@ -60,6 +62,8 @@ class Kit:
         self.dc_pub = dc_pub
         self.corpus = corpus
         self.usb = root / "usb"
+        self.ack_key = root / "ack-signing.key"
+        root.mkdir(parents=True, exist_ok=True)
         self.down_broker = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens: the outage
         self.write_config(self.down_broker)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +76,9 @@ class Kit:
         self.cfg_path = write_daemon_config(
             self.root, self.dc_pub, self.corpus,
             usb={"poll_seconds": 2.0},  # the shipped default (the test helper's 0.2 s would inflate idle CPU)
-            relay={"brokers": [broker], "ack_timeout_s": 120.0})
+            relay={"brokers": [broker], "ack_timeout_s": 120.0,
+                   # acks are signed by the data center: the kit trusts this bench's ingest key
+                   "ack_public_keys": [proto.ack_public_b64(load_ack_key(self.ack_key, create=True))]})
         if not stick:
             self.usb.rmdir()  # the helper makes the stick folder: keep "no stick" as it was
 
@@ -283,7 +289,8 @@ def phase_drain(kit: Kit, k: int, ready_timeout: float, timeout: float) -> dict[
     out: dict[str, Any] = {}
     broker = Mosquitto(kit.root / "broker").start()
     ingest = subprocess.Popen([sys.executable, "-m", "provisioning.cli", "ingest", "--broker", broker.url,
-                               "--archive", str(kit.root / "archive"), "--tofu"], cwd=REPO,
+                               "--archive", str(kit.root / "archive"), "--tofu",
+                               "--ack-key", str(kit.ack_key)], cwd=REPO,
                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.5)  # let it subscribe
