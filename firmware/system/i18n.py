@@ -5,8 +5,8 @@ with Babel (no compile step: a kit update ships the text files; each is parsed o
 are the English text, so English needs no translations and any missing translation falls back to English.
 
 Domains are only a way to split the files between owners (``console`` for the web console and receipts,
-``cli`` for the command line and daemon messages); a lookup searches all of them, so a module never names its
-domain. `catalog` returns one domain for the browser.
+``cli`` for the command line and daemon messages, ``fleet`` for `rekam-fleet` and the data center); a lookup
+searches all of them, so a module never names its domain. `catalog` returns one domain for the browser.
 
 Placeholders are ``{name}`` (str.format), filled from keyword arguments: ``_("{n} tries left", n=3)``. The
 keyword ``lang`` is reserved (it picks a language for one call, as a server answering two browsers needs).
@@ -36,7 +36,7 @@ from babel.numbers import format_decimal
 LANGUAGES: tuple[str, ...] = ("id", "en")
 DEFAULT_LANGUAGE = "id"
 #: Catalog domains (one .po file each per language).
-DOMAINS: tuple[str, ...] = ("console", "cli")
+DOMAINS: tuple[str, ...] = ("console", "cli", "fleet")
 #: Where the catalogs live (installed with the package).
 LOCALE_DIR = Path(__file__).resolve().parent.parent / "locale"
 #: Names of the marker functions the extractor looks for (tests/system/test_i18n.py).
