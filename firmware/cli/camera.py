@@ -71,7 +71,7 @@ def _capture(args: argparse.Namespace) -> int:
                 res = capture_face(cam, FaceAssessor(thresholds),
                                    portrait=spec, jpeg_quality=cam_cfg["jpeg_quality"],
                                    on_attempt=lambda i, a: None if args.json else print(
-                                       _("shot {n}: score={score} codes={codes}", n=i + 1, score=f"{a.score:.1f}",
+                                       _("shot {n}: score={score} codes={codes}", n=i + 1, score=format(a.score, ".1f"),
                                          codes=",".join(a.codes) or "-")))
                 out.write_bytes(res.portrait_jpeg)
                 result: dict[str, Any] = {"out": str(out), "forced": res.forced, **res.summary}

@@ -16,6 +16,7 @@ from typing import TextIO
 
 from firmware import __version__
 from firmware.errors import EX_CONFIG, CaptureHalted, ConfigError, RekamError
+from firmware.system import i18n
 from firmware.system.i18n import _
 
 COMMAND_MODULES = [
@@ -45,23 +46,9 @@ def report_error(e: RekamError, stream: TextIO | None = None) -> int:
     return next(code for family, code in EXIT_CODES if isinstance(e, family))
 
 
-def localize_argparse() -> None:
-    """Let argparse's own words ("usage:", "error:", "options", ...) come from the kit's catalog.
-
-    argparse looks its messages up through the module-global names ``_`` and ``ngettext`` it imported from
-    the stdlib `gettext` (domain ``messages``, no catalog installed on a kit). Rebinding those two names to the
-    kit's catalog is the smallest honest hook: its msgids (``usage: ``, ``%(prog)s: error: %(message)s\n``,
-    ...) are translated in ``cli.po`` with their ``%`` placeholders, which argparse fills itself.
-    """
-    from firmware.system import i18n
-
-    argparse._ = i18n.gettext  # type: ignore[attr-defined]
-    argparse.ngettext = lambda s, p, n: i18n.gettext(s if n == 1 else p)  # type: ignore[attr-defined]
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The `rekam` argument parser with every command group registered."""
-    localize_argparse()
+    i18n.localize_argparse()
     ap = argparse.ArgumentParser(prog="rekam", description=_("rekam enrollment kit: operator and technician CLI"))
     ap.add_argument("--version", action="version", version=f"rekam {__version__}",
                     help=_("show the version and exit"))

@@ -162,21 +162,21 @@ def _capture(args: argparse.Namespace) -> int:
             if session.sim is not None:
                 resident, _, n = args.finger.rpartition(":")
                 session.sim.present_finger(resident, int(n))
-            print(_("place a finger on the sensor (waiting up to {seconds} s)...", seconds=f"{timeout:.0f}"),
+            print(_("place a finger on the sensor (waiting up to {seconds} s)...", seconds=format(timeout, ".0f")),
                   file=sys.stderr)
             t0 = time.monotonic()
             img = fp.capture(timeout=timeout, poll_s=cfg.sensor.poll_interval_s)
     except (SensorError, ValueError) as e:
         return _fail(e)
     if img is None:
-        print("rekam sensor: " + _("no finger within {seconds} s", seconds=f"{timeout:.0f}"), file=sys.stderr)
+        print("rekam sensor: " + _("no finger within {seconds} s", seconds=format(timeout, ".0f")), file=sys.stderr)
         return 2
     if not cv2.imwrite(args.out, img):
         print("rekam sensor: " + _("cannot write {path} (use a .png name in an existing folder)", path=args.out),
               file=sys.stderr)
         return 1
     print(_("{path}: {width}x{height} in {seconds} s", path=args.out, width=img.shape[1], height=img.shape[0],
-            seconds=f"{time.monotonic() - t0:.2f}"))
+            seconds=format(time.monotonic() - t0, ".2f")))
     return 0
 
 

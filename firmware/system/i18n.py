@@ -220,3 +220,18 @@ def format_datetime(when: _dt.datetime | float | int, lang: str | None = None, f
 def format_date(day: _dt.date, lang: str | None = None, fmt: str = "long") -> str:
     """A date spelled out: ``12 Maret 1990`` / ``March 12, 1990``."""
     return _babel_format_date(day, fmt, locale=normalize(lang) if lang else get_language())
+
+
+def localize_argparse() -> None:
+    """Let argparse's own words ("usage:", "error:", "options", ...) come from this catalog.
+
+    argparse looks its messages up through the module-global names ``_`` and ``ngettext`` it imported from
+    the stdlib `gettext` (domain ``messages``; no catalog is installed on a kit). Rebinding those two names
+    is the smallest honest hook: argparse's msgids (``usage: ``, ``%(prog)s: error: %(message)s\\n``, ...) are
+    translated in ``cli.po`` with their ``%`` placeholders, which argparse fills itself. Call it before
+    building a parser (help texts are looked up when formatted, in the language current then).
+    """
+    import argparse
+
+    argparse._ = gettext  # type: ignore[attr-defined]
+    argparse.ngettext = lambda s, p, n: gettext(s if n == 1 else p)  # type: ignore[attr-defined]

@@ -58,7 +58,7 @@ def _text(path: str, s: dict[str, Any]) -> str:
 
     verdict = gettext(VERDICTS[s["accepted"]])
     lines = [_("{path}: {verdict} score={score} faces={faces} size={width}x{height}", path=path, verdict=verdict,
-               score=f"{s['score']:.1f}", faces=s["faces"], width=s["size"][0], height=s["size"][1])]
+               score=format(s['score'], ".1f"), faces=s["faces"], width=s["size"][0], height=s["size"][1])]
     m = s["measures"]
     if m:
         lines.append(

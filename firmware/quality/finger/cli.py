@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                    "RETAKE": _("below the threshold {threshold}: the kit asks for a retake", threshold=t),
                    "REJECT": _("hard reject")}[v]
             print(_("{path}: {verdict} score {score} ({why}; {ms} ms{converted})", path=path,
-                    verdict=gettext(VERDICTS[v]), score=f"{q.score:.0f}", why=why, ms=f"{q.elapsed_ms:.0f}",
+                    verdict=gettext(VERDICTS[v]), score=format(q.score, ".0f"), why=why, ms=format(q.elapsed_ms, ".0f"),
                     converted=", " + _("converted to 256x288 16-level") if converted else ""))
             for code, msg in zip(q.codes, q.messages, strict=True):
                 print(f"  {code}: {gettext(msg)}")  # translated where a catalog has it (else English)
