@@ -127,7 +127,7 @@ def cmd_cmd_send(args: argparse.Namespace) -> int:
     f = open_fleet(args.data)
     cargs: dict[str, Any] = {}
     for a in args.arg or []:
-        k, _, v = a.partition("=")
+        k, _sep, v = a.partition("=")
         try:
             cargs[k] = json.loads(v)
         except json.JSONDecodeError:

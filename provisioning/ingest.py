@@ -430,7 +430,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     workers: list[IngestWorker] = []
     try:
-        for _ in range(args.workers):
+        for _i in range(args.workers):
             if stop.is_set():
                 break
             workers.append(IngestWorker(_settings(args, args.broker)).start())

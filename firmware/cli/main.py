@@ -15,7 +15,7 @@ import sys
 from typing import TextIO
 
 from firmware import __version__
-from firmware.errors import EX_CONFIG, CaptureHalted, ConfigError, RekamError
+from firmware.errors import EX_CONFIG, ApiError, CaptureHalted, ConfigError, RekamError
 from firmware.system import i18n
 from firmware.system.i18n import _
 
@@ -41,8 +41,13 @@ def report_error(e: RekamError, stream: TextIO | None = None) -> int:
     """Print `e` for the operator (stderr by default) and return the exit status of its family."""
     if isinstance(e, ConfigError):
         return e.report(stream)
-    # The message itself is translated where it is raised (daemon-side catalogs); English output is unchanged.
-    print(_("rekam: {message}", message=e), file=stream if stream is not None else sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    # The message itself is translated where it is raised (the daemon answers in the kit's language); here only
+    # the framing, and the English text stays exactly as it was (scripts and tests read it).
+    if isinstance(e, ApiError):
+        print(_("rekam: HTTP {status}: {detail}", status=e.status, detail=e.detail), file=out)
+    else:
+        print(_("rekam: {message}", message=e), file=out)
     return next(code for family, code in EXIT_CODES if isinstance(e, family))
 
 

@@ -160,7 +160,7 @@ def _capture(args: argparse.Namespace) -> int:
         session = _Session(args, cfg)
         with session as fp:
             if session.sim is not None:
-                resident, _, n = args.finger.rpartition(":")
+                resident, _sep, n = args.finger.rpartition(":")
                 session.sim.present_finger(resident, int(n))
             print(_("place a finger on the sensor (waiting up to {seconds} s)...", seconds=format(timeout, ".0f")),
                   file=sys.stderr)

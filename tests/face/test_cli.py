@@ -14,6 +14,7 @@ from firmware.cli.main import main
 @pytest.fixture(autouse=True)
 def _no_system_config(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("REKAM_CONFIG", raising=False)
+    monkeypatch.setenv("REKAM_LANG", "en")  # these checks read the English text (Indonesian is the default)
     monkeypatch.setattr("firmware.config.DEFAULT_PATH", tmp_path / "absent.toml")
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from provisioning import cli
+
+
+@pytest.fixture(autouse=True)
+def _english(monkeypatch) -> None:
+    monkeypatch.setenv("REKAM_LANG", "en")  # these checks read the English text (Indonesian is the default)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

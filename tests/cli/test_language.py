@@ -1,0 +1,92 @@
+"""Every `rekam` command group speaks Bahasa Indonesia by default and English with REKAM_LANG=en: help texts,
+argparse's own words, report lines and errors (real `rekam` subprocesses; the sensor on the in-process
+simulator, the camera on the simulated backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import rekam, write_daemon_config
+
+ID = {"REKAM_LANG": None}  # no override: the CLI's default language, Indonesian
+EN = {"REKAM_LANG": "en"}
+
+
+@pytest.mark.parametrize(("args", "indonesian", "english"), [
+    (("sensor", "--help"), "tunggu jari lalu simpan gambarnya sebagai PNG", "wait for a finger and save its image"),
+    (("camera", "capture", "--help"), "tempat menyimpan berkas JPEG", "where to write the JPEG"),
+    (("identity", "--help"), "buat identitas perangkat bila belum ada", "create the kit identity if missing"),
+    (("provision", "--help"), "daftarkan perangkat ini sekarang", "claim this kit now"),
+    (("quality", "--help"), "mutu foto wajah (JPEG/PNG)", "quality of face photos (JPEG/PNG)"),
+    (("--help",), "perintah untuk petugas dan teknisi", "operator and technician CLI"),
+])
+def test_help_is_indonesian_first(args: tuple[str, ...], indonesian: str, english: str) -> None:
+    r = rekam(*args, env=ID)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("penggunaan: rekam") and "pilihan:" in r.stdout, r.stdout  # argparse's own words
+    assert indonesian in r.stdout and english not in r.stdout, r.stdout
+    en = rekam(*args, env=EN)
+    assert en.stdout.startswith("usage: rekam") and english in en.stdout, en.stdout
+
+
+def test_argparse_errors_are_indonesian() -> None:
+    r = rekam("sensor", "info", "--bogus", env=ID)
+    assert r.returncode == 2 and "rekam: kesalahan: argumen tidak dikenal: --bogus" in r.stderr, r.stderr
+    r = rekam("sensor", "capture", "--sim", env=ID)
+    assert r.returncode == 2 and "argumen berikut wajib diisi: --out" in r.stderr, r.stderr
+    en = rekam("sensor", "info", "--bogus", env=EN)
+    assert "rekam: error: unrecognized arguments: --bogus" in en.stderr, en.stderr
+
+
+def test_sensor_info_and_capture_on_the_simulator(tmp_path: Path) -> None:
+    r = rekam("sensor", "info", "--sim", "--profile", "r503", env=ID)
+    assert r.returncode == 0, r.stderr
+    assert "kapasitas:" in r.stdout and "ukuran paket:" in r.stdout and "capacity:" not in r.stdout, r.stdout
+    en = rekam("sensor", "info", "--sim", "--profile", "r503", env=EN)
+    assert "capacity:" in en.stdout and "packet size:" in en.stdout, en.stdout
+    out = tmp_path / "f.png"
+    r = rekam("sensor", "capture", "--sim", "--profile", "r503", "--out", str(out), "--timeout", "10", env=ID)
+    assert r.returncode == 0, r.stderr
+    assert "letakkan jari di sensor" in r.stderr and " detik" in r.stdout and out.is_file(), r.stdout + r.stderr
+
+
+def test_sensor_error_names_the_kind_in_indonesian(tmp_path: Path) -> None:
+    r = rekam("sensor", "info", "--port", str(tmp_path / "nothing"), env=ID)
+    assert r.returncode == 1 and "rekam sensor: kesalahan sensor (SensorUnavailable)" in r.stderr, r.stderr
+
+
+def test_camera_capture_reports_in_indonesian(tmp_path: Path) -> None:
+    out = tmp_path / "shot.jpg"
+    r = rekam("camera", "capture", "--backend", "sim", "--out", str(out), env=ID)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"tersimpan di {out}") and "(kamera sim)" in r.stdout, r.stdout
+    en = rekam("camera", "capture", "--backend", "sim", "--out", str(out), env=EN)
+    assert en.stdout.startswith(f"wrote {out}"), en.stdout
+
+
+def test_identity_and_provision_in_indonesian(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path) -> None:
+    cfg = write_daemon_config(tmp_path, dc_keys["pub_path"], corpus_dir)
+    r = rekam("identity", "show", cfg=cfg, env=ID)
+    assert r.returncode == 1 and "belum ada identitas perangkat" in r.stderr, r.stderr
+    r = rekam("identity", "init", cfg=cfg, env=ID)
+    assert r.returncode == 0 and r.stdout.startswith("perangkat rk-") and "(identitas baru dibuat)" in r.stdout
+    assert "kunci publik" in r.stdout and "terdaftar" in r.stdout, r.stdout
+    r = rekam("identity", "show", "--json", cfg=cfg, env=ID)  # machine-readable: the same in every language
+    assert json.loads(r.stdout)["kit_id"].startswith("rk-")
+    r = rekam("provision", "status", cfg=cfg, env=ID)
+    assert r.returncode == 0 and "BELUM terdaftar" in r.stdout and "konfigurasi berjalan v0" in r.stdout, r.stdout
+    en = rekam("provision", "status", cfg=cfg, env=EN)
+    assert "NOT claimed" in en.stdout and "config      running v0" in en.stdout, en.stdout
+
+
+def test_quality_face_in_indonesian(tmp_path: Path, corpus_dir: Path) -> None:
+    good = corpus_dir / "faces" / "facerec-biden2.jpg"
+    r = rekam("quality", "face", str(good), str(tmp_path / "missing.png"), env=ID)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{good}: DITERIMA skor=" in r.stdout and "missing.png: berkas tidak ada" in r.stderr, r.stdout + r.stderr
+    en = rekam("quality", "face", str(good), env=EN)
+    assert f"{good}: ACCEPT score=" in en.stdout, en.stdout
