@@ -90,3 +90,21 @@ def test_quality_face_in_indonesian(tmp_path: Path, corpus_dir: Path) -> None:
     assert f"{good}: DITERIMA skor=" in r.stdout and "missing.png: berkas tidak ada" in r.stderr, r.stdout + r.stderr
     en = rekam("quality", "face", str(good), env=EN)
     assert f"{good}: ACCEPT score=" in en.stdout, en.stdout
+
+
+def test_error_handler_frames_kit_errors_in_indonesian() -> None:
+    import io
+
+    from firmware.cli.main import report_error
+    from firmware.errors import ApiError, CaptureHalted
+    from firmware.system.i18n import use_language
+
+    for lang, want in (("id", "rekam: daemon menolak permintaan (HTTP 409): x\n"), ("en", "rekam: HTTP 409: x\n")):
+        out = io.StringIO()
+        with use_language(lang):
+            assert report_error(ApiError(409, "x"), out) == 1
+        assert out.getvalue() == want
+    out = io.StringIO()
+    with use_language("id"):
+        assert report_error(CaptureHalted("sd_full"), out) == 2  # the exit codes do not depend on the language
+    assert out.getvalue().startswith("rekam: gagal: ")
