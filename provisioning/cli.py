@@ -134,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rekam-fleet`: Indonesian unless $REKAM_LANG says otherwise (data-center staff too)."""
-    i18n.set_language(i18n.normalize(os.environ.get(LANG_ENV)))
+    # This thread only, and restored on return: a caller in the same process (a test) keeps its language.
+    with i18n.use_language(i18n.normalize(os.environ.get(LANG_ENV) or i18n.DEFAULT_LANGUAGE)):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)
