@@ -108,3 +108,19 @@ def test_error_handler_frames_kit_errors_in_indonesian() -> None:
     with use_language("id"):
         assert report_error(CaptureHalted("sd_full"), out) == 2  # the exit codes do not depend on the language
     assert out.getvalue().startswith("rekam: gagal: ")
+
+
+def test_argparse_translations_keep_their_placeholders() -> None:
+    """argparse fills its own ``%`` templates: each translation must keep the same placeholders (the brace check
+    of tests/system/test_i18n.py does not see them)."""
+    import re
+
+    from firmware.system import i18n
+
+    pct = re.compile(r"%(?:\(\w+\))?[sr]")
+    cat = i18n.catalog("id", "cli")
+    templates = {k: v for k, v in cat.items() if isinstance(v, str) and pct.search(k)}
+    assert len(templates) >= 10 and "usage: " in cat, sorted(templates)
+    for msgid, text in templates.items():
+        assert sorted(pct.findall(msgid)) == sorted(pct.findall(text)), msgid
+    assert cat["usage: "].endswith(" ")  # argparse puts the program name right after it
