@@ -124,3 +124,19 @@ def test_argparse_translations_keep_their_placeholders() -> None:
     for msgid, text in templates.items():
         assert sorted(pct.findall(msgid)) == sorted(pct.findall(text)), msgid
     assert cat["usage: "].endswith(" ")  # argparse puts the program name right after it
+
+
+def test_quality_finger_verdict_and_reason_in_indonesian(tmp_path: Path, corpus_dir: Path) -> None:
+    import cv2
+
+    from firmware.quality.finger import degrade
+
+    g = cv2.imread(str(corpus_dir / "fingerprints" / "nbisrs-p1_1.png"), cv2.IMREAD_GRAYSCALE)
+    blurred = tmp_path / "blurred.png"
+    cv2.imwrite(str(blurred), degrade.apply(g, "blur:8"))
+    r = rekam("quality", "finger", str(blurred), env=ID)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"{blurred}: DITOLAK skor" in r.stdout and "ditolak mutlak" in r.stdout, r.stdout
+    assert "blurred: Gambar kabur" in r.stdout, r.stdout
+    r = rekam("quality", "finger", "--json", str(blurred), env=ID)  # machine-readable: English codes
+    assert json.loads(r.stdout)["verdict"] == "REJECT"
