@@ -20,6 +20,7 @@ from firmware.errors import DataCenterError
 from firmware.system import i18n
 from firmware.system.i18n import _
 from firmware.wire import record_format as rf
+from provisioning.texts import shown
 
 #: Environment variable that picks the language (as for `rekam`); the default is Indonesian.
 LANG_ENV = "REKAM_LANG"
@@ -154,7 +155,7 @@ def _main(argv: list[str] | None) -> int:
             pass
         return 0
     except DataCenterError as e:
-        print(_("rekam-fleet: {message}", message=e), file=sys.stderr)
+        print(_("rekam-fleet: {message}", message=shown(e)), file=sys.stderr)
         return 1
 
 

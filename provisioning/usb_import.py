@@ -29,37 +29,18 @@ from typing import Any, TextIO
 
 from firmware.errors import ProtocolError, UntrustedFile
 from firmware.system.fsutil import open_dir_beneath, open_untrusted, read_untrusted
-from firmware.system.i18n import N_, _, format_count, gettext
+from firmware.system.i18n import N_, _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire import stick_layout as L
 from firmware.wire.ids import is_kit_id, parse_record_id
 from firmware.wire.relay_protocol import MAX_RECORD_BYTES
 from provisioning.archive import Archive, ArchiveError, UnknownKit, decode_kit_key
+from provisioning.texts import Reason
+from provisioning.texts import shown as _shown
 
 MIB = 1024 * 1024
 #: Largest record file read from a stick by default: the ingest's default cap (``--max-record-mb``).
 DEFAULT_MAX_RECORD_BYTES = 64 * MIB
-
-
-class Reason(str):
-    """A rejection reason: the English text (what ``--json`` prints, unchanged) that also knows its catalog
-    msgid, so the text report shows it in the reader's language (`shown`)."""
-
-    msgid: str
-    kw: dict[str, Any]
-
-    def __new__(cls, msgid: str, **kw: Any) -> Reason:
-        self = super().__new__(cls, msgid.format(**kw))
-        self.msgid, self.kw = msgid, kw
-        return self
-
-    def shown(self) -> str:
-        """The reason in the current language."""
-        return gettext(self.msgid, **self.kw)
-
-
-def _shown(why: str) -> str:
-    return why.shown() if isinstance(why, Reason) else why
 
 
 @dataclass

@@ -140,3 +140,20 @@ def test_quality_finger_verdict_and_reason_in_indonesian(tmp_path: Path, corpus_
     assert "blurred: Gambar kabur" in r.stdout, r.stdout
     r = rekam("quality", "finger", "--json", str(blurred), env=ID)  # machine-readable: English codes
     assert json.loads(r.stdout)["verdict"] == "REJECT"
+
+
+def test_fleet_errors_are_indonesian_on_screen_and_english_in_str(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A registry error reaches data-center staff in Indonesian; `str(e)` (logs, scripts) stays English."""
+    from firmware.errors import FleetError
+    from provisioning import cli as fleet_cli
+    from provisioning.registry import Fleet
+
+    with pytest.raises(FleetError) as err:
+        Fleet(tmp_path / "nothing")
+    assert str(err.value).startswith(f"{tmp_path / 'nothing'} is not a fleet folder")
+    monkeypatch.delenv("REKAM_LANG", raising=False)
+    assert fleet_cli.main(["kits", "list", "--data", str(tmp_path / "nothing")]) == 1
+    assert "rekam-fleet: gagal: " in (err_text := capsys.readouterr().err) and "bukan folder pusat armada" in err_text
+    monkeypatch.setenv("REKAM_LANG", "en")
+    assert fleet_cli.main(["kits", "list", "--data", str(tmp_path / "nothing")]) == 1
+    assert capsys.readouterr().err.startswith(f"rekam-fleet: {tmp_path / 'nothing'} is not a fleet folder")
