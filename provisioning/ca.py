@@ -33,7 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware.errors import CaError
+from firmware.system.i18n import N_
 from firmware.wire.ids import is_kit_id
+from provisioning.texts import Reason
 
 TEMPLATES = Path(__file__).resolve().parent / "mosquitto"
 BATCH_RE = re.compile(r"^[A-Za-z0-9._-]{1,42}$")
@@ -148,7 +150,8 @@ def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: in
         raise CaError(f"batch name {batch!r}: use 1-42 letters, digits, . _ -")
     paths = CaPaths(root)
     if paths.fleet_ca_key.exists():
-        raise CaError(f"a CA already exists in {root}; refusing to replace it (every kit certificate depends on it)")
+        raise CaError(Reason(N_("a CA already exists in {path}; refusing to replace it (every kit certificate depends "
+                                "on it)"), path=root))
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_key, ca_cert = _self_signed("rekam fleet CA", days)
     _write_key(paths.fleet_ca_key, ca_key)

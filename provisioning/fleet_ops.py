@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import CaError, FleetError
+from firmware.system.i18n import N_
 from firmware.system.mqtt import Message, client_id
 from firmware.wire import control_protocol as cp
 from provisioning import ca
 from provisioning.fleet_link import FleetLink
 from provisioning.registry import Fleet
+from provisioning.texts import Reason
 
 PUBLISH_TIMEOUT_S = 15.0  # how long a CLI publish waits for the broker's PUBACKs
 
@@ -130,7 +132,7 @@ def config_report(f: Fleet, kit_id: str) -> dict[str, Any]:
     """The versions issued to a kit and the config state it reports (`rekam-fleet config show`)."""
     row = f.kit(kit_id)
     if row is None:
-        raise FleetError(f"unknown kit {kit_id}")
+        raise FleetError(Reason(N_("unknown kit {kit}"), kit=kit_id))
     state = json.loads(row["config_state"]) if row["config_state"] else {}
     return {"kit_id": kit_id, "kit_reports": state,
             "versions": [{"version": r["version"], "issued_at": r["issued_at"], "note": r["note"],

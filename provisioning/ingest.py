@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware.system.i18n import _, ngettext
 from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
 from firmware.wire import relay_protocol as proto
 from provisioning import ca
@@ -429,7 +430,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     workers: list[IngestWorker] = []
     try:
-        for _ in range(args.workers):
+        for _i in range(args.workers):
             if stop.is_set():
                 break
             workers.append(IngestWorker(_settings(args, args.broker)).start())
@@ -469,13 +470,13 @@ def cmd_kits(args: argparse.Namespace) -> int:
             try:
                 a.register_kit(args.kit_id, args.public_key)
             except ValueError as e:
-                print(f"rekam-fleet archive register-kit: {e}")
+                print("rekam-fleet archive register-kit: " + _("refused: {error}", error=e))
                 return 2
-            print(f"kit {args.kit_id} registered")
+            print(_("kit {kit} registered", kit=args.kit_id))
         else:
             for k in a.kits():
                 print(f"{k['kit_id']}  {k['public_key']}  {k['registered_at']}  ({k['how']})  "
-                      f"{a.count(k['kit_id'])} records")
+                      + ngettext("{n} record", "{n} records", a.count(k["kit_id"])))
     finally:
         a.close()
     return 0
@@ -483,30 +484,30 @@ def cmd_kits(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `ingest` and `archive` to rekam-fleet."""
-    p = sub.add_parser("ingest", help="receive records over MQTT into an archive (shared subscription)")
-    p.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
-    p.add_argument("--archive", required=True, help="archive directory (index.db, records/, staging.db)")
-    p.add_argument("--group", help="shared-subscription group (workers of one group share load); default: a secret "
-                   "derived from --key-file, so no kit can join it (docs/security.md)")
-    p.add_argument("--workers", type=int, default=1, help="worker connections in this process")
+    p = sub.add_parser("ingest", help=_("receive records over MQTT into an archive (shared subscription)"))
+    p.add_argument("--broker", required=True, help=_("mqtt://host:port or mqtts://host:port"))
+    p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db)"))
+    p.add_argument("--group", help=_("shared-subscription group (workers of one group share load); default: a secret "
+                                     "derived from --key-file, so no kit can join it (docs/security.md)"))
+    p.add_argument("--workers", type=int, default=1, help=_("worker connections in this process"))
     p.add_argument("--tofu", action="store_true",
-                   help="trust on first use: register an unknown kit's key from its first record (tests, pilots)")
+                   help=_("trust on first use: register an unknown kit's key from its first record (tests, pilots)"))
     p.add_argument("--transfer-ttl", type=float, default=DEFAULT_TRANSFER_TTL_S,
-                   help="drop a partial transfer after this long without a chunk, s")
+                   help=_("drop a partial transfer after this long without a chunk, s"))
     lim = StagingLimits()
     p.add_argument("--staging-kit-mb", type=int, default=lim.kit_bytes // 2**20,
-                   help="most MiB of unfinished transfers one kit may hold in staging")
+                   help=_("most MiB of unfinished transfers one kit may hold in staging"))
     p.add_argument("--staging-kit-transfers", type=int, default=lim.kit_transfers,
-                   help="most unfinished transfers one kit may hold in staging")
+                   help=_("most unfinished transfers one kit may hold in staging"))
     p.add_argument("--staging-total-mb", type=int, default=lim.total_bytes // 2**20,
-                   help="most MiB of unfinished transfers in staging, all kits together")
+                   help=_("most MiB of unfinished transfers in staging, all kits together"))
     p.add_argument("--staging-total-transfers", type=int, default=lim.total_transfers,
-                   help="most unfinished transfers in staging, all kits together")
+                   help=_("most unfinished transfers in staging, all kits together"))
     p.add_argument("--legacy-unsigned-acks", action="store_true",
-                   help="also publish the old unsigned (v1) acks, for kits not yet upgraded; only during a rollout: "
-                        "a kit on old firmware stays open to forged acks")
-    p.add_argument("--ack-key", help="Ed25519 key that signs record acks (default <archive>/ack-signing.key, made "
-                                     "if missing; kits list its public half in relay.ack_public_keys)")
+                   help=_("also publish the old unsigned (v1) acks, for kits not yet upgraded; only during a rollout: "
+                          "a kit on old firmware stays open to forged acks"))
+    p.add_argument("--ack-key", help=_("Ed25519 key that signs record acks (default <archive>/ack-signing.key, made "
+                                       "if missing; kits list its public half in relay.ack_public_keys)"))
     p.add_argument("--max-record-mb", type=int, default=64)
     p.add_argument("--ca-file")
     p.add_argument("--cert-file")
@@ -514,18 +515,19 @@ def register(sub: Any) -> None:
     p.add_argument("--username")
     p.add_argument("--password-file")
     p.set_defaults(func=cmd_ingest)
-    p.add_argument("--fleet-db", help="fleet.db of `rekam-fleet serve`: its approved kits' keys are trusted too")
-    p = sub.add_parser("archive", help="the record archive's kit key registry")
+    p.add_argument("--fleet-db", help=_("fleet.db of `rekam-fleet serve`: its approved kits' keys are trusted too"))
+    p = sub.add_parser("archive", help=_("the record archive's kit key registry"))
     ks = p.add_subparsers(dest="kits_cmd", required=True)
-    r = ks.add_parser("register-kit", help="register a kit's Ed25519 public key (base64, from `rekam identity show`)")
+    r = ks.add_parser("register-kit",
+                      help=_("register a kit's Ed25519 public key (base64, from `rekam identity show`)"))
     r.add_argument("kit_id")
     r.add_argument("public_key")
     r.add_argument("--archive", required=True)
     r.set_defaults(func=cmd_kits)
-    r = ks.add_parser("kits", help="kits known to the archive and their record counts")
+    r = ks.add_parser("kits", help=_("kits known to the archive and their record counts"))
     r.add_argument("--archive", required=True)
     r.set_defaults(func=cmd_kits)
-    r = ks.add_parser("ack-key", help="print the public half of the ack-signing key (for relay.ack_public_keys)")
+    r = ks.add_parser("ack-key", help=_("print the public half of the ack-signing key (for relay.ack_public_keys)"))
     r.add_argument("--archive", required=True)
-    r.add_argument("--ack-key", help="key file (default <archive>/ack-signing.key, made if missing)")
+    r.add_argument("--ack-key", help=_("key file (default <archive>/ack-signing.key, made if missing)"))
     r.set_defaults(func=cmd_ack_key)

@@ -23,10 +23,12 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 
 from firmware.errors import CaError, FleetError
+from firmware.system.i18n import N_
 from firmware.wire import control_protocol as cp
 from firmware.wire import relay_protocol as rp
 from provisioning import ca
 from provisioning.signer import ACK_KEY_FILE, KEY_FILE, Signer, load_ack_key
+from provisioning.texts import Reason
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ class Fleet:
     def __init__(self, data: Path) -> None:
         self.data = Path(data)
         if not (self.data / "fleet.json").exists():
-            raise FleetError(f"{self.data} is not a fleet folder (run `rekam-fleet ca init --data {self.data}`)")
+            raise FleetError(Reason(N_("{path} is not a fleet folder (run `rekam-fleet ca init --data {path}`)"),
+                                    path=self.data))
         self.settings = json.loads((self.data / "fleet.json").read_text())
         self.ca = ca.CaPaths(self.data / "ca")
         self.signer = Signer.load(self.data / KEY_FILE)
@@ -155,9 +158,9 @@ class Fleet:
         self.expire_claims()
         row = self.kit(kit_id)
         if row is None:
-            raise FleetError(f"no claim from {kit_id} (never seen, or expired: the kit will retry)")
+            raise FleetError(Reason(N_("no claim from {kit} (never seen, or expired: the kit will retry)"), kit=kit_id))
         if row["state"] == "revoked":
-            raise FleetError(f"{kit_id} is revoked; a revoked kit cannot be approved again")
+            raise FleetError(Reason(N_("{kit} is revoked; a revoked kit cannot be approved again"), kit=kit_id))
         with self._lock:
             self.db.execute("UPDATE kits SET state = 'approved', approved_at = ? WHERE kit_id = ?",
                             (int(time.time()), kit_id))
@@ -171,7 +174,7 @@ class Fleet:
         """
         row = self.kit(kit_id)
         if row is None:
-            raise FleetError(f"unknown kit {kit_id}")
+            raise FleetError(Reason(N_("unknown kit {kit}"), kit=kit_id))
         serial = row["cert_serial"]
         if serial:
             ca.revoke(self.ca, serial)
@@ -300,10 +303,10 @@ class Fleet:
             rows = list(self.db.execute("SELECT version, sections, files FROM configs WHERE kit_id = ? "
                                         "ORDER BY version DESC", (kit_id,)))
         if len(rows) < 2 and to_version is None:
-            raise FleetError(f"{kit_id} has no earlier config version to roll back to")
+            raise FleetError(Reason(N_("{kit} has no earlier config version to roll back to"), kit=kit_id))
         target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
         if target is None:
-            raise FleetError(f"{kit_id} has no config version {to_version}")
+            raise FleetError(Reason(N_("{kit} has no config version {version}"), kit=kit_id, version=to_version))
         return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
                                 note=f"rollback to v{target['version']}")
 

@@ -29,11 +29,14 @@ from typing import Any, TextIO
 
 from firmware.errors import ProtocolError, UntrustedFile
 from firmware.system.fsutil import open_dir_beneath, open_untrusted, read_untrusted
+from firmware.system.i18n import N_, _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire import stick_layout as L
 from firmware.wire.ids import is_kit_id, parse_record_id
 from firmware.wire.relay_protocol import MAX_RECORD_BYTES
 from provisioning.archive import Archive, ArchiveError, UnknownKit, decode_kit_key
+from provisioning.texts import Reason
+from provisioning.texts import shown as _shown
 
 MIB = 1024 * 1024
 #: Largest record file read from a stick by default: the ingest's default cap (``--max-record-mb``).
@@ -120,7 +123,7 @@ def find_kits(path: Path) -> tuple[list[KitFolder], list[tuple[str, str]]]:
             rel = e.name if base == "." else f"{base}/{e.name}"
             if e.is_symlink():
                 if is_kit_id(e.name):  # a kit folder elsewhere (stick.json and other names: checked where read)
-                    refused.append((str(path / rel), "kit folder is a symlink: not read"))
+                    refused.append((str(path / rel), Reason(N_("kit folder is a symlink: not read"))))
                 continue
             if e.is_dir(follow_symlinks=False) and _lstat(path, f"{rel}/{L.KIT_JSON}") is not None:
                 found.append(KitFolder(path, rel))
@@ -148,13 +151,14 @@ def _index(kit: KitFolder, summary: ImportSummary) -> dict[str, dict[str, Any]]:
                     continue  # a torn line (yank): the records/ scan finds its file anyway
                 rid = e["record_id"]
                 if parse_record_id(rid) is None:
-                    summary.rejected.append((f"{where} line {n}", f"record_id {_show(rid[:80])} is not a record id"))
+                    summary.rejected.append((f"{where} line {n}", Reason(N_("record_id {rid} is not a record id"),
+                                                                         rid=_show(rid[:80]))))
                     continue
                 out[rid] = e
     except FileNotFoundError:
         pass
     except OSError as e:
-        summary.rejected.append((where, f"refused: {e}"))
+        summary.rejected.append((where, Reason(N_("refused: {error}"), error=e)))
     return out
 
 
@@ -173,7 +177,7 @@ def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str
     except FileNotFoundError:
         return files, refused, False
     except OSError as e:
-        summary.rejected.append((str(kit.path / L.RECORDS), f"refused: {e}"))
+        summary.rejected.append((str(kit.path / L.RECORDS), Reason(N_("refused: {error}"), error=e)))
         return files, refused, True
     try:
         with os.scandir(fd) as it:
@@ -185,8 +189,8 @@ def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str
                     files[rid] = f"{rel}/{e.name}"
                 else:
                     refused.add(rid)
-                    summary.rejected.append((_show(rid), f"{_show(e.name)} is {_kind(e.stat(follow_symlinks=False))}: "
-                                                         "not read"))
+                    summary.rejected.append((_show(rid), Reason(N_("{name} is {kind}: not read"), name=_show(e.name),
+                                                                kind=_kind(e.stat(follow_symlinks=False)))))
     finally:
         os.close(fd)
     return files, refused, False
@@ -209,7 +213,7 @@ def _stick_id(path: Path, summary: ImportSummary, kit_folder: bool) -> str:
                 return "?"
             continue  # torn: the records carry their own ids
         except OSError as e:
-            summary.rejected.append((where, f"refused: {e}"))
+            summary.rejected.append((where, Reason(N_("refused: {error}"), error=e)))
             return "?"
     return "?"
 
@@ -245,7 +249,7 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
     summary = ImportSummary()
     dirs, refused = find_kits(path)
     if not dirs and not refused:
-        raise FileNotFoundError(f"{path}: no rekam/<kit_id>/kit.json found (is this a rekam stick?)")
+        raise FileNotFoundError(_("{path}: no rekam/<kit_id>/kit.json found (is this a rekam stick?)", path=path))
     summary.rejected += refused
     stick_id = _stick_id(path, summary, kit_folder=dirs[:1] == [KitFolder(path, ".")]) if dirs else "?"
     for kit in dirs:
@@ -256,14 +260,14 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
             kit_id, key_b64 = str(meta["kit_id"]), str(meta["kit_public_key"])
             decode_kit_key(key_b64)
         except (OSError, ValueError, KeyError, TypeError) as e:  # ProtocolError is a ValueError
-            summary.rejected.append((_show(str(kdir)), f"kit.json unreadable: {e}"))
+            summary.rejected.append((_show(str(kdir)), Reason(N_("kit.json unreadable: {error}"), error=e)))
             continue
         if kit_id != kdir.name:
-            summary.rejected.append((_show(str(kdir)), f"kit.json names kit {_show(kit_id[:80])}, folder is "
-                                                       f"{_show(kdir.name)}"))
+            summary.rejected.append((_show(str(kdir)), Reason(N_("kit.json names kit {kit}, folder is {folder}"),
+                                                              kit=_show(kit_id[:80]), folder=_show(kdir.name))))
             continue
         if not is_kit_id(kit_id):  # it names archive folders and database rows
-            summary.rejected.append((_show(str(kdir)), f"{_show(kit_id[:80])} is not a kit id"))
+            summary.rejected.append((_show(str(kdir)), Reason(N_("{kit} is not a kit id"), kit=_show(kit_id[:80]))))
             continue
         registered = archive.kit_key(kit_id)
         if registered is None:
@@ -271,9 +275,9 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
                 # A command that runs as printed: the archive named (register-kit requires --archive), quoted.
                 cmd = shlex.join(["rekam-fleet", "archive", "register-kit", kit_id, key_b64,
                                   "--archive", str(archive.root)])
-                summary.rejected.append((str(kdir), f"kit {kit_id} is not registered (check the key against "
-                                                    f"`rekam identity show` on the kit, then: {cmd} ; or --tofu to "
-                                                    f"trust the stick's kit.json)"))
+                summary.rejected.append((str(kdir), Reason(N_(
+                    "kit {kit} is not registered (check the key against `rekam identity show` on the kit, then: "
+                    "{cmd} ; or --tofu to trust the stick's kit.json)"), kit=kit_id, cmd=cmd)))
                 continue
             archive.register_kit(kit_id, key_b64, how="usb-tofu")
         summary.kits.append(kit_id)
@@ -287,15 +291,15 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
             rel = files.get(rid)
             if rel is None:
                 if not records_refused:  # else already reported once for the whole folder
-                    summary.rejected.append((rid, "listed in the stick's index but its file is missing"))
+                    summary.rejected.append((rid, Reason(N_("listed in the stick's index but its file is missing"))))
                 continue
             try:
                 data = read_untrusted(kit.root, rel, max_record_bytes)
             except UntrustedFile as e:
-                summary.rejected.append((_show(rid), f"refused: {e}"))
+                summary.rejected.append((_show(rid), Reason(N_("refused: {error}"), error=e)))
                 continue
             except OSError as e:
-                summary.rejected.append((_show(rid), f"unreadable: {e.strerror or e}"))
+                summary.rejected.append((_show(rid), Reason(N_("unreadable: {error}"), error=e.strerror or e)))
                 continue
             try:
                 r = archive.store(data, kit_id, f"usb:{stick_id}", expect_record_id=rid)
@@ -314,7 +318,7 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
 def cmd_import(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
-        print(f"rekam-fleet import: {path} does not exist", file=sys.stderr)
+        print("rekam-fleet import: " + _("{path} does not exist", path=path), file=sys.stderr)
         return 2
     archive = Archive(Path(args.archive))
     try:
@@ -328,25 +332,26 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s.as_dict(), indent=1))
     else:
-        print(f"imported from {path}: kits {', '.join(s.kits) or '-'}")
-        print(f"  new:         {len(s.new)}")
-        print(f"  already had: {len(s.already)}")
-        print(f"  rejected:    {len(s.rejected)}")
+        print(_("imported from {path}: kits {kits}", path=path, kits=", ".join(s.kits) or "-"))
+        rows = ((_("new:"), s.new), (_("already had:"), s.already), (_("rejected:"), s.rejected))
+        width = max(len(label) for label, _r in rows) + 1
+        for label, items in rows:
+            print(f"  {label:<{width}}{format_count(len(items))}")
         for rid, why in s.rejected:
-            print(f"    {rid}: {why}")
+            print(f"    {rid}: {_shown(why)}")
     return 1 if s.rejected else 0
 
 
 def register(sub: Any) -> None:
     """Add `import` to rekam-fleet."""
-    p = sub.add_parser("import", help="import a kit's USB stick into an archive (idempotent with MQTT ingest)")
-    p.add_argument("path", help="stick mount point, its rekam/ folder, or one rekam/<kit_id>/ folder")
-    p.add_argument("--archive", required=True, help="archive directory")
-    p.add_argument("--tofu", action="store_true", help="register an unknown kit from the stick's kit.json")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = sub.add_parser("import", help=_("import a kit's USB stick into an archive (idempotent with MQTT ingest)"))
+    p.add_argument("path", help=_("stick mount point, its rekam/ folder, or one rekam/<kit_id>/ folder"))
+    p.add_argument("--archive", required=True, help=_("archive directory"))
+    p.add_argument("--tofu", action="store_true", help=_("register an unknown kit from the stick's kit.json"))
+    p.add_argument("--json", action="store_true", help=_("print the summary as JSON"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--max-record-mb", type=_record_mb, default=DEFAULT_MAX_RECORD_BYTES // MIB,
-                   help="largest record file read from the stick, MiB (larger ones are refused, never read)")
+                   help=_("largest record file read from the stick, MiB (larger ones are refused, never read)"))
     p.set_defaults(func=cmd_import)
 
 

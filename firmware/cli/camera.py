@@ -11,19 +11,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from firmware.system.i18n import _
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam camera capture`."""
-    c = sub.add_parser("camera", help="camera checks: take a shot, optionally through the face-quality loop")
+    c = sub.add_parser("camera", help=_("camera checks: take a shot, optionally through the face-quality loop"))
     cs = c.add_subparsers(dest="camera_cmd", metavar="CMD")
     cs.required = True
-    p = cs.add_parser("capture", help="capture one frame (or a quality-checked portrait) to a JPEG file")
-    p.add_argument("--out", required=True, metavar="FILE.jpg", help="where to write the JPEG")
-    p.add_argument("--portrait", action="store_true", help="run the face-quality retake loop, save the portrait")
-    p.add_argument("--backend", choices=["picamera2", "opencv", "sim"], help="override [camera] backend")
-    p.add_argument("--device", type=int, help="override [camera] device (V4L2 index)")
-    p.add_argument("--sim-folder", help="override [camera] sim_folder")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = cs.add_parser("capture", help=_("capture one frame (or a quality-checked portrait) to a JPEG file"))
+    p.add_argument("--out", required=True, metavar="FILE.jpg", help=_("where to write the JPEG"))
+    p.add_argument("--portrait", action="store_true", help=_("run the face-quality retake loop, save the portrait"))
+    p.add_argument("--backend", choices=["picamera2", "opencv", "sim"], help=_("override [camera] backend"))
+    p.add_argument("--device", type=int, help=_("override [camera] device (V4L2 index)"))
+    p.add_argument("--sim-folder", help=_("override [camera] sim_folder"))
+    p.add_argument("--json", action="store_true", help=_("print the result as JSON"))
     p.set_defaults(func=_capture)
 
 
@@ -49,7 +51,7 @@ def _capture(args: argparse.Namespace) -> int:
         try:
             thresholds = FaceThresholds.from_mapping(cfg.quality_face)
         except ValueError as e:  # a rule between [quality_face] keys
-            print(f"rekam camera capture: {e}", file=sys.stderr)
+            print("rekam camera capture: " + _("camera settings error: {error}", error=e), file=sys.stderr)
             return config.EX_CONFIG
     cam_cfg = dict(cfg.camera)
     for key, val in (("backend", args.backend), ("device", args.device), ("sim_folder", args.sim_folder)):
@@ -69,7 +71,8 @@ def _capture(args: argparse.Namespace) -> int:
                 res = capture_face(cam, FaceAssessor(thresholds),
                                    portrait=spec, jpeg_quality=cam_cfg["jpeg_quality"],
                                    on_attempt=lambda i, a: None if args.json else print(
-                                       f"shot {i + 1}: score={a.score:.1f} codes={','.join(a.codes) or '-'}"))
+                                       _("shot {n}: score={score} codes={codes}", n=i + 1, score=format(a.score, ".1f"),
+                                         codes=",".join(a.codes) or "-")))
                 out.write_bytes(res.portrait_jpeg)
                 result: dict[str, Any] = {"out": str(out), "forced": res.forced, **res.summary}
             else:
@@ -80,14 +83,14 @@ def _capture(args: argparse.Namespace) -> int:
                 result = {"out": str(out), "size": [frame.shape[1], frame.shape[0]]}
             result["camera"] = cam.health()
     except CameraError as e:
-        print(f"rekam camera capture: {e}", file=sys.stderr)
+        print("rekam camera capture: " + _("camera error: {error}", error=e), file=sys.stderr)
         return 1
     except OSError as e:
-        print(f"rekam camera capture: cannot write {out}: {e}", file=sys.stderr)
+        print("rekam camera capture: " + _("cannot write {path}: {error}", path=out, error=e), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:
         extra = f" forced={result['forced']}" if "forced" in result else ""
-        print(f"wrote {out}{extra} (camera {result['camera']['backend']})")
+        print(_("wrote {path}{extra} (camera {backend})", path=out, extra=extra, backend=result["camera"]["backend"]))
     return 0

@@ -21,22 +21,23 @@ API = "/api/v1"
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam enroll` and `rekam usb export` (the `usb` group is created by commands.store)."""
-    p = sub.add_parser("enroll", help="enroll a resident from this terminal (face, fingers, commit)")
-    p.add_argument("--operator", help="operator id (asked when missing)")
-    p.add_argument("--nik", help="the resident's NIK (asked when missing)")
-    p.add_argument("--receipt-dir", help="save the receipt PNG and PDF into this folder")
+    p = sub.add_parser("enroll", help=_("enroll a resident from this terminal (face, fingers, commit)"))
+    p.add_argument("--operator", help=_("operator id (asked when missing)"))
+    p.add_argument("--nik", help=_("the resident's NIK (asked when missing)"))
+    p.add_argument("--receipt-dir", help=_("save the receipt PNG and PDF into this folder"))
     p.add_argument("--auto", action="store_true",
-                   help="capture without waiting for Enter before each attempt (the sensor still waits for the finger)")
+                   help=_("capture without waiting for Enter before each attempt "
+                          "(the sensor still waits for the finger)"))
     p.set_defaults(func=cmd_enroll)
 
     usb = sub.choices.get("usb")
     if usb is None:
-        usb_sub = sub.add_parser("usb", help="USB mirror stick").add_subparsers(dest="usb_cmd", metavar="CMD")
+        usb_sub = sub.add_parser("usb", help=_("USB mirror stick")).add_subparsers(dest="usb_cmd", metavar="CMD")
         usb_sub.required = True
     else:
         usb_sub = next(a for a in usb._actions if isinstance(a, argparse._SubParsersAction))
-    p = usb_sub.add_parser("export", help="copy every record the stick lacks to it now, with progress")
-    p.add_argument("--batch", type=int, default=5, help="records per request (progress granularity)")
+    p = usb_sub.add_parser("export", help=_("copy every record the stick lacks to it now, with progress"))
+    p.add_argument("--batch", type=int, default=5, help=_("records per request (progress granularity)"))
     p.set_defaults(func=cmd_usb_export)
 
 

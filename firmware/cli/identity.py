@@ -19,17 +19,18 @@ from typing import Any
 
 from firmware import config
 from firmware.cli import common
+from firmware.system.i18n import _
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam identity`."""
-    ident = sub.add_parser("identity", help="kit identity and claim state").add_subparsers(dest="identity_cmd",
+    ident = sub.add_parser("identity", help=_("kit identity and claim state")).add_subparsers(dest="identity_cmd",
                                                                                           metavar="CMD")
     ident.required = True
-    p = ident.add_parser("init", help="create the kit identity if missing (first boot) and report the claim state")
+    p = ident.add_parser("init", help=_("create the kit identity if missing (first boot) and report the claim state"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
-    p = ident.add_parser("show", help="kit id, public key and fingerprint, board serial, claim state")
+    p = ident.add_parser("show", help=_("kit id, public key and fingerprint, board serial, claim state"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 
@@ -70,7 +71,7 @@ def claim_state(cfg: config.Config) -> dict[str, Any]:
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as e:
-            out["error"] = f"unreadable {paths.claim_state}: {e}"
+            out["error"] = f"unreadable {paths.claim_state}: {e}"  # part of the --json document: stays English
     return out
 
 
@@ -85,20 +86,20 @@ def _print(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    print(f"kit {info['kit_id']}" + ("  (identity created now)" if info["created_now"] else ""))
-    print(f"public key  {info['public_key']}")
-    print(f"fingerprint {info['fingerprint']}")
-    print(f"board       {info['board_serial'] or '-'}   site {info['site'] or '-'}")
+    print(_("kit {kit}", kit=info["kit_id"]) + ("  " + _("(identity created now)") if info["created_now"] else ""))
+    print(_("public key  {key}", key=info["public_key"]))
+    print(_("fingerprint {fingerprint}", fingerprint=info["fingerprint"]))
+    print(_("board       {board}   site {site}", board=info["board_serial"] or "-", site=info["site"] or "-"))
     c = info["claim"]
     details = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("claimed", "control_enabled"))
     if c["claimed"]:
-        print(f"claimed     yes ({details or 'no details'})")
+        print(_("claimed     yes ({details})", details=details or _("no details")))
     elif c["control_enabled"]:
-        print("claimed     not claimed yet: rekamd claims by itself once the network is up and the fleet approves; "
-              "meanwhile the kit enrolls and buffers sealed records on SD and stick")
+        print(_("claimed     not claimed yet: rekamd claims by itself once the network is up and the fleet approves; "
+                "meanwhile the kit enrolls and buffers sealed records on SD and stick"))
     else:
-        print("claimed     not claimed yet, and [control] enabled = false: the kit will not claim; it enrolls and "
-              "buffers sealed records on SD and stick")
+        print(_("claimed     not claimed yet, and [control] enabled = false: the kit will not claim; it enrolls and "
+                "buffers sealed records on SD and stick"))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -110,7 +111,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         ident = identity.load_or_create(cfg.state_dir)
     except (identity.IdentityError, OSError) as e:
-        print(f"rekam: {e}", file=sys.stderr)
+        print("rekam: " + _("kit identity error: {error}", error=e), file=sys.stderr)
         return 1
     info = _describe(cfg, ident, created=not existed)
     # The claim runs in rekamd (it needs the network and retries for hours); nothing to wait for here.
@@ -124,13 +125,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     if not (cfg.state_dir / "identity" / "kit.json").exists():
-        print(f"rekam: no kit identity in {cfg.state_dir / 'identity'} yet: run `rekam identity init` "
-              "(rekam-firstboot.service does it at boot)", file=sys.stderr)
+        print("rekam: " + _("no kit identity in {path} yet: run `rekam identity init` "
+                            "(rekam-firstboot.service does it at boot)", path=cfg.state_dir / "identity"),
+              file=sys.stderr)
         return 1
     try:
         ident = identity.load(cfg.state_dir)
     except identity.IdentityError as e:
-        print(f"rekam: {e}", file=sys.stderr)
+        print("rekam: " + _("kit identity error: {error}", error=e), file=sys.stderr)
         return 1
     _print(_describe(cfg, ident, created=False), args.json)
     return 0

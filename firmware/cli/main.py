@@ -15,7 +15,9 @@ import sys
 from typing import TextIO
 
 from firmware import __version__
-from firmware.errors import EX_CONFIG, CaptureHalted, ConfigError, RekamError
+from firmware.errors import EX_CONFIG, ApiError, CaptureHalted, ConfigError, RekamError
+from firmware.system import i18n
+from firmware.system.i18n import _
 
 COMMAND_MODULES = [
     "firmware.cli.store",
@@ -39,15 +41,23 @@ def report_error(e: RekamError, stream: TextIO | None = None) -> int:
     """Print `e` for the operator (stderr by default) and return the exit status of its family."""
     if isinstance(e, ConfigError):
         return e.report(stream)
-    print(f"rekam: {e}", file=stream if stream is not None else sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    # The message itself is translated where it is raised (the daemon answers in the kit's language); here only
+    # the framing, and the English text stays exactly as it was (scripts and tests read it).
+    if isinstance(e, ApiError):
+        print(_("rekam: HTTP {status}: {detail}", status=e.status, detail=e.detail), file=out)
+    else:
+        print(_("rekam: {message}", message=e), file=out)
     return next(code for family, code in EXIT_CODES if isinstance(e, family))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `rekam` argument parser with every command group registered."""
-    ap = argparse.ArgumentParser(prog="rekam", description="rekam enrollment kit: operator and technician CLI")
-    ap.add_argument("--version", action="version", version=f"rekam {__version__}")
-    ap.add_argument("--config", default=None, help="config file (default /etc/rekam/rekam.toml)")
+    i18n.localize_argparse()
+    ap = argparse.ArgumentParser(prog="rekam", description=_("rekam enrollment kit: operator and technician CLI"))
+    ap.add_argument("--version", action="version", version=f"rekam {__version__}",
+                    help=_("show the version and exit"))
+    ap.add_argument("--config", default=None, help=_("config file (default /etc/rekam/rekam.toml)"))
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

@@ -14,17 +14,18 @@ import sys
 from typing import Any
 
 from firmware.cli.common import load_config
+from firmware.system.i18n import _, ngettext
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam provision claim|status`."""
-    g = sub.add_parser("provision", help="fleet claim and control-plane state").add_subparsers(
+    g = sub.add_parser("provision", help=_("fleet claim and control-plane state")).add_subparsers(
         dest="provision_cmd", metavar="CMD")
     g.required = True
-    p = g.add_parser("claim", help="claim this kit now (daemon stopped): wait for the fleet's approval")
-    p.add_argument("--attempts", type=int, default=0, help="give up after this many attempts (0: until approved)")
+    p = g.add_parser("claim", help=_("claim this kit now (daemon stopped): wait for the fleet's approval"))
+    p.add_argument("--attempts", type=int, default=0, help=_("give up after this many attempts (0: until approved)"))
     p.set_defaults(func=cmd_claim)
-    p = g.add_parser("status", help="claimed?, fleet key, certificate, config versions, lock")
+    p = g.add_parser("status", help=_("claimed?, fleet key, certificate, config versions, lock"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -52,32 +53,33 @@ def cmd_claim(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     if _daemon_running(cfg.state_dir):
-        print("rekam: rekamd is running and claims by itself; see `rekam provision status`", file=sys.stderr)
+        print("rekam: " + _("rekamd is running and claims by itself; see `rekam provision status`"), file=sys.stderr)
         return 1
     paths = ControlPaths.of(cfg)
     ident = identity.load_or_create(cfg.state_dir)
     if paths.provisioned():
-        print(f"kit {ident.kit_id} is already claimed (fleet key in {paths.fleet_key})")
+        print(_("kit {kit} is already claimed (fleet key in {path})", kit=ident.kit_id, path=paths.fleet_key))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    print(f"claiming kit {ident.kit_id} via {', '.join(cfg.control.claim_brokers) or '(no claim_brokers!)'}; "
-          "approve it on the fleet side: rekam-fleet kits approve " + ident.kit_id)
+    print(_("claiming kit {kit} via {brokers}; approve it on the fleet side: rekam-fleet kits approve {kit}",
+            kit=ident.kit_id, brokers=", ".join(cfg.control.claim_brokers) or _("(no claim_brokers!)")))
     try:
         doc = claim(cfg, ident, max_attempts=args.attempts or None)
     except ClaimError as e:
-        print(f"rekam: claim impossible: {e}", file=sys.stderr)
+        print("rekam: " + _("claim impossible: {error}", error=e), file=sys.stderr)
         return 1
     if doc is None:
-        print(f"rekam: not approved after {args.attempts} attempt(s)", file=sys.stderr)
+        print("rekam: " + ngettext("not approved after {n} attempt", "not approved after {n} attempts", args.attempts),
+              file=sys.stderr)
         return 3
     rc = RemoteConfig(cfg)
     try:
         cand = rc.evaluate(doc, ident.kit_id, cfg)
         rc.accept(cand)
         rc.event(cand.version, "applied" if cand.live or not cand.changed else "pending_restart")
-        print(f"claimed; config v{cand.version} stored (takes effect when rekamd starts)")
+        print(_("claimed; config v{version} stored (takes effect when rekamd starts)", version=cand.version))
     except Refused as e:
-        print(f"claimed, but the initial config was refused: {e}", file=sys.stderr)
+        print(_("claimed, but the initial config was refused: {error}", error=e), file=sys.stderr)
     return 0
 
 
@@ -113,19 +115,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"kit {out['kit_id'] or '(no identity yet)'}: {'claimed' if out['claimed'] else 'NOT claimed'}"
-          f"{'' if out['enabled'] else '  (control plane disabled in [control])'}")
+    print(_("kit {kit}: {state}", kit=out["kit_id"] or _("(no identity yet)"),
+            state=_("claimed") if out["claimed"] else _("NOT claimed"))
+          + ("" if out["enabled"] else "  " + _("(control plane disabled in [control])")))
     if out.get("fleet_key"):
-        print(f"  fleet key   {out['fleet_key']} (pinned)")
+        print("  " + _("fleet key   {key} (pinned)", key=out["fleet_key"]))
     if out.get("certificate"):
         c = out["certificate"]
-        print(f"  certificate {c['serial']} {c['subject']} valid until {c['not_after']}")
+        print("  " + _("certificate {serial} {subject} valid until {until}", serial=c["serial"], subject=c["subject"],
+                       until=c["not_after"]))
     c = out["config"]
-    print(f"  config      running v{c['current'] or 0}, last good v{c['last_good'] or 0}"
-          + (f", trial v{c['trial']['version']}" if c["trial"] else ""))
+    print("  " + _("config      running v{current}, last good v{good}", current=c["current"] or 0,
+                   good=c["last_good"] or 0)
+          + (", " + _("trial v{version}", version=c["trial"]["version"]) if c["trial"] else ""))
     if c["last_event"]:
         e = c["last_event"]
-        print(f"  last change v{e['version']} {e['status']} {e['reason']}")
+        print("  " + _("last change v{version} {status} {reason}", version=e["version"], status=e["status"],
+                       reason=e["reason"]))
     if out["locked"]:
-        print(f"  CAPTURE LOCKED by the fleet: {out['locked']}")
+        print("  " + _("CAPTURE LOCKED by the fleet: {reason}", reason=out["locked"]))
     return 0

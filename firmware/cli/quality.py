@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from firmware.system.i18n import _
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam quality finger` and `rekam quality face`."""
-    q = sub.add_parser("quality", help="score fingerprint or face images as the kit would")
+    q = sub.add_parser("quality", help=_("score fingerprint or face images as the kit would"))
     qs = q.add_subparsers(dest="kind", metavar="KIND")
     qs.required = True
-    for kind, what in (("finger", "fingerprint images (any size; converted to the sensor format)"),
-                       ("face", "face photos (JPEG/PNG)")):
-        p = qs.add_parser(kind, help=f"quality of {what}")
+    for kind, what in (("finger", _("quality of fingerprint images (any size; converted to the sensor format)")),
+                       ("face", _("quality of face photos (JPEG/PNG)"))):
+        p = qs.add_parser(kind, help=what)
         p.add_argument("files", nargs="+", metavar="FILE")
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--json", action="store_true", help=_("machine-readable output"))
         p.set_defaults(func=_finger if kind == "finger" else _face)
 
 

@@ -15,51 +15,53 @@ import argparse
 import sys
 from typing import Any
 
+from firmware.system.i18n import _
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register `rekam sensor info|capture|simulate`."""
-    s = sub.add_parser("sensor", help="fingerprint sensor: info, capture an image, run a simulator")
+    s = sub.add_parser("sensor", help=_("fingerprint sensor: info, capture an image, run a simulator"))
     ss = s.add_subparsers(dest="sensor_cmd", metavar="CMD")
     ss.required = True
 
     def link_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--port", help="serial port (default [sensor] port, /dev/serial0)")
-        p.add_argument("--baud", type=int, help="baud rate tried first (default [sensor] baud)")
-        p.add_argument("--password", type=lambda v: int(v, 0), help="module password (default [sensor])")
-        p.add_argument("--address", type=lambda v: int(v, 0), help="module address (default [sensor])")
-        p.add_argument("--no-raise", action="store_true", help="keep the found baud, do not raise it")
-        p.add_argument("--sim", action="store_true", help="run against an in-process simulator instead")
-        p.add_argument("--profile", choices=["r307", "r503"], help="simulated model with --sim")
-        p.add_argument("-v", "--verbose", action="store_true", help="log every frame (DEBUG)")
+        p.add_argument("--port", help=_("serial port (default [sensor] port, /dev/serial0)"))
+        p.add_argument("--baud", type=int, help=_("baud rate tried first (default [sensor] baud)"))
+        p.add_argument("--password", type=lambda v: int(v, 0), help=_("module password (default [sensor])"))
+        p.add_argument("--address", type=lambda v: int(v, 0), help=_("module address (default [sensor])"))
+        p.add_argument("--no-raise", action="store_true", help=_("keep the found baud, do not raise it"))
+        p.add_argument("--sim", action="store_true", help=_("run against an in-process simulator instead"))
+        p.add_argument("--profile", choices=["r307", "r503"], help=_("simulated model with --sim"))
+        p.add_argument("-v", "--verbose", action="store_true", help=_("log every frame (DEBUG)"))
 
-    p = ss.add_parser("info", help="model, capacity, templates stored, baud, packet size")
+    p = ss.add_parser("info", help=_("model, capacity, templates stored, baud, packet size"))
     link_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help=_("print JSON"))
     p.set_defaults(func=_info)
 
-    p = ss.add_parser("capture", help="wait for a finger and save its image as PNG")
+    p = ss.add_parser("capture", help=_("wait for a finger and save its image as PNG"))
     link_args(p)
-    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the image")
-    p.add_argument("--timeout", type=float, help="seconds to wait for a finger (default [sensor])")
+    p.add_argument("--out", required=True, metavar="FILE.png", help=_("where to write the image"))
+    p.add_argument("--timeout", type=float, help=_("seconds to wait for a finger (default [sensor])"))
     p.add_argument("--finger", default="demo-000:1", metavar="RESIDENT:N",
-                   help="with --sim: which simulated finger is placed (corpus:<name>:0 for a corpus print)")
+                   help=_("with --sim: which simulated finger is placed (corpus:<name>:0 for a corpus print)"))
     p.set_defaults(func=_capture)
 
-    p = ss.add_parser("simulate", help="run a simulated sensor on a pseudo-terminal until stopped")
-    p.add_argument("--profile", choices=["r307", "r503"], help="model (default [sensor] profile)")
-    p.add_argument("--link", metavar="PATH", help="keep a symlink to the pty at PATH")
-    p.add_argument("--corpus", help="corpus folder (default [simulation] corpus_dir)")
-    p.add_argument("--library", metavar="FILE.json", help="persist the template library (simulated flash)")
-    p.add_argument("--baud", type=int, default=57600, help="the module's initial baud (default 57600)")
-    p.add_argument("--password", type=lambda v: int(v, 0), default=0, help="module password (default 0)")
-    p.add_argument("--wire-speed", type=float, default=1.0, help="1 = real wire timing, 0 = instant")
+    p = ss.add_parser("simulate", help=_("run a simulated sensor on a pseudo-terminal until stopped"))
+    p.add_argument("--profile", choices=["r307", "r503"], help=_("model (default [sensor] profile)"))
+    p.add_argument("--link", metavar="PATH", help=_("keep a symlink to the pty at PATH"))
+    p.add_argument("--corpus", help=_("corpus folder (default [simulation] corpus_dir)"))
+    p.add_argument("--library", metavar="FILE.json", help=_("persist the template library (simulated flash)"))
+    p.add_argument("--baud", type=int, default=57600, help=_("the module's initial baud (default 57600)"))
+    p.add_argument("--password", type=lambda v: int(v, 0), default=0, help=_("module password (default 0)"))
+    p.add_argument("--wire-speed", type=float, default=1.0, help=_("1 = real wire timing, 0 = instant"))
     p.add_argument("--no-auto", action="store_true",
-                   help="do not place and lift fingers on their own (default: demo mode, "
-                        "fingers come and go)")
+                   help=_("do not place and lift fingers on their own (default: demo mode, "
+                        "fingers come and go)"))
     p.add_argument("--hold", type=int, default=2, metavar="N",
-                   help="demo mode: place each finger N times before the next (default 2: a two-impression enrol "
-                        "of one finger works)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every command (DEBUG)")
+                   help=_("demo mode: place each finger N times before the next (default 2: a two-impression enrol "
+                        "of one finger works)"))
+    p.add_argument("-v", "--verbose", action="store_true", help=_("log every command (DEBUG)"))
     p.set_defaults(func=_simulate)
 
 
@@ -114,7 +116,7 @@ class _Session:
 
 
 def _fail(e: Exception) -> int:
-    print(f"rekam sensor: {type(e).__name__}: {e}", file=sys.stderr)
+    print("rekam sensor: " + _("sensor error ({kind}): {error}", kind=type(e).__name__, error=e), file=sys.stderr)
     return 1
 
 
@@ -134,15 +136,13 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(info)))
     else:
-        print(f"port:          {info.port}")
-        print(f"model:         {info.model}")
-        print(f"image:         {info.geometry}")
-        print(f"capacity:      {info.capacity}")
-        print(f"templates:     {info.templates}")
-        print(f"baud:          {info.baud}")
-        print(f"packet size:   {info.packet_size}")
-        print(f"security:      {info.security_level}")
-        print(f"address:       0x{info.address:08X}")
+        rows = ((_("port:"), info.port), (_("model:"), info.model), (_("image:"), info.geometry),
+                (_("capacity:"), info.capacity), (_("templates:"), info.templates), (_("baud:"), info.baud),
+                (_("packet size:"), info.packet_size), (_("security:"), info.security_level),
+                (_("address:"), f"0x{info.address:08X}"))
+        width = max(len(label) for label, _v in rows) + 2
+        for label, value in rows:
+            print(f"{label:<{width}}{value}")
     return 0
 
 
@@ -160,21 +160,23 @@ def _capture(args: argparse.Namespace) -> int:
         session = _Session(args, cfg)
         with session as fp:
             if session.sim is not None:
-                resident, _, n = args.finger.rpartition(":")
+                resident, _sep, n = args.finger.rpartition(":")
                 session.sim.present_finger(resident, int(n))
-            print(f"place a finger on the sensor (waiting up to {timeout:.0f} s)...", file=sys.stderr)
+            print(_("place a finger on the sensor (waiting up to {seconds} s)...", seconds=format(timeout, ".0f")),
+                  file=sys.stderr)
             t0 = time.monotonic()
             img = fp.capture(timeout=timeout, poll_s=cfg.sensor.poll_interval_s)
     except (SensorError, ValueError) as e:
         return _fail(e)
     if img is None:
-        print(f"rekam sensor: no finger within {timeout:.0f} s", file=sys.stderr)
+        print("rekam sensor: " + _("no finger within {seconds} s", seconds=format(timeout, ".0f")), file=sys.stderr)
         return 2
     if not cv2.imwrite(args.out, img):
-        print(f"rekam sensor: cannot write {args.out} (use a .png name in an existing folder)",
+        print("rekam sensor: " + _("cannot write {path} (use a .png name in an existing folder)", path=args.out),
               file=sys.stderr)
         return 1
-    print(f"{args.out}: {img.shape[1]}x{img.shape[0]} in {time.monotonic() - t0:.2f} s")
+    print(_("{path}: {width}x{height} in {seconds} s", path=args.out, width=img.shape[1], height=img.shape[0],
+            seconds=format(time.monotonic() - t0, ".2f")))
     return 0
 
 

@@ -35,28 +35,28 @@ HEADER = (N_("RECORD"), N_("STATE"), N_("SIZE"), N_("CREATED"), N_("NOTE"))
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Register the store commands."""
-    p = sub.add_parser("status", help="records per state, free space and guard state per medium, mirror lag")
+    p = sub.add_parser("status", help=_("records per state, free space and guard state per medium, mirror lag"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("records", help="list the newest records")
+    p = sub.add_parser("records", help=_("list the newest records"))
     p.add_argument("--state", choices=["stored", "sent", "acked", "purged", "quarantined"])
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_records)
 
-    sim = sub.add_parser("sim", help="simulation helpers").add_subparsers(dest="sim_cmd", metavar="CMD")
+    sim = sub.add_parser("sim", help=_("simulation helpers")).add_subparsers(dest="sim_cmd", metavar="CMD")
     sim.required = True
-    p = sim.add_parser("commit", help="commit N simulated enrollments into the kit's store")
+    p = sim.add_parser("commit", help=_("commit N simulated enrollments into the kit's store"))
     p.add_argument("count", type=int)
     p.add_argument("--operator", default="sim-operator")
-    p.add_argument("--pad-kb", type=int, default=0, help="pad each payload to this many KiB")
+    p.add_argument("--pad-kb", type=int, default=0, help=_("pad each payload to this many KiB"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sim_commit)
 
-    usb = sub.add_parser("usb", help="USB mirror stick").add_subparsers(dest="usb_cmd", metavar="CMD")
+    usb = sub.add_parser("usb", help=_("USB mirror stick")).add_subparsers(dest="usb_cmd", metavar="CMD")
     usb.required = True
-    p = usb.add_parser("eject", help="flush and release the stick so it can be pulled")
+    p = usb.add_parser("eject", help=_("flush and release the stick so it can be pulled"))
     p.set_defaults(func=cmd_usb_eject)
 
 

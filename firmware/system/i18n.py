@@ -5,8 +5,8 @@ with Babel (no compile step: a kit update ships the text files; each is parsed o
 are the English text, so English needs no translations and any missing translation falls back to English.
 
 Domains are only a way to split the files between owners (``console`` for the web console and receipts,
-``cli`` for the command line and daemon messages); a lookup searches all of them, so a module never names its
-domain. `catalog` returns one domain for the browser.
+``cli`` for the command line and daemon messages, ``fleet`` for `rekam-fleet` and the data center); a lookup
+searches all of them, so a module never names its domain. `catalog` returns one domain for the browser.
 
 Placeholders are ``{name}`` (str.format), filled from keyword arguments: ``_("{n} tries left", n=3)``. The
 keyword ``lang`` is reserved (it picks a language for one call, as a server answering two browsers needs).
@@ -36,7 +36,7 @@ from babel.numbers import format_decimal
 LANGUAGES: tuple[str, ...] = ("id", "en")
 DEFAULT_LANGUAGE = "id"
 #: Catalog domains (one .po file each per language).
-DOMAINS: tuple[str, ...] = ("console", "cli")
+DOMAINS: tuple[str, ...] = ("console", "cli", "fleet")
 #: Where the catalogs live (installed with the package).
 LOCALE_DIR = Path(__file__).resolve().parent.parent / "locale"
 #: Names of the marker functions the extractor looks for (tests/system/test_i18n.py).
@@ -220,3 +220,18 @@ def format_datetime(when: _dt.datetime | float | int, lang: str | None = None, f
 def format_date(day: _dt.date, lang: str | None = None, fmt: str = "long") -> str:
     """A date spelled out: ``12 Maret 1990`` / ``March 12, 1990``."""
     return _babel_format_date(day, fmt, locale=normalize(lang) if lang else get_language())
+
+
+def localize_argparse() -> None:
+    """Let argparse's own words ("usage:", "error:", "options", ...) come from this catalog.
+
+    argparse looks its messages up through the module-global names ``_`` and ``ngettext`` it imported from
+    the stdlib `gettext` (domain ``messages``; no catalog is installed on a kit). Rebinding those two names
+    is the smallest honest hook: argparse's msgids (``usage: ``, ``%(prog)s: error: %(message)s\\n``, ...) are
+    translated in ``cli.po`` with their ``%`` placeholders, which argparse fills itself. Call it before
+    building a parser (help texts are looked up when formatted, in the language current then).
+    """
+    import argparse
+
+    argparse._ = gettext  # type: ignore[attr-defined]
+    argparse.ngettext = lambda s, p, n: gettext(s if n == 1 else p)  # type: ignore[attr-defined]

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import pytest
 
 from firmware.cli.main import main
+from firmware.system import i18n
 
 
 @pytest.fixture(autouse=True)
-def _no_system_config(monkeypatch, tmp_path: Path) -> None:
+def _no_system_config(monkeypatch, tmp_path: Path) -> Iterator[None]:
     monkeypatch.delenv("REKAM_CONFIG", raising=False)
+    monkeypatch.setenv("REKAM_LANG", "en")  # these checks read the English text (Indonesian is the default)
     monkeypatch.setattr("firmware.config.DEFAULT_PATH", tmp_path / "absent.toml")
+    yield
+    i18n.set_language(i18n.DEFAULT_LANGUAGE)  # main() set the process's language: leave the default behind
 
 
 def test_quality_face_json_and_exit_status(faces_dir: Path, capsys) -> None:

@@ -71,10 +71,14 @@ def test_claim_with_relay_brokers_only(new_kit, fleet, broker, service) -> None:
     k2.stop()
 
 
-def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, capsys) -> None:
+def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, capsys, monkeypatch) -> None:
     """A technician claims a kit at the bench (daemon stopped) with `rekam provision claim`."""
     from firmware.cli import main as cli
     from firmware.seal import identity
+    from firmware.system import i18n
+
+    monkeypatch.setenv("REKAM_LANG", "en")  # the checks read the English text (the kit speaks Indonesian)
+    monkeypatch.setattr(i18n, "_default", i18n.DEFAULT_LANGUAGE)  # main() sets the process's language: undone after
 
     from .conftest import write_kit_config
 

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
+import pytest
+
+from firmware.system import i18n
 from provisioning import cli
+
+
+@pytest.fixture(autouse=True)
+def _english(monkeypatch) -> Iterator[None]:
+    monkeypatch.setenv("REKAM_LANG", "en")  # these checks read the English text (Indonesian is the default)
+    yield
+    i18n.set_language(i18n.DEFAULT_LANGUAGE)  # main() set the process's language: leave the default behind
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -87,7 +98,7 @@ def test_config_push_through_the_broker(online_kit, fleet, capsys) -> None:
     kid = online_kit.identity.kit_id
     rc, out, _ = run(capsys, "config", "push", kid, "--set", "control.telemetry_interval_s=2.5", "--data",
                      str(fleet.data))
-    assert rc == 0 and "published (retained) to 1 kit(s)" in out
+    assert rc == 0 and "published (retained) to 1 kit\n" in out
     v = int(out.split("config v")[1].split()[0])
     wait_event(fleet, kid, v, "applied")
     rc, out, _ = run(capsys, "config", "show", kid, "--data", str(fleet.data))

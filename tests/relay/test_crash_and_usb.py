@@ -92,7 +92,8 @@ def test_usb_import_is_idempotent_with_mqtt(mosquitto, make_kit, make_ingest, tm
         archive.close()
 
 
-def test_usb_import_of_stick_with_a_corrupted_record(make_kit, tmp_path, capsys):
+def test_usb_import_of_stick_with_a_corrupted_record(make_kit, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REKAM_LANG", "en")  # this test reads rekam-fleet's English report
     (tmp_path / "stick-kit" / "usb").mkdir(parents=True)
     kit = make_kit(["mqtt://127.0.0.1:1"], name="stick-kit")  # never connects: the stick is the only way
     ids = kit.capture(6)

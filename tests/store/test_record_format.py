@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,8 @@ def test_pinned_kit_key(dc_keys: dict[str, Any]) -> None:
 
 
 def _fleet(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "provisioning.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "REKAM_LANG": "en"})  # the checks read the English messages
 
 
 def test_fleet_open_cli(tmp_path: Path, dc_keys: dict[str, Any]) -> None:

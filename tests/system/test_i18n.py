@@ -74,6 +74,21 @@ def test_every_user_visible_string_has_an_indonesian_translation() -> None:
     assert not bad, "translate in firmware/locale/id/LC_MESSAGES/<domain>.po:\n" + "\n".join(bad)
 
 
+def test_rekam_fleet_strings_have_an_indonesian_translation() -> None:
+    """Data-center staff read `rekam-fleet` (provisioning/) in Indonesian too (domain ``fleet``)."""
+    found = extract(ROOT / "provisioning")
+    assert len(found) > 50  # its help texts and report lines are found
+    bad = problems(found)
+    assert not bad, "translate in firmware/locale/id/LC_MESSAGES/fleet.po:\n" + "\n".join(bad)
+
+
+def test_every_catalog_file_is_a_loaded_domain() -> None:
+    """A .po file that no domain names would be silently ignored: each one present is loaded."""
+    for lang in i18n.LANGUAGES:
+        present = {p.stem for p in (i18n.LOCALE_DIR / lang / "LC_MESSAGES").glob("*.po")}
+        assert present == set(i18n.DOMAINS), (lang, present)
+
+
 def test_the_check_catches_an_untranslated_string(tmp_path: Path) -> None:
     """The check above is not vacuous: a new string in Python, JS or HTML without a translation is reported."""
     (tmp_path / "mod.py").write_text('from firmware.system.i18n import _\nMSG = _("A string nobody translated {x}")\n')

@@ -11,12 +11,14 @@ from firmware.seal import identity
 from tests.support import rekam
 from tests.system.conftest import write_kit_config
 
+EN = {"REKAM_LANG": "en"}  # these checks read the English text (the kit speaks Indonesian by default)
+
 
 def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
-    r = rekam("identity", "show", cfg=cfg)
+    r = rekam("identity", "show", cfg=cfg, env=EN)
     assert r.returncode == 1 and "rekam identity init" in r.stderr
-    r = rekam("identity", "init", "--json", cfg=cfg)
+    r = rekam("identity", "init", "--json", cfg=cfg, env=EN)
     assert r.returncode == 0, r.stderr
     first = json.loads(r.stdout)
     assert first["created_now"] is True and first["kit_id"].startswith("rk-")
@@ -27,10 +29,10 @@ def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     assert first["public_key"] == ident.public_key_b64
     assert first["fingerprint"] == fingerprint(ident.public_key_raw)
     # Every later boot: same identity, not recreated.
-    r = rekam("identity", "init", cfg=cfg)
+    r = rekam("identity", "init", cfg=cfg, env=EN)
     assert r.returncode == 0 and "not claimed yet" in r.stdout and "created now" not in r.stdout
     assert first["kit_id"] in r.stdout
-    r = rekam("identity", "show", "--json", cfg=cfg)
+    r = rekam("identity", "show", "--json", cfg=cfg, env=EN)
     assert json.loads(r.stdout)["kit_id"] == first["kit_id"]
     # Claimed (the files firmware.control.claim writes at the end of a claim): show reports it.
     control = tmp_path / "sd" / "control"
@@ -38,15 +40,15 @@ def test_init_creates_once_then_show(tmp_path: Path, corpus_dir: Path) -> None:
     for name in ("kit.crt", "tls.key", "fleet.pub"):
         (control / name).write_text("x")
     (control / "claim.json").write_text('{"claimed_at": 1767225600}')
-    r = rekam("identity", "show", cfg=cfg)
+    r = rekam("identity", "show", cfg=cfg, env=EN)
     assert "claimed     yes (claimed_at=1767225600)" in r.stdout
 
 
 def test_broken_identity_is_reported(tmp_path: Path, corpus_dir: Path) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
-    assert rekam("identity", "init", cfg=cfg).returncode == 0
+    assert rekam("identity", "init", cfg=cfg, env=EN).returncode == 0
     (tmp_path / "sd" / "identity" / "kit.json").unlink()
-    r = rekam("identity", "init", cfg=cfg)
+    r = rekam("identity", "init", cfg=cfg, env=EN)
     assert r.returncode == 1 and "incomplete identity" in r.stderr
 
 
@@ -59,10 +61,10 @@ def test_init_works_before_the_datacenter_key_is_installed(tmp_path: Path, corpu
     """A fresh kit: /etc/rekam/datacenter.pub not copied yet; first boot still creates the identity."""
     cfg = write_kit_config(tmp_path, corpus_dir)
     (tmp_path / "dc.pub").unlink()
-    r = rekam("identity", "init", cfg=cfg)
+    r = rekam("identity", "init", cfg=cfg, env=EN)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "sd" / "identity" / "kit.json").exists()
     # Other config errors still stop it with 78 and name the key.
     cfg.write_text(cfg.read_text().replace("port = 0", "port = 99999"))
-    r = rekam("identity", "init", cfg=cfg)
+    r = rekam("identity", "init", cfg=cfg, env=EN)
     assert r.returncode == 78 and "api.port" in r.stderr

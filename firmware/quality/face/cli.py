@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from firmware.system.i18n import N_, _, gettext
+
 EX_ACCEPTED, EX_REJECTED, EX_UNREADABLE, EX_MODELS = 0, 1, 2, 3
 
 
@@ -38,19 +40,25 @@ def load_image(path: str | Path) -> Any:
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{p}: no such file")
+        raise ValueError(_("{path}: no such file", path=p))
     data = np.fromfile(p, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if img is None:
-        raise ValueError(f"{p}: not an image OpenCV can decode (JPEG/PNG/BMP/TIFF expected)")
+        raise ValueError(_("{path}: not an image OpenCV can decode (JPEG/PNG/BMP/TIFF expected)", path=p))
     return img
+
+
+#: The verdict and severity words of the text output (the --json document keeps the English codes).
+VERDICTS = {True: N_("ACCEPT"), False: N_("REJECT")}
+SEVERITIES = {"reject": N_("reject"), "warn": N_("warn")}
 
 
 def _text(path: str, s: dict[str, Any]) -> str:
     from firmware.quality.face.assess import CODES
 
-    verdict = "ACCEPT" if s["accepted"] else "REJECT"
-    lines = [f"{path}: {verdict} score={s['score']:.1f} faces={s['faces']} size={s['size'][0]}x{s['size'][1]}"]
+    verdict = gettext(VERDICTS[s["accepted"]])
+    lines = [_("{path}: {verdict} score={score} faces={faces} size={width}x{height}", path=path, verdict=verdict,
+               score=format(s['score'], ".1f"), faces=s["faces"], width=s["size"][0], height=s["size"][1])]
     m = s["measures"]
     if m:
         lines.append(
@@ -60,7 +68,7 @@ def _text(path: str, s: dict[str, Any]) -> str:
             f"clip={m['dark_fraction']:.3f}/{m['bright_fraction']:.3f} "
             f"balance={m['illumination_balance']:.2f} sharp={m['sharpness']:.2f}")
     for c in s["codes"]:
-        lines.append(f"  {c} ({CODES[c][0]}): {CODES[c][1]}")
+        lines.append(f"  {c} ({gettext(SEVERITIES.get(CODES[c][0], CODES[c][0]))}): {gettext(CODES[c][1])}")
     return "\n".join(lines)
 
 
@@ -75,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as e:
         return e.report()
     except ValueError as e:  # a rule between [quality_face] keys
-        print(f"rekam quality face: {e}", file=sys.stderr)
+        print("rekam quality face: " + _("face quality settings error: {error}", error=e), file=sys.stderr)
         return config.EX_CONFIG
     except ModelError as e:
-        print(f"rekam quality face: {e}", file=sys.stderr)
+        print("rekam quality face: " + _("the face models could not be loaded: {error}", error=e), file=sys.stderr)
         return EX_MODELS
     status = EX_ACCEPTED
     results = []

@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from firmware.capture import sensor_image
+from firmware.system.i18n import N_, _, gettext
 
 # Features shown in the text output (the JSON output has them all).
 SHOWN = ("OCL_Bin10_Mean", "LCS_Bin10_Mean", "FDA_Bin10_Mean", "RVUP_Bin10_Mean", "OF_Bin10_Mean",
@@ -26,6 +27,8 @@ SHOWN = ("OCL_Bin10_Mean", "LCS_Bin10_Mean", "FDA_Bin10_Mean", "RVUP_Bin10_Mean"
 
 
 EX_ACCEPTED, EX_NOT_ACCEPTED, EX_UNREADABLE = 0, 1, 2
+#: The verdict words of the text output (the --json document keeps the English codes).
+VERDICTS = {"ACCEPT": N_("ACCEPT"), "RETAKE": N_("RETAKE"), "REJECT": N_("REJECT")}
 
 
 def _section(args: argparse.Namespace) -> Any:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             status = EX_UNREADABLE
             results.append({"file": path, "error": str(e)})
             if not args.json:
-                print(f"{path}: error: {e}", file=sys.stderr)
+                print(_("{path}: error: {error}", path=path, error=e), file=sys.stderr)
             continue
         v = verdict(q, threshold)
         if v != "ACCEPT" and status == EX_ACCEPTED:
@@ -77,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
                  "threshold": threshold}
         results.append(entry)
         if not args.json:
-            why = {"ACCEPT": f"at or above the threshold {threshold:.0f}",
-                   "RETAKE": f"below the threshold {threshold:.0f}: the kit asks for a retake",
-                   "REJECT": "hard reject"}[v]
-            print(f"{path}: {v} score {q.score:.0f} ({why}; {q.elapsed_ms:.0f} ms"
-                  f"{', converted to 256x288 16-level' if converted else ''})")
+            t = f"{threshold:.0f}"
+            why = {"ACCEPT": _("at or above the threshold {threshold}", threshold=t),
+                   "RETAKE": _("below the threshold {threshold}: the kit asks for a retake", threshold=t),
+                   "REJECT": _("hard reject")}[v]
+            print(_("{path}: {verdict} score {score} ({why}; {ms} ms{converted})", path=path,
+                    verdict=gettext(VERDICTS[v]), score=format(q.score, ".0f"), why=why, ms=format(q.elapsed_ms, ".0f"),
+                    converted=", " + _("converted to 256x288 16-level") if converted else ""))
             for code, msg in zip(q.codes, q.messages, strict=True):
-                print(f"  {code}: {msg}")
+                print(f"  {code}: {gettext(msg)}")  # translated where a catalog has it (else English)
             print("  " + " ".join(f"{k}={q.features[k]:.3g}" for k in SHOWN))
     if args.json:
         print(json.dumps(results if len(results) != 1 else results[0], indent=2))
