@@ -156,8 +156,10 @@ class RecordTooLarge(StoreError, ValueError):
 class CaptureHalted(StoreError):
     """A new enrollment cannot start: `reason` says why, for the operator."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: str, code: str = "halted", codes: list[str] | None = None) -> None:
+        self.reason = reason  # in the current language (the guard renders it through the catalog)
+        self.code = code  # stable machine code of the (first) reason: "sd_full", "usb_record_does_not_fit", ...
+        self.codes = codes or [code]
         super().__init__(reason)
 
 

@@ -30,6 +30,7 @@ from firmware.quality.policy import Attempt, CapturePolicy, Outcome
 from firmware.store.capacity import CaptureHalted, Reservation
 from firmware.store.store import CommitResult, Store
 from firmware.system.clock import clock_synchronised, iso
+from firmware.system.i18n import gettext
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +259,9 @@ class EnrollmentService:
             try:
                 res = self.store.begin()
             except CaptureHalted as e:
-                self._audit("start_refused", s.operator.id, reason=e.reason)
-                raise EnrollmentError("halted", f"capture is halted: {e.reason}", 507) from None
+                self._audit("start_refused", s.operator.id, reason=e.code)  # the journal keeps the code
+                raise EnrollmentError("halted", gettext("capture is halted: {reason}", reason=e.reason), 507,
+                                      reasons=e.codes) from None
             fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_thresholds.get(c, self.dev.finger_threshold),
                                                        self.dev.finger_attempts))
                        for c in self.cfg.enrollment.fingers}

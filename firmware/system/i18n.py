@@ -21,8 +21,8 @@ translate them with `gettext` where they are shown.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
-import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,13 +36,16 @@ from babel.numbers import format_decimal
 LANGUAGES: tuple[str, ...] = ("id", "en")
 DEFAULT_LANGUAGE = "id"
 #: Catalog domains (one .po file each per language).
-DOMAINS: tuple[str, ...] = ("console", "cli")
+DOMAINS: tuple[str, ...] = ("console", "cli", "daemon")
 #: Where the catalogs live (installed with the package).
 LOCALE_DIR = Path(__file__).resolve().parent.parent / "locale"
 #: Names of the marker functions the extractor looks for (tests/system/test_i18n.py).
 KEYWORDS: dict[str, Any] = {"_": None, "gettext": None, "ngettext": (1, 2), "N_": None}
 
-_state = threading.local()
+# The per-call language is a context variable, not a thread-local: a new thread starts with none (as a
+# thread-local would), and an asyncio server's request context reaches the worker thread that runs the
+# request's handler (the console API answers each browser in its own language).
+_lang: contextvars.ContextVar[str | None] = contextvars.ContextVar("rekam_lang", default=None)
 _default = DEFAULT_LANGUAGE
 
 
@@ -61,12 +64,12 @@ def set_language(lang: str) -> None:
     if base not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r}; known: {', '.join(LANGUAGES)}")
     _default = base
-    _state.lang = None
+    _lang.set(None)
 
 
 def get_language() -> str:
     """The current language (this thread's override, else the kit's)."""
-    return getattr(_state, "lang", None) or _default
+    return _lang.get() or _default
 
 
 class use_language:  # noqa: N801 - used like a function: ``with use_language("en"): ...``
@@ -74,16 +77,17 @@ class use_language:  # noqa: N801 - used like a function: ``with use_language("e
 
     def __init__(self, lang: str | None) -> None:
         self.lang = normalize(lang) if lang else None
-        self._prev: str | None = None
+        self._token: contextvars.Token[str | None] | None = None
 
     def __enter__(self) -> str:
-        self._prev = getattr(_state, "lang", None)
         if self.lang:
-            _state.lang = self.lang
+            self._token = _lang.set(self.lang)
         return get_language()
 
     def __exit__(self, *exc: object) -> None:
-        _state.lang = self._prev
+        if self._token is not None:
+            _lang.reset(self._token)
+            self._token = None
 
 
 @cache

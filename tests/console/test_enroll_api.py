@@ -181,9 +181,10 @@ def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_dae
     r = c.post("/api/v1/enrollment", json={"nik": "3201014101000001"})
     assert r.status_code == 507
     det = r.json()["detail"]
-    assert det["code"] == "halted" and "sd is full" in det["message"]
+    assert det["code"] == "halted" and det["reasons"] == ["sd_full"]
+    assert det["message"].startswith("perekaman dihentikan: sd penuh: sisa ")  # the kit's language: Indonesian
     assert d.client().get("/api/v1/status").json()["guard"]["enrollments_in_progress"] == 0
-    assert audit(c, "start_refused")[0]["detail"]["reason"].startswith("sd is full")
+    assert audit(c, "start_refused")[0]["detail"]["reason"] == "sd_full"  # the journal keeps the code
 
 
 def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: Any) -> None:
