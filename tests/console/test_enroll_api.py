@@ -83,6 +83,7 @@ NIK_CASES = [
 
 def test_nik_validation_table(daemon: Daemon) -> None:
     c = daemon.signin()
+    c.headers["X-Rekam-Lang"] = "en"  # the words below are English (the kit's own language is Indonesian)
     for nik, code, words in NIK_CASES:
         r = c.post("/api/v1/enrollment", json={"nik": nik})
         assert r.status_code == 422, (nik, r.text)
@@ -98,6 +99,7 @@ def test_nik_validation_table(daemon: Daemon) -> None:
 
 def test_pin_lockout_after_five_wrong(daemon: Daemon) -> None:
     c = daemon.client()
+    c.headers["X-Rekam-Lang"] = "en"  # the words below are English
     answers = []
     for _ in range(5):
         r = c.post("/api/v1/auth/signin", json={"operator_id": "demo", "pin": "000000"})
@@ -209,7 +211,7 @@ def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: A
     assert bad.status_code == 403 and bad.json()["detail"]["code"] == "supervisor_auth"
     bad = c.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "demo", "pin": OPERATOR[1],
                                                         "decision": "accept", "reason": "x"})
-    assert bad.status_code == 403 and "not a supervisor" in bad.json()["detail"]["message"]
+    assert bad.status_code == 403 and "demo bukan supervisor" in bad.json()["detail"]["message"]  # Indonesian
     r = c.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "spv", "pin": SUPERVISOR[1],
                                                       "decision": "reject", "reason": "same person as " + a})
     assert r.status_code == 200 and r.json()["active"] is False
