@@ -3,11 +3,12 @@ Indonesian first; each reason keeps a stable machine code; a client may ask for 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from tests.console.conftest import NIK_MALE
-from tests.support import rekam
+from tests.support import REKAMD, rekam, subprocess_env
 
 NO_LANG = {"REKAM_LANG": None}  # the CLI as an operator runs it: the kit's language (Indonesian)
 
@@ -49,3 +50,32 @@ def test_halt_reason_is_indonesian_with_a_code_in_status_enroll_and_cli(make_dae
     # The journal stays English for the technician: the code, not the words.
     d.stop()
     assert "status guard=HALT reasons=sd_full " in d.rekamd.log_text()
+
+
+def test_api_errors_are_indonesian_with_their_codes(daemon: Any) -> None:
+    c = daemon.signin()
+    r = c.post("/api/v1/enrollment", json={"nik": "12345"})
+    det = r.json()["detail"]
+    assert r.status_code == 422 and det["code"] == "nik_length"
+    assert det["message"] == "NIK harus 16 digit, yang ini 5 digit", det
+    en = c.post("/api/v1/enrollment", json={"nik": "12345"}, headers={"X-Rekam-Lang": "en"}).json()["detail"]
+    assert en == {**det, "message": "NIK must have 16 digits, this one has 5"}, en
+    r = daemon.anon().post("/api/v1/auth/signin", json={"operator_id": "demo", "pin": "000000"})
+    det = r.json()["detail"]
+    assert r.status_code == 401 and det["code"] == "bad_pin" and det["tries_left"] == 4
+    assert det["message"] == "ID petugas atau PIN salah (sisa 4 kali percobaan sebelum terkunci)", det
+
+
+def test_bad_config_rekam_prints_indonesian_rekamd_journal_stays_english(tmp_path: Path) -> None:
+    bad = tmp_path / "rekam.toml"
+    bad.write_text("[store]\nreserve_floor_mb = -1\nbogus = 1\n")
+    r = rekam("status", cfg=bad, env=NO_LANG)
+    assert r.returncode == 78, r.stdout + r.stderr
+    assert f"{bad}: store.reserve_floor_mb = -1: harus >= 0" in r.stderr, r.stderr
+    assert f"{bad}: kunci store.bogus tidak dikenal (yang dikenal: " in r.stderr, r.stderr
+    d = subprocess.run([*REKAMD, "--config", str(bad), "--sim"], capture_output=True, text=True, timeout=60,
+                       env=subprocess_env(NO_LANG), cwd=tmp_path)
+    assert d.returncode == 78, d.stdout + d.stderr
+    journal = d.stdout + d.stderr
+    assert "store.reserve_floor_mb = -1: must be >= 0" in journal and "unknown key store.bogus" in journal, journal
+    assert "harus" not in journal
