@@ -26,15 +26,27 @@ from firmware.enrollment.dedup import DuplicateChecker, FingerHit
 from firmware.enrollment.operators import Operators, SignedIn, SignInError
 from firmware.enrollment.payload import build_payload, face_hints, jpeg, png
 from firmware.errors import EnrollmentError
+from firmware.quality.finger import gates
 from firmware.quality.policy import Attempt, CapturePolicy, Outcome
 from firmware.store.capacity import CaptureHalted, Reservation
 from firmware.store.store import CommitResult, Store
 from firmware.system.clock import clock_synchronised, iso
-from firmware.system.i18n import gettext
+from firmware.system.i18n import N_, gettext
 
 log = logging.getLogger(__name__)
 
 FINGER_NAMES = {"1": "thumb", "2": "index", "3": "middle", "4": "ring", "5": "little"}
+#: Feedback for codes the enrollment adds itself (the quality gates' own are `gates.MESSAGES`).
+SESSION_HINTS = {"sensor_rejected": N_("The sensor could not use this impression: lift the finger and press again")}
+
+
+def finger_hints(codes: list[str]) -> list[str]:
+    """The operator's hints for a finger's quality codes, in the current language, most actionable first (a
+    code with no hint of its own is left to the `codes` of the answer)."""
+    texts = [gates.MESSAGES.get(c) or SESSION_HINTS.get(c) for c in codes]
+    return [gettext(t) for t in texts if t]
+
+
 def finger_label(code: str) -> str:
     return ("right " if code[0] == "R" else "left ") + FINGER_NAMES[code[1]]
 
@@ -371,7 +383,8 @@ class EnrollmentService:
                     if e.cancel.is_set():
                         raise EnrollmentError("cancelled", gettext("the enrollment was cancelled"))
                     return {"finger": code, "status": "timeout", "done": False,
-                            "message": f"no finger on the sensor: place the {finger_label(code)} flat on the glass"}
+                            "message": gettext("no finger on the sensor: place the {finger} flat on the glass",
+                                               finger=finger_label(code))}
                 img = sensor.upload_image()
                 q = self.dev.finger_quality(img)
                 template = b""
@@ -395,7 +408,7 @@ class EnrollmentService:
                 log.warning("sensor error finger=%s error=%s", code, ex)
                 raise EnrollmentError("sensor_error", gettext("fingerprint sensor error: {error}", error=ex),
                                       503) from None
-        hints = q.messages() if callable(getattr(q, "messages", None)) else list(q.codes)
+        hints = finger_hints(list(q.codes))
         result = self._feedback(outcome, q.score, list(q.codes), hints)
         result["finger"] = code
         if outcome.done:
@@ -541,11 +554,11 @@ class EnrollmentService:
     def _feedback(outcome: Outcome, score: float, codes: list[str], hints: list[str]) -> dict[str, Any]:
         accepted = outcome.done and not outcome.forced
         if outcome.done and outcome.forced:
-            msg = f"kept the best of {len(outcome.attempts)} attempts (quality below the threshold)"
+            msg = gettext("kept the best of {n} attempts (quality below the threshold)", n=len(outcome.attempts))
         elif outcome.done:
-            msg = "good capture"
+            msg = gettext("good capture")
         else:
-            msg = "retake: " + ("; ".join(hints) if hints else "quality too low")
+            msg = gettext("retake: {hints}", hints="; ".join(hints) if hints else gettext("quality too low"))
         return {"status": "captured", "score": round(float(score), 1), "codes": codes, "hints": hints,
                 "accepted": accepted, "forced": outcome.forced, "done": outcome.done,
                 "attempt": len(outcome.attempts), "message": msg}

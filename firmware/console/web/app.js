@@ -580,7 +580,8 @@ function renderFeedback(r) {
   $("fb-msg").textContent = r.forced ? t("Kept the best of {n} attempts (quality below the threshold).", { n: fmtCount(r.attempt) }) : "";
   const ul = $("fb-hints");
   clear(ul);
-  if (!r.done) for (const h of r.hints || []) ul.appendChild(el("li", t(h)));
+  // The hints come worded by the kit in this console's language (X-Rekam-Lang); their codes are in r.codes.
+  if (!r.done) for (const h of r.hints || []) ul.appendChild(el("li", h));
   if (r.preview) $("preview").src = API + "/enrollment/preview/" + r.preview + "?t=" + Date.now();
 }
 
