@@ -5,7 +5,8 @@ with Babel (no compile step: a kit update ships the text files; each is parsed o
 are the English text, so English needs no translations and any missing translation falls back to English.
 
 Domains are only a way to split the files between owners (``console`` for the web console and receipts,
-``cli`` for the command line and daemon messages); a lookup searches all of them, so a module never names its
+``cli`` for the command line, ``daemon`` for what rekamd tells operators: guard reasons, API and config errors,
+capture hints); a lookup searches all of them, so a module never names its
 domain. `catalog` returns one domain for the browser.
 
 Placeholders are ``{name}`` (str.format), filled from keyword arguments: ``_("{n} tries left", n=3)``. The
