@@ -69,8 +69,7 @@ def test_sim_commit_into_halt_lists_the_records_and_says_what_to_do(make_daemon,
         assert len(r.stdout) + len(r.stderr) < 20_000 and "{'" not in r.stdout + r.stderr
         n = r.stdout.count("captured ")
         assert 0 < n < 200, r.stdout
-        # The reason is worded by the daemon, in the kit's language ([kit] language, Indonesian by default).
-        m = re.search(r"capture halted after (\d+) records?: sd penuh: sisa ", r.stderr)
+        m = re.search(r"capture halted after (\d+) records?: sd is full", r.stderr)
         assert m and int(m.group(1)) == n, r.stderr
         assert "> To do: connect the kit to the uplink" in r.stderr, r.stderr
         assert "To do:" not in r.stderr.split("\n  > ")[0]  # the action once, on its own line
