@@ -332,9 +332,10 @@ class StatusWatchdog(ThreadService):
                 f"lag {st['mirror_lag']['records']}, stick {'yes' if st['stick']['present'] else 'no'}")
         self.kit.notifier.status(text)
         level = logging.WARNING if st["guard"]["level"] != "OK" else logging.INFO
-        log.log(level, "status guard=%s reasons=%r stored=%d sent=%d acked=%d quarantined=%d mirror_lag=%d",
-                st["guard"]["level"], st["guard"]["reasons"], rec["stored"]["records"], rec["sent"]["records"],
-                rec["acked"]["records"], rec["quarantined"]["records"], st["mirror_lag"]["records"])
+        log.log(level, "status guard=%s reasons=%s stored=%d sent=%d acked=%d quarantined=%d mirror_lag=%d",
+                st["guard"]["level"], ",".join(st["guard"].get("codes", [])) or "-",  # codes: the journal is English
+                rec["stored"]["records"], rec["sent"]["records"], rec["acked"]["records"],
+                rec["quarantined"]["records"], st["mirror_lag"]["records"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

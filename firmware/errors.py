@@ -6,7 +6,8 @@ does. A module raises the leaf defined here (or, for the sensor's many confirmat
 `hw.sensor.protocol` under `SensorError`); the CLIs map families to messages and exit codes in one
 place (`firmware.cli.main`, `provisioning.cli`).
 
-This module imports nothing from the tree: `hw`, every `firmware` stage and `provisioning` may use it.
+This module imports nothing from the tree when loaded: `hw`, every `firmware` stage and `provisioning` may use
+it (`Problem.translated` loads the message catalog, `firmware.system.i18n`, only when a problem is shown).
 """
 
 from __future__ import annotations
@@ -26,6 +27,33 @@ class RekamError(Exception):
 # --- configuration -------------------------------------------------------------------------------
 
 
+class Problem(str):
+    """One problem line: its value is the English text (logs, tests, ``str(error)``); `translated()` words it in
+    the current language. Built from a catalog msgid with ``{name}`` placeholders; a placeholder's value may be
+    a `Problem` too (translated with it)."""
+
+    msgid: str
+    params: dict[str, Any]
+
+    def __new__(cls, msgid: str, **params: Any) -> Problem:
+        self = super().__new__(cls, msgid.format(**{k: str(v) for k, v in params.items()}) if params else msgid)
+        self.msgid = msgid
+        self.params = params
+        return self
+
+    def translated(self) -> str:
+        """The text in the current language (`firmware.system.i18n`), English where no translation exists."""
+        from firmware.system.i18n import gettext  # lazy: hw imports this module and needs no catalog
+
+        kw = {k: v.translated() if isinstance(v, Problem) else v for k, v in self.params.items()}
+        return gettext(self.msgid, **kw)
+
+
+def translated(text: str) -> str:
+    """`text` in the current language if it is a `Problem`, else as is."""
+    return text.translated() if isinstance(text, Problem) else text
+
+
 class ConfigError(RekamError, ValueError):
     """The configuration is invalid; `problems` holds one line per bad key (key = value: what is allowed)."""
 
@@ -37,14 +65,15 @@ class ConfigError(RekamError, ValueError):
     def report(self, stream: TextIO | None = None, log: logging.Logger | None = None) -> int:
         """Print every problem as ``source: problem`` (to stderr by default) and return `EX_CONFIG`.
 
-        The one printout of a bad configuration, for every program that loads one. Daemons pass their
-        `log` instead: one ``config error file=... : problem`` line per problem, at error priority.
+        The one printout of a bad configuration, for every program that loads one, in the current language
+        (Indonesian first). Daemons pass their `log` instead: one ``config error file=... : problem`` line per
+        problem, at error priority, in English (the journal is for technicians).
         """
         for p in self.problems:
             if log is not None:
                 log.error("config error file=%s: %s", self.source, p)
             else:
-                print(f"{self.source}: {p}", file=stream if stream is not None else sys.stderr)
+                print(f"{self.source}: {translated(p)}", file=stream if stream is not None else sys.stderr)
         return EX_CONFIG
 
 
@@ -156,8 +185,10 @@ class RecordTooLarge(StoreError, ValueError):
 class CaptureHalted(StoreError):
     """A new enrollment cannot start: `reason` says why, for the operator."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: str, code: str = "halted", codes: list[str] | None = None) -> None:
+        self.reason = reason  # in the current language (the guard renders it through the catalog)
+        self.code = code  # stable machine code of the (first) reason: "sd_full", "usb_record_does_not_fit", ...
+        self.codes = codes or [code]
         super().__init__(reason)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import ApiError
+from firmware.system import i18n
 
 TOKEN_HEADER = "X-Rekam-Token"
 _local_tokens: dict[str, str] = {}  # url -> the local token read with it (one daemon per state dir)
@@ -51,7 +52,8 @@ def call(url: str, method: str, path: str, body: Any = None, timeout: float = 60
          raw: bool = False) -> Any:
     """One JSON request to the daemon (`token`: an operator session; `raw`: return the body bytes)."""
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
+    # The daemon words its answers (reasons, errors, hints) in the CLI's language ($REKAM_LANG / [kit] language).
+    headers = {"Content-Type": "application/json", "X-Rekam-Lang": i18n.get_language()}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     elif url in _local_tokens:

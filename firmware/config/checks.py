@@ -17,6 +17,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
+from firmware.system.i18n import N_
+
 Check = Callable[[Any], "str | None"]
 
 FINGER_CODES = [f"{h}{n}" for h in "RL" for n in range(1, 6)]
@@ -35,6 +37,11 @@ def resolve_path(base_dir: Path, value: str) -> Path:
 def must(allowed: str) -> PydanticCustomError:
     """The error of a custom check; the loader prints it as ``key = value: must be <allowed>``."""
     return PydanticCustomError("rekam_must", "must be {allowed}", {"allowed": allowed})
+
+
+def problem(msgid: str, **ctx: str) -> PydanticCustomError:
+    """The error of one bad item; the loader prints it as ``key[i] = value: <msgid filled>``, translated."""
+    return PydanticCustomError("rekam_problem", msgid, {**ctx, "msgid": msgid})
 
 
 def checked(fn: Check) -> AfterValidator:
@@ -64,14 +71,14 @@ def checked_if(kind: type, fn: Check) -> BeforeValidator:
 
 
 def nonempty(v: Any) -> str | None:
-    return None if v else "not empty"
+    return None if v else N_("not empty")
 
 
 def ip_address(v: Any) -> str | None:
     try:
         ipaddress.ip_address(v)
     except ValueError:
-        return "an IP address such as 127.0.0.1"
+        return N_("an IP address such as 127.0.0.1")
     return None
 
 
@@ -91,13 +98,13 @@ def fingers(v: list[Any]) -> str | None:
 def finger_thresholds(v: dict[Any, Any]) -> str | None:
     ok = all(isinstance(k, str) and k in FINGER_CODES and isinstance(t, (int, float)) and not isinstance(t, bool)
              and 0 <= t <= 100 for k, t in v.items())
-    return None if ok else "a table of finger code (R1-R5, L1-L5) = number 0-100"
+    return None if ok else N_("a table of finger code (R1-R5, L1-L5) = number 0-100")
 
 
 def valid_pin_hash(stored: Any) -> str | None:
     """Config check for a PIN hash: None if usable, else what is expected."""
     if not isinstance(stored, str) or stored.count("$") != 5 or not stored.startswith("scrypt$"):
-        return "a PIN hash from `rekam operator hash-pin` (scrypt$...)"
+        return N_("a PIN hash from `rekam operator hash-pin` (scrypt$...)")
     return None
 
 
@@ -125,7 +132,7 @@ def operators(v: list[Any]) -> str | None:
 def hostport(v: Any) -> str | None:
     host, sep, port = str(v).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return "host:port strings such as broker.example.org:8883"
+        return N_("host:port strings such as broker.example.org:8883")
     return None
 
 
@@ -135,7 +142,7 @@ def broker_url(v: Any) -> str | None:
     try:
         parse_broker_url(str(v))
     except ValueError:
-        return "broker URLs such as mqtts://dc.example.org:8883 or mqtt://127.0.0.1:1883"
+        return N_("broker URLs such as mqtts://dc.example.org:8883 or mqtt://127.0.0.1:1883")
     return None
 
 
@@ -170,9 +177,9 @@ def _key_file(v: str) -> str:
     try:
         load_recipient_key(p.read_bytes())
     except FileNotFoundError:
-        raise PydanticCustomError("rekam_problem", "file not found ({path})", {"path": str(p)}) from None
+        raise problem(N_("file not found ({path})"), path=str(p)) from None
     except (OSError, ValueError) as e:
-        raise PydanticCustomError("rekam_problem", "not an X25519 public key ({why})", {"why": str(e)}) from None
+        raise problem(N_("not an X25519 public key ({why})"), why=str(e)) from None
     return v
 
 
@@ -183,9 +190,9 @@ def ack_public_keys(v: list[Any]) -> str | None:
     try:
         raws = [load_ack_public_key(k) for k in v]
     except (ValueError, TypeError):
-        return "a list of base64 Ed25519 public keys (from `rekam-fleet archive ack-key`)"
+        return N_("a list of base64 Ed25519 public keys (from `rekam-fleet archive ack-key`)")
     if len(set(raws)) != len(raws):
-        return "a list of distinct keys"
+        return N_("a list of distinct keys")
     return None
 
 

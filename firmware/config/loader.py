@@ -23,14 +23,15 @@ from pydantic.fields import FieldInfo
 
 from firmware.config.checks import checking_files_in
 from firmware.config.models import SECTIONS, RekamConfig
-from firmware.errors import EX_CONFIG, ConfigError
+from firmware.errors import EX_CONFIG, ConfigError, Problem
+from firmware.system.i18n import N_
 
 DEFAULT_PATH = Path("/etc/rekam/rekam.toml")
 __all__ = ["DEFAULT_PATH", "EX_CONFIG", "defaults", "load", "problems", "validate"]
 
 # pydantic error type -> what the value must be
-_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
-               "string_type": "a string", "list_type": "a list", "dict_type": "a table"}
+_TYPE_NAMES = {"int_type": N_("an integer"), "float_type": N_("a number"), "bool_type": N_("true or false"),
+               "string_type": N_("a string"), "list_type": N_("a list"), "dict_type": N_("a table")}
 # ... and the Python name used for a list's items ("a list of str"), as before the models
 _ITEM_NAMES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
                "dict_type": "dict", "list_type": "list"}
@@ -45,27 +46,28 @@ def _bounds(field: FieldInfo) -> tuple[Any, Any]:
 
 
 def _allowed(field: FieldInfo, err: Any, item: bool) -> str:
-    """What the value must be, in words, for one pydantic error on `field`."""
+    """What the value must be, in words, for one pydantic error on `field` (a `Problem`: English as a str,
+    translated when shown)."""
     kind = err["type"]
     if kind == "rekam_must":
-        why = err["ctx"]["allowed"]
-        return f"a list whose items are {why}" if item else why
+        why = Problem(str(err["ctx"]["allowed"]))  # the check's phrase: translated when the catalog knows it
+        return Problem(N_("a list whose items are {allowed}"), allowed=why) if item else why
     if kind in _TYPE_NAMES:
-        return f"a list of {_ITEM_NAMES[kind]}" if item else _TYPE_NAMES[kind]
+        return Problem(N_("a list of {type}"), type=_ITEM_NAMES[kind]) if item else Problem(_TYPE_NAMES[kind])
     if kind in ("greater_than_equal", "less_than_equal"):
         lo, hi = _bounds(field)
         if hi is None:
-            return f">= {lo}"
+            return Problem(">= {lo}", lo=lo)
         if lo is None:
-            return f"<= {hi}"
-        return f"between {lo} and {hi}"
+            return Problem("<= {hi}", hi=hi)
+        return Problem(N_("between {lo} and {hi}"), lo=lo, hi=hi)
     if kind == "finite_number":
-        return "a finite number"
+        return Problem(N_("a finite number"))
     if kind == "literal_error":
         choices = typing.get_args(field.annotation)
         if not isinstance(err["input"], type(choices[0])):
-            return _TYPE_NAMES["string_type"] if isinstance(choices[0], str) else _TYPE_NAMES["int_type"]
-        return "one of " + ", ".join(repr(c) for c in choices)
+            return Problem(_TYPE_NAMES["string_type"] if isinstance(choices[0], str) else _TYPE_NAMES["int_type"])
+        return Problem(N_("one of {choices}"), choices=", ".join(repr(c) for c in choices))
     return err["msg"]
 
 
@@ -78,19 +80,25 @@ def problems(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
         section = str(loc[0])
         if len(loc) == 1:
             if err["type"] == "extra_forbidden":
-                out.append(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+                out.append(Problem(N_("unknown section [{section}] (known: {known})"), section=section,
+                                   known=", ".join(SECTIONS)))
             elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-                out.append(f"[{section}] must be a table, got {err['input']!r}")
+                out.append(Problem(N_("[{section}] must be a table, got {value}"), section=section,
+                                   value=repr(err["input"])))
             else:
                 out.append(f"[{section}]: {err['msg']}")
             continue
         model, key = SECTIONS[section], str(loc[1])
         if err["type"] == "extra_forbidden":
-            out.append(f"unknown key {section}.{key} (known: {', '.join(model.model_fields)})")
+            out.append(Problem(N_("unknown key {key} (known: {known})"), key=f"{section}.{key}",
+                               known=", ".join(model.model_fields)))
             continue
         if err["type"] == "rekam_problem":  # about one item: name it with its index
             where = section + "." + key + "".join(f"[{i}]" for i in loc[2:])
-            out.append(f"{where} = {err['input']!r}: {err['msg']}")
+            ctx = dict(err.get("ctx") or {})
+            msgid = ctx.pop("msgid", None)  # checks.problem() carries its template for the translation
+            what = Problem(msgid, **ctx) if msgid else err["msg"]
+            out.append(Problem("{where} = {value}: {what}", where=where, value=repr(err["input"]), what=what))
             continue
         if (section, key) in seen:
             continue
@@ -100,7 +108,8 @@ def problems(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
         value = data[section][key] if item else err["input"]
         if field.annotation is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # an integer stands for a number: report it as the number it became
-        out.append(f"{section}.{key} = {value!r}: must be {_allowed(field, err, item)}")
+        out.append(Problem(N_("{key} = {value}: must be {allowed}"), key=f"{section}.{key}", value=repr(value),
+                           allowed=_allowed(field, err, item)))
     return out
 
 
@@ -111,7 +120,7 @@ def validate(data: Mapping[str, Any], source: str = "config", base_dir: Path | N
     read relative to `base_dir` (default: the current directory).
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(["the document must be a TOML table"], source)
+        raise ConfigError([Problem(N_("the document must be a TOML table"))], source)
     # strict models take dicts, not any mapping
     doc = {s: dict(v) if isinstance(v, Mapping) else v for s, v in data.items()}
     base = base_dir or Path.cwd()
@@ -132,13 +141,13 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"file not found: {p}"], str(p)) from None
+        raise ConfigError([Problem(N_("file not found: {path}"), path=p)], str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"cannot read {p}: {e}"], str(p)) from None
+        raise ConfigError([Problem(N_("cannot read {path}: {error}"), path=p, error=e)], str(p)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"not valid TOML: {e}"], str(p)) from None
+        raise ConfigError([Problem(N_("not valid TOML: {error}"), error=e)], str(p)) from None
     if overrides:
         for dotted, value in overrides.items():
             section, key = dotted.split(".", 1)

@@ -35,6 +35,27 @@ class SimCommit(BaseModel):
 
 
 LOCAL_TOKEN_HEADER = "X-Rekam-Token"
+#: The language a client reads (the console's choice, the CLI's $REKAM_LANG): the API words its answers
+#: (guard reasons, error messages) in it; without it, in the kit's language. Codes never change with it.
+LANG_HEADER = "X-Rekam-Lang"
+
+
+class LanguageMiddleware:
+    """Each request speaks the language its `X-Rekam-Lang` header names (the catalog's per-context language
+    reaches the worker thread that runs the handler)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        lang = None
+        if scope.get("type") == "http":
+            for k, v in scope.get("headers") or ():
+                if k == b"x-rekam-lang":
+                    lang = v.decode("latin-1").strip()
+                    break
+        with i18n.use_language(lang or None):  # an unknown language: the kit's
+            await self.app(scope, receive, send)
 NOT_SIGNED_IN = {"code": "not_signed_in",
                  "message": "silakan masuk dulu / sign in first (or run rekam as root: sudo rekam ...)"}
 
@@ -76,6 +97,7 @@ def create_app(kit: KitPort, local_token: str = "", tls: Any = None) -> FastAPI:
     """
     # The schema and its viewer need a credential too (served by our own routes below, not FastAPI's open ones).
     app = FastAPI(title="rekam kit API", version="1", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(LanguageMiddleware)
     signed_in = Depends(session_checker(kit, local_token))
 
     @app.get("/api/v1/openapi.json", dependencies=[signed_in], include_in_schema=False)
@@ -171,7 +193,8 @@ def create_app(kit: KitPort, local_token: str = "", tls: Any = None) -> FastAPI:
             for res in kit.commit_simulated(req.count, req.operator_id, pad_to=req.pad_to_kb * 1024):
                 done.append(res)
         except CaptureHalted as e:
-            raise HTTPException(507, {"error": "capture halted", "reason": e.reason, "committed": done}) from None
+            raise HTTPException(507, {"error": "capture halted", "code": e.code, "reason": e.reason,
+                                     "committed": done}) from None
         except StoreError as e:
             raise HTTPException(500, {"error": str(e), "committed": done}) from None
         return {"committed": done}

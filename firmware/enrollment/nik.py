@@ -16,6 +16,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from firmware.errors import NikError
+from firmware.system.i18n import gettext
 
 # Kemendagri province codes, including the Papua provinces created in 2022 (91-96).
 PROVINCES: dict[str, str] = {
@@ -48,16 +49,17 @@ def parse(text: str, today: dt.date | None = None) -> Nik:
     """Validate and decode a NIK; raise `NikError` with the first problem found."""
     s = text.strip().replace(" ", "").replace(".", "")
     if not s.isascii() or not s.isdigit():
-        raise NikError("not_digits", "NIK must contain only digits 0-9")
+        raise NikError("not_digits", gettext("NIK must contain only digits 0-9"))
     if len(s) != 16:
-        raise NikError("length", f"NIK must have 16 digits, this one has {len(s)}")
+        raise NikError("length", gettext("NIK must have 16 digits, this one has {n}", n=len(s)))
     prov, reg, dist = s[0:2], s[2:4], s[4:6]
     if prov not in PROVINCES:
-        raise NikError("province", f"province code {prov} (digits 1-2) is not an Indonesian province")
+        raise NikError("province", gettext("province code {code} (digits 1-2) is not an Indonesian province",
+                                             code=prov))
     if reg == "00":
-        raise NikError("regency", "regency/city code (digits 3-4) must not be 00")
+        raise NikError("regency", gettext("regency/city code (digits 3-4) must not be 00"))
     if dist == "00":
-        raise NikError("district", "district code (digits 5-6) must not be 00")
+        raise NikError("district", gettext("district code (digits 5-6) must not be 00"))
     day, month, yy = int(s[6:8]), int(s[8:10]), int(s[10:12])
     female = day > 40
     if female:
@@ -68,10 +70,11 @@ def parse(text: str, today: dt.date | None = None) -> Nik:
     try:
         born = dt.date(year, month, day)
     except ValueError:
-        raise NikError("birth_date", f"date of birth in digits 7-12 ({s[6:12]}) is not a real date"
-                       + (" (women: day + 40)" if not female and day > 31 else "")) from None
+        raise NikError("birth_date", gettext("date of birth in digits 7-12 ({digits}) is not a real date",
+                                             digits=s[6:12])
+                       + (" " + gettext("(women: day + 40)") if not female and day > 31 else "")) from None
     if born > today:
-        raise NikError("birth_date", f"date of birth {born.isoformat()} is in the future")
+        raise NikError("birth_date", gettext("date of birth {date} is in the future", date=born.isoformat()))
     if s[12:16] == "0000":
-        raise NikError("serial", "serial number (digits 13-16) must not be 0000")
+        raise NikError("serial", gettext("serial number (digits 13-16) must not be 0000"))
     return Nik(s, prov, reg, dist, born, female, s[12:16])

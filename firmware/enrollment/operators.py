@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import SignInError
+from firmware.system.i18n import gettext
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
@@ -136,8 +137,9 @@ class Operators:
 
         locked, nth = self._tx(reserve)
         if locked:
-            raise SignInError("locked", f"operator {operator_id} terkunci / is locked after {self.max_failures} "
-                              f"wrong PINs; try again in {int(locked) // 60 + 1} min", locked)
+            raise SignInError("locked", gettext("operator {id} is locked after {n} wrong PINs; try again in {minutes} "
+                                                "min", id=operator_id, n=self.max_failures,
+                                                minutes=int(locked) // 60 + 1), locked)
         with self._lock:
             op = self.by_id.get(operator_id)
         # Hash even for unknown ids so timing does not reveal which ids exist.
@@ -156,14 +158,16 @@ class Operators:
                 return int(n)
 
             if self._tx(fail) >= self.max_failures:
-                raise SignInError("locked", f"wrong PIN {self.max_failures} times: operator {operator_id} is "
-                                  f"locked for {int(self.lockout_s // 60)} min", self.lockout_s)
+                raise SignInError("locked", gettext("wrong PIN {n} times: operator {id} is locked for {minutes} min",
+                                                    n=self.max_failures, id=operator_id,
+                                                    minutes=int(self.lockout_s // 60)), self.lockout_s)
             left = max(0, self.max_failures - nth)
-            raise SignInError("bad_pin", f"wrong operator id or PIN ({left} tries left before lockout)",
+            raise SignInError("bad_pin", gettext("wrong operator id or PIN ({n} tries left before lockout)", n=left),
                               tries_left=left)
         assert op is not None
         if role and op.role != role:
-            raise SignInError("role", f"operator {operator_id} is not a {role}")
+            raise SignInError("role", gettext("operator {id} is not a supervisor", id=operator_id)
+                              if role == "supervisor" else gettext("operator {id} is not an operator", id=operator_id))
         return op
 
 

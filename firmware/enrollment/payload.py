@@ -10,6 +10,7 @@ import numpy as np
 from firmware import __version__
 from firmware.config import Config
 from firmware.system.clock import clock_synchronised, iso
+from firmware.system.i18n import gettext
 from firmware.wire import record_format
 
 
@@ -60,11 +61,12 @@ def summary(q: Any) -> dict[str, Any]:
 
 
 def face_hints(a: Any) -> list[str]:
-    """What to tell the resident for each face quality code."""
+    """What to tell the resident for each face quality code, in the current language (the codes stay in
+    the answer's `codes`)."""
     try:
         from firmware.quality.face.assess import CODES
 
-        return [CODES[c][1] for c in a.codes if c in CODES]
+        return [gettext(CODES[c][1]) for c in a.codes if c in CODES]  # in the operator's language
     except Exception:
         return list(a.codes)
 

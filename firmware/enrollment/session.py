@@ -26,14 +26,27 @@ from firmware.enrollment.dedup import DuplicateChecker, FingerHit
 from firmware.enrollment.operators import Operators, SignedIn, SignInError
 from firmware.enrollment.payload import build_payload, face_hints, jpeg, png
 from firmware.errors import EnrollmentError
+from firmware.quality.finger import gates
 from firmware.quality.policy import Attempt, CapturePolicy, Outcome
 from firmware.store.capacity import CaptureHalted, Reservation
 from firmware.store.store import CommitResult, Store
 from firmware.system.clock import clock_synchronised, iso
+from firmware.system.i18n import N_, gettext
 
 log = logging.getLogger(__name__)
 
 FINGER_NAMES = {"1": "thumb", "2": "index", "3": "middle", "4": "ring", "5": "little"}
+#: Feedback for codes the enrollment adds itself (the quality gates' own are `gates.MESSAGES`).
+SESSION_HINTS = {"sensor_rejected": N_("The sensor could not use this impression: lift the finger and press again")}
+
+
+def finger_hints(codes: list[str]) -> list[str]:
+    """The operator's hints for a finger's quality codes, in the current language, most actionable first (a
+    code with no hint of its own is left to the `codes` of the answer)."""
+    texts = [gates.MESSAGES.get(c) or SESSION_HINTS.get(c) for c in codes]
+    return [gettext(t) for t in texts if t]
+
+
 def finger_label(code: str) -> str:
     return ("right " if code[0] == "R" else "left ") + FINGER_NAMES[code[1]]
 
@@ -174,11 +187,11 @@ class EnrollmentService:
         with self._lock:
             s = self.sessions.get(token)
             if s is None:
-                raise EnrollmentError("not_signed_in", "sign in first", 401)
+                raise EnrollmentError("not_signed_in", gettext("sign in first"), 401)
             now = self.clock()
             if now - s.last_active > self.cfg.operators.idle_signout_s:
                 self._sign_out(s, "idle")
-                raise EnrollmentError("signed_out_idle", "signed out after inactivity; sign in again", 401)
+                raise EnrollmentError("signed_out_idle", gettext("signed out after inactivity; sign in again"), 401)
             s.touch(now)
             return s
 
@@ -244,22 +257,25 @@ class EnrollmentService:
         s = self.session(token)
         if self.lock_reason:
             self._audit("start_refused", s.operator.id, reason="locked")
-            raise EnrollmentError("locked", f"capture is locked by the fleet: {self.lock_reason}", 423)
+            raise EnrollmentError("locked", gettext("capture is locked by the office: {reason}",
+                                                    reason=self.lock_reason), 423)
         parsed = nikmod.parse(nik)  # NikError -> 422 by the API
         with self._lock:
             if self.active is not None:
-                raise EnrollmentError("busy", f"an enrollment is already in progress (by {self.active.operator_id})")
+                raise EnrollmentError("busy", gettext("an enrollment is already in progress (by {operator})",
+                                                      operator=self.active.operator_id))
             previous = self.dedup.nik_enrolled(parsed.value)
             override_reason = override_reason.strip()
             if previous and not override_reason:
-                raise EnrollmentError("nik_enrolled", f"this NIK was already enrolled on this kit "
-                                      f"({len(previous)} time(s), last {previous[-1]}); give a reason to enroll again",
-                                      previous=previous)
+                raise EnrollmentError("nik_enrolled", gettext("this NIK was already enrolled on this kit ({n} time(s), "
+                                                              "last {last}); give a reason to enroll again",
+                                                              n=len(previous), last=previous[-1]), previous=previous)
             try:
                 res = self.store.begin()
             except CaptureHalted as e:
-                self._audit("start_refused", s.operator.id, reason=e.reason)
-                raise EnrollmentError("halted", f"capture is halted: {e.reason}", 507) from None
+                self._audit("start_refused", s.operator.id, reason=e.code)  # the journal keeps the code
+                raise EnrollmentError("halted", gettext("capture is halted: {reason}", reason=e.reason), 507,
+                                      reasons=e.codes) from None
             fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_thresholds.get(c, self.dev.finger_threshold),
                                                        self.dev.finger_attempts))
                        for c in self.cfg.enrollment.fingers}
@@ -284,11 +300,13 @@ class EnrollmentService:
         s = self.session(token)
         e = self.active
         if e is None:
-            raise EnrollmentError("no_enrollment", "no enrollment in progress; start one with the resident's NIK")
+            raise EnrollmentError("no_enrollment",
+                                  gettext("no enrollment in progress; start one with the resident's NIK"))
         if e.operator_id != s.operator.id and s.operator.role != "supervisor":
             self._audit("not_owner", s.operator.id, enrollment=e.id, owner=e.operator_id)
-            raise EnrollmentError("not_owner", f"this enrollment belongs to operator {e.operator_id}: only they "
-                                  "or a supervisor may continue or cancel it", 403, owner=e.operator_id,
+            raise EnrollmentError("not_owner", gettext("this enrollment belongs to operator {owner}: only they or a "
+                                                       "supervisor may continue or cancel it", owner=e.operator_id),
+                                  403, owner=e.operator_id,
                                   owner_name=self._operator_name(e.operator_id))
         return s, e
 
@@ -321,14 +339,14 @@ class EnrollmentService:
         """Take one photo, assess it, and say whether to retake."""
         _, e = self._current(token)
         if e.face_policy is None or (e.face_outcome and e.face_outcome.done):
-            raise EnrollmentError("face_done", "the face photo is already taken")
+            raise EnrollmentError("face_done", gettext("the face photo is already taken"))
         if self.dev.camera is None or self.dev.face_assessor is None:
-            raise EnrollmentError("no_camera", "no camera is available on this kit", 503)
+            raise EnrollmentError("no_camera", gettext("no camera is available on this kit"), 503)
         with self._busy(e):
             try:
                 frame = self.dev.camera.capture()
             except Exception as ex:
-                raise EnrollmentError("camera_error", f"camera error: {ex}", 503) from None
+                raise EnrollmentError("camera_error", gettext("camera error: {error}", error=ex), 503) from None
             a = self.dev.face_assessor.assess(frame)
             outcome = e.face_policy.add(Attempt(a.score, list(a.codes), rejected=bool(a.rejects), data=(frame, a)))
             e.face_outcome = outcome
@@ -341,7 +359,7 @@ class EnrollmentService:
         """Record why no face photo is taken (e.g. camera broken, resident refuses)."""
         s, e = self._current(token)
         if not reason.strip():
-            raise EnrollmentError("reason_required", "give a reason", 422)
+            raise EnrollmentError("reason_required", gettext("give a reason"), 422)
         e.face_exception = reason.strip()
         self._audit("face_exception", s.operator.id, enrollment=e.id, reason=e.face_exception)
 
@@ -352,9 +370,9 @@ class EnrollmentService:
         _, e = self._current(token)
         f = self._finger(e, code)
         if f.done:
-            raise EnrollmentError("finger_done", f"{finger_label(code)} is already captured")
+            raise EnrollmentError("finger_done", gettext("{finger} is already captured", finger=finger_label(code)))
         if self.dev.sensor is None or self.dev.finger_quality is None:
-            raise EnrollmentError("no_sensor", "no fingerprint sensor is configured", 503)
+            raise EnrollmentError("no_sensor", gettext("no fingerprint sensor is configured"), 503)
         with self._busy(e):
             try:
                 sensor = self.dev.sensor()
@@ -363,9 +381,10 @@ class EnrollmentService:
                 r = sensor.wait_for_finger(self.cfg.sensor.capture_timeout_s, e.cancel)
                 if getattr(r, "name", str(r)) != "CAPTURED":
                     if e.cancel.is_set():
-                        raise EnrollmentError("cancelled", "the enrollment was cancelled")
+                        raise EnrollmentError("cancelled", gettext("the enrollment was cancelled"))
                     return {"finger": code, "status": "timeout", "done": False,
-                            "message": f"no finger on the sensor: place the {finger_label(code)} flat on the glass"}
+                            "message": gettext("no finger on the sensor: place the {finger} flat on the glass",
+                                               finger=finger_label(code))}
                 img = sensor.upload_image()
                 q = self.dev.finger_quality(img)
                 template = b""
@@ -387,8 +406,9 @@ class EnrollmentService:
                 raise
             except Exception as ex:
                 log.warning("sensor error finger=%s error=%s", code, ex)
-                raise EnrollmentError("sensor_error", f"fingerprint sensor error: {ex}", 503) from None
-        hints = q.messages() if callable(getattr(q, "messages", None)) else list(q.codes)
+                raise EnrollmentError("sensor_error", gettext("fingerprint sensor error: {error}", error=ex),
+                                      503) from None
+        hints = finger_hints(list(q.codes))
         result = self._feedback(outcome, q.score, list(q.codes), hints)
         result["finger"] = code
         if outcome.done:
@@ -403,15 +423,16 @@ class EnrollmentService:
         f = self._finger(e, code)
         reason = reason.strip()
         if not reason:
-            raise EnrollmentError("reason_required", "give a reason (missing, bandaged, injured...)", 422)
+            raise EnrollmentError("reason_required", gettext("give a reason (missing, bandaged, injured...)"), 422)
         f.exception = reason
         self._audit("finger_exception", s.operator.id, enrollment=e.id, finger=code, reason=reason)
 
     def _finger(self, e: Enrollment, code: str) -> FingerState:
         f = e.fingers.get(code)
         if f is None:
-            raise EnrollmentError("unknown_finger", f"finger {code!r} is not captured at this kit "
-                                  f"(fingers: {', '.join(e.fingers)})", 422)
+            raise EnrollmentError("unknown_finger",
+                                  gettext("finger {code} is not captured at this kit (fingers: {fingers})",
+                                          code=repr(code), fingers=", ".join(e.fingers)), 422)
         return f
 
     # --- duplicate check, supervisor, commit ------------------------------------------------
@@ -429,14 +450,15 @@ class EnrollmentService:
         """Search the new prints in this kit's earlier enrollments; flag a hit under another NIK."""
         s, e = self._current(token)
         if any(not f.done for f in e.fingers.values()):
-            raise EnrollmentError("fingers_pending", "capture every finger (or record an exception) first")
+            raise EnrollmentError("fingers_pending", gettext("capture every finger (or record an exception) first"))
         hits: list[FingerHit] = []
         if self.dev.sensor is not None and self.dedup.capacity:
             with self._busy(e):
                 try:
                     hits = self.dedup.search_fingers(self.dev.sensor(), e.nik.value, self._templates(e))
                 except Exception as ex:
-                    raise EnrollmentError("sensor_error", f"duplicate check failed: {ex}", 503) from None
+                    raise EnrollmentError("sensor_error", gettext("duplicate check failed: {error}", error=ex),
+                                          503) from None
         records = {h.record_id for h in hits}
         flagged = len(hits) >= self.cfg.enrollment.dedup_min_hits
         e.dup_hits = hits if flagged else []
@@ -451,11 +473,11 @@ class EnrollmentService:
         """A supervisor accepts (enroll anyway, e.g. twins' data error) or rejects a flagged enrollment."""
         _, e = self._current(token)
         if not e.dup_hits:
-            raise EnrollmentError("not_flagged", "this enrollment is not flagged")
+            raise EnrollmentError("not_flagged", gettext("this enrollment is not flagged"))
         if decision not in ("accept", "reject"):
-            raise EnrollmentError("bad_decision", "decision must be accept or reject", 422)
+            raise EnrollmentError("bad_decision", gettext("decision must be accept or reject"), 422)
         if not reason.strip():
-            raise EnrollmentError("reason_required", "the supervisor must give a reason", 422)
+            raise EnrollmentError("reason_required", gettext("the supervisor must give a reason"), 422)
         try:
             sup = self.operators.authenticate(supervisor_id, pin, role="supervisor")
         except SignInError as ex:
@@ -476,7 +498,7 @@ class EnrollmentService:
         s, e = self._current(token)
         step = e.step(self.cfg.enrollment.capture_face)
         if step != "review":
-            raise EnrollmentError("not_ready", f"not ready to commit: next step is {step}")
+            raise EnrollmentError("not_ready", gettext("not ready to commit: next step is {step}", step=step))
         with self._busy(e):
             payload = self._payload(e)
             try:
@@ -484,7 +506,9 @@ class EnrollmentService:
             except Exception as ex:
                 # Nothing was confirmed; the enrollment (and its reservation) stays open so the operator can retry.
                 log.error("commit failed enrollment=%s error=%s", e.id, ex)
-                raise EnrollmentError("store_error", f"could not store the record, try again: {ex}", 500) from None
+                raise EnrollmentError("store_error",
+                                      gettext("could not store the record, try again: {error}", error=ex),
+                                      500) from None
         with self._lock:
             self.active = None  # stored: from here on nothing may leave it open (a retry would store it twice)
         sensor = None
@@ -517,7 +541,7 @@ class EnrollmentService:
             def __enter__(self) -> None:
                 with svc._lock:
                     if e.busy:
-                        raise EnrollmentError("busy", "a capture is already running")
+                        raise EnrollmentError("busy", gettext("a capture is already running"))
                     e.busy = True
                 svc._emit("busy", on=True)
 
@@ -530,11 +554,11 @@ class EnrollmentService:
     def _feedback(outcome: Outcome, score: float, codes: list[str], hints: list[str]) -> dict[str, Any]:
         accepted = outcome.done and not outcome.forced
         if outcome.done and outcome.forced:
-            msg = f"kept the best of {len(outcome.attempts)} attempts (quality below the threshold)"
+            msg = gettext("kept the best of {n} attempts (quality below the threshold)", n=len(outcome.attempts))
         elif outcome.done:
-            msg = "good capture"
+            msg = gettext("good capture")
         else:
-            msg = "retake: " + ("; ".join(hints) if hints else "quality too low")
+            msg = gettext("retake: {hints}", hints="; ".join(hints) if hints else gettext("quality too low"))
         return {"status": "captured", "score": round(float(score), 1), "codes": codes, "hints": hints,
                 "accepted": accepted, "forced": outcome.forced, "done": outcome.done,
                 "attempt": len(outcome.attempts), "message": msg}

@@ -20,14 +20,14 @@ its sequence number.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from firmware.errors import CaptureHalted
 from firmware.system.fsutil import space
-from firmware.system.i18n import N_, format_size
+from firmware.system.i18n import N_, format_count, format_size, gettext
 
 MIB = 1024 * 1024
 #: A typical enrollment record (face photo and prints, sealed), used to count what fits until the first
@@ -45,8 +45,34 @@ HALT_ACTIONS: dict[str, str] = {
 }
 
 
-def _size(nbytes: int) -> str:
-    return format_size(nbytes, lang="en")  # the one size format (binary units, labelled), English like the logs
+#: The guard's reasons, one stable machine code each (in status and API answers, so that a client may word
+#: them itself); the text is rendered in the current language (the kit's, or the CLI's) where it is built.
+REASONS: dict[str, str] = {
+    "no_stick": N_("no USB stick; records are kept on the SD and copied when a stick is inserted"),
+    "stick_required": N_("no USB stick (a stick is required: insert one)"),
+    "out_of_inodes": N_("{medium} is out of inodes ({inodes} free)"),
+    "full": N_("{medium} is full: {free} free, {reserved} reserved; capture resumes when {resume} records fit"),
+    "record_does_not_fit": N_("{medium} is full: {free} free, {reserved} reserved, the record needs {needs}"),
+    "nearly_full": N_("{medium} nearly full: room for {left} more records"),
+}
+
+
+def reason_text(code: str, **params: Any) -> str:
+    """The guard reason `code` in the current language (sizes and counts in its number format)."""
+    kw = dict(params)
+    for k in ("free", "reserved", "needs"):
+        if isinstance(kw.get(k), int):
+            kw[k] = format_size(kw[k])
+    for k in ("inodes", "resume", "left"):
+        if isinstance(kw.get(k), int):
+            kw[k] = format_count(kw[k])
+    return gettext(REASONS[code], **kw)
+
+
+def _reason(name: str, code: str, **params: Any) -> tuple[str, str, dict[str, Any]]:
+    """(code, text, params) of one medium's reason; the code is prefixed with the medium (``sd_full``)."""
+    params = {"medium": name, **params}
+    return (code if code in ("no_stick", "stick_required") else f"{name}_{code}"), reason_text(code, **params), params
 
 
 class Level(StrEnum):
@@ -74,7 +100,10 @@ class MediumStatus:
     reserve_bytes: int = 0
     records_left: int = 0
     level: Level = Level.OK
-    reason: str = ""
+    reason: str = ""  # in the current language, without the action
+    code: str = ""  # stable machine code of the reason ("sd_full", "usb_nearly_full", "no_stick", ...)
+    params: dict[str, Any] = field(default_factory=dict)  # the numbers in the reason (raw bytes and counts)
+    action: str = ""  # what the operator does (HALT only), in the current language
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -130,9 +159,8 @@ class CapacityGuard:
         """statvfs one medium and classify it (applies hysteresis)."""
         if not present or path is None:
             level = Level.HALT if self.usb_required else Level.WARN
-            why = "no USB stick" + (" (a stick is required: insert one)" if self.usb_required
-                                    else "; records are kept on the SD and copied when a stick is inserted")
-            return MediumStatus(name, str(path or ""), False, level=level, reason=why)
+            code, why, params = _reason(name, "stick_required" if self.usb_required else "no_stick")
+            return MediumStatus(name, str(path or ""), False, level=level, reason=why, code=code, params=params)
         try:
             sp = space(path)
         except OSError:
@@ -156,21 +184,22 @@ class CapacityGuard:
             else:
                 halted = left < 1
             self._halted[name] = halted
+        action = ""
         if halted:
             level = Level.HALT
             if inode_left < 2:
-                why = f"{name} is out of inodes ({sp.free_inodes} free)"
+                code, why, params = _reason(name, "out_of_inodes", inodes=sp.free_inodes)
             else:
-                why = (f"{name} is full: {_size(sp.free_bytes)} free, {_size(reserve)} reserved; "
-                       f"capture resumes when {self.cfg.resume_records} records fit")
-            if name in HALT_ACTIONS:
-                why += ". " + HALT_ACTIONS[name]
+                code, why, params = _reason(name, "full", free=sp.free_bytes, reserved=reserve,
+                                            resume=self.cfg.resume_records)
+            action = gettext(HALT_ACTIONS[name]) if name in HALT_ACTIONS else ""
         elif left < self.cfg.warn_records:
-            level, why = Level.WARN, f"{name} nearly full: room for {left:,} more records"
+            level = Level.WARN
+            code, why, params = _reason(name, "nearly_full", left=int(left))
         else:
-            level, why = Level.OK, ""
+            level, code, why, params = Level.OK, "", "", {}
         return MediumStatus(name, str(path), True, sp.total_bytes, sp.free_bytes, sp.free_inodes, reserve,
-                            int(left), level, why)
+                            int(left), level, why, code, params, action)
 
     def check_room(self, name: str, path: Path, nbytes: int) -> None:
         """Raise `CaptureHalted` unless `nbytes` fit on medium `name` beyond its reserve right now (checked
@@ -181,16 +210,18 @@ class CapacityGuard:
             return  # the write itself will report a vanished medium
         reserve = self.reserve_bytes(name)
         if sp.free_bytes - reserve < nbytes:
-            raise CaptureHalted(f"{name} is full: {_size(sp.free_bytes)} free, {_size(reserve)} reserved, "
-                                f"the record needs {_size(nbytes)}. {HALT_ACTIONS.get(name, '')}".rstrip())
+            code, why, _p = _reason(name, "record_does_not_fit", free=sp.free_bytes, reserved=reserve, needs=nbytes)
+            raise CaptureHalted(why, code=code)
         if sp.free_inodes - self.cfg.min_free_inodes < 2:
-            raise CaptureHalted(f"{name} is out of inodes ({sp.free_inodes} free)")
+            code, why, _p = _reason(name, "out_of_inodes", inodes=sp.free_inodes)
+            raise CaptureHalted(why, code=code)
 
     def reserve(self, media: list[MediumStatus]) -> Reservation:
         """Hold space for one enrollment, or raise `CaptureHalted` with the reason."""
         halted = [m for m in media if m.level is Level.HALT]
         if halted:
-            raise CaptureHalted("; ".join(m.reason for m in halted))
+            raise CaptureHalted("; ".join(m.reason for m in halted), code=halted[0].code,
+                                codes=[m.code for m in halted])
         with self._lock:
             token = self._next
             self._next += 1
@@ -209,6 +240,6 @@ class CapacityGuard:
 
 
 def overall(media: list[MediumStatus]) -> tuple[Level, list[str]]:
-    """The kit's guard state: the worst of its media, with every reason."""
+    """The kit's guard state: the worst of its media, with every reason (current language, no action)."""
     level = max((m.level for m in media), key=lambda lv: lv.rank, default=Level.OK)
     return level, [m.reason for m in media if m.reason]

@@ -39,6 +39,7 @@ from firmware.system.fsutil import (
     sha256_untrusted,
     space,
 )
+from firmware.system.i18n import N_, format_count, gettext
 from firmware.wire import record_format
 from firmware.wire.ids import make_record_id, parse_record_id
 
@@ -52,6 +53,9 @@ META_HWM = "seq_high_water"  # every number <= this may have been used on some m
 META_CLEAN = "clean_shutdown"  # "1": the last owner closed cleanly, nothing to reconcile
 BACKFILL_BATCH = 256  # journal rows read per backfill step (the stop event is checked per record)
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+#: The guard reason of a full stick (code "usb_stick_full"), worded in status() in the reader's language.
+STICK_FULL = N_("USB stick full: {count} records are not yet copied to the stick. Replace it with a larger stick; "
+                "the records stay safe on the SD card.")
 
 
 @dataclass
@@ -127,7 +131,7 @@ class Store:
         self.reconcile_pending = False  # an unclean stop left media to reconcile (done in the background)
         self.backfill_due = False  # the current stick may lack records (the USB watcher copies them)
         self._backfill_cursor = -1  # seq up to which the current stick has been backfilled
-        self.stick_full: dict[str, Any] = {}  # {"stick_id", "not_mirrored", "message"} once a stick is full
+        self.stick_full: dict[str, Any] = {}  # {"stick_id", "not_mirrored", "code"} once a stick is full
         self._full_reported = ""  # the stick whose "full" was logged and audited (once per insertion)
         self.on_change: list[Any] = []  # callbacks fired after a commit or state change
         self._mirror_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usb-mirror")
@@ -459,8 +463,7 @@ class Store:
         self._full_reported = stick.stick_id
         self.stick_full = {
             "stick_id": stick.stick_id, "not_mirrored": not_mirrored,
-            "message": f"Stik USB penuh: {not_mirrored} rekaman belum tersalin ke stik. Ganti dengan stik yang "
-                       f"lebih besar; rekaman tetap aman di kartu SD.",
+            "code": "usb_stick_full",  # the message is worded in status(), in the reader's language
         }
         self.backfill_due = False
         if first:
@@ -923,8 +926,12 @@ class Store:
         """Everything a technician needs: records per state, media, guard state, mirror lag."""
         media = self.media()
         level, reasons = overall(media)
-        if self.stick_full.get("message"):
-            reasons = [*reasons, self.stick_full["message"]]
+        codes = [m.code for m in media if m.reason]
+        actions = [m.action for m in media if m.action]
+        stick_msg = ""
+        if self.stick_full:
+            stick_msg = gettext(STICK_FULL, count=format_count(self.stick_full.get("not_mirrored", 0)))
+            reasons, codes = [*reasons, stick_msg], [*codes, "usb_stick_full"]
         stick = self.stick
         return {
             "kit_id": self.identity.kit_id,
@@ -932,11 +939,13 @@ class Store:
             "oldest_unacked": self.j.oldest_unacked(),
             "mirror_lag": self.j.mirror_lag(),
             "media": [m.as_dict() for m in media],
-            "guard": {"level": level.value, "reasons": reasons, "capture_allowed": level is not Level.HALT,
+            "guard": {"level": level.value, "reasons": reasons, "codes": codes, "actions": actions,
+                      "capture_allowed": level is not Level.HALT,
                       "enrollments_in_progress": self.guard.outstanding},
             "stick": {"present": stick is not None, "stick_id": stick.stick_id if stick else None,
                       "error": self.stick_error, "full": bool(self.stick_full),
                       "not_mirrored": self.stick_full.get("not_mirrored", 0),
-                      "message": self.stick_full.get("message", ""), "backfilling": self.backfill_due},
+                      "code": "usb_stick_full" if self.stick_full else "", "message": stick_msg,
+                      "backfilling": self.backfill_due},
             "reconcile_pending": self.reconcile_pending,
         }

@@ -5,8 +5,9 @@ with Babel (no compile step: a kit update ships the text files; each is parsed o
 are the English text, so English needs no translations and any missing translation falls back to English.
 
 Domains are only a way to split the files between owners (``console`` for the web console and receipts,
-``cli`` for the command line and daemon messages, ``fleet`` for `rekam-fleet` and the data center); a lookup
-searches all of them, so a module never names its domain. `catalog` returns one domain for the browser.
+``cli`` for the command line, ``daemon`` for what rekamd tells operators: guard reasons, API and config errors,
+capture hints; ``fleet`` for `rekam-fleet` and the data center); a lookup searches all of them, so a module never
+names its domain. `catalog` returns one domain for the browser.
 
 Placeholders are ``{name}`` (str.format), filled from keyword arguments: ``_("{n} tries left", n=3)``. The
 keyword ``lang`` is reserved (it picks a language for one call, as a server answering two browsers needs).
@@ -21,8 +22,8 @@ translate them with `gettext` where they are shown.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
-import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,16 @@ from babel.numbers import format_decimal
 LANGUAGES: tuple[str, ...] = ("id", "en")
 DEFAULT_LANGUAGE = "id"
 #: Catalog domains (one .po file each per language).
-DOMAINS: tuple[str, ...] = ("console", "cli", "fleet")
+DOMAINS: tuple[str, ...] = ("console", "cli", "daemon", "fleet")
 #: Where the catalogs live (installed with the package).
 LOCALE_DIR = Path(__file__).resolve().parent.parent / "locale"
 #: Names of the marker functions the extractor looks for (tests/system/test_i18n.py).
 KEYWORDS: dict[str, Any] = {"_": None, "gettext": None, "ngettext": (1, 2), "N_": None}
 
-_state = threading.local()
+# The per-call language is a context variable, not a thread-local: a new thread starts with none (as a
+# thread-local would), and an asyncio server's request context reaches the worker thread that runs the
+# request's handler (the console API answers each browser in its own language).
+_lang: contextvars.ContextVar[str | None] = contextvars.ContextVar("rekam_lang", default=None)
 _default = DEFAULT_LANGUAGE
 
 
@@ -61,12 +65,12 @@ def set_language(lang: str) -> None:
     if base not in LANGUAGES:
         raise ValueError(f"unknown language {lang!r}; known: {', '.join(LANGUAGES)}")
     _default = base
-    _state.lang = None
+    _lang.set(None)
 
 
 def get_language() -> str:
     """The current language (this thread's override, else the kit's)."""
-    return getattr(_state, "lang", None) or _default
+    return _lang.get() or _default
 
 
 class use_language:  # noqa: N801 - used like a function: ``with use_language("en"): ...``
@@ -74,16 +78,17 @@ class use_language:  # noqa: N801 - used like a function: ``with use_language("e
 
     def __init__(self, lang: str | None) -> None:
         self.lang = normalize(lang) if lang else None
-        self._prev: str | None = None
+        self._token: contextvars.Token[str | None] | None = None
 
     def __enter__(self) -> str:
-        self._prev = getattr(_state, "lang", None)
         if self.lang:
-            _state.lang = self.lang
+            self._token = _lang.set(self.lang)
         return get_language()
 
     def __exit__(self, *exc: object) -> None:
-        _state.lang = self._prev
+        if self._token is not None:
+            _lang.reset(self._token)
+            self._token = None
 
 
 @cache

@@ -22,6 +22,7 @@ def _daemon(tmp_path: Path, dc_keys: dict[str, Any], corpus_dir: Path, rekamd_fa
 def _fingers(d: Daemon) -> list[list[dict[str, Any]]]:
     """Every attempt's answer, per finger, for one enrollment driven through the API."""
     c = d.signin(OPERATOR)
+    c.headers["X-Rekam-Lang"] = "en"  # the answers' words are asserted in English (the kit's language is id)
     assert c.post("/api/v1/enrollment", json={"nik": NIK_MALE}).status_code == 200
     assert c.post("/api/v1/enrollment/face").status_code == 200
     out = []
@@ -56,3 +57,23 @@ def test_good_fingers_pass_first_time(tmp_path: Path, dc_keys, corpus_dir: Path,
     d = _daemon(tmp_path, dc_keys, corpus_dir, rekamd_factory, {})
     for answers in _fingers(d):
         assert len(answers) == 1 and answers[0]["accepted"], answers
+
+
+def test_retake_hints_are_worded_in_indonesian_by_the_kit(tmp_path: Path, dc_keys, corpus_dir: Path,
+                                                          rekamd_factory) -> None:
+    """Issue #16: the hints come from the codes through the catalog, in the kit's language (no English left
+    for the console to match); the codes stay as they are."""
+    from firmware.quality.finger import gates
+    from firmware.system.i18n import gettext, use_language
+
+    d = _daemon(tmp_path, dc_keys, corpus_dir, rekamd_factory, {"moved": 1.0})
+    c = d.signin(OPERATOR)  # no X-Rekam-Lang: the kit's language, Indonesian
+    assert c.post("/api/v1/enrollment", json={"nik": NIK_MALE}).status_code == 200
+    assert c.post("/api/v1/enrollment/face").status_code == 200
+    first = c.post("/api/v1/enrollment/fingers/R1").json()
+    assert not first["accepted"] and first["codes"], first
+    with use_language("id"):
+        want = [gettext(gates.MESSAGES[code]) for code in first["codes"] if code in gates.MESSAGES]
+    assert want and first["hints"] == want, first
+    assert not set(want) & set(gates.MESSAGES.values())  # really translated, not the English text
+    assert first["message"].startswith("ulangi: " + want[0]), first

@@ -346,8 +346,10 @@ def test_retake_reason_is_said_once(daemon: Daemon, browser: Any) -> None:
     import json
 
     hint = "head turned (yaw): look straight into the camera"
-    answer = {"status": "captured", "score": 31.0, "codes": ["yaw"], "hints": [hint], "accepted": False,
-              "forced": False, "done": False, "attempt": 1, "message": "retake: " + hint}
+    translated = "kepala menoleh: tatap lurus ke kamera"
+    # The kit words the hints in the console's language (X-Rekam-Lang: id), from the codes.
+    answer = {"status": "captured", "score": 31.0, "codes": ["HEAD_TURNED"], "hints": [translated], "accepted": False,
+              "forced": False, "done": False, "attempt": 1, "message": "ulangi: " + translated}
     page = browser.new_page(viewport={"width": 800, "height": 480})
     page.goto(daemon.url + "/")
     signin(page)
@@ -359,7 +361,6 @@ def test_retake_reason_is_said_once(daemon: Daemon, browser: Any) -> None:
     page.click("#capture-go")
     page.wait_for_selector("#fb-badge:has-text('ULANGI')")
     text = page.inner_text("#view-enroll")
-    translated = "kepala menoleh: tatap lurus ke kamera"
     assert text.count(translated) == 1, text
     assert hint not in text and "Ulangi: ikuti petunjuk di bawah" in page.inner_text("#prompt")
     page.close()

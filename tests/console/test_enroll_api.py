@@ -83,6 +83,7 @@ NIK_CASES = [
 
 def test_nik_validation_table(daemon: Daemon) -> None:
     c = daemon.signin()
+    c.headers["X-Rekam-Lang"] = "en"  # the words below are English (the kit's own language is Indonesian)
     for nik, code, words in NIK_CASES:
         r = c.post("/api/v1/enrollment", json={"nik": nik})
         assert r.status_code == 422, (nik, r.text)
@@ -98,6 +99,7 @@ def test_nik_validation_table(daemon: Daemon) -> None:
 
 def test_pin_lockout_after_five_wrong(daemon: Daemon) -> None:
     c = daemon.client()
+    c.headers["X-Rekam-Lang"] = "en"  # the words below are English
     answers = []
     for _ in range(5):
         r = c.post("/api/v1/auth/signin", json={"operator_id": "demo", "pin": "000000"})
@@ -181,9 +183,10 @@ def test_halt_mid_day_refuses_new_sessions_but_finishes_the_running_one(make_dae
     r = c.post("/api/v1/enrollment", json={"nik": "3201014101000001"})
     assert r.status_code == 507
     det = r.json()["detail"]
-    assert det["code"] == "halted" and "sd is full" in det["message"]
+    assert det["code"] == "halted" and det["reasons"] == ["sd_full"]
+    assert det["message"].startswith("perekaman dihentikan: sd penuh: sisa ")  # the kit's language: Indonesian
     assert d.client().get("/api/v1/status").json()["guard"]["enrollments_in_progress"] == 0
-    assert audit(c, "start_refused")[0]["detail"]["reason"].startswith("sd is full")
+    assert audit(c, "start_refused")[0]["detail"]["reason"] == "sd_full"  # the journal keeps the code
 
 
 def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: Any) -> None:
@@ -208,7 +211,7 @@ def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: A
     assert bad.status_code == 403 and bad.json()["detail"]["code"] == "supervisor_auth"
     bad = c.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "demo", "pin": OPERATOR[1],
                                                         "decision": "accept", "reason": "x"})
-    assert bad.status_code == 403 and "not a supervisor" in bad.json()["detail"]["message"]
+    assert bad.status_code == 403 and "demo bukan supervisor" in bad.json()["detail"]["message"]  # Indonesian
     r = c.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "spv", "pin": SUPERVISOR[1],
                                                       "decision": "reject", "reason": "same person as " + a})
     assert r.status_code == 200 and r.json()["active"] is False

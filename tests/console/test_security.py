@@ -170,7 +170,8 @@ def test_bad_json_is_400_never_500(daemon: Daemon) -> None:
 
 
 def _signin(url: str, pin: str) -> tuple[int, str]:
-    r = httpx.post(url + "/api/v1/auth/signin", json={"operator_id": OPERATOR[0], "pin": pin}, timeout=60)
+    r = httpx.post(url + "/api/v1/auth/signin", json={"operator_id": OPERATOR[0], "pin": pin}, timeout=60,
+                   headers={"X-Rekam-Lang": "en"})  # the messages are matched in English
     return r.status_code, r.json()["detail"]["message"] if r.status_code != 200 else ""
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from firmware.enrollment import nik, receipt
 from firmware.enrollment.operators import Operator, Operators, SignInError, check_pin, hash_pin
+from firmware.system.i18n import use_language
 
 TODAY = dt.date(2026, 11, 29)
 
@@ -60,7 +61,7 @@ def test_lockout_after_five_failures_and_expiry() -> None:
     ops = Operators([Operator("siti", "Siti", hash_pin("1234"))], max_failures=5, lockout_s=900,
                     clock=lambda: now[0])
     for i in range(4):
-        with pytest.raises(SignInError) as e:
+        with use_language("en"), pytest.raises(SignInError) as e:
             ops.authenticate("siti", "9999")
         assert e.value.code == "bad_pin" and f"{4 - i} tries left" in str(e.value)
     with pytest.raises(SignInError) as e:

@@ -107,7 +107,7 @@ def test_quality_defaults_come_from_the_models() -> None:
     assert (d.face_threshold, d.face_attempts) == (face.accept_score, face.max_attempts)
 
 
-def test_report_and_rekam_cli_exit_78(tmp_path: Path, capsys) -> None:
+def test_report_and_rekam_cli_exit_78(tmp_path: Path, capsys, monkeypatch) -> None:
     import io
 
     from firmware.cli.main import main
@@ -118,5 +118,10 @@ def test_report_and_rekam_cli_exit_78(tmp_path: Path, capsys) -> None:
     assert out.getvalue() == "f.toml: a.b = 1: must be x\nf.toml: c.d = 2: must be y\n"
     bad = tmp_path / "rekam.toml"
     bad.write_text("[store]\nreserve_floor_mb = -1\n")
+    monkeypatch.setenv("REKAM_LANG", "en")
     assert main(["--config", str(bad), "status"]) == 78
     assert f"{bad}: store.reserve_floor_mb = -1: must be >= 0" in capsys.readouterr().err
+    # Indonesian first: the operator's shell (no REKAM_LANG) reads the same problem in Indonesian.
+    monkeypatch.delenv("REKAM_LANG")
+    assert main(["--config", str(bad), "status"]) == 78
+    assert f"{bad}: store.reserve_floor_mb = -1: harus >= 0" in capsys.readouterr().err

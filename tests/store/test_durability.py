@@ -15,6 +15,7 @@ from firmware.errors import CaptureHalted
 from firmware.seal import identity
 from firmware.store.service import UsbWatcher
 from firmware.store.store import Store, seq_of
+from firmware.system.i18n import use_language
 from firmware.wire import record_format
 from tests.faults.harness import kit_config, payload, wait_ready, writer
 from tests.support import Tmpfs
@@ -98,16 +99,18 @@ def test_no_overflow_at_warn_a_maximal_record_must_fit(tmp_path: Path, dc_keys: 
         st = os.statvfs(sd)
         fill = st.f_bavail * st.f_frsize - int(6.7 * 1024 * 1024)
         (sd / "other-data").write_bytes(b"\0" * fill)  # the SD filled by something else, 6.7 MiB left
-        with pytest.raises(CaptureHalted, match="sd is full"):
+        with pytest.raises(CaptureHalted, match="^sd penuh: ") as exc:  # the kit's language (id) by default
             s.commit(payload(int(7.2 * 1024 * 1024)))
-        with pytest.raises(CaptureHalted, match="sd is full"):
+        assert exc.value.code == "sd_full"
+        with pytest.raises(CaptureHalted, match="^sd penuh: ") as exc:
             s.begin()
+        assert exc.value.code == "sd_full"
         assert s.status()["guard"]["level"] == "HALT"
         # A reservation taken while there was room does not let it through either (checked before the number).
         (sd / "other-data").unlink()
         held = s.begin()
         (sd / "other-data").write_bytes(b"\0" * fill)
-        with pytest.raises(CaptureHalted, match="sd is full"):
+        with use_language("en"), pytest.raises(CaptureHalted, match="^sd is full: "):
             s.commit(payload(int(7.2 * 1024 * 1024)), reservation=held)
         s.release(held)
         (sd / "other-data").unlink()
@@ -140,7 +143,8 @@ def test_stick_smaller_than_backlog_is_filled_to_its_reserve_kept_and_reported(
         n = st["stick"]["not_mirrored"]
         assert 0 < n < 14 and n == st["mirror_lag"]["records"]
         assert f"Stik USB penuh: {n} rekaman belum tersalin" in " ".join(st["guard"]["reasons"])
-        assert not any("no USB stick" in r for r in st["guard"]["reasons"])
+        assert "usb_stick_full" in st["guard"]["codes"] and "no_stick" not in st["guard"]["codes"]
+        assert len(st["guard"]["codes"]) == len(st["guard"]["reasons"])
         free = os.statvfs(usb)
         assert free.f_bavail * free.f_frsize >= s.guard.reserve_bytes("usb")  # the reserve stays free
         assert len(s.stick.record_files()) == 14 - n

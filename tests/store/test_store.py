@@ -52,7 +52,8 @@ def test_no_stick_then_backfill(kit_cfg: Any) -> None:
         ids = [s.commit(payload(50_000)).record_id for _ in range(3)]
         st = s.status()
         assert st["mirror_lag"]["records"] == 3 and st["guard"]["level"] == "WARN"
-        assert any("no USB stick" in r for r in st["guard"]["reasons"])
+        assert "no_stick" in st["guard"]["codes"]
+        assert any("tidak ada stik USB" in r for r in st["guard"]["reasons"])
         kit_cfg.usb_dir.mkdir()
         s.poll_usb()
         assert s.stick is not None
@@ -66,8 +67,9 @@ def test_required_stick_halts_capture(tmp_path: Path, dc_keys: dict[str, Any]) -
     cfg = make_config(tmp_path, dc_keys["pub_path"], usb={"required": True})
     s = open_store(cfg)
     try:
-        with pytest.raises(CaptureHalted, match="a stick is required"):
+        with pytest.raises(CaptureHalted, match=r"stik wajib ada") as exc:  # Indonesian, the default
             s.begin()
+        assert exc.value.code == "stick_required"
     finally:
         s.close()
 
@@ -119,7 +121,7 @@ def test_fill_tmpfs_until_halt_then_swap_stick(tmp_path: Path, dc_keys: dict[str
         with pytest.raises(CaptureHalted) as halt:
             for _ in range(200):
                 committed.append(s.commit(payload(500_000)))
-        assert "usb is full" in halt.value.reason
+        assert halt.value.reason.startswith("usb penuh: ") and halt.value.code.startswith("usb_")
         assert 10 <= len(committed) < 24
         # Nothing partial: every confirmed record is whole on both media; no temp files.
         for r in committed:
@@ -137,7 +139,7 @@ def test_fill_tmpfs_until_halt_then_swap_stick(tmp_path: Path, dc_keys: dict[str
         with pytest.raises(CaptureHalted) as halt:
             for _ in range(200):
                 more.append(s.commit(payload(500_000)))
-        assert "sd is full" in halt.value.reason and more
+        assert halt.value.reason.startswith("sd penuh: ") and halt.value.code.startswith("sd_") and more
         assert s.status()["records"]["stored"]["records"] == len(committed) + len(more)
     finally:
         s.close()

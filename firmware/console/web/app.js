@@ -113,7 +113,8 @@ function detailOf(status, body) {
 }
 
 async function api(method, path, body) {
-  const opts = { method, headers: {}, credentials: "same-origin", cache: "no-store" };
+  // The kit words its answers (guard reasons, errors) in the language this console shows.
+  const opts = { method, headers: { "X-Rekam-Lang": I18N.lang || "" }, credentials: "same-origin", cache: "no-store" };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -288,10 +289,14 @@ function alertsFrom(st) {
   const out = [];
   const g = st.guard || {};
   const noStick = st.stick && !st.stick.present;
-  // The stick's absence has its own alert; do not repeat the guard's reason for it.
-  const reasons = (g.reasons || []).filter((r) => !(noStick && /no USB stick/.test(r)));
-  if (g.level === "HALT") out.push(["halt", t("CAPTURE HALTED: {reasons}. No new enrollment can start.", { reasons: reasons.join("; ") })]);
-  else if (g.level === "WARN" && reasons.length) out.push(["warn", t("Storage low: {reasons}", { reasons: reasons.join("; ") })]);
+  // The stick's absence has its own alert; do not repeat the guard's reason for it. The reasons come worded
+  // in the kit's language; `codes` (one per reason) say which is which.
+  const codes = g.codes || [];
+  const reasons = (g.reasons || []).filter((r, i) => !(noStick && ["no_stick", "stick_required"].includes(codes[i])));
+  if (g.level === "HALT") {
+    out.push(["halt", t("CAPTURE HALTED: {reasons}. No new enrollment can start.", { reasons: reasons.join("; ") })]);
+    for (const a of g.actions || []) out.push(["halt", a]);
+  } else if (g.level === "WARN" && reasons.length) out.push(["warn", t("Storage low: {reasons}", { reasons: reasons.join("; ") })]);
   if (noStick) out.push([g.level === "HALT" ? "halt" : "warn", t("USB stick missing: records are only on the SD card. Insert the stick.")]);
   if (st.sensor && st.sensor.error) out.push(["halt", t("Fingerprint sensor error: {error}", { error: st.sensor.error })]);
   if (st.control && st.control.locked) out.push(["halt", t("Capture locked by the office: {reason}", { reason: st.control.lock_reason || "" })]);
@@ -575,7 +580,8 @@ function renderFeedback(r) {
   $("fb-msg").textContent = r.forced ? t("Kept the best of {n} attempts (quality below the threshold).", { n: fmtCount(r.attempt) }) : "";
   const ul = $("fb-hints");
   clear(ul);
-  if (!r.done) for (const h of r.hints || []) ul.appendChild(el("li", t(h)));
+  // The hints come worded by the kit in this console's language (X-Rekam-Lang); their codes are in r.codes.
+  if (!r.done) for (const h of r.hints || []) ul.appendChild(el("li", h));
   if (r.preview) $("preview").src = API + "/enrollment/preview/" + r.preview + "?t=" + Date.now();
 }
 

@@ -20,33 +20,35 @@ from firmware.config.models import QualityFaceConfig
 from firmware.quality.face.detect import Detection, FaceDetector
 from firmware.quality.face.landmarks import FaceLandmarks, LandmarkModel
 from firmware.quality.face.measures import FaceMeasures, measure
+from firmware.system.i18n import N_
 
 log = logging.getLogger(__name__)
 
 # code -> (severity, operator hint). "reject" codes make the shot unacceptable; "warn" codes are
 # recorded and shown but do not block.
+#: Face codes: (severity, explanation); the explanations are English msgids (`N_`), worded where shown.
 CODES: dict[str, tuple[str, str]] = {
-    "NO_FACE": ("reject", "no face found: face the camera"),
-    "MULTIPLE_FACES": ("reject", "more than one face in the frame: only the applicant may be visible"),
-    "LANDMARKS_FAILED": ("reject", "face found but its features could not be located: retake"),
-    "FACE_TOO_SMALL": ("reject", "face too small (eye distance): move closer or zoom in"),
-    "FACE_SMALL": ("warn", "eye distance below the ICAO recommendation: move closer if possible"),
-    "CROPPED_LEFT": ("reject", "head too close to the left edge of the picture"),
-    "CROPPED_RIGHT": ("reject", "head too close to the right edge of the picture"),
-    "CROPPED_TOP": ("reject", "top of the head cut off: lower the camera or step back"),
-    "CROPPED_BOTTOM": ("reject", "chin too close to the bottom edge: raise the camera or step back"),
-    "OFF_CENTRE": ("reject", "face not centred: move to the middle of the picture"),
-    "HEAD_TURNED": ("reject", "head turned (yaw): look straight into the camera"),
-    "HEAD_TILTED_UP_DOWN": ("reject", "head tilted up or down (pitch): keep the chin level"),
-    "HEAD_ROLLED": ("reject", "head tilted sideways (roll): keep the head upright"),
-    "EYES_CLOSED": ("reject", "eyes closed or nearly closed: keep the eyes open"),
-    "MOUTH_OPEN": ("reject", "mouth open: close the mouth, neutral expression"),
-    "TOO_DARK": ("reject", "face too dark: add light or move to a brighter spot"),
-    "TOO_BRIGHT": ("reject", "face too bright: reduce light or move out of direct sun"),
-    "DARK_CLIPPING": ("reject", "parts of the face are black (shadows): light the face evenly"),
-    "BRIGHT_CLIPPING": ("reject", "parts of the face are burnt out (glare): reduce direct light"),
-    "UNEVEN_LIGHTING": ("reject", "one side of the face darker than the other: light both sides"),
-    "BLURRED": ("reject", "picture blurred: hold still and check focus"),
+    "NO_FACE": ("reject", N_("no face found: face the camera")),
+    "MULTIPLE_FACES": ("reject", N_("more than one face in the frame: only the applicant may be visible")),
+    "LANDMARKS_FAILED": ("reject", N_("face found but its features could not be located: retake")),
+    "FACE_TOO_SMALL": ("reject", N_("face too small (eye distance): move closer or zoom in")),
+    "FACE_SMALL": ("warn", N_("eye distance below the ICAO recommendation: move closer if possible")),
+    "CROPPED_LEFT": ("reject", N_("head too close to the left edge of the picture")),
+    "CROPPED_RIGHT": ("reject", N_("head too close to the right edge of the picture")),
+    "CROPPED_TOP": ("reject", N_("top of the head cut off: lower the camera or step back")),
+    "CROPPED_BOTTOM": ("reject", N_("chin too close to the bottom edge: raise the camera or step back")),
+    "OFF_CENTRE": ("reject", N_("face not centred: move to the middle of the picture")),
+    "HEAD_TURNED": ("reject", N_("head turned (yaw): look straight into the camera")),
+    "HEAD_TILTED_UP_DOWN": ("reject", N_("head tilted up or down (pitch): keep the chin level")),
+    "HEAD_ROLLED": ("reject", N_("head tilted sideways (roll): keep the head upright")),
+    "EYES_CLOSED": ("reject", N_("eyes closed or nearly closed: keep the eyes open")),
+    "MOUTH_OPEN": ("reject", N_("mouth open: close the mouth, neutral expression")),
+    "TOO_DARK": ("reject", N_("face too dark: add light or move to a brighter spot")),
+    "TOO_BRIGHT": ("reject", N_("face too bright: reduce light or move out of direct sun")),
+    "DARK_CLIPPING": ("reject", N_("parts of the face are black (shadows): light the face evenly")),
+    "BRIGHT_CLIPPING": ("reject", N_("parts of the face are burnt out (glare): reduce direct light")),
+    "UNEVEN_LIGHTING": ("reject", N_("one side of the face darker than the other: light both sides")),
+    "BLURRED": ("reject", N_("picture blurred: hold still and check focus")),
 }
 
 

@@ -13,16 +13,18 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from firmware.config.models import QualityFingerConfig
+from firmware.system.i18n import N_
 
+#: Feedback per code, English msgids (`N_`): the enrollment words them in the operator's language.
 MESSAGES: dict[str, str] = {
-    "no_finger": "No finger on the sensor",
-    "blurred": "Image blurred: the finger moved or slid; hold it still and press again",
-    "press_flatter": "Press the finger flatter: the contact area is too small",
-    "centre_finger": "Centre the finger on the sensor",
-    "too_wet": "Finger too wet or pressed too hard: wipe it and press lightly",
-    "clean_glass": "Clean the sensor glass: smear or residue on the image",
-    "too_dry": "Finger too dry or touching too lightly: moisten it slightly and press firmly",
-    "few_minutiae": "Too little ridge detail: place the centre of the fingertip on the glass",
+    "no_finger": N_("No finger on the sensor"),
+    "blurred": N_("Image blurred: the finger moved or slid; hold it still and press again"),
+    "press_flatter": N_("Press the finger flatter: the contact area is too small"),
+    "centre_finger": N_("Centre the finger on the sensor"),
+    "too_wet": N_("Finger too wet or pressed too hard: wipe it and press lightly"),
+    "clean_glass": N_("Clean the sensor glass: smear or residue on the image"),
+    "too_dry": N_("Finger too dry or touching too lightly: moisten it slightly and press firmly"),
+    "few_minutiae": N_("Too little ridge detail: place the centre of the fingertip on the glass"),
 }
 #: Order in which codes are reported (the first is the one to act on first).
 ORDER = tuple(MESSAGES)
