@@ -106,7 +106,8 @@ class Kit:
         logf.close()
         while (left := timeout - (time.monotonic() - t0)) > 0:
             if self.proc.poll() is not None:
-                raise SystemExit(f"rekamd exited {self.proc.returncode}; see {self.root / 'rekamd.log'}")
+                tail = (self.root / "rekamd.log").read_text(errors="replace")[-3000:]  # the folder is removed on exit
+                raise SystemExit(f"rekamd exited {self.proc.returncode}; its log ends:\n{tail}")
             self.sock.settimeout(min(left, 0.5))
             try:
                 msg = self.sock.recv(4096).decode(errors="replace")
