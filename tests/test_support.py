@@ -89,4 +89,4 @@ def test_rekam_runs_the_checkout_without_a_stray_config(tmp_path: Path, monkeypa
     assert "REKAM_CONFIG" not in env and "HOME" not in env and env["EXTRA"] == "1"
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(__file__).resolve().parent.parent)
     r = rekam("--help")
-    assert r.returncode == 0 and "usage" in r.stdout.lower()
+    assert r.returncode == 0 and "--config" in r.stdout  # the help, in whatever language the kit speaks
