@@ -34,9 +34,7 @@ from firmware.system.fsutil import (
     TMP_SUFFIX,
     atomic_write,
     fsync_dir,
-    read_untrusted,
     remove_durably,
-    sha256_untrusted,
     space,
 )
 from firmware.system.i18n import N_, format_count, gettext
@@ -470,9 +468,6 @@ class Store:
             log.warning("usb stick full stick_id=%s not_mirrored=%d", stick.stick_id, not_mirrored)
             self.j.audit("usb_full", stick_id=stick.stick_id, not_mirrored=not_mirrored)
 
-    def _stick_rel(self, record_id: str) -> str:
-        return f"rekam/{self.identity.kit_id}/records/{record_id}{record_format.FILE_SUFFIX}"
-
     @property
     def _max_sealed(self) -> int:
         return self.guard.max_record_bytes + record_format.MAX_HEADER + 1024 * 1024
@@ -572,7 +567,7 @@ class Store:
                 return "present"
             # Present but never recorded (e.g. the journal commit was cut short): verify, then record.
             try:
-                if sha256_untrusted(stick.mount, self._stick_rel(r.id), self._max_sealed)[0] == r.sha256:
+                if stick.sha256_of(r.id, self._max_sealed) == r.sha256:
                     with self._lock:
                         if self.journal is not None:
                             self.j.add_mirror(r.id, stick.stick_id)
@@ -623,9 +618,8 @@ class Store:
                     self._adopt_from_stick(stick, rid, rep)
 
     def _adopt_from_stick(self, stick: Stick, rid: str, rep: RecoveryReport | None = None) -> None:
-        rel = self._stick_rel(rid)
         try:
-            data = read_untrusted(stick.mount, rel, self._max_sealed)
+            data = stick.read_record(rid, self._max_sealed)
             parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
             h = parsed.header
             if h.record_id != rid or h.seq != seq_of(rid) or h.kit_id != self.identity.kit_id:
@@ -636,8 +630,7 @@ class Store:
                 return  # an I/O error is not a verdict: try again on the next pass
             log.error("stick-only record fails verification record_id=%s error=%s; removed from the stick", rid, e)
             try:
-                os.unlink(stick.mount / rel)  # our kit folder: a bad or planted file is not kept as ours
-                fsync_dir(stick.records_dir)
+                stick.remove_record(rid)  # our kit folder: a bad or planted file is not kept as ours
             except OSError:
                 pass
             self.j.audit("usb_orphan_removed", record_id=rid, reason=str(e))
@@ -911,7 +904,8 @@ class Store:
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
             return False
         try:
-            data = read_untrusted(self.cfg.usb_dir, self._stick_rel(r.id), self._max_sealed)
+            # the stick is untrusted: no symlink followed, at most the journaled size read
+            data = Stick(self.cfg.usb_dir, "", self.identity.kit_id).read_record(r.id, r.size)
         except OSError:
             return False
         if record_format.sha256_hex(data) != r.sha256:

@@ -181,6 +181,13 @@ class Stick:
         """The bytes of this stick's copy of a record, at most `max_bytes` (`OSError` if absent or unusable)."""
         return read_untrusted(self.mount, f"{self.rel_records}/{record_id}{record_format.FILE_SUFFIX}", max_bytes)
 
+    def remove_record(self, record_id: str) -> None:
+        """Delete this stick's copy of a record durably (unlinkat beneath the mount: a symlink is removed, not
+        followed); `OSError` if it cannot be."""
+        with _dir(self.mount, self.rel_records) as rfd:
+            os.unlink(record_id + record_format.FILE_SUFFIX, dir_fd=rfd)
+            os.fsync(rfd)
+
 
 def read_index(kit_dir: Path, root: Path | None = None) -> Iterator[dict[str, Any]]:
     """Entries of a stick's index, skipping torn or invalid lines.
