@@ -43,6 +43,20 @@ class StoreResult:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class ArchivedRecord:
+    """One index row, as `since()` lists them. `cursor` is opaque: pass it back to `since()` to get
+    only what was archived after this row (the ABIS export queue)."""
+
+    record_id: str
+    kit_id: str
+    seq: int
+    sha256: str
+    size: int
+    received_at: str
+    cursor: str
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -216,6 +230,37 @@ class Archive:
             if kit_id:
                 sql, args = sql + " WHERE kit_id = ?", (kit_id,)
             return [r[0] for r in self.conn.execute(sql + " ORDER BY kit_id, seq", args)]
+
+    def read(self, record_id: str) -> bytes:
+        """The archived bytes of `record_id`, checked against the indexed hash.
+
+        Raises `KeyError` if the record is not archived and `ArchiveError` if its stored bytes no
+        longer match the index (a damaged disk: never hand such a file on).
+        """
+        with self._lock:
+            row = self.conn.execute("SELECT sha256, path FROM records WHERE record_id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise KeyError(record_id)
+        try:
+            data = (self.root / row[1]).read_bytes()
+        except OSError as e:
+            raise ArchiveError(f"cannot read archived record {record_id}: {e}") from e
+        if rf.sha256_hex(data) != row[0]:
+            raise ArchiveError(f"archived record {record_id} no longer matches its index hash {row[0][:12]}")
+        return data
+
+    def since(self, cursor: str | None = None, limit: int = 1000) -> list[ArchivedRecord]:
+        """Up to `limit` records archived after `cursor` (None: from the start), oldest first.
+
+        The cursor is the SQLite rowid of the index row: rows are only ever inserted, and one writer
+        at a time commits (BEGIN IMMEDIATE), so a row with a smaller rowid can never appear later.
+        """
+        after = int(cursor) if cursor else 0
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT rowid, record_id, kit_id, seq, sha256, size, received_at FROM records WHERE rowid > ? "
+                "ORDER BY rowid LIMIT ?", (after, int(limit))).fetchall()
+        return [ArchivedRecord(r[1], r[2], r[3], r[4], r[5], r[6], str(r[0])) for r in rows]
 
     def path_of(self, kit_id: str, record_id: str) -> Path:
         return self.records_dir / kit_id / (record_id + rf.FILE_SUFFIX)

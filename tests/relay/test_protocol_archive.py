@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware import config
 from firmware.capture.simulated import SimulatedCapture
+from firmware.errors import ArchiveError
 from firmware.seal import identity
 from firmware.wire import record_format
 from firmware.wire import relay_protocol as proto
@@ -119,6 +120,29 @@ def test_archive_unknown_kit_tofu_duplicate_and_conflict(tmp_path, sealed):
     assert len(list((tmp_path / "arch" / "conflicts").iterdir())) == 1
     with pytest.raises(ValueError, match="another key"):
         a.register_kit(ident.kit_id, "A" * 43 + "=")
+    a.close()
+
+
+def test_archive_reads_back_and_lists_since_a_cursor(tmp_path, sealed):
+    ident, recs = sealed
+    a = Archive(tmp_path / "arch", tofu=True)
+    assert a.since() == []
+    for rid, data in recs[:2]:
+        a.store(data, ident.kit_id, "test", expect_record_id=rid)
+    first = a.since()
+    assert [r.record_id for r in first] == [recs[0][0], recs[1][0]]
+    assert a.read(recs[1][0]) == recs[1][1]
+    assert a.since(first[-1].cursor) == []
+    a.store(recs[2][1], ident.kit_id, "test", expect_record_id=recs[2][0])
+    assert [r.record_id for r in a.since(first[-1].cursor)] == [recs[2][0]]
+    assert [r.record_id for r in a.since(None, limit=1)] == [recs[0][0]]
+    with pytest.raises(KeyError):
+        a.read(ident.kit_id + "-99999999-20261129T040000Z")
+    # A damaged file is never handed on.
+    path = a.path_of(ident.kit_id, recs[0][0])
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ArchiveError, match="no longer matches"):
+        a.read(recs[0][0])
     a.close()
 
 
