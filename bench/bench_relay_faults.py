@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.faults.relay_harness import SCENARIOS, Outcome, run, summary  # noqa: E402
+from tests.faults.harness import Tally  # noqa: E402
+from tests.faults.relay_harness import SCENARIOS, run, summary  # noqa: E402
 
 
 def main() -> int:
@@ -36,7 +37,7 @@ def main() -> int:
     bad = 0
     t0 = time.monotonic()
     for scenario in args.scenario or SCENARIOS:
-        outs: list[Outcome] = []
+        outs: list[Tally] = []
         for i in range(args.trials):
             root = base / f"{scenario}-{i}"
             o = run(scenario, root, args.seed * 100_003 + i, args.records)

@@ -67,6 +67,11 @@ class Tally:
         self.extra.update(other.extra)
 
     @property
+    def clean(self) -> bool:
+        """Something was confirmed and nothing went wrong."""
+        return self.confirmed > 0 and self.bad == 0
+
+    @property
     def bad(self) -> int:
         return self.lost + self.corrupt + self.duplicated + self.reused + self.stuck
 

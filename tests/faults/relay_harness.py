@@ -28,8 +28,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -37,36 +35,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.wire import record_format as rf
 from firmware.wire import relay_protocol as proto
-from tests.support import REPO, Mosquitto, render_toml, subprocess_env
+from tests.faults.harness import Tally
+from tests.support import REPO, Mosquitto, render_toml, subprocess_env, wait_for
 
 SCENARIOS = ("broker_kill9", "broker_outage", "ingest_kill9", "kit_kill9")
 SETTLE_S = 30.0  # after the fault and the last capture, every record must be acked within this
-
-
-@dataclass
-class Outcome:
-    """The count at the end of one trial."""
-
-    scenario: str
-    confirmed: int = 0
-    lost: int = 0
-    corrupt: int = 0
-    duplicated: int = 0
-    stuck: int = 0
-    settle_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        return self.confirmed > 0 and not (self.lost or self.corrupt or self.duplicated or self.stuck)
-
-
-def _wait(cond: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
 
 
 class Rig:
@@ -113,7 +86,7 @@ class Rig:
                 [sys.executable, "-m", "provisioning.cli", "ingest", "--broker", self.broker.url, "--archive",
                  str(self.archive), "--tofu", "--ack-key", str(self.ack_key)], cwd=REPO, env=subprocess_env(),
                 stdout=f, stderr=f)
-        _wait(lambda: b"ingest connected" in log.read_bytes() or self.ingest.poll() is not None, 20,
+        wait_for(lambda: b"ingest connected" in log.read_bytes() or self.ingest.poll() is not None, 20,
               "the ingest to connect")
 
     def kill_ingest(self) -> None:
@@ -184,7 +157,7 @@ class Rig:
     def unfinished(self) -> int:
         return sum(1 for st, _ in self.journal().values() if st in ("stored", "sent"))
 
-    def count(self, out: Outcome) -> Outcome:
+    def count(self, out: Tally) -> Tally:
         confirmed = self.confirmed()
         journal = self.journal()
         out.confirmed = len(confirmed)
@@ -220,18 +193,18 @@ class Rig:
         return out
 
 
-def run(scenario: str, root: Path, seed: int, records: int = 14) -> Outcome:
+def run(scenario: str, root: Path, seed: int, records: int = 14) -> Tally:
     """One trial of `scenario` under `root` (a fresh directory); returns its count."""
     rng = random.Random(seed)
     rig = Rig(root, rng, records)
-    out = Outcome(scenario)
+    out = Tally(scenario, trials=1)
     try:
         rig.broker.start()
         rig.start_ingest()
         rig.start_kit(records, seed)
         # The fault lands during capture and drain: after a random number of confirmations.
         at = rng.randint(2, max(2, records - 4))
-        _wait(lambda: len(rig.confirmed()) >= at, 30, f"{at} confirmed records")
+        wait_for(lambda: len(rig.confirmed()) >= at, 30, f"{at} confirmed records")
         if scenario == "broker_kill9":
             # The data center stalls (SIGSTOP) long enough for the kit's ack timeouts to fire: the kill then lands
             # in the resend of already-sent records, where issue 19.4 lost track of them. Then a second kill.
@@ -257,25 +230,26 @@ def run(scenario: str, root: Path, seed: int, records: int = 14) -> Outcome:
             rig.start_kit(max(0, records - len(rig.confirmed())), seed + 1)
         else:
             raise ValueError(f"unknown scenario {scenario!r}")
-        _wait(lambda: rig.kit_out[-1].exists() and "captured" in rig.kit_out[-1].read_text(), 60, "capture to end")
+        wait_for(lambda: rig.kit_out[-1].exists() and "captured" in rig.kit_out[-1].read_text(), 60, "capture to end")
         t0 = time.monotonic()
         try:
-            _wait(lambda: rig.unfinished() == 0, SETTLE_S, "every record acked", step=0.2)
-        except TimeoutError as e:
+            wait_for(lambda: rig.unfinished() == 0, SETTLE_S, "every record acked", step=0.2)
+        except AssertionError as e:
             out.notes.append(str(e))
-        out.settle_s = time.monotonic() - t0
+        out.extra["settle_ms"] = round((time.monotonic() - t0) * 1000)
     finally:
         rig.stop_all()
     return rig.count(out)
 
 
-def summary(scenario: str, outs: list[Outcome]) -> str:
-    """One line per scenario, the same shape as bench/bench_faults.py's."""
-    tot = {k: sum(getattr(o, k) for o in outs) for k in ("confirmed", "lost", "corrupt", "duplicated", "stuck")}
-    worst = max((o.settle_s for o in outs), default=0.0)
-    return (f"{scenario:14s} trials={len(outs):4d} confirmed={tot['confirmed']:6d} lost={tot['lost']} "
-            f"corrupt={tot['corrupt']} duplicated={tot['duplicated']} stuck={tot['stuck']} "
-            f"max_settle_s={worst:.1f}")
+def summary(scenario: str, outs: list[Tally]) -> str:
+    """One line per scenario, the same shape as bench/bench_faults.py's (the worst settle time, not the sum)."""
+    tot = Tally(scenario)
+    for o in outs:
+        tot.add(o)
+    worst = max((o.extra["settle_ms"] for o in outs), default=0)
+    del tot.extra["settle_ms"]
+    return f"{tot.line()} max_settle_s={worst / 1000:.1f}"
 
 
 if __name__ == "__main__":  # quick manual run: python -m tests.faults.relay_harness SCENARIO DIR

@@ -7,19 +7,12 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from firmware.system.service import FAILED, RUNNING, STOPPED, Service, Supervisor, ThreadService
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+from tests.support import wait_for
 
 
 class Recorder:
