@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from firmware.console.port import KitPort
-from firmware.system.service import FAILED, RUNNING, STOPPED
+from firmware.system.service import ThreadService
 from hw.panel import Panel, PanelPins, PanelState
 
 log = logging.getLogger(__name__)
@@ -31,27 +31,22 @@ def pins_from_config(gpio: Any) -> PanelPins:
                      button_eject=gpio.button_eject)
 
 
-class PanelLink:
+class PanelLink(ThreadService):
     """Drives a `Panel` from the kit's state and enrollment events; runs the buttons' actions.
 
-    A service: `start()` listens to the enrollment and polls the kit's state in a thread named
-    ``panel``; `stop()` ends it and releases the GPIO pins. Constructing it claims the pins (raises
-    when there is no GPIO), so the daemon can leave the panel out and keep the console.
+    A `ThreadService`: `start()` listens to the enrollment and polls the kit's state in a thread
+    named ``panel``; `stop()` ends it and releases the GPIO pins. Constructing it claims the pins
+    (raises when there is no GPIO), so the daemon can leave the panel out and keep the console.
     """
 
-    name = "panel"
-
     def __init__(self, kit: KitPort, gpio: Any, pin_factory: Any = None, poll_s: float = POLL_S) -> None:
+        super().__init__("panel", poll_s)
         self.kit = kit
         self.gpio = gpio
         self.pin_factory = pin_factory
-        self.poll_s = poll_s
         self.busy = False
         self._action = threading.Lock()  # one button action at a time
         self.last_action = ""
-        self.error = ""
-        self.stop_event = threading.Event()
-        self.thread: threading.Thread | None = None
         self.panel: Panel | None = self._open_panel()
 
     def _open_panel(self) -> Panel:
@@ -66,30 +61,22 @@ class PanelLink:
             return
         if self.panel is None:  # stopped before (a restart): claim the pins again
             self.panel = self._open_panel()
-        self.stop_event.clear()
-        self.error = ""
         svc = self.kit.enrollment
         if svc is not None:
             svc.add_listener(self.on_event)
-        self.thread = threading.Thread(target=self.run, name="panel", daemon=True)
-        self.thread.start()
+        super().start()
 
     def stop(self) -> None:
         """Stop polling, stop listening, turn the panel off and release the pins (idempotent)."""
-        self.stop_event.set()
-        t = self.thread
-        if t is not None and t is not threading.current_thread():
-            t.join(3)
+        super().stop()
         self.close()
 
-    def health(self) -> dict[str, Any]:
-        """Running while the poll thread lives; failed if it died."""
-        t = self.thread
-        if t is not None and t.is_alive():
-            return {"state": RUNNING}
-        if self.error:
-            return {"state": FAILED, "error": self.error}
-        return {"state": STOPPED}
+    def tick(self) -> None:
+        """One poll: the LEDs follow the kit. A failed read is logged; the next poll tries again."""
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("panel refresh failed")
 
     # --- state -> LEDs --------------------------------------------------------------------
 
@@ -127,18 +114,6 @@ class PanelLink:
                 panel.beep_retake()  # retake, or done with the best attempt below the threshold
         elif event == "committed":
             panel.beep_done()
-
-    def run(self) -> None:
-        """Poll the kit's state until stopped (the service's thread)."""
-        try:
-            while not self.stop_event.is_set():
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("panel refresh failed")
-                self.stop_event.wait(self.poll_s)
-        except Exception as e:  # reported through health(); the supervisor logs it and restarts us
-            self.error = f"{type(e).__name__}: {e}"
 
     def close(self) -> None:
         """Stop listening to the enrollment and release the panel."""

@@ -133,7 +133,7 @@ def test_panel_drives_a_real_kit(factory: Any, tmp_path: Path, dc_keys: dict[str
     kit.start()
     try:
         link = kit.services["panel"]
-        link.poll_s = 0.05
+        link.interval = 0.05
         wait_for(lambda: levels(factory)["led_ready"], 5, "ready LED")
         assert not levels(factory)["led_halted"] and not levels(factory)["led_uplink"]
         beeps = factory.pin(PINS.buzzer)
