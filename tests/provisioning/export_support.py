@@ -4,6 +4,7 @@ archived in a real archive; helpers to reseal variants (old manifest, hostile ma
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,11 @@ from firmware.seal import identity
 from firmware.wire import record_format as rf
 from provisioning.archive import Archive
 from tests.console.conftest import NIK_FEMALE, NIK_MALE, enroll, write_config
-from tests.support import Rekamd
+from tests.support import Rekamd, subprocess_env
 
 FINGERS = ["R1", "R2", "L1", "L2"]
 EXPORT = (sys.executable, "-m", "provisioning.cli", "export")
+AGENCY = "IDDUKCAPIL"
 
 
 @dataclass
@@ -54,6 +56,17 @@ class Kit:
             r = a.store(data, self.ident.kit_id, "test")
             assert r.status == "stored", r
         return a
+
+
+_MADE: dict[tuple[str, str], Kit] = {}
+
+
+def shared_sim_kit(tmp_path_factory: Any, dc: dict[str, Any], corpus: Path) -> Kit:
+    """`sim_kit` once per test session (its records are only read; both export test files share them)."""
+    k = (str(dc["pub_path"]), str(corpus))
+    if k not in _MADE:
+        _MADE[k] = sim_kit(tmp_path_factory.mktemp("kit"), dc, corpus)
+    return _MADE[k]
 
 
 def sim_kit(root: Path, dc: dict[str, Any], corpus: Path) -> Kit:
@@ -99,3 +112,9 @@ def pixels(png_or_image: bytes) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def export(archive: Path, kit: Kit, out: Path, fmt: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EXPORT, "--archive", str(archive), "--key", str(kit.dc_key), "--format", fmt,
+                           "--out", str(out), "--agency", AGENCY, "--json", *args],
+                          capture_output=True, text=True, timeout=120, env=subprocess_env({"REKAM_LANG": "en"}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,18 +15,16 @@ import pytest
 
 from provisioning.interchange import cbeff
 from provisioning.interchange import iso19794 as iso
-from tests.provisioning.export_support import EXPORT, Kit, old_manifest, pixels, psnr, sim_kit
+from tests.provisioning.export_support import AGENCY, Kit, export, old_manifest, pixels, psnr, shared_sim_kit
 from tests.store.conftest import dc_keys  # noqa: F401  (session fixture)
-from tests.support import subprocess_env
 
 NS = {"c": cbeff.NS}
 FGP = {"R1": 1, "R2": 2, "L1": 6, "L2": 7}
-AGENCY = "IDDUKCAPIL"
 
 
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:  # noqa: F811
-    return sim_kit(tmp_path_factory.mktemp("kit"), dc_keys, corpus_dir)
+    return shared_sim_kit(tmp_path_factory, dc_keys, corpus_dir)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +38,6 @@ def archived(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
            "old": kit.open(old)[0].record_id}
     a.close()
     yield path, ids
-
-
-def export(archive: Path, kit: Kit, out: Path, fmt: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*EXPORT, "--archive", str(archive), "--key", str(kit.dc_key), "--format", fmt,
-                           "--out", str(out), "--agency", AGENCY, "--json", *args],
-                          capture_output=True, text=True, timeout=120, env=subprocess_env({"REKAM_LANG": "en"}))
 
 
 def original_fingers(kit: Kit, data: bytes) -> dict[str, np.ndarray]:
