@@ -14,6 +14,7 @@ makes the exit status 1; it never stops the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -96,6 +97,20 @@ def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, reco
     return out
 
 
+_KEYS: dict[bytes, Any] = {}
+
+
+def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str]) -> tuple[str, bytes, str]:
+    """`convert` as a picklable job for a worker process: ("ok", output, "") or (code, b"", message)."""
+    data, keys, raw_key, opts, rid, kit = job
+    if raw_key not in _KEYS:
+        _KEYS[raw_key] = rf.load_datacenter_private_key(raw_key)
+    try:
+        return "ok", convert(data, keys, _KEYS[raw_key], opts, rid, kit), ""
+    except ExportError as e:
+        return e.code, b"", str(e)
+
+
 class Exporter:
     """Exports archived records into one output folder (see module doc). Not thread-safe; one per process.
 
@@ -103,8 +118,15 @@ class Exporter:
     """
 
     def __init__(self, archive: Archive, dc_key: Any, out: Path, opts: Options, stream: TextIO = sys.stderr,
-                 progress: bool | None = None) -> None:
-        self.archive, self.dc_key, self.out, self.opts, self.stream = archive, dc_key, Path(out), opts, stream
+                 progress: bool | None = None, jobs: int = 1) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self.archive, self.out, self.opts, self.stream = archive, Path(out), opts, stream
+        # Raw bytes: what a worker process can receive (key objects do not pickle).
+        self._raw_key = dc_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                             serialization.NoEncryption())
+        self.jobs = max(1, jobs)
+        self.pool: Any = None
         self.tty = stream.isatty() if progress is None else progress
         self.suffix = FORMATS[opts.fmt]
         self._keys: dict[str, list[bytes]] = {}
@@ -133,8 +155,8 @@ class Exporter:
 
     # --- one record ----------------------------------------------------------------------------
 
-    def export_one(self, record_id: str, kit_id: str | None = None) -> tuple[str, str, str]:
-        """(status, code, message) for one record: written / unchanged / failed."""
+    def _load(self, record_id: str, kit_id: str | None) -> tuple[bytes, list[bytes], str]:
+        """(sealed bytes, the kit's registered keys, kit id) of an archived record; raises `ExportError`."""
         try:
             if kit_id is None:
                 found = self.archive.lookup(record_id)
@@ -144,13 +166,13 @@ class Exporter:
             data = self.archive.read(record_id)
             if kit_id not in self._keys:
                 self._keys[kit_id] = self.archive.kit_keys(kit_id)
-            out = convert(data, self._keys[kit_id], self.dc_key, self.opts, record_id, kit_id)
-        except ExportError as e:
-            return "failed", e.code, str(e)
         except KeyError:
-            return "failed", "not_archived", f"record {record_id} is not in the archive"
+            raise ExportError("not_archived", f"record {record_id} is not in the archive") from None
         except ArchiveError as e:
-            return "failed", "archive_error", str(e)
+            raise ExportError("archive_error", str(e)) from None
+        return data, self._keys[kit_id], kit_id
+
+    def _write(self, record_id: str, out: bytes) -> tuple[str, str, str]:
         path = self.out / (record_id + self.suffix)
         try:
             if path.read_bytes() == out:
@@ -162,6 +184,33 @@ class Exporter:
         except OSError as e:
             return "failed", "write_failed", f"cannot write {path}: {e}"
         return "written", "", ""
+
+    def export_one(self, record_id: str, kit_id: str | None = None) -> tuple[str, str, str]:
+        """(status, code, message) for one record: written / unchanged / failed."""
+        return self._export_many([(record_id, kit_id)])[0]
+
+    def _export_many(self, items: list[tuple[str, str | None]]) -> list[tuple[str, str, str]]:
+        """Export (record id, kit id or None) pairs, converting in `jobs` processes; results in order."""
+        loaded: list[tuple[bytes, list[bytes], str] | tuple[str, str, str]] = []
+        for rid, kit in items:
+            try:
+                loaded.append(self._load(rid, kit))
+            except ExportError as e:
+                loaded.append(("failed", e.code, str(e)))
+        jobs = [(data, keys, self._raw_key, self.opts, rid, kit)
+                for (rid, _k), (data, keys, kit) in zip(items, loaded, strict=True) if isinstance(data, bytes)]
+        if self.pool is not None and len(jobs) > 1:
+            converted = iter(list(self.pool.map(_convert_job, jobs, chunksize=max(1, len(jobs) // 16))))
+        else:
+            converted = iter([_convert_job(j) for j in jobs])
+        results = []
+        for (rid, _k), got in zip(items, loaded, strict=True):
+            if not isinstance(got[0], bytes):
+                results.append(got)  # failed to load
+                continue
+            status, payload, msg = next(converted)
+            results.append(self._write(rid, payload) if status == "ok" else ("failed", status, msg))
+        return results
 
     # --- runs ----------------------------------------------------------------------------------
 
@@ -180,27 +229,46 @@ class Exporter:
     def run_ids(self, record_ids: list[str]) -> Summary:
         """Export the named records (the queue's cursor is not moved)."""
         s = Summary()
-        with self._locked():
+        with self._locked(), self._workers():
             bar = _Bar(len(record_ids), self.stream, self.tty, self.opts.fmt)
-            for rid in record_ids:
-                self._tally(s, rid, self.export_one(rid))
-                bar.step()
+            for i in range(0, len(record_ids), PAGE):
+                chunk = record_ids[i:i + PAGE]
+                for rid, r in zip(chunk, self._export_many([(x, None) for x in chunk]), strict=True):
+                    self._tally(s, rid, r)
+                    bar.step()
             bar.close()
         return s
+
+    @contextlib.contextmanager
+    def _workers(self) -> Iterator[None]:
+        """Worker processes for the conversion (WSQ and JPEG 2000 are CPU-bound) when `jobs` > 1."""
+        if self.jobs == 1:
+            yield
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: no copy of this process's open archive connection or threads in the workers
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            self.pool = pool
+            try:
+                yield
+            finally:
+                self.pool = None
 
     def run_queue(self, since: str | None = None, limit: int | None = None) -> Summary:
         """Export what was archived after `since` (default: the saved cursor), retrying earlier failures
         first; saves the cursor after every page, so an interrupted run resumes where it stopped."""
         s = Summary()
-        with self._locked():
+        with self._locked(), self._workers():
             st = self._state()
             mine = st.setdefault(self.opts.fmt, {})
             start = since if since is not None else mine.get("cursor")
             failed: dict[str, str] = dict(mine.get("failed", {}))
             total = len(failed) + (self._pending(start) if self.tty else 0)
             bar = _Bar(total, self.stream, self.tty, self.opts.fmt)
-            for rid in sorted(failed):
-                r = self.export_one(rid)
+            retry = sorted(failed)
+            for rid, r in zip(retry, self._export_many([(x, None) for x in retry]), strict=True):
                 self._tally(s, rid, r)
                 if r[0] != "failed":
                     failed.pop(rid)
@@ -212,8 +280,7 @@ class Exporter:
                 page = self.archive.since(cursor, PAGE if limit is None else min(PAGE, limit - done))
                 if not page:
                     break
-                for rec in page:
-                    r = self.export_one(rec.record_id, rec.kit_id)
+                for rec, r in zip(page, self._export_many([(x.record_id, x.kit_id) for x in page]), strict=True):
                     self._tally(s, rec.record_id, r)
                     if r[0] == "failed":
                         failed[rec.record_id] = r[1]
@@ -310,7 +377,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     archive = _open_archive(args)
     try:
         ex = Exporter(archive, key, Path(args.out), Options(args.format, agency, args.tot, args.uncompressed),
-                      progress=False if args.no_progress else None)
+                      progress=False if args.no_progress else None, jobs=args.jobs)
         s = ex.run_ids(args.records) if args.records else ex.run_queue(args.since, args.limit)
     finally:
         archive.close()
@@ -338,6 +405,7 @@ def register(sub: Any) -> None:
     p.add_argument("--agency", help=_("originating agency (Type-1 DAI/ORI, Type-14/10 SRC); default $REKAM_AGENCY"))
     p.add_argument("--tot", default="ENR", help=_("Type-1 transaction type (default ENR)"))
     p.add_argument("--uncompressed", action="store_true", help=_("Type-14 images uncompressed instead of WSQ"))
+    p.add_argument("--jobs", type=int, default=1, help=_("conversion processes (WSQ and JPEG 2000 use one core each)"))
     p.add_argument("--json", action="store_true", help=_("print the summary as JSON"))
     p.add_argument("--no-progress", action="store_true", help=_("no progress bar (log lines instead)"))
     p.set_defaults(func=cmd_export)

@@ -52,9 +52,12 @@ def test_the_cursor_exports_only_what_arrived_and_a_second_run_writes_nothing(ki
     assert _files(out) == everything
     r = export(a.root, kit, out, "an2k", "--since", first["cursor"])
     assert json.loads(r.stdout)["unchanged"] == new["written"]
-    # CBEFF into the same folder keeps its own cursor.
-    r = export(a.root, kit, out, "cbeff")
-    assert r.returncode == 0 and len(json.loads(r.stdout)["written"]) == 2
+    # CBEFF into the same folder keeps its own cursor; two worker processes write the same bytes as one.
+    r = export(a.root, kit, out, "cbeff", "--jobs", "2")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["written"]) == 2, r.stdout + r.stderr
+    assert export(a.root, kit, tmp_path / "one", "cbeff").returncode == 0
+    assert {p.name: p.read_bytes() for p in out.glob("*.xml")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "one").glob("*.xml")}
     assert sorted(p.suffix for p in out.iterdir() if not p.name.startswith(".")) == [".an2"] * 2 + [".xml"] * 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     a.close()
