@@ -31,6 +31,12 @@ def _ts(t: dt.datetime) -> str:
     return t.strftime("%Y%m%d%H%M%SZ")
 
 
+def _ascii(s: str) -> str:
+    """AN2K text fields here are ASCII (no 1.015 character-set directory): other characters become "?"
+    (the CBEFF keeps the kit's text exactly)."""
+    return s.encode("ascii", "replace").decode("ascii")
+
+
 def _yn(b: bool) -> str:
     return "Y" if b else "N"
 
@@ -56,13 +62,13 @@ def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
     r.IDC = 0
     face = e.face
     values: dict[int, object] = {
-        3: e.record_id, 4: e.nik, 5: e.kit_id, 6: e.operator_id, 7: e.site, 8: _ts(e.captured),
+        3: e.record_id, 4: e.nik, 5: e.kit_id, 6: _ascii(e.operator_id), 7: _ascii(e.site), 8: _ts(e.captured),
         9: _yn(e.clock_synced), 10: _ts(e.started) if e.started else "",
-        13: [[_score(face.score), str(face.attempts), _yn(face.forced), face.exception]],
-        14: e.software, 15: e.schema,
+        13: [[_score(face.score), str(face.attempts), _yn(face.forced), _ascii(face.exception)]],
+        14: _ascii(e.software), 15: e.schema,
     }
     quality = [[str(f.fgp), _score(f.score), str(f.attempts), _yn(f.forced)] for f in e.captured_fingers]
-    exceptions = [[str(f.fgp), f.exception] for f in e.fingers if f.exception]
+    exceptions = [[str(f.fgp), _ascii(f.exception)] for f in e.fingers if f.exception]
     if quality:
         values[11] = quality
     if exceptions:

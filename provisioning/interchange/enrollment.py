@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ MAX_FINGER_SIDE = 2000
 MAX_FACE_SIDE = 4000
 PPI_RANGE = (250, 2000)
 _TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-_TEXT = re.compile(r"^[\x20-\x7e]{0,200}$")  # printable ASCII: it goes into latin-1 AN2K text fields
+MAX_TEXT = 200
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,10 @@ def _time(value: Any, what: str, rid: str) -> dt.datetime:
 def _text(value: Any, what: str, rid: str, default: str = "") -> str:
     if value is None:
         return default
-    if not isinstance(value, str) or not _TEXT.match(value):
-        raise _fail("bad_manifest", rid, f"{what} {str(value)[:40]!r} is not printable ASCII of at most 200 "
-                                         "characters")
+    # No control characters: they are AN2K's separators (0x1c-0x1f) and not allowed in XML.
+    if not isinstance(value, str) or len(value) > MAX_TEXT or any(unicodedata.category(c) == "Cc" for c in value):
+        raise _fail("bad_manifest", rid, f"{what} {str(value)[:40]!r} is not text of at most {MAX_TEXT} "
+                                         "characters without control characters")
     return value
 
 

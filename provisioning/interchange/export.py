@@ -29,6 +29,7 @@ from firmware.errors import ArchiveError, ExportError, RecordFormatError
 from firmware.system.fsutil import atomic_write
 from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
+from firmware.wire.ids import parse_record_id
 from provisioning.archive import Archive
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
@@ -87,7 +88,7 @@ def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, reco
         raise ExportError("wrong_key", str(e)) from None
     except rf.BadSignature as e:
         raise ExportError("bad_signature", str(e)) from None
-    except (RecordFormatError, KeyError, TypeError) as e:  # a manifest's attachment list is kit-made
+    except (RecordFormatError, KeyError, TypeError, AttributeError) as e:  # the manifest's attachment list is kit-made
         raise ExportError("bad_record", f"record {record_id}: {type(e).__name__}: {e}") from None
     e = read_enrollment(hdr, payload)
     if opts.fmt == "an2k":
@@ -109,6 +110,8 @@ def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str]) -> tu
         return "ok", convert(data, keys, _KEYS[raw_key], opts, rid, kit), ""
     except ExportError as e:
         return e.code, b"", str(e)
+    except Exception as e:  # an image codec's own error on kit-made bytes: this record fails, never the run
+        return "convert_failed", b"", f"record {rid}: {type(e).__name__}: {e}"
 
 
 class Exporter:
@@ -158,11 +161,11 @@ class Exporter:
     def _load(self, record_id: str, kit_id: str | None) -> tuple[bytes, list[bytes], str]:
         """(sealed bytes, the kit's registered keys, kit id) of an archived record; raises `ExportError`."""
         try:
-            if kit_id is None:
-                found = self.archive.lookup(record_id)
-                if found is None:
-                    raise ExportError("not_archived", f"record {record_id} is not in the archive")
-                kit_id = found[1]
+            if kit_id is None:  # a record id names its kit (the header is checked against it in `convert`)
+                parsed = parse_record_id(record_id)
+                if parsed is None:
+                    raise ExportError("not_archived", f"{record_id[:80]!r} is not a record id")
+                kit_id = parsed.kit_id
             data = self.archive.read(record_id)
             if kit_id not in self._keys:
                 self._keys[kit_id] = self.archive.kit_keys(kit_id)

@@ -174,3 +174,35 @@ def test_export_of_1000_archived_records_with_a_progress_bar_and_a_resumable_cur
     assert len(s3.unchanged) == 1000 and not s3.written and "export progress format=an2k done=1000" in log.getvalue()
     assert os.path.exists(out / STATE_FILE)
     a.close()
+
+
+def test_kit_text_and_broken_images(kit: Kit, tmp_path: Path) -> None:
+    """Free text of the kit: Unicode kept in CBEFF, "?" in AN2K; control characters (AN2K separators) refused;
+    a JPEG whose header is fine but whose data is not fails that record only (convert_failed)."""
+    import nistitl
+
+    from provisioning.interchange import cbeff
+
+    two = kit.records["two_exceptions"]
+    _h, p = kit.open(two)
+    m = p.manifest
+    fingers = [dict(f, exception="diperban — luka") if f.get("exception") == "bandaged" else f for f in m["fingers"]]
+    unicode_reason = kit.reseal(two, 910, manifest=dict(m, fingers=fingers))
+    control = kit.reseal(two, 911, manifest=dict(m, operator_id="demo\x1d2.004:3201011505900009"))
+    atts = [rf.Attachment(a.name, a.content_type, a.data[:600] + bytes(len(a.data) - 600)) if a.name == "face.jpg"
+            else a for a in p.attachments]
+    broken_face = kit.reseal(two, 912, attachments=atts)
+    a = kit.archive(tmp_path / "archive", [unicode_reason, control, broken_face])
+    key = rf.load_datacenter_private_key(kit.dc_key.read_bytes())
+    ids = [kit.open(r)[0].record_id for r in (unicode_reason, control, broken_face)]
+    s = Exporter(a, key, tmp_path / "x", Options("cbeff"), stream=io.StringIO()).run_ids(ids)
+    assert [(r, c) for r, c, _m in s.failed] == [(ids[1], "bad_manifest"), (ids[2], "convert_failed")], s.failed
+    xml = (tmp_path / "x" / f"{ids[0]}.xml").read_bytes()
+    cbeff.validate(xml)
+    assert "diperban — luka" in xml.decode()
+    s = Exporter(a, key, tmp_path / "n", Options("an2k", AGENCY), stream=io.StringIO()).run_ids([ids[0], ids[2]])
+    assert not s.failed  # AN2K carries the kit's JPEG as it is: the ABIS judges it
+    msg = nistitl.Message()
+    msg.parse((tmp_path / "n" / f"{ids[0]}.an2").read_bytes())
+    assert msg[1]._12 == [["6", "missing"], ["7", "diperban ? luka"]]
+    a.close()
