@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 from provisioning.archive import Archive
+from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
 STATE_FILE = ".rekam-export.json"
@@ -117,7 +117,8 @@ def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str]) -> tu
 class Exporter:
     """Exports archived records into one output folder (see module doc). Not thread-safe; one per process.
 
-    `stream` gets the progress: a bar when it is a terminal, `key=value` log lines otherwise.
+    `stream` gets the progress: a bar when it is a terminal (`usb_import.Progress`), `key=value` log lines
+    otherwise.
     """
 
     def __init__(self, archive: Archive, dc_key: Any, out: Path, opts: Options, stream: TextIO = sys.stderr,
@@ -233,13 +234,12 @@ class Exporter:
         """Export the named records (the queue's cursor is not moved)."""
         s = Summary()
         with self._locked(), self._workers():
-            bar = _Bar(len(record_ids), self.stream, self.tty, self.opts.fmt)
+            bar = Progress(len(record_ids), self.opts.fmt, out=self.stream, enabled=self.tty)
             for i in range(0, len(record_ids), PAGE):
                 chunk = record_ids[i:i + PAGE]
                 for rid, r in zip(chunk, self._export_many([(x, None) for x in chunk]), strict=True):
                     self._tally(s, rid, r)
                     bar.step()
-            bar.close()
         return s
 
     @contextlib.contextmanager
@@ -268,8 +268,10 @@ class Exporter:
             mine = st.setdefault(self.opts.fmt, {})
             start = since if since is not None else mine.get("cursor")
             failed: dict[str, str] = dict(mine.get("failed", {}))
-            total = len(failed) + (self._pending(start) if self.tty else 0)
-            bar = _Bar(total, self.stream, self.tty, self.opts.fmt)
+            if self.tty:  # the bar's total; this run then stops there (later arrivals are the next run's)
+                pending = self._pending(start)
+                limit = pending if limit is None else min(limit, pending)
+            bar = Progress(len(failed) + (limit or 0), self.opts.fmt, out=self.stream, enabled=self.tty)
             retry = sorted(failed)
             for rid, r in zip(retry, self._export_many([(x, None) for x in retry]), strict=True):
                 self._tally(s, rid, r)
@@ -293,12 +295,11 @@ class Exporter:
                 mine.update(cursor=cursor, failed=dict(sorted(failed.items())))
                 self._save(st)  # after the files of this page are on disk: nothing can be skipped
                 if not self.tty:
-                    self.stream.write(f"export progress format={self.opts.fmt} done={bar.done} written="
+                    self.stream.write(f"export progress format={self.opts.fmt} done={done} written="
                                       f"{len(s.written)} unchanged={len(s.unchanged)} failed={len(s.failed)} "
                                       f"cursor={cursor}\n")
             mine.update(cursor=cursor, failed=dict(sorted(failed.items())))
             self._save(st)
-            bar.close()
             s.cursor = cursor
         return s
 
@@ -332,29 +333,6 @@ class _Lock:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
-
-
-class _Bar:
-    """A one-line bar with rate on a terminal (no dependency); nothing otherwise (the log lines say it)."""
-
-    def __init__(self, total: int, out: TextIO, enabled: bool, label: str) -> None:
-        self.total, self.out, self.enabled, self.label = max(total, 1), out, enabled, label
-        self.done, self.t0, self._last = 0, time.monotonic(), 0.0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            frac = min(self.done / self.total, 1.0)
-            rate = self.done / max(now - self.t0, 1e-6)
-            self.out.write(f"\r{self.label} [{'#' * int(frac * 30):30s}] {self.done}/{self.total} {rate:.1f}/s")
-            self.out.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self.out.write("\n")
-            self.out.flush()
 
 
 def _iter_failed(s: Summary) -> Iterator[str]:
