@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
 import statistics
 import sys
@@ -29,51 +28,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_enroll import corpus_dir  # noqa: E402
+from firmware.capture.simulated import FINGERS, SimulatedCapture  # noqa: E402
 from firmware.seal import identity  # noqa: E402
 from firmware.wire import record_format as rf  # noqa: E402
 from provisioning.archive import Archive  # noqa: E402
 from provisioning.interchange.export import Exporter, Options  # noqa: E402
 
-FINGERS = ["R1", "R2", "R3", "R4", "R5", "L1", "L2", "L3", "L4", "L5"]
-
-
-def corpus_dir() -> Path:
-    env = os.environ.get("REKAM_CORPUS")
-    repo = Path(__file__).resolve().parents[1]
-    for c in ([Path(env)] if env else []) + [repo.parent / "shared" / "corpus"]:
-        if (c / "fingerprints").is_dir():
-            return c
-    raise SystemExit("corpus not found: set REKAM_CORPUS")
-
-
-def images(corpus: Path) -> tuple[list[bytes], list[bytes]]:
-    """Corpus fingerprints in the sensor's format (PNG) and portrait JPEGs, as the kit stores them."""
-    import cv2
-
-    from firmware.capture.sensor_image import load_sensor_file
-
-    prints = [cv2.imencode(".png", load_sensor_file(p))[1].tobytes()
-              for p in sorted((corpus / "fingerprints").glob("*")) if p.suffix in (".png", ".pgm", ".jpg")]
-    faces = []
-    for p in sorted((corpus / "faces").glob("*.jpg"))[:5]:
-        img = cv2.imread(str(p))
-        h, w = img.shape[:2]
-        side = min(w, int(h * 413 / 531))
-        x0 = (w - side) // 2
-        crop = cv2.resize(img[: int(side * 531 / 413), x0: x0 + side], (413, 531), interpolation=cv2.INTER_AREA)
-        faces.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return prints, faces
-
 
 def make_records(n: int, ident: identity.KitIdentity, dc_pub: bytes, corpus: Path) -> list[bytes]:
+    """`n` sealed records: the simulated capture's corpus images (the kit's formats) in a v2 manifest."""
     rng = random.Random(4)
-    prints, faces = images(corpus)
+    sim = SimulatedCapture(corpus, seed=4)
     out = []
     for i in range(n):
-        atts = [rf.Attachment("face.jpg", "image/jpeg", rng.choice(faces))]
+        atts = sim.capture().attachments  # face.jpg + finger-R1.png .. finger-L5.png
         fingers = []
         for code in FINGERS:
-            atts.append(rf.Attachment(f"finger-{code}.png", "image/png", rng.choice(prints)))
             tries = rng.randint(1, 3)
             fingers.append({"finger": code, "image": f"finger-{code}.png", "width": 256, "height": 288, "ppi": 500,
                             "attempts": [{"score": round(rng.uniform(20, 90), 2), "codes": [], "rejected": False}
