@@ -111,7 +111,7 @@ def _type10(e: Enrollment, idc: int, agency: str):
     r.HLL, r.VLL = str(e.face.width), str(e.face.height)
     r.SLC, r.THPS, r.TVPS = "0", "1", "1"  # no scale: square pixels
     r.CGA = "JPEGB"
-    r.CSP = "YCC"
+    r.CSP = "GRAY" if e.face.gray else "YCC"  # a colour JPEG (JFIF) is YCbCr
     r.POS = "F"
     r.DATA = e.face.jpeg  # the kit's own JPEG, unchanged
     return r

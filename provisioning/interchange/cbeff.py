@@ -55,12 +55,13 @@ def face_fac(e: Enrollment) -> bytes:
     """The ISO/IEC 19794-5:2011 record of the face (decoded from the kit's JPEG, re-encoded losslessly)."""
     from PIL import Image
 
-    im = Image.open(io.BytesIO(e.face.jpeg))
-    im = im.convert("RGB")
+    mode = "L" if e.face.gray else "RGB"
+    im = Image.open(io.BytesIO(e.face.jpeg)).convert(mode)
     score = iso.Quality(round(e.face.score)) if e.face.score is not None else iso.Quality(255)
     return iso.write_fac([iso.FaceImage(
-        width=im.width, height=im.height, data=jp2_lossless("RGB", im.size, im.tobytes()),
-        data_type=iso.FAC_JP2_LOSSLESS, capture=e.captured, quality=(score,))])
+        width=im.width, height=im.height, data=jp2_lossless(mode, im.size, im.tobytes()),
+        data_type=iso.FAC_JP2_LOSSLESS, colour_space=3 if e.face.gray else 1, capture=e.captured,
+        quality=(score,))])
 
 
 def _iso_time(e: Enrollment) -> str:

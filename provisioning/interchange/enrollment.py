@@ -64,6 +64,7 @@ class Face:
     jpeg: bytes = b""
     width: int = 0
     height: int = 0
+    gray: bool = False  # a one-channel JPEG
     score: float | None = None
     attempts: int = 0
     forced: bool = False
@@ -209,7 +210,7 @@ def _face(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Face:
     if not (0 < w <= MAX_FACE_SIDE and 0 < h <= MAX_FACE_SIDE):
         raise _fail("image_too_large", rid, f"face image is {w}x{h}, larger than {MAX_FACE_SIDE}x{MAX_FACE_SIDE}")
     score, attempts, forced = _kept(doc, "face", rid)
-    return Face(jpeg=att.data, width=w, height=h, score=score, attempts=attempts, forced=forced)
+    return Face(jpeg=att.data, width=w, height=h, gray=im.mode == "L", score=score, attempts=attempts, forced=forced)
 
 
 def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:

@@ -282,7 +282,7 @@ class Exporter:
                 bar.step()
             cursor, done = start, 0
             while limit is None or done < limit:
-                page = self.archive.since(cursor, PAGE if limit is None else min(PAGE, limit - done))
+                page = self._since(cursor, PAGE if limit is None else min(PAGE, limit - done))
                 if not page:
                     break
                 for rec, r in zip(page, self._export_many([(x.record_id, x.kit_id) for x in page]), strict=True):
@@ -306,10 +306,16 @@ class Exporter:
     def _pending(self, cursor: str | None) -> int:
         """How many records the archive holds after `cursor` (only for the progress bar's total)."""
         n = 0
-        while page := self.archive.since(cursor, 5000):
+        while page := self._since(cursor, 5000):
             n += len(page)
             cursor = page[-1].cursor
         return n
+
+    def _since(self, cursor: str | None, limit: int) -> list[Any]:
+        try:
+            return self.archive.since(cursor, limit)
+        except ValueError:
+            raise ExportError("bad_cursor", f"{str(cursor)[:40]!r} is not a cursor of this archive") from None
 
     def _locked(self) -> _Lock:
         return _Lock(self.out / LOCK_FILE)

@@ -121,6 +121,8 @@ def test_unknown_record_and_human_summary(kit: Kit, tmp_path: Path) -> None:
     rid = f"{kit.ident.kit_id}-00000777-20261201T000000Z"
     r = export(a.root, kit, tmp_path / "out", "an2k", rid)
     assert r.returncode == 1 and json.loads(r.stdout)["failed"][0]["code"] == "not_archived"
+    r = export(a.root, kit, tmp_path / "out", "an2k", "--since", "bogus")
+    assert r.returncode == 1 and "'bogus' is not a cursor of this archive" in r.stderr, r.stderr
     import subprocess
     import sys
 
