@@ -298,3 +298,19 @@ class FleetError(DataCenterError):
 
 class CaError(DataCenterError):
     """The CA cannot do what was asked (missing files, a CSR that does not match, ...)."""
+
+
+class ExportError(DataCenterError):
+    """An archived record cannot be turned into an ABIS interchange record; `code` names why (stable, for
+    scripts and logs: bad_finger_code, image_too_large, missing_attachment, bad_manifest, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class IsoRecordError(ExportError):
+    """An ISO/IEC 19794-4/-5 record does not follow the standard's byte layout (the reader names the field)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_iso_record", message)

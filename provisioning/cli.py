@@ -2,7 +2,7 @@
 
 Commands here: `keygen` (a data-center X25519 key pair), `open` (verify and decrypt one sealed
 record), `verify` (check a record's layout and signature without a key). The other groups register
-from their modules (`EXTRA_MODULES`): fleet (`provisioning.fleet_cli`), ingest/archive, import.
+from their modules (`EXTRA_MODULES`): fleet (`provisioning.fleet_cli`), ingest/archive, import, export.
 Data-center errors (`firmware.errors.DataCenterError`: FleetError, CaError, ArchiveError) are printed
 here, in one place, and exit 1.
 """
@@ -25,7 +25,8 @@ from provisioning.texts import shown
 #: Environment variable that picks the language (as for `rekam`); the default is Indonesian.
 LANG_ENV = "REKAM_LANG"
 # further command groups register here
-EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import"]
+EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import",
+                             "provisioning.interchange.export"]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -13,6 +13,12 @@ from firmware.system.clock import clock_synchronised, iso
 from firmware.system.i18n import gettext
 from firmware.wire import record_format
 
+#: Manifest schema written by this build. 2 added `ppi` per captured finger (the sensor's resolution, for the
+#: ABIS export); readers take 1 as well (docs/interchange.md says what a v1 record lacks).
+SCHEMA = "rekam.enrollment/2"
+#: Resolution of the kit's sensors by image geometry (height, width): R30x/AS608 image at 500 ppi, R503 at 508.
+SENSOR_PPI = {(288, 256): 500, (192, 192): 508}
+
 
 def build_payload(e: Any, cfg: Config) -> bytes:
     """The encoded payload of enrollment `e` (a `firmware.enrollment.session.Enrollment`) ready to seal."""
@@ -35,6 +41,7 @@ def build_payload(e: Any, cfg: Config) -> bytes:
             img, tpl, q = f.outcome.accepted.data
             atts.append(record_format.Attachment(f"finger-{f.code}.png", "image/png", png(img)))
             doc.update({"image": f"finger-{f.code}.png", "width": int(img.shape[1]), "height": int(img.shape[0]),
+                        "ppi": sensor_ppi(img),
                         **f.outcome.summary(),
                         "attempt_details": [summary(x.data[2]) for x in f.outcome.attempts]})
             if tpl:
@@ -42,7 +49,7 @@ def build_payload(e: Any, cfg: Config) -> bytes:
                 doc["template"] = f"finger-{f.code}.tpl"
         fingers.append(doc)
     manifest = {
-        "schema": "rekam.enrollment/1", "nik": e.nik.value, "operator_id": e.operator_id,
+        "schema": SCHEMA, "nik": e.nik.value, "operator_id": e.operator_id,
         "site": cfg.kit.site, "started": e.started, "committed": iso(),
         "clock_synced": clock_synchronised(), "software": f"rekam {__version__}",
         "nik_override": {"reason": e.override_reason, "previous_records": e.previous_records}
@@ -51,6 +58,12 @@ def build_payload(e: Any, cfg: Config) -> bytes:
         "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
     }
     return record_format.Payload(manifest, atts).encode()
+
+
+def sensor_ppi(img: np.ndarray) -> int:
+    """The capture resolution of a sensor image, from its geometry (the kit's sensors have fixed geometries;
+    `firmware.capture.sensor_image.SENSOR_SHAPES`); 500 for any other image (the corpus is taken as 500 ppi)."""
+    return SENSOR_PPI.get((int(img.shape[0]), int(img.shape[1])), 500)
 
 
 def summary(q: Any) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""ANSI/NIST-ITL 1-2011 Update:2015 transactions (`.an2`) with `nistitl` (records) and `wsq` (Type-14 images).
+
+One transaction per enrollment: Type-1 (header), Type-2 (rekam's user-defined fields, numbers below),
+one Type-14 per captured finger, one Type-10 for the face. Every value comes from the record: the output
+is a function of the record alone (no "now"), so a second export writes the same bytes.
+
+Type-2 fields (user-defined; docs/interchange.md has the full table):
+
+    2.003 record id     2.004 NIK          2.005 kit id          2.006 operator id     2.007 site
+    2.008 capture time (YYYYMMDDHHMMSSZ)   2.009 clock synchronised (Y/N)              2.010 started
+    2.011 finger quality, one subfield per captured finger: FGP, score 0-100, attempts, forced (Y/N)
+    2.012 finger exceptions, one subfield per exception: FGP, reason
+    2.013 face: score 0-100 or empty, attempts, forced (Y/N), exception reason or empty
+    2.014 software of the kit   2.015 manifest schema
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+from firmware.errors import ExportError
+from provisioning.interchange.enrollment import Enrollment, Finger
+
+VERSION = "0502"
+#: Quality algorithm of 14.024 (FQM): rekam's NFIQ 2 estimate has no IBIA-registered vendor/product id.
+QUALITY_VENDOR, QUALITY_PRODUCT = "0000", "1"
+
+
+def _ts(t: dt.datetime) -> str:
+    return t.strftime("%Y%m%d%H%M%SZ")
+
+
+def _ascii(s: str) -> str:
+    """AN2K text fields here are ASCII (no 1.015 character-set directory): other characters become "?"
+    (the CBEFF keeps the kit's text exactly)."""
+    return s.encode("ascii", "replace").decode("ascii")
+
+
+def _yn(b: bool) -> str:
+    return "Y" if b else "N"
+
+
+def _score(s: float | None) -> str:
+    return "" if s is None else str(round(s))
+
+
+def wsq_encode(f: Finger) -> bytes:
+    """The finger's pixels as WSQ (NBIS, 0.75 bpp; 8-bit gray)."""
+    import wsq  # noqa: F401  (registers the WSQ plugin with Pillow)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes("L", (f.width, f.height), f.pixels).save(buf, "WSQ")
+    return buf.getvalue()
+
+
+def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
+    import nistitl
+
+    r = nistitl.AsciiRecord(2)
+    r.IDC = 0
+    face = e.face
+    values: dict[int, object] = {
+        3: e.record_id, 4: e.nik, 5: e.kit_id, 6: _ascii(e.operator_id), 7: _ascii(e.site), 8: _ts(e.captured),
+        9: _yn(e.clock_synced), 10: _ts(e.started) if e.started else "",
+        13: [[_score(face.score), str(face.attempts), _yn(face.forced), _ascii(face.exception)]],
+        14: _ascii(e.software), 15: e.schema,
+    }
+    quality = [[str(f.fgp), _score(f.score), str(f.attempts), _yn(f.forced)] for f in e.captured_fingers]
+    exceptions = [[str(f.fgp), _ascii(f.exception)] for f in e.fingers if f.exception]
+    if quality:
+        values[11] = quality
+    if exceptions:
+        values[12] = exceptions
+    for tag, v in sorted(values.items()):
+        r += nistitl.Field(2, tag, v)
+    return r
+
+
+def _type14(f: Finger, idc: int, e: Enrollment, agency: str, uncompressed: bool):
+    import nistitl
+
+    r = nistitl.AsciiRecord(14)
+    r.IDC = idc
+    r.IMP = "0"  # live-scan plain
+    r.SRC = agency
+    r.FCD = e.captured.strftime("%Y%m%d")
+    r.HLL, r.VLL = str(f.width), str(f.height)
+    if f.ppi is None:  # a v1 record: resolution unknown; SLC 0 = only the aspect ratio is given
+        r.SLC, r.THPS, r.TVPS = "0", "1", "1"
+    else:
+        r.SLC, r.THPS, r.TVPS = "1", str(f.ppi), str(f.ppi)
+    r.CGA = "NONE" if uncompressed else "WSQ20"
+    r.BPX = "8"
+    r.FGP = str(f.fgp)
+    if f.score is not None:
+        r += nistitl.Field(14, 24, [[str(f.fgp), _score(f.score), QUALITY_VENDOR, QUALITY_PRODUCT]], alias="FQM")
+    r.DATA = f.pixels if uncompressed else wsq_encode(f)
+    return r
+
+
+def _type10(e: Enrollment, idc: int, agency: str):
+    import nistitl
+
+    r = nistitl.AsciiRecord(10)
+    r.IDC = idc
+    r.IMT = "FACE"
+    r.SRC = agency
+    r.PHD = e.captured.strftime("%Y%m%d")
+    r.HLL, r.VLL = str(e.face.width), str(e.face.height)
+    r.SLC, r.THPS, r.TVPS = "0", "1", "1"  # no scale: square pixels
+    r.CGA = "JPEGB"
+    r.CSP = "GRAY" if e.face.gray else "YCC"  # a colour JPEG (JFIF) is YCbCr
+    r.POS = "F"
+    r.DATA = e.face.jpeg  # the kit's own JPEG, unchanged
+    return r
+
+
+def build(e: Enrollment, agency: str, tot: str = "ENR", uncompressed: bool = False) -> bytes:
+    """The AN2K transaction of enrollment `e`, from originating agency `agency` (Type-1 DAI and ORI)."""
+    import nistitl
+
+    if not agency or not agency.isascii() or len(agency) > 40:
+        raise ExportError("bad_agency", f"agency {agency[:40]!r} must be 1-40 ASCII characters")
+    msg = nistitl.Message()
+    t1 = msg[0]
+    t1.VER = VERSION
+    t1.TOT = tot
+    t1.DAT = e.captured.strftime("%Y%m%d")
+    t1.DAI = agency
+    t1.ORI = agency
+    t1.TCN = e.record_id  # unique per enrollment, the same on every export
+    ppi = next((f.ppi for f in e.captured_fingers if f.ppi), None)
+    ppmm = f"{ppi / 25.4:05.2f}" if ppi else "00.00"  # 1.011/1.012: native and nominal resolution, ppmm
+    t1.NSR = ppmm
+    t1.NTR = ppmm
+    t1.GMT = _ts(e.captured)
+    msg += _type2(e)
+    idc = 1
+    for f in e.captured_fingers:
+        msg += _type14(f, idc, e, agency, uncompressed)
+        idc += 1
+    if not e.face.exception:
+        msg += _type10(e, idc, agency)
+    try:
+        return msg.NIST
+    except (nistitl.NistException, UnicodeEncodeError) as ex:
+        raise ExportError("an2k_failed", f"record {e.record_id}: cannot build the AN2K transaction: {ex}") from None

@@ -1,0 +1,160 @@
+"""MOSIP's CBEFF XML (ISO/IEC 19785-3 patron format, `cbeff-mosip.xsd`): one BIR per biometric.
+
+Each finger: a BIR whose BDB is an ISO/IEC 19794-4:2011 FIR (v020) with a lossless JPEG 2000 image; the
+face: a BIR whose BDB is an ISO/IEC 19794-5:2011 FAC (v030) with a lossless JPEG 2000 image; a finger or face
+not captured: a BIR with `EXCEPTION` true and no BDB. Deterministic: the dates are the record's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+from firmware.errors import ExportError
+from provisioning.interchange import iso19794 as iso
+from provisioning.interchange.enrollment import Enrollment, Finger
+
+NS = "http://standards.iso.org/iso-iec/19785/-3/ed-2/"
+XSD = Path(__file__).with_name("cbeff-mosip.xsd")
+#: BDBInfo/Format/Type of MOSIP: 7 finger, 8 face, 9 iris.
+FORMAT_FINGER, FORMAT_FACE = "7", "8"
+QUALITY_ORG, QUALITY_TYPE = "rekam", "NFIQ2-estimate"  # the kit's score on NFIQ 2's 0-100 scale (not NFIQ 2)
+FACE_QUALITY_TYPE = "ICAO-estimate"
+#: What a record without a declared resolution (schema 1) is written with in the FIR, and said so in Others.
+NOMINAL_PPI = 500
+
+
+def jp2_lossless(mode: str, size: tuple[int, int], pixels: bytes) -> bytes:
+    """Lossless (reversible 5/3 wavelet) JPEG 2000 in a JP2 container, by Pillow's OpenJPEG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.frombytes(mode, size, pixels).save(buf, "JPEG2000", irreversible=False, no_jp2=False)
+    return buf.getvalue()
+
+
+def decode_pixels(data: bytes) -> tuple[str, tuple[int, int], bytes]:
+    """(mode, size, raw pixels) of an image (JPEG 2000, JPEG, PNG): what a reader of the BDB gets back."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im.mode, im.size, im.tobytes()
+
+
+def finger_fir(f: Finger, e: Enrollment) -> bytes:
+    """The ISO/IEC 19794-4:2011 record of one captured finger."""
+    score = iso.Quality(round(f.score)) if f.score is not None else iso.Quality(255)
+    return iso.write_fir([iso.FingerImage(
+        position=f.fgp, width=f.width, height=f.height, data=jp2_lossless("L", (f.width, f.height), f.pixels),
+        compression=iso.FIR_JP2_LOSSLESS, ppi=f.ppi or NOMINAL_PPI, capture=e.captured, quality=(score,))])
+
+
+def face_fac(e: Enrollment) -> bytes:
+    """The ISO/IEC 19794-5:2011 record of the face (decoded from the kit's JPEG, re-encoded losslessly)."""
+    from PIL import Image
+
+    mode = "L" if e.face.gray else "RGB"
+    im = Image.open(io.BytesIO(e.face.jpeg)).convert(mode)
+    score = iso.Quality(round(e.face.score)) if e.face.score is not None else iso.Quality(255)
+    return iso.write_fac([iso.FaceImage(
+        width=im.width, height=im.height, data=jp2_lossless(mode, im.size, im.tobytes()),
+        data_type=iso.FAC_JP2_LOSSLESS, colour_space=3 if e.face.gray else 1, capture=e.captured,
+        quality=(score,))])
+
+
+def _iso_time(e: Enrollment) -> str:
+    return e.captured.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bir(parent, *, btype: str, fmt: str, subtype: str | None, score: float | None, quality_type: str,
+         created: str, bdb: bytes | None, others: list[tuple[str, str]]) -> None:
+    from lxml import etree
+
+    def el(p, tag: str, text: str | None = None):
+        x = etree.SubElement(p, f"{{{NS}}}{tag}")
+        if text is not None:
+            x.text = text
+        return x
+
+    b = el(parent, "BIR")
+    v = el(b, "Version")
+    el(v, "Major", "1")
+    el(v, "Minor", "1")
+    v = el(b, "CBEFFVersion")
+    el(v, "Major", "1")
+    el(v, "Minor", "1")
+    el(el(b, "BIRInfo"), "Integrity", "false")
+    info = el(b, "BDBInfo")
+    f = el(info, "Format")
+    el(f, "Organization", "Mosip")
+    el(f, "Type", fmt)
+    el(info, "CreationDate", created)
+    el(info, "Type", btype)
+    if subtype:
+        el(info, "Subtype", subtype)
+    el(info, "Level", "Raw")
+    el(info, "Purpose", "Enroll")
+    q = el(info, "Quality")
+    a = el(q, "Algorithm")
+    el(a, "Organization", QUALITY_ORG)
+    el(a, "Type", quality_type)
+    el(q, "Score", str(round(score)) if score is not None else "0")
+    if bdb is not None:
+        el(b, "BDB", base64.b64encode(bdb).decode("ascii"))
+    for k, val in others:
+        o = el(b, "Others")
+        el(o, "Key", k)
+        el(o, "Value", val)
+
+
+def build(e: Enrollment) -> bytes:
+    """The CBEFF XML document of enrollment `e` (UTF-8, with an XML declaration)."""
+    from lxml import etree
+
+    root = etree.Element(f"{{{NS}}}BIR", nsmap={None: NS})
+    v = etree.SubElement(root, f"{{{NS}}}Version")
+    etree.SubElement(v, f"{{{NS}}}Major").text = "1"
+    etree.SubElement(v, f"{{{NS}}}Minor").text = "1"
+    v = etree.SubElement(root, f"{{{NS}}}CBEFFVersion")
+    etree.SubElement(v, f"{{{NS}}}Major").text = "1"
+    etree.SubElement(v, f"{{{NS}}}Minor").text = "1"
+    bi = etree.SubElement(root, f"{{{NS}}}BIRInfo")
+    etree.SubElement(bi, f"{{{NS}}}Creator").text = f"rekam {e.kit_id}"
+    etree.SubElement(bi, f"{{{NS}}}Integrity").text = "false"
+    etree.SubElement(bi, f"{{{NS}}}CreationDate").text = _iso_time(e)
+    created = _iso_time(e)
+    for f in e.fingers:
+        others = [("EXCEPTION", "true" if f.exception else "false"), ("RETRIES", str(f.retries)),
+                  ("FORCE_CAPTURED", "true" if f.forced else "false")]
+        if f.exception:
+            others.append(("EXCEPTION_REASON", f.exception))
+        elif f.ppi is None:
+            others.append(("RESOLUTION", f"unknown; FIR declares {NOMINAL_PPI} ppi"))
+        _bir(root, btype="Finger", fmt=FORMAT_FINGER, subtype=f.subtype, score=None if f.exception else f.score,
+             quality_type=QUALITY_TYPE, created=created, bdb=None if f.exception else finger_fir(f, e), others=others)
+    face = e.face
+    others = [("EXCEPTION", "true" if face.exception else "false"), ("RETRIES", str(max(face.attempts - 1, 0))),
+              ("FORCE_CAPTURED", "true" if face.forced else "false")]
+    if face.exception:
+        others.append(("EXCEPTION_REASON", face.exception))
+    _bir(root, btype="Face", fmt=FORMAT_FACE, subtype=None, score=None if face.exception else face.score,
+         quality_type=FACE_QUALITY_TYPE, created=created, bdb=None if face.exception else face_fac(e), others=others)
+    return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+_SCHEMA = None
+
+
+def validate(xml: bytes) -> None:
+    """Check `xml` against MOSIP's CBEFF schema; raises `ExportError` (code cbeff_invalid) naming the error."""
+    global _SCHEMA
+    from lxml import etree
+
+    if _SCHEMA is None:
+        _SCHEMA = etree.XMLSchema(etree.parse(str(XSD)))
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    doc = etree.fromstring(xml, parser)
+    if not _SCHEMA.validate(doc):
+        raise ExportError("cbeff_invalid", f"CBEFF does not validate: {_SCHEMA.error_log.last_error}")

@@ -1,0 +1,244 @@
+"""An opened rekam record read once into what the interchange formats need, every value checked.
+
+The manifest comes from a kit (firmware/enrollment/payload.py): its fields are validated here, never trusted.
+Schema `rekam.enrollment/1` (before the export) and `/2` (adds the sensor resolution per finger) both read;
+what a v1 record lacks is `None` ("unknown"), never guessed (see docs/interchange.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from firmware.errors import ExportError
+from firmware.wire import record_format as rf
+
+SCHEMAS = ("rekam.enrollment/1", "rekam.enrollment/2")
+#: rekam finger codes -> ANSI/NIST-ITL FGP = ISO/IEC 19794-4 finger position.
+FGP = {"R1": 1, "R2": 2, "R3": 3, "R4": 4, "R5": 5, "L1": 6, "L2": 7, "L3": 8, "L4": 9, "L5": 10}
+FINGER_NAMES = {"1": "Thumb", "2": "IndexFinger", "3": "MiddleFinger", "4": "RingFinger", "5": "LittleFinger"}
+#: Largest finger image accepted (a 1000 ppi 1.6 x 1.5 inch platen is 1600 x 1500).
+MAX_FINGER_SIDE = 2000
+MAX_FACE_SIDE = 4000
+PPI_RANGE = (250, 2000)
+_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+MAX_TEXT = 200
+
+
+@dataclass(frozen=True)
+class Finger:
+    """One finger of the enrollment: captured (image) or an exception (reason, no image)."""
+
+    code: str
+    fgp: int
+    exception: str = ""
+    png: bytes = b""
+    pixels: bytes = b""  # 8-bit gray, row-major, width x height
+    width: int = 0
+    height: int = 0
+    ppi: int | None = None  # None: the record predates schema 2 (resolution unknown)
+    score: float | None = None
+    attempts: int = 0
+    forced: bool = False
+
+    @property
+    def retries(self) -> int:
+        """Captures taken beyond the first (0 for an exception)."""
+        return max(self.attempts - 1, 0)
+
+    @property
+    def subtype(self) -> str:
+        """The CBEFF subtype, e.g. "Right IndexFinger"."""
+        return ("Right " if self.code[0] == "R" else "Left ") + FINGER_NAMES[self.code[1]]
+
+
+@dataclass(frozen=True)
+class Face:
+    """The face: the kit's JPEG portrait, or an exception."""
+
+    exception: str = ""
+    jpeg: bytes = b""
+    width: int = 0
+    height: int = 0
+    gray: bool = False  # a one-channel JPEG
+    score: float | None = None
+    attempts: int = 0
+    forced: bool = False
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """Everything the formats take from one record (header + manifest + attachments)."""
+
+    record_id: str
+    kit_id: str
+    schema: str
+    nik: str
+    operator_id: str
+    site: str
+    software: str
+    started: dt.datetime | None
+    captured: dt.datetime
+    clock_synced: bool
+    face: Face
+    fingers: tuple[Finger, ...]
+
+    @property
+    def captured_fingers(self) -> list[Finger]:
+        return [f for f in self.fingers if not f.exception]
+
+
+def _fail(code: str, record_id: str, message: str) -> ExportError:
+    return ExportError(code, f"record {record_id}: {message}")
+
+
+def _time(value: Any, what: str, rid: str) -> dt.datetime:
+    if not isinstance(value, str) or not _TIME.match(value):
+        raise _fail("bad_manifest", rid, f"{what} {str(value)[:40]!r} is not a UTC time like 2026-11-29T04:03:12Z")
+    try:
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise _fail("bad_manifest", rid, f"{what} {value!r} is not a date") from None
+
+
+def _text(value: Any, what: str, rid: str, default: str = "") -> str:
+    if value is None:
+        return default
+    # No control characters: they are AN2K's separators (0x1c-0x1f) and not allowed in XML.
+    if not isinstance(value, str) or len(value) > MAX_TEXT or any(unicodedata.category(c) == "Cc" for c in value):
+        raise _fail("bad_manifest", rid, f"{what} {str(value)[:40]!r} is not text of at most {MAX_TEXT} "
+                                         "characters without control characters")
+    return value
+
+
+def _kept(doc: dict[str, Any], what: str, rid: str) -> tuple[float | None, int, bool]:
+    """(score of the kept attempt, number of attempts, forced) of a capture's summary."""
+    attempts = doc.get("attempts", [])
+    kept = doc.get("kept")
+    if not isinstance(attempts, list) or len(attempts) > 1000:
+        raise _fail("bad_manifest", rid, f"{what}: attempts is not a list")
+    score = None
+    if kept is not None:
+        if not isinstance(kept, int) or isinstance(kept, bool) or not 0 <= kept < len(attempts):
+            raise _fail("bad_manifest", rid, f"{what}: kept attempt {kept!r} is not one of {len(attempts)}")
+        s = attempts[kept].get("score") if isinstance(attempts[kept], dict) else None
+        if not isinstance(s, int | float) or isinstance(s, bool) or not 0 <= s <= 100:
+            raise _fail("bad_manifest", rid, f"{what}: quality score {s!r} is not 0-100")
+        score = float(s)
+    return score, len(attempts), bool(doc.get("forced", False))
+
+
+def _gray_image(data: bytes, what: str, rid: str, want: tuple[int, int] | None) -> tuple[bytes, int, int]:
+    """Decode a finger PNG to 8-bit gray pixels, its size checked BEFORE the pixels are decoded."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data), formats=["PNG"])
+    except Exception as e:  # Pillow raises many types for a bad file
+        raise _fail("bad_image", rid, f"{what} is not a PNG ({type(e).__name__})") from None
+    w, h = im.size
+    if not (0 < w <= MAX_FINGER_SIDE and 0 < h <= MAX_FINGER_SIDE):
+        raise _fail("image_too_large", rid, f"{what} is {w}x{h}, larger than {MAX_FINGER_SIDE}x{MAX_FINGER_SIDE}")
+    if want is not None and want != (w, h):
+        raise _fail("image_size_mismatch", rid, f"{what}: the manifest says {want[0]}x{want[1]}, the PNG is {w}x{h}")
+    if im.mode != "L":
+        raise _fail("bad_image", rid, f"{what} is {im.mode}, not 8-bit gray")
+    try:
+        im.load()
+    except Exception as e:
+        raise _fail("bad_image", rid, f"{what} does not decode ({type(e).__name__}: {e})") from None
+    return im.tobytes(), w, h
+
+
+def _dimension(value: Any, what: str, rid: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_FINGER_SIDE:
+        raise _fail("image_too_large", rid, f"{what} {str(value)[:20]!r} is not 1..{MAX_FINGER_SIDE}")
+    return value
+
+
+def _finger(doc: Any, atts: dict[str, rf.Attachment], schema: str, rid: str) -> Finger:
+    if not isinstance(doc, dict):
+        raise _fail("bad_manifest", rid, "a finger entry is not an object")
+    code = doc.get("finger")
+    if code not in FGP:
+        raise _fail("bad_finger_code", rid, f"finger code {str(code)[:20]!r} is not one of {', '.join(FGP)}")
+    if doc.get("exception"):
+        return Finger(code, FGP[code], exception=_text(doc["exception"], f"finger {code} exception", rid))
+    name = doc.get("image")
+    att = atts.get(name) if isinstance(name, str) else None
+    if att is None:
+        raise _fail("missing_attachment", rid, f"finger {code}: no exception and no image attachment "
+                                               f"{str(name)[:40]!r}")
+    if att.content_type != "image/png":
+        raise _fail("bad_image", rid, f"finger {code}: attachment type {att.content_type[:40]!r}, not image/png")
+    want = (_dimension(doc.get("width"), f"finger {code} width", rid),
+            _dimension(doc.get("height"), f"finger {code} height", rid))
+    pixels, w, h = _gray_image(att.data, f"finger {code} image", rid, want)
+    ppi = None
+    if schema != "rekam.enrollment/1":
+        ppi = doc.get("ppi")
+        if not isinstance(ppi, int) or isinstance(ppi, bool) or not PPI_RANGE[0] <= ppi <= PPI_RANGE[1]:
+            raise _fail("bad_manifest", rid, f"finger {code}: ppi {str(ppi)[:20]!r} is not {PPI_RANGE[0]}.."
+                                             f"{PPI_RANGE[1]}")
+    score, attempts, forced = _kept(doc, f"finger {code}", rid)
+    return Finger(code, FGP[code], png=att.data, pixels=pixels, width=w, height=h, ppi=ppi, score=score,
+                  attempts=attempts, forced=forced)
+
+
+def _face(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Face:
+    if not isinstance(doc, dict):
+        raise _fail("bad_manifest", rid, "face is not an object")
+    if doc.get("exception"):
+        return Face(exception=_text(doc["exception"], "face exception", rid))
+    name = doc.get("attachment")
+    if name is None:
+        return Face(exception="not captured")  # a kit configured without a camera
+    att = atts.get(name) if isinstance(name, str) else None
+    if att is None or att.content_type != "image/jpeg":
+        raise _fail("missing_attachment", rid, f"face: no JPEG attachment {str(name)[:40]!r}")
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(att.data), formats=["JPEG"])
+    except Exception as e:
+        raise _fail("bad_image", rid, f"face image is not a JPEG ({type(e).__name__})") from None
+    w, h = im.size
+    if not (0 < w <= MAX_FACE_SIDE and 0 < h <= MAX_FACE_SIDE):
+        raise _fail("image_too_large", rid, f"face image is {w}x{h}, larger than {MAX_FACE_SIDE}x{MAX_FACE_SIDE}")
+    score, attempts, forced = _kept(doc, "face", rid)
+    return Face(jpeg=att.data, width=w, height=h, gray=im.mode == "L", score=score, attempts=attempts, forced=forced)
+
+
+def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
+    """Check and extract an opened record; raises `ExportError` with a code naming what is wrong."""
+    rid = header.record_id
+    m = payload.manifest
+    schema = m.get("schema")
+    if schema not in SCHEMAS:
+        raise _fail("unsupported_schema", rid, f"manifest schema {str(schema)[:40]!r} (this build reads "
+                                               f"{', '.join(SCHEMAS)})")
+    if m.get("simulated"):
+        raise _fail("simulated", rid, "a simulated record (rekam sim commit) is not sent to an ABIS")
+    nik = m.get("nik")
+    if not isinstance(nik, str) or not re.fullmatch(r"\d{16}", nik):
+        raise _fail("bad_manifest", rid, "NIK is not 16 digits")
+    atts = {a.name: a for a in payload.attachments}
+    fingers_doc = m.get("fingers")
+    if not isinstance(fingers_doc, list) or len(fingers_doc) > len(FGP):
+        raise _fail("bad_manifest", rid, "fingers is not a list of at most 10")
+    fingers = tuple(_finger(d, atts, schema, rid) for d in fingers_doc)
+    codes = [f.code for f in fingers]
+    if len(set(codes)) != len(codes):
+        raise _fail("bad_finger_code", rid, f"finger codes repeat: {', '.join(codes)}")
+    captured = _time(m.get("committed", header.created), "committed", rid)
+    started = _time(m["started"], "started", rid) if m.get("started") is not None else None
+    return Enrollment(
+        record_id=rid, kit_id=header.kit_id, schema=schema, nik=nik,
+        operator_id=_text(m.get("operator_id"), "operator_id", rid), site=_text(m.get("site"), "site", rid),
+        software=_text(m.get("software"), "software", rid), started=started, captured=captured,
+        clock_synced=bool(m.get("clock_synced", header.clock_synced)), face=_face(m.get("face", {}), atts, rid),
+        fingers=fingers)

@@ -1,0 +1,398 @@
+"""`rekam-fleet export`: archived records as ANSI/NIST-ITL (`.an2`) or MOSIP CBEFF (`.xml`), the ABIS queue.
+
+One output file per record, `<record_id>.an2` / `<record_id>.xml`, written atomically (temp, fsync, rename,
+fsync dir). The output folder keeps its own queue state in `.rekam-export.json`: the archive cursor per
+format (the next run without `--since` exports only what was archived after it) and the records that
+failed (retried first on every run until they export). Output is a function of the record alone, so a
+second export of a record writes identical bytes, or nothing when the file is already there.
+
+Every record is verified against the kit keys the archive registered (`Archive.kit_keys`), then decrypted
+with the data-center key. A record that cannot be exported is reported by id with a code and a reason and
+makes the exit status 1; it never stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from firmware.errors import ArchiveError, ExportError, RecordFormatError
+from firmware.system.fsutil import atomic_write
+from firmware.system.i18n import _, format_count
+from firmware.wire import record_format as rf
+from firmware.wire.ids import parse_record_id
+from provisioning.archive import Archive
+from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
+
+FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
+STATE_FILE = ".rekam-export.json"
+LOCK_FILE = ".rekam-export.lock"
+PAGE = 200  # records per archive page; the cursor is saved after each page
+
+
+def _open_archive(args: argparse.Namespace) -> Archive:
+    """The archive named on the command line (the one place that opens it: the scale backend plugs in here)."""
+    return Archive(Path(args.archive))
+
+
+@dataclass(frozen=True)
+class Options:
+    """What shapes the output (the same options give the same bytes)."""
+
+    fmt: str
+    agency: str = ""
+    tot: str = "ENR"
+    uncompressed: bool = False
+
+
+@dataclass
+class Summary:
+    """What one run did."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (record id, code, message)
+    cursor: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"written": self.written, "unchanged": self.unchanged, "cursor": self.cursor,
+                "failed": [{"record_id": r, "code": c, "reason": m} for r, c, m in self.failed]}
+
+
+def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, record_id: str, kit_id: str) -> bytes:
+    """One sealed record -> the bytes of its interchange file; raises `ExportError` (with a code)."""
+    from provisioning.interchange import an2k, cbeff
+    from provisioning.interchange.enrollment import read_enrollment
+
+    if not kit_keys:
+        raise ExportError("unknown_kit", f"record {record_id}: kit {kit_id} has no registered key in the archive")
+    try:
+        p = rf.parse(data)
+        if p.header.kit_key not in kit_keys:
+            raise ExportError("bad_signature", f"record {record_id} is signed by key {rf.key_id(p.header.kit_key)}, "
+                                               f"not by a registered key of kit {kit_id}")
+        if p.header.record_id != record_id or p.header.kit_id != kit_id:
+            raise ExportError("record_mismatch", f"archived file of {record_id} holds record {p.header.record_id} "
+                                                 f"of kit {p.header.kit_id}")
+        hdr, plain = rf.open_record(data, dc_key, trusted_kit_key=p.header.kit_key)
+        payload = rf.Payload.decode(plain)
+    except rf.WrongKey as e:
+        raise ExportError("wrong_key", str(e)) from None
+    except rf.BadSignature as e:
+        raise ExportError("bad_signature", str(e)) from None
+    except (RecordFormatError, KeyError, TypeError, AttributeError) as e:  # the manifest's attachment list is kit-made
+        raise ExportError("bad_record", f"record {record_id}: {type(e).__name__}: {e}") from None
+    e = read_enrollment(hdr, payload)
+    if opts.fmt == "an2k":
+        return an2k.build(e, opts.agency, opts.tot, opts.uncompressed)
+    out = cbeff.build(e)
+    cbeff.validate(out)
+    return out
+
+
+_KEYS: dict[bytes, Any] = {}
+
+
+def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str]) -> tuple[str, bytes, str]:
+    """`convert` as a picklable job for a worker process: ("ok", output, "") or (code, b"", message)."""
+    data, keys, raw_key, opts, rid, kit = job
+    if raw_key not in _KEYS:
+        _KEYS[raw_key] = rf.load_datacenter_private_key(raw_key)
+    try:
+        return "ok", convert(data, keys, _KEYS[raw_key], opts, rid, kit), ""
+    except ExportError as e:
+        return e.code, b"", str(e)
+    except Exception as e:  # an image codec's own error on kit-made bytes: this record fails, never the run
+        return "convert_failed", b"", f"record {rid}: {type(e).__name__}: {e}"
+
+
+class Exporter:
+    """Exports archived records into one output folder (see module doc). Not thread-safe; one per process.
+
+    `stream` gets the progress: a bar when it is a terminal (`usb_import.Progress`), `key=value` log lines
+    otherwise.
+    """
+
+    def __init__(self, archive: Archive, dc_key: Any, out: Path, opts: Options, stream: TextIO = sys.stderr,
+                 progress: bool | None = None, jobs: int = 1) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        self.archive, self.out, self.opts, self.stream = archive, Path(out), opts, stream
+        # Raw bytes: what a worker process can receive (key objects do not pickle).
+        self._raw_key = dc_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                             serialization.NoEncryption())
+        self.jobs = max(1, jobs)
+        self.pool: Any = None
+        self.tty = stream.isatty() if progress is None else progress
+        self.suffix = FORMATS[opts.fmt]
+        self._keys: dict[str, list[bytes]] = {}
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        try:
+            raw = (self.out / STATE_FILE).read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            st = json.loads(raw)
+        except ValueError as e:
+            raise ExportError("bad_state", f"{self.out / STATE_FILE} is not JSON ({e}); move it away to restart "
+                                           "the queue from the beginning") from None
+        return st if isinstance(st, dict) else {}
+
+    def _save(self, st: dict[str, Any]) -> None:
+        atomic_write(self.out / STATE_FILE, (json.dumps(st, indent=1, sort_keys=True) + "\n").encode(), verify=False)
+
+    def saved_cursor(self) -> str | None:
+        """Where the queue of this format stands in this folder (None: nothing exported yet)."""
+        return self._state().get(self.opts.fmt, {}).get("cursor")
+
+    # --- one record ----------------------------------------------------------------------------
+
+    def _load(self, record_id: str, kit_id: str | None) -> tuple[bytes, list[bytes], str]:
+        """(sealed bytes, the kit's registered keys, kit id) of an archived record; raises `ExportError`."""
+        try:
+            if kit_id is None:  # a record id names its kit (the header is checked against it in `convert`)
+                parsed = parse_record_id(record_id)
+                if parsed is None:
+                    raise ExportError("not_archived", f"{record_id[:80]!r} is not a record id")
+                kit_id = parsed.kit_id
+            data = self.archive.read(record_id)
+            if kit_id not in self._keys:
+                self._keys[kit_id] = self.archive.kit_keys(kit_id)
+        except KeyError:
+            raise ExportError("not_archived", f"record {record_id} is not in the archive") from None
+        except ArchiveError as e:
+            raise ExportError("archive_error", str(e)) from None
+        return data, self._keys[kit_id], kit_id
+
+    def _write(self, record_id: str, out: bytes) -> tuple[str, str, str]:
+        path = self.out / (record_id + self.suffix)
+        try:
+            if path.read_bytes() == out:
+                return "unchanged", "", ""
+        except FileNotFoundError:
+            pass
+        try:
+            atomic_write(path, out, verify=False)
+        except OSError as e:
+            return "failed", "write_failed", f"cannot write {path}: {e}"
+        return "written", "", ""
+
+    def export_one(self, record_id: str, kit_id: str | None = None) -> tuple[str, str, str]:
+        """(status, code, message) for one record: written / unchanged / failed."""
+        return self._export_many([(record_id, kit_id)])[0]
+
+    def _export_many(self, items: list[tuple[str, str | None]]) -> list[tuple[str, str, str]]:
+        """Export (record id, kit id or None) pairs, converting in `jobs` processes; results in order."""
+        loaded: list[tuple[bytes, list[bytes], str] | tuple[str, str, str]] = []
+        for rid, kit in items:
+            try:
+                loaded.append(self._load(rid, kit))
+            except ExportError as e:
+                loaded.append(("failed", e.code, str(e)))
+        jobs = [(data, keys, self._raw_key, self.opts, rid, kit)
+                for (rid, _k), (data, keys, kit) in zip(items, loaded, strict=True) if isinstance(data, bytes)]
+        if self.pool is not None and len(jobs) > 1:
+            converted = iter(list(self.pool.map(_convert_job, jobs, chunksize=max(1, len(jobs) // 16))))
+        else:
+            converted = iter([_convert_job(j) for j in jobs])
+        results = []
+        for (rid, _k), got in zip(items, loaded, strict=True):
+            if not isinstance(got[0], bytes):
+                results.append(got)  # failed to load
+                continue
+            status, payload, msg = next(converted)
+            results.append(self._write(rid, payload) if status == "ok" else ("failed", status, msg))
+        return results
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def _tally(self, s: Summary, rid: str, result: tuple[str, str, str]) -> None:
+        status, code, msg = result
+        if status == "written":
+            s.written.append(rid)
+        elif status == "unchanged":
+            s.unchanged.append(rid)
+        else:
+            s.failed.append((rid, code, msg))
+            if not self.tty:
+                self.stream.write(f"export failed record_id={rid} format={self.opts.fmt} code={code} "
+                                  f"reason={json.dumps(msg)}\n")
+
+    def run_ids(self, record_ids: list[str]) -> Summary:
+        """Export the named records (the queue's cursor is not moved)."""
+        s = Summary()
+        with self._locked(), self._workers():
+            bar = Progress(len(record_ids), self.opts.fmt, out=self.stream, enabled=self.tty)
+            for i in range(0, len(record_ids), PAGE):
+                chunk = record_ids[i:i + PAGE]
+                for rid, r in zip(chunk, self._export_many([(x, None) for x in chunk]), strict=True):
+                    self._tally(s, rid, r)
+                    bar.step()
+        return s
+
+    @contextlib.contextmanager
+    def _workers(self) -> Iterator[None]:
+        """Worker processes for the conversion (WSQ and JPEG 2000 are CPU-bound) when `jobs` > 1."""
+        if self.jobs == 1:
+            yield
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # forkserver: no copy of this process's open archive connection or threads in the workers
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            self.pool = pool
+            try:
+                yield
+            finally:
+                self.pool = None
+
+    def run_queue(self, since: str | None = None, limit: int | None = None) -> Summary:
+        """Export what was archived after `since` (default: the saved cursor), retrying earlier failures
+        first; saves the cursor after every page, so an interrupted run resumes where it stopped."""
+        s = Summary()
+        with self._locked(), self._workers():
+            st = self._state()
+            mine = st.setdefault(self.opts.fmt, {})
+            start = since if since is not None else mine.get("cursor")
+            failed: dict[str, str] = dict(mine.get("failed", {}))
+            if self.tty:  # the bar's total; this run then stops there (later arrivals are the next run's)
+                pending = self._pending(start)
+                limit = pending if limit is None else min(limit, pending)
+            bar = Progress(len(failed) + (limit or 0), self.opts.fmt, out=self.stream, enabled=self.tty)
+            retry = sorted(failed)
+            for rid, r in zip(retry, self._export_many([(x, None) for x in retry]), strict=True):
+                self._tally(s, rid, r)
+                if r[0] != "failed":
+                    failed.pop(rid)
+                else:
+                    failed[rid] = r[1]
+                bar.step()
+            cursor, done = start, 0
+            while limit is None or done < limit:
+                page = self._since(cursor, PAGE if limit is None else min(PAGE, limit - done))
+                if not page:
+                    break
+                for rec, r in zip(page, self._export_many([(x.record_id, x.kit_id) for x in page]), strict=True):
+                    self._tally(s, rec.record_id, r)
+                    if r[0] == "failed":
+                        failed[rec.record_id] = r[1]
+                    bar.step()
+                cursor = page[-1].cursor
+                done += len(page)
+                mine.update(cursor=cursor, failed=dict(sorted(failed.items())))
+                self._save(st)  # after the files of this page are on disk: nothing can be skipped
+                if not self.tty:
+                    self.stream.write(f"export progress format={self.opts.fmt} done={done} written="
+                                      f"{len(s.written)} unchanged={len(s.unchanged)} failed={len(s.failed)} "
+                                      f"cursor={cursor}\n")
+            mine.update(cursor=cursor, failed=dict(sorted(failed.items())))
+            self._save(st)
+            s.cursor = cursor
+        return s
+
+    def _pending(self, cursor: str | None) -> int:
+        """How many records the archive holds after `cursor` (only for the progress bar's total)."""
+        n = 0
+        while page := self._since(cursor, 5000):
+            n += len(page)
+            cursor = page[-1].cursor
+        return n
+
+    def _since(self, cursor: str | None, limit: int) -> list[Any]:
+        try:
+            return self.archive.since(cursor, limit)
+        except ValueError:
+            raise ExportError("bad_cursor", f"{str(cursor)[:40]!r} is not a cursor of this archive") from None
+
+    def _locked(self) -> _Lock:
+        return _Lock(self.out / LOCK_FILE)
+
+
+class _Lock:
+    """An exclusive flock on the output folder: two exports into one folder would race on its cursor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _Lock:
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ExportError("busy", f"another export is writing into {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _iter_failed(s: Summary) -> Iterator[str]:
+    for rid, code, msg in s.failed:
+        yield f"  {rid}: {code}: {msg}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`rekam-fleet export`: see the module doc."""
+    if args.since is not None and args.records:
+        print("rekam-fleet export: " + _("give either --since or record ids, not both"), file=sys.stderr)
+        return 2
+    agency = args.agency or os.environ.get("REKAM_AGENCY", "")
+    if args.format == "an2k" and not agency:
+        print("rekam-fleet export: " + _("--agency (or $REKAM_AGENCY) is needed for an2k: the originating agency "
+                                          "of the transactions"), file=sys.stderr)
+        return 2
+    try:
+        key = rf.load_datacenter_private_key(Path(args.key).read_bytes())
+    except (OSError, ValueError) as e:
+        print("rekam-fleet: " + _("cannot use key {path}: {error}", path=args.key, error=e), file=sys.stderr)
+        return 2
+    archive = _open_archive(args)
+    try:
+        ex = Exporter(archive, key, Path(args.out), Options(args.format, agency, args.tot, args.uncompressed),
+                      progress=False if args.no_progress else None, jobs=args.jobs)
+        s = ex.run_ids(args.records) if args.records else ex.run_queue(args.since, args.limit)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps(s.as_dict(), indent=1))
+    else:
+        print(_("exported to {path}: written {written}, unchanged {unchanged}, failed {failed}", path=args.out,
+                written=format_count(len(s.written)), unchanged=format_count(len(s.unchanged)),
+                failed=format_count(len(s.failed))))
+        for line in _iter_failed(s):
+            print(line)
+    return 1 if s.failed else 0
+
+
+def register(sub: Any) -> None:
+    """Add `export` to rekam-fleet."""
+    p = sub.add_parser("export", help=_("archived records as ANSI/NIST-ITL or CBEFF files for an ABIS (a queue)"))
+    p.add_argument("records", nargs="*", metavar="RECORD_ID", help=_("only these records (the cursor stays)"))
+    p.add_argument("--archive", required=True, help=_("archive directory"))
+    p.add_argument("--key", required=True, help=_("data-center private key (PEM)"))
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help=_("an2k (.an2) or cbeff (.xml)"))
+    p.add_argument("--out", required=True, help=_("output folder (holds the queue's cursor)"))
+    p.add_argument("--since", help=_("start after this archive cursor instead of the saved one"))
+    p.add_argument("--limit", type=int, help=_("at most this many new records in this run"))
+    p.add_argument("--agency", help=_("originating agency (Type-1 DAI/ORI, Type-14/10 SRC); default $REKAM_AGENCY"))
+    p.add_argument("--tot", default="ENR", help=_("Type-1 transaction type (default ENR)"))
+    p.add_argument("--uncompressed", action="store_true", help=_("Type-14 images uncompressed instead of WSQ"))
+    p.add_argument("--jobs", type=int, default=1, help=_("conversion processes (WSQ and JPEG 2000 use one core each)"))
+    p.add_argument("--json", action="store_true", help=_("print the summary as JSON"))
+    p.add_argument("--no-progress", action="store_true", help=_("no progress bar (log lines instead)"))
+    p.set_defaults(func=cmd_export)

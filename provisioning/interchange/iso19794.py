@@ -1,0 +1,286 @@
+"""ISO/IEC 19794-4:2011 finger image records (FIR, version 020) and 19794-5:2011 face image records (FAC, 030).
+
+Our own writer and strict reader (the PyPI `iso19794` package breaks on current Pillow and writes only the
+2005 face version). All integers big-endian. Layouts, byte by byte:
+
+FIR general header (16 bytes)::
+
+    0  4  format identifier  b"FIR\\0"
+    4  4  version            b"020\\0"
+    8  4  record length      (whole record, this header included)
+    12 2  number of finger representations
+    14 1  certification flag (0: no certification blocks follow in the representations)
+    15 1  number of distinct finger positions
+
+FIR representation (repeated)::
+
+    +0  4  representation length (this header + image data)
+    +4  9  capture date and time: year u16, month, day, hour, minute, second u8, millisecond u16 (0xFF.. unknown)
+    +13 1  capture device technology (0 unknown)
+    +14 2  capture device vendor      (0 unknown)
+    +16 2  capture device type        (0 unknown)
+    +18 1  number of quality blocks Q, then Q x (score u8 0-100/255, algorithm vendor u16, algorithm id u16)
+    ..  1  finger position (0 unknown, 1 right thumb .. 5 right little, 6 left thumb .. 10 left little)
+    ..  1  representation number
+    ..  1  scale units (1 pixels per inch, 2 per centimetre)
+    ..  2  capture sampling rate, horizontal;  2 vertical
+    ..  2  image sampling rate, horizontal;    2 vertical
+    ..  1  bit depth
+    ..  1  compression (0 none, 1 bit-packed, 2 WSQ, 3 JPEG, 4 JPEG 2000 lossy, 5 JPEG 2000 lossless, 6 PNG)
+    ..  1  impression type (0 live-scan plain)
+    ..  2  horizontal line length (width);  2 vertical line length (height)
+    ..  4  image data length, then the image data
+
+FAC general header (17 bytes)::
+
+    0 4 b"FAC\\0"  4 4 b"030\\0"  8 4 record length  12 2 number of representations  14 1 certification flag
+    15 2 temporal semantics (0: one representation / no sequence)
+
+FAC representation::
+
+    +0 4 representation length, +4 9 capture date and time, +13 1 device technology (2 digital still camera),
+    +14 2 vendor, +16 2 type, +18 1 quality blocks Q then Q x 5 bytes,
+    facial information (17): landmark count u16, gender, eye colour, hair colour, subject height u8,
+        property mask u24, expression u16, pose angle yaw/pitch/roll u8 x3, pose uncertainty u8 x3,
+    landmark points (8 bytes each), image information (11): face image type, image data type
+        (0 JPEG, 1 JPEG 2000 lossy, 2 JPEG 2000 lossless, 3 PNG), width u16, height u16,
+        spatial sampling rate level, post-acquisition processing u16, cross reference, colour space,
+    then the image data (its length is what the representation length leaves).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+from dataclasses import dataclass, field
+
+from firmware.errors import IsoRecordError
+
+FIR_ID, FIR_VERSION = b"FIR\0", b"020\0"
+FAC_ID, FAC_VERSION = b"FAC\0", b"030\0"
+FIR_HEADER = struct.Struct(">4s4sIHBB")  # 16 bytes
+FAC_HEADER = struct.Struct(">4s4sIHBH")  # 17 bytes
+DATETIME = struct.Struct(">HBBBBBH")  # 9 bytes
+DEVICE = struct.Struct(">BHH")  # technology, vendor, type: 5 bytes
+QUALITY = struct.Struct(">BHH")  # score, algorithm vendor, algorithm id: 5 bytes
+FIR_IMAGE = struct.Struct(">BBBHHHHBBBHHI")  # position .. image data length: 22 bytes
+FAC_FACIAL = struct.Struct(">HBBBB3sH3s3s")  # 17 bytes
+FAC_IMAGE = struct.Struct(">BBHHBHBB")  # 11 bytes
+
+# Compression codes (19794-4:2011 Table 4) and face image data types (19794-5:2011).
+FIR_NONE, FIR_WSQ, FIR_JPEG, FIR_JP2_LOSSY, FIR_JP2_LOSSLESS, FIR_PNG = 0, 2, 3, 4, 5, 6
+FAC_JPEG, FAC_JP2_LOSSY, FAC_JP2_LOSSLESS, FAC_PNG = 0, 1, 2, 3
+SCALE_PPI = 1
+UNKNOWN_TIME = (0xFFFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFFFF)
+#: Largest record the reader takes (a ten-print at 1000 ppi is far below this).
+MAX_RECORD = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Quality:
+    """One quality block: a 0-100 score (255: failed) and the algorithm that computed it (0/0: unregistered)."""
+
+    score: int
+    vendor: int = 0
+    algorithm: int = 0
+
+
+@dataclass(frozen=True)
+class FingerImage:
+    """One finger representation of a FIR record."""
+
+    position: int
+    width: int
+    height: int
+    data: bytes
+    compression: int = FIR_JP2_LOSSLESS
+    ppi: int = 500
+    bit_depth: int = 8
+    impression: int = 0
+    number: int = 0
+    capture: dt.datetime | None = None
+    quality: tuple[Quality, ...] = ()
+    technology: int = 0
+    vendor: int = 0
+    device_type: int = 0
+
+
+@dataclass(frozen=True)
+class FaceImage:
+    """One face representation of a FAC record."""
+
+    width: int
+    height: int
+    data: bytes
+    data_type: int = FAC_JP2_LOSSLESS
+    face_type: int = 1  # full frontal (the kit stores an ICAO-proportioned portrait)
+    colour_space: int = 1  # 24-bit RGB
+    capture: dt.datetime | None = None
+    quality: tuple[Quality, ...] = ()
+    technology: int = 2  # static photograph from a digital still-image camera
+    vendor: int = 0
+    device_type: int = 0
+    sampling_level: int = 0
+    facial: bytes = field(default=b"\0" * FAC_FACIAL.size)  # landmarks none, everything unspecified
+
+
+def _datetime(t: dt.datetime | None) -> bytes:
+    if t is None:
+        return DATETIME.pack(*UNKNOWN_TIME)
+    t = t.astimezone(dt.UTC)
+    return DATETIME.pack(t.year, t.month, t.day, t.hour, t.minute, t.second, t.microsecond // 1000)
+
+
+def _quality(blocks: tuple[Quality, ...]) -> bytes:
+    if len(blocks) > 255:
+        raise IsoRecordError(f"{len(blocks)} quality blocks, at most 255")
+    for q in blocks:
+        if not (0 <= q.score <= 100 or q.score == 255):
+            raise IsoRecordError(f"quality score {q.score} is not 0-100 or 255")
+    return bytes([len(blocks)]) + b"".join(QUALITY.pack(q.score, q.vendor, q.algorithm) for q in blocks)
+
+
+def write_fir(fingers: list[FingerImage]) -> bytes:
+    """An ISO/IEC 19794-4:2011 record holding `fingers` (no certification blocks, no extended data)."""
+    if not 1 <= len(fingers) <= 0xFFFF:
+        raise IsoRecordError("a FIR record holds 1 to 65535 representations")
+    reps = []
+    for f in fingers:
+        if not 0 <= f.position <= 15 and f.position not in range(19, 51):
+            raise IsoRecordError(f"finger position {f.position} is not an ISO 19794-4 position code")
+        if not (1 <= f.width <= 0xFFFF and 1 <= f.height <= 0xFFFF):
+            raise IsoRecordError(f"image size {f.width}x{f.height} does not fit the record")
+        body = (_datetime(f.capture) + DEVICE.pack(f.technology, f.vendor, f.device_type) + _quality(f.quality)
+                + FIR_IMAGE.pack(f.position, f.number, SCALE_PPI, f.ppi, f.ppi, f.ppi, f.ppi, f.bit_depth,
+                                 f.compression, f.impression, f.width, f.height, len(f.data)))
+        reps.append(struct.pack(">I", 4 + len(body) + len(f.data)) + body + f.data)
+    total = FIR_HEADER.size + sum(len(r) for r in reps)
+    head = FIR_HEADER.pack(FIR_ID, FIR_VERSION, total, len(fingers), 0, len({f.position for f in fingers}))
+    return head + b"".join(reps)
+
+
+def write_fac(faces: list[FaceImage]) -> bytes:
+    """An ISO/IEC 19794-5:2011 record holding `faces` (2-D, no landmark points, no 3-D data)."""
+    if not 1 <= len(faces) <= 0xFFFF:
+        raise IsoRecordError("a FAC record holds 1 to 65535 representations")
+    reps = []
+    for f in faces:
+        if not (1 <= f.width <= 0xFFFF and 1 <= f.height <= 0xFFFF):
+            raise IsoRecordError(f"image size {f.width}x{f.height} does not fit the record")
+        if len(f.facial) != FAC_FACIAL.size or f.facial[:2] != b"\0\0":
+            raise IsoRecordError("facial information must be 17 bytes with no landmark points")
+        body = (_datetime(f.capture) + DEVICE.pack(f.technology, f.vendor, f.device_type) + _quality(f.quality)
+                + f.facial + FAC_IMAGE.pack(f.face_type, f.data_type, f.width, f.height, f.sampling_level, 0, 0,
+                                            f.colour_space))
+        reps.append(struct.pack(">I", 4 + len(body) + len(f.data)) + body + f.data)
+    total = FAC_HEADER.size + sum(len(r) for r in reps)
+    return FAC_HEADER.pack(FAC_ID, FAC_VERSION, total, len(faces), 0, 0) + b"".join(reps)
+
+
+class _Reader:
+    """Bounds-checked big-endian reads; every failure names the field and its offset."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int, field_name: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise IsoRecordError(f"{self.what}: {field_name} at offset {self.pos} needs {n} bytes, "
+                                 f"{len(self.data) - self.pos} left")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct, field_name: str) -> tuple:
+        return st.unpack(self.take(st.size, field_name))
+
+
+def _read_datetime(r: _Reader) -> dt.datetime | None:
+    parts = r.unpack(DATETIME, "capture date and time")
+    if parts == UNKNOWN_TIME:
+        return None
+    y, mo, d, h, mi, s, ms = parts
+    try:
+        return dt.datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=dt.UTC)
+    except ValueError as e:
+        raise IsoRecordError(f"{r.what}: capture date and time {parts} is not a date ({e})") from None
+
+
+def _read_quality(r: _Reader) -> tuple[Quality, ...]:
+    (n,) = r.take(1, "number of quality blocks")
+    out = []
+    for _ in range(n):
+        score, vendor, alg = r.unpack(QUALITY, "quality block")
+        if not (score <= 100 or score == 255):
+            raise IsoRecordError(f"{r.what}: quality score {score} is not 0-100 or 255")
+        out.append(Quality(score, vendor, alg))
+    return tuple(out)
+
+
+def _read_general(data: bytes, st: struct.Struct, ident: bytes, version: bytes, what: str) -> tuple:
+    if len(data) > MAX_RECORD:
+        raise IsoRecordError(f"{what}: {len(data)} bytes, larger than {MAX_RECORD}")
+    r = _Reader(data, what)
+    head = r.unpack(st, "general header")
+    if head[0] != ident:
+        raise IsoRecordError(f"{what}: format identifier {head[0]!r}, expected {ident!r}")
+    if head[1] != version:
+        raise IsoRecordError(f"{what}: version {head[1]!r}, this reader reads {version!r}")
+    if head[2] != len(data):
+        raise IsoRecordError(f"{what}: record length field says {head[2]}, the record is {len(data)} bytes")
+    if head[3] == 0:
+        raise IsoRecordError(f"{what}: no representations")
+    if head[4] != 0:
+        raise IsoRecordError(f"{what}: certification flag {head[4]} (certification blocks are not supported)")
+    return r, head
+
+
+def read_fir(data: bytes) -> list[FingerImage]:
+    """Parse an ISO/IEC 19794-4:2011 record strictly (every length checked); raises `IsoRecordError`."""
+    r, head = _read_general(data, FIR_HEADER, FIR_ID, FIR_VERSION, "FIR")
+    out = []
+    for i in range(head[3]):
+        start = r.pos
+        (length,) = r.unpack(struct.Struct(">I"), f"representation {i} length")
+        capture = _read_datetime(r)
+        tech, vendor, dtype = r.unpack(DEVICE, "capture device")
+        quality = _read_quality(r)
+        (pos, number, scale, hs, vs, his, vis, depth, comp, imp, w, h, n) = r.unpack(FIR_IMAGE, "image header")
+        if scale != SCALE_PPI or hs != his or vs != vis or hs != vs:
+            raise IsoRecordError(f"FIR representation {i}: sampling rates {hs}/{vs}/{his}/{vis} (unit {scale}) "
+                                 "are not one square ppi resolution")
+        img = r.take(n, f"representation {i} image data")
+        if r.pos - start != length:
+            raise IsoRecordError(f"FIR representation {i}: length field says {length}, its fields take "
+                                 f"{r.pos - start}")
+        out.append(FingerImage(pos, w, h, img, comp, hs, depth, imp, number, capture, quality, tech, vendor, dtype))
+    if r.pos != len(data):
+        raise IsoRecordError(f"FIR: {len(data) - r.pos} bytes after the last representation")
+    if head[5] != len({f.position for f in out}):
+        raise IsoRecordError(f"FIR: header counts {head[5]} finger positions, the representations hold "
+                             f"{len({f.position for f in out})}")
+    return out
+
+
+def read_fac(data: bytes) -> list[FaceImage]:
+    """Parse an ISO/IEC 19794-5:2011 record strictly; raises `IsoRecordError`."""
+    r, head = _read_general(data, FAC_HEADER, FAC_ID, FAC_VERSION, "FAC")
+    out = []
+    for i in range(head[3]):
+        start = r.pos
+        (length,) = r.unpack(struct.Struct(">I"), f"representation {i} length")
+        if length < 4 + DATETIME.size + DEVICE.size + 1 + FAC_FACIAL.size + FAC_IMAGE.size:
+            raise IsoRecordError(f"FAC representation {i}: length {length} is shorter than its fixed fields")
+        capture = _read_datetime(r)
+        tech, vendor, dtype = r.unpack(DEVICE, "capture device")
+        quality = _read_quality(r)
+        facial = r.take(FAC_FACIAL.size, "facial information")
+        landmarks = struct.unpack(">H", facial[:2])[0]
+        r.take(8 * landmarks, "landmark points")
+        ftype, data_type, w, h, level, _post, _xref, colour = r.unpack(FAC_IMAGE, "image information")
+        img = r.take(length - (r.pos - start), f"representation {i} image data")
+        out.append(FaceImage(w, h, img, data_type, ftype, colour, capture, quality, tech, vendor, dtype, level,
+                             facial))
+    if r.pos != len(data):
+        raise IsoRecordError(f"FAC: {len(data) - r.pos} bytes after the last representation")
+    return out
