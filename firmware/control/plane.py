@@ -467,6 +467,10 @@ class ControlPlane:
 
     # -- telemetry ----------------------------------------------------------------------------
 
+    def telemetry_soon(self) -> None:
+        """Publish telemetry at the next network step, not at the interval (a power stop, a clock correction)."""
+        self._next_tel = 0.0
+
     def telemetry(self) -> dict[str, Any]:
         """The periodic health message (also the `status` command's answer)."""
         return build_telemetry(self.kit, self.identity.kit_id, self._started, self.remote.version,

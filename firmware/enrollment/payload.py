@@ -13,6 +13,12 @@ from firmware.system.clock import clock_synchronised, iso
 from firmware.system.i18n import gettext
 from firmware.wire import record_format
 
+#: The manifest's schema. 2 adds the optional ``position`` (issue #18): the GNSS fix at commit
+#: (``{"fix": "3d"|"2d", "lat", "lon", "alt_m", "accuracy_m", "satellites_used", "age_s", "source"}``) or
+#: ``{"fix": "none", "reason": "no_fix"|"stale"|"no_receiver"}``; absent when positions are not recorded.
+#: Readers take /1 and /2 alike (every /1 field is unchanged).
+MANIFEST_SCHEMA = "rekam.enrollment/2"
+
 
 def build_payload(e: Any, cfg: Config) -> bytes:
     """The encoded payload of enrollment `e` (a `firmware.enrollment.session.Enrollment`) ready to seal."""
@@ -42,7 +48,7 @@ def build_payload(e: Any, cfg: Config) -> bytes:
                 doc["template"] = f"finger-{f.code}.tpl"
         fingers.append(doc)
     manifest = {
-        "schema": "rekam.enrollment/1", "nik": e.nik.value, "operator_id": e.operator_id,
+        "schema": MANIFEST_SCHEMA, "nik": e.nik.value, "operator_id": e.operator_id,
         "site": cfg.kit.site, "started": e.started, "committed": iso(),
         "clock_synced": clock_synchronised(), "software": f"rekam {__version__}",
         "nik_override": {"reason": e.override_reason, "previous_records": e.previous_records}
@@ -50,6 +56,10 @@ def build_payload(e: Any, cfg: Config) -> bytes:
         "face": face_doc, "fingers": fingers,
         "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
     }
+    # field (issue #18): where it was captured, if the kit reads a receiver and records positions
+    position = getattr(e, "position", None)
+    if position is not None:
+        manifest["position"] = position
     return record_format.Payload(manifest, atts).encode()
 
 
