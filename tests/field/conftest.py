@@ -17,9 +17,14 @@ import pytest
 
 from tests.console import conftest as console
 from tests.console.conftest import Daemon
+from tests.provisioning import conftest as provisioning
 from tests.support import Rekamd, free_port, wait_for, write_daemon_config
 
 dc_keys = console.dc_keys
+# the fleet side (a real broker with the deployed ACL, the fleet service, claimed kits) for the telemetry test
+fleet_and_broker, fleet, broker, service = (provisioning.fleet_and_broker, provisioning.fleet, provisioning.broker,
+                                            provisioning.service)
+new_kit, online_kit = provisioning.new_kit, provisioning.online_kit
 DATA = Path(__file__).resolve().parent / "data"
 
 

@@ -5,12 +5,17 @@ marker file: never a real poweroff), and starts normally again on a charged batt
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from firmware import config
+from firmware.enrollment.power import PowerGuard, assess
+from hw.power import PowerReading
 from tests.console.conftest import NIK_FEMALE, NIK_MALE, SUPERVISOR, enroll
 from tests.field.conftest import clean_marker
-from tests.support import wait_for
+from tests.support import rekam, wait_for
 
 GNSS = {"enabled": True, "backend": "sim"}
 
@@ -68,6 +73,8 @@ def test_critical_battery_mid_enrollment_finishes_it_refuses_new_stops_cleanly(f
     r = c.post("/api/v1/enrollment", json={"nik": NIK_FEMALE})
     assert r.status_code == 200, r.text
     assert not marker.exists()
+    out = rekam("status", cfg=d.cfg).stdout
+    assert "baterai: 90 %" in out and "OK" in out, out  # the technician's view, Indonesian first
 
 
 def test_power_loss_without_enrollment_stops_at_once(field_daemon: Any, tmp_path: Path) -> None:
@@ -77,3 +84,41 @@ def test_power_loss_without_enrollment_stops_at_once(field_daemon: Any, tmp_path
     assert d.proc.returncode == 0 and marker.exists(), d.rekamd.log_tail()
     assert clean_marker(d.sd) == "1"
     assert "code=power_lost" in d.rekamd.log_text()
+
+
+def test_an_enrollment_not_finished_within_the_grace_is_cancelled(field_daemon: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "poweroff-ran"
+    d = field_daemon(power=power(marker, finish_grace_s=1.0),
+                     simulation={"battery_start_percent": 10.3, "battery_drain_per_min": 6.0})  # critical at 3 s
+    c = d.signin()
+    r = c.post("/api/v1/enrollment", json={"nik": NIK_MALE})
+    assert r.status_code == 200, r.text  # ... and then the operator walks away
+    wait_for(lambda: not d.rekamd.running, 20, "rekamd to stop after the grace")
+    assert d.proc.returncode == 0 and marker.exists() and clean_marker(d.sd) == "1"
+    assert not list((d.sd / "records").glob("*.rkm"))  # nothing was confirmed, nothing half-stored
+    with sqlite3.connect(f"file:{d.sd / 'journal.db'}?mode=ro", uri=True) as db:
+        kinds = [row[0] for row in db.execute("SELECT kind FROM audit ORDER BY rowid")]
+    assert kinds.index("power_critical") < kinds.index("enrollment_cancel") < kinds.index("power_shutdown")
+
+
+def test_policy_levels_and_recovery() -> None:
+    """The guard's decisions on readings (a charger connected during the grace lifts the lock)."""
+    readings = [PowerReading(50.0), PowerReading(19.0), PowerReading(9.0), PowerReading(10.5),
+                PowerReading(13.0, charging=True)]
+    mon = SimpleNamespace(read=lambda: readings.pop(0))
+    enr = SimpleNamespace(power_lock="", active=SimpleNamespace(id="e1", cancel=None))
+    stops: list[str] = []
+    cfg = config.defaults(power={"poll_s": 0.1, "warn_percent": 20.0, "critical_percent": 10.0}).power
+    now = [0.0]
+    g = PowerGuard(mon, cfg, lambda: enr, stops.append, clock=lambda: now[0])
+    seen = []
+    for _ in range(5):
+        g.tick()
+        seen.append((g.level, g.code, enr.power_lock))
+        now[0] += 1.0
+    assert seen == [("ok", "", ""), ("warn", "power_low", ""), ("critical", "power_critical", "power_critical"),
+                    ("critical", "power_critical", "power_critical"),  # 10.5 % is within the hysteresis
+                    ("warn", "power_low", "")]  # charging: back, unlocked
+    assert stops == []  # the enrollment under way kept the stop waiting within its grace
+    assert assess(PowerReading(80.0, power_lost=True), 20, 10) == ("critical", "power_lost")
+    assert assess(PowerReading(None), 20, 10) == ("ok", "")

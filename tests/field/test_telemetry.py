@@ -1,0 +1,43 @@
+"""Power, position and clock in the kit's signed telemetry, as the fleet receives it (issue #18): a real broker,
+the fleet service, a claimed kit whose control plane publishes; the power guard reads the simulated battery,
+the position comes from the simulated receiver, the clock part is the real corrections bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware import config
+from firmware.daemon import GnssService
+from firmware.enrollment.power import PowerGuard
+from firmware.system.clock import ClockCorrections, ClockState
+from hw.power import PowerMonitor, SimulatedPower
+from tests.support import wait_for
+
+
+def test_telemetry_carries_power_position_and_clock(online_kit: Any, fleet: Any, tmp_path: Any) -> None:
+    k = online_kit
+    cfg = config.defaults(power={"enabled": True, "gauge": "sim", "warn_percent": 30.0, "critical_percent": 5.0},
+                          gnss={"enabled": True, "backend": "sim"})
+    guard = PowerGuard(PowerMonitor(SimulatedPower(25.0)), cfg.power, lambda: k.enrollment, lambda code: None)
+    guard.tick()  # one reading: 25 % is at or below warn
+    clock = ClockCorrections(tmp_path / "clock.json", k.identity.kit_id, Ed25519PrivateKey.generate().sign)
+    clock.note(1, "r1", synced=False)
+    clock.observe(ClockState(True, "gnss"))
+    k.services.update({"power": guard, "gnss": GnssService(cfg, True), "clock": clock})
+    kid = k.identity.kit_id
+
+    def telemetry() -> dict[str, Any] | None:
+        row = fleet.kit(kid)
+        t = json.loads(row["telemetry"]) if row and row["telemetry"] else {}
+        return t if "power" in t else None
+
+    t = wait_for(telemetry, 15, "telemetry with the power part")
+    assert t["power"]["level"] == "warn" and t["power"]["code"] == "power_low" and t["power"]["percent"] == 25.0
+    assert t["power"]["source"] == "sim" and t["power"]["power_lost"] is False
+    assert t["position"]["fix"] == "3d" and t["position"]["lat"] == -6.9147
+    assert t["clock"]["synced"] is True and t["clock"]["source"] == "gnss"
+    assert t["clock"]["corrections"][0]["segments"][0]["first_seq"] == 1
+    assert "power" not in t["health"] and "clock" not in t["health"]  # once, under their own keys
