@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -161,9 +162,10 @@ class GpsdSource:
     def stop(self) -> None:
         self._stop.set()
         client = self._client
-        if client is not None:
+        sock = getattr(client, "sock", None)
+        if sock is not None:
             try:
-                client.close()
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv (close alone does not)
             except OSError:
                 pass
         if self._thread is not None:

@@ -96,12 +96,14 @@ class GpsFake:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # gpsfake and the gpsd it started (its own session)
+            os.killpg(self.proc.pid, signal.SIGINT)  # gpsfake and the gpsd it started (its own session)
             try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:  # gpsfake ignores it while it waits on gpsd: end both
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc is not None:  # gpsd's control socket, named after gpsfake (left behind by a kill)
+            Path(f"/tmp/gpsfake-{self.proc.pid}.sock").unlink(missing_ok=True)
 
 
 @pytest.fixture

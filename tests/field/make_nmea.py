@@ -2,7 +2,7 @@
 
 Run once: `python -m tests.field.make_nmea`; the logs are committed, this says how they were made.
 fix.nmea: a 3D fix all along (Bandung, 8 satellites, HDOP 0.9). nofix.nmea: a receiver that never gets one
-(RMC status V, GGA quality 0). lost.nmea: a fix for 20 s, then none (a bus shelter roof: GGA quality 0).
+(RMC status V, GGA quality 0). lost.nmea: a fix for 20 s, then 10 s without (a bus shelter roof: GGA quality 0).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     DATA.mkdir(exist_ok=True)
     (DATA / "fix.nmea").write_text("".join(cycle(t, True) for t in range(60)), newline="")
     (DATA / "nofix.nmea").write_text("".join(cycle(t, False) for t in range(60)), newline="")
-    (DATA / "lost.nmea").write_text("".join(cycle(t, t < 20) for t in range(60)), newline="")
+    (DATA / "lost.nmea").write_text("".join(cycle(t, t < 20) for t in range(30)), newline="")
 
 
 if __name__ == "__main__":

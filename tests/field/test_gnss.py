@@ -45,14 +45,14 @@ def test_no_fix_is_stated(gpsfake: Callable[..., GpsFake]) -> None:
 
 
 def test_a_fix_lost_mid_run_then_the_receiver_gone(gpsfake: Callable[..., GpsFake]) -> None:
-    # 20 s of fix then 40 s without, played at ~0.1 s per NMEA second
+    # 20 s of fix then 10 s without, played at ~0.1 s per NMEA second
     g = gpsfake("lost.nmea")
     s = source(g, max_age_s=1.0)
     try:
         wait_for(lambda: s.fix().fix == FIX_3D, 10, "the fix at the start of the log")
         lost = wait_for(lambda: (x := s.fix()).fix == NO_FIX and x, 10, "the fix to be lost")
         assert lost.reason == "no_fix"  # gpsd still reports (mode 1): the receiver has no fix
-        # the log is played once (~6 s): then gpsd has nothing more to report, and the last report ages out
+        # the log is played once (~3.5 s): then gpsd has nothing more to report, and the last report ages out
         stale = wait_for(lambda: (x := s.fix()).reason == "stale" and x, 10, "the last report to age out")
         assert stale.fix == NO_FIX and stale.age_s > 1.0 and stale.lat is None  # never the old fix as current
         g.stop()  # gpsd gone: still no fix, and the source says it is not connected
