@@ -24,7 +24,7 @@ dc_keys = console.dc_keys
 # the fleet side (a real broker with the deployed ACL, the fleet service, claimed kits) for the telemetry test
 fleet_and_broker, fleet, broker, service = (provisioning.fleet_and_broker, provisioning.fleet, provisioning.broker,
                                             provisioning.service)
-new_kit, online_kit = provisioning.new_kit, provisioning.online_kit
+new_kit, online_kit, fleet_link = provisioning.new_kit, provisioning.online_kit, provisioning.fleet_link
 DATA = Path(__file__).resolve().parent / "data"
 
 

@@ -14,6 +14,7 @@ from firmware.daemon import GnssService
 from firmware.enrollment.power import PowerGuard
 from firmware.system.clock import ClockCorrections, ClockState
 from hw.power import PowerMonitor, SimulatedPower
+from tests.provisioning.conftest import push_config, wait_event
 from tests.support import wait_for
 
 
@@ -41,3 +42,17 @@ def test_telemetry_carries_power_position_and_clock(online_kit: Any, fleet: Any,
     assert t["clock"]["synced"] is True and t["clock"]["source"] == "gnss"
     assert t["clock"]["corrections"][0]["segments"][0]["first_seq"] == 1
     assert "power" not in t["health"] and "clock" not in t["health"]  # once, under their own keys
+
+
+def test_fleet_config_cannot_set_the_commands_the_kit_runs(online_kit: Any, fleet: Any, fleet_link: Any) -> None:
+    """A signed config may tune [power] and [gnss], but not the commands rekamd runs (no remote code execution
+    with the fleet key)."""
+    k, kid = online_kit, online_kit.identity.kit_id
+    assert k.control is not None
+    for sections, why in (({"power": {"shutdown_command": ["sh", "-c", "id"]}}, "power.shutdown_command"),
+                          ({"gnss": {"chrony_command": ["sh", "-c", "id"]}}, "gnss.chrony_command")):
+        v = push_config(fleet, fleet_link, kid, sections)
+        ev = wait_event(fleet, kid, v, "rejected")
+        assert f"{why} cannot be set remotely" in ev["reason"], ev
+    v = push_config(fleet, fleet_link, kid, {"power": {"warn_percent": 30.0}})  # the levels are the fleet's to tune
+    wait_event(fleet, kid, v, "pending_restart")
