@@ -125,8 +125,8 @@ class Kit:
 
         def tell_fleet() -> None:
             fn = getattr(self.control, "telemetry_soon", None)
-            if callable(fn):
-                fn()
+            if callable(fn):  # bounded: a kit without uplink stops at once; one with it says why first
+                fn(wait_s=3.0)
 
         guard = PowerGuard(open_power(self.cfg, self.sim), self.cfg.power, lambda: self.enrollment, stop_kit,
                            tell_fleet, lambda kind, **d: self.store.audit(kind, "kit", **d))

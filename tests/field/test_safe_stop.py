@@ -89,7 +89,7 @@ def test_power_loss_without_enrollment_stops_at_once(field_daemon: Any, tmp_path
 def test_an_enrollment_not_finished_within_the_grace_is_cancelled(field_daemon: Any, tmp_path: Path) -> None:
     marker = tmp_path / "poweroff-ran"
     d = field_daemon(power=power(marker, finish_grace_s=1.0),
-                     simulation={"battery_start_percent": 10.3, "battery_drain_per_min": 6.0})  # critical at 3 s
+                     simulation={"battery_start_percent": 10.5, "battery_drain_per_min": 6.0})  # critical at 5 s
     c = d.signin()
     r = c.post("/api/v1/enrollment", json={"nik": NIK_MALE})
     assert r.status_code == 200, r.text  # ... and then the operator walks away

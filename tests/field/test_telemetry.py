@@ -56,3 +56,22 @@ def test_fleet_config_cannot_set_the_commands_the_kit_runs(online_kit: Any, flee
         assert f"{why} cannot be set remotely" in ev["reason"], ev
     v = push_config(fleet, fleet_link, kid, {"power": {"warn_percent": 30.0}})  # the levels are the fleet's to tune
     wait_event(fleet, kid, v, "pending_restart")
+
+
+def test_the_fleet_hears_of_a_power_stop_before_the_kit_goes(online_kit: Any, fleet: Any) -> None:
+    k, kid = online_kit, online_kit.identity.kit_id
+    cfg = config.defaults(power={"enabled": True, "gauge": "sim", "critical_percent": 8.0}).power
+    stops: list[str] = []
+    guard = PowerGuard(PowerMonitor(SimulatedPower(5.0)), cfg, lambda: k.enrollment, stops.append,
+                       lambda: k.control.telemetry_soon(wait_s=3.0))
+    k.services["power"] = guard
+    guard.tick()  # critical, nothing under way: lock, tell the fleet, stop
+    assert stops == ["power_critical"] and k.enrollment.power_lock == "power_critical"
+
+    def stopping() -> dict[str, Any] | None:
+        row = fleet.kit(kid)
+        t = json.loads(row["telemetry"]) if row and row["telemetry"] else {}
+        return t if t.get("power", {}).get("stopping") else None
+
+    t = wait_for(stopping, 5, "telemetry saying the kit is stopping")  # already sent: no new interval needed
+    assert t["power"]["level"] == "critical" and t["power"]["code"] == "power_critical"
