@@ -402,14 +402,15 @@ class ClockWatcher(ThreadService):
 
         state = read_clock_state(self.command)
         set_clock_state(state.synced)
-        doc = self.corrections.observe(state)
-        if doc is not None:
-            self.kit.store.audit("clock_correction", "kit", source=doc["source"],
+        self.corrections.observe(state)
+        new = self.corrections.drain()  # this tick's, those noted on commit, those from before a reboot
+        for doc in new:
+            self.kit.store.audit("clock_correction", "kit", source=doc["source"], reason=doc.get("reason", ""),
                                  segments=[{k: s[k] for k in ("first_seq", "last_seq", "offset_s")}
                                            for s in doc["segments"]])
-            fn = getattr(self.kit.control, "telemetry_soon", None)
-            if callable(fn):
-                fn()
+        fn = getattr(self.kit.control, "telemetry_soon", None)
+        if new and callable(fn):
+            fn()
 
     def stop(self) -> None:
         super().stop()

@@ -227,6 +227,7 @@ class ClockCorrections:
         self.boot = boot()
         self._lock = threading.Lock()
         self.state = ClockState(False, "none")
+        self._new: list[dict[str, Any]] = []  # issued since the last `drain()` (for the journal)
         data = self._load()
         self.pending: list[dict[str, Any]] = data.get("pending", [])
         self.corrections: list[dict[str, Any]] = data.get("corrections", [])
@@ -297,10 +298,17 @@ class ClockCorrections:
         doc = {**body, "sig": base64.b64encode(self.sign(canonical(body))).decode()}
         self.corrections.append(doc)
         self.corrections = self.corrections[-MAX_KEPT:]
+        self._new.append(doc)
         log.info("clock correction issued source=%s segments=%d records=%d offsets=%s", head.get("source"),
                  len(segments), sum(s.get("records", 0) for s in segments),
                  ",".join(str(s["offset_s"]) for s in segments))
         return doc
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The corrections issued since the last call (at load, by `note()` or `observe()`), oldest first."""
+        with self._lock:
+            out, self._new = self._new, []
+        return out
 
     def status(self, recent: int = 5) -> dict[str, Any]:
         """For status and telemetry: the clock's state, records awaiting a correction, the newest corrections."""

@@ -132,6 +132,7 @@ def test_reboot_before_sync_cannot_be_corrected(tmp_path: Path) -> None:
     assert doc["reason"] == "rebooted_before_sync" and doc["segments"][0]["offset_s"] is None
     assert doc["segments"][0]["first_seq"] == 7 and verify_correction(doc, key.public_key())
     assert cc.status()["awaiting_correction"] == 0
+    assert cc.drain() == [doc] and cc.drain() == []  # handed once to the journal
 
 
 def test_rekamd_corrects_records_sealed_before_chrony_synced(chrony: Callable[..., Chrony], field_daemon: Any,
