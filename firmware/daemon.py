@@ -460,7 +460,8 @@ class GnssService:
 
 
 def open_power(cfg: config.Config, sim: bool) -> Any:
-    """The power monitor from `[power]` (raises HardwareError when a configured gauge or pin is not there)."""
+    """The power monitor from `[power]`; a configured gauge or pin that is not there is logged and reported in
+    every reading (the kit still enrolls, blind to its battery)."""
     from hw import power
 
     p, s = cfg.power, cfg.simulation
@@ -498,6 +499,7 @@ def power_off(cfg: config.Config, sim: bool, code: str) -> None:
         return
     import subprocess
 
+    os.sync()  # the store is closed and fsync'd; the SD and the stick's other dirty pages too, before the cut
     log.warning("power stop done code=%s; running shutdown command=%s", code, " ".join(cmd))
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
