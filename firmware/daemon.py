@@ -390,12 +390,13 @@ class ClockWatcher(ThreadService):
 
     def __init__(self, kit: Kit) -> None:
         from firmware.system.clock import ClockCorrections
+        from firmware.wire import clock_correction
 
         super().__init__("clock", kit.cfg.gnss.clock_poll_s)
         self.kit = kit
         self.command = list(kit.cfg.gnss.chrony_command)
         self.corrections = ClockCorrections(kit.cfg.state_dir / "clock-corrections.json", kit.identity.kit_id,
-                                            lambda data: kit.identity.signing_key.sign(data))
+                                            lambda body: clock_correction.sign(body, kit.identity.signing_key))
 
     def tick(self) -> None:
         from firmware.system.clock import read_clock_state, set_clock_state

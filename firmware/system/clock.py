@@ -9,7 +9,6 @@ in time without the record being rewritten.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import ctypes.util
 import datetime as dt
@@ -194,12 +193,6 @@ def boot_id() -> str:
         return "unknown"
 
 
-def canonical(obj: Any) -> bytes:
-    """The signed form of a correction: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-CORRECTION_TYPE = "rekam.clock-correction/1"
 MAX_KEPT = 50  # signed corrections kept in the file (telemetry repeats the newest ones until the fleet has them)
 
 
@@ -216,10 +209,11 @@ class ClockCorrections:
     was synced cannot be corrected (the monotonic link is gone): its runs get ``offset_s: null``.
 
     State (runs still open, the newest signed corrections) is one small file, written atomically on each change.
-    `sign` is the kit's Ed25519 signing function; thread safe.
+    `sign(body) -> doc` signs a correction with the kit key (`firmware.wire.clock_correction.sign`, given by the
+    daemon: the document's format is the wire's); thread safe.
     """
 
-    def __init__(self, path: Path, kit_id: str, sign: Callable[[bytes], bytes],
+    def __init__(self, path: Path, kit_id: str, sign: Callable[[dict[str, Any]], dict[str, Any]],
                  wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic,
                  boot: Callable[[], str] = boot_id) -> None:
         self.path, self.kit_id, self.sign = path, kit_id, sign
@@ -294,8 +288,7 @@ class ClockCorrections:
     def _issue(self, head: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
         for s in segments:
             s.pop("wall_minus_mono", None)
-        body = {"type": CORRECTION_TYPE, "kit_id": self.kit_id, "issued": iso(), **head, "segments": segments}
-        doc = {**body, "sig": base64.b64encode(self.sign(canonical(body))).decode()}
+        doc = self.sign({"kit_id": self.kit_id, "issued": iso(), **head, "segments": segments})
         self.corrections.append(doc)
         self.corrections = self.corrections[-MAX_KEPT:]
         self._new.append(doc)
@@ -316,14 +309,3 @@ class ClockCorrections:
             return {**self.state.as_dict(), "awaiting_correction": sum(s["records"] for s in self.pending),
                     "corrections": list(self.corrections[-recent:])}
 
-
-def verify_correction(doc: dict[str, Any], public_key: Any) -> bool:
-    """True when `doc` is a correction signed by `public_key` (an Ed25519 public key; the data center's check)."""
-    from cryptography.exceptions import InvalidSignature
-
-    body = {k: v for k, v in doc.items() if k != "sig"}
-    try:
-        public_key.verify(base64.b64decode(doc["sig"]), canonical(body))
-    except (InvalidSignature, KeyError, ValueError, TypeError):
-        return False
-    return body.get("type") == CORRECTION_TYPE

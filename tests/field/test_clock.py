@@ -12,13 +12,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.system.clock import (
-    ClockCorrections,
-    ClockState,
-    parse_chrony_tracking,
-    read_clock_state,
-    verify_correction,
-)
+from firmware.system.clock import ClockCorrections, ClockState, parse_chrony_tracking, read_clock_state
+from firmware.wire import clock_correction
+from firmware.wire.clock_correction import verify as verify_correction
 from tests.field.conftest import Chrony
 from tests.support import free_port, rekam, wait_for
 
@@ -80,8 +76,8 @@ class Clocks:
 
 
 def corrections(path: Path, c: Clocks, key: Ed25519PrivateKey, boot: str = "boot-1") -> ClockCorrections:
-    return ClockCorrections(path, "RKM-TEST", key.sign, wall=lambda: c.wall, mono=lambda: c.mono,
-                            boot=lambda: boot)
+    return ClockCorrections(path, "RKM-TEST", lambda body: clock_correction.sign(body, key), wall=lambda: c.wall,
+                            mono=lambda: c.mono, boot=lambda: boot)
 
 
 def test_correction_of_records_sealed_before_sync(tmp_path: Path) -> None:
@@ -100,6 +96,7 @@ def test_correction_of_records_sealed_before_sync(tmp_path: Path) -> None:
     c.wall += 100_000_000.0  # chrony steps the clock to the true time
     doc = cc.observe(ClockState(True, "gnss", correction_s=0.25))
     assert doc is not None and doc["source"] == "gnss" and doc["kit_id"] == "RKM-TEST"
+    assert doc["type"] == "rekam.clock-correction/1"
     assert [(s["first_seq"], s["last_seq"], s["records"], s["offset_s"]) for s in doc["segments"]] == \
         [(1, 2, 2, 100_000_000.25)]
     assert verify_correction(doc, key.public_key())

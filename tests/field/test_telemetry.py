@@ -13,6 +13,7 @@ from firmware import config
 from firmware.daemon import GnssService
 from firmware.enrollment.power import PowerGuard
 from firmware.system.clock import ClockCorrections, ClockState
+from firmware.wire import clock_correction
 from hw.power import PowerMonitor, SimulatedPower
 from tests.provisioning.conftest import push_config, wait_event
 from tests.support import wait_for
@@ -24,7 +25,8 @@ def test_telemetry_carries_power_position_and_clock(online_kit: Any, fleet: Any,
                           gnss={"enabled": True, "backend": "sim"})
     guard = PowerGuard(PowerMonitor(SimulatedPower(25.0)), cfg.power, lambda: k.enrollment, lambda code: None)
     guard.tick()  # one reading: 25 % is at or below warn
-    clock = ClockCorrections(tmp_path / "clock.json", k.identity.kit_id, Ed25519PrivateKey.generate().sign)
+    key = Ed25519PrivateKey.generate()
+    clock = ClockCorrections(tmp_path / "clock.json", k.identity.kit_id, lambda body: clock_correction.sign(body, key))
     clock.note(1, "r1", synced=False)
     clock.observe(ClockState(True, "gnss"))
     k.services.update({"power": guard, "gnss": GnssService(cfg, True), "clock": clock})
