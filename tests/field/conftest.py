@@ -18,7 +18,7 @@ import pytest
 from tests.console import conftest as console
 from tests.console.conftest import Daemon
 from tests.provisioning import conftest as provisioning
-from tests.support import Rekamd, free_port, wait_for, write_daemon_config
+from tests.support import Rekamd, end_process, free_port, wait_for, write_daemon_config
 
 dc_keys = console.dc_keys
 # the fleet side (a real broker with the deployed ACL, the fleet service, claimed kits) for the telemetry test
@@ -156,13 +156,7 @@ class Chrony:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
 
 
 @pytest.fixture
