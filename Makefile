@@ -34,6 +34,9 @@ system-deps:
 	[ -x /usr/sbin/mkfs.exfat ] || [ -x /sbin/mkfs.exfat ] || missing="$$missing exfatprogs"; \
 	[ -x /usr/sbin/mount.exfat-fuse ] || [ -x /sbin/mount.exfat-fuse ] || missing="$$missing exfat-fuse"; \
 	[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
+	[ -x /usr/sbin/gpsd ] || missing="$$missing gpsd"; \
+	command -v gpsfake >/dev/null 2>&1 || missing="$$missing gpsd-clients"; \
+	command -v chronyd >/dev/null 2>&1 || [ -x /usr/sbin/chronyd ] || missing="$$missing chrony"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \

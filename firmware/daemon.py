@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from firmware import __version__, config
+from firmware.errors import HardwareError
 from firmware.seal import identity
 from firmware.store.store import Store, StoreError
 from firmware.system import i18n, logs
@@ -63,6 +64,8 @@ class Kit:
         self.port = ConsolePort(self)
         self.supervisor: Supervisor | None = None
         self.api: Any = None  # firmware.console.server.ApiServer
+        self.poweroff = ""  # set by the power guard (its code): after the clean stop, run [power] shutdown_command
+        self.clock: ClockWatcher | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -72,8 +75,12 @@ class Kit:
         from firmware.store.service import StoreService, UsbWatcher
 
         cfg = self.cfg
-        services: list[Any] = [StoreService(self.store), EnrollmentStage(self),
-                               UsbWatcher(self.store, cfg.usb.poll_seconds, cfg.store.auto_purge)]
+        self.clock = self.services["clock"] = ClockWatcher(self)
+        services: list[Any] = [StoreService(self.store), self.clock]
+        if cfg.gnss.enabled:  # before enrollment: the first record already has a fix
+            self.services["gnss"] = GnssService(cfg, self.sim)
+            services.append(self.services["gnss"])
+        services += [EnrollmentStage(self), UsbWatcher(self.store, cfg.usb.poll_seconds, cfg.store.auto_purge)]
         if cfg.relay.brokers:  # no brokers: the kit only buffers (SD + stick)
             from firmware.relay.relay import Relay
 
@@ -88,6 +95,8 @@ class Kit:
                              https_bind=cfg.api.https_bind, https_port=cfg.api.https_port,
                              hostnames=cfg.api.hostnames, max_body=cfg.api.max_body_kb * 1024)
         services.append(self.api)
+        if cfg.power.enabled:  # after the API: the kit is up when it starts watching (the simulated day begins)
+            services.append(self._power_guard())
         panel = self._panel()
         if panel is not None:
             services.append(panel)
@@ -106,6 +115,33 @@ class Kit:
             return None
         self.services["panel"] = link
         return link
+
+    def _power_guard(self) -> Any:
+        from firmware.enrollment.power import PowerGuard
+
+        def stop_kit(code: str) -> None:
+            self.poweroff = code
+            self.stop.set()
+
+        def tell_fleet() -> None:
+            fn = getattr(self.control, "telemetry_soon", None)
+            if callable(fn):  # bounded: a kit without uplink stops at once; one with it says why first
+                fn(wait_s=3.0)
+
+        guard = PowerGuard(open_power(self.cfg, self.sim), self.cfg.power, lambda: self.enrollment, stop_kit,
+                           tell_fleet, lambda kind, **d: self.store.audit(kind, "kit", **d))
+        self.services["power"] = guard
+        return guard
+
+    def note_commit(self, record_id: str, seq: int) -> None:
+        """A record was sealed: one sealed before the clock was synced awaits its correction."""
+        if self.clock is None:
+            return
+        try:
+            row = self.store.record(record_id)
+            self.clock.corrections.note(seq, record_id, bool(row.clock_synced) if row is not None else False)
+        except Exception as e:  # bookkeeping for the data center: never fails a commit
+            log.error("clock correction bookkeeping failed record_id=%s error=%s", record_id, e)
 
     def start(self) -> None:
         """Build and start every service; returns when they are up (raises if one cannot start)."""
@@ -216,7 +252,9 @@ class ConsolePort:
         for _ in range(count):
             if kit.stop.is_set():
                 return  # the daemon is stopping: the caller reports what was committed
-            yield kit.store.commit(src.capture(operator_id).encode(), operator_id=operator_id).as_dict()
+            res = kit.store.commit(src.capture(operator_id).encode(), operator_id=operator_id)
+            kit.note_commit(res.record_id, res.seq)
+            yield res.as_dict()
 
     def eject_usb(self) -> bool:
         return self._kit.eject_usb()
@@ -272,6 +310,11 @@ class EnrollmentStage:
         if not cfg.operators.list:
             log.warning("no operators configured ([operators] list): nobody can sign in to enroll")
         kit.enrollment = EnrollmentService(kit.store, cfg, ops, dedup, devices)
+        gnss = kit.services.get("gnss")
+        if gnss is not None and cfg.gnss.record_position:
+            kit.enrollment.position = gnss.manifest_position
+        kit.enrollment.add_listener(
+            lambda event, data: kit.note_commit(data["record_id"], data["seq"]) if event == "committed" else None)
         kit.services["sensor"] = sensor
 
     def stop(self) -> None:
@@ -338,6 +381,135 @@ class StatusWatchdog(ThreadService):
                 rec["quarantined"]["records"], st["mirror_lag"]["records"])
 
 
+# --- field: clock, GNSS, power (issue #18) ---------------------------------------------------------------------
+
+
+class ClockWatcher(ThreadService):
+    """Reads the clock's synchronisation from chrony every `[gnss] clock_poll_s`, publishes it to the records
+    (`firmware.system.clock.set_clock_state`) and issues the signed corrections of records sealed before it."""
+
+    def __init__(self, kit: Kit) -> None:
+        from firmware.system.clock import ClockCorrections
+        from firmware.wire import clock_correction
+
+        super().__init__("clock", kit.cfg.gnss.clock_poll_s)
+        self.kit = kit
+        self.command = list(kit.cfg.gnss.chrony_command)
+        self.corrections = ClockCorrections(kit.cfg.state_dir / "clock-corrections.json", kit.identity.kit_id,
+                                            lambda body: clock_correction.sign(body, kit.identity.signing_key))
+
+    def tick(self) -> None:
+        from firmware.system.clock import read_clock_state, set_clock_state
+
+        state = read_clock_state(self.command)
+        set_clock_state(state.synced)
+        self.corrections.observe(state)
+        new = self.corrections.drain()  # this tick's, those noted on commit, those from before a reboot
+        for doc in new:
+            self.kit.store.audit("clock_correction", "kit", source=doc["source"], reason=doc.get("reason", ""),
+                                 segments=[{k: s[k] for k in ("first_seq", "last_seq", "offset_s")}
+                                           for s in doc["segments"]])
+        fn = getattr(self.kit.control, "telemetry_soon", None)
+        if new and callable(fn):
+            fn()
+
+    def stop(self) -> None:
+        super().stop()
+        from firmware.system.clock import set_clock_state
+
+        set_clock_state(None)
+
+    def status(self) -> dict[str, Any]:
+        return self.corrections.status()
+
+
+class GnssService:
+    """The position source from `[gnss]` (gpsd, or the simulator) as a service, and what it may tell."""
+
+    name = "gnss"
+
+    def __init__(self, cfg: config.Config, sim: bool) -> None:
+        g, s = cfg.gnss, cfg.simulation
+        self.report = g.report_position
+        if g.backend == "sim":
+            from hw.gnss import SimulatedGnss
+
+            self.source: Any = SimulatedGnss(s.gnss_fix, s.gnss_lat, s.gnss_lon)
+        else:
+            from hw.gnss import GpsdSource
+
+            self.source = GpsdSource(g.host, g.port, g.max_age_s)
+
+    def start(self) -> None:
+        self.source.start()
+
+    def stop(self) -> None:
+        self.source.stop()
+
+    def health(self) -> dict[str, Any]:
+        return {"state": RUNNING}  # no receiver is "no fix", not a failed service
+
+    def manifest_position(self) -> dict[str, Any]:
+        """The fix for a sealed manifest (`none` with its reason when there is none)."""
+        return self.source.fix().as_dict()
+
+    def status(self) -> dict[str, Any]:
+        st = self.source.status()
+        if not self.report:  # privacy: the fix type and its quality, not where the kit is
+            st = {k: v for k, v in st.items() if k not in ("lat", "lon", "alt_m")}
+        return st
+
+
+def open_power(cfg: config.Config, sim: bool) -> Any:
+    """The power monitor from `[power]`; a configured gauge or pin that is not there is logged and reported in
+    every reading (the kit still enrolls, blind to its battery)."""
+    from hw import power
+
+    p, s = cfg.power, cfg.simulation
+    gauge: Any = None
+    if p.gauge == "sim":
+        gauge = power.SimulatedPower(s.battery_start_percent, s.battery_drain_per_min,
+                                     s.power_loss_at_s if s.power_loss_at_s >= 0 else None)
+    else:
+        try:
+            if p.gauge == "max17048":
+                gauge = power.Max17048(p.i2c_bus, p.i2c_address or power.MAX17048_ADDR)
+            elif p.gauge == "ina219":
+                gauge = power.Ina219(p.i2c_bus, p.i2c_address or power.INA219_ADDR, p.ina219_shunt_ohm,
+                                     empty_v=p.ina219_empty_v, full_v=p.ina219_full_v)
+        except HardwareError as e:  # the kit still enrolls; status and telemetry say the gauge is missing
+            log.error("battery gauge unavailable gauge=%s error=%s", p.gauge, e)
+            gauge = power.Unavailable(p.gauge, str(e))
+    pin = None
+    if p.loss_pin >= 0 and not sim:
+        try:
+            pin = power.PowerLossPin(p.loss_pin, p.loss_active_high)
+        except HardwareError as e:
+            log.error("power-loss pin unavailable pin=%d error=%s", p.loss_pin, e)
+    return power.PowerMonitor(gauge, pin)
+
+
+DEFAULT_SHUTDOWN = ["systemctl", "poweroff"]
+
+
+def power_off(cfg: config.Config, sim: bool, code: str) -> None:
+    """Run `[power] shutdown_command` after the safe stop (never the default `systemctl poweroff` in --sim)."""
+    cmd = list(cfg.power.shutdown_command)
+    if not cmd or (sim and cmd == DEFAULT_SHUTDOWN):
+        log.warning("power stop done code=%s; not powering off (%s)", code, "simulation" if cmd else "no command")
+        return
+    import subprocess
+
+    os.sync()  # the store is closed and fsync'd; the SD and the stick's other dirty pages too, before the cut
+    log.warning("power stop done code=%s; running shutdown command=%s", code, " ".join(cmd))
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            log.error("shutdown command failed status=%d stderr=%s", r.returncode, r.stderr.strip()[:300])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("shutdown command failed error=%s", e)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="rekamd", description="rekam enrollment kit daemon")
     ap.add_argument("--config", default=os.environ.get("REKAM_CONFIG", str(config.DEFAULT_PATH)))
@@ -388,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
         pass
     kit.shutdown()
+    if kit.poweroff:  # the store is closed (clean marker written): now the machine may go down
+        power_off(cfg, args.sim, kit.poweroff)
     return kit.exit_code if kit.exit_code is not None else EX_OK
 
 

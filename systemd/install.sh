@@ -66,7 +66,7 @@ make_venv() {
 
 ensure_user() {
     live || return 0
-    for g in dialout gpio video; do
+    for g in dialout gpio video i2c; do
         getent group "$g" >/dev/null || { say "creating group $g"; groupadd --system "$g"; }
     done
     if ! getent passwd rekam >/dev/null; then
@@ -74,7 +74,7 @@ ensure_user() {
         useradd --system --user-group --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin \
             --comment "rekam enrollment kit daemon" rekam
     fi
-    usermod -a -G dialout,gpio,video rekam
+    usermod -a -G dialout,gpio,video,i2c rekam
     if [ "$ROLE" = datacenter ] && ! getent passwd rekam-dc >/dev/null; then
         say "creating user rekam-dc"
         useradd --system --user-group --home-dir /var/lib/rekam-dc --no-create-home --shell /usr/sbin/nologin \

@@ -49,6 +49,17 @@ def wait_for(cond: Callable[[], T], timeout: float = 10.0, what: str = "conditio
         time.sleep(step)
 
 
+def end_process(proc: subprocess.Popen[Any] | None, grace: float = 5.0) -> None:
+    """SIGTERM a child that still runs, SIGKILL it after `grace` s (None or ended: nothing to do)."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 # --- tmpfs ------------------------------------------------------------------------------------------------------
 
 
@@ -220,13 +231,7 @@ class Mosquitto:
 
     def stop(self) -> None:
         """SIGTERM, SIGKILL after 5 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:

@@ -165,12 +165,45 @@ def print_status(st: dict[str, Any]) -> None:
                   free=format_size(m["free_bytes"]), total=format_size(m["total_bytes"]),
                   left=format_count(m["records_left"]))
               + f"  {m['level']} {_without_action(m['reason'])}")
+    print_field(st)
     d = st.get("daemon", {})
     if running:
         print(_("daemon: running, version {version}, up {uptime} s", version=d.get("version"),
                 uptime=format_count(int(d.get("uptime_s") or 0))))
     else:
         print(_("daemon: not running"))
+
+
+def print_field(st: dict[str, Any]) -> None:
+    """Battery, position and clock lines (issue #18), for the parts the kit has."""
+    pw = st.get("power")
+    if isinstance(pw, dict) and "level" in pw:
+        pct = "?" if pw.get("percent") is None else format_decimal(pw["percent"], format="#,##0", locale=get_language())
+        volts = "?" if pw.get("voltage_v") is None else format_decimal(pw["voltage_v"], format="#,##0.00",
+                                                                       locale=get_language())
+        state = (_("power lost") if pw.get("power_lost") else _("charging") if pw.get("charging")
+                 else _("on battery"))
+        print(_("battery: {percent} %, {volts} V, {state}", percent=pct, volts=volts, state=state)
+              + f"  {pw['level'].upper()}" + (f" {pw['code']}" if pw.get("code") else ""))
+        if pw.get("message"):
+            print(f"  ! {pw['message']}")
+        if pw.get("error"):
+            print(f"  ! {pw['error']}")
+    pos = st.get("gnss")
+    if isinstance(pos, dict) and "fix" in pos:
+        if pos["fix"] == "none":
+            print(_("position: no fix ({reason})", reason=pos.get("reason", "")))
+        else:
+            where = f"{pos['lat']:.5f}, {pos['lon']:.5f}" if "lat" in pos else _("(not shown: private)")
+            print(_("position: {fix} fix {where}, accuracy {accuracy} m, {satellites} satellites, {age} s old",
+                    fix=pos["fix"].upper(), where=where, accuracy=pos.get("accuracy_m", "?"),
+                    satellites=pos.get("satellites_used", "?"), age=pos.get("age_s", "?")))
+    clk = st.get("clock")
+    if isinstance(clk, dict) and "synced" in clk:
+        print((_("clock: synchronised ({source})", source=clk.get("source", "")) if clk["synced"]
+               else _("clock: NOT synchronised"))
+              + ("  " + _("{count} records await a time correction", count=clk["awaiting_correction"])
+                 if clk.get("awaiting_correction") else ""))
 
 
 def halt_action(medium: str) -> str:

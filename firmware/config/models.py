@@ -555,6 +555,18 @@ class SimulationConfig(Section):
                     "seeded, so a run repeats). The kit's quality check decides which of them fail. Defaults from "
                     "field figures (hw/sensor/simulator/conditions.py); {} for always good.")
 
+    # --- field (issue #18): the simulated receiver and battery ---
+    gnss_fix: Literal["none", "2d", "3d"] = Field("3d", description="Simulated GNSS ([gnss] backend sim): fix type.")
+    gnss_lat: float = Field(-6.9147, ge=-90, le=90, description="Simulated GNSS: latitude, degrees.")
+    gnss_lon: float = Field(107.6098, ge=-180, le=180, description="Simulated GNSS: longitude, degrees.")
+    battery_start_percent: float = Field(
+        100.0, ge=0, le=100, description="Simulated battery ([power] gauge sim): level when the kit is up, %.")
+    battery_drain_per_min: float = Field(
+        0.0, ge=-100, le=100, description="Simulated battery: % lost per minute (negative: charging).")
+    power_loss_at_s: float = Field(
+        -1.0, ge=-1, le=864000, description="Simulated battery: the supply is lost this many s after the kit is up "
+                                            "(-1: never).")
+
     @field_validator("finger_conditions")
     @classmethod
     def _conditions(cls, v: dict[str, float]) -> dict[str, float]:
@@ -564,6 +576,82 @@ class SimulationConfig(Section):
             raise must(f"only {', '.join(known)} (not {', '.join(bad)})")
         if any(not 0 <= x <= 1 for x in v.values()) or sum(v.values()) > 1:
             raise must("rates within 0..1 that add up to at most 1")
+        return v
+
+
+# --- field: GNSS place and time, battery-aware safe stop (issue #18) -----------------------------------------
+
+
+class GnssConfig(Section):
+    """``[gnss]``"""
+
+    enabled: bool = Field(False, description="Read the kit's position from a GNSS receiver (through gpsd).")
+    backend: Literal["gpsd", "sim"] = Field(
+        "gpsd", description="gpsd (the receiver on a UART or USB, see docs/field.md), or sim (a fixed position "
+                            "from [simulation] gnss_*).")
+    host: NonEmptyStr = Field("127.0.0.1", description="gpsd host (its JSON protocol).")
+    port: int = Field(2947, ge=1, le=65535, description="gpsd port.")
+    max_age_s: float = Field(
+        10.0, ge=1, le=3600,
+        description="A fix older than this is reported as no fix (never a stale position as the current one).")
+    record_position: bool = Field(
+        True, description="Put the position (or `no fix`) in each sealed record's manifest; false for privacy.")
+    report_position: bool = Field(
+        True, description="Put the position in telemetry and status; false for privacy (fix type only).")
+    chrony_command: list[NonEmptyStr] = Field(
+        ["chronyc", "-c", "tracking"],
+        description="How the clock's synchronisation is read (chrony's CSV tracking report: NTP or GNSS/PPS); "
+                    "[] or chronyc missing: the kernel's NTP flag. Used whether or not GNSS is enabled.")
+    clock_poll_s: float = Field(
+        10.0, ge=0.2, le=3600, description="How often the clock's synchronisation is checked, s.")
+
+
+class PowerConfig(Section):
+    """``[power]``"""
+
+    enabled: bool = Field(False, description="Watch the battery and stop safely before it is empty.")
+    gauge: Literal["none", "max17048", "ina219", "sim"] = Field(
+        "none", description="Battery gauge on I2C: max17048 (fuel gauge, 0x36), ina219 (UPS HAT current/voltage "
+                            "monitor, 0x40-0x4f), sim ([simulation] battery_*), none (only the power-loss pin).")
+    i2c_bus: int = Field(1, ge=0, le=31, description="I2C bus number (/dev/i2c-N; 1 on the Pi header).")
+    i2c_address: int = Field(
+        0, ge=0, le=127, description="I2C address of the gauge (0: the chip's default, 0x36 or 0x40).")
+    ina219_shunt_ohm: float = Field(0.1, gt=0, le=10, description="INA219 shunt resistor, ohm (0.1 on most HATs).")
+    ina219_empty_v: float = Field(
+        3.0, gt=0, le=60, description="INA219: pack voltage at 0 % (3.0 for one Li-ion cell, 6.0 for 2S).")
+    ina219_full_v: float = Field(
+        4.2, gt=0, le=60, description="INA219: pack voltage at 100 % (4.2 for one Li-ion cell, 8.4 for 2S).")
+    loss_pin: int = Field(
+        -1, ge=-1, le=27, description="BCM pin of the UPS HAT's power-lost output (-1: none).")
+    loss_active_high: bool = Field(True, description="The power-loss pin is high when the supply is gone.")
+    poll_s: float = Field(5.0, ge=0.1, le=600, description="How often the battery is read, s.")
+    warn_percent: float = Field(
+        20.0, ge=0, le=100, description="At or below this level the operator is warned (code power_low).")
+    critical_percent: float = Field(
+        8.0, ge=0, le=100,
+        description="At or below this level (or on power loss) no new enrollment starts, the one under way may "
+                    "finish, then the kit stops safely and powers off (code power_critical).")
+    finish_grace_s: float = Field(
+        120.0, ge=0, le=3600,
+        description="How long the enrollment under way may still take at critical power before the stop, s.")
+    shutdown_command: list[NonEmptyStr] = Field(
+        ["systemctl", "poweroff"],
+        description="Run after the safe stop (the one privilege it needs: see docs/field.md); [] only stops the "
+                    "daemon. Not run in simulation (--sim) unless it is not the default.")
+
+    @field_validator("critical_percent")
+    @classmethod
+    def _critical_below_warn(cls, v: float, info: ValidationInfo) -> float:
+        warn = info.data.get("warn_percent", cls.model_fields["warn_percent"].default)
+        if v > warn:
+            raise must(f"<= power.warn_percent ({warn})")
+        return v
+
+    @field_validator("i2c_address")
+    @classmethod
+    def _address(cls, v: int, info: ValidationInfo) -> int:
+        if v and not 0x03 <= v <= 0x77:
+            raise must("a 7-bit I2C address 0x03-0x77 (or 0: the chip's default)")
         return v
 
 
@@ -593,6 +681,8 @@ class RekamConfig(BaseModel):
     control: ControlConfig = Field(default_factory=ControlConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    gnss: GnssConfig = Field(default_factory=GnssConfig)
+    power: PowerConfig = Field(default_factory=PowerConfig)
 
     _source: str = PrivateAttr("<defaults>")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

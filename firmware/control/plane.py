@@ -467,6 +467,17 @@ class ControlPlane:
 
     # -- telemetry ----------------------------------------------------------------------------
 
+    def telemetry_soon(self, wait_s: float = 0.0) -> bool:
+        """Publish telemetry at the next network step, not at the interval (a power stop, a clock correction);
+        with `wait_s`, wait at most that long for it to go out (True if it did; False when not connected)."""
+        self._next_tel = 0.0
+        deadline = time.monotonic() + wait_s
+        while wait_s > 0 and self.connected.is_set() and time.monotonic() < deadline:
+            if self._next_tel != 0.0:
+                return True
+            time.sleep(0.05)
+        return self._next_tel != 0.0
+
     def telemetry(self) -> dict[str, Any]:
         """The periodic health message (also the `status` command's answer)."""
         return build_telemetry(self.kit, self.identity.kit_id, self._started, self.remote.version,

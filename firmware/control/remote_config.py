@@ -40,7 +40,9 @@ FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requir
 # What remote config may never touch (identity, local paths of trust, the local API's exposure).
 DENIED = {"kit": None, "api": None,
           "control": {"enabled", "ca_file", "claim_cert_file", "claim_key_file", "fleet_public_key", "claim_brokers"},
-          "datacenter": set()}
+          "datacenter": set(),
+          # commands the daemon runs (issue #18): set only in the kit's own file, never by the fleet
+          "power": {"shutdown_command"}, "gnss": {"chrony_command"}}
 # Applied without a restart (the data-center ack keys too: a key rotation must not need a restart per kit).
 LIVE_KEYS = {"operators.list", "control.telemetry_interval_s", "relay.ack_public_keys"}
 MAX_FILE_BYTES = 16 * 1024

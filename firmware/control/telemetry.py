@@ -10,6 +10,8 @@ from typing import Any
 
 from firmware import __version__
 
+FIELD_PARTS = ("power", "gnss", "clock")
+
 
 def part_health(parts: dict[str, Any]) -> dict[str, Any]:
     """``status()`` (else ``health()``) of every part; a part that fails answers with its error."""
@@ -36,7 +38,8 @@ def telemetry(host: Any, kit_id: str, started: float, config_version: int, locke
     st = host.store.status()
     rec = st["records"]
     guard = st["guard"]
-    health = part_health({**(getattr(host, "hardware", None) or {}), **(getattr(host, "services", None) or {})})
+    parts = {**(getattr(host, "hardware", None) or {}), **(getattr(host, "services", None) or {})}
+    health = part_health({k: v for k, v in parts.items() if k not in FIELD_PARTS})  # those have their own keys
     oldest = st.get("oldest_unacked")
     age = None
     if oldest:
@@ -67,7 +70,24 @@ def telemetry(host: Any, kit_id: str, started: float, config_version: int, locke
         "versions": {"firmware": __version__, "python": platform.python_version(), "config": config_version},
         "locked": locked,
         "control": control,
+        **field_status(host),
     }
+
+
+def field_status(host: Any) -> dict[str, Any]:
+    """The kit in the field (issue #18): ``power`` (level, code, percent, voltage, charging, power lost),
+    ``position`` (the GNSS fix, or its type only when positions are private) and ``clock`` (synchronised, from
+    what, and the newest signed corrections of records sealed before it was); a part the kit lacks is left out."""
+    services = getattr(host, "services", None) or {}
+    out: dict[str, Any] = {}
+    for key, name in (("power", "power"), ("position", "gnss"), ("clock", "clock")):
+        svc = services.get(name)
+        if svc is not None and hasattr(svc, "status"):
+            try:
+                out[key] = svc.status()
+            except Exception as e:  # telemetry must always answer
+                out[key] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def cpu_temperature(path: Path = Path("/sys/class/thermal/thermal_zone0/temp")) -> float | None:

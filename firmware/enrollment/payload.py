@@ -14,7 +14,10 @@ from firmware.system.i18n import gettext
 from firmware.wire import record_format
 
 #: Manifest schema written by this build. 2 added `ppi` per captured finger (the sensor's resolution, for the
-#: ABIS export); readers take 1 as well (docs/interchange.md says what a v1 record lacks).
+#: ABIS export) and the optional ``position`` (issue #18): the GNSS fix at commit
+#: (``{"fix": "3d"|"2d", "lat", "lon", "alt_m", "accuracy_m", "satellites_used", "age_s", "source"}``) or
+#: ``{"fix": "none", "reason": "no_fix"|"stale"|"no_receiver"}``, absent when positions are not recorded.
+#: Readers take 1 as well (every /1 field is unchanged; docs/interchange.md says what a v1 record lacks).
 SCHEMA = "rekam.enrollment/2"
 #: Resolution of the kit's sensors by image geometry (height, width): R30x/AS608 image at 500 ppi, R503 at 508.
 SENSOR_PPI = {(288, 256): 500, (192, 192): 508}
@@ -57,6 +60,10 @@ def build_payload(e: Any, cfg: Config) -> bytes:
         "face": face_doc, "fingers": fingers,
         "duplicate_check": {"matches": [h.__dict__ for h in e.dup_hits or []], "supervisor": e.supervisor},
     }
+    # field (issue #18): where it was captured, if the kit reads a receiver and records positions
+    position = getattr(e, "position", None)
+    if position is not None:
+        manifest["position"] = position
     return record_format.Payload(manifest, atts).encode()
 
 

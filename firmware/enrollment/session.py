@@ -119,6 +119,7 @@ class Enrollment:
     face_exception: str = ""
     dup_hits: list[FingerHit] | None = None
     supervisor: dict[str, Any] | None = None
+    position: dict[str, Any] | None = None  # the GNSS fix at commit (issue #18), when positions are recorded
     cancel: threading.Event = field(default_factory=threading.Event)
     previews: dict[str, bytes] = field(default_factory=dict)  # PNG/JPEG previews for the console (RAM only)
     busy: bool = False
@@ -154,6 +155,10 @@ class EnrollmentService:
         self.last_receipt: dict[str, Any] | None = None
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # GPIO panel, console events
         self.lock_reason = ""  # set by the control plane (fleet `lock` command); non-empty refuses new enrollments
+        # Set by the power guard (issue #18): a code (power_critical) refuses new enrollments; the one under way
+        # may finish. Separate from lock_reason so a fleet lock and a power stop never undo each other.
+        self.power_lock = ""
+        self.position: Callable[[], dict[str, Any] | None] | None = None  # the fix for the manifest, or None
 
     # --- operators ------------------------------------------------------------------------
 
@@ -259,6 +264,11 @@ class EnrollmentService:
             self._audit("start_refused", s.operator.id, reason="locked")
             raise EnrollmentError("locked", gettext("capture is locked by the office: {reason}",
                                                     reason=self.lock_reason), 423)
+        if self.power_lock:
+            self._audit("start_refused", s.operator.id, reason=self.power_lock)
+            raise EnrollmentError(self.power_lock, gettext("the battery is almost empty: the kit is shutting down "
+                                                           "safely; no new enrollment can start. Connect the "
+                                                           "charger."), 423)
         parsed = nikmod.parse(nik)  # NikError -> 422 by the API
         with self._lock:
             if self.active is not None:
@@ -320,6 +330,16 @@ class EnrollmentService:
         e.cancel.set()  # stops a wait for a finger in progress
         with self._lock:
             self._cancel(e, reason, s.operator.id)
+
+    def cancel_active(self, reason: str) -> bool:
+        """Cancel the enrollment under way for the kit itself (power stop); False while a capture or the commit
+        is running (cancel it after: a commit is never cut in half) or when there is none."""
+        with self._lock:
+            e = self.active
+            if e is None or e.busy:
+                return e is None
+            self._cancel(e, reason, "kit")
+            return True
 
     def _cancel(self, e: Enrollment, reason: str, actor: str = "") -> None:
         if self.active is not e:
@@ -500,6 +520,12 @@ class EnrollmentService:
         if step != "review":
             raise EnrollmentError("not_ready", gettext("not ready to commit: next step is {step}", step=step))
         with self._busy(e):
+            if self.position is not None:
+                try:
+                    e.position = self.position()
+                except Exception as ex:  # a position is metadata: it never stops a commit
+                    log.warning("position unavailable error=%s", ex)
+                    e.position = {"fix": "none", "reason": "error"}
             payload = self._payload(e)
             try:
                 res: CommitResult = self.store.commit(payload, e.reservation, operator_id=s.operator.id)
@@ -529,7 +555,7 @@ class EnrollmentService:
         self._audit("enrollment_commit", s.operator.id, enrollment=e.id, record_id=res.record_id,
                     mirrored=res.stick_id is not None)
         log.info("enrollment committed enrollment=%s record_id=%s", e.id, res.record_id)
-        self._emit("committed", record_id=res.record_id)
+        self._emit("committed", record_id=res.record_id, seq=res.seq)
         return info
 
     # --- helpers --------------------------------------------------------------------------

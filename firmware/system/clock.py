@@ -1,8 +1,10 @@
 """Wall-clock time and whether it can be trusted (a Raspberry Pi has no RTC).
 
-The kernel's NTP state (adjtimex) says whether systemd-timesyncd or chrony has synchronised
-the clock; a record captured before that carries ``clock_synced = false`` so the data center
-knows its capture time may be wrong.
+Whether the clock is synchronised comes from chrony's tracking report (`read_clock_state`: NTP or a GNSS
+reference clock), read by the daemon's clock watcher, which publishes it here (`set_clock_state`); without a
+watcher, the kernel's NTP flag (adjtimex). A record sealed before that carries ``clock_synced = false``, and
+`ClockCorrections` issues a signed correction for it once the clock is synced, so the data center can place it
+in time without the record being rewritten.
 """
 
 from __future__ import annotations
@@ -11,6 +13,17 @@ import ctypes
 import ctypes.util
 import datetime as dt
 import functools
+import json
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 _TIME_ERROR = 5  # adjtimex return value: clock not synchronised
 
@@ -30,7 +43,23 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+_published: bool | None = None  # set by the daemon's clock watcher (chrony); None: ask the kernel
+
+
+def set_clock_state(synced: bool | None) -> None:
+    """Publish the watcher's verdict (None: back to the kernel's flag); every record sealed after uses it."""
+    global _published
+    _published = synced
+
+
 def clock_synchronised() -> bool:
+    """True when the clock is synchronised: the clock watcher's verdict (chrony), else the kernel's NTP flag."""
+    if _published is not None:
+        return _published
+    return _kernel_synchronised()
+
+
+def _kernel_synchronised() -> bool:
     """True when the kernel reports the clock as NTP-synchronised."""
     libc = _libc()
     if libc is None:
@@ -54,3 +83,229 @@ def iso(t: dt.datetime | None = None) -> str:
 def compact(t: dt.datetime | None = None) -> str:
     """UTC time as ``20261129T040312Z`` (for record ids)."""
     return (t or utc_now()).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+# --- the real source: chrony's tracking report ---------------------------------------------------------------
+
+#: chrony's reference ids that mean "no external source": none yet, or its own local clock (`local` directive).
+_NO_REFERENCE, _LOCAL_REFERENCE = "00000000", "7F7F0101"
+_SYNCED_LEAP = ("Normal", "Insert second", "Delete second")
+
+
+@dataclass(frozen=True)
+class ChronyTracking:
+    """One `chronyc -c tracking` report (CSV; the field order of chronyc's tracking command)."""
+
+    ref_id: str
+    ref_name: str
+    stratum: int
+    ref_time: float
+    correction_s: float  # "System time": true (NTP) time minus the system clock (< 0: the clock is fast)
+    last_offset_s: float
+    rms_offset_s: float
+    frequency_ppm: float
+    residual_freq_ppm: float
+    skew_ppm: float
+    root_delay_s: float
+    root_dispersion_s: float
+    update_interval_s: float
+    leap: str
+
+    @property
+    def synced(self) -> bool:
+        """Synchronised to a real source: a reference (not none, not chrony's local clock) and a leap status."""
+        return (self.leap in _SYNCED_LEAP and self.ref_id.upper() not in (_NO_REFERENCE, _LOCAL_REFERENCE)
+                and 0 < self.stratum < 16)
+
+    @property
+    def source(self) -> str:
+        """``gnss`` (a reference clock: GPS/PPS/NMEA/SHM through gpsd), ``ntp``, ``local`` or ``none``."""
+        rid = self.ref_id.upper()
+        if rid == _NO_REFERENCE or not self.synced and self.leap not in _SYNCED_LEAP:
+            return "none"
+        if rid == _LOCAL_REFERENCE:
+            return "local"
+        # A reference clock's id is its refid as ASCII ("PPS", "GPS", "NMEA", "SHM0") and chronyc names it so;
+        # an NTP server's id is its IPv4 address (or a hash of the IPv6 one) and the name is an address or host.
+        try:
+            text = bytes.fromhex(rid).rstrip(b"\0").decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            text = ""
+        return "gnss" if text and text.isalnum() and text.isupper() and self.ref_name == text else "ntp"
+
+
+def parse_chrony_tracking(text: str) -> ChronyTracking:
+    """Parse `chronyc -c tracking` output; raises ValueError for anything else (an error line, old chrony)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    f = line.split(",")
+    if len(f) != 14:
+        raise ValueError(f"not a chronyc -c tracking line ({len(f)} fields): {line[:120]!r}")
+    try:
+        return ChronyTracking(f[0], f[1], int(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]),
+                              float(f[7]), float(f[8]), float(f[9]), float(f[10]), float(f[11]), float(f[12]),
+                              f[13])
+    except ValueError as e:
+        raise ValueError(f"bad chronyc -c tracking line {line[:120]!r}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ClockState:
+    """Whether the wall clock can be trusted, and from what: ``gnss``, ``ntp``, ``kernel`` (the kernel's NTP flag,
+    when chrony cannot be asked), ``local``/``none`` (not synchronised)."""
+
+    synced: bool
+    source: str
+    correction_s: float = 0.0  # to add to the system clock for the true time (chrony), 0 when unknown
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"synced": self.synced, "source": self.source, "correction_s": round(self.correction_s, 6),
+                "detail": self.detail}
+
+
+def read_clock_state(command: list[str] | tuple[str, ...] = ("chronyc", "-c", "tracking"),
+                     timeout: float = 3.0) -> ClockState:
+    """Ask chrony (`command`); if it cannot answer (not installed, not running), the kernel's NTP flag."""
+    if command:
+        try:
+            r = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL)
+            if r.returncode == 0:
+                t = parse_chrony_tracking(r.stdout)
+                return ClockState(t.synced, t.source if t.synced else "none", t.correction_s if t.synced else 0.0,
+                                  f"chrony ref={t.ref_name or t.ref_id} stratum={t.stratum} leap={t.leap}")
+            why = (r.stderr or r.stdout).strip()[:200] or f"exit {r.returncode}"
+        except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+            why = f"{type(e).__name__}: {e}"[:200]
+    else:
+        why = "no chrony command"
+    return ClockState(_kernel_synchronised(), "kernel", 0.0, f"chrony unavailable ({why})")
+
+
+# --- the corrections for records sealed before the clock was synchronised --------------------------------------
+
+
+def boot_id() -> str:
+    """This boot's id (the monotonic clock is comparable only within one boot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+MAX_KEPT = 50  # signed corrections kept in the file (telemetry repeats the newest ones until the fleet has them)
+
+
+class ClockCorrections:
+    """Records sealed before the clock was synchronised, and the signed correction issued when it is.
+
+    A Pi has no RTC: after a cold start its wall clock is wrong by an unknown amount, but it ticks with the
+    monotonic clock, so ``wall - monotonic`` is the same for every record sealed in this boot until chrony sets
+    the clock. `note()` keeps that difference per run of records (by sequence number); when the clock is synced,
+    `observe()` computes for each run ``offset = (true wall - monotonic now) - (wall - monotonic then)`` and writes
+    one correction ``{kit_id, boot_id, source, segments: [{first_seq, last_seq, offset_s}]}`` signed with the kit
+    key. The data center adds `offset_s` to `created` of those records whose sealed header says
+    ``clock_synced: false``; the sealed records themselves are never rewritten. A boot that ended before its clock
+    was synced cannot be corrected (the monotonic link is gone): its runs get ``offset_s: null``.
+
+    State (runs still open, the newest signed corrections) is one small file, written atomically on each change.
+    `sign(body) -> doc` signs a correction with the kit key (`firmware.wire.clock_correction.sign`, given by the
+    daemon: the document's format is the wire's); thread safe.
+    """
+
+    def __init__(self, path: Path, kit_id: str, sign: Callable[[dict[str, Any]], dict[str, Any]],
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic,
+                 boot: Callable[[], str] = boot_id) -> None:
+        self.path, self.kit_id, self.sign = path, kit_id, sign
+        self.wall, self.mono = wall, mono
+        self.boot = boot()
+        self._lock = threading.Lock()
+        self.state = ClockState(False, "none")
+        self._new: list[dict[str, Any]] = []  # issued since the last `drain()` (for the journal)
+        data = self._load()
+        self.pending: list[dict[str, Any]] = data.get("pending", [])
+        self.corrections: list[dict[str, Any]] = data.get("corrections", [])
+        if self.pending and data.get("boot_id") != self.boot:
+            # rebooted before the clock was synced: these runs can only be placed by their sequence numbers
+            self._issue({"source": "none", "reason": "rebooted_before_sync", "boot_id": data.get("boot_id", "")},
+                        [{**s, "offset_s": None} for s in self.pending])
+            self.pending = []
+            self._save()
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # our own file; a broken one must not stop the daemon
+            log.error("clock corrections file unreadable path=%s error=%s", self.path, e)
+            return {}
+
+    def _save(self) -> None:
+        from firmware.system.fsutil import atomic_write
+
+        data = {"boot_id": self.boot, "pending": self.pending, "corrections": self.corrections[-MAX_KEPT:]}
+        atomic_write(self.path, json.dumps(data, indent=1).encode(), verify=False)
+
+    def note(self, seq: int, record_id: str, synced: bool) -> None:
+        """A record was sealed (`synced`: its header's clock_synced). Unsynced ones join the open run."""
+        if synced:
+            return
+        with self._lock:
+            d = self.wall() - self.mono()
+            last = self.pending[-1] if self.pending else None
+            if last is not None and abs(last["wall_minus_mono"] - d) < 0.5 and seq > last["last_seq"]:
+                last["last_seq"], last["last_record"], last["records"] = seq, record_id, last["records"] + 1
+            else:  # the first, or the clock was stepped while still unsynced (set by hand): a new run
+                self.pending.append({"first_seq": seq, "last_seq": seq, "first_record": record_id,
+                                     "last_record": record_id, "records": 1, "wall_minus_mono": d})
+            self._save()
+            if self.state.synced:  # sealed just before the sync was seen: correct it at once
+                self._correct()
+
+    def observe(self, state: ClockState) -> dict[str, Any] | None:
+        """The clock's latest state; when it is synced and runs are open, issue their correction (returned)."""
+        with self._lock:
+            was, self.state = self.state.synced, state
+            if state.synced and not was:
+                log.info("clock synchronised source=%s correction_s=%.6f", state.source, state.correction_s)
+            elif was and not state.synced:
+                log.warning("clock no longer synchronised source=%s detail=%s", state.source, state.detail)
+            return self._correct() if state.synced and self.pending else None
+
+    def _correct(self) -> dict[str, Any] | None:
+        if not self.pending:
+            return None
+        now = self.wall() + self.state.correction_s - self.mono()
+        segs = [{k: s[k] for k in ("first_seq", "last_seq", "first_record", "last_record", "records")}
+                | {"offset_s": round(now - s["wall_minus_mono"], 3)} for s in self.pending]
+        doc = self._issue({"source": self.state.source, "boot_id": self.boot}, segs)
+        self.pending = []
+        self._save()
+        return doc
+
+    def _issue(self, head: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
+        for s in segments:
+            s.pop("wall_minus_mono", None)
+        doc = self.sign({"kit_id": self.kit_id, "issued": iso(), **head, "segments": segments})
+        self.corrections.append(doc)
+        self.corrections = self.corrections[-MAX_KEPT:]
+        self._new.append(doc)
+        log.info("clock correction issued source=%s segments=%d records=%d offsets=%s", head.get("source"),
+                 len(segments), sum(s.get("records", 0) for s in segments),
+                 ",".join(str(s["offset_s"]) for s in segments))
+        return doc
+
+    def drain(self) -> list[dict[str, Any]]:
+        """The corrections issued since the last call (at load, by `note()` or `observe()`), oldest first."""
+        with self._lock:
+            out, self._new = self._new, []
+        return out
+
+    def status(self, recent: int = 5) -> dict[str, Any]:
+        """For status and telemetry: the clock's state, records awaiting a correction, the newest corrections."""
+        with self._lock:
+            return {**self.state.as_dict(), "awaiting_correction": sum(s["records"] for s in self.pending),
+                    "corrections": list(self.corrections[-recent:])}
+

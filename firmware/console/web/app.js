@@ -300,6 +300,8 @@ function alertsFrom(st) {
   if (noStick) out.push([g.level === "HALT" ? "halt" : "warn", t("USB stick missing: records are only on the SD card. Insert the stick.")]);
   if (st.sensor && st.sensor.error) out.push(["halt", t("Fingerprint sensor error: {error}", { error: st.sensor.error })]);
   if (st.control && st.control.locked) out.push(["halt", t("Capture locked by the office: {reason}", { reason: st.control.lock_reason || "" })]);
+  // The battery: the kit words the message (power_low / power_critical / power_lost) in this console's language.
+  if (st.power && st.power.message) out.push([st.power.level === "critical" ? "halt" : "warn", st.power.message]);
   return out;
 }
 
