@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("rekamd")
 
 EX_OK, EX_SOFTWARE = 0, 70  # EX_CONFIG (78) comes from ConfigError.report()
+#: After a battery safe stop: systemd must not restart the daemon; the unit powers the Pi off (ExecStopPost).
+EX_POWEROFF = 77
 
 
 class Kit:
@@ -489,18 +491,19 @@ def open_power(cfg: config.Config, sim: bool) -> Any:
     return power.PowerMonitor(gauge, pin)
 
 
-DEFAULT_SHUTDOWN = ["systemctl", "poweroff"]
+def power_off(cfg: config.Config, code: str) -> int:
+    """After the safe stop: sync, run `[power] shutdown_command` if one is set, and return `EX_POWEROFF`.
 
-
-def power_off(cfg: config.Config, sim: bool, code: str) -> None:
-    """Run `[power] shutdown_command` after the safe stop (never the default `systemctl poweroff` in --sim)."""
+    With the default (no command) the shipped unit powers the Pi off when rekamd exits 77
+    (systemd/rekamd.service ExecStopPost, as root): the daemon itself holds no power-off privilege.
+    """
+    os.sync()  # the store is closed and fsync'd; the SD and the stick's other dirty pages too, before the cut
     cmd = list(cfg.power.shutdown_command)
-    if not cmd or (sim and cmd == DEFAULT_SHUTDOWN):
-        log.warning("power stop done code=%s; not powering off (%s)", code, "simulation" if cmd else "no command")
-        return
+    if not cmd:
+        log.warning("power stop done code=%s; exiting %d (the rekamd unit powers off)", code, EX_POWEROFF)
+        return EX_POWEROFF
     import subprocess
 
-    os.sync()  # the store is closed and fsync'd; the SD and the stick's other dirty pages too, before the cut
     log.warning("power stop done code=%s; running shutdown command=%s", code, " ".join(cmd))
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
@@ -508,6 +511,7 @@ def power_off(cfg: config.Config, sim: bool, code: str) -> None:
             log.error("shutdown command failed status=%d stderr=%s", r.returncode, r.stderr.strip()[:300])
     except (OSError, subprocess.TimeoutExpired) as e:
         log.error("shutdown command failed error=%s", e)
+    return EX_POWEROFF
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -561,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     kit.shutdown()
     if kit.poweroff:  # the store is closed (clean marker written): now the machine may go down
-        power_off(cfg, args.sim, kit.poweroff)
+        return power_off(cfg, kit.poweroff)
     return kit.exit_code if kit.exit_code is not None else EX_OK
 
 

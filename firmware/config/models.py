@@ -635,9 +635,9 @@ class PowerConfig(Section):
         120.0, ge=0, le=3600,
         description="How long the enrollment under way may still take at critical power before the stop, s.")
     shutdown_command: list[NonEmptyStr] = Field(
-        ["systemctl", "poweroff"],
-        description="Run after the safe stop (the one privilege it needs: see docs/field.md); [] only stops the "
-                    "daemon. Not run in simulation (--sim) unless it is not the default.")
+        [],
+        description="Run after the safe stop, for kits not run by the shipped unit. Empty (default): rekamd exits "
+                    "with status 77 and the rekamd unit powers the Pi off (see docs/field.md).")
 
     @field_validator("critical_percent")
     @classmethod

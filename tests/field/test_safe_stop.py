@@ -52,7 +52,7 @@ def test_critical_battery_mid_enrollment_finishes_it_refuses_new_stops_cleanly(f
     rid = r.json()["record_id"]
     # then the kit stops by itself: clean exit, store closed cleanly, the shutdown command ran
     wait_for(lambda: not d.rekamd.running, 20, "rekamd to stop after the critical battery")
-    assert d.proc.returncode == 0, d.rekamd.log_tail()
+    assert d.proc.returncode == 77, d.rekamd.log_tail()
     assert marker.exists(), d.rekamd.log_tail()
     assert clean_marker(d.sd) == "1"
     log = d.rekamd.log_text()
@@ -81,7 +81,7 @@ def test_power_loss_without_enrollment_stops_at_once(field_daemon: Any, tmp_path
     marker = tmp_path / "poweroff-ran"
     d = field_daemon(power=power(marker), simulation={"battery_start_percent": 80.0, "power_loss_at_s": 1.0})
     wait_for(lambda: not d.rekamd.running, 15, "rekamd to stop after the power loss")
-    assert d.proc.returncode == 0 and marker.exists(), d.rekamd.log_tail()
+    assert d.proc.returncode == 77 and marker.exists(), d.rekamd.log_tail()
     assert clean_marker(d.sd) == "1"
     assert "code=power_lost" in d.rekamd.log_text()
 
@@ -94,7 +94,7 @@ def test_an_enrollment_not_finished_within_the_grace_is_cancelled(field_daemon: 
     r = c.post("/api/v1/enrollment", json={"nik": NIK_MALE})
     assert r.status_code == 200, r.text  # ... and then the operator walks away
     wait_for(lambda: not d.rekamd.running, 20, "rekamd to stop after the grace")
-    assert d.proc.returncode == 0 and marker.exists() and clean_marker(d.sd) == "1"
+    assert d.proc.returncode == 77 and marker.exists() and clean_marker(d.sd) == "1"
     assert not list((d.sd / "records").glob("*.rkm"))  # nothing was confirmed, nothing half-stored
     with sqlite3.connect(f"file:{d.sd / 'journal.db'}?mode=ro", uri=True) as db:
         kinds = [row[0] for row in db.execute("SELECT kind FROM audit ORDER BY rowid")]

@@ -87,10 +87,26 @@ def test_rekamd_contract() -> None:
     assert get("StateDirectory") == ["rekam"] and get("ConfigurationDirectory") == ["rekam"]
     assert get("RuntimeDirectory") == ["rekam"]  # /run/rekam/usb-eject lives there
     assert get("ReadWritePaths") == ["-/media"]  # the parent of [usb] mount_point: see test_propagation.py
-    assert get("RestartPreventExitStatus") == ["76 78"]
+    assert get("RestartPreventExitStatus") == ["76 77 78"]
     assert "EXIT_STATUS" in get("ExecStopPost")[0] and get("ExecStopPost")[0].startswith("+")
     assert shlex.split(get("ExecStart")[0])[1:] == ["--config", "/etc/rekam/rekam.toml"]
     assert "/run/rekam/usb-eject" in _directives("rekam-usb-eject.path", "PathExists")
+
+
+@pytest.mark.parametrize(("status", "expect"), [("76", "--no-block reboot"), ("77", "--no-block poweroff"),
+                                                ("0", ""), ("70", ""), ("78", "")])
+def test_exit_status_reboots_or_powers_off(tmp_path: Path, status: str, expect: str) -> None:
+    """The unit's ExecStopPost (its one root command) reboots on 76 (signed reboot), powers off on 77 (battery
+    safe stop) and does nothing on any other exit: run as written, with a stand-in for systemctl."""
+    line = _directives("rekamd.service", "ExecStopPost")[0]
+    assert line.startswith("+") and line.count("/usr/bin/systemctl") == 2
+    calls = tmp_path / "calls"
+    stub = tmp_path / "systemctl"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stub.chmod(0o755)
+    argv = shlex.split(line[1:].replace("/usr/bin/systemctl", str(stub)))
+    subprocess.run(argv, env={"EXIT_STATUS": status, "PATH": "/usr/bin:/bin"}, check=True, timeout=10)
+    assert (calls.read_text().strip() if calls.exists() else "") == expect
 
 
 @pytest.mark.parametrize("name", ["rekam-firstboot.service", "rekam-usb-mount@.service", "rekam-usb-eject.service"])
