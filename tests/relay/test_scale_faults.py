@@ -1,10 +1,13 @@
 """Issue 14.5: the real ingest (two `IngestWorker`s, a real kit relaying over a real mosquitto) on the scale backend
 (real PostgreSQL, real SeaweedFS S3): PostgreSQL killed and restarted mid-drain, the object store killed mid-write
-and started again. Zero lost, zero stored twice, and every stored/duplicate ack the kit receives names a record
-the index already holds at the moment the ack arrives (no ack before commit)."""
+and started again; a stick imported next to MQTT. Zero lost, zero stored twice, and every stored/duplicate ack the
+kit receives names a record the index already holds at the moment the ack arrives (no ack before commit)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from firmware.wire import relay_protocol as proto
 from firmware.wire import safejson
 from provisioning.archive import open_archive
 from tests.relay.conftest import KitUnderTest, wait_for
+from tests.support import subprocess_env
 
 
 @dataclass
@@ -132,3 +136,39 @@ def test_object_store_killed_mid_write(make_kit, make_ingest, mosquitto, seaweed
 
     _drain_with_fault(make_kit, make_ingest, mosquitto, scale, watch_acks, crash_and_recover)
     wait_for(lambda: seaweed.running, 30, "the object store back")
+
+
+def test_usb_import_and_mqtt_idempotent_on_the_scale_backend(make_kit, make_ingest, mosquitto, scale, tmp_path):
+    """The same kit's records over MQTT (ingest) and from its stick (`rekam-fleet import --archive DSN --objects`,
+    a real process): each archived once, whichever came first; the import's printed command names the DSN."""
+    (tmp_path / "stick-kit" / "usb").mkdir(parents=True)
+    kit = make_kit([mosquitto.url], name="stick-kit")
+    stick = tmp_path / "stick-kit" / "usb"
+    argv = [sys.executable, "-m", "provisioning.cli", "import", str(stick), "--archive", scale["archive"],
+            "--objects", scale["objects"], "--no-progress", "--json"]
+    ids = kit.capture(4)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 1 and "register-kit" in r.stdout and "--objects" in r.stdout, r.stdout + r.stderr
+    reg = subprocess.run([sys.executable, "-m", "provisioning.cli", "archive", "register-kit", kit.kit_id,
+                          kit.public_key, "--archive", scale["archive"], "--objects", scale["objects"]],
+                         capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    w = make_ingest(mosquitto.url, archive=scale["archive"], objects=scale["objects"], tofu=False)
+    kit.start_relay()
+    wait_for(lambda: kit.counts()["acked"] == 4, 60, "all acked over MQTT")
+    kit.stop_relay()
+    more = kit.capture(3)  # only on the stick and the SD
+    kit.store.eject()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = json.loads(r.stdout)
+    assert (s["new"], s["already_had"], s["rejected"]) == (3, 4, [])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert json.loads(r.stdout)["already_had"] == 7
+    a = open_archive(scale["archive"], scale["objects"])
+    try:
+        assert sorted(a.record_ids(kit.kit_id)) == sorted(ids + more)
+        assert all(a.has(x) == kit.store.j.get(x).sha256 for x in ids + more)
+    finally:
+        a.close()
+    assert w.counters.stored == 4
