@@ -561,17 +561,24 @@ class Postgres:
         self.proc = None
 
     def kill(self) -> None:
-        """SIGKILL to the postmaster and every backend (its process group): what a crashed host leaves; the next
-        start runs crash recovery from the WAL."""
+        """SIGKILL to the postmaster and every backend: what a crashed host leaves; the next start runs crash
+        recovery from the WAL. (Backends are session leaders of their own, so a process-group kill would miss
+        them: the postmaster is stopped first, so it forks no more, and its children are killed by pid.)"""
         if self.proc is not None:
-            pgid = self.proc.pid
+            pm = self.proc.pid
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.kill(pm, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
+            kids = _children(pm)
+            for pid in (pm, *kids):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(10)
-            # Backends could outlive the postmaster for a moment; a start before they are gone would refuse.
-            wait_for(lambda: not _group_alive(pgid), 10, "the killed postgres backends to exit")
+            # A backend still attached to the shared memory would make the next start refuse.
+            wait_for(lambda: not any(_running(p) for p in kids), 10, "the killed postgres backends to exit")
         self.proc = None
 
     def restart(self) -> None:
@@ -589,14 +596,27 @@ class Postgres:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _group_alive(pgid: int) -> bool:
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if there is no such process."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid`."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (f := _proc_stat(d)) is not None and int(f[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a zombie holds no memory, nor a shared-memory attachment)."""
+    f = _proc_stat(pid)
+    return f is not None and f[0] not in ("Z", "X")
 
 
 def seaweed_binary() -> str:
