@@ -172,31 +172,39 @@ def seal_records(folder: Path, kits: int, per_kit: int, size: int) -> list[tuple
 
 
 def _store_worker(spec: str, objects: str | None, items: list[tuple[str, str]], barrier: Any, out: Any) -> None:
-    a = open_archive(spec, objects)
-    datas = [(kit, Path(p).read_bytes()) for kit, p in items]
-    barrier.wait(120)
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
-    stored = sum(a.store(d, kit, "bench").status == "stored" for kit, d in datas)
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    a.close()
-    out.put((stored, wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)))
+    try:
+        a = open_archive(spec, objects)
+        datas = [(kit, Path(p).read_bytes()) for kit, p in items]
+    finally:
+        barrier.wait(120)
+    try:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        stored = sum(a.store(d, kit, "bench").status == "stored" for kit, d in datas)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        a.close()
+        out.put((stored, wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), ""))
+    except Exception as e:  # noqa: BLE001  (reported by the parent)
+        out.put((0, 0.0, 0.0, repr(e)))
 
 
 def _proc_cpu(pids: list[int]) -> float:
-    """CPU seconds (user + system) of processes whose process group is one of `pids` (a server and its children)."""
+    """CPU seconds (user + system) of the server processes `pids` and their children, including the children
+    that ended and were waited for (the postmaster's backends: counted in its cutime/cstime)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) in pids:  # field 5 of stat: pgrp
-            total += int(fields[11]) + int(fields[12])
+        if int(d) in pids:
+            total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+        elif int(f[1]) in pids:  # a live child (a backend of the postmaster)
+            total += int(f[11]) + int(f[12])
     return total / tick
 
 
@@ -220,7 +228,7 @@ def store_run(spec: str, objects: str | None, records: list[tuple[str, str, str]
     for p in procs:
         p.join(30)
     stored = sum(r[0] for r in res)
-    assert stored == len(records), (stored, len(records))
+    assert stored == len(records) and not any(r[3] for r in res), (stored, len(records), [r[3] for r in res])
     cpu = sum(r[2] for r in res)
     return {"rps": stored / wall, "cpu_worker": cpu / stored, "cpu_server": server_cpu / stored}
 

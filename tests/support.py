@@ -680,7 +680,7 @@ class SeaweedS3:
         p = self.ports
         args = [seaweed_binary(), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=8",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=100",
                 "-volume.preStopSeconds=0",
                 "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-filer", f"-filer.port={p['filer']}",
                 f"-filer.port.grpc={p['filer.grpc']}", "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
@@ -711,8 +711,9 @@ class SeaweedS3:
 
     def create_bucket(self, name: str) -> str:
         """Bucket `name` (S3 names: 3-63 lowercase letters, digits, hyphens), made if missing; returns `objects_url`.
-        Every bucket is a SeaweedFS collection with volumes of its own (`-volume.max` bounds them): tests share
-        one bucket and take a fresh key prefix each."""
+        Every bucket is a SeaweedFS collection that takes 7 volumes of its own at its first write (`-volume.max`
+        bounds them all, sparse files of up to 64 MiB each): tests share one bucket and take a fresh key prefix
+        each."""
         c = self.client()
         if name not in [b["Name"] for b in c.list_buckets().get("Buckets", [])]:
             c.create_bucket(Bucket=name)
