@@ -37,11 +37,19 @@ system-deps:
 	[ -x /usr/sbin/gpsd ] || missing="$$missing gpsd"; \
 	command -v gpsfake >/dev/null 2>&1 || missing="$$missing gpsd-clients"; \
 	command -v chronyd >/dev/null 2>&1 || [ -x /usr/sbin/chronyd ] || missing="$$missing chrony"; \
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    : "policy-rc.d 101: packages are installed, their services (chrony, gpsd, mosquitto) not started"; \
+	    [ -e /etc/postgresql-common/createcluster.conf ] || { mkdir -p /etc/postgresql-common; \
+	      echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; }; \
+	    rcd=""; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	      chmod 755 /usr/sbin/policy-rc.d; rcd=1; }; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      -o Dpkg::Options::=--force-confold $$missing >/dev/null) \
 	      || echo "WARNING: could not install$$missing; tests needing them will fail and say so"; \
+	    [ -z "$$rcd" ] || rm -f /usr/sbin/policy-rc.d; \
 	  else echo "WARNING: missing$$missing (run as root or: sudo apt-get install -y$$missing)"; fi; \
 	fi
 

@@ -29,7 +29,7 @@ from firmware.system.fsutil import atomic_write
 from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
-from provisioning.archive import Archive
+from provisioning.archive import ArchiveBase, open_archive
 from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
@@ -38,9 +38,9 @@ LOCK_FILE = ".rekam-export.lock"
 PAGE = 200  # records per archive page; the cursor is saved after each page
 
 
-def _open_archive(args: argparse.Namespace) -> Archive:
-    """The archive named on the command line (the one place that opens it: the scale backend plugs in here)."""
-    return Archive(Path(args.archive))
+def _open_archive(args: argparse.Namespace) -> ArchiveBase:
+    """The archive named on the command line: a directory (embedded) or a PostgreSQL DSN with --objects."""
+    return open_archive(args.archive, args.objects)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Exporter:
     otherwise.
     """
 
-    def __init__(self, archive: Archive, dc_key: Any, out: Path, opts: Options, stream: TextIO = sys.stderr,
+    def __init__(self, archive: ArchiveBase, dc_key: Any, out: Path, opts: Options, stream: TextIO = sys.stderr,
                  progress: bool | None = None, jobs: int = 1) -> None:
         from cryptography.hazmat.primitives import serialization
 
@@ -265,6 +265,7 @@ class Exporter:
         s = Summary()
         with self._locked(), self._workers():
             st = self._state()
+            self._same_archive(st)
             mine = st.setdefault(self.opts.fmt, {})
             start = since if since is not None else mine.get("cursor")
             failed: dict[str, str] = dict(mine.get("failed", {}))
@@ -302,6 +303,22 @@ class Exporter:
             self._save(st)
             s.cursor = cursor
         return s
+
+    def _same_archive(self, st: dict[str, Any]) -> None:
+        """Bind this folder's cursors to the archive they came from (its first record: rows are never
+        deleted, so it names the archive wherever it is mounted or restored); a cursor of another
+        archive would skip or repeat records, so that is refused, naming both."""
+        first = self._since(None, 1)
+        if not first:
+            return
+        mark = first[0].record_id
+        seen = st.get("archive_first_record")
+        if seen is None:
+            st["archive_first_record"] = mark
+        elif seen != mark:
+            raise ExportError("other_archive", f"{self.out} holds the queue of another archive (first record "
+                                               f"{str(seen)[:80]}, this one starts with {mark}); export into a new "
+                                               "--out folder")
 
     def _pending(self, cursor: str | None) -> int:
         """How many records the archive holds after `cursor` (only for the progress bar's total)."""
@@ -383,7 +400,9 @@ def register(sub: Any) -> None:
     """Add `export` to rekam-fleet."""
     p = sub.add_parser("export", help=_("archived records as ANSI/NIST-ITL or CBEFF files for an ABIS (a queue)"))
     p.add_argument("records", nargs="*", metavar="RECORD_ID", help=_("only these records (the cursor stays)"))
-    p.add_argument("--archive", required=True, help=_("archive directory"))
+    p.add_argument("--archive", required=True, help=_("archive directory, or a postgresql:// DSN (with --objects)"))
+    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
+                                       "the AWS_* variables or ~/.aws)"))
     p.add_argument("--key", required=True, help=_("data-center private key (PEM)"))
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help=_("an2k (.an2) or cbeff (.xml)"))
     p.add_argument("--out", required=True, help=_("output folder (holds the queue's cursor)"))

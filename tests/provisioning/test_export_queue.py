@@ -63,6 +63,20 @@ def test_the_cursor_exports_only_what_arrived_and_a_second_run_writes_nothing(ki
     a.close()
 
 
+def test_a_queue_folder_belongs_to_one_archive(kit: Kit, tmp_path: Path) -> None:
+    """Another archive's cursor would skip or repeat records: a folder keeps the archive it queued for."""
+    a = kit.archive(tmp_path / "a", [kit.records["full"]])
+    b = kit.archive(tmp_path / "b", [kit.records["two_exceptions"]])
+    out = tmp_path / "out"
+    assert export(a.root, kit, out, "an2k").returncode == 0
+    r = export(b.root, kit, out, "an2k")
+    assert r.returncode != 0 and "another archive" in r.stderr, r.stdout + r.stderr
+    assert not (out / f"{kit.open(kit.records['two_exceptions'])[0].record_id}.an2").exists()
+    assert export(a.root, kit, out, "an2k").returncode == 0  # its own archive still goes on
+    a.close()
+    b.close()
+
+
 def _tiny_png(w: int, h: int, claimed: tuple[int, int] | None = None) -> bytes:
     """A valid 8-bit gray PNG of w x h; `claimed` rewrites the IHDR's size (a decompression bomb's header)."""
     cw, ch = claimed or (w, h)

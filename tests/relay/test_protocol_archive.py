@@ -140,7 +140,8 @@ def test_archive_reads_back_and_lists_since_a_cursor(tmp_path, sealed):
         a.read(ident.kit_id + "-99999999-20261129T040000Z")
     # A damaged file is never handed on.
     path = a.path_of(ident.kit_id, recs[0][0])
-    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))
     with pytest.raises(ArchiveError, match="no longer matches"):
         a.read(recs[0][0])
     a.close()
