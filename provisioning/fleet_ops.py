@@ -24,6 +24,7 @@ from provisioning.registry import Fleet
 from provisioning.texts import Reason
 
 PUBLISH_TIMEOUT_S = 15.0  # how long a CLI publish waits for the broker's PUBACKs
+CONNECT_TIMEOUT_S = 5.0  # how long a CLI publish waits for one shard's broker to answer
 
 
 def open_fleet(data: Path) -> Fleet:
@@ -62,7 +63,7 @@ def issue_certificate(f: Fleet, kit_id: str, out: Path, csr: Path | None = None)
 def publish(f: Fleet, items: list[tuple[str, bytes, bool]], brokers: list[str] | None = None) -> None:
     """Publish (topic, payload, retain) items on `brokers` (one shard's control brokers; default fleet.json's) and
     wait for the broker; `FleetError` if it refused any or none answered."""
-    link = FleetLink(f, client_id("fleet", "cli"), brokers=brokers).start()
+    link = FleetLink(f, client_id("fleet", "cli"), brokers=brokers).start(CONNECT_TIMEOUT_S)
     try:
         for topic, payload, retain in items:
             link.publish(topic, payload, retain=retain)
@@ -200,7 +201,7 @@ def send_command(f: Fleet, kit: str, name: str, args: dict[str, Any], ttl: int, 
         for lst in f.kit_brokers(kit):
             try:
                 links.append(FleetLink(f, client_id("fleet", "cli"), on_message, (cp.result_topic(kit),),
-                                       brokers=lst).start())
+                                       brokers=lst).start(CONNECT_TIMEOUT_S))
             except FleetError as e:
                 errors.append(str(e))
         if not links:

@@ -196,27 +196,41 @@ def test_kit_claims_onto_its_shard_is_moved_by_a_push_and_fails_over(tmp_path: P
         assert ctl.broker == f"127.0.0.1:{port[a.primary]}"
         wait_for(lambda: json.loads(f.kit(kid)["config_state"] or "{}").get("running") == 1, 15,
                  "v1 running, reported")
-        # Move it: pin to the other shard as primary, push. The new document is published on both shards.
+        # Move it to the other shard alone (a pin), by a push: the document must reach it on the shard it leaves,
+        # which its new config no longer names.
         other = a.failover
         assert other is not None
-        f.pin(kid, other, a.primary)
+        f.pin(kid, other, None)
         version, published = fleet_ops.push_config(f, kid, [], note="move")
         assert published == 1
         assert k2.exited.wait(20), "the move (new brokers) asks for a restart"
         k3 = k2.restart()
         kits.append(k3)
-        assert k3.cfg.control.brokers == [f"127.0.0.1:{port[other]}", f"127.0.0.1:{port[a.primary]}"]
+        assert k3.cfg.control.brokers == [f"127.0.0.1:{port[other]}"]
+        assert k3.cfg.relay.brokers == [f"mqtts://127.0.0.1:{port[other]}"]
         ctl3 = k3.start_control()
         wait_for(ctl3.connected.is_set, 20, "control connected after the move")
         assert ctl3.broker == f"127.0.0.1:{port[other]}"
         wait_for(lambda: json.loads(f.kit(kid)["config_state"] or "{}").get("running") == version, 20,
                  "moved config promoted (reported through the new shard)")
-        # Its new primary dies: the kit fails over to the old one; a command still reaches it.
-        (b1 if other == "s1" else b2).stop()
-        wait_for(lambda: ctl3.connected.is_set() and ctl3.broker == f"127.0.0.1:{port[a.primary]}", 30,
+        # Back to the hashed assignment (`shards assign --auto`): primary then failover again.
+        f.pin(kid, None)
+        v2, _ = fleet_ops.push_config(f, kid, [], note="auto")
+        assert k3.exited.wait(20)
+        k4 = k3.restart()
+        kits.append(k4)
+        assert k4.cfg.control.brokers == [f"127.0.0.1:{port[n]}" for n in a.shards]
+        ctl4 = k4.start_control()
+        wait_for(lambda: ctl4.connected.is_set() and ctl4.broker == f"127.0.0.1:{port[a.primary]}", 20,
+                 "back on its primary")
+        # Its primary dies: the kit fails over; a command still reaches it (the fleet publishes on every shard).
+        (b1 if a.primary == "s1" else b2).stop()
+        wait_for(lambda: ctl4.connected.is_set() and ctl4.broker == f"127.0.0.1:{port[other]}", 30,
                  "failed over to the failover shard")
         res = fleet_ops.send_command(f, kid, "status", {}, ttl=60, wait=20)
         assert res is not None and res["ok"], res
+        wait_for(lambda: json.loads(f.kit(kid)["config_state"] or "{}").get("running") == v2, 20,
+                 "reported through the failover shard")
     finally:
         for k in kits:
             try:
