@@ -17,6 +17,7 @@ from firmware.errors import FleetError
 from firmware.wire import control_protocol as cp
 from provisioning import fleet_ops, shards
 from provisioning.cli import build_parser
+from provisioning.fleet_link import FleetLink
 from provisioning.fleet_service import FleetService
 from provisioning.registry import Fleet
 from tests.provisioning.conftest import make_kit, write_kit_config
@@ -191,6 +192,16 @@ def test_kit_claims_onto_its_shard_is_moved_by_a_push_and_fails_over(tmp_path: P
         kits.append(k2)
         assert k2.cfg.control.brokers == [f"127.0.0.1:{port[n]}" for n in a.shards]
         assert k2.cfg.relay.brokers == [f"mqtts://127.0.0.1:{port[n]}" for n in a.shards]
+        # The config topic of each of its shards holds its current document (retained), not only the claim broker's.
+        for n in a.shards:
+            got: list[bytes] = []
+            lk = FleetLink(f, f"fleet-probe-{n}", lambda _l, m, got=got: got.append(m.payload),
+                           (cp.config_topic(kid),), brokers=[f"127.0.0.1:{port[n]}"]).start()
+            try:
+                wait_for(lambda got=got: got, 10, f"retained config on shard {n}")
+            finally:
+                lk.close()
+            assert cp.decode(got[0], "config")[0]["version"] == 1
         ctl = k2.start_control()
         wait_for(ctl.connected.is_set, 20, "control connected")
         assert ctl.broker == f"127.0.0.1:{port[a.primary]}"
