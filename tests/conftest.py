@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import Mosquitto, Rekamd, Tmpfs
+from tests.support import Mosquitto, Postgres, Rekamd, SeaweedS3, Tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
         rep.sections.append((f"mosquitto log ({b.dir})", b.log_tail()))
     for d in item.stash.get(_DAEMONS, []):
         rep.sections.append((f"rekamd log ({d.log})", d.log_tail()))
+    for v in getattr(item, "funcargs", {}).values():
+        if isinstance(v, (Postgres, SeaweedS3)):
+            rep.sections.append((f"{type(v).__name__} log ({v.log})", v.log_tail()))
 
 
 @pytest.fixture
@@ -107,3 +110,60 @@ def tmpfs() -> Iterator[Tmpfs]:
         yield t
     finally:
         t.cleanup()
+
+
+# --- the data center's scale backend: PostgreSQL and an S3 object store (one server each per session) -----------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL 15 server for the whole session (127.0.0.1, a free port, its own temp folder); tests
+    take a fresh database each from `pg_database`. A test that stops, kills or restarts it must leave it running."""
+    pg = Postgres()
+    try:
+        yield pg.start()
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture
+def pg_database(postgres: Postgres, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The DSN of a fresh, empty database on the session's server, dropped after the test."""
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:50] + f"_{os.getpid()}"
+    if not postgres.running:
+        postgres.start()
+    dsn = postgres.create_database(name)
+    yield dsn
+    if not postgres.running:
+        postgres.start()
+    postgres.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real SeaweedFS (`weed server -s3`) for the whole session; its access key is exported as the standard
+    AWS variables (boto3, and every child process, reads them). Tests take a fresh key prefix each from `s3_objects`.
+    A test that stops or kills it must leave it running."""
+    s3 = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.env.items():
+            mp.setenv(k, v)
+        s3.start()
+        try:
+            yield s3
+        finally:
+            s3.stop()
+
+
+_PREFIXES = iter(range(1, 1 << 30))
+TEST_BUCKET = "rekam-test"
+
+
+@pytest.fixture
+def s3_objects(seaweed: SeaweedS3) -> str:
+    """The `--objects` URL (s3://rekam-test/PREFIX?endpoint=...) of a fresh, empty key prefix in the session's
+    bucket (a bucket per test would cost SeaweedFS a set of volumes each)."""
+    if not seaweed.running:
+        seaweed.start()
+    seaweed.create_bucket(TEST_BUCKET)
+    return seaweed.objects_url(TEST_BUCKET, f"t{os.getpid()}-{next(_PREFIXES)}")

