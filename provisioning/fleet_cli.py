@@ -29,7 +29,7 @@ STATUS_HEADER = (N_("kit"), N_("state"), N_("online"), N_("last seen"), N_("back
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
     f, conf = fleet_ops.create_fleet(Path(args.data), args.broker, args.claim_broker, args.host, args.batch,
-                                     args.claim_ttl_hours, args.port, args.claim_port)
+                                     args.claim_ttl_hours, args.port, args.claim_port, registry=args.registry)
     print(_("fleet created in {path}", path=args.data))
     print("  " + _("fleet key  {fingerprint} ({key})", fingerprint=cp.key_fingerprint(f.public_key_b64),
                    key=f.public_key_b64))
@@ -40,12 +40,12 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_crl(args: argparse.Namespace) -> int:
-    print(ca.write_crl(open_fleet(args.data).ca))
+    print(ca.write_crl(open_fleet(args.data, args.registry).ca))
     return 0
 
 
 def cmd_kits_list(args: argparse.Namespace) -> int:
-    rows = open_fleet(args.data).kits()
+    rows = open_fleet(args.data, args.registry).kits()
     if args.json:
         print(json.dumps([dict(r) for r in rows], indent=1, default=str))
         return 0
@@ -59,13 +59,13 @@ def cmd_kits_list(args: argparse.Namespace) -> int:
 
 
 def cmd_kits_approve(args: argparse.Namespace) -> int:
-    open_fleet(args.data).approve(args.kit)
+    open_fleet(args.data, args.registry).approve(args.kit)
     print(_("{kit} approved; it receives its certificate on its next claim attempt", kit=args.kit))
     return 0
 
 
 def cmd_kits_revoke(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     serial, warning = fleet_ops.revoke_kit(f, args.kit, offline=args.offline)
     if warning:
         print("rekam-fleet: " + _("warning: {warning}", warning=warning), file=sys.stderr)
@@ -76,7 +76,7 @@ def cmd_kits_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_kits_issue(args: argparse.Namespace) -> int:
-    serial = fleet_ops.issue_certificate(open_fleet(args.data), args.kit, Path(args.out),
+    serial = fleet_ops.issue_certificate(open_fleet(args.data, args.registry), args.kit, Path(args.out),
                                          Path(args.csr) if args.csr else None)
     print(_("certificate {serial} for {kit} in {path}", serial=serial, kit=args.kit, path=args.out))
     return 0
@@ -106,7 +106,7 @@ def _pushed(kit: str, version: int, published: int | None) -> int:
 
 
 def cmd_config_push(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     updates = [json.loads(Path(args.file).read_text())] if args.file else []
     updates.append(_parse_sets(args.set or []))
     version, published = fleet_ops.push_config(f, args.kit, updates, [Path(p) for p in args.attach or []],
@@ -115,17 +115,18 @@ def cmd_config_push(args: argparse.Namespace) -> int:
 
 
 def cmd_config_rollback(args: argparse.Namespace) -> int:
-    version, published = fleet_ops.rollback_config(open_fleet(args.data), args.kit, args.to, offline=args.offline)
+    version, published = fleet_ops.rollback_config(open_fleet(args.data, args.registry), args.kit, args.to,
+                                                   offline=args.offline)
     return _pushed(args.kit, version, published)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(json.dumps(fleet_ops.config_report(open_fleet(args.data), args.kit), indent=1))
+    print(json.dumps(fleet_ops.config_report(open_fleet(args.data, args.registry), args.kit), indent=1))
     return 0
 
 
 def cmd_cmd_send(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     cargs: dict[str, Any] = {}
     for a in args.arg or []:
         k, _sep, v = a.partition("=")
@@ -143,7 +144,7 @@ def cmd_cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = open_fleet(args.data).status_rows()
+    rows = open_fleet(args.data, args.registry).status_rows()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -165,7 +166,7 @@ def _s(v: Any) -> str:
 
 
 def cmd_shards_add(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     conf = fleet_ops.add_shard(f, args.name, args.broker, args.control or None, note=args.note or "",
                                hosts=args.host or None, port=args.port, claim_port=args.claim_port)
     s = f.shard(args.name)
@@ -178,7 +179,7 @@ def cmd_shards_add(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_list(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     rows = []
     counts: dict[str, list[int]] = {}
     for r in f.kits():
@@ -208,7 +209,7 @@ def cmd_shards_list(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_state(args: argparse.Namespace) -> int:
-    open_fleet(args.data).set_shard_state(args.name, args.state)
+    open_fleet(args.data, args.registry).set_shard_state(args.name, args.state)
     print(_("broker shard {name} is now {state}; `rekam-fleet shards rebalance` moves the kits", name=args.name,
             state=args.state))
     return 0
@@ -217,7 +218,7 @@ def cmd_shards_state(args: argparse.Namespace) -> int:
 def cmd_shards_assign(args: argparse.Namespace) -> int:
     if not args.auto and not args.primary:
         raise SystemExit("rekam-fleet: " + _("shards assign: give --primary SHARD (and --failover SHARD), or --auto"))
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     f.pin(args.kit, None if args.auto else args.primary, None if args.auto else args.failover)
     a = f.assignment(args.kit)
     print(_("{kit}: primary {primary}, failover {failover}", kit=args.kit, primary=a.primary,
@@ -230,7 +231,7 @@ def cmd_shards_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_shards_rebalance(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     if args.dry_run:
         for kit, old, a in f.moves()[: args.limit or None]:
             print(f"{kit:16} {'+'.join(old) or '-':24} -> {'+'.join(a.shards)}")
@@ -244,7 +245,7 @@ def cmd_shards_rebalance(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    fleet_service.serve(open_fleet(args.data))
+    fleet_service.serve(open_fleet(args.data, args.registry))
     return 0
 
 
@@ -254,6 +255,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     def data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--data", default=os.environ.get("REKAM_FLEET_DATA", "."),
                        help=_("fleet folder (fleet.db, ca/)"))
+        p.add_argument("--registry", default=os.environ.get("REKAM_FLEET_REGISTRY") or None, metavar="DSN",
+                       help=_("fleet registry in PostgreSQL (postgresql://...) instead of fleet.db; default: "
+                              "fleet.json's registry"))
         return p
 
     g = sub.add_parser("ca", help=_("fleet CA and broker configuration")).add_subparsers(dest="ca_cmd", metavar="CMD")

@@ -27,10 +27,11 @@ PUBLISH_TIMEOUT_S = 15.0  # how long a CLI publish waits for the broker's PUBACK
 CONNECT_TIMEOUT_S = 5.0  # how long a CLI publish waits for one shard's broker to answer
 
 
-def open_fleet(data: Path) -> Fleet:
-    """The fleet folder at `data`; `FleetError` if it is not one or cannot be read."""
+def open_fleet(data: Path, registry: str | None = None) -> Fleet:
+    """The fleet folder at `data` (its registry: `registry` if given, else fleet.json's, else fleet.db); `FleetError`
+    if it is not one or cannot be read."""
     try:
-        return Fleet(Path(data))
+        return Fleet(Path(data), registry)
     except FleetError:
         raise
     except (OSError, ValueError) as e:
@@ -38,10 +39,11 @@ def open_fleet(data: Path) -> Fleet:
 
 
 def create_fleet(data: Path, brokers: list[str], claim_brokers: list[str], hosts: list[str], batch: str,
-                 claim_ttl_h: float, port: int, claim_port: int) -> tuple[Fleet, Path]:
-    """`rekam-fleet ca init`: the fleet folder and its broker config; returns (fleet, mosquitto.conf)."""
+                 claim_ttl_h: float, port: int, claim_port: int, registry: str | None = None) -> tuple[Fleet, Path]:
+    """`rekam-fleet ca init`: the fleet folder and its broker config; returns (fleet, mosquitto.conf). `registry`:
+    a PostgreSQL DSN for the registry (recorded in fleet.json), else fleet.db."""
     try:
-        f = Fleet.init(Path(data), brokers, claim_brokers, hosts, batch, claim_ttl_h)
+        f = Fleet.init(Path(data), brokers, claim_brokers, hosts, batch, claim_ttl_h, registry=registry)
     except FileExistsError as e:  # the signing key: every kit pins it, never replaced
         raise CaError(str(e)) from e
     return f, ca.render_broker_config(f.ca, Path(data) / "broker", port=port, claim_port=claim_port)
@@ -148,18 +150,9 @@ def push_config(f: Fleet, kit_id: str, updates: list[dict[str, dict[str, Any]]],
     A document is the kit's complete set of overrides: unless `replace`, it starts from the previous
     version's sections and files, then applies `updates` ({section: {key: value}}) in order.
     """
-    sections: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    if not replace and kit_id != "*":
-        prev = f.configs(kit_id)
-        sections = json.loads(prev[-1]["sections"]) if prev else {}
-        files = json.loads(prev[-1]["files"] or "{}") if prev else {}
-    for u in updates:
-        for s, kv in u.items():
-            sections.setdefault(s, {}).update(kv)
-    files.update({Path(p).name: Path(p).read_text() for p in (attach or [])})
+    files = {Path(p).name: Path(p).read_text() for p in (attach or [])}
     before = _brokers_before(f, kit_id)
-    version, doc = f.make_config(kit_id, sections, files, note=note)
+    version, doc = f.next_config(kit_id, updates, files, note=note, replace=replace)
     return version, _publish_config(f, kit_id, doc, offline, before)
 
 

@@ -564,7 +564,8 @@ def register(sub: Any) -> None:
     p.add_argument("--broker", action="append", help=_("mqtt://host:port or mqtts://host:port; repeat it for every "
                                                        "broker shard (one connection each, same group)"))
     p.add_argument("--shards-from", metavar="FLEETDIR",
-                   help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry"))
+                   help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry (or a "
+                          "PostgreSQL registry DSN)"))
     p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db)"))
     p.add_argument("--group", help=_("shared-subscription group (workers of one group share load); default: a secret "
                                      "derived from --key-file, so no kit can join it (docs/security.md)"))

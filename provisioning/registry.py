@@ -1,6 +1,7 @@
 """The fleet registry: kits, claims, approvals, revocation, signed config versions, commands, events.
 
-Data lives in a folder (``--data DIR``): ``fleet.db`` (SQLite), ``fleet.json`` (brokers, claim
+Data lives in a folder (``--data DIR``): ``fleet.db`` (SQLite; or the tables in PostgreSQL with ``--registry DSN``
+or ``"registry"`` in fleet.json: `provisioning.registry_db`), ``fleet.json`` (brokers, claim
 batches, claim lifetime), ``fleet-signing.key`` (see `provisioning.signer`), ``allowlist.txt`` (kit ids
 or hardware serials approved on sight), ``default-config.json`` (the sections every newly claimed kit
 gets as config version 1) and ``ca/`` (see `provisioning.ca`).
@@ -26,38 +27,19 @@ from firmware.errors import CaError, FleetError
 from firmware.system.i18n import N_
 from firmware.wire import control_protocol as cp
 from firmware.wire import relay_protocol as rp
-from provisioning import ca, shards
+from provisioning import ca, registry_db, shards
 from provisioning.signer import ACK_KEY_FILE, KEY_FILE, Signer, load_ack_key
 from provisioning.texts import Reason
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kits (
-    kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, hardware_serial TEXT, software_version TEXT,
-    state TEXT NOT NULL, claim_user TEXT, claimed_at INTEGER, approved_at INTEGER, revoked_at INTEGER,
-    cert_serial TEXT, last_seen INTEGER, online TEXT, telemetry TEXT, config_state TEXT, note TEXT);
-CREATE TABLE IF NOT EXISTS configs (
-    kit_id TEXT NOT NULL, version INTEGER NOT NULL, issued_at INTEGER NOT NULL, sections TEXT NOT NULL,
-    doc BLOB NOT NULL, note TEXT, files TEXT, PRIMARY KEY (kit_id, version));
-CREATE TABLE IF NOT EXISTS commands (
-    cmd_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL,
-    issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, result TEXT, result_at INTEGER);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kit_id TEXT, kind TEXT NOT NULL, detail TEXT);
-CREATE TABLE IF NOT EXISTS shards (
-    name TEXT PRIMARY KEY, relay TEXT NOT NULL, control TEXT NOT NULL, state TEXT NOT NULL, note TEXT,
-    added_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS kit_shards (
-    kit_id TEXT PRIMARY KEY, primary_shard TEXT, failover_shard TEXT, config_version INTEGER,
-    pin_primary TEXT, pin_failover TEXT, at INTEGER NOT NULL);
-"""
+SCHEMA = registry_db.SQLITE_SCHEMA  # (the PostgreSQL schema: registry_db.MIGRATIONS)
 
 
 class Fleet:
     """The fleet registry (no network; see `FleetService` and `FleetLink` for MQTT)."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, registry: str | None = None) -> None:
         self.data = Path(data)
         if not (self.data / "fleet.json").exists():
             raise FleetError(Reason(N_("{path} is not a fleet folder (run `rekam-fleet ca init --data {path}`)"),
@@ -74,26 +56,26 @@ class Fleet:
             log.warning("fleet made its data-center ack key path=%s; copy it to the ingest hosts (--ack-key)",
                         self.data / ACK_KEY_FILE)
         self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
-        self.db = sqlite3.connect(self.data / "fleet.db", check_same_thread=False, isolation_level=None, timeout=10)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        self.registry = registry or self.settings.get("registry") or None
+        self.db = registry_db.open_registry(self.data, self.registry)
         self._lock = threading.RLock()
 
     # -- set-up -----------------------------------------------------------------------------
 
     @staticmethod
     def init(data: Path, brokers: list[str], claim_brokers: list[str], hosts: list[str], batch: str = "batch1",
-             claim_ttl_h: float = 24.0) -> Fleet:
+             claim_ttl_h: float = 24.0, registry: str | None = None) -> Fleet:
         """Create a fleet folder: CA, broker certificates, claim certificate, signing key, settings."""
         data = Path(data)
         data.mkdir(parents=True, exist_ok=True)
         ca.init_ca(data / "ca", hosts, batch=batch)
         Signer.create(data / KEY_FILE)
         Signer.create(data / ACK_KEY_FILE)  # the ingest's ack key: copy it to the ingest hosts, never to the kits
-        (data / "fleet.json").write_text(json.dumps({"brokers": brokers, "claim_brokers": claim_brokers,
-                                                     "claim_batches": [f"claim-{batch}"],
-                                                     "claim_ttl_hours": claim_ttl_h}, indent=1))
+        settings: dict[str, Any] = {"brokers": brokers, "claim_brokers": claim_brokers,
+                                    "claim_batches": [f"claim-{batch}"], "claim_ttl_hours": claim_ttl_h}
+        if registry:
+            settings["registry"] = registry  # every process of this fleet uses it (no password here: use PGPASSFILE)
+        (data / "fleet.json").write_text(json.dumps(settings, indent=1))
         (data / "allowlist.txt").touch()
         return Fleet(data)
 
@@ -285,7 +267,7 @@ class Fleet:
             if row is None or row["state"] == "revoked":
                 raise FleetError(f"{kit_id} is {'revoked' if row else 'unknown'}: no config is pushed to it")
             targets = [kit_id]
-        with self._lock, self._write():
+        with self._lock, self.db.write():
             marks = ",".join("?" * len(targets)) or "''"
             r = self.db.execute(f"SELECT MAX(version) FROM configs WHERE kit_id IN ({marks})", targets).fetchone()
             version = (r[0] or 0) + 1
@@ -316,25 +298,6 @@ class Fleet:
 
     # -- broker shards (see provisioning.shards) -----------------------------------------------
 
-    def _write(self) -> Any:
-        """A write transaction (BEGIN IMMEDIATE ... COMMIT): two fleet processes never sign the same version."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def tx() -> Any:
-            if self.db.in_transaction:  # nested: the outer transaction commits
-                yield
-                return
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-
-        return tx()
-
     def shards(self) -> list[shards.Shard]:
         """Every broker shard, by name (empty: the fleet.json brokers serve every kit)."""
         with self._lock:
@@ -356,7 +319,7 @@ class Fleet:
                 self.db.execute("INSERT INTO shards VALUES (?,?,?,?,?,?)",
                                 (s.name, json.dumps(list(s.relay)), json.dumps(list(s.control)), s.state, s.note,
                                  int(time.time())))
-            except sqlite3.IntegrityError:
+            except self.db.IntegrityError:
                 raise FleetError(Reason(N_("broker shard {name} exists already"), name=s.name)) from None
         self.event("shard_added", None, name=s.name, relay=list(s.relay), control=list(s.control))
 
@@ -444,18 +407,36 @@ class Fleet:
                 out.append(lst)
         return out
 
+    def next_config(self, kit_id: str, updates: list[dict[str, dict[str, Any]]], files: dict[str, str] | None = None,
+                    note: str = "", replace: bool = False) -> tuple[int, bytes]:
+        """Sign the next version from the newest one's sections and files with `updates` ({section: {key: value}})
+        applied in order (or from nothing with `replace`, and always for '*'). Read, merge and sign are one write
+        transaction: two operators pushing at once each build on the other's version, none is lost."""
+        with self._lock, self.db.write():
+            sections: dict[str, Any] = {}
+            base_files: dict[str, str] = {}
+            if not replace and kit_id != "*":
+                prev = self.configs(kit_id)
+                sections = json.loads(prev[-1]["sections"]) if prev else {}
+                base_files = json.loads(prev[-1]["files"] or "{}") if prev else {}
+            for u in updates:
+                for sec, kv in u.items():
+                    sections.setdefault(sec, {}).update(kv)
+            base_files.update(files or {})
+            return self.make_config(kit_id, sections, base_files, note=note)
+
     def rollback_config(self, kit_id: str, to_version: int | None = None) -> tuple[int, bytes]:
         """Re-issue an earlier version's sections as a NEW version (kits refuse old version numbers)."""
-        with self._lock:
+        with self._lock, self.db.write():
             rows = list(self.db.execute("SELECT version, sections, files FROM configs WHERE kit_id = ? "
                                         "ORDER BY version DESC", (kit_id,)))
-        if len(rows) < 2 and to_version is None:
-            raise FleetError(Reason(N_("{kit} has no earlier config version to roll back to"), kit=kit_id))
-        target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
-        if target is None:
-            raise FleetError(Reason(N_("{kit} has no config version {version}"), kit=kit_id, version=to_version))
-        return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
-                                note=f"rollback to v{target['version']}")
+            if len(rows) < 2 and to_version is None:
+                raise FleetError(Reason(N_("{kit} has no earlier config version to roll back to"), kit=kit_id))
+            target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
+            if target is None:
+                raise FleetError(Reason(N_("{kit} has no config version {version}"), kit=kit_id, version=to_version))
+            return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
+                                    note=f"rollback to v{target['version']}")
 
     def configs(self, kit_id: str) -> list[sqlite3.Row]:
         """Every config version issued to the kit, oldest first."""

@@ -135,25 +135,42 @@ def broker_sections(a: Assignment, shards: list[Shard]) -> dict[str, dict[str, l
     return out
 
 
-def relay_brokers_of(fleet_dir: Path) -> list[str]:
-    """Every relay broker URL of the shards not retired in the registry of `fleet_dir` (``fleet.db``, read-only:
-    an ingest host needs no fleet signing key), in shard-name order; `FleetError` if it has none."""
+def relay_brokers_of(where: Path | str) -> list[str]:
+    """Every relay broker URL of the shards not retired in a fleet registry, in shard-name order: `where` is a fleet
+    folder (its ``fleet.json`` registry, else ``fleet.db`` read-only: an ingest host needs no fleet signing key) or
+    a PostgreSQL DSN. `FleetError` if there is none."""
     import json
     import sqlite3
 
-    db = Path(fleet_dir) / "fleet.db"
-    if not db.exists():
-        raise FleetError(f"{fleet_dir} has no fleet registry (fleet.db)")
-    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        rows = list(c.execute("SELECT relay FROM shards WHERE state != 'retired' ORDER BY name"))
-    except sqlite3.OperationalError as e:
-        raise FleetError(f"{db}: {e}") from None
-    finally:
-        c.close()
+    from provisioning import registry_db
+
+    sql = "SELECT relay FROM shards WHERE state != 'retired' ORDER BY name"
+    text = str(where)
+    if not registry_db.is_dsn(text):
+        try:
+            text = json.loads((Path(where) / "fleet.json").read_text()).get("registry") or text
+        except (OSError, ValueError):
+            pass
+    if registry_db.is_dsn(text):
+        db = registry_db.PostgresDb(text)
+        try:
+            rows = [(r["relay"],) for r in db.execute(sql)]
+        finally:
+            db.close()
+    else:
+        path = Path(where) / "fleet.db"
+        if not path.exists():
+            raise FleetError(f"{where} has no fleet registry (fleet.db)")
+        c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = list(c.execute(sql))
+        except sqlite3.OperationalError as e:
+            raise FleetError(f"{path}: {e}") from None
+        finally:
+            c.close()
     out: list[str] = []
     for (relay,) in rows:
         out += [u for u in json.loads(relay) if u not in out]
     if not out:
-        raise FleetError(f"{fleet_dir}: no broker shard (rekam-fleet shards add NAME --broker URL)")
+        raise FleetError(f"{where}: no broker shard (rekam-fleet shards add NAME --broker URL)")
     return out

@@ -26,8 +26,15 @@ from tests.support import REPO, Mosquitto, subprocess_env, wait_for
 KIT_IDS = [f"rk-{n:08x}" for n in range(600)]
 
 
-def _fleet(tmp_path: Path) -> Fleet:
-    return Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test")
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry(request: pytest.FixtureRequest) -> str | None:
+    """The fleet registry's backend: None (fleet.db) or the DSN of a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("pg_database")
+
+
+def _fleet(tmp_path: Path, registry: str | None = None) -> Fleet:
+    return Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test",
+                      registry=registry)
 
 
 def _approve(f: Fleet, kit_id: str) -> None:
@@ -64,8 +71,9 @@ def test_rendezvous_assignment_is_even_stable_and_moves_only_to_a_new_shard() ->
             shards.make_shard(*bad)
 
 
-def test_every_config_names_the_kits_shards_and_rebalance_moves_only_the_moved(tmp_path: Path) -> None:
-    f = _fleet(tmp_path)
+def test_every_config_names_the_kits_shards_and_rebalance_moves_only_the_moved(tmp_path: Path,
+                                                                               registry: str | None) -> None:
+    f = _fleet(tmp_path, registry)
     kits = KIT_IDS[:30]
     for k in kits:
         _approve(f, k)
@@ -112,8 +120,8 @@ def test_every_config_names_the_kits_shards_and_rebalance_moves_only_the_moved(t
     fleet_ops.rebalance(f, offline=True)
     assert f.assigned(k) == ("s2", "s3") and f.kit_brokers(k) == [["h2ctl:8883"], ["h3:8883"]]
     # The ingest reads the relay brokers of every shard from the registry (no signing key needed).
-    assert shards.relay_brokers_of(f.data) == ["mqtts://h1:8883", "mqtts://h1b:8883", "mqtts://h2:8883",
-                                               "mqtts://h3:8883"]
+    every = ["mqtts://h1:8883", "mqtts://h1b:8883", "mqtts://h2:8883", "mqtts://h3:8883"]
+    assert shards.relay_brokers_of(registry or f.data) == shards.relay_brokers_of(f.data) == every
     args = build_parser().parse_args(["ingest", "--broker", "mqtt://x:1", "--shards-from", str(f.data),
                                       "--archive", str(tmp_path / "a")])
     from provisioning.ingest import _settings
@@ -129,22 +137,30 @@ from pathlib import Path
 from provisioning import fleet_ops
 from provisioning.registry import Fleet
 f = Fleet(Path(sys.argv[1]))
-for i in range(int(sys.argv[3])):
-    v, _ = fleet_ops.push_config(f, sys.argv[2], [{"control": {"telemetry_interval_s": float(i + 1)}}], offline=True)
+me, kit, n = sys.argv[4], sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    v, _ = fleet_ops.push_config(f, kit, [{"x": {f"{me}{i}": i}}], offline=True)
+    f.approve(f"{sys.argv[5]}{i:04d}")
     print(v, flush=True)
 """
 
 
-def test_two_fleet_processes_pushing_at_once_lose_nothing(tmp_path: Path) -> None:
-    """Two operators (processes) push to the same kit at once: every push gets its own version, strictly increasing
-    in each process, none lost, none refused."""
-    f = _fleet(tmp_path)
+def test_two_fleet_processes_pushing_and_approving_at_once_lose_nothing(tmp_path: Path, registry: str | None) -> None:
+    """Two operators (processes) push to the same kit and approve claims at once: every push gets its own version,
+    strictly increasing in each process, none refused, and each builds on the other's (no key lost); every approval
+    lands."""
+    f = _fleet(tmp_path, registry)
+    assert (f.data / "fleet.db").exists() == (registry is None)  # the PostgreSQL registry is the only one
     _approve(f, KIT_IDS[0])
+    n = 20
+    for who in ("a", "b"):
+        for i in range(n):
+            f.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES (?, 'x', 'pending', ?)",
+                         (f"rk-pend{who}{i:04d}", int(time.time())))
     fleet_ops.add_shard(f, "s1", ["mqtts://h1:8883"])
-    n = 25
-    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, str(f.data), KIT_IDS[0], str(n)], cwd=REPO,
-                              env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", PUSHER, str(f.data), KIT_IDS[0], str(n), who, f"rk-pend{who}"],
+                              cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for who in ("a", "b")]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -153,7 +169,11 @@ def test_two_fleet_processes_pushing_at_once_lose_nothing(tmp_path: Path) -> Non
     for got in outs:
         assert len(got) == n and got == sorted(set(got)), got
     assert sorted(outs[0] + outs[1]) == list(range(1, 2 * n + 1))
-    assert [r["version"] for r in f.configs(KIT_IDS[0])] == list(range(1, 2 * n + 1))
+    versions = f.configs(KIT_IDS[0])
+    assert [r["version"] for r in versions] == list(range(1, 2 * n + 1))
+    last = json.loads(versions[-1]["sections"])["x"]
+    assert last == {**{f"a{i}": i for i in range(n)}, **{f"b{i}": i for i in range(n)}}, "a push built on a stale one"
+    assert all(r["state"] == "approved" for r in f.kits())
     f.close()
 
 
@@ -161,14 +181,14 @@ def _shard_broker(tmp_path: Path, name: str) -> Mosquitto:
     return Mosquitto(tmp_path / name, claim_listener=True, persistence=True)
 
 
-def test_kit_claims_onto_its_shard_is_moved_by_a_push_and_fails_over(tmp_path: Path) -> None:
+def test_kit_claims_onto_its_shard_is_moved_by_a_push_and_fails_over(tmp_path: Path, registry: str | None) -> None:
     """Two mosquitto shards on the shipped TLS/ACL template; the fleet service listens on both. A kit claims on the
     claim listener, learns its shards from the claim config and connects to its primary; a pin plus push moves it to
     the other shard (the document reaches it on the shard it leaves); its primary killed, it fails over and a
     command still reaches it (the fleet publishes on every shard of the kit)."""
     b1, b2 = _shard_broker(tmp_path, "b1"), _shard_broker(tmp_path, "b2")
     f = Fleet.init(tmp_path / "fleet", [f"127.0.0.1:{b1.port}"], [f"127.0.0.1:{b1.claim_port}"],
-                   ["127.0.0.1", "localhost"], batch="test")
+                   ["127.0.0.1", "localhost"], batch="test", registry=registry)
     svc = None
     kits = []
     try:
@@ -255,10 +275,10 @@ def test_kit_claims_onto_its_shard_is_moved_by_a_push_and_fails_over(tmp_path: P
         f.close()
 
 
-def test_shards_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shards_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], registry: str | None) -> None:
     from provisioning.cli import main
 
-    f = _fleet(tmp_path)
+    f = _fleet(tmp_path, registry)
     for k in KIT_IDS[:6]:
         _approve(f, k)
     d = ["--data", str(f.data)]
