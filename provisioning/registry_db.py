@@ -87,7 +87,25 @@ def is_dsn(text: str | None) -> bool:
     return bool(text) and str(text).startswith(("postgresql://", "postgres://"))
 
 
-class SqliteDb:
+class _Nesting:
+    """Re-entrant write transactions: the outermost `write()` begins and commits, inner ones join it."""
+
+    _depth = 0
+
+    @contextmanager
+    def _joined(self) -> Iterator[bool]:
+        """Yields True if a write transaction is already open on this handle (the caller just runs inside it)."""
+        if not self._depth:
+            yield False
+            return
+        self._depth += 1
+        try:
+            yield True
+        finally:
+            self._depth -= 1
+
+
+class SqliteDb(_Nesting):
     """The embedded registry: ``fleet.db`` (see module doc)."""
 
     IntegrityError = sqlite3.IntegrityError
@@ -97,7 +115,6 @@ class SqliteDb:
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.executescript(SQLITE_SCHEMA)
-        self._depth = 0
         self._lock = threading.RLock()
 
     def execute(self, sql: str, params: Any = ()) -> Any:
@@ -106,13 +123,9 @@ class SqliteDb:
     @contextmanager
     def write(self) -> Iterator[None]:
         """One write transaction (``BEGIN IMMEDIATE``: other processes' writers wait); nested calls join it."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
+        with self._lock, self._joined() as inside:
+            if inside:
+                yield
                 return
             self.conn.execute("BEGIN IMMEDIATE")
             self._depth = 1
@@ -147,7 +160,7 @@ def _row_factory(cursor: Any) -> Any:
     return make
 
 
-class PostgresDb:
+class PostgresDb(_Nesting):
     """The registry in PostgreSQL (see module doc). One connection per process (autocommit; explicit transactions
     for writes that go together), re-opened on the next call after the server restarted; psycopg errors become
     `FleetError` (the operator's command fails and can be re-run)."""
@@ -163,8 +176,6 @@ class PostgresDb:
         self.connect_timeout_s = connect_timeout_s
         self._conn: Any = None
         self._lock = threading.RLock()
-        self._tx: Any = None
-        self._depth = 0
         self._connection()  # fail at open, with the reason, not at the first query
 
     def _connection(self) -> Any:
@@ -194,13 +205,9 @@ class PostgresDb:
     @contextmanager
     def write(self) -> Iterator[None]:
         """One write transaction under the registry's write lock (processes on any host take turns)."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
+        with self._lock, self._joined() as inside:
+            if inside:
+                yield
                 return
             conn = self._connection()
             try:
@@ -226,23 +233,11 @@ class PostgresDb:
 
 
 def migrate(conn: Any) -> int:
-    """Apply the registry migrations this database lacks, in one transaction under an advisory lock; returns the
-    schema version. Refuses a database migrated by newer code."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS fleet_schema_migrations (version integer PRIMARY KEY, "
-                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        done = {int(r[0]) for r in conn.execute("SELECT version FROM fleet_schema_migrations")}
-        if done and max(done) > SCHEMA_VERSION:
-            raise FleetError(f"the fleet registry is at schema version {max(done)}, newer than this code's "
-                             f"{SCHEMA_VERSION}: upgrade rekam on this host")
-        for version, name, sql in MIGRATIONS:
-            if version in done:
-                continue
-            conn.execute(sql.encode())  # several statements: simple query protocol
-            conn.execute("INSERT INTO fleet_schema_migrations (version, name) VALUES (%s, %s)", (version, name))
-            log.info("fleet registry migrated version=%d name=%s", version, name)
-    return SCHEMA_VERSION
+    """Apply the registry migrations this database lacks (`provisioning.pgschema`); returns the schema version."""
+    from provisioning import pgschema
+
+    return pgschema.migrate(conn, MIGRATIONS, table="fleet_schema_migrations", lock=MIGRATION_LOCK,
+                            what="fleet registry", error=FleetError)
 
 
 def _redact(dsn: str) -> str:

@@ -123,6 +123,15 @@ def _staged(archive: Path) -> int:
         c.close()
 
 
+def _import(stick: Path, archive: Path) -> dict:
+    """`rekam-fleet import STICK --archive ARCHIVE --tofu --json` as an operator runs it; its summary."""
+    r = subprocess.run([sys.executable, "-m", "provisioning.cli", "import", str(stick), "--archive", str(archive),
+                        "--tofu", "--json", "--no-progress"], cwd=REPO, env=subprocess_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
 def _kill9(p: subprocess.Popen) -> None:
     if p.poll() is None:
         p.send_signal(signal.SIGKILL)
@@ -196,11 +205,7 @@ def test_kits_on_two_shards_two_workers_faults_and_a_stick_import(tmp_path: Path
         b1.proc = None
         wait_for(lambda: acked_on(spies[1], "A") >= 2, 30, "kit A delivering on its failover shard")
         # A stick import of kit A while it relays (on the failover shard).
-        imp1 = subprocess.run([sys.executable, "-m", "provisioning.cli", "import", str(kits["A"][0] / "usb"),
-                               "--archive", str(archive), "--tofu", "--json", "--no-progress"], cwd=REPO,
-                              env=subprocess_env(), capture_output=True, text=True, timeout=60)
-        assert imp1.returncode == 0, imp1.stderr[-2000:]
-        assert json.loads(imp1.stdout)["rejected"] == []
+        assert _import(kits["A"][0] / "usb", archive)["rejected"] == []
         b1.start()  # the shard comes back; A returns to its primary (probe), the workers re-subscribe there
         # Fault 2: a worker SIGKILLed while a record is half staged: the other worker completes it or the kit resends.
         wait_for(lambda: _staged(archive) > 0, 20, "a record half staged", step=0.01)
@@ -209,11 +214,7 @@ def test_kits_on_two_shards_two_workers_faults_and_a_stick_import(tmp_path: Path
             wait_for(lambda out=kits[name][2]: "captured" in out.read_text(), 60, f"kit {name} captured")
         wait_for(lambda: all(sum(1 for st, _ in _journal(kits[n][0]).values() if st in ("stored", "sent")) == 0
                              for n in kits), SETTLE_S, "every record of every kit acked", step=0.2)
-        imp2 = subprocess.run([sys.executable, "-m", "provisioning.cli", "import", str(kits["A"][0] / "usb"),
-                               "--archive", str(archive), "--tofu", "--json", "--no-progress"], cwd=REPO,
-                              env=subprocess_env(), capture_output=True, text=True, timeout=60)
-        assert imp2.returncode == 0, imp2.stderr[-2000:]
-        assert json.loads(imp2.stdout)["new"] == 0  # everything already there, from MQTT or the first import
+        assert _import(kits["A"][0] / "usb", archive)["new"] == 0  # all there already, from MQTT or the first import
     finally:
         for _root, proc, _out in kits.values():
             if proc.poll() is None:
