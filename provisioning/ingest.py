@@ -10,6 +10,9 @@ the registered kit key, fsync, unique index row) and only then publishes the ack
 ``rekam/v1/<kit>/acks``, signed with the data center's ack key (``--ack-key``, default
 ``<archive>/ack-signing.key``, made on first start; see `provisioning.signer`).
 
+With a PostgreSQL archive (``--archive postgresql://... --objects s3://...``, the scale backend) the chunks are
+staged in that database instead (`provisioning.staging_pg`), so stateless workers on any hosts finish any record.
+
 Staging is bounded: unfinished transfers are capped per kit and in total (count and announced bytes,
 `StagingLimits`) and expire after --transfer-ttl without a chunk (default 5 minutes; the kit resends).
 A transfer that does not fit is answered ``retry`` at its last chunk, so a genuine kit backs off and
@@ -39,8 +42,18 @@ from firmware.system.i18n import _, ngettext
 from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
 from firmware.wire import relay_protocol as proto
 from provisioning import ca, shards
-from provisioning.archive import Archive, ArchiveError, StoreResult, UnknownKit, record_id_mismatch
+from provisioning.archive import (
+    ArchiveError,
+    StoreResult,
+    UnknownKit,
+    is_scale_spec,
+    open_archive,
+    record_id_mismatch,
+)
 from provisioning.signer import ACK_KEY_FILE, load_ack_key
+from provisioning.staging import Staging, StagingFull, StagingLimits, StagingStore
+
+__all__ = ["IngestSettings", "IngestWorker", "Staging", "StagingFull", "StagingLimits"]  # staging: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +69,7 @@ class IngestSettings:
     """How one ingest worker connects and stages."""
 
     broker: str
-    archive: Path
+    archive: Path | str  # a directory (embedded) or a postgresql:// DSN (scale backend, with `objects`)
     group: str = "ingest"
     tofu: bool = False
     fleet_db: Path | None = None
@@ -72,6 +85,7 @@ class IngestSettings:
     password: str = ""
     client_id: str = ""
     backoff_max_s: float = 30.0
+    objects: str | None = None  # s3://BUCKET[/PREFIX]?endpoint=URL: the object store of a PostgreSQL archive
     shard_brokers: tuple[str, ...] = ()  # the other broker shards (one URL each); `broker` is the first
 
     @property
@@ -98,140 +112,6 @@ class IngestCounters:
     staging_refused: int = 0  # chunks refused because their transfer did not fit the staging limits
     wrong_kit: int = 0  # messages whose record id does not carry the topic's kit
     by_status: dict[str, int] = field(default_factory=dict)
-
-
-class StagingFull(Exception):
-    """A new transfer would exceed a staging limit (`scope`: kit_bytes, kit_transfers, total_bytes, total_transfers)."""
-
-    def __init__(self, scope: str, detail: str) -> None:
-        super().__init__(detail)
-        self.scope = scope
-
-
-@dataclass(frozen=True)
-class StagingLimits:
-    """Caps on unfinished transfers: per kit and in total, in transfers and in (announced) bytes."""
-
-    # A healthy kit draining a backlog while the ingest lags has up to relay.max_unacked_records (100) + a
-    # window of records partly staged: the per-kit count leaves room for that; bytes bound the disk.
-    kit_bytes: int = 256 * 1024 * 1024
-    kit_transfers: int = 128
-    total_bytes: int = 4 * 1024 * 1024 * 1024
-    total_transfers: int = 4096
-
-
-class Staging:
-    """Chunks of records in transit, in SQLite (shared by the workers of one host).
-
-    Every unfinished transfer has a row in ``transfers`` that reserves the record's whole announced size
-    when its first chunk arrives, so the caps (`StagingLimits`) hold whatever order chunks come in: a kit
-    that floods chunks of made-up records is refused once it holds its share, and the disk never fills.
-    """
-
-    def __init__(self, path: Path, limits: StagingLimits | None = None) -> None:
-        self.limits = limits or StagingLimits()
-        self.conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        # Losing staged chunks in a power cut is harmless (the kit resends until acked): no fsync per chunk.
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA busy_timeout=60000")
-        self.conn.execute("""CREATE TABLE IF NOT EXISTS chunks (
-            record_id TEXT NOT NULL, sha256 TEXT NOT NULL, idx INTEGER NOT NULL, total INTEGER NOT NULL,
-            size INTEGER NOT NULL, kit_id TEXT NOT NULL, data BLOB NOT NULL, at REAL NOT NULL,
-            PRIMARY KEY (record_id, sha256, idx))""")
-        self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_at ON chunks (at)")
-        self.conn.execute("""CREATE TABLE IF NOT EXISTS transfers (
-            record_id TEXT NOT NULL, sha256 TEXT NOT NULL, kit_id TEXT NOT NULL, size INTEGER NOT NULL,
-            first_at REAL NOT NULL, last_at REAL NOT NULL, PRIMARY KEY (record_id, sha256))""")
-        self.conn.execute("CREATE INDEX IF NOT EXISTS transfers_kit ON transfers (kit_id)")
-
-    def _admit(self, kit_id: str, c: proto.Chunk, now: float) -> None:
-        """Reserve room for the transfer of `c` (inside the caller's transaction); `StagingFull` if none."""
-        row = self.conn.execute("SELECT 1 FROM transfers WHERE record_id = ? AND sha256 = ?",
-                                (c.record_id, c.sha256)).fetchone()
-        if row is not None:
-            self.conn.execute("UPDATE transfers SET last_at = ? WHERE record_id = ? AND sha256 = ?",
-                              (now, c.record_id, c.sha256))
-            return
-        lim = self.limits
-        kn, kb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers WHERE kit_id = ?",
-                                   (kit_id,)).fetchone()
-        tn, tb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers").fetchone()
-        for scope, have, cap in (("kit_transfers", kn + 1, lim.kit_transfers),
-                                 ("kit_bytes", kb + c.size, lim.kit_bytes),
-                                 ("total_transfers", tn + 1, lim.total_transfers),
-                                 ("total_bytes", tb + c.size, lim.total_bytes)):
-            if have > cap:
-                raise StagingFull(scope, f"staging full ({scope}: {have} > {cap}); resend later")
-        self.conn.execute("INSERT INTO transfers VALUES (?,?,?,?,?,?)",
-                          (c.record_id, c.sha256, kit_id, c.size, now, now))
-
-    def add(self, kit_id: str, c: proto.Chunk) -> bool:
-        """Stage one chunk; True if this insert completed the record (exactly one inserter sees that).
-
-        Raises `StagingFull` when a new transfer does not fit the limits (nothing is staged).
-        """
-        now = time.time()
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._admit(kit_id, c, now)
-            self.conn.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?,?,?,?)",
-                              (c.record_id, c.sha256, c.index, c.total, c.size, kit_id, c.data, now))
-            (n,) = self.conn.execute("SELECT COUNT(*) FROM chunks WHERE record_id = ? AND sha256 = ? AND total = ?",
-                                     (c.record_id, c.sha256, c.total)).fetchone()
-            # A chunk resent after completion may assemble the record again: the archive answers duplicate.
-            complete = n == c.total
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-        return complete
-
-    def assemble(self, record_id: str, sha256: str, total: int) -> bytes:
-        rows = self.conn.execute("SELECT idx, data FROM chunks WHERE record_id = ? AND sha256 = ? AND total = ? "
-                                 "ORDER BY idx", (record_id, sha256, total)).fetchall()
-        if [r[0] for r in rows] != list(range(total)):
-            raise ArchiveError(f"record {record_id}: staged chunks incomplete")
-        return b"".join(r[1] for r in rows)
-
-    def drop(self, record_id: str, sha256: str) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
-            self.conn.execute("DELETE FROM transfers WHERE record_id = ? AND sha256 = ?", (record_id, sha256))
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def expire(self, ttl_s: float) -> int:
-        """Delete transfers with no chunk for `ttl_s` (abandoned; the kit resends from its store); returns the
-        number of chunks deleted."""
-        cutoff = time.time() - ttl_s
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            self.conn.execute("DELETE FROM transfers WHERE last_at < ?", (cutoff,))
-            n = self.conn.execute("DELETE FROM chunks WHERE NOT EXISTS (SELECT 1 FROM transfers t WHERE "
-                                  "t.record_id = chunks.record_id AND t.sha256 = chunks.sha256)").rowcount
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-        return n
-
-    def pending(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(DISTINCT record_id) FROM chunks").fetchone()[0])
-
-    def usage(self, kit_id: str | None = None) -> tuple[int, int]:
-        """(unfinished transfers, bytes reserved), of one kit or of all."""
-        sql, args = "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers", ()
-        if kit_id is not None:
-            sql, args = sql + " WHERE kit_id = ?", (kit_id,)
-        n, b = self.conn.execute(sql, args).fetchone()
-        return int(n), int(b)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 class _AllReady:
@@ -265,8 +145,15 @@ class IngestWorker:
     def __init__(self, s: IngestSettings) -> None:
         self.s = s
         self.url = proto.parse_broker_url(s.broker)
-        self.archive = Archive(s.archive, tofu=s.tofu, fleet_db=s.fleet_db)
-        self.staging = Staging(Path(s.archive) / "staging.db", s.staging)
+        if s.ack_key is None and is_scale_spec(s.archive):
+            raise ArchiveError("a PostgreSQL archive has no folder for the ack-signing key: give --ack-key")
+        self.archive = open_archive(s.archive, s.objects, tofu=s.tofu, fleet_db=s.fleet_db)
+        if is_scale_spec(s.archive):  # staged in the archive's database: any worker on any host finishes a record
+            from provisioning.staging_pg import PgStaging  # only here: psycopg is the scale extra
+
+            self.staging: StagingStore = PgStaging(str(s.archive), s.staging)
+        else:
+            self.staging = Staging(Path(s.archive) / "staging.db", s.staging)
         key_path = s.ack_key or Path(s.archive) / ACK_KEY_FILE
         made = s.ack_key is None and not key_path.exists()
         self.ack_key = load_ack_key(key_path, create=s.ack_key is None)
@@ -458,7 +345,7 @@ def ingest_brokers(args: argparse.Namespace) -> list[str]:
     --shards-from (the fleet registry), without repeats."""
     out: list[str] = []
     given = args.broker if isinstance(args.broker, list) else [args.broker] if args.broker else []
-    for b in given + (shards.relay_brokers_of(Path(args.shards_from)) if getattr(args, "shards_from", None) else []):
+    for b in given + (shards.relay_brokers_of(args.shards_from) if getattr(args, "shards_from", None) else []):
         if b not in out:
             out.append(b)
     return out
@@ -468,7 +355,9 @@ def _settings(args: argparse.Namespace, broker: str | list[str] | None = None) -
     brokers = ingest_brokers(args) if broker is None else broker if isinstance(broker, list) else [broker]
     broker = brokers[0]
     password = Path(args.password_file).read_text().strip() if args.password_file else ""
-    return IngestSettings(broker=broker, archive=Path(args.archive), group=ca.ingest_group(args.group, args.key_file),
+    archive = args.archive if is_scale_spec(args.archive) else Path(args.archive)
+    return IngestSettings(broker=broker, archive=archive, objects=args.objects,
+                          group=ca.ingest_group(args.group, args.key_file),
                           tofu=args.tofu,
                           fleet_db=Path(args.fleet_db) if args.fleet_db else None,
                           transfer_ttl_s=args.transfer_ttl, max_record_bytes=args.max_record_mb * 1024 * 1024,
@@ -497,6 +386,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.staging_kit_mb < args.max_record_mb:
         raise SystemExit(f"rekam-fleet ingest: --staging-kit-mb {args.staging_kit_mb} is below --max-record-mb "
                          f"{args.max_record_mb}: the largest record could never be staged")
+    if is_scale_spec(args.archive) and not (args.objects and args.ack_key):
+        raise SystemExit("rekam-fleet ingest: a PostgreSQL --archive needs --objects s3://BUCKET?endpoint=URL and "
+                         "--ack-key")
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")
     # SIGINT/SIGTERM only set an event (no KeyboardInterrupt in the middle of a commit); every worker is then
@@ -533,14 +425,17 @@ def stop_workers(workers: list[IngestWorker], within_s: float) -> None:
 
 def cmd_ack_key(args: argparse.Namespace) -> int:
     """`rekam-fleet archive ack-key`: the base64 public ack key kits must trust."""
+    if args.ack_key is None and is_scale_spec(args.archive):
+        raise SystemExit("rekam-fleet archive ack-key: a PostgreSQL archive needs --ack-key")
     path = Path(args.ack_key) if args.ack_key else Path(args.archive) / ACK_KEY_FILE
-    Path(args.archive).mkdir(parents=True, exist_ok=True)
+    if not is_scale_spec(args.archive):
+        Path(args.archive).mkdir(parents=True, exist_ok=True)
     print(proto.ack_public_b64(load_ack_key(path, create=args.ack_key is None)))
     return 0
 
 
 def cmd_kits(args: argparse.Namespace) -> int:
-    a = Archive(Path(args.archive))
+    a = open_archive(args.archive, args.objects)
     try:
         if args.kits_cmd == "register-kit":
             try:
@@ -566,7 +461,11 @@ def register(sub: Any) -> None:
     p.add_argument("--shards-from", metavar="FLEETDIR",
                    help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry (or a "
                           "PostgreSQL registry DSN)"))
-    p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db)"))
+    p.add_argument("--broker", required=True, help=_("mqtt://host:port or mqtts://host:port"))
+    p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db), or a "
+                                                       "postgresql:// DSN (the scale backend, with --objects)"))
+    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
+                                       "the AWS_* variables or ~/.aws)"))
     p.add_argument("--group", help=_("shared-subscription group (workers of one group share load); default: a secret "
                                      "derived from --key-file, so no kit can join it (docs/security.md)"))
     p.add_argument("--workers", type=int, default=1, help=_("worker connections in this process"))
@@ -603,9 +502,11 @@ def register(sub: Any) -> None:
     r.add_argument("kit_id")
     r.add_argument("public_key")
     r.add_argument("--archive", required=True)
+    r.add_argument("--objects")
     r.set_defaults(func=cmd_kits)
     r = ks.add_parser("kits", help=_("kits known to the archive and their record counts"))
     r.add_argument("--archive", required=True)
+    r.add_argument("--objects")
     r.set_defaults(func=cmd_kits)
     r = ks.add_parser("ack-key", help=_("print the public half of the ack-signing key (for relay.ack_public_keys)"))
     r.add_argument("--archive", required=True)

@@ -34,7 +34,7 @@ from firmware.wire import record_format as rf
 from firmware.wire import stick_layout as L
 from firmware.wire.ids import is_kit_id, parse_record_id
 from firmware.wire.relay_protocol import MAX_RECORD_BYTES
-from provisioning.archive import Archive, ArchiveError, UnknownKit, decode_kit_key
+from provisioning.archive import ArchiveBase, ArchiveError, UnknownKit, decode_kit_key, open_archive
 from provisioning.texts import Reason
 from provisioning.texts import shown as _shown
 
@@ -239,7 +239,7 @@ class Progress:
             self.out.flush()
 
 
-def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: bool | None = None,
+def import_stick(path: Path, archive: ArchiveBase, tofu: bool = False, progress: bool | None = None,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ImportSummary:
     """Import every kit folder under `path` into `archive`; see the module doc.
 
@@ -273,8 +273,7 @@ def import_stick(path: Path, archive: Archive, tofu: bool = False, progress: boo
         if registered is None:
             if not tofu:
                 # A command that runs as printed: the archive named (register-kit requires --archive), quoted.
-                cmd = shlex.join(["rekam-fleet", "archive", "register-kit", kit_id, key_b64,
-                                  "--archive", str(archive.root)])
+                cmd = shlex.join(["rekam-fleet", "archive", "register-kit", kit_id, key_b64, *archive.cli_args()])
                 summary.rejected.append((str(kdir), Reason(N_(
                     "kit {kit} is not registered (check the key against `rekam identity show` on the kit, then: "
                     "{cmd} ; or --tofu to trust the stick's kit.json)"), kit=kit_id, cmd=cmd)))
@@ -320,7 +319,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not path.exists():
         print("rekam-fleet import: " + _("{path} does not exist", path=path), file=sys.stderr)
         return 2
-    archive = Archive(Path(args.archive))
+    archive = open_archive(args.archive, args.objects)
     try:
         s = import_stick(path, archive, tofu=args.tofu, progress=None if not args.no_progress else False,
                          max_record_bytes=args.max_record_mb * MIB)
@@ -346,7 +345,9 @@ def register(sub: Any) -> None:
     """Add `import` to rekam-fleet."""
     p = sub.add_parser("import", help=_("import a kit's USB stick into an archive (idempotent with MQTT ingest)"))
     p.add_argument("path", help=_("stick mount point, its rekam/ folder, or one rekam/<kit_id>/ folder"))
-    p.add_argument("--archive", required=True, help=_("archive directory"))
+    p.add_argument("--archive", required=True, help=_("archive directory, or a postgresql:// DSN (with --objects)"))
+    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
+                                       "the AWS_* variables or ~/.aws)"))
     p.add_argument("--tofu", action="store_true", help=_("register an unknown kit from the stick's kit.json"))
     p.add_argument("--json", action="store_true", help=_("print the summary as JSON"))
     p.add_argument("--no-progress", action="store_true")

@@ -561,17 +561,24 @@ class Postgres:
         self.proc = None
 
     def kill(self) -> None:
-        """SIGKILL to the postmaster and every backend (its process group): what a crashed host leaves; the next
-        start runs crash recovery from the WAL."""
+        """SIGKILL to the postmaster and every backend: what a crashed host leaves; the next start runs crash
+        recovery from the WAL. (Backends are session leaders of their own, so a process-group kill would miss
+        them: the postmaster is stopped first, so it forks no more, and its children are killed by pid.)"""
         if self.proc is not None:
-            pgid = self.proc.pid
+            pm = self.proc.pid
             try:
-                os.killpg(pgid, signal.SIGKILL)
+                os.kill(pm, signal.SIGSTOP)
             except ProcessLookupError:
                 pass
+            kids = _children(pm)
+            for pid in (pm, *kids):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait(10)
-            # Backends could outlive the postmaster for a moment; a start before they are gone would refuse.
-            wait_for(lambda: not _group_alive(pgid), 10, "the killed postgres backends to exit")
+            # A backend still attached to the shared memory would make the next start refuse.
+            wait_for(lambda: not any(_running(p) for p in kids), 10, "the killed postgres backends to exit")
         self.proc = None
 
     def restart(self) -> None:
@@ -589,14 +596,27 @@ class Postgres:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _group_alive(pgid: int) -> bool:
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state first), or None if there is no such process."""
     try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid`."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (f := _proc_stat(d)) is not None and int(f[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a zombie holds no memory, nor a shared-memory attachment)."""
+    f = _proc_stat(pid)
+    return f is not None and f[0] not in ("Z", "X")
 
 
 def seaweed_binary() -> str:
@@ -660,7 +680,7 @@ class SeaweedS3:
         p = self.ports
         args = [seaweed_binary(), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=8",
+                f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}", "-volume.max=100",
                 "-volume.preStopSeconds=0",
                 "-master.volumeSizeLimitMB=64", "-master.electionTimeout=1s", "-filer", f"-filer.port={p['filer']}",
                 f"-filer.port.grpc={p['filer.grpc']}", "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
@@ -691,8 +711,9 @@ class SeaweedS3:
 
     def create_bucket(self, name: str) -> str:
         """Bucket `name` (S3 names: 3-63 lowercase letters, digits, hyphens), made if missing; returns `objects_url`.
-        Every bucket is a SeaweedFS collection with volumes of its own (`-volume.max` bounds them): tests share
-        one bucket and take a fresh key prefix each."""
+        Every bucket is a SeaweedFS collection that takes 7 volumes of its own at its first write (`-volume.max`
+        bounds them all, sparse files of up to 64 MiB each): tests share one bucket and take a fresh key prefix
+        each."""
         c = self.client()
         if name not in [b["Name"] for b in c.list_buckets().get("Buckets", [])]:
             c.create_bucket(Bucket=name)

@@ -89,9 +89,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             record_id text NOT NULL, sha256 text NOT NULL, idx integer NOT NULL, total integer NOT NULL,
             size bigint NOT NULL, kit_id text NOT NULL, data bytea NOT NULL, at double precision NOT NULL,
             PRIMARY KEY (record_id, sha256, idx));
-        CREATE TABLE staging_totals (
-            one boolean PRIMARY KEY DEFAULT true CHECK (one), transfers bigint NOT NULL, bytes bigint NOT NULL);
-        INSERT INTO staging_totals VALUES (true, 0, 0);
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
