@@ -461,7 +461,6 @@ def register(sub: Any) -> None:
     p.add_argument("--shards-from", metavar="FLEETDIR",
                    help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry (or a "
                           "PostgreSQL registry DSN)"))
-    p.add_argument("--broker", required=True, help=_("mqtt://host:port or mqtts://host:port"))
     p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db), or a "
                                                        "postgresql:// DSN (the scale backend, with --objects)"))
     p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
