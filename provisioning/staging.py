@@ -48,6 +48,16 @@ class StagingLimits:
     total_bytes: int = 4 * 1024 * 1024 * 1024
     total_transfers: int = 4096
 
+    def check(self, kit: tuple[int, int], total: tuple[int, int], size: int) -> None:
+        """Raise `StagingFull` unless one more transfer of `size` bytes fits, with `kit` and `total` the
+        (transfers, bytes) already reserved by its kit and by all."""
+        for scope, have, cap in (("kit_transfers", kit[0] + 1, self.kit_transfers),
+                                 ("kit_bytes", kit[1] + size, self.kit_bytes),
+                                 ("total_transfers", total[0] + 1, self.total_transfers),
+                                 ("total_bytes", total[1] + size, self.total_bytes)):
+            if have > cap:
+                raise StagingFull(scope, f"staging full ({scope}: {have} > {cap}); resend later")
+
 
 class Staging:
     """Chunks of records in transit, in SQLite (shared by the workers of one host).
@@ -82,16 +92,10 @@ class Staging:
             self.conn.execute("UPDATE transfers SET last_at = ? WHERE record_id = ? AND sha256 = ?",
                               (now, c.record_id, c.sha256))
             return
-        lim = self.limits
-        kn, kb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers WHERE kit_id = ?",
-                                   (kit_id,)).fetchone()
-        tn, tb = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers").fetchone()
-        for scope, have, cap in (("kit_transfers", kn + 1, lim.kit_transfers),
-                                 ("kit_bytes", kb + c.size, lim.kit_bytes),
-                                 ("total_transfers", tn + 1, lim.total_transfers),
-                                 ("total_bytes", tb + c.size, lim.total_bytes)):
-            if have > cap:
-                raise StagingFull(scope, f"staging full ({scope}: {have} > {cap}); resend later")
+        kit = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers WHERE kit_id = ?",
+                                (kit_id,)).fetchone()
+        total = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers").fetchone()
+        self.limits.check(kit, total, c.size)
         self.conn.execute("INSERT INTO transfers VALUES (?,?,?,?,?,?)",
                           (c.record_id, c.sha256, kit_id, c.size, now, now))
 

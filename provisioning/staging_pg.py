@@ -28,7 +28,7 @@ import psycopg
 from firmware.errors import ArchiveError
 from firmware.wire import relay_protocol as proto
 from provisioning.archive.scale import Database
-from provisioning.staging import StagingFull, StagingLimits
+from provisioning.staging import StagingLimits
 
 ADMIT_LOCK = 0x72656B616D01  # pg_advisory_xact_lock key of staging admissions
 NOW = "extract(epoch from clock_timestamp())"
@@ -51,16 +51,10 @@ class PgStaging:
         c.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIT_LOCK,))
         if c.execute(touch, (ch.record_id, ch.sha256)).rowcount:
             return  # another worker admitted it while we waited
-        lim = self.limits
-        kn, kb = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers WHERE kit_id = %s",
-                           (kit_id,)).fetchone()
-        tn, tb = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers").fetchone()
-        for scope, have, cap in (("kit_transfers", kn + 1, lim.kit_transfers),
-                                 ("kit_bytes", kb + ch.size, lim.kit_bytes),
-                                 ("total_transfers", tn + 1, lim.total_transfers),
-                                 ("total_bytes", tb + ch.size, lim.total_bytes)):
-            if have > cap:
-                raise StagingFull(scope, f"staging full ({scope}: {have} > {cap}); resend later")
+        kit = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers WHERE kit_id = %s",
+                        (kit_id,)).fetchone()
+        total = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers").fetchone()
+        self.limits.check(kit, total, ch.size)
         c.execute(f"INSERT INTO staging_transfers VALUES (%s, %s, %s, %s, {NOW}, {NOW})",
                   (ch.record_id, ch.sha256, kit_id, ch.size))
 

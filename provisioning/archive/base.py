@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,14 +46,6 @@ class ArchivedRecord:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def record_id_mismatch(record_id: str, kit_id: str, seq: int | None = None) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import ArchiveError
+from firmware.system.fsutil import fsync_dir
 from firmware.wire import record_format as rf
-from provisioning.archive.base import ArchiveBase, ArchivedRecord, _fsync_dir, _now
+from provisioning.archive.base import ArchiveBase, ArchivedRecord, _now
 
 
 class Archive(ArchiveBase):
@@ -197,5 +198,5 @@ class Archive(ArchiveBase):
                 return False
         finally:
             os.unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True

@@ -70,10 +70,9 @@ class Backend:
             p = a.path_of(kit, rid)
             p.write_bytes(p.read_bytes()[:-1] + b"\0")
         else:
-            key = a.object_key(kit, rid)  # type: ignore[attr-defined]
-            data = a.objects.get(key)  # type: ignore[attr-defined]
-            a.objects.delete(key)  # type: ignore[attr-defined]
-            a.objects.put_once(key, data[:-1] + b"\0")  # type: ignore[attr-defined]
+            o, key = a.objects, a.object_key(kit, rid)  # type: ignore[attr-defined]
+            data = o.get(key)
+            o.s3.put_object(Bucket=o.url.bucket, Key=o.url.key(key), Body=data[:-1] + b"\0")  # overwritten
 
     def conflicts(self, a: ArchiveBase) -> list[str]:
         if isinstance(a, Archive):

@@ -6,6 +6,7 @@ kit receives names a record the index already holds at the moment the ack arrive
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -172,3 +173,38 @@ def test_usb_import_and_mqtt_idempotent_on_the_scale_backend(make_kit, make_inge
     finally:
         a.close()
     assert w.counters.stored == 4
+
+
+def test_two_ingest_processes_share_nothing_but_the_services(make_kit, mosquitto, scale, tmp_path, ack_key_file):
+    """`rekam-fleet ingest --archive DSN --objects ...` as two real processes in separate working folders: the
+    chunks of one record land on both (shared subscription) and are reassembled from PostgreSQL staging."""
+    base = [sys.executable, "-m", "provisioning.cli", "ingest", "--broker", mosquitto.url, "--archive",
+            scale["archive"], "--objects", scale["objects"], "--tofu"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=60, env=subprocess_env())
+    assert r.returncode != 0 and "--ack-key" in r.stderr  # no archive folder to keep a made-up key in
+    procs = []
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+        procs.append(subprocess.Popen([*base, "--ack-key", str(ack_key_file), "--group", "scale"],
+                                      cwd=tmp_path / f"w{i}", env=subprocess_env(), stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        kit = make_kit([mosquitto.url], chunk_kb=16)  # ~17 chunks a record, spread over both processes
+        ids = kit.capture(6)
+        kit.start_relay()
+        wait_for(lambda: kit.counts()["acked"] == 6, 60, "every record acked")
+        kit.stop_relay()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        errs = [p.communicate(timeout=15)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    # Both were subscribed in the group, so the broker handed each its share of every record's chunks (mosquitto
+    # deals shared-subscription messages round-robin); whichever got a last chunk assembled the record from both.
+    assert all("ingest connected" in e for e in errs), [e[-1500:] for e in errs]
+    assert sum(e.count("record archived") for e in errs) == 6
+    a = open_archive(scale["archive"], scale["objects"])
+    try:
+        assert sorted(a.record_ids(kit.kit_id)) == sorted(ids)
+    finally:
+        a.close()
