@@ -55,18 +55,19 @@ class Backend:
     def open(self) -> object:
         return open_archive(self.archive, self.objects)
 
-    def _sql(self, sql: str) -> int:
-        if self.objects:  # PostgreSQL
+    def _count(self, table: str, sqlite_file: str) -> int:
+        """Rows of `table`: in PostgreSQL (scale), or in the archive folder's `sqlite_file` (embedded)."""
+        if self.objects:
             import psycopg
 
             with psycopg.connect(self.archive, connect_timeout=5) as c:
-                return int(c.execute(sql).fetchone()[0])
-        db = Path(self.archive) / ("staging.db" if "staging" in sql else "index.db")
+                return int(c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        db = Path(self.archive) / sqlite_file
         if not db.exists():
             return 0
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            return int(c.execute(sql).fetchone()[0])
+            return int(c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
         except sqlite3.OperationalError:
             return 0
         finally:
@@ -74,12 +75,11 @@ class Backend:
 
     def staged(self) -> int:
         """Unfinished transfers in the shared staging."""
-        return self._sql("SELECT COUNT(*) FROM staging_transfers" if self.objects else
-                         "SELECT COUNT(*) FROM transfers -- staging")
+        return self._count("staging_transfers" if self.objects else "transfers", "staging.db")
 
     def rejects(self) -> int:
         """Refused or conflicting copies (a second copy of a record id with other bytes is one)."""
-        return self._sql("SELECT COUNT(*) FROM rejects")
+        return self._count("rejects", "index.db")
 
 
 @pytest.fixture(params=["embedded", "scale"])
