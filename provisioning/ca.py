@@ -281,15 +281,18 @@ def ingest_group(group: str | None, key_file: str | Path | None) -> str:
 
 def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_port: int = 8884,
                          bind: str = "0.0.0.0", user: str = "mosquitto", extra: str = "",
-                         persistence_dir: str | Path = "/var/lib/mosquitto/") -> Path:
+                         persistence_dir: str | Path = "/var/lib/mosquitto/", server_crt: Path | None = None,
+                         server_key: Path | None = None) -> Path:
     """Write ``mosquitto.conf``, ``acl`` and ``claim-acl`` for this CA into `out` from the templates in
     ``provisioning/mosquitto/``; returns the path of mosquitto.conf. `persistence_dir` (retained messages) must be
-    writable by `user` (Debian's package makes /var/lib/mosquitto for it)."""
+    writable by `user` (Debian's package makes /var/lib/mosquitto for it). `server_crt`/`server_key`: another server
+    certificate of this CA (a shard broker's, `render_shard_broker`) instead of ``server.crt``."""
     out.mkdir(parents=True, exist_ok=True)
     pdir = str(persistence_dir).rstrip("/") + "/"  # mosquitto appends the file name to it as it is
     values = {"port": str(port), "claim_port": str(claim_port), "bind": bind, "user": user, "persistence_dir": pdir,
               "fleet_ca": str(paths.fleet_ca_crt), "claim_ca": str(paths.claim_ca_crt),
-              "server_crt": str(paths.server_crt), "server_key": str(paths.server_key), "crl": str(paths.crl),
+              "server_crt": str(server_crt or paths.server_crt), "server_key": str(server_key or paths.server_key),
+              "crl": str(paths.crl),
               "acl": str(out / "acl"), "claim_acl": str(out / "claim-acl"), "extra": extra}
     conf = (TEMPLATES / "mosquitto.conf.template").read_text()
     for k, v in values.items():
@@ -298,3 +301,22 @@ def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_p
     for name in ("acl", "claim-acl"):
         (out / name).write_text((TEMPLATES / name).read_text())
     return out / "mosquitto.conf"
+
+
+def render_shard_broker(paths: CaPaths, out: Path, name: str, hosts: list[str], *, port: int = 8883,
+                        claim_port: int = 8884, days: int = 3650, **kw: object) -> Path:
+    """A broker of shard `name`: its own server certificate from the fleet CA (``ca/shard-<name>.{crt,key}``, for
+    `hosts`) and the shipped mosquitto configuration around it in `out`; returns mosquitto.conf. Every shard trusts
+    the same fleet CA and reads the same CRL (copy ``crl.pem`` to each shard host after a revocation)."""
+    if not BATCH_RE.fullmatch(name):
+        raise CaError(f"shard name {name!r}: use 1-42 letters, digits, . _ -")
+    crt, key_path = paths.root / f"shard-{name}.crt", paths.root / f"shard-{name}.key"
+    if not crt.exists():
+        k = ec.generate_private_key(ec.SECP256R1())
+        cert = _issue(_load_key(paths.fleet_ca_key), _load_cert(paths.fleet_ca_crt), f"broker-{name}",
+                      k.public_key(), days, hosts)
+        _write_key(key_path, k)
+        crt.write_bytes(_pem(cert))
+        _record_issued(paths, cert, "server")
+    return render_broker_config(paths, out, port=port, claim_port=claim_port, server_crt=crt, server_key=key_path,
+                                **kw)  # type: ignore[arg-type]

@@ -22,13 +22,14 @@ from provisioning.fleet_ops import open_fleet
 
 #: Column headers of `kits list` and `status` (translated where printed).
 KITS_HEADER = (N_("kit"), N_("state"), N_("serial"), N_("version"), N_("key"), N_("claimed"))
+SHARDS_HEADER = (N_("shard"), N_("state"), N_("primary"), N_("failover"), N_("relay brokers"))
 STATUS_HEADER = (N_("kit"), N_("state"), N_("online"), N_("last seen"), N_("backlog"), N_("sd MiB"), N_("usb MiB"),
                  N_("cfg"), N_("halted/locked"))
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
     f, conf = fleet_ops.create_fleet(Path(args.data), args.broker, args.claim_broker, args.host, args.batch,
-                                     args.claim_ttl_hours, args.port, args.claim_port)
+                                     args.claim_ttl_hours, args.port, args.claim_port, registry=args.registry)
     print(_("fleet created in {path}", path=args.data))
     print("  " + _("fleet key  {fingerprint} ({key})", fingerprint=cp.key_fingerprint(f.public_key_b64),
                    key=f.public_key_b64))
@@ -39,12 +40,12 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_crl(args: argparse.Namespace) -> int:
-    print(ca.write_crl(open_fleet(args.data).ca))
+    print(ca.write_crl(open_fleet(args.data, args.registry).ca))
     return 0
 
 
 def cmd_kits_list(args: argparse.Namespace) -> int:
-    rows = open_fleet(args.data).kits()
+    rows = open_fleet(args.data, args.registry).kits()
     if args.json:
         print(json.dumps([dict(r) for r in rows], indent=1, default=str))
         return 0
@@ -58,13 +59,13 @@ def cmd_kits_list(args: argparse.Namespace) -> int:
 
 
 def cmd_kits_approve(args: argparse.Namespace) -> int:
-    open_fleet(args.data).approve(args.kit)
+    open_fleet(args.data, args.registry).approve(args.kit)
     print(_("{kit} approved; it receives its certificate on its next claim attempt", kit=args.kit))
     return 0
 
 
 def cmd_kits_revoke(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     serial, warning = fleet_ops.revoke_kit(f, args.kit, offline=args.offline)
     if warning:
         print("rekam-fleet: " + _("warning: {warning}", warning=warning), file=sys.stderr)
@@ -75,7 +76,7 @@ def cmd_kits_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_kits_issue(args: argparse.Namespace) -> int:
-    serial = fleet_ops.issue_certificate(open_fleet(args.data), args.kit, Path(args.out),
+    serial = fleet_ops.issue_certificate(open_fleet(args.data, args.registry), args.kit, Path(args.out),
                                          Path(args.csr) if args.csr else None)
     print(_("certificate {serial} for {kit} in {path}", serial=serial, kit=args.kit, path=args.out))
     return 0
@@ -105,7 +106,7 @@ def _pushed(kit: str, version: int, published: int | None) -> int:
 
 
 def cmd_config_push(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     updates = [json.loads(Path(args.file).read_text())] if args.file else []
     updates.append(_parse_sets(args.set or []))
     version, published = fleet_ops.push_config(f, args.kit, updates, [Path(p) for p in args.attach or []],
@@ -114,17 +115,18 @@ def cmd_config_push(args: argparse.Namespace) -> int:
 
 
 def cmd_config_rollback(args: argparse.Namespace) -> int:
-    version, published = fleet_ops.rollback_config(open_fleet(args.data), args.kit, args.to, offline=args.offline)
+    version, published = fleet_ops.rollback_config(open_fleet(args.data, args.registry), args.kit, args.to,
+                                                   offline=args.offline)
     return _pushed(args.kit, version, published)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    print(json.dumps(fleet_ops.config_report(open_fleet(args.data), args.kit), indent=1))
+    print(json.dumps(fleet_ops.config_report(open_fleet(args.data, args.registry), args.kit), indent=1))
     return 0
 
 
 def cmd_cmd_send(args: argparse.Namespace) -> int:
-    f = open_fleet(args.data)
+    f = open_fleet(args.data, args.registry)
     cargs: dict[str, Any] = {}
     for a in args.arg or []:
         k, _sep, v = a.partition("=")
@@ -142,7 +144,7 @@ def cmd_cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    rows = open_fleet(args.data).status_rows()
+    rows = open_fleet(args.data, args.registry).status_rows()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -163,18 +165,99 @@ def _s(v: Any) -> str:
     return format_count(v) if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
 
+def cmd_shards_add(args: argparse.Namespace) -> int:
+    f = open_fleet(args.data, args.registry)
+    conf = fleet_ops.add_shard(f, args.name, args.broker, args.control or None, note=args.note or "",
+                               hosts=args.host or None, port=args.port, claim_port=args.claim_port)
+    s = f.shard(args.name)
+    print(_("broker shard {name} added: relay {relay}, control {control}", name=s.name, relay=", ".join(s.relay),
+            control=", ".join(s.control) or "-"))
+    if conf is not None:
+        print("  " + _("broker     {conf} (mosquitto -c {conf})", conf=conf))
+    print("  " + _("kits move to it with `rekam-fleet shards rebalance` (a config push)"))
+    return 0
+
+
+def cmd_shards_list(args: argparse.Namespace) -> int:
+    f = open_fleet(args.data, args.registry)
+    rows = []
+    counts: dict[str, list[int]] = {}
+    for r in f.kits():
+        for i, n in enumerate(f.assigned(r["kit_id"])):
+            counts.setdefault(n, [0, 0])[i] += 1
+    for s in f.shards():
+        rows.append({"name": s.name, "state": s.state, "relay": list(s.relay), "control": list(s.control),
+                     "primary_kits": counts.get(s.name, [0, 0])[0], "failover_kits": counts.get(s.name, [0, 0])[1],
+                     "note": s.note})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(_("no broker shards: every kit uses the fleet.json brokers ({brokers})",
+                brokers=", ".join(f.settings.get("brokers", [])) or "-"))
+        return 0
+    h = [_(x) for x in SHARDS_HEADER]
+    print(f"{h[0]:12} {h[1]:9} {h[2]:>8} {h[3]:>8} {h[4]}")
+    for r in rows:
+        print(f"{r['name']:12} {r['state']:9} {_s(r['primary_kits']):>8} {_s(r['failover_kits']):>8} "
+              f"{', '.join(r['relay'])}")
+    moving = len(f.moves())
+    if moving:
+        print(ngettext("{n} kit waits for `rekam-fleet shards rebalance`", "{n} kits wait for `rekam-fleet shards "
+                       "rebalance`", moving))
+    return 0
+
+
+def cmd_shards_state(args: argparse.Namespace) -> int:
+    open_fleet(args.data, args.registry).set_shard_state(args.name, args.state)
+    print(_("broker shard {name} is now {state}; `rekam-fleet shards rebalance` moves the kits", name=args.name,
+            state=args.state))
+    return 0
+
+
+def cmd_shards_assign(args: argparse.Namespace) -> int:
+    if not args.auto and not args.primary:
+        raise SystemExit("rekam-fleet: " + _("shards assign: give --primary SHARD (and --failover SHARD), or --auto"))
+    f = open_fleet(args.data, args.registry)
+    f.pin(args.kit, None if args.auto else args.primary, None if args.auto else args.failover)
+    a = f.assignment(args.kit)
+    print(_("{kit}: primary {primary}, failover {failover}", kit=args.kit, primary=a.primary,
+            failover=a.failover or "-"))
+    if f.assigned(args.kit) != a.shards:
+        version, published = fleet_ops.push_config(f, args.kit, [], note=f"shard assign {'+'.join(a.shards)}",
+                                                   offline=args.offline)
+        return _pushed(args.kit, version, published)
+    return 0
+
+
+def cmd_shards_rebalance(args: argparse.Namespace) -> int:
+    f = open_fleet(args.data, args.registry)
+    if args.dry_run:
+        for kit, old, a in f.moves()[: args.limit or None]:
+            print(f"{kit:16} {'+'.join(old) or '-':24} -> {'+'.join(a.shards)}")
+        return 0
+    moved = fleet_ops.rebalance(f, offline=args.offline, limit=args.limit)
+    for kit, old, new, version in moved:
+        print(f"{kit:16} {'+'.join(old) or '-':24} -> {'+'.join(new):24} v{version}")
+    print(ngettext("{n} kit moved (signed config pushed)", "{n} kits moved (signed config pushed)", len(moved)))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    fleet_service.serve(open_fleet(args.data))
+    fleet_service.serve(open_fleet(args.data, args.registry))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Register `ca`, `kits`, `config`, `cmd`, `status` and `serve` on the rekam-fleet parser."""
+    """Register `ca`, `kits`, `config`, `cmd`, `shards`, `status` and `serve` on the rekam-fleet parser."""
 
     def data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--data", default=os.environ.get("REKAM_FLEET_DATA", "."),
                        help=_("fleet folder (fleet.db, ca/)"))
+        p.add_argument("--registry", default=os.environ.get("REKAM_FLEET_REGISTRY") or None, metavar="DSN",
+                       help=_("fleet registry in PostgreSQL (postgresql://...) instead of fleet.db; default: "
+                              "fleet.json's registry"))
         return p
 
     g = sub.add_parser("ca", help=_("fleet CA and broker configuration")).add_subparsers(dest="ca_cmd", metavar="CMD")
@@ -238,6 +321,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ttl", type=int, default=300, help=_("seconds the command stays valid"))
     p.add_argument("--wait", type=float, default=30)
     p.set_defaults(func=cmd_cmd_send)
+
+    g = sub.add_parser("shards", help=_("broker shards: which brokers each kit uses")).add_subparsers(
+        dest="shards_cmd", metavar="CMD")
+    g.required = True
+    p = data(g.add_parser("add", help=_("add a broker shard (kits move to it with rebalance)")))
+    p.add_argument("name")
+    p.add_argument("--broker", action="append", required=True,
+                   help=_("relay broker URL of the shard (mqtts://host:port), repeatable, in priority order"))
+    p.add_argument("--control", action="append", help=_("control broker host:port (default: from the mqtts URLs)"))
+    p.add_argument("--host", action="append", help=_("also issue the shard broker's certificate for this host name "
+                                                     "or IP and write its mosquitto config"))
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--claim-port", type=int, default=8884)
+    p.add_argument("--note")
+    p.set_defaults(func=cmd_shards_add)
+    p = data(g.add_parser("list", help=_("shards, their state and how many kits each serves")))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_shards_list)
+    p = data(g.add_parser("state", help=_("mark a shard active, draining or retired")))
+    p.add_argument("name")
+    p.add_argument("state", choices=("active", "draining", "retired"))
+    p.set_defaults(func=cmd_shards_state)
+    p = data(g.add_parser("assign", help=_("pin a kit to shards (or --auto) and push its config")))
+    p.add_argument("kit")
+    p.add_argument("--primary")
+    p.add_argument("--failover")
+    p.add_argument("--auto", action="store_true", help=_("drop the pin: back to the hashed assignment"))
+    p.add_argument("--offline", action="store_true", help=_("sign and store only, do not publish"))
+    p.set_defaults(func=cmd_shards_assign)
+    p = data(g.add_parser("rebalance", help=_("push a config to every kit whose shards changed")))
+    p.add_argument("--dry-run", action="store_true", help=_("only list the kits that would move"))
+    p.add_argument("--limit", type=int, default=0, help=_("move at most this many kits (0: all)"))
+    p.add_argument("--offline", action="store_true", help=_("sign and store only, do not publish"))
+    p.set_defaults(func=cmd_shards_rebalance)
 
     p = data(sub.add_parser("status", help=_("table of kits: last seen, backlog, free space, halted")))
     p.add_argument("--json", action="store_true")

@@ -26,19 +26,21 @@ class FleetLink:
     ``on_message(link, msg)`` on the link's thread (`msg`: `firmware.system.mqtt.Message`)."""
 
     def __init__(self, fleet: Fleet, client_id: str, on_message: Callable[[FleetLink, Message], None] | None = None,
-                 subscriptions: tuple[str, ...] = ()) -> None:
+                 subscriptions: tuple[str, ...] = (), brokers: list[str] | None = None) -> None:
         self.fleet = fleet
         self.client_id = client_id
         self.on_message = on_message
         self.subscriptions = subscriptions
+        # `brokers`: one shard's control brokers (host:port, in order); default: the fleet.json brokers.
+        self.broker_list = list(fleet.settings.get("brokers", []) if brokers is None else brokers)
         try:
-            brokers = [Broker.parse(b, tls=True) for b in fleet.settings.get("brokers", [])]
+            parsed = [Broker.parse(b, tls=True) for b in self.broker_list]
         except ValueError as e:
-            raise FleetError(f"fleet.json brokers: {e}") from None
-        if not brokers:
+            raise FleetError(f"fleet brokers {self.broker_list}: {e}") from None
+        if not parsed:
             raise FleetError("fleet.json lists no brokers")
         self.mqtt = MqttLink(MqttSettings(
-            brokers, client_id=client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S, backoff_max_s=BACKOFF_MAX_S,
+            parsed, client_id=client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S, backoff_max_s=BACKOFF_MAX_S,
             ca_file=str(fleet.ca.fleet_ca_crt), cert_file=str(fleet.ca.fleet_crt), key_file=str(fleet.ca.fleet_key),
             subscriptions=[(s, 1) for s in subscriptions], max_inflight=MAX_INFLIGHT,
             tcp_nodelay=True,  # small request/response messages: no Nagle delay
@@ -58,7 +60,7 @@ class FleetLink:
         if not self.mqtt.ready.wait(timeout):
             self.close()
             why = f" ({self.mqtt.last_error})" if self.mqtt.last_error else ""
-            raise FleetError(f"cannot reach any broker of {self.fleet.settings.get('brokers')}{why}")
+            raise FleetError(f"cannot reach any broker of {self.broker_list}{why}")
         return self
 
     def _on_message(self, msg: Message) -> None:

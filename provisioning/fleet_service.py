@@ -1,12 +1,17 @@
 """``rekam-fleet serve``: the fleet service on MQTT. It answers claims (and re-publishes the claimed
 kit's current config, retained) and records what kits report: telemetry, status, config state,
-command results (all through the registry, `provisioning.registry.Fleet`)."""
+command results (all through the registry, `provisioning.registry.Fleet`).
+
+With broker shards (`provisioning.shards`) it holds one connection per shard (and one to the fleet.json brokers,
+where the claim listener is), answers each claim on the connection it came from, publishes the claimed kit's
+config on that kit's shards, and opens connections to shards added while it runs (`refresh`)."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 
 from firmware.system.mqtt import Message, client_id
 from firmware.wire import control_protocol as cp
@@ -16,6 +21,7 @@ from provisioning.registry import Fleet
 log = logging.getLogger(__name__)
 
 EXPIRE_EVERY_S = 60.0  # pending claims past their lifetime are dropped this often
+REFRESH_EVERY_S = 5.0  # how often the shard table is re-read for shards added while running
 
 
 class FleetService:
@@ -23,13 +29,37 @@ class FleetService:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.link = FleetLink(fleet, client_id("fleet", "service"), self._on_message, cp.FLEET_FILTERS)
+        self.links: dict[tuple[str, ...], FleetLink] = {}
+        self.link = self._make(fleet.service_brokers()[0] if fleet.service_brokers() else None)
         self.received: queue.Queue[tuple[str, str]] = queue.Queue()  # (kind, kit_id) for watchers/tests
+        self._lock = threading.Lock()
+
+    def _make(self, brokers: list[str] | None) -> FleetLink:
+        link = FleetLink(self.fleet, client_id("fleet", "service"), self._on_message, cp.FLEET_FILTERS, brokers=brokers)
+        self.links[tuple(link.broker_list)] = link
+        return link
 
     def start(self) -> FleetService:
-        """Connect and subscribe; `FleetError` if no broker answers."""
+        """Connect and subscribe (the first broker list must answer: `FleetError` if not; other shards connect
+        in the background and reconnect on their own)."""
         self.link.start()
+        self.refresh()
         return self
+
+    def refresh(self) -> int:
+        """Open a connection to every shard not connected yet; returns how many were opened."""
+        n = 0
+        with self._lock:
+            for lst in self.fleet.service_brokers():
+                if tuple(lst) not in self.links:
+                    self._make(lst).mqtt.start(name="fleet-service-shard")
+                    log.info("fleet service listening on shard brokers=%s", ",".join(lst))
+                    n += 1
+        return n
+
+    def _kit_links(self, kit_id: str) -> list[FleetLink]:
+        with self._lock:
+            return [self.links[tuple(lst)] for lst in self.fleet.kit_brokers(kit_id) if tuple(lst) in self.links]
 
     def _on_message(self, link: FleetLink, msg: Message) -> None:
         payload = msg.payload
@@ -41,7 +71,9 @@ class FleetService:
                 row = self.fleet.kit(parsed[1]) if parsed else None
                 latest = self.fleet.latest_config(row["kit_id"]) if row and row["state"] == "approved" else None
                 if latest and row["cert_serial"]:  # the config topic always holds the kit's current document
-                    link.publish(cp.config_topic(row["kit_id"]), latest[1], retain=True)
+                    # where it claimed and on its shards (where it connects once it runs that config)
+                    for lk in {id(x): x for x in [link, *self._kit_links(row["kit_id"])]}.values():
+                        lk.publish(cp.config_topic(row["kit_id"]), latest[1], retain=True)
             return
         kind = self.fleet.handle_kit_message(msg.topic, payload)
         if kind:
@@ -49,8 +81,11 @@ class FleetService:
             self.received.put((kind, parsed[0] if parsed else ""))
 
     def close(self) -> None:
-        """Disconnect."""
-        self.link.close()
+        """Disconnect every connection."""
+        with self._lock:
+            links = list(self.links.values())
+        for lk in links:
+            lk.close()
 
 
 def serve(fleet: Fleet, stop: threading.Event | None = None) -> None:
@@ -59,9 +94,13 @@ def serve(fleet: Fleet, stop: threading.Event | None = None) -> None:
     svc = FleetService(fleet).start()
     log.info("fleet service running brokers=%s fleet_key=%s", fleet.settings.get("brokers"),
              cp.key_fingerprint(fleet.public_key_b64))
+    next_expiry = time.monotonic() + EXPIRE_EVERY_S
     try:
-        while not stop.wait(EXPIRE_EVERY_S):
-            fleet.expire_claims()
+        while not stop.wait(REFRESH_EVERY_S):
+            svc.refresh()
+            if time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + EXPIRE_EVERY_S
+                fleet.expire_claims()
     except KeyboardInterrupt:
         pass
     finally:

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from firmware.errors import FleetError
 from firmware.system.i18n import _, ngettext
 from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
 from firmware.wire import relay_protocol as proto
-from provisioning import ca
+from provisioning import ca, shards
 from provisioning.archive import (
     ArchiveError,
     StoreResult,
@@ -85,6 +86,16 @@ class IngestSettings:
     client_id: str = ""
     backoff_max_s: float = 30.0
     objects: str | None = None  # s3://BUCKET[/PREFIX]?endpoint=URL: the object store of a PostgreSQL archive
+    shard_brokers: tuple[str, ...] = ()  # the other broker shards (one URL each); `broker` is the first
+
+    @property
+    def brokers(self) -> list[str]:
+        """Every broker this worker subscribes on, one connection each, without repeats."""
+        out: list[str] = []
+        for b in (self.broker, *self.shard_brokers):
+            if b not in out:
+                out.append(b)
+        return out
 
 
 @dataclass
@@ -103,12 +114,32 @@ class IngestCounters:
     by_status: dict[str, int] = field(default_factory=dict)
 
 
-class IngestWorker:
-    """One ingest worker: its own MQTT connection, archive handle and staging handle (see module doc).
+class _AllReady:
+    """`connected` of a worker: set while every one of its broker connections is subscribed."""
 
-    The connection is the one MQTT adapter (`firmware.system.mqtt.MqttLink`): it reconnects with the one
-    backoff helper (0.5 s doubling up to ``backoff_max_s``, jittered) and, with ``manual_ack``, sends a
-    message's PUBACK only once its handler (staging, archiving, the record ack) returned.
+    def __init__(self, links: list[MqttLink]) -> None:
+        self.links = links
+
+    def is_set(self) -> bool:
+        return all(lk.ready.is_set() for lk in self.links)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for lk in self.links:
+            if not lk.ready.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+
+class IngestWorker:
+    """One ingest worker: one MQTT connection per broker shard, one archive handle and one staging handle (see
+    module doc).
+
+    Each connection is the one MQTT adapter (`firmware.system.mqtt.MqttLink`) on a thread of its own: it reconnects
+    with the one backoff helper (0.5 s doubling up to ``backoff_max_s``, jittered) and, with ``manual_ack``, sends a
+    message's PUBACK only once its handler (staging, archiving, the record ack) returned. The handlers of all
+    shards take turns (one lock: one archive and staging handle per worker), and a record's ack goes out on the
+    shard its last message came from (the kit is connected there).
     """
 
     def __init__(self, s: IngestSettings) -> None:
@@ -136,24 +167,32 @@ class IngestWorker:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.client_id = s.client_id or client_id("fleet", "ingest")
+        self.links = [self._link(url) for url in s.brokers]
+        self.mqtt = self.links[0]  # the first shard's connection (one-broker callers)
+        self._handling = threading.Lock()  # the shards' handlers take turns on the archive and staging handles
+        self._closed = False
+        self._next_expiry = 0.0
+
+    def _link(self, broker: str) -> MqttLink:
+        """The connection to one broker shard, subscribed with the worker's shared group."""
+        s = self.s
         # With the Receive Maximum below the broker never has more than RECEIVE_MAXIMUM unprocessed messages on
         # their way here (bounded memory); session expiry 0: a dead worker's messages go to the others at once.
-        self.mqtt = MqttLink(MqttSettings(
-            [self.url], client_id=self.client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S,
+        link = MqttLink(MqttSettings(
+            [proto.parse_broker_url(broker)], client_id=self.client_id, keepalive_s=30, backoff_min_s=BACKOFF_MIN_S,
             backoff_max_s=max(BACKOFF_MIN_S, s.backoff_max_s), ca_file=s.ca_file, cert_file=s.cert_file,
             key_file=s.key_file, username=s.username, password=s.password,
             subscriptions=[(proto.shared_records_filter(s.group), 1)], clean_start=True, session_expiry_s=0,
             receive_maximum=RECEIVE_MAXIMUM, manual_ack=True, max_inflight=100, name="ingest"))
-        self.mqtt.on_message = self._on_message
-        self.mqtt.on_connect = lambda: log.info("ingest connected broker=%s group=%s client_id=%s ack_key=%s",
-                                                s.broker, s.group, self.client_id,
-                                                proto.ack_public_b64(self.ack_key))
-        self._next_expiry = 0.0
+        link.on_message = lambda msg: self._on_message(msg, link)
+        link.on_connect = lambda: log.info("ingest connected broker=%s group=%s client_id=%s ack_key=%s",
+                                           broker, s.group, self.client_id, proto.ack_public_b64(self.ack_key))
+        return link
 
     @property
-    def connected(self) -> threading.Event:
-        """Set while connected and subscribed."""
-        return self.mqtt.ready
+    def connected(self) -> _AllReady:
+        """Set while connected and subscribed on every broker shard."""
+        return _AllReady(self.links)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -170,49 +209,68 @@ class IngestWorker:
             self.thread.join(timeout)
 
     def run(self) -> None:
-        """Connect, subscribe, process messages until `stop` (the adapter reconnects); then close."""
+        """Connect to every shard, subscribe, process messages until `stop` (each adapter reconnects on its own);
+        then close every connection (clean DISCONNECT) and the handles."""
         self._next_expiry = time.monotonic() + self.expire_every_s
         try:
-            self.mqtt.run(self.stop, tick=0.1, on_tick=self._tick)
+            for i, lk in enumerate(self.links):
+                lk.start(name=f"{self.client_id}-{i}", tick=0.1)
+            while not self.stop.wait(0.1):
+                try:
+                    self._tick()
+                except Exception:
+                    log.exception("ingest tick failed")
         finally:
-            self.staging.close()
-            self.archive.close()
+            for lk in self.links:  # every link told at once, then all waited for against one deadline
+                lk.stop(0)
+            deadline = time.monotonic() + STOP_WITHIN_S
+            for lk in self.links:
+                lk.stop(max(0.0, deadline - time.monotonic()))
+            with self._handling:
+                self._closed = True
+                self.staging.close()
+                self.archive.close()
 
     def _tick(self) -> None:
         if time.monotonic() < self._next_expiry:
             return
         self._next_expiry = time.monotonic() + self.expire_every_s
-        n = self.staging.expire(self.s.transfer_ttl_s)
+        with self._handling:
+            n = self.staging.expire(self.s.transfer_ttl_s)
         if n:
             self.counters.expired_chunks += n
             log.info("ingest expired abandoned chunks count=%d", n)
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message, link: MqttLink | None = None) -> None:
         try:
-            self._handle(msg.topic, msg.payload)
+            with self._handling:
+                if self._closed:
+                    return  # the handles are closed: not handled (the kit resends what it got no ack for)
+                self._handle(msg.topic, msg.payload, link or self.mqtt)
         except Exception:
             # One bad message (or a DB hiccup) must not stop the worker; the kit resends.
             log.exception("ingest failed on a message topic=%s", msg.topic)
 
     # --- messages -------------------------------------------------------------------------------
 
-    def _ack(self, kit_id: str, r: StoreResult) -> None:
+    def _ack(self, kit_id: str, r: StoreResult, link: MqttLink) -> None:
+        """Publish the signed record ack on `link`: the shard the kit sent on (it listens there)."""
         self.counters.by_status[r.status] = self.counters.by_status.get(r.status, 0) + 1
         setattr(self.counters, r.status, getattr(self.counters, r.status) + 1)
         ack = proto.Ack(r.record_id, r.sha256, r.status, r.reason[:500])
-        self.mqtt.publish(proto.ack_topic(kit_id), ack.encode(self.ack_key), qos=1)
+        link.publish(proto.ack_topic(kit_id), ack.encode(self.ack_key), qos=1)
         if self.s.legacy_unsigned_acks:  # old kits read only v1; upgraded kits ignore it (counted, logged)
-            self.mqtt.publish(proto.ack_topic(kit_id), ack.encode_unsigned_v1(), qos=1)
+            link.publish(proto.ack_topic(kit_id), ack.encode_unsigned_v1(), qos=1)
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, link: MqttLink) -> None:
         try:
             kit_id, kind = proto.parse_records_topic(topic)
             if kind == "announce":
                 a = proto.Announce.decode(payload)
-                if self._wrong_kit(kit_id, a.record_id, a.sha256, last=False):
+                if self._wrong_kit(kit_id, a.record_id, a.sha256, False, link):
                     return
                 if self.archive.lookup(a.record_id) == (a.sha256, kit_id):
-                    self._ack(kit_id, StoreResult("duplicate", a.record_id, a.sha256))
+                    self._ack(kit_id, StoreResult("duplicate", a.record_id, a.sha256), link)
                 return
             c = proto.Chunk.decode(payload)
         except proto.ProtocolError as e:
@@ -220,21 +278,21 @@ class IngestWorker:
             log.warning("ingest malformed message topic=%s error=%s", topic, e)
             return
         self.counters.chunks += 1
-        if self._wrong_kit(kit_id, c.record_id, c.sha256, last=c.index == c.total - 1):
+        if self._wrong_kit(kit_id, c.record_id, c.sha256, c.index == c.total - 1, link):
             return
         if c.size > self.s.max_record_bytes:
             if c.index == c.total - 1:
                 self._ack(kit_id, StoreResult("rejected", c.record_id, c.sha256,
                                               f"record of {c.size} bytes exceeds the ingest limit "
-                                              f"{self.s.max_record_bytes}"))
+                                              f"{self.s.max_record_bytes}"), link)
             return
         if self.archive.lookup(c.record_id) == (c.sha256, kit_id):
             if c.index == c.total - 1:
-                self._ack(kit_id, StoreResult("duplicate", c.record_id, c.sha256))
+                self._ack(kit_id, StoreResult("duplicate", c.record_id, c.sha256), link)
             return
         if c.total == 1:
             # A whole record in one message: nothing to stage, whichever worker of the group the broker chose.
-            self._store(kit_id, c, bytes(c.data), staged=False)
+            self._store(kit_id, c, bytes(c.data), False, link)
             return
         try:
             if not self.staging.add(kit_id, c):
@@ -245,14 +303,14 @@ class IngestWorker:
             if c.index == c.total - 1:  # once per transfer: the kit backs off this record and resends later
                 log.warning("ingest staging refused kit_id=%s record_id=%s scope=%s detail=%s", kit_id, c.record_id,
                             e.scope, e)
-                self._ack(kit_id, StoreResult("retry", c.record_id, c.sha256, str(e)))
+                self._ack(kit_id, StoreResult("retry", c.record_id, c.sha256, str(e)), link)
             return
         except (sqlite3.Error, ArchiveError) as e:
             log.error("ingest staging failed record_id=%s error=%s", c.record_id, e)
             return
-        self._store(kit_id, c, data, staged=True)
+        self._store(kit_id, c, data, True, link)
 
-    def _store(self, kit_id: str, c: proto.Chunk, data: bytes, staged: bool) -> None:
+    def _store(self, kit_id: str, c: proto.Chunk, data: bytes, staged: bool, link: MqttLink) -> None:
         """Archive one complete record, drop its staged chunks, then ack it (after the archive's commit)."""
         try:
             r = self.archive.store(data, kit_id, "mqtt", expect_record_id=c.record_id, expect_sha256=c.sha256)
@@ -265,9 +323,9 @@ class IngestWorker:
         finally:
             if staged:
                 self.staging.drop(c.record_id, c.sha256)
-        self._ack(kit_id, r)
+        self._ack(kit_id, r, link)
 
-    def _wrong_kit(self, kit_id: str, record_id: str, sha256: str, last: bool) -> bool:
+    def _wrong_kit(self, kit_id: str, record_id: str, sha256: str, last: bool, link: MqttLink) -> bool:
         """True (and refused, answered at the last chunk) if `record_id` does not carry the topic's kit."""
         why = record_id_mismatch(record_id, kit_id)
         if not why:
@@ -275,14 +333,27 @@ class IngestWorker:
         self.counters.wrong_kit += 1
         if last:
             self.archive.refuse(record_id, kit_id, sha256, why, "mqtt")
-            self._ack(kit_id, StoreResult("rejected", record_id, sha256, why))
+            self._ack(kit_id, StoreResult("rejected", record_id, sha256, why), link)
         return True
 
 
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
+def ingest_brokers(args: argparse.Namespace) -> list[str]:
+    """The broker shards of `rekam-fleet ingest`: every --broker, then the relay brokers of every shard of
+    --shards-from (the fleet registry), without repeats."""
+    out: list[str] = []
+    given = args.broker if isinstance(args.broker, list) else [args.broker] if args.broker else []
+    for b in given + (shards.relay_brokers_of(args.shards_from) if getattr(args, "shards_from", None) else []):
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def _settings(args: argparse.Namespace, broker: str | list[str] | None = None) -> IngestSettings:
+    brokers = ingest_brokers(args) if broker is None else broker if isinstance(broker, list) else [broker]
+    broker = brokers[0]
     password = Path(args.password_file).read_text().strip() if args.password_file else ""
     archive = args.archive if is_scale_spec(args.archive) else Path(args.archive)
     return IngestSettings(broker=broker, archive=archive, objects=args.objects,
@@ -297,15 +368,20 @@ def _settings(args: argparse.Namespace, broker: str) -> IngestSettings:
                           ack_key=Path(args.ack_key) if args.ack_key else None,
                           legacy_unsigned_acks=args.legacy_unsigned_acks,
                           ca_file=args.ca_file or "", cert_file=args.cert_file or "", key_file=args.key_file or "",
-                          username=args.username or "", password=password)
+                          username=args.username or "", password=password,
+                          shard_brokers=tuple(brokers[1:]))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        proto.parse_broker_url(args.broker)
+        brokers = ingest_brokers(args)
+        if not brokers:
+            raise ValueError("give --broker URL (repeat it for every broker shard) or --shards-from FLEETDIR")
+        for b in brokers:
+            proto.parse_broker_url(b)
         proto.shared_records_filter(ca.ingest_group(args.group, args.key_file))
-    except ValueError as e:  # ProtocolError is a ValueError too
+    except (ValueError, FleetError) as e:  # ProtocolError is a ValueError too
         raise SystemExit(f"rekam-fleet ingest: {e}") from None
     if args.staging_kit_mb < args.max_record_mb:
         raise SystemExit(f"rekam-fleet ingest: --staging-kit-mb {args.staging_kit_mb} is below --max-record-mb "
@@ -325,7 +401,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for _i in range(args.workers):
             if stop.is_set():
                 break
-            workers.append(IngestWorker(_settings(args, args.broker)).start())
+            workers.append(IngestWorker(_settings(args, brokers)).start())
         while not stop.wait(0.5):
             if not all(w.thread is not None and w.thread.is_alive() for w in workers):
                 break
@@ -380,7 +456,11 @@ def cmd_kits(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add `ingest` and `archive` to rekam-fleet."""
     p = sub.add_parser("ingest", help=_("receive records over MQTT into an archive (shared subscription)"))
-    p.add_argument("--broker", required=True, help=_("mqtt://host:port or mqtts://host:port"))
+    p.add_argument("--broker", action="append", help=_("mqtt://host:port or mqtts://host:port; repeat it for every "
+                                                       "broker shard (one connection each, same group)"))
+    p.add_argument("--shards-from", metavar="FLEETDIR",
+                   help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry (or a "
+                          "PostgreSQL registry DSN)"))
     p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db), or a "
                                                        "postgresql:// DSN (the scale backend, with --objects)"))
     p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "

@@ -1,6 +1,7 @@
 """The fleet registry: kits, claims, approvals, revocation, signed config versions, commands, events.
 
-Data lives in a folder (``--data DIR``): ``fleet.db`` (SQLite), ``fleet.json`` (brokers, claim
+Data lives in a folder (``--data DIR``): ``fleet.db`` (SQLite; or the tables in PostgreSQL with ``--registry DSN``
+or ``"registry"`` in fleet.json: `provisioning.registry_db`), ``fleet.json`` (brokers, claim
 batches, claim lifetime), ``fleet-signing.key`` (see `provisioning.signer`), ``allowlist.txt`` (kit ids
 or hardware serials approved on sight), ``default-config.json`` (the sections every newly claimed kit
 gets as config version 1) and ``ca/`` (see `provisioning.ca`).
@@ -26,32 +27,19 @@ from firmware.errors import CaError, FleetError
 from firmware.system.i18n import N_
 from firmware.wire import control_protocol as cp
 from firmware.wire import relay_protocol as rp
-from provisioning import ca
+from provisioning import ca, registry_db, shards
 from provisioning.signer import ACK_KEY_FILE, KEY_FILE, Signer, load_ack_key
 from provisioning.texts import Reason
 
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kits (
-    kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, hardware_serial TEXT, software_version TEXT,
-    state TEXT NOT NULL, claim_user TEXT, claimed_at INTEGER, approved_at INTEGER, revoked_at INTEGER,
-    cert_serial TEXT, last_seen INTEGER, online TEXT, telemetry TEXT, config_state TEXT, note TEXT);
-CREATE TABLE IF NOT EXISTS configs (
-    kit_id TEXT NOT NULL, version INTEGER NOT NULL, issued_at INTEGER NOT NULL, sections TEXT NOT NULL,
-    doc BLOB NOT NULL, note TEXT, files TEXT, PRIMARY KEY (kit_id, version));
-CREATE TABLE IF NOT EXISTS commands (
-    cmd_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL,
-    issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, result TEXT, result_at INTEGER);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kit_id TEXT, kind TEXT NOT NULL, detail TEXT);
-"""
+SCHEMA = registry_db.SQLITE_SCHEMA  # (the PostgreSQL schema: registry_db.MIGRATIONS)
 
 
 class Fleet:
     """The fleet registry (no network; see `FleetService` and `FleetLink` for MQTT)."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, registry: str | None = None) -> None:
         self.data = Path(data)
         if not (self.data / "fleet.json").exists():
             raise FleetError(Reason(N_("{path} is not a fleet folder (run `rekam-fleet ca init --data {path}`)"),
@@ -68,26 +56,26 @@ class Fleet:
             log.warning("fleet made its data-center ack key path=%s; copy it to the ingest hosts (--ack-key)",
                         self.data / ACK_KEY_FILE)
         self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
-        self.db = sqlite3.connect(self.data / "fleet.db", check_same_thread=False, isolation_level=None, timeout=10)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        self.registry = registry or self.settings.get("registry") or None
+        self.db = registry_db.open_registry(self.data, self.registry)
         self._lock = threading.RLock()
 
     # -- set-up -----------------------------------------------------------------------------
 
     @staticmethod
     def init(data: Path, brokers: list[str], claim_brokers: list[str], hosts: list[str], batch: str = "batch1",
-             claim_ttl_h: float = 24.0) -> Fleet:
+             claim_ttl_h: float = 24.0, registry: str | None = None) -> Fleet:
         """Create a fleet folder: CA, broker certificates, claim certificate, signing key, settings."""
         data = Path(data)
         data.mkdir(parents=True, exist_ok=True)
         ca.init_ca(data / "ca", hosts, batch=batch)
         Signer.create(data / KEY_FILE)
         Signer.create(data / ACK_KEY_FILE)  # the ingest's ack key: copy it to the ingest hosts, never to the kits
-        (data / "fleet.json").write_text(json.dumps({"brokers": brokers, "claim_brokers": claim_brokers,
-                                                     "claim_batches": [f"claim-{batch}"],
-                                                     "claim_ttl_hours": claim_ttl_h}, indent=1))
+        settings: dict[str, Any] = {"brokers": brokers, "claim_brokers": claim_brokers,
+                                    "claim_batches": [f"claim-{batch}"], "claim_ttl_hours": claim_ttl_h}
+        if registry:
+            settings["registry"] = registry  # every process of this fleet uses it (no password here: use PGPASSFILE)
+        (data / "fleet.json").write_text(json.dumps(settings, indent=1))
         (data / "allowlist.txt").touch()
         return Fleet(data)
 
@@ -279,7 +267,7 @@ class Fleet:
             if row is None or row["state"] == "revoked":
                 raise FleetError(f"{kit_id} is {'revoked' if row else 'unknown'}: no config is pushed to it")
             targets = [kit_id]
-        with self._lock:
+        with self._lock, self.db.write():
             marks = ",".join("?" * len(targets)) or "''"
             r = self.db.execute(f"SELECT MAX(version) FROM configs WHERE kit_id IN ({marks})", targets).fetchone()
             version = (r[0] or 0) + 1
@@ -290,25 +278,165 @@ class Fleet:
             if note:
                 body["note"] = note[:200]
             doc = self.signer.sign("config", body)
+            table = self.shards()
             for t in targets:
+                t_doc = doc
+                if table:
+                    # With shards every kit's document names its own brokers: one document per kit, same version.
+                    a = self.assignment(t, table)
+                    t_body = {**body, "kit_id": t,
+                              "sections": {**body["sections"], **_merge(body["sections"],
+                                                                        shards.broker_sections(a, table))}}
+                    t_doc = self.signer.sign("config", t_body)
+                    self._record_assignment(a, version)
+                    doc = t_doc if kit_id != "*" else doc
                 self.db.execute("INSERT INTO configs VALUES (?,?,?,?,?,?,?)",
-                                (t, version, body["issued_at"], json.dumps(sections), doc, note,
+                                (t, version, body["issued_at"], json.dumps(sections), t_doc, note,
                                  json.dumps(files or {})))
         self.event("config", kit_id, version=version, sections=sorted(sections))
         return version, doc
 
+    # -- broker shards (see provisioning.shards) -----------------------------------------------
+
+    def shards(self) -> list[shards.Shard]:
+        """Every broker shard, by name (empty: the fleet.json brokers serve every kit)."""
+        with self._lock:
+            rows = list(self.db.execute("SELECT * FROM shards ORDER BY name"))
+        return [shards.Shard(r["name"], tuple(json.loads(r["relay"])), tuple(json.loads(r["control"])), r["state"],
+                             r["note"] or "") for r in rows]
+
+    def shard(self, name: str) -> shards.Shard:
+        """One shard by name; `FleetError` if unknown."""
+        for s in self.shards():
+            if s.name == name:
+                return s
+        raise FleetError(Reason(N_("unknown broker shard {name}"), name=name))
+
+    def add_shard(self, s: shards.Shard) -> None:
+        """Add a shard (`FleetError` if the name exists). Kits move to it only with the next config push."""
+        with self._lock:
+            try:
+                self.db.execute("INSERT INTO shards VALUES (?,?,?,?,?,?)",
+                                (s.name, json.dumps(list(s.relay)), json.dumps(list(s.control)), s.state, s.note,
+                                 int(time.time())))
+            except self.db.IntegrityError:
+                raise FleetError(Reason(N_("broker shard {name} exists already"), name=s.name)) from None
+        self.event("shard_added", None, name=s.name, relay=list(s.relay), control=list(s.control))
+
+    def set_shard_state(self, name: str, state: str) -> None:
+        """Mark a shard active, draining (no new kits; rebalance moves its kits off) or retired."""
+        if state not in shards.STATES:
+            raise FleetError(f"shard state {state!r}: one of {', '.join(shards.STATES)}")
+        self.shard(name)
+        with self._lock:
+            self.db.execute("UPDATE shards SET state = ? WHERE name = ?", (state, name))
+        self.event("shard_state", None, name=name, state=state)
+
+    def pin(self, kit_id: str, primary: str | None, failover: str | None = None) -> None:
+        """Pin a kit to shards (None: back to the hashed assignment); takes effect with its next config push."""
+        for n in (primary, failover):
+            if n is not None:
+                self.shard(n)
+        if self.kit(kit_id) is None:
+            raise FleetError(Reason(N_("unknown kit {kit}"), kit=kit_id))
+        with self._lock:
+            self.db.execute("INSERT INTO kit_shards (kit_id, pin_primary, pin_failover, at) VALUES (?,?,?,?) "
+                            "ON CONFLICT (kit_id) DO UPDATE SET pin_primary = excluded.pin_primary, "
+                            "pin_failover = excluded.pin_failover", (kit_id, primary, failover, int(time.time())))
+        self.event("shard_pin", kit_id, primary=primary, failover=failover)
+
+    def assignment(self, kit_id: str, table: list[shards.Shard] | None = None) -> shards.Assignment:
+        """Where `kit_id` belongs now (its pin, else rendezvous hashing over the active shards)."""
+        table = self.shards() if table is None else table
+        with self._lock:
+            r = self.db.execute("SELECT pin_primary, pin_failover FROM kit_shards WHERE kit_id = ?",
+                                (kit_id,)).fetchone()
+        pinned = (r["pin_primary"], r["pin_failover"]) if r is not None and r["pin_primary"] else None
+        return shards.assign(kit_id, table, pinned)
+
+    def assigned(self, kit_id: str) -> tuple[str, ...]:
+        """The shards the kit's newest config names (primary first; empty if none was signed with shards)."""
+        with self._lock:
+            r = self.db.execute("SELECT primary_shard, failover_shard FROM kit_shards WHERE kit_id = ?",
+                                (kit_id,)).fetchone()
+        return tuple(n for n in ((r["primary_shard"], r["failover_shard"]) if r else ()) if n)
+
+    def _record_assignment(self, a: shards.Assignment, version: int) -> None:
+        self.db.execute("INSERT INTO kit_shards (kit_id, primary_shard, failover_shard, config_version, at) "
+                        "VALUES (?,?,?,?,?) ON CONFLICT (kit_id) DO UPDATE SET primary_shard = excluded.primary_shard,"
+                        " failover_shard = excluded.failover_shard, config_version = excluded.config_version, "
+                        "at = excluded.at", (a.kit_id, a.primary, a.failover, version, int(time.time())))
+
+    def moves(self) -> list[tuple[str, tuple[str, ...], shards.Assignment]]:
+        """Approved kits whose current assignment differs from what their newest config says:
+        (kit id, shards it was told, where it belongs now)."""
+        table = self.shards()
+        out = []
+        for r in self.kits():
+            if r["state"] != "approved":
+                continue
+            a = self.assignment(r["kit_id"], table)
+            old = self.assigned(r["kit_id"])
+            if old != a.shards:
+                out.append((r["kit_id"], old, a))
+        return out
+
+    def kit_brokers(self, kit_id: str) -> list[list[str]]:
+        """The control broker lists (one per shard) on which the fleet publishes to `kit_id`: the shards its
+        newest config names and those it belongs to now (a kit being moved still listens on the old ones);
+        without shards, the fleet.json brokers."""
+        table = self.shards()
+        if not table:
+            return [list(self.settings.get("brokers", []))]
+        by_name = {s.name: s for s in table}
+        names = list(self.assigned(kit_id))
+        try:
+            names += [n for n in self.assignment(kit_id, table).shards if n not in names]
+        except FleetError:
+            pass
+        lists = [list(by_name[n].control) for n in names if n in by_name and by_name[n].control]
+        return lists or [list(self.settings.get("brokers", []))]
+
+    def service_brokers(self) -> list[list[str]]:
+        """Every control broker list the fleet service listens on: fleet.json's (the claim broker's main listener)
+        and each shard's that is not retired, without repeats."""
+        out: list[list[str]] = []
+        for lst in [list(self.settings.get("brokers", []))] + [list(s.control) for s in self.shards()
+                                                               if s.state != "retired"]:
+            if lst and lst not in out:
+                out.append(lst)
+        return out
+
+    def next_config(self, kit_id: str, updates: list[dict[str, dict[str, Any]]], files: dict[str, str] | None = None,
+                    note: str = "", replace: bool = False) -> tuple[int, bytes]:
+        """Sign the next version from the newest one's sections and files with `updates` ({section: {key: value}})
+        applied in order (or from nothing with `replace`, and always for '*'). Read, merge and sign are one write
+        transaction: two operators pushing at once each build on the other's version, none is lost."""
+        with self._lock, self.db.write():
+            sections: dict[str, Any] = {}
+            base_files: dict[str, str] = {}
+            if not replace and kit_id != "*":
+                prev = self.configs(kit_id)
+                sections = json.loads(prev[-1]["sections"]) if prev else {}
+                base_files = json.loads(prev[-1]["files"] or "{}") if prev else {}
+            for u in updates:
+                for sec, kv in u.items():
+                    sections.setdefault(sec, {}).update(kv)
+            base_files.update(files or {})
+            return self.make_config(kit_id, sections, base_files, note=note)
+
     def rollback_config(self, kit_id: str, to_version: int | None = None) -> tuple[int, bytes]:
         """Re-issue an earlier version's sections as a NEW version (kits refuse old version numbers)."""
-        with self._lock:
+        with self._lock, self.db.write():
             rows = list(self.db.execute("SELECT version, sections, files FROM configs WHERE kit_id = ? "
                                         "ORDER BY version DESC", (kit_id,)))
-        if len(rows) < 2 and to_version is None:
-            raise FleetError(Reason(N_("{kit} has no earlier config version to roll back to"), kit=kit_id))
-        target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
-        if target is None:
-            raise FleetError(Reason(N_("{kit} has no config version {version}"), kit=kit_id, version=to_version))
-        return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
-                                note=f"rollback to v{target['version']}")
+            if len(rows) < 2 and to_version is None:
+                raise FleetError(Reason(N_("{kit} has no earlier config version to roll back to"), kit=kit_id))
+            target = rows[1] if to_version is None else next((r for r in rows if r["version"] == to_version), None)
+            if target is None:
+                raise FleetError(Reason(N_("{kit} has no config version {version}"), kit=kit_id, version=to_version))
+            return self.make_config(kit_id, json.loads(target["sections"]), json.loads(target["files"] or "{}"),
+                                    note=f"rollback to v{target['version']}")
 
     def configs(self, kit_id: str) -> list[sqlite3.Row]:
         """Every config version issued to the kit, oldest first."""
@@ -431,6 +559,11 @@ class Fleet:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+
+
+def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The sections of `over`, each merged over the same section of `base` (a shallow key merge)."""
+    return {name: {**(base.get(name) or {}), **keys} for name, keys in over.items()}
 
 
 def _mb(v: Any) -> int | None:

@@ -1,0 +1,258 @@
+"""Where the fleet registry (`provisioning.registry.Fleet`) keeps its tables: one small interface, two backends.
+
+* `SqliteDb` (the default): ``fleet.db`` in the fleet folder, WAL. Several fleet processes on ONE host (the service,
+  operators' CLIs) share it; writes that must not interleave (signing the next config version) run in
+  ``BEGIN IMMEDIATE`` transactions.
+* `PostgresDb` (``--registry postgresql://...`` or ``"registry"`` in fleet.json): the same tables in PostgreSQL,
+  so fleet services and operators on several hosts work on one registry at once. psycopg 3 is imported only
+  here, only for it. The schema is `MIGRATIONS`, applied in order, each once, under an advisory lock (processes
+  starting together wait for each other) and recorded in ``fleet_schema_migrations`` (the archive's own
+  migrations, `provisioning.archive.scale`, may share the database: separate table, separate lock key). A write
+  transaction takes a second advisory lock, so two processes never sign the same config version and never merge
+  onto a stale previous version.
+
+The interface: ``execute(sql, params)`` with ``?`` placeholders (a cursor: ``fetchone``, iteration, ``rowcount``;
+rows by column name or index, and ``dict(row)``), ``write()`` (a context manager: one serialised write
+transaction, re-entrant), ``IntegrityError``, ``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from firmware.errors import FleetError
+
+log = logging.getLogger(__name__)
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS kits (
+    kit_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, hardware_serial TEXT, software_version TEXT,
+    state TEXT NOT NULL, claim_user TEXT, claimed_at INTEGER, approved_at INTEGER, revoked_at INTEGER,
+    cert_serial TEXT, last_seen INTEGER, online TEXT, telemetry TEXT, config_state TEXT, note TEXT);
+CREATE TABLE IF NOT EXISTS configs (
+    kit_id TEXT NOT NULL, version INTEGER NOT NULL, issued_at INTEGER NOT NULL, sections TEXT NOT NULL,
+    doc BLOB NOT NULL, note TEXT, files TEXT, PRIMARY KEY (kit_id, version));
+CREATE TABLE IF NOT EXISTS commands (
+    cmd_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, name TEXT NOT NULL, args TEXT NOT NULL,
+    issued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, result TEXT, result_at INTEGER);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, at INTEGER NOT NULL, kit_id TEXT, kind TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY, relay TEXT NOT NULL, control TEXT NOT NULL, state TEXT NOT NULL, note TEXT,
+    added_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS kit_shards (
+    kit_id TEXT PRIMARY KEY, primary_shard TEXT, failover_shard TEXT, config_version INTEGER,
+    pin_primary TEXT, pin_failover TEXT, at INTEGER NOT NULL);
+"""
+
+MIGRATION_LOCK = 0x666C656574  # pg_advisory_xact_lock key of the registry's migrations ("fleet")
+WRITE_LOCK = 0x666C656575  # ... of one write transaction (config versions)
+
+#: (version, name, SQL) of the PostgreSQL registry, applied in order, each once. Never edit one that shipped.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "fleet registry: kits, configs, commands, events, shards", """
+        CREATE TABLE kits (
+            kit_id text PRIMARY KEY, public_key text NOT NULL, hardware_serial text, software_version text,
+            state text NOT NULL, claim_user text, claimed_at bigint, approved_at bigint, revoked_at bigint,
+            cert_serial text, last_seen bigint, online text, telemetry text, config_state text, note text);
+        CREATE TABLE configs (
+            kit_id text NOT NULL, version integer NOT NULL, issued_at bigint NOT NULL, sections text NOT NULL,
+            doc bytea NOT NULL, note text, files text, PRIMARY KEY (kit_id, version));
+        CREATE TABLE commands (
+            cmd_id text PRIMARY KEY, kit_id text NOT NULL, name text NOT NULL, args text NOT NULL,
+            issued_at bigint NOT NULL, expires_at bigint NOT NULL, result text, result_at bigint);
+        CREATE INDEX commands_kit ON commands (kit_id);
+        CREATE TABLE events (
+            id bigserial PRIMARY KEY, at bigint NOT NULL, kit_id text, kind text NOT NULL, detail text);
+        CREATE INDEX events_at ON events (at);
+        CREATE TABLE shards (
+            name text PRIMARY KEY, relay text NOT NULL, control text NOT NULL, state text NOT NULL, note text,
+            added_at bigint NOT NULL);
+        CREATE TABLE kit_shards (
+            kit_id text PRIMARY KEY, primary_shard text, failover_shard text, config_version integer,
+            pin_primary text, pin_failover text, at bigint NOT NULL);
+    """),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def is_dsn(text: str | None) -> bool:
+    """True if `text` names a PostgreSQL registry (``postgresql://`` or ``postgres://``)."""
+    return bool(text) and str(text).startswith(("postgresql://", "postgres://"))
+
+
+class _Nesting:
+    """Re-entrant write transactions: the outermost `write()` begins and commits, inner ones join it."""
+
+    _depth = 0
+
+    @contextmanager
+    def _joined(self) -> Iterator[bool]:
+        """Yields True if a write transaction is already open on this handle (the caller just runs inside it)."""
+        if not self._depth:
+            yield False
+            return
+        self._depth += 1
+        try:
+            yield True
+        finally:
+            self._depth -= 1
+
+
+class SqliteDb(_Nesting):
+    """The embedded registry: ``fleet.db`` (see module doc)."""
+
+    IntegrityError = sqlite3.IntegrityError
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.executescript(SQLITE_SCHEMA)
+        self._lock = threading.RLock()
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        return self.conn.execute(sql, params)
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """One write transaction (``BEGIN IMMEDIATE``: other processes' writers wait); nested calls join it."""
+        with self._lock, self._joined() as inside:
+            if inside:
+                yield
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self.conn.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Row(dict):  # type: ignore[type-arg]
+    """A PostgreSQL row as the registry reads rows: by column name, by index, or as a dict."""
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+
+def _row_factory(cursor: Any) -> Any:
+    names = [d.name for d in cursor.description] if cursor.description else []
+
+    def make(values: Any) -> _Row:
+        return _Row(zip(names, values, strict=True))
+
+    return make
+
+
+class PostgresDb(_Nesting):
+    """The registry in PostgreSQL (see module doc). One connection per process (autocommit; explicit transactions
+    for writes that go together), re-opened on the next call after the server restarted; psycopg errors become
+    `FleetError` (the operator's command fails and can be re-run)."""
+
+    def __init__(self, dsn: str, connect_timeout_s: float = 5.0) -> None:
+        try:
+            import psycopg
+        except ImportError as e:
+            raise FleetError(f"a PostgreSQL registry needs psycopg 3 (pip install 'psycopg[binary]'): {e}") from None
+        self.psycopg = psycopg
+        self.IntegrityError = psycopg.IntegrityError
+        self.dsn = dsn
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: Any = None
+        self._lock = threading.RLock()
+        self._connection()  # fail at open, with the reason, not at the first query
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            try:
+                c = self.psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s)),
+                                         application_name="rekam-fleet")
+            except self.psycopg.Error as e:
+                raise FleetError(f"fleet registry {_redact(self.dsn)}: {str(e).strip()}") from None
+            c.row_factory = _row_factory
+            migrate(c)
+            self._conn = c
+        return self._conn
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        with self._lock:
+            conn = self._connection()
+            try:
+                return conn.execute(sql.replace("?", "%s"), tuple(params))
+            except self.psycopg.IntegrityError:
+                raise
+            except self.psycopg.Error as e:
+                if conn.broken or isinstance(e, self.psycopg.OperationalError):
+                    conn.close()
+                raise FleetError(f"fleet registry: {type(e).__name__}: {str(e).strip()}") from e
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        """One write transaction under the registry's write lock (processes on any host take turns)."""
+        with self._lock, self._joined() as inside:
+            if inside:
+                yield
+                return
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                    self._depth = 1
+                    try:
+                        yield
+                    finally:
+                        self._depth = 0
+            except self.psycopg.IntegrityError:
+                raise
+            except self.psycopg.Error as e:
+                if conn.broken or isinstance(e, self.psycopg.OperationalError):
+                    conn.close()
+                raise FleetError(f"fleet registry: {type(e).__name__}: {str(e).strip()}") from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def migrate(conn: Any) -> int:
+    """Apply the registry migrations this database lacks (`provisioning.pgschema`); returns the schema version."""
+    from provisioning import pgschema
+
+    return pgschema.migrate(conn, MIGRATIONS, table="fleet_schema_migrations", lock=MIGRATION_LOCK,
+                            what="fleet registry", error=FleetError)
+
+
+def _redact(dsn: str) -> str:
+    """`dsn` without a password (it may be in the URL)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(dsn)
+    if u.password:
+        netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
+        return urlunsplit(u._replace(netloc=netloc))
+    return dsn
+
+
+def open_registry(data: Path, registry: str | None) -> SqliteDb | PostgresDb:
+    """The registry of the fleet folder `data`: PostgreSQL if `registry` is a DSN, else ``data/fleet.db``."""
+    if is_dsn(registry):
+        return PostgresDb(str(registry))
+    return SqliteDb(Path(data) / "fleet.db")
