@@ -46,6 +46,7 @@ from provisioning.archive import (
     ArchiveError,
     StoreResult,
     UnknownKit,
+    add_archive_arguments,
     is_scale_spec,
     open_archive,
     record_id_mismatch,
@@ -72,7 +73,7 @@ class IngestSettings:
     archive: Path | str  # a directory (embedded) or a postgresql:// DSN (scale backend, with `objects`)
     group: str = "ingest"
     tofu: bool = False
-    fleet_db: Path | None = None
+    fleet_db: Path | str | None = None  # fleet.db, or a PostgreSQL registry DSN
     transfer_ttl_s: float = DEFAULT_TRANSFER_TTL_S
     max_record_bytes: int = 64 * 1024 * 1024
     staging: StagingLimits = field(default_factory=lambda: StagingLimits())
@@ -359,7 +360,7 @@ def _settings(args: argparse.Namespace, broker: str | list[str] | None = None) -
     return IngestSettings(broker=broker, archive=archive, objects=args.objects,
                           group=ca.ingest_group(args.group, args.key_file),
                           tofu=args.tofu,
-                          fleet_db=Path(args.fleet_db) if args.fleet_db else None,
+                          fleet_db=args.fleet_db or None,
                           transfer_ttl_s=args.transfer_ttl, max_record_bytes=args.max_record_mb * 1024 * 1024,
                           staging=StagingLimits(kit_bytes=args.staging_kit_mb * 1024 * 1024,
                                                 kit_transfers=args.staging_kit_transfers,
@@ -461,10 +462,8 @@ def register(sub: Any) -> None:
     p.add_argument("--shards-from", metavar="FLEETDIR",
                    help=_("also subscribe on the relay brokers of every shard in this fleet folder's registry (or a "
                           "PostgreSQL registry DSN)"))
-    p.add_argument("--archive", required=True, help=_("archive directory (index.db, records/, staging.db), or a "
-                                                       "postgresql:// DSN (the scale backend, with --objects)"))
-    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
-                                       "the AWS_* variables or ~/.aws)"))
+    add_archive_arguments(p, _("archive directory (index.db, records/, staging.db), or a postgresql:// DSN (the "
+                               "scale backend, with --objects)"))
     p.add_argument("--group", help=_("shared-subscription group (workers of one group share load); default: a secret "
                                      "derived from --key-file, so no kit can join it (docs/security.md)"))
     p.add_argument("--workers", type=int, default=1, help=_("worker connections in this process"))
@@ -493,19 +492,18 @@ def register(sub: Any) -> None:
     p.add_argument("--username")
     p.add_argument("--password-file")
     p.set_defaults(func=cmd_ingest)
-    p.add_argument("--fleet-db", help=_("fleet.db of `rekam-fleet serve`: its approved kits' keys are trusted too"))
+    p.add_argument("--fleet-db", help=_("the fleet registry of `rekam-fleet serve` (its fleet.db, or the PostgreSQL "
+                                        "DSN of a shared registry): its approved kits' keys are trusted too"))
     p = sub.add_parser("archive", help=_("the record archive's kit key registry"))
     ks = p.add_subparsers(dest="kits_cmd", required=True)
     r = ks.add_parser("register-kit",
                       help=_("register a kit's Ed25519 public key (base64, from `rekam identity show`)"))
     r.add_argument("kit_id")
     r.add_argument("public_key")
-    r.add_argument("--archive", required=True)
-    r.add_argument("--objects")
+    add_archive_arguments(r)
     r.set_defaults(func=cmd_kits)
     r = ks.add_parser("kits", help=_("kits known to the archive and their record counts"))
-    r.add_argument("--archive", required=True)
-    r.add_argument("--objects")
+    add_archive_arguments(r)
     r.set_defaults(func=cmd_kits)
     r = ks.add_parser("ack-key", help=_("print the public half of the ack-signing key (for relay.ack_public_keys)"))
     r.add_argument("--archive", required=True)

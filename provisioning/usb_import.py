@@ -34,7 +34,14 @@ from firmware.wire import record_format as rf
 from firmware.wire import stick_layout as L
 from firmware.wire.ids import is_kit_id, parse_record_id
 from firmware.wire.relay_protocol import MAX_RECORD_BYTES
-from provisioning.archive import ArchiveBase, ArchiveError, UnknownKit, decode_kit_key, open_archive
+from provisioning.archive import (
+    ArchiveBase,
+    ArchiveError,
+    UnknownKit,
+    add_archive_arguments,
+    decode_kit_key,
+    open_archive,
+)
 from provisioning.texts import Reason
 from provisioning.texts import shown as _shown
 
@@ -345,9 +352,7 @@ def register(sub: Any) -> None:
     """Add `import` to rekam-fleet."""
     p = sub.add_parser("import", help=_("import a kit's USB stick into an archive (idempotent with MQTT ingest)"))
     p.add_argument("path", help=_("stick mount point, its rekam/ folder, or one rekam/<kit_id>/ folder"))
-    p.add_argument("--archive", required=True, help=_("archive directory, or a postgresql:// DSN (with --objects)"))
-    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
-                                       "the AWS_* variables or ~/.aws)"))
+    add_archive_arguments(p)
     p.add_argument("--tofu", action="store_true", help=_("register an unknown kit from the stick's kit.json"))
     p.add_argument("--json", action="store_true", help=_("print the summary as JSON"))
     p.add_argument("--no-progress", action="store_true")

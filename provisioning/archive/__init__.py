@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import ArchiveError, UnknownKit
+from firmware.system.i18n import _
 from provisioning.archive.base import (
     ArchiveBase,
     ArchivedRecord,
@@ -43,12 +44,14 @@ from provisioning.archive.base import (
 )
 from provisioning.archive.embedded import Archive
 
-__all__ = ["Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "StoreResult", "UnknownKit", "decode_kit_key",
-           "is_scale_spec", "open_archive", "record_id_mismatch"]
+__all__ = [
+    "Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "StoreResult", "UnknownKit", "add_archive_arguments",
+    "decode_kit_key", "is_scale_spec", "open_archive", "record_id_mismatch",
+]
 
 
 def open_archive(spec: str | Path, objects: str | None = None, *, tofu: bool = False,
-                 fleet_db: Path | None = None, **options: Any) -> ArchiveBase:
+                 fleet_db: Path | str | None = None, **options: Any) -> ArchiveBase:
     """The archive named by `spec`: a directory (the embedded backend, `Archive`), or a PostgreSQL DSN
     (``postgresql://...``) with `objects` = ``s3://BUCKET[/PREFIX]?endpoint=URL`` (the scale backend; S3
     credentials from the standard AWS variables or files, as boto3 reads them; see docs/datacenter-scale.md).
@@ -63,6 +66,14 @@ def open_archive(spec: str | Path, objects: str | None = None, *, tofu: bool = F
     if objects:
         raise ArchiveError(f"--objects is for a PostgreSQL archive; {text} is a directory (files kept there)")
     return Archive(Path(text), tofu=tofu, fleet_db=fleet_db)
+
+
+def add_archive_arguments(parser: Any, help: str | None = None) -> None:
+    """`--archive` and `--objects` on a `rekam-fleet` command: the one wording of how an archive is named."""
+    parser.add_argument("--archive", required=True,
+                        help=help or _("archive directory, or a postgresql:// DSN (with --objects)"))
+    parser.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL "
+                                            "(credentials: the AWS_* variables or ~/.aws)"))
 
 
 def is_scale_spec(spec: str | Path) -> bool:

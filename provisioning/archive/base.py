@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from firmware.errors import ArchiveError, UnknownKit
+from firmware.errors import ArchiveError, FleetError, UnknownKit
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 
@@ -85,9 +86,10 @@ class ArchiveBase:
 
     transient: tuple[type[BaseException], ...] = (OSError,)
 
-    def __init__(self, tofu: bool = False, fleet_db: Path | None = None) -> None:
+    def __init__(self, tofu: bool = False, fleet_db: Path | str | None = None) -> None:
         self.tofu = tofu
         self.fleet_db = fleet_db
+        self._fleet_pg: Any = None  # the shared registry's connection, opened at its first use
 
     # --- primitives (per backend) -------------------------------------------------------------
 
@@ -131,13 +133,23 @@ class ArchiveBase:
         raise NotImplementedError
 
     def _fleet_key(self, kit_id: str) -> str | None:
-        """The current key of an approved kit in the fleet registry (`fleet_db`), or None. The one place the
-        archive reads the fleet registry."""
+        """The current key of an approved kit in the fleet registry (`fleet_db`: its ``fleet.db``, or the
+        PostgreSQL DSN of a shared registry), or None. The one place the archive reads the fleet registry."""
+        sql = "SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'"
+        from provisioning import registry_db
+
+        if registry_db.is_dsn(str(self.fleet_db)):
+            try:
+                if self._fleet_pg is None:
+                    self._fleet_pg = registry_db.PostgresDb(str(self.fleet_db))
+                row = self._fleet_pg.execute(sql, (kit_id,)).fetchone()
+            except FleetError as e:
+                raise ArchiveError(f"cannot read the fleet registry: {e}") from e
+            return row["public_key"] if row else None
         try:
             fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
             try:
-                row = fc.execute("SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'",
-                                 (kit_id,)).fetchone()
+                row = fc.execute(sql, (kit_id,)).fetchone()
             finally:
                 fc.close()
         except sqlite3.Error as e:
@@ -146,6 +158,12 @@ class ArchiveBase:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def _close_fleet(self) -> None:
+        """Close the shared registry's connection, if one was opened (each backend's `close()` calls it)."""
+        pg, self._fleet_pg = self._fleet_pg, None
+        if pg is not None:
+            pg.close()
 
     def cli_args(self) -> list[str]:
         """The `rekam-fleet` options that name this archive (for commands printed to an operator)."""

@@ -22,7 +22,7 @@ class Archive(ArchiveBase):
 
     transient = (OSError, sqlite3.Error)
 
-    def __init__(self, root: Path, tofu: bool = False, fleet_db: Path | None = None) -> None:
+    def __init__(self, root: Path, tofu: bool = False, fleet_db: Path | str | None = None) -> None:
         super().__init__(tofu=tofu, fleet_db=fleet_db)
         self.root = Path(root)
         self.records_dir = self.root / "records"
@@ -50,6 +50,7 @@ class Archive(ArchiveBase):
         """)
 
     def close(self) -> None:
+        self._close_fleet()
         self.conn.close()
 
     def cli_args(self) -> list[str]:

@@ -42,6 +42,7 @@ from botocore.config import Config
 from firmware.errors import ArchiveError
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
+from provisioning import pgschema
 from provisioning.archive.base import ArchiveBase, ArchivedRecord
 
 log = logging.getLogger(__name__)
@@ -95,24 +96,10 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:
-    """Apply the migrations this database lacks, in order, in one transaction under an advisory lock (workers
-    starting at once wait for each other; the second finds nothing to do). Returns the schema version.
-    Refuses a database migrated by newer code (its schema may not be what this code writes)."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
-        done = {int(r[0]) for r in conn.execute("SELECT version FROM schema_migrations")}
-        if done and max(done) > SCHEMA_VERSION:
-            raise ArchiveError(f"the archive database is at schema version {max(done)}, newer than this code's "
-                               f"{SCHEMA_VERSION}: upgrade rekam on this host")
-        for version, name, sql in MIGRATIONS:
-            if version in done:
-                continue
-            conn.execute(sql.encode())  # several statements: simple query protocol
-            conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
-            log.info("archive schema migrated version=%d name=%s", version, name)
-    return SCHEMA_VERSION
+    """Apply the archive migrations this database lacks (`provisioning.pgschema`: in order, one transaction,
+    under an advisory lock; a database migrated by newer code is refused). Returns the schema version."""
+    return pgschema.migrate(conn, MIGRATIONS, table="schema_migrations", lock=MIGRATION_LOCK, what="archive",
+                            error=ArchiveError)
 
 
 class Database:
@@ -243,6 +230,7 @@ class ScaleArchive(ArchiveBase):
             pass  # connect and migrate now: a wrong DSN fails at start, not at the first record
 
     def close(self) -> None:
+        self._close_fleet()
         self.db.close()
 
     def cli_args(self) -> list[str]:

@@ -29,7 +29,7 @@ from firmware.system.fsutil import atomic_write
 from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
-from provisioning.archive import ArchiveBase, open_archive
+from provisioning.archive import ArchiveBase, add_archive_arguments, open_archive
 from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
@@ -400,9 +400,7 @@ def register(sub: Any) -> None:
     """Add `export` to rekam-fleet."""
     p = sub.add_parser("export", help=_("archived records as ANSI/NIST-ITL or CBEFF files for an ABIS (a queue)"))
     p.add_argument("records", nargs="*", metavar="RECORD_ID", help=_("only these records (the cursor stays)"))
-    p.add_argument("--archive", required=True, help=_("archive directory, or a postgresql:// DSN (with --objects)"))
-    p.add_argument("--objects", help=_("object store of a PostgreSQL archive: s3://BUCKET?endpoint=URL (credentials: "
-                                       "the AWS_* variables or ~/.aws)"))
+    add_archive_arguments(p)
     p.add_argument("--key", required=True, help=_("data-center private key (PEM)"))
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help=_("an2k (.an2) or cbeff (.xml)"))
     p.add_argument("--out", required=True, help=_("output folder (holds the queue's cursor)"))

@@ -219,6 +219,26 @@ def test_key_rotation_from_the_fleet_registry(backend, tmp_path):
     db.close()
 
 
+def test_key_from_a_shared_postgresql_fleet_registry(tmp_path, pg_database):
+    """An ingest on another host than `rekam-fleet serve` trusts the approved kits of a PostgreSQL registry."""
+    from provisioning import registry_db
+
+    key, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    reg = registry_db.open_registry(tmp_path, pg_database)
+    reg.execute("INSERT INTO kits (kit_id, public_key, state) VALUES (?, ?, 'approved')", (KIT, b64(key)))
+    a = Archive(tmp_path / "archive", fleet_db=pg_database)
+    assert a.store(seal(key, 1)[1], KIT, "mqtt").status == "stored"
+    assert a.kits()[0]["how"] == "fleet"
+    assert a.store(seal(stranger, 2)[1], KIT, "mqtt").status == "rejected"
+    reg.execute("UPDATE kits SET state = 'revoked' WHERE kit_id = ?", (KIT,))
+    other = Archive(tmp_path / "other", fleet_db=pg_database)
+    with pytest.raises(UnknownKit):  # revoked: no longer a key the archive may learn
+        other.store(seal(key, 3)[1], KIT, "mqtt")
+    a.close()
+    other.close()
+    reg.close()
+
+
 def _race_worker(spec: str, objects: str | None, records: list[tuple[str, bytes]], barrier: Any, out: Any) -> None:
     a = open_archive(spec, objects)
     try:
