@@ -80,3 +80,22 @@ def test_large_frames_are_detected_on_a_downscaled_copy(assessor, load, monkeypa
     width = full[0].width
     assert np.abs(np.subtract(quick[0].box, full[0].box)).max() < 0.03 * width
     assert np.abs(quick[0].keypoints - full[0].keypoints).max() < 0.03 * width
+
+
+def test_area_window_equals_opencvs_area_resize() -> None:
+    # sharpness computes only the window of the area downscale that its crop reads (issue #17): every pixel of it
+    # must be OpenCV's own (same weights, float32 sums in the same order, same rounding), at any scale and window
+    rng = np.random.default_rng(17)
+    for trial in range(60):
+        sh, sw = (int(v) for v in rng.integers(20, 400, 2))
+        img = rng.integers(0, 256, (sh, sw), dtype=np.uint8)
+        if trial % 2:  # smooth content too (ties in the rounding are likelier)
+            img = cv2.GaussianBlur(img, (0, 0), 3)
+        k = float(rng.uniform(0.15, 0.999))
+        ref = cv2.resize(img, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        dh, dw = ref.shape
+        x0, y0 = int(rng.integers(-3, max(1, dw // 2))), int(rng.integers(-3, max(1, dh // 2)))
+        want = (x0, y0, x0 + int(rng.integers(1, dw + 5)), y0 + int(rng.integers(1, dh + 5)))
+        got, origin = measures.area_window(img, k, want)
+        assert origin == (max(0, want[0]), max(0, want[1]))
+        assert np.array_equal(got, ref[origin[1]:want[3], origin[0]:want[2]]), (sh, sw, k, want)

@@ -173,6 +173,57 @@ def _oval_box(oval: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def _area_taps(ssize: int, dsize: int, scale: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights (`computeResizeAreaTab`: same values, rounded to float32, same order) of
+    output pixels lo..hi-1 of a resize from `ssize` to `dsize` pixels, `scale` source pixels per output, as
+    (source index, weight) arrays of shape (hi - lo, taps) in increasing source order; unused taps weigh 0
+    (adding 0 changes no float sum)."""
+    f1 = np.arange(lo, hi, dtype=np.float64) * scale
+    f2 = f1 + scale
+    cell = np.minimum(scale, ssize - f1)
+    s2 = np.minimum(np.floor(f2), ssize - 1)
+    s1 = np.minimum(np.ceil(f1), s2)
+    taps = int(math.ceil(scale)) + 2
+    src = (s1 - 1)[:, None] + np.arange(taps)[None, :]  # s1 - 1 (left part), s1 .. s2 - 1 (whole), s2 (right)
+    w = np.where((src >= s1[:, None]) & (src < s2[:, None]), 1.0 / cell[:, None], 0.0)
+    w[:, 0] = np.where(s1 - f1 > 1e-3, (s1 - f1) / cell, 0.0)
+    right = np.where(f2 - s2 > 1e-3, np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell, 0.0)
+    w = np.where(src == s2[:, None], right[:, None], w)
+    src = np.clip(src, 0, ssize - 1)
+    return src.astype(np.intp), w.astype(np.float32)
+
+
+def area_window(img: np.ndarray, k: float, want: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The window `want` (x0, y0, x1, y1, clipped) of ``cv2.resize(img, None, fx=k, fy=k, INTER_AREA)`` (uint8,
+    k < 1), computed without the rest: the same separable float32 sums in the same order, rounded the same
+    way (to nearest, ties to even), so it equals OpenCV's pixels. Returns (window, its origin)."""
+    sh, sw = img.shape[:2]
+    dw, dh = round(sw * k), round(sh * k)
+    if (dw, dh) == (sw, sh):  # OpenCV copies when the size does not change
+        out = img
+    else:
+        x0, y0 = max(0, want[0]), max(0, want[1])
+        x1, y1 = min(dw, want[2]), min(dh, want[3])
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((0, 0), np.uint8), (0, 0)
+        xi, xw = _area_taps(sw, dw, 1.0 / k, x0, x1)
+        yi, yw = _area_taps(sh, dh, 1.0 / k, y0, y1)
+        c0, r0 = xi.min(), yi.min()
+        # Transposed, so that every gather below takes whole contiguous rows.
+        cols = np.ascontiguousarray(img[r0:yi.max() + 1, c0:xi.max() + 1].T, dtype=np.float32)
+        xi, yi = xi - c0, yi - r0
+        hsum_t = cols[xi[:, 0]] * xw[:, 0, None]  # per source row: buf[dx] += S[si] * alpha, tap by tap
+        for t in range(1, xi.shape[1]):
+            hsum_t += cols[xi[:, t]] * xw[:, t, None]
+        hsum = np.ascontiguousarray(hsum_t.T)
+        acc = hsum[yi[:, 0]] * yw[:, 0, None]
+        for t in range(1, yi.shape[1]):  # per output row: sum = beta * buf, then sum += beta * buf
+            acc += hsum[yi[:, t]] * yw[:, t, None]
+        return np.clip(np.rint(acc), 0, 255).astype(np.uint8), (x0, y0)
+    x0, y0 = max(0, want[0]), max(0, want[1])
+    return out[y0:min(sh, want[3]), x0:min(sw, want[2])], (x0, y0)
+
+
 def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
     """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
 
@@ -192,8 +243,9 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     w, h = int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED)
     mid = (right_eye + left_eye) / 2
     if k < 1:
-        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would
-        # add false detail to high-resolution faces. Only a 2.5 IED box around the eyes is resized.
+        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would add false
+        # detail to high-resolution faces. The area resize is that of a 2.5 IED box around the eyes (its origin
+        # fixes the resampling grid), but only the window of it the crop reads is computed (`area_window`).
         gh, gw = gray.shape[:2]
         x0, y0 = int(max(0, mid[0] - 2.5 * ied)), int(max(0, mid[1] - 2.5 * ied))
         x1, y1 = int(min(gw, mid[0] + 2.5 * ied)), int(min(gh, mid[1] + 2.5 * ied))
@@ -201,11 +253,18 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
             return 0.0, 0.0
         # The crop reads the box only up to 1.7 IED past the midpoint, so its far sides are cut at
         # 1.8 IED: with fx/fy given, INTER_AREA's cells start at the box origin and keep their size,
-        # so every pixel the crop reads is the same as with the whole box (and ~25 % fewer are made).
-        x1 = min(x1, int(mid[0] + SHARPNESS_READ * ied) + 2)
-        y1 = min(y1, int(mid[1] + SHARPNESS_READ * ied) + 2)
-        gray = cv2.resize(gray[y0:y1, x0:x1], None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        # so every pixel the crop reads is the same as with the whole box.
+        x1 = min(x1, int(mid[0] + 1.8 * ied) + 2)
+        y1 = min(y1, int(mid[1] + 1.8 * ied) + 2)
         mid = (mid - (x0, y0)) * k
+        # where the crop reads the resized box: its rectangle mapped back (roll included), a pixel's margin
+        u = np.array([0.0, w, 0.0, w]) - w / 2
+        v = np.array([0.0, 0.0, h, h]) - 0.5 * SHARPNESS_IED
+        xs, ys = mid[0] + c * u - s * v, mid[1] + s * u + c * v
+        want = (int(np.floor(xs.min())) - 2, int(np.floor(ys.min())) - 2,
+                int(np.ceil(xs.max())) + 3, int(np.ceil(ys.max())) + 3)
+        gray, (wx0, wy0) = area_window(gray[y0:y1, x0:x1], k, want)
+        mid = mid - (wx0, wy0)
         k = 1.0
     # dst = k * R(-roll) (src - mid) + (w/2, 0.5*SHARPNESS_IED)
     m = np.array([[k * c, k * s, 0.0], [-k * s, k * c, 0.0]])
