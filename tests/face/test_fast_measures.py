@@ -59,7 +59,7 @@ def test_photometry_and_face_gray_match_the_per_pixel_definition(assessor, load,
     bottom = lm.mesh[measures.MIDLINE_BOTTOM, :2].mean(axis=0)
     assert measures.photometry(full, lm.mesh, top, bottom) == photometry_reference(full, lm.mesh, top, bottom)
     r_eye, l_eye = measures.eye_centres(lm)
-    part = measures.face_gray(img, lm.mesh, (r_eye + l_eye) / 2, float(np.linalg.norm(l_eye - r_eye)))
+    part = measures.face_gray(img, lm.mesh, r_eye, l_eye)
     assert measures.photometry(part, lm.mesh, top, bottom) == measures.photometry(full, lm.mesh, top, bottom)
     assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(full, r_eye, l_eye)
 
@@ -99,3 +99,20 @@ def test_area_window_equals_opencvs_area_resize() -> None:
         got, origin = measures.area_window(img, k, want)
         assert origin == (max(0, want[0]), max(0, want[1]))
         assert np.array_equal(got, ref[origin[1]:want[3], origin[0]:want[2]]), (sh, sw, k, want)
+
+
+def test_sharpness_reads_only_its_box() -> None:
+    # face_gray converts only `sharpness_reads` (plus the oval): zeroing the frame outside that box must not
+    # change the sharpness, at any eye distance (below and above the normalised one), roll and frame edge
+    rng = np.random.default_rng(5)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (700, 900), dtype=np.uint8), (0, 0), 1.2)
+    for _ in range(80):
+        ied = float(rng.uniform(20, 260))
+        roll = float(rng.uniform(-0.6, 0.6))
+        mid = np.array([rng.uniform(-50, 950), rng.uniform(-50, 750)])
+        d = np.array([np.cos(roll), np.sin(roll)]) * ied / 2
+        r_eye, l_eye = mid - d, mid + d
+        x0, y0, x1, y1 = measures.sharpness_reads(img.shape, r_eye, l_eye)
+        part = np.zeros_like(img)
+        part[y0:y1, x0:x1] = img[y0:y1, x0:x1]
+        assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(img, r_eye, l_eye), (ied, roll, mid)
