@@ -1,6 +1,6 @@
 """Scale benchmark (issue #17): a kit with a big backlog against a 100-record kit, in the same run.
 
-    .venv/bin/python bench/bench_scale.py [--records N] [--small 100] [--record-kb 8] [--dir /var/tmp]
+    .venv/bin/python bench/bench_scale.py [--records N] [--small 100] [--record-kb 8] [--dir /var/tmp] [--keep DIR]
 
 Both kits are built through the real `Store` (one sealed commit per record, the same payload sealed each
 time; then the older half is acknowledged through `Store.mark_delivery` with no stick holding it: the
@@ -330,18 +330,28 @@ def main() -> int:
     ap.add_argument("--mirror-timeout", type=float, default=3600.0)
     ap.add_argument("--skip", default="", help="comma list of phases to skip: idle,mirror,drain")
     ap.add_argument("--dir", default="/var/tmp", help="where the kits live (a real disk, not tmpfs)")
+    ap.add_argument("--keep", default="", help="build the kits in this folder once and reuse them in later runs "
+                    "(a 50,000-record kit takes minutes to build); the idle phase adds its 5 test commits, "
+                    "mirror and drain change record states: reuse with --skip mirror,drain")
     ap.add_argument("--corpus", default=os.environ.get("REKAM_CORPUS", "/work/shared/corpus"))
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
+    keep = Path(a.keep) if a.keep else None
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="rekam-scale-") as d:
-        root = Path(d)
-        (root / "dc.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
+        root = keep / f"kits-{a.small}-{a.records}-{a.record_kb}" if keep else Path(d)
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "dc.pub").exists():
+            (root / "dc.pub").write_bytes(record_format.generate_datacenter_keypair()[1])
         sizes = {"small": a.small, "big": a.records}
         kits = {name: Kit(root / name, root / "dc.pub", Path(a.corpus)) for name in sizes}
         for name, n in sizes.items():
+            if (root / name / "built").exists():  # --keep: built by an earlier run (phases leave them reusable)
+                log(f"reusing {name} kit in {root / name}")
+                continue
             log(f"building {name} kit: {n} records of {a.record_kb} KiB through Store.commit")
             t = time.monotonic()
             build(kits[name], n, a.record_kb)
+            (root / name / "built").write_text(str(n))
             log(f"  {name}: built in {time.monotonic() - t:.0f} s")
         res: dict[str, dict[str, Any]] = {name: {} for name in sizes}
         phases = [("idle", lambda k, n: phase_idle(k, a.idle_s, a.ready_timeout)),

@@ -266,6 +266,19 @@ class Journal:
                       "state_at, operator_id, reason) VALUES (?,?,?,?,?,?, 'quarantined', ?, '', ?)",
                       (record_id, seq, "", 0, size, sha256, iso(), reason))
 
+    def scan(self, page: int = 5000) -> Iterator[tuple[str, int, str, int]]:
+        """Every record as (id, seq, state, size), in seq order: the reconcile's listing. Plain tuples, fetched a
+        page at a time with the lock released in between (a 50,000-row listing never holds up a status read)."""
+        after = -1
+        while True:
+            with self._lock:
+                rows = self.conn.execute("SELECT id, seq, state, size FROM records WHERE seq > ? ORDER BY seq "
+                                         "LIMIT ?", (after, page)).fetchall()
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1][1]
+
     def max_seq(self) -> int:
         with self._lock:
             (v,) = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()

@@ -41,8 +41,8 @@ def write_all(fd: int, data: bytes) -> None:
 def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256: str | None = None) -> None:
     """Write `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 
-    With `verify`, the file is dropped from the page cache and read back from the medium and
-    its SHA-256 compared (a card that lies about writes is caught here, not at the data center).
+    With `verify`, the file is dropped from the page cache, read back from the medium and compared
+    with `data` (a card that lies about writes is caught here, not at the data center).
     On any error the temp file is removed and the exception propagates; `path` is then either
     absent or an earlier complete version, never partial.
     """
@@ -205,8 +205,9 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
     The temp file is created with ``O_EXCL|O_NOFOLLOW`` (a symlink or FIFO planted under the temp name
     is unlinked, never followed), renamed over `name` with ``renameat`` (which replaces a symlink at
     `name` rather than writing through it), then the file and the directory are fsync'd. With `verify`
-    the file is re-opened with ``O_NOFOLLOW``, dropped from the page cache and its SHA-256 compared.
-    `where` names the directory in errors.
+    the file is re-opened with ``O_NOFOLLOW``, dropped from the page cache, read back and compared.
+    `where` names the directory in errors. `expect_sha256`, the digest of `data` if the caller has it, only
+    names the record in a mismatch error: the read-back is compared with `data` byte for byte.
     """
     if "/" in name or name in ("", ".", ".."):
         raise UntrustedFile(errno.EINVAL, f"{name!r} is not a file name")
@@ -231,21 +232,32 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
         raise
     os.fsync(dir_fd)
     if verify:
-        want = expect_sha256 or hashlib.sha256(data).hexdigest()
-        h = hashlib.sha256()
         rfd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
         try:
             if not stat.S_ISREG(os.fstat(rfd).st_mode):
                 raise UntrustedFile(errno.EINVAL, f"{where}/{name} is not a regular file after the rename")
             os.set_blocking(rfd, True)
             os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
-            while chunk := os.read(rfd, 1 << 20):
-                h.update(chunk)
+            same = _reads_back(rfd, data)
         finally:
             os.close(rfd)
-        if h.hexdigest() != want:
-            raise ReadbackMismatch(errno.EIO, f"read-back of {where}/{name} gave sha256 {h.hexdigest()[:12]}, "
-                                              f"wrote {want[:12]}")
+        if not same:
+            what = f"sha256 {expect_sha256[:12]}" if expect_sha256 else f"{len(data)} bytes"
+            raise ReadbackMismatch(errno.EIO, f"read-back of {where}/{name} differs from what was written ({what})")
+
+
+def _reads_back(fd: int, data: bytes) -> bool:
+    """Does `fd` (at offset 0) hold exactly `data`? Read from the medium and compared byte for byte (one
+    memcmp): as strong as comparing SHA-256 digests, without hashing the bytes again per medium."""
+    want = len(data)
+    back = os.read(fd, want + 1)  # one spare byte: a longer file shows as a read past the end
+    parts = [back]
+    got = len(back)
+    while back and got <= want:  # a short read (rare on a regular file): read on to the end
+        back = os.read(fd, want + 1 - got)
+        parts.append(back)
+        got += len(back)
+    return got == want and (parts[0] if len(parts) == 1 else b"".join(parts)) == data
 
 
 @contextmanager

@@ -213,39 +213,71 @@ class Header:
         return hdr
 
 
-def seal(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
-         signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey]) -> bytes:
-    """Encrypt `payload` to every recipient and sign the result with the kit key."""
-    return seal_with_digest(payload, record_id=record_id, kit_id=kit_id, seq=seq, created=created,
-                            clock_synced=clock_synced, signing_key=signing_key, recipients=recipients)[0]
+@dataclass(frozen=True)
+class SealKeys:
+    """The per-record key material that depends on nothing of the record: a fresh DEK and, per recipient,
+    an ephemeral X25519 key's public half and the KEK it agrees with that recipient.
+
+    Prepared ahead (`prepare_keys`, e.g. in a background thread while the previous record is written) so a
+    commit pays only the AEAD of its payload, one SHA-256 and the signature. The record is bound late: the
+    wrap of the DEK under each KEK (AAD = the record id) is made in `seal_with_digest`. Use each at most once
+    (the KEK's fixed wrap nonce is safe only because a KEK wraps one DEK); nothing here is written anywhere.
+    """
+
+    dek: bytes
+    wraps: tuple[tuple[str, str, bytes], ...]  # per recipient: (kid, base64 of the ephemeral public key, KEK)
 
 
-def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
-                     signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey]) -> tuple[bytes, str]:
-    """`seal`, also returning the record hash (SHA-256 of the whole file, hex) without a second pass."""
+def prepare_keys(recipients: list[X25519PublicKey]) -> SealKeys:
+    """Fresh key material for one record to `recipients` (see `SealKeys`)."""
     if not recipients:
         raise ValueError("at least one data-center public key is needed to seal a record")
-    dek = ChaCha20Poly1305.generate_key()
     wraps = []
     for rpk in recipients:
         eph = X25519PrivateKey.generate()
         epk, rpk_raw = raw_public(eph.public_key()), raw_public(rpk)
-        kek = _kek(eph.exchange(rpk), epk, rpk_raw)
-        # The KEK is unique per record and recipient, so a fixed nonce is safe here.
-        wrapped = ChaCha20Poly1305(kek).encrypt(b"\0" * 12, dek, record_id.encode())
-        wraps.append({"kid": key_id(rpk_raw), "epk": b64e(epk), "wrapped": b64e(wrapped)})
+        wraps.append((key_id(rpk_raw), b64e(epk), _kek(eph.exchange(rpk), epk, rpk_raw)))
+    return SealKeys(ChaCha20Poly1305.generate_key(), tuple(wraps))
+
+
+def seal(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
+         signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey]) -> bytes:
+    """Encrypt `payload` to every recipient and sign the result with the kit key."""
+    return bytes(seal_with_digest(payload, record_id=record_id, kit_id=kit_id, seq=seq, created=created,
+                                  clock_synced=clock_synced, signing_key=signing_key, recipients=recipients)[0])
+
+
+def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
+                     signing_key: Ed25519PrivateKey, recipients: list[X25519PublicKey],
+                     keys: SealKeys | None = None, kit_key: bytes | None = None) -> tuple[bytearray, str]:
+    """`seal` into one buffer, also returning the record hash (SHA-256 of the whole file, hex) without a
+    second pass. `keys` (from `prepare_keys(recipients)`, used once) saves the key agreement; `kit_key`
+    (the raw public key of `signing_key`) saves deriving it."""
+    if keys is None:
+        keys = prepare_keys(recipients)
+    aad = record_id.encode()
+    # The late binding: the wrap's AAD is the record id, so it is made here (a 32-byte AEAD per recipient).
+    wraps = [{"kid": kid, "epk": epk, "wrapped": b64e(ChaCha20Poly1305(kek).encrypt(b"\0" * 12, keys.dek, aad))}
+             for kid, epk, kek in keys.wraps]
     nonce = os.urandom(12)
-    hdr = Header(record_id, kit_id, seq, created, clock_synced, raw_public(signing_key.public_key()),
+    hdr = Header(record_id, kit_id, seq, created, clock_synced, kit_key or raw_public(signing_key.public_key()),
                  wraps, nonce, len(payload))
     hj = hdr.to_json()
-    prefix = PREFIX.pack(MAGIC, VERSION, 0, len(hj)) + hj
-    ct = ChaCha20Poly1305(dek).encrypt(nonce, payload, prefix)
-    # Hashed piecewise and joined once: the same bytes as hashing `prefix + ct`, one 400 KB copy fewer.
-    h = hashlib.sha256(prefix)
-    h.update(ct)
+    start = PREFIX.size + len(hj)
+    end = start + len(payload) + TAG_LEN
+    # One buffer of the file's final size: the AEAD writes its output in place and the signature goes at
+    # the end (no join, no second 400 KB copy); the hash reads it through a view.
+    out = bytearray(end + SIG_LEN)
+    PREFIX.pack_into(out, 0, MAGIC, VERSION, 0, len(hj))
+    out[PREFIX.size:start] = hj
+    view = memoryview(out)
+    ChaCha20Poly1305(keys.dek).encrypt_into(nonce, payload, view[:start], view[start:end])
+    h = hashlib.sha256(view[:end])
     sig = signing_key.sign(SIG_CONTEXT + h.digest())
+    out[end:] = sig
     h.update(sig)
-    return b"".join((prefix, ct, sig)), h.hexdigest()
+    view.release()
+    return out, h.hexdigest()
 
 
 def _signed_message(body: bytes) -> bytes:

@@ -59,7 +59,7 @@ def test_photometry_and_face_gray_match_the_per_pixel_definition(assessor, load,
     bottom = lm.mesh[measures.MIDLINE_BOTTOM, :2].mean(axis=0)
     assert measures.photometry(full, lm.mesh, top, bottom) == photometry_reference(full, lm.mesh, top, bottom)
     r_eye, l_eye = measures.eye_centres(lm)
-    part = measures.face_gray(img, lm.mesh, (r_eye + l_eye) / 2, float(np.linalg.norm(l_eye - r_eye)))
+    part = measures.face_gray(img, lm.mesh, r_eye, l_eye)
     assert measures.photometry(part, lm.mesh, top, bottom) == measures.photometry(full, lm.mesh, top, bottom)
     assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(full, r_eye, l_eye)
 
@@ -80,3 +80,39 @@ def test_large_frames_are_detected_on_a_downscaled_copy(assessor, load, monkeypa
     width = full[0].width
     assert np.abs(np.subtract(quick[0].box, full[0].box)).max() < 0.03 * width
     assert np.abs(quick[0].keypoints - full[0].keypoints).max() < 0.03 * width
+
+
+def test_area_window_equals_opencvs_area_resize() -> None:
+    # sharpness computes only the window of the area downscale that its crop reads (issue #17): every pixel of it
+    # must be OpenCV's own (same weights, float32 sums in the same order, same rounding), at any scale and window
+    rng = np.random.default_rng(17)
+    for trial in range(60):
+        sh, sw = (int(v) for v in rng.integers(20, 400, 2))
+        img = rng.integers(0, 256, (sh, sw), dtype=np.uint8)
+        if trial % 2:  # smooth content too (ties in the rounding are likelier)
+            img = cv2.GaussianBlur(img, (0, 0), 3)
+        k = float(rng.uniform(0.15, 0.999))
+        ref = cv2.resize(img, None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
+        dh, dw = ref.shape
+        x0, y0 = int(rng.integers(-3, max(1, dw // 2))), int(rng.integers(-3, max(1, dh // 2)))
+        want = (x0, y0, x0 + int(rng.integers(1, dw + 5)), y0 + int(rng.integers(1, dh + 5)))
+        got, origin = measures.area_window(img, k, want)
+        assert origin == (max(0, want[0]), max(0, want[1]))
+        assert np.array_equal(got, ref[origin[1]:want[3], origin[0]:want[2]]), (sh, sw, k, want)
+
+
+def test_sharpness_reads_only_its_box() -> None:
+    # face_gray converts only `sharpness_reads` (plus the oval): zeroing the frame outside that box must not
+    # change the sharpness, at any eye distance (below and above the normalised one), roll and frame edge
+    rng = np.random.default_rng(5)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (700, 900), dtype=np.uint8), (0, 0), 1.2)
+    for _ in range(80):
+        ied = float(rng.uniform(20, 260))
+        roll = float(rng.uniform(-0.6, 0.6))
+        mid = np.array([rng.uniform(-50, 950), rng.uniform(-50, 750)])
+        d = np.array([np.cos(roll), np.sin(roll)]) * ied / 2
+        r_eye, l_eye = mid - d, mid + d
+        x0, y0, x1, y1 = measures.sharpness_reads(img.shape, r_eye, l_eye)
+        part = np.zeros_like(img)
+        part[y0:y1, x0:x1] = img[y0:y1, x0:x1]
+        assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(img, r_eye, l_eye), (ied, roll, mid)

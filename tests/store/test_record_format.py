@@ -93,3 +93,26 @@ def test_fleet_open_cli(tmp_path: Path, dc_keys: dict[str, Any]) -> None:
     f.write_bytes(bytes(data))
     r = _fleet("open", str(f), "--key", str(dc_keys["key_path"]))
     assert r.returncode == 4 and "bad signature" in r.stderr
+
+
+def test_prepared_keys_are_bound_to_the_record_late(dc_keys: dict[str, Any]) -> None:
+    # Key material prepared ahead (perf, issue #17) seals the same format: the wrap's AAD is still the record id,
+    # so a wrap moved to another record does not open it, and the embedded kit key is the signer's.
+    sk = Ed25519PrivateKey.generate()
+    rcpt = [rf.load_recipient_key(dc_keys["pub"])]
+    out = []
+    for seq in (1, 2):
+        rid = f"rk-abcdefghjk-{seq:08d}-20261129T000000Z"
+        buf, digest = rf.seal_with_digest(b"p%d" % seq * 500, record_id=rid, kit_id="rk-abcdefghjk", seq=seq,
+                                          created="2026-11-29T00:00:00Z", clock_synced=True, signing_key=sk,
+                                          recipients=rcpt, keys=rf.prepare_keys(rcpt))
+        assert rf.sha256_hex(bytes(buf)) == digest
+        hdr, plain = rf.open_record(bytes(buf), dc_keys["sk"], trusted_kit_key=rf.raw_public(sk.public_key()))
+        assert hdr.record_id == rid and plain == b"p%d" % seq * 500
+        out.append(rf.parse(bytes(buf)).header)
+    assert out[0].recipients[0]["epk"] != out[1].recipients[0]["epk"]
+    wrap = out[0].recipients[0]
+    kek = rf._kek(dc_keys["sk"].exchange(rf.X25519PublicKey.from_public_bytes(rf.b64d(wrap["epk"], "epk"))),
+                  rf.b64d(wrap["epk"], "epk"), rf.raw_public(dc_keys["sk"].public_key()))
+    with pytest.raises(rf.InvalidTag):  # the wrap is bound to record 1's id
+        rf.ChaCha20Poly1305(kek).decrypt(b"\0" * 12, rf.b64d(wrap["wrapped"], "w"), out[1].record_id.encode())

@@ -252,3 +252,19 @@ def test_ejected_stick_is_not_readopted_but_another_is(store: Store, tmp_path: P
     store.poll_usb()
     assert store.stick is not None and store.stick.stick_id != first
     assert len(store.stick.record_files()) == 1
+
+
+def test_key_material_prepared_at_begin_is_used_once(store: Store, dc_keys: dict[str, Any]) -> None:
+    # begin() prepares one record's key material (issue #17: off the commit's serial path); each set seals one
+    # record only, whether the enrollment commits, cancels, or a caller commits without a reservation.
+    r1, r2, r3 = store.begin(), store.begin(), store.begin()
+    store.release(r3)  # cancelled: its set stays prepared but is never used twice
+    ids = [store.commit(b"a" * 2000, r1).record_id, store.commit(b"b" * 2000, r2).record_id,
+           store.commit(b"c" * 2000).record_id, store.commit(b"d" * 2000).record_id]
+    epks, deks_wrapped = set(), set()
+    for rid in ids:
+        data = store.sd_path(rid).read_bytes()
+        hdr, _ = record_format.open_record(data, dc_keys["sk"], trusted_kit_key=store.identity.public_key_raw)
+        epks.add(hdr.recipients[0]["epk"])
+        deks_wrapped.add(hdr.recipients[0]["wrapped"])
+    assert len(epks) == len(deks_wrapped) == len(ids)

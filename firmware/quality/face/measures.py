@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -173,6 +174,136 @@ def _oval_box(oval: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
+def _area_taps(ssize: int, dsize: int, scale: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights (`computeResizeAreaTab`: same values, rounded to float32, same order) of
+    output pixels lo..hi-1 of a resize from `ssize` to `dsize` pixels, `scale` source pixels per output, as
+    (source index, weight) arrays of shape (hi - lo, taps) in increasing source order; unused taps weigh 0
+    (adding 0 changes no float sum)."""
+    f1 = np.arange(lo, hi, dtype=np.float64) * scale
+    f2 = f1 + scale
+    cell = np.minimum(scale, ssize - f1)
+    s2 = np.minimum(np.floor(f2), ssize - 1)
+    s1 = np.minimum(np.ceil(f1), s2)
+    taps = int(math.ceil(scale)) + 2
+    src = (s1 - 1)[:, None] + np.arange(taps)[None, :]  # s1 - 1 (left part), s1 .. s2 - 1 (whole), s2 (right)
+    w = np.where((src >= s1[:, None]) & (src < s2[:, None]), 1.0 / cell[:, None], 0.0)
+    w[:, 0] = np.where(s1 - f1 > 1e-3, (s1 - f1) / cell, 0.0)
+    right = np.where(f2 - s2 > 1e-3, np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell, 0.0)
+    w = np.where(src == s2[:, None], right[:, None], w)
+    src = np.clip(src, 0, ssize - 1)
+    return src.astype(np.intp), w.astype(np.float32)
+
+
+def area_window(img: np.ndarray, k: float, want: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The window `want` (x0, y0, x1, y1, clipped) of ``cv2.resize(img, None, fx=k, fy=k, INTER_AREA)`` (uint8,
+    k < 1), computed without the rest: the same separable float32 sums in the same order, rounded the same
+    way (to nearest, ties to even), so it equals OpenCV's pixels. Returns (window, its origin)."""
+    sh, sw = img.shape[:2]
+    dw, dh = round(sw * k), round(sh * k)
+    if (dw, dh) == (sw, sh):  # OpenCV copies when the size does not change
+        out = img
+    else:
+        x0, y0 = max(0, want[0]), max(0, want[1])
+        x1, y1 = min(dw, want[2]), min(dh, want[3])
+        if x1 <= x0 or y1 <= y0:
+            return np.zeros((0, 0), np.uint8), (0, 0)
+        xi, xw = _area_taps(sw, dw, 1.0 / k, x0, x1)
+        yi, yw = _area_taps(sh, dh, 1.0 / k, y0, y1)
+        c0, r0 = xi.min(), yi.min()
+        # Transposed, so that every gather below takes whole contiguous rows.
+        cols = np.ascontiguousarray(img[r0:yi.max() + 1, c0:xi.max() + 1].T, dtype=np.float32)
+        xi, yi = xi - c0, yi - r0
+        hsum_t = cols[xi[:, 0]] * xw[:, 0, None]  # per source row: buf[dx] += S[si] * alpha, tap by tap
+        for t in range(1, xi.shape[1]):
+            hsum_t += cols[xi[:, t]] * xw[:, t, None]
+        hsum = np.ascontiguousarray(hsum_t.T)
+        acc = hsum[yi[:, 0]] * yw[:, 0, None]
+        for t in range(1, yi.shape[1]):  # per output row: sum = beta * buf, then sum += beta * buf
+            acc += hsum[yi[:, t]] * yw[:, t, None]
+        return np.clip(np.rint(acc), 0, 255).astype(np.uint8), (x0, y0)
+    x0, y0 = max(0, want[0]), max(0, want[1])
+    return out[y0:min(sh, want[3]), x0:min(sw, want[2])], (x0, y0)
+
+
+SHARPNESS_CROP = (int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED))  # (w, h) of the crop at SHARPNESS_IED
+
+
+def _crop_reach(mid: np.ndarray, c: float, s: float, k: float, pad: float) -> tuple[int, int, int, int]:
+    """Box (x0, y0, x1, y1), unclipped, around the sharpness crop's rectangle mapped back to an image at scale
+    1 / k of the crop (eye midpoint `mid`, roll (cos, sin) = (c, s)), `pad` pixels wider on every side."""
+    w, h = SHARPNESS_CROP
+    u = np.array([0.0, w, 0.0, w]) - w / 2
+    v = np.array([0.0, 0.0, h, h]) - 0.5 * SHARPNESS_IED
+    # inverse of dst = k R(-roll) (src - mid) + offset: src = mid + R(roll) (dst - offset) / k
+    xs, ys = mid[0] + (c * u - s * v) / k, mid[1] + (s * u + c * v) / k
+    return (int(np.floor(xs.min() - pad)), int(np.floor(ys.min() - pad)),
+            int(np.ceil(xs.max() + pad)) + 1, int(np.ceil(ys.max() + pad)) + 1)
+
+
+def _sharpness_plan(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray) -> Any:
+    """What `sharpness` computes from: (k, cos, sin, eye midpoint, area box or None, window of the resized box)
+    in frame pixels; None for a degenerate face. With a box (IED > SHARPNESS_IED), the midpoint and the window
+    are in the resized box's pixels."""
+    d = left_eye - right_eye
+    ied = float(np.linalg.norm(d))
+    if ied < 2:
+        return None
+    k, c, s = SHARPNESS_IED / ied, d[0] / ied, d[1] / ied
+    mid = (right_eye + left_eye) / 2
+    if k >= 1:
+        return k, c, s, mid, None, None
+    gh, gw = shape[:2]
+    x0, y0 = int(max(0, mid[0] - 2.5 * ied)), int(max(0, mid[1] - 2.5 * ied))
+    x1, y1 = int(min(gw, mid[0] + 2.5 * ied)), int(min(gh, mid[1] + 2.5 * ied))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    # The crop reads the box only up to 1.7 IED past the midpoint, so its far sides are cut at 1.8 IED: with
+    # fx/fy given, INTER_AREA's cells start at the box origin and keep their size, so every pixel the crop
+    # reads is the same as with the whole box.
+    x1, y1 = min(x1, int(mid[0] + 1.8 * ied) + 2), min(y1, int(mid[1] + 1.8 * ied) + 2)
+    mid = (mid - (x0, y0)) * k
+    # where the crop reads the resized box: its rectangle (roll included) and a margin for the bilinear warp,
+    # and past the box's edges the mirrored pixels inside (BORDER_REFLECT)
+    wx0, wy0, wx1, wy1 = _mirrored(_crop_reach(mid, c, s, 1.0, 2.0), round((x1 - x0) * k), round((y1 - y0) * k))
+    return k, c, s, mid, (x0, y0, x1, y1), (wx0, wy0, wx1, wy1)
+
+
+def _mirrored(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int, int, int]:
+    """`box` widened by what BORDER_REFLECT reads inside a w x h image for its parts outside, then clipped."""
+    x0, y0, x1, y1 = box
+    if x0 < 0:
+        x1 = max(x1, -x0)
+    if x1 > w:
+        x0 = min(x0, 2 * w - x1)
+    if y0 < 0:
+        y1 = max(y1, -y0)
+    if y1 > h:
+        y0 = min(y0, 2 * h - y1)
+    return max(0, x0), max(0, y0), min(w, max(x1, 1)), min(h, max(y1, 1))
+
+
+def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[int, int, int, int]:
+    """Frame box (x0, y0, x1, y1), clipped, holding every pixel `sharpness` reads (`face_gray` converts it)."""
+    gh, gw = shape[:2]
+    plan = _sharpness_plan(shape, right_eye, left_eye)
+    if plan is None:
+        return 0, 0, 0, 0
+    k, c, s, mid, box, want = plan
+    if box is None:
+        # the warp reads the frame itself; past an edge BORDER_REFLECT reads the mirrored pixels inside it
+        x0, y0, x1, y1 = _mirrored(_crop_reach(mid, c, s, k, 2.0), gw, gh)
+    else:
+        bx0, by0, bx1, by1 = box
+        bw, bh = bx1 - bx0, by1 - by0
+        if (round(bw * k), round(bh * k)) == (bw, bh):  # area_window copies: the window itself is read
+            x0, y0, x1, y1 = bx0 + want[0], by0 + want[1], bx0 + want[2], by0 + want[3]
+        else:  # output pixel j averages source pixels floor(j / k) .. ceil((j + 1) / k)
+            x0, y0 = bx0 + math.floor(max(0, want[0]) / k) - 1, by0 + math.floor(max(0, want[1]) / k) - 1
+            x1, y1 = bx0 + math.ceil(want[2] / k) + 2, by0 + math.ceil(want[3] / k) + 2
+        x0, y0, x1, y1 = max(x0, bx0), max(y0, by0), min(x1, bx1), min(y1, by1)
+    return max(0, x0), max(0, y0), min(gw, x1), min(gh, y1)
+
+
 def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
     """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
 
@@ -183,29 +314,18 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     directional = min over x and y of var(second derivative) / var(luminance): motion blur
     removes detail along one direction only, which the isotropic Laplacian ratio hides.
     """
-    d = left_eye - right_eye
-    ied = float(np.linalg.norm(d))
-    if ied < 2:
+    plan = _sharpness_plan(gray.shape, right_eye, left_eye)
+    if plan is None:
         return 0.0, 0.0
-    k = SHARPNESS_IED / ied
-    c, s = d[0] / ied, d[1] / ied
-    w, h = int(1.8 * SHARPNESS_IED), int(1.9 * SHARPNESS_IED)
-    mid = (right_eye + left_eye) / 2
-    if k < 1:
-        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would
-        # add false detail to high-resolution faces. Only a 2.5 IED box around the eyes is resized.
-        gh, gw = gray.shape[:2]
-        x0, y0 = int(max(0, mid[0] - 2.5 * ied)), int(max(0, mid[1] - 2.5 * ied))
-        x1, y1 = int(min(gw, mid[0] + 2.5 * ied)), int(min(gh, mid[1] + 2.5 * ied))
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return 0.0, 0.0
-        # The crop reads the box only up to 1.7 IED past the midpoint, so its far sides are cut at
-        # 1.8 IED: with fx/fy given, INTER_AREA's cells start at the box origin and keep their size,
-        # so every pixel the crop reads is the same as with the whole box (and ~25 % fewer are made).
-        x1 = min(x1, int(mid[0] + SHARPNESS_READ * ied) + 2)
-        y1 = min(y1, int(mid[1] + SHARPNESS_READ * ied) + 2)
-        gray = cv2.resize(gray[y0:y1, x0:x1], None, fx=k, fy=k, interpolation=cv2.INTER_AREA)
-        mid = (mid - (x0, y0)) * k
+    k, c, s, mid, box, want = plan
+    w, h = SHARPNESS_CROP
+    if box is not None:
+        # Downscale with area averaging first: warpAffine only interpolates, and aliasing would add false
+        # detail to high-resolution faces. The area resize is that of a 2.5 IED box around the eyes (its origin
+        # fixes the resampling grid), but only the window of it the crop reads is computed (`area_window`).
+        x0, y0, x1, y1 = box
+        gray, (wx0, wy0) = area_window(gray[y0:y1, x0:x1], k, want)
+        mid = mid - (wx0, wy0)
         k = 1.0
     # dst = k * R(-roll) (src - mid) + (w/2, 0.5*SHARPNESS_IED)
     m = np.array([[k * c, k * s, 0.0], [-k * s, k * c, 0.0]])
@@ -221,16 +341,17 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     return min(dxx, dyy) / var, lap / var
 
 
-def face_gray(bgr: np.ndarray, mesh: np.ndarray, mid: np.ndarray, ied: float) -> np.ndarray:
-    """Frame-sized gray image converted only where the measures read it: the face oval's box
-    (photometry) and 2.5 IED (+2 px) around the eye midpoint (sharpness, whose crop lies within
-    1.7 IED). The rest stays 0 and is never read, so the measures equal those on a fully
-    converted frame; a 1080p frame then costs a face-sized conversion, not a frame-sized one."""
+def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> np.ndarray:
+    """Frame-sized gray image converted only where the measures read it: the face oval's box (photometry)
+    and `sharpness_reads` (the sharpness crop's footprint). The rest stays 0 and is never read, so the
+    measures equal those on a fully converted frame; a 1080p frame then costs a face-sized conversion, not a
+    frame-sized one."""
     h, w = bgr.shape[:2]
     ox0, oy0, ox1, oy1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
-    r = 2.5 * ied + 2
-    x0, y0 = max(0, min(ox0, int(mid[0] - r))), max(0, min(oy0, int(mid[1] - r)))
-    x1, y1 = min(w, max(ox1, int(mid[0] + r) + 1)), min(h, max(oy1, int(mid[1] + r) + 1))
+    sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye)
+    if sx1 <= sx0 or sy1 <= sy0:  # sharpness reads nothing
+        sx0, sy0, sx1, sy1 = ox0, oy0, ox1, oy1
+    x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
     gray = np.zeros((h, w), np.uint8)
     if x1 > x0 and y1 > y0:
         gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
@@ -243,7 +364,7 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     mesh = lm.mesh
     r_eye, l_eye = eye_centres(lm)
     ied = float(np.linalg.norm(l_eye - r_eye))
-    gray = face_gray(bgr, mesh, (r_eye + l_eye) / 2, ied)
+    gray = face_gray(bgr, mesh, r_eye, l_eye)
     mid = (r_eye + l_eye) / 2
     t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
     img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
