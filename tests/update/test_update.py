@@ -1,0 +1,160 @@
+"""Signed software updates end to end: real venv slots, real symlinks, real rekamd processes (supervised by the
+test's stand-in for systemd, tests/update/conftest.py). In every case the kit ends on a working version and every
+record (journal row and file hash) is as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware.errors import Refused
+from tests.support import REKAM, REPO, subprocess_env, wait_for
+from tests.update.conftest import Kit, make_bundle, tiny_wheel
+
+
+def _link(kit: Kit, name: str) -> str | None:
+    try:
+        return os.readlink(kit.prefix / name)
+    except OSError:
+        return None
+
+
+def test_update_promoted_records_intact(kit: Kit, rekam_wheel: Path, fleet_key: Ed25519PrivateKey,
+                                        tmp_path: Path) -> None:
+    before = kit.records()
+    assert len(before["rows"]) == 3 and len(before["files"]) == 3
+    bundle = make_bundle(tmp_path, rekam_wheel, "0.2.0", fleet_key)
+    res = kit.updater().apply_staged(kit.updater().stage_file(bundle))
+    assert res["status"] == "promoted", res
+    assert _link(kit, "current") == "releases/0.2.0" and _link(kit, "previous") == "venv"
+    assert kit.running_version() == "0.2.0"  # the daemon really runs the new slot's code
+    assert kit.records() == before
+    st = json.loads(kit.cli("status", "--json").stdout)
+    assert st["current_version"] == "0.2.0" and st["last_result"]["status"] == "promoted"
+    # the same bundle again: refused, nothing changes
+    with pytest.raises(Refused) as e:
+        kit.updater().apply_staged(kit.updater().stage_file(bundle))
+    assert e.value.reason == "already_installed"
+    # by hand back to the previous slot (what the crash-loop unit runs too)
+    r = kit.cli("rollback", "--restart-cmd", "true")
+    assert r.returncode == 0, r.stderr
+    assert _link(kit, "current") == "venv"
+
+
+def test_bad_signature_and_tampering_refused(kit: Kit, tmp_path: Path, fleet_key: Ed25519PrivateKey) -> None:
+    before = kit.records()
+    whl = tiny_wheel(tmp_path, "0.3.0", "sys.exit(1)")
+    other = make_bundle(tmp_path, whl, "0.3.0", Ed25519PrivateKey.generate())
+    r = kit.cli("apply", str(other), "--json")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert json.loads(r.stdout)["code"] == "bad_signature"
+    # unsigned (as `rekam-fleet release build` writes it before `release sign`)
+    unsigned = tmp_path / "u"
+    unsigned.mkdir()
+    r = kit.cli("apply", str(make_bundle(unsigned, whl, "0.3.0", None)), "--json")
+    assert json.loads(r.stdout)["code"] == "bad_signature"
+    # well signed, one wheel byte changed after signing
+    good = make_bundle(tmp_path, whl, "0.3.0", fleet_key)
+    data = bytearray(good.read_bytes())
+    data[-10] ^= 0xFF
+    good.write_bytes(bytes(data))
+    r = kit.cli("apply", str(good), "--json")
+    assert json.loads(r.stdout)["code"] == "hash_mismatch", r.stdout
+    assert _link(kit, "current") == "venv" and not (kit.prefix / "releases/0.3.0").exists()
+    assert not any((kit.prefix / "update/incoming").iterdir())  # no copy left behind
+    assert kit.sup.starts == 1  # never restarted
+    assert kit.records() == before
+
+
+def test_wrong_versions_refused(kit: Kit, tmp_path: Path, fleet_key: Ed25519PrivateKey) -> None:
+    before = kit.records()
+    cases = [("0.3.0", "0.1.5", None, "wrong_from_version"), ("0.0.9", "0.0.1", None, "downgrade"),
+             ("0.3.0", "0.1.0", {"reads": [3], "writes": 3, "compatible_from": 3}, "journal_unsupported"),
+             ("0.3.0", "0.1.0", {"reads": [2, 3], "writes": 3, "compatible_from": 3}, "journal_not_reversible")]
+    for i, (version, min_from, journal, code) in enumerate(cases):
+        d = tmp_path / str(i)
+        d.mkdir()
+        b = make_bundle(d, tiny_wheel(d, version, "sys.exit(1)"), version, fleet_key, min_from, journal)
+        with pytest.raises(Refused) as e:
+            kit.updater().apply_staged(kit.updater().stage_file(b))
+        assert e.value.reason == code, (version, e.value)
+    # an additive migration (schema 3 that schema-2 code still runs on) passes the rules
+    d = tmp_path / "ok"
+    d.mkdir()
+    ok = make_bundle(d, tiny_wheel(d, "0.3.0", "sys.exit(1)"), "0.3.0", fleet_key,
+                     journal={"reads": [2, 3], "writes": 3, "compatible_from": 2})
+    kit.updater().verify(kit.updater().stage_file(ok))
+    assert _link(kit, "current") == "venv" and kit.sup.starts == 1
+    assert kit.records() == before
+
+
+@pytest.mark.parametrize("body,code", [("sys.exit(1)", "not_ready"), ("time.sleep(600)", "not_ready")],
+                         ids=["crash_at_start", "never_ready"])
+def test_broken_release_rolls_back(kit: Kit, tmp_path: Path, fleet_key: Ed25519PrivateKey, body: str,
+                                   code: str) -> None:
+    before = kit.records()
+    bundle = make_bundle(tmp_path, tiny_wheel(tmp_path, "0.3.0", body), "0.3.0", fleet_key)
+    up = kit.updater(ready_timeout_s=4.0)
+    res = up.apply_staged(up.stage_file(bundle))
+    assert res["status"] == "rolled_back" and res["code"] == code, res
+    assert res["restarted"] is True and res["restored"] == "venv"
+    assert _link(kit, "current") == "venv" and _link(kit, "previous") is None
+    assert kit.running_version() == "0.1.0"
+    st = up.status()
+    assert st["failed_versions"] == ["0.3.0"] and st["last_result"]["code"] == code
+    assert kit.records() == before
+
+
+def _cli_apply(kit: Kit, bundle: Path, *extra: str) -> subprocess.Popen[str]:
+    argv = [*REKAM, "--config", str(kit.cfg), "update", "apply", str(bundle), "--prefix", str(kit.prefix),
+            "--python", sys.executable, "--no-slot-pip", *extra]
+    return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _state(kit: Kit) -> dict:
+    try:
+        return json.loads((kit.prefix / "update/state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_kill_9_mid_install_and_mid_trial(kit: Kit, rekam_wheel: Path, tmp_path: Path,
+                                          fleet_key: Ed25519PrivateKey) -> None:
+    before = kit.records()
+    # 1. power cut while the slot is being built: current never moved
+    bundle = make_bundle(tmp_path, rekam_wheel, "0.2.0", fleet_key)
+    p = _cli_apply(kit, bundle, "--restart-cmd", "true")
+    wait_for(lambda: _state(kit).get("state") == "installing" and (kit.prefix / "releases/0.2.0").exists(),
+             60, "the install to start")
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    assert _link(kit, "current") == "venv"
+    r = kit.cli("recover", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["code"] == "interrupted_install", r.stdout + r.stderr
+    assert not (kit.prefix / "releases/0.2.0").exists()  # the partial slot is gone
+    # 2. power cut during the trial (switched, not yet confirmed): recovery goes back to the previous slot
+    d = tmp_path / "t"
+    d.mkdir()
+    b2 = make_bundle(d, tiny_wheel(d, "0.3.0", "time.sleep(600)"), "0.3.0", fleet_key)
+    p = _cli_apply(kit, b2, "--restart-cmd", "sleep 60")
+    wait_for(lambda: _state(kit).get("state") == "trial", 60, "the trial to start")
+    assert _link(kit, "current") == "releases/0.3.0"
+    p.send_signal(signal.SIGKILL)
+    p.wait(10)
+    r = kit.cli("recover", "--json")
+    assert json.loads(r.stdout)["code"] == "interrupted_trial", r.stdout + r.stderr
+    assert _link(kit, "current") == "venv"
+    # the kit starts on a working version, every record intact
+    ok, why = kit.sup.restart(60)
+    assert ok, why
+    assert kit.running_version() == "0.1.0"
+    assert kit.records() == before
+
