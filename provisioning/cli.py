@@ -25,7 +25,8 @@ from provisioning.texts import shown
 #: Environment variable that picks the language (as for `rekam`); the default is Indonesian.
 LANG_ENV = "REKAM_LANG"
 # further command groups register here
-EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import"]
+EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import",
+                             "provisioning.release"]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

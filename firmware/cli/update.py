@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = common(g.add_parser("apply", help=_("verify and install a bundle (a file, or --stick), then try it")))
     p.add_argument("file", nargs="?", help=_("bundle file (.rkup)"))
     p.add_argument("--stick", action="store_true", help=_("take the newest bundle from the stick's rekam/updates/"))
+    p.add_argument("--remove-source", action="store_true",
+                   help=_("delete FILE once copied (the pending bundle the daemon downloaded)"))
     p.set_defaults(func=cmd_apply)
     p = common(g.add_parser("rollback", help=_("go back to the previous version")))
     p.add_argument("--auto", action="store_true",
@@ -168,7 +170,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.stick:
             res = up.apply_from_stick(cfg.usb_dir)
         elif args.file:
-            res = up.apply_staged(up.stage_file(Path(args.file)))
+            copy = up.stage_file(Path(args.file))
+            if args.remove_source:  # else rekam-update.path would start us again for the same file
+                Path(args.file).unlink(missing_ok=True)
+            res = up.apply_staged(copy)
         else:
             print("rekam: " + _("name a bundle file or use --stick"), file=sys.stderr)
             return 2
