@@ -20,7 +20,8 @@ def _staged(tmp_path: Path) -> Path:
     d = tmp_path / "units"
     d.mkdir()
     for name in UNITS:
-        (d / name).write_text((SYSTEMD_DIR / name).read_text().replace("/opt/rekam/venv", str(VENV)))
+        (d / name).write_text((SYSTEMD_DIR / name).read_text().replace("/opt/rekam/venv", str(VENV))
+                              .replace("/opt/rekam/current", str(VENV)).replace("/opt/rekam/previous", str(VENV)))
     # A template is checked through an instance, as udev would start it.
     (d / "rekam-usb-mount@sda1.service").write_text((d / "rekam-usb-mount@.service").read_text())
     return d
@@ -41,13 +42,13 @@ def test_verify_clean(name: str, tmp_path: Path) -> None:
 
 
 def test_verify_catches_a_missing_binary(tmp_path: Path) -> None:
-    """The check above can fail: the unchanged unit names /opt/rekam/venv, absent here."""
+    """The check above can fail: the unchanged unit names /opt/rekam/current, absent here."""
     tool = need_tool("systemd-analyze", "systemd")
-    if Path("/opt/rekam/venv/bin/rekamd").exists():
+    if Path("/opt/rekam/current/bin/rekamd").exists():
         pytest.skip("rekam is installed on this machine")
     r = subprocess.run([tool, "verify", "--man=no", str(SYSTEMD_DIR / "rekamd.service")], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode != 0 and "/opt/rekam/venv/bin/rekamd" in r.stderr
+    assert r.returncode != 0 and "/opt/rekam/current/bin/rekamd" in r.stderr
 
 
 def exposure(unit: Path) -> float:

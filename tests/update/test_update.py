@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware.control.update import slot_env
 from firmware.errors import Refused
 from tests.support import REKAM, REPO, subprocess_env, wait_for
 from tests.update.conftest import Kit, make_bundle, tiny_wheel
@@ -26,26 +28,51 @@ def _link(kit: Kit, name: str) -> str | None:
         return None
 
 
-def test_update_promoted_records_intact(kit: Kit, rekam_wheel: Path, fleet_key: Ed25519PrivateKey,
-                                        tmp_path: Path) -> None:
+def _unit_argv(kit: Kit, unit: str, key: str) -> list[str]:
+    """The unit's `key` command line with the kit's prefix and config in place of /opt/rekam and /etc/rekam."""
+    line = next(ln.split("=", 1)[1] for ln in (REPO / "systemd" / unit).read_text().splitlines()
+                if ln.startswith(key + "="))
+    line = line.lstrip("-+").replace("/opt/rekam", str(kit.prefix)).replace("/etc/rekam/rekam.toml", str(kit.cfg))
+    return shlex.split(line)
+
+
+def test_update_from_stick_promoted_then_crash_loop_rollback(kit: Kit, rekam_wheel: Path,
+                                                             fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:
     before = kit.records()
     assert len(before["rows"]) == 3 and len(before["files"]) == 3
-    bundle = make_bundle(tmp_path, rekam_wheel, "0.2.0", fleet_key)
-    res = kit.updater().apply_staged(kit.updater().stage_file(bundle))
-    assert res["status"] == "promoted", res
+    updates = kit.root / "usb" / "rekam" / "updates"
+    updates.mkdir(parents=True)
+    make_bundle(updates, rekam_wheel, "0.2.0", fleet_key)  # rekam-0.2.0.rkup
+    os.symlink("/etc/passwd", updates / "a-link.rkup")  # refused: not a regular file beneath the stick
+    d = tmp_path / "other"
+    d.mkdir()
+    forged = make_bundle(d, tiny_wheel(d, "0.9.0", "sys.exit(1)"), "0.9.0", Ed25519PrivateKey.generate())
+    forged.rename(updates / "b-forged.rkup")  # refused: not signed by the fleet
+    res = kit.updater().apply_from_stick(kit.root / "usb")
+    assert res["status"] == "promoted" and res["version"] == "0.2.0", res
     assert _link(kit, "current") == "releases/0.2.0" and _link(kit, "previous") == "venv"
     assert kit.running_version() == "0.2.0"  # the daemon really runs the new slot's code
     assert kit.records() == before
     st = json.loads(kit.cli("status", "--json").stdout)
     assert st["current_version"] == "0.2.0" and st["last_result"]["status"] == "promoted"
+    assert not any((kit.prefix / "update/incoming").iterdir())  # the kit's copies are gone
     # the same bundle again: refused, nothing changes
     with pytest.raises(Refused) as e:
-        kit.updater().apply_staged(kit.updater().stage_file(bundle))
+        kit.updater().apply_staged(kit.updater().stage_file(updates / "rekam-0.2.0.rkup"))
     assert e.value.reason == "already_installed"
-    # by hand back to the previous slot (what the crash-loop unit runs too)
-    r = kit.cli("rollback", "--restart-cmd", "true")
-    assert r.returncode == 0, r.stderr
-    assert _link(kit, "current") == "venv"
+    # a crash loop: what rekam-rollback.service (rekamd.service's OnFailure=) runs, with the previous slot's rekam
+    kit.sup.stop()
+    r = subprocess.run(_unit_argv(kit, "rekam-rollback.service", "ExecStart"), capture_output=True, text=True,
+                       timeout=60, env={**slot_env(), "REKAM_PREFIX": str(kit.prefix)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _link(kit, "current") == "venv" and _link(kit, "previous") is None
+    assert json.loads(kit.cli("status", "--json").stdout)["last_result"]["code"] == "crash_loop"
+    # the loop goes on: no way back any more; the unit's binary is absent (systemd fails the unit, nothing happens)
+    assert not Path(_unit_argv(kit, "rekam-rollback.service", "ExecStart")[0]).exists()
+    ok, why = kit.sup.restart(60)
+    assert ok, why
+    assert kit.running_version() == "0.1.0"
+    assert kit.records() == before
 
 
 def test_bad_signature_and_tampering_refused(kit: Kit, tmp_path: Path, fleet_key: Ed25519PrivateKey) -> None:
