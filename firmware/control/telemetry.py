@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware import __version__
+from firmware.control.update import report as update_report
 
 
 def part_health(parts: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +68,7 @@ def telemetry(host: Any, kit_id: str, started: float, config_version: int, locke
         "versions": {"firmware": __version__, "python": platform.python_version(), "config": config_version},
         "locked": locked,
         "control": control,
+        "update": update_report(),  # the last software update's outcome, with its code (docs/updates.md)
     }
 
 
