@@ -122,13 +122,19 @@ def test_wrong_versions_refused(kit: Kit, tmp_path: Path, fleet_key: Ed25519Priv
     assert kit.records() == before
 
 
-@pytest.mark.parametrize("body,code", [("sys.exit(1)", "not_ready"), ("time.sleep(600)", "not_ready")],
-                         ids=["crash_at_start", "never_ready"])
+# READY=1, then nothing: no local API, so the self-test cannot pass.
+READY_ONLY = ("import os, socket\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', "
+              "os.environ['NOTIFY_SOCKET'])\ntime.sleep(600)")
+
+
+@pytest.mark.parametrize("body,code", [("sys.exit(1)", "not_ready"), ("time.sleep(600)", "not_ready"),
+                                       (READY_ONLY, "no_status")],
+                         ids=["crash_at_start", "never_ready", "selftest_fails"])
 def test_broken_release_rolls_back(kit: Kit, tmp_path: Path, fleet_key: Ed25519PrivateKey, body: str,
                                    code: str) -> None:
     before = kit.records()
     bundle = make_bundle(tmp_path, tiny_wheel(tmp_path, "0.3.0", body), "0.3.0", fleet_key)
-    up = kit.updater(ready_timeout_s=4.0)
+    up = kit.updater(ready_timeout_s=4.0, selftest_timeout_s=3.0)
     res = up.apply_staged(up.stage_file(bundle))
     assert res["status"] == "rolled_back" and res["code"] == code, res
     assert res["restarted"] is True and res["restored"] == "venv"
