@@ -30,7 +30,7 @@ UNITDIR=/etc/systemd/system
 UDEVDIR=/etc/udev/rules.d
 JOURNALD=/etc/systemd/journald.conf.d
 UNITS="rekamd.service rekam-firstboot.service rekam-usb-mount@.service rekam-usb-eject.path
-rekam-usb-eject.service rekam-ingest.service rekam-rollback.service rekam-update.path rekam-update.service"
+rekam-usb-eject.service rekam-ingest.service rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service"
 
 say() { printf 'rekam-install: %s\n' "$*"; }
 die() { printf 'rekam-install: ERROR: %s\n' "$*" >&2; exit 1; }

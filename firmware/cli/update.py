@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = common(g.add_parser("apply", help=_("verify and install a bundle (a file, or --stick), then try it")))
     p.add_argument("file", nargs="?", help=_("bundle file (.rkup)"))
     p.add_argument("--stick", action="store_true", help=_("take the newest bundle from the stick's rekam/updates/"))
+    p.add_argument("--if-present", action="store_true",
+                   help=_("with --stick: exit 0 when the stick has no bundle to install (the stick unit)"))
     p.add_argument("--remove-source", action="store_true",
                    help=_("delete FILE once copied (the pending bundle the daemon downloaded)"))
     p.set_defaults(func=cmd_apply)
@@ -178,6 +180,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             print("rekam: " + _("name a bundle file or use --stick"), file=sys.stderr)
             return 2
     except Refused as e:
+        if args.stick and args.if_present and e.reason == "no_bundle":
+            return 0  # a plain mirror stick, or one whose bundles are installed or failed here already
         if args.json:
             _say({"status": "refused", "code": e.reason, "reason": str(e)}, True)
         else:

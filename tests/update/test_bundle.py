@@ -134,12 +134,13 @@ def test_units_run_real_commands() -> None:
         return [ln.split("=", 1)[1] for ln in (units / unit).read_text().splitlines() if ln.startswith(key + "=")]
 
     for unit, key in (("rekamd.service", "ExecStartPre"), ("rekam-rollback.service", "ExecStart"),
-                      ("rekam-update.service", "ExecStart")):
+                      ("rekam-update.service", "ExecStart"), ("rekam-update-stick.service", "ExecStart")):
         (line,) = lines(unit, key)
         argv = shlex.split(line.lstrip("-+"))
         assert argv[0].startswith("/opt/rekam/") and argv[0].endswith("/bin/rekam")
         build_parser().parse_args(argv[1:])
     assert lines("rekamd.service", "OnFailure") == ["rekam-rollback.service"]
+    assert "start --no-block rekam-update-stick.service" in lines("rekam-usb-mount@.service", "ExecStartPost")[0]
     assert lines("rekamd.service", "ExecStart")[0].startswith("/opt/rekam/current/bin/rekamd ")
     assert lines("rekam-update.path", "PathExists") == ["/var/lib/rekam/updates/pending.rkup"]
     assert "/var/lib/rekam/updates/pending.rkup" in lines("rekam-update.service", "ExecStart")[0]

@@ -96,6 +96,15 @@ def test_bad_signature_and_tampering_refused(kit: Kit, tmp_path: Path, fleet_key
     assert json.loads(r.stdout)["code"] == "hash_mismatch", r.stdout
     assert _link(kit, "current") == "venv" and not (kit.prefix / "releases/0.3.0").exists()
     assert not any((kit.prefix / "update/incoming").iterdir())  # no copy left behind
+    # the same forged bundle on a stick, as rekam-update-stick.service runs it: refused, exit 0 (nothing to do)
+    updates = kit.root / "usb" / "rekam" / "updates"
+    updates.mkdir(parents=True)
+    make_bundle(updates, whl, "0.3.0", Ed25519PrivateKey.generate())
+    r = kit.cli("apply", "--stick", "--json")
+    assert r.returncode == 3 and json.loads(r.stdout)["code"] == "no_bundle", r.stdout + r.stderr
+    assert "bad_signature" in json.loads(r.stdout)["reason"]
+    assert kit.cli("apply", "--stick", "--if-present").returncode == 0
+    assert _link(kit, "current") == "venv" and not (kit.prefix / "releases/0.3.0").exists()
     assert kit.sup.starts == 1  # never restarted
     assert kit.records() == before
 
