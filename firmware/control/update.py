@@ -203,6 +203,7 @@ class Updater:
     def _save(self, st: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "state.json", st)
+        os.chmod(self.dir / "state.json", 0o644)  # versions and codes, no secret: the daemon reports them
 
     def _result(self, st: dict[str, Any], version: str, status: str, code: str = "ok", reason: str = "",
                 **extra: Any) -> dict[str, Any]:
@@ -435,7 +436,7 @@ class Updater:
                 return self._rollback_locked(code, why)
             st = self.state()
             st.update(state="idle", trial=None)
-            res = self._result(st, m.version, "promoted", "ok", "", previous=frm)
+            res = self._result(st, m.version, "promoted", "ok", "", previous=frm, uplink_checked=need_uplink)
             self._save(st)
             log.info("update promoted version=%s previous=%s", m.version, frm)
             self._prune()

@@ -147,11 +147,11 @@ class Supervisor:
 class Kit:
     """A simulated kit with an install prefix: factory slot, config, pinned fleet key, records."""
 
-    def __init__(self, root: Path, corpus: Path, key: Ed25519PrivateKey) -> None:
+    def __init__(self, root: Path, corpus: Path, key: Ed25519PrivateKey, extra: str = "") -> None:
         self.root = root
         self.prefix = root / "opt"
         self.prefix.mkdir()
-        self.cfg = write_kit_config(root, corpus)
+        self.cfg = write_kit_config(root, corpus, extra=extra)
         self.state_dir = root / "sd"
         (self.state_dir / "control").mkdir(parents=True)
         (self.state_dir / "control" / "fleet.pub").write_text(cp.public_b64(key))
@@ -185,11 +185,13 @@ class Kit:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return rekam("update", *args, "--prefix", str(self.prefix), cfg=self.cfg, timeout=timeout)
 
-    def records(self) -> dict[str, Any]:
-        """Every record's journal row and the hash of its file on the SD (what no update may change)."""
+    def records(self, with_state: bool = True) -> dict[str, Any]:
+        """Every record's journal row and the hash of its file on the SD (what no update may change; the state
+        too unless a relay is moving records on meanwhile)."""
         conn = sqlite3.connect(f"file:{self.state_dir / 'journal.db'}?mode=ro", uri=True)
         try:
-            rows = conn.execute("SELECT id, seq, sha256, size, state FROM records ORDER BY seq").fetchall()
+            cols = "id, seq, sha256, size" + (", state" if with_state else "")
+            rows = conn.execute(f"SELECT {cols} FROM records ORDER BY seq").fetchall()
         finally:
             conn.close()
         files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
@@ -203,13 +205,29 @@ class Kit:
         return str(json.loads(st.stdout)["daemon"]["version"]) if st.returncode == 0 else ""
 
 
-@pytest.fixture
-def kit(tmp_path: Path, corpus_dir: Path, fleet_key: Ed25519PrivateKey) -> Iterator[Kit]:
-    """A kit running the factory slot with 3 committed records."""
-    k = Kit(tmp_path, corpus_dir, fleet_key)
+def _started(k: Kit) -> Kit:
     ok, why = k.sup.restart(60)
     assert ok, why + (k.root / "rekamd.log").read_text()[-2000:]
     r = rekam("sim", "commit", "3", cfg=k.cfg)
     assert r.returncode == 0, r.stderr
+    return k
+
+
+@pytest.fixture
+def kit(tmp_path: Path, corpus_dir: Path, fleet_key: Ed25519PrivateKey) -> Iterator[Kit]:
+    """A kit running the factory slot with 3 committed records."""
+    k = _started(Kit(tmp_path, corpus_dir, fleet_key))
+    yield k
+    k.sup.close()
+
+
+@pytest.fixture
+def relay_kit(tmp_path: Path, corpus_dir: Path, fleet_key: Ed25519PrivateKey, mosquitto: Any) -> Iterator[Kit]:
+    """The same kit with its record relay connected to a real broker (the uplink a trial must see again)."""
+    from tests.relay.conftest import ACK_PUB
+
+    extra = f'[relay]\nbrokers = ["{mosquitto.url}"]\nbackoff_min_s = 0.1\nbackoff_max_s = 0.5\n' \
+            f'ack_public_keys = ["{ACK_PUB}"]\n'
+    k = _started(Kit(tmp_path, corpus_dir, fleet_key, extra))
     yield k
     k.sup.close()
