@@ -256,6 +256,9 @@ class Updater:
         meta = read_json(self.prefix / target / "slot.json", None)
         if isinstance(meta, dict) and meta.get("version"):
             return str(meta["version"])
+        # The factory slot has no slot.json: the version pip recorded (a checkout on the path: this code's).
+        for info in sorted((self.prefix / target).glob("lib/python3*/site-packages/rekam-*.dist-info")):
+            return info.name[len("rekam-"):-len(".dist-info")]
         return self.running_version if target == FACTORY_SLOT else ""
 
     def current_version(self) -> str:
@@ -305,7 +308,7 @@ class Updater:
         return self._stage(root, rel)
 
     def _stage(self, root: Path, rel: str) -> Path:
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)  # root's own: nobody swaps the copy
         dest = self.incoming / f"{os.getpid()}-{time.monotonic_ns()}{ub.SUFFIX}"
         try:
             with open_untrusted(root, rel, ub.MAX_BUNDLE_BYTES) as (fd, size), open(dest, "wb") as out:

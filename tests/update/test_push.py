@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from firmware import __version__
+from firmware.control.files import write_json
 from firmware.control.update_fetch import pending_path
 from provisioning import release
 from provisioning.cli import main as fleet_main
@@ -14,7 +16,7 @@ from tests.provisioning.conftest import broker, fleet, fleet_and_broker, new_kit
 from tests.update.conftest import tiny_wheel
 
 
-def test_build_sign_serve_push(online_kit, fleet, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_build_sign_serve_push(online_kit, fleet, tmp_path: Path, capsys, monkeypatch) -> None:  # noqa: F811
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     tiny_wheel(wheels, "0.3.0", "sys.exit(1)")
@@ -47,6 +49,15 @@ def test_build_sign_serve_push(online_kit, fleet, tmp_path: Path, capsys) -> Non
                                                   "size": 10, "version": "0.3.0"}, 60, 20)
         assert res is not None and res["code"] == "download_failed", res
         assert not pending.exists() and not list(pending.parent.glob(".download-*"))
+        # the outcome of an update reaches the fleet in telemetry (the state file the root updater writes)
+        prefix = tmp_path / "opt"
+        (prefix / "update").mkdir(parents=True)
+        write_json(prefix / "update" / "state.json", {"state": "idle", "last_result": {
+            "version": "0.3.0", "status": "rolled_back", "code": "not_ready", "reason": "exited 1"}})
+        monkeypatch.setenv("REKAM_PREFIX", str(prefix))
+        res = send_command(fleet, kid, "status", {}, 60, 20)
+        assert res is not None and res["data"]["update"]["last_result"]["code"] == "not_ready", res
+        assert res["data"]["update"]["running"] == __version__
     finally:
         srv.shutdown()
         srv.server_close()
