@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_apply)
     p = common(g.add_parser("rollback", help=_("go back to the previous version")))
     p.add_argument("--auto", action="store_true",
-                   help=_("crash-loop unit: only when no update is running, and say nothing if there is no way back"))
+                   help=_("crash-loop unit: only when no update is running"))
     p.add_argument("--reason", default="manual", help=_("code reported to the fleet"))
     p.set_defaults(func=cmd_rollback)
     common(g.add_parser("recover", help=_("boot check: drop an interrupted install, roll back an unwatched trial"))
@@ -199,12 +199,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         res = make_updater(args, cfg).rollback(args.reason, f"rollback ({args.reason})", auto=args.auto)
     except Refused as e:
-        if args.auto and e.reason == "no_previous":
-            return 0  # the crash-loop unit on a kit that never updated: nothing to do
         print("rekam: " + _("cannot roll back ({code})", code=e.reason), file=sys.stderr)
         return 3
     _say(res, args.json)
-    return 0
+    # 2: nothing done (a running update handles its own trial); rekam-rollback.service then does not start
+    # rekamd itself (its ExecStartPost= runs only after a success), the update does.
+    return 2 if res.get("status") == "skipped" else 0
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -196,6 +196,10 @@ def test_kill_9_mid_install_and_mid_trial(kit: Kit, rekam_wheel: Path, tmp_path:
     p = _cli_apply(kit, b2, "--restart-cmd", "sleep 60")
     wait_for(lambda: _state(kit).get("state") == "trial", 60, "the trial to start")
     assert _link(kit, "current") == "releases/0.3.0"
+    # the crash-loop unit meanwhile: the live updater handles its own trial, so it does nothing (status 2)
+    r = subprocess.run(_unit_argv(kit, "rekam-rollback.service", "ExecStart"), capture_output=True, text=True,
+                       timeout=60, env={**slot_env(), "REKAM_PREFIX": str(kit.prefix)})
+    assert r.returncode == 2 and _link(kit, "current") == "releases/0.3.0", r.stdout + r.stderr
     p.send_signal(signal.SIGKILL)
     p.wait(10)
     r = kit.cli("recover", "--json")
