@@ -144,3 +144,50 @@ def test_units_run_real_commands() -> None:
     assert lines("rekamd.service", "ExecStart")[0].startswith("/opt/rekam/current/bin/rekamd ")
     assert lines("rekam-update.path", "PathExists") == ["/var/lib/rekam/updates/pending.rkup"]
     assert "/var/lib/rekam/updates/pending.rkup" in lines("rekam-update.service", "ExecStart")[0]
+
+
+def test_stick_hostile_files_and_swap_after_copy(tmp_path: Path) -> None:
+    """A stick's update folder is read beneath the mount, regular files only, size-capped before a byte is read;
+    what is verified and installed is the kit's own copy, whatever the stick holds afterwards."""
+    import os
+
+    from firmware.control.update import Updater
+    from firmware.wire import stick_layout
+
+    mount = tmp_path / "stick"
+    folder = mount / stick_layout.ROOT / stick_layout.UPDATES
+    folder.mkdir(parents=True)
+    state = tmp_path / "sd"
+    state.mkdir()
+    up = Updater(tmp_path / "opt", state, KEY.public_key(), restart=lambda _t: (False, ""),
+                 probe=lambda _v, _u, _t: (False, "", ""))
+    os.mkfifo(folder / "a-fifo.rkup")  # would block a plain open()
+    with open(folder / "b-huge.rkup", "wb") as f:
+        f.truncate(ub.MAX_BUNDLE_BYTES + 1)  # sparse: refused by its size, not read
+    assert up.stick_bundles(mount) == [f"rekam/updates/{n}" for n in ("a-fifo.rkup", "b-huge.rkup")]
+    with pytest.raises(Refused) as e:
+        up.stage_untrusted(mount, "rekam/updates/a-fifo.rkup")
+    assert e.value.reason == "unsafe_file"
+    with pytest.raises(Refused) as e:
+        up.stage_untrusted(mount, "rekam/updates/b-huge.rkup")
+    assert e.value.reason == "too_large"
+    with pytest.raises(Refused) as e:
+        up.apply_from_stick(mount)
+    assert e.value.reason == "no_bundle" and "unsafe_file" in str(e.value) and "too_large" in str(e.value)
+    # swap after the copy: the stick's file replaced by a forged one changes nothing in what is verified
+    d = tmp_path / "w"
+    d.mkdir()
+    good = make_bundle(d, tiny_wheel(d, "0.3.0", "pass"), "0.3.0", KEY)
+    os.replace(good, folder / "c-good.rkup")
+    copy = up.stage_untrusted(mount, "rekam/updates/c-good.rkup")
+    forged = make_bundle(d, tiny_wheel(d, "0.3.0", "pass"), "0.3.0", Ed25519PrivateKey.generate())
+    os.replace(forged, folder / "c-good.rkup")
+    assert up.verify(copy).version == "0.3.0"
+    assert copy.parent == tmp_path / "opt" / "update" / "incoming" and (copy.parent.stat().st_mode & 0o077) == 0
+    # a symlinked update folder is not followed
+    (folder / "c-good.rkup").unlink()
+    os.rename(folder, mount / "elsewhere")
+    os.symlink(mount / "elsewhere", folder)
+    with pytest.raises(Refused) as e:
+        up.stick_bundles(mount)
+    assert e.value.reason == "unsafe_file"
