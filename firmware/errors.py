@@ -140,6 +140,12 @@ class ProtocolError(WireError):
             super().__init__(reason)
 
 
+class BundleError(ProtocolError):
+    """An update bundle (`firmware.wire.update_bundle`) is malformed, too large, badly signed or does not match its
+    signed manifest; `reason` is one word (bad_magic, too_large, malformed, bad_signature, size_mismatch,
+    hash_mismatch, not_json, too_deep)."""
+
+
 class RecordFormatError(WireError):
     """A sealed record could not be parsed, verified or opened."""
 

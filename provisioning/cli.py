@@ -26,7 +26,7 @@ from provisioning.texts import shown
 LANG_ENV = "REKAM_LANG"
 # further command groups register here
 EXTRA_MODULES: list[str] = ["provisioning.fleet_cli", "provisioning.ingest", "provisioning.usb_import",
-                             "provisioning.interchange.export"]
+                             "provisioning.interchange.export", "provisioning.release"]
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ UNITDIR=/etc/systemd/system
 UDEVDIR=/etc/udev/rules.d
 JOURNALD=/etc/systemd/journald.conf.d
 UNITS="rekamd.service rekam-firstboot.service rekam-usb-mount@.service rekam-usb-eject.path
-rekam-usb-eject.service rekam-ingest.service"
+rekam-usb-eject.service rekam-ingest.service rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service"
 
 say() { printf 'rekam-install: %s\n' "$*"; }
 die() { printf 'rekam-install: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -64,6 +64,14 @@ make_venv() {
     fi
 }
 
+# current -> venv: what rekamd.service runs. `make install` is a full install: it points current back at the venv
+# it just upgraded (software updates switch it to releases/<version>, docs/updates.md). Renamed over: atomic.
+link_current() {
+    ln -sfn venv "$DESTDIR$PREFIX/.current.tmp"
+    mv -T "$DESTDIR$PREFIX/.current.tmp" "$DESTDIR$PREFIX/current"
+    rm -f "$DESTDIR$PREFIX/previous"
+}
+
 ensure_user() {
     live || return 0
     for g in dialout gpio video i2c; do
@@ -84,6 +92,7 @@ ensure_user() {
 
 do_install() {
     make_venv
+    link_current
     ensure_user
     install -d -m 0755 "$DESTDIR$ETC" "$DESTDIR$STICK" "$DESTDIR$SHARE/doc" "$DESTDIR$SHARE/hw"
     install -d -m 0700 "$DESTDIR$STATE"
@@ -117,7 +126,7 @@ do_install() {
     if have_systemd; then
         systemctl daemon-reload
         systemctl try-restart systemd-journald.service || true
-        systemctl enable rekam-firstboot.service rekamd.service rekam-usb-eject.path
+        systemctl enable rekam-firstboot.service rekamd.service rekam-usb-eject.path rekam-update.path
         if [ "$ROLE" = datacenter ]; then systemctl enable rekam-ingest.service; fi
         if [ -e "$ETC/datacenter.pub" ]; then
             systemctl restart rekam-firstboot.service rekamd.service
@@ -142,7 +151,7 @@ remove_if_default() {
 do_uninstall() {
     if have_systemd; then
         systemctl disable --now rekamd.service rekam-firstboot.service rekam-usb-eject.path \
-            rekam-ingest.service 2>/dev/null || true
+            rekam-ingest.service rekam-update.path 2>/dev/null || true
         systemctl stop 'rekam-usb-mount@*.service' 2>/dev/null || true
     fi
     for u in $UNITS; do rm -f "$DESTDIR$UNITDIR/$u"; done

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "firmware.cli.identity",
     "firmware.cli.enroll",
     "firmware.cli.provision",
+    "firmware.cli.update",
 ]
 
 #: Exit status for an error family a command lets escape; the first matching family wins.

@@ -199,4 +199,8 @@ class CommandRunner:
             return data, "kit key rotated"
         if name == "reboot":
             return {}, "rebooting"
+        if name == "update":
+            from firmware.control.update_fetch import fetch_update
+
+            return fetch_update(t.cfg, t.paths, args)
         raise Refused("unknown_command", name)

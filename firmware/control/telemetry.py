@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware import __version__
+from firmware.control.update import report as update_report
 
 FIELD_PARTS = ("power", "gnss", "clock")
 
@@ -71,6 +72,7 @@ def telemetry(host: Any, kit_id: str, started: float, config_version: int, locke
         "locked": locked,
         "control": control,
         **field_status(host),
+        "update": update_report(),  # the last software update's outcome, with its code (docs/updates.md)
     }
 
 

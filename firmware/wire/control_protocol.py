@@ -37,8 +37,9 @@ MAX_DEPTH = 16  # envelope, body, sections, operator tables: a few levels; anyth
 CLAIM_USER_RE = re.compile(r"^claim-[A-Za-z0-9._-]{1,48}$")
 CMD_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
-KINDS = ("claim", "claim_response", "config", "config_state", "cmd", "result", "telemetry", "status")
-COMMANDS = ("status", "sync", "set_operators", "lock", "unlock", "purge", "rotate_key", "export_usb", "reboot")
+KINDS = ("claim", "claim_response", "config", "config_state", "cmd", "result", "telemetry", "status", "release")
+COMMANDS = ("status", "sync", "set_operators", "lock", "unlock", "purge", "rotate_key", "export_usb", "reboot",
+            "update")
 CLAIM_STATUSES = ("approved", "pending", "rejected")
 CONFIG_STATES = ("applied", "pending_restart", "rejected", "rolled_back")
 

@@ -6,6 +6,7 @@
     rekam/<kit_id>/kit.json             {"kit_id", "kit_public_key", "format_version", ...}
     rekam/<kit_id>/index.jsonl          one line per record copied: record_id, seq, sha256, size
     rekam/<kit_id>/records/<record_id>.rkm
+    rekam/updates/<name>.rkup           signed software update bundles a supervisor brings (docs/updates.md)
 
 A stick is untrusted input on both sides: every file is opened through `firmware.system.fsutil`'s
 ``*_untrusted`` primitives and every JSON document through `firmware.wire.safejson` with the caps here.
@@ -25,6 +26,7 @@ STICK_JSON = "stick.json"
 KIT_JSON = "kit.json"
 INDEX = "index.jsonl"
 RECORDS = "records"
+UPDATES = "updates"
 
 MAX_STICK_JSON = 4096  # {"stick_id", "created"}: about 80 bytes
 MAX_KIT_JSON = 64 * 1024  # a key, a version and a few names

@@ -20,7 +20,8 @@ def _staged(tmp_path: Path) -> Path:
     d = tmp_path / "units"
     d.mkdir()
     for name in UNITS:
-        (d / name).write_text((SYSTEMD_DIR / name).read_text().replace("/opt/rekam/venv", str(VENV)))
+        (d / name).write_text((SYSTEMD_DIR / name).read_text().replace("/opt/rekam/venv", str(VENV))
+                              .replace("/opt/rekam/current", str(VENV)).replace("/opt/rekam/previous", str(VENV)))
     # A template is checked through an instance, as udev would start it.
     (d / "rekam-usb-mount@sda1.service").write_text((d / "rekam-usb-mount@.service").read_text())
     return d
@@ -41,13 +42,13 @@ def test_verify_clean(name: str, tmp_path: Path) -> None:
 
 
 def test_verify_catches_a_missing_binary(tmp_path: Path) -> None:
-    """The check above can fail: the unchanged unit names /opt/rekam/venv, absent here."""
+    """The check above can fail: the unchanged unit names /opt/rekam/current, absent here."""
     tool = need_tool("systemd-analyze", "systemd")
-    if Path("/opt/rekam/venv/bin/rekamd").exists():
+    if Path("/opt/rekam/current/bin/rekamd").exists():
         pytest.skip("rekam is installed on this machine")
     r = subprocess.run([tool, "verify", "--man=no", str(SYSTEMD_DIR / "rekamd.service")], capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode != 0 and "/opt/rekam/venv/bin/rekamd" in r.stderr
+    assert r.returncode != 0 and "/opt/rekam/current/bin/rekamd" in r.stderr
 
 
 def exposure(unit: Path) -> float:
@@ -88,6 +89,8 @@ def test_rekamd_contract() -> None:
     assert get("RuntimeDirectory") == ["rekam"]  # /run/rekam/usb-eject lives there
     assert get("ReadWritePaths") == ["-/media"]  # the parent of [usb] mount_point: see test_propagation.py
     assert get("RestartPreventExitStatus") == ["76 77 78"]
+    # A reboot (76) or a battery power-off (77) is no failure: the crash-loop rollback (OnFailure=) must not fire.
+    assert get("OnFailure") == ["rekam-rollback.service"] and get("SuccessExitStatus") == ["76 77"]
     assert "EXIT_STATUS" in get("ExecStopPost")[0] and get("ExecStopPost")[0].startswith("+")
     assert shlex.split(get("ExecStart")[0])[1:] == ["--config", "/etc/rekam/rekam.toml"]
     assert "/run/rekam/usb-eject" in _directives("rekam-usb-eject.path", "PathExists")
@@ -229,4 +232,4 @@ def test_ingest_command_line_from_env_file() -> None:
             argv.append(word)
     assert Path(argv[0]).name == "rekam-fleet"
     args = fleet_parser().parse_args(argv[1:])
-    assert args.archive == "/var/lib/rekam-dc" and args.broker == env["REKAM_BROKER"]
+    assert args.archive == "/var/lib/rekam-dc" and args.broker == [env["REKAM_BROKER"]]

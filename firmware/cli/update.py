@@ -1,0 +1,213 @@
+"""`rekam update status|apply|rollback|recover`: signed software updates on the kit (docs/updates.md).
+
+The work is `firmware.control.update.Updater`; here it is wired to production: the restart is
+``systemctl restart rekamd.service`` (Type=notify: it returns when READY=1 arrived or the start failed), the
+self-test reads the new daemon's status through its local API. `apply` and `rollback` change ``/opt/rekam``:
+run them as root (the daemon itself cannot, its unit makes /opt read-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware.cli.common import load_config
+from firmware.system.i18n import N_, _
+
+RESTART_CMD = "systemctl restart rekamd.service"
+
+#: What the operator reads for each result status and refusal code (Bahasa Indonesia in the catalog).
+STATUS_TEXT = {
+    "promoted": N_("update to {version} installed and confirmed"),
+    "rolled_back": N_("update to {version} failed ({code}); the previous version runs again"),
+    "refused": N_("update refused ({code})"),
+    "interrupted": N_("update to {version} was interrupted; the kit stayed on its version"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `rekam update status|apply|rollback|recover`."""
+    g = sub.add_parser("update", help=_("signed software updates: status, apply, rollback")).add_subparsers(
+        dest="update_cmd", metavar="CMD")
+    g.required = True
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--prefix", default=None, help=_("install prefix (default $REKAM_PREFIX or /opt/rekam)"))
+        p.add_argument("--ready-timeout", type=float, default=90.0, help=_("seconds to wait for READY"))
+        p.add_argument("--selftest-timeout", type=float, default=60.0,
+                       help=_("seconds after READY for the self-test and the uplink"))
+        p.add_argument("--restart-cmd", default=RESTART_CMD, help=_("command that restarts the daemon"))
+        p.add_argument("--python", default="/usr/bin/python3", help=_("interpreter new slots are made from"))
+        p.add_argument("--no-slot-pip", action="store_true",
+                       help=_("make slots without pip and install with this interpreter's pip (faster)"))
+        p.add_argument("--json", action="store_true")
+        return p
+
+    common(g.add_parser("status", help=_("installed versions, trial, last result"))).set_defaults(func=cmd_status)
+    p = common(g.add_parser("apply", help=_("verify and install a bundle (a file, or --stick), then try it")))
+    p.add_argument("file", nargs="?", help=_("bundle file (.rkup)"))
+    p.add_argument("--stick", action="store_true", help=_("take the newest bundle from the stick's rekam/updates/"))
+    p.add_argument("--if-present", action="store_true",
+                   help=_("with --stick: exit 0 when the stick has no bundle to install (the stick unit)"))
+    p.add_argument("--remove-source", action="store_true",
+                   help=_("delete FILE once copied (the pending bundle the daemon downloaded)"))
+    p.set_defaults(func=cmd_apply)
+    p = common(g.add_parser("rollback", help=_("go back to the previous version")))
+    p.add_argument("--auto", action="store_true",
+                   help=_("crash-loop unit: only when no update is running"))
+    p.add_argument("--reason", default="manual", help=_("code reported to the fleet"))
+    p.set_defaults(func=cmd_rollback)
+    common(g.add_parser("recover", help=_("boot check: drop an interrupted install, roll back an unwatched trial"))
+           ).set_defaults(func=cmd_recover)
+
+
+def make_updater(args: argparse.Namespace, cfg: Any) -> Any:
+    """The production `Updater` for this kit (systemctl restart, local-API self-test)."""
+    from firmware.control.claim import ControlPaths
+    from firmware.control.update import Updater, prefix_from_env
+
+    restart_argv = shlex.split(args.restart_cmd)
+    return Updater(Path(args.prefix) if args.prefix else prefix_from_env(), cfg.state_dir,
+                   ControlPaths.of(cfg).pinned_fleet_key(), restart=lambda t: command_restart(restart_argv, t),
+                   probe=lambda v, up, t: api_probe(cfg.state_dir, v, up, t),
+                   uplink_before=lambda: api_uplink(cfg.state_dir), ready_timeout_s=args.ready_timeout,
+                   selftest_timeout_s=args.selftest_timeout, python=args.python, with_pip=not args.no_slot_pip)
+
+
+def command_restart(argv: list[str], timeout: float) -> tuple[bool, str]:
+    """Run the restart command (``systemctl restart``: returns once the unit is READY or failed)."""
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"no READY within {timeout:.0f} s"
+    except OSError as e:
+        return False, f"{argv[0]}: {e}"
+    return (r.returncode == 0, (r.stderr or r.stdout).strip()[-300:] or f"exit {r.returncode}")
+
+
+def _status(state_dir: Path) -> dict[str, Any] | None:
+    from firmware.cli.localapi import call, daemon_url
+    from firmware.errors import ApiError
+
+    url = daemon_url(state_dir)
+    if url is None:
+        return None
+    try:
+        st = call(url, "GET", "/api/v1/status", timeout=5)
+    except (ApiError, OSError, ValueError):
+        return None
+    return st if isinstance(st, dict) else None
+
+
+def api_uplink(state_dir: Path) -> bool:
+    """Whether the running daemon's uplink (relay or control plane) is up now."""
+    from firmware.control.update import uplink_up
+
+    st = _status(state_dir)
+    return st is not None and uplink_up(st)
+
+
+def api_probe(state_dir: Path, version: str, need_uplink: bool, timeout: float) -> tuple[bool, str, str]:
+    """Poll the daemon's status until the self-test passes (`firmware.control.update.judge_status`) or `timeout`."""
+    from firmware.control.update import judge_status
+
+    deadline = time.monotonic() + timeout
+    last = ("no_status", "the daemon's local API does not answer")
+    while True:
+        st = _status(state_dir)
+        if st is not None:
+            ok, code, why = judge_status(st, version, need_uplink)
+            if ok:
+                return True, code, why
+            last = (code, why)
+        if time.monotonic() >= deadline:
+            return False, last[0], last[1]
+        time.sleep(0.5)
+
+
+def _say(res: dict[str, Any] | None, as_json: bool) -> None:
+    from firmware.control.update import dumps
+
+    if as_json:
+        print(dumps(res))
+        return
+    if not res:
+        return
+    text = STATUS_TEXT.get(str(res.get("status")))
+    if text:
+        print(_(text, version=res.get("version") or "?", code=res.get("code", "")))
+    if res.get("reason"):
+        print("  " + str(res["reason"]))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    st = make_updater(args, cfg).status()
+    if args.json:
+        from firmware.control.update import dumps
+
+        print(dumps(st))
+        return 0
+    print(_("running version: {version} ({slot})", version=st["current_version"], slot=st["current"] or "venv"))
+    if st["previous"]:
+        print(_("previous version: {version} ({slot})", version=st["previous_version"] or "?", slot=st["previous"]))
+    if st["state"] != "idle":
+        print(_("update in progress: {state}", state=st["state"]))
+    if st["last_result"]:
+        _say(st["last_result"], False)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from firmware.errors import Refused
+
+    cfg = load_config(args)
+    up = make_updater(args, cfg)
+    try:
+        if args.stick:
+            res = up.apply_from_stick(cfg.usb_dir)
+        elif args.file:
+            copy = up.stage_file(Path(args.file))
+            if args.remove_source:  # else rekam-update.path would start us again for the same file
+                Path(args.file).unlink(missing_ok=True)
+            res = up.apply_staged(copy)
+        else:
+            print("rekam: " + _("name a bundle file or use --stick"), file=sys.stderr)
+            return 2
+    except Refused as e:
+        if args.stick and args.if_present and e.reason == "no_bundle":
+            return 0  # a plain mirror stick, or one whose bundles are installed or failed here already
+        if args.json:
+            _say({"status": "refused", "code": e.reason, "reason": str(e)}, True)
+        else:
+            print("rekam: " + _("update refused ({code})", code=e.reason), file=sys.stderr)
+            print("  " + str(e), file=sys.stderr)
+        return 3
+    _say(res, args.json)
+    return 0 if res.get("status") == "promoted" else 4
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from firmware.errors import Refused
+
+    cfg = load_config(args)
+    try:
+        res = make_updater(args, cfg).rollback(args.reason, f"rollback ({args.reason})", auto=args.auto)
+    except Refused as e:
+        print("rekam: " + _("cannot roll back ({code})", code=e.reason), file=sys.stderr)
+        return 3
+    _say(res, args.json)
+    # 2: nothing done (a running update handles its own trial); rekam-rollback.service then does not start
+    # rekamd itself (its ExecStartPost= runs only after a success), the update does.
+    return 2 if res.get("status") == "skipped" else 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    _say(make_updater(args, cfg).recover(restart=False), args.json)
+    return 0

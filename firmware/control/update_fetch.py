@@ -1,0 +1,104 @@
+"""The fleet's ``update`` command on the kit: download a bundle, check it, hand it to the updater.
+
+Args (signed with the command): ``url`` (https:// from `rekam-fleet release serve`, checked against the fleet CA
+the kit holds; http:// is accepted too, integrity coming from the signatures), ``sha256``, ``size``, ``version``.
+The daemon downloads into ``<state_dir>/updates/`` (its own folder; at most ``size`` bytes are read), checks the
+SHA-256 named by the command, then verifies the bundle's own fleet signature and the version rules
+(`firmware.control.update.Updater.verify`) before it renames it to ``pending.rkup``. The daemon cannot install
+(its unit makes /opt read-only): ``rekam-update.path`` sees the pending file and starts ``rekam-update.service``
+(root), which runs ``rekam update apply --remove-source`` on it. The outcome reaches the fleet in telemetry
+(``update``, from ``/opt/rekam/update/state.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from firmware import config
+from firmware.control.claim import ControlPaths
+from firmware.control.update import Updater, prefix_from_env
+from firmware.errors import Refused
+from firmware.system.fsutil import fsync_dir
+from firmware.wire import update_bundle as ub
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending.rkup"
+READ_TIMEOUT_S = 30.0
+
+
+def pending_path(cfg: config.Config) -> Path:
+    """Where a downloaded, verified bundle waits for the updater."""
+    return cfg.state_dir / "updates" / PENDING
+
+
+def _args(args: dict[str, Any]) -> tuple[str, str, int, str]:
+    url, sha, size, version = args.get("url"), args.get("sha256"), args.get("size"), args.get("version")
+    if not isinstance(url, str) or len(url) > 2000 or urlsplit(url).scheme not in ("https", "http") \
+            or not urlsplit(url).hostname:
+        raise Refused("invalid", "url must be an http(s) URL")
+    if not isinstance(sha, str) or not ub.SHA256_RE.fullmatch(sha):
+        raise Refused("invalid", "sha256 must be 64 lowercase hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= ub.MAX_BUNDLE_BYTES:
+        raise Refused("too_large" if isinstance(size, int) and size > 0 else "invalid",
+                      f"size must be 1..{ub.MAX_BUNDLE_BYTES}")
+    if not isinstance(version, str) or not ub.VERSION_RE.fullmatch(version):
+        raise Refused("invalid", "version must be N[.N[.N[.N]]]")
+    return url, sha, size, version
+
+
+def _download(url: str, size: int, dest: Path, ca: Path) -> str:
+    ctx = None
+    if urlsplit(url).scheme == "https":
+        if not ca.exists():
+            raise Refused("no_ca", "no fleet CA certificate to check the server with")
+        ctx = ssl.create_default_context(cafile=str(ca))
+    h = hashlib.sha256()
+    got = 0
+    try:
+        with urllib.request.urlopen(url, timeout=READ_TIMEOUT_S, context=ctx) as r, open(dest, "wb") as out:
+            while chunk := r.read(min(ub.CHUNK, size + 1 - got)):
+                got += len(chunk)
+                if got > size:
+                    raise Refused("size_mismatch", f"the server sends more than the {size} bytes the command names")
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except (urllib.error.URLError, OSError, ssl.SSLError) as e:
+        raise Refused("download_failed", f"{url}: {e}") from None
+    if got != size:
+        raise Refused("size_mismatch", f"downloaded {got} bytes, the command names {size}")
+    return h.hexdigest()
+
+
+def fetch_update(cfg: config.Config, paths: ControlPaths, args: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Run the ``update`` command (see module doc); `Refused` with a code when the bundle is not taken."""
+    url, sha, size, version = _args(args)
+    folder = pending_path(cfg).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".download-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        digest = _download(url, size, tmp, paths.ca)
+        if digest != sha:
+            raise Refused("hash_mismatch", "the downloaded bundle's SHA-256 differs from the signed command's")
+        up = Updater(prefix_from_env(), cfg.state_dir, paths.pinned_fleet_key(), restart=lambda _t: (False, ""),
+                     probe=lambda _v, _u, _t: (False, "", ""))
+        m = up.verify(tmp)
+        if m.version != version:
+            raise Refused("version_mismatch", f"the bundle is {m.version}, the command names {version}")
+        os.replace(tmp, pending_path(cfg))
+        fsync_dir(folder)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("update downloaded version=%s size=%d; waiting for the updater", version, size)
+    return {"version": version, "pending": str(pending_path(cfg))}, f"update {version} downloaded; installing"

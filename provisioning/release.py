@@ -1,0 +1,258 @@
+"""`rekam-fleet release build|sign|serve|push`: software update bundles for the kits (docs/updates.md).
+
+* ``build``: the bundle file (`firmware.wire.update_bundle`) from a folder of wheels (or the checkout itself,
+  ``pip wheel``), unsigned unless ``--sign``;
+* ``sign``: sign a built bundle's manifest with the fleet signing key (the key every kit pinned at its claim:
+  the same trust root and envelope as config documents and commands);
+* ``serve``: the bundles of a folder over HTTPS, with the broker's certificate from the fleet CA (kits check it
+  against the fleet CA they hold; integrity comes from the signatures either way);
+* ``push``: a signed ``update`` command to a kit (or ``--all`` approved kits) with the bundle's URL, SHA-256,
+  size and version; the kit downloads, verifies and hands it to its updater.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from firmware.errors import BundleError, FleetError
+from firmware.system.i18n import _
+from firmware.wire import update_bundle as ub
+from provisioning.signer import KEY_FILE, Signer
+
+# What a new release reads and writes, unless told otherwise (this checkout's journal schema 2, record format 1).
+DEFAULT_JOURNAL = {"reads": [1, 2], "writes": 2, "compatible_from": 2}
+DEFAULT_RECORDS = {"reads": [1], "writes": 1}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build(wheels: list[Path], version: str, min_from: str, out: Path, journal: dict[str, Any] | None = None,
+          records: dict[str, Any] | None = None, note: str = "", signer: Signer | None = None) -> dict[str, Any]:
+    """Write a bundle of `wheels`; returns its manifest body. Signed when `signer` is given."""
+    if not wheels:
+        raise FleetError(_("no wheel files to bundle"))
+    by_name = {w.name: w for w in wheels}
+    try:
+        body = ub.manifest_body(version, min_from, [ub.describe_wheel(w) for w in sorted(wheels)],
+                                journal or DEFAULT_JOURNAL, records or DEFAULT_RECORDS, note)
+        ub.write_bundle(out, body, by_name, signer.key if signer else None)
+    except BundleError as e:
+        raise FleetError(str(e)) from None
+    return body
+
+
+def sign(path: Path, signer: Signer, out: Path | None = None) -> dict[str, Any]:
+    """Sign the manifest of the bundle at `path` (in place, or into `out`); returns the manifest body."""
+    out = out or path
+    try:
+        with open(path, "rb") as f:
+            m = ub.unsigned_manifest(f, os.fstat(f.fileno()).st_size)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                wheels = {p.name: p for p in ub.extract(f, m, Path(tmp))}
+                ub.write_bundle(out, m.body, wheels, signer.key)
+    except BundleError as e:
+        raise FleetError(str(e)) from None
+    return m.body
+
+
+def checked(path: Path, signer: Signer) -> tuple[dict[str, Any], str, int]:
+    """The manifest body, SHA-256 and size of a bundle signed by this fleet (`FleetError` if it is not)."""
+    from firmware.wire import control_protocol as cp
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            m = ub.open_manifest(f, size, cp.load_public_b64(signer.public_key_b64))
+            f.seek(0)
+            while chunk := f.read(ub.CHUNK):
+                h.update(chunk)
+    except BundleError as e:
+        raise FleetError(_("{path}: not a bundle signed by this fleet ({reason})", path=path.name,
+                           reason=e.reason)) from None
+    return m.body, h.hexdigest(), size
+
+
+def wheels_from_checkout(src: Path, dest: Path) -> list[Path]:
+    """``pip wheel`` of the checkout at `src` (rekam and, for a full wheelhouse, its dependencies) into `dest`."""
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(dest),
+                        str(src)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FleetError(_("pip wheel failed: {error}", error=(r.stderr or r.stdout)[-400:]))
+    return sorted(dest.glob("*.whl"))
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Only ``GET /<name>.rkup`` of the served folder; no listings, no other files."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        name = self.path.lstrip("/")
+        if not ub.STICK_NAME_RE.fullmatch(name):
+            self.send_error(404)
+            return
+        super().do_GET()
+
+    def list_directory(self, path: Any) -> None:  # type: ignore[override]
+        self.send_error(404)
+        return None
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        sys.stderr.write("release serve: " + (format % args) + "\n")
+
+
+def make_server(folder: Path, cert: Path, key: Path, host: str = "0.0.0.0", port: int = 8443
+                ) -> http.server.ThreadingHTTPServer:
+    """The HTTPS server of `folder` (not started: ``serve_forever()``, or a thread)."""
+    handler = lambda *a, **kw: _Handler(*a, directory=str(folder), **kw)  # noqa: E731
+    srv = http.server.ThreadingHTTPServer((host, port), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    return srv
+
+
+def push(data: Path, kits: list[str] | None, bundle: Path, url_base: str, ttl: int = 3600,
+         wait: float = 30.0) -> dict[str, dict[str, Any] | None]:
+    """Send the signed ``update`` command for `bundle` (served at `url_base`) to `kits` (None: every approved kit);
+    returns kit -> its result (None: no answer within `wait`)."""
+    from provisioning.fleet_ops import open_fleet, send_command
+
+    f = open_fleet(data)
+    body, digest, size = checked(bundle, f.signer)
+    targets = kits if kits is not None else [r["kit_id"] for r in f.kits() if r["state"] == "approved"]
+    args = {"url": url_base.rstrip("/") + "/" + bundle.name, "sha256": digest, "size": size,
+            "version": body["version"]}
+    return {k: send_command(f, k, "update", args, ttl, wait) for k in targets}
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _signer(data: str) -> Signer:
+    try:
+        return Signer.load(Path(data) / KEY_FILE)
+    except (OSError, ValueError) as e:
+        raise FleetError(_("cannot read the fleet signing key in {path}: {error}", path=data, error=e)) from None
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    if args.wheels:
+        wheels = sorted(Path(args.wheels).glob("*.whl"))
+        body = build(wheels, args.version, args.min_from, Path(args.out), _journal(args), _records(args), args.note,
+                     _signer(args.data) if args.sign else None)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            wheels = wheels_from_checkout(Path(args.checkout), Path(tmp))
+            body = build(wheels, args.version, args.min_from, Path(args.out), _journal(args), _records(args),
+                         args.note, _signer(args.data) if args.sign else None)
+    print(_("bundle {path}: version {version} from {min_from}, {n} wheel(s), {state}", path=args.out,
+            version=body["version"], min_from=body["min_from_version"], n=len(body["artifacts"]),
+            state=_("signed") if args.sign else _("unsigned (run release sign)")))
+    return 0
+
+
+def _journal(args: argparse.Namespace) -> dict[str, Any]:
+    writes = args.journal_writes
+    return {"reads": _ints(args.journal_reads), "writes": writes,
+            "compatible_from": args.journal_compatible_from or writes}
+
+
+def _records(args: argparse.Namespace) -> dict[str, Any]:
+    return {"reads": _ints(args.record_reads), "writes": args.record_writes}
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    body = sign(Path(args.file), _signer(args.data), Path(args.out) if args.out else None)
+    print(_("bundle {path} signed: version {version}", path=args.out or args.file, version=body["version"]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from provisioning.ca import CaPaths
+
+    ca = CaPaths(Path(args.data) / "ca")
+    srv = make_server(Path(args.dir), ca.server_crt, ca.server_key, args.host, args.port)
+    print(_("serving bundles of {path} on https://{host}:{port}/", path=args.dir, host=args.host, port=args.port))
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if bool(args.all) == bool(args.kit):
+        raise FleetError(_("name one kit or use --all"))
+    results = push(Path(args.data), None if args.all else [args.kit], Path(args.file), args.url_base, args.ttl,
+                   args.wait)
+    print(json.dumps(results, indent=1))
+    return 0 if results and all(r is not None and r.get("ok") for r in results.values()) else 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register `release build|sign|serve|push` on the rekam-fleet parser."""
+
+    def data(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data", default=os.environ.get("REKAM_FLEET_DATA", "."),
+                       help=_("fleet folder (fleet.db, ca/)"))
+        return p
+
+    g = sub.add_parser("release", help=_("software update bundles: build, sign, serve, push")).add_subparsers(
+        dest="release_cmd", metavar="CMD")
+    g.required = True
+    p = data(g.add_parser("build", help=_("write a bundle from a folder of wheels (or from the checkout)")))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wheels", help=_("folder of .whl files (rekam and its dependencies)"))
+    src.add_argument("--checkout", help=_("build the wheels from this source tree (pip wheel)"))
+    p.add_argument("--version", required=True)
+    p.add_argument("--min-from", required=True, help=_("oldest version this bundle may update"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--journal-reads", default="1,2", help=_("journal schemas the release opens"))
+    p.add_argument("--journal-writes", type=int, default=2, help=_("journal schema the release migrates to"))
+    p.add_argument("--journal-compatible-from", type=int, default=0,
+                   help=_("oldest schema whose code still runs on the migrated journal (default: --journal-writes)"))
+    p.add_argument("--record-reads", default="1", help=_("record formats the release reads"))
+    p.add_argument("--record-writes", type=int, default=1, help=_("record format the release writes"))
+    p.add_argument("--note", default="")
+    p.add_argument("--sign", action="store_true", help=_("sign with the fleet key at once"))
+    p.set_defaults(func=cmd_build)
+    p = data(g.add_parser("sign", help=_("sign a bundle with the fleet key")))
+    p.add_argument("file")
+    p.add_argument("--out", help=_("write the signed bundle here (default: in place)"))
+    p.set_defaults(func=cmd_sign)
+    p = data(g.add_parser("serve", help=_("serve the bundles of a folder over HTTPS (fleet CA certificate)")))
+    p.add_argument("--dir", required=True)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8443)
+    p.set_defaults(func=cmd_serve)
+    p = data(g.add_parser("push", help=_("send the signed update command to a kit or to every approved kit")))
+    p.add_argument("kit", nargs="?")
+    p.add_argument("file")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--url-base", required=True, help=_("where `release serve` serves the bundle, https://host:port/"))
+    p.add_argument("--ttl", type=int, default=3600, help=_("seconds the command stays valid"))
+    p.add_argument("--wait", type=float, default=30)
+    p.set_defaults(func=cmd_push)
+
+
+def serve_in_thread(srv: http.server.ThreadingHTTPServer) -> threading.Thread:
+    """Run `srv` on a daemon thread (tests, and a fleet service that embeds it)."""
+    t = threading.Thread(target=srv.serve_forever, name="release-serve", daemon=True)
+    t.start()
+    return t
