@@ -5,7 +5,6 @@ eyes, archived, exported by `rekam-fleet export`, read back by nistitl (Type-17,
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
