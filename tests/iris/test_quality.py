@@ -65,3 +65,27 @@ def test_hints_are_indonesian_first() -> None:
     with i18n.use_language("id"):
         assert hints(["EYE_OCCLUDED"]) == ["Mata tertutup kelopak — buka mata lebih lebar"]
     assert set(CODES) >= set(EXPECTED.values())
+
+
+def test_rekam_quality_iris_cli_gives_verdicts_codes_and_exit_status(tmp_path) -> None:
+    """`rekam quality iris` as an operator runs it (a real subprocess), on a good and a closed eye."""
+    import json
+    import subprocess
+    import sys
+
+    import cv2
+
+    from tests.support import subprocess_env
+
+    good, closed = tmp_path / "good.png", tmp_path / "closed.png"
+    cv2.imwrite(str(good), synth_eye(RESIDENTS[0], "left", 2))
+    cv2.imwrite(str(closed), synth_eye(RESIDENTS[0], "right", 2, DEFECTS["closed"]))
+    r = subprocess.run([sys.executable, "-m", "firmware.cli", "quality", "iris", str(good), str(closed), "--json"],
+                       capture_output=True, text=True, timeout=120, env=subprocess_env({"REKAM_LANG": "en"}))
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert [x["accepted"] for x in out] == [True, False] and out[1]["codes"][0] == "EYE_OCCLUDED"
+    assert "iso_sharpness" in out[0]["measures"] and out[0]["position"]["distance"] == "ok"
+    r = subprocess.run([sys.executable, "-m", "firmware.cli", "quality", "iris", str(good)], capture_output=True,
+                       text=True, timeout=120, env=subprocess_env({"REKAM_LANG": "id"}))
+    assert r.returncode == 0 and "DITERIMA skor=" in r.stdout, r.stdout + r.stderr
