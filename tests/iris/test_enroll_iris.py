@@ -50,13 +50,17 @@ def test_face_irises_fingers_signature_to_a_sealed_v3_record(make_daemon, dc_key
     assert len(strokes) == sig["stroke_count"] == 3
 
 
-def test_eye_exception_retakes_and_signature_exception(make_daemon, dc_keys) -> None:
-    d = make_daemon(extra=IRIS_TOML)
+def test_eye_exception_forced_capture_and_signature_exception(make_daemon, dc_keys) -> None:
+    d = make_daemon(extra=IRIS_TOML + "sim_retake_rate = 1.0\n")  # every synthetic shot has a defect
     c = d.signin()
     c.post("/api/v1/enrollment", json={"nik": NIK_FEMALE, "override_reason": ""})
     c.post("/api/v1/enrollment/face")
     r = c.post("/api/v1/enrollment/iris/left/exception", json={"reason": "prostesis (mata palsu)"})
     assert r.status_code == 200 and r.json()["step"] == "iris:right"
+    answers = [c.post("/api/v1/enrollment/iris/right").json() for _ in range(3)]
+    assert [a["done"] for a in answers] == [False, False, True], answers
+    assert all(a["codes"] and a["hints"] for a in answers) and answers[-1]["forced"] and not answers[-1]["accepted"]
+    assert answers[0]["message"].startswith("ulangi: ")  # the kit speaks Bahasa Indonesia first
     # A signature before the fingers is refused; an empty pad and a single line are rejected with their codes.
     r = c.post("/api/v1/enrollment/signature", json={"strokes": signature_strokes(), "width": 600, "height": 200})
     assert r.status_code == 409 or r.json()["detail"]["code"] == "fingers_pending", r.text
@@ -74,5 +78,8 @@ def test_eye_exception_retakes_and_signature_exception(make_daemon, dc_keys) -> 
     m, atts = _open(d, dc_keys, receipt["record_id"])
     assert m["irises"][0] == {"eye": "left", "exception": "prostesis (mata palsu)"}
     assert m["irises"][1]["image"] == "iris-right.png" and "iris-left.png" not in atts
+    right = m["irises"][1]
+    assert right["forced"] and len(right["attempts"]) == 3 and all(a["rejected"] for a in right["attempts"])
+    assert right["attempts"][right["kept"]]["score"] == max(a["score"] for a in right["attempts"])
     assert m["signature"] == {"exception": "tidak bisa menulis; cap jempol", "attempts": 2}
     assert "signature.png" not in atts
