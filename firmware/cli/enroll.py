@@ -218,6 +218,10 @@ def _enroll(s: Session, args: argparse.Namespace) -> int:
             _face(s, args.auto)
         elif step.startswith("finger:"):
             _finger(s, step[7:], state, args.auto)
+        elif step.startswith("iris:"):
+            _iris(s, step[5:], args.auto)
+        elif step == "signature":
+            _signature(s, args.auto)
         elif step == "dupcheck":
             _dupcheck(s)
         elif step == "supervisor":
@@ -280,6 +284,35 @@ def _finger(s: Session, code: str, state: dict[str, Any], auto: bool) -> None:
             s.call("POST", f"/enrollment/fingers/{code}/exception", {"reason": reason})
         return
     _feedback(s, f"{code} {label}", s.call("POST", f"/enrollment/fingers/{code}"))
+
+
+def _iris(s: Session, eye: str, auto: bool) -> None:
+    label = _("left eye") if eye == "left" else _("right eye")
+    s.say(_("Iris, {eye}: hold the iris camera about 10 cm in front of it; the resident opens the eye wide.",
+            eye=label))
+    a = _choice(s, label + ":", auto)
+    if a == "c":
+        _cancel_or_raise(s)
+    if a == "x":
+        reason = _ask(_("Why is the {eye} not captured (missing, blind, prosthesis)? ", eye=label)).strip()
+        if reason:
+            s.call("POST", f"/enrollment/iris/{eye}/exception", {"reason": reason})
+        return
+    _feedback(s, label, s.call("POST", f"/enrollment/iris/{eye}"))
+
+
+def _signature(s: Session, auto: bool) -> None:
+    """The signature is drawn on the console's touch screen; the terminal waits for it or records an exception."""
+    if auto:
+        raise Abort(_("the signature is drawn on the console's touch screen; finish there"))
+    a = _ask(_("Signature: let the resident sign on the console, then [Enter]  [x] cannot sign  [c] cancel: "))
+    a = a.strip().lower()
+    if a == "c":
+        _cancel_or_raise(s)
+    if a == "x":
+        reason = _ask(_("Why can the resident not sign (e.g. thumbprint)? ")).strip()
+        if reason:
+            s.call("POST", "/enrollment/signature/exception", {"reason": reason})
 
 
 def _dupcheck(s: Session) -> None:

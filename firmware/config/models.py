@@ -428,6 +428,61 @@ class EnrollmentConfig(Section):
     capture_face: bool = Field(True, description="Capture a face photo in each enrollment.")
 
 
+class IrisConfig(Section):
+    """``[iris]``: both irises (NIR camera, ISO/IEC 29794-6 quality gates) and the resident's signature."""
+
+    capture_iris: bool = Field(
+        False, description="Capture both irises in each enrollment (after the face, before the fingers).")
+    eyes: list[Literal["left", "right"]] = Field(
+        ["left", "right"], min_length=1, max_length=2,
+        description="Eyes captured, in order (the operator guide: left, then right).")
+    camera: Literal["picamera2", "v4l2", "sim"] = Field(
+        "picamera2",
+        description="Iris camera: Pi NoIR camera with 850 nm LEDs (picamera2), UVC iris camera (v4l2) or synthetic "
+                    "eyes (sim; always in rekamd --sim).")
+    device: int = Field(1, ge=0, le=63, description="V4L2 device index of the UVC iris camera (/dev/videoN).")
+    width: int = Field(640, ge=320, le=4096, description="Iris frame width, px (ISO/IEC 19794-6 K_VGA: 640).")
+    height: int = Field(480, ge=240, le=4096, description="Iris frame height, px (K_VGA: 480).")
+    illuminator_pin: int = Field(18, ge=0, le=27, description="BCM GPIO of the 850 nm illuminator (PWM).")
+    illuminator_duty: float = Field(
+        0.5, gt=0, le=0.5, description="PWM duty of the illuminator while lit (eye safety: at most 0.5).")
+    illuminator_max_on_s: float = Field(
+        2.0, gt=0, le=2.0, description="Longest the illuminator stays lit per shot, s (eye safety: at most 2).")
+    accept_score: float = Field(
+        50.0, ge=0, le=100, description="Lowest ISO/IEC 29794-6 overall score (iris-iqm) accepted, with no code.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Shots per eye before the best one is kept as forced.")
+    usable_area_min: float = Field(
+        70.0, ge=0, le=100, description="Lowest usable iris area, % (EYE_OCCLUDED: lids, lashes).")
+    iris_diameter_min: int = Field(
+        180, ge=50, le=1000, description="Smallest iris diameter, px (TOO_FAR; ISO/IEC 29794-6: 150 minimum).")
+    iris_diameter_max: int = Field(290, ge=50, le=2000, description="Largest iris diameter, px (TOO_CLOSE).")
+    centre_offset_max: float = Field(
+        0.2, ge=0, le=0.5, description="Largest offset of the iris centre from the frame centre, share of the frame "
+                                       "side (OFF_CENTRE).")
+    pupil_circularity_min: float = Field(
+        85.0, ge=0, le=100, description="Lowest pupil boundary circularity, 0-100: below it a lid covers the pupil "
+                                        "(EYE_OCCLUDED).")
+    concentricity_min: float = Field(
+        90.0, ge=0, le=100, description="Lowest iris-pupil concentricity, 0-100 (GAZE_AWAY).")
+    sharpness_min: float = Field(1.5, ge=0, le=100, description="Lowest ISO sharpness, 0-100 (BLURRED).")
+    sclera_contrast_min: float = Field(
+        5.0, ge=0, le=100, description="Lowest iris-sclera contrast, 0-100 (LOW_CONTRAST).")
+    dilation_min: float = Field(0.2, ge=0, le=1, description="Smallest pupil/iris diameter ratio (PUPIL_DILATION).")
+    dilation_max: float = Field(0.7, ge=0, le=1, description="Largest pupil/iris diameter ratio (PUPIL_DILATION).")
+    margin_min: float = Field(80.0, ge=0, le=100, description="Lowest ISO margin adequacy, 0-100 (MARGIN).")
+    sim_retake_rate: float = Field(
+        0.25, ge=0, le=1, description="Simulation: share of shots of the synthetic eyes taken with a defect (closed, "
+                                      "blurred, off gaze...), drawn per shot from a seed so runs repeat.")
+    capture_signature: bool = Field(
+        False, description="Capture the resident's signature on the console after the fingers.")
+    signature_min_strokes: int = Field(1, ge=1, le=50, description="Fewest pen strokes of a signature.")
+    signature_min_ink: float = Field(
+        0.004, ge=0, le=0.5, description="Smallest share of inked pixels of the signature pad (SIGNATURE_EMPTY).")
+    signature_min_extent: float = Field(
+        0.15, ge=0, le=1, description="Smallest height/width of the signature's box, share of its width "
+                                      "(SIGNATURE_LINE: a single stroke line is not a signature).")
+
+
 class ControlConfig(Section):
     """``[control]``"""
 
@@ -678,6 +733,7 @@ class RekamConfig(BaseModel):
     sensor: SensorConfig = Field(default_factory=SensorConfig)
     operators: OperatorsConfig = Field(default_factory=OperatorsConfig)
     enrollment: EnrollmentConfig = Field(default_factory=EnrollmentConfig)
+    iris: IrisConfig = Field(default_factory=IrisConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     relay: RelayConfig = Field(default_factory=RelayConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)

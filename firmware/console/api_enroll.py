@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 ID = r"^[A-Za-z0-9._-]{1,64}$"
 FINGER = r"^[RL][1-5]$"
+EYE = r"^(left|right)$"
 
 
 class SignIn(BaseModel):
@@ -44,6 +45,14 @@ class Supervisor(BaseModel):
     pin: str = Field(pattern=r"^\d{4,12}$")
     decision: Literal["accept", "reject"]
     reason: str = Field(min_length=1, max_length=500)
+
+
+class Signature(BaseModel):
+    """The signature pad's strokes: per stroke, points [x, y, pressure, t_ms] in pad pixels."""
+
+    strokes: list[list[list[float]]] = Field(max_length=200)
+    width: int = Field(ge=50, le=2000)
+    height: int = Field(ge=50, le=2000)
 
 
 class Alias(BaseModel):
@@ -140,6 +149,37 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
                    rekam_session: str | None = Sess) -> dict[str, Any]:
         """Record a missing, bandaged or injured finger."""
         call(svc.finger_exception, token(authorization, rekam_session), code, req.reason)
+        return svc.describe()
+
+    @r.post("/enrollment/iris/{eye}", dependencies=deps)
+    def iris(eye: str = Path(pattern=EYE), authorization: str | None = Auth,
+             rekam_session: str | None = Sess) -> dict[str, Any]:
+        """Take one NIR shot of the eye and return its quality feedback and the eye's position."""
+        return call(svc.iris_attempt, token(authorization, rekam_session), eye)
+
+    @r.get("/enrollment/iris/{eye}/live", dependencies=deps)
+    def iris_live(eye: str = Path(pattern=EYE), authorization: str | None = Auth,
+                  rekam_session: str | None = Sess) -> dict[str, Any]:
+        """A live frame (preview `iris-live.jpg`) with the eye's offset and distance; nothing is recorded."""
+        return call(svc.iris_preview, token(authorization, rekam_session), eye)
+
+    @r.post("/enrollment/iris/{eye}/exception", dependencies=deps)
+    def iris_exc(req: Reason, eye: str = Path(pattern=EYE), authorization: str | None = Auth,
+                 rekam_session: str | None = Sess) -> dict[str, Any]:
+        """Record a missing, blind or prosthetic eye."""
+        call(svc.iris_exception, token(authorization, rekam_session), eye, req.reason)
+        return svc.describe()
+
+    @r.post("/enrollment/signature", dependencies=deps)
+    def signature(req: Signature, authorization: str | None = Auth,
+                  rekam_session: str | None = Sess) -> dict[str, Any]:
+        """The resident's signature as pad strokes; the kit renders and checks it."""
+        return call(svc.signature, token(authorization, rekam_session), req.strokes, req.width, req.height)
+
+    @r.post("/enrollment/signature/exception", dependencies=deps)
+    def signature_exc(req: Reason, authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict:
+        """The resident cannot sign (the reason is recorded; the thumbprint stands for it)."""
+        call(svc.signature_exception, token(authorization, rekam_session), req.reason)
         return svc.describe()
 
     @r.post("/enrollment/dupcheck", dependencies=deps)

@@ -107,7 +107,7 @@ class PanelLink(ThreadService):
         if event == "busy":
             self.busy = bool(data.get("on"))
             panel.show(PanelState(**{**panel.state.__dict__, "busy": self.busy}))
-        elif event in ("face", "finger"):
+        elif event in ("face", "finger", "iris"):
             if data.get("accepted"):
                 panel.beep_good()
             else:
@@ -157,11 +157,13 @@ class PanelLink(ThreadService):
                 svc.face_attempt(token)
             elif step.startswith("finger:"):
                 svc.finger_attempt(token, step[7:])
+            elif step.startswith("iris:"):
+                svc.iris_attempt(token, step[5:])
             elif step == "dupcheck":
                 svc.dup_check(token)
             elif step == "review":
                 svc.commit(token)
-            else:  # supervisor: needs a PIN on the console
+            else:  # supervisor: needs a PIN on the console; signature: the console's pad
                 self.last_action = f"confirm: step {step} needs the console"
                 self._beep("retake")
                 return

@@ -38,9 +38,21 @@ def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict
     qf = cfg.quality_finger
     qface = cfg.quality_face
     # typed by the config models: no casts or fallbacks needed
+    iris_assessor = None
+    if hw.iris_camera is not None:
+        try:
+            from firmware.quality.iris.assess import IrisAssessor
+
+            iris_assessor = IrisAssessor(cfg.iris)
+        except Exception as e:  # iris-iqm is the optional extra `iris`
+            log.error("iris quality unavailable error=%s; install rekam[iris]", e)
+    present_eye = getattr(hw.iris_camera, "present", None) if sim else None
+    aliases = hw.closables.get("sim_aliases", {})
     dev = Devices(sensor=hw.sensor, camera=hw.camera, finger_quality=fq, face_assessor=face,
                   finger_threshold=qf.threshold, finger_attempts=qf.max_attempts,
                   finger_thresholds=dict(qf.finger_thresholds),
                   face_threshold=qface.accept_score, face_attempts=qface.max_attempts,
-                  present_finger=hw.present_finger)
+                  present_finger=hw.present_finger, iris_camera=hw.iris_camera, iris_assessor=iris_assessor,
+                  iris_threshold=cfg.iris.accept_score, iris_attempts=cfg.iris.max_attempts,
+                  present_eye=(lambda nik: present_eye(aliases.get(nik, nik))) if present_eye else None)
     return dev, hw.closables

@@ -3,6 +3,7 @@ images, built from a finished enrollment; and the image encoders the session's p
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,10 @@ from firmware.wire import record_format
 #: Manifest schema written by this build. 2 added `ppi` per captured finger (the sensor's resolution, for the
 #: ABIS export) and the optional ``position`` (issue #18): the GNSS fix at commit
 #: (``{"fix": "3d"|"2d", "lat", "lon", "alt_m", "accuracy_m", "satellites_used", "age_s", "source"}``) or
-#: ``{"fix": "none", "reason": "no_fix"|"stale"|"no_receiver"}``, absent when positions are not recorded.
-#: Readers take 1 as well (every /1 field is unchanged; docs/interchange.md says what a v1 record lacks).
-SCHEMA = "rekam.enrollment/2"
+#: ``{"fix": "none", "reason": "no_fix"|"stale"|"no_receiver"}``, absent when positions are not recorded;
+#: 3 added `irises` and `signature` (issue #20; empty list / null where the site does not capture them).
+#: Readers take 1 and 2 as well (docs/interchange.md says what an older record lacks).
+SCHEMA = "rekam.enrollment/3"
 #: Resolution of the kit's sensors by image geometry (height, width): R30x/AS608 image at 500 ppi, R503 at 508.
 SENSOR_PPI = {(288, 256): 500, (192, 192): 508}
 
@@ -64,6 +66,7 @@ def build_payload(e: Any, cfg: Config) -> bytes:
     position = getattr(e, "position", None)
     if position is not None:
         manifest["position"] = position
+    manifest.update(iris_signature_manifest(e, atts))
     return record_format.Payload(manifest, atts).encode()
 
 
@@ -124,3 +127,36 @@ def portrait(frame: np.ndarray, a: Any) -> bytes:
     else:
         img = centre_portrait(frame, spec)
     return encode_jpeg(img)
+
+
+# --- iris and signature (schema 3, issue #20) ---------------------------------------------
+
+def iris_signature_manifest(e: Any, atts: list[record_format.Attachment]) -> dict[str, Any]:
+    """The manifest's `irises` and `signature` (schema 3), adding their attachments to `atts`. Iris images are
+    lossless PNG of the whole 640x480 frame (ISO/IEC 19794-6 K_VGA); the export re-encodes them to lossless
+    JPEG 2000 inside the IIR."""
+    irises = []
+    for st in e.irises.values():
+        doc: dict[str, Any] = {"eye": st.eye}
+        if st.exception:
+            doc["exception"] = st.exception
+        elif st.outcome and st.outcome.accepted:
+            frame, a = st.outcome.accepted.data
+            name = f"iris-{st.eye}.png"
+            atts.append(record_format.Attachment(name, "image/png", png(frame)))
+            doc.update({"image": name, "width": int(frame.shape[1]), "height": int(frame.shape[0]),
+                        **st.outcome.summary(), "position": a.position,
+                        "attempt_details": [x.data[1].summary() for x in st.outcome.attempts]})
+        irises.append(doc)
+    sig: dict[str, Any] | None = None
+    if e.signature is not None:
+        s = e.signature
+        if s.exception:
+            sig = {"exception": s.exception, "attempts": s.attempts}
+        elif s.png:
+            atts.append(record_format.Attachment("signature.png", "image/png", s.png))
+            atts.append(record_format.Attachment("signature-strokes.json", "application/json",
+                                                 json.dumps({"strokes": s.strokes}, separators=(",", ":")).encode()))
+            sig = {"image": "signature.png", "strokes": "signature-strokes.json", "width": s.width,
+                   "height": s.height, "stroke_count": len(s.strokes), "attempts": s.attempts}
+    return {"irises": irises, "signature": sig}

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from firmware.config.models import QualityFaceConfig, QualityFingerConfig
+from firmware.enrollment import iris as irismod
 from firmware.enrollment import nik as nikmod
 from firmware.enrollment.dedup import DuplicateChecker, FingerHit
 from firmware.enrollment.operators import Operators, SignedIn, SignInError
@@ -86,6 +87,11 @@ class Devices:
     library_capacity: int = 0
     # Simulation only: called before waiting for a finger, to put the resident's finger on the simulator.
     present_finger: Callable[[str, str], None] | None = None
+    iris_camera: Any = None  # hw.iris_camera backend: capture(eye) -> grey ndarray
+    iris_assessor: Any = None  # firmware.quality.iris.assess.IrisAssessor
+    iris_threshold: float = 50.0
+    iris_attempts: int = 3
+    present_eye: Callable[[str], None] | None = None  # simulation: the resident (NIK) in front of the iris camera
 
 
 @dataclass
@@ -123,14 +129,21 @@ class Enrollment:
     cancel: threading.Event = field(default_factory=threading.Event)
     previews: dict[str, bytes] = field(default_factory=dict)  # PNG/JPEG previews for the console (RAM only)
     busy: bool = False
+    irises: dict[str, irismod.IrisState] = field(default_factory=dict)  # eye -> progress ([iris] capture_iris)
+    signature: irismod.SignatureState | None = None  # None: the site does not capture signatures
 
     def step(self, capture_face: bool) -> str:
-        """What the operator does next: face, finger:<code>, dupcheck, supervisor, review."""
+        """What the operator does next: face, iris:<eye>, finger:<code>, signature, dupcheck, supervisor, review."""
         if capture_face and not (self.face_exception or (self.face_outcome and self.face_outcome.done)):
             return "face"
+        for i in self.irises.values():
+            if not i.done:
+                return f"iris:{i.eye}"
         for f in self.fingers.values():
             if not f.done:
                 return f"finger:{f.code}"
+        if self.signature is not None and not self.signature.done:
+            return "signature"
         if self.dup_hits is None:
             return "dupcheck"
         if self.dup_hits and self.supervisor is None:
@@ -138,7 +151,7 @@ class Enrollment:
         return "review"
 
 
-class EnrollmentService:
+class EnrollmentService(irismod.IrisSignatureSteps):
     """Drives enrollments for one kit; thread safe (one enrollment at a time)."""
 
     def __init__(self, store: Store, cfg: Any, operators: Operators, dedup: DuplicateChecker, devices: Devices,
@@ -293,6 +306,11 @@ class EnrollmentService:
                            override_reason=override_reason if previous else "", previous_records=previous)
             if self.cfg.enrollment.capture_face:
                 e.face_policy = CapturePolicy(self.dev.face_threshold, self.dev.face_attempts)
+            if self.cfg.iris.capture_iris:
+                e.irises = {eye: irismod.IrisState(eye, CapturePolicy(self.dev.iris_threshold, self.dev.iris_attempts))
+                            for eye in self.cfg.iris.eyes}
+            if self.cfg.iris.capture_signature:
+                e.signature = irismod.SignatureState()
             self.active = e
         if previous:
             self._audit("nik_override", s.operator.id, enrollment=e.id, previous=previous, reason=override_reason)
@@ -433,7 +451,7 @@ class EnrollmentService:
         result["finger"] = code
         if outcome.done:
             nxt = next((x.code for x in e.fingers.values() if not x.done), None)
-            result["next"] = f"finger:{nxt}" if nxt else "dupcheck"
+            result["next"] = f"finger:{nxt}" if nxt else e.step(self.cfg.enrollment.capture_face)
         self._emit("finger", finger=code, accepted=result["accepted"], done=outcome.done)
         return result
 
@@ -471,6 +489,9 @@ class EnrollmentService:
         s, e = self._current(token)
         if any(not f.done for f in e.fingers.values()):
             raise EnrollmentError("fingers_pending", gettext("capture every finger (or record an exception) first"))
+        if any(not i.done for i in e.irises.values()) or (e.signature is not None and not e.signature.done):
+            raise EnrollmentError("not_ready", gettext("not ready to commit: next step is {step}",
+                                                       step=e.step(self.cfg.enrollment.capture_face)))
         hits: list[FingerHit] = []
         if self.dev.sensor is not None and self.dedup.capacity:
             with self._busy(e):
@@ -618,6 +639,7 @@ class EnrollmentService:
                 "nik_masked": e.nik.value[:6] + "******"
                 + e.nik.value[12:], "started": e.started, "step": step,
                 "face": face, "face_exception": e.face_exception, "fingers": fingers, "busy": e.busy,
+                **irismod.describe(e),
                 "override_reason": e.override_reason,
                 "duplicates": None if e.dup_hits is None else [h.__dict__ for h in e.dup_hits],
                 "supervisor": e.supervisor}

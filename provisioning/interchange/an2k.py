@@ -1,8 +1,10 @@
 """ANSI/NIST-ITL 1-2011 Update:2015 transactions (`.an2`) with `nistitl` (records) and `wsq` (Type-14 images).
 
 One transaction per enrollment: Type-1 (header), Type-2 (rekam's user-defined fields, numbers below),
-one Type-14 per captured finger, one Type-10 for the face. Every value comes from the record: the output
-is a function of the record alone (no "now"), so a second export writes the same bytes.
+one Type-14 per captured finger, one Type-10 for the face, one Type-17 per eye (schema 3; an eye not captured is
+a Type-17 with 17.028 DME "UC" and no image) and one Type-8 for the signature (scanned, uncompressed 8-bit grey).
+Every value comes from the record: the output is a function of the record alone (no "now"), so a second export
+writes the same bytes.
 
 Type-2 fields (user-defined; docs/interchange.md has the full table):
 
@@ -12,6 +14,8 @@ Type-2 fields (user-defined; docs/interchange.md has the full table):
     2.012 finger exceptions, one subfield per exception: FGP, reason
     2.013 face: score 0-100 or empty, attempts, forced (Y/N), exception reason or empty
     2.014 software of the kit   2.015 manifest schema
+    2.016 irises, one subfield per eye: eye (L/R), score 0-100 or empty, attempts, forced (Y/N), exception or empty
+    2.017 signature: captured (Y/N), attempts, exception reason or empty
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import datetime as dt
 import io
 
 from firmware.errors import ExportError
-from provisioning.interchange.enrollment import Enrollment, Finger
+from provisioning.interchange.enrollment import Enrollment, Finger, Iris
 
 VERSION = "0502"
 #: Quality algorithm of 14.024 (FQM): rekam's NFIQ 2 estimate has no IBIA-registered vendor/product id.
@@ -67,6 +71,11 @@ def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
         13: [[_score(face.score), str(face.attempts), _yn(face.forced), _ascii(face.exception)]],
         14: _ascii(e.software), 15: e.schema,
     }
+    if e.irises:
+        values[16] = [[i.eye[0].upper(), _score(i.score), str(i.attempts), _yn(i.forced), _ascii(i.exception)]
+                      for i in e.irises]
+    if e.signature is not None:
+        values[17] = [[_yn(bool(e.signature.png)), str(e.signature.attempts), _ascii(e.signature.exception)]]
     quality = [[str(f.fgp), _score(f.score), str(f.attempts), _yn(f.forced)] for f in e.captured_fingers]
     exceptions = [[str(f.fgp), _ascii(f.exception)] for f in e.fingers if f.exception]
     if quality:
@@ -117,6 +126,44 @@ def _type10(e: Enrollment, idc: int, agency: str):
     return r
 
 
+#: 17.003 eye label (ELR): 1 right, 2 left (0 undefined); 17.028 DME: "UC" unable to capture.
+ELR = {"right": "1", "left": "2"}
+
+
+def _type17(i: Iris, idc: int, e: Enrollment, agency: str):
+    """One eye: the kit's lossless PNG unchanged (CGA PNG), or DME UC for an eye not captured."""
+    import nistitl
+
+    r = nistitl.AsciiRecord(17)
+    r.IDC = idc
+    r += nistitl.Field(17, 3, ELR[i.eye], alias="ELR")
+    r += nistitl.Field(17, 4, agency, alias="SRC")
+    r += nistitl.Field(17, 5, e.captured.strftime("%Y%m%d"), alias="ICD")
+    if i.exception:
+        r += nistitl.Field(17, 28, "UC", alias="DME")
+        return r
+    for tag, v in ((6, str(i.width)), (7, str(i.height)), (8, "0"), (9, "1"), (10, "1"), (11, "PNG"), (12, "8"),
+                   (13, "GRAY")):
+        r += nistitl.Field(17, tag, v)
+    if i.score is not None:  # 17.024 IQS: score, algorithm vendor, product (unregistered, as 14.024)
+        r += nistitl.Field(17, 24, [[_score(i.score), QUALITY_VENDOR, QUALITY_PRODUCT]], alias="IQS")
+    if i.diameter:
+        r += nistitl.Field(17, 26, str(i.diameter), alias="IRD")
+    r += nistitl.BinaryField(17, 999, i.png, alias="DATA")
+    return r
+
+
+def _type8(e: Enrollment, idc: int):
+    """The signature: SIG 0 (the subject's), SRT 0 (scanned, uncompressed), ISR 1 (native pad resolution)."""
+    import nistitl
+
+    s = e.signature
+    r = nistitl.BinaryRecord(8)
+    r.IDC = idc
+    r.pack("!BBBHH", 0, 0, 1, s.width, s.height, s.pixels)
+    return r
+
+
 def build(e: Enrollment, agency: str, tot: str = "ENR", uncompressed: bool = False) -> bytes:
     """The AN2K transaction of enrollment `e`, from originating agency `agency` (Type-1 DAI and ORI)."""
     import nistitl
@@ -143,6 +190,12 @@ def build(e: Enrollment, agency: str, tot: str = "ENR", uncompressed: bool = Fal
         idc += 1
     if not e.face.exception:
         msg += _type10(e, idc, agency)
+        idc += 1
+    for i in e.irises:
+        msg += _type17(i, idc, e, agency)
+        idc += 1
+    if e.signature is not None and e.signature.png:
+        msg += _type8(e, idc)
     try:
         return msg.NIST
     except (nistitl.NistException, UnicodeEncodeError) as ex:

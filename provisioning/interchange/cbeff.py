@@ -1,8 +1,11 @@
 """MOSIP's CBEFF XML (ISO/IEC 19785-3 patron format, `cbeff-mosip.xsd`): one BIR per biometric.
 
 Each finger: a BIR whose BDB is an ISO/IEC 19794-4:2011 FIR (v020) with a lossless JPEG 2000 image; the
-face: a BIR whose BDB is an ISO/IEC 19794-5:2011 FAC (v030) with a lossless JPEG 2000 image; a finger or face
-not captured: a BIR with `EXCEPTION` true and no BDB. Deterministic: the dates are the record's.
+face: a BIR whose BDB is an ISO/IEC 19794-5:2011 FAC (v030) with a lossless JPEG 2000 image; each iris (schema 3):
+a BIR of type Iris (format 9, subtype Left/Right) whose BDB is an ISO/IEC 19794-6:2011 IIR (v020) with a lossless
+JPEG 2000 image; a finger, face or eye not captured: a BIR with `EXCEPTION` true and no BDB. The signature has
+no BIR: MOSIP's BDB format registry has no signature format (it travels in the AN2K Type-8 and the sealed
+record). Deterministic: the dates are the record's.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from pathlib import Path
 
 from firmware.errors import ExportError
 from provisioning.interchange import iso19794 as iso
-from provisioning.interchange.enrollment import Enrollment, Finger
+from provisioning.interchange.enrollment import Enrollment, Finger, Iris
 
 NS = "http://standards.iso.org/iso-iec/19785/-3/ed-2/"
 XSD = Path(__file__).with_name("cbeff-mosip.xsd")
 #: BDBInfo/Format/Type of MOSIP: 7 finger, 8 face, 9 iris.
-FORMAT_FINGER, FORMAT_FACE = "7", "8"
+FORMAT_FINGER, FORMAT_FACE, FORMAT_IRIS = "7", "8", "9"
+IRIS_QUALITY_TYPE = "ISO29794-6-iris-iqm"  # iris-iqm's ISO/IEC 29794-6 overall score
 QUALITY_ORG, QUALITY_TYPE = "rekam", "NFIQ2-estimate"  # the kit's score on NFIQ 2's 0-100 scale (not NFIQ 2)
 FACE_QUALITY_TYPE = "ICAO-estimate"
 #: What a record without a declared resolution (schema 1) is written with in the FIR, and said so in Others.
@@ -62,6 +66,17 @@ def face_fac(e: Enrollment) -> bytes:
         width=im.width, height=im.height, data=jp2_lossless(mode, im.size, im.tobytes()),
         data_type=iso.FAC_JP2_LOSSLESS, colour_space=3 if e.face.gray else 1, capture=e.captured,
         quality=(score,))])
+
+
+def iris_iir(i: Iris, e: Enrollment) -> bytes:
+    """The ISO/IEC 19794-6:2011 record of one captured eye (the kit's PNG re-encoded as lossless JPEG 2000)."""
+    score = iso.Quality(round(i.score)) if i.score is not None else iso.Quality(255)
+    centre = (i.centre[0], i.centre[0], i.centre[1], i.centre[1]) if i.centre else (0, 0, 0, 0)
+    diameter = (i.diameter, i.diameter) if i.diameter else (0, 0)
+    return iso.write_iir([iso.IrisImage(
+        eye=iso.EYE_LEFT if i.eye == "left" else iso.EYE_RIGHT, width=i.width, height=i.height,
+        data=jp2_lossless("L", (i.width, i.height), i.pixels), capture=e.captured, quality=(score,),
+        centre=centre, diameter=diameter)])
 
 
 def _iso_time(e: Enrollment) -> str:
@@ -141,6 +156,14 @@ def build(e: Enrollment) -> bytes:
         others.append(("EXCEPTION_REASON", face.exception))
     _bir(root, btype="Face", fmt=FORMAT_FACE, subtype=None, score=None if face.exception else face.score,
          quality_type=FACE_QUALITY_TYPE, created=created, bdb=None if face.exception else face_fac(e), others=others)
+    for i in e.irises:
+        others = [("EXCEPTION", "true" if i.exception else "false"), ("RETRIES", str(i.retries)),
+                  ("FORCE_CAPTURED", "true" if i.forced else "false")]
+        if i.exception:
+            others.append(("EXCEPTION_REASON", i.exception))
+        _bir(root, btype="Iris", fmt=FORMAT_IRIS, subtype=i.subtype, score=None if i.exception else i.score,
+             quality_type=IRIS_QUALITY_TYPE, created=created, bdb=None if i.exception else iris_iir(i, e),
+             others=others)
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
 
 

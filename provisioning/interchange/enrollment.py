@@ -1,8 +1,9 @@
 """An opened rekam record read once into what the interchange formats need, every value checked.
 
 The manifest comes from a kit (firmware/enrollment/payload.py): its fields are validated here, never trusted.
-Schema `rekam.enrollment/1` (before the export) and `/2` (adds the sensor resolution per finger) both read;
-what a v1 record lacks is `None` ("unknown"), never guessed (see docs/interchange.md).
+Schema `rekam.enrollment/1` (before the export), `/2` (adds the sensor resolution per finger) and `/3` (adds
+both irises and the signature) all read; what an older record lacks is `None` ("unknown") or empty, never
+guessed (see docs/interchange.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from firmware.errors import ExportError
 from firmware.wire import record_format as rf
 
-SCHEMAS = ("rekam.enrollment/1", "rekam.enrollment/2")
+SCHEMAS = ("rekam.enrollment/1", "rekam.enrollment/2", "rekam.enrollment/3")
 #: rekam finger codes -> ANSI/NIST-ITL FGP = ISO/IEC 19794-4 finger position.
 FGP = {"R1": 1, "R2": 2, "R3": 3, "R4": 4, "R5": 5, "L1": 6, "L2": 7, "L3": 8, "L4": 9, "L5": 10}
 FINGER_NAMES = {"1": "Thumb", "2": "IndexFinger", "3": "MiddleFinger", "4": "RingFinger", "5": "LittleFinger"}
@@ -71,6 +72,44 @@ class Face:
 
 
 @dataclass(frozen=True)
+class Iris:
+    """One eye: the kit's lossless PNG of the NIR frame, or an exception (missing, blind, prosthesis...)."""
+
+    eye: str  # "left" / "right"
+    exception: str = ""
+    png: bytes = b""
+    pixels: bytes = b""  # 8-bit grey, row-major
+    width: int = 0
+    height: int = 0
+    score: float | None = None
+    attempts: int = 0
+    forced: bool = False
+    centre: tuple[int, int] | None = None  # iris centre, px (from the kit's localisation)
+    diameter: int | None = None  # iris diameter, px
+
+    @property
+    def retries(self) -> int:
+        return max(self.attempts - 1, 0)
+
+    @property
+    def subtype(self) -> str:
+        """The CBEFF subtype: "Left" / "Right"."""
+        return self.eye.capitalize()
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The resident's signature: a grey PNG (and the pad strokes), or an exception (cannot sign)."""
+
+    exception: str = ""
+    png: bytes = b""
+    pixels: bytes = b""
+    width: int = 0
+    height: int = 0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
 class Enrollment:
     """Everything the formats take from one record (header + manifest + attachments)."""
 
@@ -86,6 +125,8 @@ class Enrollment:
     clock_synced: bool
     face: Face
     fingers: tuple[Finger, ...]
+    irises: tuple[Iris, ...] = ()  # schema 3; () for older records and sites that do not capture irises
+    signature: Signature | None = None  # schema 3; None: not captured at this site (or an older record)
 
     @property
     def captured_fingers(self) -> list[Finger]:
@@ -213,6 +254,81 @@ def _face(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Face:
     return Face(jpeg=att.data, width=w, height=h, gray=im.mode == "L", score=score, attempts=attempts, forced=forced)
 
 
+MAX_IRIS_SIDE = 2000
+MAX_SIGNATURE_SIDE = 2000
+
+
+def _png_gray(att: rf.Attachment | None, what: str, rid: str, want: tuple[int, int], side: int) -> bytes:
+    """The 8-bit grey pixels of a PNG attachment whose size the manifest states, checked before decoding."""
+    from PIL import Image
+
+    if att is None or att.content_type != "image/png":
+        raise _fail("missing_attachment", rid, f"{what}: no PNG attachment")
+    try:
+        im = Image.open(io.BytesIO(att.data), formats=["PNG"])
+    except Exception as e:
+        raise _fail("bad_image", rid, f"{what} is not a PNG ({type(e).__name__})") from None
+    if not (0 < im.width <= side and 0 < im.height <= side):
+        raise _fail("image_too_large", rid, f"{what} is {im.width}x{im.height}, larger than {side}x{side}")
+    if im.size != want:
+        raise _fail("image_size_mismatch", rid, f"{what}: the manifest says {want[0]}x{want[1]}, the PNG is "
+                                                f"{im.width}x{im.height}")
+    if im.mode != "L":
+        raise _fail("bad_image", rid, f"{what} is {im.mode}, not 8-bit gray")
+    try:
+        im.load()
+    except Exception as e:
+        raise _fail("bad_image", rid, f"{what} does not decode ({type(e).__name__}: {e})") from None
+    return im.tobytes()
+
+
+def _side(value: Any, what: str, rid: str, side: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= side:
+        raise _fail("image_too_large", rid, f"{what} {str(value)[:20]!r} is not 1..{side}")
+    return value
+
+
+def _iris(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Iris:
+    if not isinstance(doc, dict) or doc.get("eye") not in ("left", "right"):
+        raise _fail("bad_manifest", rid, "an iris entry is not an object with eye left or right")
+    eye = doc["eye"]
+    if doc.get("exception"):
+        return Iris(eye, exception=_text(doc["exception"], f"{eye} iris exception", rid))
+    want = (_side(doc.get("width"), f"{eye} iris width", rid, MAX_IRIS_SIDE),
+            _side(doc.get("height"), f"{eye} iris height", rid, MAX_IRIS_SIDE))
+    name = doc.get("image")
+    pixels = _png_gray(atts.get(name) if isinstance(name, str) else None, f"{eye} iris image", rid, want,
+                       MAX_IRIS_SIDE)
+    score, attempts, forced = _kept(doc, f"{eye} iris", rid)
+    centre = diameter = None
+    pos = doc.get("position")
+    if isinstance(pos, dict) and pos.get("found"):
+        dx, dy, d = pos.get("dx"), pos.get("dy"), pos.get("iris_diameter")
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in (dx, dy, d)) \
+                and abs(dx) <= 0.5 and abs(dy) <= 0.5 and 0 < d <= MAX_IRIS_SIDE:
+            centre = (round(want[0] / 2 + dx * want[0]), round(want[1] / 2 + dy * want[1]))
+            diameter = int(d)
+    return Iris(eye, png=atts[name].data, pixels=pixels, width=want[0], height=want[1], score=score,
+                attempts=attempts, forced=forced, centre=centre, diameter=diameter)
+
+
+def _signature(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Signature | None:
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise _fail("bad_manifest", rid, "signature is not an object")
+    attempts = doc.get("attempts", 0)
+    attempts = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0 else 0
+    if doc.get("exception"):
+        return Signature(exception=_text(doc["exception"], "signature exception", rid), attempts=attempts)
+    want = (_side(doc.get("width"), "signature width", rid, MAX_SIGNATURE_SIDE),
+            _side(doc.get("height"), "signature height", rid, MAX_SIGNATURE_SIDE))
+    name = doc.get("image")
+    pixels = _png_gray(atts.get(name) if isinstance(name, str) else None, "signature image", rid, want,
+                       MAX_SIGNATURE_SIDE)
+    return Signature(png=atts[name].data, pixels=pixels, width=want[0], height=want[1], attempts=attempts)
+
+
 def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
     """Check and extract an opened record; raises `ExportError` with a code naming what is wrong."""
     rid = header.record_id
@@ -234,6 +350,16 @@ def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
     codes = [f.code for f in fingers]
     if len(set(codes)) != len(codes):
         raise _fail("bad_finger_code", rid, f"finger codes repeat: {', '.join(codes)}")
+    irises: tuple[Iris, ...] = ()
+    signature = None
+    if schema == "rekam.enrollment/3":
+        idoc = m.get("irises", [])
+        if not isinstance(idoc, list) or len(idoc) > 2:
+            raise _fail("bad_manifest", rid, "irises is not a list of at most 2")
+        irises = tuple(_iris(d, atts, rid) for d in idoc)
+        if len({i.eye for i in irises}) != len(irises):
+            raise _fail("bad_manifest", rid, "an eye repeats in irises")
+        signature = _signature(m.get("signature"), atts, rid)
     captured = _time(m.get("committed", header.created), "committed", rid)
     started = _time(m["started"], "started", rid) if m.get("started") is not None else None
     return Enrollment(
@@ -241,4 +367,4 @@ def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
         operator_id=_text(m.get("operator_id"), "operator_id", rid), site=_text(m.get("site"), "site", rid),
         software=_text(m.get("software"), "software", rid), started=started, captured=captured,
         clock_synced=bool(m.get("clock_synced", header.clock_synced)), face=_face(m.get("face", {}), atts, rid),
-        fingers=fingers)
+        fingers=fingers, irises=irises, signature=signature)

@@ -1,4 +1,5 @@
-"""ISO/IEC 19794-4:2011 finger image records (FIR, version 020) and 19794-5:2011 face image records (FAC, 030).
+"""ISO/IEC 19794-4:2011 finger image records (FIR, version 020), 19794-5:2011 face image records (FAC, 030) and
+19794-6:2011 iris image records (IIR, 020; layout at `write_iir`).
 
 Our own writer and strict reader (the PyPI `iso19794` package breaks on current Pillow and writes only the
 2005 face version). All integers big-endian. Layouts, byte by byte:
@@ -283,4 +284,103 @@ def read_fac(data: bytes) -> list[FaceImage]:
                              facial))
     if r.pos != len(data):
         raise IsoRecordError(f"FAC: {len(data) - r.pos} bytes after the last representation")
+    return out
+
+
+# --- ISO/IEC 19794-6:2011 iris image records (IIR, version 020; issue #20) -----------------------------------
+#
+# IIR general header (16 bytes)::
+#
+#     0 4 b"IIR\0"  4 4 b"020\0"  8 4 record length  12 2 number of representations  14 1 certification flag
+#     15 1 number of eyes represented
+#
+# IIR representation::
+#
+#     +0 4 representation length, +4 9 capture date and time, +13 1 device technology (1 CMOS/CCD),
+#     +14 2 vendor, +16 2 type, +18 1 quality blocks Q then Q x 5 bytes,
+#     representation number u16, eye label u8 (0 undefined, 1 right, 2 left), image type u8 (1 uncropped,
+#     2 VGA, 3 cropped, 7 cropped and masked), image format u8 (0x02 mono raw, 0x0A JPEG 2000, 0x0E PNG),
+#     image properties u8 (bits 0-1 horizontal orientation, 2-3 vertical, 6-7 compression history:
+#     1 lossless or none, 2 lossy), width u16, height u16, bit depth u8, range u16 (0 unassigned),
+#     roll angle u16 and its uncertainty u16 (0xFFFF undefined), iris centre smallest X, largest X, smallest Y,
+#     largest Y u16, iris diameter smallest, largest u16 (0: undefined), image data length u32, image data.
+
+IIR_ID, IIR_VERSION = b"IIR\0", b"020\0"
+IIR_HEADER = struct.Struct(">4s4sIHBB")  # 16 bytes
+IIR_IMAGE = struct.Struct(">HBBBBHHBHHHHHHHHHI")  # representation number .. image data length: 33 bytes
+IIR_MONO_RAW, IIR_JP2, IIR_PNG = 0x02, 0x0A, 0x0E
+EYE_UNDEFINED, EYE_RIGHT, EYE_LEFT = 0, 1, 2
+IIR_UNCROPPED, IIR_VGA, IIR_CROPPED, IIR_CROPPED_MASKED = 1, 2, 3, 7
+ROLL_UNDEFINED = 0xFFFF
+
+
+@dataclass(frozen=True)
+class IrisImage:
+    """One iris representation of an IIR record (defaults: the kit's 640x480 K_VGA frame, lossless)."""
+
+    eye: int
+    width: int
+    height: int
+    data: bytes
+    image_format: int = IIR_JP2
+    image_type: int = IIR_VGA
+    properties: int = 0x45  # base orientation both ways, compression history lossless
+    bit_depth: int = 8
+    number: int = 1
+    capture: dt.datetime | None = None
+    quality: tuple[Quality, ...] = ()
+    technology: int = 1  # CMOS/CCD
+    vendor: int = 0
+    device_type: int = 0
+    range_cm: int = 0
+    roll: int = ROLL_UNDEFINED
+    roll_uncertainty: int = ROLL_UNDEFINED
+    centre: tuple[int, int, int, int] = (0, 0, 0, 0)  # smallest X, largest X, smallest Y, largest Y
+    diameter: tuple[int, int] = (0, 0)  # smallest, largest
+
+
+def write_iir(irises: list[IrisImage]) -> bytes:
+    """An ISO/IEC 19794-6:2011 record holding `irises` (no certification blocks)."""
+    if not 1 <= len(irises) <= 0xFFFF:
+        raise IsoRecordError("an IIR record holds 1 to 65535 representations")
+    reps = []
+    for i in irises:
+        if i.eye not in (EYE_UNDEFINED, EYE_RIGHT, EYE_LEFT):
+            raise IsoRecordError(f"eye label {i.eye} is not 0, 1 (right) or 2 (left)")
+        if not (1 <= i.width <= 0xFFFF and 1 <= i.height <= 0xFFFF):
+            raise IsoRecordError(f"image size {i.width}x{i.height} does not fit the record")
+        body = (_datetime(i.capture) + DEVICE.pack(i.technology, i.vendor, i.device_type) + _quality(i.quality)
+                + IIR_IMAGE.pack(i.number, i.eye, i.image_type, i.image_format, i.properties, i.width, i.height,
+                                 i.bit_depth, i.range_cm, i.roll, i.roll_uncertainty, *i.centre, *i.diameter,
+                                 len(i.data)))
+        reps.append(struct.pack(">I", 4 + len(body) + len(i.data)) + body + i.data)
+    total = IIR_HEADER.size + sum(len(r) for r in reps)
+    head = IIR_HEADER.pack(IIR_ID, IIR_VERSION, total, len(irises), 0, len({i.eye for i in irises}))
+    return head + b"".join(reps)
+
+
+def read_iir(data: bytes) -> list[IrisImage]:
+    """Parse an ISO/IEC 19794-6:2011 record strictly (every length checked); raises `IsoRecordError`."""
+    r, head = _read_general(data, IIR_HEADER, IIR_ID, IIR_VERSION, "IIR")
+    out = []
+    for k in range(head[3]):
+        start = r.pos
+        (length,) = r.unpack(struct.Struct(">I"), f"representation {k} length")
+        capture = _read_datetime(r)
+        tech, vendor, dtype = r.unpack(DEVICE, "capture device")
+        quality = _read_quality(r)
+        (number, eye, itype, fmt, props, w, h, depth, rng, roll, rollu, cx0, cx1, cy0, cy1, d0, d1,
+         n) = r.unpack(IIR_IMAGE, "image header")
+        if eye not in (EYE_UNDEFINED, EYE_RIGHT, EYE_LEFT):
+            raise IsoRecordError(f"IIR representation {k}: eye label {eye}")
+        img = r.take(n, f"representation {k} image data")
+        if r.pos - start != length:
+            raise IsoRecordError(f"IIR representation {k}: length field says {length}, its fields take "
+                                 f"{r.pos - start}")
+        out.append(IrisImage(eye, w, h, img, fmt, itype, props, depth, number, capture, quality, tech, vendor,
+                             dtype, rng, roll, rollu, (cx0, cx1, cy0, cy1), (d0, d1)))
+    if r.pos != len(data):
+        raise IsoRecordError(f"IIR: {len(data) - r.pos} bytes after the last representation")
+    if head[5] != len({i.eye for i in out}):
+        raise IsoRecordError(f"IIR: header counts {head[5]} eyes, the representations hold {len({i.eye for i in out})}")
     return out

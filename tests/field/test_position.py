@@ -19,7 +19,7 @@ def test_position_sealed_in_the_manifest_and_shown(field_daemon: Any, dc_keys: d
     c = d.signin()
     rid = enroll(c, NIK_MALE)["record_id"]
     m = fleet_open(d.sd / "records" / f"{rid}.rkm", dc_keys["key_path"], tmp_path / "opened")
-    assert m["schema"] == "rekam.enrollment/2"
+    assert m["schema"] == "rekam.enrollment/3"
     pos = m["position"]
     assert (pos["fix"], pos["lat"], pos["lon"], pos["source"]) == ("3d", -8.65, 115.2167, "sim")
     assert pos["satellites_used"] == 9 and pos["accuracy_m"] == 4.0 and 0 <= pos["age_s"] < 1

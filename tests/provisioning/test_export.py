@@ -48,7 +48,7 @@ def original_fingers(kit: Kit, data: bytes) -> dict[str, np.ndarray]:
 
 def test_manifest_v2_carries_the_sensor_resolution(kit: Kit) -> None:
     _h, p = kit.open(kit.records["full"])
-    assert p.manifest["schema"] == "rekam.enrollment/2"
+    assert p.manifest["schema"] == "rekam.enrollment/3"  # 3 (issue #20) keeps 2's ppi
     assert [(f["finger"], f["ppi"], f["width"], f["height"]) for f in p.manifest["fingers"]] == [
         (c, 500, 256, 288) for c in ("R1", "R2", "L1", "L2")]
 

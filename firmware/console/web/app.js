@@ -457,8 +457,24 @@ function isOwner(e) {
   return !!state.me && (e.operator_id === state.me.operator_id || state.me.role === "supervisor");
 }
 
+function eyeLabel(eye) { return eye === "left" ? t("left eye") : t("right eye"); }
+function isCaptureStep(step) { return step === "face" || step.startsWith("finger:") || step.startsWith("iris:"); }
+// The API paths, preview and exception reasons of a capture step (face, iris:<eye>, finger:<code>).
+function capturePath(step) {
+  if (step === "face") return "/enrollment/face";
+  if (step.startsWith("iris:")) return "/enrollment/iris/" + step.slice(5);
+  return "/enrollment/fingers/" + step.slice(7);
+}
+function capturePreview(step) {
+  if (step === "face") return "face-last.jpg";
+  if (step.startsWith("iris:")) return "iris-" + step.slice(5) + ".jpg";
+  return "finger-" + step.slice(7) + ".png";
+}
+
 function stepName(step) {
   if (step === "face") return t("Face photo");
+  if (step && step.startsWith("iris:")) return t("Iris, {eye}", { eye: eyeLabel(step.slice(5)) });
+  if (step === "signature") return t("Signature");
   if (step && step.startsWith("finger:")) return fingerLabel(step.slice(7));
   return step;
 }
@@ -494,16 +510,18 @@ function renderEnrollment() {
       : t("This enrollment was started by {name} ({id}) and is not finished. Only they or a supervisor may continue or cancel it.", { name: e.operator_name || e.operator_id, id: e.operator_id });
   }
   const allowed = isOwner(e);
-  for (const id of ["capture", "dup", "sup", "review"]) show(id, false);
+  for (const id of ["capture", "sign", "dup", "sup", "review"]) show(id, false);
   show("cancel", allowed);
   renderSteps(e);
   if (!allowed) { prompt(t("Wait for {name}, or call a supervisor.", { name: e.operator_name || e.operator_id }), "warn"); return; }
   const step = e.step;
-  show("capture", step === "face" || step.startsWith("finger:"));
+  show("capture", isCaptureStep(step));
+  show("sign", step === "signature");
   show("dup", step === "dupcheck");
   show("sup", step === "supervisor");
   show("review", step === "review");
-  if (step === "face" || step.startsWith("finger:")) renderCapture(e);
+  if (isCaptureStep(step)) renderCapture(e);
+  else if (step === "signature") renderSignature();
   else if (step === "dupcheck") {
     prompt(t("All captures done. Checking for a double enrollment…"));
     if (state.dupRunFor !== e.id) { state.dupRunFor = e.id; runDupcheck(); }
@@ -525,7 +543,9 @@ function renderSteps(e) {
     const faceDone = e.face_exception || (e.face && e.face.done);
     items.push(["face", t("Face"), faceDone ? (e.face_exception ? "exc" : e.face.forced ? "forced" : "done") : ""]);
   }
+  for (const i of e.irises || []) items.push(["iris:" + i.eye, i.eye === "left" ? t("Iris L") : t("Iris R"), i.done ? (i.exception ? "exc" : i.forced ? "forced" : "done") : ""]);
   for (const f of e.fingers) items.push(["finger:" + f.finger, f.finger, f.done ? (f.exception ? "exc" : f.forced ? "forced" : "done") : ""]);
+  if (e.signature) items.push(["signature", t("Sign"), e.signature.done ? (e.signature.exception ? "exc" : "done") : ""]);
   items.push(["dupcheck", t("Dup"), e.duplicates !== null ? "done" : ""]);
   items.push(["review", t("Store"), ""]);
   for (const [key, label, st] of items) {
@@ -538,13 +558,16 @@ function renderSteps(e) {
 function renderCapture(e) {
   const step = e.step;
   const isFace = step === "face";
-  const code = isFace ? null : step.slice(7);
-  const label = isFace ? t("face photo") : fingerLabel(code);
-  $("capture-title").textContent = isFace ? t("Face photo") : code + " — " + label;
-  $("capture-go").textContent = isFace ? t("Take photo") : t("Capture finger");
+  const isIris = step.startsWith("iris:");
+  const code = isFace || isIris ? null : step.slice(7);
+  const label = isFace ? t("face photo") : isIris ? eyeLabel(step.slice(5)) : fingerLabel(code);
+  $("capture-title").textContent = isFace ? t("Face photo") : isIris ? stepName(step) : code + " — " + label;
+  $("capture-go").textContent = isFace ? t("Take photo") : isIris ? t("Capture iris") : t("Capture finger");
   $("capture-go").disabled = state.busy || e.busy;
   $("capture-exc").disabled = state.busy || e.busy;
-  renderExceptionReasons(isFace);
+  show("iris-live", isIris);
+  if (!isIris) { show("iris-pos", false); state.live = null; }
+  renderExceptionReasons(isFace ? "face" : isIris ? "iris" : "finger");
   const r = state.lastResult;
   const sameStep = r && r.step === step;
   // The previous step's result is named as such, under its own label, never under this step's heading.
@@ -563,6 +586,8 @@ function renderCapture(e) {
     prompt(t("Retake: follow the tips below, then tap {button} again (attempt {n}).", { button: $("capture-go").textContent, n: fmtCount(r.attempt + 1) }), "warn");
   } else if (isFace) {
     prompt(t("Face photo: the resident looks straight at the camera, neutral expression, no glasses or cap. Tap Take photo."));
+  } else if (isIris) {
+    prompt(t("Iris: hold the iris camera in front of the resident's {eye}, about 10 cm away; the resident opens the eye wide and looks into the camera. Tap Capture iris.", { eye: label.toUpperCase() }));
   } else {
     prompt(t("Ask the resident to place the {finger} flat on the sensor, then tap Capture finger.", { finger: label.toUpperCase() }));
   }
@@ -591,6 +616,8 @@ function renderFeedback(r) {
 // reason (the record's language for the data center); the label is translated.
 const FACE_REASONS = [["camera unavailable", "camera unavailable"], ["resident refuses", "resident refuses a photo"],
   ["face covered (medical)", "face covered for a medical reason"], ["other", "other…"]];
+const IRIS_REASONS = [["missing", "eye missing"], ["blind", "blind eye"], ["prosthesis", "prosthetic eye"],
+  ["eye disease", "eye disease or injury"], ["camera unavailable", "camera unavailable"], ["other", "other…"]];
 const FINGER_REASONS = [["missing", "missing / amputated"], ["bandaged", "bandaged"], ["injured", "injured / scarred"],
   ["sensor unavailable", "sensor unavailable"], ["resident refuses", "resident refuses"], ["other", "other…"]];
 function reasonLabel(key) {
@@ -603,16 +630,19 @@ function reasonLabel(key) {
     case "injured / scarred": return t("injured / scarred");
     case "sensor unavailable": return t("sensor unavailable");
     case "resident refuses": return t("resident refuses");
+    case "eye missing": return t("eye missing");
+    case "blind eye": return t("blind eye");
+    case "prosthetic eye": return t("prosthetic eye");
+    case "eye disease or injury": return t("eye disease or injury");
     case "other…": return t("other…");
     default: return key;
   }
 }
-function renderExceptionReasons(isFace) {
+function renderExceptionReasons(want) {
   const sel = $("exc-select");
-  const want = isFace ? "face" : "finger";
   if (sel.dataset.kind === want && sel.dataset.lang === I18N.lang) return;
   clear(sel);
-  for (const [value, label] of isFace ? FACE_REASONS : FINGER_REASONS) {
+  for (const [value, label] of want === "face" ? FACE_REASONS : want === "iris" ? IRIS_REASONS : FINGER_REASONS) {
     const o = el("option", reasonLabel(label));
     o.value = value;
     sel.appendChild(o);
@@ -667,11 +697,11 @@ $("capture-go").addEventListener("click", async () => {
   show("exc-form", false);
   renderCapture(e);
   try {
-    const path = step === "face" ? "/enrollment/face" : "/enrollment/fingers/" + step.slice(7);
-    const r = await api("POST", path);
+    const r = await api("POST", capturePath(step));
     r.step = step;
-    r.what = step === "face" ? t("face") : step.slice(7);
-    r.preview = r.status === "timeout" ? null : (step === "face" ? "face-last.jpg" : "finger-" + step.slice(7) + ".png");
+    r.what = step === "face" ? t("face") : step.startsWith("iris:") ? stepName(step) : step.slice(7);
+    r.preview = r.status === "timeout" ? null : capturePreview(step);
+    if (r.position) showPosition(r.position);
     state.lastResult = r;
     if (r.done) state.lastDone = { step, text: resultText(step, r) };
   } catch (err) {
@@ -702,7 +732,7 @@ $("exc-form").addEventListener("submit", async (ev) => {
   const reason = sel === "other" ? text : (text ? sel + ": " + text : sel);
   if (!reason) { setMsg("enroll-msg", t("Give a reason.")); $("exc-text").focus(); return; }
   const step = e.step;
-  const path = step === "face" ? "/enrollment/face/exception" : "/enrollment/fingers/" + step.slice(7) + "/exception";
+  const path = capturePath(step) + "/exception";
   try {
     state.enrollment = await api("POST", path, { reason });
     $("exc-text").value = ""; show("exc-form", false); state.lastResult = null;
@@ -786,6 +816,18 @@ function renderReview(e) {
     cell.appendChild(el("span", scoreText(f)));
     row(tb, f.finger + " " + fingerLabel(f.finger), cell);
   }
+  for (const i of e.irises || []) {
+    const cell = el("div", null, "thumbrow");
+    if (i.preview && !i.exception) cell.appendChild(thumb(i.preview, eyeLabel(i.eye)));
+    cell.appendChild(el("span", scoreText(i)));
+    row(tb, stepName("iris:" + i.eye), cell).id = "review-iris-" + i.eye;
+  }
+  if (e.signature) {
+    const cell = el("div", null, "thumbrow");
+    if (e.signature.preview) cell.appendChild(thumb(e.signature.preview, t("Signature")));
+    else cell.appendChild(el("span", t("exception: {reason}", { reason: e.signature.exception })));
+    row(tb, t("Signature"), cell).id = "review-signature";
+  }
   if (e.supervisor) row(tb, t("Supervisor"), e.supervisor.supervisor_id + ": " + (e.supervisor.decision === "accept" ? t("accepted") : t("rejected")) + " — " + e.supervisor.reason);
   if (e.override_reason) row(tb, t("Enrolled again because"), e.override_reason);
 }
@@ -840,3 +882,91 @@ async function boot() {
 window.rekamFormat = { count: fmtCount, size: fmtBytes, date: fmtDate, state: stateLabel, lang: () => I18N.lang };
 
 boot();
+
+// --- iris: live view with the eye's position and distance ---------------------------------------------------
+function showPosition(p) {
+  const box = $("iris-pos");
+  box.hidden = false;
+  if (!p || !p.found) { box.textContent = t("No eye in the picture."); return; }
+  const dist = { too_far: t("too far: come closer"), too_close: t("too close: move back"), ok: t("distance good") }[p.distance];
+  const side = Math.abs(p.dx) > 0.1 ? (p.dx > 0 ? t("move the camera right") : t("move the camera left")) : "";
+  const vert = Math.abs(p.dy) > 0.1 ? (p.dy > 0 ? t("move the camera down") : t("move the camera up")) : "";
+  box.textContent = [dist, side, vert].filter(Boolean).join(" · ");
+}
+async function liveOnce() {
+  const e = state.enrollment;
+  if (!state.live || !e || !e.active || !e.step.startsWith("iris:") || state.busy) { state.live = null; $("iris-live").textContent = t("Live view"); return; }
+  try {
+    const r = await api("GET", "/enrollment/iris/" + e.step.slice(5) + "/live");
+    showPosition(r.position);
+    show("preview", true);
+    $("preview").src = API + "/enrollment/preview/" + r.preview + "?t=" + Date.now();
+  } catch (err) { setMsg("enroll-msg", err.message); state.live = null; }
+  if (state.live) state.live = setTimeout(liveOnce, 1000);
+}
+$("iris-live").addEventListener("click", () => {
+  if (state.live) { clearTimeout(state.live); state.live = null; $("iris-live").textContent = t("Live view"); return; }
+  state.live = true; $("iris-live").textContent = t("Stop live view");
+  liveOnce();
+});
+
+// --- signature pad: pointer events (pressure where the device has it); the kit renders and checks the strokes --
+const sig = { strokes: [], drawing: false, t0: 0 };
+function padPoint(ev) {
+  const c = $("sign-pad");
+  const r = c.getBoundingClientRect();
+  return [Math.round((ev.clientX - r.left) * c.width / r.width), Math.round((ev.clientY - r.top) * c.height / r.height),
+    ev.pressure || 0.5, Math.round(performance.now() - sig.t0)];
+}
+function drawPad() {
+  const c = $("sign-pad"); const g = c.getContext("2d");
+  g.fillStyle = "#fff"; g.fillRect(0, 0, c.width, c.height);
+  g.strokeStyle = "#000"; g.lineWidth = 3; g.lineCap = "round"; g.lineJoin = "round";
+  for (const s of sig.strokes) {
+    g.beginPath();
+    s.forEach((p, i) => (i ? g.lineTo(p[0], p[1]) : g.moveTo(p[0], p[1])));
+    if (s.length === 1) g.lineTo(s[0][0] + 0.5, s[0][1]);
+    g.stroke();
+  }
+  $("sign-count").textContent = tn("{n} stroke", "{n} strokes", sig.strokes.length, { n: fmtCount(sig.strokes.length) });
+}
+function renderSignature() {
+  prompt(t("Signature: the resident signs in the box with a finger or the stylus, then tap Keep signature."));
+  drawPad();
+}
+$("sign-pad").addEventListener("pointerdown", (ev) => {
+  ev.preventDefault();
+  if (!sig.strokes.length) sig.t0 = performance.now();
+  sig.drawing = true; $("sign-pad").setPointerCapture(ev.pointerId);
+  sig.strokes.push([padPoint(ev)]); drawPad();
+});
+$("sign-pad").addEventListener("pointermove", (ev) => {
+  if (!sig.drawing) return;
+  const s = sig.strokes[sig.strokes.length - 1];
+  if (s.length < 2000) s.push(padPoint(ev));
+  drawPad();
+});
+for (const name of ["pointerup", "pointercancel"]) $("sign-pad").addEventListener(name, () => { sig.drawing = false; });
+$("sign-clear").addEventListener("click", () => { sig.strokes = []; clear($("sign-hints")); drawPad(); });
+$("sign-save").addEventListener("click", async () => {
+  const c = $("sign-pad");
+  $("sign-save").disabled = true;
+  try {
+    const r = await api("POST", "/enrollment/signature", { strokes: sig.strokes, width: c.width, height: c.height });
+    clear($("sign-hints"));
+    for (const h of r.hints || []) $("sign-hints").appendChild(el("li", h));
+    if (r.accepted) { sig.strokes = []; state.lastDone = { step: "signature", text: t("Signature kept.") }; setMsg("enroll-msg", t("Signature kept."), "ok"); }
+    await refreshEnrollment();
+  } catch (err) { setMsg("enroll-msg", err.message); } finally { $("sign-save").disabled = false; }
+});
+$("sign-exc").addEventListener("click", () => { show("sign-exc-form", true); $("sign-exc-text").focus(); });
+$("sign-exc-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const reason = $("sign-exc-text").value.trim();
+  if (!reason) { setMsg("enroll-msg", t("Give a reason.")); return; }
+  try {
+    state.enrollment = await api("POST", "/enrollment/signature/exception", { reason });
+    $("sign-exc-text").value = ""; show("sign-exc-form", false); sig.strokes = [];
+    renderEnrollment();
+  } catch (err) { setMsg("enroll-msg", err.message); }
+});
