@@ -1,4 +1,4 @@
-"""The resident's receipt: record id, date, and a QR code of record id + hash.
+"""The resident's receipt: record id, date, what was captured, and a QR code of record id + hash.
 
 The resident keeps it as proof of enrollment until the card is printed; the data center can
 check the QR against its archive. It carries no personal data. PNG for the screen, PDF (A6)
@@ -18,7 +18,11 @@ from firmware.system.i18n import N_, gettext
 KIT_TITLE = "Bukti Perekaman KTP-el / Enrollment receipt"
 # Each label in Bahasa Indonesia first, then English: the resident reads Indonesian, a checker may read English.
 LABELS = {"record": N_("Record"), "date": N_("Date"), "kit": N_("Kit"), "site": N_("Site"),
-          "unsynced": N_("kit clock not synchronised")}
+          "unsynced": N_("kit clock not synchronised"), "face": N_("Face"), "iris": N_("Iris"),
+          "fingers": N_("Fingers"), "signature": N_("Signature"), "captured": N_("captured"),
+          "exception": N_("exception")}
+#: The modalities a receipt lists, in the order of the enrollment.
+MODALITIES = ("face", "iris", "fingers", "signature")
 
 
 def _both(key: str) -> str:
@@ -44,9 +48,25 @@ def lines(info: dict[str, Any]) -> list[str]:
         f"{_both('record')}: {info['record_id']}",
         f"{_both('date')}: {info['created']}" + ("" if info.get("clock_synced", True) else f" ({_both('unsynced')})"),
         f"{_both('kit')}: {info['kit_id']}" + (f"  {_both('site')}: {info['site']}" if info.get("site") else ""),
+        *_biometric_lines(info.get("biometrics") or {}),
         f"SHA-256: {info['sha256'][:32]}",
         f"         {info['sha256'][32:]}",
     ]
+
+
+def _biometric_lines(bio: dict[str, Any]) -> list[str]:
+    """One line per modality the kit captured: how many were taken and how many are exceptions (the resident
+    sees what was recorded of them, e.g. a missing finger noted instead of forgotten)."""
+    out = []
+    for m in MODALITIES:
+        n = bio.get(m)
+        if not isinstance(n, dict):
+            continue
+        text = f"{_both(m)}: {int(n.get('captured', 0))} {_both('captured')}"
+        if n.get("exception"):
+            text += f", {int(n['exception'])} {_both('exception')}"
+        out.append(text)
+    return out
 
 
 def png(info: dict[str, Any], scale: int = 6) -> bytes:

@@ -534,6 +534,22 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         _, e = self._current(token)
         return self.describe(e)
 
+    def _biometrics(self, e: Enrollment) -> dict[str, dict[str, int]]:
+        """Per modality the site captures: how many were captured and how many recorded as exceptions."""
+        def count(items: list[Any]) -> dict[str, int]:
+            exc = sum(1 for x in items if x.exception)
+            return {"captured": len(items) - exc, "exception": exc}
+
+        out: dict[str, dict[str, int]] = {}
+        if self.cfg.enrollment.capture_face:
+            out["face"] = {"captured": int(not e.face_exception), "exception": int(bool(e.face_exception))}
+        if e.irises:
+            out["iris"] = count(list(e.irises.values()))
+        out["fingers"] = count(list(e.fingers.values()))
+        if e.signature is not None:
+            out["signature"] = count([e.signature])
+        return out
+
     def commit(self, token: str) -> dict[str, Any]:
         """Seal and store the enrollment; returns the receipt information."""
         s, e = self._current(token)
@@ -571,7 +587,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             log.exception("could not index the record for the duplicate check record_id=%s", res.record_id)
         info = {"record_id": res.record_id, "sha256": res.sha256, "created": iso(),
                 "kit_id": self.store.identity.kit_id, "site": self.cfg.kit.site,
-                "clock_synced": clock_synchronised(), "mirrored": res.stick_id is not None}
+                "clock_synced": clock_synchronised(), "mirrored": res.stick_id is not None,
+                "biometrics": self._biometrics(e)}
         self.last_receipt = info
         self._audit("enrollment_commit", s.operator.id, enrollment=e.id, record_id=res.record_id,
                     mirrored=res.stick_id is not None)

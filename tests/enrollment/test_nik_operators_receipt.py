@@ -79,7 +79,16 @@ def test_lockout_after_five_failures_and_expiry() -> None:
 
 def test_receipt_png_and_pdf() -> None:
     info = {"record_id": "rk-abcdefghjk-00000007-20261129T040312Z", "sha256": "ab" * 32,
-            "created": "2026-11-29T04:03:12Z", "clock_synced": False, "kit_id": "rk-abcdefghjk", "site": "Kec. Coblong"}
+            "created": "2026-11-29T04:03:12Z", "clock_synced": False, "kit_id": "rk-abcdefghjk", "site": "Kec. Coblong",
+            "biometrics": {"face": {"captured": 1, "exception": 0}, "iris": {"captured": 1, "exception": 1},
+                           "fingers": {"captured": 9, "exception": 1}, "signature": {"captured": 0, "exception": 1}}}
+    text = receipt.lines(info)
+    # What was recorded of the resident, Indonesian first; exceptions named, not left out.
+    assert "Wajah / Face: 1 direkam / captured" in text
+    assert "Iris: 1 direkam / captured, 1 pengecualian / exception" in text
+    assert "Sidik jari / Fingers: 9 direkam / captured, 1 pengecualian / exception" in text
+    assert "Tanda tangan / Signature: 0 direkam / captured, 1 pengecualian / exception" in text
+    assert all(t.isascii() for t in text)  # the PDF's Helvetica and the PNG's Hershey font
     png = receipt.png(info)
     assert png.startswith(b"\x89PNG")
     import cv2

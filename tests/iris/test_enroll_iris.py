@@ -83,3 +83,7 @@ def test_eye_exception_forced_capture_and_signature_exception(make_daemon, dc_ke
     assert right["attempts"][right["kept"]]["score"] == max(a["score"] for a in right["attempts"])
     assert m["signature"] == {"exception": "tidak bisa menulis; cap jempol", "attempts": 2}
     assert "signature.png" not in atts
+    # The receipt says what was recorded of the resident, exceptions included.
+    bio = receipt["biometrics"]
+    assert bio["iris"] == {"captured": 1, "exception": 1} and bio["signature"] == {"captured": 0, "exception": 1}
+    assert bio["fingers"]["captured"] + bio["fingers"]["exception"] == len(m["fingers"])
