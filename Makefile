@@ -66,7 +66,7 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/ruff check firmware hw provisioning tests bench tools systemd
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check firmware hw provisioning tests bench tools systemd
