@@ -68,11 +68,12 @@ class Backend:
         """Flip the last byte of an archived record where it is stored."""
         if isinstance(a, Archive):
             p = a.path_of(kit, rid)
-            p.write_bytes(p.read_bytes()[:-1] + b"\0")
+            raw = p.read_bytes()
+            p.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # XOR: never the byte it already was
         else:
             o, key = a.objects, a.object_key(kit, rid)  # type: ignore[attr-defined]
             data = o.get(key)
-            o.s3.put_object(Bucket=o.url.bucket, Key=o.url.key(key), Body=data[:-1] + b"\0")  # overwritten
+            o.s3.put_object(Bucket=o.url.bucket, Key=o.url.key(key), Body=data[:-1] + bytes([data[-1] ^ 0xFF]))
 
     def conflicts(self, a: ArchiveBase) -> list[str]:
         if isinstance(a, Archive):

@@ -36,7 +36,7 @@ def test_cli_through_daemon_and_clean_stop(daemon: tuple[Rekamd, Path, Path]) ->
     assert st["guard"]["level"] == "OK" and st["mirror_lag"]["records"] == 0
     # One supervisor runs the services, in data-path order, and reports each one.
     svcs = st["daemon"]["services"]
-    assert list(svcs) == ["store", "enrollment", "usb", "api", "watchdog"]
+    assert list(svcs) == ["store", "clock", "enrollment", "usb", "api", "watchdog"]
     assert all(v["state"] == "running" and v["restarts"] == 0 and v["last_error"] == "" for v in svcs.values())
     r = rekam("status", cfg=cfg, env=EN)
     assert "capture: OK" in r.stdout and "stored 3" in r.stdout
