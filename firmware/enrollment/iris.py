@@ -20,7 +20,7 @@ import numpy as np
 
 from firmware.enrollment.payload import jpeg, png
 from firmware.errors import EnrollmentError
-from firmware.quality.policy import Attempt, CapturePolicy, Outcome
+from firmware.quality.policy import Attempt, CaptureState
 from firmware.system.i18n import N_, gettext
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,10 @@ INK_PX = 3  # stroke width on the kit's rendering, px
 
 
 @dataclass
-class IrisState:
+class IrisState(CaptureState):
     """One eye's progress."""
 
     eye: str
-    policy: CapturePolicy
-    outcome: Outcome | None = None
-    exception: str = ""
-
-    @property
-    def done(self) -> bool:
-        return bool(self.exception) or (self.outcome is not None and self.outcome.done)
 
 
 @dataclass

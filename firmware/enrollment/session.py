@@ -28,7 +28,7 @@ from firmware.enrollment.operators import Operators, SignedIn, SignInError
 from firmware.enrollment.payload import build_payload, face_hints, jpeg, png
 from firmware.errors import EnrollmentError
 from firmware.quality.finger import gates
-from firmware.quality.policy import Attempt, CapturePolicy, Outcome
+from firmware.quality.policy import Attempt, CapturePolicy, CaptureState, Outcome
 from firmware.store.capacity import CaptureHalted, Reservation
 from firmware.store.store import CommitResult, Store
 from firmware.system.clock import clock_synchronised, iso
@@ -95,17 +95,10 @@ class Devices:
 
 
 @dataclass
-class FingerState:
+class FingerState(CaptureState):
     """One finger's progress."""
 
     code: str
-    policy: CapturePolicy
-    outcome: Outcome | None = None
-    exception: str = ""
-
-    @property
-    def done(self) -> bool:
-        return bool(self.exception) or (self.outcome is not None and self.outcome.done)
 
 
 @dataclass
@@ -299,15 +292,16 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                 self._audit("start_refused", s.operator.id, reason=e.code)  # the journal keeps the code
                 raise EnrollmentError("halted", gettext("capture is halted: {reason}", reason=e.reason), 507,
                                       reasons=e.codes) from None
-            fingers = {c: FingerState(c, CapturePolicy(self.dev.finger_thresholds.get(c, self.dev.finger_threshold),
-                                                       self.dev.finger_attempts))
+            fingers = {c: FingerState(code=c, policy=CapturePolicy(
+                self.dev.finger_thresholds.get(c, self.dev.finger_threshold), self.dev.finger_attempts))
                        for c in self.cfg.enrollment.fingers}
             e = Enrollment(uuid.uuid4().hex[:12], s.operator.id, parsed, res, iso(), fingers,
                            override_reason=override_reason if previous else "", previous_records=previous)
             if self.cfg.enrollment.capture_face:
                 e.face_policy = CapturePolicy(self.dev.face_threshold, self.dev.face_attempts)
             if self.cfg.iris.capture_iris:
-                e.irises = {eye: irismod.IrisState(eye, CapturePolicy(self.dev.iris_threshold, self.dev.iris_attempts))
+                e.irises = {eye: irismod.IrisState(eye=eye, policy=CapturePolicy(self.dev.iris_threshold,
+                                                                                 self.dev.iris_attempts))
                             for eye in self.cfg.iris.eyes}
             if self.cfg.iris.capture_signature:
                 e.signature = irismod.SignatureState()

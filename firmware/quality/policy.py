@@ -69,3 +69,18 @@ class CapturePolicy:
         if len(self.attempts) >= self.max_attempts:
             return Outcome(True, self._best(), True, list(self.attempts))
         return Outcome(False, None, False, list(self.attempts))
+
+
+@dataclass
+class CaptureState:
+    """One body part's progress in an enrollment (a finger, an eye): its policy, the verdict so far, or the
+    exception recorded instead (amputated, bandaged, prosthesis...)."""
+
+    policy: CapturePolicy
+    outcome: Outcome | None = field(default=None, kw_only=True)
+    exception: str = field(default="", kw_only=True)
+
+    @property
+    def done(self) -> bool:
+        """Captured (accepted, or the best kept after the last attempt) or excepted."""
+        return bool(self.exception) or (self.outcome is not None and self.outcome.done)
