@@ -64,6 +64,27 @@ def end_process(proc: subprocess.Popen[Any] | None, grace: float = 5.0) -> None:
 # --- tmpfs ------------------------------------------------------------------------------------------------------
 
 
+class ServerProcess:
+    """What every real service a test starts has in common: its process, whether it runs, a restart."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """Stop, then start again (the same ports and data)."""
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
 class Tmpfs:
     """Real tmpfs mounts (size-limited unless `size_kb` is None); the `tmpfs` fixture unmounts what is left."""
 
@@ -136,7 +157,7 @@ class BrokerTls:
         return out
 
 
-class Mosquitto:
+class Mosquitto(ServerProcess):
     """A mosquitto process on 127.0.0.1; stop/start/restart keep its ports.
 
     By default it runs a generated config: one anonymous listener, `tls` on it (BrokerTls), `acl` file,
@@ -235,13 +256,6 @@ class Mosquitto:
         end_process(self.proc)
         self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 # --- kit configuration files ------------------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def _state_dir_of(cfg: Path) -> Path:
     return cfg.parent / sd
 
 
-class Rekamd:
+class Rekamd(ServerProcess):
     """A real `rekamd --config cfg --sim` process (`command` replaces `python -m firmware.daemon`, e.g. the
     installed entry point), its stdout and stderr appended to `log_path` (a file, not a pipe: a full pipe would
     block the daemon). Up means its `api.json` in the state dir (by default the config's `kit.state_dir`)
@@ -381,10 +395,6 @@ class Rekamd:
             self.stop(timeout=0)
             pytest.fail(f"{e}; log: {self.log_tail()}")
         return self.url
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def pid(self) -> int:
@@ -454,7 +464,7 @@ def _service_user() -> tuple[int, int] | None:
     return pw.pw_uid, pw.pw_gid
 
 
-class Postgres:
+class Postgres(ServerProcess):
     """A PostgreSQL 15 server of its own: initdb'd into `workdir` (default: a fresh folder under /tmp, readable by
     the server user; pytest's temp folders are 0700 root), listening on 127.0.0.1:`port` only and on a unix
     socket in `workdir`, superuser `rekam`, trust authentication (a test server; nothing else can reach it).
@@ -586,13 +596,6 @@ class Postgres:
             wait_for(lambda: not any(_running(p) for p in kids), 10, "the killed postgres backends to exit")
         self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def cleanup(self) -> None:
         """Stop, and remove the folder if it was made here."""
@@ -633,7 +636,7 @@ def seaweed_binary() -> str:
     return binary
 
 
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """A SeaweedFS `weed server` (master, volume, filer, S3 gateway in one process) on 127.0.0.1, every port free
     and fixed for its life (stop/kill/start/restart keep ports and data in `workdir`). The S3 API needs the
     access key `access_key`/`secret_key` (an identities config file, `workdir/s3.json`); `env` holds them as the
@@ -742,10 +745,3 @@ class SeaweedS3:
             self.proc.wait(10)
         self.proc = None
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
