@@ -6,6 +6,7 @@ simulated camera on corpus faces; tests talk to it over HTTP like the console an
 
 from __future__ import annotations
 
+import math
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -147,22 +148,39 @@ def daemon(make_daemon: Any) -> Daemon:
     return make_daemon()
 
 
+def signature_strokes(width: int = 600, height: int = 200) -> list[list[list[float]]]:
+    """A plausible hand signature on a `width` x `height` pad: a looped first name and an underline."""
+    first = [[60 + 4.5 * t, height / 2 + 50 * math.sin(t / 6) * math.cos(t / 17), 0.5, 10.0 * t] for t in range(80)]
+    loop = [[200 + 60 * math.cos(t / 8), 90 + 40 * math.sin(t / 8), 0.6, 10.0 * t] for t in range(50)]
+    line = [[70 + 7 * t, height - 35 + (t % 3), 0.4, 10.0 * t] for t in range(60)]
+    return [first, loop, line]
+
+
 def enroll(c: httpx.Client, nik: str, override_reason: str = "", commit: bool = True,
-           start: bool = True) -> dict[str, Any]:
+           start: bool = True, sign: bool = True) -> dict[str, Any]:
     """Drive one whole enrollment through the API (`start=False`: the one in progress); returns the receipt,
-    or the state where it stopped (review, supervisor) when `commit` is False."""
+    or the state where it stopped (review, supervisor, or the signature when `sign` is False) when `commit` is
+    False. Every iris answer is checked to carry the eye's position."""
     if start:
         r = c.post("/api/v1/enrollment", json={"nik": nik, "override_reason": override_reason})
         assert r.status_code == 200, r.text
         state = r.json()
     else:
         state = c.get("/api/v1/enrollment").json()
-    for _ in range(40):
+    for _ in range(60):
         step = state["step"]
         if step == "face":
             r = c.post("/api/v1/enrollment/face")
+        elif step.startswith("iris:"):
+            r = c.post(f"/api/v1/enrollment/iris/{step[5:]}")
+            assert r.status_code == 200, r.text
+            assert "distance" in r.json()["position"] or r.json()["codes"] == ["NO_IRIS"], r.json()
         elif step.startswith("finger:"):
             r = c.post(f"/api/v1/enrollment/fingers/{step[7:]}")
+        elif step == "signature" and sign:
+            r = c.post("/api/v1/enrollment/signature", json={"strokes": signature_strokes(), "width": 600,
+                                                              "height": 200})
+            assert r.json()["accepted"], r.json()
         elif step == "dupcheck":
             r = c.post("/api/v1/enrollment/dupcheck")
         else:

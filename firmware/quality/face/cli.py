@@ -12,9 +12,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
+from firmware.quality import load_image
 from firmware.system.i18n import N_, _, gettext
 
 EX_ACCEPTED, EX_REJECTED, EX_UNREADABLE, EX_MODELS = 0, 1, 2, 3
@@ -31,21 +31,6 @@ def _thresholds(args: argparse.Namespace) -> Any:
         return FaceThresholds()
     cfg = config.load(path)  # ConfigError is reported by run()
     return FaceThresholds.from_mapping(cfg.quality_face)
-
-
-def load_image(path: str | Path) -> Any:
-    """Read a photo as BGR uint8 (alpha and 16-bit depth dropped); ValueError names the file."""
-    import cv2
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(_("{path}: no such file", path=p))
-    data = np.fromfile(p, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        raise ValueError(_("{path}: not an image OpenCV can decode (JPEG/PNG/BMP/TIFF expected)", path=p))
-    return img
 
 
 #: The verdict and severity words of the text output (the --json document keeps the English codes).

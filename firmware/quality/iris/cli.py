@@ -11,9 +11,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
+from firmware.quality import load_image
 from firmware.system.i18n import N_, _, gettext
 
 EX_ACCEPTED, EX_REJECTED, EX_UNREADABLE, EX_MISSING = 0, 1, 2, 3
@@ -28,21 +28,6 @@ def _settings(args: argparse.Namespace) -> Any:
     if path is None and config.DEFAULT_PATH.exists():
         path = str(config.DEFAULT_PATH)
     return config.load(path).iris if path else IrisConfig()
-
-
-def load_gray(path: str | Path) -> Any:
-    """Read an image as 8-bit grey; ValueError names the file."""
-    import cv2
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(_("{path}: no such file", path=p))
-    data = np.fromfile(p, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    if img is None:
-        raise ValueError(_("{path}: not an image OpenCV can decode (JPEG/PNG/BMP/TIFF expected)", path=p))
-    return img
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     status, results = EX_ACCEPTED, []
     for f in args.files:
         try:
-            img = load_gray(f)
+            img = load_image(f, gray=True)
         except ValueError as e:
             print(f"rekam quality iris: {e}", file=sys.stderr)
             results.append({"file": f, "error": str(e)})
