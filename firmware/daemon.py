@@ -27,7 +27,7 @@ from firmware import __version__, config
 from firmware.errors import HardwareError
 from firmware.seal import identity
 from firmware.store.store import Store, StoreError
-from firmware.system import i18n, logs
+from firmware.system import i18n, logs, memory
 from firmware.system.sdnotify import Notifier, watchdog_interval
 from firmware.system.service import RUNNING, STOPPED, Supervisor, ThreadService
 
@@ -526,6 +526,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `rekamd`."""
     args = parse_args(argv)
+    memory.limit_arenas()  # before any thread: one arena per thread is what makes RSS creep
     logs.setup()
     try:
         cfg = config.load(args.config)
@@ -561,8 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     st = kit.store.status()
     kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
     log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
+    trimmer = memory.Trimmer()
+    ticks = 0
     while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
-        pass
+        ticks += 1
+        if ticks % 10 == 0:  # every 5 s: give freed frames and read-ahead buffers back to the kernel
+            trimmer.maybe_trim()
     kit.shutdown()
     if kit.poweroff:  # the store is closed (clean marker written): now the machine may go down
         return power_off(cfg, kit.poweroff)
