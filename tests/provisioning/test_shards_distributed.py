@@ -7,7 +7,7 @@ During live capture and drain: kit A's primary shard broker is SIGKILLed (A fail
 returns), one worker is SIGKILLed while a record is half staged (the other finishes it or the kit resends), and kit
 A's stick is imported (`rekam-fleet import`) while A relays. A spy on both shards checks every ack a kit gets
 against the archive index at the moment it arrives. The count: zero lost, zero stored twice, every stored/duplicate
-ack after its index row. Bounded: 3 x 16 records, every wait has a timeout (about 40 s on 2 cores).
+ack after its index row. Bounded: 3 x 12 records, every wait has a timeout (about 40 s on 2 cores).
 
 Run on both archive backends: the embedded one on one shared archive folder (chunk reassembly across the two
 workers through its staging.db), and the scale one (PostgreSQL index and staging, S3 objects in SeaweedFS), where
@@ -38,7 +38,7 @@ from provisioning.archive import open_archive
 from provisioning.registry import Fleet
 from tests.support import REPO, Mosquitto, free_port, render_toml, subprocess_env, wait_for
 
-RECORDS = 16  # per kit
+RECORDS = 12  # per kit (each about 460 KB: 29 chunks)
 SETTLE_S = 45.0
 
 
@@ -140,7 +140,7 @@ def _kit_config(root: Path, f: Fleet, kit_id: str, dc_pub: Path, stick: bool) ->
         "store": {"reserve_floor_mb": 1, "journal_reserve_mb": 1, "max_record_mb": 8, "verify_readback": False},
         "relay": {**relay, "ack_timeout_s": 1.0, "ack_timeout_max_s": 2.0, "backoff_min_s": 0.1,
                   "backoff_max_s": 0.5, "probe_interval_s": 0.5, "connect_timeout_s": 2.0, "keepalive_s": 5,
-                  "telemetry_interval_s": 5.0, "publishes_per_s": 0.0, "bytes_per_s": 300_000, "chunk_kb": 16},
+                  "telemetry_interval_s": 5.0, "publishes_per_s": 0.0, "bytes_per_s": 1_200_000, "chunk_kb": 16},
     }))
     return cfg
 
