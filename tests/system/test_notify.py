@@ -101,7 +101,7 @@ def test_watchdog_for_another_pid_is_ignored(tmp_path: Path, corpus_dir: Path, r
 def test_watchdog_keeps_beating_during_backfill(tmp_path: Path, corpus_dir: Path, rekamd_factory) -> None:
     cfg = write_kit_config(tmp_path, corpus_dir)
     (tmp_path / "usb").rmdir()  # no stick while the backlog builds up
-    n = 200
+    n = 120
     r = rekam("sim", "commit", str(n), "--pad-kb", "512", "--json", cfg=cfg)
     assert r.returncode == 0, r.stderr
     sock_path = f"/tmp/rekam-notify-{os.getpid()}-c.sock"
