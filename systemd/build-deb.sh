@@ -29,7 +29,8 @@ Architecture: $ARCH
 Maintainer: rekam firmware team <rekam@localhost>
 Installed-Size: $SIZE
 Depends: python$PYVER, python3-venv, systemd, udev, util-linux, dosfstools, exfatprogs, e2fsprogs, passwd
-Recommends: python3-picamera2
+Recommends: python3-picamera2, chrony
+Suggests: gpsd, gpsd-clients
 Section: misc
 Priority: optional
 Description: rekam biometric enrollment kit daemon

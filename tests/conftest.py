@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from firmware.wire import record_format
 from tests.support import Mosquitto, Postgres, Rekamd, SeaweedS3, Tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,3 +168,15 @@ def s3_objects(seaweed: SeaweedS3) -> str:
         seaweed.start()
     seaweed.create_bucket(TEST_BUCKET)
     return seaweed.objects_url(TEST_BUCKET, f"t{os.getpid()}-{next(_PREFIXES)}")
+
+
+@pytest.fixture(scope="session")
+def dc_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One data-center key pair for the whole session (defined here once: a module that imports a fixture
+    makes its own copy of it, and the session-wide kits keyed by it would be built again)."""
+    d = tmp_path_factory.mktemp("dc")
+    priv, pub = record_format.generate_datacenter_keypair()
+    (d / "datacenter.key").write_bytes(priv)
+    (d / "datacenter.pub").write_bytes(pub)
+    return {"dir": d, "priv": priv, "pub": pub, "pub_path": d / "datacenter.pub", "key_path": d / "datacenter.key",
+            "sk": record_format.load_datacenter_private_key(priv)}

@@ -1,3 +1,3 @@
 """The `rekam` CLI against a real `rekamd --sim`: the console tests' daemon fixtures, reused."""
 
-from tests.console.conftest import daemon, dc_keys, make_daemon  # noqa: F401  (fixtures)
+from tests.console.conftest import daemon, make_daemon  # noqa: F401  (fixtures)

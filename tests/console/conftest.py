@@ -16,10 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.store import conftest as store_fixtures
 from tests.support import Rekamd, write_daemon_config
-
-dc_keys = store_fixtures.dc_keys  # the data-center key pair fixture of the store tests (session scope)
 
 REPO = Path(__file__).resolve().parents[2]
 SIM_TOML = REPO / "config" / "rekam-sim.toml"

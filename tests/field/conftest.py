@@ -20,7 +20,6 @@ from tests.console.conftest import Daemon
 from tests.provisioning import conftest as provisioning
 from tests.support import Rekamd, end_process, free_port, wait_for, write_daemon_config
 
-dc_keys = console.dc_keys
 # the fleet side (a real broker with the deployed ACL, the fleet service, claimed kits) for the telemetry test
 fleet_and_broker, fleet, broker, service = (provisioning.fleet_and_broker, provisioning.fleet, provisioning.broker,
                                             provisioning.service)

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 # Fixtures, and the console tests' enrollment driver and signature strokes (re-exported for the iris tests).
-from tests.console.conftest import browser, dc_keys, enroll, make_daemon, signature_strokes  # noqa: F401
+from tests.console.conftest import browser, enroll, make_daemon, signature_strokes  # noqa: F401
 
 #: The `[iris]` block of a kit that captures both irises and the signature (the simulator's retakes at 0.25).
 IRIS_TOML = "[iris]\ncapture_iris = true\ncapture_signature = true\n"

@@ -16,14 +16,13 @@ import pytest
 from provisioning.interchange import cbeff
 from provisioning.interchange import iso19794 as iso
 from tests.provisioning.export_support import AGENCY, Kit, export, old_manifest, pixels, psnr, shared_sim_kit
-from tests.store.conftest import dc_keys  # noqa: F401  (session fixture)
 
 NS = {"c": cbeff.NS}
 FGP = {"R1": 1, "R2": 2, "L1": 6, "L2": 7}
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:  # noqa: F811
+def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:
     return shared_sim_kit(tmp_path_factory, dc_keys, corpus_dir)
 
 

@@ -18,14 +18,13 @@ from provisioning.interchange import iso19794 as iso
 from tests.console.conftest import NIK_FEMALE, NIK_MALE, write_config
 from tests.iris.conftest import IRIS_TOML, drive
 from tests.provisioning.export_support import Kit, export, pixels
-from tests.store.conftest import dc_keys  # noqa: F401  (session fixture)
 from tests.support import Rekamd
 
 NS = {"c": cbeff.NS}
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:  # noqa: F811
+def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:
     """Two enrollments with irises and signature: everything captured; the left eye and the signature excepted."""
     import httpx
 

@@ -15,11 +15,10 @@ import pytest
 from firmware.wire import record_format as rf
 from provisioning.interchange.export import STATE_FILE, Exporter, Options
 from tests.provisioning.export_support import AGENCY, Kit, export, shared_sim_kit
-from tests.store.conftest import dc_keys  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")
-def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:  # noqa: F811
+def kit(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any], corpus_dir: Path) -> Kit:
     return shared_sim_kit(tmp_path_factory, dc_keys, corpus_dir)
 
 

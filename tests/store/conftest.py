@@ -12,17 +12,6 @@ import pytest
 from firmware import config
 from firmware.seal import identity
 from firmware.store.store import Store
-from firmware.wire import record_format
-
-
-@pytest.fixture(scope="session")
-def dc_keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("dc")
-    priv, pub = record_format.generate_datacenter_keypair()
-    (d / "datacenter.key").write_bytes(priv)
-    (d / "datacenter.pub").write_bytes(pub)
-    return {"dir": d, "priv": priv, "pub": pub, "pub_path": d / "datacenter.pub", "key_path": d / "datacenter.key",
-            "sk": record_format.load_datacenter_private_key(priv)}
 
 
 def make_config(root: Path, dc_pub: Path, **sections: dict[str, Any]) -> config.Config:

@@ -144,6 +144,9 @@ def test_make_deb(tmp_path: Path) -> None:
     assert deb.name.startswith("rekam_") and deb.suffix == ".deb" and deb.exists()
     info = subprocess.run(["dpkg-deb", "-f", str(deb)], capture_output=True, text=True, check=True).stdout
     assert "Package: rekam" in info and "exfatprogs" in info and "dosfstools" in info
+    # chrony is the clock the records' time comes from (firmware/system/clock.py); gpsd serves the GNSS position
+    fields = dict(ln.split(": ", 1) for ln in info.splitlines() if ": " in ln and not ln.startswith(" "))
+    assert "chrony" in fields["Recommends"] and "gpsd" in fields["Suggests"]
     files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
     assert "./opt/rekam/venv/bin/rekamd" in files and "./etc/systemd/system/rekamd.service" in files
     assert "./var/lib/rekam" not in files
