@@ -19,6 +19,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,13 +28,19 @@ from firmware import config
 from firmware.control.claim import ControlPaths
 from firmware.control.update import Updater, prefix_from_env
 from firmware.errors import Refused
+from firmware.store.capacity import spare_bytes
 from firmware.system.fsutil import fsync_dir
 from firmware.wire import update_bundle as ub
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending.rkup"
-READ_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 30.0  # per read: a server that stops sending
+# The whole download: a server that trickles (a byte per 29 s would pass the per-read timeout forever) is cut
+# off once it falls below a slow rural uplink's rate (16 KiB/s on average) plus a start allowance.
+START_ALLOWANCE_S = 120.0
+MIN_RATE_BPS = 16 * 1024
+SPACE_CHECK_BYTES = 8 * 1024 * 1024  # re-check the SD's spare room this often while downloading
 
 
 def pending_path(cfg: config.Config) -> Path:
@@ -56,7 +63,11 @@ def _args(args: dict[str, Any]) -> tuple[str, str, int, str]:
     return url, sha, size, version
 
 
-def _download(url: str, size: int, dest: Path, ca: Path) -> str:
+def _download(url: str, size: int, dest: Path, ca: Path, spare: Callable[[], int]) -> str:
+    """Fetch at most `size` bytes into `dest` (fsync'd); their SHA-256. `spare()`: bytes the SD can give."""
+    if spare() < size:
+        raise Refused("no_space", f"the bundle ({size} bytes) would take room the records need on the SD")
+    deadline = time.monotonic() + START_ALLOWANCE_S + size / MIN_RATE_BPS
     ctx = None
     if urlsplit(url).scheme == "https":
         if not ca.exists():
@@ -66,12 +77,16 @@ def _download(url: str, size: int, dest: Path, ca: Path) -> str:
     got = 0
     try:
         with urllib.request.urlopen(url, timeout=READ_TIMEOUT_S, context=ctx) as r, open(dest, "wb") as out:
-            while chunk := r.read(min(ub.CHUNK, size + 1 - got)):
+            while chunk := r.read1(min(ub.CHUNK, size + 1 - got)):  # what arrived: the deadline is checked
                 got += len(chunk)
                 if got > size:
                     raise Refused("size_mismatch", f"the server sends more than the {size} bytes the command names")
                 h.update(chunk)
                 out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise Refused("download_failed", f"{url}: too slow ({got} of {size} bytes by the deadline)")
+                if got % SPACE_CHECK_BYTES < len(chunk) and spare() < size - got:  # records came first meanwhile
+                    raise Refused("no_space", "the records captured meanwhile need the room left on the SD")
             out.flush()
             os.fsync(out.fileno())
     except (urllib.error.URLError, OSError, ssl.SSLError) as e:
@@ -88,7 +103,7 @@ def fetch_update(cfg: config.Config, paths: ControlPaths, args: dict[str, Any]) 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".download-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        digest = _download(url, size, tmp, paths.ca)
+        digest = _download(url, size, tmp, paths.ca, lambda: spare_bytes(cfg.store, folder))
         if digest != sha:
             raise Refused("hash_mismatch", "the downloaded bundle's SHA-256 differs from the signed command's")
         up = Updater(prefix_from_env(), cfg.state_dir, paths.pinned_fleet_key(), restart=lambda _t: (False, ""),

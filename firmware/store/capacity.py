@@ -239,6 +239,17 @@ class CapacityGuard:
             return len(self._reservations)
 
 
+def spare_bytes(store_cfg: Any, path: Path, medium: str = "sd") -> int:
+    """Bytes on `medium` that anything other than records may take without bringing capture nearer a halt.
+
+    What capture keeps for itself: the medium's reserve, one maximal record, and `warn_records` typical
+    records beyond it (so another writer, e.g. a software update download, never even makes the kit WARN).
+    """
+    g = CapacityGuard(store_cfg, usb_required=False)
+    keep = g.reserve_bytes(medium) + g.max_record_bytes + int(store_cfg.warn_records) * g._estimate()
+    return space(path).free_bytes - keep
+
+
 def overall(media: list[MediumStatus]) -> tuple[Level, list[str]]:
     """The kit's guard state: the worst of its media, with every reason (current language, no action)."""
     level = max((m.level for m in media), key=lambda lv: lv.rank, default=Level.OK)
