@@ -45,8 +45,9 @@ class Roi:
         c, s = np.cos(self.angle), np.sin(self.angle)
         return np.array([c, s]), np.array([-s, c])
 
-    def crop(self, bgr: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
-        """The ROI resampled to `size` x `size` RGB float32 in [0, 1] (mirrored if `flip`)."""
+    def crop(self, bgr: np.ndarray, size: int, flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """The ROI resampled to `size` x `size` RGB float32 in [0, 1] (mirrored if `flip`), written into
+        `out` when given (a model's input buffer)."""
         ex, ey = self.axes()
         k = self.side / size
         origin = np.array([self.cx, self.cy]) - (ex + ey) * self.side / 2
@@ -57,11 +58,11 @@ class Roi:
         if flip:
             patch = patch[:, ::-1]
         # one pass uint8 -> float32 / 255 (the same float32 division as astype() then / 255.0)
-        return np.divide(cv2.cvtColor(patch, cv2.COLOR_BGR2RGB), np.float32(255.0), dtype=np.float32)
+        return np.divide(cv2.cvtColor(patch, cv2.COLOR_BGR2RGB), np.float32(255.0), out=out, dtype=np.float32)
 
     def to_image(self, pts: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
         """Map (N, 3) model-pixel points (x, y, z) back to frame pixels; z is scaled like x."""
-        p = pts.astype(np.float64).copy()
+        p = pts.astype(np.float64)  # a new array: flipped in place below
         if flip:
             p[:, 0] = size - p[:, 0]
         ex, ey = self.axes()
@@ -118,8 +119,12 @@ class LandmarkModel:
         self.refine_passes = refine_passes
 
     def _mesh(self, bgr: np.ndarray, roi: Roi) -> tuple[np.ndarray, float]:
-        size = self.mesh_model.size
-        raw, flag = self.mesh_model.run(roi.crop(bgr, size))
+        model = self.mesh_model
+        size = model.size
+        view = model.input_view()
+        roi.crop(bgr, size, out=view)  # straight into the model's input: no tensor, no set_tensor copy
+        del view  # LiteRT runs only when no array refers to its buffers
+        raw, flag = model.invoke()
         presence = float(1.0 / (1.0 + np.exp(-np.clip(flag.ravel()[0], -80, 80))))
         return roi.to_image(raw.reshape(-1, 3)[:468], size), presence
 
@@ -129,7 +134,10 @@ class LandmarkModel:
         size = self.iris_model.size
         pa, pb = mesh[a, :2], mesh[b, :2]
         roi = roi_from_points(np.stack([pa, pb]), pa, pb, IRIS_ROI_SCALE)
-        contour, iris = self.iris_model.run(roi.crop(bgr, size, flip))
+        view = self.iris_model.input_view()
+        roi.crop(bgr, size, flip, out=view)
+        del view
+        contour, iris = self.iris_model.invoke()
         contour_px = roi.to_image(contour.reshape(-1, 3)[:16], size, flip)[:, :2]
         iris_px = roi.to_image(iris.reshape(-1, 3), size, flip)[:, :2]
         return contour_px, iris_px

@@ -282,10 +282,13 @@ def _mirrored(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int,
     return max(0, x0), max(0, y0), min(w, max(x1, 1)), min(h, max(y1, 1))
 
 
-def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[int, int, int, int]:
-    """Frame box (x0, y0, x1, y1), clipped, holding every pixel `sharpness` reads (`face_gray` converts it)."""
+def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray,
+                    plan: Any = None) -> tuple[int, int, int, int]:
+    """Frame box (x0, y0, x1, y1), clipped, holding every pixel `sharpness` reads (`face_gray` converts it);
+    `plan` is `_sharpness_plan(shape, right_eye, left_eye)` when the caller has it already."""
     gh, gw = shape[:2]
-    plan = _sharpness_plan(shape, right_eye, left_eye)
+    if plan is None:
+        plan = _sharpness_plan(shape, right_eye, left_eye)
     if plan is None:
         return 0, 0, 0, 0
     k, c, s, mid, box, want = plan
@@ -304,7 +307,7 @@ def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.
     return max(0, x0), max(0, y0), min(gw, x1), min(gh, y1)
 
 
-def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
+def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray, plan: Any = None) -> tuple[float, float]:
     """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
 
     The crop (eye-levelled) spans 0.9 IED either side of the eye midpoint and 0.5 IED above to
@@ -313,8 +316,10 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     makes them independent of contrast and exposure (those have their own measures).
     directional = min over x and y of var(second derivative) / var(luminance): motion blur
     removes detail along one direction only, which the isotropic Laplacian ratio hides.
+    `plan` is `_sharpness_plan(gray.shape, right_eye, left_eye)` when the caller has it already.
     """
-    plan = _sharpness_plan(gray.shape, right_eye, left_eye)
+    if plan is None:
+        plan = _sharpness_plan(gray.shape, right_eye, left_eye)
     if plan is None:
         return 0.0, 0.0
     k, c, s, mid, box, want = plan
@@ -341,18 +346,20 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     return min(dxx, dyy) / var, lap / var
 
 
-def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> np.ndarray:
+def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray,
+              plan: Any = None) -> np.ndarray:
     """Frame-sized gray image converted only where the measures read it: the face oval's box (photometry)
-    and `sharpness_reads` (the sharpness crop's footprint). The rest stays 0 and is never read, so the
-    measures equal those on a fully converted frame; a 1080p frame then costs a face-sized conversion, not a
-    frame-sized one."""
+    and `sharpness_reads` (the sharpness crop's footprint; `plan` = `_sharpness_plan`, if already made).
+    The rest is left as allocated (np.empty: no frame-sized memset) and is never read, so the measures equal
+    those on a fully converted frame (tests fill it with noise); a 1080p frame then costs a face-sized
+    conversion, not a frame-sized one."""
     h, w = bgr.shape[:2]
     ox0, oy0, ox1, oy1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
-    sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye)
+    sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye, plan)
     if sx1 <= sx0 or sy1 <= sy0:  # sharpness reads nothing
         sx0, sy0, sx1, sy1 = ox0, oy0, ox1, oy1
     x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
-    gray = np.zeros((h, w), np.uint8)
+    gray = np.empty((h, w), np.uint8)
     if x1 > x0 and y1 > y0:
         gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
     return gray
@@ -364,7 +371,8 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     mesh = lm.mesh
     r_eye, l_eye = eye_centres(lm)
     ied = float(np.linalg.norm(l_eye - r_eye))
-    gray = face_gray(bgr, mesh, r_eye, l_eye)
+    plan = _sharpness_plan(bgr.shape, r_eye, l_eye)  # made once: face_gray and sharpness both need it
+    gray = face_gray(bgr, mesh, r_eye, l_eye, plan)
     mid = (r_eye + l_eye) / 2
     t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
     img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
@@ -374,7 +382,7 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     top = mesh[MIDLINE_TOP, :2].mean(axis=0)
     bottom = mesh[MIDLINE_BOTTOM, :2].mean(axis=0)
     lum, dark, bright, ent, inter, ratio = photometry(gray, mesh, top, bottom)
-    sharp, sharp_iso = sharpness(gray, r_eye, l_eye)
+    sharp, sharp_iso = sharpness(gray, r_eye, l_eye, plan)
     return FaceMeasures(
         faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
         margin_left=img_left_x / max(ied, 1e-6), margin_right=(w - img_right_x) / max(ied, 1e-6),
