@@ -11,6 +11,7 @@ the right eye is mirrored because the iris model is trained on left eyes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -42,6 +43,11 @@ class Roi:
     angle: float
 
     def axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unit vectors of the square's x and y sides (computed once per ROI: crop and to_image reuse them)."""
+        return self._axes
+
+    @cached_property
+    def _axes(self) -> tuple[np.ndarray, np.ndarray]:
         c, s = np.cos(self.angle), np.sin(self.angle)
         return np.array([c, s]), np.array([-s, c])
 
@@ -79,8 +85,7 @@ def roi_from_points(pts: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
                     box: tuple[float, float, float, float] | None = None) -> Roi:
     """Square ROI around `pts` (or `box`), side = long side x `scale`, rotated to level a->b."""
     if box is None:
-        x0, y0 = pts[:, 0].min(), pts[:, 1].min()
-        x1, y1 = pts[:, 0].max(), pts[:, 1].max()
+        (x0, y0), (x1, y1) = pts[:, :2].min(axis=0), pts[:, :2].max(axis=0)
     else:
         x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0) * scale
@@ -125,7 +130,8 @@ class LandmarkModel:
         roi.crop(bgr, size, out=view)  # straight into the model's input: no tensor, no set_tensor copy
         del view  # LiteRT runs only when no array refers to its buffers
         raw, flag = model.invoke()
-        presence = float(1.0 / (1.0 + np.exp(-np.clip(flag.ravel()[0], -80, 80))))
+        v = flag.ravel()[0]  # float32, clipped like np.clip(v, -80, 80) (NaN stays NaN) without its call overhead
+        presence = float(1.0 / (1.0 + np.exp(-min(max(v, np.float32(-80)), np.float32(80)))))
         return roi.to_image(raw.reshape(-1, 3)[:468], size), presence
 
     def _eye(self, bgr: np.ndarray, mesh: np.ndarray, a: int, b: int, flip: bool

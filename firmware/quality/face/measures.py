@@ -26,6 +26,7 @@ FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365
 # Symmetric (subject-right, subject-left) mesh pairs that define the head's left-right axis:
 # outer and inner eye corners, mouth corners, cheek contour at eye level, jaw angle.
 SYMMETRIC_PAIRS = [(33, 263), (133, 362), (61, 291), (234, 454), (172, 397), (70, 300)]
+_PAIR_A, _PAIR_B = [a for a, _ in SYMMETRIC_PAIRS], [b for _, b in SYMMETRIC_PAIRS]
 # Midline points, forehead to chin, that define the head's vertical axis.
 MIDLINE_TOP, MIDLINE_BOTTOM = [10, 151, 9, 8, 168], [0, 17, 18, 200, 199, 175, 152]
 SHARPNESS_IED = 64.0  # face crop rescaled so the eyes are this far apart before the Laplacian
@@ -85,7 +86,7 @@ def head_pose(mesh: np.ndarray) -> tuple[float, float, float]:
     goes down to the image right. FaceMesh z is scaled like x (weak perspective).
     """
     p = mesh.astype(np.float64)
-    xa = sum(p[b] - p[a] for a, b in SYMMETRIC_PAIRS)
+    xa = (p[_PAIR_B] - p[_PAIR_A]).sum(axis=0)  # rows added in order, as sum() over the pairs did
     xa /= np.linalg.norm(xa)
     ya = p[MIDLINE_BOTTOM].mean(axis=0) - p[MIDLINE_TOP].mean(axis=0)
     ya -= xa * float(ya @ xa)
@@ -131,7 +132,24 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     mid_a, mid_b = mid_a - shift[:2], mid_b - shift[:2]
     # Histograms with the mask (no list of face pixels): every figure below is a function of
     # the integer counts, so they equal the per-pixel computation exactly.
-    counts = cv2.calcHist([region], [0], mask, [256], [0, 256]).ravel().astype(np.float64)
+    d = mid_b - mid_a
+    # Pixel (x, y) is on the left when (x - a0) d1 - (y - a1) d0 > 0, i.e. when the first
+    # product exceeds the second (IEEE subtraction is > 0 exactly when a > b): one row of x
+    # terms against one column of y terms instead of a value per pixel.
+    xs = (np.arange(region.shape[1]) - mid_a[0]) * d[1]
+    ys = (np.arange(region.shape[0]) - mid_a[1]) * d[0]
+    # A column whose x term beats every row's y term is left on every row, one that none beats is right on
+    # every row; xs is linear in x, so each is a run of columns at one end, and only the band between them (where
+    # the midline crosses) takes the per-pixel test: the two halves cost one pass over the region, not three.
+    all_left, all_right = xs > ys.max(), xs <= ys.min()
+    (l0, l1), (r0, r1), (b0, b1) = _run(all_left), _run(all_right), _run(~(all_left | all_right))
+    left, right = _hist(region, mask, l0, l1), _hist(region, mask, r0, r1)
+    if b1 > b0:
+        band_left = (xs[None, b0:b1] > ys[:, None]).view(np.uint8) & mask[:, b0:b1]  # nonzero = left face pixel
+        band = _hist(region, mask, b0, b1)
+        in_left = _hist(region[:, b0:b1], band_left, 0, b1 - b0)
+        left, right = left + in_left, right + (band - in_left)
+    counts = left + right
     n = counts.sum()
     if n < 50:
         return 0.0, 1.0, 0.0, 0.0, 0.0, 0.0
@@ -139,15 +157,6 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     h256 = counts / n
     nz = h256[h256 > 0]
     entropy = float(-(nz * np.log2(nz)).sum())
-    d = mid_b - mid_a
-    # Pixel (x, y) is on the left when (x - a0) d1 - (y - a1) d0 > 0, i.e. when the first
-    # product exceeds the second (IEEE subtraction is > 0 exactly when a > b): one row of x
-    # terms against one column of y terms instead of a value per pixel.
-    xs = (np.arange(region.shape[1]) - mid_a[0]) * d[1]
-    ys = (np.arange(region.shape[0]) - mid_a[1]) * d[0]
-    left_mask = (xs[None, :] > ys[:, None]).view(np.uint8) & mask  # nonzero = left face pixel
-    left = cv2.calcHist([region], [0], left_mask, [256], [0, 256]).ravel().astype(np.float64)
-    right = counts - left
     n_l, n_r = left.sum(), right.sum()
     if n_l < 25 or n_r < 25:
         inter, ratio = 0.0, 0.0
@@ -158,6 +167,19 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
         ratio = min(ml, mr) / max(ml, mr) if max(ml, mr) > 0 else 0.0
     return (float((counts * levels).sum() / n) / 255.0, float(counts[:DARK_LEVEL + 1].sum() / n),
             float(counts[BRIGHT_LEVEL:].sum() / n), entropy, inter, ratio)
+
+
+def _run(cols: np.ndarray) -> tuple[int, int]:
+    """(first, last + 1) of the True entries of `cols` (a run), (0, 0) if none."""
+    idx = np.flatnonzero(cols)
+    return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+
+
+def _hist(region: np.ndarray, mask: np.ndarray, c0: int, c1: int) -> np.ndarray:
+    """256-level counts (float64) of the masked pixels in columns c0..c1-1 of `region`."""
+    if c1 <= c0:
+        return np.zeros(256)
+    return cv2.calcHist([region[:, c0:c1]], [0], mask[:, c0:c1], [256], [0, 256]).ravel().astype(np.float64)
 
 
 def _bins32(counts: np.ndarray) -> np.ndarray:
