@@ -102,7 +102,7 @@ def test_area_window_equals_opencvs_area_resize() -> None:
 
 
 def test_sharpness_reads_only_its_box() -> None:
-    # face_gray converts only `sharpness_reads` (plus the oval): zeroing the frame outside that box must not
+    # face_gray converts only `sharpness_reads` (plus the oval): whatever the frame holds outside that box must not
     # change the sharpness, at any eye distance (below and above the normalised one), roll and frame edge
     rng = np.random.default_rng(5)
     img = cv2.GaussianBlur(rng.integers(0, 256, (700, 900), dtype=np.uint8), (0, 0), 1.2)
@@ -113,6 +113,47 @@ def test_sharpness_reads_only_its_box() -> None:
         d = np.array([np.cos(roll), np.sin(roll)]) * ied / 2
         r_eye, l_eye = mid - d, mid + d
         x0, y0, x1, y1 = measures.sharpness_reads(img.shape, r_eye, l_eye)
-        part = np.zeros_like(img)
+        # noise outside the box, not zeros: face_gray leaves it as allocated (np.empty), and a pixel read with
+        # some weight would change the result with noise where with zeros it might not
+        part = rng.integers(0, 256, img.shape, dtype=np.uint8)
         part[y0:y1, x0:x1] = img[y0:y1, x0:x1]
         assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(img, r_eye, l_eye), (ied, roll, mid)
+
+
+def test_photometry_halves_match_the_per_pixel_split_on_any_midline() -> None:
+    # photometry tests only the band of columns the midline crosses pixel by pixel (issue #17); the halves must
+    # be the per-pixel ones for any slant, either direction, a horizontal or vertical midline, and a midline
+    # that misses the face
+    rng = np.random.default_rng(29)
+    gray = cv2.GaussianBlur(rng.integers(0, 256, (300, 400), dtype=np.uint8), (0, 0), 1.5)
+    t = np.linspace(0, 2 * np.pi, len(measures.FACE_OVAL), endpoint=False)
+    for trial in range(40):
+        mesh = np.zeros((468, 3))
+        cx, cy, rx, ry, a = (rng.uniform(120, 280), rng.uniform(90, 210), rng.uniform(30, 110), rng.uniform(30, 90),
+                             rng.uniform(-0.5, 0.5))
+        x, y = rx * np.cos(t), ry * np.sin(t)
+        mesh[measures.FACE_OVAL, 0] = cx + x * np.cos(a) - y * np.sin(a)
+        mesh[measures.FACE_OVAL, 1] = cy + x * np.sin(a) + y * np.cos(a)
+        mid_a = np.array([cx, cy]) + rng.uniform(-60, 60, 2) * (trial % 4 != 3) + 200 * (trial % 8 == 7)
+        angle = [np.pi / 2, -np.pi / 2, 0.0, np.pi][trial % 4] if trial < 8 else rng.uniform(-np.pi, np.pi)
+        mid_b = mid_a + 100 * np.array([np.cos(angle), np.sin(angle)])
+        assert measures.photometry(gray, mesh, mid_a, mid_b) == photometry_reference(gray, mesh, mid_a, mid_b), trial
+
+
+@pytest.mark.parametrize("size", [(1920, 1080), (2880, 1620), (5760, 3240), (2000, 1125)])
+def test_letterbox_of_a_large_frame_is_the_bilinear_predecimation(size: tuple[int, int]) -> None:
+    # at an odd whole ratio (1920x1080 -> 384x216) the pre-decimation picks pixels (nearest-exact, issue #17);
+    # the tensor must be the one the bilinear resize gives, at odd ratios and at the others
+    rng = np.random.default_rng(3)
+    w, h = size
+    img = cv2.resize(cv2.GaussianBlur(rng.integers(0, 256, (270, 480, 3), dtype=np.uint8), (0, 0), 1.0), (w, h))
+    img[::7] ^= 0x5A  # row and column detail a wrong sampling phase would show
+    img[:, ::5] ^= 0x33
+    tensor, scale, px, py = detect.letterbox(img, 192)
+    nw, nh = round(w * scale), round(h * scale)
+    half = cv2.resize(img, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
+    small = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_AREA)
+    canvas = np.zeros((192, 192, 3), np.uint8)
+    canvas[int(py):int(py) + nh, int(px):int(px) + nw] = small
+    ref = np.multiply(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), np.float32(2.0 / 255.0), dtype=np.float32) - 1
+    assert np.array_equal(tensor, ref)

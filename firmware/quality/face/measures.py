@@ -26,6 +26,7 @@ FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365
 # Symmetric (subject-right, subject-left) mesh pairs that define the head's left-right axis:
 # outer and inner eye corners, mouth corners, cheek contour at eye level, jaw angle.
 SYMMETRIC_PAIRS = [(33, 263), (133, 362), (61, 291), (234, 454), (172, 397), (70, 300)]
+_PAIR_A, _PAIR_B = [a for a, _ in SYMMETRIC_PAIRS], [b for _, b in SYMMETRIC_PAIRS]
 # Midline points, forehead to chin, that define the head's vertical axis.
 MIDLINE_TOP, MIDLINE_BOTTOM = [10, 151, 9, 8, 168], [0, 17, 18, 200, 199, 175, 152]
 SHARPNESS_IED = 64.0  # face crop rescaled so the eyes are this far apart before the Laplacian
@@ -85,7 +86,7 @@ def head_pose(mesh: np.ndarray) -> tuple[float, float, float]:
     goes down to the image right. FaceMesh z is scaled like x (weak perspective).
     """
     p = mesh.astype(np.float64)
-    xa = sum(p[b] - p[a] for a, b in SYMMETRIC_PAIRS)
+    xa = (p[_PAIR_B] - p[_PAIR_A]).sum(axis=0)  # rows added in order, as sum() over the pairs did
     xa /= np.linalg.norm(xa)
     ya = p[MIDLINE_BOTTOM].mean(axis=0) - p[MIDLINE_TOP].mean(axis=0)
     ya -= xa * float(ya @ xa)
@@ -131,7 +132,24 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     mid_a, mid_b = mid_a - shift[:2], mid_b - shift[:2]
     # Histograms with the mask (no list of face pixels): every figure below is a function of
     # the integer counts, so they equal the per-pixel computation exactly.
-    counts = cv2.calcHist([region], [0], mask, [256], [0, 256]).ravel().astype(np.float64)
+    d = mid_b - mid_a
+    # Pixel (x, y) is on the left when (x - a0) d1 - (y - a1) d0 > 0, i.e. when the first
+    # product exceeds the second (IEEE subtraction is > 0 exactly when a > b): one row of x
+    # terms against one column of y terms instead of a value per pixel.
+    xs = (np.arange(region.shape[1]) - mid_a[0]) * d[1]
+    ys = (np.arange(region.shape[0]) - mid_a[1]) * d[0]
+    # A column whose x term beats every row's y term is left on every row, one that none beats is right on
+    # every row; xs is linear in x, so each is a run of columns at one end, and only the band between them (where
+    # the midline crosses) takes the per-pixel test: the two halves cost one pass over the region, not three.
+    all_left, all_right = xs > ys.max(), xs <= ys.min()
+    (l0, l1), (r0, r1), (b0, b1) = _run(all_left), _run(all_right), _run(~(all_left | all_right))
+    left, right = _hist(region, mask, l0, l1), _hist(region, mask, r0, r1)
+    if b1 > b0:
+        band_left = (xs[None, b0:b1] > ys[:, None]).view(np.uint8) & mask[:, b0:b1]  # nonzero = left face pixel
+        band = _hist(region, mask, b0, b1)
+        in_left = _hist(region[:, b0:b1], band_left, 0, b1 - b0)
+        left, right = left + in_left, right + (band - in_left)
+    counts = left + right
     n = counts.sum()
     if n < 50:
         return 0.0, 1.0, 0.0, 0.0, 0.0, 0.0
@@ -139,15 +157,6 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
     h256 = counts / n
     nz = h256[h256 > 0]
     entropy = float(-(nz * np.log2(nz)).sum())
-    d = mid_b - mid_a
-    # Pixel (x, y) is on the left when (x - a0) d1 - (y - a1) d0 > 0, i.e. when the first
-    # product exceeds the second (IEEE subtraction is > 0 exactly when a > b): one row of x
-    # terms against one column of y terms instead of a value per pixel.
-    xs = (np.arange(region.shape[1]) - mid_a[0]) * d[1]
-    ys = (np.arange(region.shape[0]) - mid_a[1]) * d[0]
-    left_mask = (xs[None, :] > ys[:, None]).view(np.uint8) & mask  # nonzero = left face pixel
-    left = cv2.calcHist([region], [0], left_mask, [256], [0, 256]).ravel().astype(np.float64)
-    right = counts - left
     n_l, n_r = left.sum(), right.sum()
     if n_l < 25 or n_r < 25:
         inter, ratio = 0.0, 0.0
@@ -158,6 +167,19 @@ def photometry(gray: np.ndarray, mesh: np.ndarray, mid_a: np.ndarray, mid_b: np.
         ratio = min(ml, mr) / max(ml, mr) if max(ml, mr) > 0 else 0.0
     return (float((counts * levels).sum() / n) / 255.0, float(counts[:DARK_LEVEL + 1].sum() / n),
             float(counts[BRIGHT_LEVEL:].sum() / n), entropy, inter, ratio)
+
+
+def _run(cols: np.ndarray) -> tuple[int, int]:
+    """(first, last + 1) of the True entries of `cols` (a run), (0, 0) if none."""
+    idx = np.flatnonzero(cols)
+    return (int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, 0)
+
+
+def _hist(region: np.ndarray, mask: np.ndarray, c0: int, c1: int) -> np.ndarray:
+    """256-level counts (float64) of the masked pixels in columns c0..c1-1 of `region`."""
+    if c1 <= c0:
+        return np.zeros(256)
+    return cv2.calcHist([region[:, c0:c1]], [0], mask[:, c0:c1], [256], [0, 256]).ravel().astype(np.float64)
 
 
 def _bins32(counts: np.ndarray) -> np.ndarray:
@@ -174,12 +196,17 @@ def _oval_box(oval: np.ndarray, w: int, h: int) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def _area_taps(ssize: int, dsize: int, scale: float, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+def _area_taps_xy(xs: tuple[int, int, int], ys: tuple[int, int, int], scale: float
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """OpenCV's INTER_AREA weights (`computeResizeAreaTab`: same values, rounded to float32, same order) of
-    output pixels lo..hi-1 of a resize from `ssize` to `dsize` pixels, `scale` source pixels per output, as
-    (source index, weight) arrays of shape (hi - lo, taps) in increasing source order; unused taps weigh 0
+    output pixels lo..hi-1 of a resize by `scale` source pixels per output, for both axes, each given as
+    (source size, lo, hi) (one set of array operations for both: half the call overhead). Each axis comes back
+    as (source index, weight) arrays of shape (hi - lo, taps) in increasing source order; unused taps weigh 0
     (adding 0 changes no float sum)."""
-    f1 = np.arange(lo, hi, dtype=np.float64) * scale
+    (sw, x0, x1), (sh, y0, y1) = xs, ys
+    nx = x1 - x0
+    f1 = np.concatenate([np.arange(x0, x1, dtype=np.float64), np.arange(y0, y1, dtype=np.float64)]) * scale
+    ssize = np.concatenate([np.full(nx, float(sw)), np.full(y1 - y0, float(sh))])
     f2 = f1 + scale
     cell = np.minimum(scale, ssize - f1)
     s2 = np.minimum(np.floor(f2), ssize - 1)
@@ -190,8 +217,9 @@ def _area_taps(ssize: int, dsize: int, scale: float, lo: int, hi: int) -> tuple[
     w[:, 0] = np.where(s1 - f1 > 1e-3, (s1 - f1) / cell, 0.0)
     right = np.where(f2 - s2 > 1e-3, np.minimum(np.minimum(f2 - s2, 1.0), cell) / cell, 0.0)
     w = np.where(src == s2[:, None], right[:, None], w)
-    src = np.clip(src, 0, ssize - 1)
-    return src.astype(np.intp), w.astype(np.float32)
+    src = np.clip(src, 0, (ssize - 1)[:, None]).astype(np.intp)
+    w = w.astype(np.float32)
+    return (src[:nx], w[:nx]), (src[nx:], w[nx:])
 
 
 def area_window(img: np.ndarray, k: float, want: tuple[int, int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -207,18 +235,18 @@ def area_window(img: np.ndarray, k: float, want: tuple[int, int, int, int]) -> t
         x1, y1 = min(dw, want[2]), min(dh, want[3])
         if x1 <= x0 or y1 <= y0:
             return np.zeros((0, 0), np.uint8), (0, 0)
-        xi, xw = _area_taps(sw, dw, 1.0 / k, x0, x1)
-        yi, yw = _area_taps(sh, dh, 1.0 / k, y0, y1)
+        (xi, xw), (yi, yw) = _area_taps_xy((sw, x0, x1), (sh, y0, y1), 1.0 / k)
         c0, r0 = xi.min(), yi.min()
-        # Transposed, so that every gather below takes whole contiguous rows.
-        cols = np.ascontiguousarray(img[r0:yi.max() + 1, c0:xi.max() + 1].T, dtype=np.float32)
+        # Transposed, so that every gather below takes whole contiguous rows (OpenCV transposes uint8 4x faster
+        # than a strided numpy copy; the float32 values are the same).
+        cols = cv2.transpose(img[r0:yi.max() + 1, c0:xi.max() + 1]).astype(np.float32)
         xi, yi = xi - c0, yi - r0
         hsum_t = cols[xi[:, 0]] * xw[:, 0, None]  # per source row: buf[dx] += S[si] * alpha, tap by tap
-        for t in range(1, xi.shape[1]):
+        for t in np.flatnonzero(xw[:, 1:].any(axis=0)) + 1:  # a tap weighing 0 everywhere adds nothing: skipped
             hsum_t += cols[xi[:, t]] * xw[:, t, None]
-        hsum = np.ascontiguousarray(hsum_t.T)
+        hsum = cv2.transpose(hsum_t)
         acc = hsum[yi[:, 0]] * yw[:, 0, None]
-        for t in range(1, yi.shape[1]):  # per output row: sum = beta * buf, then sum += beta * buf
+        for t in np.flatnonzero(yw[:, 1:].any(axis=0)) + 1:  # per output row: sum = beta * buf, then += beta * buf
             acc += hsum[yi[:, t]] * yw[:, t, None]
         return np.clip(np.rint(acc), 0, 255).astype(np.uint8), (x0, y0)
     x0, y0 = max(0, want[0]), max(0, want[1])
@@ -282,10 +310,13 @@ def _mirrored(box: tuple[int, int, int, int], w: int, h: int) -> tuple[int, int,
     return max(0, x0), max(0, y0), min(w, max(x1, 1)), min(h, max(y1, 1))
 
 
-def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[int, int, int, int]:
-    """Frame box (x0, y0, x1, y1), clipped, holding every pixel `sharpness` reads (`face_gray` converts it)."""
+def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.ndarray,
+                    plan: Any = None) -> tuple[int, int, int, int]:
+    """Frame box (x0, y0, x1, y1), clipped, holding every pixel `sharpness` reads (`face_gray` converts it);
+    `plan` is `_sharpness_plan(shape, right_eye, left_eye)` when the caller has it already."""
     gh, gw = shape[:2]
-    plan = _sharpness_plan(shape, right_eye, left_eye)
+    if plan is None:
+        plan = _sharpness_plan(shape, right_eye, left_eye)
     if plan is None:
         return 0, 0, 0, 0
     k, c, s, mid, box, want = plan
@@ -304,7 +335,7 @@ def sharpness_reads(shape: tuple[int, ...], right_eye: np.ndarray, left_eye: np.
     return max(0, x0), max(0, y0), min(gw, x1), min(gh, y1)
 
 
-def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> tuple[float, float]:
+def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray, plan: Any = None) -> tuple[float, float]:
     """(directional, isotropic) sharpness of the inner face, rescaled to SHARPNESS_IED.
 
     The crop (eye-levelled) spans 0.9 IED either side of the eye midpoint and 0.5 IED above to
@@ -313,8 +344,10 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     makes them independent of contrast and exposure (those have their own measures).
     directional = min over x and y of var(second derivative) / var(luminance): motion blur
     removes detail along one direction only, which the isotropic Laplacian ratio hides.
+    `plan` is `_sharpness_plan(gray.shape, right_eye, left_eye)` when the caller has it already.
     """
-    plan = _sharpness_plan(gray.shape, right_eye, left_eye)
+    if plan is None:
+        plan = _sharpness_plan(gray.shape, right_eye, left_eye)
     if plan is None:
         return 0.0, 0.0
     k, c, s, mid, box, want = plan
@@ -341,18 +374,20 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> 
     return min(dxx, dyy) / var, lap / var
 
 
-def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray) -> np.ndarray:
+def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray,
+              plan: Any = None) -> np.ndarray:
     """Frame-sized gray image converted only where the measures read it: the face oval's box (photometry)
-    and `sharpness_reads` (the sharpness crop's footprint). The rest stays 0 and is never read, so the
-    measures equal those on a fully converted frame; a 1080p frame then costs a face-sized conversion, not a
-    frame-sized one."""
+    and `sharpness_reads` (the sharpness crop's footprint; `plan` = `_sharpness_plan`, if already made).
+    The rest is left as allocated (np.empty: no frame-sized memset) and is never read, so the measures equal
+    those on a fully converted frame (tests fill it with noise); a 1080p frame then costs a face-sized
+    conversion, not a frame-sized one."""
     h, w = bgr.shape[:2]
     ox0, oy0, ox1, oy1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
-    sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye)
+    sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye, plan)
     if sx1 <= sx0 or sy1 <= sy0:  # sharpness reads nothing
         sx0, sy0, sx1, sy1 = ox0, oy0, ox1, oy1
     x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
-    gray = np.zeros((h, w), np.uint8)
+    gray = np.empty((h, w), np.uint8)
     if x1 > x0 and y1 > y0:
         gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
     return gray
@@ -364,7 +399,8 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     mesh = lm.mesh
     r_eye, l_eye = eye_centres(lm)
     ied = float(np.linalg.norm(l_eye - r_eye))
-    gray = face_gray(bgr, mesh, r_eye, l_eye)
+    plan = _sharpness_plan(bgr.shape, r_eye, l_eye)  # made once: face_gray and sharpness both need it
+    gray = face_gray(bgr, mesh, r_eye, l_eye, plan)
     mid = (r_eye + l_eye) / 2
     t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
     img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
@@ -374,7 +410,7 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> F
     top = mesh[MIDLINE_TOP, :2].mean(axis=0)
     bottom = mesh[MIDLINE_BOTTOM, :2].mean(axis=0)
     lum, dark, bright, ent, inter, ratio = photometry(gray, mesh, top, bottom)
-    sharp, sharp_iso = sharpness(gray, r_eye, l_eye)
+    sharp, sharp_iso = sharpness(gray, r_eye, l_eye, plan)
     return FaceMeasures(
         faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
         margin_left=img_left_x / max(ied, 1e-6), margin_right=(w - img_right_x) / max(ied, 1e-6),

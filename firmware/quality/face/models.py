@@ -172,5 +172,16 @@ class TFLiteModel:
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """Run one inference on a (H, W, 3) float32 tensor; returns copies of all outputs."""
         self.interpreter.set_tensor(self._in_index, x[np.newaxis].astype(np.float32, copy=False))
+        return self.invoke()
+
+    def input_view(self) -> np.ndarray:
+        """The interpreter's own (H, W, 3) float32 input buffer, to be filled in place before `invoke()`
+        (no tensor allocated, no `set_tensor` copy). Drop the view before `invoke()`: LiteRT refuses to run
+        while a numpy array refers to its buffers."""
+        return self.interpreter.tensor(self._in_index)()[0]
+
+    def invoke(self) -> list[np.ndarray]:
+        """Run one inference on the input as it stands (`run` or `input_view`); returns all outputs
+        (`get_tensor` already copies them)."""
         self.interpreter.invoke()
-        return [self.interpreter.get_tensor(i).copy() for i in self._out_indices]
+        return [self.interpreter.get_tensor(i) for i in self._out_indices]
