@@ -42,6 +42,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -67,6 +68,31 @@ MARK_BATCH = 128
 MARK_EVERY_S = 0.25
 SWEEP_MAX_S = 60.0  # longest time between two looks for `sent` records nobody is tracking (issue 19.4)
 READ_AHEAD = 4  # records prepared ahead of the network thread
+IOV_BATCH = 512  # buffers per readv (the kernel's IOV_MAX is 1024)
+
+
+def _read_exactly(fd: int, views: list[memoryview]) -> bool:
+    """Fill `views` in order from `fd` (a regular file) with as few `readv` calls as the kernel allows; True if the
+    file ended exactly there (one more byte is asked for with the last batch: a longer file gives it)."""
+    extra = bytearray(1)
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_BATCH]
+        last = i + len(batch) == len(views)
+        got = os.readv(fd, batch + [memoryview(extra)] if last else batch)
+        if got == 0:
+            return False  # shorter than the journal says
+        while got and i < len(views):
+            v = views[i]
+            if got >= len(v):
+                got -= len(v)
+                i += 1
+            else:
+                views[i] = v[got:]  # a partial read (a signal): go on from there
+                got = 0
+        if got:
+            return False  # the extra byte came: longer than the journal says
+    return True
 
 
 class TokenBucket:
@@ -198,8 +224,8 @@ class Relay:
             self._pool, self._journal_pool = self._new_pools()
             self._reset_transfers()
         self.error, self.exception = "", None
-        if self._wake.set not in self.store.on_change:
-            self.store.on_change.append(self._wake.set)
+        if self._poke not in self.store.on_change:
+            self.store.on_change.append(self._poke)
         self.thread = threading.Thread(target=self._main, name="relay", daemon=True)
         self.thread.start()
         log.info("relay started kit_id=%s brokers=%s ack_kids=%s", self.kit_id, ",".join(self.r.brokers),
@@ -218,16 +244,21 @@ class Relay:
 
     def sync_now(self) -> None:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
+        self._poke()
+
+    def _poke(self) -> None:
+        """New records (any thread): the relay thread looks now, not at its next 50 ms tick."""
         self._wake.set()
+        self.uplink.wakeup.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread, flush state marks, disconnect cleanly (idempotent)."""
         self._own_stop.set()
-        self._wake.set()
+        self._poke()
         if self.thread is not None:
             self.thread.join(timeout)
         try:
-            self.store.on_change.remove(self._wake.set)
+            self.store.on_change.remove(self._poke)
         except ValueError:
             pass
 
@@ -436,59 +467,66 @@ class Relay:
         return proto.announce_topic(self.kit_id), ann.encode(), 0
 
     def _prepare_direct(self, row: Any, size: int) -> list[tuple[str, Any, int]] | None:
-        """Read the record from the SD straight into its messages' buffers, each after its chunk header, hashing
-        as it goes: no copy in user space but this read (`PacketBuffer`). Nothing is sent before the whole
-        record's hash matched. None on any doubt (the caller then takes the path through `read_verified`)."""
+        """Read the record from the SD straight into its messages' buffers, each after its chunk header, in one
+        `readv`, then hash it there: no copy in user space but this read (`PacketBuffer`), and few system calls
+        (each one hands the GIL over and back). Nothing is sent before the whole record's hash matched. None on any
+        doubt (the caller then takes the path through `read_verified`)."""
         total = -(-row.size // size)
         if total > proto.MAX_CHUNKS:
             return None
         ctopic = proto.chunk_topic(self.kit_id)
-        h = hashlib.sha256()
         msgs: list[tuple[str, Any, int]] = []
+        views: list[memoryview] = []
+        for i in range(total):
+            n = min(size, row.size - i * size)
+            hdr = proto.Chunk(row.id, row.sha256, row.size, i, total, size, b"").encode()
+            buf = self._buffer(ctopic, size)
+            if len(hdr) + n > buf.capacity:
+                return None
+            body = buf.body
+            body[:len(hdr)] = hdr
+            views.append(body[len(hdr):len(hdr) + n])
+            buf.size = len(hdr) + n
+            msgs.append((ctopic, buf, 1))
         try:
-            with open(self.store.sd_path(row.id), "rb", buffering=0) as f:
-                for i in range(total):
-                    n = min(size, row.size - i * size)
-                    hdr = proto.Chunk(row.id, row.sha256, row.size, i, total, size, b"").encode()
-                    buf = self._buffer(ctopic, size + len(hdr))
-                    body = buf.body
-                    body[:len(hdr)] = hdr
-                    data = body[len(hdr):len(hdr) + n]
-                    got = 0
-                    while got < n:
-                        k = f.readinto(data[got:])
-                        if not k:
-                            return None
-                        got += k
-                    h.update(data)  # SHA-256 releases the GIL on large buffers, as the read does
-                    buf.size = len(hdr) + n
-                    msgs.append((ctopic, buf, 1))
-                if f.read(1):
-                    return None
+            fd = os.open(self.store.sd_path(row.id), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
+        try:
+            if not _read_exactly(fd, list(views)):  # a copy: it advances views on partial reads
+                return None
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        h = hashlib.sha256()
+        for v in views:
+            h.update(v)  # releases the GIL on large buffers, as the read does
         if h.hexdigest() != row.sha256:
             return None
         if total > 1:
             msgs.insert(0, self._announce(row, row.size, total, size))
         return msgs
 
-    def _buffer(self, topic: str, capacity: int) -> PacketBuffer:
-        """A message buffer from the pool (any thread: deque pops are atomic), or a new one."""
+    def _buffer(self, topic: str, size: int) -> PacketBuffer:
+        """A buffer for one chunk of `size` data bytes and its header, from the pool (any thread: deque pops are
+        atomic), or a new one."""
+        capacity = size + 6 + proto.MAX_CHUNK_HEADER  # magic, header length, the longest header ingest accepts
         free = self._free
         while True:
             try:
                 b = free.pop()
             except IndexError:
-                # Room for the longest chunk header: every chunk of this size fits whatever its index.
-                return PacketBuffer(topic, capacity - capacity % 64 + 64 + proto.MAX_CHUNK_HEADER)
-            if capacity <= b.capacity <= capacity + 64 + proto.MAX_CHUNK_HEADER and b.topic_bytes == topic.encode():
+                return PacketBuffer(topic, capacity)
+            if b.capacity == capacity and b.topic_bytes == topic.encode():
                 return b
             # Another chunk size (renegotiated): let it go.
 
     def _release(self, payload: Any) -> None:
         """A message's PUBACK came: paho is done with its buffer (written whole before the broker answered)."""
-        if isinstance(payload, PacketBuffer) and len(self._free) < self._window() + READ_AHEAD:
+        # Kept: about what a drain has in use at once (the window and the records read ahead), at most ~24 MiB.
+        if isinstance(payload, PacketBuffer) and len(self._free) < (self._window() + READ_AHEAD) * max(
+                1, (1 << 20) // payload.capacity):
             self._free.append(payload)
 
     def _read_ahead(self, size: int) -> None:
