@@ -385,7 +385,8 @@ class MqttLink:
         self._next_probe = 0.0
         self._connack: tuple[int, Any, str] | None = None
         self._peer_closed: tuple[int, str] | None = None
-        self._acks: deque[tuple[int, int]] = deque()
+        self._acks: deque[tuple[int, int]] = deque()  # PUBACKs for `_settle` (only while a Delivery may await one)
+        self._handing = 0  # publish() calls between paho's publish and their Delivery's registration (under _lock)
         self._sub_mids: set[int] = set()
         self._lock = threading.RLock()  # state/client swaps vs publish() from other threads
         self._inflight: dict[int, Delivery] = {}
@@ -436,7 +437,9 @@ class MqttLink:
             if client is self.client:
                 code = _code(rc)
                 self.events.append(Event("puback", mid=mid, reason=code))
-                self._acks.append((mid, code))
+                # Only publish() makes Deliveries: the relay's send() traffic costs no lock on this thread.
+                if self._inflight or self._handing:
+                    self._acks.append((mid, code))
         except Exception:  # pragma: no cover
             self.events.append(Event("puback", mid=mid, reason=0x80))
 
@@ -746,7 +749,11 @@ class MqttLink:
         d = Delivery(topic, qos)
         with self._lock:
             if self.state == "connected" and not self._outbox:
-                self._hand(d, payload, retain, props)
+                self._handing += 1  # its PUBACK may be read before _inflight has it
+                try:
+                    self._hand(d, payload, retain, props)
+                finally:
+                    self._handing -= 1
             elif len(self._outbox) >= self.s.max_queued:
                 d._finish(None, f"queue full ({self.s.max_queued} messages waiting for a connection)")
             else:
@@ -771,9 +778,13 @@ class MqttLink:
         if not self._outbox:
             return
         with self._lock:
-            while self._outbox and self.state == "connected":
-                d, payload, retain, props = self._outbox.popleft()
-                self._hand(d, payload, retain, props)
+            self._handing += 1
+            try:
+                while self._outbox and self.state == "connected":
+                    d, payload, retain, props = self._outbox.popleft()
+                    self._hand(d, payload, retain, props)
+            finally:
+                self._handing -= 1
 
     def flush(self, timeout: float) -> bool:
         """Wait until nothing is queued or awaiting a PUBACK (needs the loop running); False on timeout."""
