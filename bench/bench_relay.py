@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -83,6 +84,22 @@ def start_mosquitto(d: Path, tuned: bool = False) -> tuple[subprocess.Popen[byte
     raise SystemExit("mosquitto did not start")
 
 
+BROKER_PID = [0]
+LAST_CPU: list[tuple[float, float]] = []  # (this process, the broker) CPU seconds of the last timed drain
+
+
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds so far of this process (every thread) and of the broker."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    t = Path(f"/proc/{BROKER_PID[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    return r.ru_utime + r.ru_stime, (int(t[11]) + int(t[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_since(c0: tuple[float, float]) -> None:
+    c1 = cpu_now()
+    LAST_CPU.append((c1[0] - c0[0], c1[1] - c0[1]))
+
+
 def make_store(root: Path, port: int, **relay: object) -> Store:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "dc.pub").exists():
@@ -136,7 +153,7 @@ def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = Fal
     c.on_publish = on_publish
     c.connect("127.0.0.1", port)
     c.loop_start()
-    t = time.monotonic()
+    t, c0 = time.monotonic(), cpu_now()
     if slice_bytes:
         left[0] = sum(-(-r.size // slice_bytes) for r in rows)
     for r in rows:
@@ -148,6 +165,7 @@ def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = Fal
             c.publish("bench/plain", data[i:i + (slice_bytes or len(data))], qos=1)
     done.wait(600)
     dt = time.monotonic() - t
+    cpu_since(c0)
     c.loop_stop()
     c.disconnect()
     return dt
@@ -184,12 +202,13 @@ def relay_drain(store: Store, chunk_kb: int = 128, chunk_max_kb: int = 1024) -> 
     time.sleep(0.2)
     chunk = int(relay.status()["chunk_bytes"])
     reset(store)
-    t = time.monotonic()
+    t, c0 = time.monotonic(), cpu_now()
     store._changed()  # wake the relay: the backlog is there
     total = relay.total
     if not relay.done.wait(600):  # in memory at each record's last PUBACK, like the baseline
         raise SystemExit(f"relay sent {relay.counters['records_sent']} of {total} records in 600 s")
     dt = time.monotonic() - t
+    cpu_since(c0)
     while store.j.counts()["sent"]["records"] < total:  # the batched journal marks follow within 0.25 s
         time.sleep(0.01)
     relay.close()
@@ -263,6 +282,7 @@ def main() -> int:
         sys.setswitchinterval(args.switch_interval)
     root = Path(tempfile.mkdtemp(prefix="bench-relay-", dir=args.dir))
     broker, port = start_mosquitto(root, args.tuned_broker)
+    BROKER_PID[0] = broker.pid
     try:
         store = make_store(root / "kit", port, max_unacked_records=0)
         print(f"building a backlog of {args.records} records of {RECORD // 1000} KB ...", file=sys.stderr)
@@ -272,6 +292,7 @@ def main() -> int:
         load0 = Path("/proc/loadavg").read_text().split()[:3]
         plain_paho(port, store)  # warm the page cache and the broker once
         rows: dict[str, list[float]] = {k: [] for k in ("plain", "fair", "relay", "fair128", "relay128")}
+        cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
         chunk = 0
         for run in range(args.runs):
             # Interleaved: every figure of one run is measured within a few seconds of the others.
@@ -282,6 +303,8 @@ def main() -> int:
             rel128, _ = relay_drain(store, 128, 128)
             rows["relay128"].append(rel128)
             rows["fair128"].append(plain_paho(port, store, 128 * 1024, verify=True))
+            for k, c in zip(("plain", "relay", "fair", "relay128", "fair128"), LAST_CPU[-5:], strict=True):
+                cpu[k].append(c)
             print(f"  run {run + 1}: plain {rows['plain'][-1]:.2f} s, relay {rel:.2f} s, fair {rows['fair'][-1]:.2f} s,"
                   f" relay 128 KiB {rel128:.2f} s, fair 128 KiB {rows['fair128'][-1]:.2f} s", file=sys.stderr)
         load1 = Path("/proc/loadavg").read_text().split()[:3]
@@ -297,7 +320,10 @@ def main() -> int:
                   "relay128": "relay at 128 KiB (broker announcing nothing)"}
         for k, label in labels.items():
             t = median(rows[k])
-            print(f"  {label:<46} {t:6.2f} s  {args.records / t:7.1f} rec/s  {mb / t:6.1f} MB/s")
+            own = median([c[0] for c in cpu[k]]) * 1000 / args.records
+            brk = median([c[1] for c in cpu[k]]) * 1000 / args.records
+            print(f"  {label:<46} {t:6.2f} s  {args.records / t:7.1f} rec/s  {mb / t:6.1f} MB/s  "
+                  f"CPU/record {own:.3f} ms (broker {brk:.3f} ms)")
         per = {"plain": [p / r for p, r in zip(rows["plain"], rows["relay"], strict=True)],
                "fair": [f / r for f, r in zip(rows["fair"], rows["relay"], strict=True)],
                "fair128": [f / r for f, r in zip(rows["fair128"], rows["relay128"], strict=True)],
@@ -307,6 +333,10 @@ def main() -> int:
         print(f"  ratio relay / its fair limit:       {fmt(per['fair'])}  (goal >= 0.9)")
         print(f"  ratio relay / fair limit, 128 KiB:  {fmt(per['fair128'])}")
         print(f"  fair limit raised (128 KiB -> {chunk // 1024} KiB): x{median(per['raised']):.2f}")
+        cpu_ratio = [f[0] / r[0] for f, r in zip(cpu["fair"], cpu["relay"], strict=True)]
+        cpu_ratio128 = [f[0] / r[0] for f, r in zip(cpu["fair128"], cpu["relay128"], strict=True)]
+        print(f"  CPU of the fair limit / CPU of the relay (this process, all threads; less noisy than time): "
+              f"{fmt(cpu_ratio)}; at 128 KiB {fmt(cpu_ratio128)}")
         store.close()
         if args.no_ingest:
             return 0
