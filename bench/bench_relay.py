@@ -8,7 +8,11 @@
    * its *fair limit*: plain paho doing the same SHA-256 check and the same slicing as the relay's
      negotiated chunk size (so one message per 400 KB record at 1 MiB);
    * the same pair at 128 KiB chunks (a broker that announces no limit; the relay of before issue 17).
-   Ratios: relay / plain paho, relay / fair limit (goal >= 0.9), and how much the fair limit rose.
+   Ratios: relay / plain paho, relay / fair limit (goal >= 0.9), and how much the fair limit rose. Each drain
+   is timed from the first record offered to the last PUBACK handled, the relay's end signalled as the
+   baseline's (an event, not a poll). Beside each time: CPU per record of this process (every thread) and of
+   the broker over the same interval; the CPU ratio fair limit / relay varies far less than the times on a
+   shared machine. `--tuned-broker`: see TUNED_BROKER_ENV.
    During this phase nothing acknowledges records, so `max_unacked_records` is 0 (no limit) here.
 2. End to end with the data center: relay + `rekam-fleet ingest` processes (signature, fsync'd archive,
    ack; staging for multi-chunk records), 1 and 2 worker processes sharing the subscription, interleaved:
