@@ -72,4 +72,5 @@ def test_message_buffers_are_reused_across_a_drain(mosquitto, make_kit, make_ing
     kit.stop_relay()
     assert_delivered_once(kit, tmp_path / "archive", ids)
     assert chunks >= 300 and sent >= sum(kit.store.j.get(i).size for i in ids)
+    assert made, "no chunk went out of a PacketBuffer"
     assert len(made) <= chunks // 2, f"{len(made)} buffers made for {chunks} chunks"
