@@ -8,18 +8,25 @@
    * its *fair limit*: plain paho doing the same SHA-256 check and the same slicing as the relay's
      negotiated chunk size (so one message per 400 KB record at 1 MiB);
    * the same pair at 128 KiB chunks (a broker that announces no limit; the relay of before issue 17).
-   Ratios: relay / plain paho, relay / fair limit (goal >= 0.9), and how much the fair limit rose.
+   Ratios: relay / plain paho, relay / fair limit (goal >= 0.9), and how much the fair limit rose. Each drain
+   is timed from the first record offered to the last PUBACK handled, the relay's end signalled as the
+   baseline's (an event, not a poll). Beside each time: CPU per record of this process (every thread) and of
+   the broker over the same interval; the CPU ratio fair limit / relay varies far less than the times on a
+   shared machine. `--tuned-broker`: see TUNED_BROKER_ENV.
    During this phase nothing acknowledges records, so `max_unacked_records` is 0 (no limit) here.
 2. End to end with the data center: relay + `rekam-fleet ingest` processes (signature, fsync'd archive,
    ack; staging for multi-chunk records), 1 and 2 worker processes sharing the subscription, interleaved:
    records/s until every record is acked, and each run's slowest exit after SIGINT.
 
     .venv/bin/python bench/bench_relay.py [--records 1000] [--runs 3] [--ingest-records 300] [--dir PATH]
+                                          [--no-ingest] [--tuned-broker]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
 import signal
 import socket
@@ -55,7 +62,14 @@ def free_port() -> int:
 MAX_PACKET = 16 * 1024 * 1024  # announced in CONNACK: the relay's chunks are then up to relay.chunk_max_kb
 
 
-def start_mosquitto(d: Path) -> tuple[subprocess.Popen[bytes], int]:
+# A stock glibc maps (mmap) and faults in every allocation above its dynamic threshold: mosquitto 2.0.11 then
+# spends ~4x the CPU per byte on packets above ~450 KB (measured: 0.5-0.7 ms vs 0.1-0.15 ms per 463 KB record),
+# CPU it takes from the kit's process on the same two cores. --tuned-broker keeps the broker's packets on its
+# heap, to see the kit's side alone; the default is the stock broker (as before issue 17's fix).
+TUNED_BROKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
+def start_mosquitto(d: Path, tuned: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = d / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -63,7 +77,8 @@ def start_mosquitto(d: Path) -> tuple[subprocess.Popen[bytes], int]:
     binary = "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else shutil.which("mosquitto")
     if not binary:
         raise SystemExit("mosquitto not installed: apt-get install -y mosquitto")
-    p = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, **(TUNED_BROKER_ENV if tuned else {})}
+    p = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -71,6 +86,22 @@ def start_mosquitto(d: Path) -> tuple[subprocess.Popen[bytes], int]:
         except OSError:
             time.sleep(0.02)
     raise SystemExit("mosquitto did not start")
+
+
+BROKER_PID = [0]
+LAST_CPU: list[tuple[float, float]] = []  # (this process, the broker) CPU seconds of the last timed drain
+
+
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds so far of this process (every thread) and of the broker."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    t = Path(f"/proc/{BROKER_PID[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    return r.ru_utime + r.ru_stime, (int(t[11]) + int(t[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_since(c0: tuple[float, float]) -> None:
+    c1 = cpu_now()
+    LAST_CPU.append((c1[0] - c0[0], c1[1] - c0[1]))
 
 
 def make_store(root: Path, port: int, **relay: object) -> Store:
@@ -126,7 +157,7 @@ def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = Fal
     c.on_publish = on_publish
     c.connect("127.0.0.1", port)
     c.loop_start()
-    t = time.monotonic()
+    t, c0 = time.monotonic(), cpu_now()
     if slice_bytes:
         left[0] = sum(-(-r.size // slice_bytes) for r in rows)
     for r in rows:
@@ -138,9 +169,26 @@ def plain_paho(port: int, store: Store, slice_bytes: int = 0, verify: bool = Fal
             c.publish("bench/plain", data[i:i + (slice_bytes or len(data))], qos=1)
     done.wait(600)
     dt = time.monotonic() - t
+    cpu_since(c0)
     c.loop_stop()
     c.disconnect()
     return dt
+
+
+class TimedRelay(Relay):
+    """The relay, telling the bench the moment its `total`-th record's last PUBACK was handled (as the baseline's
+    on_publish counts down and sets an event: polling would add up to a poll period to the relay's time only)."""
+
+    total = 0
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)
+        self.done = threading.Event()
+
+    def _finish(self, t: object) -> None:
+        super()._finish(t)
+        if self.counters["records_sent"] >= self.total:
+            self.done.set()
 
 
 def relay_drain(store: Store, chunk_kb: int = 128, chunk_max_kb: int = 1024) -> tuple[float, int]:
@@ -150,19 +198,21 @@ def relay_drain(store: Store, chunk_kb: int = 128, chunk_max_kb: int = 1024) -> 
         c.execute("UPDATE records SET state = 'acked'")  # nothing to send while it connects
     raw = store.cfg.raw
     cfg = config.validate({**raw, "relay": {**raw["relay"], "chunk_kb": chunk_kb, "chunk_max_kb": chunk_max_kb}})
-    relay = Relay(store, cfg)
+    relay = TimedRelay(store, cfg)
+    relay.total = len(store.j.records())
     relay.start()
     while relay.status()["state"] != "connected":
         time.sleep(0.005)
     time.sleep(0.2)
     chunk = int(relay.status()["chunk_bytes"])
     reset(store)
-    t = time.monotonic()
+    t, c0 = time.monotonic(), cpu_now()
     store._changed()  # wake the relay: the backlog is there
-    total = len(store.j.records())
-    while relay.counters["records_sent"] < total:  # in memory at each record's last PUBACK, like the baseline
-        time.sleep(0.02)
+    total = relay.total
+    if not relay.done.wait(600):  # in memory at each record's last PUBACK, like the baseline
+        raise SystemExit(f"relay sent {relay.counters['records_sent']} of {total} records in 600 s")
     dt = time.monotonic() - t
+    cpu_since(c0)
     while store.j.counts()["sent"]["records"] < total:  # the batched journal marks follow within 0.25 s
         time.sleep(0.01)
     relay.close()
@@ -228,12 +278,15 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the kit store lives (a real disk, not tmpfs)")
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval (s) for this process; default: Python's 0.005")
-    ap.add_argument("--no-ingest", action="store_true", help="only the drain to the broker")
+    ap.add_argument("--no-ingest", action="store_true", help="only the drain to the broker (phase 1)")
+    ap.add_argument("--tuned-broker", action="store_true",
+                    help="mosquitto's glibc keeps packets on its heap (see TUNED_BROKER_ENV): the kit's side alone")
     args = ap.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     root = Path(tempfile.mkdtemp(prefix="bench-relay-", dir=args.dir))
-    broker, port = start_mosquitto(root)
+    broker, port = start_mosquitto(root, args.tuned_broker)
+    BROKER_PID[0] = broker.pid
     try:
         store = make_store(root / "kit", port, max_unacked_records=0)
         print(f"building a backlog of {args.records} records of {RECORD // 1000} KB ...", file=sys.stderr)
@@ -243,6 +296,7 @@ def main() -> int:
         load0 = Path("/proc/loadavg").read_text().split()[:3]
         plain_paho(port, store)  # warm the page cache and the broker once
         rows: dict[str, list[float]] = {k: [] for k in ("plain", "fair", "relay", "fair128", "relay128")}
+        cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in rows}
         chunk = 0
         for run in range(args.runs):
             # Interleaved: every figure of one run is measured within a few seconds of the others.
@@ -253,11 +307,14 @@ def main() -> int:
             rel128, _ = relay_drain(store, 128, 128)
             rows["relay128"].append(rel128)
             rows["fair128"].append(plain_paho(port, store, 128 * 1024, verify=True))
+            for k, c in zip(("plain", "relay", "fair", "relay128", "fair128"), LAST_CPU[-5:], strict=True):
+                cpu[k].append(c)
             print(f"  run {run + 1}: plain {rows['plain'][-1]:.2f} s, relay {rel:.2f} s, fair {rows['fair'][-1]:.2f} s,"
                   f" relay 128 KiB {rel128:.2f} s, fair 128 KiB {rows['fair128'][-1]:.2f} s", file=sys.stderr)
         load1 = Path("/proc/loadavg").read_text().split()[:3]
         print(f"\ndrain of {args.records} records ({mb:.0f} MB) to a local mosquitto announcing Maximum Packet Size "
-              f"{MAX_PACKET}, until the last PUBACK; {args.runs} interleaved runs, medians "
+              f"{MAX_PACKET}{' (tuned malloc)' if args.tuned_broker else ''}, until the last PUBACK; "
+              f"{args.runs} interleaved runs, medians "
               f"(load average {' '.join(load0)} -> {' '.join(load1)}; GIL switch interval "
               f"{sys.getswitchinterval() * 1000:g} ms)")
         labels = {"plain": "plain paho QoS 1 (1 msg/record, window 20)",
@@ -267,7 +324,10 @@ def main() -> int:
                   "relay128": "relay at 128 KiB (broker announcing nothing)"}
         for k, label in labels.items():
             t = median(rows[k])
-            print(f"  {label:<46} {t:6.2f} s  {args.records / t:7.1f} rec/s  {mb / t:6.1f} MB/s")
+            own = median([c[0] for c in cpu[k]]) * 1000 / args.records
+            brk = median([c[1] for c in cpu[k]]) * 1000 / args.records
+            print(f"  {label:<46} {t:6.2f} s  {args.records / t:7.1f} rec/s  {mb / t:6.1f} MB/s  "
+                  f"CPU/record {own:.3f} ms (broker {brk:.3f} ms)")
         per = {"plain": [p / r for p, r in zip(rows["plain"], rows["relay"], strict=True)],
                "fair": [f / r for f, r in zip(rows["fair"], rows["relay"], strict=True)],
                "fair128": [f / r for f, r in zip(rows["fair128"], rows["relay128"], strict=True)],
@@ -277,6 +337,10 @@ def main() -> int:
         print(f"  ratio relay / its fair limit:       {fmt(per['fair'])}  (goal >= 0.9)")
         print(f"  ratio relay / fair limit, 128 KiB:  {fmt(per['fair128'])}")
         print(f"  fair limit raised (128 KiB -> {chunk // 1024} KiB): x{median(per['raised']):.2f}")
+        cpu_ratio = [f[0] / r[0] for f, r in zip(cpu["fair"], cpu["relay"], strict=True)]
+        cpu_ratio128 = [f[0] / r[0] for f, r in zip(cpu["fair128"], cpu["relay128"], strict=True)]
+        print(f"  CPU of the fair limit / CPU of the relay (this process, all threads; less noisy than time): "
+              f"{fmt(cpu_ratio)}; at 128 KiB {fmt(cpu_ratio128)}")
         store.close()
         if args.no_ingest:
             return 0

@@ -42,6 +42,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -55,9 +56,8 @@ from typing import Any
 from firmware.relay.uplink import uplink_settings
 from firmware.system.backoff import backoff_delay
 from firmware.system.clock import iso
-from firmware.system.mqtt import MqttLink, client_id
+from firmware.system.mqtt import MqttLink, PacketBuffer, client_id
 from firmware.system.service import Supervisor
-from firmware.wire import record_format
 from firmware.wire import relay_protocol as proto
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,31 @@ MARK_BATCH = 128
 MARK_EVERY_S = 0.25
 SWEEP_MAX_S = 60.0  # longest time between two looks for `sent` records nobody is tracking (issue 19.4)
 READ_AHEAD = 4  # records prepared ahead of the network thread
+IOV_BATCH = 512  # buffers per readv (the kernel's IOV_MAX is 1024)
+
+
+def _read_exactly(fd: int, views: list[memoryview]) -> bool:
+    """Fill `views` in order from `fd` (a regular file) with as few `readv` calls as the kernel allows; True if the
+    file ended exactly there (one more byte is asked for with the last batch: a longer file gives it)."""
+    extra = bytearray(1)
+    i = 0
+    while i < len(views):
+        batch = views[i:i + IOV_BATCH]
+        last = i + len(batch) == len(views)
+        got = os.readv(fd, batch + [memoryview(extra)] if last else batch)
+        if got == 0:
+            return False  # shorter than the journal says
+        while got and i < len(views):
+            v = views[i]
+            if got >= len(v):
+                got -= len(v)
+                i += 1
+            else:
+                views[i] = v[got:]  # a partial read (a signal): go on from there
+                got = 0
+        if got:
+            return False  # the extra byte came: longer than the journal says
+    return True
 
 
 class TokenBucket:
@@ -101,7 +126,7 @@ class Transfer:
     seq: int
     sha256: str
     size: int
-    messages: list[tuple[str, bytes, int]]  # topic, payload, QoS
+    messages: list[tuple[str, Any, int]]  # topic, payload (bytes or a PacketBuffer), QoS
     chunk_size: int
     next_index: int = 0
     outstanding: int = 0
@@ -150,7 +175,8 @@ class Relay:
         # Relay-thread state.
         self._active: dict[str, Transfer] = {}
         self._order: deque[str] = deque()  # active transfers in hand-out order
-        self._mids: dict[int, str] = {}
+        self._mids: dict[int, tuple[str, Any]] = {}  # mid -> (record id, payload: its buffer goes back at the PUBACK)
+        self._free: deque[PacketBuffer] = deque()  # message buffers to reuse (see `_buffer`)
         self._waiting: dict[str, Waiting] = {}
         self._heap: list[Waiting] = []
         self._fresh: deque[Any] = deque()
@@ -162,7 +188,7 @@ class Relay:
         self._pool, self._journal_pool = self._new_pools()
         self.error = ""  # why the relay thread ended on its own (health: failed; the supervisor restarts it)
         self.exception: BaseException | None = None
-        self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, bytes, int]]]]] = {}
+        self._ahead: dict[str, Future[tuple[int, int, list[tuple[str, Any, int]]]]] = {}
         self._to_sent: list[str] = []
         self._to_acked: list[str] = []
         self._last_mark = time.monotonic()
@@ -198,8 +224,8 @@ class Relay:
             self._pool, self._journal_pool = self._new_pools()
             self._reset_transfers()
         self.error, self.exception = "", None
-        if self._wake.set not in self.store.on_change:
-            self.store.on_change.append(self._wake.set)
+        if self._poke not in self.store.on_change:
+            self.store.on_change.append(self._poke)
         self.thread = threading.Thread(target=self._main, name="relay", daemon=True)
         self.thread.start()
         log.info("relay started kit_id=%s brokers=%s ack_kids=%s", self.kit_id, ",".join(self.r.brokers),
@@ -218,16 +244,21 @@ class Relay:
 
     def sync_now(self) -> None:
         """Look for records to send at once (the fleet's "sync now" command, a stick of new records)."""
+        self._poke()
+
+    def _poke(self) -> None:
+        """New records (any thread): the relay thread looks now, not at its next 50 ms tick."""
         self._wake.set()
+        self.uplink.wakeup.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread, flush state marks, disconnect cleanly (idempotent)."""
         self._own_stop.set()
-        self._wake.set()
+        self._poke()
         if self.thread is not None:
             self.thread.join(timeout)
         try:
-            self.store.on_change.remove(self._wake.set)
+            self.store.on_change.remove(self._poke)
         except ValueError:
             pass
 
@@ -284,6 +315,8 @@ class Relay:
                 link.wakeup.wait(0.05)  # a PUBACK batch, an ack, a (dis)connection; new records within 50 ms
             self._handle_events()
             self._flush_marks(force=not self._mids)  # at once when nothing is in flight
+            if self._free and not self._active:
+                self._free.clear()  # idle: the buffers' memory goes back
             now = time.monotonic()
             if self.uplink.connected and now >= next_tel:
                 self._publish_telemetry()
@@ -368,10 +401,11 @@ class Relay:
             t.next_index += 1
             if qos:
                 t.outstanding += 1
-                self._mids[mid] = t.record_id
-            self._bytes.take(len(payload))
+                self._mids[mid] = (t.record_id, payload)
+            n = payload.size if isinstance(payload, PacketBuffer) else len(payload)
+            self._bytes.take(n)
             self._pubs.take(1)
-            self.counters["bytes_sent"] += len(payload)
+            self.counters["bytes_sent"] += n
         return False
 
     def _current_transfer(self) -> Transfer | None:
@@ -409,53 +443,91 @@ class Relay:
             cap = min(cap, self._chunk_cap.get(b.url, cap))
         return proto.chunk_data_limit(cap, self.uplink.max_packet, proto.chunk_topic(self.kit_id))
 
-    def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, bytes, int]]]:
+    def _prepare(self, row: Any, size: int) -> tuple[int, int, list[tuple[str, Any, int]]]:
         """Read, hash-check and cut one record into messages (thread-safe: runs on the read-ahead threads)."""
-        if 0 < row.size <= size:
-            one = self._prepare_one(row, size)
-            if one is not None:
-                return size, row.size, [one]
-        # Fast path without the journal (its lock is held through every fsync'd commit): the row already carries
-        # the hash. On any doubt, read_verified re-checks against the journal and quarantines a corrupt copy.
-        try:
-            data = self.store.sd_path(row.id).read_bytes()
-        except OSError:
-            data = b""
-        if not data or record_format.sha256_hex(data) != row.sha256:
-            data = self.store.read_verified(row.id)
+        if row.size > 0:
+            msgs = self._prepare_direct(row, size)
+            if msgs is not None:
+                return size, row.size, msgs
+        # On any doubt (short, long, unreadable, wrong hash, missing): read_verified re-checks against the journal
+        # (its lock is held through every fsync'd commit, hence not the fast path), restores a copy lost from
+        # the SD from the stick, and quarantines a corrupt one.
+        data = self.store.read_verified(row.id)
         chunks = proto.split(row.id, data, row.sha256, size)
         ctopic = proto.chunk_topic(self.kit_id)
-        msgs = [(ctopic, c.encode(), 1) for c in chunks]
+        msgs: list[tuple[str, Any, int]] = [(ctopic, c.encode(), 1) for c in chunks]
         if len(chunks) > 1:
-            # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
-            # record it already holds before the other chunks go. A one-chunk record needs none (one packet less).
-            ann = proto.Announce(row.id, row.seq, len(data), row.sha256, len(chunks), size)
-            msgs.insert(0, (proto.announce_topic(self.kit_id), ann.encode(), 0))
+            msgs.insert(0, self._announce(row, len(data), len(chunks), size))
         return size, len(data), msgs
 
-    def _prepare_one(self, row: Any, size: int) -> tuple[str, bytes, int] | None:
-        """A record that fits one chunk: read straight into the message after its chunk header (no copy but
-        paho's), hash-checked there. None on any doubt (short, long, unreadable, wrong hash): the caller then
-        takes the path through `read_verified`, which quarantines a corrupt copy."""
-        prefix = proto.Chunk(row.id, row.sha256, row.size, 0, 1, size, b"").encode()
-        msg = bytearray(len(prefix) + row.size)
-        msg[:len(prefix)] = prefix
-        body = memoryview(msg)[len(prefix):]
+    def _announce(self, row: Any, length: int, chunks: int, size: int) -> tuple[str, Any, int]:
+        # The announce is advisory (QoS 0, no window slot): chunks are self-describing; it lets ingest ack a
+        # record it already holds before the other chunks go. A one-chunk record needs none (one packet less).
+        ann = proto.Announce(row.id, row.seq, length, row.sha256, chunks, size)
+        return proto.announce_topic(self.kit_id), ann.encode(), 0
+
+    def _prepare_direct(self, row: Any, size: int) -> list[tuple[str, Any, int]] | None:
+        """Read the record from the SD straight into its messages' buffers, each after its chunk header, in one
+        `readv`, then hash it there: no copy in user space but this read (`PacketBuffer`), and few system calls
+        (each one hands the GIL over and back). Nothing is sent before the whole record's hash matched. None on any
+        doubt (the caller then takes the path through `read_verified`)."""
+        total = -(-row.size // size)
+        if total > proto.MAX_CHUNKS:
+            return None
+        ctopic = proto.chunk_topic(self.kit_id)
+        msgs: list[tuple[str, Any, int]] = []
+        views: list[memoryview] = []
+        for i in range(total):
+            n = min(size, row.size - i * size)
+            hdr = proto.Chunk(row.id, row.sha256, row.size, i, total, size, b"").encode()
+            buf = self._buffer(ctopic, size)
+            if len(hdr) + n > buf.capacity:
+                return None
+            body = buf.body
+            body[:len(hdr)] = hdr
+            views.append(body[len(hdr):len(hdr) + n])
+            buf.size = len(hdr) + n
+            msgs.append((ctopic, buf, 1))
         try:
-            with open(self.store.sd_path(row.id), "rb", buffering=0) as f:
-                got = 0
-                while got < row.size:
-                    n = f.readinto(body[got:])
-                    if not n:
-                        return None
-                    got += n
-                if f.read(1):
-                    return None
+            fd = os.open(self.store.sd_path(row.id), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-        if hashlib.sha256(body).hexdigest() != row.sha256:
+        try:
+            if not _read_exactly(fd, list(views)):  # a copy: it advances views on partial reads
+                return None
+        except OSError:
             return None
-        return proto.chunk_topic(self.kit_id), msg, 1  # type: ignore[return-value]  # paho takes a bytearray
+        finally:
+            os.close(fd)
+        h = hashlib.sha256()
+        for v in views:
+            h.update(v)  # releases the GIL on large buffers, as the read does
+        if h.hexdigest() != row.sha256:
+            return None
+        if total > 1:
+            msgs.insert(0, self._announce(row, row.size, total, size))
+        return msgs
+
+    def _buffer(self, topic: str, size: int) -> PacketBuffer:
+        """A buffer for one chunk of `size` data bytes and its header, from the pool (any thread: deque pops are
+        atomic), or a new one."""
+        capacity = size + 6 + proto.MAX_CHUNK_HEADER  # magic, header length, the longest header ingest accepts
+        free = self._free
+        while True:
+            try:
+                b = free.pop()
+            except IndexError:
+                return PacketBuffer(topic, capacity)
+            if b.capacity == capacity and b.topic_bytes == topic.encode():
+                return b
+            # Another chunk size (renegotiated): let it go.
+
+    def _release(self, payload: Any) -> None:
+        """A message's PUBACK came: paho is done with its buffer (written whole before the broker answered)."""
+        # Kept: about what a drain has in use at once (the window and the records read ahead), at most ~24 MiB.
+        if isinstance(payload, PacketBuffer) and len(self._free) < (self._window() + READ_AHEAD) * max(
+                1, (1 << 20) // payload.capacity):
+            self._free.append(payload)
 
     def _read_ahead(self, size: int) -> None:
         """Prepare the next records off the network thread (disk read + SHA-256 overlap the sending)."""
@@ -550,6 +622,8 @@ class Relay:
         self._active.clear()
         self._order.clear()
         self._mids.clear()
+        # Buffers handed to the connection that ended are never reused (its last writes may still read them).
+        self._free = deque()
         for f in self._ahead.values():
             f.cancel()
         self._ahead.clear()
@@ -562,9 +636,11 @@ class Relay:
             log.exception("relay could not flush state marks")
 
     def _on_puback(self, mid: int, reason: int) -> None:
-        rid = self._mids.pop(mid, None)
-        if rid is None:
+        got = self._mids.pop(mid, None)
+        if got is None:
             return
+        rid, payload = got
+        self._release(payload)
         t = self._active.get(rid)
         if t is None:
             return

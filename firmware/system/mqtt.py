@@ -19,6 +19,11 @@ What it does:
 * **The broker's CONNACK** is exposed: `receive_maximum`, `max_packet` (Maximum Packet Size, None if absent).
 * A fresh paho client per connection, and paho's callbacks only enqueue (they never raise), so paho
   never replays its RAM queue after a reconnect: callers that need delivery resend from their own store.
+* **Bulk payloads without copies** (the relay): a `PacketBuffer` is a reusable bytearray with room in front
+  for the MQTT header. `send()` of one writes the header into that room and queues a view of the buffer as
+  the packet, where paho would build a new packet (one copy, fresh memory to fault in) and copy it again
+  at every socket write. The caller fills the buffer (e.g. `readinto` from the disk) and may reuse it once
+  the message's PUBACK came. A paho without the hooks this needs gets a copy instead (same bytes on the wire).
 
 Two ways to drive it (the network is only ever read and written by one thread, the *loop thread*):
 
@@ -277,6 +282,78 @@ def _code(rc: Any) -> int:
     return int(getattr(rc, "value", rc) or 0)
 
 
+class PacketBuffer(bytearray):
+    """Memory for one PUBLISH of up to `capacity` payload bytes on `topic`, reusable (see module doc).
+
+    Fill `body` (a view of the payload area), set `size` to the bytes used, hand it to `MqttLink.send()`.
+    Until the PUBACK of that send, the buffer belongs to the link: do not write to it.
+    """
+
+    __slots__ = ("topic_bytes", "room", "capacity", "size")
+
+    def __init__(self, topic: str, capacity: int) -> None:
+        self.topic_bytes = topic.encode()
+        # Fixed header (1) + remaining length (<= 4) + topic (2 + n) + packet id (2) + empty properties (1).
+        self.room = 10 + len(self.topic_bytes)
+        self.capacity = capacity
+        self.size = 0
+        super().__init__(self.room + capacity)
+
+    @property
+    def body(self) -> memoryview:
+        """The payload area (`capacity` bytes)."""
+        return memoryview(self)[self.room:]
+
+    def payload(self) -> memoryview:
+        """The payload as set (`size` bytes)."""
+        return memoryview(self)[self.room:self.room + self.size]
+
+
+def _zero_copy_client_class() -> Any:
+    """paho's Client, publishing a `PacketBuffer` in place; None if this paho lacks the hooks (then copies)."""
+    import inspect
+
+    import paho.mqtt.client as mqtt
+
+    need = ["self", "mid", "topic", "payload", "qos", "retain", "dup", "info", "properties"]
+    try:
+        if (list(inspect.signature(mqtt.Client._send_publish).parameters) != need
+                or list(inspect.signature(mqtt.Client._packet_queue).parameters)[:5]
+                != ["self", "command", "packet", "mid", "qos"]
+                or not hasattr(mqtt.Client, "_pack_remaining_length") or not hasattr(mqtt.Client, "_pack_str16")):
+            return None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+    class ZeroCopyClient(mqtt.Client):  # type: ignore[misc]
+        def _send_publish(self, mid: int, topic: bytes, payload: Any = b"", qos: int = 0, retain: bool = False,
+                          dup: bool = False, info: Any = None, properties: Any = None) -> Any:
+            if (not isinstance(payload, PacketBuffer) or properties is not None or topic != payload.topic_bytes
+                    or self._protocol != mqtt.MQTTv5):
+                if isinstance(payload, PacketBuffer):
+                    payload = bytes(payload.payload())
+                return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+            if self._sock is None:
+                return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+            # The header paho would build, with paho's own encoders, right before the payload; the packet is a
+            # view: paho's writes slice it without copying.
+            header = bytearray((mqtt.PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain,))
+            self._pack_remaining_length(header, 2 + len(topic) + (2 if qos else 0) + 1 + payload.size)
+            self._pack_str16(header, topic)
+            if qos:
+                header += mid.to_bytes(2, "big")
+            header.append(0)  # no properties
+            start = payload.room - len(header)
+            payload[start:payload.room] = header
+            return self._packet_queue(mqtt.PUBLISH, memoryview(payload)[start:payload.room + payload.size], mid,
+                                      qos, info)
+
+    return ZeroCopyClient
+
+
+_CLIENT_CLASS: list[Any] = []  # [class or None], resolved once
+
+
 class MqttLink:
     """One MQTT v5 connection to the best reachable broker (see module doc)."""
 
@@ -308,7 +385,8 @@ class MqttLink:
         self._next_probe = 0.0
         self._connack: tuple[int, Any, str] | None = None
         self._peer_closed: tuple[int, str] | None = None
-        self._acks: deque[tuple[int, int]] = deque()
+        self._acks: deque[tuple[int, int]] = deque()  # PUBACKs for `_settle` (only while a Delivery may await one)
+        self._handing = 0  # publish() calls between paho's publish and their Delivery's registration (under _lock)
         self._sub_mids: set[int] = set()
         self._lock = threading.RLock()  # state/client swaps vs publish() from other threads
         self._inflight: dict[int, Delivery] = {}
@@ -359,7 +437,9 @@ class MqttLink:
             if client is self.client:
                 code = _code(rc)
                 self.events.append(Event("puback", mid=mid, reason=code))
-                self._acks.append((mid, code))
+                # Only publish() makes Deliveries: the relay's send() traffic costs no lock on this thread.
+                if self._inflight or self._handing:
+                    self._acks.append((mid, code))
         except Exception:  # pragma: no cover
             self.events.append(Event("puback", mid=mid, reason=0x80))
 
@@ -403,8 +483,11 @@ class MqttLink:
     def _new_client(self, b: BrokerAddress) -> Any:
         import paho.mqtt.client as mqtt
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.s.client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=self.s.manual_ack)
+        if not _CLIENT_CLASS:
+            _CLIENT_CLASS.append(_zero_copy_client_class())
+        cls = _CLIENT_CLASS[0] or mqtt.Client
+        c = cls(mqtt.CallbackAPIVersion.VERSION2, client_id=self.s.client_id, protocol=mqtt.MQTTv5,
+                manual_ack=self.s.manual_ack)
         c.suppress_exceptions = True  # a bug in a callback must not kill the network loop
         c.on_connect, c.on_disconnect = self._cb_connect, self._cb_disconnect
         c.on_publish, c.on_message, c.on_subscribe = self._cb_publish, self._cb_message, self._cb_subscribe
@@ -626,7 +709,9 @@ class MqttLink:
     def send(self, topic: str, payload: bytes | bytearray, qos: int = 1, retain: bool = False,
              properties: Any = None) -> int | None:
         """Owner thread (or the consumer of ``start(dispatch=False)``): hand one message to paho now; its mid
-        (the PUBACK comes as an event), None if not connected."""
+        (the PUBACK comes as an event), None if not connected. `payload` may be a `PacketBuffer` (no copy)."""
+        if isinstance(payload, PacketBuffer) and not (_CLIENT_CLASS and _CLIENT_CLASS[0] is not None):
+            payload = bytes(payload.payload())  # a paho without the hooks: the same bytes, copied
         if self._threaded:
             # The I/O thread swaps clients under the lock; paho only queues here (write hook) and wakes it.
             with self._lock:
@@ -664,7 +749,11 @@ class MqttLink:
         d = Delivery(topic, qos)
         with self._lock:
             if self.state == "connected" and not self._outbox:
-                self._hand(d, payload, retain, props)
+                self._handing += 1  # its PUBACK may be read before _inflight has it
+                try:
+                    self._hand(d, payload, retain, props)
+                finally:
+                    self._handing -= 1
             elif len(self._outbox) >= self.s.max_queued:
                 d._finish(None, f"queue full ({self.s.max_queued} messages waiting for a connection)")
             else:
@@ -689,9 +778,13 @@ class MqttLink:
         if not self._outbox:
             return
         with self._lock:
-            while self._outbox and self.state == "connected":
-                d, payload, retain, props = self._outbox.popleft()
-                self._hand(d, payload, retain, props)
+            self._handing += 1
+            try:
+                while self._outbox and self.state == "connected":
+                    d, payload, retain, props = self._outbox.popleft()
+                    self._hand(d, payload, retain, props)
+            finally:
+                self._handing -= 1
 
     def flush(self, timeout: float) -> bool:
         """Wait until nothing is queued or awaiting a PUBACK (needs the loop running); False on timeout."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
 
-from firmware.system.mqtt import Broker, Message, MqttLink, MqttSettings, Will
+from firmware.system.mqtt import Broker, Event, Message, MqttLink, MqttSettings, PacketBuffer, Will
 
 
 def _until(cond, timeout: float = 10.0) -> bool:
@@ -218,3 +219,81 @@ def test_io_thread_mode_sender_consumes_events_and_wakeups(mosquitto) -> None:
         finally:
             link.stop()
         assert not link.running and not link.connected, f"round {round_}: not stopped"
+
+
+def _drain_messages(link: MqttLink, want: int, puback: int | None = None, timeout: float = 10.0) -> list[Event]:
+    """Owner-thread mode: step until `want` message events (and the PUBACK of `puback`) came; every event seen."""
+    seen: list[Event] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (sum(e.kind == "message" for e in seen) < want or (
+            puback is not None and not any(e.kind == "puback" and e.mid == puback for e in seen))):
+        link.step(0.05)
+        while link.events:
+            seen.append(link.events.popleft())
+    return seen
+
+
+def test_packet_buffer_goes_out_in_place_and_arrives_intact(mosquitto) -> None:
+    # A PacketBuffer's payload is written to the socket from the buffer itself (a view: no copy of the payload in
+    # user space), its header paho's own; the subscriber gets exactly the payload, at every length of MQTT's
+    # remaining-length field (1 to 4 bytes), QoS 0 and 1; the same buffer serves again once its PUBACK came.
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-zc", subscriptions=[("zc/#", 1)], max_inflight=65535))
+    assert link.connect(0)
+    assert _until(lambda: (link.step(0.05), link.ready.is_set())[1])
+    writes: list[object] = []
+    sock_send = link.client._sock_send
+
+    def record(buf):  # instrumentation on the real socket: what paho hands the kernel
+        writes.append(buf.obj if isinstance(buf, memoryview) else buf)
+        return sock_send(buf)
+
+    link.client._sock_send = record
+    topic = "zc/" + "t" * 40
+    buf = PacketBuffer(topic, 2_200_000)
+    try:
+        for n, qos in ((0, 1), (5, 0), (100, 1), (20_000, 1), (300_000, 0), (2_100_000, 1)):
+            data = bytes(random.Random(n).getrandbits(8) for _ in range(min(n, 4096))) * (-(-n // 4096) or 1)
+            data = data[:n]
+            buf.body[:n] = data
+            buf.size = n
+            writes.clear()
+            link.events.clear()
+            mid = link.send(topic, buf, qos=qos)
+            assert mid is not None
+            events = _drain_messages(link, 1, mid if qos else None)
+            got = [e.message for e in events if e.kind == "message"]
+            assert len(got) == 1 and got[0].topic == topic and got[0].payload == data, f"{n} bytes, QoS {qos}"
+            if qos:
+                assert any(e.kind == "puback" and e.mid == mid and e.reason == 0 for e in events)
+            # Our PUBLISH went from the buffer; the other writes are our PUBACKs of the incoming copies (4 bytes).
+            assert any(w is buf for w in writes), f"{n} bytes: the payload was copied before the socket"
+            assert all(w is buf or len(w) < 16 for w in writes)
+        # A topic other than the buffer's: the same bytes, copied (paho's own path).
+        buf.body[:3] = b"abc"
+        buf.size = 3
+        link.events.clear()
+        assert link.send("zc/other", buf, qos=1) is not None
+        got = [e.message for e in _drain_messages(link, 1) if e.kind == "message"]
+        assert [(m.topic, m.payload) for m in got] == [("zc/other", b"abc")]
+    finally:
+        link.close()
+
+
+def test_packet_buffer_without_paho_hooks_is_copied(mosquitto, monkeypatch) -> None:
+    # A paho whose internals differ (no hooks): a PacketBuffer still goes out, as a plain copy of its payload.
+    from firmware.system import mqtt as mqtt_mod
+
+    monkeypatch.setattr(mqtt_mod, "_CLIENT_CLASS", [None])
+    link = MqttLink(MqttSettings([_broker(mosquitto)], "t-nozc", subscriptions=[("nozc/#", 1)]))
+    assert link.connect(0)
+    assert _until(lambda: (link.step(0.05), link.ready.is_set())[1])
+    try:
+        assert type(link.client).__name__ == "Client"
+        buf = PacketBuffer("nozc/x", 1000)
+        buf.body[:5] = b"hello"
+        buf.size = 5
+        assert link.send("nozc/x", buf, qos=1) is not None
+        got = [e.message for e in _drain_messages(link, 1) if e.kind == "message"]
+        assert [(m.topic, m.payload) for m in got] == [("nozc/x", b"hello")]
+    finally:
+        link.close()
