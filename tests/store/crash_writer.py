@@ -51,7 +51,11 @@ if kill:
                 os.fsync(f.fileno())
             die()
         if kill == "stick_only":
-            s.stick_done.wait(10)  # the mirror thread's copy (atomic, fsync'd) is complete
+            pending = kw.get("pending")
+            if pending is not None:  # the SD side signs (the stick's copy waits for the signature): sign, write nothing
+                pending[1]()  # type: ignore[index]
+            if not s.stick_done.wait(10):  # the mirror thread's copy (atomic, fsync'd) is complete
+                raise SystemExit("stick copy not complete")
             die()
         real_write(path, data, **kw)
         return None
