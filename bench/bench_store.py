@@ -177,9 +177,11 @@ def bench_minimum(root: Path, pub: Path, rounds: int, runs: int) -> None:
             t0 = time.perf_counter()
             s.commit(p, r)
             t_c.append(time.perf_counter() - t0)
+            s.wait_mirror_idle()  # (untimed: the stick's index line, appended after the answer, not in the next one)
             t0 = time.perf_counter()
             s.commit(p)  # a caller without a reservation: begin() is inside
             t_o.append(time.perf_counter() - t0)
+            s.wait_mirror_idle()  # nor in the minimum's time
             t0 = time.perf_counter()
             f = pool.submit(durable_copy, dirs[1], f"r{i}", p)
             durable_copy(dirs[0], f"r{i}", p)

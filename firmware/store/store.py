@@ -330,70 +330,84 @@ class Store:
                 self._reserve_numbers(seq)
             created = iso()
             record_id = make_record_id(self.identity.kit_id, seq, compact())
+            synced = clock_synchronised()
             # The SD and the stick are separate devices: write both at once, confirm when both are done. The
             # mirror thread starts now: its checks (present, a folder of ours) overlap the sealing below.
             body: Future[tuple[bytearray, Pending]] = Future()
             mirror: Future[tuple[str | None, str]] = Future()
-            self._mirror_pool.submit(self._mirror_one, record_id, seq, body, mirror)
+            journaled: Future[bool] = Future()  # the stick's index line waits for the journal row (see _mirror_one)
+            self._mirror_pool.submit(self._mirror_one, record_id, seq, body, mirror, journaled)
             try:
-                synced = clock_synchronised()
-                sealed, body_len = record_format.seal_body(
-                    payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq, created=created,
-                    clock_synced=synced, recipients=self.recipients, keys=self._seal_keys(),
-                    kit_key=self.identity.public_key_raw)
-            except BaseException as e:
-                body.set_exception(e)
-                _mirrored(mirror)
-                raise
-            # The sequence number is used up from here on, whatever happens (never reused).
-            self._seq = seq
-            # Off the serial path: both media write the body (header, ciphertext, tag) to their temp files and
-            # start its writeback while the signature (SHA-256 of the body, Ed25519) is computed; each writes
-            # the signature's 64 bytes when it is there, then fsyncs. Nothing is renamed, so nothing is a
-            # record, before its whole file is fsync'd, and the read-back compares every byte, signature
-            # included (`atomic_write_at`'s `pending`).
-            signed: Future[str] = Future()
-
-            def sign() -> str:
-                try:
-                    signed.set_result(record_format.sign_body(sealed, body_len, self.identity.signing_key))
-                except BaseException as e:
-                    signed.set_exception(e)
-                return signed.result()
-
-            body.set_result((sealed, (body_len, signed.result)))
-            try:
-                atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
-                             pending=(body_len, sign))
-            except BaseException as e:
-                if not signed.done():
-                    signed.set_exception(e)  # (the stick's copy waits for a signature that will not come)
-                if _mirrored(mirror) is not None:
-                    self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
-                if not isinstance(e, OSError):
-                    raise
-                log.error("commit failed on SD record_id=%s error=%s", record_id, e)
-                raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
-            digest = signed.result()
-            stick_id, mirror_error = mirror.result()
-            try:
-                self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
-                                  size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
-            except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
-                log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
-                try:
-                    remove_durably(self.sd_path(record_id))
-                except OSError:
-                    pass  # left behind: recovery adopts it after verification (its number stays fenced)
-                if stick_id is not None:
-                    self._drain_mirror()  # its index line first: then the copy goes
-                    self._unmirror(record_id)
-                raise StoreError(f"could not write the journal on the SD card: {e}") from e
+                sealed, digest, stick_id, mirror_error = self._seal_and_store(
+                    payload, record_id, seq, created, synced, operator_id, body, mirror)
+                journaled.set_result(True)
+            finally:
+                if not journaled.done():
+                    journaled.set_result(False)  # failed: no index line (and no copy, see _seal_and_store)
             self.guard.note_record_size(len(sealed))
         log.info("record captured record_id=%s size=%d sha256=%s stick=%s", record_id, len(sealed), digest[:12],
                  stick_id or "-")
         self._changed()
         return CommitResult(record_id, digest, len(sealed), seq, stick_id, mirror_error)
+
+    def _seal_and_store(self, payload: bytes, record_id: str, seq: int, created: str, synced: bool,
+                        operator_id: str, body: Future[tuple[bytearray, Pending]],
+                        mirror: Future[tuple[str | None, str]]) -> tuple[bytearray, str, str | None, str]:
+        """The commit's seal, both copies and its journal row (lock held); (sealed, digest, stick id, mirror
+        error). On failure no copy stays behind (or recovery adopts it after verifying: its number is fenced)."""
+        try:
+            sealed, body_len = record_format.seal_body(
+                payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq, created=created,
+                clock_synced=synced, recipients=self.recipients, keys=self._seal_keys(),
+                kit_key=self.identity.public_key_raw)
+        except BaseException as e:
+            body.set_exception(e)
+            _mirrored(mirror)
+            raise
+        # The sequence number is used up from here on, whatever happens (never reused).
+        self._seq = seq
+        # Off the serial path: both media write the body (header, ciphertext, tag) to their temp files and
+        # start its writeback while the signature (SHA-256 of the body, Ed25519) is computed; each writes
+        # the signature's 64 bytes when it is there, then fsyncs. Nothing is renamed, so nothing is a
+        # record, before its whole file is fsync'd, and the read-back compares every byte, signature
+        # included (`atomic_write_at`'s `pending`).
+        signed: Future[str] = Future()
+
+        def sign() -> str:
+            try:
+                signed.set_result(record_format.sign_body(sealed, body_len, self.identity.signing_key))
+            except BaseException as e:
+                signed.set_exception(e)
+            return signed.result()
+
+        body.set_result((sealed, (body_len, signed.result)))
+        try:
+            atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
+                         pending=(body_len, sign))
+        except BaseException as e:
+            if not signed.done():
+                signed.set_exception(e)  # (the stick's copy waits for a signature that will not come)
+            if _mirrored(mirror) is not None:
+                self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
+            if not isinstance(e, OSError):
+                raise
+            log.error("commit failed on SD record_id=%s error=%s", record_id, e)
+            raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
+        digest = signed.result()
+        stick_id, mirror_error = mirror.result()
+        try:
+            self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
+                              size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+        except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
+            log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
+            try:
+                remove_durably(self.sd_path(record_id))
+            except OSError:
+                pass  # left behind: recovery adopts it after verification (its number stays fenced)
+            if stick_id is not None:
+                self._unmirror(record_id)  # (its index line is never written: see _mirror_one)
+            raise StoreError(f"could not write the journal on the SD card: {e}") from e
+        return sealed, digest, stick_id, mirror_error
 
     def _seal_keys(self) -> record_format.SealKeys:
         """Key material for the record being sealed: one prepared by `begin()`, else made now (lock held).
@@ -425,12 +439,13 @@ class Store:
             log.warning("cannot remove stick copy of a failed commit record_id=%s error=%s", record_id, e)
 
     def _mirror_one(self, record_id: str, seq: int, body: Future[tuple[bytearray, Pending]],
-                    result: Future[tuple[str | None, str]]) -> None:
+                    result: Future[tuple[str | None, str]], journaled: Future[bool]) -> None:
         """The commit's stick copy (mirror thread): `result` gets (stick id, "") once the record file is durable
         and read back on the stick, else (None, why). `body` is the sealed buffer and its `pending` signature
-        (see `_commit`). The index line is appended after that, off the commit's answer (the index is the
-        importer's convenience, fsync'd later anyway: see `Stick.write_record`); a failure there is acted on
-        (`_index_failed`) by the next commit or poll, under the store's lock."""
+        (see `_seal_and_store`). The index line is appended once the journal row is committed (`journaled`),
+        off the commit's answer: the index is the importer's convenience, fsync'd later anyway (see
+        `Stick.write_record`), and a failed commit gets none. A failure there is acted on (`_index_failed`)
+        by the next commit or poll, under the store's lock."""
         try:
             stick = self._index_failed(self.stick)  # (the committing thread holds the lock and waits for this)
             outcome, size = self._mirror_copy(stick, record_id, body)
@@ -438,7 +453,7 @@ class Store:
             result.set_exception(e)
             return
         result.set_result(outcome)
-        if stick is None or outcome[0] is None:
+        if stick is None or outcome[0] is None or not journaled.result():
             return
         try:
             stick.add_to_index(record_id, seq, str(body.result()[1][1]()), size)
@@ -482,9 +497,11 @@ class Store:
         self._stick_lost(f"index write failed: {e.strerror or e}")
         return None
 
-    def _drain_mirror(self) -> None:
-        """Wait until the mirror thread is idle (its last index line appended): before a flush, an eject, a
-        close or a reindex. The mirror thread never waits for the store's lock, so this may be called under it."""
+    def wait_mirror_idle(self) -> None:
+        """Wait until the mirror thread is idle (the last commit's index line appended): before a flush, an
+        eject, a close or a reindex (and a benchmark's baseline). The mirror thread never waits for the store's
+        lock, only for a commit's journal row, which its committer sets before it waits for anything: so this
+        may be called under the lock."""
         self._mirror_pool.submit(int).result()
 
     def _changed(self) -> None:
@@ -653,7 +670,7 @@ class Store:
             break
         self._backfill_cursor = -1 if done else cursor  # a finished pass: the next one looks at everything again
         if self.stick is stick and not stopped():  # (a stop goes now: the index is repaired on the next pass)
-            self._drain_mirror()  # a commit's line appended meanwhile is not added twice
+            self.wait_mirror_idle()  # a commit's line appended meanwhile is not added twice
             try:
                 added = stick.reindex(listed)
                 if added:
@@ -762,7 +779,7 @@ class Store:
 
     def _flush_stick(self) -> None:
         """fsync the stick index's appended lines (lock held), once the mirror thread has appended its last."""
-        self._drain_mirror()
+        self.wait_mirror_idle()
         stick = self._index_failed(self.stick)
         if stick is None:
             return

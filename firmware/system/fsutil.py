@@ -276,7 +276,12 @@ def _reads_back(fd: int, data: bytes) -> bool:
         back = os.read(fd, want + 1 - got)
         parts.append(back)
         got += len(back)
-    return got == want and (parts[0] if len(parts) == 1 else b"".join(parts)) == data
+    if got != want:
+        return False
+    # The usual case is one full read and an empty one (end of file): compare that read itself. Joining
+    # the parts regardless copied the whole record once more per medium (~0.3 ms on the commit's path).
+    parts = [p for p in parts if p]
+    return (parts[0] if len(parts) == 1 else b"".join(parts)) == data
 
 
 @contextmanager

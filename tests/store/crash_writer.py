@@ -67,7 +67,7 @@ if kill:
 s = Store(cfg, identity.load_or_create(cfg.state_dir))
 s.stick_done = threading.Event()  # type: ignore[attr-defined]
 if kill == "stick_only":
-    real_mirror = s._mirror_one
+    real_mirror = s._mirror_copy  # the stick copy itself (its index line waits for the journal row)
 
     def mirror_then_signal(*a: object) -> object:
         try:
@@ -75,7 +75,7 @@ if kill == "stick_only":
         finally:
             s.stick_done.set()  # type: ignore[attr-defined]
 
-    s._mirror_one = mirror_then_signal  # type: ignore[method-assign]
+    s._mirror_copy = mirror_then_signal  # type: ignore[method-assign]
 print("OPENING", flush=True)  # recovery starts now (the kill-during-recovery trials aim here)
 s.open()
 print("READY", flush=True)

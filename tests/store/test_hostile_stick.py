@@ -235,7 +235,7 @@ def test_a_stick_made_hostile_after_insertion_fails_the_write_not_the_kit(store:
     assert res.stick_id == stick_id and store.stick.record_path(res.record_id).is_file()
     assert store.sd_path(res.record_id).exists()
     # The refusal drops the stick at the next commit (or poll), before anything else is written to it.
-    store._drain_mirror()
+    store.wait_mirror_idle()
     res2 = store.commit(payload())
     assert res2.stick_id is None and "symlink" in store.stick_error and store.stick is None
     assert not (tmp_path / "usb" / "rekam" / store.identity.kit_id / "records" / f"{res2.record_id}.rkm").exists()
