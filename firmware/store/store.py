@@ -106,6 +106,11 @@ def seq_of(record_id: str) -> int | None:
 
 
 
+class _Abandoned(Exception):
+    """The commit failed on the SD (or before): the stick's copy, waiting for its body or signature, gives up.
+    Not an OSError, so the stick is neither called full nor dropped for the SD's fault."""
+
+
 def _mirrored(mirror: Future[tuple[str | None, str]]) -> str | None:
     """The stick a commit's mirror copy went to (waiting for it), or None (also when it failed outright)."""
     try:
@@ -342,6 +347,8 @@ class Store:
                     payload, record_id, seq, created, synced, operator_id, body, mirror)
                 journaled.set_result(True)
             finally:
+                if not body.done():
+                    body.set_exception(_Abandoned("commit abandoned"))
                 if not journaled.done():
                     journaled.set_result(False)  # failed: no index line (and no copy, see _seal_and_store)
             self.guard.note_record_size(len(sealed))
@@ -385,8 +392,8 @@ class Store:
             atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
                          pending=(body_len, sign))
         except BaseException as e:
-            if not signed.done():
-                signed.set_exception(e)  # (the stick's copy waits for a signature that will not come)
+            if not signed.done():  # the stick's copy waits for a signature that will not come: it gives up (not an
+                signed.set_exception(_Abandoned(str(e)))  # I/O error of the stick's: no "stick full" or drop)
             if _mirrored(mirror) is not None:
                 self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
             if not isinstance(e, OSError):

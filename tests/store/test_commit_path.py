@@ -96,3 +96,23 @@ def test_the_whole_file_is_what_was_read_back_on_both_media(store: Store, dc_key
         record_format.open_record(sd, dc_keys["sk"], trusted_kit_key=store.identity.public_key_raw)
     store.wait_mirror_idle()
     assert len(index_ids(store)) == 3
+
+
+def test_an_sd_failure_is_not_blamed_on_the_stick(store: Store, monkeypatch: Any) -> None:
+    """The SD fills up before its copy starts: the commit fails, the stick's copy (waiting for the signature the
+    SD side computes) gives up and leaves nothing, and the stick is neither called full nor dropped."""
+    import errno
+
+    from firmware.store import store as store_mod
+
+    def sd_full(path: Path, data: bytes, **kw: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "atomic_write", sd_full)
+    with pytest.raises(StoreError, match="SD"):
+        store.commit(payload())
+    store.wait_mirror_idle()
+    assert store.stick is not None and not store.stick_full and store.stick_error == ""
+    assert leftovers(store.stick.records_dir, 1) == [] and index_ids(store) == []
+    monkeypatch.undo()
+    assert store.commit(payload()).stick_id == store.stick.stick_id
