@@ -2,8 +2,11 @@
 
 `commit()` is the only way a record enters the kit. It returns only once the sealed record is
 durable (fsync'd, renamed, directory fsync'd, read back) on the SD and, when a stick is present,
-on the stick too; then one journal transaction records both. A crash at any point leaves either
-nothing the operator was told about, or files that `recover()` adopts after verifying them.
+on the stick too; then one journal transaction records both. Both copies are written at once, and
+the signature is computed while they already hold the rest of the file (nothing is renamed before
+its whole file is fsync'd); the stick's index line follows the journal row, after the answer.
+A crash at any point leaves either nothing the operator was told about, or files that `recover()`
+adopts after verifying them.
 
 Nothing is deleted by age or to make room: an SD copy goes only after the data center has
 acknowledged it and (configurable) a stick holds it. Corrupt files are moved to `quarantine/`

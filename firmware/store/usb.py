@@ -8,8 +8,10 @@ Layout on the stick (`firmware.wire.stick_layout`), readable by the data center 
     rekam/<kit_id>/index.jsonl          one line per record copied: record_id, seq, sha256, size
     rekam/<kit_id>/records/<record_id>.rkm
 
-The index is append-only (each line fsync'd); a torn last line after a yank is ignored by
-readers, and a record is listed only after its file is durable.
+The index is append-only (lines fsync'd by `flush_index`: the USB watcher's poll, eject, close, the
+end of a backfill); a torn last line after a yank is ignored by readers, and a record is listed only
+after its file is durable (a commit's line, only once its journal row is committed: a failed commit
+has none).
 
 A stick is untrusted input (anyone can prepare one): every open, create, rename and unlink on it goes
 through directory descriptors opened beneath the mount point with ``O_NOFOLLOW`` (`open_dir_beneath`,
