@@ -457,7 +457,7 @@ class Store:
         `Stick.write_record`), and a failed commit gets none. A failure there is acted on (`_index_failed`)
         by the next commit or poll, under the store's lock."""
         try:
-            stick = self._index_failed(self.stick)  # (the committing thread holds the lock and waits for this)
+            stick = self._index_failed(self.stick)  # (the committing thread holds the lock)
             outcome, size = self._mirror_copy(stick, record_id, body)
         except BaseException as e:  # not an I/O error (the seal failed): the commit fails, nothing kept
             result.set_exception(e)
@@ -496,8 +496,8 @@ class Store:
 
     def _index_failed(self, stick: Stick | None) -> Stick | None:
         """Act on an index append that failed after its commit had its answer (as a failed copy would have
-        been: full, or the stick dropped); returns the stick still usable. Called with the store's lock held
-        (or by the mirror thread while the lock's holder waits for it)."""
+        been: full, or the stick dropped); returns the stick still usable. Called with the store's lock held,
+        or by the mirror thread for the commit that holds it (whose own path does not touch the stick state)."""
         if stick is None or stick.index_error is None:
             return stick
         e, stick.index_error = stick.index_error, None
@@ -510,8 +510,8 @@ class Store:
     def wait_mirror_idle(self) -> None:
         """Wait until the mirror thread is idle (the last commit's index line appended): before a flush, an
         eject, a close or a reindex (and a benchmark's baseline). The mirror thread never waits for the store's
-        lock, only for a commit's journal row, which its committer sets before it waits for anything: so this
-        may be called under the lock."""
+        lock, only for its commit's journal row, which is settled before that commit releases the lock: so
+        this may be called under the lock (never from inside a commit)."""
         self._mirror_pool.submit(int).result()
 
     def _changed(self) -> None:
