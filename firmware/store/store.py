@@ -2,8 +2,11 @@
 
 `commit()` is the only way a record enters the kit. It returns only once the sealed record is
 durable (fsync'd, renamed, directory fsync'd, read back) on the SD and, when a stick is present,
-on the stick too; then one journal transaction records both. A crash at any point leaves either
-nothing the operator was told about, or files that `recover()` adopts after verifying them.
+on the stick too; then one journal transaction records both. Both copies are written at once, and
+the signature is computed while they already hold the rest of the file (nothing is renamed before
+its whole file is fsync'd); the stick's index line follows the journal row, after the answer.
+A crash at any point leaves either nothing the operator was told about, or files that `recover()`
+adopts after verifying them.
 
 Nothing is deleted by age or to make room: an SD copy goes only after the data center has
 acknowledged it and (configurable) a stick holds it. Corrupt files are moved to `quarantine/`
@@ -18,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,6 +35,7 @@ from firmware.store.usb import HostileStick, Stick, StickError, detect, open_sti
 from firmware.system.clock import clock_synchronised, compact, iso
 from firmware.system.fsutil import (
     TMP_SUFFIX,
+    Pending,
     atomic_write,
     fsync_dir,
     remove_durably,
@@ -103,6 +107,19 @@ def seq_of(record_id: str) -> int | None:
     rid = parse_record_id(record_id)
     return rid.seq if rid else None
 
+
+
+class _Abandoned(Exception):
+    """The commit failed on the SD (or before): the stick's copy, waiting for its body or signature, gives up.
+    Not an OSError, so the stick is neither called full nor dropped for the SD's fault."""
+
+
+def _mirrored(mirror: Future[tuple[str | None, str]]) -> str | None:
+    """The stick a commit's mirror copy went to (waiting for it), or None (also when it failed outright)."""
+    try:
+        return mirror.result()[0]
+    except Exception:
+        return None
 
 
 def _int(v: str | None) -> int:
@@ -322,40 +339,85 @@ class Store:
             created = iso()
             record_id = make_record_id(self.identity.kit_id, seq, compact())
             synced = clock_synchronised()
-            sealed, digest = record_format.seal_with_digest(
-                payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq, created=created,
-                clock_synced=synced, signing_key=self.identity.signing_key, recipients=self.recipients,
-                keys=self._seal_keys(), kit_key=self.identity.public_key_raw)
-            # The sequence number is used up from here on, whatever happens (never reused).
-            self._seq = seq
-            # The SD and the stick are separate devices: write both at once, confirm when both are done.
-            mirror = self._mirror_pool.submit(self._mirror_one, record_id, seq, sealed, digest)
+            # The SD and the stick are separate devices: write both at once, confirm when both are done. The
+            # mirror thread starts now: its checks (present, a folder of ours) overlap the sealing below.
+            body: Future[tuple[bytearray, Pending]] = Future()
+            mirror: Future[tuple[str | None, str]] = Future()
+            journaled: Future[bool] = Future()  # the stick's index line waits for the journal row (see _mirror_one)
+            self._mirror_pool.submit(self._mirror_one, record_id, seq, body, mirror, journaled)
             try:
-                atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
-                             expect_sha256=digest)
-            except OSError as e:
-                log.error("commit failed on SD record_id=%s error=%s", record_id, e)
-                if mirror.result()[0] is not None:
-                    self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
-                raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
-            stick_id, mirror_error = mirror.result()
-            try:
-                self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
-                                  size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
-            except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
-                log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
-                try:
-                    remove_durably(self.sd_path(record_id))
-                except OSError:
-                    pass  # left behind: recovery adopts it after verification (its number stays fenced)
-                if stick_id is not None:
-                    self._unmirror(record_id)
-                raise StoreError(f"could not write the journal on the SD card: {e}") from e
+                sealed, digest, stick_id, mirror_error = self._seal_and_store(
+                    payload, record_id, seq, created, synced, operator_id, body, mirror)
+                journaled.set_result(True)
+            finally:
+                if not body.done():
+                    body.set_exception(_Abandoned("commit abandoned"))
+                if not journaled.done():
+                    journaled.set_result(False)  # failed: no index line (and no copy, see _seal_and_store)
             self.guard.note_record_size(len(sealed))
         log.info("record captured record_id=%s size=%d sha256=%s stick=%s", record_id, len(sealed), digest[:12],
                  stick_id or "-")
         self._changed()
         return CommitResult(record_id, digest, len(sealed), seq, stick_id, mirror_error)
+
+    def _seal_and_store(self, payload: bytes, record_id: str, seq: int, created: str, synced: bool,
+                        operator_id: str, body: Future[tuple[bytearray, Pending]],
+                        mirror: Future[tuple[str | None, str]]) -> tuple[bytearray, str, str | None, str]:
+        """The commit's seal, both copies and its journal row (lock held); (sealed, digest, stick id, mirror
+        error). On failure no copy stays behind (or recovery adopts it after verifying: its number is fenced)."""
+        try:
+            sealed, body_len = record_format.seal_body(
+                payload, record_id=record_id, kit_id=self.identity.kit_id, seq=seq, created=created,
+                clock_synced=synced, recipients=self.recipients, keys=self._seal_keys(),
+                kit_key=self.identity.public_key_raw)
+        except BaseException as e:
+            body.set_exception(e)
+            _mirrored(mirror)
+            raise
+        # The sequence number is used up from here on, whatever happens (never reused).
+        self._seq = seq
+        # Off the serial path: both media write the body (header, ciphertext, tag) to their temp files and
+        # start its writeback while the signature (SHA-256 of the body, Ed25519) is computed; each writes
+        # the signature's 64 bytes when it is there, then fsyncs. Nothing is renamed, so nothing is a
+        # record, before its whole file is fsync'd, and the read-back compares every byte, signature
+        # included (`atomic_write_at`'s `pending`).
+        signed: Future[str] = Future()
+
+        def sign() -> str:
+            try:
+                signed.set_result(record_format.sign_body(sealed, body_len, self.identity.signing_key))
+            except BaseException as e:
+                signed.set_exception(e)
+            return signed.result()
+
+        body.set_result((sealed, (body_len, signed.result)))
+        try:
+            atomic_write(self.sd_path(record_id), sealed, verify=self.cfg.store.verify_readback,
+                         pending=(body_len, sign))
+        except BaseException as e:
+            if not signed.done():  # the stick's copy waits for a signature that will not come: it gives up (not an
+                signed.set_exception(_Abandoned(str(e)))  # I/O error of the stick's: no "stick full" or drop)
+            if _mirrored(mirror) is not None:
+                self._unmirror(record_id)  # the operator is told it failed: no copy may survive elsewhere
+            if not isinstance(e, OSError):
+                raise
+            log.error("commit failed on SD record_id=%s error=%s", record_id, e)
+            raise StoreError(f"could not write the record to the SD card: {e.strerror or e}") from e
+        digest = signed.result()
+        stick_id, mirror_error = mirror.result()
+        try:
+            self.j.add_record(record_id=record_id, seq=seq, created=created, clock_synced=synced,
+                              size=len(sealed), sha256=digest, operator_id=operator_id, stick_id=stick_id)
+        except Exception as e:  # SQLite's own ENOSPC/EIO: the operator is told it failed, so no copy stays
+            log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
+            try:
+                remove_durably(self.sd_path(record_id))
+            except OSError:
+                pass  # left behind: recovery adopts it after verification (its number stays fenced)
+            if stick_id is not None:
+                self._unmirror(record_id)  # (its index line is never written: see _mirror_one)
+            raise StoreError(f"could not write the journal on the SD card: {e}") from e
+        return sealed, digest, stick_id, mirror_error
 
     def _seal_keys(self) -> record_format.SealKeys:
         """Key material for the record being sealed: one prepared by `begin()`, else made now (lock held).
@@ -386,27 +448,71 @@ class Store:
         except OSError as e:
             log.warning("cannot remove stick copy of a failed commit record_id=%s error=%s", record_id, e)
 
-    def _mirror_one(self, record_id: str, seq: int, data: bytes, digest: str) -> tuple[str | None, str]:
-        stick = self.stick
+    def _mirror_one(self, record_id: str, seq: int, body: Future[tuple[bytearray, Pending]],
+                    result: Future[tuple[str | None, str]], journaled: Future[bool]) -> None:
+        """The commit's stick copy (mirror thread): `result` gets (stick id, "") once the record file is durable
+        and read back on the stick, else (None, why). `body` is the sealed buffer and its `pending` signature
+        (see `_seal_and_store`). The index line is appended once the journal row is committed (`journaled`),
+        off the commit's answer: the index is the importer's convenience, fsync'd later anyway (see
+        `Stick.write_record`), and a failed commit gets none. A failure there is acted on (`_index_failed`)
+        by the next commit or poll, under the store's lock."""
+        try:
+            stick = self._index_failed(self.stick)  # (the committing thread holds the lock)
+            outcome, size = self._mirror_copy(stick, record_id, body)
+        except BaseException as e:  # not an I/O error (the seal failed): the commit fails, nothing kept
+            result.set_exception(e)
+            return
+        result.set_result(outcome)
+        if stick is None or outcome[0] is None or not journaled.result():
+            return
+        try:
+            stick.add_to_index(record_id, seq, str(body.result()[1][1]()), size)
+        except OSError as e:
+            stick.index_error = e
+
+    def _mirror_copy(self, stick: Stick | None, record_id: str, body: Future[tuple[bytearray, Pending]]
+                     ) -> tuple[tuple[str | None, str], int]:
         if stick is None:
-            return None, ""
+            return (None, ""), 0
         if not detect(stick.mount, self.cfg.usb.require_mountpoint):
             # Checked per record: a pulled stick must not turn into writes to the bare mount-point folder.
             self._stick_lost("removed")
-            return None, "stick removed"
-        if not self._stick_has_room(stick, len(data)):
-            self._note_stick_full(stick)
-            return None, "stick full"
+            return (None, "stick removed"), 0
         try:
-            stick.write_record(record_id, seq, data, digest, verify=self.cfg.store.verify_readback)
-            return stick.stick_id, ""
+            with stick.records_folder() as rfd:
+                data, pending = body.result()
+                if not self._stick_has_room(stick, len(data)):
+                    self._note_stick_full(stick)
+                    return (None, "stick full"), 0
+                stick.write_file(record_id, data, verify=self.cfg.store.verify_readback, pending=pending, rfd=rfd)
+            return (stick.stick_id, ""), len(data)
         except OSError as e:
             if e.errno in NO_ROOM:  # full, not gone: keep the stick (never flap), the record joins the backlog
                 self._note_stick_full(stick)
-                return None, "stick full"
+                return (None, "stick full"), 0
             # The stick vanished or failed: the SD copy stands, the record joins the mirror backlog.
             self._stick_lost(f"write failed: {e.strerror or e}")
-            return None, str(e)
+            return (None, str(e)), 0
+
+    def _index_failed(self, stick: Stick | None) -> Stick | None:
+        """Act on an index append that failed after its commit had its answer (as a failed copy would have
+        been: full, or the stick dropped); returns the stick still usable. Called with the store's lock held,
+        or by the mirror thread for the commit that holds it (whose own path does not touch the stick state)."""
+        if stick is None or stick.index_error is None:
+            return stick
+        e, stick.index_error = stick.index_error, None
+        if e.errno in NO_ROOM:
+            self._note_stick_full(stick)
+            return stick
+        self._stick_lost(f"index write failed: {e.strerror or e}")
+        return None
+
+    def wait_mirror_idle(self) -> None:
+        """Wait until the mirror thread is idle (the last commit's index line appended): before a flush, an
+        eject, a close or a reindex (and a benchmark's baseline). The mirror thread never waits for the store's
+        lock, only for its commit's journal row, which is settled before that commit releases the lock: so
+        this may be called under the lock (never from inside a commit)."""
+        self._mirror_pool.submit(int).result()
 
     def _changed(self) -> None:
         for cb in list(self.on_change):
@@ -574,6 +680,7 @@ class Store:
             break
         self._backfill_cursor = -1 if done else cursor  # a finished pass: the next one looks at everything again
         if self.stick is stick and not stopped():  # (a stop goes now: the index is repaired on the next pass)
+            self.wait_mirror_idle()  # a commit's line appended meanwhile is not added twice
             try:
                 added = stick.reindex(listed)
                 if added:
@@ -681,7 +788,9 @@ class Store:
             rep.stick_adopted.append(rid)
 
     def _flush_stick(self) -> None:
-        stick = self.stick
+        """fsync the stick index's appended lines (lock held), once the mirror thread has appended its last."""
+        self.wait_mirror_idle()
+        stick = self._index_failed(self.stick)
         if stick is None:
             return
         try:

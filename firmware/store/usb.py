@@ -8,8 +8,10 @@ Layout on the stick (`firmware.wire.stick_layout`), readable by the data center 
     rekam/<kit_id>/index.jsonl          one line per record copied: record_id, seq, sha256, size
     rekam/<kit_id>/records/<record_id>.rkm
 
-The index is append-only (each line fsync'd); a torn last line after a yank is ignored by
-readers, and a record is listed only after its file is durable.
+The index is append-only (lines fsync'd by `flush_index`: the USB watcher's poll, eject, close, the
+end of a backfill); a torn last line after a yank is ignored by readers, and a record is listed only
+after its file is durable (a commit's line, only once its journal row is committed: a failed commit
+has none).
 
 A stick is untrusted input (anyone can prepare one): every open, create, rename and unlink on it goes
 through directory descriptors opened beneath the mount point with ``O_NOFOLLOW`` (`open_dir_beneath`,
@@ -20,15 +22,17 @@ rekam file or folder belongs is never followed or blocked on; JSON is read with 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from firmware.errors import HostileStick, ProtocolError, StickError, UntrustedFi
 from firmware.system.clock import iso
 from firmware.system.fsutil import (
     TMP_SUFFIX,
+    Pending,
     atomic_write_at,
     open_append_at,
     open_dir_beneath,
@@ -92,6 +97,10 @@ class Stick:
         return self.records_dir / (record_id + record_format.FILE_SUFFIX)
 
     index_dirty: bool = False
+    index_error: OSError | None = field(default=None, repr=False, compare=False)  # a deferred append's failure
+    # Serialises the index's appends and fsyncs: the commit's mirror thread appends after the commit has its
+    # answer, while the USB watcher may flush or a backfill reindex (see `add_to_index`).
+    _index_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def write_record(self, record_id: str, seq: int, data: bytes, sha256: str, verify: bool = True) -> None:
         """Copy one sealed record to the stick (atomic, fsync'd, read back) and index it.
@@ -100,30 +109,49 @@ class Stick:
         `flush_index()` (maintenance loop, eject, end of backfill): the index is a convenience for
         the importer, which also scans `records/`, and `reindex()` re-adds lines a yank cost.
         """
-        with _dir(self.mount, self.rel_records) as rfd:
-            atomic_write_at(rfd, record_id + record_format.FILE_SUFFIX, data, verify=verify, expect_sha256=sha256,
-                            where=str(self.records_dir))
-        self._append_index([{"record_id": record_id, "seq": seq, "sha256": sha256, "size": len(data),
-                             "at": iso()}])
+        self.write_file(record_id, data, verify=verify, expect_sha256=sha256)
+        self.add_to_index(record_id, seq, sha256, len(data))
+
+    def records_folder(self) -> contextlib.AbstractContextManager[int]:
+        """A descriptor of this kit's records folder, walked beneath the mount with O_NOFOLLOW (closed on exit)."""
+        return _dir(self.mount, self.rel_records)
+
+    def write_file(self, record_id: str, data: bytes, verify: bool = True, expect_sha256: str | None = None,
+                   pending: Pending | None = None, rfd: int | None = None) -> None:
+        """The record file of `write_record` alone (atomic, fsync'd, read back; see `atomic_write_at`, also for
+        `pending`), in `rfd` (from `records_folder`) if given. Durable when this returns; its index line is
+        `add_to_index`'s."""
+        if rfd is None:
+            with self.records_folder() as fd:
+                self.write_file(record_id, data, verify, expect_sha256, pending, fd)
+            return
+        atomic_write_at(rfd, record_id + record_format.FILE_SUFFIX, data, verify=verify,
+                        expect_sha256=expect_sha256, where=str(self.records_dir), pending=pending)
+
+    def add_to_index(self, record_id: str, seq: int, sha256: str, size: int) -> None:
+        """Append a record's index line (not fsync'd: `flush_index`). Only for a record whose file is durable."""
+        self._append_index([{"record_id": record_id, "seq": seq, "sha256": sha256, "size": size, "at": iso()}])
 
     def _append_index(self, entries: list[dict[str, Any]], sync: bool = False) -> None:
         lines = b"".join((json.dumps(e, sort_keys=True) + "\n").encode() for e in entries)
-        with _dir(self.mount, self.rel_kit) as kfd, open_append_at(kfd, L.INDEX, str(self.kit_dir)) as (fd, size):
+        with self._index_lock, _dir(self.mount, self.rel_kit) as kfd, \
+                open_append_at(kfd, L.INDEX, str(self.kit_dir)) as (fd, size):
             # A yank can leave a torn line; start a fresh line so one bad line cannot swallow the next.
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 os.write(fd, b"\n")
             os.write(fd, lines)
             if sync:
                 os.fsync(fd)
-        self.index_dirty = not sync
+            self.index_dirty = not sync
 
     def flush_index(self) -> None:
         """fsync the index if lines were appended since the last flush."""
-        if not self.index_dirty:
-            return
-        with _dir(self.mount, self.rel_kit) as kfd, open_append_at(kfd, L.INDEX, str(self.kit_dir)) as (fd, _):
-            os.fsync(fd)
-        self.index_dirty = False
+        with self._index_lock:
+            if not self.index_dirty:
+                return
+            with _dir(self.mount, self.rel_kit) as kfd, open_append_at(kfd, L.INDEX, str(self.kit_dir)) as (fd, _):
+                os.fsync(fd)
+            self.index_dirty = False
 
     def index_entries(self) -> Iterator[dict[str, Any]]:
         """Entries of this stick's index (see `read_index`)."""

@@ -12,7 +12,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -31,6 +31,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: `atomic_write`'s `pending`: (offset, wait) where data[offset:] is still being filled in (see `atomic_write_at`).
+Pending = tuple[int, Callable[[], object]]
+
+
 def write_all(fd: int, data: bytes) -> None:
     """Write all of `data` to `fd` (os.write may write less than asked)."""
     view = memoryview(data)
@@ -38,7 +42,8 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256: str | None = None) -> None:
+def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256: str | None = None,
+                 pending: Pending | None = None) -> None:
     """Write `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 
     With `verify`, the file is dropped from the page cache, read back from the medium and compared
@@ -48,7 +53,8 @@ def atomic_write(path: Path, data: bytes, *, verify: bool = True, expect_sha256:
     """
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a trusted folder: may be a symlink
     try:
-        atomic_write_at(dfd, path.name, data, verify=verify, expect_sha256=expect_sha256, where=str(path.parent))
+        atomic_write_at(dfd, path.name, data, verify=verify, expect_sha256=expect_sha256, where=str(path.parent),
+                        pending=pending)
     finally:
         os.close(dfd)
 
@@ -199,7 +205,7 @@ _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONB
 
 
 def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
-                    expect_sha256: str | None = None, where: str = "") -> None:
+                    expect_sha256: str | None = None, where: str = "", pending: Pending | None = None) -> None:
     """`atomic_write` relative to a directory descriptor from `open_dir_beneath`, for untrusted media.
 
     The temp file is created with ``O_EXCL|O_NOFOLLOW`` (a symlink or FIFO planted under the temp name
@@ -208,6 +214,10 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
     the file is re-opened with ``O_NOFOLLOW``, dropped from the page cache, read back and compared.
     `where` names the directory in errors. `expect_sha256`, the digest of `data` if the caller has it, only
     names the record in a mismatch error: the read-back is compared with `data` byte for byte.
+    `pending` = (offset, wait): the bytes of `data` from `offset` on are still being filled in by another
+    thread (or by `wait` itself); the head is written at once and its writeback started, then `wait()` is called
+    (it returns once they are final, or raises to abort: the temp file is then removed) before the rest is
+    written and the file fsync'd.
     """
     if "/" in name or name in ("", ".", ".."):
         raise UntrustedFile(errno.EINVAL, f"{name!r} is not a file name")
@@ -219,7 +229,16 @@ def atomic_write_at(dir_fd: int, name: str, data: bytes, *, verify: bool = True,
         fd = os.open(tmp, _NEW_FILE_FLAGS, 0o640, dir_fd=dir_fd)
     try:
         try:
-            write_all(fd, data)
+            if pending is None:
+                write_all(fd, data)
+            else:
+                with memoryview(data) as view:
+                    write_all(fd, view[: pending[0]])
+                    # Start the head's writeback now (DONTNEED on dirty pages only queues them): the medium
+                    # works while the rest is computed, and the fsync below waits for less.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    pending[1]()
+                    write_all(fd, view[pending[0]:])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -257,7 +276,12 @@ def _reads_back(fd: int, data: bytes) -> bool:
         back = os.read(fd, want + 1 - got)
         parts.append(back)
         got += len(back)
-    return got == want and (parts[0] if len(parts) == 1 else b"".join(parts)) == data
+    if got != want:
+        return False
+    # The usual case is one full read and an empty one (end of file): compare that read itself. Joining
+    # the parts regardless copied the whole record once more per medium (~0.3 ms on the commit's path).
+    parts = [p for p in parts if p]
+    return (parts[0] if len(parts) == 1 else b"".join(parts)) == data
 
 
 @contextmanager

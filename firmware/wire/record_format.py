@@ -252,7 +252,21 @@ def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, c
                      keys: SealKeys | None = None, kit_key: bytes | None = None) -> tuple[bytearray, str]:
     """`seal` into one buffer, also returning the record hash (SHA-256 of the whole file, hex) without a
     second pass. `keys` (from `prepare_keys(recipients)`, used once) saves the key agreement; `kit_key`
-    (the raw public key of `signing_key`) saves deriving it."""
+    (the raw public key of `signing_key`) saves deriving it. `seal_body` then `sign_body`."""
+    out, end = seal_body(payload, record_id=record_id, kit_id=kit_id, seq=seq, created=created,
+                         clock_synced=clock_synced, recipients=recipients, keys=keys,
+                         kit_key=kit_key or raw_public(signing_key.public_key()))
+    return out, sign_body(out, end, signing_key)
+
+
+def seal_body(payload: bytes, *, record_id: str, kit_id: str, seq: int, created: str, clock_synced: bool,
+              recipients: list[X25519PublicKey], kit_key: bytes, keys: SealKeys | None = None) -> tuple[bytearray, int]:
+    """The first step of `seal_with_digest`: a buffer of the file's final size holding everything but the
+    signature (prefix, header, ciphertext and tag), and the length of that body (the signature's offset).
+
+    The second step, `sign_body`, needs only the body: a caller may already write the body out (not yet
+    durably, not yet under its final name) while the signature is computed (the store's commit does).
+    """
     if keys is None:
         keys = prepare_keys(recipients)
     aad = record_id.encode()
@@ -260,24 +274,30 @@ def seal_with_digest(payload: bytes, *, record_id: str, kit_id: str, seq: int, c
     wraps = [{"kid": kid, "epk": epk, "wrapped": b64e(ChaCha20Poly1305(kek).encrypt(b"\0" * 12, keys.dek, aad))}
              for kid, epk, kek in keys.wraps]
     nonce = os.urandom(12)
-    hdr = Header(record_id, kit_id, seq, created, clock_synced, kit_key or raw_public(signing_key.public_key()),
-                 wraps, nonce, len(payload))
+    hdr = Header(record_id, kit_id, seq, created, clock_synced, kit_key, wraps, nonce, len(payload))
     hj = hdr.to_json()
     start = PREFIX.size + len(hj)
     end = start + len(payload) + TAG_LEN
     # One buffer of the file's final size: the AEAD writes its output in place and the signature goes at
-    # the end (no join, no second 400 KB copy); the hash reads it through a view.
+    # the end (no join, no second 400 KB copy).
     out = bytearray(end + SIG_LEN)
     PREFIX.pack_into(out, 0, MAGIC, VERSION, 0, len(hj))
     out[PREFIX.size:start] = hj
-    view = memoryview(out)
-    ChaCha20Poly1305(keys.dek).encrypt_into(nonce, payload, view[:start], view[start:end])
-    h = hashlib.sha256(view[:end])
+    with memoryview(out) as view:
+        ChaCha20Poly1305(keys.dek).encrypt_into(nonce, payload, view[:start], view[start:end])
+    return out, end
+
+
+def sign_body(out: bytearray, end: int, signing_key: Ed25519PrivateKey) -> str:
+    """The second step of `seal_with_digest`: sign `out[:end]` (SIG_CONTEXT + its SHA-256), write the signature
+    into `out[end:]` (the last SIG_LEN bytes) and return the SHA-256 of the whole file, hex, without a second
+    pass over the body. Safe to run while other threads read `out[:end]` (it only writes the tail)."""
+    with memoryview(out) as view:
+        h = hashlib.sha256(view[:end])  # through a view: no copy of the body
     sig = signing_key.sign(SIG_CONTEXT + h.digest())
     out[end:] = sig
     h.update(sig)
-    view.release()
-    return out, h.hexdigest()
+    return h.hexdigest()
 
 
 def _signed_message(body: bytes) -> bytes:

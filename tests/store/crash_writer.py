@@ -51,7 +51,11 @@ if kill:
                 os.fsync(f.fileno())
             die()
         if kill == "stick_only":
-            s.stick_done.wait(10)  # the mirror thread's copy (atomic, fsync'd) is complete
+            pending = kw.get("pending")
+            if pending is not None:  # the SD side signs (the stick's copy waits for the signature): sign, write nothing
+                pending[1]()  # type: ignore[index]
+            if not s.stick_done.wait(10):  # the mirror thread's copy (atomic, fsync'd) is complete
+                raise SystemExit("stick copy not complete")
             die()
         real_write(path, data, **kw)
         return None
@@ -63,7 +67,7 @@ if kill:
 s = Store(cfg, identity.load_or_create(cfg.state_dir))
 s.stick_done = threading.Event()  # type: ignore[attr-defined]
 if kill == "stick_only":
-    real_mirror = s._mirror_one
+    real_mirror = s._mirror_copy  # the stick copy itself (its index line waits for the journal row)
 
     def mirror_then_signal(*a: object) -> object:
         try:
@@ -71,7 +75,7 @@ if kill == "stick_only":
         finally:
             s.stick_done.set()  # type: ignore[attr-defined]
 
-    s._mirror_one = mirror_then_signal  # type: ignore[method-assign]
+    s._mirror_copy = mirror_then_signal  # type: ignore[method-assign]
 print("OPENING", flush=True)  # recovery starts now (the kill-during-recovery trials aim here)
 s.open()
 print("READY", flush=True)

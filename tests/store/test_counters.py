@@ -251,6 +251,7 @@ def test_begin_leaves_the_stick_index_fsync_to_the_poll(store: Store) -> None:
     the USB watcher's poll does, and so do eject and close."""
     store.commit(payload("x"))
     stick = store.stick
+    store.wait_mirror_idle()  # the line is appended by the mirror thread after the commit has its answer
     assert stick is not None and stick.index_dirty  # the line is appended, its fsync deferred
     r = store.begin()
     store.release(r)

@@ -223,16 +223,38 @@ def test_a_stick_made_hostile_after_insertion_fails_the_write_not_the_kit(store:
     """The stick was fine when taken; then (another process on the kit, a FUSE stick) index.jsonl becomes a symlink:
     the next write through it is refused, the stick dropped, the record safe on the SD."""
     assert store.stick is not None
+    stick_id = store.stick.stick_id
     store.commit(payload())
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     store.stick.index_path.unlink()
     store.stick.index_path.symlink_to(victim)
     res = store.commit(payload())
-    # Dropped at the index flush before the commit, or at the record's own write: either way, not written through.
-    assert res.stick_id is None and "symlink" in (res.mirror_error or store.stick_error)
-    assert victim.read_text() == "precious\n" and store.stick is None
+    # The record file went to the records folder, which is still fine (durable, read back: a real copy); its index
+    # line is appended after the commit has its answer (issue #17.3), where the symlink is refused, not followed.
+    assert res.stick_id == stick_id and store.stick.record_path(res.record_id).is_file()
     assert store.sd_path(res.record_id).exists()
+    # The refusal drops the stick at the next commit (or poll), before anything else is written to it.
+    store.wait_mirror_idle()
+    res2 = store.commit(payload())
+    assert res2.stick_id is None and "symlink" in store.stick_error and store.stick is None
+    assert not (tmp_path / "usb" / "rekam" / store.identity.kit_id / "records" / f"{res2.record_id}.rkm").exists()
+    assert victim.read_text() == "precious\n"
+    assert store.sd_path(res2.record_id).exists()
+
+
+def test_a_hostile_index_found_by_the_poll_drops_the_stick(store: Store, tmp_path: Path) -> None:
+    """The same, with the USB watcher's poll (not a commit) the first to act on the refused index line."""
+    assert store.stick is not None
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    store.stick.index_path.unlink(missing_ok=True)  # (no line yet: the index is made by the first append)
+    store.stick.index_path.symlink_to(victim)
+    res = store.commit(payload())
+    assert res.stick_id is not None
+    store.poll_usb(backfill=False)
+    assert store.stick is None and "symlink" in store.stick_error
+    assert victim.read_text() == "precious\n"
 
 
 # --- the mount helper ------------------------------------------------------------------------------------------------

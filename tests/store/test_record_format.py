@@ -116,3 +116,20 @@ def test_prepared_keys_are_bound_to_the_record_late(dc_keys: dict[str, Any]) -> 
                   rf.b64d(wrap["epk"], "epk"), rf.raw_public(dc_keys["sk"].public_key()))
     with pytest.raises(rf.InvalidTag):  # the wrap is bound to record 1's id
         rf.ChaCha20Poly1305(kek).decrypt(b"\0" * 12, rf.b64d(wrap["wrapped"], "w"), out[1].record_id.encode())
+
+
+def test_seal_in_two_steps_is_one_record(dc_keys: dict[str, Any]) -> None:
+    # The store's commit writes the body out while it is signed (issue #17.3): `seal_body` leaves the last 64 bytes
+    # for the signature, `sign_body` fills only those and returns the whole file's SHA-256.
+    sk = Ed25519PrivateKey.generate()
+    kit_key = rf.raw_public(sk.public_key())
+    rid = "rk-abcdefghjk-00000007-20261129T000000Z"
+    p = os.urandom(70_001)
+    out, end = rf.seal_body(p, record_id=rid, kit_id="rk-abcdefghjk", seq=7, created="2026-11-29T00:00:00Z",
+                            clock_synced=True, recipients=[rf.load_recipient_key(dc_keys["pub"])], kit_key=kit_key)
+    assert len(out) == end + rf.SIG_LEN and bytes(out[end:]) == bytes(rf.SIG_LEN)
+    body = bytes(out[:end])
+    digest = rf.sign_body(out, end, sk)
+    assert bytes(out[:end]) == body and rf.sha256_hex(bytes(out)) == digest
+    hdr, plain = rf.open_record(bytes(out), dc_keys["sk"], trusted_kit_key=kit_key)
+    assert plain == p and hdr.record_id == rid and hdr.seq == 7 and hdr.payload_len == len(p)

@@ -40,6 +40,7 @@ def test_commit_is_on_sd_and_stick_and_opens(store: Store, dc_keys: dict[str, An
     assert record_format.Payload.decode(plain).manifest["tag"] == "a" and hdr.seq == 1
     row = store.j.get(res.record_id)
     assert row.state == "stored" and row.operator_id == "op1"
+    store.wait_mirror_idle()  # the index line is appended after the commit's answer (issue #17.3)
     index = list(__import__("firmware.store.usb", fromlist=["read_index"]).read_index(store.stick.kit_dir))
     assert [e["record_id"] for e in index] == [res.record_id]
     assert store.status()["mirror_lag"]["records"] == 0
