@@ -225,6 +225,7 @@ def test_a_stick_made_hostile_after_insertion_fails_the_write_not_the_kit(store:
     assert store.stick is not None
     stick_id = store.stick.stick_id
     store.commit(payload())
+    store.wait_mirror_idle()  # its index line is appended after the answer: let it land before the swap
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     store.stick.index_path.unlink()
