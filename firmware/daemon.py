@@ -563,10 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     kit.notifier.ready(f"{st['guard']['level']}: ready, console {kit.api_url}")
     log.info("ready kit_id=%s guard=%s console=%s", kit.identity.kit_id, st["guard"]["level"], kit.api_url)
     trimmer = memory.Trimmer()
+    trimmer.maybe_trim()  # what start-up freed (config, imports, model loading)
     ticks = 0
     while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
         ticks += 1
-        if ticks % 10 == 0:  # every 5 s: give freed frames and read-ahead buffers back to the kernel
+        if ticks % 4 == 0:  # every 2 s: give freed frames and read buffers back to the kernel
             trimmer.maybe_trim()
     kit.shutdown()
     if kit.poweroff:  # the store is closed (clean marker written): now the machine may go down
