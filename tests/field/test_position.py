@@ -22,7 +22,8 @@ def test_position_sealed_in_the_manifest_and_shown(field_daemon: Any, dc_keys: d
     assert m["schema"] == "rekam.enrollment/3"
     pos = m["position"]
     assert (pos["fix"], pos["lat"], pos["lon"], pos["source"]) == ("3d", -8.65, 115.2167, "sim")
-    assert pos["satellites_used"] == 9 and pos["accuracy_m"] == 4.0 and 0 <= pos["age_s"] < 1
+    # the simulator reports a fix every second: its age at sealing is up to ~1 s, more on a loaded machine
+    assert pos["satellites_used"] == 9 and pos["accuracy_m"] == 4.0 and 0 <= pos["age_s"] <= 2.5
     st = d.client().get("/api/v1/status").json()
     assert st["gnss"]["fix"] == "3d" and st["gnss"]["lat"] == -8.65
     out = rekam("status", cfg=d.cfg, env={"LANG": "id_ID.UTF-8"})
