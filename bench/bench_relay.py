@@ -238,7 +238,11 @@ def ingest_run(root: Path, port: int, store: Store, n: int, workers: int, tag: s
     deadline = time.monotonic() + 60
     while not all("ingest subscribed" in log.read_text() for log in logs):
         if time.monotonic() > deadline:
-            raise SystemExit(f"ingest workers did not subscribe within 60 s: see {root}")
+            tails = "\n".join(f"--- {log.name} (exit {p.poll()}):\n{log.read_text(errors='replace')[-2000:]}"
+                              for log, p in zip(logs, procs, strict=True))
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"ingest workers did not subscribe within 60 s:\n{tails}")
         time.sleep(0.05)
     relay = Relay(store, store.cfg)
     t = time.monotonic()
