@@ -281,6 +281,10 @@ class ConsolePort:
         relay = self._kit.services.get("relay")
         return relay is not None and hasattr(relay, "status") and relay.status().get("state") == "connected"
 
+    def power_level(self) -> str:
+        guard = self._kit.services.get("power")
+        return str(getattr(guard, "level", "")) if guard is not None else ""
+
     def is_stopping(self) -> bool:
         return self._kit.stop.is_set()
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 SHORT_BEEP_S = 0.08
 LONG_BEEP_S = 0.6
 DEBOUNCE_S = 0.05
+BATTERY_BLINK_S = 1.0  # slow, unlike the busy LED's 0.25 s: it reads as "battery low", not "working"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PanelState:
     busy: bool = False
     halted: bool = False
     uplink: bool = False
+    battery_low: bool = False  # the red LED blinks slowly (solid red, halted, wins)
 
 
 class Panel:
@@ -106,14 +108,23 @@ class Panel:
                 log.exception("panel button action failed button=%s", name)
         return run
 
+    @staticmethod
+    def _red(state: PanelState) -> str:
+        return "on" if state.halted else "blink" if state.battery_low else "off"
+
     def show(self, state: PanelState) -> None:
-        """Set the LEDs (busy blinks); only changes are written."""
+        """Set the LEDs (busy blinks fast; the red one blinks slowly for a low battery); only changes are written."""
         with self._lock:
             old, self.state = self.state, state
-            for led, was, now in ((self.ready, old.ready, state.ready), (self.halted, old.halted, state.halted),
-                                  (self.uplink, old.uplink, state.uplink)):
+            for led, was, now in ((self.ready, old.ready, state.ready), (self.uplink, old.uplink, state.uplink)):
                 if was != now:
                     led.on() if now else led.off()
+            red = self._red(state)
+            if red != self._red(old):
+                if red == "blink":
+                    self.halted.blink(on_time=BATTERY_BLINK_S, off_time=BATTERY_BLINK_S, background=True)
+                else:
+                    self.halted.on() if red == "on" else self.halted.off()
             if old.busy != state.busy:
                 if state.busy:
                     self.busy.blink(on_time=0.25, off_time=0.25, background=True)

@@ -219,7 +219,8 @@ class GpioConfig(Section):
     enabled: bool = Field(False, description="Drive the LED/buzzer/button panel (gpiozero).")
     led_ready: int = Field(17, ge=0, le=27, description="Green LED: ready to enroll (BCM pin).")
     led_busy: int = Field(27, ge=0, le=27, description="Yellow LED: capture in progress (BCM pin).")
-    led_halted: int = Field(22, ge=0, le=27, description="Red LED: capture halted, see the console (BCM pin).")
+    led_halted: int = Field(22, ge=0, le=27, description="Red LED: solid: capture halted, see the console; slow "
+                                                      "blink: battery low (BCM pin).")
     led_uplink: int = Field(23, ge=0, le=27, description="Blue LED: connected to the data center (BCM pin).")
     buzzer: int = Field(
         24, ge=0, le=27,

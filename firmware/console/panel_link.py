@@ -94,7 +94,13 @@ class PanelLink(ThreadService):
             uplink = False
         active = svc.active if svc is not None else None
         busy = self.busy or bool(active is not None and active.busy)
-        state = PanelState(ready=not halted and not sensor_error, busy=busy, halted=halted, uplink=uplink)
+        try:
+            battery_low = self.kit.power_level() == "warn"  # critical locks enrollment: halted, solid red
+        except Exception as e:
+            log.debug("power status unavailable error=%s", e)
+            battery_low = False
+        state = PanelState(ready=not halted and not sensor_error, busy=busy, halted=halted, uplink=uplink,
+                           battery_low=battery_low)
         if self.panel is not None:
             self.panel.show(state)
         return state

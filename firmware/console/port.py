@@ -74,5 +74,8 @@ class KitPort(Protocol):
     def uplink_connected(self) -> bool:
         """True when the record relay is connected to a broker."""
 
+    def power_level(self) -> str:
+        """The battery policy's level: "ok", "warn", "critical", or "" when the kit watches no battery."""
+
     def is_stopping(self) -> bool:
         """True once the daemon began to stop (long requests end early)."""

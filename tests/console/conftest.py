@@ -90,16 +90,17 @@ class Daemon:
 
 def write_config(root: Path, dc_pub: Path, corpus: Path, fingers: list[str] | None = None,
                  dedup: list[str] | None = None, extra: str = "", sd: Path | None = None,
-                 max_record_mb: int = 8, api: dict[str, Any] | None = None) -> Path:
+                 max_record_mb: int = 8, api: dict[str, Any] | None = None,
+                 simulation: dict[str, Any] | None = None) -> Path:
     """The shared sim config (tests/support.py) for the console tests: SD = root/sd unless `sd`, the sim camera,
-    the sensor without emulated UART time, the demo operators."""
+    the sensor without emulated UART time (plus `simulation`'s keys), the demo operators."""
     fingers = fingers if fingers is not None else ["R1", "R2"]
     dedup = dedup if dedup is not None else ["R2"]
     return write_daemon_config(
         root, dc_pub, corpus, f"{extra}\n{_operators_block()}",
         kit={"state_dir": str(sd or root / "sd"), "site": "test-site"},
         store={"journal_reserve_mb": 1, "max_record_mb": max_record_mb},
-        simulation={"sensor_wire_speed": 0},
+        simulation={"sensor_wire_speed": 0, **(simulation or {})},
         camera={"backend": "sim"},
         enrollment={"fingers": fingers, "dedup_fingers": dedup},
         api=api or {},

@@ -68,6 +68,30 @@ def test_leds_follow_the_state_and_busy_blinks(factory: Any) -> None:
         panel.close()
 
 
+def led_modes(f: Any, name: str, seconds: float) -> set[bool]:
+    """The states the LED `name` takes within `seconds`."""
+    seen = set()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        seen.add(levels(f)[name])
+        time.sleep(0.02)
+    return seen
+
+
+def test_low_battery_blinks_the_red_led_slowly_and_halted_is_solid(factory: Any) -> None:
+    panel = Panel(PINS, pin_factory=factory)
+    try:
+        panel.show(PanelState(ready=True, battery_low=True))
+        assert led_modes(factory, "led_halted", 2.5) == {True, False}  # blinking (1 s on, 1 s off)
+        assert levels(factory)["led_ready"]  # the kit still enrolls
+        panel.show(PanelState(halted=True, battery_low=True))
+        assert led_modes(factory, "led_halted", 1.2) == {True}  # halted wins: solid red
+        panel.show(PanelState(ready=True))
+        assert led_modes(factory, "led_halted", 0.3) == {False}
+    finally:
+        panel.close()
+
+
 def beep_lengths(pin: Any) -> list[float]:
     """Durations of the buzzer's on-periods from the mock pin's state history (each entry's timestamp is
     the time since the previous change)."""
@@ -170,5 +194,28 @@ def test_panel_drives_a_real_kit(factory: Any, tmp_path: Path, dc_keys: dict[str
         svc.lock_reason = ""
         wait_for(lambda: levels(factory)["led_ready"] and not levels(factory)["led_halted"], 5, "ready again")
         assert kit.status()["panel"]["ready"] is True
+    finally:
+        kit.shutdown()
+
+
+def test_the_panel_shows_the_kits_low_battery(factory: Any, tmp_path: Path, dc_keys: dict[str, Any],
+                                              corpus_dir: Path) -> None:
+    """A real kit on the simulated battery at 15 % (below [power] warn_percent): the red LED blinks, the green
+    one stays on (the kit still enrolls)."""
+    from firmware import config
+    from firmware.daemon import Kit
+
+    cfg_path = write_config(tmp_path, dc_keys["pub_path"], corpus_dir, fingers=["R1"], dedup=["R1"],
+                            extra="[gpio]\nenabled = true\n[power]\nenabled = true\ngauge = \"sim\"\npoll_s = 0.1\n"
+                                  "warn_percent = 20\ncritical_percent = 5\n",
+                            simulation={"battery_start_percent": 15})
+    kit = Kit(config.load(cfg_path), sim=True)
+    kit.start()
+    try:
+        kit.services["panel"].interval = 0.05
+        wait_for(lambda: kit.status()["power"]["level"] == "warn", 10, "power level warn")
+        wait_for(lambda: kit.status()["panel"].get("battery_low") is True, 5, "panel told")
+        assert led_modes(factory, "led_halted", 2.5) == {True, False}
+        assert levels(factory)["led_ready"]
     finally:
         kit.shutdown()
