@@ -84,7 +84,7 @@ class PanelLink(ThreadService):
         """Read the kit's state and set the LEDs."""
         guard = self.kit.guard()
         svc = self.kit.enrollment
-        locked = bool(svc is not None and svc.lock_reason)
+        locked = bool(svc is not None and (svc.lock_reason or svc.power_lock))  # fleet lock, critical battery
         halted = guard["level"] == "HALT" or locked
         sensor_error = bool(self.kit.sensor_error())
         try:

@@ -217,5 +217,9 @@ def test_the_panel_shows_the_kits_low_battery(factory: Any, tmp_path: Path, dc_k
         wait_for(lambda: kit.status()["panel"].get("battery_low") is True, 5, "panel told")
         assert led_modes(factory, "led_halted", 2.5) == {True, False}
         assert levels(factory)["led_ready"]
+        # Critical: new enrollments are refused (the power guard's lock): solid red, no green.
+        kit.enrollment.power_lock = "power_critical"
+        wait_for(lambda: not levels(factory)["led_ready"], 5, "green off at critical")
+        assert led_modes(factory, "led_halted", 1.2) == {True}
     finally:
         kit.shutdown()
