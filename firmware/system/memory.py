@@ -62,18 +62,11 @@ class Trimmer:
     def __init__(self, threshold: int = 4 << 20, fallback_s: float = 60.0) -> None:
         self.threshold = threshold
         self.fallback_s = fallback_s
-        self.trims = 0
-        self.released = 0  # bytes glibc reported free in the heap before each trim, summed
         self._last = time.monotonic()
         self._libc = _libc()
         self._info = getattr(self._libc, "mallinfo2", None) if self._libc is not None else None
         if self._info is not None:
             self._info.restype = _Mallinfo2
-
-    @property
-    def available(self) -> bool:
-        """Whether this C library can trim at all."""
-        return self._libc is not None
 
     def free_bytes(self) -> int | None:
         """Bytes free inside the main heap and arenas (None if glibc does not say)."""
@@ -93,7 +86,5 @@ class Trimmer:
             return False
         self._last = time.monotonic()
         self._libc.malloc_trim(0)
-        self.trims += 1
-        self.released += free or 0
         log.debug("memory trimmed free_heap_mb=%.1f", (free or 0) / 2**20)
         return True

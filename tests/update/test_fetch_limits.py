@@ -57,7 +57,6 @@ def server() -> Iterator[tuple[str, type[_Handler]]]:
 
 
 def _cfg(sd: Path, tmp: Path) -> config.Config:
-    (tmp / "dc.pub").write_bytes(b"")
     return config.validate({"kit": {"state_dir": str(sd)}, "datacenter": {"public_key_files": []},
                             "usb": {"mount_point": str(tmp / "usb"), "require_mountpoint": False},
                             "store": {"reserve_floor_mb": 1, "journal_reserve_mb": 1, "max_record_mb": 2,
