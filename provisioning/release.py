@@ -1,7 +1,10 @@
 """`rekam-fleet release build|sign|serve|push`: software update bundles for the kits (docs/updates.md).
 
-* ``build``: the bundle file (`firmware.wire.update_bundle`) from a folder of wheels (or the checkout itself,
-  ``pip wheel``), unsigned unless ``--sign``;
+* ``build``: the bundle file (`firmware.wire.update_bundle`) from a folder of wheels (or the checkout itself:
+  rekam's wheel and its dependencies' wheels for the kit's platform), unsigned unless ``--sign``. Every wheel is
+  checked against the target (``--target pi``, the default: a Raspberry Pi on 64-bit Raspberry Pi OS / Debian 12,
+  aarch64, CPython 3.11; ``--target native``: this machine), so a wheelhouse built on an x86-64 data-center
+  machine is refused here, not by every kit that downloads it;
 * ``sign``: sign a built bundle's manifest with the fleet signing key (the key every kit pinned at its claim:
   the same trust root and envelope as config documents and commands);
 * ``serve``: the bundles of a folder over HTTPS, with the broker's certificate from the fleet CA (kits check it
@@ -25,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from packaging.tags import Tag, compatible_tags, cpython_tags, sys_tags
+
 from firmware.errors import BundleError, FleetError
 from firmware.system.i18n import _
 from firmware.wire import update_bundle as ub
@@ -35,15 +40,49 @@ DEFAULT_JOURNAL = {"reads": [1, 2], "writes": 2, "compatible_from": 2}
 DEFAULT_RECORDS = {"reads": [1], "writes": 1}
 
 
+#: ``--target pi``: 64-bit Raspberry Pi OS (Debian 12, glibc 2.36), CPython 3.11: the kit's base image.
+PI_PYTHON = "3.11"
+PI_PLATFORMS = [f"manylinux_2_{m}_aarch64" for m in range(36, 16, -1)] + ["manylinux2014_aarch64", "linux_aarch64"]
+TARGETS = ("pi", "native")
+
+
+def target_tags(target: str = "pi", python: str = PI_PYTHON) -> list[Tag]:
+    """The wheel tags an interpreter of `target` installs (``pi``: `PI_PLATFORMS` with CPython `python`;
+    ``native``: this interpreter's)."""
+    if target == "native":
+        return list(sys_tags())
+    if target != "pi":
+        raise FleetError(_("unknown target {target}: pi or native", target=target))
+    try:
+        major, minor = (int(x) for x in python.split("."))
+    except ValueError:
+        raise FleetError(_("--python-version must be like 3.11, not {value}", value=python)) from None
+    abi = f"cp{major}{minor}"
+    return [*cpython_tags((major, minor), [abi], PI_PLATFORMS),
+            *compatible_tags((major, minor), abi, PI_PLATFORMS)]
+
+
+def check_target(wheels: list[Path], tags: list[Tag], target: str) -> None:
+    """`FleetError` naming the wheels that would not install on `target` (pip on the kit refuses them)."""
+    bad = ub.unfit_wheels([w.name for w in wheels], tags)
+    if bad:
+        raise FleetError(_("{n} wheel(s) do not install on the target {target}: {names} (wheels for a kit come from "
+                           "--checkout, or pip download --platform; --target native bundles for this machine)",
+                           n=len(bad), target=target, names=", ".join(bad[:6])))
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
 def build(wheels: list[Path], version: str, min_from: str, out: Path, journal: dict[str, Any] | None = None,
-          records: dict[str, Any] | None = None, note: str = "", signer: Signer | None = None) -> dict[str, Any]:
-    """Write a bundle of `wheels`; returns its manifest body. Signed when `signer` is given."""
+          records: dict[str, Any] | None = None, note: str = "", signer: Signer | None = None,
+          target: str = "pi", python: str = PI_PYTHON) -> dict[str, Any]:
+    """Write a bundle of `wheels` for `target` (see `target_tags`); returns its manifest body. Signed when `signer`
+    is given."""
     if not wheels:
         raise FleetError(_("no wheel files to bundle"))
+    check_target(wheels, target_tags(target, python), target)
     by_name = {w.name: w for w in wheels}
     try:
         body = ub.manifest_body(version, min_from, [ub.describe_wheel(w) for w in sorted(wheels)],
@@ -86,12 +125,32 @@ def checked(path: Path, signer: Signer) -> tuple[dict[str, Any], str, int]:
     return m.body, h.hexdigest(), size
 
 
-def wheels_from_checkout(src: Path, dest: Path) -> list[Path]:
-    """``pip wheel`` of the checkout at `src` (rekam and, for a full wheelhouse, its dependencies) into `dest`."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "-w", str(dest),
-                        str(src)], capture_output=True, text=True)
+def _pip(args: list[str], what: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
     if r.returncode != 0:
-        raise FleetError(_("pip wheel failed: {error}", error=(r.stderr or r.stdout)[-400:]))
+        raise FleetError(_("{what} failed: {error}", what=what, error=(r.stderr or r.stdout)[-400:]))
+
+
+def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str = PI_PYTHON) -> list[Path]:
+    """The full wheelhouse of the checkout at `src` for `target`, into `dest`: rekam's own wheel (pure Python,
+    ``pip wheel --no-deps``) and its dependencies as binary wheels for the target's platform and Python (``pip
+    download --only-binary :all: --platform ...``; ``native``: ``pip wheel`` for this machine). pip evaluates the
+    dependencies' environment markers for this machine, not the target: rekam's markers select the same wheels on
+    x86-64 and aarch64."""
+    quiet = ["-q", "--disable-pip-version-check"]
+    if target == "native":
+        _pip(["wheel", *quiet, "-w", str(dest), str(src)], "pip wheel")
+        return sorted(dest.glob("*.whl"))
+    target_tags(target, python)  # the target is checked before pip runs
+    _pip(["wheel", *quiet, "--no-deps", "-w", str(dest), str(src)], "pip wheel")
+    own = sorted(dest.glob("*.whl"))
+    if len(own) != 1:
+        raise FleetError(_("pip wheel of {src} made {n} wheels, expected one", src=src, n=len(own)))
+    platforms = [a for p in PI_PLATFORMS for a in ("--platform", p)]
+    abi = "cp" + python.replace(".", "")
+    _pip(["download", *quiet, "--only-binary", ":all:", *platforms, "--python-version", python,
+          "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none", "-d", str(dest), str(own[0])],
+         "pip download (the dependencies' wheels for the target)")
     return sorted(dest.glob("*.whl"))
 
 
@@ -153,12 +212,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.wheels:
         wheels = sorted(Path(args.wheels).glob("*.whl"))
         body = build(wheels, args.version, args.min_from, Path(args.out), _journal(args), _records(args), args.note,
-                     _signer(args.data) if args.sign else None)
+                     _signer(args.data) if args.sign else None, args.target, args.python_version)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            wheels = wheels_from_checkout(Path(args.checkout), Path(tmp))
+            wheels = wheels_from_checkout(Path(args.checkout), Path(tmp), args.target, args.python_version)
             body = build(wheels, args.version, args.min_from, Path(args.out), _journal(args), _records(args),
-                         args.note, _signer(args.data) if args.sign else None)
+                         args.note, _signer(args.data) if args.sign else None, args.target, args.python_version)
     print(_("bundle {path}: version {version} from {min_from}, {n} wheel(s), {state}", path=args.out,
             version=body["version"], min_from=body["min_from_version"], n=len(body["artifacts"]),
             state=_("signed") if args.sign else _("unsigned (run release sign)")))
@@ -219,7 +278,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = data(g.add_parser("build", help=_("write a bundle from a folder of wheels (or from the checkout)")))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wheels", help=_("folder of .whl files (rekam and its dependencies)"))
-    src.add_argument("--checkout", help=_("build the wheels from this source tree (pip wheel)"))
+    src.add_argument("--checkout", help=_("build the wheels from this source tree (pip wheel, pip download)"))
+    p.add_argument("--target", choices=TARGETS, default="pi",
+                   help=_("where the bundle installs: pi (aarch64, Raspberry Pi OS / Debian 12) or native (this "
+                          "machine)"))
+    p.add_argument("--python-version", default=PI_PYTHON, help=_("the kits' Python (target pi)"))
     p.add_argument("--version", required=True)
     p.add_argument("--min-from", required=True, help=_("oldest version this bundle may update"))
     p.add_argument("--out", required=True)

@@ -27,7 +27,9 @@ Version rules (`check_rules`): no downgrade or reinstall, the running version mu
 ``min_from_version``, the new version must read the journal schema on disk and the record format, and its
 journal migration (if any) must be forward-compatible: the version it would roll back to must still run on the
 migrated journal (``journal_schema.compatible_from`` <= the schema the running version knows), else the bundle
-is refused (`journal_not_reversible`). Records are never touched: slots hold code only.
+is refused (`journal_not_reversible`). Every wheel must install on this kit's Python and platform
+(`check_platform`: a bundle built for another machine, e.g. x86-64 wheels for a Pi, is refused as
+`wrong_platform` before anything is unpacked). Records are never touched: slots hold code only.
 
 The restart and the self-test are injected (`Updater` ``restart``/``probe``): in production
 ``systemctl restart rekamd.service`` (Type=notify: it returns once READY=1 arrived) and the daemon's local API
@@ -41,6 +43,7 @@ import fcntl
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -52,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from packaging.tags import sys_tags
 
 from firmware import __version__
 from firmware.control.files import read_json, write_json
@@ -129,6 +133,16 @@ def check_rules(m: ub.Manifest, running: str, on_disk_schema: int, known_schema:
         raise Refused("record_format_unsupported", f"bundle {m.version} reads record formats "
                                                    f"{m.record_format['reads']}, the records here are format "
                                                    f"{on_disk_records}")
+
+
+def check_platform(m: ub.Manifest, supported: Any = None) -> None:
+    """Refuse (`wrong_platform`) a bundle with a wheel pip would not install here. `supported`: the interpreter's
+    wheel tags, by default this one's (the slots are venvs of the base image's Python, the one running this)."""
+    bad = ub.unfit_wheels([a.name for a in m.artifacts], sys_tags() if supported is None else supported)
+    if bad:
+        raise Refused("wrong_platform", f"bundle {m.version}: {len(bad)} wheel(s) do not install on this kit "
+                                        f"({platform.machine()}, Python {sys.version_info.major}."
+                                        f"{sys.version_info.minor}): {', '.join(bad[:4])}")
 
 
 def judge_status(st: dict[str, Any], expect_version: str, need_uplink: bool) -> tuple[bool, str, str]:
@@ -340,6 +354,7 @@ class Updater:
         except BundleError as e:
             raise Refused(e.reason, str(e)) from None
         check_rules(m, self.current_version(), journal_schema(self.state_dir), running_journal_schema())
+        check_platform(m)
         return m
 
     # -- install ----------------------------------------------------------------------------------

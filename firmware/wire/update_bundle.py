@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from packaging.tags import Tag
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from firmware.errors import BundleError, ProtocolError
 from firmware.wire import control_protocol as cp
@@ -178,6 +180,22 @@ def manifest_body(version: str, min_from_version: str, artifacts: Iterable[Mappi
     if note:
         body["note"] = note
     return check_manifest(body)
+
+
+def unfit_wheels(names: Iterable[str], supported: Iterable[Tag]) -> list[str]:
+    """The wheel file names of `names` that pip would refuse on an interpreter supporting `supported` (its
+    `packaging.tags`, e.g. ``sys_tags()``): none of the wheel's tags is among them, or the name is no wheel name."""
+    ok = set(supported)
+    bad = []
+    for name in names:
+        try:
+            tags = parse_wheel_filename(name)[3]
+        except InvalidWheelFilename:
+            bad.append(name)
+            continue
+        if ok.isdisjoint(tags):
+            bad.append(name)
+    return bad
 
 
 def describe_wheel(path: Path) -> dict[str, Any]:
