@@ -298,6 +298,11 @@ class UnknownKit(ArchiveError):
     """No public key is registered for this kit (and trust-on-first-use is off)."""
 
 
+class KitRevoked(UnknownKit):
+    """The fleet registry says this kit is revoked: its records are not archived (not acknowledged either, so a
+    kit revoked by mistake keeps them; a supervisor can still import its stick)."""
+
+
 class FleetError(DataCenterError):
     """A fleet operation cannot be done (unknown kit, revoked kit, no broker...)."""
 

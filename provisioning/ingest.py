@@ -44,6 +44,7 @@ from firmware.wire import relay_protocol as proto
 from provisioning import ca, shards
 from provisioning.archive import (
     ArchiveError,
+    KitRevoked,
     StoreResult,
     UnknownKit,
     add_archive_arguments,
@@ -112,6 +113,7 @@ class IngestCounters:
     expired_chunks: int = 0
     staging_refused: int = 0  # chunks refused because their transfer did not fit the staging limits
     wrong_kit: int = 0  # messages whose record id does not carry the topic's kit
+    revoked: int = 0  # records of a kit the fleet registry revoked: neither archived nor acknowledged
     by_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -315,6 +317,10 @@ class IngestWorker:
         """Archive one complete record, drop its staged chunks, then ack it (after the archive's commit)."""
         try:
             r = self.archive.store(data, kit_id, "mqtt", expect_record_id=c.record_id, expect_sha256=c.sha256)
+        except KitRevoked as e:
+            self.counters.revoked += 1
+            r = StoreResult("retry", c.record_id, c.sha256, str(e))
+            log.warning("ingest record of a revoked kit not archived kit_id=%s record_id=%s", kit_id, c.record_id)
         except UnknownKit as e:
             r = StoreResult("retry", c.record_id, c.sha256, str(e))
             log.error("ingest unknown kit kit_id=%s record_id=%s: %s", kit_id, c.record_id, e)

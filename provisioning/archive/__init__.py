@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from firmware.errors import ArchiveError, UnknownKit
+from firmware.errors import ArchiveError, KitRevoked, UnknownKit
 from firmware.system.i18n import _
 from provisioning.archive.base import (
     ArchiveBase,
@@ -45,8 +45,8 @@ from provisioning.archive.base import (
 from provisioning.archive.embedded import Archive
 
 __all__ = [
-    "Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "StoreResult", "UnknownKit", "add_archive_arguments",
-    "decode_kit_key", "is_scale_spec", "open_archive", "record_id_mismatch",
+    "Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "KitRevoked", "StoreResult", "UnknownKit",
+    "add_archive_arguments", "decode_kit_key", "is_scale_spec", "open_archive", "record_id_mismatch",
 ]
 
 

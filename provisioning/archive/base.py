@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.errors import ArchiveError, FleetError, UnknownKit
+from firmware.errors import ArchiveError, FleetError, KitRevoked, UnknownKit
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 
@@ -132,10 +132,10 @@ class ArchiveBase:
         """(sha256, kit_id) of an archived record, or None."""
         raise NotImplementedError
 
-    def _fleet_key(self, kit_id: str) -> str | None:
-        """The current key of an approved kit in the fleet registry (`fleet_db`: its ``fleet.db``, or the
-        PostgreSQL DSN of a shared registry), or None. The one place the archive reads the fleet registry."""
-        sql = "SELECT public_key FROM kits WHERE kit_id = ? AND state = 'approved'"
+    def _fleet_kit(self, kit_id: str) -> tuple[str | None, str | None] | None:
+        """(state, public key) of `kit_id` in the fleet registry (`fleet_db`: its ``fleet.db``, or the PostgreSQL
+        DSN of a shared registry), or None if it is not there. The one place the archive reads the fleet registry."""
+        sql = "SELECT state, public_key FROM kits WHERE kit_id = ?"
         from provisioning import registry_db
 
         if registry_db.is_dsn(str(self.fleet_db)):
@@ -145,7 +145,7 @@ class ArchiveBase:
                 row = self._fleet_pg.execute(sql, (kit_id,)).fetchone()
             except FleetError as e:
                 raise ArchiveError(f"cannot read the fleet registry: {e}") from e
-            return row["public_key"] if row else None
+            return (row["state"], row["public_key"]) if row else None
         try:
             fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
             try:
@@ -154,7 +154,30 @@ class ArchiveBase:
                 fc.close()
         except sqlite3.Error as e:
             raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
-        return row[0] if row else None
+        return (row[0], row[1]) if row else None
+
+    def _fleet_key(self, kit_id: str, row: tuple[str | None, str | None] | None | bool = False) -> str | None:
+        """The current key of an approved kit in the fleet registry, or None (`row`: its `_fleet_kit` row, when
+        the caller has read it already)."""
+        if row is False:
+            row = self._fleet_kit(kit_id)
+        return row[1] if isinstance(row, tuple) and row[0] == "approved" else None
+
+    def _check_not_revoked(self, kit_id: str) -> tuple[str | None, str | None] | None | bool:
+        """`KitRevoked` if the fleet registry (when the archive has one) says `kit_id` is revoked; else the kit's
+        registry row (`_fleet_kit`; False without a registry), for `kit_keys` to reuse.
+
+        Revocation also puts the kit's certificate on the CRL, but a broker reads the CRL only at a reload, checks
+        it only at the TLS handshake (an open connection stays open), and every shard broker needs its own copy:
+        until then a revoked (stolen) kit can still publish. The archive is where that ends. Read per record, not
+        cached: one indexed lookup, and a revocation takes effect at the next record."""
+        if self.fleet_db is None:
+            return False
+        row = self._fleet_kit(kit_id)
+        if row is not None and row[0] == "revoked":
+            raise KitRevoked(f"kit {kit_id} is revoked in the fleet registry: its records are not archived "
+                             f"(a supervisor who holds the kit can import its stick: rekam-fleet import)")
+        return row
 
     def close(self) -> None:
         raise NotImplementedError
@@ -182,15 +205,16 @@ class ArchiveBase:
             log.info("kit registered kit_id=%s how=%s key=%s", kit_id, how,
                      rf.key_id(decode_kit_key(public_key_b64)))
 
-    def kit_keys(self, kit_id: str) -> list[bytes]:
+    def kit_keys(self, kit_id: str, fleet_row: tuple[str | None, str | None] | None | bool = False) -> list[bytes]:
         """Every key the kit has signed with: its first registered key, later keys (rotations), and the
         current key of an approved kit in the fleet registry. Records sealed before a rotation and
-        sent after it carry the old key, so all of them stay valid."""
+        sent after it carry the old key, so all of them stay valid. `fleet_row`: the kit's fleet registry row
+        when the caller read it already (one registry read per record)."""
         first = self.kit_key(kit_id)
         keys = [first] if first is not None else []
         keys += [k for k in (decode_kit_key(r) for r in self._rotation_keys(kit_id)) if k not in keys]
         if self.fleet_db is not None and first is not None:
-            current = self._fleet_key(kit_id)
+            current = self._fleet_key(kit_id, fleet_row)
             if current is not None and decode_kit_key(current) not in keys:
                 self._add_rotation_key(kit_id, current.strip(), "fleet-rotation")
                 log.info("kit key added from the fleet registry kit_id=%s key=%s", kit_id,
@@ -252,8 +276,8 @@ class ArchiveBase:
             return self._reject(rid, kit_id, sha, why, source)
         with self._transient_as_archive_error(f"cannot archive {rid}"):
             if expect_record_id and self.lookup(rid) == (sha, kit_id):
-                return StoreResult("duplicate", rid, sha)
-            keys = self.kit_keys(kit_id)
+                return StoreResult("duplicate", rid, sha)  # already held: the kit may purge its copy, revoked or not
+            keys = self.kit_keys(kit_id, self._check_not_revoked(kit_id))
         trusted = keys[0] if keys else None
         try:
             parsed = rf.parse(data)  # layout and signature, with the key in the header

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.errors import ArchiveError, UnknownKit
+from firmware.errors import ArchiveError, KitRevoked, UnknownKit
 from firmware.wire import record_format as rf
 from provisioning.archive import Archive, ArchiveBase, open_archive
 
@@ -220,6 +220,32 @@ def test_key_rotation_from_the_fleet_registry(backend, tmp_path):
     db.close()
 
 
+def test_a_revoked_kit_is_not_archived(backend, tmp_path):
+    """A kit revoked in the fleet registry can still publish (a connection open since before the revocation, a
+    shard broker whose CRL copy is stale): the archive refuses its records, answers for those it already holds
+    (the kit may purge them), and an archive without the registry (a supervisor's stick import) still takes them."""
+    key = Ed25519PrivateKey.generate()
+    fleet = tmp_path / "fleet.db"
+    db = sqlite3.connect(fleet)
+    db.execute("CREATE TABLE kits (kit_id TEXT PRIMARY KEY, public_key TEXT, state TEXT)")
+    db.execute("INSERT INTO kits VALUES (?,?, 'approved')", (KIT, b64(key)))
+    db.commit()
+    a = backend.open(fleet_db=fleet)
+    rid1, r1 = seal(key, 1)
+    assert a.store(r1, KIT, "mqtt", expect_record_id=rid1).status == "stored"
+    db.execute("UPDATE kits SET state = 'revoked' WHERE kit_id = ?", (KIT,))
+    db.commit()
+    rid2, r2 = seal(key, 2)
+    with pytest.raises(KitRevoked, match="revoked"):
+        a.store(r2, KIT, "mqtt", expect_record_id=rid2)
+    with pytest.raises(KitRevoked):
+        a.store(r2, KIT, "mqtt")  # without the announced id too
+    assert a.has(rid2) is None
+    assert a.store(r1, KIT, "mqtt", expect_record_id=rid1).status == "duplicate"
+    assert backend.open().store(r2, KIT, "usb:stick", expect_record_id=rid2).status == "stored"
+    db.close()
+
+
 def test_key_from_a_shared_postgresql_fleet_registry(tmp_path, pg_database):
     """An ingest on another host than `rekam-fleet serve` trusts the approved kits of a PostgreSQL registry."""
     from provisioning import registry_db
@@ -235,6 +261,8 @@ def test_key_from_a_shared_postgresql_fleet_registry(tmp_path, pg_database):
     other = Archive(tmp_path / "other", fleet_db=pg_database)
     with pytest.raises(UnknownKit):  # revoked: no longer a key the archive may learn
         other.store(seal(key, 3)[1], KIT, "mqtt")
+    with pytest.raises(KitRevoked):  # and what an archive already trusted is refused from now on
+        a.store(seal(key, 4)[1], KIT, "mqtt")
     a.close()
     other.close()
     reg.close()
