@@ -294,6 +294,14 @@ class ArchiveError(DataCenterError):
     """The archive cannot take a record for a transient reason (disk, database)."""
 
 
+class ArchivedRecordMissing(ArchiveError):
+    """An indexed record's bytes are gone from the archive's disk or object store (not a transient error)."""
+
+
+class ArchivedRecordCorrupt(ArchiveError):
+    """An indexed record's stored bytes no longer match the hash its index row was written with."""
+
+
 class UnknownKit(ArchiveError):
     """No public key is registered for this kit (and trust-on-first-use is off)."""
 

@@ -48,6 +48,7 @@ from provisioning.archive import (
     StoreResult,
     UnknownKit,
     add_archive_arguments,
+    check,
     is_scale_spec,
     open_archive,
     record_id_mismatch,
@@ -499,8 +500,9 @@ def register(sub: Any) -> None:
     p.add_argument("--password-file")
     p.set_defaults(func=cmd_ingest)
     p.add_argument("--fleet-db", help=_("the fleet registry of `rekam-fleet serve` (its fleet.db, or the PostgreSQL "
-                                        "DSN of a shared registry): its approved kits' keys are trusted too"))
-    p = sub.add_parser("archive", help=_("the record archive's kit key registry"))
+                                        "DSN of a shared registry): its approved kits' keys are trusted too, its "
+                                        "revoked kits' records refused"))
+    p = sub.add_parser("archive", help=_("the record archive: its kit key registry, its integrity check"))
     ks = p.add_subparsers(dest="kits_cmd", required=True)
     r = ks.add_parser("register-kit",
                       help=_("register a kit's Ed25519 public key (base64, from `rekam identity show`)"))
@@ -511,6 +513,7 @@ def register(sub: Any) -> None:
     r = ks.add_parser("kits", help=_("kits known to the archive and their record counts"))
     add_archive_arguments(r)
     r.set_defaults(func=cmd_kits)
+    check.register(ks)
     r = ks.add_parser("ack-key", help=_("print the public half of the ack-signing key (for relay.ack_public_keys)"))
     r.add_argument("--archive", required=True)
     r.add_argument("--ack-key", help=_("key file (default <archive>/ack-signing.key, made if missing)"))

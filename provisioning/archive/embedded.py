@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from firmware.errors import ArchiveError
+from firmware.errors import ArchivedRecordCorrupt, ArchivedRecordMissing, ArchiveError
 from firmware.system.fsutil import fsync_dir
 from firmware.wire import record_format as rf
 from provisioning.archive.base import ArchiveBase, ArchivedRecord, _now
@@ -129,10 +129,12 @@ class Archive(ArchiveBase):
             raise KeyError(record_id)
         try:
             data = (self.root / row[1]).read_bytes()
+        except FileNotFoundError as e:
+            raise ArchivedRecordMissing(f"archived record {record_id}: its file {row[1]} is missing") from e
         except OSError as e:
             raise ArchiveError(f"cannot read archived record {record_id}: {e}") from e
         if rf.sha256_hex(data) != row[0]:
-            raise ArchiveError(f"archived record {record_id} no longer matches its index hash {row[0][:12]}")
+            raise ArchivedRecordCorrupt(f"archived record {record_id} no longer matches its index hash {row[0][:12]}")
         return data
 
     def since(self, cursor: str | None = None, limit: int = 1000) -> list[ArchivedRecord]:

@@ -39,7 +39,7 @@ import botocore.exceptions
 import psycopg
 from botocore.config import Config
 
-from firmware.errors import ArchiveError
+from firmware.errors import ArchivedRecordCorrupt, ArchivedRecordMissing, ArchiveError
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 from provisioning import pgschema
@@ -306,9 +306,10 @@ class ScaleArchive(ArchiveBase):
         with self._transient_as_archive_error(f"cannot read archived record {record_id}"):
             data = self.objects.get(row[1])
         if data is None:
-            raise ArchiveError(f"archived record {record_id}: its object {row[1]} is missing from the object store")
+            raise ArchivedRecordMissing(f"archived record {record_id}: its object {row[1]} is missing from the object "
+                                        f"store")
         if rf.sha256_hex(data) != row[0]:
-            raise ArchiveError(f"archived record {record_id} no longer matches its index hash {row[0][:12]}")
+            raise ArchivedRecordCorrupt(f"archived record {record_id} no longer matches its index hash {row[0][:12]}")
         return data
 
     def since(self, cursor: str | None = None, limit: int = 1000) -> list[ArchivedRecord]:

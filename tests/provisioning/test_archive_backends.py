@@ -7,6 +7,7 @@ migrations under concurrent start-up."""
 from __future__ import annotations
 
 import base64
+import json
 import multiprocessing
 import sqlite3
 import threading
@@ -362,3 +363,59 @@ def test_open_archive_names_what_is_missing(tmp_path):
     with pytest.raises(ArchiveError, match="is a directory"):
         open_archive(tmp_path / "a", "s3://b?endpoint=http://127.0.0.1:1")
     assert isinstance(open_archive(tmp_path / "a"), Archive)
+
+
+def test_archive_check_names_missing_and_corrupt_records(backend, kit_key, tmp_path, capsys):
+    """`rekam-fleet archive check` reads every record back: a damaged one and one whose bytes are gone are named,
+    the rest pass; `--limit` with `--state` goes on where the last run stopped, and a full pass starts over."""
+    from provisioning.archive import check
+    from provisioning.cli import main as fleet_main
+
+    a = backend.open()
+    a.register_kit(KIT, b64(kit_key))
+    recs = [seal(kit_key, s) for s in range(1, 8)]
+    for rid, data in recs:
+        assert a.store(data, KIT, "mqtt", expect_record_id=rid).status == "stored"
+    backend.damage(a, KIT, recs[2][0])
+    if isinstance(a, Archive):
+        a.path_of(KIT, recs[5][0]).unlink()
+    else:
+        a.objects.delete(a.object_key(KIT, recs[5][0]))  # type: ignore[attr-defined]
+    rep = check.check(a)
+    assert rep.complete and rep.checked == 7 and rep.cursor is None
+    assert rep.corrupt == [recs[2][0]] and rep.missing == [recs[5][0]] and rep.unreadable == []
+    # In slices of 3 through the state file: 3, 3, then the last one and the end of the pass.
+    spec = ["--archive", backend.spec] + (["--objects", backend.objects] if backend.objects else [])
+    state = tmp_path / "check.json"
+    runs = []
+    for _ in range(3):
+        code = fleet_main(["archive", "check", *spec, "--limit", "3", "--state", str(state), "--json",
+                           "--max-mb-s", "0"])
+        runs.append((code, json.loads(capsys.readouterr().out)))
+    assert [r[1]["checked"] for r in runs] == [3, 3, 1]
+    assert [r[0] for r in runs] == [1, 1, 0]  # the damaged record in the first slice, the missing one in the second
+    assert runs[0][1]["corrupt"] == [recs[2][0]] and runs[1][1]["missing"] == [recs[5][0]]
+    assert runs[2][1]["complete"] and json.loads(state.read_text())["cursor"] is None
+    # A hostile or broken state file is refused with its name, nothing read.
+    state.write_text("[" * 10_000)
+    assert fleet_main(["archive", "check", *spec, "--state", str(state)]) == 2
+    assert "check.json" in capsys.readouterr().err
+
+
+def test_archive_check_stops_when_the_store_is_unreadable(tmp_path, kit_key):
+    """Every read failing (the disk or object store down, not one damaged record) stops the check after a few,
+    with the cursor left before them."""
+    from provisioning.archive import check
+
+    a = Archive(tmp_path / "archive")
+    a.register_kit(KIT, b64(kit_key))
+    for s in range(1, check.UNREADABLE_IN_A_ROW + 6):
+        rid, data = seal(kit_key, s)
+        a.store(data, KIT, "mqtt", expect_record_id=rid)
+    for s in range(1, check.UNREADABLE_IN_A_ROW + 6):
+        p = a.path_of(KIT, seal(kit_key, s)[0])
+        p.unlink()
+        p.mkdir()  # reading a directory: EISDIR, an OSError that is not "missing" (root reads past permissions)
+    rep = check.check(a)
+    assert rep.aborted and rep.counts["unreadable"] == check.UNREADABLE_IN_A_ROW and rep.cursor is None
+    a.close()
