@@ -3,8 +3,22 @@
 One output file per record, `<record_id>.an2` / `<record_id>.xml`, written atomically (temp, fsync, rename,
 fsync dir). The output folder keeps its own queue state in `.rekam-export.json`: the archive cursor per
 format (the next run without `--since` exports only what was archived after it) and the records that
-failed (retried first on every run until they export). Output is a function of the record alone, so a
-second export of a record writes identical bytes, or nothing when the file is already there.
+failed (retried first on every run until they export). Output is a function of the record and of the kit's
+clock correction covering it (below), so a second export of a record writes identical bytes, or nothing when
+the file is already there.
+
+Clock corrections (issue #18; `--fleet-db`): a record whose sealed header says ``clock_synced: false`` and whose
+seq a signed correction segment with an offset covers (kept by the fleet registry from the kit's telemetry, read
+through `ArchiveBase.clock_segment`) is exported at ``time + offset_s`` (AN2K 2.008/2.010, Type-1 DAT/GMT,
+FCD/PHD/ICD, the ISO capture times, CBEFF CreationDate), 2.009 staying as sealed and the offset recorded in
+AN2K 2.018 and the CBEFF's outer ``Others``. Output files are written once per content; a correction that
+arrives after its records were exported changes that content, so every queue run first re-exports the records
+this folder already exported (archive cursor at most the saved one) that a correction kept since the last run
+covers: each file is replaced atomically, listed in ``corrected`` and logged (``export corrected ...``). The
+registry's correction id is this format's ``corrections_cursor`` in the state file (ids grow in commit order:
+`provisioning.registry_db`); the records of a segment are found by seq range (`records_in_range`). Records that
+are not covered, synced or have a null offset are not rewritten (an ABIS that took them away gets no copy).
+Without `--fleet-db` the export is what it was before corrections existed.
 
 Every record is verified against the kit keys the archive registered (`Archive.kit_keys`), then decrypted
 with the data-center key. A record that cannot be exported is reported by id with a code and a reason and
@@ -30,6 +44,7 @@ from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 from provisioning.archive import ArchiveBase, add_archive_arguments, open_archive
+from provisioning.registry_db import is_dsn
 from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
@@ -113,6 +128,18 @@ def _convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, rec
     out = cbeff.build(e)
     cbeff.validate(out)
     return out, applies
+
+
+def _may_apply(data: bytes, fix: Fix | None) -> bool:
+    """False when `fix` certainly does not apply to the sealed record `data` (none, or its header says the clock
+    was synchronised): the header only, no decryption, no conversion. A record that does not parse: True (its
+    conversion reports why)."""
+    if fix is None:
+        return False
+    try:
+        return not rf.parse(data).header.clock_synced
+    except RecordFormatError:
+        return True
 
 
 _KEYS: dict[bytes, Any] = {}
@@ -222,9 +249,14 @@ class Exporter:
         loaded: list[tuple[bytes, list[bytes], str, Fix | None] | tuple[str, str, str]] = []
         for rid, kit in items:
             try:
-                loaded.append(self._load(rid, kit))
+                got = self._load(rid, kit)
             except ExportError as e:
                 loaded.append(("failed", e.code, str(e)))
+                continue
+            if only_corrected and not _may_apply(got[0], got[3]):
+                loaded.append(("skipped", "", ""))  # synced, or no offset: converting would give the same bytes
+            else:
+                loaded.append(got)
         jobs = [(got[0], got[1], self._raw_key, self.opts, rid, got[2], got[3])
                 for (rid, _k), got in zip(items, loaded, strict=True) if isinstance(got[0], bytes)]
         if self.pool is not None and len(jobs) > 1:
@@ -234,7 +266,7 @@ class Exporter:
         results = []
         for (rid, _k), got in zip(items, loaded, strict=True):
             if not isinstance(got[0], bytes):
-                results.append(got)  # failed to load
+                results.append(got)  # failed to load, or skipped
                 continue
             status, payload, msg, applied = next(converted)
             if status != "ok":
@@ -455,6 +487,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "an2k" and not agency:
         print("rekam-fleet export: " + _("--agency (or $REKAM_AGENCY) is needed for an2k: the originating agency "
                                           "of the transactions"), file=sys.stderr)
+        return 2
+    if args.fleet_db and not is_dsn(args.fleet_db) and not Path(args.fleet_db).is_file():
+        print("rekam-fleet export: " + _("--fleet-db {path} is not a fleet.db file (nor a postgresql:// DSN)",
+                                          path=args.fleet_db), file=sys.stderr)
         return 2
     try:
         key = rf.load_datacenter_private_key(Path(args.key).read_bytes())

@@ -132,6 +132,8 @@ def test_a_correction_that_arrives_after_the_export_re_exports_on_the_next_queue
     f = fleet_with(tmp_path, kit)
     fleet_db = str(tmp_path / "fleet" / "fleet.db")
     out = tmp_path / "out"
+    r = export(a.root, kit, out, "an2k", "--fleet-db", str(tmp_path / "nothing.db"))
+    assert r.returncode == 2 and "is not a fleet.db" in r.stderr and not out.exists(), r.stderr
     r = export(a.root, kit, out, "an2k", "--fleet-db", fleet_db)
     first = json.loads(r.stdout)
     assert r.returncode == 0 and len(first["written"]) == 3 and first["corrected"] == [], r.stdout + r.stderr
