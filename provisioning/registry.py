@@ -577,21 +577,30 @@ class Fleet:
         return ""
 
     def _correction_keys(self, kit_id: str, current_key: str) -> Iterator[tuple[str, str]]:
-        """(label, base64 key): the current key first; the rotated-away keys only if asked for (lazily)."""
+        """(label, base64 key): the current key first; then, only if asked for (lazily), the keys it rotated away
+        from, following the chain back from the current key: a recorded ``rotate_key`` result (verified with the
+        key registered then) whose proof verifies and whose new key is the current key or one found before."""
         yield "current", current_key
-        keys = [current_key]
         with self._lock:
             rows = list(self.db.execute("SELECT result FROM commands WHERE kit_id = ? AND name = 'rotate_key' AND "
                                         "result IS NOT NULL ORDER BY result_at DESC LIMIT 20", (kit_id,)))
+        pairs: list[tuple[str, str]] = []
         for r in rows:
             try:
                 res = json.loads(r["result"])
-                old = res["data"]["old_public_key"] if res.get("ok") else None
-            except (ValueError, KeyError, TypeError, AttributeError):
+                if res.get("ok"):
+                    pairs.append(_rotation_proven(res["data"]))
+            except (ValueError, KeyError, TypeError, AttributeError, cp.ProtocolError, InvalidSignature):
                 continue
-            if isinstance(old, str) and old not in keys:
-                keys.append(old)
-                yield "rotated", old
+        chain = [current_key]
+        grew = True
+        while grew:  # each pass may go one rotation further back (at most 20 results: bounded)
+            grew = False
+            for old, new in pairs:
+                if new in chain and old not in chain:
+                    chain.append(old)
+                    grew = True
+                    yield "rotated", old
 
     def _take_clock_correction(self, kit_id: str, doc: Any, current_key: str) -> int:
         """Check, verify and keep one correction document (1: kept now, 0: already kept); raises ValueError."""
@@ -662,15 +671,10 @@ class Fleet:
         return r is not None and r["result"] is not None and json.loads(r["result"]) == body
 
     def _key_rotated(self, kit_id: str, body: dict[str, Any]) -> None:
-        import base64
-
         d = body.get("data", {})
         try:
-            new = cp.load_public_b64(d["new_public_key"])
-            old = cp.load_public_b64(d["old_public_key"])
-            new.verify(base64.b64decode(d["proof"]),
-                       b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
-        except (KeyError, cp.ProtocolError, InvalidSignature, ValueError) as e:
+            _rotation_proven(d)
+        except (KeyError, cp.ProtocolError, InvalidSignature, ValueError, TypeError) as e:
             log.error("key rotation result refused kit_id=%s error=%s", kit_id, e)
             self.event("key_rotation_refused", kit_id, error=str(e))
             return
@@ -697,6 +701,17 @@ class Fleet:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+
+
+def _rotation_proven(d: Any) -> tuple[str, str]:
+    """(old, new) base64 keys of a rotate_key result's data whose proof verifies (the new key signed both);
+    raises KeyError, ProtocolError, InvalidSignature, ValueError or TypeError otherwise."""
+    import base64
+
+    new = cp.load_public_b64(d["new_public_key"])
+    old = cp.load_public_b64(d["old_public_key"])
+    new.verify(base64.b64decode(d["proof"]), b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
+    return str(d["old_public_key"]), str(d["new_public_key"])
 
 
 def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:

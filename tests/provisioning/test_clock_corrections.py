@@ -4,6 +4,7 @@ by `rekam-fleet kits clock`."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -160,16 +161,29 @@ def test_a_correction_signed_before_a_key_rotation_still_verifies(tmp_path) -> N
     before = correction(old, [seg(1, 5, 10.0)])
     assert telemetry(f, new, [before]) == "telemetry"
     assert f.clock_corrections(KIT) == [] and "does not verify" in events(f, "clock_correction_refused")[0]["reason"]
-    # The rotation as `handle_kit_message` records a rotate_key result (its proof is checked there:
-    # tests/provisioning/test_commands.py); here only the row it leaves.
-    result = {"cmd_id": "c1", "kit_id": KIT, "name": "rotate_key", "ok": True,
-              "data": {"old_public_key": cp.public_b64(old), "new_public_key": cp.public_b64(new)}}
-    f.db.execute("INSERT INTO commands (cmd_id, kit_id, name, args, issued_at, expires_at, result, result_at) "
-                 "VALUES ('c1', ?, 'rotate_key', '{}', 0, 0, ?, 1)", (KIT, json.dumps(result)))
+    # The rotation as `handle_kit_message` records a rotate_key result (verified with the key registered then:
+    # tests/provisioning/test_commands.py); here only the rows it leaves. The proof is checked again here, and the
+    # chain must lead to the current key: a result naming another new key, or with a bad proof, adds nothing.
+    def rotated(cmd: str, old_key: Ed25519PrivateKey, new_key: Ed25519PrivateKey, proof_by: Ed25519PrivateKey,
+                at: int) -> None:
+        raw = b"rekam-key-rotation:" + cp.public_raw(old_key.public_key()) + cp.public_raw(new_key.public_key())
+        result = {"cmd_id": cmd, "kit_id": KIT, "name": "rotate_key", "ok": True,
+                  "data": {"old_public_key": cp.public_b64(old_key), "new_public_key": cp.public_b64(new_key),
+                           "proof": base64.b64encode(proof_by.sign(raw)).decode()}}
+        f.db.execute("INSERT INTO commands (cmd_id, kit_id, name, args, issued_at, expires_at, result, result_at) "
+                     "VALUES (?, ?, 'rotate_key', '{}', 0, 0, ?, ?)", (cmd, KIT, json.dumps(result), at))
+
+    rotated("c1", old, new, new, 1)
+    rotated("c2", stranger, old, old, 2)  # one step further back: stranger -> old -> new (current)
+    forged_proof, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    rotated("c3", forged_proof, new, stranger, 3)  # proof not made by the new key
+    rotated("c4", other, Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(), 4)  # not in the chain
     fresh = Fleet(tmp_path / "fleet")  # (this process remembers the refusal; a restart retries)
-    assert telemetry(fresh, new, [before, correction(stranger, [seg(6, 9, 1.0)])]) == "telemetry"
+    assert telemetry(fresh, new, [before, correction(stranger, [seg(6, 9, 1.0)]), correction(
+        forged_proof, [seg(10, 11, 1.0)]), correction(other, [seg(12, 13, 1.0)])]) == "telemetry"
     kept = fresh.clock_corrections(KIT)
-    assert [d["verified_key"] for d in kept] == [f"rotated:{cp.key_fingerprint(old)}"]
+    assert [d["verified_key"] for d in kept] == [f"rotated:{cp.key_fingerprint(old)}",
+                                                 f"rotated:{cp.key_fingerprint(stranger)}"]
     fresh.close()
     f.close()
 
