@@ -174,3 +174,39 @@ def an2k_time(data: bytes) -> str:
     msg = nistitl.Message()
     msg.parse(data)
     return msg[1]._8
+
+
+def test_late_correction_on_the_scale_archive_with_a_postgresql_registry(kit: Kit, tmp_path: Path, postgres: Any,
+                                                                         pg_database: str, s3_objects: str) -> None:
+    """The same queue on the other backends: records in PostgreSQL + S3, corrections in a PostgreSQL registry (its
+    own database: both have a `kits` table)."""
+    import io
+    import os
+
+    from provisioning.archive import open_archive
+    from provisioning.interchange.export import Exporter, Options
+
+    registry = postgres.create_database(f"t_clock_registry_{os.getpid()}")
+    try:
+        f = Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test",
+                       registry=registry)
+        f.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES (?, ?, 'approved', 0)",
+                     (kit.ident.kit_id, kit.ident.public_key_b64))
+        a = open_archive(pg_database, s3_objects, fleet_db=registry)
+        a.register_kit(kit.ident.kit_id, kit.ident.public_key_b64)
+        for data in (kit.records["full"], kit.records["two_exceptions"]):
+            assert a.store(data, kit.ident.kit_id, "test").status == "stored"
+        hdr = kit.open(kit.records["full"])[0]
+        log = io.StringIO()
+        ex = Exporter(a, kit.dc_sk, tmp_path / "out", Options("an2k", "IDDUKCAPIL"), stream=log, progress=False)
+        first = ex.run_queue()
+        assert len(first.written) == 2 and first.corrected == [], first
+        send_corrections(f, kit, ("boot-1", [(hdr.seq, hdr.seq, -7200.0)]))
+        second = ex.run_queue()
+        assert second.corrected == second.written == [hdr.record_id] and not second.failed, second
+        assert list(an2k(tmp_path / "out" / f"{hdr.record_id}.an2")[1]._18[0])[0] == "-7200.000"
+        assert ex.run_queue().written == []
+        a.close()
+        f.close()
+    finally:
+        postgres.drop_database(f"t_clock_registry_{os.getpid()}")
