@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firmware.errors import FleetError
 from firmware.system.i18n import N_, _, format_count, ngettext
 from firmware.wire import control_protocol as cp
 from provisioning import ca, fleet_ops, fleet_service
 from provisioning.fleet_ops import open_fleet
+from provisioning.texts import Reason
 
 #: Column headers of `kits list` and `status` (translated where printed).
 KITS_HEADER = (N_("kit"), N_("state"), N_("serial"), N_("version"), N_("key"), N_("claimed"))
@@ -102,6 +104,28 @@ def _pushed(kit: str, version: int, published: int | None) -> int:
     where = (_("signed, not published") if published is None else
              ngettext("published (retained) to {n} kit", "published (retained) to {n} kits", published))
     print(_("config v{version} for {kit} {where}", version=version, kit=kit, where=where))
+    return 0
+
+
+def cmd_kits_clock(args: argparse.Namespace) -> int:
+    f = open_fleet(args.data, args.registry)
+    if f.kit(args.kit) is None:
+        raise FleetError(Reason(N_("unknown kit {kit}"), kit=args.kit))
+    docs = f.clock_corrections(args.kit)
+    if args.json:
+        print(json.dumps(docs, indent=1))
+        return 0
+    if not docs:
+        print(_("{kit}: no clock corrections received", kit=args.kit))
+        return 0
+    for d in docs:
+        print(_("correction {id} received {received} issued {issued} source {source} boot {boot} key {key}",
+                id=d["id"], received=time.strftime("%Y-%m-%d %H:%M", time.gmtime(d["received_at"])),
+                issued=d["issued"], source=d["source"], boot=d["boot_id"], key=d["verified_key"]))
+        for sg in d["segments"]:
+            off = _("not correctable (rebooted before the clock was synchronised)") if sg["offset_s"] is None \
+                else _("offset {offset} s", offset=f"{sg['offset_s']:+.3f}")
+            print(f"  seq {sg['first_seq']}..{sg['last_seq']}  " + off)
     return 0
 
 
@@ -286,6 +310,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kit")
     p.add_argument("--offline", action="store_true", help=_("do not clear its retained config on the broker"))
     p.set_defaults(func=cmd_kits_revoke)
+    p = data(g.add_parser("clock", help=_("the clock corrections a kit reported (records sealed before its clock "
+                                          "was synchronised)")))
+    p.add_argument("kit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_kits_clock)
     p = data(g.add_parser("issue", help=_("issue a kit certificate without a claim (from its CSR, or a new key)")))
     p.add_argument("kit")
     p.add_argument("--csr", help=_("the kit's CSR (PEM); without it a key is made here"))

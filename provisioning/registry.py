@@ -12,12 +12,14 @@ No network here: `provisioning.fleet_service` answers claims and records kit rep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from firmware.system.i18n import N_
 from firmware.wire import control_protocol as cp
 from firmware.wire import relay_protocol as rp
 from provisioning import ca, registry_db, shards
+from provisioning import clock_corrections as clockfix
 from provisioning.signer import ACK_KEY_FILE, KEY_FILE, Signer, load_ack_key
 from provisioning.texts import Reason
 
@@ -59,6 +62,9 @@ class Fleet:
         self.registry = registry or self.settings.get("registry") or None
         self.db = registry_db.open_registry(self.data, self.registry)
         self._lock = threading.RLock()
+        # (kit, sig) of clock corrections this process already stored or refused: telemetry repeats them every
+        # interval; a refused one is logged once per process, not once per message (bounded, then forgotten)
+        self._corrections_seen: set[tuple[str, str]] = set()
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -503,9 +509,150 @@ class Fleet:
             else:
                 self.db.execute("UPDATE commands SET result = ?, result_at = ? WHERE cmd_id = ? AND kit_id = ?",
                                 (json.dumps(body), now, body.get("cmd_id"), kit_id))
+        if kind == "telemetry":
+            self._take_clock_corrections(kit_id, body, row["public_key"])
         if kind == "result" and body.get("name") == "rotate_key" and body.get("ok"):
             self._key_rotated(kit_id, body)
         return kind
+
+    # -- clock corrections (issue #18) ------------------------------------------------------------
+
+    def _take_clock_corrections(self, kit_id: str, body: dict[str, Any], current_key: str) -> int:
+        """Keep the signed clock corrections of a verified telemetry message (``clock.corrections``); returns how
+        many documents were new. A bad document is refused alone (log line, ``clock_correction_refused`` event,
+        once per process), never the telemetry; a document already kept is skipped (the kit repeats them)."""
+        clock = body.get("clock")
+        docs = clock.get("corrections") if isinstance(clock, dict) else None
+        if docs is None:
+            return 0
+        if not isinstance(docs, list) or len(docs) > clockfix.MAX_DOCS:
+            self._refuse_correction(kit_id, f"#list:{len(docs) if isinstance(docs, list) else '-'}",
+                                    f"clock.corrections is not a list of at most {clockfix.MAX_DOCS} documents")
+            return 0
+        new = 0
+        for doc in docs:
+            # the whole document's hash, not its sig: an altered copy of a good document must not hide it
+            mark = (kit_id, hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest())
+            if mark in self._corrections_seen:
+                continue
+            try:
+                new += self._take_clock_correction(kit_id, doc, current_key)
+            except ValueError as e:
+                self._refuse_correction(kit_id, mark[1], str(e))
+                continue
+            except (FleetError, sqlite3.Error, self.db.IntegrityError) as e:
+                # storage trouble: not remembered, the next telemetry message tries again
+                log.error("clock correction not stored kit_id=%s error=%s", kit_id, e)
+                continue
+            self._remember_correction(mark)
+        return new
+
+    def _remember_correction(self, mark: tuple[str, str]) -> None:
+        if len(self._corrections_seen) >= 10000:
+            self._corrections_seen.clear()
+        self._corrections_seen.add(mark)
+
+    def _refuse_correction(self, kit_id: str, mark: str, reason: str) -> None:
+        if (kit_id, mark) in self._corrections_seen:
+            return
+        self._remember_correction((kit_id, mark))
+        log.warning("clock correction refused kit_id=%s reason=%s", kit_id, reason)
+        self.event("clock_correction_refused", kit_id, reason=reason)
+
+    def _correction_signer(self, kit_id: str, doc: dict[str, Any], current_key: str) -> str:
+        """``current:<fingerprint>`` or ``rotated:<fingerprint>`` of the kit key that signed `doc`, or "".
+
+        Tried: the kit's current key, then the keys it rotated away from (its verified `rotate_key` results, newest
+        first). A correction issued before a rotation is repeated inside telemetry signed by the new key; it stays
+        valid with the key it was signed with, which the registry saw this kit prove it held."""
+        from firmware.wire import clock_correction
+
+        for label, key_b64 in self._correction_keys(kit_id, current_key):
+            try:
+                key = cp.load_public_b64(key_b64)
+            except cp.ProtocolError:
+                continue
+            if clock_correction.verify(doc, key):
+                return f"{label}:{cp.key_fingerprint(key_b64)}"
+        return ""
+
+    def _correction_keys(self, kit_id: str, current_key: str) -> Iterator[tuple[str, str]]:
+        """(label, base64 key): the current key first; then, only if asked for (lazily), the keys it rotated away
+        from, following the chain back from the current key: a recorded ``rotate_key`` result (verified with the
+        key registered then) whose proof verifies and whose new key is the current key or one found before."""
+        yield "current", current_key
+        with self._lock:
+            rows = list(self.db.execute("SELECT result FROM commands WHERE kit_id = ? AND name = 'rotate_key' AND "
+                                        "result IS NOT NULL ORDER BY result_at DESC LIMIT 20", (kit_id,)))
+        pairs: list[tuple[str, str]] = []
+        for r in rows:
+            try:
+                res = json.loads(r["result"])
+                if res.get("ok"):
+                    pairs.append(_rotation_proven(res["data"]))
+            except (ValueError, KeyError, TypeError, AttributeError, cp.ProtocolError, InvalidSignature):
+                continue
+        chain = [current_key]
+        grew = True
+        while grew:  # each pass may go one rotation further back (at most 20 results: bounded)
+            grew = False
+            for old, new in pairs:
+                if new in chain and old not in chain:
+                    chain.append(old)
+                    grew = True
+                    yield "rotated", old
+
+    def _take_clock_correction(self, kit_id: str, doc: Any, current_key: str) -> int:
+        """Check, verify and keep one correction document (1: kept now, 0: already kept); raises ValueError."""
+        segments = clockfix.check(doc, kit_id)
+        with self._lock:
+            if self.db.execute("SELECT 1 FROM clock_corrections WHERE kit_id = ? AND sig = ?",
+                               (kit_id, doc["sig"])).fetchone():
+                return 0
+        verified = self._correction_signer(kit_id, doc, current_key)
+        if not verified:
+            raise ValueError("signature does not verify with the kit's key (current, or one it rotated away from)")
+        now = int(time.time())
+        with self._lock, self.db.write():
+            for s in segments:
+                hit = self.db.execute("SELECT boot_id, first_seq, last_seq FROM clock_segments WHERE kit_id = ? AND "
+                                      "first_seq <= ? AND last_seq >= ? LIMIT 1",
+                                      (kit_id, s.last_seq, s.first_seq)).fetchone()
+                if hit is not None:
+                    raise ValueError(f"segment {s.first_seq}..{s.last_seq} overlaps {hit['first_seq']}.."
+                                     f"{hit['last_seq']} of boot {hit['boot_id']} already kept")
+            r = self.db.execute(
+                "INSERT INTO clock_corrections (kit_id, boot_id, source, issued, reason, sig, doc, verified_key, "
+                "received_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (kit_id, sig) DO NOTHING RETURNING id",
+                (kit_id, doc["boot_id"], doc["source"], doc["issued"], doc.get("reason"), doc["sig"],
+                 json.dumps(doc, sort_keys=True), verified, now)).fetchone()
+            if r is None:
+                return 0  # another fleet process kept it first
+            for s in segments:
+                self.db.execute("INSERT INTO clock_segments (kit_id, boot_id, first_seq, last_seq, records, offset_s, "
+                                "correction_id) VALUES (?,?,?,?,?,?,?)",
+                                (kit_id, doc["boot_id"], s.first_seq, s.last_seq, s.records, s.offset_s, r[0]))
+        log.info("clock correction kept kit_id=%s id=%s boot_id=%s source=%s segments=%d key=%s", kit_id, r[0],
+                 doc["boot_id"], doc["source"], len(segments), verified)
+        self.event("clock_correction", kit_id, id=r[0], boot_id=doc["boot_id"], source=doc["source"],
+                   segments=[[s.first_seq, s.last_seq, s.offset_s] for s in segments[:20]], key=verified)
+        return 1
+
+    def clock_corrections(self, kit_id: str) -> list[dict[str, Any]]:
+        """The clock corrections kept for `kit_id`, oldest first, each with its segments (`rekam-fleet kits
+        clock`)."""
+        with self._lock:
+            docs = [dict(r) for r in self.db.execute(
+                "SELECT id, boot_id, source, issued, reason, verified_key, received_at FROM clock_corrections "
+                "WHERE kit_id = ? ORDER BY id", (kit_id,))]
+            segs = list(self.db.execute("SELECT correction_id, first_seq, last_seq, records, offset_s FROM "
+                                        "clock_segments WHERE kit_id = ? ORDER BY first_seq", (kit_id,)))
+        by_id: dict[int, list[dict[str, Any]]] = {}
+        for s in segs:
+            by_id.setdefault(s["correction_id"], []).append(
+                {"first_seq": s["first_seq"], "last_seq": s["last_seq"], "records": s["records"],
+                 "offset_s": s["offset_s"]})
+        return [{**d, "segments": by_id.get(d["id"], [])} for d in docs]
 
     def _already_recorded(self, kit_id: str, payload: bytes) -> bool:
         """True if `payload` is a command result whose body is exactly the one already recorded (verified then).
@@ -524,15 +671,10 @@ class Fleet:
         return r is not None and r["result"] is not None and json.loads(r["result"]) == body
 
     def _key_rotated(self, kit_id: str, body: dict[str, Any]) -> None:
-        import base64
-
         d = body.get("data", {})
         try:
-            new = cp.load_public_b64(d["new_public_key"])
-            old = cp.load_public_b64(d["old_public_key"])
-            new.verify(base64.b64decode(d["proof"]),
-                       b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
-        except (KeyError, cp.ProtocolError, InvalidSignature, ValueError) as e:
+            _rotation_proven(d)
+        except (KeyError, cp.ProtocolError, InvalidSignature, ValueError, TypeError) as e:
             log.error("key rotation result refused kit_id=%s error=%s", kit_id, e)
             self.event("key_rotation_refused", kit_id, error=str(e))
             return
@@ -559,6 +701,17 @@ class Fleet:
     def close(self) -> None:
         """Close the database."""
         self.db.close()
+
+
+def _rotation_proven(d: Any) -> tuple[str, str]:
+    """(old, new) base64 keys of a rotate_key result's data whose proof verifies (the new key signed both);
+    raises KeyError, ProtocolError, InvalidSignature, ValueError or TypeError otherwise."""
+    import base64
+
+    new = cp.load_public_b64(d["new_public_key"])
+    old = cp.load_public_b64(d["old_public_key"])
+    new.verify(base64.b64decode(d["proof"]), b"rekam-key-rotation:" + cp.public_raw(old) + cp.public_raw(new))
+    return str(d["old_public_key"]), str(d["new_public_key"])
 
 
 def _merge(base: dict[str, Any], over: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,12 @@
   transaction takes a second advisory lock, so two processes never sign the same config version and never merge
   onto a stale previous version.
 
+Clock corrections (issue #18; `Fleet.handle_kit_message`): ``clock_corrections`` holds one row per signed document a
+kit reported (the document itself, which key verified it, when it arrived), ``clock_segments`` one row per segment
+(kit, boot, first_seq .. last_seq, offset_s or NULL). A correction is inserted in one `write()` transaction, so its
+``id`` grows in commit order on both backends (the PostgreSQL write lock is held from ``nextval`` to commit): the
+export's late-correction cursor (`provisioning.interchange.export`) can never skip a row committed late.
+
 The interface: ``execute(sql, params)`` with ``?`` placeholders (a cursor: ``fetchone``, iteration, ``rowcount``;
 rows by column name or index, and ``dict(row)``), ``write()`` (a context manager: one serialised write
 transaction, re-entrant), ``IntegrityError``, ``close()``.
@@ -49,6 +55,14 @@ CREATE TABLE IF NOT EXISTS shards (
 CREATE TABLE IF NOT EXISTS kit_shards (
     kit_id TEXT PRIMARY KEY, primary_shard TEXT, failover_shard TEXT, config_version INTEGER,
     pin_primary TEXT, pin_failover TEXT, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS clock_corrections (
+    id INTEGER PRIMARY KEY, kit_id TEXT NOT NULL, boot_id TEXT NOT NULL, source TEXT NOT NULL, issued TEXT NOT NULL,
+    reason TEXT, sig TEXT NOT NULL, doc TEXT NOT NULL, verified_key TEXT NOT NULL, received_at INTEGER NOT NULL,
+    UNIQUE (kit_id, sig));
+CREATE TABLE IF NOT EXISTS clock_segments (
+    kit_id TEXT NOT NULL, boot_id TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    records INTEGER, offset_s REAL, correction_id INTEGER NOT NULL, PRIMARY KEY (kit_id, boot_id, first_seq));
+CREATE INDEX IF NOT EXISTS clock_segments_seq ON clock_segments (kit_id, first_seq);
 """
 
 MIGRATION_LOCK = 0x666C656574  # pg_advisory_xact_lock key of the registry's migrations ("fleet")
@@ -77,6 +91,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE kit_shards (
             kit_id text PRIMARY KEY, primary_shard text, failover_shard text, config_version integer,
             pin_primary text, pin_failover text, at bigint NOT NULL);
+    """),
+    (2, "clock corrections kits report in telemetry (issue #18)", """
+        CREATE TABLE clock_corrections (
+            id bigserial PRIMARY KEY, kit_id text NOT NULL, boot_id text NOT NULL, source text NOT NULL,
+            issued text NOT NULL, reason text, sig text NOT NULL, doc text NOT NULL, verified_key text NOT NULL,
+            received_at bigint NOT NULL, UNIQUE (kit_id, sig));
+        CREATE TABLE clock_segments (
+            kit_id text NOT NULL, boot_id text NOT NULL, first_seq bigint NOT NULL, last_seq bigint NOT NULL,
+            records bigint, offset_s double precision, correction_id bigint NOT NULL,
+            PRIMARY KEY (kit_id, boot_id, first_seq));
+        CREATE INDEX clock_segments_seq ON clock_segments (kit_id, first_seq);
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -38,6 +38,7 @@ from firmware.system.i18n import _
 from provisioning.archive.base import (
     ArchiveBase,
     ArchivedRecord,
+    ClockSegment,
     StoreResult,
     decode_kit_key,
     record_id_mismatch,
@@ -45,7 +46,8 @@ from provisioning.archive.base import (
 from provisioning.archive.embedded import Archive
 
 __all__ = [
-    "Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "KitRevoked", "StoreResult", "UnknownKit",
+    "Archive", "ArchiveBase", "ArchiveError", "ArchivedRecord", "ClockSegment", "KitRevoked", "StoreResult",
+    "UnknownKit",
     "add_archive_arguments", "decode_kit_key", "is_scale_spec", "open_archive", "record_id_mismatch",
 ]
 

@@ -45,8 +45,27 @@ class ArchivedRecord:
     cursor: str
 
 
+@dataclass(frozen=True)
+class ClockSegment:
+    """A run of a kit's records and the offset its signed clock correction says to add to their times
+    (`offset_s`; issue #18), as the fleet registry keeps it (`provisioning.registry_db`). `correction_id` is the
+    registry's id of the correction document: it grows in commit order (the export's late-correction cursor)."""
+
+    kit_id: str
+    boot_id: str
+    first_seq: int
+    last_seq: int
+    offset_s: float
+    source: str
+    correction_id: int
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _segment(r: tuple[Any, ...]) -> ClockSegment:
+    return ClockSegment(str(r[0]), str(r[1]), int(r[2]), int(r[3]), float(r[4]), str(r[5]), int(r[6]))
 
 
 def record_id_mismatch(record_id: str, kit_id: str, seq: int | None = None) -> str:
@@ -132,29 +151,37 @@ class ArchiveBase:
         """(sha256, kit_id) of an archived record, or None."""
         raise NotImplementedError
 
-    def _fleet_kit(self, kit_id: str) -> tuple[str | None, str | None] | None:
-        """(state, public key) of `kit_id` in the fleet registry (`fleet_db`: its ``fleet.db``, or the PostgreSQL
-        DSN of a shared registry), or None if it is not there. The one place the archive reads the fleet registry."""
-        sql = "SELECT state, public_key FROM kits WHERE kit_id = ?"
+    def _fleet_rows(self, sql: str, params: tuple[Any, ...], optional: bool = False) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query on the fleet registry (`fleet_db`: its ``fleet.db``, or the PostgreSQL DSN of
+        a shared registry); ``?`` placeholders. The one place the archive reads the fleet registry. `optional`: a
+        fleet.db made before the queried table existed answers no rows instead of an error (the fleet service
+        creates the tables when it next starts)."""
         from provisioning import registry_db
 
         if registry_db.is_dsn(str(self.fleet_db)):
             try:
                 if self._fleet_pg is None:
                     self._fleet_pg = registry_db.PostgresDb(str(self.fleet_db))
-                row = self._fleet_pg.execute(sql, (kit_id,)).fetchone()
+                return [tuple(r.values()) for r in self._fleet_pg.execute(sql, params)]
             except FleetError as e:
                 raise ArchiveError(f"cannot read the fleet registry: {e}") from e
-            return (row["state"], row["public_key"]) if row else None
         try:
             fc = sqlite3.connect(f"file:{self.fleet_db}?mode=ro", uri=True, timeout=10)
             try:
-                row = fc.execute(sql, (kit_id,)).fetchone()
+                return [tuple(r) for r in fc.execute(sql, params)]
             finally:
                 fc.close()
+        except sqlite3.OperationalError as e:
+            if optional and "no such table" in str(e):
+                return []
+            raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
         except sqlite3.Error as e:
             raise ArchiveError(f"cannot read the fleet registry {self.fleet_db}: {e}") from e
-        return (row[0], row[1]) if row else None
+
+    def _fleet_kit(self, kit_id: str) -> tuple[str | None, str | None] | None:
+        """(state, public key) of `kit_id` in the fleet registry, or None if it is not there."""
+        rows = self._fleet_rows("SELECT state, public_key FROM kits WHERE kit_id = ?", (kit_id,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def _fleet_key(self, kit_id: str, row: tuple[str | None, str | None] | None | bool = False) -> str | None:
         """The current key of an approved kit in the fleet registry, or None (`row`: its `_fleet_kit` row, when
@@ -178,6 +205,43 @@ class ArchiveBase:
             raise KitRevoked(f"kit {kit_id} is revoked in the fleet registry: its records are not archived "
                              f"(a supervisor who holds the kit can import its stick: rekam-fleet import)")
         return row
+
+    _SEGMENTS = ("SELECT s.kit_id, s.boot_id, s.first_seq, s.last_seq, s.offset_s, c.source, c.id "
+                 "FROM clock_segments s JOIN clock_corrections c ON c.id = s.correction_id "
+                 "WHERE s.offset_s IS NOT NULL AND ")
+
+    def clock_segment(self, kit_id: str, seq: int) -> ClockSegment | None:
+        """The clock correction segment of the fleet registry that covers record `seq` of `kit_id` and has an
+        offset (the first kept, if two ever did), or None; always None without a fleet registry."""
+        if self.fleet_db is None:
+            return None
+        rows = self._fleet_rows(self._SEGMENTS + "s.kit_id = ? AND s.first_seq <= ? AND s.last_seq >= ? "
+                                "ORDER BY c.id, s.first_seq LIMIT 1", (kit_id, seq, seq), optional=True)
+        return _segment(rows[0]) if rows else None
+
+    def clock_segments_since(self, after: int, limit: int = 100) -> tuple[list[ClockSegment], int]:
+        """(segments with an offset, newest correction id looked at) of up to `limit` correction documents the
+        fleet registry kept after id `after`, oldest first; ([], after) when there are none or no registry."""
+        if self.fleet_db is None:
+            return [], after
+        ids = [int(r[0]) for r in self._fleet_rows("SELECT id FROM clock_corrections WHERE id > ? ORDER BY id "
+                                                   "LIMIT ?", (after, limit), optional=True)]
+        if not ids:
+            return [], after
+        rows = self._fleet_rows(self._SEGMENTS + "c.id > ? AND c.id <= ? ORDER BY c.id, s.first_seq",
+                                (after, ids[-1]), optional=True)
+        return [_segment(r) for r in rows], ids[-1]
+
+    def records_in_range(self, kit_id: str, first_seq: int, last_seq: int, after: tuple[int, str] | None = None,
+                         limit: int = 200) -> list[ArchivedRecord]:
+        """Up to `limit` archived records of `kit_id` with ``first_seq <= seq <= last_seq``, by (seq, record id),
+        after `after` = (seq, record id) of the previous page (the records a clock correction covers)."""
+        raise NotImplementedError
+
+    def cursor_key(self, cursor: str) -> tuple[int, ...]:
+        """A `since()` cursor as a sortable key: a record whose cursor's key is at most the saved cursor's was
+        already listed by `since()`. Raises ValueError for a malformed cursor."""
+        raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError

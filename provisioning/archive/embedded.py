@@ -150,6 +150,19 @@ class Archive(ArchiveBase):
                 "ORDER BY rowid LIMIT ?", (after, int(limit))).fetchall()
         return [ArchivedRecord(r[1], r[2], r[3], r[4], r[5], r[6], str(r[0])) for r in rows]
 
+    def records_in_range(self, kit_id: str, first_seq: int, last_seq: int, after: tuple[int, str] | None = None,
+                         limit: int = 200) -> list[ArchivedRecord]:
+        seq, rid = after or (first_seq - 1, "")
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT rowid, record_id, kit_id, seq, sha256, size, received_at FROM records WHERE kit_id = ? AND "
+                "seq >= ? AND seq <= ? AND (seq, record_id) > (?, ?) ORDER BY seq, record_id LIMIT ?",
+                (kit_id, first_seq, last_seq, seq, rid, int(limit))).fetchall()
+        return [ArchivedRecord(r[1], r[2], r[3], r[4], r[5], r[6], str(r[0])) for r in rows]
+
+    def cursor_key(self, cursor: str) -> tuple[int, ...]:
+        return (int(cursor),)
+
     def path_of(self, kit_id: str, record_id: str) -> Path:
         return self.records_dir / kit_id / (record_id + rf.FILE_SUFFIX)
 

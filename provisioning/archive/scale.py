@@ -323,6 +323,20 @@ class ScaleArchive(ArchiveBase):
                 "ORDER BY xid, arrival LIMIT %s", (xid, int(arrival), int(limit))).fetchall()
         return [ArchivedRecord(r[0], r[1], int(r[2]), r[3], int(r[4]), _utc(r[5]), f"{r[6]}.{r[7]}") for r in rows]
 
+    def records_in_range(self, kit_id: str, first_seq: int, last_seq: int, after: tuple[int, str] | None = None,
+                         limit: int = 200) -> list[ArchivedRecord]:
+        seq, rid = after or (first_seq - 1, "")
+        with self.db.conn() as c:
+            rows = c.execute(
+                "SELECT record_id, kit_id, seq, sha256, size, received_at, xid::text, arrival FROM records "
+                "WHERE kit_id = %s AND seq BETWEEN %s AND %s AND (seq, record_id) > (%s, %s) "
+                "ORDER BY seq, record_id LIMIT %s", (kit_id, first_seq, last_seq, seq, rid, int(limit))).fetchall()
+        return [ArchivedRecord(r[0], r[1], int(r[2]), r[3], int(r[4]), _utc(r[5]), f"{r[6]}.{r[7]}") for r in rows]
+
+    def cursor_key(self, cursor: str) -> tuple[int, ...]:
+        xid, _dot, arrival = cursor.partition(".")
+        return (int(xid), int(arrival))
+
     def object_key(self, kit_id: str, record_id: str) -> str:
         """Where the record's sealed file lives in the bucket (below the URL's prefix)."""
         return f"records/{kit_id}/{record_id}{rf.FILE_SUFFIX}"

@@ -16,6 +16,10 @@ Type-2 fields (user-defined; docs/interchange.md has the full table):
     2.014 software of the kit   2.015 manifest schema
     2.016 irises, one subfield per eye: eye (L/R), score 0-100 or empty, attempts, forced (Y/N), exception or empty
     2.017 signature: captured (Y/N), attempts, exception reason or empty
+    2.018 clock correction applied (issue #18; only when one was): offset added in seconds (3 decimals), its source
+          (gnss/ntp), the capture time as sealed (YYYYMMDDHHMMSSZ). 2.008/2.010 and every date below are then the
+          corrected times; 2.009 stays as sealed (N). Absent when none applied, so records without one keep the
+          bytes they always had.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import datetime as dt
 import io
 
 from firmware.errors import ExportError
+from provisioning.clock_corrections import format_offset
 from provisioning.interchange.enrollment import Enrollment, Finger, Iris
 
 VERSION = "0502"
@@ -74,6 +79,8 @@ def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
     if e.irises:
         values[16] = [[i.eye[0].upper(), _score(i.score), str(i.attempts), _yn(i.forced), _ascii(i.exception)]
                       for i in e.irises]
+    if e.clock_offset_s is not None and e.captured_as_sealed is not None:
+        values[18] = [[format_offset(e.clock_offset_s), _ascii(e.clock_source), _ts(e.captured_as_sealed)]]
     if e.signature is not None:
         values[17] = [[_yn(bool(e.signature.png)), str(e.signature.attempts), _ascii(e.signature.exception)]]
     quality = [[str(f.fgp), _score(f.score), str(f.attempts), _yn(f.forced)] for f in e.captured_fingers]

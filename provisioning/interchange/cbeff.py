@@ -6,6 +6,11 @@ a BIR of type Iris (format 9, subtype Left/Right) whose BDB is an ISO/IEC 19794-
 JPEG 2000 image; a finger, face or eye not captured: a BIR with `EXCEPTION` true and no BDB. The signature has
 no BIR: MOSIP's BDB format registry has no signature format (it travels in the AN2K Type-8 and the sealed
 record). Deterministic: the dates are the record's.
+
+A record sealed before the kit's clock was synchronised and covered by its signed clock correction (issue #18)
+carries the corrected time in every date (`CreationDate`, the ISO records' capture time) and, on the outer BIR
+only, ``Others`` entries ``CLOCK_CORRECTION_S`` (seconds added, 3 decimals), ``CLOCK_CORRECTION_SOURCE`` and
+``CAPTURE_TIME_AS_SEALED``; none of these when no correction applied (the bytes stay as before).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 from pathlib import Path
 
 from firmware.errors import ExportError
+from provisioning.clock_corrections import format_offset
 from provisioning.interchange import iso19794 as iso
 from provisioning.interchange.enrollment import Enrollment, Finger, Iris
 
@@ -164,6 +170,13 @@ def build(e: Enrollment) -> bytes:
         _bir(root, btype="Iris", fmt=FORMAT_IRIS, subtype=i.subtype, score=None if i.exception else i.score,
              quality_type=IRIS_QUALITY_TYPE, created=created, bdb=None if i.exception else iris_iir(i, e),
              others=others)
+    if e.clock_offset_s is not None and e.captured_as_sealed is not None:
+        sealed = e.captured_as_sealed.strftime("%Y-%m-%dT%H:%M:%SZ")
+        for k, val in (("CLOCK_CORRECTION_S", format_offset(e.clock_offset_s)),
+                       ("CLOCK_CORRECTION_SOURCE", e.clock_source), ("CAPTURE_TIME_AS_SEALED", sealed)):
+            o = etree.SubElement(root, f"{{{NS}}}Others")
+            etree.SubElement(o, f"{{{NS}}}Key").text = k
+            etree.SubElement(o, f"{{{NS}}}Value").text = val
     return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
 
 

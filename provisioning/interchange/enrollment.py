@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -127,6 +128,11 @@ class Enrollment:
     fingers: tuple[Finger, ...]
     irises: tuple[Iris, ...] = ()  # schema 3; () for older records and sites that do not capture irises
     signature: Signature | None = None  # schema 3; None: not captured at this site (or an older record)
+    # The kit's signed clock correction applied to `started`/`captured` (issue #18): seconds added, its source
+    # (gnss/ntp) and the capture time as sealed; None / "" / None when none applied (`clock_synced` stays as sealed).
+    clock_offset_s: float | None = None
+    clock_source: str = ""
+    captured_as_sealed: dt.datetime | None = None
 
     @property
     def captured_fingers(self) -> list[Finger]:
@@ -329,8 +335,13 @@ def _signature(doc: Any, atts: dict[str, rf.Attachment], rid: str) -> Signature 
     return Signature(png=atts[name].data, pixels=pixels, width=want[0], height=want[1], attempts=attempts)
 
 
-def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
-    """Check and extract an opened record; raises `ExportError` with a code naming what is wrong."""
+def read_enrollment(header: rf.Header, payload: rf.Payload, clock_offset_s: float | None = None,
+                    clock_source: str = "") -> Enrollment:
+    """Check and extract an opened record; raises `ExportError` with a code naming what is wrong.
+
+    `clock_offset_s`: the offset of the kit's clock correction covering this record (the caller checked that it
+    covers the header's seq and that the header says ``clock_synced: false``); added to `started` and `captured`,
+    whole seconds (the sealed times have no fraction), the sealed capture time kept in `captured_as_sealed`."""
     rid = header.record_id
     m = payload.manifest
     schema = m.get("schema")
@@ -362,9 +373,19 @@ def read_enrollment(header: rf.Header, payload: rf.Payload) -> Enrollment:
         signature = _signature(m.get("signature"), atts, rid)
     captured = _time(m.get("committed", header.created), "committed", rid)
     started = _time(m["started"], "started", rid) if m.get("started") is not None else None
+    sealed = None
+    if clock_offset_s is not None:
+        shift = dt.timedelta(seconds=math.floor(clock_offset_s + 0.5))
+        try:
+            sealed, captured = captured, captured + shift
+            started = started + shift if started is not None else None
+        except OverflowError:
+            raise _fail("bad_clock_correction", rid, f"offset {clock_offset_s} s moves {captured} out of the "
+                                                     "calendar") from None
     return Enrollment(
         record_id=rid, kit_id=header.kit_id, schema=schema, nik=nik,
         operator_id=_text(m.get("operator_id"), "operator_id", rid), site=_text(m.get("site"), "site", rid),
         software=_text(m.get("software"), "software", rid), started=started, captured=captured,
         clock_synced=bool(m.get("clock_synced", header.clock_synced)), face=_face(m.get("face", {}), atts, rid),
-        fingers=fingers, irises=irises, signature=signature)
+        fingers=fingers, irises=irises, signature=signature, clock_offset_s=clock_offset_s,
+        clock_source=_text(clock_source, "clock correction source", rid), captured_as_sealed=sealed)

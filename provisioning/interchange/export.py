@@ -3,8 +3,22 @@
 One output file per record, `<record_id>.an2` / `<record_id>.xml`, written atomically (temp, fsync, rename,
 fsync dir). The output folder keeps its own queue state in `.rekam-export.json`: the archive cursor per
 format (the next run without `--since` exports only what was archived after it) and the records that
-failed (retried first on every run until they export). Output is a function of the record alone, so a
-second export of a record writes identical bytes, or nothing when the file is already there.
+failed (retried first on every run until they export). Output is a function of the record and of the kit's
+clock correction covering it (below), so a second export of a record writes identical bytes, or nothing when
+the file is already there.
+
+Clock corrections (issue #18; `--fleet-db`): a record whose sealed header says ``clock_synced: false`` and whose
+seq a signed correction segment with an offset covers (kept by the fleet registry from the kit's telemetry, read
+through `ArchiveBase.clock_segment`) is exported at ``time + offset_s`` (AN2K 2.008/2.010, Type-1 DAT/GMT,
+FCD/PHD/ICD, the ISO capture times, CBEFF CreationDate), 2.009 staying as sealed and the offset recorded in
+AN2K 2.018 and the CBEFF's outer ``Others``. Output files are written once per content; a correction that
+arrives after its records were exported changes that content, so every queue run first re-exports the records
+this folder already exported (archive cursor at most the saved one) that a correction kept since the last run
+covers: each file is replaced atomically, listed in ``corrected`` and logged (``export corrected ...``). The
+registry's correction id is this format's ``corrections_cursor`` in the state file (ids grow in commit order:
+`provisioning.registry_db`); the records of a segment are found by seq range (`records_in_range`). Records that
+are not covered, synced or have a null offset are not rewritten (an ABIS that took them away gets no copy).
+Without `--fleet-db` the export is what it was before corrections existed.
 
 Every record is verified against the kit keys the archive registered (`Archive.kit_keys`), then decrypted
 with the data-center key. A record that cannot be exported is reported by id with a code and a reason and
@@ -30,6 +44,7 @@ from firmware.system.i18n import _, format_count
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
 from provisioning.archive import ArchiveBase, add_archive_arguments, open_archive
+from provisioning.registry_db import is_dsn
 from provisioning.usb_import import Progress  # the one text progress bar of rekam-fleet
 
 FORMATS = {"an2k": ".an2", "cbeff": ".xml"}
@@ -39,8 +54,13 @@ PAGE = 200  # records per archive page; the cursor is saved after each page
 
 
 def _open_archive(args: argparse.Namespace) -> ArchiveBase:
-    """The archive named on the command line: a directory (embedded) or a PostgreSQL DSN with --objects."""
-    return open_archive(args.archive, args.objects)
+    """The archive named on the command line: a directory (embedded) or a PostgreSQL DSN with --objects; with
+    --fleet-db, the fleet registry whose clock corrections it applies."""
+    return open_archive(args.archive, args.objects, fleet_db=args.fleet_db or None)
+
+
+#: A clock correction for one record as a worker process receives it: (offset_s, source, first_seq, last_seq).
+Fix = tuple[float, str, int, int]
 
 
 @dataclass(frozen=True)
@@ -61,14 +81,24 @@ class Summary:
     unchanged: list[str] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)  # (record id, code, message)
     cursor: str | None = None
+    corrected: list[str] = field(default_factory=list)  # re-exported (also in `written`): a late clock correction
 
     def as_dict(self) -> dict[str, Any]:
         return {"written": self.written, "unchanged": self.unchanged, "cursor": self.cursor,
-                "failed": [{"record_id": r, "code": c, "reason": m} for r, c, m in self.failed]}
+                "failed": [{"record_id": r, "code": c, "reason": m} for r, c, m in self.failed],
+                "corrected": self.corrected}
 
 
-def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, record_id: str, kit_id: str) -> bytes:
-    """One sealed record -> the bytes of its interchange file; raises `ExportError` (with a code)."""
+def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, record_id: str, kit_id: str,
+            fix: Fix | None = None) -> bytes:
+    """One sealed record -> the bytes of its interchange file; raises `ExportError` (with a code). `fix`: the kit's
+    clock correction segment covering the record (applied when the sealed header says ``clock_synced: false``)."""
+    return _convert(data, kit_keys, dc_key, opts, record_id, kit_id, fix)[0]
+
+
+def _convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, record_id: str, kit_id: str,
+             fix: Fix | None) -> tuple[bytes, bool]:
+    """`convert`, and whether `fix` was applied."""
     from provisioning.interchange import an2k, cbeff
     from provisioning.interchange.enrollment import read_enrollment
 
@@ -90,28 +120,44 @@ def convert(data: bytes, kit_keys: list[bytes], dc_key: Any, opts: Options, reco
         raise ExportError("bad_signature", str(e)) from None
     except (RecordFormatError, KeyError, TypeError, AttributeError) as e:  # the manifest's attachment list is kit-made
         raise ExportError("bad_record", f"record {record_id}: {type(e).__name__}: {e}") from None
-    e = read_enrollment(hdr, payload)
+    # The header is what the correction is about (firmware.wire.clock_correction): unsynced, and its seq covered.
+    applies = fix is not None and not hdr.clock_synced and fix[2] <= hdr.seq <= fix[3]
+    e = read_enrollment(hdr, payload, fix[0] if applies and fix else None, fix[1] if applies and fix else "")
     if opts.fmt == "an2k":
-        return an2k.build(e, opts.agency, opts.tot, opts.uncompressed)
+        return an2k.build(e, opts.agency, opts.tot, opts.uncompressed), applies
     out = cbeff.build(e)
     cbeff.validate(out)
-    return out
+    return out, applies
+
+
+def _may_apply(data: bytes, fix: Fix | None) -> bool:
+    """False when `fix` certainly does not apply to the sealed record `data` (none, or its header says the clock
+    was synchronised): the header only, no decryption, no conversion. A record that does not parse: True (its
+    conversion reports why)."""
+    if fix is None:
+        return False
+    try:
+        return not rf.parse(data).header.clock_synced
+    except RecordFormatError:
+        return True
 
 
 _KEYS: dict[bytes, Any] = {}
 
 
-def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str]) -> tuple[str, bytes, str]:
-    """`convert` as a picklable job for a worker process: ("ok", output, "") or (code, b"", message)."""
-    data, keys, raw_key, opts, rid, kit = job
+def _convert_job(job: tuple[bytes, list[bytes], bytes, Options, str, str, Fix | None]) -> tuple[str, bytes, str, bool]:
+    """`convert` as a picklable job for a worker process: ("ok", output, "", correction applied) or
+    (code, b"", message, False)."""
+    data, keys, raw_key, opts, rid, kit, fix = job
     if raw_key not in _KEYS:
         _KEYS[raw_key] = rf.load_datacenter_private_key(raw_key)
     try:
-        return "ok", convert(data, keys, _KEYS[raw_key], opts, rid, kit), ""
+        out, applied = _convert(data, keys, _KEYS[raw_key], opts, rid, kit, fix)
+        return "ok", out, "", applied
     except ExportError as e:
-        return e.code, b"", str(e)
+        return e.code, b"", str(e), False
     except Exception as e:  # an image codec's own error on kit-made bytes: this record fails, never the run
-        return "convert_failed", b"", f"record {rid}: {type(e).__name__}: {e}"
+        return "convert_failed", b"", f"record {rid}: {type(e).__name__}: {e}", False
 
 
 class Exporter:
@@ -159,22 +205,25 @@ class Exporter:
 
     # --- one record ----------------------------------------------------------------------------
 
-    def _load(self, record_id: str, kit_id: str | None) -> tuple[bytes, list[bytes], str]:
-        """(sealed bytes, the kit's registered keys, kit id) of an archived record; raises `ExportError`."""
+    def _load(self, record_id: str, kit_id: str | None) -> tuple[bytes, list[bytes], str, Fix | None]:
+        """(sealed bytes, the kit's registered keys, kit id, the clock correction covering its seq) of an archived
+        record; raises `ExportError`."""
         try:
-            if kit_id is None:  # a record id names its kit (the header is checked against it in `convert`)
-                parsed = parse_record_id(record_id)
-                if parsed is None:
-                    raise ExportError("not_archived", f"{record_id[:80]!r} is not a record id")
-                kit_id = parsed.kit_id
+            # a record id names its kit and seq (the header is checked against them in `convert`)
+            parsed = parse_record_id(record_id)
+            if parsed is None:
+                raise ExportError("not_archived", f"{record_id[:80]!r} is not a record id")
+            kit_id = kit_id or parsed.kit_id
             data = self.archive.read(record_id)
             if kit_id not in self._keys:
                 self._keys[kit_id] = self.archive.kit_keys(kit_id)
+            seg = self.archive.clock_segment(kit_id, parsed.seq)
         except KeyError:
             raise ExportError("not_archived", f"record {record_id} is not in the archive") from None
         except ArchiveError as e:
             raise ExportError("archive_error", str(e)) from None
-        return data, self._keys[kit_id], kit_id
+        fix = (seg.offset_s, seg.source, seg.first_seq, seg.last_seq) if seg is not None else None
+        return data, self._keys[kit_id], kit_id, fix
 
     def _write(self, record_id: str, out: bytes) -> tuple[str, str, str]:
         path = self.out / (record_id + self.suffix)
@@ -193,16 +242,23 @@ class Exporter:
         """(status, code, message) for one record: written / unchanged / failed."""
         return self._export_many([(record_id, kit_id)])[0]
 
-    def _export_many(self, items: list[tuple[str, str | None]]) -> list[tuple[str, str, str]]:
-        """Export (record id, kit id or None) pairs, converting in `jobs` processes; results in order."""
-        loaded: list[tuple[bytes, list[bytes], str] | tuple[str, str, str]] = []
+    def _export_many(self, items: list[tuple[str, str | None]],
+                     only_corrected: bool = False) -> list[tuple[str, str, str]]:
+        """Export (record id, kit id or None) pairs, converting in `jobs` processes; results in order.
+        `only_corrected`: write only records a clock correction applies to (the others: ("skipped", "", ""))."""
+        loaded: list[tuple[bytes, list[bytes], str, Fix | None] | tuple[str, str, str]] = []
         for rid, kit in items:
             try:
-                loaded.append(self._load(rid, kit))
+                got = self._load(rid, kit)
             except ExportError as e:
                 loaded.append(("failed", e.code, str(e)))
-        jobs = [(data, keys, self._raw_key, self.opts, rid, kit)
-                for (rid, _k), (data, keys, kit) in zip(items, loaded, strict=True) if isinstance(data, bytes)]
+                continue
+            if only_corrected and not _may_apply(got[0], got[3]):
+                loaded.append(("skipped", "", ""))  # synced, or no offset: converting would give the same bytes
+            else:
+                loaded.append(got)
+        jobs = [(got[0], got[1], self._raw_key, self.opts, rid, got[2], got[3])
+                for (rid, _k), got in zip(items, loaded, strict=True) if isinstance(got[0], bytes)]
         if self.pool is not None and len(jobs) > 1:
             converted = iter(list(self.pool.map(_convert_job, jobs, chunksize=max(1, len(jobs) // 16))))
         else:
@@ -210,16 +266,23 @@ class Exporter:
         results = []
         for (rid, _k), got in zip(items, loaded, strict=True):
             if not isinstance(got[0], bytes):
-                results.append(got)  # failed to load
+                results.append(got)  # failed to load, or skipped
                 continue
-            status, payload, msg = next(converted)
-            results.append(self._write(rid, payload) if status == "ok" else ("failed", status, msg))
+            status, payload, msg, applied = next(converted)
+            if status != "ok":
+                results.append(("failed", status, msg))
+            elif only_corrected and not applied:
+                results.append(("skipped", "", ""))
+            else:
+                results.append(self._write(rid, payload))
         return results
 
     # --- runs ----------------------------------------------------------------------------------
 
     def _tally(self, s: Summary, rid: str, result: tuple[str, str, str]) -> None:
         status, code, msg = result
+        if status == "skipped":
+            return
         if status == "written":
             s.written.append(rid)
         elif status == "unchanged":
@@ -281,6 +344,7 @@ class Exporter:
                 else:
                     failed[rid] = r[1]
                 bar.step()
+            self._late_corrections(st, mine, start, failed, s)
             cursor, done = start, 0
             while limit is None or done < limit:
                 page = self._since(cursor, PAGE if limit is None else min(PAGE, limit - done))
@@ -303,6 +367,57 @@ class Exporter:
             self._save(st)
             s.cursor = cursor
         return s
+
+    def _late_corrections(self, st: dict[str, Any], mine: dict[str, Any], start: str | None,
+                          failed: dict[str, str], s: Summary) -> None:
+        """Re-export the records this folder already exported (archive cursor at most `start`) that a clock
+        correction the fleet registry kept since the last run now covers; each file is replaced atomically and
+        listed in `corrected`. The registry's correction id is this format's ``corrections_cursor``, saved after
+        every page of corrections (ids grow in commit order: `provisioning.registry_db`). Without a registry:
+        nothing. Records not exported yet get their correction when the queue reaches them."""
+        if self.archive.fleet_db is None:
+            return
+        try:
+            upto = self.archive.cursor_key(start) if start else None
+        except ValueError:
+            raise ExportError("bad_cursor", f"{str(start)[:40]!r} is not a cursor of this archive") from None
+        after = mine.get("corrections_cursor", 0)
+        after = after if isinstance(after, int) and not isinstance(after, bool) and after >= 0 else 0
+        while True:
+            try:
+                segments, newest = self.archive.clock_segments_since(after)
+            except ArchiveError as e:
+                raise ExportError("archive_error", str(e)) from None
+            if newest == after:
+                break
+            for seg in segments if upto is not None else []:
+                self._reexport_segment(seg, upto, failed, s)
+            after = newest
+            mine.update(corrections_cursor=after, failed=dict(sorted(failed.items())))
+            self._save(st)  # after the files of these corrections are on disk
+
+    def _reexport_segment(self, seg: Any, upto: tuple[int, ...], failed: dict[str, str], s: Summary) -> None:
+        """Re-export the already exported, unsynced records of one correction segment (`_late_corrections`)."""
+        page_after: tuple[int, str] | None = None
+        while True:
+            try:
+                page = self.archive.records_in_range(seg.kit_id, seg.first_seq, seg.last_seq, page_after, PAGE)
+            except ArchiveError as e:
+                raise ExportError("archive_error", str(e)) from None
+            if not page:
+                return
+            page_after = (page[-1].seq, page[-1].record_id)
+            todo = [r for r in page if r.record_id not in failed and self.archive.cursor_key(r.cursor) <= upto]
+            for rec, r in zip(todo, self._export_many([(x.record_id, x.kit_id) for x in todo], only_corrected=True),
+                              strict=True):
+                self._tally(s, rec.record_id, r)
+                if r[0] == "failed":
+                    failed[rec.record_id] = r[1]
+                elif r[0] == "written":
+                    s.corrected.append(rec.record_id)
+                    if not self.tty:
+                        self.stream.write(f"export corrected record_id={rec.record_id} format={self.opts.fmt} "
+                                          f"offset_s={seg.offset_s} correction_id={seg.correction_id}\n")
 
     def _same_archive(self, st: dict[str, Any]) -> None:
         """Bind this folder's cursors to the archive they came from (its first record: rows are never
@@ -373,6 +488,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("rekam-fleet export: " + _("--agency (or $REKAM_AGENCY) is needed for an2k: the originating agency "
                                           "of the transactions"), file=sys.stderr)
         return 2
+    if args.fleet_db and not is_dsn(args.fleet_db) and not Path(args.fleet_db).is_file():
+        print("rekam-fleet export: " + _("--fleet-db {path} is not a fleet.db file (nor a postgresql:// DSN)",
+                                          path=args.fleet_db), file=sys.stderr)
+        return 2
     try:
         key = rf.load_datacenter_private_key(Path(args.key).read_bytes())
     except (OSError, ValueError) as e:
@@ -401,6 +520,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("export", help=_("archived records as ANSI/NIST-ITL or CBEFF files for an ABIS (a queue)"))
     p.add_argument("records", nargs="*", metavar="RECORD_ID", help=_("only these records (the cursor stays)"))
     add_archive_arguments(p)
+    p.add_argument("--fleet-db", help=_("the fleet registry (its fleet.db, or the PostgreSQL DSN of a shared "
+                                        "registry): apply the kits' clock corrections to records sealed before their "
+                                        "clock was synchronised"))
     p.add_argument("--key", required=True, help=_("data-center private key (PEM)"))
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help=_("an2k (.an2) or cbeff (.xml)"))
     p.add_argument("--out", required=True, help=_("output folder (holds the queue's cursor)"))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from firmware import config
 from firmware.daemon import GnssService
 from firmware.enrollment.power import PowerGuard
@@ -25,7 +23,7 @@ def test_telemetry_carries_power_position_and_clock(online_kit: Any, fleet: Any,
                           gnss={"enabled": True, "backend": "sim"})
     guard = PowerGuard(PowerMonitor(SimulatedPower(25.0)), cfg.power, lambda: k.enrollment, lambda code: None)
     guard.tick()  # one reading: 25 % is at or below warn
-    key = Ed25519PrivateKey.generate()
+    key = k.identity.signing_key  # the daemon signs corrections with the kit key
     clock = ClockCorrections(tmp_path / "clock.json", k.identity.kit_id, lambda body: clock_correction.sign(body, key))
     clock.note(1, "r1", synced=False)
     clock.observe(ClockState(True, "gnss"))
@@ -44,6 +42,10 @@ def test_telemetry_carries_power_position_and_clock(online_kit: Any, fleet: Any,
     assert t["clock"]["synced"] is True and t["clock"]["source"] == "gnss"
     assert t["clock"]["corrections"][0]["segments"][0]["first_seq"] == 1
     assert "power" not in t["health"] and "clock" not in t["health"]  # once, under their own keys
+    # The fleet registry kept the kit's correction, verified with the kit's registered key (the export applies it).
+    kept = wait_for(lambda: fleet.clock_corrections(kid), 15, "the correction kept by the fleet registry")
+    assert [(s["first_seq"], s["last_seq"]) for s in kept[0]["segments"]] == [(1, 1)]
+    assert kept[0]["source"] == "gnss" and kept[0]["verified_key"].startswith("current:")
 
 
 def test_fleet_config_cannot_set_the_commands_the_kit_runs(online_kit: Any, fleet: Any, fleet_link: Any) -> None:

@@ -132,6 +132,28 @@ def test_store_duplicate_read_and_since(backend, kit_key):
         a.read(recs[0][0])
 
 
+def test_records_of_a_seq_range_and_cursor_order(backend, kit_key):
+    """What the export's late clock corrections look up: a kit's records by seq range, paged; `cursor_key` orders
+    `since()` cursors (a record at or before the saved cursor was exported)."""
+    a = backend.open(tofu=True)
+    recs = [seal(kit_key, s) for s in (1, 2, 3, 5, 8)]
+    for _rid, data in recs:
+        assert a.store(data, KIT, "mqtt").status == "stored"
+    a.store(seal(Ed25519PrivateKey.generate(), 2, OTHER_KIT)[1], OTHER_KIT, "mqtt")
+    page = a.records_in_range(KIT, 2, 7, limit=2)
+    assert [r.seq for r in page] == [2, 3] and {r.kit_id for r in page} == {KIT}
+    rest = a.records_in_range(KIT, 2, 7, (page[-1].seq, page[-1].record_id), limit=2)
+    assert [r.seq for r in rest] == [5]
+    assert a.records_in_range(KIT, 9, 20) == [] and [r.seq for r in a.records_in_range(OTHER_KIT, 1, 9)] == [2]
+    listed = a.since(None, 10)
+    keys = [a.cursor_key(r.cursor) for r in listed]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    by_id = {r.record_id: r.cursor for r in listed}
+    assert [by_id[r.record_id] for r in page + rest] == [r.cursor for r in page + rest]  # the same cursors as since()
+    with pytest.raises(ValueError):
+        a.cursor_key("not-a-cursor")
+
+
 def test_unknown_kit_tofu_and_registration(backend, kit_key):
     a = backend.open()
     rid, data = seal(kit_key, 1)

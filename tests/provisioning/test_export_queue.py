@@ -36,7 +36,7 @@ def test_the_cursor_exports_only_what_arrived_and_a_second_run_writes_nothing(ki
     before = _files(out)
     r = export(a.root, kit, out, "an2k")  # nothing new: nothing written, the cursor stays
     assert r.returncode == 0 and json.loads(r.stdout) == {"written": [], "unchanged": [], "failed": [],
-                                                          "cursor": first["cursor"]}
+                                                          "cursor": first["cursor"], "corrected": []}
     a.store(kit.records["two_exceptions"], kit.ident.kit_id, "test")
     r = export(a.root, kit, out, "an2k")
     new = json.loads(r.stdout)
