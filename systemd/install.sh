@@ -30,7 +30,8 @@ UNITDIR=/etc/systemd/system
 UDEVDIR=/etc/udev/rules.d
 JOURNALD=/etc/systemd/journald.conf.d
 UNITS="rekamd.service rekam-firstboot.service rekam-usb-mount@.service rekam-usb-eject.path
-rekam-usb-eject.service rekam-ingest.service rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service"
+rekam-usb-eject.service rekam-ingest.service rekam-archive-check.service rekam-archive-check.timer
+rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service"
 
 say() { printf 'rekam-install: %s\n' "$*"; }
 die() { printf 'rekam-install: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -127,7 +128,7 @@ do_install() {
         systemctl daemon-reload
         systemctl try-restart systemd-journald.service || true
         systemctl enable rekam-firstboot.service rekamd.service rekam-usb-eject.path rekam-update.path
-        if [ "$ROLE" = datacenter ]; then systemctl enable rekam-ingest.service; fi
+        if [ "$ROLE" = datacenter ]; then systemctl enable rekam-ingest.service rekam-archive-check.timer; fi
         if [ -e "$ETC/datacenter.pub" ]; then
             systemctl restart rekam-firstboot.service rekamd.service
             systemctl start rekam-usb-eject.path
@@ -151,7 +152,7 @@ remove_if_default() {
 do_uninstall() {
     if have_systemd; then
         systemctl disable --now rekamd.service rekam-firstboot.service rekam-usb-eject.path \
-            rekam-ingest.service rekam-update.path 2>/dev/null || true
+            rekam-ingest.service rekam-archive-check.timer rekam-update.path 2>/dev/null || true
         systemctl stop 'rekam-usb-mount@*.service' 2>/dev/null || true
     fi
     for u in $UNITS; do rm -f "$DESTDIR$UNITDIR/$u"; done

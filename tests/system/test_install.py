@@ -24,6 +24,7 @@ EXPECTED = [
     "etc/systemd/system/rekamd.service", "etc/systemd/system/rekam-firstboot.service",
     "etc/systemd/system/rekam-usb-mount@.service", "etc/systemd/system/rekam-usb-eject.path",
     "etc/systemd/system/rekam-usb-eject.service", "etc/systemd/system/rekam-ingest.service",
+    "etc/systemd/system/rekam-archive-check.service", "etc/systemd/system/rekam-archive-check.timer",
     "etc/udev/rules.d/99-rekam-usb.rules", "etc/systemd/journald.conf.d/rekam.conf",
 ]
 

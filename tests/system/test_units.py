@@ -11,7 +11,7 @@ import pytest
 
 from tests.system.conftest import REPO, SYSTEMD_DIR, need_tool
 
-UNITS = sorted(p.name for p in SYSTEMD_DIR.iterdir() if p.suffix in (".service", ".path"))
+UNITS = sorted(p.name for p in SYSTEMD_DIR.iterdir() if p.suffix in (".service", ".path", ".timer"))
 VENV = REPO / ".venv"
 
 
@@ -29,7 +29,8 @@ def _staged(tmp_path: Path) -> Path:
 
 def test_expected_units_present() -> None:
     assert {"rekamd.service", "rekam-firstboot.service", "rekam-usb-mount@.service", "rekam-usb-eject.path",
-            "rekam-usb-eject.service", "rekam-ingest.service"} <= set(UNITS)
+            "rekam-usb-eject.service", "rekam-ingest.service", "rekam-archive-check.service",
+            "rekam-archive-check.timer"} <= set(UNITS)
 
 
 @pytest.mark.parametrize("name", [*UNITS, "rekam-usb-mount@sda1.service"])
@@ -112,7 +113,8 @@ def test_exit_status_reboots_or_powers_off(tmp_path: Path, status: str, expect: 
     assert (calls.read_text().strip() if calls.exists() else "") == expect
 
 
-@pytest.mark.parametrize("name", ["rekam-firstboot.service", "rekam-usb-mount@.service", "rekam-usb-eject.service"])
+@pytest.mark.parametrize("name", ["rekam-firstboot.service", "rekam-usb-mount@.service", "rekam-usb-eject.service",
+                                  "rekam-archive-check.service"])
 def test_exec_commands_parse(name: str) -> None:
     """Every ExecStart/ExecStop argument list is accepted by the real argument parser it calls."""
     for line in _directives(name, "ExecStart") + _directives(name, "ExecStop"):
@@ -121,6 +123,9 @@ def test_exec_commands_parse(name: str) -> None:
         if prog == "rekam":
             from firmware.cli.main import build_parser
             build_parser().parse_args(argv[1:])
+        elif prog == "rekam-fleet":
+            from provisioning.cli import build_parser as fleet_parser
+            fleet_parser().parse_args(argv[1:])
         else:
             assert prog == "python" and argv[1:3] == ["-m", "hw.usbstick"]
             from hw.usbstick import build_parser as hw_parser
