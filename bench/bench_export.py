@@ -7,7 +7,10 @@ rounds in the same run (the machine is shared and noisy):
 - decrypt: `Archive.read` + verify + decrypt + `Payload.decode` of every record (the floor any export pays);
 - an2k: the whole export to AN2K with WSQ Type-14s (`Exporter.run_queue` into a fresh folder);
 - an2k-raw: AN2K with uncompressed Type-14s (the cost of nistitl and the file writes without WSQ);
-- cbeff: the whole export to CBEFF with lossless JPEG 2000 inside FIR/FAC, XSD-validated.
+- cbeff: the whole export to CBEFF with lossless JPEG 2000 inside FIR/FAC, XSD-validated;
+- an2k-fleet: an2k with ``--fleet-db`` (a fleet.db holding a clock correction): the per-record lookup of the
+  correction segment and of the kit's registry row that the option adds (the records are sealed with a synced
+  clock, so the output is an2k's).
 
     .venv/bin/python bench/bench_export.py [--records N] [--rounds N] [--dir PATH]
 
@@ -32,6 +35,7 @@ from bench.bench_enroll import corpus_dir  # noqa: E402
 from firmware.capture.simulated import FINGERS, SimulatedCapture  # noqa: E402
 from firmware.seal import identity  # noqa: E402
 from firmware.wire import record_format as rf  # noqa: E402
+from provisioning import registry_db  # noqa: E402
 from provisioning.archive import Archive  # noqa: E402
 from provisioning.interchange.export import Exporter, Options  # noqa: E402
 
@@ -88,13 +92,25 @@ def main() -> int:
     recs = make_records(args.records, ident, pub, corpus_dir())
     archive = Archive(root / "archive")
     archive.register_kit(ident.kit_id, ident.public_key_b64)
+    (root / "fleet").mkdir()
+    reg = registry_db.open_registry(root / "fleet", None)  # a fleet registry with one correction of this kit
+    with reg.write():
+        reg.execute("INSERT INTO kits (kit_id, public_key, state) VALUES (?, ?, 'approved')",
+                    (ident.kit_id, ident.public_key_b64))
+        reg.execute("INSERT INTO clock_corrections (id, kit_id, boot_id, source, issued, sig, doc, verified_key, "
+                    "received_at) VALUES (1, ?, 'b', 'ntp', '2026-12-01T00:00:00Z', 's', '{}', 'current:x', 0)",
+                    (ident.kit_id,))
+        reg.execute("INSERT INTO clock_segments VALUES (?, 'b', 1, ?, ?, 3600.0, 1)",
+                    (ident.kit_id, args.records, args.records))
+    reg.close()
+    fleet_archive = Archive(root / "archive", fleet_db=root / "fleet" / "fleet.db")
     for data in recs:
         assert archive.store(data, ident.kit_id, "bench").status == "stored"
     size = sum(len(r) for r in recs) / len(recs)
     print(f"{args.records} records of {size / 1024:.0f} KiB (10 fingers + face) sealed and archived in "
           f"{time.perf_counter() - t0:.1f} s")
     modes = {"decrypt": None, "an2k": Options("an2k", "BENCH"), "an2k-raw": Options("an2k", "BENCH", uncompressed=True),
-             "cbeff": Options("cbeff")}
+             "cbeff": Options("cbeff"), "an2k-fleet": Options("an2k", "BENCH")}
     rates: dict[str, list[float]] = {m: [] for m in modes}
     sizes: dict[str, float] = {}
     for r in range(args.rounds):
@@ -104,7 +120,8 @@ def main() -> int:
                 n = decrypt_all(archive, key)
             else:
                 out = root / f"out-{mode}-{r}"
-                s = Exporter(archive, key, out, opts, stream=io.StringIO(), progress=False, jobs=args.jobs).run_queue()
+                a = fleet_archive if mode == "an2k-fleet" else archive
+                s = Exporter(a, key, out, opts, stream=io.StringIO(), progress=False, jobs=args.jobs).run_queue()
                 assert not s.failed, s.failed[:3]
                 n = len(s.written)
                 files = [p for p in out.iterdir() if not p.name.startswith(".")]
@@ -117,8 +134,10 @@ def main() -> int:
         kib = f"{sizes[mode] / 1024:9.0f}" if mode in sizes else f"{'-':>9}"
         print(f"{mode:10} {med:10.1f} {med / base:10.3f} {kib}")
     print(f"ratio: export AN2K+WSQ is {base / statistics.median(rates['an2k']):.1f}x slower than decrypting alone, "
-          f"CBEFF+JP2 {base / statistics.median(rates['cbeff']):.1f}x")
+          f"CBEFF+JP2 {base / statistics.median(rates['cbeff']):.1f}x; --fleet-db costs "
+          f"{statistics.median(rates['an2k']) / statistics.median(rates['an2k-fleet']):.3f}x an2k's time")
     archive.close()
+    fleet_archive.close()
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
