@@ -232,6 +232,14 @@ class ArchiveBase:
                                 (after, ids[-1]), optional=True)
         return [_segment(r) for r in rows], ids[-1]
 
+    def first_clock_correction(self) -> str | None:
+        """A name of the fleet registry's corrections: its first kept correction (``id:kit:sig``, rows are never
+        deleted), or None (no registry, or none kept yet). The export binds its correction cursor to it."""
+        if self.fleet_db is None:
+            return None
+        rows = self._fleet_rows("SELECT id, kit_id, sig FROM clock_corrections ORDER BY id LIMIT 1", (), optional=True)
+        return f"{rows[0][0]}:{rows[0][1]}:{str(rows[0][2])[:24]}" if rows else None
+
     def records_in_range(self, kit_id: str, first_seq: int, last_seq: int, after: tuple[int, str] | None = None,
                          limit: int = 200) -> list[ArchivedRecord]:
         """Up to `limit` archived records of `kit_id` with ``first_seq <= seq <= last_seq``, by (seq, record id),

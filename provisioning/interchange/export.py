@@ -383,6 +383,19 @@ class Exporter:
             raise ExportError("bad_cursor", f"{str(start)[:40]!r} is not a cursor of this archive") from None
         after = mine.get("corrections_cursor", 0)
         after = after if isinstance(after, int) and not isinstance(after, bool) and after >= 0 else 0
+        # The cursor is an id of one registry: named by its first correction (rows are never deleted). Another
+        # registry's ids would skip its corrections: start over there (re-exports are identical bytes at worst).
+        try:
+            mark = self.archive.first_clock_correction()
+        except ArchiveError as e:
+            raise ExportError("archive_error", str(e)) from None
+        seen = mine.get("corrections_registry")
+        if mark is not None and seen is not None and seen != mark:
+            self.stream.write(f"export clock corrections of another fleet registry: all of them looked at again "
+                              f"was={str(seen)[:80]} now={mark}\n")
+            after = 0
+        if mark is not None:
+            mine["corrections_registry"] = mark
         while True:
             try:
                 segments, newest = self.archive.clock_segments_since(after)

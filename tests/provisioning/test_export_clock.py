@@ -166,6 +166,15 @@ def test_a_correction_that_arrives_after_the_export_re_exports_on_the_next_queue
     assert third["written"] == [later_id] and third["corrected"] == [], third
     assert list(an2k(out / f"{later_id}.an2")[1]._18[0])[0] == "30.000"
     f.close()
+    # Another fleet registry (moved, rebuilt): its correction ids start at 1 again, below this folder's cursor;
+    # the cursor is bound to the registry (its first correction), so its correction is not skipped.
+    g = fleet_with(tmp_path / "other", kit)
+    send_corrections(g, kit, ("boot-9", [(kit.open(two)[0].seq, kit.open(two)[0].seq, 90.0)]))
+    r = export(a.root, kit, out, "an2k", "--fleet-db", str(tmp_path / "other" / "fleet" / "fleet.db"))
+    fourth = json.loads(r.stdout)
+    assert fourth["corrected"] == [two_id] and "another fleet registry" in r.stderr, r.stdout + r.stderr
+    assert list(an2k(out / f"{two_id}.an2")[1]._18[0])[0] == "90.000"
+    g.close()
 
 
 def an2k_time(data: bytes) -> str:
