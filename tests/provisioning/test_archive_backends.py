@@ -222,13 +222,19 @@ def test_conflicts_are_kept_and_never_overwrite(backend, kit_key):
     assert a.read(rid2) == placed and len(backend.conflicts(a)) == 2
 
 
+def fleet_db_with(path: Path, key: Ed25519PrivateKey) -> sqlite3.Connection:
+    """A minimal fleet.db (its `kits` table) where KIT is approved with `key`; the open connection."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE kits (kit_id TEXT PRIMARY KEY, public_key TEXT, state TEXT)")
+    db.execute("INSERT INTO kits VALUES (?,?, 'approved')", (KIT, b64(key)))
+    db.commit()
+    return db
+
+
 def test_key_rotation_from_the_fleet_registry(backend, tmp_path):
     old, new, stranger = (Ed25519PrivateKey.generate() for _ in range(3))
     fleet = tmp_path / "fleet.db"
-    db = sqlite3.connect(fleet)
-    db.execute("CREATE TABLE kits (kit_id TEXT PRIMARY KEY, public_key TEXT, state TEXT)")
-    db.execute("INSERT INTO kits VALUES (?,?, 'approved')", (KIT, b64(old)))
-    db.commit()
+    db = fleet_db_with(fleet, old)
     a = backend.open(fleet_db=fleet)
     assert a.store(seal(old, 1)[1], KIT, "mqtt").status == "stored"
     assert a.kits()[0]["how"] == "fleet"
@@ -249,10 +255,7 @@ def test_a_revoked_kit_is_not_archived(backend, tmp_path):
     (the kit may purge them), and an archive without the registry (a supervisor's stick import) still takes them."""
     key = Ed25519PrivateKey.generate()
     fleet = tmp_path / "fleet.db"
-    db = sqlite3.connect(fleet)
-    db.execute("CREATE TABLE kits (kit_id TEXT PRIMARY KEY, public_key TEXT, state TEXT)")
-    db.execute("INSERT INTO kits VALUES (?,?, 'approved')", (KIT, b64(key)))
-    db.commit()
+    db = fleet_db_with(fleet, key)
     a = backend.open(fleet_db=fleet)
     rid1, r1 = seal(key, 1)
     assert a.store(r1, KIT, "mqtt", expect_record_id=rid1).status == "stored"
