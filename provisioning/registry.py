@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 SCHEMA = registry_db.SQLITE_SCHEMA  # (the PostgreSQL schema: registry_db.MIGRATIONS)
 
 
+REFUSED_RETRY_S = 3600.0  # a refused clock correction is looked at (and logged) again after this long
+
+
 class Fleet:
     """The fleet registry (no network; see `FleetService` and `FleetLink` for MQTT)."""
 
@@ -62,9 +65,11 @@ class Fleet:
         self.registry = registry or self.settings.get("registry") or None
         self.db = registry_db.open_registry(self.data, self.registry)
         self._lock = threading.RLock()
-        # (kit, sig) of clock corrections this process already stored or refused: telemetry repeats them every
-        # interval; a refused one is logged once per process, not once per message (bounded, then forgotten)
-        self._corrections_seen: set[tuple[str, str]] = set()
+        # (kit, document hash) of clock corrections this process already stored or refused -> when to look again
+        # (stored: never; refused: after REFUSED_RETRY_S, since a refusal may end, e.g. the rotation result that
+        # proves the signing key arrives after the telemetry). Telemetry repeats them every interval: a refused one
+        # is logged once per retry period, not once per message. Bounded, then forgotten.
+        self._corrections_seen: dict[tuple[str, str], float] = {}
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -520,7 +525,8 @@ class Fleet:
     def _take_clock_corrections(self, kit_id: str, body: dict[str, Any], current_key: str) -> int:
         """Keep the signed clock corrections of a verified telemetry message (``clock.corrections``); returns how
         many documents were new. A bad document is refused alone (log line, ``clock_correction_refused`` event,
-        once per process), never the telemetry; a document already kept is skipped (the kit repeats them)."""
+        once an hour: it is looked at again then), never the telemetry; a document already kept is skipped (the kit
+        repeats them)."""
         clock = body.get("clock")
         docs = clock.get("corrections") if isinstance(clock, dict) else None
         if docs is None:
@@ -533,7 +539,7 @@ class Fleet:
         for doc in docs:
             # the whole document's hash, not its sig: an altered copy of a good document must not hide it
             mark = (kit_id, hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest())
-            if mark in self._corrections_seen:
+            if self._corrections_seen.get(mark, 0.0) > time.monotonic():
                 continue
             try:
                 new += self._take_clock_correction(kit_id, doc, current_key)
@@ -547,15 +553,15 @@ class Fleet:
             self._remember_correction(mark)
         return new
 
-    def _remember_correction(self, mark: tuple[str, str]) -> None:
+    def _remember_correction(self, mark: tuple[str, str], for_s: float = float("inf")) -> None:
         if len(self._corrections_seen) >= 10000:
             self._corrections_seen.clear()
-        self._corrections_seen.add(mark)
+        self._corrections_seen[mark] = time.monotonic() + for_s
 
     def _refuse_correction(self, kit_id: str, mark: str, reason: str) -> None:
-        if (kit_id, mark) in self._corrections_seen:
+        if self._corrections_seen.get((kit_id, mark), 0.0) > time.monotonic():
             return
-        self._remember_correction((kit_id, mark))
+        self._remember_correction((kit_id, mark), REFUSED_RETRY_S)
         log.warning("clock correction refused kit_id=%s reason=%s", kit_id, reason)
         self.event("clock_correction_refused", kit_id, reason=reason)
 

@@ -178,7 +178,13 @@ def test_a_correction_signed_before_a_key_rotation_still_verifies(tmp_path) -> N
     forged_proof, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     rotated("c3", forged_proof, new, stranger, 3)  # proof not made by the new key
     rotated("c4", other, Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(), 4)  # not in the chain
-    fresh = Fleet(tmp_path / "fleet")  # (this process remembers the refusal; a restart retries)
+    # The same process retries a refused correction once its retry period has passed (here: at once), and the
+    # proven rotation now lets it in; within the period it is not even looked at again.
+    assert telemetry(f, new, [before]) == "telemetry" and f.clock_corrections(KIT) == []
+    f._corrections_seen = {k: 0.0 for k in f._corrections_seen}  # the period is over
+    assert telemetry(f, new, [before]) == "telemetry"
+    assert [d["verified_key"] for d in f.clock_corrections(KIT)] == [f"rotated:{cp.key_fingerprint(old)}"]
+    fresh = Fleet(tmp_path / "fleet")  # another process (its own memory of what it saw)
     assert telemetry(fresh, new, [before, correction(stranger, [seg(6, 9, 1.0)]), correction(
         forged_proof, [seg(10, 11, 1.0)]), correction(other, [seg(12, 13, 1.0)])]) == "telemetry"
     kept = fresh.clock_corrections(KIT)
