@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.errors import FleetError
+from firmware.system.sqlitedb import connect_wal
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,8 @@ class SqliteDb(_Nesting):
     IntegrityError = sqlite3.IntegrityError
 
     def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self.conn = connect_wal(path, 10)  # `rekam-fleet` commands and the fleet service may open it together
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.executescript(SQLITE_SCHEMA)
         self._lock = threading.RLock()
 

@@ -5,13 +5,13 @@ backend); the ingest worker picks the one that goes with its archive."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from firmware.errors import ArchiveError
+from firmware.system.sqlitedb import connect_wal
 from firmware.wire import relay_protocol as proto
 
 
@@ -69,11 +69,9 @@ class Staging:
 
     def __init__(self, path: Path, limits: StagingLimits | None = None) -> None:
         self.limits = limits or StagingLimits()
-        self.conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn = connect_wal(path, 60)  # workers may open a fresh staging.db at the same moment
         # Losing staged chunks in a power cut is harmless (the kit resends until acked): no fsync per chunk.
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA busy_timeout=60000")
         self.conn.execute("""CREATE TABLE IF NOT EXISTS chunks (
             record_id TEXT NOT NULL, sha256 TEXT NOT NULL, idx INTEGER NOT NULL, total INTEGER NOT NULL,
             size INTEGER NOT NULL, kit_id TEXT NOT NULL, data BLOB NOT NULL, at REAL NOT NULL,

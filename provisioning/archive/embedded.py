@@ -13,6 +13,7 @@ from typing import Any
 
 from firmware.errors import ArchivedRecordCorrupt, ArchivedRecordMissing, ArchiveError
 from firmware.system.fsutil import fsync_dir
+from firmware.system.sqlitedb import connect_wal
 from firmware.wire import record_format as rf
 from provisioning.archive.base import ArchiveBase, ArchivedRecord, _now
 
@@ -29,11 +30,8 @@ class Archive(ArchiveBase):
         self.records_dir.mkdir(parents=True, exist_ok=True)
         (self.root / "conflicts").mkdir(exist_ok=True)
         self._lock = threading.Lock()
-        self.conn = sqlite3.connect(self.root / "index.db", timeout=60, isolation_level=None,
-                                    check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn = connect_wal(self.root / "index.db", 60)  # workers may open a fresh archive at the same moment
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA busy_timeout=60000")
         self.conn.executescript("""
             CREATE TABLE IF NOT EXISTS records (
                 record_id TEXT PRIMARY KEY, kit_id TEXT NOT NULL, seq INTEGER NOT NULL, sha256 TEXT NOT NULL,
