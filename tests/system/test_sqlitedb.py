@@ -1,6 +1,6 @@
 """Several processes opening one fresh SQLite database in WAL mode at the same moment (two ingest workers
 started together on a new archive): none of them fails with "database is locked" (firmware/system/sqlitedb.py).
-Without the retry, plain ``PRAGMA journal_mode=WAL`` failed 13 of 60 such opens on the development machine."""
+Without the retry, plain ``PRAGMA journal_mode=WAL`` fails some of them (bench/bench_sqlite_open.py: 3 to 13 of 60)."""
 
 from __future__ import annotations
 
