@@ -322,6 +322,7 @@ class EnrollmentStage:
         kit.enrollment.add_listener(
             lambda event, data: kit.note_commit(data["record_id"], data["seq"]) if event == "committed" else None)
         kit.services["sensor"] = sensor
+        kit.services["quality"] = kit.hardware["quality"]  # which quality checks loaded (the update self-test)
 
     def stop(self) -> None:
         """Cancel an enrollment in progress and close the devices (idempotent)."""

@@ -198,6 +198,14 @@ def print_field(st: dict[str, Any]) -> None:
             print(_("position: {fix} fix {where}, accuracy {accuracy} m, {satellites} satellites, {age} s old",
                     fix=pos["fix"].upper(), where=where, accuracy=pos.get("accuracy_m", "?"),
                     satellites=pos.get("satellites_used", "?"), age=pos.get("age_s", "?")))
+    q = st.get("quality")
+    if isinstance(q, dict) and q:
+        bad = {n: c for n, c in q.items() if isinstance(c, dict) and c.get("state") == "unavailable"}
+        ready = [n for n, c in q.items() if isinstance(c, dict) and c.get("state") == "ready"]
+        print(_("quality checks: ready {ready}", ready=", ".join(ready) or "-")
+              + ("  " + _("NOT LOADED {names}", names=", ".join(bad)) if bad else ""))
+        for n, c in bad.items():
+            print(f"  ! {n}: {c.get('error', '')}")
     clk = st.get("clock")
     if isinstance(clk, dict) and "synced" in clk:
         print((_("clock: synchronised ({source})", source=clk.get("source", "")) if clk["synced"]

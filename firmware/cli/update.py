@@ -112,6 +112,10 @@ def api_uplink(state_dir: Path) -> bool:
     return st is not None and uplink_up(st)
 
 
+#: Self-test failures the daemon settles before READY (its version, the models it loaded).
+FINAL_CODES = frozenset({"wrong_version", "quality_missing"})
+
+
 def api_probe(state_dir: Path, version: str, need_uplink: bool, timeout: float) -> tuple[bool, str, str]:
     """Poll the daemon's status until the self-test passes (`firmware.control.update.judge_status`) or `timeout`."""
     from firmware.control.update import judge_status
@@ -125,6 +129,8 @@ def api_probe(state_dir: Path, version: str, need_uplink: bool, timeout: float) 
             if ok:
                 return True, code, why
             last = (code, why)
+            if code in FINAL_CODES:  # decided at start: waiting cannot change it
+                return False, code, why
         if time.monotonic() >= deadline:
             return False, last[0], last[1]
         time.sleep(0.5)

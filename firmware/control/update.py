@@ -147,8 +147,9 @@ def check_platform(m: ub.Manifest, supported: Any = None) -> None:
 
 def judge_status(st: dict[str, Any], expect_version: str, need_uplink: bool) -> tuple[bool, str, str]:
     """The self-test on the daemon's ``status`` (the local API's ``/api/v1/status``): the new version runs,
-    the store opened and its journal reads, the sensor is there (or simulated), no service failed, and the
-    uplink is back if it was up before. (ok, code, why)."""
+    the store opened and its journal reads, the sensor is there (or simulated), every quality check a device
+    needs loaded (a release whose models do not load would leave the kit unable to enroll), no service failed,
+    and the uplink is back if it was up before. (ok, code, why)."""
     version = (st.get("daemon") or {}).get("version")
     if version != expect_version:
         return False, "wrong_version", f"daemon runs {version!r}, expected {expect_version!r}"
@@ -158,6 +159,13 @@ def judge_status(st: dict[str, Any], expect_version: str, need_uplink: bool) -> 
     sensor = st.get("sensor")
     if not isinstance(sensor, dict) or sensor.get("error"):
         return False, "sensor_missing", f"sensor: {sensor!r}"[:200]
+    quality = st.get("quality")
+    if isinstance(quality, dict):  # absent from releases before it was reported: not required of them
+        missing = {str(n): str(c.get("error", "")) if isinstance(c, dict) else repr(c)
+                   for n, c in quality.items() if not isinstance(c, dict) or c.get("state") not in ("ready", "unused")}
+        if missing:
+            return False, "quality_missing", ("quality checks not loaded: "
+                                              + "; ".join(f"{n}: {e}" for n, e in sorted(missing.items())))[:300]
     failed = [n for n, s in ((st.get("daemon") or {}).get("services") or {}).items()
               if isinstance(s, dict) and s.get("state") == "failed"]
     if failed:

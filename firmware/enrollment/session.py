@@ -372,8 +372,10 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         _, e = self._current(token)
         if e.face_policy is None or (e.face_outcome and e.face_outcome.done):
             raise EnrollmentError("face_done", gettext("the face photo is already taken"))
-        if self.dev.camera is None or self.dev.face_assessor is None:
+        if self.dev.camera is None:
             raise EnrollmentError("no_camera", gettext("no camera is available on this kit"), 503)
+        if self.dev.face_assessor is None:  # the models did not load (the daemon's status says why)
+            raise EnrollmentError("no_face_quality", gettext("the face photo check does not work on this kit"), 503)
         with self._busy(e):
             try:
                 frame = self.dev.camera.capture()
@@ -403,8 +405,11 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         f = self._finger(e, code)
         if f.done:
             raise EnrollmentError("finger_done", gettext("{finger} is already captured", finger=finger_label(code)))
-        if self.dev.sensor is None or self.dev.finger_quality is None:
+        if self.dev.sensor is None:
             raise EnrollmentError("no_sensor", gettext("no fingerprint sensor is configured"), 503)
+        if self.dev.finger_quality is None:
+            raise EnrollmentError("no_finger_quality",
+                                  gettext("the fingerprint quality check does not work on this kit"), 503)
         with self._busy(e):
             try:
                 sensor = self.dev.sensor()

@@ -229,3 +229,24 @@ def test_duplicate_check_flags_the_same_fingers_under_another_nik(make_daemon: A
     assert len(flagged) == 2 and all(e["detail"]["records"] == [a] for e in flagged)
     ids = {r["id"] for r in c.get("/api/v1/records").json()}
     assert ids == {a, other["record_id"], accepted}
+
+
+def test_face_models_that_do_not_load_are_named_not_called_a_missing_camera(make_daemon: Any,
+                                                                           tmp_path: Path) -> None:
+    """The camera works but the face models did not load (here: an empty model folder): the status says which
+    check is unavailable and why (the update self-test reads it), a face attempt is refused as the check that
+    does not work, in Indonesian, and the operator can still go on with a face exception."""
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    d = make_daemon(extra=f'[quality_face]\nmodels_dir = "{empty}"\n')
+    st = d.client().get("/api/v1/status").json()
+    assert st["quality"]["face"]["state"] == "unavailable" and "face_detection" in st["quality"]["face"]["error"]
+    assert st["quality"]["finger"] == {"state": "ready"}, st["quality"]
+    c = d.signin()
+    assert c.post("/api/v1/enrollment", json={"nik": NIK_MALE, "override_reason": ""}).status_code == 200
+    r = c.post("/api/v1/enrollment/face")
+    assert r.status_code == 503 and r.json()["detail"]["code"] == "no_face_quality", r.text
+    assert r.json()["detail"]["message"] == "pemeriksaan mutu foto wajah tidak berfungsi di kit ini"
+    r = c.post("/api/v1/enrollment/face/exception", json={"reason": "model wajah rusak, teknisi dipanggil"})
+    assert r.status_code == 200, r.text
+    assert c.get("/api/v1/enrollment").json()["step"] != "face"

@@ -63,25 +63,32 @@ def tiny_wheel(out: Path, version: str, daemon_body: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def rekam_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real rekam wheel, from this checkout with its version set to 0.2.0 (built once per session)."""
-    root = tmp_path_factory.mktemp("wheel-src")
+def build_rekam_wheel(root: Path, version: str, edits: dict[str, tuple[str, str]] | None = None) -> Path:
+    """The real rekam wheel from this checkout at `version`, with `edits` (file -> (old, new) text) applied."""
     src = root / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     for name in ("firmware", "hw", "provisioning"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    py = src / "pyproject.toml"
-    py.write_text(py.read_text().replace('version = "0.1.0"', 'version = "0.2.0"', 1))
-    init = src / "firmware" / "__init__.py"
-    init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.2.0"'))
+    edits = {"pyproject.toml": ('version = "0.1.0"', f'version = "{version}"'),
+             "firmware/__init__.py": ('__version__ = "0.1.0"', f'__version__ = "{version}"'), **(edits or {})}
+    for rel, (old, new) in edits.items():
+        f = src / rel
+        text = f.read_text()
+        assert old in text, (rel, old)
+        f.write_text(text.replace(old, new, 1))
     out = root / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check", "-w",
                     str(out), str(src)], check=True, capture_output=True, timeout=300)
-    (whl,) = out.glob("rekam-0.2.0-*.whl")
+    (whl,) = out.glob(f"rekam-{version}-*.whl")
     return whl
+
+
+@pytest.fixture(scope="session")
+def rekam_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real rekam wheel, from this checkout with its version set to 0.2.0 (built once per session)."""
+    return build_rekam_wheel(tmp_path_factory.mktemp("wheel-src"), "0.2.0")
 
 
 @pytest.fixture(scope="session")

@@ -118,6 +118,12 @@ def test_self_test_judgement() -> None:
     failed = {**st, "daemon": {"version": "0.2.0", "services": {"store": {"state": "failed"}}}}
     assert judge_status(failed, "0.2.0", False)[1] == "service_failed"
     assert judge_status({k: v for k, v in st.items() if k != "records"}, "0.2.0", False)[1] == "store_failed"
+    ready = {"face": {"state": "ready"}, "finger": {"state": "ready"}, "iris": {"state": "unused"}}
+    assert judge_status({**st, "quality": ready}, "0.2.0", False)[0] is True
+    broken = {**ready, "face": {"state": "unavailable", "error": "ModelError: face_landmark.tflite: hash"}}
+    ok, code, why = judge_status({**st, "quality": broken}, "0.2.0", False)
+    assert (ok, code) == (False, "quality_missing") and "face_landmark.tflite" in why
+    assert judge_status({**st, "quality": {"finger": "odd"}}, "0.2.0", False)[1] == "quality_missing"
 
 
 def test_units_run_real_commands() -> None:

