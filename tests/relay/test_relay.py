@@ -34,6 +34,11 @@ def test_happy_path_status_and_telemetry(mosquitto, make_kit, make_ingest, tmp_p
         assert st["window"] == 16  # min(relay.window=16, mosquitto Receive Maximum=20)
         wait_for(lambda: bool(seen), 5, "relay telemetry")
         assert seen[-1]["kit_id"] == kit.kit_id and "backlog" in seen[-1]
+        # Idle and connected, nothing due: records committed now are sent because the commit wakes the relay
+        # (the store's change hook); nothing else would look for them before a reconnect.
+        more = kit.capture(2)
+        wait_for(lambda: kit.counts()["acked"] == 14, 10, "records committed while idle acked")
+        assert_delivered_once(kit, tmp_path / "archive", ids + more)
     finally:
         sub.loop_stop()
         sub.disconnect()
