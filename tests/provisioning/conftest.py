@@ -110,7 +110,13 @@ class KitHarness:
         return make_kit(self.root, self.cfg_path)
 
 
+#: Every harness made (restarts too), so that `new_kit` stops them all when its test ends: a control plane left
+#: running would go on reconnecting to the test's stopped broker for the rest of the session.
+MADE: list[KitHarness] = []
+
+
 def make_kit(root: Path, cfg_path: Path) -> KitHarness:
+    """A kit harness on the config file `cfg_path` (its store open); listed in `MADE`."""
     local = config.load(cfg_path)
     cfg = effective_config(local)
     ident = identity.load_or_create(cfg.state_dir)
@@ -118,7 +124,9 @@ def make_kit(root: Path, cfg_path: Path) -> KitHarness:
     store.open()
     ops = Operators(operators_from_config(cfg.operators.list))
     enr = EnrollmentService(store, cfg, ops, None, None)  # type: ignore[arg-type]  # no capture in these tests
-    return KitHarness(root, cfg_path, local, cfg, ident, store, enr)
+    k = KitHarness(root, cfg_path, local, cfg, ident, store, enr)
+    MADE.append(k)
+    return k
 
 
 def write_kit_config(root: Path, fleet: Fleet, broker: Mosquitto, extra: str = "", **control: Any) -> Path:
@@ -148,18 +156,19 @@ def write_kit_config(root: Path, fleet: Fleet, broker: Mosquitto, extra: str = "
 
 @pytest.fixture
 def new_kit(tmp_path: Path, fleet: Fleet, broker: Mosquitto) -> Iterator[Callable[..., KitHarness]]:
-    """Factory: a fresh, unclaimed kit (`allow=True` puts it on the fleet's allow-list first)."""
-    made: list[KitHarness] = []
+    """Factory: a fresh, unclaimed kit (`allow=True` puts it on the fleet's allow-list first). At teardown every
+    harness made meanwhile is stopped, the ones a test's `restart()` made included."""
+    first = len(MADE)
 
     def make(name: str = "kit", allow: bool = True, extra: str = "", **control: Any) -> KitHarness:
         k = make_kit(tmp_path / name, write_kit_config(tmp_path / name, fleet, broker, extra, **control))
         if allow:
             with open(fleet.data / "allowlist.txt", "a") as f:
                 f.write(k.identity.kit_id + "\n")
-        made.append(k)
         return k
 
     yield make
+    made, MADE[first:] = MADE[first:], []
     for k in made:
         try:
             k.stop()
