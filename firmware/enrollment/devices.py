@@ -39,10 +39,6 @@ class QualityReadiness:
         else:
             self.checks[name] = {"state": "unavailable", "error": error[:300]}
 
-    def unavailable(self) -> list[str]:
-        """The checks a device needs that did not load."""
-        return [n for n, c in self.checks.items() if c["state"] == "unavailable"]
-
     def status(self) -> dict[str, Any]:
         return {name: dict(c) for name, c in self.checks.items()}
 
