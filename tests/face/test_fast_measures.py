@@ -62,6 +62,14 @@ def test_photometry_and_face_gray_match_the_per_pixel_definition(assessor, load,
     part = measures.face_gray(img, lm.mesh, r_eye, l_eye)
     assert measures.photometry(part, lm.mesh, top, bottom) == measures.photometry(full, lm.mesh, top, bottom)
     assert measures.sharpness(part, r_eye, l_eye) == measures.sharpness(full, r_eye, l_eye)
+    # The assessor's split: photometry from the mesh alone (run while the eyes are refined), then the gray of the
+    # sharpness crop only; every measure equals the one-pass computation.
+    photo = measures.mesh_photometry(img, lm.mesh)
+    assert photo == measures.photometry(full, lm.mesh, top, bottom)
+    sharp_only = measures.face_gray(img, lm.mesh, r_eye, l_eye, oval=False)
+    assert measures.sharpness(sharp_only, r_eye, l_eye) == measures.sharpness(full, r_eye, l_eye)
+    assert measures.measure(img, 1, r.detection, lm, photo) == measures.measure(img, 1, r.detection, lm)
+    assert r.measures == measures.measure(img, 1, r.detection, lm).as_dict()
 
 
 def test_large_frames_are_detected_on_a_downscaled_copy(assessor, load, monkeypatch) -> None:

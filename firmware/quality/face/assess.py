@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from firmware.config.models import QualityFaceConfig
 from firmware.quality.face.detect import Detection, FaceDetector
 from firmware.quality.face.landmarks import FaceLandmarks, LandmarkModel
-from firmware.quality.face.measures import FaceMeasures, measure
+from firmware.quality.face.measures import FaceMeasures, measure, mesh_photometry
 from firmware.system.i18n import N_
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,9 @@ class FaceAssessor:
         folder = self.t.models_dir or None
         self.detector = FaceDetector(self.t.detector, self.t.min_detection_score, folder, self.t.threads)
         self.landmarker = LandmarkModel(folder, self.t.threads, iris=self.t.iris)
+        # Photometry needs only the mesh: one worker runs it while the iris model refines the eyes (the frame
+        # is cold in cache after each model call; measured in bench/bench_face_stages.py).
+        self._photometry = ThreadPoolExecutor(1, thread_name_prefix="face-photometry")
 
     def assess(self, bgr: np.ndarray) -> FaceAssessment:
         """Detect, locate landmarks, measure and judge; never raises for a bad photo."""
@@ -241,11 +245,16 @@ class FaceAssessor:
         elif result.faces > 1:
             result.codes = ["MULTIPLE_FACES"]
         else:
-            lm = self.landmarker.landmarks(bgr, dets[0])
+            lm = self.landmarker.face_mesh(bgr, dets[0])
             if lm is None:
                 result.codes = ["LANDMARKS_FAILED"]
             else:
-                m = measure(bgr, result.faces, dets[0], lm)
+                photo = self._photometry.submit(mesh_photometry, bgr, lm.mesh)
+                try:
+                    self.landmarker.refine_eyes(bgr, lm)
+                finally:
+                    got = photo.result()  # also when the eyes failed: no work left behind on the frame
+                m = measure(bgr, result.faces, dets[0], lm, got)
                 result.landmarks = lm
                 result.measures = m.as_dict()
                 result.components = components(m, self.t)

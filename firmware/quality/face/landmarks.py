@@ -150,6 +150,13 @@ class LandmarkModel:
 
     def landmarks(self, bgr: np.ndarray, det: Detection) -> FaceLandmarks | None:
         """Landmarks of face `det` in `bgr`; None when the mesh model says there is no face."""
+        out = self.face_mesh(bgr, det)
+        if out is not None:
+            self.refine_eyes(bgr, out)
+        return out
+
+    def face_mesh(self, bgr: np.ndarray, det: Detection) -> FaceLandmarks | None:
+        """The mesh passes of `landmarks` (no eye refinement yet: `refine_eyes`)."""
         kp = det.keypoints
         roi = roi_from_points(kp, kp[KP_RIGHT_EYE], kp[KP_LEFT_EYE], FACE_ROI_SCALE, det.box)
         mesh, presence = self._mesh(bgr, roi)
@@ -161,10 +168,14 @@ class LandmarkModel:
             mesh, presence = self._mesh(bgr, roi)
         if presence < MESH_PRESENCE_MIN:
             return None
-        out = FaceLandmarks(mesh, presence, roi)
-        if self.iris_model is not None:
-            # The iris model is trained on the image-left eye (33/133, the subject's right); the
-            # other eye is mirrored in and out, so both contours come back in the same order.
-            out.right_eye, out.right_iris = self._eye(bgr, mesh, RIGHT_EYE_OUTER, RIGHT_EYE_INNER, False)
-            out.left_eye, out.left_iris = self._eye(bgr, mesh, LEFT_EYE_INNER, LEFT_EYE_OUTER, True)
-        return out
+        return FaceLandmarks(mesh, presence, roi)
+
+    def refine_eyes(self, bgr: np.ndarray, lm: FaceLandmarks) -> None:
+        """Eye contours and irises of `lm` from the iris model (nothing without one)."""
+        if self.iris_model is None:
+            return
+        # The iris model is trained on the image-left eye (33/133, the subject's right); the
+        # other eye is mirrored in and out, so both contours come back in the same order.
+        mesh = lm.mesh
+        lm.right_eye, lm.right_iris = self._eye(bgr, mesh, RIGHT_EYE_OUTER, RIGHT_EYE_INNER, False)
+        lm.left_eye, lm.left_iris = self._eye(bgr, mesh, LEFT_EYE_INNER, LEFT_EYE_OUTER, True)

@@ -375,41 +375,60 @@ def sharpness(gray: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray, pla
 
 
 def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye: np.ndarray,
-              plan: Any = None) -> np.ndarray:
-    """Frame-sized gray image converted only where the measures read it: the face oval's box (photometry)
-    and `sharpness_reads` (the sharpness crop's footprint; `plan` = `_sharpness_plan`, if already made).
-    The rest is left as allocated (np.empty: no frame-sized memset) and is never read, so the measures equal
-    those on a fully converted frame (tests fill it with noise); a 1080p frame then costs a face-sized
-    conversion, not a frame-sized one."""
+              plan: Any = None, oval: bool = True) -> np.ndarray:
+    """Frame-sized gray image converted only where the measures read it: the face oval's box (photometry;
+    left out when not `oval`) and `sharpness_reads` (the sharpness crop's footprint; `plan` =
+    `_sharpness_plan`, if already made). The rest is left as allocated (np.empty: no frame-sized memset) and
+    is never read, so the measures equal those on a fully converted frame (tests fill it with noise); a 1080p
+    frame then costs a face-sized conversion, not a frame-sized one."""
     h, w = bgr.shape[:2]
     ox0, oy0, ox1, oy1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
     sx0, sy0, sx1, sy1 = sharpness_reads(bgr.shape, right_eye, left_eye, plan)
     if sx1 <= sx0 or sy1 <= sy0:  # sharpness reads nothing
         sx0, sy0, sx1, sy1 = ox0, oy0, ox1, oy1
-    x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
+    if oval:
+        x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
+    else:
+        x0, y0, x1, y1 = sx0, sy0, sx1, sy1
     gray = np.empty((h, w), np.uint8)
     if x1 > x0 and y1 > y0:
         gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
     return gray
 
 
-def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks) -> FaceMeasures:
-    """Every raw measure of face `det` (with landmarks `lm`) in the BGR frame."""
+Photometry = tuple[float, float, float, float, float, float]
+
+
+def mesh_photometry(bgr: np.ndarray, mesh: np.ndarray) -> Photometry:
+    """`photometry` of the face oval from the BGR frame and the mesh alone (no eye landmarks needed: it can run
+    while the iris model does); the gray pixels are the same conversion `face_gray` makes."""
+    h, w = bgr.shape[:2]
+    x0, y0, x1, y1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
+    gray = np.empty((h, w), np.uint8)
+    if x1 > x0 and y1 > y0:
+        gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
+    return photometry(gray, mesh, mesh[MIDLINE_TOP, :2].mean(axis=0), mesh[MIDLINE_BOTTOM, :2].mean(axis=0))
+
+
+def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks,
+            photo: Photometry | None = None) -> FaceMeasures:
+    """Every raw measure of face `det` (with landmarks `lm`) in the BGR frame; `photo` is
+    `mesh_photometry(bgr, lm.mesh)` when the caller has it already (computed while the eyes were refined)."""
     h, w = bgr.shape[:2]
     mesh = lm.mesh
     r_eye, l_eye = eye_centres(lm)
     ied = float(np.linalg.norm(l_eye - r_eye))
     plan = _sharpness_plan(bgr.shape, r_eye, l_eye)  # made once: face_gray and sharpness both need it
-    gray = face_gray(bgr, mesh, r_eye, l_eye, plan)
+    gray = face_gray(bgr, mesh, r_eye, l_eye, plan, oval=photo is None)
     mid = (r_eye + l_eye) / 2
     t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
     img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
     yaw, pitch, roll = head_pose(mesh)
     (or_, wr), (ol, wl) = eye_opening(lm.eye_contour("right")), eye_opening(lm.eye_contour("left"))
     mouth = float(np.linalg.norm(mesh[LOWER_LIP_INNER, :2] - mesh[UPPER_LIP_INNER, :2])) / t
-    top = mesh[MIDLINE_TOP, :2].mean(axis=0)
-    bottom = mesh[MIDLINE_BOTTOM, :2].mean(axis=0)
-    lum, dark, bright, ent, inter, ratio = photometry(gray, mesh, top, bottom)
+    if photo is None:
+        photo = photometry(gray, mesh, mesh[MIDLINE_TOP, :2].mean(axis=0), mesh[MIDLINE_BOTTOM, :2].mean(axis=0))
+    lum, dark, bright, ent, inter, ratio = photo
     sharp, sharp_iso = sharpness(gray, r_eye, l_eye, plan)
     return FaceMeasures(
         faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
