@@ -112,13 +112,9 @@ def api_uplink(state_dir: Path) -> bool:
     return st is not None and uplink_up(st)
 
 
-#: Self-test failures the daemon settles before READY (its version, the models it loaded).
-FINAL_CODES = frozenset({"wrong_version", "quality_missing"})
-
-
 def api_probe(state_dir: Path, version: str, need_uplink: bool, timeout: float) -> tuple[bool, str, str]:
     """Poll the daemon's status until the self-test passes (`firmware.control.update.judge_status`) or `timeout`."""
-    from firmware.control.update import judge_status
+    from firmware.control.update import SETTLED_AT_START, judge_status
 
     deadline = time.monotonic() + timeout
     last = ("no_status", "the daemon's local API does not answer")
@@ -129,7 +125,7 @@ def api_probe(state_dir: Path, version: str, need_uplink: bool, timeout: float) 
             if ok:
                 return True, code, why
             last = (code, why)
-            if code in FINAL_CODES:  # decided at start: waiting cannot change it
+            if code in SETTLED_AT_START:  # waiting cannot change it
                 return False, code, why
         if time.monotonic() >= deadline:
             return False, last[0], last[1]

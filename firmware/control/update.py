@@ -145,6 +145,11 @@ def check_platform(m: ub.Manifest, supported: Any = None) -> None:
                                         f"{sys.version_info.minor}): {', '.join(bad[:4])}")
 
 
+#: `judge_status` failures the daemon settles before READY (its version, the models it loaded): a probe need not
+#: wait for them to change.
+SETTLED_AT_START = frozenset({"wrong_version", "quality_missing"})
+
+
 def judge_status(st: dict[str, Any], expect_version: str, need_uplink: bool) -> tuple[bool, str, str]:
     """The self-test on the daemon's ``status`` (the local API's ``/api/v1/status``): the new version runs,
     the store opened and its journal reads, the sensor is there (or simulated), every quality check a device

@@ -387,10 +387,14 @@ def face_gray(bgr: np.ndarray, mesh: np.ndarray, right_eye: np.ndarray, left_eye
     if sx1 <= sx0 or sy1 <= sy0:  # sharpness reads nothing
         sx0, sy0, sx1, sy1 = ox0, oy0, ox1, oy1
     if oval:
-        x0, y0, x1, y1 = min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)
-    else:
-        x0, y0, x1, y1 = sx0, sy0, sx1, sy1
-    gray = np.empty((h, w), np.uint8)
+        return _gray_in(bgr, (min(ox0, sx0), min(oy0, sy0), max(ox1, sx1), max(oy1, sy1)))
+    return _gray_in(bgr, (sx0, sy0, sx1, sy1))
+
+
+def _gray_in(bgr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Frame-sized gray image converted inside `box` (x0, y0, x1, y1) only; the rest as allocated."""
+    x0, y0, x1, y1 = box
+    gray = np.empty(bgr.shape[:2], np.uint8)
     if x1 > x0 and y1 > y0:
         gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
     return gray
@@ -403,10 +407,7 @@ def mesh_photometry(bgr: np.ndarray, mesh: np.ndarray) -> Photometry:
     """`photometry` of the face oval from the BGR frame and the mesh alone (no eye landmarks needed: it can run
     while the iris model does); the gray pixels are the same conversion `face_gray` makes."""
     h, w = bgr.shape[:2]
-    x0, y0, x1, y1 = _oval_box(mesh[FACE_OVAL, :2], w, h)
-    gray = np.empty((h, w), np.uint8)
-    if x1 > x0 and y1 > y0:
-        gray[y0:y1, x0:x1] = cv2.cvtColor(bgr[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
+    gray = _gray_in(bgr, _oval_box(mesh[FACE_OVAL, :2], w, h))
     return photometry(gray, mesh, mesh[MIDLINE_TOP, :2].mean(axis=0), mesh[MIDLINE_BOTTOM, :2].mean(axis=0))
 
 
@@ -419,16 +420,14 @@ def measure(bgr: np.ndarray, faces: int, det: Detection, lm: FaceLandmarks,
     r_eye, l_eye = eye_centres(lm)
     ied = float(np.linalg.norm(l_eye - r_eye))
     plan = _sharpness_plan(bgr.shape, r_eye, l_eye)  # made once: face_gray and sharpness both need it
-    gray = face_gray(bgr, mesh, r_eye, l_eye, plan, oval=photo is None)
+    gray = face_gray(bgr, mesh, r_eye, l_eye, plan, oval=False)  # photometry has its own conversion
     mid = (r_eye + l_eye) / 2
     t = float(np.linalg.norm(mesh[CHIN, :2] - mid)) or 1.0
     img_left_x, img_right_x = min(r_eye[0], l_eye[0]), max(r_eye[0], l_eye[0])
     yaw, pitch, roll = head_pose(mesh)
     (or_, wr), (ol, wl) = eye_opening(lm.eye_contour("right")), eye_opening(lm.eye_contour("left"))
     mouth = float(np.linalg.norm(mesh[LOWER_LIP_INNER, :2] - mesh[UPPER_LIP_INNER, :2])) / t
-    if photo is None:
-        photo = photometry(gray, mesh, mesh[MIDLINE_TOP, :2].mean(axis=0), mesh[MIDLINE_BOTTOM, :2].mean(axis=0))
-    lum, dark, bright, ent, inter, ratio = photo
+    lum, dark, bright, ent, inter, ratio = photo if photo is not None else mesh_photometry(bgr, mesh)
     sharp, sharp_iso = sharpness(gray, r_eye, l_eye, plan)
     return FaceMeasures(
         faces=faces, face_score=det.score, ied_px=ied, t_px=t, head_size=t / h,
