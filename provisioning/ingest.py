@@ -328,6 +328,11 @@ class IngestWorker:
         except ArchiveError as e:
             r = StoreResult("retry", c.record_id, c.sha256, str(e))
             log.error("ingest cannot archive record_id=%s error=%s", c.record_id, e)
+        except Exception as e:
+            # A case no check foresaw (a bug here, not the kit's): answered "retry", never left unanswered (the
+            # kit would resend it blindly) and never "rejected" (the kit would quarantine a record that may be good).
+            r = StoreResult("retry", c.record_id, c.sha256, f"internal error: {type(e).__name__}")
+            log.exception("ingest failed archiving record_id=%s kit_id=%s", c.record_id, kit_id)
         finally:
             if staged:
                 self.staging.drop(c.record_id, c.sha256)

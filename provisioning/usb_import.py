@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import stat
@@ -50,18 +51,40 @@ MIB = 1024 * 1024
 DEFAULT_MAX_RECORD_BYTES = 64 * MIB
 
 
+log = logging.getLogger(__name__)
+
+#: Refusals listed one by one in a summary; the rest are counted (`ImportSummary.rejected_more`).
+MAX_REJECTED_SHOWN = 1000
+#: Record ids read from one kit folder (its index and its records/ folder, each): a kit writes ~100 a day, so a
+#: million is decades of a kit's work (~400 GB); past it a stick is hostile or broken, and the rest is not read.
+MAX_RECORDS_PER_KIT = 1_000_000
+
+
 @dataclass
 class ImportSummary:
     """Outcome of one import."""
 
     new: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (record id or file, reason)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (record id or file, reason), the first ones
     kits: list[str] = field(default_factory=list)
+    rejected_more: int = 0  # refusals past MAX_REJECTED_SHOWN, counted only (a hostile stick can hold millions)
+
+    def reject(self, what: str, why: str) -> None:
+        """Note one refusal (its line kept while fewer than `MAX_REJECTED_SHOWN` are, else only counted)."""
+        if len(self.rejected) < MAX_REJECTED_SHOWN:
+            self.rejected.append((what, why))
+        else:
+            self.rejected_more += 1
+
+    @property
+    def rejected_count(self) -> int:
+        return len(self.rejected) + self.rejected_more
 
     def as_dict(self) -> dict[str, Any]:
         return {"kits": self.kits, "new": len(self.new), "already_had": len(self.already),
-                "rejected": [{"record": r, "reason": why} for r, why in self.rejected]}
+                "rejected": [{"record": r, "reason": why} for r, why in self.rejected],
+                "rejected_not_listed": self.rejected_more}
 
 
 def _show(name: str) -> str:
@@ -144,9 +167,12 @@ def kit_dirs(path: Path) -> list[Path]:
     return [k.path for k in find_kits(path)[0]]
 
 
-def _index(kit: KitFolder, summary: ImportSummary) -> dict[str, dict[str, Any]]:
-    """The kit folder's index.jsonl entries; torn lines skipped, hostile lines and files reported."""
-    out: dict[str, dict[str, Any]] = {}
+def _index(kit: KitFolder, summary: ImportSummary) -> set[str]:
+    """The record ids the kit folder's index.jsonl lists; torn lines skipped, hostile lines and files reported.
+
+    Only the ids are kept (the records/ scan reads each file anyway), and at most `MAX_RECORDS_PER_KIT`: an index
+    may be 1 GiB (~5 M lines), which as parsed entries would be gigabytes of memory."""
+    out: set[str] = set()
     where = str(kit.path / L.INDEX)
     try:
         with open_untrusted(kit.root, kit.sub(L.INDEX), L.MAX_INDEX_BYTES) as (fd, _), \
@@ -154,28 +180,30 @@ def _index(kit: KitFolder, summary: ImportSummary) -> dict[str, dict[str, Any]]:
             for n, e in L.index_entries(f, where):
                 if isinstance(e, ProtocolError):
                     if e.reason in L.HOSTILE_REASONS:
-                        summary.rejected.append((f"{where} line {n}", str(e)))
+                        summary.reject(f"{where} line {n}", str(e))
                     continue  # a torn line (yank): the records/ scan finds its file anyway
                 rid = e["record_id"]
                 if parse_record_id(rid) is None:
-                    summary.rejected.append((f"{where} line {n}", Reason(N_("record_id {rid} is not a record id"),
-                                                                         rid=_show(rid[:80]))))
+                    summary.reject(f"{where} line {n}", Reason(N_("record_id {rid} is not a record id"),
+                                                               rid=_show(rid[:80])))
                     continue
-                out[rid] = e
+                if len(out) >= MAX_RECORDS_PER_KIT and rid not in out:
+                    summary.reject(f"{where} line {n}", Reason(N_(
+                        "the index lists more than {n} records: the rest of it is not read"), n=MAX_RECORDS_PER_KIT))
+                    break
+                out.add(rid)
     except FileNotFoundError:
         pass
     except OSError as e:
-        summary.rejected.append((where, Reason(N_("refused: {error}"), error=e)))
+        summary.reject(where, Reason(N_("refused: {error}"), error=e))
     return out
 
 
-def read_index(kit_dir: Path) -> list[dict[str, Any]]:
-    """The stick's index.jsonl entries, skipping torn, invalid and hostile lines (`firmware.wire.stick_layout`)."""
-    return list(_index(KitFolder(kit_dir, "."), ImportSummary()).values())
-
-
 def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str], set[str], bool]:
-    """Record files in ``records/``: (id -> rel path of regular files, ids refused, whether records/ was refused)."""
+    """Record files in ``records/``: (id -> rel path of regular files, ids refused, whether records/ was refused).
+
+    A name that is not ``<record id>.rkm`` is refused unread (it names nothing an archive can hold), and at most
+    `MAX_RECORDS_PER_KIT` files are taken."""
     files: dict[str, str] = {}
     refused: set[str] = set()
     rel = kit.sub(L.RECORDS)
@@ -184,7 +212,7 @@ def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str
     except FileNotFoundError:
         return files, refused, False
     except OSError as e:
-        summary.rejected.append((str(kit.path / L.RECORDS), Reason(N_("refused: {error}"), error=e)))
+        summary.reject(str(kit.path / L.RECORDS), Reason(N_("refused: {error}"), error=e))
         return files, refused, True
     try:
         with os.scandir(fd) as it:
@@ -192,12 +220,26 @@ def _record_files(kit: KitFolder, summary: ImportSummary) -> tuple[dict[str, str
                 if not e.name.endswith(rf.FILE_SUFFIX):
                     continue
                 rid = e.name[: -len(rf.FILE_SUFFIX)]
-                if e.is_file(follow_symlinks=False):
+                if parse_record_id(rid) is None:
+                    summary.reject(_show(e.name), Reason(N_("{name} is not named after a record id: not read"),
+                                                         name=_show(e.name)))
+                    continue
+                if len(files) + len(refused) >= MAX_RECORDS_PER_KIT:
+                    summary.reject(str(kit.path / L.RECORDS), Reason(N_(
+                        "more than {n} record files: the rest are not read"), n=MAX_RECORDS_PER_KIT))
+                    break
+                try:
+                    regular = e.is_file(follow_symlinks=False)
+                    kind = "" if regular else _kind(e.stat(follow_symlinks=False))
+                except OSError as err:  # gone since the listing (a yank, or a hostile device): that file only
+                    summary.reject(_show(rid), Reason(N_("unreadable: {error}"), error=err.strerror or err))
+                    refused.add(rid)
+                    continue
+                if regular:
                     files[rid] = f"{rel}/{e.name}"
                 else:
                     refused.add(rid)
-                    summary.rejected.append((_show(rid), Reason(N_("{name} is {kind}: not read"), name=_show(e.name),
-                                                                kind=_kind(e.stat(follow_symlinks=False)))))
+                    summary.reject(_show(rid), Reason(N_("{name} is {kind}: not read"), name=_show(e.name), kind=kind))
     finally:
         os.close(fd)
     return files, refused, False
@@ -216,11 +258,11 @@ def _stick_id(path: Path, summary: ImportSummary, kit_folder: bool) -> str:
             continue
         except ProtocolError as e:
             if e.reason in L.HOSTILE_REASONS or e.reason == "malformed":
-                summary.rejected.append((where, str(e)))
+                summary.reject(where, str(e))
                 return "?"
             continue  # torn: the records carry their own ids
         except OSError as e:
-            summary.rejected.append((where, Reason(N_("refused: {error}"), error=e)))
+            summary.reject(where, Reason(N_("refused: {error}"), error=e))
             return "?"
     return "?"
 
@@ -257,7 +299,8 @@ def import_stick(path: Path, archive: ArchiveBase, tofu: bool = False, progress:
     dirs, refused = find_kits(path)
     if not dirs and not refused:
         raise FileNotFoundError(_("{path}: no rekam/<kit_id>/kit.json found (is this a rekam stick?)", path=path))
-    summary.rejected += refused
+    for what, why in refused:
+        summary.reject(what, why)
     stick_id = _stick_id(path, summary, kit_folder=dirs[:1] == [KitFolder(path, ".")]) if dirs else "?"
     for kit in dirs:
         kdir = kit.path
@@ -267,23 +310,23 @@ def import_stick(path: Path, archive: ArchiveBase, tofu: bool = False, progress:
             kit_id, key_b64 = str(meta["kit_id"]), str(meta["kit_public_key"])
             decode_kit_key(key_b64)
         except (OSError, ValueError, KeyError, TypeError) as e:  # ProtocolError is a ValueError
-            summary.rejected.append((_show(str(kdir)), Reason(N_("kit.json unreadable: {error}"), error=e)))
+            summary.reject(_show(str(kdir)), Reason(N_("kit.json unreadable: {error}"), error=e))
             continue
         if kit_id != kdir.name:
-            summary.rejected.append((_show(str(kdir)), Reason(N_("kit.json names kit {kit}, folder is {folder}"),
-                                                              kit=_show(kit_id[:80]), folder=_show(kdir.name))))
+            summary.reject(_show(str(kdir)), Reason(N_("kit.json names kit {kit}, folder is {folder}"),
+                                                              kit=_show(kit_id[:80]), folder=_show(kdir.name)))
             continue
         if not is_kit_id(kit_id):  # it names archive folders and database rows
-            summary.rejected.append((_show(str(kdir)), Reason(N_("{kit} is not a kit id"), kit=_show(kit_id[:80]))))
+            summary.reject(_show(str(kdir)), Reason(N_("{kit} is not a kit id"), kit=_show(kit_id[:80])))
             continue
         registered = archive.kit_key(kit_id)
         if registered is None:
             if not tofu:
                 # A command that runs as printed: the archive named (register-kit requires --archive), quoted.
                 cmd = shlex.join(["rekam-fleet", "archive", "register-kit", kit_id, key_b64, *archive.cli_args()])
-                summary.rejected.append((str(kdir), Reason(N_(
+                summary.reject(str(kdir), Reason(N_(
                     "kit {kit} is not registered (check the key against `rekam identity show` on the kit, then: "
-                    "{cmd} ; or --tofu to trust the stick's kit.json)"), kit=kit_id, cmd=cmd)))
+                    "{cmd} ; or --tofu to trust the stick's kit.json)"), kit=kit_id, cmd=cmd))
                 continue
             archive.register_kit(kit_id, key_b64, how="usb-tofu")
         summary.kits.append(kit_id)
@@ -297,27 +340,32 @@ def import_stick(path: Path, archive: ArchiveBase, tofu: bool = False, progress:
             rel = files.get(rid)
             if rel is None:
                 if not records_refused:  # else already reported once for the whole folder
-                    summary.rejected.append((rid, Reason(N_("listed in the stick's index but its file is missing"))))
+                    summary.reject(rid, Reason(N_("listed in the stick's index but its file is missing")))
                 continue
             try:
                 data = read_untrusted(kit.root, rel, max_record_bytes)
             except UntrustedFile as e:
-                summary.rejected.append((_show(rid), Reason(N_("refused: {error}"), error=e)))
+                summary.reject(_show(rid), Reason(N_("refused: {error}"), error=e))
                 continue
             except OSError as e:
-                summary.rejected.append((_show(rid), Reason(N_("unreadable: {error}"), error=e.strerror or e)))
+                summary.reject(_show(rid), Reason(N_("unreadable: {error}"), error=e.strerror or e))
                 continue
             try:
                 r = archive.store(data, kit_id, f"usb:{stick_id}", expect_record_id=rid)
             except (UnknownKit, ArchiveError) as e:
-                summary.rejected.append((_show(rid), str(e)))
+                summary.reject(_show(rid), str(e))
+                continue
+            except Exception as e:  # a file no check foresaw: that file is refused, the rest of the stick imported
+                log.exception("import failed on one record record_id=%s kit_id=%s", _show(rid), kit_id)
+                summary.reject(_show(rid), Reason(N_("unexpected error, not imported: {error}"),
+                                                  error=f"{type(e).__name__}: {str(e)[:200]}"))
                 continue
             if r.status == "stored":
                 summary.new.append(rid)
             elif r.status == "duplicate":
                 summary.already.append(rid)
             else:
-                summary.rejected.append((_show(rid), r.reason))
+                summary.reject(_show(rid), r.reason)
     return summary
 
 
@@ -339,13 +387,15 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(json.dumps(s.as_dict(), indent=1))
     else:
         print(_("imported from {path}: kits {kits}", path=path, kits=", ".join(s.kits) or "-"))
-        rows = ((_("new:"), s.new), (_("already had:"), s.already), (_("rejected:"), s.rejected))
+        rows = ((_("new:"), len(s.new)), (_("already had:"), len(s.already)), (_("rejected:"), s.rejected_count))
         width = max(len(label) for label, _r in rows) + 1
-        for label, items in rows:
-            print(f"  {label:<{width}}{format_count(len(items))}")
+        for label, count in rows:
+            print(f"  {label:<{width}}{format_count(count)}")
         for rid, why in s.rejected:
             print(f"    {rid}: {_shown(why)}")
-    return 1 if s.rejected else 0
+        if s.rejected_more:
+            print("    " + _("... and {n} more not listed", n=format_count(s.rejected_more)))
+    return 1 if s.rejected_count else 0
 
 
 def register(sub: Any) -> None:

@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from firmware.errors import BadSignature, RecordFormatError, TruncatedRecord, WrongKey
+from firmware.errors import BadSignature, ProtocolError, RecordFormatError, TruncatedRecord, WrongKey
+from firmware.wire import safejson
 
 MAGIC = b"REKAMREC"
 VERSION = 1
@@ -41,6 +42,7 @@ PREFIX = struct.Struct(">8sBBI")  # magic, version, flags, header length
 SIG_LEN = 64
 TAG_LEN = 16
 MAX_HEADER = 64 * 1024
+HEADER_DEPTH = 3  # the header object, its recipients list, one wrap object
 PAYLOAD_MAGIC = b"RKPL"
 WRAP_INFO = b"rekam/v1 key-wrap"
 FILE_SUFFIX = ".rkm"
@@ -150,13 +152,17 @@ class Payload:
         (mlen,) = struct.unpack(">I", data[4:8])
         if 8 + mlen > len(data):
             raise TruncatedRecord("payload: manifest runs past the end")
-        try:
-            manifest = json.loads(data[8 : 8 + mlen])
-        except ValueError as e:
-            raise RecordFormatError(f"payload: manifest is not JSON ({e})") from e
+        try:  # bounded: a payload is authenticated, but by a kit key that may have been stolen
+            manifest = safejson.loads_object(data[8 : 8 + mlen], max_bytes=mlen, what="payload manifest")
+        except ProtocolError as e:
+            raise RecordFormatError(f"payload: {e}") from None
         pos = 8 + mlen
         atts = []
-        for a in manifest.pop("attachments", []):
+        listed = manifest.pop("attachments", [])
+        if not isinstance(listed, list) or not all(_attachment_entry(a) for a in listed):
+            raise RecordFormatError("payload: the manifest's attachments are not a list of "
+                                    "{name, type, size, sha256} entries")
+        for a in listed:
             part = data[pos : pos + a["size"]]
             if len(part) != a["size"]:
                 raise TruncatedRecord(f"payload: attachment {a['name']!r} truncated")
@@ -167,6 +173,21 @@ class Payload:
         if pos != len(data):
             raise RecordFormatError("payload: trailing bytes after the attachments")
         return cls(manifest, atts)
+
+
+def _attachment_entry(a: Any) -> bool:
+    return (isinstance(a, dict) and isinstance(a.get("name"), str) and isinstance(a.get("type"), str)
+            and _count(a.get("size")) and isinstance(a.get("sha256"), str))
+
+
+def _count(v: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 1e400)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _quoted(v: str, limit: int = 80) -> str:
+    """A header value in an error message: repr'd (no newline reaches a log line) and cut short."""
+    return repr(v[:limit]) + ("..." if len(v) > limit else "")
 
 
 # --- sealing --------------------------------------------------------------------------------
@@ -196,16 +217,29 @@ class Header:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Header:
+        # Read before the signature is checked: bounded in size and depth (a ``[[[[`` header must not end in
+        # RecursionError) and every field of its exact JSON type (``1e400`` is no sequence number).
         try:
-            h = json.loads(raw)
+            h = safejson.loads_object(raw, max_bytes=MAX_HEADER, max_depth=HEADER_DEPTH, what="header")
+        except ProtocolError as e:
+            raise RecordFormatError(f"header is not valid: {e}") from None
+        for name, ok in (("record_id", str), ("kit_id", str), ("created", str), ("aead", str),
+                         ("kit_key", str), ("nonce", str), ("clock_synced", bool), ("recipients", list)):
+            if not isinstance(h.get(name), ok):
+                raise RecordFormatError(f"header is not valid: {name} is missing or not a {ok.__name__}")
+        for name in ("seq", "payload_len"):
+            if not _count(h.get(name)):
+                raise RecordFormatError(f"header is not valid: {name} is missing or not an integer >= 0")
+        if not all(isinstance(w, dict) and all(isinstance(v, str) for v in w.values()) for w in h["recipients"]):
+            raise RecordFormatError("header is not valid: recipients must be objects of strings")
+        try:
             hdr = cls(
-                record_id=str(h["record_id"]), kit_id=str(h["kit_id"]), seq=int(h["seq"]),
-                created=str(h["created"]), clock_synced=bool(h["clock_synced"]),
-                kit_key=b64d(h["kit_key"], "kit_key"), recipients=list(h["recipients"]),
-                nonce=b64d(h["nonce"], "nonce"), payload_len=int(h["payload_len"]), aead=str(h["aead"]),
+                record_id=h["record_id"], kit_id=h["kit_id"], seq=h["seq"], created=h["created"],
+                clock_synced=h["clock_synced"], kit_key=b64d(h["kit_key"], "kit_key"), recipients=h["recipients"],
+                nonce=b64d(h["nonce"], "nonce"), payload_len=h["payload_len"], aead=h["aead"],
             )
-        except (ValueError, KeyError, TypeError) as e:
-            raise RecordFormatError(f"header is not valid: {e}") from e
+        except ValueError as e:
+            raise RecordFormatError(f"header is not valid: {e}") from None
         if hdr.aead != "chacha20poly1305":
             raise RecordFormatError(f"header: unsupported AEAD {hdr.aead!r}")
         if len(hdr.kit_key) != 32 or len(hdr.nonce) != 12:
@@ -340,12 +374,12 @@ def parse(data: bytes, trusted_kit_key: bytes | None = None) -> Parsed:
         raise RecordFormatError(f"file is {len(data)} bytes, its header says {expected} (trailing data)")
     signer = trusted_kit_key if trusted_kit_key is not None else hdr.kit_key
     if trusted_kit_key is not None and trusted_kit_key != hdr.kit_key:
-        raise BadSignature(f"record {hdr.record_id} is signed by key {key_id(hdr.kit_key)}, "
+        raise BadSignature(f"record {_quoted(hdr.record_id)} is signed by key {key_id(hdr.kit_key)}, "
                            f"not the kit's registered key {key_id(trusted_kit_key)}")
     try:
         Ed25519PublicKey.from_public_bytes(signer).verify(data[-SIG_LEN:], _signed_message(data[:-SIG_LEN]))
     except InvalidSignature:
-        raise BadSignature(f"record {hdr.record_id}: signature does not verify (file altered)") from None
+        raise BadSignature(f"record {_quoted(hdr.record_id)}: signature does not verify (file altered)") from None
     return Parsed(hdr, data[:end_hdr], data[end_hdr:-SIG_LEN])
 
 

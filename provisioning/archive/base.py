@@ -95,6 +95,13 @@ def decode_kit_key(text: str) -> bytes:
     return raw
 
 
+
+def _printable(text: str, limit: int) -> str:
+    """`text` as valid UTF-8 without control characters (escaped), cut at `limit` characters."""
+    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in out)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
 class ArchiveBase:
     """The archive's one verification path (`store`) and kit registry logic over storage primitives.
 
@@ -318,6 +325,10 @@ class ArchiveBase:
         return self._reject(record_id, kit_id, sha, reason, source)
 
     def _reject(self, record_id: str, kit_id: str, sha: str, reason: str, source: str) -> StoreResult:
+        # What a hostile stick or kit named (a file name with undecodable bytes, a long header value) is stored
+        # and logged printable and bounded: no database refuses it, no log line is forged with it.
+        record_id, kit_id, reason, source = (_printable(record_id, 200), _printable(kit_id, 200),
+                                             _printable(reason, 2000), _printable(source, 200))
         with self._transient_as_archive_error(f"cannot record the rejection of {record_id}"):
             self._insert_reject(record_id, kit_id, sha, reason, source)
         log.error("record rejected record_id=%s kit_id=%s source=%s reason=%s", record_id, kit_id, source, reason)
@@ -357,13 +368,14 @@ class ArchiveBase:
             return self._reject(rid, kit_id, sha, f"{type(e).__name__}: {e}", source)
         h = parsed.header
         if keys and h.kit_key not in keys:
-            return self._reject(rid, kit_id, sha, f"BadSignature: record {h.record_id} is signed by key "
+            return self._reject(rid, kit_id, sha, f"BadSignature: record {h.record_id[:80]!r} is signed by key "
                                 f"{rf.key_id(h.kit_key)}, not by a registered key of kit {kit_id}", source)
         if expect_record_id and h.record_id != expect_record_id:
-            return self._reject(rid, kit_id, sha, f"file holds record {h.record_id}, not {expect_record_id}", source)
-        if h.kit_id != kit_id:
-            return self._reject(h.record_id, kit_id, sha, f"record belongs to kit {h.kit_id}, sent as kit {kit_id}",
+            return self._reject(rid, kit_id, sha, f"file holds record {h.record_id[:80]!r}, not {expect_record_id}",
                                 source)
+        if h.kit_id != kit_id:
+            return self._reject(h.record_id, kit_id, sha,
+                                f"record belongs to kit {h.kit_id[:80]}, sent as kit {kit_id}", source)
         if why := record_id_mismatch(h.record_id, h.kit_id, h.seq):
             # A stolen kit signing records named after another kit's next numbers would otherwise squat them.
             return self._reject(h.record_id, kit_id, sha, why, source)

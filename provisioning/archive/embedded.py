@@ -195,7 +195,9 @@ class Archive(ArchiveBase):
         """Write `data` at `path` durably (temp file, fsync, hard link, fsync dir) unless a file is already there;
         True if written. A link never replaces a file, so what was archived first is never overwritten, and the
         name only ever holds a complete, fsync'd file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # a new kit's folder: its entry in records/ is made durable too
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(path.parent.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
@@ -209,6 +211,8 @@ class Archive(ArchiveBase):
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                # Another worker's link: it may not have fsync'd the folder yet, and the caller acks on this answer.
+                fsync_dir(path.parent)
                 return False
         finally:
             os.unlink(tmp)

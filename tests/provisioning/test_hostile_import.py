@@ -25,6 +25,7 @@ from provisioning.archive import Archive
 from provisioning.usb_import import import_stick
 from tests.store.conftest import make_config
 from tests.store.test_hostile_stick import deep_json, mount_medium, payload  # noqa: F401 (mount_medium: a fixture)
+from tests.store.test_record_format import _header, _with_header
 from tests.system.test_usbstick import make_stick  # noqa: F401 (the loop-device fixture, shared)
 
 FAKE_TIME = "20260101T000000Z"
@@ -161,6 +162,27 @@ def index_line_endless(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[
     return "longer than", []
 
 
+@attack
+def record_header_deep(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
+    # Parsed before the signature: json.loads alone ended in RecursionError and aborted the whole import.
+    k.rec(k.fake_id(93)).write_bytes(_with_header(b"[" * 60_000))
+    return "nested", []
+
+
+@attack
+def record_header_seq_overflow(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
+    k.rec(k.fake_id(94)).write_bytes(_with_header(_header(seq="SEQ")))  # 1e400: int(inf) raised OverflowError
+    return "seq", []
+
+
+@attack
+def record_name_undecodable(k: KitStick, tmp: Path, dc_pub: Path) -> tuple[str, list[str]]:
+    # A name that is no UTF-8: storing its rejection raised UnicodeEncodeError in SQLite and aborted the import.
+    os.close(os.open(os.fsencode(k.kdir / "records") + b"/\xff" + os.fsencode(record_format.FILE_SUFFIX),
+                     os.O_WRONLY | os.O_CREAT, 0o644))
+    return "not named after a record id", []
+
+
 def _import(k: KitStick, archive_dir: Path, capsys: Any, *extra: str) -> tuple[int, dict[str, Any]]:
     capsys.readouterr()
     rc = fleet_cli.main(["import", str(k.usb), "--archive", str(archive_dir), "--tofu", "--json", "--no-progress",
@@ -251,3 +273,25 @@ def test_a_symlinked_rekam_folder_is_refused_whole(tmp_path: Path, dc_pub: Path,
     summary = json.loads(capsys.readouterr().out)
     assert rc == 1 and summary["new"] == 0 and summary["kits"] == []
     assert [r["reason"] for r in summary["rejected"]] == ["is a symlink: not read"]
+
+
+def test_an_index_of_millions_of_lines_is_bounded(tmp_path: Path, dc_pub: Path, capsys: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only ids are kept from the index, at most MAX_RECORDS_PER_KIT, and refusals past MAX_REJECTED_SHOWN are
+    counted, not listed (an index may be 1 GiB: parsed entries and one report line each were gigabytes)."""
+    from provisioning import usb_import
+    monkeypatch.setattr(usb_import, "MAX_RECORDS_PER_KIT", 50)
+    monkeypatch.setattr(usb_import, "MAX_REJECTED_SHOWN", 10)
+    k = kit_stick(tmp_path / "kit", tmp_path / "usb", dc_pub, 2)
+    with open(k.kdir / "index.jsonl", "a") as f:
+        for seq in range(100, 400):  # listed, no file: each a refusal
+            f.write(json.dumps({"record_id": k.fake_id(seq)}) + "\n")
+    rc, summary = _import(k, tmp_path / "archive", capsys)
+    assert rc == 1 and summary["new"] == 2
+    # The index is read up to 50 ids (the 2 real ones and 48 without a file), then one "more than 50" line;
+    # the 48 missing files are one refusal each: 49 in all, 10 listed.
+    assert len(summary["rejected"]) == 10 and summary["rejected_not_listed"] == 39
+    assert "more than 50" in summary["rejected"][0]["reason"], summary["rejected"][0]
+    rc = fleet_cli.main(["import", str(k.usb), "--archive", str(tmp_path / "archive"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and " 49\n" in out and "39" in out.splitlines()[-1], out

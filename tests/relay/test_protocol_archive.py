@@ -184,3 +184,21 @@ def test_staging_completes_once_and_expires(tmp_path):
     time.sleep(0.05)
     assert st.expire(0.01) == 1 and st.pending() == 0
     st.close()
+
+
+def test_archive_rejects_a_hostile_header_and_keeps_a_printable_reason(tmp_path, sealed):
+    """A record whose unsigned header is hostile (deep, an overflowing number, a forged log line in its id) is
+    answered "rejected", never an exception that leaves the kit without an answer; the rejection stored and
+    logged is printable and bounded."""
+    from tests.store.test_record_format import _header, _with_header
+    ident, recs = sealed
+    a = Archive(tmp_path / "arch", tofu=True)
+    rid = recs[0][0]
+    assert a.store(recs[0][1], ident.kit_id, "test", expect_record_id=rid).status == "stored"
+    for bad in (_with_header(b"[" * 60_000), _with_header(_header(seq="SEQ")),
+                _with_header(_header(record_id="x\nrecord archived FORGED" + "y" * 5000), tail=80)):
+        r = a.store(bad, ident.kit_id, "test", expect_record_id=f"{ident.kit_id}-00000009-20261129T040000Z")
+        assert r.status == "rejected" and "\n" not in r.reason and len(r.reason) <= 2000, r
+    reasons = [row[0] for row in a.conn.execute("SELECT reason FROM rejects")]
+    assert len(reasons) == 3 and all("\n" not in x for x in reasons)
+    a.close()

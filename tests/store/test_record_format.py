@@ -133,3 +133,64 @@ def test_seal_in_two_steps_is_one_record(dc_keys: dict[str, Any]) -> None:
     assert bytes(out[:end]) == body and rf.sha256_hex(bytes(out)) == digest
     hdr, plain = rf.open_record(bytes(out), dc_keys["sk"], trusted_kit_key=kit_key)
     assert plain == p and hdr.record_id == rid and hdr.seq == 7 and hdr.payload_len == len(p)
+
+
+def _with_header(header: bytes, tail: int = 200) -> bytes:
+    """A file of rekam's layout around an arbitrary (unsigned) header, as a hostile stick or kit could send."""
+    return rf.PREFIX.pack(rf.MAGIC, rf.VERSION, 0, len(header)) + header + b"\0" * tail
+
+
+def _header(**over: Any) -> bytes:
+    import json
+    h = {"record_id": "rk-abcdefghjk-00000001-20261129T000000Z", "kit_id": "rk-abcdefghjk", "seq": 1,
+         "created": "2026-11-29T00:00:00Z", "clock_synced": False, "kit_key": rf.b64e(b"k" * 32),
+         "aead": "chacha20poly1305", "recipients": [{"kid": "x", "epk": "y", "wrapped": "z"}],
+         "nonce": rf.b64e(b"n" * 12), "payload_len": 0}
+    h.update(over)
+    return json.dumps(h).encode().replace(b'"SEQ"', b"1e400")
+
+
+@pytest.mark.parametrize("header,what", [
+    (b"[" * 60_000, "too deep"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "too deep"),
+    (_header(seq="SEQ"), "seq"),  # 1e400: a float (inf) where the sequence number goes
+    (_header(seq="7"), "seq"),
+    (_header(seq=True), "seq"),
+    (_header(seq=-1), "seq"),
+    (_header(payload_len=1.5), "payload_len"),
+    (_header(record_id=["a"]), "record_id"),
+    (_header(clock_synced=1), "clock_synced"),
+    (_header(recipients=[1]), "recipients"),
+    (_header(recipients=[{"kid": 5}]), "recipients"),
+    (_header(kit_key="é"), "kit_key"),
+    (b'{"seq": NaN}', "not valid"),
+    (b"\xff\xfe", "not valid"),
+])
+def test_hostile_header_is_a_format_error_never_a_crash(header: bytes, what: str) -> None:
+    """The header is read before the signature is checked: whatever it holds, parse() raises RecordFormatError
+    (naming what was wrong), never RecursionError, OverflowError or TypeError from deep inside."""
+    with pytest.raises(rf.RecordFormatError) as e:
+        rf.parse(_with_header(header))
+    assert what.replace(" ", "_") in str(e.value) or what in str(e.value)
+
+
+def test_header_values_in_errors_are_quoted_and_cut_short(dc_keys: dict[str, Any]) -> None:
+    """A hostile record id must not forge log lines: errors quote it (no raw newline) and cut it short."""
+    rid = "x\nrecord archived record_id=FORGED " + "y" * 5000
+    data = _with_header(_header(record_id=rid), tail=16 + 64)
+    with pytest.raises(rf.BadSignature) as e:
+        rf.parse(data)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("manifest", [
+    b"[" * 50_000,
+    b'{"attachments": 5}',
+    b'{"attachments": [{"name": "a", "type": "t", "size": 1e400, "sha256": "0"}]}',
+    b'{"attachments": [{"name": "a", "type": "t", "size": -4, "sha256": "0"}]}',
+    b'{"attachments": [{"name": "a"}]}',
+])
+def test_hostile_payload_manifest_is_a_format_error(manifest: bytes) -> None:
+    import struct
+    with pytest.raises(rf.RecordFormatError):
+        rf.Payload.decode(rf.PAYLOAD_MAGIC + struct.pack(">I", len(manifest)) + manifest)
