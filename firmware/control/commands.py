@@ -1,8 +1,12 @@
-"""Fleet commands on the kit: one worker thread runs admitted commands and answers with a signed result.
+"""Fleet commands on the kit: worker threads run admitted commands and answer each with a signed result.
 
 The control plane verifies a command and admits it through the replay guard (`firmware.control.replay`)
 on its network thread, then `CommandRunner.submit()`s it; the runner executes it here, off the network
 thread, and hands the signed result to the plane's ``send``. Every command is audited.
+
+Two workers, each running its commands in order: `SLOW_COMMANDS` (a bundle download may take hours on a rural
+uplink, a copy of the whole backlog to a stick minutes) on one, every other command on the other, so a ``lock``
+for a stolen kit, a ``status`` or a ``sync`` never waits behind them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from firmware.wire import control_protocol as cp
 log = logging.getLogger(__name__)
 
 EX_REBOOT = 76  # the unit's ExecStopPost reboots the machine on this status
+
+#: Commands that can run for minutes to hours: their own worker (see the module doc).
+SLOW_COMMANDS = frozenset({"update", "export_usb"})
+_QUEUE = {"quick": 100, "slow": 8}
 
 
 @dataclass
@@ -78,35 +86,41 @@ def sign_result(kit_id: str, body: dict[str, Any], reply: tuple[str, Any], ok: b
 
 
 class CommandRunner:
-    """The command worker thread (see module doc)."""
+    """The command worker threads (see module doc)."""
 
     def __init__(self, target: CommandTarget, guard: CommandGuard, send: Callable[[Outgoing], None]) -> None:
         self.t = target
         self.guard = guard
         self.send = send
-        self._work: queue.Queue[tuple[dict[str, Any], Any] | None] = queue.Queue(maxsize=100)
-        self._thread: threading.Thread | None = None
+        self._lanes: dict[str, queue.Queue[tuple[dict[str, Any], Any] | None]] = {
+            lane: queue.Queue(maxsize=n) for lane, n in _QUEUE.items()}
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="control-cmd", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for lane, q in self._lanes.items():
+                t = threading.Thread(target=self._run, args=(q,), name=f"control-cmd-{lane}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Finish the running command, drop the others; idempotent."""
-        if self._thread is None:
+        """Finish the running commands (up to `timeout` in all), drop the others; idempotent."""
+        if not self._threads:
             return
-        try:
-            self._work.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self._thread.join(timeout)
-        self._thread = None
+        deadline = time.monotonic() + timeout
+        for q in self._lanes.values():
+            try:
+                q.put(None, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                pass
+        for t in self._threads:  # a download past the deadline is abandoned (a daemon thread; the file is a temp)
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._threads = []
 
     def submit(self, body: dict[str, Any], reply: tuple[str, Any]) -> bool:
-        """Queue an admitted command; False (and a ``busy`` answer) when the queue is full."""
+        """Queue an admitted command on its worker; False (and a ``busy`` answer) when that queue is full."""
         try:
-            self._work.put_nowait((body, reply))
+            self._lanes["slow" if body["name"] in SLOW_COMMANDS else "quick"].put_nowait((body, reply))
             return True
         except queue.Full:
             self.guard.done(body["cmd_id"], "dropped: busy")
@@ -114,9 +128,9 @@ class CommandRunner:
                                   self.t.identity.signing_key))
             return False
 
-    def _run(self) -> None:
+    def _run(self, work: queue.Queue[tuple[dict[str, Any], Any] | None]) -> None:
         while True:
-            item = self._work.get()
+            item = work.get()
             if item is None:
                 return
             body, reply = item

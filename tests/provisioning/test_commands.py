@@ -239,3 +239,22 @@ def test_a_second_copy_of_a_rotation_result_is_a_duplicate_not_a_forgery(online_
     forged = sign_result(kid, body, (cp.result_topic(kid), None), False, "error", "forged", old)
     assert fleet.handle_kit_message(forged.topic, forged.payload) is None
     assert json.loads(fleet.command(cmd_id)["result"])["ok"] is True
+
+
+def test_lock_does_not_wait_behind_a_long_update_download(online_kit, fleet) -> None:
+    """A bundle download may take hours on a rural uplink; a `lock` for a stolen kit sent meanwhile runs at once
+    (the long commands have their own worker), and the download still ends with its own answer."""
+    k = online_kit
+    kid = k.identity.kit_id
+    stall = socket.create_server(("127.0.0.1", 0))  # accepts the connection (backlog), never answers
+    try:
+        url = f"http://127.0.0.1:{stall.getsockname()[1]}/rekam-9.9.9.rkup"
+        args = {"url": url, "sha256": "0" * 64, "size": 1000, "version": "9.9.9"}
+        assert send_command(fleet, kid, "update", args, 600, 0.5) is None  # downloading: no answer yet
+        t0 = time.monotonic()
+        res = send_command(fleet, kid, "lock", {"reason": "kit reported stolen"}, 60, 10)
+        assert res is not None and res["ok"] and time.monotonic() - t0 < 5, res
+        assert k.enrollment.lock_reason == "kit reported stolen"
+    finally:
+        stall.close()  # the pending connection is reset: the download fails and is answered
+    assert send_command(fleet, kid, "unlock", {}, 60, 10)["ok"]
