@@ -137,6 +137,39 @@ def open_dir_beneath(root: Path, rel: str | os.PathLike[str] = ".") -> int:
         raise
 
 
+def open_regular_at(dir_fd: int, name: str, where: str) -> int:
+    """Open regular file `name` in `dir_fd` read-only without ever opening anything else; returns the descriptor.
+
+    The name is first opened with ``O_PATH|O_NOFOLLOW``, which calls no driver: a device node planted on a
+    medium (a watchdog, whose open arms it; a tape, whose open rewinds it) or a FIFO (whose open wakes a
+    writer) is refused from its ``fstat`` without having been opened, a symlink is refused, not followed. Only
+    a regular file is then opened for reading, through ``/proc/self/fd`` (the same inode, no second lookup
+    of the name that could be swapped). `where` names the file in errors (`UntrustedFile`).
+    """
+    try:
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UntrustedFile(errno.ELOOP, f"{where} is a symlink") from None
+        raise
+    try:
+        mode = os.fstat(pfd).st_mode
+        if stat.S_ISLNK(mode):
+            raise UntrustedFile(errno.ELOOP, f"{where} is a symlink")
+        if not stat.S_ISREG(mode):
+            raise UntrustedFile(errno.EINVAL, f"{where} is not a regular file")
+        try:
+            fd = os.open(f"/proc/self/fd/{pfd}", _FILE_FLAGS & ~os.O_NOFOLLOW)
+        except FileNotFoundError:  # no /proc (a minimal chroot): by name, then checked on the descriptor
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UntrustedFile(errno.EINVAL, f"{where} is not a regular file") from None
+        return fd
+    finally:
+        os.close(pfd)
+
+
 @contextmanager
 def open_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> Iterator[tuple[int, int]]:
     """Open regular file `root`/`rel` for reading, safely; yields ``(fd, size)``.
@@ -148,20 +181,11 @@ def open_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> I
     parts = _parts(rel)
     dfd = open_dir_beneath(root, "/".join(parts[:-1]) or ".")
     try:
-        try:
-            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UntrustedFile(errno.ELOOP, f"{root}/{rel} is a symlink") from None
-            if e.errno in (errno.ENXIO, errno.ENODEV):  # a FIFO without a writer, a device node
-                raise UntrustedFile(errno.EINVAL, f"{root}/{rel} is not a regular file") from None
-            raise
+        fd = open_regular_at(dfd, parts[-1], f"{root}/{rel}")
     finally:
         os.close(dfd)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UntrustedFile(errno.EINVAL, f"{root}/{rel} is not a regular file")
         if st.st_size > max_bytes:
             raise UntrustedFile(errno.EFBIG, f"{root}/{rel} is {st.st_size} bytes; the limit is {max_bytes}")
         os.set_blocking(fd, True)

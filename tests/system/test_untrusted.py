@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 
 import pytest
@@ -104,3 +105,27 @@ def test_depth_scan_of_an_unterminated_string_is_one_match():
     with pytest.raises(ProtocolError) as e:
         safejson.loads(doc, max_bytes=1 << 20)
     assert e.value.reason == "not_json"
+
+
+def test_a_fifo_or_device_is_refused_without_being_opened(tmp_path):
+    """Refused from an O_PATH descriptor's fstat, never opened: a device's open can act (a watchdog arms, a tape
+    rewinds). Seen from a FIFO: a writer blocked in open() would be woken by any reader's open."""
+    fifo = tmp_path / "index.jsonl"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        fd = os.open(fifo, os.O_WRONLY)  # blocks until someone opens the FIFO for reading
+        opened.set()
+        os.close(fd)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    with pytest.raises(UntrustedFile) as e:
+        read_untrusted(tmp_path, "index.jsonl", 100)
+    assert e.value.errno == errno.EINVAL and not opened.wait(0.5)
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # release the writer
+    assert opened.wait(5)
+    os.mknod(tmp_path / "node", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    with pytest.raises(UntrustedFile):
+        read_untrusted(tmp_path, "node", 100)
