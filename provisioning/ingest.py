@@ -54,7 +54,7 @@ from provisioning.archive import (
     record_id_mismatch,
 )
 from provisioning.signer import ACK_KEY_FILE, load_ack_key
-from provisioning.staging import Staging, StagingFull, StagingLimits, StagingStore
+from provisioning.staging import InconsistentChunk, Staging, StagingFull, StagingLimits, StagingStore
 
 __all__ = ["IngestSettings", "IngestWorker", "Staging", "StagingFull", "StagingLimits"]  # staging: re-exported
 
@@ -308,6 +308,11 @@ class IngestWorker:
                 log.warning("ingest staging refused kit_id=%s record_id=%s scope=%s detail=%s", kit_id, c.record_id,
                             e.scope, e)
                 self._ack(kit_id, StoreResult("retry", c.record_id, c.sha256, str(e)), link)
+            return
+        except InconsistentChunk as e:  # the kit's chunk contradicts its transfer: dropped, no answer (see staging)
+            self.counters.malformed += 1
+            log.warning("ingest chunk refused kit_id=%s record_id=%s field=%s error=%s", kit_id, c.record_id,
+                        e.field, e)
             return
         except (sqlite3.Error, ArchiveError) as e:
             log.error("ingest staging failed record_id=%s error=%s", c.record_id, e)

@@ -37,6 +37,62 @@ class StagingFull(Exception):
         self.scope = scope
 
 
+class InconsistentChunk(proto.ProtocolError, ArchiveError):
+    """A chunk refused by staging: its geometry contradicts itself, or the transfer it belongs to (`field`: what
+    differed: ``kit``, ``size``, ``total``, ``chunk_size``, ``index`` or ``data``). Nothing of it is staged.
+
+    A malformed chunk (a `ProtocolError`), and an `ArchiveError` too so the ingest drops it like any chunk it
+    cannot stage: logged, never acked, and the transfer it names is left as it was (a hostile duplicate can
+    neither spoil nor prolong a genuine transfer).
+    """
+
+    def __init__(self, c: proto.Chunk, field: str, detail: str) -> None:
+        super().__init__("inconsistent_chunk", f"chunk {c.index}/{c.total} of {c.record_id}: {field}: {detail}; "
+                         "chunk dropped")
+        self.field = field
+
+
+def chunk_bytes(size: int, total: int, chunk_size: int, index: int) -> int:
+    """Length of chunk `index` of a transfer of that geometry: `chunk_size`, the last one the rest."""
+    return chunk_size if index < total - 1 else size - chunk_size * (total - 1)
+
+
+def check_chunk(c: proto.Chunk) -> None:
+    """`InconsistentChunk` unless `c` agrees with itself (as `Chunk.decode` checks): then its transfer's chunks,
+    all of one geometry, stage exactly `c.size` bytes, what its transfer reserves. Staging checks it again so the
+    caps hold for any caller, not only for chunks that came through the decoder."""
+    if not (c.size > 0 and c.chunk_size > 0 and 0 < c.total == -(-c.size // c.chunk_size)):
+        raise InconsistentChunk(c, "total", f"{c.total} chunks does not fit size {c.size} / chunk_size "
+                                f"{c.chunk_size}")
+    if not 0 <= c.index < c.total:
+        raise InconsistentChunk(c, "index", f"{c.index} outside 0..{c.total - 1}")
+    want = chunk_bytes(c.size, c.total, c.chunk_size, c.index)
+    if len(c.data) != want:
+        raise InconsistentChunk(c, "data", f"{len(c.data)} bytes, expected {want}")
+
+
+#: (kit_id, size, total, chunk_size) of a transfer as stored; total and chunk_size are None for a transfer staged
+#: before they were stored (a legacy transfer, see `check_admitted`).
+TransferRow = tuple[str, int, int | None, int | None]
+
+
+def check_admitted(kit_id: str, c: proto.Chunk, t: TransferRow) -> bool:
+    """`InconsistentChunk` unless `c` (already `check_chunk`-ed) belongs to the admitted transfer `t`: the same kit
+    and the same size (the record's bytes are fixed by its sha256, so a genuine resend has its size).
+
+    True when `c` re-chunks the transfer: another chunk size, as a kit sends the record after shrinking its
+    chunks for a broker's smaller packet limit, or a transfer staged before the geometry was stored (legacy).
+    The caller then drops the chunks staged so far and `c` fixes the geometry: the reservation (`size`) is
+    unchanged, so the caps hold, and the kit need not wait for the old transfer to expire."""
+    have_kit, have_size, _have_total, have_csize = t
+    for field, got, have in (("kit", kit_id, have_kit), ("size", c.size, have_size)):
+        if got != have:
+            raise InconsistentChunk(c, field, f"{got!r} differs from the transfer's {have!r} (fixed by its first "
+                                    "chunk)")
+    # (With the same size and chunk size, `check_chunk` has made the total the same too.)
+    return have_csize != c.chunk_size
+
+
 @dataclass(frozen=True)
 class StagingLimits:
     """Caps on unfinished transfers: per kit and in total, in transfers and in (announced) bytes."""
@@ -65,6 +121,9 @@ class Staging:
     Every unfinished transfer has a row in ``transfers`` that reserves the record's whole announced size
     when its first chunk arrives, so the caps (`StagingLimits`) hold whatever order chunks come in: a kit
     that floods chunks of made-up records is refused once it holds its share, and the disk never fills.
+    That first chunk also fixes the transfer's geometry (size, total, chunk_size, stored with it): a later chunk
+    of another kit or size is refused (`InconsistentChunk`), one of another chunk size starts the transfer over
+    (`check_admitted`), so a transfer never stages more than it reserved.
     """
 
     def __init__(self, path: Path, limits: StagingLimits | None = None) -> None:
@@ -77,30 +136,58 @@ class Staging:
             size INTEGER NOT NULL, kit_id TEXT NOT NULL, data BLOB NOT NULL, at REAL NOT NULL,
             PRIMARY KEY (record_id, sha256, idx))""")
         self.conn.execute("CREATE INDEX IF NOT EXISTS chunks_at ON chunks (at)")
+        # total, chunk_size: the geometry fixed by the first chunk; nullable, as added to a staging.db made before.
         self.conn.execute("""CREATE TABLE IF NOT EXISTS transfers (
             record_id TEXT NOT NULL, sha256 TEXT NOT NULL, kit_id TEXT NOT NULL, size INTEGER NOT NULL,
-            first_at REAL NOT NULL, last_at REAL NOT NULL, PRIMARY KEY (record_id, sha256))""")
+            first_at REAL NOT NULL, last_at REAL NOT NULL, total INTEGER, chunk_size INTEGER,
+            PRIMARY KEY (record_id, sha256))""")
         self.conn.execute("CREATE INDEX IF NOT EXISTS transfers_kit ON transfers (kit_id)")
+        self._add_geometry_columns()
+
+    def _add_geometry_columns(self) -> None:
+        """Add total and chunk_size to the transfers of a staging.db made before they were stored (its transfers
+        keep NULL there: legacy, see `check_admitted`); once, whichever worker of the host gets there first."""
+        def missing() -> list[str]:
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(transfers)")}
+            return [col for col in ("total", "chunk_size") if col not in have]
+
+        if not missing():
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for col in missing():  # again under the write lock: another worker may have just added them
+                self.conn.execute(f"ALTER TABLE transfers ADD COLUMN {col} INTEGER")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
 
     def _admit(self, kit_id: str, c: proto.Chunk, now: float) -> None:
-        """Reserve room for the transfer of `c` (inside the caller's transaction); `StagingFull` if none."""
-        row = self.conn.execute("SELECT 1 FROM transfers WHERE record_id = ? AND sha256 = ?",
-                                (c.record_id, c.sha256)).fetchone()
+        """Reserve room for the transfer of `c` (inside the caller's transaction); `StagingFull` if none,
+        `InconsistentChunk` if `c` does not fit itself or its transfer (then the transfer is left untouched)."""
+        check_chunk(c)
+        row = self.conn.execute("SELECT kit_id, size, total, chunk_size FROM transfers WHERE record_id = ? AND "
+                                "sha256 = ?", (c.record_id, c.sha256)).fetchone()
         if row is not None:
-            self.conn.execute("UPDATE transfers SET last_at = ? WHERE record_id = ? AND sha256 = ?",
-                              (now, c.record_id, c.sha256))
+            if check_admitted(kit_id, c, row):
+                self.conn.execute("DELETE FROM chunks WHERE record_id = ? AND sha256 = ?", (c.record_id, c.sha256))
+            # Only a chunk of this transfer keeps it alive; a re-chunking (or legacy) one fixes the geometry.
+            self.conn.execute("UPDATE transfers SET last_at = ?, total = ?, chunk_size = ? WHERE record_id = ? AND "
+                              "sha256 = ?", (now, c.total, c.chunk_size, c.record_id, c.sha256))
             return
         kit = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers WHERE kit_id = ?",
                                 (kit_id,)).fetchone()
         total = self.conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM transfers").fetchone()
         self.limits.check(kit, total, c.size)
-        self.conn.execute("INSERT INTO transfers VALUES (?,?,?,?,?,?)",
-                          (c.record_id, c.sha256, kit_id, c.size, now, now))
+        self.conn.execute("INSERT INTO transfers (record_id, sha256, kit_id, size, first_at, last_at, total, "
+                          "chunk_size) VALUES (?,?,?,?,?,?,?,?)",
+                          (c.record_id, c.sha256, kit_id, c.size, now, now, c.total, c.chunk_size))
 
     def add(self, kit_id: str, c: proto.Chunk) -> bool:
         """Stage one chunk; True if this insert completed the record (exactly one inserter sees that).
 
-        Raises `StagingFull` when a new transfer does not fit the limits (nothing is staged).
+        Raises `StagingFull` when a new transfer does not fit the limits, `InconsistentChunk` when `c` does not
+        fit itself or the geometry its transfer's first chunk fixed (nothing is staged either way).
         """
         now = time.time()
         self.conn.execute("BEGIN IMMEDIATE")

@@ -1,15 +1,15 @@
 """Staging on PostgreSQL: chunks in transit shared by stateless ingest workers on any hosts (the scale backend).
 
 The same interface and caps as the embedded `provisioning.staging.Staging`, in the archive's own database
-(tables of migration 2 in `provisioning.archive.scale`): whichever worker a chunk reaches stages it, and whichever
-worker's insert completes a record assembles and stores it. Shared subscriptions give no affinity; nothing here
-needs any.
+(tables of migrations 2 and 3 in `provisioning.archive.scale`): whichever worker a chunk reaches stages it, and
+whichever worker's insert completes a record assembles and stores it. Shared subscriptions give no affinity;
+nothing here needs any.
 
 Race-safety across workers and hosts:
 
-- a chunk of a transfer already admitted first updates the transfer's row (``UPDATE ... SET last_at``), which
-  locks it until commit: chunks of one record are counted one transaction at a time, so exactly one insert sees
-  the record complete (as ``BEGIN IMMEDIATE`` gives the SQLite staging);
+- a chunk of a transfer already admitted first locks the transfer's row (``SELECT ... FOR UPDATE``) until commit:
+  chunks of one record are checked against the geometry its first chunk fixed and counted one transaction at a
+  time, so exactly one insert sees the record complete (as ``BEGIN IMMEDIATE`` gives the SQLite staging);
 - admitting a new transfer takes one transaction-scoped advisory lock for all of staging, then counts the kit's
   and everyone's transfers and reserved bytes: two workers can never both take the last place under a cap.
   (Admissions are one short transaction per record, not per chunk.)
@@ -28,10 +28,12 @@ import psycopg
 from firmware.errors import ArchiveError
 from firmware.wire import relay_protocol as proto
 from provisioning.archive.scale import Database
-from provisioning.staging import StagingLimits
+from provisioning.staging import StagingLimits, check_admitted, check_chunk
 
 ADMIT_LOCK = 0x72656B616D01  # pg_advisory_xact_lock key of staging admissions
 NOW = "extract(epoch from clock_timestamp())"
+_TRANSFER = ("SELECT kit_id, size, total, chunk_size FROM staging_transfers WHERE record_id = %s AND sha256 = %s "
+             "FOR UPDATE")
 
 
 class PgStaging:
@@ -44,23 +46,33 @@ class PgStaging:
             pass  # connect and migrate now
 
     def _admit(self, c: psycopg.Connection[Any], kit_id: str, ch: proto.Chunk) -> None:
-        """Reserve room for the transfer of `ch` (inside the caller's transaction); `StagingFull` if none."""
-        touch = f"UPDATE staging_transfers SET last_at = {NOW} WHERE record_id = %s AND sha256 = %s"
-        if c.execute(touch, (ch.record_id, ch.sha256)).rowcount:
-            return  # admitted before: its row is now locked until this transaction ends
-        c.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIT_LOCK,))
-        if c.execute(touch, (ch.record_id, ch.sha256)).rowcount:
-            return  # another worker admitted it while we waited
+        """Reserve room for the transfer of `ch` (inside the caller's transaction); `StagingFull` if none,
+        `InconsistentChunk` if `ch` does not fit itself or its transfer (then the transfer is left untouched)."""
+        check_chunk(ch)
+        row = c.execute(_TRANSFER, (ch.record_id, ch.sha256)).fetchone()
+        if row is None:
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (ADMIT_LOCK,))
+            row = c.execute(_TRANSFER, (ch.record_id, ch.sha256)).fetchone()  # another worker may have admitted it
+        if row is not None:  # admitted before: its row is now locked until this transaction ends
+            if check_admitted(kit_id, ch, row):
+                c.execute("DELETE FROM staging_chunks WHERE record_id = %s AND sha256 = %s",
+                          (ch.record_id, ch.sha256))
+            # Only a chunk of this transfer keeps it alive; a re-chunking (or legacy) one fixes the geometry.
+            c.execute(f"UPDATE staging_transfers SET last_at = {NOW}, total = %s, chunk_size = %s WHERE "
+                      "record_id = %s AND sha256 = %s", (ch.total, ch.chunk_size, ch.record_id, ch.sha256))
+            return
         kit = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers WHERE kit_id = %s",
                         (kit_id,)).fetchone()
         total = c.execute("SELECT count(*), COALESCE(sum(size), 0) FROM staging_transfers").fetchone()
         self.limits.check(kit, total, ch.size)
-        c.execute(f"INSERT INTO staging_transfers VALUES (%s, %s, %s, %s, {NOW}, {NOW})",
-                  (ch.record_id, ch.sha256, kit_id, ch.size))
+        c.execute("INSERT INTO staging_transfers (record_id, sha256, kit_id, size, first_at, last_at, total, "
+                  f"chunk_size) VALUES (%s, %s, %s, %s, {NOW}, {NOW}, %s, %s)",
+                  (ch.record_id, ch.sha256, kit_id, ch.size, ch.total, ch.chunk_size))
 
     def add(self, kit_id: str, c: proto.Chunk) -> bool:
         """Stage one chunk; True if this insert completed the record (exactly one inserter, on any worker, sees
-        that). Raises `StagingFull` when a new transfer does not fit the limits (nothing is staged)."""
+        that). Raises `StagingFull` when a new transfer does not fit the limits, `InconsistentChunk` when `c` does
+        not fit itself or the geometry its transfer's first chunk fixed (nothing is staged either way)."""
         with self.db.conn("cannot stage a chunk") as conn, conn.transaction():
             self._admit(conn, kit_id, c)
             conn.execute(

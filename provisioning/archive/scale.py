@@ -91,6 +91,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             size bigint NOT NULL, kit_id text NOT NULL, data bytea NOT NULL, at double precision NOT NULL,
             PRIMARY KEY (record_id, sha256, idx));
     """),
+    # Nullable: workers of the previous release, inserting six values, keep staging during a rolling upgrade
+    # (their transfers count as legacy: `provisioning.staging.check_admitted`).
+    (3, "staging transfers keep the geometry their first chunk fixed", """
+        ALTER TABLE staging_transfers ADD COLUMN IF NOT EXISTS total integer,
+            ADD COLUMN IF NOT EXISTS chunk_size bigint;
+    """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -1,10 +1,12 @@
 """Issue 13.9: the ingest's staging is capped per kit and in total and expires quickly, so a kit flooding chunks of
 transfers it never finishes cannot fill the data center's disk; a genuine kit refused for lack of room is answered
-`retry` and gets its records in once room is back. Real mosquitto, real ingest, real staging.db."""
+`retry` and gets its records in once room is back; chunks that contradict the geometry their transfer's first
+chunk fixed are dropped unacknowledged, staging nothing. Real mosquitto, real ingest, real staging.db."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import paho.mqtt.client as mqtt
 
@@ -67,3 +69,34 @@ def test_flooding_kit_is_capped_and_genuine_kit_resends_later(mosquitto, make_ki
     assert_delivered_once(kit, tmp_path / "archive", ids)
     assert w.counters.expired_chunks >= 4
     wait_for(lambda: w.staging.usage() == (0, 0), 10, "staging empty again")
+
+
+def test_chunks_announcing_another_size_stage_nothing_and_get_no_ack(mosquitto, make_ingest):
+    """The review's attack end to end: a 2-byte transfer, then 1 MiB chunks of the same record id and hash that
+    announce 64 MiB (its last one too). Before the fix the ingest staged 21 MiB against a 1 MiB kit cap."""
+    mib = 1024 * 1024
+    w = make_ingest(mosquitto.url, staging=StagingLimits(kit_bytes=mib, kit_transfers=128,
+                                                         total_bytes=64 * mib, total_transfers=4096))
+    kit = "rk-flood3"
+    rid, sha = make_record_id(kit, 1, "20261201T000000Z"), "ab" * 32
+    acks: list[dict] = []
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: acks.append(json.loads(m.payload))
+    c.connect("127.0.0.1", mosquitto.port)
+    c.subscribe(proto.ack_topic(kit), qos=1)
+    c.loop_start()
+    try:
+        chunks = [proto.Chunk(rid, sha, 2, 0, 2, 1, b"a")]
+        chunks += [proto.Chunk(rid, sha, 64 * mib, i, 64, mib, b"\0" * mib) for i in (*range(1, 21), 63)]
+        for ch in chunks:
+            c.publish(proto.chunk_topic(kit), ch.encode(), qos=1).wait_for_publish(5)
+        wait_for(lambda: w.counters.chunks >= len(chunks), 20, "every chunk handled")
+        time.sleep(0.5)  # the last one's handler, and any ack it would send
+        with w._handling:  # the worker's handle, between two messages
+            staged = w.staging.conn.execute("SELECT COALESCE(SUM(length(data)), 0) FROM chunks").fetchone()[0]
+            assert w.staging.usage(kit) == (1, 2) and staged == 1
+        assert acks == [] and w.counters.staging_refused == 0 and w.counters.stored == 0
+        assert w.counters.malformed == len(chunks) - 1  # each refused chunk counted, not an ingest failure
+    finally:
+        c.loop_stop()
+        c.disconnect()
