@@ -40,5 +40,8 @@ Description: rekam biometric enrollment kit daemon
  /etc/rekam/rekam.toml. The records in /var/lib/rekam are never removed.
 CONTROL
 DEB=$OUT/rekam_${VERSION}_${ARCH}.deb
-dpkg-deb --root-owner-group --build "$STAGE" "$DEB" >/dev/null
+# zstd: Debian 12's dpkg (1.21.18+) reads it, and it packs the venv (numpy, OpenCV...) in seconds where
+# dpkg-deb's default xz takes minutes on a Pi (here 0.4 s against 24 s for a 38 MB tree, 14.4 MB against 11.8).
+# REKAM_DEB_COMPRESS=xz for a package that older dpkg versions must read.
+dpkg-deb -Z"${REKAM_DEB_COMPRESS:-zstd}" --root-owner-group --build "$STAGE" "$DEB" >/dev/null
 echo "$DEB"
