@@ -17,7 +17,11 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
+from firmware.system.fsutil import read_regular
 from firmware.system.i18n import N_
+
+#: A key or password file a config names is a few hundred bytes (a PEM key); far more is not one.
+KEY_FILE_MAX = 64 * 1024
 
 Check = Callable[[Any], "str | None"]
 
@@ -175,11 +179,27 @@ def _key_file(v: str) -> str:
 
     p = resolve_path(base_dir, v)
     try:
-        load_recipient_key(p.read_bytes())
+        load_recipient_key(read_regular(p, KEY_FILE_MAX))
     except FileNotFoundError:
         raise problem(N_("file not found ({path})"), path=str(p)) from None
     except (OSError, ValueError) as e:
         raise problem(N_("not an X25519 public key ({why})"), why=str(e)) from None
+    return v
+
+
+def _secret_file(v: str) -> str:
+    """A password file, if set, must be a readable regular file of at most `KEY_FILE_MAX` bytes (relative to the
+    config file's directory): a path at a FIFO or ``/dev/zero`` would hang or exhaust the daemon at start."""
+    base_dir = _files_base.get()
+    if base_dir is None or not v:
+        return v
+    p = resolve_path(base_dir, v)
+    try:
+        read_regular(p, KEY_FILE_MAX)
+    except FileNotFoundError:
+        raise problem(N_("file not found ({path})"), path=str(p)) from None
+    except OSError as e:
+        raise problem(N_("cannot be read ({why})"), why=str(e)) from None
     return v
 
 
@@ -203,6 +223,7 @@ IpAddress = Annotated[str, checked(ip_address)]
 HostPort = Annotated[str, checked(hostport)]
 BrokerUrl = Annotated[str, checked(broker_url)]
 KeyFile = Annotated[str, checked(nonempty), AfterValidator(_key_file)]
+SecretFile = Annotated[str, AfterValidator(_secret_file)]
 FingerList = Annotated[list[str], checked_if(list, fingers)]
 FingerThresholds = Annotated[dict[str, float], checked_if(dict, finger_thresholds)]
 OperatorList = Annotated[list[dict[str, Any]], checked_if(list, operators)]

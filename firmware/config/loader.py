@@ -24,9 +24,12 @@ from pydantic.fields import FieldInfo
 from firmware.config.checks import checking_files_in
 from firmware.config.models import SECTIONS, RekamConfig
 from firmware.errors import EX_CONFIG, ConfigError, Problem
+from firmware.system.fsutil import read_regular
 from firmware.system.i18n import N_
 
 DEFAULT_PATH = Path("/etc/rekam/rekam.toml")
+#: The shipped file with every key commented is ~30 KB; a config past 1 MiB is not one (nor a FIFO or a device).
+MAX_CONFIG_BYTES = 1 << 20
 __all__ = ["DEFAULT_PATH", "EX_CONFIG", "defaults", "load", "problems", "validate"]
 
 # pydantic error type -> what the value must be
@@ -85,6 +88,12 @@ def problems(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
             elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
                 out.append(Problem(N_("[{section}] must be a table, got {value}"), section=section,
                                    value=repr(err["input"])))
+            elif err["type"] == "rekam_problem" and "key" in (err.get("ctx") or {}):  # two keys out of order
+                ctx = dict(err["ctx"])
+                msgid, key, value = ctx.pop("msgid"), ctx.pop("key"), ctx.pop("value")
+                ctx["lo_key"] = f"{section}.{ctx['lo_key']}"
+                out.append(Problem("{where} = {value}: {what}", where=f"{section}.{key}", value=value,
+                                   what=Problem(msgid, **ctx)))
             else:
                 out.append(f"[{section}]: {err['msg']}")
             continue
@@ -139,7 +148,7 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any
     """
     p = Path(path) if path is not None else DEFAULT_PATH
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_regular(p, MAX_CONFIG_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([Problem(N_("file not found: {path}"), path=p)], str(p)) from None
     except (OSError, UnicodeDecodeError) as e:
@@ -148,6 +157,8 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([Problem(N_("not valid TOML: {error}"), error=e)], str(p)) from None
+    except RecursionError:  # tomllib recurses per nesting level: ``a = [[[[...`` is no configuration
+        raise ConfigError([Problem(N_("not valid TOML: {error}"), error="nested too deeply")], str(p)) from None
     if overrides:
         for dotted, value in overrides.items():
             section, key = dotted.split(".", 1)

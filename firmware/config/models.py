@@ -22,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from firmware.config.checks import (
@@ -35,10 +36,16 @@ from firmware.config.checks import (
     KeyFile,
     NonEmptyStr,
     OperatorList,
+    SecretFile,
     TargetBaud,
     must,
+    problem,
     resolve_path,
 )
+from firmware.system.i18n import N_
+
+#: Upper bounds whose lower bound is not named ``..._min...``.
+_LOWER_OF = {"ack_timeout_max_s": "ack_timeout_s"}
 
 
 class Section(BaseModel):
@@ -51,6 +58,22 @@ class Section(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> Section:
+        """Every ``X_max...`` key at least its ``X_min...`` key (and `_LOWER_OF`'s pairs): a reversed pair passed
+        each key's own range and then crashed the service that used it (``backoff needs lo <= hi``)."""
+        fields = type(self).model_fields
+        for hi_key in fields:
+            lo_key = _LOWER_OF.get(hi_key) or (hi_key.replace("_max", "_min", 1) if "_max" in hi_key else "")
+            if lo_key not in fields:
+                continue
+            lo, hi = getattr(self, lo_key), getattr(self, hi_key)
+            if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and hi < lo:
+                # (the loader names the section: "relay.backoff_max_s = 1.0: must be >= relay.backoff_min_s ...")
+                raise problem(N_("must be >= {lo_key} ({lo})"), key=hi_key, value=repr(hi), lo_key=lo_key,
+                              lo=str(lo))
+        return self
 
     def __iter__(self) -> Iterator[str]:  # type: ignore[override]
         return iter(type(self).model_fields)
@@ -542,7 +565,7 @@ class RelayConfig(Section):
     cert_file: str = Field("", description="Client certificate for mutual TLS (empty: none).")
     key_file: str = Field("", description="Private key of cert_file.")
     username: str = Field("", description="MQTT user name (empty: none; mTLS identity is preferred).")
-    password_file: str = Field(
+    password_file: SecretFile = Field(
         "",
         description="File holding the MQTT password (never the password itself in this file).")
     chunk_kb: int = Field(

@@ -36,13 +36,18 @@ log = logging.getLogger(__name__)
 
 MAX_TRIAL_BOOTS = 3
 # Safety floors: remote config may raise these, never lower them below the local file's value.
-FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requires_stick", "store.verify_readback")
+FLOORS = ("store.reserve_floor_mb", "store.reserve_records", "store.purge_requires_stick", "store.verify_readback",
+          # a plain SD folder must never pass for the second medium that purge_requires_stick asks for
+          "usb.require_mountpoint")
 # What remote config may never touch (identity, local paths of trust, the local API's exposure).
 DENIED = {"kit": None, "api": None,
           "control": {"enabled", "ca_file", "claim_cert_file", "claim_key_file", "fleet_public_key", "claim_brokers"},
           "datacenter": set(),
           # commands the daemon runs (issue #18): set only in the kit's own file, never by the fleet
-          "power": {"shutdown_command"}, "gnss": {"chrony_command"}}
+          "power": {"shutdown_command"}, "gnss": {"chrony_command"},
+          # local files the daemon reads and sends or trusts (a password file pointed at /etc/shadow would go
+          # to the broker), and where the stick is mounted: the kit's own file sets them
+          "relay": {"password_file", "ca_file", "cert_file", "key_file"}, "usb": {"mount_point"}}
 # Applied without a restart (the data-center ack keys too: a key rotation must not need a restart per kit).
 LIVE_KEYS = {"operators.list", "control.telemetry_interval_s", "relay.ack_public_keys"}
 MAX_FILE_BYTES = 16 * 1024

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from firmware.config.checks import KEY_FILE_MAX
+from firmware.system.fsutil import read_regular
 from firmware.system.mqtt import MqttSettings
 from firmware.wire.relay_protocol import parse_broker_url
 
@@ -18,7 +20,7 @@ def uplink_settings(cfg: Any, client_id: str, subscriptions: list[tuple[str, int
     r = cfg.relay
     password = ""
     if r.password_file:
-        password = cfg.path(r.password_file).read_text().strip()
+        password = read_regular(cfg.path(r.password_file), KEY_FILE_MAX).decode("utf-8", "replace").strip()
 
     def p(v: str) -> str:
         return str(cfg.path(v)) if v else ""

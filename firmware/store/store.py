@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from firmware.config import Config
+from firmware.config.checks import KEY_FILE_MAX
 from firmware.errors import RecordTooLarge, StoreError, StoreLocked, UntrustedFile
 from firmware.seal.identity import KitIdentity
 from firmware.store.capacity import CapacityGuard, Level, MediumStatus, Reservation, overall
@@ -38,6 +39,7 @@ from firmware.system.fsutil import (
     Pending,
     atomic_write,
     fsync_dir,
+    read_regular,
     remove_durably,
     space,
 )
@@ -143,7 +145,7 @@ class Store:
         self._backfill_lock = threading.Lock()
         self._backfill_waiting = 0  # explicit backfill calls waiting for the lock (the watcher's pass yields)
         self._lockfile: int | None = None
-        self.recipients = [record_format.load_recipient_key(cfg.path(p).read_bytes())
+        self.recipients = [record_format.load_recipient_key(read_regular(cfg.path(p), KEY_FILE_MAX))
                            for p in cfg.datacenter.public_key_files]
         self.guard = CapacityGuard(cfg.store, cfg.usb.required)
         self.journal: Journal | None = None

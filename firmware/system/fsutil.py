@@ -170,6 +170,30 @@ def open_regular_at(dir_fd: int, name: str, where: str) -> int:
         os.close(pfd)
 
 
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """The content of regular file `path` (symlinks followed: a configured path may be one), at most `max_bytes`.
+
+    For files a configuration names (keys, passwords, serial numbers): a path set to ``/dev/zero`` or a FIFO
+    must be a clear error, not a read that never ends or a config load that hangs. Raises `UntrustedFile`
+    (EINVAL not a regular file, EFBIG too large) or the `OSError` of the open (FileNotFoundError...).
+    """
+    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        st = os.fstat(pfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFile(errno.EINVAL, f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise UntrustedFile(errno.EFBIG, f"{path} is {st.st_size} bytes; the limit is {max_bytes}")
+        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    finally:
+        os.close(pfd)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # (sysfs reports 4096 whatever it holds; and a file may grow after the fstat)
+        raise UntrustedFile(errno.EFBIG, f"{path} is larger than the limit of {max_bytes} bytes")
+    return data
+
+
 @contextmanager
 def open_untrusted(root: Path, rel: str | os.PathLike[str], max_bytes: int) -> Iterator[tuple[int, int]]:
     """Open regular file `root`/`rel` for reading, safely; yields ``(fd, size)``.

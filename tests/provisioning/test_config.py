@@ -91,7 +91,9 @@ def test_safety_floors_and_denied_keys(online_kit, fleet, fleet_link) -> None:
              ({"store": {"purge_requires_stick": False}}, "cannot be turned off remotely"),
              ({"kit": {"state_dir": "/tmp/elsewhere"}}, "[kit] cannot be set remotely"),
              ({"control": {"fleet_public_key": "AAAA"}}, "control.fleet_public_key cannot be set remotely"),
-             ({"api": {"bind": "0.0.0.0"}}, "[api] cannot be set remotely")]
+             ({"api": {"bind": "0.0.0.0"}}, "[api] cannot be set remotely"),
+             ({"relay": {"password_file": "/etc/shadow"}}, "relay.password_file cannot be set remotely"),
+             ({"usb": {"mount_point": "/var/lib/rekam/x"}}, "usb.mount_point cannot be set remotely")]
     for sections, why in cases:
         v = push_config(fleet, fleet_link, kid, sections)
         ev = wait_event(fleet, kid, v, "rejected")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,35 @@ def test_report_and_rekam_cli_exit_78(tmp_path: Path, capsys, monkeypatch) -> No
     monkeypatch.delenv("REKAM_LANG")
     assert main(["--config", str(bad), "status"]) == 78
     assert f"{bad}: store.reserve_floor_mb = -1: harus >= 0" in capsys.readouterr().err
+
+
+def test_bounds_in_order_are_checked_together(tmp_path: Path) -> None:
+    """A lower bound above its upper bound passed each key's own range and then crashed the relay at start
+    (``backoff needs 0 < lo <= hi``); now the config names the pair."""
+    with pytest.raises(config.ConfigError) as e:
+        config.validate({"relay": {"backoff_min_s": 100.0, "backoff_max_s": 1.0}})
+    assert e.value.problems == ["relay.backoff_max_s = 1.0: must be >= relay.backoff_min_s (100.0)"]
+    with pytest.raises(config.ConfigError) as e:  # the default upper bound counts too
+        config.validate({"relay": {"ack_timeout_s": 3600.0}})
+    assert "relay.ack_timeout_max_s = 1800.0: must be >= relay.ack_timeout_s (3600.0)" in e.value.problems
+    assert config.validate({"relay": {"backoff_min_s": 5.0, "backoff_max_s": 5.0}}).relay.backoff_max_s == 5.0
+
+
+@pytest.mark.timeout(20)
+def test_files_a_config_names_are_regular_and_bounded(tmp_path: Path) -> None:
+    """Key and password files, and the config itself, pointed at a device or a FIFO: a clear error naming the key,
+    not a read of /dev/zero until memory runs out or an open that waits for ever."""
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", str(tmp_path / "fifo")):
+        with pytest.raises(config.ConfigError) as e:
+            config.validate({"datacenter": {"public_key_files": [path]}}, base_dir=tmp_path)
+        assert any(p.startswith("datacenter.public_key_files[0]") and "not a regular file" in p
+                   for p in e.value.problems), e.value.problems
+        with pytest.raises(config.ConfigError) as e:
+            config.validate({"relay": {"password_file": path}}, base_dir=tmp_path)
+        assert any(p.startswith("relay.password_file") and "not a regular file" in p for p in e.value.problems)
+        with pytest.raises(config.ConfigError, match="not a regular file"):
+            config.load(path)
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(config.ConfigError, match="nested too deeply"):
+        config.load(tmp_path / "deep.toml")
