@@ -147,6 +147,7 @@ class Waiting:
     seq: int
     record_id: str = field(compare=False)
     attempts: int = field(default=1, compare=False)
+    retried: bool = field(default=False, compare=False)  # backed off on a "retry" ack: no second one this attempt
 
 
 class Relay:
@@ -353,8 +354,8 @@ class Relay:
         if self._waiting:
             log.info("relay resuming records_awaiting_ack=%d", len(self._waiting))
 
-    def _wait(self, record_id: str, seq: int, due: float, attempts: int) -> None:
-        w = Waiting(due, seq, record_id, attempts)
+    def _wait(self, record_id: str, seq: int, due: float, attempts: int, retried: bool = False) -> None:
+        w = Waiting(due, seq, record_id, attempts, retried)
         self._waiting[record_id] = w
         heapq.heappush(self._heap, w)
 
@@ -669,7 +670,7 @@ class Relay:
             timeout = backoff_delay(attempts - 1, self.r.ack_timeout_s, self.r.ack_timeout_max_s, self.rng, spread=0.2)
             if t.retry_in is not None:  # no ack will come for this attempt: resend after the retry delay
                 timeout = min(timeout, t.retry_in)
-            self._wait(t.record_id, t.seq, time.monotonic() + timeout, attempts)
+            self._wait(t.record_id, t.seq, time.monotonic() + timeout, attempts, retried=t.retry_in is not None)
             return
         b = self.uplink.broker
         if t.failed in SIZE_REFUSALS and t.chunk_size > proto.MIN_CHUNK_BYTES and b is not None:
@@ -735,15 +736,22 @@ class Relay:
                           ack.record_id, ack.reason)
             self._waiting.pop(ack.record_id, None)
         else:  # retry: the data center has a transient problem; back off this record
-            self.counters["retry_acks"] += 1
+            # Once per attempt, and only for a record that awaits an answer: a retry ack carries no attempt of
+            # its own, so a copy replayed by whoever can publish on our ack topic would postpone it for ever.
+            t = self._active.get(ack.record_id)
             w = self._waiting.get(ack.record_id)
+            if row.state not in ("stored", "sent") or (t.retry_in is not None if t is not None
+                                                       else w is None or w.retried):
+                self.counters["acks_ignored"] += 1
+                log.info("relay ignoring a retry ack for a record not awaiting one record_id=%s", ack.record_id)
+                return
+            self.counters["retry_acks"] += 1
             attempts = w.attempts if w else 1
             delay = backoff_delay(attempts, self.r.backoff_min_s, self.r.ack_timeout_max_s, self.rng)
             log.warning("relay data center asks to retry record_id=%s reason=%s retry_in_s=%.1f", ack.record_id,
                         ack.reason, delay)
-            t = self._active.get(ack.record_id)
             if t is None:
-                self._wait(ack.record_id, row.seq, time.monotonic() + delay, attempts)
+                self._wait(ack.record_id, row.seq, time.monotonic() + delay, attempts, retried=True)
             else:
                 t.retry_in = delay
 

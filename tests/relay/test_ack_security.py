@@ -198,3 +198,24 @@ def test_rollout_flag_also_sends_v1_acks_which_upgraded_kits_ignore(mosquitto, m
     assert set(v1[0]) == {"v", "record_id", "sha256", "status", "reason"}  # the v1 shape old kits decode
     assert relay.status()["counters"]["acks_ignored"] >= 2
     assert_delivered_once(kit, tmp_path / "archive", ids)
+
+
+def test_a_replayed_retry_ack_does_not_postpone_a_record_for_ever(mosquitto, make_kit, make_ingest, tmp_path):
+    """A genuine signed "retry" carries no attempt of its own: replayed by whoever can publish on the ack topic it
+    postponed the record's resend each time. It counts once per attempt, and not at all for an acked record."""
+    kit = make_kit([mosquitto.url])
+    ids = kit.capture(1)
+    relay = kit.start_relay()
+    wait_for(lambda: kit.counts()["sent"] == 1, 15, "record sent (no ingest yet: no ack)")
+    pub = Publisher(mosquitto.port)
+    retry = _ack(kit, ids[0], "retry", ACK_KEY, "archive busy")  # genuine, captured once
+    try:
+        for _ in range(5):
+            pub.send(proto.ack_topic(kit.kit_id), retry)
+        wait_for(lambda: relay.status()["counters"]["acks_ignored"] >= 4, 10, "the copies ignored")
+        assert relay.status()["counters"]["retry_acks"] == 1
+    finally:
+        pub.close()
+    make_ingest(mosquitto.url)  # the data center back: the record's next attempt is acked
+    wait_for(lambda: kit.counts()["acked"] == 1, 30, "acked on its next attempt")
+    assert_delivered_once(kit, tmp_path / "archive", ids)
