@@ -12,7 +12,10 @@ from typing import Any
 from firmware.config.checks import KEY_FILE_MAX
 from firmware.system.fsutil import read_regular
 from firmware.system.mqtt import MqttSettings
-from firmware.wire.relay_protocol import parse_broker_url
+from firmware.wire.relay_protocol import MAX_JSON_BYTES, parse_broker_url
+
+#: The relay only receives acks (at most `MAX_JSON_BYTES` of JSON each): the broker drops anything larger for us.
+ACK_PACKET_MAX = 16 * MAX_JSON_BYTES
 
 
 def uplink_settings(cfg: Any, client_id: str, subscriptions: list[tuple[str, int]]) -> MqttSettings:
@@ -32,4 +35,5 @@ def uplink_settings(cfg: Any, client_id: str, subscriptions: list[tuple[str, int
         username=r.username, password=password, subscriptions=subscriptions,
         clean_start=True, session_expiry_s=0,  # nothing to resume: the relay resends from the store
         max_inflight=65535,  # the relay bounds the window itself (by the broker's Receive Maximum)
+        max_packet_size=ACK_PACKET_MAX,
         name="uplink")

@@ -191,6 +191,9 @@ class MqttSettings:
     clean_start: bool = True
     session_expiry_s: int = 0  # 0: the session ends with the connection
     receive_maximum: int | None = None  # ours, sent in CONNECT (bounds unprocessed messages sent to us)
+    # Ours, sent in CONNECT: the broker drops a larger packet for us instead of sending it (MQTT v5 3.1.2.11.4),
+    # so a flood of big messages on a topic we read costs no memory here. None: the broker's own limit.
+    max_packet_size: int | None = None
     manual_ack: bool = False  # PUBACK incoming QoS 1 messages only after their handler returned
     max_inflight: int = 20  # paho's window of unacknowledged QoS>0 messages
     max_queued: int = 1000  # publish() calls waiting for a connection
@@ -528,6 +531,8 @@ class MqttLink:
         props.SessionExpiryInterval = self.s.session_expiry_s
         if self.s.receive_maximum:
             props.ReceiveMaximum = self.s.receive_maximum
+        if self.s.max_packet_size:
+            props.MaximumPacketSize = self.s.max_packet_size
         try:
             client.connect(b.host, b.port, keepalive=self.s.keepalive_s, clean_start=self.s.clean_start,
                            properties=props)

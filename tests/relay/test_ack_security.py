@@ -164,10 +164,12 @@ def test_deeply_nested_ack_does_not_crash_the_relay(mosquitto, make_kit, make_in
     try:
         for payload in (b"[" * 200_000 + b"]" * 200_000, b'{"v":' * 1000 + b"2" + b"}" * 1000, b"\xff" * 100):
             pub.send(proto.ack_topic(kit.kit_id), payload)
-        wait_for(lambda: relay.status()["counters"]["acks_ignored"] >= 3, 10, "bad acks counted")
+        wait_for(lambda: relay.status()["counters"]["acks_ignored"] >= 2, 10, "bad acks counted")
     finally:
         pub.close()
     time.sleep(0.3)
+    # The 400 KB one never reached the kit: its CONNECT's Maximum Packet Size made the broker drop it.
+    assert relay.status()["counters"]["acks_ignored"] == 2
     assert relay.thread is thread and thread.is_alive() and relay.error == "", relay.error
     assert relay.health()["state"] == "running"
     make_ingest(mosquitto.url)
