@@ -5,6 +5,12 @@ reference clock), read by the daemon's clock watcher, which publishes it here (`
 watcher, the kernel's NTP flag (adjtimex). A record sealed before that carries ``clock_synced = false``, and
 `ClockCorrections` issues a signed correction for it once the clock is synced, so the data center can place it
 in time without the record being rewritten.
+
+Nothing else on the kit checks the wall clock, so chrony's word is bounded here: every number of its report must
+be finite, and a synchronised clock or a correction counts only when the true time it gives lies in
+`firmware.wire.clock_correction`'s plausible range (a spoofed GNSS time, a broken receiver). Otherwise the clock
+is "not synchronised": records keep ``clock_synced = false``, no correction is signed, and the data center leaves
+their times as sealed.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import math
 import subprocess
 import threading
 import time
@@ -22,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from firmware.wire.clock_correction import NOT_AFTER, NOT_BEFORE, implausible_time, when
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +143,32 @@ class ChronyTracking:
         return "gnss" if text and text.isalnum() and text.isupper() and self.ref_name == text else "ntp"
 
 
+#: chronyc's names (its `tracking` report) of fields 3..12 of the CSV line, for messages a technician can match.
+_FLOAT_FIELDS = ("Ref time", "System time", "Last offset", "RMS offset", "Frequency", "Residual freq", "Skew",
+                 "Root delay", "Root dispersion", "Update interval")
+
+
+class NonFiniteTracking(ValueError):
+    """chronyc reported a number that is not finite (``nan``, ``inf``: `float()` takes them): its report, and so
+    its verdict, cannot be trusted, nor the kernel's flag chrony itself sets."""
+
+
 def parse_chrony_tracking(text: str) -> ChronyTracking:
-    """Parse `chronyc -c tracking` output; raises ValueError for anything else (an error line, old chrony)."""
+    """Parse `chronyc -c tracking` output; raises ValueError for anything else (an error line, old chrony), and
+    `NonFiniteTracking` (a ValueError) naming the field when a number is nan or infinite."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     f = line.split(",")
     if len(f) != 14:
         raise ValueError(f"not a chronyc -c tracking line ({len(f)} fields): {line[:120]!r}")
     try:
-        return ChronyTracking(f[0], f[1], int(f[2]), float(f[3]), float(f[4]), float(f[5]), float(f[6]),
-                              float(f[7]), float(f[8]), float(f[9]), float(f[10]), float(f[11]), float(f[12]),
-                              f[13])
+        stratum, numbers = int(f[2]), [float(x) for x in f[3:13]]
     except ValueError as e:
         raise ValueError(f"bad chronyc -c tracking line {line[:120]!r}: {e}") from None
+    bad = [f"{name}={raw.strip()[:20]}" for name, raw, v in zip(_FLOAT_FIELDS, f[3:13], numbers, strict=True)
+           if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteTracking(f"chronyc reported a non-finite number: {' '.join(bad)}")
+    return ChronyTracking(f[0], f[1], stratum, *numbers, f[13])
 
 
 @dataclass(frozen=True)
@@ -157,6 +180,7 @@ class ClockState:
     source: str
     correction_s: float = 0.0  # to add to the system clock for the true time (chrony), 0 when unknown
     detail: str = ""
+    implausible: str = ""  # why chrony's report was not believed (then synced is False); "" when it was
 
     def as_dict(self) -> dict[str, Any]:
         return {"synced": self.synced, "source": self.source, "correction_s": round(self.correction_s, 6),
@@ -164,17 +188,28 @@ class ClockState:
 
 
 def read_clock_state(command: list[str] | tuple[str, ...] = ("chronyc", "-c", "tracking"),
-                     timeout: float = 3.0) -> ClockState:
-    """Ask chrony (`command`); if it cannot answer (not installed, not running), the kernel's NTP flag."""
+                     timeout: float = 3.0, wall: Callable[[], float] = time.time) -> ClockState:
+    """Ask chrony (`command`); if it cannot answer (not installed, not running), the kernel's NTP flag.
+
+    A report with a non-finite number, or synchronised to a true time (`wall()` + its correction) outside the
+    plausible range, is "not synchronised" with `implausible` saying why (`ClockCorrections.observe` logs it)."""
     if command:
         try:
             r = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
                                stdin=subprocess.DEVNULL)
             if r.returncode == 0:
                 t = parse_chrony_tracking(r.stdout)
+                detail = f"chrony ref={t.ref_name or t.ref_id} stratum={t.stratum} leap={t.leap}"
+                bad = implausible_time(wall() + t.correction_s) if t.synced else ""
+                if bad:  # e.g. a spoofed GNSS time: chrony is synced to it, the records must not be
+                    bad = f"source={t.source} System time={t.correction_s!r}: {bad}"
+                    return ClockState(False, "none", 0.0, f"{detail} implausible ({bad})", bad)
                 return ClockState(t.synced, t.source if t.synced else "none", t.correction_s if t.synced else 0.0,
-                                  f"chrony ref={t.ref_name or t.ref_id} stratum={t.stratum} leap={t.leap}")
+                                  detail)
             why = (r.stderr or r.stdout).strip()[:200] or f"exit {r.returncode}"
+        except NonFiniteTracking as e:
+            # chrony answered, with garbage: not the kernel's flag (chrony sets it), simply not synchronised
+            return ClockState(False, "none", 0.0, f"chrony implausible ({e})", str(e))
         except (OSError, subprocess.TimeoutExpired, ValueError) as e:
             why = f"{type(e).__name__}: {e}"[:200]
     else:
@@ -208,6 +243,12 @@ class ClockCorrections:
     ``clock_synced: false``; the sealed records themselves are never rewritten. A boot that ended before its clock
     was synced cannot be corrected (the monotonic link is gone): its runs get ``offset_s: null``.
 
+    Plausibility: a state whose true time (wall + chrony's correction) is outside [`NOT_BEFORE`, `NOT_AFTER`], or a
+    correction that would move either end of a run there, is not trusted: nothing is signed, the runs stay open
+    (a later, plausible sync still corrects them), one WARNING per episode, counted in `status()`. Only the
+    corrected times are bounded, never the offset: after a long power-off a Pi boots at 1970 or at its last
+    saved time, and an offset of decades is then the right one.
+
     State (runs still open, the newest signed corrections) is one small file, written atomically on each change.
     `sign(body) -> doc` signs a correction with the kit key (`firmware.wire.clock_correction.sign`, given by the
     daemon: the document's format is the wire's); thread safe.
@@ -222,6 +263,8 @@ class ClockCorrections:
         self._lock = threading.Lock()
         self.state = ClockState(False, "none")
         self._new: list[dict[str, Any]] = []  # issued since the last `drain()` (for the journal)
+        self.implausible = 0  # episodes of an implausible clock or correction since the daemon started
+        self._refusing = ""  # why the current episode is not trusted ("": none); one warning per episode
         data = self._load()
         self.pending: list[dict[str, Any]] = data.get("pending", [])
         self.corrections: list[dict[str, Any]] = data.get("corrections", [])
@@ -253,13 +296,17 @@ class ClockCorrections:
         if synced:
             return
         with self._lock:
-            d = self.wall() - self.mono()
+            w = self.wall()
+            d = w - self.mono()
             last = self.pending[-1] if self.pending else None
+            # the sealed wall times of a run's ends: where the correction moves them is checked (`_correct`)
             if last is not None and abs(last["wall_minus_mono"] - d) < 0.5 and seq > last["last_seq"]:
                 last["last_seq"], last["last_record"], last["records"] = seq, record_id, last["records"] + 1
+                last["last_wall"] = w
             else:  # the first, or the clock was stepped while still unsynced (set by hand): a new run
                 self.pending.append({"first_seq": seq, "last_seq": seq, "first_record": record_id,
-                                     "last_record": record_id, "records": 1, "wall_minus_mono": d})
+                                     "last_record": record_id, "records": 1, "wall_minus_mono": d,
+                                     "first_wall": w, "last_wall": w})
             self._save()
             if self.state.synced:  # sealed just before the sync was seen: correct it at once
                 self._correct()
@@ -267,27 +314,66 @@ class ClockCorrections:
     def observe(self, state: ClockState) -> dict[str, Any] | None:
         """The clock's latest state; when it is synced and runs are open, issue their correction (returned)."""
         with self._lock:
+            why = state.implausible
+            if state.synced and not why:  # read_clock_state checks too; this is for any other caller's state
+                why = implausible_time(self.wall() + state.correction_s)
+                if why:
+                    why = f"source={state.source} correction_s={state.correction_s!r}: {why}"
+                    state = ClockState(False, "none", 0.0, f"{state.detail} implausible ({why})", why)
             was, self.state = self.state.synced, state
-            if state.synced and not was:
+            if why:
+                self._refuse(why)
+            elif state.synced and not was:
                 log.info("clock synchronised source=%s correction_s=%.6f", state.source, state.correction_s)
             elif was and not state.synced:
                 log.warning("clock no longer synchronised source=%s detail=%s", state.source, state.detail)
-            return self._correct() if state.synced and self.pending else None
+            if state.synced and self.pending:
+                return self._correct()  # clears or keeps the episode itself
+            if not why:
+                self._refusing = ""
+            return None
+
+    def _refuse(self, why: str) -> None:
+        """An implausible clock or correction: warn once per episode (every poll would flood the journal)."""
+        if not self._refusing:
+            self.implausible += 1
+            log.warning("clock time implausible, not trusted: no correction sent, records stay unsynchronised "
+                        "reason=%r allowed=%s..%s awaiting_correction=%d implausible_count=%d "
+                        "check=GNSS_antenna_and_receiver(spoofed_or_faulty?),NTP_sources(chronyc_sources)",
+                        why, when(NOT_BEFORE), when(NOT_AFTER), sum(s["records"] for s in self.pending),
+                        self.implausible)
+        self._refusing = why
 
     def _correct(self) -> dict[str, Any] | None:
         if not self.pending:
             return None
-        now = self.wall() + self.state.correction_s - self.mono()
-        segs = [{k: s[k] for k in ("first_seq", "last_seq", "first_record", "last_record", "records")}
-                | {"offset_s": round(now - s["wall_minus_mono"], 3)} for s in self.pending]
+        m = self.mono()
+        now = self.wall() + self.state.correction_s - m  # true wall minus monotonic
+        segs = []
+        for s in self.pending:
+            off = round(now - s["wall_minus_mono"], 3)
+            # both ends of the run where the correction puts them (a run noted by an older version has no sealed
+            # wall times: "sealed now", i.e. the corrected time is the true time now)
+            for end in ("first", "last"):
+                sealed = s.get(f"{end}_wall", s["wall_minus_mono"] + m)
+                bad = implausible_time(sealed + off)
+                if bad:
+                    self._refuse(f"source={self.state.source} segment={s['first_seq']}..{s['last_seq']} "
+                                 f"offset_s={off!r} moves record {s[f'{end}_record']} sealed at {when(sealed)}: "
+                                 f"{bad}")
+                    return None  # the runs stay open: nothing signed, the records stay as sealed
+            segs.append({k: s[k] for k in ("first_seq", "last_seq", "first_record", "last_record", "records")}
+                        | {"offset_s": off})
+        self._refusing = ""
         doc = self._issue({"source": self.state.source, "boot_id": self.boot}, segs)
         self.pending = []
         self._save()
         return doc
 
     def _issue(self, head: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
-        for s in segments:
-            s.pop("wall_minus_mono", None)
+        for s in segments:  # the kit's bookkeeping is not part of the signed document
+            for k in ("wall_minus_mono", "first_wall", "last_wall"):
+                s.pop(k, None)
         doc = self.sign({"kit_id": self.kit_id, "issued": iso(), **head, "segments": segments})
         self.corrections.append(doc)
         self.corrections = self.corrections[-MAX_KEPT:]
@@ -307,5 +393,6 @@ class ClockCorrections:
         """For status and telemetry: the clock's state, records awaiting a correction, the newest corrections."""
         with self._lock:
             return {**self.state.as_dict(), "awaiting_correction": sum(s["records"] for s in self.pending),
+                    "implausible": self.implausible, "implausible_reason": self._refusing,
                     "corrections": list(self.corrections[-recent:])}
 

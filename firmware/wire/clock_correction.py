@@ -6,11 +6,18 @@
 signature over the canonical JSON of everything else (the control protocol's canonical form). The data center
 adds `offset_s` to `created` of the records of `kit_id` with ``first_seq <= seq <= last_seq`` whose header says
 ``clock_synced: false`` (`offset_s` null: the kit rebooted before it synced; order them by seq only).
+
+Plausible times (`implausible_time`): a corrected time, and a synchronised wall clock, lie in
+[`NOT_BEFORE`, `NOT_AFTER`]. The kit signs no correction moving a record out of it and the data center keeps
+none that does. The offset itself is not bounded this way: a Pi without RTC may boot at 1970, so an offset of
+56 years is legitimate; it is where the records land that can be checked.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +27,32 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from firmware.wire.control_protocol import canonical
 
 TYPE = "rekam.clock-correction/1"
+
+#: No record of this firmware was captured before its first release: a clock (or a correction) saying so is wrong.
+#: Raise it with a release only if kits never run an older one (records of older kits must stay placeable).
+NOT_BEFORE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
+#: 30 years on: beyond any kit's service life (SD cards, batteries, the Pi itself), so a time past it is a spoofed
+#: or broken source, not a late enrollment. The same span as the data center's old +-30 years offset bound.
+NOT_AFTER = dt.datetime(2056, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def when(t: float) -> str:
+    """`t` (Unix seconds) as ``2026-11-29T04:03:12Z`` for a message; any float, even one no calendar holds."""
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return f"{t!r}s"
+
+
+def implausible_time(t: float) -> str:
+    """Why `t` (Unix seconds) cannot be a true time of a kit's record or clock; "" when it can."""
+    if not math.isfinite(t):
+        return f"time {t!r} is not a number"
+    if t < NOT_BEFORE:
+        return f"time {when(t)} is before {when(NOT_BEFORE)} (this firmware's release)"
+    if t > NOT_AFTER:
+        return f"time {when(t)} is after {when(NOT_AFTER)} (beyond a kit's service life)"
+    return ""
 
 
 def sign(body: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:

@@ -5,11 +5,14 @@ after it reaches an NTP server, the correction arithmetic, and end to end in a r
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.system.clock import ClockCorrections, ClockState, parse_chrony_tracking, read_clock_state
@@ -68,7 +71,8 @@ class Clocks:
     """A wall clock that is wrong until "chrony" steps it, and a monotonic clock, both set by the test."""
 
     def __init__(self) -> None:
-        self.mono, self.wall = 1000.0, 1_600_000_000.0  # a Pi without RTC: years behind
+        # a Pi without RTC boots at its last saved time (fake-hwclock), 2026-09-21 here: behind, but plausible
+        self.mono, self.wall = 1000.0, 1_790_000_000.0
 
     def tick(self, s: float) -> None:
         self.mono += s
@@ -160,3 +164,116 @@ def test_rekamd_corrects_records_sealed_before_chrony_synced(chrony: Callable[..
         synced = [row[0] for row in c.execute("SELECT clock_synced FROM records ORDER BY seq")]
         audit = [row[0] for row in c.execute("SELECT kind FROM audit WHERE kind = 'clock_correction'")]
     assert synced == [0, 0, 1] and audit == ["clock_correction"]  # the records themselves are never rewritten
+
+
+# --- chrony's word is bounded: finite numbers, true times in the plausible range ---------------------------------
+
+TRUE_NOW = 1_796_162_300.0  # 2026-12-01T06:38:20Z: the PPS line's reference time
+
+
+def fake_chronyc(line: str) -> list[str]:
+    """A `chronyc -c tracking` command that prints `line` (the daemon runs it as an argv list, as here)."""
+    return [sys.executable, "-c", f"print({line!r})"]
+
+
+def pps(system_time: str = "0.000000120", **fields: str) -> str:
+    """The PPS (GNSS) tracking line with its "System time" (field 4) and any field by index (f3=..) replaced."""
+    f = PPS.split(",")
+    f[4] = system_time
+    for k, v in fields.items():
+        f[int(k[1:])] = v
+    return ",".join(f)
+
+
+@pytest.mark.parametrize("system_time,other", [("nan", {}), ("inf", {}), ("-inf", {}), ("NaN", {}),
+                                               ("0.000000120", {"f11": "nan"}), ("0.000000120", {"f3": "inf"})])
+def test_non_finite_numbers_from_chronyc_are_not_synchronised(system_time: str, other: dict[str, str],
+                                                              tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    line = pps(system_time, **other)
+    with pytest.raises(ValueError, match="non-finite"):
+        parse_chrony_tracking(line)
+    st = read_clock_state(fake_chronyc(line), wall=lambda: TRUE_NOW)
+    # not synchronised, and not the kernel's flag either (chronyd sets it: the same untrusted verdict)
+    assert (st.synced, st.source, st.correction_s) == (False, "none", 0.0) and "non-finite" in st.implausible
+    assert "nan" in st.detail.lower() or "inf" in st.detail.lower()
+    key, c = Ed25519PrivateKey.generate(), Clocks()
+    cc = corrections(tmp_path / "clock.json", c, key)
+    cc.note(1, "r1", synced=False)
+    with caplog.at_level(logging.WARNING, "firmware.system.clock"):
+        assert cc.observe(st) is None and cc.observe(st) is None
+    warned = [r.getMessage() for r in caplog.records if "implausible" in r.getMessage()]
+    assert len(warned) == 1 and "awaiting_correction=1" in warned[0], warned  # once per episode, not per poll
+    name = "System time" if system_time != "0.000000120" else ("Root dispersion" if "f11" in other else "Ref time")
+    assert f"{name}={line.split(',')[int(next(iter(other), 'f4')[1:])]}" in warned[0], warned
+    assert cc.status()["implausible"] == 1 and cc.status()["synced"] is False
+    assert cc.status()["awaiting_correction"] == 1 and cc.drain() == []
+
+
+def test_a_spoofed_gnss_time_is_not_trusted_nor_signed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The review's case: chrony synced to a GNSS simulator reports System time = 1.9e9 s."""
+    key, c, path = Ed25519PrivateKey.generate(), Clocks(), tmp_path / "clock.json"
+    c.wall = TRUE_NOW - 3600  # fake-hwclock: an hour behind
+    cc = corrections(path, c, key)
+    cc.note(1, "r1", synced=False)
+    c.tick(60)
+    cc.note(2, "r2", synced=False)
+    spoof = fake_chronyc(pps("1900000000.123"))
+    with caplog.at_level(logging.WARNING, "firmware.system.clock"):
+        st = read_clock_state(spoof, wall=lambda: c.wall)  # would be 2087
+        assert (st.synced, st.source) == (False, "none") and "after 2056-01-01" in st.implausible
+        assert cc.observe(st) is None
+        # a state that claims synced (any other caller) is checked by the corrections themselves too
+        assert cc.observe(ClockState(True, "gnss", correction_s=1_900_000_000.123)) is None
+        # chrony already stepped the clock to the spoofed time: the wall clock itself is implausible
+        assert not read_clock_state(fake_chronyc(pps()), wall=lambda: c.wall + 1.9e9).synced
+    assert not cc.drain() and cc.corrections == [] and json.loads(path.read_text())["corrections"] == []
+    st = cc.status()
+    assert st["synced"] is False and st["awaiting_correction"] == 2 and st["implausible"] == 1
+    assert "after 2056-01-01" in st["implausible_reason"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "reason=" in warned[0] and "GNSS_antenna" in warned[0], warned
+    # the spoof ends, chrony is synced to the real sky: the runs kept open are corrected then
+    c.tick(10)
+    doc = cc.observe(read_clock_state(fake_chronyc(pps("3600.25")), wall=lambda: c.wall))
+    assert doc is not None and [(s["first_seq"], s["last_seq"], s["offset_s"]) for s in doc["segments"]] == \
+        [(1, 2, 3600.25)]
+    assert verify_correction(doc, key.public_key()) and "first_wall" not in doc["segments"][0]
+    assert cc.status()["implausible_reason"] == "" and cc.status()["implausible"] == 1
+
+
+def test_a_large_offset_after_a_boot_at_1970_is_the_right_one(tmp_path: Path) -> None:
+    """No saved time (first boot, a new SD card): the Pi starts at 1970 and chrony corrects it by 56 years."""
+    key, c = Ed25519PrivateKey.generate(), Clocks()
+    c.mono, c.wall = 12.0, 12.0
+    cc = corrections(tmp_path / "clock.json", c, key)
+    cc.note(1, "r1", synced=False)
+    c.tick(600)
+    cc.note(2, "r2", synced=False)
+    c.tick(30)
+    st = read_clock_state(fake_chronyc(pps(f"{TRUE_NOW - c.wall:.9f}")), wall=lambda: c.wall)
+    assert st.synced and st.source == "gnss" and not st.implausible
+    doc = cc.observe(st)
+    assert doc is not None and verify_correction(doc, key.public_key())
+    [seg] = doc["segments"]
+    assert (seg["first_seq"], seg["last_seq"]) == (1, 2) and seg["offset_s"] == round(TRUE_NOW - c.wall, 3)
+    assert seg["offset_s"] > 56 * 365 * 86400 and cc.status()["implausible"] == 0
+
+
+def test_a_correction_moving_a_run_before_the_release_is_refused(tmp_path: Path) -> None:
+    """The clock now is plausible (just after the floor) but the run's first record would land before it: both
+    ends are checked, not only the time now."""
+    from firmware.wire.clock_correction import NOT_BEFORE
+
+    key, c = Ed25519PrivateKey.generate(), Clocks()
+    c.mono, c.wall = 12.0, 12.0
+    cc = corrections(tmp_path / "clock.json", c, key)
+    cc.note(1, "r1", synced=False)
+    c.tick(7200)  # two hours of enrollments on the 1970 clock
+    cc.note(2, "r2", synced=False)
+    st = ClockState(True, "gnss", correction_s=NOT_BEFORE + 60 - c.wall)  # "now" is a minute after the floor
+    assert cc.observe(st) is None and cc.observe(st) is None
+    status = cc.status()
+    assert status["synced"] is True and status["implausible"] == 1 and status["awaiting_correction"] == 2
+    assert "segment=1..2" in status["implausible_reason"] and "record r1" in status["implausible_reason"]
+    assert "before 2026-01-01" in status["implausible_reason"] and cc.drain() == []

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.wire import clock_correction
 from firmware.wire import control_protocol as cp
+from provisioning import clock_corrections as clockfix
 from provisioning.archive import Archive
 from provisioning.registry import Fleet
 from tests.support import subprocess_env
@@ -47,9 +48,12 @@ def correction(key: Ed25519PrivateKey, segments: list[dict[str, Any]], kit_id: s
                                   "boot_id": boot, "segments": segments}, key)
 
 
-def seg(first: int, last: int, offset: float | None) -> dict[str, Any]:
-    return {"first_seq": first, "last_seq": last, "first_record": f"{KIT}-{first:08d}-19700101T000000Z",
-            "last_record": f"{KIT}-{last:08d}-19700101T000000Z", "records": last - first + 1, "offset_s": offset}
+def seg(first: int, last: int, offset: float | None, sealed: str = "20261101T000000Z",
+        sealed_last: str | None = None) -> dict[str, Any]:
+    """A segment whose records' ids carry `sealed` (the kit's wrong clock; the last one `sealed_last`)."""
+    return {"first_seq": first, "last_seq": last, "first_record": f"{KIT}-{first:08d}-{sealed}",
+            "last_record": f"{KIT}-{last:08d}-{sealed_last or sealed}", "records": last - first + 1,
+            "offset_s": offset}
 
 
 def telemetry(f: Fleet, key: Ed25519PrivateKey, docs: Any, kit_id: str = KIT, **extra: Any) -> str | None:
@@ -66,7 +70,7 @@ def test_a_valid_correction_is_kept_once_though_every_telemetry_repeats_it(tmp_p
     f = make_fleet(tmp_path, registry)
     key = Ed25519PrivateKey.generate()
     approve(f, KIT, key)
-    first = correction(key, [seg(1, 40, 31536012.4), seg(41, 45, -2.5)])
+    first = correction(key, [seg(1, 40, 31536012.4, sealed="20251101T000000Z"), seg(41, 45, -2.5)])
     for _ in range(3):  # the kit repeats its newest corrections in every telemetry message
         assert telemetry(f, key, [first]) == "telemetry"
     later = correction(key, [seg(46, 50, None)], boot="boot-0", source="none")
@@ -128,7 +132,8 @@ def test_hostile_corrections_are_refused_one_by_one_and_never_fail_the_telemetry
               correction(key, [dict(seg(60, 61, 1.0), offset_s="3600")]),
               correction(key, [seg(70, 75, 1.0), seg(75, 80, 1.0)]),  # overlapping segments
               correction(key, [{"first_seq": i, "last_seq": i} for i in range(100, 1101)]),  # 1001 segments
-              correction(key, []), "not an object", dict(good, type="rekam.other/1")]
+              correction(key, []), "not an object", dict(good, type="rekam.other/1"),
+              correction(key, [seg(90, 95, 3600.0, sealed="19700101T000000Z")])]  # lands in 1970
     docs = [forged, altered, other_kit, *absurd, good]
     for _ in range(2):
         assert telemetry(f, key, docs, halted=True) == "telemetry"
@@ -138,7 +143,7 @@ def test_hostile_corrections_are_refused_one_by_one_and_never_fail_the_telemetry
     refused = [e["reason"] for e in events(f, "clock_correction_refused")]
     assert len(refused) == len(docs) - 1, refused  # each bad one once, though sent twice
     for want in ("does not verify", "sent by kit", "offset_s", "sequence numbers", "overlap", "1-1000",
-                 "not an object", "rekam.other/1"):
+                 "not an object", "rekam.other/1", "is before 2026-01-01"):
         assert any(want in r for r in refused), (want, refused)
     # Too many documents: none is taken (the kit sends its newest five), the telemetry still is.
     assert telemetry(f, key, [correction(key, [seg(2000 + i, 2000 + i, 1.0)]) for i in range(51)]) == "telemetry"
@@ -213,3 +218,33 @@ def test_rekam_fleet_kits_clock_lists_them(tmp_path) -> None:
     assert [d["segments"][0]["offset_s"] for d in json.loads(r.stdout)] == [3600.25, None]
     r = run("rk-00000bad")
     assert r.returncode == 1 and "unknown kit" in r.stderr
+
+
+def test_where_a_correction_moves_the_records_must_be_plausible() -> None:
+    """Defence in depth against a kit that signed a spoofed time: both ends of a segment (the time in its record
+    ids + offset_s) must land in 2026-01-01..2056-01-01 and not after the data center's clock (+1 day); the offset
+    alone is not what is bounded, so a Pi corrected from 1970 is kept."""
+    now = 1_796_220_000.0  # 2026-12-02T14:00:00Z
+
+    def reason(*segments: dict[str, Any]) -> str:
+        try:
+            clockfix.check(correction(Ed25519PrivateKey.generate(), list(segments)), KIT, now=now)
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    # booted at 1970 (no saved time), corrected by 56 years: the right offset, kept
+    assert reason(seg(1, 40, 1_796_160_000.0, sealed="19700101T000012Z", sealed_last="19700101T020000Z")) == ""
+    assert clockfix.check(correction(Ed25519PrivateKey.generate(), [seg(1, 2, 1_796_160_000.0, sealed=(
+        "19700101T000012Z"))]), KIT, now=now)[0].offset_s == 1_796_160_000.0
+    assert reason(seg(1, 2, -1_900_000_000.0, sealed="20870201T000000Z")) == ""  # clock stepped to a spoof, undone
+    assert reason({**seg(1, 2, 3600.0), "first_record": "", "last_record": ""}) == ""  # no ids: offset bound only
+    # the review's spoof (System time 1.9e9 s on a clock that was nearly right): 2087
+    assert "is after 2056-01-01" in reason(seg(1, 2, 1_900_000_000.123))
+    # within the range but in the data center's future: a record is never captured after its correction arrived
+    assert "after the data center's clock" in reason(seg(1, 2, 500_000_000.0))
+    assert "is before 2026-01-01" in reason(seg(1, 2, 3600.0, sealed="19700101T000000Z"))
+    # the last end too: a run of 3 days whose first record lands right but whose last lands 2 days ahead
+    why = reason(seg(1, 2, 86400.0, sealed="20261130T000000Z", sealed_last="20261203T000000Z"))
+    assert "last_record" in why and "after the data center's clock" in why, why
+    assert "offset_s" in reason(seg(1, 2, 3e9, sealed="19700101T000000Z"))  # beyond 1970 -> 2056: the offset bound
