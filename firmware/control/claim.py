@@ -38,7 +38,7 @@ from firmware.config import Config
 from firmware.errors import ClaimError
 from firmware.seal.identity import KitIdentity
 from firmware.system.backoff import Backoff
-from firmware.system.fsutil import atomic_write, fsync_dir
+from firmware.system.fsutil import atomic_write, fsync_dir, read_regular
 from firmware.system.mqtt import Broker, MqttLink, MqttSettings
 from firmware.wire import control_protocol as cp
 
@@ -94,7 +94,7 @@ class ControlPaths:
 def hardware_serial(cfg: Config) -> str:
     """The board serial (Raspberry Pi device tree), or ``unknown`` off a Pi."""
     try:
-        raw = Path(cfg.kit.hardware_serial_file).read_bytes()
+        raw = read_regular(Path(cfg.kit.hardware_serial_file), 4096)
         return raw.rstrip(b"\x00\n ").decode("ascii", "replace")[:64] or "unknown"
     except OSError:
         return "unknown"
@@ -142,11 +142,20 @@ def check_response(data: bytes, cfg: Config, identity: KitIdentity, paths: Contr
     try:
         body, _, _ = cp.decode(data, "claim_response")
         cp.check_claim_response(body)
-        preset = cfg.control.fleet_public_key or (paths.fleet_key.read_text() if paths.fleet_key.exists() else "")
-        if preset and preset.strip() != body["fleet_public_key"]:
-            raise ClaimError("wrong_fleet_key", f"response key {cp.key_fingerprint(body['fleet_public_key'])} is not "
-                             f"the pinned fleet key {cp.key_fingerprint(preset.strip())}")
-        body = cp.verify(data, "claim_response", cp.load_public_b64(body["fleet_public_key"]))
+    except cp.ProtocolError as e:
+        raise ClaimError("bad_response", str(e)) from None
+    # Parsed before anything uses it (fingerprint, comparison): the body is not verified yet, and a key that is
+    # not base64 would otherwise raise binascii.Error out of the claim loop and end the control thread.
+    try:
+        fleet_key = cp.load_public_b64(body["fleet_public_key"])
+    except cp.ProtocolError as e:
+        raise ClaimError("bad_response", f"claim_response.fleet_public_key: {e}") from None
+    pinned = _pinned_key(cfg, paths)
+    if pinned is not None and cp.public_raw(pinned) != cp.public_raw(fleet_key):
+        raise ClaimError("wrong_fleet_key", f"response key {cp.key_fingerprint(fleet_key)} is not "
+                         f"the pinned fleet key {cp.key_fingerprint(pinned)}")
+    try:
+        body = cp.verify(data, "claim_response", fleet_key)
     except cp.ProtocolError as e:
         raise ClaimError("bad_response", str(e)) from None
     if body["kit_id"] != identity.kit_id or body["nonce"] != nonce:
@@ -165,6 +174,20 @@ def check_response(data: bytes, cfg: Config, identity: KitIdentity, paths: Contr
     if not cn or cn[0].value != identity.kit_id or not same_key:
         raise ClaimError("bad_response", "certificate is not for this kit's id and TLS key")
     return body
+
+
+def _pinned_key(cfg: Config, paths: ControlPaths) -> Any:
+    """The fleet key the response must carry (`control.fleet_public_key`, else one pinned by an earlier claim), or
+    None (trust on first claim). `ClaimError` naming where it came from when that key itself is not a key."""
+    preset, where = cfg.control.fleet_public_key, "control.fleet_public_key"
+    if not preset and paths.fleet_key.exists():
+        preset, where = paths.fleet_key.read_text(), str(paths.fleet_key)
+    if not preset.strip():
+        return None
+    try:
+        return cp.load_public_b64(preset)
+    except cp.ProtocolError as e:
+        raise ClaimError("bad_fleet_key", f"{where}: {e}") from None
 
 
 def store_credentials(paths: ControlPaths, body: dict[str, Any]) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from typing import Any
+
+import pytest
 
 from firmware.control.claim import ControlPaths
 from firmware.wire import control_protocol as cp
@@ -97,3 +101,43 @@ def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, caps
     assert st["claimed"] and st["kit_id"] == kid and st["config"]["current"] == 1
     assert st["fleet_key"] == cp.key_fingerprint(fleet.public_key_b64)
     assert st["certificate"]["subject"].startswith(f"CN={kid},")
+
+
+def _unsigned_claim_response(body: dict[str, Any]) -> bytes:
+    """A claim response envelope with an empty signature (anyone on the claim listener can send one)."""
+    return cp.canonical({"v": cp.VERSION, "kind": "claim_response", "body": body, "sig": ""})
+
+
+@pytest.mark.parametrize("bad_key", ["abc", "!!!!not-base64", base64.b64encode(b"\x01" * 31).decode()],
+                         ids=["bad_padding", "not_alphabet", "31_bytes"])
+@pytest.mark.parametrize("preset", [True, False], ids=["preset_key", "first_claim"])
+def test_claim_response_with_a_malformed_fleet_key_is_refused_not_raised(new_kit, fleet, bad_key: str,
+                                                                          preset: bool) -> None:
+    """A junk `fleet_public_key` in an unsigned response is refused as a bad response naming the field; it never
+    escapes `check_response` (binascii.Error "Incorrect padding" used to end the control thread)."""
+    from firmware.control.claim import ClaimError, check_response, ensure_tls_key
+
+    k = new_kit(allow=False, **({"fleet_public_key": fleet.public_key_b64} if preset else {}))
+    paths = ControlPaths.of(k.cfg)
+    ensure_tls_key(paths, k.identity.kit_id)
+    body = {"kit_id": k.identity.kit_id, "nonce": "n1", "status": "pending", "reason": "", "fleet_public_key": bad_key}
+    with pytest.raises(ClaimError) as e:
+        check_response(_unsigned_claim_response(body), k.cfg, k.identity, paths, "n1")
+    assert e.value.reason == "bad_response" and "fleet_public_key" in str(e.value), str(e.value)
+
+
+def test_claim_with_a_malformed_preset_fleet_key_names_the_setting(new_kit, fleet) -> None:
+    """A typo in `control.fleet_public_key` is a ClaimError naming the setting (logged, retried), not a crash."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware.control.claim import ClaimError, check_response, ensure_tls_key
+
+    k = new_kit(allow=False, fleet_public_key="abc")
+    paths = ControlPaths.of(k.cfg)
+    ensure_tls_key(paths, k.identity.kit_id)
+    key = Ed25519PrivateKey.generate()
+    body = {"kit_id": k.identity.kit_id, "nonce": "n1", "status": "pending", "reason": "",
+            "fleet_public_key": cp.public_b64(key)}
+    with pytest.raises(ClaimError) as e:
+        check_response(cp.sign("claim_response", body, key), k.cfg, k.identity, paths, "n1")
+    assert e.value.reason == "bad_fleet_key" and "control.fleet_public_key" in str(e.value), str(e.value)
