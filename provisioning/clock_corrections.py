@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from firmware.system.clock import NOT_AFTER, implausible_time, when
 from firmware.wire import clock_correction
-from firmware.wire.clock_correction import NOT_AFTER, implausible_time, when
 from firmware.wire.ids import parse_record_id
 
 MAX_DOCS = 50  # documents one telemetry message may carry (a kit sends its newest 5; it keeps 50)

@@ -30,7 +30,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.wire.clock_correction import NOT_AFTER, NOT_BEFORE, implausible_time, when
+#: No record of this firmware was captured before its first release: a clock (or a correction) saying so is wrong.
+#: Raise it with a release only if kits never run an older one (records of older kits must stay placeable).
+NOT_BEFORE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
+#: 30 years on: beyond any kit's service life (SD cards, batteries, the Pi itself), so a time past it is a spoofed
+#: or broken source, not a late enrollment. The same span as the data center's old +-30 years offset bound.
+NOT_AFTER = dt.datetime(2056, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def when(t: float) -> str:
+    """`t` (Unix seconds) as ``2026-11-29T04:03:12Z`` for a message; any float, even one no calendar holds."""
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return f"{t!r}s"
+
+
+def implausible_time(t: float) -> str:
+    """Why `t` (Unix seconds) cannot be a true time of a kit's record or clock; "" when it can."""
+    if not math.isfinite(t):
+        return f"time {t!r} is not a number"
+    if t < NOT_BEFORE:
+        return f"time {when(t)} is before {when(NOT_BEFORE)} (this firmware's release)"
+    if t > NOT_AFTER:
+        return f"time {when(t)} is after {when(NOT_AFTER)} (beyond a kit's service life)"
+    return ""
 
 log = logging.getLogger(__name__)
 

@@ -16,44 +16,17 @@ none that does. The offset itself is not bounded this way: a Pi without RTC may 
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+# The plausible range of a record's time lives with the clock (the foundation, which the wire formats may import).
+from firmware.system.clock import NOT_AFTER, NOT_BEFORE, implausible_time, when  # noqa: F401 (re-exported)
 from firmware.wire.control_protocol import canonical
 
 TYPE = "rekam.clock-correction/1"
-
-#: No record of this firmware was captured before its first release: a clock (or a correction) saying so is wrong.
-#: Raise it with a release only if kits never run an older one (records of older kits must stay placeable).
-NOT_BEFORE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
-#: 30 years on: beyond any kit's service life (SD cards, batteries, the Pi itself), so a time past it is a spoofed
-#: or broken source, not a late enrollment. The same span as the data center's old +-30 years offset bound.
-NOT_AFTER = dt.datetime(2056, 1, 1, tzinfo=dt.UTC).timestamp()
-
-
-def when(t: float) -> str:
-    """`t` (Unix seconds) as ``2026-11-29T04:03:12Z`` for a message; any float, even one no calendar holds."""
-    try:
-        return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{t!r}s"
-
-
-def implausible_time(t: float) -> str:
-    """Why `t` (Unix seconds) cannot be a true time of a kit's record or clock; "" when it can."""
-    if not math.isfinite(t):
-        return f"time {t!r} is not a number"
-    if t < NOT_BEFORE:
-        return f"time {when(t)} is before {when(NOT_BEFORE)} (this firmware's release)"
-    if t > NOT_AFTER:
-        return f"time {when(t)} is after {when(NOT_AFTER)} (beyond a kit's service life)"
-    return ""
-
 
 def sign(body: Mapping[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed correction for `body` (its `type` is set here)."""
