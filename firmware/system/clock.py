@@ -8,7 +8,7 @@ in time without the record being rewritten.
 
 Nothing else on the kit checks the wall clock, so chrony's word is bounded here: every number of its report must
 be finite, and a synchronised clock or a correction counts only when the true time it gives lies in
-`firmware.wire.clock_correction`'s plausible range (a spoofed GNSS time, a broken receiver). Otherwise the clock
+the plausible range (`implausible_time`) (a spoofed GNSS time, a broken receiver). Otherwise the clock
 is "not synchronised": records keep ``clock_synced = false``, no correction is signed, and the data center leaves
 their times as sealed.
 """
