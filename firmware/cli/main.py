@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "firmware.cli.enroll",
     "firmware.cli.provision",
     "firmware.cli.update",
+    "firmware.cli.operator",
 ]
 
 #: Exit status for an error family a command lets escape; the first matching family wins.

@@ -67,7 +67,8 @@ def _err(e: Exception) -> HTTPException:
         return HTTPException(422, {"code": f"nik_{e.code}", "message": str(e)})
     if isinstance(e, SignInError):
         extra = {"tries_left": e.tries_left} if e.tries_left is not None else {}
-        return HTTPException(423 if e.code == "locked" else 401,
+        # 423 locked, 503 pin_busy (too many PINs being checked at once: try again, nothing counted), else 401
+        return HTTPException(423 if e.code == "locked" else 503 if e.code == "pin_busy" else 401,
                              {"code": e.code, "message": str(e), "retry_after_s": int(e.retry_after_s), **extra})
     raise e
 
@@ -125,8 +126,8 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
 
     @r.get("/enrollment", dependencies=deps)
     def current(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
-        call(svc.session, token(authorization, rekam_session))
-        return svc.describe()
+        """The enrollment in progress; another operator's shows whose it is and its step, not the resident."""
+        return call(svc.describe_for, token(authorization, rekam_session))
 
     @r.post("/enrollment/face", dependencies=deps)
     def face(authorization: str | None = Auth, rekam_session: str | None = Sess) -> dict[str, Any]:
@@ -207,8 +208,8 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
     @r.get("/enrollment/preview/{name}", dependencies=deps)
     def preview(name: str = Path(pattern=r"^[A-Za-z0-9.-]{1,40}$"), authorization: str | None = Auth,
                 rekam_session: str | None = Sess) -> Response:
-        call(svc.session, token(authorization, rekam_session))
-        data = svc.preview(name)
+        """A capture preview (biometric image): only for the enrollment's owner or a supervisor (403 not_owner)."""
+        data = call(svc.preview, token(authorization, rekam_session), name)
         if data is None:
             raise HTTPException(404, {"code": "no_preview", "message": f"no preview {name}"})
         return Response(data, media_type="image/png" if name.endswith(".png") else "image/jpeg",

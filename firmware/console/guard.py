@@ -13,19 +13,34 @@ Every request passes here before FastAPI sees it:
   undeclared (chunked) body is read only up to the cap, then refused. A body that is read is
   parsed by `firmware.wire.safejson` (size, depth, no NaN/Infinity) and refused with 400/413/415
   and a clear message when it is not a JSON document; FastAPI then parses the same, now harmless, bytes.
+  The whole body must arrive within ``BODY_TIMEOUT_S`` (10 s) of the headers, else 408: a client that
+  declares 60000 bytes and sends one would otherwise hold its connection (a file descriptor the record
+  store shares) for ever. (Request *headers* have their own deadline in `firmware.console.server`.)
+* **PIN guesses** (`PIN_ROUTES`: sign-in and the supervisor's decision): each client address may fail a
+  PIN `SIGNIN_BURST` times, then once per `SIGNIN_REFILL_S` (a token bucket). A token is taken *before* the
+  request reaches the PIN check (so 40 parallel guesses cannot all pass an empty-looking bucket) and given
+  back unless the answer is a wrong PIN; without one the answer is 429 ``signin_throttled`` with
+  ``Retry-After``, and no scrypt hash is computed. The per-operator lockout
+  (`firmware.enrollment.operators`) still bounds the guesses at one operator from many addresses.
 
 Errors are JSON ``{"detail": {"code": ..., "message": ...}}`` like the API's own.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
 import logging
+import math
 import socket
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from firmware.errors import ProtocolError
+from firmware.system.i18n import gettext
 from firmware.wire import safejson
 
 log = logging.getLogger("rekamd")
@@ -35,6 +50,75 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+#: Seconds a request's body may take to arrive once its headers are in (64 KiB at most: a phone on the kit's
+#: Wi-Fi needs well under a second).
+BODY_TIMEOUT_S = 10.0
+#: Routes that check a PIN -> the error code of their answer to a wrong one (api_enroll.py: the sign-in's
+#: 401 ``bad_pin``; the supervisor's decision wraps every refused PIN as 403 ``supervisor_auth``).
+PIN_ROUTES: dict[str, tuple[int, str]] = {"/api/v1/auth/signin": (401, "bad_pin"),
+                                          "/api/v1/enrollment/supervisor": (403, "supervisor_auth")}
+#: Wrong PINs a client address may send at once (an operator's fumbling, and the CLI's, stays far below) ...
+SIGNIN_BURST = 10
+#: ... then one more every this many seconds (60 a hour): unknown ids (each a full scrypt) and lockouts of
+#: every operator from one address become slow.
+SIGNIN_REFILL_S = 60.0
+#: Client addresses remembered (memory bound); a full bucket is the same as a forgotten one.
+SIGNIN_CLIENTS = 1024
+
+
+class FailureBucket:
+    """Per-client token buckets of failed PIN checks; thread safe (the HTTP and HTTPS servers share one)."""
+
+    def __init__(self, burst: int = SIGNIN_BURST, refill_s: float = SIGNIN_REFILL_S,
+                 max_clients: int = SIGNIN_CLIENTS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.refill_s, self.max_clients, self.clock = burst, refill_s, max_clients, clock
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[float, float]] = {}  # key -> (tokens, when counted)
+
+    @staticmethod
+    def key(client: str) -> str:
+        """The bucket of an address: IPv6 by its /64 (one host may hold a whole /64, and pick from it freely)."""
+        try:
+            ip = ipaddress.ip_address(client)
+        except ValueError:
+            return client
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack listener is a.b.c.d
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, at = self._tokens.get(key, (float(self.burst), now))
+        return min(float(self.burst), tokens + (now - at) / self.refill_s)
+
+    def take(self, client: str) -> float:
+        """Take a token: 0.0 if taken, else the seconds until one is there."""
+        key, now = self.key(client), self.clock()
+        with self._lock:
+            level = self._level(key, now)
+            if level < 1:
+                return (1 - level) * self.refill_s
+            self._tokens[key] = (level - 1, now)
+            if len(self._tokens) > self.max_clients:
+                self._forget(now)
+            return 0.0
+
+    def give_back(self, client: str) -> None:
+        """Return a token taken for an attempt that turned out not to be a wrong PIN."""
+        key, now = self.key(client), self.clock()
+        with self._lock:
+            if key in self._tokens:
+                self._tokens[key] = (min(float(self.burst), self._level(key, now) + 1), now)
+
+    def _forget(self, now: float) -> None:
+        """Drop the buckets that are full again, then (an address flood) the oldest."""
+        for key in [k for k in self._tokens if self._level(k, now) >= self.burst]:
+            del self._tokens[key]
+        if len(self._tokens) > self.max_clients:
+            for key in sorted(self._tokens, key=lambda k: self._tokens[k][1])[:len(self._tokens) - self.max_clients]:
+                del self._tokens[key]
 
 
 def split_host(value: str) -> tuple[str, str]:
@@ -61,10 +145,13 @@ def kit_names(extra: Iterable[str] = ()) -> set[str]:
 class Guard:
     """Wraps an ASGI app with the Host, Origin and body checks above."""
 
-    def __init__(self, app: Any, *, max_body: int, hostnames: Iterable[str] = ()) -> None:
+    def __init__(self, app: Any, *, max_body: int, hostnames: Iterable[str] = (),
+                 body_timeout_s: float = BODY_TIMEOUT_S, pin_failures: FailureBucket | None = None) -> None:
         self.app = app
         self.max_body = max_body
         self.names = kit_names(hostnames)
+        self.body_timeout_s = body_timeout_s
+        self.pin_failures = pin_failures or FailureBucket()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,16 +189,24 @@ class Guard:
             await self.app(scope, receive, send)  # no body at all
             return
         body = bytearray()
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body += msg.get("body", b"")
-            if len(body) > self.max_body:
-                await _answer(send, 413, "too_large", f"request body over the limit of {self.max_body} bytes")
-                return
-            if not msg.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        return
+                    body += msg.get("body", b"")
+                    if len(body) > self.max_body:
+                        await _answer(send, 413, "too_large", f"request body over the limit of {self.max_body} bytes")
+                        return
+                    if not msg.get("more_body", False):
+                        break
+        except TimeoutError:
+            log.warning("console request refused reason=body_timeout got=%d path=%s", len(body), scope.get("path"))
+            await _answer(send, 408, "request_timeout",
+                          gettext("the request did not arrive completely within {seconds} s",
+                                  lang=headers.get("x-rekam-lang") or None, seconds=_secs(self.body_timeout_s)))
+            return
         if body:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype and ctype != "application/json" and not ctype.endswith("+json"):
@@ -122,7 +217,41 @@ class Guard:
             except ProtocolError as e:
                 await _answer(send, 413 if e.reason == "too_large" else 400, f"body_{e.reason}", str(e))
                 return
-        await self.app(scope, _replay(bytes(body), receive), send)
+        replay = _replay(bytes(body), receive)
+        if scope.get("method") == "POST" and scope.get("path") in PIN_ROUTES:
+            await self._pin_route(scope, replay, send, headers)
+            return
+        await self.app(scope, replay, send)
+
+    async def _pin_route(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        """Pass a PIN check on only with a token of the client's bucket; keep the token if the PIN was wrong."""
+        client = str((scope.get("client") or ("",))[0] or "")
+        wait = self.pin_failures.take(client)
+        if wait:
+            log.warning("console request refused reason=pin_throttle client=%s path=%s", client, scope.get("path"))
+            seconds = max(1, math.ceil(wait))
+            await _answer(send, 429, "signin_throttled",
+                          gettext("too many wrong PINs from this address; try again in {seconds} s",
+                                  lang=headers.get("x-rekam-lang") or None, seconds=seconds),
+                          retry_after_s=seconds)
+            return
+        status, head = 0, bytearray()
+
+        async def watch(msg: dict[str, Any]) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = int(msg["status"])
+            elif msg["type"] == "http.response.body" and len(head) < 4096:
+                head.extend(msg.get("body", b"")[:4096])
+            await send(msg)
+
+        wrong = False
+        try:
+            await self.app(scope, receive, watch)
+            wrong = _is_code(bytes(head), *PIN_ROUTES[str(scope["path"])], status)
+        finally:
+            if not wrong:  # a right PIN, a lockout answered without a check, "busy", a bad request: no guess spent
+                self.pin_failures.give_back(client)
 
     def _same_origin(self, headers: dict[str, str], scope: Scope, host_hdr: str) -> bool:
         """True for a request the kit's own page (or a program without Origin) sent."""
@@ -150,9 +279,29 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return inner
 
 
-async def _answer(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps({"detail": {"code": code, "message": message}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+def _is_code(body: bytes, want_status: int, want_code: str, status: int) -> bool:
+    """True if a response is `want_status` with ``detail.code`` `want_code`."""
+    if status != want_status:
+        return False
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(detail, dict) and detail.get("code") == want_code
+
+
+def _secs(value: float) -> str:
+    """Seconds for a message: ``10``, or ``0.5`` for a short test deadline."""
+    return f"{value:g}"
+
+
+async def _answer(send: Send, status: int, code: str, message: str, *, retry_after_s: int | None = None) -> None:
+    detail: dict[str, Any] = {"code": code, "message": message}
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    if retry_after_s is not None:
+        detail["retry_after_s"] = retry_after_s
+        headers.append((b"retry-after", str(retry_after_s).encode()))
+    body = json.dumps({"detail": detail}).encode()
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -11,18 +11,40 @@ the local credential the `rekam` CLI sends as `X-Rekam-Token`; a new token is ma
 `[api] https_bind` set, a second listener serves the same app over HTTPS with the kit's console
 certificate (`firmware.console.tls`) for phones on the kit's Wi-Fi; its URL and certificate
 fingerprint go into `api.json` too.
+
+Time and connection limits (a LAN client must not hold the daemon's file descriptors: the record
+store, SQLite and the USB stick share them). uvicorn starts no timer before a request's headers are in,
+so a client sending half a request line held its connection for ever:
+
+* each listener keeps at most `MAX_CONNECTIONS` connections open (`CappedListener`, at accept: before a
+  TLS handshake or a byte of HTTP); uvicorn answers 503 to a request beyond `LIMIT_CONCURRENCY`
+  (``limit_concurrency``), so browsers get an answer while the hard cap still has room;
+* a connection that has not delivered a whole request head `HEADER_TIMEOUT_S` after it was made (or after
+  its previous response) is closed (`ConsoleProtocol`), and so is a TLS handshake that takes longer
+  (`ConsoleLoop`); a request body has its own deadline in the gate (`firmware.console.guard`);
+* idle kept-alive connections close after `KEEP_ALIVE_S` (uvicorn's own timer).
+
+The console serves 1-3 operators' browsers (6 connections each at most) and the CLI: 32 per listener is
+generous, and two listeners take at most 64 descriptors of the 1024 the unit allows (LimitNOFILE=).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from firmware.console.port import KitPort
 from firmware.system.fsutil import atomic_write
@@ -31,6 +53,106 @@ from firmware.system.service import FAILED, RUNNING, STOPPED
 log = logging.getLogger("rekamd")
 
 LISTEN_TIMEOUT_S = 10.0
+#: Seconds a connection has to deliver a request's head (request line and headers), counted from its
+#: start or from the previous response; also the TLS handshake's deadline (asyncio's default is 60 s).
+HEADER_TIMEOUT_S = 10.0
+#: Connections one listener holds open at once (TLS handshakes under way included); more are closed at accept.
+MAX_CONNECTIONS = 32
+#: Open connections from which a new request is answered 503 (uvicorn's limit_concurrency), below the cap.
+LIMIT_CONCURRENCY = 24
+#: Connections the kernel queues before they are accepted (its memory, not the daemon's descriptors).
+BACKLOG = 64
+#: Seconds an idle kept-alive connection stays open after a response (uvicorn's default).
+KEEP_ALIVE_S = 5
+
+
+class CappedListener(socket.socket):
+    """A listening socket that holds at most `max_open` accepted connections open at once.
+
+    asyncio's accept loop calls `accept()` on the socket it serves; beyond the cap the new connection is
+    closed at once and ConnectionAbortedError ends that round of accepting (asyncio's own signal for
+    "nothing more to accept now"). An accepted connection counts until asyncio closes it (its `fileno()`
+    is then -1), TLS handshakes in progress included, which uvicorn never sees.
+    """
+
+    def __init__(self, family: int, max_open: int) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.max_open = max_open
+        self.accepted: list[socket.socket] = []
+        self.refused = 0
+
+    def open_connections(self) -> int:
+        """Accepted connections not closed yet."""
+        self.accepted = [c for c in self.accepted if c.fileno() != -1]
+        return len(self.accepted)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().accept()
+        if self.open_connections() >= self.max_open:
+            conn.close()
+            self.refused += 1
+            if self.refused % 100 == 1:  # a flood is logged, not every connection of it
+                log.warning("console connection refused reason=too_many_connections open=%d refused=%d client=%s",
+                            self.max_open, self.refused, addr[0] if addr else "-")
+            raise ConnectionAbortedError("console connection limit reached")
+        self.accepted.append(conn)
+        return conn, addr
+
+
+class ConsoleProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's head (uvicorn has none: its keep-alive
+    timer starts only after a response and stops at the first byte of the next request)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float = HEADER_TIMEOUT_S, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()  # the next request on a kept-alive connection has its own deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        if not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        # IDLE: no whole request head since the deadline was set (nothing, or a part of one). A request whose
+        # head is in (SEND_BODY, DONE) belongs to the app now, and its body to the gate's deadline.
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("console connection closed reason=header_timeout client=%s",
+                     self.client[0] if self.client else "-")
+            self.transport.close()
+
+
+class ConsoleLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop with a deadline on TLS handshakes and shutdowns of the servers it makes (uvicorn passes
+    none, so asyncio's 60 s and 30 s apply)."""
+
+    def __init__(self, tls_timeout_s: float = HEADER_TIMEOUT_S) -> None:
+        super().__init__()
+        self.tls_timeout_s = tls_timeout_s
+
+    async def create_server(self, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+        if kw.get("ssl") is not None:
+            kw.setdefault("ssl_handshake_timeout", self.tls_timeout_s)
+            kw.setdefault("ssl_shutdown_timeout", self.tls_timeout_s)
+        return await super().create_server(*args, **kw)
 
 
 class ApiServer:
@@ -40,8 +162,12 @@ class ApiServer:
 
     def __init__(self, kit: KitPort, bind: str, port: int, info_path: Path, *, https_bind: str = "",
                  https_port: int = 8471, hostnames: list[str] | tuple[str, ...] = (), max_body: int = 64 * 1024,
-                 identity_dir: Path | None = None) -> None:
+                 identity_dir: Path | None = None, header_timeout_s: float = HEADER_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS, limit_concurrency: int = LIMIT_CONCURRENCY) -> None:
         self.kit = kit
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self.limit_concurrency = min(limit_concurrency, max_connections)
         self.bind, self.port = bind, port
         self.https_bind, self.https_port = https_bind, https_port
         self.hostnames = list(hostnames)
@@ -55,6 +181,7 @@ class ApiServer:
         self.https_url = ""
         self.app: Any = None
         self.servers: list[Any] = []
+        self.listeners: list[CappedListener] = []  # beside `servers`: how many connections each holds
         self.threads: list[threading.Thread] = []
         self._stopping = False
         self.published = False  # api.json/api.token written by this process: only then may it remove them
@@ -81,7 +208,7 @@ class ApiServer:
             self.app = Guard(create_app(self.kit, self.local_token, self.tls), max_body=self.max_body,
                              hostnames=self.hostnames)
         self._stopping = False
-        self.servers, self.threads = [], []
+        self.servers, self.listeners, self.threads = [], [], []
         host, port = self._serve(self.bind, self.port)
         self.url = f"http://{_urlhost(host)}:{port}"
         info: dict[str, Any] = {"url": self.url, "pid": os.getpid()}
@@ -120,11 +247,35 @@ class ApiServer:
         kw: dict[str, Any] = {}
         if tls:
             kw = {"ssl_certfile": str(self.tls.cert_path), "ssl_keyfile": str(self.tls.key_path)}
-        server = uvicorn.Server(uvicorn.Config(self.app, host=bind, port=port, log_level="warning",
-                                               access_log=False, lifespan="off", **kw))
-        t = threading.Thread(target=server.run, name="api-https" if tls else "api", daemon=True)
+        # Our own listening socket (the connection cap), protocol (the header deadline) and event loop (the TLS
+        # deadline; asyncio's, not uvloop, whose accept is native code), all through uvicorn's public API.
+        sock = CappedListener(socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET,
+                              self.max_connections)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind, port))
+        except OSError as e:
+            sock.close()
+            self.stop()
+            raise RuntimeError(f"console/API could not listen on {bind}:{port}{' (HTTPS)' if tls else ''}: {e}") from e
+        # proxy_headers off: no proxy stands in front of the kit, and trusting X-Forwarded-For from loopback would
+        # let a client pick the address its sign-in throttle (guard.py) and the logs go by.
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
+                                http=functools.partial(ConsoleProtocol,  # type: ignore[arg-type]
+                                                       header_timeout_s=self.header_timeout_s),
+                                limit_concurrency=self.limit_concurrency, backlog=BACKLOG,
+                                timeout_keep_alive=KEEP_ALIVE_S, **kw)
+        server = uvicorn.Server(config)
+
+        def run() -> None:
+            # Server.run() would make uvicorn's own loop; serve() on ours behaves the same in every uvicorn version.
+            with asyncio.Runner(loop_factory=functools.partial(ConsoleLoop, self.header_timeout_s)) as runner:
+                runner.run(server.serve(sockets=[sock]))
+
+        t = threading.Thread(target=run, name="api-https" if tls else "api", daemon=True)
         t.start()
         self.servers.append(server)
+        self.listeners.append(sock)
         self.threads.append(t)
         deadline = time.monotonic() + LISTEN_TIMEOUT_S
         while not server.started and t.is_alive() and time.monotonic() < deadline:

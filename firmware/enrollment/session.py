@@ -194,10 +194,11 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         return s
 
     def session(self, token: str) -> SignedIn:
-        """The signed-in operator for a token; expired after `idle_signout_s` without activity."""
+        """The signed-in operator for a token; expired after `idle_signout_s` without activity, and ended when the
+        operator was removed, their role changed or their PIN was changed since they signed in."""
         with self._lock:
             s = self.sessions.get(token)
-            if s is None:
+            if s is None or not self._still_valid(s):
                 raise EnrollmentError("not_signed_in", gettext("sign in first"), 401)
             now = self.clock()
             if now - s.last_active > self.cfg.operators.idle_signout_s:
@@ -210,7 +211,7 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         """Seconds until idle sign-out, and whether the console should warn."""
         with self._lock:
             s = self.sessions.get(token)
-            if s is None:
+            if s is None or not self._still_valid(s):
                 return {"signed_in": False}
             idle = self.clock() - s.last_active
         left = self.cfg.operators.idle_signout_s - idle
@@ -229,6 +230,40 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             self._cancel(self.active, f"operator signed out ({why})")
         self._audit("signout", s.operator.id, reason=why)
 
+    def _revoked(self, s: SignedIn) -> str:
+        """Why the session's credential no longer holds ('' while it does): the operator list was replaced (live
+        config `operators.list`, fleet `set_operators`) after the sign-in."""
+        now = self.operators.by_id.get(s.operator.id)
+        if now is None:
+            return "operator_removed"
+        if now.role != s.operator.role:
+            return "role_changed"
+        if now.pin_hash != s.operator.pin_hash:
+            return "pin_changed"  # a re-hashed, unchanged PIN ends the session too: signing in again is cheap
+        return ""
+
+    def _still_valid(self, s: SignedIn) -> bool:
+        """False (and the session ended) when its operator's credential changed; call with `_lock` held.
+
+        Unlike an idle or operator sign-out, the operator's enrollment is *kept*: the resident is still at the
+        kit with captures done, and the change came from the office, not from the operator walking away. The
+        operator (new PIN, new role) may sign in again and continue it; the enrollment of a removed operator
+        waits for a supervisor, who may continue and store it or cancel it (`_current`).
+        """
+        why = self._revoked(s)
+        if not why:
+            s.operator = self.operators.by_id[s.operator.id]  # same credential: pick up a new display name
+            return True
+        self.sessions.pop(s.token, None)
+        e = self.active
+        kept = e is not None and e.operator_id == s.operator.id
+        self._audit("signout", s.operator.id, reason=why, **({"enrollment": e.id} if kept and e else {}))
+        log.warning("operator session ended operator=%s role=%s reason=%s", s.operator.id, s.operator.role, why)
+        if kept and e:
+            log.warning("enrollment kept for its operator or a supervisor enrollment=%s operator=%s reason=%s "
+                        "step=%s", e.id, e.operator_id, why, e.step(self.cfg.enrollment.capture_face))
+        return False
+
     def active_token(self) -> str | None:
         """The session token of the operator who owns the enrollment in progress (None: none, or signed out).
 
@@ -238,8 +273,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             e = self.active
             if e is None:
                 return None
-            for token, s in self.sessions.items():
-                if s.operator.id == e.operator_id:
+            for token, s in list(self.sessions.items()):
+                if s.operator.id == e.operator_id and self._still_valid(s):
                     return token
         return None
 
@@ -258,6 +293,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         with self._lock:
             now = self.clock()
             for s in list(self.sessions.values()):
+                if not self._still_valid(s):  # a removed or changed operator: ended (and logged) now, not later
+                    continue
                 if now - s.last_active > self.cfg.operators.idle_signout_s:
                     self._sign_out(s, "idle")
 
@@ -324,13 +361,22 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         if e is None:
             raise EnrollmentError("no_enrollment",
                                   gettext("no enrollment in progress; start one with the resident's NIK"))
-        if e.operator_id != s.operator.id and s.operator.role != "supervisor":
+        self._require_owner(s, e)
+        return s, e
+
+    @staticmethod
+    def _may_act(s: SignedIn, e: Enrollment) -> bool:
+        """The enrollment's owner or a supervisor: the only ones who act on it or see the resident's data."""
+        return e.operator_id == s.operator.id or s.operator.role == "supervisor"
+
+    def _require_owner(self, s: SignedIn, e: Enrollment) -> None:
+        """Refuse (403 not_owner, audited) anyone but the enrollment's owner or a supervisor."""
+        if not self._may_act(s, e):
             self._audit("not_owner", s.operator.id, enrollment=e.id, owner=e.operator_id)
             raise EnrollmentError("not_owner", gettext("this enrollment belongs to operator {owner}: only they or a "
                                                        "supervisor may continue or cancel it", owner=e.operator_id),
                                   403, owner=e.operator_id,
                                   owner_name=self._operator_name(e.operator_id))
-        return s, e
 
     def _operator_name(self, operator_id: str) -> str:
         op = getattr(self.operators, "by_id", {}).get(operator_id)
@@ -627,7 +673,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                 "attempt": len(outcome.attempts), "message": msg}
 
     def describe(self, e: Enrollment | None = None) -> dict[str, Any]:
-        """The enrollment's state for the console and CLI (no images, no full NIK)."""
+        """The enrollment's state for the console and CLI (no images; the full NIK only at review), as its owner or
+        a supervisor sees it: `describe_for` answers a request by whoever asks."""
         e = e or self.active
         if e is None:
             return {"active": False, "last_receipt": self.last_receipt}
@@ -660,9 +707,43 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                 "duplicates": None if e.dup_hits is None else [h.__dict__ for h in e.dup_hits],
                 "supervisor": e.supervisor}
 
-    def preview(self, name: str) -> bytes | None:
+    def describe_for(self, token: str) -> dict[str, Any]:
+        """`describe` for the signed-in caller: in full for the enrollment's owner or a supervisor; another operator
+        learns only that the kit is busy, whose enrollment it is and how far it got (`_busy_view`)."""
+        s = self.session(token)
         e = self.active
-        return e.previews.get(name) if e else None
+        if e is None or self._may_act(s, e):
+            return self.describe(e)
+        return self._busy_view(self.describe(e))
+
+    @staticmethod
+    def _busy_view(full: dict[str, Any]) -> dict[str, Any]:
+        """An enrollment in progress as another operator may see it: whose, which step, the progress of each capture
+        (what the console's step list shows), but not the resident: no full NIK, birth date, sex, exception reasons
+        (they can be medical), previews, override reason, duplicate matches or supervisor decision."""
+        def item(d: dict[str, Any]) -> dict[str, Any]:
+            return {**d, "preview": None, **({"exception": bool(d["exception"])} if "exception" in d else {})}
+
+        view = {k: full[k] for k in ("active", "id", "operator_id", "operator_name", "nik_masked", "started", "step",
+                                     "busy")}
+        dups = full["duplicates"]
+        view.update({
+            "face": item(full["face"]) if full["face"] else None, "face_exception": bool(full["face_exception"]),
+            "fingers": [item(f) for f in full["fingers"]], "irises": [item(i) for i in full["irises"]],
+            "signature": item(full["signature"]) if full["signature"] else None,
+            "duplicates": None if dups is None else [{"finger": h["finger"]} for h in dups],  # done or not
+            "restricted": True})
+        return view
+
+    def preview(self, token: str, name: str) -> bytes | None:
+        """A capture preview (face, finger, iris, signature image) of the enrollment in progress, for its owner or
+        a supervisor only (403 not_owner otherwise); None when there is no enrollment or no such preview."""
+        s = self.session(token)
+        e = self.active
+        if e is None:
+            return None
+        self._require_owner(s, e)
+        return e.previews.get(name)
 
     def _payload(self, e: Enrollment) -> bytes:
         return build_payload(e, self.cfg)

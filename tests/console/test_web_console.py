@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from playwright.sync_api import expect
+
 from tests.console.conftest import NIK_MALE, OPERATOR, Daemon
 
 
@@ -52,7 +54,7 @@ def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: 
     page.click("#signin-form button[type=submit]")
     page.wait_for_selector("#view-enroll:not([hidden])")
     assert "Demo Operator" in page.inner_text("#who")
-    assert "NIK" in page.inner_text("#prompt")
+    expect(page.locator("#prompt")).to_contain_text("NIK")  # waits: the prompt follows GET /enrollment
 
     # A bad NIK: the console's own words for the API's code (nik_serial).
     page.fill("#nik", "3201011505900000")
@@ -64,11 +66,11 @@ def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: 
     page.click("#nik-start")
     page.wait_for_selector("#enroll-active:not([hidden])")
     assert page.inner_text("#enroll-nik") == "NIK 320101******0001"
-    assert "camera" in page.inner_text("#prompt")
+    expect(page.locator("#prompt")).to_contain_text("camera")
     page.click("#capture-go")  # face
     page.wait_for_selector("#capture-title:has-text('R1')")
     page.screenshot(path=str(shots / "3-face-done-next-finger.png"))
-    assert "RIGHT THUMB" in page.inner_text("#prompt")
+    expect(page.locator("#prompt")).to_contain_text("RIGHT THUMB")
     # The face's result is not shown under the R1 heading (#16 item 9): it is named as the previous step's.
     assert page.is_hidden("#feedback") and page.is_hidden("#preview")
     assert re.match(r"Done: Face photo — (accepted|kept the best attempt) \(score \d+\)", page.inner_text("#done-note"))
@@ -130,7 +132,7 @@ def test_enrollment_through_the_console(daemon: Daemon, browser: Any, tmp_path: 
 
     page.click("button[data-view=enroll]")
     page.click("#rc-next")
-    assert "NIK" in page.inner_text("#prompt")
+    expect(page.locator("#prompt")).to_contain_text("NIK")  # waits: the prompt follows GET /enrollment
     # Alerts: the stick is pulled (its folder goes away) -> the banner says so at the next status poll.
     daemon.usb.rename(daemon.root / "usb-pulled")
     page.wait_for_selector("#alerts .banner:has-text('USB stick missing')", timeout=15_000)
