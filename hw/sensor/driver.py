@@ -26,6 +26,7 @@ from hw.sensor.link import (
     DEFAULT_PORT,
     MAX_BULK_BYTES,
     UPCHAR_BUDGET_BYTES,
+    BulkSizeError,
     SensorLink,
     u32,
 )
@@ -121,6 +122,9 @@ class FingerprintSensor:
         self.params: SystemParameters | None = None
         self.product: ProductInfo | None = None
         self.geometry: Geometry | None = None
+        # True once an image's byte count showed `geometry`; until then (ReadProdInfo's word) it is only a hint
+        self._geometry_seen = False
+        self._product_problem = ""  # what was wrong with ReadProdInfo's reply (warned once per distinct problem)
         self._lock = threading.RLock()
 
     @classmethod
@@ -196,7 +200,7 @@ class FingerprintSensor:
                 raise SensorTimeout("sensor silent after setting the security level")
             self.params = self._read_sys_para()
             log.info("security level set level=%d", self.security_level)
-        self.geometry = None  # re-learned: the module may have been swapped while unplugged
+        self.geometry, self._geometry_seen = None, False  # re-learned: the module may have been swapped
         self._probe_product()
         if self.target_baud and self.target_baud > self.baud:
             self._raise_baud(self.target_baud)
@@ -218,16 +222,36 @@ class FingerprintSensor:
         return rate
 
     def _probe_product(self) -> None:
+        """ReadProdInfo: the model, and its image size as a hint until an image confirms it.
+
+        No answer, or one that does not decode: the product is unknown (a decoding problem is warned about once)
+        and the sensor opens as one without ReadProdInfo, with ReadSysPara's parameters, learning its geometry
+        from the first image.
+        """
         try:
             ack = self.link.command(Instruction.READ_PROD_INFO, quick=True, reply_len=47)
         except (UnsupportedCommand, PacketReceiveError, SensorTimeout, UnexpectedReply):
             self.product = None  # not an R503-class module (or no usable answer); not an error
             return
-        self.product = ProductInfo.decode(ack.content[1:])
-        g = Geometry(self.product.width, self.product.height)
-        if g in GEOMETRIES:  # otherwise learn it from the first image's byte count
+        try:
+            product = ProductInfo.decode(ack.content[1:])
+        except (UnexpectedReply, ValueError, struct.error) as e:
+            # inside the try: a reply of another length must not stop the sensor from opening (nor make every
+            # later transaction rerun the start-up and fail the same way)
+            self.product = None
+            problem = str(e)
+            if problem != self._product_problem:
+                self._product_problem = problem
+                log.warning("sensor product info unusable, model unknown error=%s (opening without it; image "
+                            "size learned from the first image)", problem)
+            return
+        self.product = product
+        g = Geometry(product.width, product.height)
+        if self._geometry_seen:
+            pass  # an image already showed the geometry: it outranks what the module says about itself
+        elif g in GEOMETRIES:
             self.geometry = g
-        else:
+        else:  # learn it from the first image's byte count
             log.info("ReadProdInfo geometry %s not a known UART image size; learning it from an image", g)
 
     def _command(self, instruction: int, params: bytes = b"", *, reply_len: int = 1,
@@ -427,25 +451,39 @@ class FingerprintSensor:
     def upload_image(self) -> np.ndarray:
         """UpImage: the image buffer as an 8-bit array (256x288 or 192x192, 16 gray levels).
 
-        A transfer damaged in transit is retried (`bulk_retries`) since the buffer is unchanged.
+        A transfer damaged in transit is retried (`bulk_retries`) since the buffer is unchanged. The geometry
+        is the one the image's byte count shows: ReadProdInfo's is only a hint until then, and an image of
+        another known size than before makes the driver forget the old one and learn it again.
         """
         def go() -> np.ndarray:
-            expected = self.geometry.packed_bytes if self.geometry else None
             for attempt in range(self.bulk_retries + 1):
+                # only a geometry an image showed bounds the transfer (and its deadline): one stated by
+                # ReadProdInfo may be wrong, and then would refuse every image
+                expected = self.geometry.packed_bytes if self.geometry and self._geometry_seen else None
                 try:
                     self._command(Instruction.UP_IMAGE)
                     payload = self.link.receive_bulk("UpImage", expected, packet_size=self._packet_size(),
                                                      budget=max(g.packed_bytes for g in GEOMETRIES))
                     break
+                except BulkSizeError as e:
+                    # another size than the last image's: re-learn from the retry's (or next call's) byte count
+                    self._geometry_seen = False
+                    if attempt == self.bulk_retries:
+                        raise
+                    log.warning("image size changed, re-learning the geometry believed=%s attempt=%d error=%s",
+                                self.geometry, attempt + 1, e)
                 except (UnexpectedReply, SensorTimeout) as e:
                     if attempt == self.bulk_retries:
                         raise
                     log.warning("image upload damaged, retrying attempt=%d error=%s", attempt + 1, e)
             try:
-                geometry = self.geometry or geometry_for_bytes(len(payload))
+                geometry = geometry_for_bytes(len(payload))
             except ValueError as e:
                 raise UnexpectedReply(f"UpImage: {e}") from e
-            self.geometry = geometry  # learned from the first image on modules without ReadProdInfo
+            if self.geometry is not None and geometry != self.geometry:
+                log.warning("sensor image size does not match the geometry believed geometry=%s image=%s "
+                            "(ReadProdInfo or an earlier image); using the image's", self.geometry, geometry)
+            self.geometry, self._geometry_seen = geometry, True
             return unpack_4bit(payload, geometry)
         return self._transaction(go)
 

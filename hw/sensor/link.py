@@ -59,6 +59,9 @@ BULK_WIRE_FACTOR = 2.0
 BULK_MARGIN_S = 1.0
 MAX_BULK_STRAY = 8  # non-data frames (duplicated or late ACKs) tolerated inside one transfer
 UPCHAR_BUDGET_BYTES = 4096  # deadline basis for a template of unknown size (largest known: 1536, R503)
+# A noisy line can produce hundreds of stale frames a second (~480/s at 57600 baud): the first is logged in
+# full, the rest as one count at most every this many seconds, so journald is not flooded.
+STALE_LOG_INTERVAL_S = 60.0
 
 # Processing allowance per instruction, seconds (wire time is added on top).
 _PROCESSING_S: dict[int, float] = {
@@ -104,6 +107,10 @@ _PLAUSIBLE: dict[int, frozenset[int]] = {
 _NOT_RETRIED = frozenset({Instruction.DOWN_CHAR, Instruction.DOWN_IMAGE, Instruction.SET_SYS_PARA,
                           Instruction.SOFT_RST, Instruction.SET_PWD, Instruction.SET_ADDER,
                           Instruction.UP_IMAGE, Instruction.UP_CHAR, Instruction.GET_RANDOM_CODE})
+
+
+class BulkSizeError(UnexpectedReply):
+    """A bulk transfer intact but of another length than expected (more bytes, or fewer before its end)."""
 
 
 def instruction_name(instruction: int) -> str:
@@ -160,6 +167,10 @@ class SensorLink:
         self.unavailable_reason = ""
         # the module must be re-checked (baud search, VfyPwd) before the next command
         self.needs_sync = True
+        self.stale_log_interval_s = STALE_LOG_INTERVAL_S
+        self.stale_skipped = 0  # stale frames skipped since the port was created (all of them, logged or not)
+        self._stale_pending = 0  # skipped since the last line logged about them
+        self._stale_logged_at: float | None = None  # when that line was logged (None: none in the last window)
 
     @property
     def address(self) -> int:
@@ -194,6 +205,7 @@ class SensorLink:
         """Close the port (a later `ensure` reopens it); never raises."""
         ser, self.ser = self.ser, None
         self.needs_sync = True
+        self._flush_stale(force=True)  # the count of a flood that ended with the port is not lost
         if ser is not None:
             try:
                 ser.close()
@@ -376,10 +388,41 @@ class SensorLink:
                 plausible is not None and code != Code.OK and code not in plausible
                 and code not in _GENERIC_CODES)
             if stale:
-                log.warning("skipping a reply that is not for %s (code=0x%02X len=%d): late reply to an "
-                            "earlier command", name, code, len(pkt.content))
+                self._note_stale(name, code, len(pkt.content))
                 continue
+            self._flush_stale()
             return pkt
+
+    def _note_stale(self, name: str, code: int, length: int) -> None:
+        """Log a skipped stale frame: in full if none was logged in the last `stale_log_interval_s`, else counted
+        into the next summary."""
+        self.stale_skipped += 1
+        now = time.monotonic()
+        self._flush_stale(now)
+        if self._stale_logged_at is None:
+            log.warning("skipping a reply that is not for this command command=%s code=0x%02X len=%d (a late "
+                        "reply to an earlier command, or line noise; more are counted every %.1f s)",
+                        name, code, length, self.stale_log_interval_s)
+            self._stale_logged_at = now
+        else:
+            self._stale_pending += 1
+            log.debug("skipping stale reply command=%s code=0x%02X len=%d", name, code, length)
+
+    def _flush_stale(self, now: float | None = None, *, force: bool = False) -> None:
+        """Once `stale_log_interval_s` has passed since the last stale-frame line (or `force`): log the count
+        skipped since (if any), and after a quiet window let the next stale frame be logged in full again."""
+        if self._stale_logged_at is None:
+            return
+        now = time.monotonic() if now is None else now
+        window = now - self._stale_logged_at
+        if window < self.stale_log_interval_s and not force:
+            return
+        if self._stale_pending:
+            log.warning("skipped stale replies count=%d window_s=%.1f port=%s (late replies or line noise)",
+                        self._stale_pending, window, self.port)
+            self._stale_pending, self._stale_logged_at = 0, now
+        else:
+            self._stale_logged_at = None
 
     def flush_input(self) -> None:
         """Drop whatever the port and the framer hold (before a command, so old bytes cannot answer it)."""
@@ -477,7 +520,7 @@ class SensorLink:
             if len(out) > self.max_bulk_bytes:
                 raise UnexpectedReply(f"{what}: more than {self.max_bulk_bytes} bytes without an end packet")
             if expected is not None and len(out) > expected:
-                raise UnexpectedReply(f"{what}: more than the {expected} bytes expected")
+                raise BulkSizeError(f"{what}: more than the {expected} bytes expected")
             if pkt.pid == Pid.END:
                 break
         lost = self.framer.discarded - discarded0
@@ -485,7 +528,7 @@ class SensorLink:
             raise UnexpectedReply(f"{what}: {lost} bytes lost in transit ({self.framer.last_reject}); "
                                   f"received {len(out)} bytes in {packets} packets")
         if expected is not None and len(out) != expected:
-            raise UnexpectedReply(f"{what}: received {len(out)} bytes, expected {expected}")
+            raise BulkSizeError(f"{what}: received {len(out)} bytes, expected {expected}")
         log.debug("bulk %s bytes=%d packets=%d", what, len(out), packets)
         return bytes(out)
 

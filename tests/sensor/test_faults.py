@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 
 from hw.sensor import protocol as p
 from hw.sensor.driver import WaitResult
+from hw.sensor.image import R307_GEOMETRY, R503_GEOMETRY, Geometry
 from hw.sensor.simulator import image_quality
 from tests.support import wait_for
 
@@ -282,3 +286,97 @@ def test_late_reply_of_an_earlier_command_is_not_taken_for_this_one(sim, fp) -> 
     sim.faults.late_ack_next = 1
     sim.faults.late_ack_code = 0x09  # "not found" cannot answer ReadSysPara
     assert fp.read_system_parameters().capacity == 1000
+
+
+def _pattern(g: Geometry) -> np.ndarray:
+    return ((np.indices((g.height, g.width)).sum(axis=0) % 16) * 17).astype(np.uint8)
+
+
+def test_prod_info_of_another_length_leaves_the_model_unknown_and_the_sensor_opens(
+        make_sim, make_fp, caplog: pytest.LogCaptureFixture) -> None:
+    # an R503 firmware that answers ReadProdInfo OK with 50 result bytes, not 46: before, open() raised
+    # UnexpectedReply and every later transaction reran the start-up and failed the same way
+    sim = make_sim("r503")
+    sim.faults.prod_info_extra = b"\0" * 4
+    caplog.set_level(logging.WARNING, "hw.sensor")
+    fp = make_fp(sim.port)
+    assert fp.product is None and fp.geometry is None and fp.params.capacity == 200 and not fp.link.needs_sync
+    warned = [r for r in caplog.records if "product info" in r.getMessage()]
+    assert len(warned) == 1 and "46 bytes, got 50" in warned[0].getMessage(), warned
+    probes = sim.stats.by_instruction["READ_PROD_INFO"]
+    assert fp.template_count() == 0 and fp.check_sensor()
+    assert sim.stats.by_instruction["READ_PROD_INFO"] == probes  # the start-up is not rerun per transaction
+    fp.link.needs_sync = True  # a re-check (as after a lost reply) probes again, without a second warning
+    assert fp.template_count() == 0
+    assert sim.stats.by_instruction["READ_PROD_INFO"] == probes + 1
+    assert len([r for r in caplog.records if "product info" in r.getMessage()]) == 1
+    img = _pattern(R503_GEOMETRY)
+    sim.present_image(img)
+    assert fp.capture_image()
+    assert np.array_equal(fp.upload_image(), img) and fp.geometry == R503_GEOMETRY  # learned from the image
+
+
+def test_a_wrong_geometry_from_prod_info_gives_way_to_the_image(make_sim, make_fp,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # ReadProdInfo says 256x288, the module sends 192x192 images: before, every image was refused
+    sim = make_sim("r503")
+    sim.faults.prod_info_geometry = (256, 288)
+    fp = make_fp(sim.port)
+    assert fp.product is not None and fp.product.model == "R503" and fp.geometry == R307_GEOMETRY  # a hint
+    caplog.set_level(logging.WARNING, "hw.sensor")
+    img = _pattern(R503_GEOMETRY)
+    sim.present_image(img)
+    assert fp.capture_image()
+    assert np.array_equal(fp.upload_image(), img) and fp.geometry == R503_GEOMETRY
+    assert [r.getMessage() for r in caplog.records if "does not match" in r.getMessage()] == [
+        "sensor image size does not match the geometry believed geometry=256x288 image=192x192 (ReadProdInfo "
+        "or an earlier image); using the image's"]
+    assert np.array_equal(fp.upload_image(), img)  # now bounded by the geometry the image showed
+    fp.read_product_info()  # asking again does not bring the wrong geometry back
+    assert fp.geometry == R503_GEOMETRY and np.array_equal(fp.upload_image(), img)
+
+
+@pytest.mark.parametrize(("before", "after"), [(R307_GEOMETRY, R503_GEOMETRY), (R503_GEOMETRY, R307_GEOMETRY)])
+def test_an_image_of_another_known_size_is_learned_again(make_sim, make_fp, before: Geometry,
+                                                         after: Geometry) -> None:
+    # the module's image size changes without the driver seeing an unplug (a swap on a GPIO UART between two
+    # commands): the geometry of the earlier images is re-learned, not held against every image after
+    sim = make_sim("r307")
+    sim.profile = dataclasses.replace(sim.profile, geometry=before)
+    fp = make_fp(sim.port)
+    sim.present_image(_pattern(before))
+    assert fp.capture_image() and fp.upload_image().shape == (before.height, before.width)
+    sim.profile = dataclasses.replace(sim.profile, geometry=after)
+    img = _pattern(after)
+    sim.present_image(img)
+    assert fp.capture_image()
+    got = None
+    for _ in range(2):  # the retry inside one call re-learns; a transfer cut short may cost the next call
+        try:
+            got = fp.upload_image()
+            break
+        except (p.UnexpectedReply, p.SensorTimeout):
+            continue
+    assert got is not None and np.array_equal(got, img) and fp.geometry == after
+    assert np.array_equal(fp.upload_image(), img)
+
+
+def test_a_flood_of_stale_replies_is_logged_as_a_count(sim, fp, caplog: pytest.LogCaptureFixture) -> None:
+    # a noisy line made ~480 WARNING lines/s (one per stale frame): now the first one, then a count per window
+    fp.link.stale_log_interval_s = 0.3
+    caplog.set_level(logging.WARNING, "hw.sensor.link")
+    sim.faults.late_ack_code = 0x00  # a bare OK: too short for TemplateNum, so skipped as stale
+    sim.faults.late_ack_next = 100
+    t0 = time.monotonic()
+    for _ in range(100):
+        assert fp.template_count() == 0
+    took = time.monotonic() - t0
+    time.sleep(0.35)
+    assert fp.template_count() == 0  # the next reply after the window reports what was still counted
+    msgs = [r.getMessage() for r in caplog.records if r.name == "hw.sensor.link"]
+    full = [m for m in msgs if m.startswith("skipping a reply that is not for this command command=TEMPLATE_NUM")]
+    counts = [int(m_.group(1)) for m in msgs if (m_ := re.search(r"^skipped stale replies count=(\d+) window_s=", m))]
+    print(f"{len(msgs)} lines for 100 stale replies in {took:.2f} s")
+    assert len(msgs) <= 3 + 2 * took / 0.3, msgs[:5]  # before: 100 lines
+    assert len(full) + len(counts) == len(msgs), msgs
+    assert len(full) + sum(counts) == 100 == fp.link.stale_skipped  # every one accounted for

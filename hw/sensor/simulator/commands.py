@@ -417,14 +417,15 @@ class CommandHandlers:
 
     def _cmd_read_prod_info(self, p: bytes) -> None:
         g = self.profile.geometry
+        width, height = self.faults.prod_info_geometry or (g.width, g.height)
 
         def pad(s: str, n: int) -> bytes:
             return s.encode("ascii")[:n].ljust(n, b"\0")
 
         info = (pad(self.profile.model, 16) + pad("SIM1", 4) + pad("00000001", 8) + bytes([1, 2])
                 + pad(self.profile.sensor_type, 8)
-                + struct.pack(">HHHH", g.width, g.height, self.profile.template_size, self.capacity))
-        self._reply(Code.OK, info)
+                + struct.pack(">HHHH", width, height, self.profile.template_size, self.capacity))
+        self._reply(Code.OK, info + self.faults.prod_info_extra)
 
     def _cmd_soft_rst(self, p: bytes) -> None:
         self._reply(Code.OK)

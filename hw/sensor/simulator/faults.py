@@ -36,6 +36,10 @@ class Faults:
     bulk_trickle_s: float = 0.0
     # hostile device: after the first data packet, ACK frames every `bulk_ack_flood_s` seconds (until cleared)
     bulk_ack_flood_s: float = 0.0
+    # odd firmware: ReadProdInfo reports this (width, height) instead of the real image size, and/or sends
+    # `prod_info_extra` after its 46 result bytes
+    prod_info_geometry: tuple[int, int] | None = None
+    prod_info_extra: bytes = b""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def take(self, name: str) -> bool:
