@@ -42,6 +42,9 @@ __all__ = ["EX_REBOOT", "EX_RESTART", "MAX_TRIAL_BOOTS", "CommandGuard", "Contro
 log = logging.getLogger(__name__)
 
 EX_RESTART = 75  # EX_TEMPFAIL: restart the daemon to load a new (or the last good) config
+#: A restart or reboot the fleet asked for waits this long for the enrollment under way (the resident at the kit,
+#: captures in memory) before that enrollment is cancelled; new ones are refused meanwhile.
+EXIT_GRACE_S = 600.0
 TICK_S = 0.25  # network loop tick: incoming packets and publishes from other threads wake it at once
 CONNECT_TIMEOUT_S = 10.0
 STOP_FLUSH_S = 1.0  # how long stop() waits for the "offline" status to reach the broker
@@ -151,13 +154,42 @@ class ControlPlane:
             return {"state": "failed", "error": self.error or "control thread ended"}
         return {"state": "stopped"}
 
-    def request_exit(self, status: int, why: str) -> None:
-        """Ask the daemon to exit with `status` (75 restart, 76 reboot)."""
+    def request_exit(self, status: int, why: str, grace_s: float = EXIT_GRACE_S) -> None:
+        """Ask the daemon to exit with `status` (75 restart, 76 reboot), once no enrollment is under way.
+
+        An exit drops what an enrollment holds in memory (its face, fingers, irises: the resident is still at the
+        kit), so new enrollments are refused from now on (``restart_pending``) and the one under way may finish
+        within `grace_s`; after that it is cancelled (never in the middle of a capture or its commit)."""
         log.warning("control requests daemon exit status=%d reason=%s", status, why)
         self.exit_requested = status
+        enr = getattr(self.kit, "enrollment", None)
+        if enr is not None and getattr(enr, "active", None) is not None:
+            enr.exit_lock = "restart_pending"
+            log.warning("daemon exit waits for the enrollment under way enrollment=%s grace_s=%.0f", enr.active.id,
+                        grace_s)
+            threading.Thread(target=self._exit_when_idle, args=(status, why, enr, grace_s), name="control-exit",
+                             daemon=True).start()
+            return
+        self._exit_now(status)
+
+    def _exit_now(self, status: int) -> None:
         fn = getattr(self.kit, "request_exit", None)
         if fn is not None:
             fn(status)
+
+    def _exit_when_idle(self, status: int, why: str, enr: Any, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while enr.active is not None and time.monotonic() < deadline:
+            if self.stop_event.wait(0.5):
+                return  # the daemon stops anyway (its own shutdown handles the enrollment)
+        while enr.active is not None:
+            enr.active.cancel.set()  # ends a wait for a finger at once
+            if enr.cancel_active(f"the kit restarts ({why})"):
+                log.warning("daemon exit cancelled the enrollment under way after the grace reason=%s", why)
+                break
+            if self.stop_event.wait(0.5):  # a capture or the commit is still running: never cut in half
+                return
+        self._exit_now(status)
 
     def status(self) -> dict[str, Any]:
         """For the kit's status and telemetry."""

@@ -164,6 +164,9 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         # Set by the power guard (issue #18): a code (power_critical) refuses new enrollments; the one under way
         # may finish. Separate from lock_reason so a fleet lock and a power stop never undo each other.
         self.power_lock = ""
+        # Set by the control plane when the fleet asked for a restart or a reboot: refuses new enrollments while the
+        # one under way may finish (`firmware.control.plane.ControlPlane.request_exit`).
+        self.exit_lock = ""
         self.position: Callable[[], dict[str, Any] | None] | None = None  # the fix for the manifest, or None
 
     # --- operators ------------------------------------------------------------------------
@@ -312,6 +315,10 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             raise EnrollmentError(self.power_lock, gettext("the battery is almost empty: the kit is shutting down "
                                                            "safely; no new enrollment can start. Connect the "
                                                            "charger."), 423)
+        if self.exit_lock:
+            self._audit("start_refused", s.operator.id, reason=self.exit_lock)
+            raise EnrollmentError(self.exit_lock, gettext("the kit restarts shortly (a request from the office): "
+                                                          "no new enrollment can start until it is back"), 423)
         parsed = nikmod.parse(nik)  # NikError -> 422 by the API
         with self._lock:
             if self.active is not None:

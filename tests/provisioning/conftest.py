@@ -16,8 +16,9 @@ import pytest
 
 from firmware import config
 from firmware.control.plane import ControlPlane, effective_config
+from firmware.enrollment.dedup import DuplicateChecker, nik_key
 from firmware.enrollment.operators import Operators, hash_pin, operators_from_config
-from firmware.enrollment.session import EnrollmentService
+from firmware.enrollment.session import Devices, EnrollmentService
 from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.wire import record_format
@@ -123,7 +124,8 @@ def make_kit(root: Path, cfg_path: Path) -> KitHarness:
     store = Store(cfg, ident)
     store.open()
     ops = Operators(operators_from_config(cfg.operators.list))
-    enr = EnrollmentService(store, cfg, ops, None, None)  # type: ignore[arg-type]  # no capture in these tests
+    # A kit without capture devices (none is needed here); the NIK check is the real one, so enrollments start.
+    enr = EnrollmentService(store, cfg, ops, DuplicateChecker(store.j, nik_key(cfg.state_dir)), Devices())
     k = KitHarness(root, cfg_path, local, cfg, ident, store, enr)
     MADE.append(k)
     return k

@@ -258,3 +258,21 @@ def test_lock_does_not_wait_behind_a_long_update_download(online_kit, fleet) -> 
     finally:
         stall.close()  # the pending connection is reset: the download fails and is answered
     assert send_command(fleet, kid, "unlock", {}, 60, 10)["ok"]
+
+
+def test_reboot_waits_for_the_enrollment_under_way(online_kit, fleet) -> None:
+    """A fleet reboot (or a restart for a new config) must not drop an enrollment in progress: its captures live
+    in memory and the resident is at the kit. New enrollments are refused meanwhile; the exit follows the end of
+    the one under way (here: the operator cancels it; past the grace it would be cancelled for them)."""
+    k = online_kit
+    token = k.enrollment.sign_in("op1", "2468").token
+    k.enrollment.start(token, "3201011505900001")
+    res = send_command(fleet, k.identity.kit_id, "reboot", {}, 60, 10)
+    assert res["ok"] and res["message"] == "rebooting"
+    assert not k.exited.wait(1.5)  # still up: the enrollment is under way
+    with pytest.raises(EnrollmentError) as ei:  # no new one may start before the restart
+        k.enrollment.start(token, "3201014506900002")
+    assert ei.value.code == "restart_pending", ei.value
+    k.enrollment.cancel(token, "resident left")
+    assert k.exited.wait(5) and k.exits == [EX_REBOOT]
+    assert k.enrollment.exit_lock == "restart_pending"
