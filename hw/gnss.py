@@ -16,7 +16,6 @@ This module knows nothing of the firmware: plain values in, plain values out.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -27,7 +26,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from firmware.errors import ProtocolError
 from firmware.system.backoff import Backoff
+from firmware.wire import safejson
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,8 @@ MAX_SATELLITES = 255  # counts above this are not a receiver's (u-blox M10 track
 ALT_RANGE_M = (-1_000.0, 100_000.0)
 WATCH = b'?WATCH={"enable":true,"json":true}\n'
 _RECV_BYTES = 16 * 1024
-# A JSON string (escapes included, closing quote optional, possessive: linear) or one bracket, as in
-# firmware/wire/safejson.py, which hw may not import (tests/test_layering.py).
-_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
 # Old gpsd with NTRIP sources emits trailing commas (gpsdclient#1); anchored on the comma, so linear.
-_TRAILING_COMMA = re.compile(r",\s*}")
+_TRAILING_COMMA = re.compile(rb",\s*}")
 
 
 @dataclass(frozen=True)
@@ -111,41 +109,16 @@ def _count(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_SATELLITES else None
 
 
-def json_depth(text: str) -> int:
-    """Maximum bracket nesting of JSON text, ignoring brackets inside strings (linear, no recursion)."""
-    d = deepest = 0
-    for m in _TOKENS.finditer(text):
-        c = m.group()
-        if c in "[{":
-            d += 1
-            deepest = max(deepest, d)
-        elif c in "]}":
-            d -= 1
-    return deepest
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def parse_report(line: bytes) -> dict[str, Any]:
     """One gpsd JSON line as a dict; ValueError (with what was wrong) if it is too long, too deep, not UTF-8,
-    not JSON, holds NaN/Infinity, or is not an object."""
-    if len(line) > MAX_LINE_BYTES:
-        raise ValueError(f"line is {len(line)} bytes; the limit is {MAX_LINE_BYTES}")
-    text = line.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    if (d := json_depth(text)) > MAX_JSON_DEPTH:
-        raise ValueError(f"report nested {d} levels deep; the limit is {MAX_JSON_DEPTH}")
+    not JSON, holds NaN/Infinity, or is not an object (`firmware.wire.safejson`, the one bounded parser)."""
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
-    except ValueError:
-        fixed = _TRAILING_COMMA.sub("}", text)
-        if fixed == text:
+        return safejson.loads_object(line, max_bytes=MAX_LINE_BYTES, max_depth=MAX_JSON_DEPTH, what="gpsd report")
+    except ProtocolError as e:
+        fixed = _TRAILING_COMMA.sub(b"}", line) if e.reason == "not_json" else line
+        if fixed == line:
             raise
-        obj = json.loads(fixed, parse_constant=_no_constant)
-    if not isinstance(obj, dict):
-        raise ValueError(f"report is a JSON {type(obj).__name__}, not an object")
-    return obj
+        return safejson.loads_object(fixed, max_bytes=MAX_LINE_BYTES, max_depth=MAX_JSON_DEPTH, what="gpsd report")
 
 
 class LineTooLong(ConnectionError):

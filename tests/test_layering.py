@@ -6,8 +6,8 @@
 * The stages of the data path, lowest first: capture, quality, seal, store, enrollment, relay, control,
   console, cli, and the composition root `firmware.daemon`. A stage may import `hw`, the foundation,
   `wire`, `config`, its own folder and stages below it; never one above.
-* `hw` imports only `hw`, `firmware.errors` and `firmware.system.backoff` (the error root and the one
-  backoff helper sit below the drivers).
+* `hw` imports only `hw`, `firmware.errors`, `firmware.system.backoff` and `firmware.wire.safejson` (the error
+  root, the one backoff helper and the one bounded JSON parser sit below the drivers).
 * `provisioning` imports only `provisioning`, the foundation and `firmware.wire`.
 * No import cycles between modules, counting imports inside functions too.
 """
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("firmware", "hw", "provisioning")
 STAGES = ("capture", "quality", "seal", "store", "enrollment", "relay", "control", "console", "cli", "daemon")
 FOUNDATION = ("firmware", "firmware.errors", "firmware.system")
-HW_MAY_USE = ("firmware.errors", "firmware.system.backoff")
+HW_MAY_USE = ("firmware.errors", "firmware.system.backoff", "firmware.wire.safejson")
 
 
 def modules(root: Path = REPO) -> dict[str, Path]:
