@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter, Cookie, Header, HTTPException, Path, Response
+from fastapi import APIRouter, Cookie, Header, HTTPException, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from firmware.enrollment.nik import NikError
@@ -101,10 +101,13 @@ def router(svc: EnrollmentService, kit: KitPort, sim_aliases: dict[str, str] | N
     Sess = Cookie(None, alias="rekam_session")
 
     @r.post("/auth/signin")
-    def signin(req: SignIn, response: Response) -> dict[str, Any]:
+    def signin(req: SignIn, response: Response, request: Request) -> dict[str, Any]:
         """Sign in with operator id and PIN; 5 wrong PINs lock the operator out for 15 minutes."""
         s = call(svc.sign_in, req.operator_id, req.pin)
-        response.set_cookie("rekam_session", s.token, httponly=True, samesite="strict")
+        # Secure over the LAN's HTTPS listener (the cookie then never travels in clear); the kiosk's own
+        # loopback listener is plain HTTP and must still get it.
+        response.set_cookie("rekam_session", s.token, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
         return {"token": s.token, "operator_id": s.operator.id, "name": s.operator.name, "role": s.operator.role}
 
     @r.post("/auth/signout")

@@ -233,6 +233,11 @@ def test_https_console_serves_the_advertised_fingerprint(make_daemon: Any) -> No
     # HTTPS has the same gate: a session is needed
     with httpx.Client(base_url=json.loads((d.sd / "api.json").read_text())["https_url"], verify=False) as c:
         assert c.get("/api/v1/status").status_code == 401
+        # its session cookie is Secure (never sent over plain HTTP); the loopback HTTP listener's is not
+        r = c.post("/api/v1/auth/signin", json={"operator_id": OPERATOR[0], "pin": OPERATOR[1]})
+        assert r.status_code == 200 and "secure" in r.headers["set-cookie"].lower()
+    r = httpx.post(d.url + "/api/v1/auth/signin", json={"operator_id": OPERATOR[0], "pin": OPERATOR[1]})
+    assert r.status_code == 200 and "secure" not in r.headers["set-cookie"].lower()
 
 
 def test_plain_http_on_a_lan_address_is_a_config_error(tmp_path: Path, dc_keys: dict[str, Any],
