@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import http.server
 import json
+import logging
 import os
 import ssl
 import subprocess
@@ -38,6 +39,15 @@ from provisioning.signer import KEY_FILE, Signer
 # What a new release reads and writes, unless told otherwise (this checkout's journal schema 2, record format 1).
 DEFAULT_JOURNAL = {"reads": [1, 2], "writes": 2, "compatible_from": 2}
 DEFAULT_RECORDS = {"reads": [1], "writes": 1}
+
+log = logging.getLogger(__name__)
+
+# `release serve` limits. A handler thread per connection, the TLS handshake in it (not in accept(): one silent
+# client stalled every download), each wait bounded; the transfer itself is not (a rural uplink may be slow: the kit
+# has its own deadline of 120 s + size at 16 KiB/s).
+REQUEST_TIMEOUT_S = 10.0  # each wait of the handshake and of each read of the request head (a few hundred bytes)
+SEND_TIMEOUT_S = 30.0  # each write of the download (64 KiB pieces): the kit's own per-read timeout, not stricter
+MAX_CONNECTIONS = 64  # at once; beyond, a connection is closed at once (threads and file handles stay bounded)
 
 
 #: ``--target pi``: 64-bit Raspberry Pi OS (Debian 12, glibc 2.36), CPython 3.11: the kit's base image.
@@ -168,33 +178,106 @@ def _face_models(dest: Path, quiet: list[str]) -> None:
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Only ``GET /<name>.rkup`` of the served folder; no listings, no other files."""
+    """Only ``GET``/``HEAD /<name>.rkup`` of the served folder; no listings, no other files."""
+
+    server: _ReleaseServer
+
+    def _bundle_asked(self) -> bool:
+        """Whether the path names a bundle file (else a 404 is sent): HEAD too, or it tells which files exist."""
+        if ub.STICK_NAME_RE.fullmatch(self.path.lstrip("/")):
+            return True
+        self.send_error(404)
+        return False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        name = self.path.lstrip("/")
-        if not ub.STICK_NAME_RE.fullmatch(name):
-            self.send_error(404)
-            return
-        super().do_GET()
+        if self._bundle_asked():
+            super().do_GET()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        if self._bundle_asked():
+            super().do_HEAD()
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok:
+            # The head is in (HTTP/1.0: one request per connection); from here the socket only sends, and a slow
+            # uplink may stall for as long as the kit itself waits.
+            self.connection.settimeout(self.server.send_timeout)
+        return ok
 
     def list_directory(self, path: Any) -> None:  # type: ignore[override]
         self.send_error(404)
         return None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        sys.stderr.write("release serve: " + (format % args) + "\n")
+        # %r: the request line is the client's text (no forged log lines).
+        log.info("release serve client=%s message=%r", self.address_string(), format % args)
 
 
-def make_server(folder: Path, cert: Path, key: Path, host: str = "0.0.0.0", port: int = 8443
-                ) -> http.server.ThreadingHTTPServer:
-    """The HTTPS server of `folder` (not started: ``serve_forever()``, or a thread)."""
+class _ReleaseServer(http.server.ThreadingHTTPServer):
+    """`ThreadingHTTPServer` whose listening socket stays plain TCP: each accepted connection gets a slot (at most
+    `max_connections`, else it is closed at once) and its TLS handshake on its own handler thread, with
+    `timeout` on every wait of the handshake and of the request head, `send_timeout` on every write after it."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, tls: ssl.SSLContext, timeout: float,
+                 send_timeout: float, max_connections: int) -> None:
+        self.tls = tls
+        self.request_timeout = timeout  # not `timeout`: BaseServer's, the poll of handle_request()
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        # On the serving thread, before a handler thread exists; False: socketserver closes the socket.
+        if self._slots.acquire(blocking=False):
+            return True
+        log.warning("release serve busy client=%s max_connections=%d: connection closed", client_address[0],
+                    self.max_connections)
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the handler thread
+        except BaseException:
+            self._slots.release()  # no thread to give the slot back
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """TLS, then one request, on this connection's thread. A client's failure (handshake refused, timeout,
+        reset, gone) is logged on one line; the raw socket `request` is left for socketserver to close."""
+        request.settimeout(self.request_timeout)  # the TLS socket inherits it
+        conn: ssl.SSLSocket | None = None
+        stage = "tls"
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            conn.do_handshake()
+            stage = "http"
+            self.RequestHandlerClass(conn, client_address, self)
+        except OSError as e:  # ssl.SSLError, TimeoutError, ConnectionError: the client's doing, not a bug
+            log.info("release serve connection dropped client=%s stage=%s error=%r", client_address[0], stage, e)
+        finally:
+            if conn is not None:
+                self.shutdown_request(conn)
+
+
+def make_server(folder: Path, cert: Path, key: Path, host: str = "0.0.0.0", port: int = 8443, *,
+                timeout: float = REQUEST_TIMEOUT_S, send_timeout: float = SEND_TIMEOUT_S,
+                max_connections: int = MAX_CONNECTIONS) -> http.server.ThreadingHTTPServer:
+    """The HTTPS server of `folder` (not started: ``serve_forever()``, or a thread). `timeout` bounds each wait of
+    the TLS handshake and of the request head, `send_timeout` each write of the download, `max_connections` the
+    connections (and threads) at once; see `REQUEST_TIMEOUT_S`."""
     handler = lambda *a, **kw: _Handler(*a, directory=str(folder), **kw)  # noqa: E731
-    srv = http.server.ThreadingHTTPServer((host, port), handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-    return srv
+    return _ReleaseServer((host, port), handler, ctx, timeout, send_timeout, max_connections)
 
 
 def push(data: Path, kits: list[str] | None, bundle: Path, url_base: str, ttl: int = 3600,
@@ -260,6 +343,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from provisioning.ca import CaPaths
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ca = CaPaths(Path(args.data) / "ca")
     srv = make_server(Path(args.dir), ca.server_crt, ca.server_key, args.host, args.port)
     print(_("serving bundles of {path} on https://{host}:{port}/", path=args.dir, host=args.host, port=args.port))
