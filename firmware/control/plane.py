@@ -206,9 +206,10 @@ class ControlPlane:
 
     def _refuse(self, what: str, topic: str, e: Exception) -> None:
         reason = getattr(e, "reason", type(e).__name__)
+        log.warning("control refused what=%s topic=%s reason=%s detail=%s", what, topic, reason, str(e)[:300])
+        # Counted after the log line: whoever watches the counter (status, a test) then finds the line written.
         self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
         self.stats.last_refusal = f"{what}: {e}"
-        log.warning("control refused what=%s topic=%s reason=%s detail=%s", what, topic, reason, str(e)[:300])
         self._audit("control_refused", "fleet", what=what, topic=topic, reason=reason, detail=str(e)[:300])
 
     def _audit(self, kind: str, actor: str, **detail: Any) -> None:
