@@ -12,7 +12,8 @@ Two certificate authorities, so a claim certificate is useless anywhere but the 
 
 Layout of ``<data>/ca``: ``fleet-ca.{key,crt}``, ``claim-ca.{key,crt}``, ``server.{key,crt}``,
 ``fleet-client.{key,crt}``, ``claim-<batch>.{key,crt}``, ``crl.pem``, ``issued.json``.
-Private keys are written mode 0600.
+Private keys are written mode 0600, atomically, into a new file (`_write_private`): never through a symlink, never
+keeping the mode of a file that was there.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware.errors import CaError
+from firmware.system.fsutil import fsync_dir, write_all
 from firmware.system.i18n import N_
 from firmware.wire.ids import is_kit_id
 from provisioning.texts import Reason
@@ -67,12 +70,37 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` atomically with exactly `mode`: a new temp file beside it (``O_EXCL|O_NOFOLLOW``), fchmod'ed
+    (the umask never widens nor narrows it), fsync'd, renamed over `path`, directory fsync'd.
+
+    Why not ``os.open(path, O_CREAT|O_TRUNC, 0o600)``: that keeps the mode of a file already there (a key re-issued
+    over a 0644 file stayed 0644) and writes through a symlink planted at `path`. ``os.replace`` replaces a
+    symlink instead of following it. (`firmware.system.fsutil.atomic_write` creates its temp file 0640: a key would
+    be group-readable until a chmod after the rename.)"""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    _write_file(path, pem, 0o600)
 
 
 def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -140,7 +168,7 @@ def _record_issued(paths: CaPaths, cert: x509.Certificate, kind: str) -> None:
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     issued.append({"serial": format(cert.serial_number, "x"), "cn": cn, "kind": kind,
                    "not_after": cert.not_valid_after_utc.isoformat(), "revoked_at": None})
-    paths.issued.write_text(json.dumps(issued, indent=1))
+    _write_file(paths.issued, json.dumps(issued, indent=1).encode(), 0o644)  # a torn issued.json: no CRL any more
 
 
 def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: int = 3650) -> CaPaths:
@@ -184,11 +212,16 @@ def issue_claim_cert(paths: CaPaths, batch: str, days: int = 365) -> tuple[Path,
     return paths.claim_crt(batch), paths.claim_key(batch)
 
 
-def sign_csr(paths: CaPaths, csr_pem: bytes | str, expected_cn: str, days: int = 825) -> tuple[bytes, str]:
-    """Sign a kit's CSR: its signature must verify and its CN must be `expected_cn` (the kit id).
+def key_id(public_key: object) -> str:
+    """SHA-256 (hex) of a public key's SubjectPublicKeyInfo: which key a CSR or a certificate is for."""
+    der = public_key.public_bytes(serialization.Encoding.DER,  # type: ignore[attr-defined]
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
-    Returns (certificate PEM, serial as hex).
-    """
+
+def check_csr(csr_pem: bytes | str, expected_cn: str) -> x509.CertificateSigningRequest:
+    """A kit's CSR, checked as `sign_csr` needs it (signature verifies, CN = `expected_cn`, an EC key); `CaError`
+    otherwise."""
     if not is_kit_id(expected_cn):
         raise CaError(f"{expected_cn!r} is not a kit id")
     try:
@@ -200,9 +233,28 @@ def sign_csr(paths: CaPaths, csr_pem: bytes | str, expected_cn: str, days: int =
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or cns[0].value != expected_cn:
         raise CaError(f"CSR common name is {[c.value for c in cns]}, expected {expected_cn!r}")
-    pub = csr.public_key()
-    if not isinstance(pub, ec.EllipticCurvePublicKey):
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
         raise CaError("CSR key must be an EC key (P-256)")
+    return csr
+
+
+def csr_key_id(csr_pem: bytes | str, expected_cn: str) -> str:
+    """`key_id` of a checked CSR's key (`check_csr`; `CaError` if it is not one `sign_csr` would sign)."""
+    return key_id(check_csr(csr_pem, expected_cn).public_key())
+
+
+def cert_not_after(cert_pem: bytes | str) -> int:
+    """A certificate's not-after time (Unix seconds)."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode() if isinstance(cert_pem, str) else cert_pem)
+    return int(cert.not_valid_after_utc.timestamp())
+
+
+def sign_csr(paths: CaPaths, csr_pem: bytes | str, expected_cn: str, days: int = 825) -> tuple[bytes, str]:
+    """Sign a kit's CSR: its signature must verify and its CN must be `expected_cn` (the kit id).
+
+    Returns (certificate PEM, serial as hex).
+    """
+    pub = check_csr(csr_pem, expected_cn).public_key()
     cert = _issue(_load_key(paths.fleet_ca_key), _load_cert(paths.fleet_ca_crt), expected_cn, pub, days)
     _record_issued(paths, cert, "kit")
     return _pem(cert), format(cert.serial_number, "x")
@@ -220,7 +272,7 @@ def issue_kit_files(paths: CaPaths, kit_id: str, out: Path, days: int = 825) -> 
     k = ec.generate_private_key(ec.SECP256R1())
     pem, serial = sign_csr(paths, make_csr(kit_id, k), kit_id, days)
     _write_key(out / "tls.key", k)
-    (out / "kit.crt").write_bytes(pem)
+    _write_file(out / "kit.crt", pem, 0o644)
     return out / "kit.crt", out / "tls.key", serial
 
 
@@ -233,7 +285,7 @@ def revoke(paths: CaPaths, serial_hex: str) -> bool:
             e["revoked_at"] = _now().isoformat()
             found = True
     if found:
-        paths.issued.write_text(json.dumps(issued, indent=1))
+        _write_file(paths.issued, json.dumps(issued, indent=1).encode(), 0o644)
         write_crl(paths)
     return found
 
@@ -254,9 +306,7 @@ def write_crl(paths: CaPaths, days: int = 30) -> Path:
                 x509.RevokedCertificateBuilder().serial_number(int(e["serial"], 16))
                 .revocation_date(dt.datetime.fromisoformat(e["revoked_at"])).build())
     crl = b.sign(ca_key, hashes.SHA256())
-    tmp = paths.crl.with_suffix(".tmp")
-    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, paths.crl)
+    _write_file(paths.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)  # the broker's user reads it
     return paths.crl
 
 

@@ -20,13 +20,14 @@ from firmware.system.i18n import N_, _, format_count, ngettext
 from firmware.wire import control_protocol as cp
 from provisioning import ca, fleet_ops, fleet_service
 from provisioning.fleet_ops import open_fleet
-from provisioning.texts import Reason
+from provisioning.texts import Reason, for_terminal
 
 #: Column headers of `kits list` and `status` (translated where printed).
 KITS_HEADER = (N_("kit"), N_("state"), N_("serial"), N_("version"), N_("key"), N_("claimed"))
 SHARDS_HEADER = (N_("shard"), N_("state"), N_("primary"), N_("failover"), N_("relay brokers"))
 STATUS_HEADER = (N_("kit"), N_("state"), N_("online"), N_("last seen"), N_("backlog"), N_("sd MiB"), N_("usb MiB"),
                  N_("cfg"), N_("halted/locked"))
+FLAG_WIDTH = 80  # the halt or lock reason a kit reports, in `status` (the last column)
 
 
 def cmd_ca_init(args: argparse.Namespace) -> int:
@@ -52,10 +53,12 @@ def cmd_kits_list(args: argparse.Namespace) -> int:
         print(json.dumps([dict(r) for r in rows], indent=1, default=str))
         return 0
     head = [_(h) for h in KITS_HEADER]
-    print(f"{head[0]:16} {head[1]:9} {head[2]:18} {head[3]:8} {head[4]:17} {head[5]}")
+    print(f"{head[0]:16} {head[1]:9} {head[2]:18} {head[3]:12} {head[4]:17} {head[5]}")
     for r in rows:
-        print(f"{r['kit_id']:16} {r['state']:9} {(r['hardware_serial'] or '-')[:18]:18} "
-              f"{(r['software_version'] or '-'):8} {cp.key_fingerprint(r['public_key']):17} "
+        # What the kit sent (serial, version) is shown escaped and cut to its column: the operator approves kits
+        # from this table. The kit id is a checked pattern (rk-[a-z0-9]): never cut, it is what `approve` takes.
+        print(f"{for_terminal(r['kit_id']):16} {r['state']:9} {for_terminal(r['hardware_serial'] or '-', 18):18} "
+              f"{for_terminal(r['software_version'] or '-', 12):12} {cp.key_fingerprint(r['public_key']):17} "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(r['claimed_at'] or 0))}")
     return 0
 
@@ -176,9 +179,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{h[0]:16} {h[1]:9} {h[2]:8} {h[3]:17} {h[4]:>8} {h[5]:>9} {h[6]:>9} {h[7]:>4} {h[8]}")
     for r in rows:
         seen = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["last_seen"])) if r["last_seen"] else "never"
-        flag = r["halted"] or (_("locked: {reason}", reason=r["locked"]) if r["locked"] else "")
-        print(f"{r['kit_id']:16} {r['state']:9} {r['online']:8} {seen:17} {_s(r['backlog']):>8} "
-              f"{_s(r['sd_free_mb']):>9} {_s(r['usb_free_mb']):>9} {_s(r['config']):>4} {flag}")
+        # online, halt and lock reasons come from the kit: escaped and cut (see `for_terminal`)
+        flag = for_terminal(r["halted"], FLAG_WIDTH) if r["halted"] else (
+            _("locked: {reason}", reason=for_terminal(r["locked"], FLAG_WIDTH)) if r["locked"] else "")
+        if r.get("telemetry_unreadable"):
+            flag = "; ".join(x for x in (_("telemetry unreadable"), flag) if x)
+        print(f"{for_terminal(r['kit_id']):16} {r['state']:9} {for_terminal(r['online'], 8):8} {seen:17} "
+              f"{_s(r['backlog']):>8} {_s(r['sd_free_mb']):>9} {_s(r['usb_free_mb']):>9} "
+              f"{for_terminal(_s(r['config']), 4):>4} {flag}")
     return 0
 
 

@@ -17,6 +17,13 @@ kit reported (the document itself, which key verified it, when it arrived), ``cl
 ``id`` grows in commit order on both backends (the PostgreSQL write lock is held from ``nextval`` to commit): the
 export's late-correction cursor (`provisioning.interchange.export`) can never skip a row committed late.
 
+Claims (`Fleet.handle_claim`): ``claim_certs`` holds the certificate each kit was last given by a claim (serial, a
+SHA-256 of its public key, the PEM, not-after) and that claim's nonce and ``issued_at``, so a re-claim with the same
+key is answered with the same certificate and an older claim is refused; ``allowlist_uses`` marks each allowlist
+line without a key fingerprint as used by the one kit it approved. ``kits_pending`` serves the expiry of pending
+claims and their count, ``events_at`` the pruning of old events (SQLite: the tables and indexes are made
+``IF NOT EXISTS`` when a fleet.db is opened; PostgreSQL: migration 3).
+
 The interface: ``execute(sql, params)`` with ``?`` placeholders (a cursor: ``fetchone``, iteration, ``rowcount``;
 rows by column name or index, and ``dict(row)``), ``write()`` (a context manager: one serialised write
 transaction, re-entrant), ``IntegrityError``, ``close()``.
@@ -64,6 +71,15 @@ CREATE TABLE IF NOT EXISTS clock_segments (
     kit_id TEXT NOT NULL, boot_id TEXT NOT NULL, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL,
     records INTEGER, offset_s REAL, correction_id INTEGER NOT NULL, PRIMARY KEY (kit_id, boot_id, first_seq));
 CREATE INDEX IF NOT EXISTS clock_segments_seq ON clock_segments (kit_id, first_seq);
+CREATE INDEX IF NOT EXISTS kits_pending ON kits (state, claimed_at);
+CREATE INDEX IF NOT EXISTS kits_serial ON kits (hardware_serial);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS claim_certs (
+    kit_id TEXT PRIMARY KEY, cert_serial TEXT NOT NULL, cert_key TEXT NOT NULL, cert_pem TEXT NOT NULL,
+    not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, claim_nonce TEXT NOT NULL,
+    claim_issued_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS allowlist_uses (
+    entry TEXT PRIMARY KEY, kit_id TEXT NOT NULL, at INTEGER NOT NULL);
 """
 
 MIGRATION_LOCK = 0x666C656574  # pg_advisory_xact_lock key of the registry's migrations ("fleet")
@@ -103,6 +119,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             records bigint, offset_s double precision, correction_id bigint NOT NULL,
             PRIMARY KEY (kit_id, boot_id, first_seq));
         CREATE INDEX clock_segments_seq ON clock_segments (kit_id, first_seq);
+    """),
+    (3, "claims: pending-expiry and serial indexes, the certificate each kit was given, one-use allowlist entries", """
+        CREATE INDEX kits_pending ON kits (state, claimed_at);
+        CREATE INDEX kits_serial ON kits (hardware_serial);
+        CREATE TABLE claim_certs (
+            kit_id text PRIMARY KEY, cert_serial text NOT NULL, cert_key text NOT NULL, cert_pem text NOT NULL,
+            not_after bigint NOT NULL, issued_at bigint NOT NULL, claim_nonce text NOT NULL,
+            claim_issued_at bigint NOT NULL);
+        CREATE TABLE allowlist_uses (entry text PRIMARY KEY, kit_id text NOT NULL, at bigint NOT NULL);
     """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -274,6 +299,18 @@ def _redact(dsn: str) -> str:
         netloc = f"{u.username}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
         return urlunsplit(u._replace(netloc=netloc))
     return dsn
+
+
+def dsn_has_password(dsn: str) -> bool:
+    """True if the connection string `dsn` carries a password: in the URL (``user:secret@``), as a ``password=``
+    query parameter, or as a ``password=`` key of a key/value connection string."""
+    import re
+    from urllib.parse import parse_qs, urlsplit
+
+    if is_dsn(dsn):
+        u = urlsplit(dsn)
+        return bool(u.password) or any(k.lower() == "password" for k in parse_qs(u.query, keep_blank_values=True))
+    return re.search(r"(?:^|\s)password\s*=", dsn, re.IGNORECASE) is not None
 
 
 def open_registry(data: Path, registry: str | None) -> SqliteDb | PostgresDb:

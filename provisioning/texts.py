@@ -33,3 +33,19 @@ def shown(text: object) -> str:
     if isinstance(text, BaseException) and len(text.args) == 1:
         text = text.args[0]
     return text.shown() if isinstance(text, Reason) else str(text)
+
+
+def for_terminal(text: object, width: int | None = None) -> str:
+    """`text` from outside (a kit's report, a name on a USB stick) as it may be printed on an operator's terminal.
+
+    As it is if it is printable ASCII, else its `ascii()` form: quoted, every control character and non-ASCII
+    letter escaped, so no terminal sequence moves the cursor or repaints a line (``\\r\\x1b[1A`` hid a row of
+    ``kits list``) and no look-alike letter passes for another. Then cut to `width` characters (a table column),
+    the cut marked with ``~``.
+    """
+    s = str(text)
+    if not (s.isprintable() and s.isascii()):
+        s = ascii(s)
+    if width is not None and len(s) > width:
+        s = s[: max(width - 1, 0)] + "~"
+    return s

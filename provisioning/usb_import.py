@@ -43,7 +43,7 @@ from provisioning.archive import (
     decode_kit_key,
     open_archive,
 )
-from provisioning.texts import Reason
+from provisioning.texts import Reason, for_terminal
 from provisioning.texts import shown as _shown
 
 MIB = 1024 * 1024
@@ -89,7 +89,7 @@ class ImportSummary:
 
 def _show(name: str) -> str:
     """A name from the stick as it may be printed (no control characters, no undecodable bytes)."""
-    return name if name.isprintable() and name.encode("utf-8", "surrogateescape").isascii() else ascii(name)
+    return for_terminal(name)
 
 
 def _kind(st: os.stat_result) -> str:

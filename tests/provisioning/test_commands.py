@@ -276,3 +276,59 @@ def test_reboot_waits_for_the_enrollment_under_way(online_kit, fleet) -> None:
     k.enrollment.cancel(token, "resident left")
     assert k.exited.wait(5) and k.exits == [EX_REBOOT]
     assert k.enrollment.exit_lock == "restart_pending"
+
+
+def test_a_result_is_recorded_only_as_the_first_answer_to_the_command_it_names(tmp_path, caplog) -> None:
+    """A kit's signed result counts only for a command issued to that kit, not yet answered, of the same name: a
+    `rotate_key` result for a command never sent re-registered the kit's key, a second answer rewrote the first
+    (even after the command expired), and a `status` command could be recorded as `purge`. Such results are counted
+    and logged (once a minute per kit), never stored; the exact copy of a recorded one stays a duplicate."""
+    import base64
+
+    from firmware.control.commands import sign_result
+    from provisioning.registry import Fleet
+
+    f = Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test")
+    kid = "rk-results01"
+    key, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    f.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES (?, ?, 'approved', 0)",
+                 (kid, cp.public_b64(key)))
+    proof = new.sign(b"rekam-key-rotation:" + cp.public_raw(key) + cp.public_raw(new))
+    rotation = {"new_public_key": cp.public_b64(new), "old_public_key": cp.public_b64(key),
+                "proof": base64.b64encode(proof).decode()}
+
+    def signed(cmd_id: str, name: str, ok: bool = True, data=None) -> bytes:
+        return sign_result(kid, {"cmd_id": cmd_id, "name": name}, (cp.result_topic(kid), None), ok,
+                           "ok" if ok else "error", "answer", key, data).payload
+
+    def answer(cmd_id: str, name: str, ok: bool = True, data=None) -> str | None:
+        return f.handle_kit_message(cp.result_topic(kid), signed(cmd_id, name, ok, data))
+
+    with caplog.at_level(logging.INFO, "provisioning.registry"):
+        assert answer("neverissued01", "rotate_key", data=rotation) is None  # no such command
+        assert f.kit(kid)["public_key"] == cp.public_b64(key) and f.command("neverissued01") is None
+        status, _ = f.make_command(kid, "status", {}, 60)
+        assert answer(status, "purge") is None  # another command's name
+        assert answer(status, "rotate_key", data=rotation) is None
+        assert f.command(status)["result"] is None and f.kit(kid)["public_key"] == cp.public_b64(key)
+        real = signed(status, "status")
+        assert f.handle_kit_message(cp.result_topic(kid), real) == "result"  # the real answer
+        assert f.handle_kit_message(cp.result_topic(kid), real) == "result"  # its copy (service and `cmd send`)
+        assert answer(status, "status", ok=False) is None  # a second, different answer
+        assert json.loads(f.command(status)["result"])["ok"] is True
+        now = int(time.time())
+        f.db.execute("INSERT INTO commands (cmd_id, kit_id, name, args, issued_at, expires_at) VALUES "
+                     "('expired00001', ?, 'lock', '{}', ?, ?)", (kid, now - 900, now - 300))
+        assert answer("expired00001", "lock", ok=False) == "result"  # the kit's "expired" answer is its first
+        assert answer("expired00001", "lock", ok=True) is None  # and stays the only one
+        assert json.loads(f.command("expired00001")["result"])["ok"] is False
+        other = f.make_command(kid, "lock", {}, 60)[0]
+        assert answer(other, "lock") == "result"  # an open command of another name is not touched by the others
+        rotate, _ = f.make_command(kid, "rotate_key", {}, 60)
+        assert answer(rotate, "rotate_key", data=rotation) == "result"  # the one way a key is rotated
+        assert f.kit(kid)["public_key"] == cp.public_b64(new)
+    assert f.unmatched_results[kid] == 5
+    lines = [r.getMessage() for r in caplog.records if "command result not recorded" in r.getMessage()]
+    assert len(lines) == 1 and f"kit_id={kid}" in lines[0] and "reason=unknown_command" in lines[0], lines
+    assert len(list(f.db.execute("SELECT 1 FROM events WHERE kind = 'result_not_recorded'"))) == 1
+    f.close()

@@ -132,3 +132,108 @@ def test_status_table(online_kit, fleet) -> None:
     row = next(r for r in fleet.status_rows() if r["kit_id"] == kid)
     assert row["online"] == "online" and row["backlog"] == 0 and row["sd_free_mb"] > 0 and row["halted"] == ""
     assert row["config"] == 1
+
+
+def _reporting_kit(f, kid: str, software_version: str = "0.1.0", serial: str = "serial") -> Ed25519PrivateKey:
+    """An approved kit row as a claim leaves it (the claim itself: test_claim.py), and its key."""
+    key = Ed25519PrivateKey.generate()
+    f.db.execute("INSERT INTO kits (kit_id, public_key, hardware_serial, software_version, state, claimed_at) "
+                 "VALUES (?, ?, ?, ?, 'approved', 0)", (kid, cp.public_b64(key), serial, software_version))
+    return key
+
+
+def _report(f, kid: str, key: Ed25519PrivateKey, kind: str, body: dict) -> str | None:
+    topic = cp.telemetry_topic(kid) if kind == "telemetry" else cp.status_topic(kid)
+    return f.handle_kit_message(topic, cp.sign(kind, {"kit_id": kid, **body}, key))
+
+
+def _fleet_cli(f, capsys, *args: str) -> str:
+    from provisioning import cli
+
+    assert cli.main([*args, "--data", str(f.data)]) == 0
+    return capsys.readouterr().out
+
+
+def test_one_kits_malformed_telemetry_never_breaks_the_fleets_status(tmp_path, monkeypatch, capsys) -> None:
+    """A signed but ill-shaped report (`{"media": [1]}`, `{"backlog": []}`, ...) made `status_rows()` raise for the
+    whole fleet, and a status `{"state": {...}}` failed to be stored. The fields the fleet reads are checked on
+    arrival (a bad one is dropped, with an event); a row stored before (or by an older fleet) that cannot be read
+    shows "telemetry unreadable" for that kit alone."""
+    import json
+
+    from provisioning.registry import Fleet
+
+    monkeypatch.setenv("REKAM_LANG", "en")
+    f = Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test")
+    good = {"media": [{"name": "sd", "free_bytes": 3 << 20}, {"name": "usb", "free_bytes": None}],
+            "backlog": {"records": 7, "bytes": 70}, "halted": True, "halt_reasons": ["sd full"], "locked": "",
+            "health": {"camera": {"ok": True}}}
+    bad = {"rk-media1": {"media": [1]}, "rk-media2": {"media": "x"}, "rk-media3": {"media": [{"name": "sd",
+           "free_bytes": "lots"}]}, "rk-media4": {"media": [{"name": "sd", "free_bytes": 1}] * 1000},
+           "rk-backlog1": {"backlog": []}, "rk-backlog2": {"backlog": {"records": True}},
+           "rk-halt1": {"halt_reasons": [1]}, "rk-halt2": {"halted": "yes"},
+           "rk-locked1": {"locked": {"why": 1}}, "rk-locked2": {"locked": "x" * 5000}}
+    keys = {kid: _reporting_kit(f, kid) for kid in ["rk-good", *bad]}
+    assert _report(f, "rk-good", keys["rk-good"], "telemetry", good) == "telemetry"
+    for kid, body in bad.items():
+        assert _report(f, kid, keys[kid], "telemetry", {**good, **body}) == "telemetry", kid
+    for state in ({"nested": 1}, ["online"], "x" * 1000):  # kept nowhere as given: "?" (unknown)
+        assert _report(f, "rk-media1", keys["rk-media1"], "status", {"state": state}) == "status"
+        assert f.kit("rk-media1")["online"] == "?"
+    assert _report(f, "rk-good", keys["rk-good"], "status", {"state": "online"}) == "status"
+    rows = {r["kit_id"]: r for r in f.status_rows()}
+    assert rows["rk-good"] == {**rows["rk-good"], "online": "online", "backlog": 7, "sd_free_mb": 3,
+                               "usb_free_mb": None, "halted": "sd full", "locked": "", "telemetry_unreadable": False}
+    for kid, body in bad.items():  # only the bad field is gone; the rest of that kit's report is kept
+        row, stored = rows[kid], json.loads(f.kit(kid)["telemetry"])
+        assert set(body) & set(stored) == set() and stored["health"] == good["health"], kid
+        assert not row["telemetry_unreadable"], kid
+    assert rows["rk-media1"]["sd_free_mb"] is None and rows["rk-media1"]["backlog"] == 7
+    assert rows["rk-halt1"]["halted"] == "HALT" and rows["rk-backlog1"]["backlog"] is None  # halted, no reasons
+    dropped = [json.loads(r["detail"]) | {"kit": r["kit_id"]} for r in
+               f.db.execute("SELECT kit_id, detail FROM events WHERE kind = 'kit_report_fields_dropped'")]
+    assert {d["kit"] for d in dropped} == set(bad) and all(d["report"] == "telemetry" for d in dropped[:len(bad)])
+    assert sorted(dropped[0]["fields"]) == ["media"] and "at most 16" in dropped[3]["fields"]["media"], dropped
+    # Rows stored before the check (or by an older fleet): that kit alone is unreadable, the others are shown.
+    for n, text in enumerate(('[1]', '{"media": 5, "backlog": {"records": 2}}', 'not json', '{"halted": true, '
+                              '"halt_reasons": [null]}')):
+        _reporting_kit(f, f"rk-legacy{n}")
+        f.db.execute("UPDATE kits SET telemetry = ?, config_state = ?, online = 'online' WHERE kit_id = ?",
+                     (text, '{"running": {"v": 1}}', f"rk-legacy{n}"))
+    rows = {r["kit_id"]: r for r in f.status_rows()}
+    assert [k for k, r in rows.items() if r["telemetry_unreadable"]] == [f"rk-legacy{n}" for n in range(4)]
+    assert rows["rk-legacy1"]["backlog"] == 2 and rows["rk-legacy1"]["config"] is None
+    assert rows["rk-good"]["sd_free_mb"] == 3
+    out = _fleet_cli(f, capsys, "status")
+    assert out.count("telemetry unreadable") == 4 and "sd full" in out, out
+    assert len(json.loads(_fleet_cli(f, capsys, "status", "--json"))) == len(rows)
+    f.close()
+
+
+def test_what_a_kit_reports_reaches_the_operators_terminal_escaped_and_cut(tmp_path, monkeypatch, capsys) -> None:
+    """The operator approves kits from `kits list` and watches `status`: a kit's version, serial, lock reason or
+    status must not move the cursor, repaint a line (``\\r\\x1b[2K\\x1b[1A`` hid a row) or pass for other text."""
+    from provisioning.registry import Fleet
+
+    monkeypatch.setenv("REKAM_LANG", "en")
+    f = Fleet.init(tmp_path / "fleet", ["127.0.0.1:1"], ["127.0.0.1:2"], ["127.0.0.1"], batch="test")
+    key = _reporting_kit(f, "rk-evil", software_version="\r\x1b[2K\x1b[1Ark-real approved -",
+                         serial="\x1b]0;title\x07serial")
+    _reporting_kit(f, "rk-plain", software_version="0.1.0.dev1234567+gabcdef", serial="серийный")
+    assert _report(f, "rk-evil", key, "telemetry", {"locked": "\x1b[2J\x1b[Hstolen", "halted": False}) == "telemetry"
+    assert _report(f, "rk-evil", key, "status", {"state": "\x1b[31mon"}) == "status"
+    assert f.kit("rk-evil")["online"] == "?"  # a state is a short printable word; as an older fleet stored it:
+    f.db.execute("UPDATE kits SET online = ? WHERE kit_id = 'rk-evil'", ("\x1b[31mon",))
+    control = {chr(c) for c in range(32)} - {"\n"} | {"\x7f"}
+    for args in (("kits", "list"), ("status",)):
+        out = _fleet_cli(f, capsys, *args)
+        assert not set(out) & control, (args, out)  # no control character
+        assert all(ch.isascii() for ch in out), out  # and no look-alike letters (the serial in Cyrillic)
+    listed = _fleet_cli(f, capsys, "kits", "list").splitlines()
+    evil = next(ln for ln in listed if ln.startswith("rk-evil"))
+    assert "'\\r\\x1b" in evil and "approved -" not in evil, evil  # escaped, and cut to its column
+    plain = next(ln for ln in listed if ln.startswith("rk-plain"))
+    assert "0.1.0.dev12~" in plain and "'\\u0441" in plain, plain
+    status = _fleet_cli(f, capsys, "status")
+    assert "locked: '\\x1b[2J\\x1b[Hstolen'" in status and "'\\x1b[3~" in status, status  # online: cut at 8
+    f.close()
