@@ -26,6 +26,18 @@ def _find_corpus() -> Path:
     pytest.fail("biometric corpus not found: set REKAM_CORPUS or place shared/corpus next to the checkout")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_finger_masters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One folder of simulated finger masters for the session (`hw.sensor.synth.DISK_CACHE_ENV`), inherited by
+    every `rekamd --sim` and `rekam` child: the same residents' fingers are grown once, not once per daemon."""
+    from hw.sensor.synth import DISK_CACHE_ENV
+
+    d = tmp_path_factory.mktemp("finger-masters")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DISK_CACHE_ENV, str(d))
+        yield d
+
+
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """`../shared/corpus` (fingerprints/, faces/, MANIFEST.tsv)."""

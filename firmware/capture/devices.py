@@ -90,6 +90,7 @@ def open_hardware(cfg: Config, sim: bool, state_dir: Path) -> Hardware:
         from hw.sensor.simulator import SensorSimulator
 
         simulator = SensorSimulator(cfg.sensor.profile, corpus_dir=corpus, wire_speed=cfg.simulation.sensor_wire_speed,
+                                    time_scale=cfg.simulation.sensor_time_scale,
                                     library_path=state_dir / "sim-sensor-library.json",
                                     finger_conditions=dict(cfg.simulation.finger_conditions))
         simulator.start()

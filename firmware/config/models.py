@@ -624,6 +624,10 @@ class SimulationConfig(Section):
     sensor_wire_speed: float = Field(
         1.0, ge=0, le=10,
         description="Simulated sensor: 1.0 takes the real UART time at the set baud, 0 sends instantly (tests).")
+    sensor_time_scale: float = Field(
+        1.0, ge=0, le=10,
+        description="Simulated sensor: how long it takes to capture, extract and search, as a share of the real "
+                    "module's times (1.0); tests use less.")
     corpus_dir: str = Field(
         "../shared/corpus",
         description="Folder with fingerprints/ and faces/ used by the simulated sensor and camera (relative to the "

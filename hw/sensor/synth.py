@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -254,11 +255,22 @@ def render_real(gray: np.ndarray, rng: np.random.Generator, quality: str) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-class FingerBank:
-    """Deterministic fingers for a simulated population; thread-safe, caches masters."""
+#: A folder where simulators keep the masters they grew, shared by every process that sets it (a test session: each
+#: `rekamd --sim` grows the same residents' fingers, ~0.35 s each). Unset: masters are kept in memory only.
+DISK_CACHE_ENV = "REKAM_SIM_FINGER_CACHE"
+# Masters on disk are named after this module's source too: a changed renderer never reads an old file.
+_SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
-    def __init__(self, corpus_dir: str | Path | None = None, cache_size: int = 64) -> None:
+
+class FingerBank:
+    """Deterministic fingers for a simulated population; thread-safe, caches masters (in memory, and in
+    `disk_cache` if given, default ``$REKAM_SIM_FINGER_CACHE``)."""
+
+    def __init__(self, corpus_dir: str | Path | None = None, cache_size: int = 64,
+                 disk_cache: str | Path | None = None) -> None:
         self.corpus_dir = Path(corpus_dir) if corpus_dir else None
+        folder = disk_cache if disk_cache is not None else os.environ.get(DISK_CACHE_ENV)
+        self.disk_cache = Path(folder) if folder else None
         self._masters: OrderedDict[str, np.ndarray] = OrderedDict()
         self._corpus: dict[str, list[np.ndarray]] = {}
         self._cache_size = cache_size
@@ -283,12 +295,43 @@ class FingerBank:
             if m is not None:
                 self._masters.move_to_end(key)
                 return m
-        m = grow_master(key)
+        m = self._load(key)
+        if m is None:
+            m = grow_master(key)
+            self._save(key, m)
         with self._lock:
             self._masters[key] = m
             while len(self._masters) > self._cache_size:
                 self._masters.popitem(last=False)
         return m
+
+    def _disk_path(self, key: str) -> Path | None:
+        if self.disk_cache is None:
+            return None
+        return self.disk_cache / (hashlib.sha256(f"{_SOURCE_DIGEST}\0{key}".encode()).hexdigest()[:32] + ".npy")
+
+    def _load(self, key: str) -> np.ndarray | None:
+        p = self._disk_path(key)
+        if p is None:
+            return None
+        try:
+            m = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # absent, or torn by a writer killed mid-way: grown again
+        return m if m.shape == CANVAS and m.dtype == np.float32 else None
+
+    def _save(self, key: str, m: np.ndarray) -> None:
+        p = self._disk_path(key)
+        if p is None:
+            return
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}")
+            with open(tmp, "wb") as f:
+                np.save(f, m, allow_pickle=False)
+            os.replace(tmp, p)  # whole or absent, whichever process reads it
+        except OSError as e:
+            log.debug("finger master not cached path=%s error=%s", p, e)
 
     def _corpus_images(self, key: str) -> list[np.ndarray]:
         name = key[len(CORPUS_PREFIX):]
