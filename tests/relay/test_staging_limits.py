@@ -37,17 +37,23 @@ def flood(port: int, kit_id: str, n: int, first_seq: int, chunks: int = 64, last
         c.disconnect()
 
 
+def ack_listener(port: int, kit: str, acks: list[dict]) -> mqtt.Client:
+    """A client collecting every ack the data center sends to `kit` (JSON) into `acks`; loop started."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda cl, u, m: acks.append(json.loads(m.payload))
+    c.connect("127.0.0.1", port)
+    c.subscribe(proto.ack_topic(kit), qos=1)
+    c.loop_start()
+    return c
+
+
 def test_flooding_kit_is_capped_and_genuine_kit_resends_later(mosquitto, make_kit, make_ingest, tmp_path):
     limits = StagingLimits(kit_bytes=3 * 1024 * 1024, kit_transfers=3, total_bytes=64 * 1024 * 1024,
                            total_transfers=4)
     w = make_ingest(mosquitto.url, staging=limits, transfer_ttl_s=3.0)
     flooder, flooder2 = "rk-flood1", "rk-flood2"
     acks: list[dict] = []
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    sub.on_message = lambda c, u, m: acks.append(json.loads(m.payload))
-    sub.connect("127.0.0.1", mosquitto.port)
-    sub.subscribe(proto.ack_topic(flooder), qos=1)
-    sub.loop_start()
+    sub = ack_listener(mosquitto.port, flooder, acks)
     try:
         flood(mosquitto.port, flooder, 20, 1, last_too=True)
         wait_for(lambda: w.counters.staging_refused >= 17 * 2, 15, "the flood refused past the per-kit cap")
@@ -80,11 +86,7 @@ def test_chunks_announcing_another_size_stage_nothing_and_get_no_ack(mosquitto, 
     kit = "rk-flood3"
     rid, sha = make_record_id(kit, 1, "20261201T000000Z"), "ab" * 32
     acks: list[dict] = []
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.on_message = lambda cl, u, m: acks.append(json.loads(m.payload))
-    c.connect("127.0.0.1", mosquitto.port)
-    c.subscribe(proto.ack_topic(kit), qos=1)
-    c.loop_start()
+    c = ack_listener(mosquitto.port, kit, acks)
     try:
         chunks = [proto.Chunk(rid, sha, 2, 0, 2, 1, b"a")]
         chunks += [proto.Chunk(rid, sha, 64 * mib, i, 64, mib, b"\0" * mib) for i in (*range(1, 21), 63)]
