@@ -17,6 +17,7 @@ from typing import Any
 from firmware.errors import ArchiveError, FleetError, KitRevoked, UnknownKit
 from firmware.wire import record_format as rf
 from firmware.wire.ids import parse_record_id
+from provisioning.texts import for_terminal
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ def decode_kit_key(text: str) -> bytes:
     return raw
 
 
-
-def _printable(text: str, limit: int) -> str:
-    """`text` as valid UTF-8 without control characters (escaped), cut at `limit` characters."""
-    out = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in out)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 class ArchiveBase:
     """The archive's one verification path (`store`) and kit registry logic over storage primitives.
@@ -327,8 +322,8 @@ class ArchiveBase:
     def _reject(self, record_id: str, kit_id: str, sha: str, reason: str, source: str) -> StoreResult:
         # What a hostile stick or kit named (a file name with undecodable bytes, a long header value) is stored
         # and logged printable and bounded: no database refuses it, no log line is forged with it.
-        record_id, kit_id, reason, source = (_printable(record_id, 200), _printable(kit_id, 200),
-                                             _printable(reason, 2000), _printable(source, 200))
+        record_id, kit_id, reason, source = (for_terminal(record_id, 200), for_terminal(kit_id, 200),
+                                             for_terminal(reason, 2000), for_terminal(source, 200))
         with self._transient_as_archive_error(f"cannot record the rejection of {record_id}"):
             self._insert_reject(record_id, kit_id, sha, reason, source)
         log.error("record rejected record_id=%s kit_id=%s source=%s reason=%s", record_id, kit_id, source, reason)
