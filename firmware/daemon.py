@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +28,7 @@ from firmware.store.store import Store, StoreError
 from firmware.system import i18n, logs, memory
 from firmware.system.sdnotify import Notifier, watchdog_interval
 from firmware.system.service import RUNNING, STOPPED, Supervisor, ThreadService
+from firmware.system.signals import SignalLatch, exit_now
 
 if TYPE_CHECKING:
     from firmware.enrollment.session import EnrollmentService
@@ -552,12 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     except (identity.IdentityError, OSError, ValueError) as e:
         log.error("cannot start: %s", e)
         return EX_SOFTWARE
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal received signal=%s; stopping", signal.Signals(signum).name)
-        kit.stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    latch = SignalLatch()  # SIGTERM/SIGINT set kit.stop from this thread's loop, never from the handler
     try:
         kit.start()
     except (StoreError, OSError, RuntimeError) as e:
@@ -570,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     trimmer = memory.Trimmer()
     trimmer.maybe_trim()  # what start-up freed (config, imports, model loading)
     ticks = 0
-    while not kit.stop.wait(0.5):  # signals, the control plane's exit request and shutdown set it
+    while not latch.wait(kit.stop, 0.5):  # signals, the control plane's exit request and shutdown set it
         ticks += 1
         if ticks % 4 == 0:  # every 2 s: give freed frames and read buffers back to the kernel
             trimmer.maybe_trim()
@@ -587,11 +581,7 @@ def run() -> None:
     inside native code (OpenCV, LiteRT); tearing the interpreter down under it can abort the
     process, so the exit status would lie. Flush the logs and leave directly.
     """
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sqlite3
 import threading
 import time
@@ -40,6 +39,7 @@ from typing import Any
 from firmware.errors import FleetError
 from firmware.system.i18n import _, ngettext
 from firmware.system.mqtt import Message, MqttLink, MqttSettings, client_id
+from firmware.system.signals import SignalLatch, exit_now
 from firmware.wire import relay_protocol as proto
 from provisioning import ca, shards
 from provisioning.archive import (
@@ -230,10 +230,17 @@ class IngestWorker:
             deadline = time.monotonic() + STOP_WITHIN_S
             for lk in self.links:
                 lk.stop(max(0.0, deadline - time.monotonic()))
-            with self._handling:
-                self._closed = True
-                self.staging.close()
-                self.archive.close()
+            # A handler still inside a commit keeps the handles (bounded: the process exits after STOP_WITHIN_S
+            # whatever happens here; the kit resends what it got no ack for).
+            if self._handling.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    self._closed = True
+                    self.staging.close()
+                    self.archive.close()
+                finally:
+                    self._handling.release()
+            else:
+                log.warning("ingest handler still busy at stop client_id=%s; handles left open", self.client_id)
 
     def _tick(self) -> None:
         if time.monotonic() < self._next_expiry:
@@ -409,23 +416,25 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                          "--ack-key")
     if args.tofu:
         log.warning("ingest trust-on-first-use is ON: the first record of an unknown kit registers its key")
-    # SIGINT/SIGTERM only set an event (no KeyboardInterrupt in the middle of a commit); every worker is then
-    # told at once and all are waited for against one deadline, so the process ends within STOP_WITHIN_S.
+    # SIGINT/SIGTERM only set an event (no KeyboardInterrupt in the middle of a commit; no lock taken in the
+    # handler: firmware/system/signals.py); every worker is then told at once and all are waited for against one
+    # deadline, and the process leaves without interpreter teardown (a late worker may be inside SQLite), so it
+    # ends within STOP_WITHIN_S.
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    latch = SignalLatch()
     workers: list[IngestWorker] = []
     try:
         for _i in range(args.workers):
-            if stop.is_set():
+            if latch.wait(stop, 0):
                 break
             workers.append(IngestWorker(_settings(args, brokers)).start())
-        while not stop.wait(0.5):
+        while not latch.wait(stop, 0.5):
             if not all(w.thread is not None and w.thread.is_alive() for w in workers):
                 break
     finally:
         stop_workers(workers, STOP_WITHIN_S)
-    return 0
+    exit_now(0)
+    return 0  # not reached
 
 
 def stop_workers(workers: list[IngestWorker], within_s: float) -> None:

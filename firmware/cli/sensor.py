@@ -181,9 +181,9 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import signal
     import threading
 
+    from firmware.system.signals import SignalLatch
     from hw.sensor.simulator import SensorSimulator
 
     _logging(args.verbose)
@@ -198,14 +198,13 @@ def _simulate(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(e)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    latch = SignalLatch()
     sim.start()
     print(sim.port, flush=True)
     if args.link:
         print(f"link: {args.link} -> {sim.port}", file=sys.stderr, flush=True)
     try:
-        stop.wait()
+        latch.wait_forever(stop)
     finally:
         sim.stop()
     return 0

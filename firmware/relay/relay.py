@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -58,6 +57,7 @@ from firmware.system.backoff import backoff_delay
 from firmware.system.clock import iso
 from firmware.system.mqtt import MqttLink, PacketBuffer, client_id
 from firmware.system.service import Supervisor
+from firmware.system.signals import SignalLatch
 from firmware.wire import relay_protocol as proto
 
 log = logging.getLogger(__name__)
@@ -853,12 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(cfg, identity.load_or_create(cfg.state_dir))
     store.open()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    latch = SignalLatch()
     supervisor = Supervisor([Relay(store, cfg, stop)], stop)  # restarts the relay after a crash, as rekamd does
     supervisor.start()
     try:
-        while not stop.wait(0.2):
+        while not latch.wait(stop, 0.2):
             if args.exit_when_drained:
                 c = store.counts()
                 if c["stored"]["records"] + c["sent"]["records"] == 0:

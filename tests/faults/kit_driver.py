@@ -13,7 +13,6 @@ import argparse
 import signal
 import sys
 import threading
-import time
 
 from firmware import config
 from firmware.capture.simulated import SimulatedCapture
@@ -22,6 +21,7 @@ from firmware.seal import identity
 from firmware.store.store import Store
 from firmware.system import logs
 from firmware.system.service import Supervisor
+from firmware.system.signals import SignalLatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(cfg, identity.load_or_create(cfg.state_dir))
     store.open()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    latch = SignalLatch((signal.SIGTERM,))
     sup = Supervisor([Relay(store, cfg, stop)], stop)
     sup.start()
     cap = SimulatedCapture(None, seed=args.seed, pad_to=args.size)
     try:
         for _ in range(args.capture):
-            if stop.is_set():
+            if latch.wait(stop, 0):
                 break
             r = store.commit(cap.capture().encode())
             print(f"confirmed {r.record_id} {r.sha256}", flush=True)
-            time.sleep(args.interval)
+            latch.wait(stop, args.interval)
         print("captured", flush=True)
-        while not stop.wait(0.1):
+        while not latch.wait(stop, 0.1):
             if args.exit_when_drained:
                 c = store.counts()
                 if c["stored"]["records"] + c["sent"]["records"] == 0:
