@@ -175,7 +175,7 @@ class CapacityGuard:
             # far: it fits only if a maximal record does; further ones are counted at the estimate.
             first = self.max_record_bytes
             left = 0 if usable < first else 1 + (usable - first) // est
-            inode_left = sp.free_inodes - self.cfg.min_free_inodes - 2 * len(self._reservations)
+            inode_left = sp.usable_inodes - self.cfg.min_free_inodes - 2 * len(self._reservations)
             # Each record takes one inode (plus a temporary one while written).
             left = min(left, max(0, inode_left // 2))
             halted = self._halted.get(name, False)
@@ -212,7 +212,7 @@ class CapacityGuard:
         if sp.free_bytes - reserve < nbytes:
             code, why, _p = _reason(name, "record_does_not_fit", free=sp.free_bytes, reserved=reserve, needs=nbytes)
             raise CaptureHalted(why, code=code)
-        if sp.free_inodes - self.cfg.min_free_inodes < 2:
+        if sp.usable_inodes - self.cfg.min_free_inodes < 2:
             code, why, _p = _reason(name, "out_of_inodes", inodes=sp.free_inodes)
             raise CaptureHalted(why, code=code)
 

@@ -588,7 +588,7 @@ class Store:
         except OSError:
             return True  # gone: the write itself will tell (and the stick is then dropped)
         return (sp.free_bytes - self.guard.reserve_bytes("usb") >= nbytes
-                and sp.free_inodes - self.cfg.store.min_free_inodes >= 2)
+                and sp.usable_inodes - self.cfg.store.min_free_inodes >= 2)
 
     def _note_stick_full(self, stick: Stick, not_mirrored: int | None = None) -> None:
         """The stick is full up to its reserve: keep it (no flapping), say so once (log, audit, status)."""

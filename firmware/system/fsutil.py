@@ -92,6 +92,16 @@ class Space:
     free_inodes: int
     total_inodes: int
 
+    # FAT and exFAT have no inode table: the kernel's vfat/exfat drivers report f_files = f_favail = 0 (only
+    # FUSE's exfat invents counts), so "0 free" there means "not limited by inodes", not "full".
+    UNLIMITED_INODES = 2**31
+
+    @property
+    def usable_inodes(self) -> int:
+        """Free inodes a writer can count on: `free_inodes`, or `UNLIMITED_INODES` on a file system that has
+        no inode count (``f_files == 0``: FAT, exFAT)."""
+        return self.free_inodes if self.total_inodes > 0 else self.UNLIMITED_INODES
+
 
 def space(path: Path) -> Space:
     """statvfs of the file system holding `path` (f_bavail: what a non-root writer can use)."""

@@ -269,3 +269,31 @@ def test_key_material_prepared_at_begin_is_used_once(store: Store, dc_keys: dict
         epks.add(hdr.recipients[0]["epk"])
         deks_wrapped.add(hdr.recipients[0]["wrapped"])
     assert len(epks) == len(deks_wrapped) == len(ids)
+
+
+def test_stick_without_an_inode_count_is_not_full(kit_cfg: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The kernel's vfat and exfat drivers report f_files = f_ffree = f_favail = 0 (FUSE's exfat, used by the
+    # mount tests, invents counts): such a stick has room by its bytes alone, it is not "out of inodes".
+    usb = str(kit_cfg.usb.mount_point)
+    real = os.statvfs
+
+    def fat_statvfs(path: Any) -> os.statvfs_result:
+        st = real(path)
+        if not os.fspath(path).startswith(usb):
+            return st
+        f = list(st)
+        f[5] = f[6] = f[7] = 0  # f_files, f_ffree, f_favail
+        return os.statvfs_result(f)
+
+    monkeypatch.setattr(os, "statvfs", fat_statvfs)
+    s = Store(kit_cfg, identity.load_or_create(kit_cfg.state_dir))
+    s.open()
+    try:
+        st = s.status()
+        assert st["guard"]["level"] == "OK", st["guard"]
+        usb_medium = next(m for m in st["media"] if m["name"] == "usb")
+        assert usb_medium["level"] == "OK" and usb_medium["code"] == "", usb_medium
+        res = s.commit(payload(tag="fat"))
+        assert res.stick_id is not None and s.stick.record_path(res.record_id).exists()
+    finally:
+        s.close()
