@@ -104,6 +104,11 @@ class ScanRow(NamedTuple):
     size: int
 
 
+# How far beyond the kit's own highest number a number read from a stick's file names may raise the fence: far
+# more than any kit records between two reconciles, far below the 20 digits a record id allows.
+STICK_SEQ_AHEAD_MAX = 1_000_000
+
+
 def seq_of(record_id: str) -> int | None:
     """The sequence number in a record id (None if it is not one)."""
     rid = parse_record_id(record_id)
@@ -977,12 +982,20 @@ class Store:
         # only the files the journal does not know need their number read.
         seen += [seq_of(rid) or 0 for rid in files if rid not in rows]
         seen += [seq_of(q.name.split(".")[0]) or 0 for q in self.quarantine_dir.iterdir()]
-        seen += [seq_of(rid) or 0 for rid in on_stick]
+        # A stick's names are anyone's to write (the kit id is on every stick): a number far beyond what this
+        # kit has numbered is not one it used, and fencing it would make the next id unwritable for ever.
+        from_stick = [seq_of(rid) or 0 for rid in on_stick]
         if stick is not None:
             try:
-                seen += [seq_of(p.name.split(".")[0]) or 0 for p in stick.records_dir.glob("*" + TMP_SUFFIX)]
+                from_stick += [seq_of(p.name.split(".")[0]) or 0 for p in stick.records_dir.glob("*" + TMP_SUFFIX)]
             except OSError:
                 pass
+        limit = max(self._seq, *seen) + STICK_SEQ_AHEAD_MAX if seen else self._seq + STICK_SEQ_AHEAD_MAX
+        wild = [n for n in from_stick if n > limit]
+        if wild:
+            log.warning("stick names sequence numbers this kit never reached count=%d highest=%d limit=%d; "
+                        "not fenced, not adopted", len(wild), max(wild), limit)
+        seen += [n for n in from_stick if n <= limit]
         self._seq = max(self._seq, *seen) if seen else self._seq
         if self._seq > self._hwm:
             j.set_meta(**{META_HWM: str(self._seq)})

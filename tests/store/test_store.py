@@ -297,3 +297,29 @@ def test_stick_without_an_inode_count_is_not_full(kit_cfg: Any, monkeypatch: pyt
         assert res.stick_id is not None and s.stick.record_path(res.record_id).exists()
     finally:
         s.close()
+
+
+def test_a_planted_stick_name_with_a_huge_number_does_not_fence_the_numbering(kit_cfg: Any) -> None:
+    # The kit id is on every stick: a file name carrying the largest number a record id allows, found by the
+    # reconcile after an unclean stop, must not become the high-water mark (the next id would be unwritable).
+    s = open_store(kit_cfg)
+    first = s.commit(payload(1000))
+    rdir = s.stick.records_dir
+    s.close()
+    (rdir / f"{s.identity.kit_id}-99999999999999999999-20250101T000000Z.rkm").write_bytes(b"junk")
+    import sqlite3
+
+    db = sqlite3.connect(kit_cfg.state_dir / "journal.db")
+    db.execute("UPDATE meta SET value = '0' WHERE key = 'clean_shutdown'")  # as a power cut leaves it
+    db.commit()
+    db.close()
+    s = open_store(kit_cfg)
+    try:
+        assert s.commit(payload(1000)).seq == first.seq + 1
+    finally:
+        s.close()
+    s = open_store(kit_cfg)
+    try:
+        assert s.commit(payload(1000)).seq == first.seq + 2
+    finally:
+        s.close()
