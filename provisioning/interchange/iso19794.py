@@ -46,7 +46,10 @@ FAC representation::
     landmark points (8 bytes each), image information (11): face image type, image data type
         (0 JPEG, 1 JPEG 2000 lossy, 2 JPEG 2000 lossless, 3 PNG), width u16, height u16,
         spatial sampling rate level, post-acquisition processing u16, cross reference, colour space,
-    then the image data (its length is what the representation length leaves).
+    then the image data length u32 and the image data (no 3-D data: the length is what the representation
+    length leaves, and the reader requires both to agree). The 2011 edition's length field is what MOSIP's
+    reader (bio-utils ``face/ImageData``) reads; without it the first 4 bytes of the image were taken as the
+    length.
 """
 
 from __future__ import annotations
@@ -172,7 +175,8 @@ def write_fac(faces: list[FaceImage]) -> bytes:
             raise IsoRecordError("facial information must be 17 bytes with no landmark points")
         body = (_datetime(f.capture) + DEVICE.pack(f.technology, f.vendor, f.device_type) + _quality(f.quality)
                 + f.facial + FAC_IMAGE.pack(f.face_type, f.data_type, f.width, f.height, f.sampling_level, 0, 0,
-                                            f.colour_space))
+                                            f.colour_space)
+                + struct.pack(">I", len(f.data)))
         reps.append(struct.pack(">I", 4 + len(body) + len(f.data)) + body + f.data)
     total = FAC_HEADER.size + sum(len(r) for r in reps)
     return FAC_HEADER.pack(FAC_ID, FAC_VERSION, total, len(faces), 0, 0) + b"".join(reps)
@@ -270,7 +274,7 @@ def read_fac(data: bytes) -> list[FaceImage]:
     for i in range(head[3]):
         start = r.pos
         (length,) = r.unpack(struct.Struct(">I"), f"representation {i} length")
-        if length < 4 + DATETIME.size + DEVICE.size + 1 + FAC_FACIAL.size + FAC_IMAGE.size:
+        if length < 4 + DATETIME.size + DEVICE.size + 1 + FAC_FACIAL.size + FAC_IMAGE.size + 4:
             raise IsoRecordError(f"FAC representation {i}: length {length} is shorter than its fixed fields")
         capture = _read_datetime(r)
         tech, vendor, dtype = r.unpack(DEVICE, "capture device")
@@ -279,7 +283,12 @@ def read_fac(data: bytes) -> list[FaceImage]:
         landmarks = struct.unpack(">H", facial[:2])[0]
         r.take(8 * landmarks, "landmark points")
         ftype, data_type, w, h, level, _post, _xref, colour = r.unpack(FAC_IMAGE, "image information")
-        img = r.take(length - (r.pos - start), f"representation {i} image data")
+        (size,) = r.unpack(struct.Struct(">I"), f"representation {i} image data length")
+        left = length - (r.pos - start)
+        if size != left:  # 3-D data after the image is not written by rekam, nor accepted here
+            raise IsoRecordError(f"FAC representation {i}: image data length {size}, the representation "
+                                 f"leaves {left}")
+        img = r.take(size, f"representation {i} image data")
         out.append(FaceImage(w, h, img, data_type, ftype, colour, capture, quality, tech, vendor, dtype, level,
                              facial))
     if r.pos != len(data):

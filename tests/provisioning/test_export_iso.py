@@ -42,15 +42,16 @@ def test_fac_header_fields_sit_at_the_offsets_of_the_standard() -> None:
     img = b"\xff\x4f\xff\x51" + bytes(100)
     rec = iso.write_fac([iso.FaceImage(width=413, height=531, data=img, capture=T, quality=(iso.Quality(91),))])
     assert rec[0:4] == b"FAC\0" and rec[4:8] == b"030\0"
-    assert struct.unpack(">I", rec[8:12])[0] == len(rec) == 17 + 52 + len(img)
+    assert struct.unpack(">I", rec[8:12])[0] == len(rec) == 17 + 56 + len(img)
     assert struct.unpack(">HBH", rec[12:17]) == (1, 0, 0)  # one representation, no certification, no sequence
-    assert struct.unpack(">I", rec[17:21])[0] == 52 + len(img)
+    assert struct.unpack(">I", rec[17:21])[0] == 56 + len(img)
     assert struct.unpack(">HBBBBBH", rec[21:30]) == (2026, 11, 29, 4, 3, 12, 345)
     assert rec[30] == 2  # static photograph from a digital still-image camera
     assert rec[35] == 1 and struct.unpack(">BHH", rec[36:41]) == (91, 0, 0)
     assert rec[41:58] == bytes(17)  # facial information: no landmarks, all unspecified
     assert struct.unpack(">BBHHBHBB", rec[58:69]) == (1, iso.FAC_JP2_LOSSLESS, 413, 531, 0, 0, 0, 1)
-    assert rec[69:] == img
+    # 19794-5:2011: the image data length (u32) before the image, as MOSIP's reader (bio-utils) takes it
+    assert struct.unpack(">I", rec[69:73])[0] == len(img) and rec[73:] == img
     (back,) = iso.read_fac(rec)
     assert (back.width, back.height, back.data, back.capture, back.quality) == (413, 531, img, T, (iso.Quality(91),))
 
@@ -107,3 +108,13 @@ def test_jpeg2000_inside_round_trips_bit_exact() -> None:
     mode, size, raw = cbeff.decode_pixels(iso.read_fac(fac)[0].data)
     assert (mode, size) == ("RGB", (41, 53)) and raw == rgb.tobytes()
     assert iso.read_fac(fac)[0].data[4:8] == b"jP  "  # a JP2 container (MOSIP reads JP2, not a raw codestream)
+
+
+def test_fac_image_length_must_agree_with_the_representation_length() -> None:
+    img = b"\xff\xd8" + bytes(20)
+    rec = bytearray(iso.write_fac([iso.FaceImage(width=2, height=2, data=img, capture=T)]))
+    at = len(rec) - len(img) - 4
+    assert struct.unpack(">I", rec[at:at + 4])[0] == len(img)
+    rec[at:at + 4] = struct.pack(">I", 12)  # a length that lies (the 2005 layout read as 2011 looks like this)
+    with pytest.raises(IsoRecordError, match="image data length 12"):
+        iso.read_fac(bytes(rec))
