@@ -159,6 +159,7 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         self.active: Enrollment | None = None
         self._lock = threading.RLock()
         self.last_receipt: dict[str, Any] | None = None
+        self._last_receipt_by: str | None = None  # who committed it: only they (or a supervisor) see it again
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # GPIO panel, console events
         self.lock_reason = ""  # set by the control plane (fleet `lock` command); non-empty refuses new enrollments
         # Set by the power guard (issue #18): a code (power_critical) refuses new enrollments; the one under way
@@ -575,6 +576,13 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             sup = self.operators.authenticate(supervisor_id, pin, role="supervisor")
         except SignInError as ex:
             raise EnrollmentError("supervisor_auth", str(ex), 403) from None
+        if decision == "accept" and sup.id == e.operator_id:
+            # Four eyes: whoever captured a likely double enrollment may not be the one who waves it through
+            # (rejecting their own is fine: it stores nothing).
+            self._audit("supervisor_refused", sup.id, enrollment=e.id, decision=decision, why="own_enrollment")
+            raise EnrollmentError("own_enrollment",
+                                  gettext("a supervisor may not accept an enrollment they captured themselves: "
+                                          "ask another supervisor"), 403)
         e.supervisor = {"supervisor_id": sup.id, "decision": decision, "reason": reason.strip(), "at": iso()}
         self._audit("supervisor_decision", sup.id, enrollment=e.id, decision=decision, reason=reason.strip())
         if decision == "reject":
@@ -641,7 +649,7 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                 "kit_id": self.store.identity.kit_id, "site": self.cfg.kit.site,
                 "clock_synced": clock_synchronised(), "mirrored": res.stick_id is not None,
                 "biometrics": self._biometrics(e)}
-        self.last_receipt = info
+        self.last_receipt, self._last_receipt_by = info, s.operator.id
         self._audit("enrollment_commit", s.operator.id, enrollment=e.id, record_id=res.record_id,
                     mirrored=res.stick_id is not None)
         log.info("enrollment committed enrollment=%s record_id=%s", e.id, res.record_id)
@@ -684,7 +692,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         a supervisor sees it: `describe_for` answers a request by whoever asks."""
         e = e or self.active
         if e is None:
-            return {"active": False, "last_receipt": self.last_receipt}
+            # No caller here: the last receipt is shown only by `describe_for`, to whoever committed it.
+            return {"active": False, "last_receipt": None}
         fingers = []
         for f in e.fingers.values():
             best = f.outcome.accepted if f.outcome and f.outcome.done else None
@@ -719,7 +728,10 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         learns only that the kit is busy, whose enrollment it is and how far it got (`_busy_view`)."""
         s = self.session(token)
         e = self.active
-        if e is None or self._may_act(s, e):
+        if e is None:
+            mine = s.operator.id == self._last_receipt_by or s.operator.role == "supervisor"
+            return {"active": False, "last_receipt": self.last_receipt if mine else None}
+        if self._may_act(s, e):
             return self.describe(e)
         return self._busy_view(self.describe(e))
 

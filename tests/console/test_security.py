@@ -300,6 +300,32 @@ def test_another_operator_sees_the_kit_busy_but_not_the_resident_nor_the_biometr
     assert full == demo.get("/api/v1/enrollment").json()
     refused = [e for e in spv.get("/api/v1/audit", params={"limit": 1000}).json() if e["kind"] == "not_owner"]
     assert [e["actor"] for e in refused] == ["ani"] * len(names)
+    # Once stored, the receipt (record id, hash, what was captured) is shown again to its operator and a supervisor,
+    # not to whoever signs in next.
+    rid = demo.post("/api/v1/enrollment/commit").json()["record_id"]
+    assert ani.get("/api/v1/enrollment").json() == {"active": False, "last_receipt": None}
+    assert rid not in ani.get("/api/v1/enrollment").text
+    assert demo.get("/api/v1/enrollment").json()["last_receipt"]["record_id"] == rid
+    assert spv.get("/api/v1/enrollment").json()["last_receipt"]["record_id"] == rid
+
+
+def test_a_supervisor_may_not_accept_a_likely_double_enrollment_they_captured(make_daemon: Any) -> None:
+    """Four eyes on a flagged enrollment: the supervisor who captured it may reject it but not accept it."""
+    d = make_daemon(fingers=["R2"], dedup=["R2"])
+    demo, spv = d.signin(OPERATOR), d.signin(SUPERVISOR)
+    first = enroll(demo, NIK_MALE)["record_id"]
+    again = "3578011111800004"
+    assert d.client().post("/api/v1/sim/alias", json={"nik": again, "same_person_as": NIK_MALE}).status_code == 200
+    assert enroll(spv, again, commit=False)["step"] == "supervisor"
+    r = spv.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "spv", "pin": SUPERVISOR[1],
+                                                        "decision": "accept", "reason": "twins"})
+    assert r.status_code == 403 and r.json()["detail"]["code"] == "own_enrollment", r.text
+    assert "supervisor lain" in r.json()["detail"]["message"]  # Indonesian: ask another supervisor
+    assert spv.get("/api/v1/enrollment").json()["step"] == "supervisor"  # still waiting, nothing stored
+    assert [row["id"] for row in spv.get("/api/v1/records").json()] == [first]
+    r = spv.post("/api/v1/enrollment/supervisor", json={"supervisor_id": "spv", "pin": SUPERVISOR[1],
+                                                        "decision": "reject", "reason": "same person"})
+    assert r.status_code == 200 and r.json()["active"] is False, r.text
 
 
 @pytest.fixture
