@@ -124,6 +124,7 @@ class Enrollment:
     busy: bool = False
     irises: dict[str, irismod.IrisState] = field(default_factory=dict)  # eye -> progress ([iris] capture_iris)
     signature: irismod.SignatureState | None = None  # None: the site does not capture signatures
+    touched: float = 0.0  # the service clock when its owner or a supervisor last acted on it (`expire_idle`)
 
     def step(self, capture_face: bool) -> str:
         """What the operator does next: face, iris:<eye>, finger:<code>, signature, dupcheck, supervisor, review."""
@@ -301,6 +302,15 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                     continue
                 if now - s.last_active > self.cfg.operators.idle_signout_s:
                     self._sign_out(s, "idle")
+            e = self.active
+            # An enrollment kept after its operator's credential changed (`_still_valid`) ends like any other
+            # left alone: nobody (its re-signed-in operator, a supervisor) acted on it for `idle_signout_s`.
+            # Without this a removed operator's enrollment blocks the kit until a supervisor comes.
+            if (e is not None and not e.busy and now - e.touched > self.cfg.operators.idle_signout_s
+                    and not any(x.operator.id == e.operator_id for x in self.sessions.values())):
+                log.warning("enrollment left without its operator cancelled enrollment=%s operator=%s idle_s=%d",
+                            e.id, e.operator_id, int(now - e.touched))
+                self._cancel(e, "abandoned: its operator's sign-in ended and nobody continued it")
 
     # --- start / cancel -------------------------------------------------------------------
 
@@ -341,7 +351,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
                 self.dev.finger_thresholds.get(c, self.dev.finger_threshold), self.dev.finger_attempts))
                        for c in self.cfg.enrollment.fingers}
             e = Enrollment(uuid.uuid4().hex[:12], s.operator.id, parsed, res, iso(), fingers,
-                           override_reason=override_reason if previous else "", previous_records=previous)
+                           override_reason=override_reason if previous else "", previous_records=previous,
+                           touched=self.clock())
             if self.cfg.enrollment.capture_face:
                 e.face_policy = CapturePolicy(self.dev.face_threshold, self.dev.face_attempts)
             if self.cfg.iris.capture_iris:
@@ -370,6 +381,7 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             raise EnrollmentError("no_enrollment",
                                   gettext("no enrollment in progress; start one with the resident's NIK"))
         self._require_owner(s, e)
+        e.touched = self.clock()
         return s, e
 
     @staticmethod

@@ -413,3 +413,27 @@ def test_sessions_end_when_the_operator_is_removed_demoted_or_gets_a_new_pin(kit
     assert "operator session ended operator=spv role=supervisor reason=role_changed" in lines
     assert (f"enrollment kept for its operator or a supervisor enrollment={enrollment} operator=demo "
             "reason=operator_removed step=review") in lines
+
+
+def test_an_enrollment_left_by_a_removed_operator_ends_after_the_idle_time(kit: Any) -> None:
+    """The office removes an operator mid-enrollment and no supervisor comes: the kit is not blocked for ever. After
+    `idle_signout_s` with nobody acting on it, the enrollment is cancelled (audited) and a new one may start."""
+    svc = kit.enrollment
+    demo = _client(kit, OPERATOR)
+    assert enroll(demo, NIK_MALE, commit=False)["step"] == "review"
+    svc.operators.replace([svc.operators.by_id["spv"]])
+    assert _signed_out(demo)
+    real, idle = svc.clock, svc.cfg.operators.idle_signout_s
+    svc.expire_idle()
+    assert svc.active is not None  # kept: a supervisor may still store it
+    t0 = real()
+    svc.clock = lambda: t0 + idle + 1
+    try:
+        svc.expire_idle()
+    finally:
+        svc.clock = real
+    assert svc.active is None
+    spv = _client(kit, SUPERVISOR)
+    cancels = [e for e in spv.get("/api/v1/audit", params={"limit": 1000}).json() if e["kind"] == "enrollment_cancel"]
+    assert cancels and cancels[0]["detail"]["reason"].startswith("abandoned"), cancels
+    assert spv.post("/api/v1/enrollment", json={"nik": NIK_FEMALE}).status_code == 200  # the kit is free again
