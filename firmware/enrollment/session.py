@@ -253,7 +253,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
         Unlike an idle or operator sign-out, the operator's enrollment is *kept*: the resident is still at the
         kit with captures done, and the change came from the office, not from the operator walking away. The
         operator (new PIN, new role) may sign in again and continue it; the enrollment of a removed operator
-        waits for a supervisor, who may continue and store it or cancel it (`_current`).
+        waits for a supervisor, who may continue and store it or cancel it (`_current`); left alone for
+        `idle_signout_s`, it is cancelled (`expire_idle`).
         """
         why = self._revoked(s)
         if not why:
