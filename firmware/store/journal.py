@@ -227,9 +227,10 @@ class Journal:
 
     def records(self, state: str | None = None, limit: int | None = None, after_seq: int = -1,
                 newest_first: bool = False) -> list[RecordRow]:
-        """Records in capture order, optionally of one state."""
+        """Records in capture order, optionally of one state; `after_seq` < 0: from the first (quarantined rows
+        with a placeholder number below 0 included, see `insert_quarantined`)."""
         sql = "SELECT * FROM records WHERE seq > ?"
-        args: list[Any] = [after_seq]
+        args: list[Any] = [after_seq if after_seq >= 0 else -(2**62)]
         if state:
             sql += " AND state = ?"
             args.append(state)
@@ -260,8 +261,16 @@ class Journal:
                           "AND state IN ('stored', 'sent')", [(at, r) for r in acked])
 
     def insert_quarantined(self, record_id: str, seq: int, size: int, sha256: str, reason: str) -> None:
-        """Journal a file found on disk that fails verification (never deleted silently)."""
+        """Journal a file found on disk that fails verification (never deleted silently).
+
+        When its number is unknown (0) or already another record's (a number reused by a kit that lost its
+        journal), the row gets a placeholder number below every real one (the record id still names the
+        number): INSERT OR REPLACE on the unique seq would otherwise delete the other record's row."""
         with self.transaction() as c:
+            other = c.execute("SELECT id FROM records WHERE seq = ?", (seq,)).fetchone()
+            if seq <= 0 or (other is not None and other[0] != record_id):
+                (low,) = c.execute("SELECT COALESCE(MIN(seq), 0) FROM records WHERE id != ?", (record_id,)).fetchone()
+                seq = min(int(low), 0) - 1
             c.execute("INSERT OR REPLACE INTO records (id, seq, created, clock_synced, size, sha256, state, "
                       "state_at, operator_id, reason) VALUES (?,?,?,?,?,?, 'quarantined', ?, '', ?)",
                       (record_id, seq, "", 0, size, sha256, iso(), reason))
@@ -269,7 +278,7 @@ class Journal:
     def scan(self, page: int = 5000) -> Iterator[tuple[str, int, str, int]]:
         """Every record as (id, seq, state, size), in seq order: the reconcile's listing. Plain tuples, fetched a
         page at a time with the lock released in between (a 50,000-row listing never holds up a status read)."""
-        after = -1
+        after = -(2**62)  # placeholder numbers of quarantined rows are below 0 (see `insert_quarantined`)
         while True:
             with self._lock:
                 rows = self.conn.execute("SELECT id, seq, state, size FROM records WHERE seq > ? ORDER BY seq "

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,6 +61,20 @@ PREPARED_KEYS_MAX = 4  # key sets prepared ahead (one per enrollment begun; canc
 RECONCILE_YIELD_EVERY = 1024  # journal rows checked between two short sleeps of the background reconcile
 BACKFILL_BATCH = 256  # journal rows read per backfill step (the stop event is checked per record)
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+JOURNAL_NAME = "journal.db"
+#: Pre-allocated on the SD while there is room, deleted when a full SD keeps SQLite from creating its WAL (or
+#: from writing the relay's acks): the kit then starts, reports "full", and the acks free space through the purge.
+SPARE_NAME = "journal.spare"
+SPARE_BYTES = 1024 * 1024
+#: The highest number used, written beside the journal before a purge deletes the files that show it: with
+#: the record files' names it is the numbering's evidence should the journal be lost.
+FLOOR_NAME = "seq.floor"
+META_ABANDONED = "abandoned_copies"  # JSON {record_id: stick_id or ""}: copies of failed commits not yet removed
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # sqlite3 result codes of a damaged journal file
+_SQLITE_FULL = 13  # "database or disk is full"
+#: Shown while a stick that failed (a write, its index) is left out until it is pulled (code "usb_stick_faulted").
+STICK_FAULTED = N_("USB stick not used after a fault. Pull it out and insert it again, or insert another stick; "
+                   "the records stay safe on the SD card.")
 #: The guard reason of a full stick (code "usb_stick_full"), worded in status() in the reader's language.
 STICK_FULL = N_("USB stick full: {count} records are not yet copied to the stick. Replace it with a larger stick; "
                 "the records stay safe on the SD card.")
@@ -174,6 +190,14 @@ class Store:
         self._prepared: list[record_format.SealKeys] = []
         self.closing = threading.Event()
         self._ejected = ""  # id of the stick released by eject(), until it is gone
+        # Why the journal may not know every record on the media ("new", "rebuilt", "behind"), set by open().
+        self._journal_suspect = ""
+        self._faulted: dict[str, str] = {}  # stick id -> the fault that dropped it, kept out until it is pulled
+        self._fault_logged = ""  # the faulted stick whose "left out" line was logged
+        self._leftovers: set[str] = set()  # purged records whose SD file could not be unlinked (purge retries)
+        self._abandoned: dict[str, str] = {}  # failed commits' copies not yet removed: record id -> stick id or ""
+        self._floor_written = 0
+        self._after_open_audit: tuple[str, dict[str, Any]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -195,7 +219,13 @@ class Store:
             os.close(fd)
             raise StoreLocked(f"{self.state_dir} is in use by another process (is rekamd running?)") from None
         self._lockfile = fd
-        self.journal = j = Journal(self.state_dir / "journal.db")
+        self._journal_suspect = ""
+        try:
+            self.journal = j = self._open_journal(writable=recover)
+        except BaseException:
+            os.close(fd)
+            self._lockfile = None
+            raise
         self._seq = self._hwm = self._boot_seq = max(j.max_seq(), _int(j.get_meta(META_HWM)))
         report = RecoveryReport()
         if recover:
@@ -206,12 +236,217 @@ class Store:
                 # reservation clears the marker again in its own commit, so no record can exist unfenced
                 log.error("cannot clear the clean-shutdown marker error=%s", e)
             self._writable = True
-            self.reconcile_pending = not clean
-            if not clean and not defer_reconcile:
+            self._abandoned = self._load_abandoned()
+            # Before any commit: numbers start above every number the record files' names show (a lost or
+            # rebuilt journal, a lost WAL), and a journal that does not know them all is reconciled.
+            suspect = self._fence_from_media()
+            self.reconcile_pending = not clean or suspect
+            if self.reconcile_pending and not defer_reconcile:
                 report = self.recover()
+            self._keep_spare()
         self.guard.note_record_size(j.largest_size())
         self.poll_usb(backfill=False)
         return report
+
+    def _open_journal(self, writable: bool) -> Journal:
+        """Open the journal. A corrupt one ("file is not a database", "malformed") is moved to quarantine/ and a new
+        one started, which the reconcile rebuilds from the record files (they are the truth); when a full SD keeps
+        SQLite from starting (its WAL cannot be created), the spare file is released and the open tried again."""
+        path = self.state_dir / JOURNAL_NAME
+        fresh = not path.exists()
+        released = rebuilt = False
+        while True:
+            j: Journal | None = None
+            try:
+                j = Journal(path)
+                j.max_seq(), j.get_meta(META_HWM), j.get_meta(META_CLEAN), j.largest_size()  # what open reads
+                break
+            except sqlite3.DatabaseError as e:
+                if j is not None:
+                    try:
+                        j.close()
+                    except sqlite3.Error:
+                        pass
+                code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # the primary code of an extended one
+                if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB) and not rebuilt:
+                    if not writable:
+                        raise StoreError(f"the journal {path} is corrupt ({e}); start rekamd: it moves it aside and "
+                                         "rebuilds it from the record files") from e
+                    self._quarantine_journal(path, e)
+                    rebuilt = fresh = True
+                    continue
+                free = self._free_sd()
+                low = free is not None and free < self.guard.reserve_bytes("sd")  # full, not another fault
+                if low and not released and self._release_spare(f"journal cannot be opened: {e}"):
+                    released = True
+                    continue
+                log.critical("journal cannot be opened path=%s error=%s free_bytes=%s", path, e, self._free_sd())
+                raise StoreError(f"cannot open the journal {path}: {e}") from e
+        assert j is not None
+        if rebuilt:
+            self._journal_suspect = "rebuilt"
+        elif fresh:
+            self._journal_suspect = "new"
+        return j
+
+    def _free_sd(self) -> int | None:
+        try:
+            return space(self.state_dir).free_bytes
+        except OSError:
+            return None
+
+    def _quarantine_journal(self, path: Path, e: Exception) -> None:
+        """Move a corrupt journal (and its WAL and shared-memory files) to quarantine/, never deleting it."""
+        stamp = compact()
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            src = path.with_name(path.name + suffix)
+            if not src.exists():
+                continue
+            dst = self.quarantine_dir / f"{src.name}.corrupt-{stamp}"
+            n = 1
+            while dst.exists():
+                dst = self.quarantine_dir / f"{src.name}.corrupt-{stamp}.{n}"
+                n += 1
+            os.replace(src, dst)
+            moved.append(str(dst))
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(path.parent)
+        log.critical("journal is corrupt error=%s moved_to=%s; a new journal is rebuilt from the record files on the "
+                     "SD and the stick (states sent/acked are relearned from the data center's acks)",
+                     e, ",".join(moved))
+        self._after_open_audit = ("journal_rebuilt", {"error": str(e), "files": moved})
+
+    def _name_seq(self, name: str) -> int:
+        """The sequence number in a file name of this kit's records (0 if it is none): names only, no parsing
+        of the time (this runs over every name in records/ at each open)."""
+        prefix = self.identity.kit_id + "-"
+        if not name.startswith(prefix):
+            return 0
+        digits = name[len(prefix):].partition("-")[0]
+        return int(digits) if digits.isdigit() and len(digits) <= 20 else 0
+
+    def _sd_names_max(self) -> int:
+        """The highest number any file name on the SD shows (records/, its temp files, quarantine/) or the
+        floor file holds. Names only (one scandir, no stat): a few ms for tens of thousands of records."""
+        top = 0
+        for d in (self.records_dir, self.quarantine_dir):
+            with os.scandir(d) as it:
+                for e in it:
+                    n = self._name_seq(e.name)
+                    if n > top:
+                        top = n
+        try:
+            top = max(top, int(read_regular(self.state_dir / FLOOR_NAME, 64).strip() or 0))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("sequence floor file unreadable path=%s error=%s", self.state_dir / FLOOR_NAME, e)
+        return top
+
+    def _stick_names_max(self, limit: int) -> int:
+        """The highest number the present stick's record names show, up to `limit` (a stick's names are anyone's
+        to write: see STICK_SEQ_AHEAD_MAX); 0 without a usable stick."""
+        if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
+            return 0
+        names = Stick(self.cfg.usb_dir, "", self.identity.kit_id).record_files()  # O_NOFOLLOW, regular files only
+        seqs = [self._name_seq(n) for n in names]
+        wild = [n for n in seqs if n > limit]
+        if wild:
+            log.warning("stick names sequence numbers this kit never reached count=%d highest=%d limit=%d; "
+                        "not fenced", len(wild), max(wild), limit)
+        return max((n for n in seqs if n <= limit), default=0)
+
+    def _fence_from_media(self) -> bool:
+        """Raise the numbering above every number the media's file names show, before any commit (open).
+
+        The journal is the index, but the record files are the truth: a lost or rebuilt journal (or a lost WAL)
+        would start numbering again at a number records/ already holds. Returns whether the journal may not
+        know every record on the media (a reconcile is then owed, also after a clean stop)."""
+        sd = self._sd_names_max()
+        why = self._journal_suspect or ("behind" if sd > self._seq else "")
+        if not why:
+            return False
+        stick = self._stick_names_max(max(self._seq, sd) + STICK_SEQ_AHEAD_MAX)
+        floor = max(sd, stick)
+        if why == "new" and floor == 0:
+            return False  # a new kit: no medium holds any record of it
+        log.error("journal does not know every record on the media reason=%s journal_seq=%d sd_highest=%d "
+                  "stick_highest=%d; numbering continues above %d, reconcile owed", why, self._seq, sd, stick,
+                  max(floor, self._seq))
+        if floor > self._seq:
+            self._seq = self._boot_seq = floor
+            try:
+                self.j.set_meta(**{META_HWM: str(floor)})
+                self._hwm = floor
+            except Exception as e:  # the next commit reserves a block above `floor` before using any number
+                log.error("cannot write the sequence floor to the journal error=%s", e)
+        kind, detail = self._after_open_audit or ("journal_behind", {})
+        self._after_open_audit = None
+        self._audit_quietly(kind, reason=why, sd_highest=sd, stick_highest=stick, **detail)
+        return True
+
+    def _audit_quietly(self, kind: str, **detail: Any) -> None:
+        """An audit row that must not stop what it records (start-up, a stick event) when the SD is full."""
+        try:
+            self.j.audit(kind, **detail)
+        except Exception as e:
+            log.error("cannot write audit event kind=%s error=%s", kind, e)
+
+    # --- the spare file: room for SQLite when the SD is full --------------------------------------
+
+    def _release_spare(self, why: str) -> bool:
+        """Delete the spare file so SQLite has room again; False if there was none."""
+        p = self.state_dir / SPARE_NAME
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            log.error("cannot release the spare file path=%s error=%s", p, e)
+            return False
+        try:
+            fsync_dir(self.state_dir)
+        except OSError:
+            pass  # the unlink is what frees the room; a crash just repeats it
+        log.error("SD full: spare file released so the journal can work why=%s; capture stays halted until "
+                  "acknowledged records are purged", why)
+        return True
+
+    def _keep_spare(self) -> None:
+        """Create the spare file if it is missing and the SD has room for it beyond the guard's reserve."""
+        p = self.state_dir / SPARE_NAME
+        if p.exists():
+            return
+        try:
+            if space(self.state_dir).free_bytes - SPARE_BYTES < self.guard.reserve_bytes("sd"):
+                return  # not now: it is made again once purges have freed room
+            tmp = p.with_name(p.name + TMP_SUFFIX)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, SPARE_BYTES)  # real blocks: released, they are free at once
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, p)
+            fsync_dir(self.state_dir)
+        except OSError as e:
+            log.warning("cannot create the spare file path=%s error=%s", p, e)
+            try:
+                os.unlink(p.with_name(p.name + TMP_SUFFIX))
+            except OSError:
+                pass
+
+    def _with_room(self, write: Any, *args: Any) -> Any:
+        """A journal write the kit needs to get out of "full" (the relay's progress, the purge): if SQLite fails
+        for want of room, release the spare file and try once more."""
+        try:
+            return write(*args)
+        except sqlite3.OperationalError as e:
+            full = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF == _SQLITE_FULL
+            if not full or not self._release_spare(f"journal write failed: {e}"):
+                raise  # (a busy or I/O error is not helped by room)
+            return write(*args)
 
     def close(self) -> None:
         """Wait for any commit in progress, then release everything."""
@@ -223,7 +458,7 @@ class Store:
                 if self._writable:
                     # Nothing is half done now (commits, purges and mirror copies run under the lock);
                     # the numbers reserved but unused go back. Clean only if no reconcile is owed.
-                    marker = "0" if self.reconcile_pending else "1"
+                    marker = "0" if self.reconcile_pending or self._leftovers or self._abandoned else "1"
                     try:
                         self.journal.set_meta(**{META_HWM: str(self._seq), META_CLEAN: marker})
                     except Exception as e:  # the SD failing at close: the next start reconciles
@@ -345,6 +580,8 @@ class Store:
                 self._reserve_numbers(seq)
             created = iso()
             record_id = make_record_id(self.identity.kit_id, seq, compact())
+            if os.path.lexists(self.sd_path(record_id)):  # one lstat: a commit never replaces a record file
+                self._number_in_use(seq, record_id)
             synced = clock_synchronised()
             # The SD and the stick are separate devices: write both at once, confirm when both are done. The
             # mirror thread starts now: its checks (present, a folder of ours) overlap the sealing below.
@@ -419,12 +656,24 @@ class Store:
             log.error("commit failed in the journal record_id=%s error=%s", record_id, e)
             try:
                 remove_durably(self.sd_path(record_id))
-            except OSError:
-                pass  # left behind: recovery adopts it after verification (its number stays fenced)
+            except OSError as re:
+                # Kept in memory (the journal just failed): retried by the purge and the reconcile, never adopted.
+                log.error("cannot remove SD copy of a failed commit record_id=%s error=%s", record_id, re)
+                self._abandon(record_id, "")
             if stick_id is not None:
                 self._unmirror(record_id)  # (its index line is never written: see _mirror_one)
             raise StoreError(f"could not write the journal on the SD card: {e}") from e
         return sealed, digest, stick_id, mirror_error
+
+    def _number_in_use(self, seq: int, record_id: str) -> None:
+        """A file already has this commit's name: the journal is behind the media (the floor taken at open
+        should make this impossible). The number is skipped, a reconcile (which fences every name) is owed, and
+        this commit fails before anything is written (lock held); the operator's retry gets a fresh number."""
+        self._seq = max(self._seq, seq)
+        self.reconcile_pending = True
+        log.error("record file already exists; its number is skipped and nothing is overwritten record_id=%s "
+                  "seq=%d; reconcile owed", record_id, seq)
+        raise StoreError(f"record number {seq} is already in use on the SD card; retry the commit")
 
     def _seal_keys(self) -> record_format.SealKeys:
         """Key material for the record being sealed: one prepared by `begin()`, else made now (lock held).
@@ -447,13 +696,62 @@ class Store:
         self._hwm = hwm
 
     def _unmirror(self, record_id: str) -> None:
+        """Remove a failed commit's stick copy; if that fails it is remembered (`_abandon`) and removed later."""
         stick = self.stick
         if stick is None:
             return
         try:
-            remove_durably(stick.record_path(record_id))
+            stick.remove_record(record_id)
+        except FileNotFoundError:
+            pass
         except OSError as e:
-            log.warning("cannot remove stick copy of a failed commit record_id=%s error=%s", record_id, e)
+            log.warning("cannot remove stick copy of a failed commit record_id=%s stick_id=%s error=%s; retried "
+                        "later", record_id, stick.stick_id, e)
+            self._abandon(record_id, stick.stick_id)
+
+    def _abandon(self, record_id: str, stick_id: str) -> None:
+        """Remember a failed commit's copy that could not be removed ("" = the SD's; else the stick's): the operator
+        was told the commit failed, so it is removed on a later pass and never adopted by a reconcile."""
+        self._abandoned[record_id] = stick_id
+        self._save_abandoned()
+
+    def _save_abandoned(self) -> None:
+        try:
+            self.j.set_meta(**{META_ABANDONED: json.dumps(self._abandoned, sort_keys=True)})
+        except Exception as e:  # (the journal may be what failed): kept in memory; an unclean stop reconciles
+            log.error("cannot record abandoned copies in the journal count=%d error=%s", len(self._abandoned), e)
+
+    def _load_abandoned(self) -> dict[str, str]:
+        try:
+            v = json.loads(self.j.get_meta(META_ABANDONED) or "{}")
+        except ValueError:
+            return {}
+        return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {}
+
+    def _remove_abandoned(self) -> None:
+        """Retry removing failed commits' copies (lock held): the SD's, and the present stick's."""
+        done = []
+        for rid, stick_id in self._abandoned.items():
+            try:
+                if not stick_id:
+                    remove_durably(self.sd_path(rid))
+                elif self.stick is not None and self.stick.stick_id == stick_id:
+                    try:
+                        self.stick.remove_record(rid)
+                    except FileNotFoundError:
+                        pass
+                else:
+                    continue  # that stick is not here: kept for when it is
+            except OSError as e:
+                log.warning("abandoned copy still not removable record_id=%s stick_id=%s error=%s", rid,
+                            stick_id or "sd", e)
+                continue
+            log.info("abandoned copy of a failed commit removed record_id=%s medium=%s", rid, stick_id or "sd")
+            done.append(rid)
+        for rid in done:
+            del self._abandoned[rid]
+        if done:
+            self._save_abandoned()
 
     def _mirror_one(self, record_id: str, seq: int, body: Future[tuple[bytearray, Pending]],
                     result: Future[tuple[str | None, str]], journaled: Future[bool]) -> None:
@@ -487,6 +785,14 @@ class Store:
             return (None, "stick removed"), 0
         try:
             with stick.records_folder() as rfd:
+                try:  # a commit never replaces a file of that name on the stick either (checked while sealing)
+                    os.stat(record_id + record_format.FILE_SUFFIX, dir_fd=rfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    log.error("usb stick already has a file of this record's name; not overwritten record_id=%s "
+                              "stick_id=%s", record_id, stick.stick_id)
+                    return (None, "a file of that name is already on the stick"), 0
                 data, pending = body.result()
                 if not self._stick_has_room(stick, len(data)):
                     self._note_stick_full(stick)
@@ -544,6 +850,10 @@ class Store:
             self._stick_lost("removed")
         if self._refused and not present:
             self.stick_error, self._refused = "", False  # the refused stick was pulled
+        if self._faulted and (not present or stick_id_at(self.cfg.usb_dir) not in self._faulted):
+            self._faulted, self._fault_logged = {}, ""  # pulled (or replaced): the next one is tried afresh
+            if self.stick is None:
+                self.stick_error = ""
         if self.stick is not None:
             with self._lock:
                 self._flush_stick()
@@ -553,13 +863,23 @@ class Store:
                 self.stick_full = {}
                 self.backfill_due = True
         elif self.stick is None and present:
+            if self._faulted:  # the stick that failed is still in: out until it is pulled, one log line
+                sid, why = next(iter(self._faulted.items()))
+                self.stick_error = f"USB stick left out after a fault ({why}); pull it and insert it again, or " \
+                                   "insert another stick"
+                if self._fault_logged != sid:
+                    self._fault_logged = sid
+                    log.error("usb stick left out after a fault stick_id=%s fault=%s; not retried until it is pulled "
+                              "and inserted again (or replaced); records stay on the SD", sid, why)
+                    self._audit_quietly("usb_faulted", stick_id=sid, reason=why)
+                return
             try:
                 stick = open_stick(self.cfg.usb_dir, self.identity.kit_id, self.identity.public_key_b64)
             except StickError as e:
                 if str(e) != self.stick_error:
                     log.warning("usb stick unusable mount=%s error=%s", self.cfg.usb_dir, e)
                     if isinstance(e, HostileStick):  # prepared to hurt the kit: on the record, once per stick
-                        self.j.audit("usb_refused", reason=str(e))
+                        self._audit_quietly("usb_refused", reason=str(e))
                 self.stick_error, self._refused = str(e), isinstance(e, HostileStick)
                 return
             self.stick_error = ""
@@ -568,16 +888,29 @@ class Store:
             self._full_reported = ""
             self._backfill_cursor = -1
             self.backfill_due = True
-            self.j.note_stick(stick.stick_id)
+            try:
+                self.j.note_stick(stick.stick_id)
+            except Exception as e:  # SD full at start: the stick is still used (the copies need no journal room)
+                log.error("cannot note the stick in the journal stick_id=%s error=%s", stick.stick_id, e)
             log.info("usb stick inserted stick_id=%s mount=%s", stick.stick_id, stick.mount)
-            self.j.audit("usb_inserted", stick_id=stick.stick_id)
+            self._audit_quietly("usb_inserted", stick_id=stick.stick_id)
+            if self._abandoned:
+                with self._lock:
+                    self._remove_abandoned()
         if backfill and self.backfill_due:
             self.backfill()
 
     def _stick_lost(self, why: str) -> None:
-        if self.stick is not None:
-            log.warning("usb stick gone stick_id=%s reason=%s; records stay on the SD", self.stick.stick_id, why)
-            self.j.audit("usb_removed", stick_id=self.stick.stick_id, reason=why)
+        """Drop the current stick. Unless it was removed, it failed (a write, the index): if it is still in, it is
+        remembered by its id and left out (`poll_usb`) until it is pulled, instead of being taken again at the
+        next poll to fail again (a stick that flapped every 2 s)."""
+        stick = self.stick
+        if stick is not None:
+            log.warning("usb stick gone stick_id=%s reason=%s; records stay on the SD", stick.stick_id, why)
+            self._audit_quietly("usb_removed", stick_id=stick.stick_id, reason=why)
+            if why != "removed" and detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint) \
+                    and stick_id_at(self.cfg.usb_dir) == stick.stick_id:
+                self._faulted = {stick.stick_id: why}
         self.stick = None
         self.stick_error = why
         self.stick_full = {}
@@ -729,8 +1062,10 @@ class Store:
             log.error("backfill cannot read SD copy record_id=%s error=%s", r.id, e)
             return "skipped"
         if record_format.sha256_hex(data) != r.sha256:
-            self._quarantine(r.id, "SD copy does not match its journal hash", seq=r.seq)
-            return "skipped"
+            with self._lock:
+                if self.journal is None or not self._replace_bad_sd_copy(r):
+                    return "skipped"
+            data = self.sd_path(r.id).read_bytes()
         with self._lock:
             if self.journal is None or self.stick is not stick:
                 return "lost"
@@ -762,6 +1097,9 @@ class Store:
                     self._adopt_from_stick(stick, rid, rep)
 
     def _adopt_from_stick(self, stick: Stick, rid: str, rep: RecoveryReport | None = None) -> None:
+        if rid in self._abandoned:  # a failed commit's copy: removed (once this stick is the one), never adopted
+            self._remove_abandoned()
+            return
         try:
             data = stick.read_record(rid, self._max_sealed)
             parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
@@ -783,6 +1121,9 @@ class Store:
             return
         digest = record_format.sha256_hex(data)
         try:
+            if os.path.lexists(self.sd_path(rid)):  # never replace a file (the SD reconcile looks at that one)
+                raise StoreError(f"{self.sd_path(rid).name} already exists on the SD")
+            self.guard.check_room("sd", self.state_dir, len(data))  # a backlog of them never eats the SD's reserve
             atomic_write(self.sd_path(rid), data, verify=True, expect_sha256=digest)
             self.j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
                               size=len(data), sha256=digest, stick_id=stick.stick_id)
@@ -834,18 +1175,31 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot read {record_id}: {e}") from e
         if record_format.sha256_hex(data) != r.sha256:
-            self._quarantine(record_id, "SD copy does not match its journal hash", seq=r.seq)
+            with self._lock:
+                if self._replace_bad_sd_copy(r):
+                    return self.sd_path(record_id).read_bytes()
             raise StoreError(f"record {record_id} is corrupt on the SD and was quarantined")
         return data
 
+    def _replace_bad_sd_copy(self, r: Any) -> bool:
+        """An SD copy that fails its journal hash (bit rot): quarantine it, then restore a verified copy from the
+        stick if one is there; the record keeps its state (True), else it stays quarantined (lock held)."""
+        self._quarantine(r.id, "SD copy does not match its journal hash", seq=r.seq)
+        if not self._restore_from_stick(r):
+            return False
+        self.j.set_state(r.id, r.state, "restored from stick")
+        self._audit_quietly("restored_from_stick", record_id=r.id)
+        return True
+
     def mark(self, record_id: str, state: str, reason: str = "") -> None:
         """Move a record along its states (sent, acked, quarantined)."""
-        self.j.set_state(record_id, state, reason)
+        self._with_room(self.j.set_state, record_id, state, reason)
         self._changed()
 
     def mark_delivery(self, sent: list[str], acked: list[str]) -> None:
-        """Record the relay's progress for many records in one journal commit."""
-        self.j.mark_delivery(sent, acked)
+        """Record the relay's progress for many records in one journal commit (also on a full SD: the acks are
+        what lets the purge free it)."""
+        self._with_room(self.j.mark_delivery, sent, acked)
         self._changed()
 
     def purge_acknowledged(self, batch: int = 200, max_batches: int | None = None) -> int:
@@ -860,23 +1214,62 @@ class Store:
         need_stick = self.cfg.store.purge_requires_stick
         n = 0
         batches = 0
+        with self._lock:
+            self._clean_leftovers()
         while max_batches is None or batches < max_batches:
             batches += 1
             with self._lock:
                 if self.closing.is_set() or self.journal is None:
                     break
-                ids = self.j.mark_purged(self.j.purgeable(need_stick, batch))
+                ids = self._with_room(self.j.mark_purged, self.j.purgeable(need_stick, batch))
                 if not ids:
                     break
+                self._write_floor()  # before the files that show the highest numbers can go
                 for rid in ids:
-                    self.sd_path(rid).unlink(missing_ok=True)
+                    self._unlink_purged(rid)
                 fsync_dir(self.records_dir)
             n += len(ids)
         if n:
             log.info("purged acknowledged records count=%d", n)
-            self.j.audit("purge", count=n)
+            self._audit_quietly("purge", count=n)
+            self._keep_spare()  # room is back: so is the spare for the next time the SD fills
             self._changed()
         return n
+
+    def _unlink_purged(self, rid: str) -> bool:
+        """Delete a purged record's SD file; one that cannot be (EIO) is kept in `_leftovers`, retried by every
+        purge and, if the kit stops first, by the next start's reconcile (the stop is then unclean)."""
+        try:
+            self.sd_path(rid).unlink(missing_ok=True)
+        except OSError as e:
+            if rid not in self._leftovers:
+                log.error("cannot delete purged record file record_id=%s error=%s; retried by the next purge", rid, e)
+            self._leftovers.add(rid)
+            return False
+        self._leftovers.discard(rid)
+        return True
+
+    def _clean_leftovers(self) -> None:
+        """Retry what earlier passes could not remove: purged SD files, failed commits' copies (lock held)."""
+        if self._leftovers:
+            gone = [rid for rid in list(self._leftovers) if self._unlink_purged(rid)]
+            if gone:
+                fsync_dir(self.records_dir)
+                log.info("purged record files removed on retry count=%d", len(gone))
+        if self._abandoned:
+            self._remove_abandoned()
+
+    def _write_floor(self) -> None:
+        """Write the highest number used to FLOOR_NAME (when it has grown): the purge is about to delete files
+        whose names are the numbering's evidence should the journal be lost. Best effort: never stops a purge."""
+        if self._seq <= self._floor_written:
+            return
+        try:
+            atomic_write(self.state_dir / FLOOR_NAME, f"{self._seq}\n".encode(), verify=False)
+        except OSError as e:
+            log.warning("cannot write the sequence floor file error=%s", e)
+            return
+        self._floor_written = self._seq
 
     # --- recovery -----------------------------------------------------------------------
 
@@ -927,8 +1320,12 @@ class Store:
                 return rep
             if rid not in rows:
                 with self._lock:
-                    if j.get(rid) is None:
-                        self._adopt_sd_file(rid, self.records_dir / files[rid], rep)
+                    try:
+                        if j.get(rid) is None:
+                            self._adopt_sd_file(rid, self.records_dir / files[rid], rep)
+                    except Exception as e:  # one bad file never holds up the others: the next reconcile retries it
+                        log.error("cannot reconcile record file record_id=%s file=%s error=%s; left in place", rid,
+                                  files[rid], e)
         # Records only on the stick: the kill came between the stick copy and the SD copy.
         if stick is not None:
             self._reconcile_stick_only(stick, on_stick, j.mirrored_on(stick.stick_id), rep)
@@ -942,9 +1339,14 @@ class Store:
             if self._sd_file_ok(r0, files, rdir):
                 continue
             with self._lock:
-                r = j.get(r0.id)  # fresh: a purge or the relay may have moved it since
-                if r is not None and not self._sd_file_ok(r, files, rdir):
-                    self._check_sd_file(r, files, rep)
+                try:
+                    r = j.get(r0.id)  # fresh: a purge or the relay may have moved it since
+                    if r is not None and not self._sd_file_ok(r, files, rdir):
+                        self._check_sd_file(r, files, rep)
+                except Exception as e:  # (an unlink's EIO, say): the others go on; the next reconcile retries it
+                    log.error("cannot reconcile journaled record record_id=%s error=%s", r0.id, e)
+                    if r0.state == "purged":
+                        self._leftovers.add(r0.id)
         if self.stick is None and stick is not None:
             self.poll_usb(backfill=False)
         self.reconcile_pending = False
@@ -1012,6 +1414,12 @@ class Store:
 
     def _adopt_sd_file(self, rid: str, p: Path, rep: RecoveryReport) -> None:
         seq = seq_of(rid)
+        if rid in self._abandoned:  # a failed commit's copy (the operator was told): removed, not adopted
+            remove_durably(p)
+            del self._abandoned[rid]
+            self._save_abandoned()
+            log.warning("removed the SD copy of a failed commit record_id=%s", rid)
+            return
         try:
             data = p.read_bytes()
             parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
@@ -1022,8 +1430,17 @@ class Store:
             rep.quarantined.append(rid)
             return
         h = parsed.header
-        self.j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
-                          size=len(data), sha256=record_format.sha256_hex(data))
+        try:
+            self.j.add_record(record_id=rid, seq=h.seq, created=h.created, clock_synced=h.clock_synced,
+                              size=len(data), sha256=record_format.sha256_hex(data))
+        except sqlite3.IntegrityError as e:  # its number is another record's (a kit that lost its journal
+            # reused it before this fix): both files are kept; a technician decides (the data center has both ids)
+            other = self.j.records(after_seq=h.seq - 1, limit=1)
+            log.error("record file not adopted: its sequence number is already another record's record_id=%s "
+                      "file=%s seq=%d other=%s error=%s; file left in place", rid, p.name, h.seq,
+                      other[0].id if other and other[0].seq == h.seq else "?", e)
+            self._audit_quietly("seq_conflict", record_id=rid, seq=h.seq, file=str(p))
+            return
         rep.adopted.append(rid)
         log.warning("recovered unjournaled record record_id=%s", rid)
 
@@ -1069,7 +1486,12 @@ class Store:
             log.error("journaled record missing from SD record_id=%s; insert a stick that holds it", rid)
 
     def _restore_from_stick(self, r: Any) -> bool:
+        """Copy a journaled record back to the SD from the stick, verified as a stick-only record is: the journal's
+        hash, the kit's signature and the id inside. Never over an existing SD file (lock held)."""
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
+            return False
+        if os.path.lexists(self.sd_path(r.id)):  # (its quarantine move failed): never overwrite it
+            log.error("cannot restore from stick: the SD still holds a file of that name record_id=%s", r.id)
             return False
         try:
             # the stick is untrusted: no symlink followed, at most the journaled size read
@@ -1077,6 +1499,14 @@ class Store:
         except OSError:
             return False
         if record_format.sha256_hex(data) != r.sha256:
+            log.warning("stick copy does not match the journal hash record_id=%s; not restored", r.id)
+            return False
+        try:
+            parsed = record_format.parse(data, trusted_kit_key=self.identity.public_key_raw)
+            if parsed.header.record_id != r.id:
+                raise record_format.RecordFormatError("file name does not match the record inside")
+        except record_format.RecordFormatError as e:
+            log.warning("stick copy fails verification record_id=%s error=%s; not restored", r.id, e)
             return False
         atomic_write(self.sd_path(r.id), data, verify=True, expect_sha256=r.sha256)
         log.warning("record restored from stick record_id=%s", r.id)
@@ -1094,6 +1524,8 @@ class Store:
         if self.stick_full:
             stick_msg = gettext(STICK_FULL, count=format_count(self.stick_full.get("not_mirrored", 0)))
             reasons, codes = [*reasons, stick_msg], [*codes, "usb_stick_full"]
+        if not stick_msg and self._faulted and self.stick is None:
+            stick_msg = gettext(STICK_FAULTED)
         stick = self.stick
         return {
             "kit_id": self.identity.kit_id,
@@ -1107,7 +1539,8 @@ class Store:
             "stick": {"present": stick is not None, "stick_id": stick.stick_id if stick else None,
                       "error": self.stick_error, "full": bool(self.stick_full),
                       "not_mirrored": self.stick_full.get("not_mirrored", 0),
-                      "code": "usb_stick_full" if self.stick_full else "", "message": stick_msg,
+                      "code": "usb_stick_full" if self.stick_full else ("usb_stick_faulted" if stick_msg else ""),
+                      "message": stick_msg,
                       "backfilling": self.backfill_due},
             "reconcile_pending": self.reconcile_pending,
         }

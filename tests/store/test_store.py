@@ -221,9 +221,10 @@ def test_recovery_quarantines_tampered_adopts_orphan_restores_missing(kit_cfg: A
         assert s.sd_path(b.record_id).exists()  # restored from the stick
         assert s.j.get("rk-zzzzzzzzzz-00000050-20261129T000000Z").state == "quarantined"
         assert (kit_cfg.state_dir / "quarantine" / junk.name).exists()  # kept, not deleted
-        with pytest.raises(Exception, match="corrupt"):
-            s.read_verified(a.record_id)
-        assert s.j.get(a.record_id).state == "quarantined"
+        # The tampered SD copy is quarantined and the stick's verified copy restored (it stayed quarantined before).
+        assert record_format.sha256_hex(s.read_verified(a.record_id)) == a.sha256
+        assert s.j.get(a.record_id).state == "stored"
+        assert list((kit_cfg.state_dir / "quarantine").glob(a.record_id + "*"))
         assert st["records"]["quarantined"]["records"] >= 1
         # The sequence never goes back, even past numbers only seen in temp or quarantined files.
         assert s.commit(payload(1000)).seq == 100
