@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,9 @@ JOURNAL_NAME = "journal.db"
 #: from writing the relay's acks): the kit then starts, reports "full", and the acks free space through the purge.
 SPARE_NAME = "journal.spare"
 SPARE_BYTES = 1024 * 1024
-#: The highest number used, written beside the journal before a purge deletes the files that show it: with
-#: the record files' names it is the numbering's evidence should the journal be lost.
+#: The numbering's mark outside the journal: every number reserved (`_reserve_numbers`, before it is used) and,
+#: after a clean stop, the last one used. A journal behind it (a lost WAL, an old copy) or without it is checked
+#: against the record files' names at open; a clean start reads only this file (O(1) in the backlog).
 FLOOR_NAME = "seq.floor"
 META_ABANDONED = "abandoned_copies"  # JSON {record_id: stick_id or ""}: copies of failed commits not yet removed
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26  # sqlite3 result codes of a damaged journal file
@@ -145,6 +147,11 @@ def _mirrored(mirror: Future[tuple[str | None, str]]) -> str | None:
         return None
 
 
+def _floor_check(value: int) -> str:
+    """The floor file's check value: a torn or edited line is read as damaged, never as a smaller number."""
+    return f"{zlib.crc32(str(value).encode()):08x}"
+
+
 def _int(v: str | None) -> int:
     try:
         return int(v or 0)
@@ -197,6 +204,7 @@ class Store:
         self._leftovers: set[str] = set()  # purged records whose SD file could not be unlinked (purge retries)
         self._abandoned: dict[str, str] = {}  # failed commits' copies not yet removed: record id -> stick id or ""
         self._floor_written = 0
+        self._floor_fd: int | None = None
         self._after_open_audit: tuple[str, dict[str, Any]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -327,8 +335,9 @@ class Store:
         return int(digits) if digits.isdigit() and len(digits) <= 20 else 0
 
     def _sd_names_max(self) -> int:
-        """The highest number any file name on the SD shows (records/, its temp files, quarantine/) or the
-        floor file holds. Names only (one scandir, no stat): a few ms for tens of thousands of records."""
+        """The highest number any file name on the SD shows (records/, its temp files, quarantine/). Names only
+        (one scandir, no stat): tens of ms for tens of thousands of records; run only when the journal is in
+        doubt (`_fence_from_media`)."""
         top = 0
         for d in (self.records_dir, self.quarantine_dir):
             with os.scandir(d) as it:
@@ -336,13 +345,49 @@ class Store:
                     n = self._name_seq(e.name)
                     if n > top:
                         top = n
-        try:
-            top = max(top, int(read_regular(self.state_dir / FLOOR_NAME, 64).strip() or 0))
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as e:
-            log.warning("sequence floor file unreadable path=%s error=%s", self.state_dir / FLOOR_NAME, e)
         return top
+
+    def _read_floor(self) -> tuple[int, str]:
+        """The floor file's number and what is wrong with it ("" none, "missing", "unreadable")."""
+        p = self.state_dir / FLOOR_NAME
+        try:
+            raw = read_regular(p, 64).decode("ascii").split()
+        except FileNotFoundError:
+            return 0, "missing"
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("sequence floor file unreadable path=%s error=%s", p, e)
+            return 0, "unreadable"
+        if len(raw) == 2 and raw[0].isdigit() and len(raw[0]) <= 20 and raw[1] == _floor_check(int(raw[0])):
+            return int(raw[0]), ""
+        log.warning("sequence floor file damaged path=%s", p)
+        return 0, "unreadable"
+
+    def _open_floor(self) -> None:
+        p = self.state_dir / FLOOR_NAME
+        try:
+            existed = p.exists()
+            self._floor_fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            if not existed:
+                fsync_dir(self.state_dir)
+        except OSError as e:
+            log.error("cannot open the sequence floor file path=%s error=%s", p, e)
+            self._floor_fd = None
+
+    def _write_floor(self, value: int) -> bool:
+        """Write `value` to the floor file in place (one fixed-size write and one fdatasync: no rename, so no
+        directory fsync on the commit path). A torn write fails its check and is read as "unreadable", which
+        only costs the next start a scan of the names. Best effort: the journal's own mark stands."""
+        if self._floor_fd is None:
+            return False
+        line = f"{value:020d} {_floor_check(value)}\n".encode()
+        try:
+            os.pwrite(self._floor_fd, line, 0)  # fixed length: the file is never longer after the first write
+            os.fdatasync(self._floor_fd)
+        except OSError as e:
+            log.error("cannot write the sequence floor file value=%d error=%s", value, e)
+            return False
+        self._floor_written = value
+        return True
 
     def _stick_names_max(self, limit: int) -> int:
         """The highest number the present stick's record names show, up to `limit` (a stick's names are anyone's
@@ -363,13 +408,22 @@ class Store:
         The journal is the index, but the record files are the truth: a lost or rebuilt journal (or a lost WAL)
         would start numbering again at a number records/ already holds. Returns whether the journal may not
         know every record on the media (a reconcile is then owed, also after a clean stop)."""
+        self._open_floor()
+        mark, problem = self._read_floor()
+        why = self._journal_suspect or ("behind" if mark > self._seq else "")
+        if not why and not problem:
+            self._note_floor()
+            return False  # a clean start: nothing but the floor file read
         sd = self._sd_names_max()
-        why = self._journal_suspect or ("behind" if sd > self._seq else "")
-        if not why:
-            return False
-        stick = self._stick_names_max(max(self._seq, sd) + STICK_SEQ_AHEAD_MAX)
-        floor = max(sd, stick)
+        if not why:  # no usable floor file (the first start of this version, or a damaged one): the names decide
+            why = "behind" if sd > self._seq else ""
+            if not why:
+                self._note_floor()
+                return False
+        stick = self._stick_names_max(max(self._seq, sd, mark) + STICK_SEQ_AHEAD_MAX)
+        floor = max(sd, stick, mark)
         if why == "new" and floor == 0:
+            self._note_floor()
             return False  # a new kit: no medium holds any record of it
         log.error("journal does not know every record on the media reason=%s journal_seq=%d sd_highest=%d "
                   "stick_highest=%d; numbering continues above %d, reconcile owed", why, self._seq, sd, stick,
@@ -381,10 +435,24 @@ class Store:
                 self._hwm = floor
             except Exception as e:  # the next commit reserves a block above `floor` before using any number
                 log.error("cannot write the sequence floor to the journal error=%s", e)
+        self._note_floor()
         kind, detail = self._after_open_audit or ("journal_behind", {})
         self._after_open_audit = None
-        self._audit_quietly(kind, reason=why, sd_highest=sd, stick_highest=stick, **detail)
+        self._audit_quietly(kind, reason=why, sd_highest=sd, stick_highest=stick, floor=mark, **detail)
         return True
+
+    def _note_floor(self) -> None:
+        """Bring the floor file up to the journal's mark (open)."""
+        mark = max(self._hwm, self._seq)
+        if self._read_floor() != (mark, ""):
+            if self._floor_fd is not None:
+                try:
+                    os.ftruncate(self._floor_fd, 0)  # whatever was there (a damaged line) goes
+                except OSError as e:
+                    log.error("cannot truncate the sequence floor file error=%s", e)
+            self._write_floor(mark)
+        else:
+            self._floor_written = mark
 
     def _audit_quietly(self, kind: str, **detail: Any) -> None:
         """An audit row that must not stop what it records (start-up, a stick event) when the SD is full."""
@@ -461,11 +529,15 @@ class Store:
                     marker = "0" if self.reconcile_pending or self._leftovers or self._abandoned else "1"
                     try:
                         self.journal.set_meta(**{META_HWM: str(self._seq), META_CLEAN: marker})
+                        self._write_floor(self._seq)  # (a stop between the two: the next start checks the names)
                     except Exception as e:  # the SD failing at close: the next start reconciles
                         log.error("store close could not write the clean marker error=%s", e)
                     self._writable = False
                 self.journal.close()
                 self.journal = None
+            if self._floor_fd is not None:
+                os.close(self._floor_fd)
+                self._floor_fd = None
             if self._lockfile is not None:
                 os.close(self._lockfile)
                 self._lockfile = None
@@ -688,6 +760,7 @@ class Store:
     def _reserve_numbers(self, seq: int) -> None:
         """Durably reserve a block of sequence numbers from `seq` on, before `seq` is used anywhere."""
         hwm = seq + SEQ_BLOCK - 1
+        self._write_floor(hwm)  # first: if the journal loses this block (its WAL), the floor file still shows it
         try:
             self.j.set_meta(**{META_HWM: str(hwm), META_CLEAN: "0"})
         except Exception as e:  # SQLite's own ENOSPC/EIO: refuse the record before its number exists
@@ -1224,7 +1297,8 @@ class Store:
                 ids = self._with_room(self.j.mark_purged, self.j.purgeable(need_stick, batch))
                 if not ids:
                     break
-                self._write_floor()  # before the files that show the highest numbers can go
+                if self._floor_written < self._hwm:  # (its write at the reservation failed): before the files
+                    self._write_floor(self._hwm)  # that show the highest numbers can go
                 for rid in ids:
                     self._unlink_purged(rid)
                 fsync_dir(self.records_dir)
@@ -1258,18 +1332,6 @@ class Store:
                 log.info("purged record files removed on retry count=%d", len(gone))
         if self._abandoned:
             self._remove_abandoned()
-
-    def _write_floor(self) -> None:
-        """Write the highest number used to FLOOR_NAME (when it has grown): the purge is about to delete files
-        whose names are the numbering's evidence should the journal be lost. Best effort: never stops a purge."""
-        if self._seq <= self._floor_written:
-            return
-        try:
-            atomic_write(self.state_dir / FLOOR_NAME, f"{self._seq}\n".encode(), verify=False)
-        except OSError as e:
-            log.warning("cannot write the sequence floor file error=%s", e)
-            return
-        self._floor_written = self._seq
 
     # --- recovery -----------------------------------------------------------------------
 

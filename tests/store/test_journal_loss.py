@@ -42,6 +42,18 @@ def drop_journal(cfg: Any) -> None:
         (cfg.state_dir / f"journal.db{suffix}").unlink(missing_ok=True)
 
 
+def die(s: Store) -> None:
+    """The process gone without a clean stop: its descriptors closed (the lock released), nothing written."""
+    s.closing.set()
+    assert s.journal is not None
+    s.journal.close()
+    s.journal = None
+    for fd in (s._floor_fd, s._lockfile):
+        if fd is not None:
+            os.close(fd)
+    s._floor_fd = s._lockfile = None
+
+
 def assert_all_live_and_unique(s: Store, before: dict[str, bytes]) -> None:
     """Every earlier file is still there byte for byte and journaled live; no number is held by two ids."""
     now = files(s.cfg)
@@ -87,6 +99,64 @@ def test_a_lost_journal_never_reuses_a_number(lost: str, kit_cfg: Any) -> None:
         assert s.commit(payload(2000)).seq == 6
     finally:
         s.close()
+
+
+def test_a_journal_behind_the_floor_file_continues_above_it_with_no_file_left(kit_cfg: Any) -> None:
+    """The journal rolled back (an old copy, a lost WAL) and no file shows the numbers any more (purged after
+    their acks, no stick): the floor file, written at each reservation before a number is used, still fences."""
+    shutil.rmtree(kit_cfg.usb_dir)
+    s = open_store(kit_cfg, defer=False)
+    s.commit(payload(2000))
+    s.close()
+    old_db = (kit_cfg.state_dir / "journal.db").read_bytes()
+    s = open_store(kit_cfg, defer=False)
+    for _ in range(3):
+        s.commit(payload(2000))
+    die(s)  # no clean stop: only the reservation (#2.. a block ahead) wrote the floor file
+    drop_journal(kit_cfg)
+    (kit_cfg.state_dir / "journal.db").write_bytes(old_db)
+    for p in (kit_cfg.state_dir / "records").iterdir():
+        p.unlink()
+    s = open_store(kit_cfg)
+    try:
+        assert s.reconcile_pending
+        assert s.commit(payload(2000)).seq > 4  # the old code: 2 (the old journal's mark)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "edited"])
+def test_a_damaged_floor_file_costs_a_check_of_the_names_never_a_number(damage: str, kit_cfg: Any) -> None:
+    """Without a usable floor file the names in records/ decide: a rolled-back journal is still caught. An
+    edited number (a smaller one with the old check value) is read as damaged, not believed."""
+    shutil.rmtree(kit_cfg.usb_dir)
+    s = open_store(kit_cfg, defer=False)
+    s.commit(payload(2000))
+    s.close()
+    old_db = (kit_cfg.state_dir / "journal.db").read_bytes()
+    s = open_store(kit_cfg, defer=False)
+    for _ in range(3):
+        s.commit(payload(2000))
+    s.close()
+    floor = kit_cfg.state_dir / "seq.floor"
+    assert floor.read_text().split()[0] == "00000000000000000004"
+    if damage == "garbage":
+        floor.write_bytes(b"\xff\x00 torn")
+    elif damage == "missing":
+        floor.unlink()
+    else:
+        floor.write_text(floor.read_text().replace("04 ", "01 "))
+    drop_journal(kit_cfg)
+    (kit_cfg.state_dir / "journal.db").write_bytes(old_db)
+    s = open_store(kit_cfg)
+    try:
+        assert s.reconcile_pending
+        assert s.commit(payload(2000)).seq == 5
+        s.recover()
+        assert {r.seq for r in s.j.records()} == {1, 2, 3, 4, 5}
+    finally:
+        s.close()
+    assert floor.read_text().split()[0] == "00000000000000000005"  # written back at the clean stop
 
 
 def test_a_file_whose_number_is_taken_does_not_jam_the_reconcile(kit_cfg: Any) -> None:

@@ -299,7 +299,9 @@ function alertsFrom(st) {
     out.push(["halt", t("CAPTURE HALTED: {reasons}. No new enrollment can start.", { reasons: reasons.join("; ") })]);
     for (const a of g.actions || []) out.push(["halt", a]);
   } else if (g.level === "WARN" && reasons.length) out.push(["warn", t("Storage low: {reasons}", { reasons: reasons.join("; ") })]);
-  if (noStick) out.push([g.level === "HALT" ? "halt" : "warn", t("USB stick missing: records are only on the SD card. Insert the stick.")]);
+  // A stick that is in but was left out after a fault: the kit's own words (pull it and insert it again).
+  if (noStick) out.push([g.level === "HALT" ? "halt" : "warn", st.stick.code === "usb_stick_faulted" && st.stick.message
+    ? st.stick.message : t("USB stick missing: records are only on the SD card. Insert the stick.")]);
   if (st.sensor && st.sensor.error) out.push(["halt", t("Fingerprint sensor error: {error}", { error: st.sensor.error })]);
   if (st.control && st.control.locked) out.push(["halt", t("Capture locked by the office: {reason}", { reason: st.control.lock_reason || "" })]);
   // The battery: the kit words the message (power_low / power_critical / power_lost) in this console's language.
@@ -370,7 +372,7 @@ function renderStatus(st) {
   if (st.mirror_lag) row(tb, t("Not yet on a USB stick"), tn("{n} record ({size})", "{n} records ({size})", st.mirror_lag.records, { size: fmtBytes(st.mirror_lag.bytes) }));
   if (st.stick) {
     row(tb, t("USB stick"), st.stick.present ? t("present") + (st.stick.stick_id ? " (" + st.stick.stick_id + ")" : "")
-      : t("missing") + (st.stick.error ? ": " + st.stick.error : ""));
+      : t("missing") + (st.stick.message || st.stick.error ? ": " + (st.stick.message || st.stick.error) : ""));
   }
   const up = st.relay || st.uplink;
   if (up) {
