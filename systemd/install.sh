@@ -31,7 +31,8 @@ UDEVDIR=/etc/udev/rules.d
 JOURNALD=/etc/systemd/journald.conf.d
 UNITS="rekamd.service rekam-firstboot.service rekam-usb-mount@.service rekam-usb-eject.path
 rekam-usb-eject.service rekam-ingest.service rekam-archive-check.service rekam-archive-check.timer
-rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service"
+rekam-rollback.service rekam-update.path rekam-update.service rekam-update-stick.service
+rekam-fleet-pin.path rekam-fleet-pin.service"
 
 say() { printf 'rekam-install: %s\n' "$*"; }
 die() { printf 'rekam-install: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -135,6 +136,10 @@ do_install() {
         systemctl daemon-reload
         systemctl try-restart systemd-journald.service || true
         systemctl enable rekam-firstboot.service rekamd.service rekam-usb-eject.path rekam-update.path
+        # The updater's root-owned fleet key pin: made after the claim, and now for a kit claimed already.
+        systemctl enable rekam-fleet-pin.path rekam-fleet-pin.service
+        systemctl start rekam-fleet-pin.path || true
+        systemctl start rekam-fleet-pin.service || say "fleet key not pinned: see journalctl -u rekam-fleet-pin"
         if [ "$ROLE" = datacenter ]; then systemctl enable rekam-ingest.service rekam-archive-check.timer; fi
         if [ -e "$ETC/datacenter.pub" ]; then
             systemctl restart rekam-firstboot.service rekamd.service
@@ -159,7 +164,8 @@ remove_if_default() {
 do_uninstall() {
     if have_systemd; then
         systemctl disable --now rekamd.service rekam-firstboot.service rekam-usb-eject.path \
-            rekam-ingest.service rekam-archive-check.timer rekam-update.path 2>/dev/null || true
+            rekam-ingest.service rekam-archive-check.timer rekam-update.path rekam-fleet-pin.path \
+            rekam-fleet-pin.service 2>/dev/null || true
         systemctl stop 'rekam-usb-mount@*.service' 2>/dev/null || true
     fi
     for u in $UNITS; do rm -f "$DESTDIR$UNITDIR/$u"; done

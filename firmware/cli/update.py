@@ -1,9 +1,13 @@
-"""`rekam update status|apply|rollback|recover`: signed software updates on the kit (docs/updates.md).
+"""`rekam update status|apply|rollback|recover|pin-fleet-key`: signed software updates on the kit (docs/updates.md).
 
 The work is `firmware.control.update.Updater`; here it is wired to production: the restart is
 ``systemctl restart rekamd.service`` (Type=notify: it returns when READY=1 arrived or the start failed), the
 self-test reads the new daemon's status through its local API. `apply` and `rollback` change ``/opt/rekam``:
 run them as root (the daemon itself cannot, its unit makes /opt read-only).
+
+`apply` verifies bundles only with a root-owned key (`firmware.control.update.root_fleet_key`):
+`control.fleet_public_key` of the config, else ``/etc/rekam/fleet.pub`` that `pin-fleet-key` (rekam-fleet-pin.service,
+as root) copies from the daemon's ``control/fleet.pub`` after the claim. Never the daemon-writable file itself.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--no-slot-pip", action="store_true",
                        help=_("make slots without pip and install with this interpreter's pip (faster)"))
         p.add_argument("--json", action="store_true")
+        p.add_argument("--fleet-pin", default=None,
+                       help="root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)")
         return p
 
     common(g.add_parser("status", help=_("installed versions, trial, last result"))).set_defaults(func=cmd_status)
@@ -64,19 +70,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rollback)
     common(g.add_parser("recover", help=_("boot check: drop an interrupted install, roll back an unwatched trial"))
            ).set_defaults(func=cmd_recover)
+    p = g.add_parser("pin-fleet-key", help="as root: pin the claimed fleet key for the updater (trust on first use)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a pin holding another key (a technician who checked the new key's fingerprint)")
+    p.add_argument("--fleet-pin", default=None,
+                   help="root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pin_fleet_key)
 
 
-def make_updater(args: argparse.Namespace, cfg: Any) -> Any:
-    """The production `Updater` for this kit (systemctl restart, local-API self-test)."""
-    from firmware.control.claim import ControlPaths
-    from firmware.control.update import Updater, prefix_from_env
+def make_updater(args: argparse.Namespace, cfg: Any, verifies: bool = False) -> Any:
+    """The production `Updater` for this kit (systemctl restart, local-API self-test). `verifies` (apply): load
+    the root-owned fleet key; if there is none (or it is not root's alone) every bundle is refused saying why.
+    Never the daemon-writable ``control/fleet.pub``: a compromised daemon could write its own key there."""
+    from firmware.control.update import Updater, pin_path, prefix_from_env, root_fleet_key
+    from firmware.errors import Refused
 
+    key, no_key = None, ("not_verifying", "this command verifies no bundle")
+    if verifies:
+        try:
+            key, _where = root_fleet_key(cfg, Path(args.fleet_pin) if args.fleet_pin else pin_path(cfg))
+        except Refused as e:
+            no_key = (e.reason, str(e))
     restart_argv = shlex.split(args.restart_cmd)
     return Updater(Path(args.prefix) if args.prefix else prefix_from_env(), cfg.state_dir,
-                   ControlPaths.of(cfg).pinned_fleet_key(), restart=lambda t: command_restart(restart_argv, t),
+                   key, restart=lambda t: command_restart(restart_argv, t),
                    probe=lambda v, up, t: api_probe(cfg.state_dir, v, up, t),
                    uplink_before=lambda: api_uplink(cfg.state_dir), ready_timeout_s=args.ready_timeout,
-                   selftest_timeout_s=args.selftest_timeout, python=args.python, with_pip=not args.no_slot_pip)
+                   selftest_timeout_s=args.selftest_timeout, python=args.python, with_pip=not args.no_slot_pip,
+                   no_key=no_key)
 
 
 def command_restart(argv: list[str], timeout: float) -> tuple[bool, str]:
@@ -169,12 +191,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from firmware.errors import Refused
 
     cfg = load_config(args)
-    up = make_updater(args, cfg)
+    up = make_updater(args, cfg, verifies=True)
     try:
         if args.stick:
             res = up.apply_from_stick(cfg.usb_dir)
         elif args.file:
-            copy = up.stage_file(Path(args.file))
+            try:
+                copy = up.stage_file(Path(args.file))
+            except Refused:
+                if args.remove_source:  # else rekam-update.path starts us again for it, in a loop
+                    up.reject_source(Path(args.file))
+                raise
             if args.remove_source:  # else rekam-update.path would start us again for the same file
                 Path(args.file).unlink(missing_ok=True)
             res = up.apply_staged(copy)
@@ -212,4 +239,34 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     _say(make_updater(args, cfg).recover(restart=False), args.json)
+    return 0
+
+
+def cmd_pin_fleet_key(args: argparse.Namespace) -> int:
+    """`rekam update pin-fleet-key`: copy the claimed fleet key to the root-owned pin (rekam-fleet-pin.service).
+    Exit 0 pinned or unchanged, 3 refused (another key already pinned: `--replace`; not claimed; bad files)."""
+    import logging
+
+    from firmware.control.claim import ControlPaths
+    from firmware.control.update import dumps, pin_fleet_key, pin_path
+    from firmware.errors import Refused
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    cfg = load_config(args)
+    pin = Path(args.fleet_pin) if args.fleet_pin else pin_path(cfg)
+    if str(cfg.control.fleet_public_key or "").strip():
+        # The config presets the key: it is the updater's anchor already (and the claim refused any other key).
+        res = {"status": "preset", "pin": None, "reason": f"control.fleet_public_key in {cfg.source} is the anchor"}
+        print(dumps(res) if args.json else "rekam: " + str(res["reason"]) + "; nothing to pin")
+        return 0
+    try:
+        res = pin_fleet_key(ControlPaths.of(cfg).fleet_key, pin, replace=args.replace)
+    except Refused as e:
+        if args.json:
+            print(dumps({"status": "refused", "code": e.reason, "reason": str(e)}))
+        else:
+            print(f"rekam: fleet key not pinned ({e.reason})", file=sys.stderr)
+            print("  " + str(e), file=sys.stderr)
+        return 3
+    print(dumps(res) if args.json else f"rekam: fleet key {res['fingerprint']} {res['status']} in {res['pin']}")
     return 0

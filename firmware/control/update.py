@@ -14,14 +14,24 @@ Layout under the install prefix (``/opt/rekam``; `prefix_from_env`)::
 
 The state machine (``state.json`` ``state``)::
 
-    idle --apply--> installing --slot complete--> trial --READY + self-test + uplink--> idle (promoted)
+    idle --apply--> installing --slot complete--> trial --READY + self-test--> idle (promoted)
                         |                           |
                         +-- kill -9: recover() ------+-- not READY / self-test failed / kill -9 /
-                            drops the partial slot       crash loop (OnFailure=) --> rollback --> idle (rolled_back)
+                            drops the partial slot       crash loop in the window (OnFailure=)
+                                                         --> rolling_back --> idle (rolled_back)
 
-``current`` changes only after a slot is complete, so a power cut while installing leaves the kit on the
-version it ran. A trial that no live updater watches (the updater died) is rolled back by `recover`, which
-the boot check (``ExecStartPre=`` of rekamd.service) and every ``rekam update`` command run first.
+``current`` changes only after a slot is complete (its files synced before ``slot.json``), so a power cut while
+installing leaves the kit on the version it ran. A trial that no live updater watches (the updater died) is
+rolled back by `recover`, which the boot check (``ExecStartPre=`` of rekamd.service) and every ``rekam update``
+command run first. Every step is crash-consistent: a trial whose switch did not complete (``current`` is not its
+``to``) is undone, not rolled back (`Updater._unswitched`); a rollback saves ``rolling_back`` before it moves a
+link, and `recover` finishes it. The uplink is reported after a trial, never required (a field kit often has
+none). The crash-loop rollback is bounded to the rollback window (`AUTO_ROLLBACK_WINDOW_S` from a trial's start
+and again from its promotion, same boot; ``update/rollback-window``): later, a crash loop is logged only.
+
+The trust anchor (`root_fleet_key`): the updater runs as root and verifies with `control.fleet_public_key` of the
+root-owned config or the root-owned pin (`pin_path`, made by `pin_fleet_key`), never with the daemon-writable
+``<state_dir>/control/fleet.pub``.
 
 Version rules (`check_rules`): no downgrade or reinstall, the running version must be at least the bundle's
 ``min_from_version``, the new version must read the journal schema on disk and the record format, and its
@@ -45,6 +55,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -60,7 +71,8 @@ from packaging.tags import sys_tags
 from firmware import __version__
 from firmware.control.files import read_json, write_json
 from firmware.errors import BundleError, Refused, UntrustedFile
-from firmware.system.fsutil import fsync_dir, open_dir_beneath, open_untrusted
+from firmware.system.fsutil import atomic_write, fsync_dir, open_dir_beneath, open_untrusted, space
+from firmware.wire import control_protocol as cp
 from firmware.wire import record_format, stick_layout
 from firmware.wire import update_bundle as ub
 
@@ -70,9 +82,23 @@ DEFAULT_PREFIX = Path("/opt/rekam")
 PREFIX_ENV = "REKAM_PREFIX"
 FACTORY_SLOT = "venv"
 READY_TIMEOUT_S = 90.0  # rekamd.service's TimeoutStartSec
-SELFTEST_TIMEOUT_S = 60.0  # READY -> self-test passed and the uplink back (if it was up)
+SELFTEST_TIMEOUT_S = 60.0  # READY -> self-test passed
+UPLINK_GRACE_S = 15.0  # after the self-test: how long to wait to report whether the uplink came back (not required)
 MAX_STICK_BUNDLES = 4  # bundles looked at on one stick
 KEEP_SLOTS = 2  # current and previous; older complete slots are removed after a promotion
+#: The root-owned fleet key pin, beside the root-owned config (`pin_path`): the updater's trust anchor.
+PIN_NAME = "fleet.pub"
+DEFAULT_PIN = Path("/etc/rekam") / PIN_NAME
+MAX_KEY_FILE_BYTES = 4096
+MAX_TRUSTED_CONFIG_BYTES = 1024 * 1024
+#: After a trial starts (and again after its promotion) a crash loop may roll back for this long, on the same
+#: boot; later a crash loop is logged, not rolled back (a version that ran fine for long is not the cause).
+AUTO_ROLLBACK_WINDOW_S = 600
+WINDOW_FILE = "rollback-window"  # under update/: "<boot id> <deadline in CLOCK_BOOTTIME s>", read by the unit too
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+#: Staging needs room for the copy and for the wheels extracted from it, plus a margin the slot's venv uses.
+STAGE_MARGIN_BYTES = 32 * 1024 * 1024
+MAX_REJECTED = 4  # pending bundles that could not be staged, kept in updates/rejected/ for a look
 
 #: (ok, why) of a restart: READY=1 within the timeout.
 Restart = Callable[[float], tuple[bool, str]]
@@ -80,9 +106,193 @@ Restart = Callable[[float], tuple[bool, str]]
 Probe = Callable[[str, bool, float], tuple[bool, str, str]]
 
 
+def sync_tree(path: Path) -> None:
+    """Flush every file under `path` to the medium: syncfs(2) of its file system (one call, where walking a venv
+    to fsync each of thousands of files would take long on an SD card); `os.sync` if syncfs is missing."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
 def prefix_from_env() -> Path:
     """The install prefix: ``$REKAM_PREFIX`` or ``/opt/rekam``."""
     return Path(os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX)
+
+
+# -- the trust anchor ----------------------------------------------------------------------------
+#
+# The updater runs as root and installs code: it must verify bundles with a key only root can have put there.
+# ``<state_dir>/control/fleet.pub`` is written by the daemon (User=rekam), so it is never the root anchor; the
+# anchor is `control.fleet_public_key` in the root-owned config, else the pin `rekam update pin-fleet-key` copied
+# (trust on first use) into the config folder.
+
+
+def pin_path(cfg: Any) -> Path:
+    """Where the root-owned fleet key pin lives: ``fleet.pub`` beside the config file (``/etc/rekam/fleet.pub``);
+    `DEFAULT_PIN` for a config that is no file."""
+    src = Path(str(getattr(cfg, "source", "")))
+    return src.resolve().parent / PIN_NAME if src.is_absolute() or src.is_file() else DEFAULT_PIN
+
+
+def _not_root_only(st: os.stat_result, kind: str) -> str:
+    """What makes `st` something a non-root user could change ('' when root alone can)."""
+    want = stat.S_ISDIR if kind == "directory" else stat.S_ISREG
+    if not want(st.st_mode):
+        return "is a symlink" if stat.S_ISLNK(st.st_mode) else f"is not a {kind}"
+    if st.st_uid != 0:
+        return f"is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
+
+
+def check_root_dir(path: Path) -> None:
+    """`Refused` (``untrusted_key``) unless directory `path` is root's alone (owned by uid 0, no group/other
+    write, not a symlink): nobody else can add, rename or swap a file in it."""
+    try:
+        problem = _not_root_only(os.lstat(path), "directory")
+    except OSError as e:
+        problem = f"cannot be checked ({e.strerror})"
+    if problem:
+        raise Refused("untrusted_key", f"{path} {problem}: a root trust anchor must be in a folder only root "
+                                       f"can write")
+
+
+def read_root_owned(path: Path, max_bytes: int = MAX_KEY_FILE_BYTES) -> bytes:
+    """The content of `path` if root alone could have written it: a regular file (not a symlink) owned by uid 0,
+    not group/other-writable, in a directory that passes `check_root_dir`; checked on the open descriptor.
+    `FileNotFoundError` if absent, `Refused` (``untrusted_key``) naming the path and the problem otherwise."""
+    check_root_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        why = "is a symlink" if e.errno == errno.ELOOP else f"cannot be opened ({e.strerror})"
+        raise Refused("untrusted_key", f"{path} {why}") from None
+    try:
+        st = os.fstat(fd)
+        problem = _not_root_only(st, "regular file") or (
+            f"is {st.st_size} bytes, more than {max_bytes}" if st.st_size > max_bytes else "")
+        if problem:
+            raise Refused("untrusted_key", f"{path} {problem}: a root trust anchor must be root's alone")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(max_bytes)
+    finally:
+        os.close(fd)
+
+
+def root_fleet_key(cfg: Any, pin: Path | None = None) -> tuple[Ed25519PublicKey, str]:
+    """The fleet key the root updater verifies bundles with, and where it came from: `control.fleet_public_key`
+    of the config (whose file must be root's alone) if set, else the root-owned pin (`pin_path`). Never the
+    daemon-writable ``control/fleet.pub``. `Refused` (``no_root_key`` / ``untrusted_key`` / ``bad_fleet_key``)."""
+    pin = pin or pin_path(cfg)
+    preset = str(cfg.control.fleet_public_key or "").strip()
+    if preset:
+        where = f"{cfg.source} control.fleet_public_key"
+        try:
+            read_root_owned(Path(str(cfg.source)), MAX_TRUSTED_CONFIG_BYTES)
+        except FileNotFoundError:
+            raise Refused("untrusted_key", f"{cfg.source}: the config holding control.fleet_public_key is "
+                                           f"no file") from None
+        text = preset
+    else:
+        where = str(pin)
+        try:
+            text = read_root_owned(pin).decode("ascii", "replace")
+        except FileNotFoundError:
+            raise Refused("no_root_key", f"no root-owned fleet key: {pin} does not exist and "
+                                         "control.fleet_public_key is not set; run `rekam update pin-fleet-key` "
+                                         "(as root, after the claim)") from None
+    try:
+        return cp.load_public_b64(text), where
+    except cp.ProtocolError as e:
+        raise Refused("bad_fleet_key", f"{where}: {e}") from None
+
+
+def _read_claimed_key(claimed: Path) -> Ed25519PublicKey:
+    """The key the claim stored in the daemon's folder, read as root without trusting the file: no symlink
+    followed (a link to /etc/shadow is refused), regular file only, size-capped."""
+    try:
+        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise Refused("not_claimed", f"{claimed} does not exist: the kit is not claimed yet") from None
+    except OSError as e:
+        raise Refused("bad_fleet_key", f"{claimed}: {'is a symlink' if e.errno == errno.ELOOP else e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
+            raise Refused("bad_fleet_key", f"{claimed} is not a small regular file")
+        os.set_blocking(fd, True)
+        data = os.read(fd, MAX_KEY_FILE_BYTES)
+    finally:
+        os.close(fd)
+    try:
+        return cp.load_public_b64(data.decode("ascii", "replace"))
+    except cp.ProtocolError as e:
+        raise Refused("bad_fleet_key", f"{claimed}: {e}") from None
+
+
+def pin_fleet_key(claimed: Path, pin: Path, replace: bool = False) -> dict[str, Any]:
+    """Copy the claimed fleet key (``control/fleet.pub``, daemon-written) to the root-owned `pin` (trust on first
+    use). A pin holding the same key: nothing to do (``unchanged``). A pin holding another key: `Refused`
+    (``fleet_key_changed``, both fingerprints logged) and the pin is kept, unless `replace` (a technician's
+    decision). Returns ``{"status": pinned|unchanged|replaced, "fingerprint", "pin"}``."""
+    offered = _read_claimed_key(claimed)
+    fp = cp.key_fingerprint(offered)
+    pin.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    check_root_dir(pin.parent)
+    old: Ed25519PublicKey | None = None
+    try:
+        old = cp.load_public_b64(read_root_owned(pin).decode("ascii", "replace"))
+    except FileNotFoundError:
+        pass
+    except (Refused, cp.ProtocolError) as e:
+        if not replace:
+            log.error("update fleet key pin unusable pin=%s problem=%s offered=%s; check it, then run "
+                      "`rekam update pin-fleet-key --replace`", pin, e, fp)
+            raise Refused("untrusted_pin", f"{pin}: {e}; check it, then `rekam update pin-fleet-key --replace`") \
+                from None
+    if old is not None and cp.public_raw(old) == cp.public_raw(offered):
+        log.info("update fleet key pin unchanged fingerprint=%s pin=%s", fp, pin)
+        return {"status": "unchanged", "fingerprint": fp, "pin": str(pin)}
+    if old is not None and not replace:
+        log.error("update fleet key pin refused: the claimed key differs from the pinned one pinned=%s "
+                  "claimed=%s pin=%s source=%s; updates stay verified with the pinned key; if the fleet key really "
+                  "changed, a technician runs `rekam update pin-fleet-key --replace`",
+                  cp.key_fingerprint(old), fp, pin, claimed)
+        raise Refused("fleet_key_changed", f"{claimed} holds key {fp}, {pin} pins {cp.key_fingerprint(old)}: "
+                                           "the pin is kept (`--replace` to replace it)")
+    atomic_write(pin, (cp.public_b64(offered) + "\n").encode())
+    os.chown(pin, 0, 0)
+    os.chmod(pin, 0o644)  # a public key: readable, root's alone to change
+    status = "pinned" if old is None else "replaced"
+    log.warning("update fleet key %s fingerprint=%s pin=%s previous=%s", status, fp, pin,
+                cp.key_fingerprint(old) if old is not None else "-")
+    return {"status": status, "fingerprint": fp, "pin": str(pin)}
+
+
+# -- the crash-loop rollback window -------------------------------------------------------------------
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _uptime() -> float:
+    """Seconds since boot (CLOCK_BOOTTIME, as /proc/uptime): wall-clock jumps (NTP after a boot without RTC)
+    do not move it."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def slot_env() -> dict[str, str]:
@@ -191,8 +401,10 @@ def uplink_up(st: dict[str, Any]) -> bool:
 class Updater:
     """Installs, switches, tries and rolls back releases under `prefix` (see module doc).
 
-    `fleet_key`: the pinned fleet key (`firmware.control.claim.ControlPaths.pinned_fleet_key`); `state_dir`:
-    the kit's state folder (journal schema); `python`: the interpreter new venvs are made from;
+    `fleet_key`: the key bundles must be signed with: as root, the root-owned anchor (`root_fleet_key`), never the
+    daemon-writable ``control/fleet.pub`` (the daemon's own pre-check, `firmware.control.update_fetch`, may use
+    that); None: every bundle is refused with `no_key` (code, why); `state_dir`: the kit's state folder
+    (journal schema); `python`: the interpreter new venvs are made from;
     `with_pip`: give each slot its own pip (production) or install with this interpreter's pip into it
     (``pip --python``, faster); `site_paths`: extra folders put on a slot's path by a ``.pth`` file (tests and
     development boxes whose dependencies are not in the system site packages).
@@ -210,6 +422,7 @@ class Updater:
     ready_timeout_s: float = READY_TIMEOUT_S
     selftest_timeout_s: float = SELFTEST_TIMEOUT_S
     running_version: str = __version__
+    no_key: tuple[str, str] = ("not_claimed", "no pinned fleet key: this kit cannot verify an update")
 
     def __post_init__(self) -> None:
         self.prefix = Path(self.prefix)
@@ -237,6 +450,26 @@ class Updater:
         st["last_result"] = {"version": version, "status": status, "code": code, "reason": reason[:500],
                              "at": int(time.time()), **extra}
         return st["last_result"]
+
+    def _arm_window(self) -> None:
+        """Let a crash loop roll back for `AUTO_ROLLBACK_WINDOW_S` from now, on this boot (the file is what
+        rekam-rollback.service's ExecCondition= reads too: the previous slot's code may predate the window)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.dir / WINDOW_FILE, f"{_boot_id()} {int(_uptime() + AUTO_ROLLBACK_WINDOW_S)}\n".encode(),
+                     verify=False)
+        os.chmod(self.dir / WINDOW_FILE, 0o644)
+
+    def _disarm_window(self) -> None:
+        (self.dir / WINDOW_FILE).unlink(missing_ok=True)
+
+    def window_open(self) -> bool:
+        """A crash loop may roll back now: within `AUTO_ROLLBACK_WINDOW_S` of the last trial start or promotion,
+        on the same boot."""
+        try:
+            boot, deadline = (self.dir / WINDOW_FILE).read_text().split()
+            return boot == _boot_id() and _uptime() < int(deadline)
+        except (OSError, ValueError):
+            return False
 
     @contextmanager
     def locked(self) -> Any:
@@ -338,16 +571,14 @@ class Updater:
         self.incoming.mkdir(parents=True, exist_ok=True, mode=0o700)  # root's own: nobody swaps the copy
         dest = self.incoming / f"{os.getpid()}-{time.monotonic_ns()}{ub.SUFFIX}"
         try:
-            with open_untrusted(root, rel, ub.MAX_BUNDLE_BYTES) as (fd, size), open(dest, "wb") as out:
-                left = size
-                while left > 0:
-                    chunk = os.read(fd, min(ub.CHUNK, left))
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    left -= len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+            with open_untrusted(root, rel, ub.MAX_BUNDLE_BYTES) as (fd, size):
+                # Checked before a byte is copied: the size bound (open_untrusted, on the descriptor) and room for
+                # the copy, the wheels extracted from it and the slot (a full SD would fail half-way instead).
+                free = space(self.incoming).free_bytes
+                if free < 2 * size + STAGE_MARGIN_BYTES:
+                    raise Refused("no_space", f"{rel}: {size} bytes; {free} bytes free under {self.incoming}, "
+                                              f"{2 * size + STAGE_MARGIN_BYTES} needed to install it")
+                self._copy(fd, size, dest)
         except UntrustedFile as e:
             dest.unlink(missing_ok=True)
             code = "too_large" if e.errno == errno.EFBIG else "unsafe_file"
@@ -355,12 +586,60 @@ class Updater:
         except OSError as e:
             dest.unlink(missing_ok=True)
             raise Refused("unreadable", f"{rel}: {e}") from None
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
         return dest
+
+    @staticmethod
+    def reject_source(path: Path, keep: int = MAX_REJECTED) -> str | None:
+        """Move a pending bundle that cannot even be staged (not a regular file, too large, unreadable) aside into
+        ``rejected/`` beside it, keeping the newest `keep`: left in place, rekam-update.path (PathExists=) would
+        start the updater for it again and again. The folder is the daemon's: walked by descriptors without
+        following a link it planted (renameat). Returns the new name, None if there was nothing to move."""
+        path = Path(path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            with suppress(FileExistsError):
+                os.mkdir("rejected", 0o700, dir_fd=dfd)
+                owner = os.fstat(dfd)
+                os.chown("rejected", owner.st_uid, owner.st_gid, dir_fd=dfd, follow_symlinks=False)
+            rfd = os.open("rejected", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                old = sorted(os.listdir(rfd))
+                for name in old[:max(0, len(old) - keep + 1)]:
+                    with suppress(OSError):  # unlink(2) removes a link itself, never what it points at
+                        os.unlink(name, dir_fd=rfd)
+                new = f"{time.time_ns()}-{path.name}"
+                try:
+                    os.rename(path.name, new, src_dir_fd=dfd, dst_dir_fd=rfd)
+                except FileNotFoundError:
+                    return None
+                os.fsync(dfd)  # the rename is durable: a power cut does not bring the loop back
+            finally:
+                os.close(rfd)
+        finally:
+            os.close(dfd)
+        log.warning("update pending bundle rejected file=%s moved_to=rejected/%s", path, new)
+        return f"rejected/{new}"
+
+    @staticmethod
+    def _copy(fd: int, size: int, dest: Path) -> None:
+        with open(dest, "wb") as out:
+            left = size
+            while left > 0:
+                chunk = os.read(fd, min(ub.CHUNK, left))
+                if not chunk:
+                    break
+                out.write(chunk)
+                left -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
 
     def verify(self, copy: Path) -> ub.Manifest:
         """Verify the signature and shape of a staged copy and apply the version rules; `Refused` if not."""
         if self.fleet_key is None:
-            raise Refused("not_claimed", "no pinned fleet key: this kit cannot verify an update")
+            raise Refused(*self.no_key)
         try:
             with open(copy, "rb") as f:
                 m = ub.open_manifest(f, os.fstat(f.fileno()).st_size, self.fleet_key)
@@ -410,6 +689,9 @@ class Updater:
             got = self._run([str(py), "-c", "import firmware; print(firmware.__version__)"], "the new slot").strip()
             if got != m.version or not (slot / "bin" / "rekamd").exists():
                 raise Refused("install_failed", f"the new slot runs version {got!r}, the bundle says {m.version}")
+            # slot.json says "complete": what pip and venv wrote must be on the medium before it (a power cut
+            # would otherwise leave a complete-looking slot with empty files).
+            sync_tree(slot)
             write_json(slot / "slot.json", {"version": m.version, "manifest": m.body, "installed_at": int(time.time())})
             fsync_dir(slot)
         except BaseException:
@@ -456,19 +738,31 @@ class Updater:
             st.update(state="trial", installing=None,
                       trial={"version": m.version, "from": frm, "from_version": self.slot_version(frm) or
                              self.running_version, "to": target, "since": int(time.time()),
-                             "need_uplink": need_uplink})
-            self._save(st)  # before the switch: a power cut after it finds the trial and rolls it back
+                             "need_uplink": need_uplink, "previous_before": self._link("previous")})
+            # Saved before the switch: a power cut after it finds the trial and rolls it back; one before the
+            # switch completed finds current != trial.to and undoes the half switch (`_unswitched`).
+            self._save(st)
+            self._arm_window()
             self.switch(target)
             ok, why = self.restart(self.ready_timeout_s)
             if not ok:
                 return self._rollback_locked("not_ready", why)
-            ok, code, why = self.probe(m.version, need_uplink, self.selftest_timeout_s)
+            # The uplink is no health criterion: a field kit often has none, and losing it during the trial says
+            # nothing about the new version. Whether it came back is reported, not required.
+            ok, code, why = self.probe(m.version, False, self.selftest_timeout_s)
             if not ok:
                 return self._rollback_locked(code, why)
+            uplink_back = self.probe(m.version, True, min(UPLINK_GRACE_S, self.selftest_timeout_s))[0] \
+                if need_uplink else None
             st = self.state()
             st.update(state="idle", trial=None)
-            res = self._result(st, m.version, "promoted", "ok", "", previous=frm, uplink_checked=need_uplink)
+            res = self._result(st, m.version, "promoted", "ok", "", previous=frm, uplink_checked=need_uplink,
+                               uplink_back=uplink_back)
             self._save(st)
+            self._arm_window()  # the crash-loop rollback stays possible for a while after the promotion, no longer
+            if uplink_back is False:
+                log.warning("update promoted without the uplink back version=%s (it was up before the update)",
+                            m.version)
             log.info("update promoted version=%s previous=%s", m.version, frm)
             self._prune()
             return res
@@ -479,21 +773,45 @@ class Updater:
         if auto and self.updater_alive():
             return {"status": "skipped", "code": "updater_running", "reason": "the running update handles it"}
         with self.locked():
+            st = self.state()
+            if auto and st["state"] not in ("trial", "rolling_back") and not self.window_open():
+                # Not the open trial nor right after a promotion: the version ran fine for long, so this crash
+                # loop has another cause (hardware, the SD, the config); rolling back would not fix it and would
+                # mark a good version failed.
+                log.error("update crash loop outside the rollback window: not rolled back version=%s current=%s "
+                          "window_s=%d", self.current_version(), self._link("current"), AUTO_ROLLBACK_WINDOW_S)
+                return {"status": "skipped", "code": "outside_window",
+                        "reason": f"{self.current_version()} was promoted more than {AUTO_ROLLBACK_WINDOW_S} s "
+                                  "ago (or before this boot): a crash loop now is not the update's"}
             return self._rollback_locked(code, reason)
 
     def _rollback_locked(self, code: str, reason: str, restart: bool = True) -> dict[str, Any]:
         st = self.state()
         trial = st.get("trial") or {}
-        target = trial.get("from") or self._link("previous")
-        bad = self._link("current")
-        bad_version = trial.get("version") or self.slot_version(bad)
-        if not target or target == bad or not (self.prefix / target / "bin").is_dir():
-            raise Refused("no_previous", "there is no previous version to go back to")
+        if st["state"] == "trial" and trial.get("to") and self._link("current") != trial["to"]:
+            return self._unswitched(st, trial)  # the switch never completed: nothing to roll back
+        if st["state"] == "rolling_back":  # a rollback a power cut interrupted: finish that one
+            rb = st.get("rolling_back") or {}
+            target, bad_version = rb.get("target"), rb.get("version", "")
+            code, reason = rb.get("code", code), rb.get("reason", reason)
+            if not target or not (self.prefix / str(target) / "bin").is_dir():
+                return self._give_up(st, bad_version, "the interrupted rollback's target is gone")
+        else:
+            target = trial.get("from") or self._link("previous")
+            bad = self._link("current")
+            bad_version = trial.get("version") or self.slot_version(bad)
+            if not target or target == bad or not (self.prefix / target / "bin").is_dir():
+                raise Refused("no_previous", "there is no previous version to go back to")
+            # Saved first: a power cut between the two link changes below finds this and finishes the rollback.
+            st.update(state="rolling_back", rolling_back={"target": target, "version": bad_version, "code": code,
+                                                          "reason": reason[:500]})
+            self._save(st)
         self._set_link("current", target)
         self._set_link("previous", None)  # the bad slot is not a way back (a crash loop must not flip to it)
+        self._disarm_window()
         if bad_version and bad_version not in st["failed_versions"]:
             st["failed_versions"] = (st["failed_versions"] + [bad_version])[-20:]
-        st.update(state="idle", trial=None, installing=None)
+        st.update(state="idle", trial=None, installing=None, rolling_back=None)
         res = self._result(st, bad_version, "rolled_back", code, reason, restored=target,
                            restored_version=self.slot_version(target))
         self._save(st)
@@ -503,6 +821,26 @@ class Updater:
             res["restarted"] = ok
             if not ok:
                 log.error("update rollback: the restored version did not start either reason=%s", why)
+        return res
+
+    def _unswitched(self, st: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
+        """A trial recorded but ``current`` never reached its slot (a power cut before or inside `switch`): the
+        kit still runs what it ran. Put ``previous`` back as it was and end the attempt as interrupted (not failed:
+        the version never ran, it may be tried again)."""
+        # A trial saved by an older updater has no "previous_before": then only a previous that is current
+        # itself (half a switch) is dropped.
+        cur = self._link("current")
+        before = trial["previous_before"] if "previous_before" in trial else (
+            None if self._link("previous") == cur else self._link("previous"))
+        if self._link("previous") != before:
+            self._set_link("previous", before)
+        self._disarm_window()
+        v = str(trial.get("version", ""))
+        st.update(state="idle", trial=None, installing=None)
+        res = self._result(st, v, "interrupted", "interrupted_switch",
+                           "the switch to the new version was interrupted; the kit stayed on its version")
+        self._save(st)
+        log.warning("update recovered from an interrupted switch version=%s current=%s", v, self._link("current"))
         return res
 
     def recover(self, restart: bool = False) -> dict[str, Any] | None:
@@ -536,10 +874,26 @@ class Updater:
             self._save(st)
             log.warning("update recovered from an interrupted install version=%s", v)
             return res
+        if st["state"] == "rolling_back":
+            return self._rollback_locked("interrupted_rollback", "", restart=restart)
         if st["state"] == "trial":
-            return self._rollback_locked("interrupted_trial", "the trial was interrupted (power cut or the updater "
-                                         "died) before the version was confirmed", restart=restart)
+            try:
+                return self._rollback_locked("interrupted_trial", "the trial was interrupted (power cut or the "
+                                             "updater died) before the version was confirmed", restart=restart)
+            except Refused as e:  # no way back (its slot is gone): keep what runs rather than stay stuck in "trial"
+                return self._give_up(st, str((st.get("trial") or {}).get("version", "")), str(e))
         return None
+
+    def _give_up(self, st: dict[str, Any], version: str, why: str) -> dict[str, Any]:
+        """End an interrupted trial or rollback that cannot be finished: the kit keeps what ``current`` runs and
+        the updater is usable again (never wedged in a state no command leaves)."""
+        st.update(state="idle", trial=None, installing=None, rolling_back=None)
+        res = self._result(st, version, "interrupted", "no_previous", why)
+        self._save(st)
+        self._disarm_window()
+        log.error("update could not finish an interrupted update version=%s current=%s reason=%s", version,
+                  self._link("current"), why)
+        return res
 
     def _prune(self) -> None:
         keep = {self._link("current"), self._link("previous")}
@@ -579,7 +933,10 @@ class Updater:
         failed = set(self.state()["failed_versions"])
         with self.locked():
             self._recover_locked(restart=False)
-            for rel in self.stick_bundles(mount):
+            bundles = self.stick_bundles(mount)
+            if bundles and self.fleet_key is None:  # said as it is, not hidden in a "no bundle" for every file
+                raise Refused(*self.no_key)
+            for rel in bundles:
                 copy = None
                 try:
                     copy = self.stage_untrusted(mount, rel)

@@ -8,6 +8,11 @@ SHA-256 named by the command, then verifies the bundle's own fleet signature and
 (its unit makes /opt read-only): ``rekam-update.path`` sees the pending file and starts ``rekam-update.service``
 (root), which runs ``rekam update apply --remove-source`` on it. The outcome reaches the fleet in telemetry
 (``update``, from ``/opt/rekam/update/state.json``).
+
+This runs in the daemon (User=rekam), so its verification is a pre-check only, with the key the daemon itself keeps
+(``control/fleet.pub``): it saves downloading-then-refusing round trips, it protects nothing. The root updater
+verifies its own copy again with the root-owned anchor (`firmware.control.update.root_fleet_key`), never with this
+daemon-writable file, so a daemon that wrote its own key there cannot get root to install its bundle.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ def fetch_update(cfg: config.Config, paths: ControlPaths, args: dict[str, Any]) 
         digest = _download(url, size, tmp, paths.ca, lambda: spare_bytes(cfg.store, folder))
         if digest != sha:
             raise Refused("hash_mismatch", "the downloaded bundle's SHA-256 differs from the signed command's")
+        # The daemon's pre-check (see module doc): root verifies again with the root-owned key.
         up = Updater(prefix_from_env(), cfg.state_dir, paths.pinned_fleet_key(), restart=lambda _t: (False, ""),
                      probe=lambda _v, _u, _t: (False, "", ""))
         m = up.verify(tmp)

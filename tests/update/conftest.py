@@ -162,6 +162,10 @@ class Kit:
         self.state_dir = root / "sd"
         (self.state_dir / "control").mkdir(parents=True)
         (self.state_dir / "control" / "fleet.pub").write_text(cp.public_b64(key))
+        # The root-owned pin beside the config (`firmware.control.update.pin_path`): what `rekam update apply`
+        # verifies with (rekam-fleet-pin.service makes it on a kit; the daemon's control/fleet.pub never counts).
+        self.pin = self.cfg.parent / "fleet.pub"
+        self.pin.write_text(cp.public_b64(key) + "\n")
         self._factory_slot()
         self.sup = Supervisor(self.prefix, self.cfg, root / "rekamd.log")
 
