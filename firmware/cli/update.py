@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=_("make slots without pip and install with this interpreter's pip (faster)"))
         p.add_argument("--json", action="store_true")
         p.add_argument("--fleet-pin", default=None,
-                       help="root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)")
+                       help=_("root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)"))
         return p
 
     common(g.add_parser("status", help=_("installed versions, trial, last result"))).set_defaults(func=cmd_status)
@@ -70,11 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rollback)
     common(g.add_parser("recover", help=_("boot check: drop an interrupted install, roll back an unwatched trial"))
            ).set_defaults(func=cmd_recover)
-    p = g.add_parser("pin-fleet-key", help="as root: pin the claimed fleet key for the updater (trust on first use)")
+    p = g.add_parser("pin-fleet-key", help=_("as root: pin the claimed fleet key for the updater (trust on first use)"))
     p.add_argument("--replace", action="store_true",
-                   help="replace a pin holding another key (a technician who checked the new key's fingerprint)")
+                   help=_("replace a pin holding another key (a technician who checked the new key's fingerprint)"))
     p.add_argument("--fleet-pin", default=None,
-                   help="root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)")
+                   help=_("root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pin_fleet_key)
 
