@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 # block, not per record); a clean close writes back the last number really used, so only an unclean
 # stop skips (never reuses) the rest of a block.
 SEQ_BLOCK = 32
+RESERVE_AHEAD = 8  # begin() reserves the next block when at most this many reserved numbers are left
 META_HWM = "seq_high_water"  # every number <= this may have been used on some medium
 META_CLEAN = "clean_shutdown"  # "1": the last owner closed cleanly, nothing to reconcile
 PREPARED_KEYS_MAX = 4  # key sets prepared ahead (one per enrollment begun; cancelled ones leave theirs)
@@ -357,6 +358,8 @@ class Store:
         except (OSError, UnicodeDecodeError) as e:
             log.warning("sequence floor file unreadable path=%s error=%s", p, e)
             return 0, "unreadable"
+        if not raw:
+            return 0, "missing"  # just created (`_open_floor`), never written
         if len(raw) == 2 and raw[0].isdigit() and len(raw[0]) <= 20 and raw[1] == _floor_check(int(raw[0])):
             return int(raw[0]), ""
         log.warning("sequence floor file damaged path=%s", p)
@@ -408,22 +411,22 @@ class Store:
         The journal is the index, but the record files are the truth: a lost or rebuilt journal (or a lost WAL)
         would start numbering again at a number records/ already holds. Returns whether the journal may not
         know every record on the media (a reconcile is then owed, also after a clean stop)."""
-        self._open_floor()
         mark, problem = self._read_floor()
+        self._open_floor()
         why = self._journal_suspect or ("behind" if mark > self._seq else "")
         if not why and not problem:
-            self._note_floor()
+            self._note_floor(mark)
             return False  # a clean start: nothing but the floor file read
         sd = self._sd_names_max()
         if not why:  # no usable floor file (the first start of this version, or a damaged one): the names decide
             why = "behind" if sd > self._seq else ""
             if not why:
-                self._note_floor()
+                self._note_floor(None)
                 return False
         stick = self._stick_names_max(max(self._seq, sd, mark) + STICK_SEQ_AHEAD_MAX)
         floor = max(sd, stick, mark)
         if why == "new" and floor == 0:
-            self._note_floor()
+            self._note_floor(None)
             return False  # a new kit: no medium holds any record of it
         log.error("journal does not know every record on the media reason=%s journal_seq=%d sd_highest=%d "
                   "stick_highest=%d; numbering continues above %d, reconcile owed", why, self._seq, sd, stick,
@@ -435,16 +438,16 @@ class Store:
                 self._hwm = floor
             except Exception as e:  # the next commit reserves a block above `floor` before using any number
                 log.error("cannot write the sequence floor to the journal error=%s", e)
-        self._note_floor()
+        self._note_floor(None)
         kind, detail = self._after_open_audit or ("journal_behind", {})
         self._after_open_audit = None
         self._audit_quietly(kind, reason=why, sd_highest=sd, stick_highest=stick, floor=mark, **detail)
         return True
 
-    def _note_floor(self) -> None:
-        """Bring the floor file up to the journal's mark (open)."""
+    def _note_floor(self, good: int | None) -> None:
+        """Bring the floor file to the journal's mark (open); `good`: the valid number it holds, if any."""
         mark = max(self._hwm, self._seq)
-        if self._read_floor() != (mark, ""):
+        if good != mark:
             if self._floor_fd is not None:
                 try:
                     os.ftruncate(self._floor_fd, 0)  # whatever was there (a damaged line) goes
@@ -612,7 +615,22 @@ class Store:
             reservation = self.guard.reserve(self.media())
             if len(self._prepared) < PREPARED_KEYS_MAX:
                 self._prepared.append(record_format.prepare_keys(self.recipients))
-            return reservation
+        self._reserve_ahead()
+        return reservation
+
+    def _reserve_ahead(self) -> None:
+        """Reserve the next block of numbers now, at the enrollment's start, when few are left: the durable
+        reservation (floor file and journal, two syncs) then stays off the commit's serial path. Best effort: a
+        commit that finds no number reserved reserves its own, and fails its record if it cannot."""
+        if not self._writable or self._hwm - self._seq > RESERVE_AHEAD:
+            return
+        with self._lock:
+            if self.journal is None or not self._writable or self._hwm - self._seq > RESERVE_AHEAD:
+                return
+            try:
+                self._reserve_numbers(self._seq + 1)
+            except StoreError:
+                pass  # logged; the commit tries again
 
     def release(self, reservation: Reservation) -> None:
         """End an enrollment that will not be committed (cancelled)."""

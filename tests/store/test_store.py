@@ -324,3 +324,20 @@ def test_a_planted_stick_name_with_a_huge_number_does_not_fence_the_numbering(ki
         assert s.commit(payload(1000)).seq == first.seq + 2
     finally:
         s.close()
+
+
+def test_begin_reserves_the_next_numbers_so_the_commit_does_not(store: Store) -> None:
+    """With few reserved numbers left, begin() (the enrollment's start) reserves the next block durably in the
+    journal and the floor file; the commit that follows then writes no reservation of its own."""
+    for _ in range(24):
+        store.commit(payload(500))
+    assert (store._seq, store._hwm) == (24, 32)
+    r = store.begin()
+    hwm = int(store.j.get_meta("seq_high_water") or 0)
+    assert hwm == store._hwm == 24 + 32
+    assert (store.state_dir / "seq.floor").read_text().split()[0] == f"{hwm:020d}"
+    store.commit(payload(500), r)
+    assert int(store.j.get_meta("seq_high_water") or 0) == hwm  # no reservation inside the commit
+    r = store.begin()  # plenty left: nothing written
+    assert store._hwm == hwm
+    store.release(r)
