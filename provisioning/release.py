@@ -21,11 +21,14 @@ import http.server
 import json
 import logging
 import os
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,14 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0  # each wait of the handshake and of each read of the request head (a few hundred bytes)
 SEND_TIMEOUT_S = 30.0  # each write of the download (64 KiB pieces): the kit's own per-read timeout, not stricter
 MAX_CONNECTIONS = 64  # at once; beyond, a connection is closed at once (threads and file handles stay bounded)
+# A client that trickles (one byte of the head every few seconds, or reads the download a byte at a time) passes
+# every per-wait timeout and would hold a slot for hours: 64 of them starve every kit. So the handshake and head
+# together get a deadline, and the download a floor on its average rate after a grace: 4 KiB/s, a quarter of
+# the rate below which the kit gives up by itself (its deadline above). Tricklers must then really download.
+HEAD_DEADLINE_S = 30.0
+MIN_RATE_BPS = 4096
+RATE_GRACE_S = 60.0
+COPY_CHUNK = 64 * 1024
 
 
 #: ``--target pi``: 64-bit Raspberry Pi OS (Debian 12, glibc 2.36), CPython 3.11: the kit's base image.
@@ -200,10 +211,29 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def parse_request(self) -> bool:
         ok = super().parse_request()
         if ok:
+            self.server.head_done()
             # The head is in (HTTP/1.0: one request per connection); from here the socket only sends, and a slow
             # uplink may stall for as long as the kit itself waits.
             self.connection.settimeout(self.server.send_timeout)
         return ok
+
+    def copyfile(self, source: Any, outputfile: Any) -> None:
+        """The download, cut when its average rate stays under the server's floor past the grace (a trickler)."""
+        srv = self.server
+        t0 = time.monotonic()
+        sent = 0
+        while chunk := source.read(COPY_CHUNK):
+            outputfile.write(chunk)
+            sent += len(chunk)
+            elapsed = time.monotonic() - t0
+            if elapsed > srv.rate_grace and sent < srv.min_rate * elapsed:
+                log.warning("release serve client too slow, dropped client=%s sent_bytes=%d elapsed_s=%.1f "
+                            "min_rate_bps=%d", self.address_string(), sent, elapsed, srv.min_rate)
+                try:  # reset, not close: what the kernel still buffers for it goes at once, not at its pace
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                raise TimeoutError(f"download below {srv.min_rate} B/s after {srv.rate_grace:.0f} s")
 
     def list_directory(self, path: Any) -> None:  # type: ignore[override]
         self.send_error(404)
@@ -220,10 +250,15 @@ class _ReleaseServer(http.server.ThreadingHTTPServer):
     `timeout` on every wait of the handshake and of the request head, `send_timeout` on every write after it."""
 
     def __init__(self, address: tuple[str, int], handler: Any, tls: ssl.SSLContext, timeout: float,
-                 send_timeout: float, max_connections: int) -> None:
+                 send_timeout: float, max_connections: int, head_deadline: float = HEAD_DEADLINE_S,
+                 min_rate: float = MIN_RATE_BPS, rate_grace: float = RATE_GRACE_S) -> None:
         self.tls = tls
         self.request_timeout = timeout  # not `timeout`: BaseServer's, the poll of handle_request()
         self.send_timeout = send_timeout
+        self.head_deadline = head_deadline
+        self.min_rate = min_rate
+        self.rate_grace = rate_grace
+        self._local = threading.local()  # this connection's head deadline (one handler thread per connection)
         self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler)
@@ -255,29 +290,79 @@ class _ReleaseServer(http.server.ThreadingHTTPServer):
         request.settimeout(self.request_timeout)  # the TLS socket inherits it
         conn: ssl.SSLSocket | None = None
         stage = "tls"
+        cut = _HeadDeadline(request, client_address[0], self.head_deadline)
+        self._local.deadline = cut
         try:
             conn = self.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+            cut.watch(conn)  # the wrap took over the raw socket's descriptor
             conn.do_handshake()
             stage = "http"
             self.RequestHandlerClass(conn, client_address, self)
         except OSError as e:  # ssl.SSLError, TimeoutError, ConnectionError: the client's doing, not a bug
             log.info("release serve connection dropped client=%s stage=%s error=%r", client_address[0], stage, e)
         finally:
+            cut.cancel()
             if conn is not None:
                 self.shutdown_request(conn)
+
+    def head_done(self) -> None:
+        """The request head is in (on the handler's thread): its deadline no longer applies."""
+        d = getattr(self._local, "deadline", None)
+        if d is not None:
+            d.cancel()
+
+
+class _HeadDeadline:
+    """Shut a connection down if its TLS handshake and request head are not complete by `after` seconds: each
+    wait has its own timeout, but a byte every few seconds passes them all."""
+
+    def __init__(self, sock: socket.socket, client: str, after: float) -> None:
+        self._sock, self._client, self._after = sock, client, after
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(after, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        """The socket that now owns the connection's descriptor (the TLS one, once wrapped)."""
+        with self._lock:
+            self._sock = sock
+
+    def cancel(self) -> None:
+        with self._lock:  # (waits for a running _fire: the descriptor is not closed under it)
+            self._done = True
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            log.warning("release serve request head not complete in time, dropped client=%s deadline_s=%.0f",
+                        self._client, self._after)
+            try:
+                # The plain socket's shutdown, on the descriptor: the TLS object's own would touch its state
+                # under the handler thread's blocked read, which now returns and ends the request.
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
 
 
 def make_server(folder: Path, cert: Path, key: Path, host: str = "0.0.0.0", port: int = 8443, *,
                 timeout: float = REQUEST_TIMEOUT_S, send_timeout: float = SEND_TIMEOUT_S,
-                max_connections: int = MAX_CONNECTIONS) -> http.server.ThreadingHTTPServer:
+                max_connections: int = MAX_CONNECTIONS, head_deadline: float = HEAD_DEADLINE_S,
+                min_rate: float = MIN_RATE_BPS, rate_grace: float = RATE_GRACE_S) -> http.server.ThreadingHTTPServer:
     """The HTTPS server of `folder` (not started: ``serve_forever()``, or a thread). `timeout` bounds each wait of
     the TLS handshake and of the request head, `send_timeout` each write of the download, `max_connections` the
-    connections (and threads) at once; see `REQUEST_TIMEOUT_S`."""
+    connections (and threads) at once, `head_deadline` the handshake and head together, `min_rate` (bytes/s)
+    the download's average after `rate_grace` seconds; see `REQUEST_TIMEOUT_S` and `HEAD_DEADLINE_S`."""
     handler = lambda *a, **kw: _Handler(*a, directory=str(folder), **kw)  # noqa: E731
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    return _ReleaseServer((host, port), handler, ctx, timeout, send_timeout, max_connections)
+    return _ReleaseServer((host, port), handler, ctx, timeout, send_timeout, max_connections, head_deadline,
+                          min_rate, rate_grace)
 
 
 def push(data: Path, kits: list[str] | None, bundle: Path, url_base: str, ttl: int = 3600,

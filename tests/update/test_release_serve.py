@@ -137,3 +137,59 @@ def test_connections_beyond_the_cap_are_closed_at_once(ca: CaPaths, start: Calla
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+@pytest.mark.timeout(15)
+def test_a_trickled_request_head_is_dropped_at_its_deadline(ca: CaPaths, start: Callable[..., int]) -> None:
+    """One byte every 0.2 s passes every per-read timeout (0.5 s) but not the head's own deadline (1 s)."""
+    port = start(timeout=0.5, head_deadline=1.0)
+    with _raw(port) as raw, _client_ctx(ca).wrap_socket(raw, server_hostname="localhost") as tls:
+        t0 = time.monotonic()
+        closed = False
+        tls.settimeout(0.2)  # the wait between two bytes is a read: the server's close shows at once
+        for b in b"GET /" + BUNDLE.encode() + b" HTTP/1.0\r\nX-Pad: " + b"a" * 40:
+            try:
+                tls.sendall(bytes([b]))
+                closed = tls.recv(100) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed and 0.8 < time.monotonic() - t0 < 3.0
+    assert _request(ca, port, "GET", "/" + BUNDLE)[0] == 200  # the slot came back
+
+
+@pytest.mark.timeout(30)
+def test_a_download_read_too_slowly_is_dropped(ca: CaPaths, start: Callable[..., int], served: Path) -> None:
+    """A client that reads the download far under the rate floor (after the grace) loses the connection; a
+    normal download of the same file at the same time goes through."""
+    big = "rekam-0.4.0.rkup"
+    with open(served / big, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: read fast, far more than the socket buffers hold
+    port = start(min_rate=8 * 1024 * 1024, rate_grace=0.5, send_timeout=20, max_connections=1)
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", port))
+    with _client_ctx(ca).wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"GET /{big} HTTP/1.0\r\n\r\n".encode())
+        t0 = time.monotonic()
+        got, ended = 0, False
+        while time.monotonic() - t0 < 20:
+            try:
+                chunk = tls.recv(1024)
+            except OSError:
+                ended = True
+                break
+            if not chunk:
+                ended = True
+                break
+            got += len(chunk)
+            time.sleep(0.01)  # ~100 KiB/s at most: far under 8 MiB/s
+        assert ended and got < 64 * 1024 * 1024, got
+        assert time.monotonic() - t0 < 5  # cut soon after the grace (reset: not after draining the buffers)
+    # Its one slot is free again: a normal download of the same file goes through.
+    status, _h, body = _request(ca, port, "GET", "/" + big, timeout=10)
+    assert status == 200 and len(body) == 64 * 1024 * 1024
