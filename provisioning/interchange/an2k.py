@@ -10,6 +10,7 @@ Type-2 fields (user-defined; docs/interchange.md has the full table):
 
     2.003 record id     2.004 NIK          2.005 kit id          2.006 operator id     2.007 site
     2.008 capture time (YYYYMMDDHHMMSSZ)   2.009 clock synchronised (Y/N)              2.010 started
+    (2.006, 2.007, 2.010 and 2.014 are absent when the record has no value: AN2K has no empty field)
     2.011 finger quality, one subfield per captured finger: FGP, score 0-100, attempts, forced (Y/N)
     2.012 finger exceptions, one subfield per exception: FGP, reason
     2.013 face: score 0-100 or empty, attempts, forced (Y/N), exception reason or empty
@@ -26,12 +27,23 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import struct
 
 from firmware.errors import ExportError
 from provisioning.clock_corrections import format_offset
 from provisioning.interchange.enrollment import Enrollment, Finger, Iris
 
 VERSION = "0502"
+#: 1.013 DOM: the Type-2 fields are rekam's own (table above), not the default domain (NORAM, the FBI's EBTS);
+#: the version names this layout of 2.003-2.018 (raise it when a field changes meaning, not when one is added).
+DOMAIN_NAME, DOMAIN_VERSION = "REKAM", "1"
+#: 10.013 SAP, Table 19 of ANSI/NIST-ITL 1-2011: 13 "ISO Full Frontal facial image (ISO/IEC 19794-5)", the
+#: profile the kit's portrait is cut to (ICAO geometry, frontal pose) and what the FAC's face image type 1 says.
+SAP_ISO_FULL_FRONTAL = "13"
+#: 8.005 ISR: 0 = the minimum scanning resolution (19.69 ppmm). 1 would mean 1.011 NSR, which is the finger
+#: sensor's resolution (or 00.00 when no finger was captured), not the pad's; the pad's real resolution is unknown
+#: (the console's canvas pixels) and Type-8 has no code for "unknown".
+SIGNATURE_ISR = 0
 #: Quality algorithm of 14.024 (FQM): rekam's NFIQ 2 estimate has no IBIA-registered vendor/product id.
 QUALITY_VENDOR, QUALITY_PRODUCT = "0000", "1"
 
@@ -54,14 +66,34 @@ def _score(s: float | None) -> str:
     return "" if s is None else str(round(s))
 
 
+def _wsq_ppi(data: bytes, ppi: int | None) -> bytes:
+    """`data` (the `wsq` encoder's output) with its NISTCOM comment's PPI set to `ppi` (-1: unknown, NBIS's
+    convention). The encoder always writes "PPI 500"; the comment segment (FFA8) is not part of the coded
+    image, so only its text and length change."""
+    want = b"PPI %d" % (ppi if ppi is not None else -1)
+    pos = 2  # after SOI (FFA0)
+    while pos + 4 <= len(data) and data[pos] == 0xFF and 0xA3 <= data[pos + 1] <= 0xA8:
+        (n,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        body = data[pos + 4:pos + 2 + n]
+        if data[pos + 1] == 0xA8 and body.startswith(b"NIST_COM"):
+            lines = body.split(b"\n")
+            if b"PPI 500" not in lines:
+                break
+            body = b"\n".join(want if line == b"PPI 500" else line for line in lines)
+            return data[:pos + 2] + struct.pack(">H", len(body) + 2) + body + data[pos + 2 + n:]
+        pos += 2 + n
+    raise ExportError("an2k_failed", "the WSQ encoder wrote no NISTCOM PPI 500 to correct")
+
+
 def wsq_encode(f: Finger) -> bytes:
-    """The finger's pixels as WSQ (NBIS, 0.75 bpp; 8-bit gray)."""
+    """The finger's pixels as WSQ (NBIS, 0.75 bpp; 8-bit gray), its NISTCOM PPI the finger's real resolution."""
     import wsq  # noqa: F401  (registers the WSQ plugin with Pillow)
     from PIL import Image
 
     buf = io.BytesIO()
     Image.frombytes("L", (f.width, f.height), f.pixels).save(buf, "WSQ")
-    return buf.getvalue()
+    data = buf.getvalue()
+    return data if f.ppi == 500 else _wsq_ppi(data, f.ppi)
 
 
 def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
@@ -90,6 +122,8 @@ def _type2(e: Enrollment):  # -> nistitl.AsciiRecord
     if exceptions:
         values[12] = exceptions
     for tag, v in sorted(values.items()):
+        if v == "":  # a field without a value is not allowed in AN2K: an unknown value is an absent field
+            continue
         r += nistitl.Field(2, tag, v)
     return r
 
@@ -128,6 +162,7 @@ def _type10(e: Enrollment, idc: int, agency: str):
     r.SLC, r.THPS, r.TVPS = "0", "1", "1"  # no scale: square pixels
     r.CGA = "JPEGB"
     r.CSP = "GRAY" if e.face.gray else "YCC"  # a colour JPEG (JFIF) is YCbCr
+    r.SAP = SAP_ISO_FULL_FRONTAL  # mandatory for IMT FACE
     r.POS = "F"
     r.DATA = e.face.jpeg  # the kit's own JPEG, unchanged
     return r
@@ -161,13 +196,13 @@ def _type17(i: Iris, idc: int, e: Enrollment, agency: str):
 
 
 def _type8(e: Enrollment, idc: int):
-    """The signature: SIG 0 (the subject's), SRT 0 (scanned, uncompressed), ISR 1 (native pad resolution)."""
+    """The signature: SIG 0 (the subject's), SRT 0 (scanned, uncompressed), ISR 0 (see `SIGNATURE_ISR`)."""
     import nistitl
 
     s = e.signature
     r = nistitl.BinaryRecord(8)
     r.IDC = idc
-    r.pack("!BBBHH", 0, 0, 1, s.width, s.height, s.pixels)
+    r.pack("!BBBHH", 0, 0, SIGNATURE_ISR, s.width, s.height, s.pixels)
     return r
 
 
@@ -189,6 +224,7 @@ def build(e: Enrollment, agency: str, tot: str = "ENR", uncompressed: bool = Fal
     ppmm = f"{ppi / 25.4:05.2f}" if ppi else "00.00"  # 1.011/1.012: native and nominal resolution, ppmm
     t1.NSR = ppmm
     t1.NTR = ppmm
+    t1 += nistitl.Field(1, 13, [[DOMAIN_NAME, DOMAIN_VERSION]], alias="DOM")
     t1.GMT = _ts(e.captured)
     msg += _type2(e)
     idc = 1

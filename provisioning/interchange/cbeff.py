@@ -62,16 +62,26 @@ def finger_fir(f: Finger, e: Enrollment) -> bytes:
 
 
 def face_fac(e: Enrollment) -> bytes:
-    """The ISO/IEC 19794-5:2011 record of the face (decoded from the kit's JPEG, re-encoded losslessly)."""
+    """The ISO/IEC 19794-5:2011 record of the face (decoded from the kit's JPEG, re-encoded losslessly).
+
+    Always 24-bit RGB (colour space 1): a grey JPEG is stored as RGB with R = G = B. The standard's code for
+    8-bit greyscale (3, Table 21) is what such an image would otherwise declare, but MOSIP's validator (bio-utils
+    `FaceISOStandardsValidator.isValidImageColourSpace`) accepts only 1, and an RGB image with equal channels
+    loses nothing."""
     from PIL import Image
 
-    mode = "L" if e.face.gray else "RGB"
-    im = Image.open(io.BytesIO(e.face.jpeg)).convert(mode)
+    im = Image.open(io.BytesIO(e.face.jpeg)).convert("RGB")
     score = iso.Quality(round(e.face.score)) if e.face.score is not None else iso.Quality(255)
     return iso.write_fac([iso.FaceImage(
-        width=im.width, height=im.height, data=jp2_lossless(mode, im.size, im.tobytes()),
-        data_type=iso.FAC_JP2_LOSSLESS, colour_space=3 if e.face.gray else 1, capture=e.captured,
-        quality=(score,))])
+        width=im.width, height=im.height, data=jp2_lossless("RGB", im.size, im.tobytes()),
+        data_type=iso.FAC_JP2_LOSSLESS, colour_space=iso.FAC_RGB24, capture=e.captured, quality=(score,))])
+
+
+def iris_image_type(i: Iris) -> int:
+    """ISO/IEC 19794-6:2011 image type of the kit's frame: 2 (VGA) for a 640x480 frame, else 1 (uncropped).
+    Never 3/7 (cropped, cropped and masked): the kit sends its whole camera frame, not a crop around the iris;
+    all 2011 types are rectilinear (the 2005 edition's polar images are gone)."""
+    return iso.IIR_VGA if (i.width, i.height) == (640, 480) else iso.IIR_UNCROPPED
 
 
 def iris_iir(i: Iris, e: Enrollment) -> bytes:
@@ -81,8 +91,8 @@ def iris_iir(i: Iris, e: Enrollment) -> bytes:
     diameter = (i.diameter, i.diameter) if i.diameter else (0, 0)
     return iso.write_iir([iso.IrisImage(
         eye=iso.EYE_LEFT if i.eye == "left" else iso.EYE_RIGHT, width=i.width, height=i.height,
-        data=jp2_lossless("L", (i.width, i.height), i.pixels), capture=e.captured, quality=(score,),
-        centre=centre, diameter=diameter)])
+        data=jp2_lossless("L", (i.width, i.height), i.pixels), image_type=iris_image_type(i), capture=e.captured,
+        quality=(score,), centre=centre, diameter=diameter)])
 
 
 def _iso_time(e: Enrollment) -> str:

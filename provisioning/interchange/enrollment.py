@@ -152,13 +152,27 @@ def _time(value: Any, what: str, rid: str) -> dt.datetime:
         raise _fail("bad_manifest", rid, f"{what} {value!r} is not a date") from None
 
 
+def _forbidden(c: str) -> bool:
+    """A character no exported text field may hold: a control character (AN2K's separators are 0x1c-0x1f;
+    XML 1.0 allows none but tab/LF/CR, and those would break a one-line field), a surrogate (cannot be encoded
+    in UTF-8 at all) or a noncharacter (U+FDD0-U+FDEF and U+xxFFFE/U+xxFFFF of every plane: U+FFFE/U+FFFF are
+    outside XML 1.0's Char production, the others are not for interchange)."""
+    o = ord(c)
+    return unicodedata.category(c) in ("Cc", "Cs") or 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
 def _text(value: Any, what: str, rid: str, default: str = "") -> str:
+    """`value` as free text of the kit (operator, site, exception reasons...), refused (bad_manifest, naming the
+    first bad character) when any exported format could not carry it; `default` when absent."""
     if value is None:
         return default
-    # No control characters: they are AN2K's separators (0x1c-0x1f) and not allowed in XML.
-    if not isinstance(value, str) or len(value) > MAX_TEXT or any(unicodedata.category(c) == "Cc" for c in value):
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise _fail("bad_manifest", rid, f"{what} {str(value)[:40]!r} is not text of at most {MAX_TEXT} "
-                                         "characters without control characters")
+                                         "characters")
+    bad = next((i for i, c in enumerate(value) if _forbidden(c)), None)
+    if bad is not None:
+        raise _fail("bad_manifest", rid, f"{what} {value[:40]!r} has U+{ord(value[bad]):04X} at {bad}: no control "
+                                         "characters, surrogates or noncharacters in exported text")
     return value
 
 

@@ -43,9 +43,12 @@ FAC representation::
     +14 2 vendor, +16 2 type, +18 1 quality blocks Q then Q x 5 bytes,
     facial information (17): landmark count u16, gender, eye colour, hair colour, subject height u8,
         property mask u24, expression u16, pose angle yaw/pitch/roll u8 x3, pose uncertainty u8 x3,
-    landmark points (8 bytes each), image information (11): face image type, image data type
+    landmark points (8 bytes each: point type u8 (1 MPEG-4 feature point, 2 anthropometric landmark), point
+    code u8, X u16, Y u16, Z u16; read into `FaceImage.landmarks`), image information (11): face image type,
+    image data type
         (0 JPEG, 1 JPEG 2000 lossy, 2 JPEG 2000 lossless, 3 PNG), width u16, height u16,
-        spatial sampling rate level, post-acquisition processing u16, cross reference, colour space,
+        spatial sampling rate level, post-acquisition processing u16, cross reference, colour space (Table 21:
+        0 unspecified, 1 24-bit RGB, 2 YUV422, 3 8-bit greyscale),
     then the image data length u32 and the image data (no 3-D data: the length is what the representation
     length leaves, and the reader requires both to agree). The 2011 edition's length field is what MOSIP's
     reader (bio-utils ``face/ImageData``) reads; without it the first 4 bytes of the image were taken as the
@@ -70,14 +73,19 @@ QUALITY = struct.Struct(">BHH")  # score, algorithm vendor, algorithm id: 5 byte
 FIR_IMAGE = struct.Struct(">BBBHHHHBBBHHI")  # position .. image data length: 22 bytes
 FAC_FACIAL = struct.Struct(">HBBBB3sH3s3s")  # 17 bytes
 FAC_IMAGE = struct.Struct(">BBHHBHBB")  # 11 bytes
+LANDMARK = struct.Struct(">BBHHH")  # point type, point code, X, Y, Z: 8 bytes
 
 # Compression codes (19794-4:2011 Table 4) and face image data types (19794-5:2011).
 FIR_NONE, FIR_WSQ, FIR_JPEG, FIR_JP2_LOSSY, FIR_JP2_LOSSLESS, FIR_PNG = 0, 2, 3, 4, 5, 6
 FAC_JPEG, FAC_JP2_LOSSY, FAC_JP2_LOSSLESS, FAC_PNG = 0, 1, 2, 3
+FAC_RGB24, FAC_GREY8 = 1, 3  # image colour space (19794-5:2011 Table 21)
 SCALE_PPI = 1
 UNKNOWN_TIME = (0xFFFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFFFF)
 #: Largest record the reader takes (a ten-print at 1000 ppi is far below this).
 MAX_RECORD = 64 * 1024 * 1024
+#: Most landmark points the FAC reader takes in one record (one representation's u16 count; MPEG-4 defines
+#: under 100 feature points): a hostile record of 8-byte points would otherwise become millions of objects.
+MAX_LANDMARKS = 0xFFFF
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,17 @@ class FingerImage:
 
 
 @dataclass(frozen=True)
+class Landmark:
+    """One landmark point of a FAC representation (coordinates in pixels of the image)."""
+
+    kind: int  # landmark point type: 1 MPEG-4 feature point, 2 anthropometric landmark
+    code: int  # the point within its type (MPEG-4: major and minor id as nibbles, point 12.1 is 0xC1)
+    x: int
+    y: int
+    z: int = 0
+
+
+@dataclass(frozen=True)
 class FaceImage:
     """One face representation of a FAC record."""
 
@@ -126,6 +145,7 @@ class FaceImage:
     device_type: int = 0
     sampling_level: int = 0
     facial: bytes = field(default=b"\0" * FAC_FACIAL.size)  # landmarks none, everything unspecified
+    landmarks: tuple[Landmark, ...] = ()  # as many as `facial`'s first two bytes count
 
 
 def _datetime(t: dt.datetime | None) -> bytes:
@@ -164,18 +184,26 @@ def write_fir(fingers: list[FingerImage]) -> bytes:
 
 
 def write_fac(faces: list[FaceImage]) -> bytes:
-    """An ISO/IEC 19794-5:2011 record holding `faces` (2-D, no landmark points, no 3-D data)."""
+    """An ISO/IEC 19794-5:2011 record holding `faces` (2-D, no 3-D data); each face's `landmarks` after its
+    facial information, whose landmark count must be their number."""
     if not 1 <= len(faces) <= 0xFFFF:
         raise IsoRecordError("a FAC record holds 1 to 65535 representations")
     reps = []
     for f in faces:
         if not (1 <= f.width <= 0xFFFF and 1 <= f.height <= 0xFFFF):
             raise IsoRecordError(f"image size {f.width}x{f.height} does not fit the record")
-        if len(f.facial) != FAC_FACIAL.size or f.facial[:2] != b"\0\0":
-            raise IsoRecordError("facial information must be 17 bytes with no landmark points")
+        if len(f.facial) != FAC_FACIAL.size:
+            raise IsoRecordError(f"facial information is {len(f.facial)} bytes, not {FAC_FACIAL.size}")
+        if struct.unpack(">H", f.facial[:2])[0] != len(f.landmarks):
+            raise IsoRecordError(f"facial information counts {struct.unpack('>H', f.facial[:2])[0]} landmark "
+                                 f"points, {len(f.landmarks)} given")
+        try:
+            points = b"".join(LANDMARK.pack(p.kind, p.code, p.x, p.y, p.z) for p in f.landmarks)
+        except struct.error as e:
+            raise IsoRecordError(f"a landmark point does not fit the record ({e})") from None
         body = (_datetime(f.capture) + DEVICE.pack(f.technology, f.vendor, f.device_type) + _quality(f.quality)
-                + f.facial + FAC_IMAGE.pack(f.face_type, f.data_type, f.width, f.height, f.sampling_level, 0, 0,
-                                            f.colour_space)
+                + f.facial + points
+                + FAC_IMAGE.pack(f.face_type, f.data_type, f.width, f.height, f.sampling_level, 0, 0, f.colour_space)
                 + struct.pack(">I", len(f.data)))
         reps.append(struct.pack(">I", 4 + len(body) + len(f.data)) + body + f.data)
     total = FAC_HEADER.size + sum(len(r) for r in reps)
@@ -268,9 +296,11 @@ def read_fir(data: bytes) -> list[FingerImage]:
 
 
 def read_fac(data: bytes) -> list[FaceImage]:
-    """Parse an ISO/IEC 19794-5:2011 record strictly; raises `IsoRecordError`."""
+    """Parse an ISO/IEC 19794-5:2011 record strictly (identifier, version, every length; landmark points kept
+    in `FaceImage.landmarks`); raises `IsoRecordError` naming what is wrong."""
     r, head = _read_general(data, FAC_HEADER, FAC_ID, FAC_VERSION, "FAC")
-    out = []
+    out: list[FaceImage] = []
+    points = 0
     for i in range(head[3]):
         start = r.pos
         (length,) = r.unpack(struct.Struct(">I"), f"representation {i} length")
@@ -280,8 +310,13 @@ def read_fac(data: bytes) -> list[FaceImage]:
         tech, vendor, dtype = r.unpack(DEVICE, "capture device")
         quality = _read_quality(r)
         facial = r.take(FAC_FACIAL.size, "facial information")
-        landmarks = struct.unpack(">H", facial[:2])[0]
-        r.take(8 * landmarks, "landmark points")
+        (count,) = struct.unpack(">H", facial[:2])
+        points += count
+        if points > MAX_LANDMARKS:
+            raise IsoRecordError(f"FAC representation {i}: {points} landmark points in the record, more than "
+                                 f"{MAX_LANDMARKS}")
+        landmarks = tuple(Landmark(*r.unpack(LANDMARK, f"representation {i} landmark point {k}"))
+                          for k in range(count))  # each read is bounded by the record: a lying count fails
         ftype, data_type, w, h, level, _post, _xref, colour = r.unpack(FAC_IMAGE, "image information")
         (size,) = r.unpack(struct.Struct(">I"), f"representation {i} image data length")
         left = length - (r.pos - start)
@@ -290,7 +325,7 @@ def read_fac(data: bytes) -> list[FaceImage]:
                                  f"leaves {left}")
         img = r.take(size, f"representation {i} image data")
         out.append(FaceImage(w, h, img, data_type, ftype, colour, capture, quality, tech, vendor, dtype, level,
-                             facial))
+                             facial, landmarks))
     if r.pos != len(data):
         raise IsoRecordError(f"FAC: {len(data) - r.pos} bytes after the last representation")
     return out

@@ -39,14 +39,20 @@ class Kit:
         return hdr, rf.Payload.decode(plain)
 
     def reseal(self, data: bytes, seq: int, manifest: dict[str, Any] | None = None,
-               attachments: list[rf.Attachment] | None = None, clock_synced: bool | None = None) -> bytes:
+               attachments: list[rf.Attachment] | None = None, clock_synced: bool | None = None,
+               raw: dict[bytes, bytes] | None = None) -> bytes:
         """`data`'s payload (or the given manifest/attachments) sealed again by the kit as sequence `seq`
-        (`clock_synced`: the header's flag instead of `data`'s)."""
+        (`clock_synced`: the header's flag instead of `data`'s; `raw`: same-length byte replacements in the
+        encoded payload, for JSON a kit's canonical encoder cannot write, e.g. the escape of a lone surrogate)."""
         hdr, p = self.open(data)
         m = manifest if manifest is not None else p.manifest
         atts = attachments if attachments is not None else p.attachments
         rid = f"{self.ident.kit_id}-{seq:08d}-{hdr.created.replace('-', '').replace(':', '')}"
-        return rf.seal(rf.Payload(m, atts).encode(), record_id=rid, kit_id=self.ident.kit_id, seq=seq,
+        payload = rf.Payload(m, atts).encode()
+        for old, new in (raw or {}).items():
+            assert len(old) == len(new) and old in payload, old
+            payload = payload.replace(old, new)
+        return rf.seal(payload, record_id=rid, kit_id=self.ident.kit_id, seq=seq,
                        created=hdr.created, clock_synced=hdr.clock_synced if clock_synced is None else clock_synced,
                        signing_key=self.ident.signing_key,
                        recipients=[rf.load_recipient_key(self.dc_pub.read_bytes())])

@@ -93,7 +93,8 @@ def test_an2k_carries_type17_irises_and_type8_signature(kit: Kit, archived: tupl
         assert np.array_equal(pixels(rec._999), pixels(atts[doc["image"]]))  # the kit's pixels, unchanged
     (t8,) = list(msg.iter(8))
     sig, srt, isr, w, h, data = t8.unpack("!BBBHH")
-    assert (sig, srt, isr) == (0, 0, 1) and (w, h) == (m["signature"]["width"], m["signature"]["height"])
+    # ISR 0 (19.69 ppmm nominal): 1 would tie the pad's pixels to 1.011 NSR, the finger sensor's resolution
+    assert (sig, srt, isr) == (0, 0, 0) and (w, h) == (m["signature"]["width"], m["signature"]["height"])
     assert np.array_equal(np.frombuffer(data, np.uint8).reshape(h, w), pixels(atts["signature.png"]))
     assert [list(x) for x in msg[1]._16] == [["L", str(round(m["irises"][0]["attempts"][m["irises"][0]["kept"]]
                                                                ["score"])), str(len(m["irises"][0]["attempts"])),
