@@ -101,9 +101,9 @@ def test_a_lost_journal_never_reuses_a_number(lost: str, kit_cfg: Any) -> None:
         s.close()
 
 
-def test_a_journal_behind_the_floor_file_continues_above_it_with_no_file_left(kit_cfg: Any) -> None:
-    """The journal rolled back (an old copy, a lost WAL) and no file shows the numbers any more (purged after
-    their acks, no stick): the floor file, written at each reservation before a number is used, still fences."""
+def four_records_and_an_old_journal(kit_cfg: Any, clean: bool) -> bytes:
+    """A kit without a stick that committed #1, stopped cleanly (the journal then: returned), committed #2-#4 and
+    stopped cleanly or died."""
     shutil.rmtree(kit_cfg.usb_dir)
     s = open_store(kit_cfg, defer=False)
     s.commit(payload(2000))
@@ -112,7 +112,17 @@ def test_a_journal_behind_the_floor_file_continues_above_it_with_no_file_left(ki
     s = open_store(kit_cfg, defer=False)
     for _ in range(3):
         s.commit(payload(2000))
-    die(s)  # no clean stop: only the reservation (#2.. a block ahead) wrote the floor file
+    if clean:
+        s.close()
+    else:
+        die(s)
+    return old_db
+
+
+def test_a_journal_behind_the_floor_file_continues_above_it_with_no_file_left(kit_cfg: Any) -> None:
+    """The journal rolled back (an old copy, a lost WAL) and no file shows the numbers any more (purged after
+    their acks, no stick): the floor file, written at each reservation before a number is used, still fences."""
+    old_db = four_records_and_an_old_journal(kit_cfg, clean=False)  # only the reservation wrote the floor file
     drop_journal(kit_cfg)
     (kit_cfg.state_dir / "journal.db").write_bytes(old_db)
     for p in (kit_cfg.state_dir / "records").iterdir():
@@ -129,15 +139,7 @@ def test_a_journal_behind_the_floor_file_continues_above_it_with_no_file_left(ki
 def test_a_damaged_floor_file_costs_a_check_of_the_names_never_a_number(damage: str, kit_cfg: Any) -> None:
     """Without a usable floor file the names in records/ decide: a rolled-back journal is still caught. An
     edited number (a smaller one with the old check value) is read as damaged, not believed."""
-    shutil.rmtree(kit_cfg.usb_dir)
-    s = open_store(kit_cfg, defer=False)
-    s.commit(payload(2000))
-    s.close()
-    old_db = (kit_cfg.state_dir / "journal.db").read_bytes()
-    s = open_store(kit_cfg, defer=False)
-    for _ in range(3):
-        s.commit(payload(2000))
-    s.close()
+    old_db = four_records_and_an_old_journal(kit_cfg, clean=True)
     floor = kit_cfg.state_dir / "seq.floor"
     assert floor.read_text().split()[0] == "00000000000000000004"
     if damage == "garbage":
