@@ -36,6 +36,7 @@ from firmware.seal.identity import KitIdentity
 from firmware.store.capacity import CapacityGuard, Level, MediumStatus, Reservation, overall
 from firmware.store.journal import LIVE, Journal
 from firmware.store.usb import HostileStick, Stick, StickError, detect, open_stick, stick_id_at
+from firmware.system.backoff import Backoff
 from firmware.system.clock import clock_synchronised, compact, iso
 from firmware.system.fsutil import (
     TMP_SUFFIX,
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 # block, not per record); a clean close writes back the last number really used, so only an unclean
 # stop skips (never reuses) the rest of a block.
 SEQ_BLOCK = 32
+FAULT_RETRY_S = (30.0, 900.0)  # a stick left out after a fault is tried again after 30 s, doubling up to 15 min
 RESERVE_AHEAD = 8  # begin() reserves the next block when at most this many reserved numbers are left
 META_HWM = "seq_high_water"  # every number <= this may have been used on some medium
 META_CLEAN = "clean_shutdown"  # "1": the last owner closed cleanly, nothing to reconcile
@@ -201,6 +203,9 @@ class Store:
         # Why the journal may not know every record on the media ("new", "rebuilt", "behind"), set by open().
         self._journal_suspect = ""
         self._faulted: dict[str, str] = {}  # stick id -> the fault that dropped it, kept out until it is pulled
+        # ... or until this says to try it again: pulled and inserted again between two polls, a stick looks as
+        # if it never left (same id, same folder), so a faulted stick is retried at growing intervals.
+        self._fault_retry = Backoff(FAULT_RETRY_S[0], FAULT_RETRY_S[1])
         self._fault_logged = ""  # the faulted stick whose "left out" line was logged
         self._leftovers: set[str] = set()  # purged records whose SD file could not be unlinked (purge retries)
         self._abandoned: dict[str, str] = {}  # failed commits' copies not yet removed: record id -> stick id or ""
@@ -943,8 +948,13 @@ class Store:
             self.stick_error, self._refused = "", False  # the refused stick was pulled
         if self._faulted and (not present or stick_id_at(self.cfg.usb_dir) not in self._faulted):
             self._faulted, self._fault_logged = {}, ""  # pulled (or replaced): the next one is tried afresh
+            self._fault_retry.reset()
             if self.stick is None:
                 self.stick_error = ""
+        elif self._faulted and self._fault_retry.ready():
+            sid = next(iter(self._faulted))
+            log.info("usb stick left out after a fault is tried again stick_id=%s", sid)
+            self._faulted = {}  # (the fault line is logged once per stick: `_fault_logged` stays)
         if self.stick is not None:
             with self._lock:
                 self._flush_stick()
@@ -960,8 +970,9 @@ class Store:
                                    "insert another stick"
                 if self._fault_logged != sid:
                     self._fault_logged = sid
-                    log.error("usb stick left out after a fault stick_id=%s fault=%s; not retried until it is pulled "
-                              "and inserted again (or replaced); records stay on the SD", sid, why)
+                    log.error("usb stick left out after a fault stick_id=%s fault=%s; tried again in %.0f s (sooner "
+                              "if it is pulled and inserted again, or replaced); records stay on the SD", sid, why,
+                              self._fault_retry.wait_s())
                     self._audit_quietly("usb_faulted", stick_id=sid, reason=why)
                 return
             try:
@@ -1002,6 +1013,7 @@ class Store:
             if why != "removed" and detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint) \
                     and stick_id_at(self.cfg.usb_dir) == stick.stick_id:
                 self._faulted = {stick.stick_id: why}
+                self._fault_retry.next()
         self.stick = None
         self.stick_error = why
         self.stick_full = {}

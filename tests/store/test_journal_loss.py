@@ -20,6 +20,7 @@ from firmware.errors import CaptureHalted, StoreError
 from firmware.seal import identity
 from firmware.store.service import UsbWatcher
 from firmware.store.store import STICK_FAULTED, Store, seq_of
+from firmware.system.backoff import Backoff
 from firmware.system.i18n import gettext
 from firmware.wire import record_format
 from firmware.wire import stick_layout as L
@@ -407,4 +408,38 @@ def test_a_failed_commits_stick_copy_that_cannot_be_removed_is_removed_later(kit
     finally:
         if mounted:
             subprocess.run(["umount", str(rdir)], check=False)
+        s.close()
+
+
+def test_a_faulted_stick_pulled_and_inserted_again_between_two_polls_is_retried(kit_cfg: Any) -> None:
+    """The console says "pull it out and insert it again"; done within one poll, the stick looks as if it never
+    left (same id, same folder). It is tried again after the retry delay (30 s at first, doubling to 15 min),
+    and a stick that fails again waits longer."""
+    now = [1000.0]
+    usb = kit_cfg.usb_dir
+    s = open_store(kit_cfg, defer=False)
+    try:
+        s._fault_retry = Backoff(30, 900, clock=lambda: now[0])
+        sid = s.stick.stick_id
+        ids = [s.commit(payload(2000)).record_id for _ in range(2)]
+        bad = usb / L.ROOT / s.identity.kit_id / L.RECORDS / (ids[1] + record_format.FILE_SUFFIX)
+        bad.unlink()
+        bad.mkdir()  # the backfill's copy of #2 fails
+        s.backfill_due = True
+        s.poll_usb(backfill=True)
+        s.poll_usb(backfill=True)
+        assert s.stick is None and s.status()["stick"]["code"] == "usb_stick_faulted"
+        now[0] += 31
+        s.poll_usb(backfill=True)  # tried again: fails again, now left out for longer
+        assert s.stick is None and s._fault_retry.failures == 2
+        now[0] += 31
+        s.poll_usb(backfill=True)
+        assert s.stick is None  # (15-60 s now: not yet)
+        bad.rmdir()  # repaired
+        now[0] += 61
+        s.poll_usb(backfill=True)
+        assert s.stick is not None and s.stick.stick_id == sid
+        assert s.status()["stick"]["code"] == "" and s.status()["mirror_lag"]["records"] == 0
+        assert len(s.audit_events("usb_faulted")) == 1
+    finally:
         s.close()
