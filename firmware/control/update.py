@@ -27,7 +27,8 @@ command run first. Every step is crash-consistent: a trial whose switch did not 
 ``to``) is undone, not rolled back (`Updater._unswitched`); a rollback saves ``rolling_back`` before it moves a
 link, and `recover` finishes it. The uplink is reported after a trial, never required (a field kit often has
 none). The crash-loop rollback is bounded to the rollback window (`AUTO_ROLLBACK_WINDOW_S` from a trial's start
-and again from its promotion, same boot; ``update/rollback-window``): later, a crash loop is logged only.
+and again from its promotion, same boot, and the first boot after it: `_carry_window`; ``update/rollback-window``):
+later, a crash loop is logged only.
 
 The trust anchor (`root_fleet_key`): the updater runs as root and verifies with `control.fleet_public_key` of the
 root-owned config or the root-owned pin (`pin_path`, made by `pin_fleet_key`), never with the daemon-writable
@@ -451,13 +452,32 @@ class Updater:
                              "at": int(time.time()), **extra}
         return st["last_result"]
 
-    def _arm_window(self) -> None:
+    def _arm_window(self, carried: bool = False) -> None:
         """Let a crash loop roll back for `AUTO_ROLLBACK_WINDOW_S` from now, on this boot (the file is what
-        rekam-rollback.service's ExecCondition= reads too: the previous slot's code may predate the window)."""
+        rekam-rollback.service's ExecCondition= reads too: the previous slot's code may predate the window).
+        `carried`: the window of the first boot after the one that armed it (`_carry_window`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / WINDOW_FILE, f"{_boot_id()} {int(_uptime() + AUTO_ROLLBACK_WINDOW_S)}\n".encode(),
-                     verify=False)
+        line = f"{_boot_id()} {int(_uptime() + AUTO_ROLLBACK_WINDOW_S)}{' carried' if carried else ''}\n"
+        atomic_write(self.dir / WINDOW_FILE, line.encode(), verify=False)
         os.chmod(self.dir / WINDOW_FILE, 0o644)
+
+    def _carry_window(self) -> None:
+        """At the first start of rekamd on a new boot (recover runs before every start): a window armed on an
+        earlier boot opens once more for this boot's first `AUTO_ROLLBACK_WINDOW_S`, because a version that only
+        fails when the kit boots (a device, a unit, a migration of the next start) shows it only after the next
+        power-on; one carried already is over (a version that booted fine once is not rolled back later)."""
+        try:
+            parts = (self.dir / WINDOW_FILE).read_text().split()
+        except OSError:
+            return
+        if len(parts) >= 2 and parts[0] == _boot_id():
+            return
+        if len(parts) == 2:
+            self._arm_window(carried=True)
+            log.info("update rollback window opened for this boot's first %d s (first boot after the update)",
+                     AUTO_ROLLBACK_WINDOW_S)
+        else:
+            self._disarm_window()
 
     def _disarm_window(self) -> None:
         (self.dir / WINDOW_FILE).unlink(missing_ok=True)
@@ -466,7 +486,7 @@ class Updater:
         """A crash loop may roll back now: within `AUTO_ROLLBACK_WINDOW_S` of the last trial start or promotion,
         on the same boot."""
         try:
-            boot, deadline = (self.dir / WINDOW_FILE).read_text().split()
+            boot, deadline = (self.dir / WINDOW_FILE).read_text().split()[:2]
             return boot == _boot_id() and _uptime() < int(deadline)
         except (OSError, ValueError):
             return False
@@ -854,6 +874,7 @@ class Updater:
 
     def _recover_locked(self, restart: bool, keep: Path | None = None) -> dict[str, Any] | None:
         st = self.state()
+        self._carry_window()
         for tmp in (self.prefix / ".current.tmp", self.prefix / ".previous.tmp"):
             tmp.unlink(missing_ok=True)
         if self.incoming.is_dir():

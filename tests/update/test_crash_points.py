@@ -194,8 +194,39 @@ def test_rollback_unit_gate_is_the_window(tmp_path: Path) -> None:
     assert 1 <= gate() <= 254
     window.write_text(f"00000000-0000-0000-0000-000000000000 {int(up + 60)}\n")  # written before a reboot
     assert 1 <= gate() <= 254
+    window.write_text(f"{boot} {int(up + 60)} carried\n")  # the next boot's window (`_carry_window`)
+    assert gate() == 0
     window.unlink()
     assert 1 <= gate() <= 254
+
+
+def test_the_window_opens_once_more_on_the_first_boot_after_the_update(idle_kit: Kit, bundle: Path,
+                                                                        fleet_key: Ed25519PrivateKey,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version that only fails at boot: promoted, the kit powered off past the window; the recover before
+    rekamd's first start on the next boot opens the window for that boot, once."""
+    kit = idle_kit
+    monkeypatch.setattr(update, "AUTO_ROLLBACK_WINDOW_S", 1)
+    _promote(kit, fleet_key, bundle)
+    time.sleep(1.2)
+    assert not _updater(kit, fleet_key).window_open()
+    monkeypatch.setattr(update, "_boot_id", lambda: "next-boot")
+    monkeypatch.setattr(update, "AUTO_ROLLBACK_WINDOW_S", 600)
+    up = _updater(kit, fleet_key)
+    up.recover()
+    assert up.window_open()
+    up.recover()  # every later start of rekamd on that boot: the same window, not a new one
+    assert (kit.prefix / "update" / update.WINDOW_FILE).read_text().split()[2:] == ["carried"]
+    monkeypatch.setattr(update, "_boot_id", lambda: "third-boot")
+    up.recover()
+    assert not up.window_open() and not (kit.prefix / "update" / update.WINDOW_FILE).exists()
+    # and within the carried window a crash loop rolls back
+    monkeypatch.setattr(update, "_boot_id", lambda: "next-boot")
+    _promote(kit, fleet_key, bundle)
+    monkeypatch.setattr(update, "_boot_id", lambda: "fourth-boot")
+    up = _updater(kit, fleet_key)
+    up.recover()
+    assert up.rollback("crash_loop", "crash loop", auto=True)["status"] == "rolled_back"
 
 
 def test_trial_does_not_need_the_uplink(idle_kit: Kit, bundle: Path, fleet_key: Ed25519PrivateKey) -> None:
