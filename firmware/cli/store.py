@@ -238,8 +238,9 @@ def stick_line(st: dict[str, Any]) -> str:
                         count=format_count(lag)) if lag else _("every record is on a stick"))
     if not stick.get("present"):
         where = _("stick: absent")
-        if stick.get("error"):
-            where += f" ({stick['error']})"
+        why = stick.get("message") or stick.get("error")  # the worded message (a faulted stick), else the detail
+        if why:
+            where += f" ({why})"
     elif stick.get("full"):
         where = _("stick {id}: FULL, {n} not copied", id=stick.get("stick_id"),
                   n=format_count(int(stick.get("not_mirrored") or 0)))
