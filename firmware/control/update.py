@@ -72,7 +72,7 @@ from packaging.tags import sys_tags
 from firmware import __version__
 from firmware.control.files import read_json, write_json
 from firmware.errors import BundleError, Refused, UntrustedFile
-from firmware.system.fsutil import atomic_write, fsync_dir, open_dir_beneath, open_untrusted, space
+from firmware.system.fsutil import atomic_write, fsync_dir, open_dir_beneath, open_untrusted, read_untrusted, space
 from firmware.wire import control_protocol as cp
 from firmware.wire import record_format, stick_layout
 from firmware.wire import update_bundle as ub
@@ -220,21 +220,13 @@ def root_fleet_key(cfg: Any, pin: Path | None = None) -> tuple[Ed25519PublicKey,
 
 def _read_claimed_key(claimed: Path) -> Ed25519PublicKey:
     """The key the claim stored in the daemon's folder, read as root without trusting the file: no symlink
-    followed (a link to /etc/shadow is refused), regular file only, size-capped."""
+    followed (a link to /etc/shadow is refused), regular file only, size-capped (`read_untrusted`)."""
     try:
-        fd = os.open(claimed, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        data = read_untrusted(claimed.parent, claimed.name, MAX_KEY_FILE_BYTES)
     except FileNotFoundError:
         raise Refused("not_claimed", f"{claimed} does not exist: the kit is not claimed yet") from None
-    except OSError as e:
-        raise Refused("bad_fleet_key", f"{claimed}: {'is a symlink' if e.errno == errno.ELOOP else e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_KEY_FILE_BYTES:
-            raise Refused("bad_fleet_key", f"{claimed} is not a small regular file")
-        os.set_blocking(fd, True)
-        data = os.read(fd, MAX_KEY_FILE_BYTES)
-    finally:
-        os.close(fd)
+    except OSError as e:  # UntrustedFile (a symlink, not a regular file, too large) or the open's error
+        raise Refused("bad_fleet_key", f"{claimed}: {e.strerror or e}") from None
     try:
         return cp.load_public_b64(data.decode("ascii", "replace"))
     except cp.ProtocolError as e:

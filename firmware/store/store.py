@@ -150,6 +150,18 @@ def _mirrored(mirror: Future[tuple[str | None, str]]) -> str | None:
         return None
 
 
+def _believable(stick_seqs: Any, limit: int) -> list[int]:
+    """The numbers of a stick's names up to `limit`: a stick's names are anyone's to write (the kit id is on every
+    stick), and a number far beyond what this kit has numbered is not one it used (fencing it would make the next
+    id unwritable for ever; see STICK_SEQ_AHEAD_MAX). Those beyond are logged, never fenced nor adopted."""
+    seqs = list(stick_seqs)
+    wild = [n for n in seqs if n > limit]
+    if wild:
+        log.warning("stick names sequence numbers this kit never reached count=%d highest=%d limit=%d; "
+                    "not fenced, not adopted", len(wild), max(wild), limit)
+    return [n for n in seqs if n <= limit]
+
+
 def _floor_check(value: int) -> str:
     """The floor file's check value: a torn or edited line is read as damaged, never as a smaller number."""
     return f"{zlib.crc32(str(value).encode()):08x}"
@@ -403,12 +415,7 @@ class Store:
         if not detect(self.cfg.usb_dir, self.cfg.usb.require_mountpoint):
             return 0
         names = Stick(self.cfg.usb_dir, "", self.identity.kit_id).record_files()  # O_NOFOLLOW, regular files only
-        seqs = [self._name_seq(n) for n in names]
-        wild = [n for n in seqs if n > limit]
-        if wild:
-            log.warning("stick names sequence numbers this kit never reached count=%d highest=%d limit=%d; "
-                        "not fenced", len(wild), max(wild), limit)
-        return max((n for n in seqs if n <= limit), default=0)
+        return max(_believable((self._name_seq(n) for n in names), limit), default=0)
 
     def _fence_from_media(self) -> bool:
         """Raise the numbering above every number the media's file names show, before any commit (open).
@@ -1476,8 +1483,7 @@ class Store:
         # only the files the journal does not know need their number read.
         seen += [seq_of(rid) or 0 for rid in files if rid not in rows]
         seen += [seq_of(q.name.split(".")[0]) or 0 for q in self.quarantine_dir.iterdir()]
-        # A stick's names are anyone's to write (the kit id is on every stick): a number far beyond what this
-        # kit has numbered is not one it used, and fencing it would make the next id unwritable for ever.
+        # A stick's names are anyone's to write: only believable numbers fence (`_believable`).
         from_stick = [seq_of(rid) or 0 for rid in on_stick]
         if stick is not None:
             try:
@@ -1485,11 +1491,7 @@ class Store:
             except OSError:
                 pass
         limit = max(self._seq, *seen) + STICK_SEQ_AHEAD_MAX if seen else self._seq + STICK_SEQ_AHEAD_MAX
-        wild = [n for n in from_stick if n > limit]
-        if wild:
-            log.warning("stick names sequence numbers this kit never reached count=%d highest=%d limit=%d; "
-                        "not fenced, not adopted", len(wild), max(wild), limit)
-        seen += [n for n in from_stick if n <= limit]
+        seen += _believable(from_stick, limit)
         self._seq = max(self._seq, *seen) if seen else self._seq
         if self._seq > self._hwm:
             j.set_meta(**{META_HWM: str(self._seq)})
