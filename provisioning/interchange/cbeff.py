@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from pathlib import Path
 
 from firmware.errors import ExportError
@@ -77,21 +78,53 @@ def face_fac(e: Enrollment) -> bytes:
         data_type=iso.FAC_JP2_LOSSLESS, colour_space=iso.FAC_RGB24, capture=e.captured, quality=(score,))])
 
 
+#: ISO/IEC 19794-6:2011 cropped image (K3): the iris centred with margins of at least 0.6 of its radius left and
+#: right and 0.2 above and below, i.e. 3.2 x 2.4 radii (4:3). MOSIP's validator takes only this type for
+#: registration (bio-utils `IrisISOStandardsValidator.isValidImageType`).
+K3_MARGIN_X, K3_MARGIN_Y = 0.6, 0.2
+
+
+def iris_crop(i: Iris) -> tuple[int, int, int, int] | None:
+    """The K3 box (x0, y0, x1, y1) of the kit's frame around the localised iris, or None when the kit found no
+    iris or the margins do not fit in the frame (the eye near an edge: padding would invent pixels)."""
+    if i.centre is None or not i.diameter or not i.width or not i.height:
+        return None
+    r = i.diameter / 2
+    cx, cy = i.centre
+    x0, x1 = math.floor(cx - r * (1 + K3_MARGIN_X)), math.ceil(cx + r * (1 + K3_MARGIN_X))
+    y0, y1 = math.floor(cy - r * (1 + K3_MARGIN_Y)), math.ceil(cy + r * (1 + K3_MARGIN_Y))
+    if x0 < 0 or y0 < 0 or x1 > i.width or y1 > i.height:
+        return None
+    return x0, y0, x1, y1
+
+
 def iris_image_type(i: Iris) -> int:
-    """ISO/IEC 19794-6:2011 image type of the kit's frame: 2 (VGA) for a 640x480 frame, else 1 (uncropped).
-    Never 3/7 (cropped, cropped and masked): the kit sends its whole camera frame, not a crop around the iris;
-    all 2011 types are rectilinear (the 2005 edition's polar images are gone)."""
+    """ISO/IEC 19794-6:2011 image type of the kit's whole frame (used when no K3 crop fits): 2 (VGA) for a
+    640x480 frame, else 1 (uncropped); all 2011 types are rectilinear (the 2005 edition's polar images are gone)."""
     return iso.IIR_VGA if (i.width, i.height) == (640, 480) else iso.IIR_UNCROPPED
 
 
 def iris_iir(i: Iris, e: Enrollment) -> bytes:
-    """The ISO/IEC 19794-6:2011 record of one captured eye (the kit's PNG re-encoded as lossless JPEG 2000)."""
+    """The ISO/IEC 19794-6:2011 record of one captured eye, lossless JPEG 2000: the K3 crop around the localised
+    iris (`iris_crop`; the pixels are the kit's, none resampled), else the kit's whole frame (type 1 or 2)."""
     score = iso.Quality(round(i.score)) if i.score is not None else iso.Quality(255)
-    centre = (i.centre[0], i.centre[0], i.centre[1], i.centre[1]) if i.centre else (0, 0, 0, 0)
+    box = iris_crop(i)
+    if box is None:
+        width, height, pixels, itype = i.width, i.height, i.pixels, iris_image_type(i)
+        origin = (0, 0)
+    else:
+        x0, y0, x1, y1 = box
+        width, height, itype, origin = x1 - x0, y1 - y0, iso.IIR_CROPPED, (x0, y0)
+        rows = memoryview(i.pixels)
+        pixels = b"".join(rows[y * i.width + x0:y * i.width + x1] for y in range(y0, y1))
+    centre = (0, 0, 0, 0)
+    if i.centre:
+        cx, cy = i.centre[0] - origin[0], i.centre[1] - origin[1]
+        centre = (cx, cx, cy, cy)
     diameter = (i.diameter, i.diameter) if i.diameter else (0, 0)
     return iso.write_iir([iso.IrisImage(
-        eye=iso.EYE_LEFT if i.eye == "left" else iso.EYE_RIGHT, width=i.width, height=i.height,
-        data=jp2_lossless("L", (i.width, i.height), i.pixels), image_type=iris_image_type(i), capture=e.captured,
+        eye=iso.EYE_LEFT if i.eye == "left" else iso.EYE_RIGHT, width=width, height=height,
+        data=jp2_lossless("L", (width, height), pixels), image_type=itype, capture=e.captured,
         quality=(score,), centre=centre, diameter=diameter)])
 
 
@@ -177,6 +210,9 @@ def build(e: Enrollment) -> bytes:
                   ("FORCE_CAPTURED", "true" if i.forced else "false")]
         if i.exception:
             others.append(("EXCEPTION_REASON", i.exception))
+        elif iris_crop(i) is None:  # said in the BIR: MOSIP's validator refuses a whole frame for registration
+            others.append(("IRIS_IMAGE", "whole frame: no ISO/IEC 19794-6 cropped (K3) image, the iris was not "
+                                         "localised or lies too near the frame edge for its margins"))
         _bir(root, btype="Iris", fmt=FORMAT_IRIS, subtype=i.subtype, score=None if i.exception else i.score,
              quality_type=IRIS_QUALITY_TYPE, created=created, bdb=None if i.exception else iris_iir(i, e),
              others=others)

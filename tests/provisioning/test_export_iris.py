@@ -134,11 +134,26 @@ def test_cbeff_iris_birs_validate_and_round_trip_bit_exact(kit: Kit, archived: t
         (rep,) = iso.read_iir(bdb)
         assert iso.write_iir([rep]) == bdb  # our reader and writer agree byte for byte
         assert rep.eye == (iso.EYE_LEFT if idoc["eye"] == "left" else iso.EYE_RIGHT)
-        assert (rep.image_format, rep.image_type, rep.width, rep.height) == (iso.IIR_JP2, iso.IIR_VGA, 640, 480)
+        # ISO/IEC 19794-6 K3 (cropped), the only type MOSIP takes for registration: the kit's own pixels around
+        # the localised iris, centred, margins >= 0.6 radius left/right and >= 0.2 radius above/below.
+        assert (rep.image_format, rep.image_type) == (iso.IIR_JP2, iso.IIR_CROPPED)
         mode, size, px = decode_pixels(rep.data)
-        assert mode == "L" and size == (640, 480)
-        assert np.array_equal(np.frombuffer(px, np.uint8).reshape(480, 640), pixels(atts[idoc["image"]]))
-        assert rep.diameter[0] == idoc["position"]["iris_diameter"] > 0
+        assert mode == "L" and size == (rep.width, rep.height)
+        pos = idoc["position"]
+        d = pos["iris_diameter"]
+        assert rep.diameter == (d, d) and d > 0
+        cx, cy = round(320 + pos["dx"] * 640), round(240 + pos["dy"] * 480)
+        x0, y0 = cx - rep.centre[0], cy - rep.centre[2]
+        assert rep.centre[0] == rep.centre[1] and rep.centre[2] == rep.centre[3]
+        frame = pixels(atts[idoc["image"]])
+        assert np.array_equal(np.frombuffer(px, np.uint8).reshape(rep.height, rep.width),
+                              frame[y0:y0 + rep.height, x0:x0 + rep.width])
+        r = d / 2
+        assert min(rep.centre[0], rep.width - rep.centre[0]) >= 1.6 * r
+        assert min(rep.centre[2], rep.height - rep.centre[2]) >= 1.2 * r
+        assert abs(rep.width - 3.2 * r) <= 2 and abs(rep.height - 2.4 * r) <= 2  # no more than the margins
+        others = {o.findtext("c:Key", namespaces=NS) for o in b.findall("c:Others", NS)}
+        assert "IRIS_IMAGE" not in others
     ex = etree.fromstring((tmp_path / f"{ids['exceptions']}.xml").read_bytes())
     left = [b for b in ex.findall("c:BIR", NS) if b.findtext("c:BDBInfo/c:Subtype", namespaces=NS) == "Left"][0]
     assert left.find("c:BDB", NS) is None

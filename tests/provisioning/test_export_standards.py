@@ -148,8 +148,8 @@ def test_a_grey_face_is_stored_as_rgb_colour_space_1() -> None:
 
 
 def test_iris_image_type_follows_the_frame() -> None:
-    """ISO/IEC 19794-6:2011 image type: 2 (VGA) only for a 640x480 frame, 1 (uncropped) for any other frame;
-    never a cropped type (the kit does not crop)."""
+    """ISO/IEC 19794-6:2011 image type of an eye the kit did not localise (no K3 crop): the whole frame, 2 (VGA)
+    only for a 640x480 frame, 1 (uncropped) for any other frame."""
     for (w, h), want in (((640, 480), iso.IIR_VGA), ((320, 240), iso.IIR_UNCROPPED),
                          ((480, 640), iso.IIR_UNCROPPED)):
         i = Iris("left", pixels=bytes(w * h), width=w, height=h, attempts=1)
@@ -254,3 +254,36 @@ def test_text_rules_on_their_own() -> None:
         assert ei.value.code == "bad_manifest"
     for ok in ("Ni Luh Putu Ayu", "Siti \u00e9\u200f\U0001f600", "\ufffd", "\U0010fffd"):
         assert _text(ok, "operator_id", "r") == ok
+
+
+def test_a_localised_iris_is_cropped_k3_and_one_near_the_edge_is_sent_whole() -> None:
+    """K3 (cropped, MOSIP's registration type): the iris centred with margins of 0.6 radius left/right and 0.2
+    above/below, cut from the kit's pixels; when those margins leave the frame nothing is padded: the whole frame
+    goes as type 2 and the BIR says why."""
+    from lxml import etree
+
+    w, h = 640, 480
+    frame = np.random.default_rng(3).integers(0, 256, (h, w), np.uint8)
+    ok = Iris("left", pixels=frame.tobytes(), width=w, height=h, attempts=1, centre=(300, 250), diameter=200)
+    (rep,) = iso.read_iir(cbeff.iris_iir(ok, _enrollment(irises=(ok,))))
+    assert (rep.image_type, rep.width, rep.height) == (iso.IIR_CROPPED, 320, 240)
+    assert rep.centre == (160, 160, 120, 120) and rep.diameter == (200, 200)
+    mode, size, raw = cbeff.decode_pixels(rep.data)
+    assert (mode, size) == ("L", (320, 240))
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(240, 320), frame[130:370, 140:460])
+    odd = Iris("left", pixels=frame.tobytes(), width=w, height=h, attempts=1, centre=(321, 239), diameter=211)
+    (rep,) = iso.read_iir(cbeff.iris_iir(odd, _enrollment(irises=(odd,))))
+    assert rep.image_type == iso.IIR_CROPPED
+    assert min(rep.centre[0], rep.width - rep.centre[0]) >= 1.6 * 105.5
+    assert min(rep.centre[2], rep.height - rep.centre[2]) >= 1.2 * 105.5
+    for near in ((150, 240), (320, 100), (600, 240), (320, 400)):  # a margin would leave the frame
+        edge = Iris("left", pixels=frame.tobytes(), width=w, height=h, attempts=1, centre=near, diameter=200)
+        assert cbeff.iris_crop(edge) is None
+        (rep,) = iso.read_iir(cbeff.iris_iir(edge, _enrollment(irises=(edge,))))
+        assert (rep.image_type, rep.width, rep.height) == (iso.IIR_VGA, w, h)
+        assert rep.centre == (near[0], near[0], near[1], near[1])
+        doc = etree.fromstring(cbeff.build(_enrollment(irises=(edge,))))
+        (bir,) = [b for b in doc.findall(f"{{{cbeff.NS}}}BIR")
+                  if b.findtext(f"{{{cbeff.NS}}}BDBInfo/{{{cbeff.NS}}}Type") == "Iris"]
+        keys = {o.findtext(f"{{{cbeff.NS}}}Key") for o in bir.findall(f"{{{cbeff.NS}}}Others")}
+        assert "IRIS_IMAGE" in keys
