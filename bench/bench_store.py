@@ -19,6 +19,10 @@
    waits for it (untimed, `Store.wait_mirror_idle`) so it never runs inside the next timing, the minimum's
    included. The minimum's journal has two plain tables; the store's also keeps the indexes and the
    trigger-kept counters that make status O(1) (issue #17.2): ~0.03 ms of CPU and a few more WAL pages.
+   The three timed parts of a round (commit with a reservation, commit without, the minimum) rotate their order
+   round by round, and the medians by place in the round are printed: what runs first after the round's CPU-only
+   parts (payload, crypto, seal) is ~0.3-0.4 ms slower on this VM's disk, and before session 12 the order was fixed
+   with the commit first, which put 0.06-0.10 on the ratio (`--fixed-order` runs it that way).
 3. Cost of one commit with 1,000 vs 100,000 records already in the journal.
 
     .venv/bin/python bench/bench_store.py [--rounds N] [--runs N] [--dir PATH]
@@ -158,10 +162,15 @@ def unavoidable_crypto(p: bytes, signing_key: Any, nonce: bytes, aead: ChaCha20P
     view.release()
 
 
-def bench_minimum(root: Path, pub: Path, rounds: int, runs: int) -> None:
+BLOCKS = ("with_reservation", "own_reservation", "minimum")  # the timed parts of a round of `bench_minimum`
+
+
+def bench_minimum(root: Path, pub: Path, rounds: int, runs: int, fixed_order: bool = False) -> None:
     """Store.commit vs the crash-safe minimum and vs the minimum plus the crypto sealing cannot avoid, interleaved:
-    commit(payload, reservation) as the enrollment calls it (begun earlier), and commit(payload) (own reservation)."""
+    commit(payload, reservation) as the enrollment calls it (begun earlier), and commit(payload) (own reservation),
+    their order rotated round by round (`fixed_order`: always commit, commit, minimum, as before)."""
     ratios, ratios_crypto, ratios_seal, ratios_own, ratios_own_crypto = [], [], [], [], []
+    place: dict[str, list[list[float]]] = {n: [[], [], []] for n in BLOCKS}
     for run in range(runs):
         s = make_store(root / f"min-a{run}", pub)
         dirs = [root / f"min-sd{run}", root / f"min-usb{run}"]
@@ -177,25 +186,37 @@ def bench_minimum(root: Path, pub: Path, rounds: int, runs: int) -> None:
         t_c, t_o, t_m, t_u, t_s = [], [], [], [], []
         for i in range(rounds):
             p = payload()
-            # As the enrollment does: the reservation (and the record's key material) taken when it began.
-            r = s.begin()
-            t0 = time.perf_counter()
-            s.commit(p, r)
-            t_c.append(time.perf_counter() - t0)
-            s.wait_mirror_idle()  # (untimed: the stick's index line, appended after the answer, not in the next one)
-            t0 = time.perf_counter()
-            s.commit(p)  # a caller without a reservation: begin() is inside
-            t_o.append(time.perf_counter() - t0)
-            s.wait_mirror_idle()  # nor in the minimum's time
-            t0 = time.perf_counter()
-            f = pool.submit(durable_copy, dirs[1], f"r{i}", p)
-            durable_copy(dirs[0], f"r{i}", p)
-            f.result()
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO r VALUES (?,?,?,?)", (f"r{i}", i, len(p), "0" * 64))
-            db.execute("INSERT INTO m VALUES (?,?)", (f"r{i}", "stick"))
-            db.execute("COMMIT")
-            t_m.append(time.perf_counter() - t0)
+            # Each of the three takes each place in the round equally often: what runs just before a timing
+            # moves it (the device's flushes, the page cache), and a fixed order put the minimum always right
+            # after the two commits (see the module doc). --fixed-order keeps that old order.
+            k = 0 if fixed_order else i % 3
+            for n, block in enumerate(BLOCKS[k:] + BLOCKS[:k]):
+                if block == "with_reservation":
+                    # As the enrollment does: the reservation (and the record's key material) taken when it began.
+                    r = s.begin()
+                    t0 = time.perf_counter()
+                    s.commit(p, r)
+                    took = time.perf_counter() - t0
+                    t_c.append(took)
+                    s.wait_mirror_idle()  # (untimed: the stick's index line, appended after the answer)
+                elif block == "own_reservation":
+                    t0 = time.perf_counter()
+                    s.commit(p)  # a caller without a reservation: begin() is inside
+                    took = time.perf_counter() - t0
+                    t_o.append(took)
+                    s.wait_mirror_idle()  # nor in the next timing
+                else:
+                    t0 = time.perf_counter()
+                    f = pool.submit(durable_copy, dirs[1], f"r{i}", p)
+                    durable_copy(dirs[0], f"r{i}", p)
+                    f.result()
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute("INSERT INTO r VALUES (?,?,?,?)", (f"r{i}", i, len(p), "0" * 64))
+                    db.execute("INSERT INTO m VALUES (?,?)", (f"r{i}", "stick"))
+                    db.execute("COMMIT")
+                    took = time.perf_counter() - t0
+                    t_m.append(took)
+                place[block][n].append(took)
             t0 = time.perf_counter()
             unavoidable_crypto(p, s.identity.signing_key, os.urandom(12), aead)
             t_u.append(time.perf_counter() - t0)
@@ -227,6 +248,9 @@ def bench_minimum(root: Path, pub: Path, rounds: int, runs: int) -> None:
     print("  commit(payload) without a reservation (begin() inside):")
     print(f"    / minimum (I/O only)                  = {med(ratios_own):.2f}")
     print(f"    / (minimum + unavoidable crypto)      = {med(ratios_own_crypto):.2f}")
+    print("  median ms by place in the round (1st, 2nd, 3rd), all runs" + (" (fixed order):" if fixed_order else ":"))
+    for name, by in place.items():
+        print(f"    {name:18s} " + "  ".join(f"{med(v) * 1000:6.2f}" if v else "     -" for v in by))
 
 
 def fill_journal(s: Store, n: int) -> None:
@@ -284,6 +308,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--only", choices=["durable", "minimum", "scaling"], help="run one part")
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="part 2 in the order used before session 12 (commit, commit, minimum in every round)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=a.dir, prefix="rekam-bench-") as d:
         root = Path(d)
@@ -293,7 +319,7 @@ def main() -> int:
         if a.only in (None, "durable"):
             bench_durable(root, root / "dc.pub", a.rounds)
         if a.only in (None, "minimum"):
-            bench_minimum(root, root / "dc.pub", a.rounds, a.runs)
+            bench_minimum(root, root / "dc.pub", a.rounds, a.runs, a.fixed_order)
         if a.only in (None, "scaling"):
             bench_scaling(root, root / "dc.pub", a.rounds)
     return 0
