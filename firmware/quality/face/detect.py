@@ -70,6 +70,12 @@ def ssd_anchors(size: int, layers: list[tuple[int, int]]) -> np.ndarray:
 #: ~0.15 ms instead of ~1.2 ms for a full area resize. Smaller frames keep the full area resize
 #: (under ~0.7 ms), so their detections, and the landmarks seeded from them, are unchanged.
 PREDECIMATE_ABOVE = 8
+#: ... except frames between 2 and this many times the model input (385-768 px for the 192-px model: 640x480
+#: webcams): OpenCV's area resize at their fractional ratio (10/3 for 640x480) takes its slow general path
+#: (~1 ms), while bilinear to twice the input minifies by at most 2 there, so every pixel still weighs in, and
+#: the 2:1 area step after it is OpenCV's fast integer path (~0.2 ms in all). The detection seeds only the
+#: mesh's first ROI; over the corpus's 165 views (`bench/bench_face.py --verdicts`) no verdict changes.
+SMOOTH_HALF_UP_TO = 4
 
 
 def letterbox(bgr: np.ndarray, size: int, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float, float]:
@@ -81,7 +87,7 @@ def letterbox(bgr: np.ndarray, size: int, out: np.ndarray | None = None) -> tupl
     h, w = bgr.shape[:2]
     scale = size / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    if max(h, w) > PREDECIMATE_ABOVE * size:
+    if max(h, w) > PREDECIMATE_ABOVE * size or 2 * size < max(h, w) <= SMOOTH_HALF_UP_TO * size:
         # Detect on a downscaled frame: the box is mapped back with `scale` as before.
         # At an odd whole ratio (1920x1080 -> 384x216: 5) every bilinear sample falls on a pixel centre with
         # weight 1: nearest-exact picks the same pixels (bit-identical) and reads one row per output row, not two.
