@@ -167,6 +167,16 @@ def cases(s: dict[str, Any], m: Mutator) -> list[tuple[str, Callable[[Any], obje
     ]
 
 
+def refused(call: Callable[[Any], object], data: Any) -> bool:
+    """Feed `data` to `call`: True if it was refused by an error of ours, False if it parsed; any other exception
+    (a finding) propagates."""
+    try:
+        call(data)
+    except RekamError:
+        return True
+    return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=3000, help="damaged inputs per parser")
@@ -175,16 +185,14 @@ def main() -> int:
     m = Mutator(a.seed)
     s = seeds()
     calls: collections.Counter[str] = collections.Counter()
-    refused: collections.Counter[str] = collections.Counter()
+    refusals: collections.Counter[str] = collections.Counter()
     found: dict[tuple[str, str, int], tuple[int, str, str]] = {}
     t0 = time.monotonic()
     for _ in range(a.iterations):
         for name, call, data in cases(s, m):
             calls[name] += 1
             try:
-                call(data)
-            except RekamError:
-                refused[name] += 1
+                refusals[name] += refused(call, data)
             except Exception as e:  # a finding: not an error of ours naming what was wrong
                 where = traceback.extract_tb(e.__traceback__)[-1]
                 key = (name, type(e).__name__, where.lineno or 0)
@@ -192,7 +200,7 @@ def main() -> int:
                 found[key] = (n + 1, sample, tb)
     print(f"wire fuzz: {a.iterations} damaged inputs per parser, seed {a.seed}, {time.monotonic() - t0:.1f} s")
     for name in calls:
-        print(f"  {name:34s} refused {refused[name]:6d}  parsed {calls[name] - refused[name]:6d}")
+        print(f"  {name:34s} refused {refusals[name]:6d}  parsed {calls[name] - refusals[name]:6d}")
     for (name, kind, line), (n, sample, tb) in found.items():
         print(f"FINDING {name}: {kind} at line {line}, {n} times; input {sample}\n{tb}")
     print(f"findings: {len(found)}")
