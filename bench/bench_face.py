@@ -218,8 +218,6 @@ def verdicts(faces: Path, threads: int, out: Path, other: Path | None) -> int:
 
     from firmware.quality import load_image
     from firmware.quality.face.assess import FaceAssessor, FaceThresholds
-    from firmware.quality.face.measures import measure
-
     assessor = FaceAssessor(FaceThresholds(threads=threads))
     got: dict[str, dict] = {}
     for path in sorted(faces.iterdir()):
@@ -228,9 +226,8 @@ def verdicts(faces: Path, threads: int, out: Path, other: Path | None) -> int:
         for view, img in views(load_image(path)).items():
             r = assessor.assess(img)  # type: ignore[arg-type]
             raw = {}
-            if r.landmarks is not None and r.detection is not None:  # the measures unrounded, the landmarks
-                m = measure(img, r.faces, r.detection, r.landmarks)  # type: ignore[arg-type]
-                raw = {f: float(getattr(m, f)) for f in r.measures}
+            if r.raw is not None and r.landmarks is not None and r.detection is not None:
+                raw = {f: float(getattr(r.raw, f)) for f in r.measures}  # the measures unrounded, the landmarks
                 raw["mesh_sum"] = float(r.landmarks.mesh.sum())
                 raw["box_sum"] = float(sum(r.detection.box))
             got[f"{path.name}:{view}"] = {"accepted": r.accepted, "score": r.score, "codes": r.codes,

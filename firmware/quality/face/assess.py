@@ -196,6 +196,7 @@ class FaceAssessment:
     detection: Detection | None = None
     landmarks: FaceLandmarks | None = None
     elapsed_ms: float = 0.0
+    raw: FaceMeasures | None = field(default=None, repr=False)  # `measures` unrounded
 
     @property
     def rejects(self) -> list[str]:
@@ -256,7 +257,7 @@ class FaceAssessor:
                     got = photo.result()  # also when the eyes failed: no work left behind on the frame
                 m = measure(bgr, result.faces, dets[0], lm, got)
                 result.landmarks = lm
-                result.measures = m.as_dict()
+                result.measures, result.raw = m.as_dict(), m
                 result.components = components(m, self.t)
                 result.codes = codes_for(m, self.t)
                 # each reject code halves the summary, so a rejected shot scores below a clean one
