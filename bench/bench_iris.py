@@ -4,8 +4,9 @@
    kit's gates) on a 640x480 synthetic NIR frame, against the bare image read (PNG decode of the same frame with
    OpenCV), interleaved in the same run; the ratio is what the quality check costs per shot over reading it.
    Also the synthesiser's own time per frame (the simulator's cost in `rekamd --sim`).
-2. Process memory: resident set after importing numpy/OpenCV (baseline), after importing iris-iqm (numba and
-   llvmlite) and the peak after the runs.
+2. Process memory: iris-iqm (numba and llvmlite) runs in the assessor's helper process, so the caller's resident
+   set after numpy/OpenCV (baseline), after creating the assessor and its peak after the runs are printed beside
+   the helper's own resident set after the runs.
 
     .venv/bin/python bench/bench_iris.py [--rounds N]
 
@@ -71,12 +72,18 @@ def main() -> int:
                 synth_eye("bench", "left", 100 + r)
                 synth.append(time.perf_counter() - t)
     mr, ma, ms = (statistics.median(x) * 1000 for x in (read, assess, synth))
-    print(f"first call (numba cache load or compile): {first * 1000:.0f} ms")
+    print(f"first call (helper start: numba cache load or compile): {first * 1000:.0f} ms")
     print(f"640x480 NIR frame: read {mr:.2f} ms, assess {ma:.1f} ms (median of {len(assess)}), "
           f"ratio assess/read {ma / mr:.0f}x")
     print(f"synthetic eye: {ms:.1f} ms per frame")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"memory: numpy+OpenCV {base:.0f} MiB, +iris-iqm/numba {imported:.0f} MiB, peak {peak:.0f} MiB")
+    helper = float("nan")
+    if assessor.worker.pid is not None:
+        with open(f"/proc/{assessor.worker.pid}/status") as f:
+            helper = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    print(f"memory (caller): numpy+OpenCV {base:.0f} MiB, with the assessor {imported:.0f} MiB, peak {peak:.0f} MiB; "
+          f"iris-iqm helper process {helper:.0f} MiB")
+    assessor.close()
     print(f"load after {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -329,7 +329,7 @@ class EnrollmentStage:
         if kit.enrollment is not None and kit.enrollment.active is not None:
             kit.enrollment.active.cancel.set()
         hardware, kit.hardware = kit.hardware, {}
-        for name in ("sensor", "camera", "iris_camera", "simulator"):
+        for name in ("sensor", "camera", "iris_camera", "iris_quality", "simulator"):
             obj = hardware.get(name)
             if obj is not None:
                 try:

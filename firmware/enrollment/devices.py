@@ -45,7 +45,7 @@ class QualityReadiness:
 
 def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict[str, Any]]:
     """Build the `Devices` for enrollment and return them with the objects to close on stop; the closables
-    hold the `QualityReadiness` under ``quality``."""
+    hold the `QualityReadiness` under ``quality`` and the iris check (its helper process) under ``iris_quality``."""
     hw = open_hardware(cfg, sim, state_dir)
     readiness = QualityReadiness()
     face, err = None, ""
@@ -86,4 +86,5 @@ def open_devices(cfg: Config, sim: bool, state_dir: Path) -> tuple[Devices, dict
                   present_finger=hw.present_finger, iris_camera=hw.iris_camera, iris_assessor=iris_assessor,
                   iris_threshold=cfg.iris.accept_score, iris_attempts=cfg.iris.max_attempts,
                   present_eye=(lambda nik: present_eye(aliases.get(nik, nik))) if present_eye else None)
-    return dev, {**hw.closables, "quality": readiness}
+    extra = {"iris_quality": iris_assessor} if iris_assessor is not None else {}  # its helper process
+    return dev, {**hw.closables, "quality": readiness, **extra}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from firmware.enrollment.payload import jpeg, png
-from firmware.errors import EnrollmentError
+from firmware.errors import EnrollmentError, QualityError
 from firmware.quality.policy import Attempt, CaptureState
 from firmware.system.i18n import N_, gettext
 
@@ -158,7 +158,7 @@ class IrisSignatureSteps:
             except Exception as ex:
                 raise EnrollmentError("iris_camera_error", gettext("iris camera error: {error}", error=ex),
                                       503) from None
-            a = self.dev.iris_assessor.assess(frame)
+            a = self._assess_iris(frame)
             outcome = st.policy.add(Attempt(a.score, list(a.codes), rejected=a.rejected, data=(frame, a)))
             st.outcome = outcome
             e.previews[f"iris-{eye}.jpg"] = jpeg(frame, 640)
@@ -185,10 +185,19 @@ class IrisSignatureSteps:
         except Exception as ex:
             raise EnrollmentError("iris_camera_error", gettext("iris camera error: {error}", error=ex),
                                   503) from None
-        a = self.dev.iris_assessor.assess(frame)
+        a = self._assess_iris(frame)
         e.previews["iris-live.jpg"] = jpeg(frame, 640, quality=70)
         return {"eye": eye, "preview": "iris-live.jpg", "position": a.position, "codes": list(a.codes),
                 "hints": hints(list(a.codes)), "score": round(a.score, 1)}
+
+    def _assess_iris(self: Any, frame: Any) -> Any:
+        """The iris check's verdict on `frame`; its helper failing is a 503 for this shot (the next starts anew)."""
+        try:
+            return self.dev.iris_assessor.assess(frame)
+        except QualityError as ex:
+            log.error("iris quality check failed error=%s", ex)
+            raise EnrollmentError("iris_quality_error", gettext("iris quality check failed: {error}", error=ex),
+                                  503) from None
 
     def iris_exception(self: Any, token: str, eye: str, reason: str) -> None:
         """Record why `eye` is not captured (missing, blind, prosthesis, disease...)."""

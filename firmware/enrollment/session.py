@@ -367,6 +367,8 @@ class EnrollmentService(irismod.IrisSignatureSteps):
             self._audit("nik_override", s.operator.id, enrollment=e.id, previous=previous, reason=override_reason)
         self._audit("enrollment_start", s.operator.id, enrollment=e.id)
         log.info("enrollment started enrollment=%s operator=%s", e.id, s.operator.id)
+        if e.irises and self.dev.iris_assessor is not None and hasattr(self.dev.iris_assessor, "prepare"):
+            self.dev.iris_assessor.prepare()  # the iris check's helper starts while the face is taken
         self._emit("started", enrollment=e.id)
         return e
 

@@ -45,11 +45,11 @@ def test_defects_of_another_resident_and_eye_are_rejected(assessor: IrisAssessor
             assert assessor.assess(synth_eye(RESIDENTS[1], "left", n, DEFECTS[defect])).rejected, (defect, n)
 
 
-def test_too_close_and_thresholds_come_from_config() -> None:
+def test_too_close_and_thresholds_come_from_config(assessor: IrisAssessor) -> None:
     close = synth_eye(RESIDENTS[0], "left", 1, EyeParams(scale=1.35))
-    assert "TOO_CLOSE" in IrisAssessor().assess(close).codes
+    assert "TOO_CLOSE" in assessor.assess(close).codes
     good = synth_eye(RESIDENTS[0], "left", 1)
-    strict = IrisAssessor(IrisConfig(iris_diameter_min=260))
+    strict = IrisAssessor(IrisConfig(iris_diameter_min=260), worker=assessor.worker)  # one helper for both
     a = strict.assess(good)
     assert a.codes[0] == "TOO_FAR" and a.position["distance"] == "too_far"
 
