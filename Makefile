@@ -29,6 +29,7 @@ system-deps:
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
 	command -v udevadm >/dev/null 2>&1 || [ -x /usr/bin/udevadm ] || missing="$$missing udev"; \
 	[ -x /usr/sbin/mkfs.vfat ] || [ -x /sbin/mkfs.vfat ] || missing="$$missing dosfstools"; \
 	[ -x /usr/sbin/mkfs.exfat ] || [ -x /sbin/mkfs.exfat ] || missing="$$missing exfatprogs"; \

@@ -1,0 +1,319 @@
+"""rekamd under a live systemd: the shipped unit files run by systemd as PID 1.
+
+`test_units.py` checks the units offline (`systemd-analyze verify`, the exposure rating). This runs them: a
+container (`systemd-nspawn --boot`) boots this machine's own /usr with a copy of its /etc, the rekam user and
+groups as `install.sh` makes them, every unit of `systemd/` in /etc/systemd/system and a venv at
+/opt/rekam/venv on the Debian interpreter (/usr/bin/python3, as on the Pi) that imports this checkout and its
+venv's packages. What the unit promises is then checked on the real thing: `Type=notify` (start returns at
+READY), the sandbox (user, seccomp, no capabilities, no new privileges, a read-only system with the state
+directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` from firing), `Restart=always`
+after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, and a clean stop well
+inside `TimeoutStopSec=`. A whole simulated enrollment (face and fingerprint quality models, sealing, the SD
+and the stick) runs inside that sandbox.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.console.conftest import NIK_MALE, OPERATOR, _operators_block, enroll
+from tests.support import free_port, write_daemon_config
+from tests.system.conftest import REPO, SYSTEMD_DIR, need_root, need_tool
+
+UNIT = "rekamd.service"
+# What install.sh enables on a kit (its have_systemd branch).
+ENABLED = ["rekam-firstboot.service", UNIT, "rekam-usb-eject.path", "rekam-update.path", "rekam-fleet-pin.path"]
+STICK = "/media/rekam-usb"
+
+
+class Container:
+    """A booted systemd-nspawn container; `sh(...)` runs a command inside it (nsenter into every namespace)."""
+
+    def __init__(self, root: Path, binds_ro: list[Path]) -> None:
+        self.root = root
+        self.etc, self.opt, self.state = root / "etc", root / "opt", root / "state"
+        self.binds_ro = binds_ro
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+
+    def boot(self, timeout: float = 90.0) -> None:
+        nspawn = need_tool("systemd-nspawn", "systemd-container")
+        args = [nspawn, "--quiet", "--register=no", "--keep-unit", "--directory=/", "--volatile=yes",
+                f"--machine=rekam-test-{os.getpid()}", "--console=read-only",
+                f"--bind={self.etc}:/etc", f"--bind={self.opt}:/opt", f"--bind={self.state}:/var/lib/rekam",
+                *(f"--bind-ro={p}" for p in self.binds_ro), "--boot"]
+        log = open(self.root / "boot.log", "wb")  # noqa: SIM115 (kept by the child)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.leader:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the container did not start: {self.boot_log()}")
+            kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            for pid in kids:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    self.leader = int(pid)
+            time.sleep(0.1)
+        left = max(1.0, deadline - time.monotonic())
+        r = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=left)
+        if r.stdout.strip() not in ("running", "degraded"):
+            pytest.fail(f"the container's systemd did not finish booting ({r.stdout.strip()}): {self.boot_log()}")
+
+    def boot_log(self) -> str:
+        return (self.root / "boot.log").read_text(errors="replace")[-3000:]
+
+    def sh(self, *cmd: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *cmd], capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}\n"
+                        f"{self.journal()}")
+        return r
+
+    def show(self, *props: str) -> dict[str, str]:
+        out = self.sh("systemctl", "show", UNIT, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self, lines: int = 60) -> str:
+        r = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "journalctl", "-u", UNIT, "--no-pager",
+                            "-o", "cat", "-n", str(lines)], capture_output=True, text=True, timeout=30)
+        return r.stdout
+
+    def wait_for(self, what: str, cond: Any, timeout: float = 60.0) -> dict[str, str]:
+        """Poll the unit's properties until `cond(props)`; fail naming `what` with the journal."""
+        deadline = time.monotonic() + timeout
+        while True:
+            props = self.show("ActiveState", "SubState", "Result", "MainPID", "NRestarts", "ExecMainStatus",
+                              "ExecMainCode", "StatusText", "WatchdogTimestampMonotonic")
+            if cond(props):
+                return props
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not reached in {timeout:.0f} s, unit {props}\n{self.journal()}")
+            time.sleep(0.2)
+
+    def poweroff(self) -> None:
+        if self.proc is None:
+            return
+        if self.leader and self.proc.poll() is None:
+            subprocess.run(["nsenter", "-t", str(self.leader), "-a", "systemctl", "poweroff", "--no-block"],
+                           capture_output=True, timeout=30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _free_id(etc: Path) -> int:
+    """A system uid that is also free as a gid in the copied passwd and group."""
+    used = {int(line.split(":")[2]) for name in ("passwd", "group")
+            for line in (etc / name).read_text().splitlines() if line.count(":") >= 2}
+    return next(i for i in range(999, 100, -1) if i not in used)
+
+
+def _stage_etc(etc: Path) -> None:
+    """This machine's /etc with the rekam user and groups, none of its own services enabled, the units of systemd/."""
+    shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    uid = _free_id(etc)
+    groups = (etc / "group").read_text().splitlines()
+    names = {g.split(":")[0] for g in groups}
+    for g in ("dialout", "gpio", "video", "i2c"):  # install.sh: groupadd --system where missing
+        if g not in names:
+            groups.append(f"{g}:x:{_free_id_in(groups, uid)}:")
+    groups = [_add_member(g, "rekam") if g.split(":")[0] in ("dialout", "gpio", "video", "i2c") else g for g in groups]
+    groups.append(f"rekam:x:{uid}:")
+    (etc / "group").write_text("\n".join(groups) + "\n")
+    with open(etc / "passwd", "a") as f:
+        f.write(f"rekam:x:{uid}:{uid}:rekam enrollment kit daemon:/var/lib/rekam:/usr/sbin/nologin\n")
+    with open(etc / "shadow", "a") as f:
+        f.write("rekam:!:20000::::::\n")
+    units = etc / "systemd" / "system"
+    for wants in units.glob("*.wants"):  # the host's postgres, mosquitto, timers ...: not part of this boot
+        shutil.rmtree(wants)
+    for unit in SYSTEMD_DIR.iterdir():
+        if unit.suffix in (".service", ".path", ".timer"):
+            shutil.copy(unit, units / unit.name)
+
+
+def _free_id_in(groups: list[str], taken: int) -> int:
+    used = {int(g.split(":")[2]) for g in groups if g.count(":") >= 2} | {taken}
+    return next(i for i in range(998, 100, -1) if i not in used)
+
+
+def _add_member(line: str, user: str) -> str:
+    members = [m for m in line.split(":")[3].split(",") if m] if line.count(":") >= 3 else []
+    head = ":".join(line.split(":")[:3])
+    return f"{head}:{','.join([*members, user])}"
+
+
+def _stage_venv(opt: Path) -> None:
+    """/opt/rekam/venv on /usr/bin/python3 importing this checkout and this venv's packages; current -> venv."""
+    venv = opt / "rekam" / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    (site / "rekam-under-test.pth").write_text(f"{REPO}\n{sysconfig.get_paths()['purelib']}\n")
+    for ep in importlib.metadata.distribution("rekam").entry_points:
+        if ep.group == "console_scripts":
+            script = venv / "bin" / ep.name
+            script.write_text(f"#!/opt/rekam/venv/bin/python\nimport sys\nfrom {ep.module} import {ep.attr}\n"
+                              f"sys.exit({ep.attr}())\n")
+            script.chmod(0o755)
+    (opt / "rekam" / "current").symlink_to("venv")
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[Container]:
+    need_root("booting a systemd container")
+    py = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                        text=True, timeout=30)
+    if py.stdout.strip() != str(sys.version_info[:2]):
+        pytest.fail(f"/usr/bin/python3 is {py.stdout.strip() or py.stderr.strip()}, this venv {sys.version_info[:2]}: "
+                    "the container's venv imports this venv's compiled packages")
+    root = tmp_path_factory.mktemp("nspawn")
+    c = Container(root, sorted({REPO, Path(sysconfig.get_paths()["purelib"]).resolve(), corpus_dir.resolve()}))
+    _stage_etc(c.etc)
+    _stage_venv(c.opt)
+    c.state.mkdir()
+    c.boot()
+    try:
+        c.sh("systemctl", "enable", *ENABLED)
+        c.sh("install", "-d", "-o", "rekam", "-g", "rekam", "-m", "0700", STICK)
+        yield c
+    finally:
+        c.poweroff()
+
+
+def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, sim: bool, watchdog_s: int = 0,
+               broken: bool = False) -> int:
+    """Stop the daemon, write /etc/rekam (config, data-center key) and the unit's drop-in; returns the API port."""
+    c.sh("systemctl", "stop", UNIT, check=False, timeout=40)  # whatever an earlier test left running
+    port = free_port()
+    cfg = write_daemon_config(tmp, dc_keys["pub_path"], corpus, _operators_block(),
+                              kit={"state_dir": "/var/lib/rekam", "site": "test-site"},
+                              datacenter={"public_key_files": ["/etc/rekam/datacenter.pub"]},
+                              usb={"mount_point": STICK}, api={"port": port}, camera={"backend": "sim"},
+                              simulation={"sensor_wire_speed": 0},
+                              enrollment={"fingers": ["R1", "R2"], "dedup_fingers": []},
+                              store={"reserve_floor_mb": -1 if broken else 1})
+    text = cfg.read_text()
+    d = c.etc / "rekam"
+    d.mkdir(exist_ok=True)
+    (d / "rekam.toml").write_text(text)
+    shutil.copy(dc_keys["pub_path"], d / "datacenter.pub")
+    dropin = c.etc / "systemd" / "system" / f"{UNIT}.d"
+    shutil.rmtree(dropin, ignore_errors=True)
+    lines = []
+    if sim:  # the shipped ExecStart plus --sim: the simulated sensor and the corpus camera
+        lines += ["ExecStart=", "ExecStart=/opt/rekam/current/bin/rekamd --config /etc/rekam/rekam.toml --sim"]
+    if watchdog_s:
+        lines.append(f"WatchdogSec={watchdog_s}")
+    if lines:
+        dropin.mkdir()
+        (dropin / "test.conf").write_text("[Service]\n" + "\n".join(lines) + "\n")
+    c.sh("chgrp", "-R", "rekam", "/etc/rekam")
+    c.sh("chmod", "0640", "/etc/rekam/rekam.toml", "/etc/rekam/datacenter.pub")
+    c.sh("systemctl", "daemon-reload")
+    c.sh("systemctl", "reset-failed", UNIT, check=False)
+    return port
+
+
+def _proc_status(c: Container, pid: str) -> dict[str, str]:
+    text = c.sh("cat", f"/proc/{pid}/status").stdout
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
+def _stop(c: Container) -> float:
+    t0 = time.monotonic()
+    c.sh("systemctl", "stop", UNIT, timeout=40)
+    return time.monotonic() - t0
+
+
+def test_shipped_unit_ready_sandboxed_and_stops_cleanly(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
+                                                        corpus_dir: Path) -> None:
+    port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=False)
+    box.sh("systemctl", "start", UNIT, timeout=120)  # Type=notify: returns once the daemon said READY=1
+    props = box.show("ActiveState", "SubState", "MainPID", "StatusText", "NRestarts")
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running"), (props, box.journal())
+    st = _proc_status(box, props["MainPID"])
+    uid = box.sh("id", "-u", "rekam").stdout.strip()
+    assert st["Uid"].split()[:2] == [uid, uid], st["Uid"]
+    assert st["Seccomp"] == "2" and st["NoNewPrivs"] == "1", st  # SystemCallFilter=, NoNewPrivileges=
+    assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0, st  # CapabilityBoundingSet= (empty)
+    # ProtectSystem=strict: the daemon cannot write outside its state directory (and /media, /run/rekam)
+    pid = props["MainPID"]
+    probe = box.sh("nsenter", "-t", pid, "-m", "-S", uid, "-G", uid, "sh", "-c",
+                   "touch /etc/rekam/x 2>&1; touch /opt/rekam/x 2>&1;"
+                   " touch /var/lib/rekam/probe && rm /var/lib/rekam/probe && echo state-ok",
+                   check=False)
+    assert "Read-only file system" in probe.stdout and "state-ok" in probe.stdout, probe.stdout + probe.stderr
+    assert (box.state / "journal.db").is_file() and (box.state / "api.token").is_file()
+    token = (box.state / "api.token").read_text().strip()
+    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert oct(box.state.stat().st_mode & 0o777) == "0o700" and box.state.stat().st_uid == int(uid)
+    took = _stop(box)
+    props = box.show("ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (props, box.journal())
+    assert took < 5, f"stop took {took:.1f} s (TimeoutStopSec=20)"
+    assert "rekamd: stopped" in box.journal(), box.journal()
+
+
+def test_sim_enrollment_in_the_sandbox_watchdog_and_restart(box: Container, tmp_path: Path,
+                                                            dc_keys: dict[str, Any], corpus_dir: Path) -> None:
+    port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=True, watchdog_s=4)
+    box.sh("systemctl", "start", UNIT, timeout=180)
+    first = box.show("MainPID", "NRestarts", "WatchdogTimestampMonotonic")
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=120) as c:
+        r = c.post("/api/v1/auth/signin", json={"operator_id": OPERATOR[0], "pin": OPERATOR[1]})
+        assert r.status_code == 200, r.text
+        c.headers["Authorization"] = f"Bearer {r.json()['token']}"
+        receipt = enroll(c, NIK_MALE)
+    rid = receipt["record_id"]
+    on_sd = [p for p in (box.state / "records").rglob("*") if p.is_file() and rid in p.name]
+    assert on_sd, f"record {rid} not on the SD: {sorted((box.state / 'records').rglob('*'))}"
+    token = (box.state / "api.token").read_text().strip()
+    deadline = time.monotonic() + 30  # the stick (a folder under /media, ReadWritePaths=-/media) gets its copy
+    while not box.sh("find", STICK, "-name", f"*{rid}*", "-type", "f").stdout.strip():
+        assert time.monotonic() < deadline, f"record {rid} not mirrored to {STICK}\n{box.journal()}"
+        time.sleep(0.5)
+    # Three watchdog periods later: still the same process (no SIGABRT), and its pings arrive.
+    time.sleep(12)
+    now = box.show("MainPID", "NRestarts", "WatchdogTimestampMonotonic", "ActiveState")
+    assert (now["MainPID"], now["NRestarts"], now["ActiveState"]) == (first["MainPID"], first["NRestarts"], "active"), (
+        now, box.journal())
+    assert int(now["WatchdogTimestampMonotonic"]) > int(first["WatchdogTimestampMonotonic"]), now
+    # Killed: Restart=always brings it back (RestartSec=3), READY again, the record still there.
+    box.sh("systemctl", "kill", "--signal=SIGKILL", UNIT)
+    box.wait_for("restart after SIGKILL", lambda p: p["ActiveState"] == "active" and p["SubState"] == "running"
+                 and p["MainPID"] not in ("0", first["MainPID"]) and int(p["NRestarts"]) == int(first["NRestarts"]) + 1)
+    token = (box.state / "api.token").read_text().strip()  # a new local token every start
+    recs = httpx.get(f"{base}/api/v1/records", headers={"X-Rekam-Token": token}, timeout=30)
+    assert recs.status_code == 200 and [r["id"] for r in recs.json()] == [rid], recs.text
+    _stop(box)
+
+
+def test_broken_config_is_not_restarted(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
+                                        corpus_dir: Path) -> None:
+    _configure(box, tmp_path, dc_keys, corpus_dir, sim=False, broken=True)
+    box.sh("systemctl", "start", UNIT, check=False, timeout=120)
+    props = box.wait_for("failed with 78", lambda p: p["ActiveState"] == "failed")
+    assert props["ExecMainStatus"] == "78" and props["NRestarts"] == "0", (props, box.journal())
+    time.sleep(4)  # past RestartSec=3: RestartPreventExitStatus= keeps it down
+    again = box.show("ActiveState", "NRestarts")
+    assert again == {"ActiveState": "failed", "NRestarts": "0"}, again
+    assert "reserve_floor_mb" in box.journal(), box.journal()
