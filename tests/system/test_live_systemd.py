@@ -7,8 +7,8 @@ groups as `install.sh` makes them, every unit of `systemd/` in /etc/systemd/syst
 venv's packages. What the unit promises is then checked on the real thing: `Type=notify` (start returns at
 READY), the sandbox (user, seccomp, no capabilities, no new privileges, a read-only system with the state
 directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` from firing), `Restart=always`
-after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, and a clean stop well
-inside `TimeoutStopSec=`. A whole simulated enrollment (face and fingerprint quality models, sealing, the SD
+after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, a clean stop well
+inside `TimeoutStopSec=`, and the fleet-key pin started by its path unit. A whole simulated enrollment (face and fingerprint quality models, sealing, the SD
 and the stick) runs inside that sandbox.
 """
 
@@ -317,3 +317,50 @@ def test_broken_config_is_not_restarted(box: Container, tmp_path: Path, dc_keys:
     again = box.show("ActiveState", "NRestarts")
     assert again == {"ActiveState": "failed", "NRestarts": "0"}, again
     assert "reserve_floor_mb" in box.journal(), box.journal()
+
+
+def test_claimed_fleet_key_is_pinned_by_the_path_unit(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
+                                                      corpus_dir: Path) -> None:
+    """rekam-fleet-pin.path sees the claim write control/fleet.pub and starts the root oneshot that pins it;
+    a different key written later is refused and the pin kept (docs/updates.md)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware.wire import control_protocol as cp
+
+    _configure(box, tmp_path, dc_keys, corpus_dir, sim=False)
+    box.sh("systemctl", "start", "rekam-fleet-pin.path")  # install.sh starts it after enabling it
+    uid = int(box.sh("id", "-u", "rekam").stdout)
+    control, pin = box.state / "control", box.etc / "rekam" / "fleet.pub"
+    control.mkdir(exist_ok=True)
+    os.chown(control, uid, uid)
+
+    def claim(key: Ed25519PrivateKey) -> None:  # what the daemon's claim does, as the rekam user
+        tmp = control / ".fleet.pub.tmp"
+        tmp.write_text(cp.public_b64(key) + "\n")
+        os.chown(tmp, uid, uid)
+        tmp.chmod(0o644)
+        tmp.rename(control / "fleet.pub")
+
+    first = Ed25519PrivateKey.generate()
+    claim(first)
+    deadline = time.monotonic() + 30
+    while not pin.exists():
+        if time.monotonic() > deadline:
+            r = box.sh("journalctl", "-u", "rekam-fleet-pin.service", "-u", "rekam-fleet-pin.path", "--no-pager",
+                       "-o", "cat", check=False)
+            pytest.fail(f"no pin after the claim wrote control/fleet.pub:\n{r.stdout}")
+        time.sleep(0.2)
+    assert pin.read_text().strip() == cp.public_b64(first)
+    assert pin.stat().st_uid == 0 and pin.stat().st_mode & 0o022 == 0
+    # A compromised daemon swaps in its own key: the pin service refuses (exit 3) and keeps the pin. (Once the
+    # first run is over: a change while the oneshot still runs does not queue a second run.)
+    while box.sh("systemctl", "is-active", "rekam-fleet-pin.service", check=False).stdout.strip() == "activating":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    claim(Ed25519PrivateKey.generate())
+    deadline = time.monotonic() + 30
+    while "fleet_key_changed" not in (log := box.sh("journalctl", "-u", "rekam-fleet-pin.service", "--no-pager",
+                                                     "-o", "cat", check=False).stdout):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.2)
+    assert pin.read_text().strip() == cp.public_b64(first)
