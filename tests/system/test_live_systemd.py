@@ -8,8 +8,9 @@ venv's packages. What the unit promises is then checked on the real thing: `Type
 READY), the sandbox (user, seccomp, no capabilities, no new privileges, a read-only system with the state
 directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` from firing), `Restart=always`
 after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, a clean stop well
-inside `TimeoutStopSec=`, and the fleet-key pin started by its path unit. A whole simulated enrollment (face and fingerprint quality models, sealing, the SD
-and the stick) runs inside that sandbox.
+inside `TimeoutStopSec=`, the fleet-key pin started by its path unit, and a pushed update that cannot start
+rolled back by the root updater its path unit starts. A whole simulated enrollment (face and fingerprint
+quality models, sealing, the SD and the stick) runs inside that sandbox.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[
 
 
 def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, sim: bool, watchdog_s: int = 0,
-               broken: bool = False) -> int:
+               broken: bool = False, control: dict[str, Any] | None = None) -> int:
     """Stop the daemon, write /etc/rekam (config, data-center key) and the unit's drop-in; returns the API port."""
     c.sh("systemctl", "stop", UNIT, check=False, timeout=40)  # whatever an earlier test left running
     port = free_port()
@@ -208,7 +209,7 @@ def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, s
                               usb={"mount_point": STICK}, api={"port": port}, camera={"backend": "sim"},
                               simulation={"sensor_wire_speed": 0},
                               enrollment={"fingers": ["R1", "R2"], "dedup_fingers": []},
-                              store={"reserve_floor_mb": -1 if broken else 1})
+                              store={"reserve_floor_mb": -1 if broken else 1}, control=control or {})
     text = cfg.read_text()
     d = c.etc / "rekam"
     d.mkdir(exist_ok=True)
@@ -364,3 +365,55 @@ def test_claimed_fleet_key_is_pinned_by_the_path_unit(box: Container, tmp_path: 
         assert time.monotonic() < deadline, log
         time.sleep(0.2)
     assert pin.read_text().strip() == cp.public_b64(first)
+
+
+def test_pushed_update_that_cannot_start_is_rolled_back(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
+                                                        corpus_dir: Path) -> None:
+    """The daemon's download lands in updates/pending.rkup; rekam-update.path starts the root oneshot, which
+    verifies it with the root-owned key (here `control.fleet_public_key` in /etc/rekam), installs a slot from
+    /usr/bin/python3, switches and restarts rekamd through the real systemctl; the release cannot reach READY, so
+    the updater switches back and the previous daemon runs again (docs/updates.md)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware.wire import control_protocol as cp
+    from tests.update.conftest import make_bundle, tiny_wheel
+
+    fleet = Ed25519PrivateKey.generate()
+    port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=False, control={"fleet_public_key": cp.public_b64(fleet)})
+    box.sh("systemctl", "start", UNIT, timeout=120)
+    box.sh("systemctl", "start", "rekam-update.path")
+    before = box.show("MainPID")["MainPID"]
+    uid = int(box.sh("id", "-u", "rekam").stdout)
+    bundle = make_bundle(tmp_path, tiny_wheel(tmp_path, "0.2.0", "sys.exit(1)"), "0.2.0", fleet)
+    updates = box.state / "updates"
+    updates.mkdir(exist_ok=True)
+    os.chown(updates, uid, uid)
+    tmp = updates / ".pending.tmp"  # as update_fetch writes it: complete, then renamed into place
+    shutil.copy(bundle, tmp)
+    os.chown(tmp, uid, uid)
+    tmp.rename(updates / "pending.rkup")
+
+    def updater_log() -> str:
+        return box.sh("journalctl", "-u", "rekam-update.service", "--no-pager", "-o", "cat", check=False).stdout
+
+    deadline = time.monotonic() + 240
+    while True:  # the oneshot ran (it removes the pending file) and is over
+        ran = "rekam-update.service: Deactivated" in (log := updater_log()) or "Failed with result" in log
+        if ran and not (updates / "pending.rkup").exists():
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"the updater did not run to its end:\n{log}\n{box.journal()}")
+        time.sleep(0.5)
+    st = box.sh("/opt/rekam/current/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
+                check=False)
+    assert os.readlink(box.opt / "rekam" / "current") == "venv", (st.stdout, log)
+    status = __import__("json").loads(st.stdout)
+    assert status["last_result"]["version"] == "0.2.0" and status["last_result"]["status"] != "installed", status
+    assert "0.2.0" in status["failed_versions"], (status, log)
+    props = box.wait_for("the previous daemon running again", lambda p: p["ActiveState"] == "active"
+                         and p["SubState"] == "running")
+    assert props["MainPID"] != before, props
+    token = (box.state / "api.token").read_text().strip()
+    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30)
+    assert r.status_code == 200, r.text
+    _stop(box)
