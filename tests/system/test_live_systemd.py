@@ -8,8 +8,9 @@ venv's packages. What the unit promises is then checked on the real thing: `Type
 READY), the sandbox (user, seccomp, no capabilities, no new privileges, a read-only system with the state
 directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` from firing), `Restart=always`
 after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, a clean stop well
-inside `TimeoutStopSec=`, the fleet-key pin started by its path unit, and a pushed update that cannot start
-rolled back by the root updater its path unit starts. A whole simulated enrollment (face and fingerprint
+inside `TimeoutStopSec=`, the fleet-key pin started by its path unit, a pushed update that cannot start
+rolled back by the root updater its path unit starts, and a promoted update that then crash-loops rolled back
+by `OnFailure=` (rekam-rollback.service). A whole simulated enrollment (face and fingerprint
 quality models, sealing, the SD and the stick) runs inside that sandbox.
 """
 
@@ -47,6 +48,7 @@ class Container:
         self.root = root
         self.etc, self.opt, self.state = root / "etc", root / "opt", root / "state"
         self.binds_ro = binds_ro
+        self.extra_binds: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
 
@@ -55,7 +57,7 @@ class Container:
         args = [nspawn, "--quiet", "--register=no", "--keep-unit", "--directory=/", "--volatile=yes",
                 f"--machine=rekam-test-{os.getpid()}", "--console=read-only",
                 f"--bind={self.etc}:/etc", f"--bind={self.opt}:/opt", f"--bind={self.state}:/var/lib/rekam",
-                *(f"--bind-ro={p}" for p in self.binds_ro), "--boot"]
+                *(f"--bind-ro={p}" for p in self.binds_ro), *self.extra_binds, "--boot"]
         log = open(self.root / "boot.log", "wb")  # noqa: SIM115 (kept by the child)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -189,6 +191,17 @@ def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[
     _stage_etc(c.etc)
     _stage_venv(c.opt)
     c.state.mkdir()
+    # Test shortcut for update slots: a slot is a venv with the system site (as on the Pi, for picamera2) and only
+    # the bundle's wheels; a production bundle carries every dependency as a wheel, this CI has no wheelhouse. So
+    # the container's /usr/local site (first on Debian's system path) points at this venv's packages. The
+    # checkout itself is not on it: a slot runs the rekam its bundle installed.
+    system_site = subprocess.run(["/usr/bin/python3", "-c", "import site; print(site.getsitepackages()[0])"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+    if system_site and Path(system_site).is_dir():
+        deps = root / "system-site"
+        deps.mkdir()
+        (deps / "rekam-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        c.extra_binds.append(f"--bind-ro={deps}:{system_site}")
     c.boot()
     try:
         c.sh("systemctl", "enable", *ENABLED)
@@ -416,4 +429,70 @@ def test_pushed_update_that_cannot_start_is_rolled_back(box: Container, tmp_path
     token = (box.state / "api.token").read_text().strip()
     r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30)
     assert r.status_code == 200, r.text
+    _stop(box)
+
+
+def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Container, tmp_path: Path,
+                                                                    dc_keys: dict[str, Any], corpus_dir: Path) -> None:
+    """A good release (the real rekam wheel at 0.2.0) passes its trial and is promoted; when it then crash-loops,
+    systemd gives up (StartLimitBurst=5), `OnFailure=` starts rekam-rollback.service, whose condition (the
+    rollback window, this boot) holds, and the previous slot runs again: the brick guard, end to end."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware.wire import control_protocol as cp
+    from tests.update.conftest import build_rekam_wheel, make_bundle
+
+    if not box.extra_binds:
+        pytest.fail("no system site folder on /usr/bin/python3 to give update slots their dependencies")
+    fleet = Ed25519PrivateKey.generate()
+    port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=False, control={"fleet_public_key": cp.public_b64(fleet)})
+    box.sh("systemctl", "start", UNIT, timeout=120)
+    box.sh("systemctl", "start", "rekam-update.path")
+    uid = int(box.sh("id", "-u", "rekam").stdout)
+    bundle = make_bundle(tmp_path, build_rekam_wheel(tmp_path / "wheel", "0.2.0"), "0.2.0", fleet)
+    updates = box.state / "updates"
+    updates.mkdir(exist_ok=True)
+    os.chown(updates, uid, uid)
+    tmp = updates / ".pending.tmp"
+    shutil.copy(bundle, tmp)
+    os.chown(tmp, uid, uid)
+    tmp.rename(updates / "pending.rkup")
+
+    def status() -> dict[str, Any]:
+        r = box.sh("/opt/rekam/venv/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
+                   check=False)
+        return json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+
+    def logs() -> str:
+        return box.sh("journalctl", "-u", "rekam-update.service", "-u", "rekam-rollback.service", "-u", UNIT,
+                      "--no-pager", "-o", "cat", "-n", "80", check=False).stdout
+
+    deadline = time.monotonic() + 300
+    while (status().get("last_result") or {}).get("status") != "promoted":
+        if time.monotonic() > deadline:
+            pytest.fail(f"0.2.0 not promoted: {status()}\n{logs()}")
+        time.sleep(1)
+    assert os.readlink(box.opt / "rekam" / "current") == "releases/0.2.0"
+    token = (box.state / "api.token").read_text().strip()
+    st = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30).json()
+    assert st["daemon"]["version"] == "0.2.0", st["daemon"]
+    # The promoted release now fails at every start (a bad file, a broken dependency ...).
+    (daemon_py,) = (box.opt / "rekam" / "releases" / "0.2.0").glob("lib/python3*/site-packages/firmware/daemon.py")
+    daemon_py.write_text("import sys\n\n\ndef run():\n    sys.exit(1)\n")
+    box.sh("systemctl", "restart", UNIT, check=False, timeout=120)
+    deadline = time.monotonic() + 180
+    while (status().get("last_result") or {}).get("code") != "crash_loop":
+        if time.monotonic() > deadline:
+            pytest.fail(f"no crash-loop rollback: {status()}\n{logs()}")
+        time.sleep(1)
+    assert os.readlink(box.opt / "rekam" / "current") == "venv", status()
+    props = box.wait_for("the previous daemon running after the rollback",
+                         lambda p: p["ActiveState"] == "active" and p["SubState"] == "running", timeout=90)
+    assert props["ActiveState"] == "active"
+    token = (box.state / "api.token").read_text().strip()
+    st = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30).json()
+    assert st["daemon"]["version"] == "0.1.0", st["daemon"]
+    assert "Triggering OnFailure= dependencies" in logs(), logs()
     _stop(box)
