@@ -9,14 +9,16 @@ READY), the sandbox (user, seccomp, no capabilities, no new privileges, a read-o
 directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` from firing), `Restart=always`
 after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, a clean stop well
 inside `TimeoutStopSec=`, the fleet-key pin started by its path unit, a pushed update that cannot start
-rolled back by the root updater its path unit starts, and a promoted update that then crash-loops rolled back
-by `OnFailure=` (rekam-rollback.service). A whole simulated enrollment (face and fingerprint
-quality models, sealing, the SD and the stick) runs inside that sandbox.
+rolled back by the root updater its path unit starts, a promoted update that then crash-loops rolled back
+by `OnFailure=` (rekam-rollback.service), and the battery safe stop (exit 77) powering the machine off. A
+whole simulated enrollment (face and fingerprint quality models, sealing, the SD and the stick) runs inside
+that sandbox.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import os
 import shutil
 import signal
@@ -39,6 +41,7 @@ UNIT = "rekamd.service"
 # What install.sh enables on a kit (its have_systemd branch).
 ENABLED = ["rekam-firstboot.service", UNIT, "rekam-usb-eject.path", "rekam-update.path", "rekam-fleet-pin.path"]
 STICK = "/media/rekam-usb"
+_SERIAL = itertools.count()
 
 
 class Container:
@@ -55,7 +58,7 @@ class Container:
     def boot(self, timeout: float = 90.0) -> None:
         nspawn = need_tool("systemd-nspawn", "systemd-container")
         args = [nspawn, "--quiet", "--register=no", "--keep-unit", "--directory=/", "--volatile=yes",
-                f"--machine=rekam-test-{os.getpid()}", "--console=read-only",
+                f"--machine=rekam-test-{os.getpid()}-{next(_SERIAL)}", "--console=read-only",
                 f"--bind={self.etc}:/etc", f"--bind={self.opt}:/opt", f"--bind={self.state}:/var/lib/rekam",
                 *(f"--bind-ro={p}" for p in self.binds_ro), *self.extra_binds, "--boot"]
         log = open(self.root / "boot.log", "wb")  # noqa: SIM115 (kept by the child)
@@ -178,15 +181,14 @@ def _stage_venv(opt: Path) -> None:
     (opt / "rekam" / "current").symlink_to("venv")
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[Container]:
+def _container(root: Path, corpus_dir: Path) -> Container:
+    """A staged, booted container under `root` with rekam's units enabled and the stick folder made."""
     need_root("booting a systemd container")
     py = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                         text=True, timeout=30)
     if py.stdout.strip() != str(sys.version_info[:2]):
         pytest.fail(f"/usr/bin/python3 is {py.stdout.strip() or py.stderr.strip()}, this venv {sys.version_info[:2]}: "
                     "the container's venv imports this venv's compiled packages")
-    root = tmp_path_factory.mktemp("nspawn")
     c = Container(root, sorted({REPO, Path(sysconfig.get_paths()["purelib"]).resolve(), corpus_dir.resolve()}))
     _stage_etc(c.etc)
     _stage_venv(c.opt)
@@ -202,17 +204,31 @@ def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[
         deps.mkdir()
         (deps / "rekam-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         c.extra_binds.append(f"--bind-ro={deps}:{system_site}")
+    # The journal on the host (persistent journald storage): readable after the container is gone.
+    (root / "journal").mkdir()
+    c.extra_binds.append(f"--bind={root / 'journal'}:/var/log/journal")
     c.boot()
     try:
         c.sh("systemctl", "enable", *ENABLED)
         c.sh("install", "-d", "-o", "rekam", "-g", "rekam", "-m", "0700", STICK)
+    except BaseException:
+        c.poweroff()
+        raise
+    return c
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Iterator[Container]:
+    c = _container(tmp_path_factory.mktemp("nspawn"), corpus_dir)
+    try:
         yield c
     finally:
         c.poweroff()
 
 
 def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, sim: bool, watchdog_s: int = 0,
-               broken: bool = False, control: dict[str, Any] | None = None) -> int:
+               broken: bool = False, control: dict[str, Any] | None = None, power: dict[str, Any] | None = None,
+               simulation: dict[str, Any] | None = None) -> int:
     """Stop the daemon, write /etc/rekam (config, data-center key) and the unit's drop-in; returns the API port."""
     c.sh("systemctl", "stop", UNIT, check=False, timeout=40)  # whatever an earlier test left running
     port = free_port()
@@ -220,7 +236,7 @@ def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, s
                               kit={"state_dir": "/var/lib/rekam", "site": "test-site"},
                               datacenter={"public_key_files": ["/etc/rekam/datacenter.pub"]},
                               usb={"mount_point": STICK}, api={"port": port}, camera={"backend": "sim"},
-                              simulation={"sensor_wire_speed": 0},
+                              simulation={"sensor_wire_speed": 0, **(simulation or {})}, power=power or {},
                               enrollment={"fingers": ["R1", "R2"], "dedup_fingers": []},
                               store={"reserve_floor_mb": -1 if broken else 1}, control=control or {})
     text = cfg.read_text()
@@ -496,3 +512,35 @@ def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Containe
     assert st["daemon"]["version"] == "0.1.0", st["daemon"]
     assert "Triggering OnFailure= dependencies" in logs(), logs()
     _stop(box)
+
+
+def test_battery_safe_stop_powers_the_machine_off(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                  dc_keys: dict[str, Any], corpus_dir: Path) -> None:
+    """At critical battery the daemon stops safely and exits 77; the unit's root `ExecStopPost=` powers the machine
+    off (here: the container), not a restart (`RestartPreventExitStatus=`), and the store was closed cleanly.
+    A container of its own: this one does not come back."""
+    import sqlite3
+
+    c = _container(tmp_path_factory.mktemp("nspawn-power"), corpus_dir)
+    try:
+        _configure(c, tmp_path, dc_keys, corpus_dir, sim=True, power={"enabled": True, "gauge": "sim", "poll_s": 0.5},
+                   simulation={"battery_start_percent": 5.0})
+        c.sh("systemctl", "start", "--no-block", UNIT)
+        assert c.proc is not None
+        try:
+            code = c.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the container was not powered off within 120 s\n{c.journal()}")
+    finally:
+        c.poweroff()
+    log = subprocess.run(["journalctl", f"--directory={c.root / 'journal'}", "-u", UNIT, "--no-pager", "-o", "cat"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert code == 0, f"nspawn exited {code} (133 would be a reboot)\n{log}"
+    assert "power_critical" in log or "safe stop" in log, log
+    assert "Scheduled restart job" not in log, log  # exit 77 is not restarted
+    db = sqlite3.connect(f"file:{c.state / 'journal.db'}?mode=ro", uri=True)
+    try:
+        clean = db.execute("SELECT value FROM meta WHERE key = 'clean_shutdown'").fetchone()
+    finally:
+        db.close()
+    assert clean == ("1",), (clean, log)
