@@ -47,10 +47,12 @@ _SERIAL = itertools.count()
 class Container:
     """A booted systemd-nspawn container; `sh(...)` runs a command inside it (nsenter into every namespace)."""
 
-    def __init__(self, root: Path, binds_ro: list[Path]) -> None:
+    def __init__(self, root: Path, sources: list[Path]) -> None:
         self.root = root
         self.etc, self.opt, self.state = root / "etc", root / "opt", root / "state"
-        self.binds_ro = binds_ro
+        # Read-only folders of this machine (checkout, venv packages, corpus), each at a path of its own inside:
+        # not at its own path, which may lie under /tmp, where the container's systemd mounts a fresh tmpfs.
+        self.binds_ro = {src.resolve(): f"/srv/rekam-test/{i}" for i, src in enumerate(sources)}
         self.extra_binds: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
@@ -60,7 +62,7 @@ class Container:
         args = [nspawn, "--quiet", "--register=no", "--keep-unit", "--directory=/", "--volatile=yes",
                 f"--machine=rekam-test-{os.getpid()}-{next(_SERIAL)}", "--console=read-only",
                 f"--bind={self.etc}:/etc", f"--bind={self.opt}:/opt", f"--bind={self.state}:/var/lib/rekam",
-                *(f"--bind-ro={p}" for p in self.binds_ro), *self.extra_binds, "--boot"]
+                *(f"--bind-ro={src}:{dst}" for src, dst in self.binds_ro.items()), *self.extra_binds, "--boot"]
         log = open(self.root / "boot.log", "wb")  # noqa: SIM115 (kept by the child)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -77,6 +79,14 @@ class Container:
         r = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=left)
         if r.stdout.strip() not in ("running", "degraded"):
             pytest.fail(f"the container's systemd did not finish booting ({r.stdout.strip()}): {self.boot_log()}")
+
+    def inside(self, path: Path | str) -> str:
+        """Where `path` (under one of the read-only folders) is seen inside the container."""
+        path = Path(path).resolve()
+        for src, dst in sorted(self.binds_ro.items(), key=lambda kv: -len(str(kv[0]))):
+            if path == src or src in path.parents:
+                return str(Path(dst) / path.relative_to(src))
+        raise AssertionError(f"{path} is not under a folder bound into the container")
 
     def boot_log(self) -> str:
         return (self.root / "boot.log").read_text(errors="replace")[-3000:]
@@ -165,13 +175,13 @@ def _add_member(line: str, user: str) -> str:
     return f"{head}:{','.join([*members, user])}"
 
 
-def _stage_venv(opt: Path) -> None:
+def _stage_venv(opt: Path, c: Container) -> None:
     """/opt/rekam/venv on /usr/bin/python3 importing this checkout and this venv's packages; current -> venv."""
     venv = opt / "rekam" / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
-    (site / "rekam-under-test.pth").write_text(f"{REPO}\n{sysconfig.get_paths()['purelib']}\n")
+    (site / "rekam-under-test.pth").write_text(f"{c.inside(REPO)}\n{c.inside(sysconfig.get_paths()['purelib'])}\n")
     for ep in importlib.metadata.distribution("rekam").entry_points:
         if ep.group == "console_scripts":
             script = venv / "bin" / ep.name
@@ -189,9 +199,10 @@ def _container(root: Path, corpus_dir: Path) -> Container:
     if py.stdout.strip() != str(sys.version_info[:2]):
         pytest.fail(f"/usr/bin/python3 is {py.stdout.strip() or py.stderr.strip()}, this venv {sys.version_info[:2]}: "
                     "the container's venv imports this venv's compiled packages")
-    c = Container(root, sorted({REPO, Path(sysconfig.get_paths()["purelib"]).resolve(), corpus_dir.resolve()}))
+    c = Container(root, sorted({REPO.resolve(), Path(sysconfig.get_paths()["purelib"]).resolve(),
+                                corpus_dir.resolve()}))
     _stage_etc(c.etc)
-    _stage_venv(c.opt)
+    _stage_venv(c.opt, c)
     c.state.mkdir()
     # Test shortcut for update slots: a slot is a venv with the system site (as on the Pi, for picamera2) and only
     # the bundle's wheels; a production bundle carries every dependency as a wheel, this CI has no wheelhouse. So
@@ -202,7 +213,7 @@ def _container(root: Path, corpus_dir: Path) -> Container:
     if system_site and Path(system_site).is_dir():
         deps = root / "system-site"
         deps.mkdir()
-        (deps / "rekam-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        (deps / "rekam-test-deps.pth").write_text(c.inside(sysconfig.get_paths()["purelib"]) + "\n")
         c.extra_binds.append(f"--bind-ro={deps}:{system_site}")
     # The journal on the host (persistent journald storage): readable after the container is gone.
     (root / "journal").mkdir()
@@ -232,7 +243,7 @@ def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, s
     """Stop the daemon, write /etc/rekam (config, data-center key) and the unit's drop-in; returns the API port."""
     c.sh("systemctl", "stop", UNIT, check=False, timeout=40)  # whatever an earlier test left running
     port = free_port()
-    cfg = write_daemon_config(tmp, dc_keys["pub_path"], corpus, _operators_block(),
+    cfg = write_daemon_config(tmp, dc_keys["pub_path"], Path(c.inside(corpus)), _operators_block(),
                               kit={"state_dir": "/var/lib/rekam", "site": "test-site"},
                               datacenter={"public_key_files": ["/etc/rekam/datacenter.pub"]},
                               usb={"mount_point": STICK}, api={"port": port}, camera={"backend": "sim"},
