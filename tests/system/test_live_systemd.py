@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -39,7 +40,8 @@ from tests.system.conftest import REPO, SYSTEMD_DIR, need_root, need_tool
 
 UNIT = "rekamd.service"
 # What install.sh enables on a kit (its have_systemd branch).
-ENABLED = ["rekam-firstboot.service", UNIT, "rekam-usb-eject.path", "rekam-update.path", "rekam-fleet-pin.path"]
+ENABLED = ["rekam-firstboot.service", UNIT, "rekam-usb-eject.path", "rekam-update.path", "rekam-fleet-pin.path",
+           "rekam-fleet-pin.service"]
 STICK = "/media/rekam-usb"
 _SERIAL = itertools.count()
 
@@ -218,8 +220,8 @@ def _container(root: Path, corpus_dir: Path) -> Container:
     # The journal on the host (persistent journald storage): readable after the container is gone.
     (root / "journal").mkdir()
     c.extra_binds.append(f"--bind={root / 'journal'}:/var/log/journal")
-    c.boot()
     try:
+        c.boot()
         c.sh("systemctl", "enable", *ENABLED)
         c.sh("install", "-d", "-o", "rekam", "-g", "rekam", "-m", "0700", STICK)
     except BaseException:
@@ -447,7 +449,7 @@ def test_pushed_update_that_cannot_start_is_rolled_back(box: Container, tmp_path
     st = box.sh("/opt/rekam/current/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
                 check=False)
     assert os.readlink(box.opt / "rekam" / "current") == "venv", (st.stdout, log)
-    status = __import__("json").loads(st.stdout)
+    status = json.loads(st.stdout)
     assert status["last_result"]["version"] == "0.2.0" and status["last_result"]["status"] != "installed", status
     assert "0.2.0" in status["failed_versions"], (status, log)
     props = box.wait_for("the previous daemon running again", lambda p: p["ActiveState"] == "active"
@@ -464,8 +466,6 @@ def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Containe
     """A good release (the real rekam wheel at 0.2.0) passes its trial and is promoted; when it then crash-loops,
     systemd gives up (StartLimitBurst=5), `OnFailure=` starts rekam-rollback.service, whose condition (the
     rollback window, this boot) holds, and the previous slot runs again: the brick guard, end to end."""
-    import json
-
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from firmware.wire import control_protocol as cp
