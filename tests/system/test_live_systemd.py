@@ -75,13 +75,24 @@ class Container:
                 pytest.fail(f"the container did not start: {self.boot_log()}")
             kids = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
             for pid in kids:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                try:
+                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:  # gone between pgrep and here
+                    continue
+                if comm == "systemd":
                     self.leader = int(pid)
             time.sleep(0.1)
-        left = max(1.0, deadline - time.monotonic())
-        r = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=left)
-        if r.stdout.strip() not in ("running", "degraded"):
-            pytest.fail(f"the container's systemd did not finish booting ({r.stdout.strip()}): {self.boot_log()}")
+        # Asked too early (before PID 1 listens on its private socket) systemctl answers nothing: ask again.
+        while True:
+            left = max(1.0, deadline - time.monotonic())
+            r = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=left)
+            state = r.stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            if state in ("maintenance", "stopping") or time.monotonic() > deadline:
+                pytest.fail(f"the container's systemd did not finish booting ({state} {r.stderr.strip()}): "
+                            f"{self.boot_log()}")
+            time.sleep(0.2)
 
     def inside(self, path: Path | str) -> str:
         """Where `path` (under one of the read-only folders) is seen inside the container."""
@@ -197,7 +208,8 @@ def _stage_venv(opt: Path, c: Container) -> None:
     (opt / "rekam" / "current").symlink_to("venv")
 
 
-def _container(root: Path, corpus_dir: Path, installed: bool = True, sources: tuple[Path, ...] = ()) -> Container:
+def _container(root: Path, corpus_dir: Path, installed: bool = True, sources: tuple[Path, ...] = (),
+               same_path: tuple[Path, ...] = ()) -> Container:
     """A booted container under `root`: with rekam staged (`installed`: user, units enabled, venv, the stick
     folder) or as a machine rekam was never installed on (this machine's /etc without its services)."""
     need_root("booting a systemd container")
@@ -224,6 +236,7 @@ def _container(root: Path, corpus_dir: Path, installed: bool = True, sources: tu
         deps.mkdir()
         (deps / "rekam-test-deps.pth").write_text(c.inside(sysconfig.get_paths()["purelib"]) + "\n")
         c.extra_binds.append(f"--bind-ro={deps}:{system_site}")
+    c.extra_binds += [f"--bind-ro={p}:{p}" for p in same_path]
     # The journal on the host (persistent journald storage): readable after the container is gone.
     (root / "journal").mkdir()
     c.extra_binds.append(f"--bind={root / 'journal'}:/var/log/journal")
@@ -594,6 +607,28 @@ def _repack_installed(dist_name: str, out: Path) -> Path:
     return whl
 
 
+def _pip_settings() -> tuple[str, tuple[Path, ...]]:
+    """This machine's effective pip settings as a pip.conf, and the local folders they name (a mirror of the index,
+    find-links), to be seen at the same paths inside: the container's pip then finds what this one finds."""
+    r = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60)
+    settings: dict[str, str] = {}  # the environment's (":env:", listed last) over the files'
+    folders: set[Path] = set()
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition("=")
+        section, _, name = key.partition(".")
+        if section not in ("global", ":env:", "install") or not name:
+            continue
+        value = value.strip().strip("'\"")
+        settings[name] = value
+        for word in value.split():
+            path = Path(word.removeprefix("file://"))
+            if path.is_absolute() and path.exists() and not str(path).startswith(("/tmp", "/etc")):
+                folder = path if path.is_dir() else path.parent
+                # a file:// index (".../simple") links to its files beside it (".../files"): the whole mirror
+                folders.add(folder.parent if folder.name == "simple" else folder)
+    return "[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()), tuple(sorted(folders))
+
+
 def test_install_sh_on_a_machine_with_systemd(tmp_path_factory: pytest.TempPathFactory, dc_keys: dict[str, Any],
                                               corpus_dir: Path) -> None:
     """`sh systemd/install.sh install` on a machine rekam was never on, with systemd running (its live branch):
@@ -606,7 +641,9 @@ def test_install_sh_on_a_machine_with_systemd(tmp_path_factory: pytest.TempPathF
     root = tmp_path_factory.mktemp("nspawn-install")
     wheels = root / "wheels"
     _repack_installed(PACKAGE, wheels)
-    c = _container(root, corpus_dir, installed=False, sources=(wheels,))
+    pip_conf, local = _pip_settings()
+    c = _container(root, corpus_dir, installed=False, sources=(wheels,), same_path=local)
+    (c.etc / "pip.conf").write_text(pip_conf)  # what pip here is set to use (an index mirror, find-links)
     try:
         assert c.sh("getent", "passwd", "rekam", check=False).returncode == 2, "rekam exists before install"
         src = "/root/rekam-src"  # pip builds in the source tree: a writable copy of the checkout, without its venv
