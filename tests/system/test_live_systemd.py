@@ -36,7 +36,7 @@ import httpx
 import pytest
 
 from tests.console.conftest import NIK_MALE, OPERATOR, _operators_block, enroll
-from tests.support import free_port, write_daemon_config
+from tests.support import free_port, wait_for, write_daemon_config
 from tests.system.conftest import REPO, SYSTEMD_DIR, need_root, need_tool
 
 UNIT = "rekamd.service"
@@ -120,7 +120,7 @@ class Container:
     def journal(self, lines: int = 60) -> str:
         return self.sh("journalctl", "-u", UNIT, "--no-pager", "-o", "cat", "-n", str(lines), check=False).stdout
 
-    def wait_for(self, what: str, cond: Any, timeout: float = 60.0) -> dict[str, str]:
+    def wait_unit(self, what: str, cond: Any, timeout: float = 60.0) -> dict[str, str]:
         """Poll the unit's properties until `cond(props)`; fail naming `what` with the journal."""
         deadline = time.monotonic() + timeout
         while True:
@@ -260,10 +260,9 @@ def _configure(c: Container, tmp: Path, dc_keys: dict[str, Any], corpus: Path, s
                               simulation={"sensor_wire_speed": 0, **(simulation or {})}, power=power or {},
                               enrollment={"fingers": ["R1", "R2"], "dedup_fingers": []},
                               store={"reserve_floor_mb": -1 if broken else 1}, control=control or {})
-    text = cfg.read_text()
     d = c.etc / "rekam"
     d.mkdir(exist_ok=True)
-    (d / "rekam.toml").write_text(text)
+    shutil.copy(cfg, d / "rekam.toml")
     shutil.copy(dc_keys["pub_path"], d / "datacenter.pub")
     dropin = c.etc / "systemd" / "system" / f"{UNIT}.d"
     shutil.rmtree(dropin, ignore_errors=True)
@@ -293,6 +292,32 @@ def _stop(c: Container) -> float:
     return time.monotonic() - t0
 
 
+def _api(c: Container, port: int, path: str) -> httpx.Response:
+    """GET `path` of the running daemon with its local token (a new one every start)."""
+    token = (c.state / "api.token").read_text().strip()
+    return httpx.get(f"http://127.0.0.1:{port}{path}", headers={"X-Rekam-Token": token}, timeout=30)
+
+
+def _drop_pending(c: Container, bundle: Path) -> None:
+    """Put `bundle` where the daemon's download leaves it, as update_fetch does: written whole, owned by rekam,
+    then renamed into place (rekam-update.path fires on the name)."""
+    uid = int(c.sh("id", "-u", "rekam").stdout)
+    updates = c.state / "updates"
+    updates.mkdir(exist_ok=True)
+    os.chown(updates, uid, uid)
+    tmp = updates / ".pending.tmp"
+    shutil.copy(bundle, tmp)
+    os.chown(tmp, uid, uid)
+    tmp.rename(updates / "pending.rkup")
+
+
+def _update_status(c: Container) -> dict[str, Any]:
+    """`rekam update status --json` from the factory slot ({} if it printed no JSON)."""
+    r = c.sh("/opt/rekam/venv/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
+             check=False)
+    return json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+
+
 def test_shipped_unit_ready_sandboxed_and_stops_cleanly(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
                                                         corpus_dir: Path) -> None:
     port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=False)
@@ -312,8 +337,7 @@ def test_shipped_unit_ready_sandboxed_and_stops_cleanly(box: Container, tmp_path
                    check=False)
     assert "Read-only file system" in probe.stdout and "state-ok" in probe.stdout, probe.stdout + probe.stderr
     assert (box.state / "journal.db").is_file() and (box.state / "api.token").is_file()
-    token = (box.state / "api.token").read_text().strip()
-    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30)
+    r = _api(box, port, "/api/v1/status")
     assert r.status_code == 200, r.text
     assert oct(box.state.stat().st_mode & 0o777) == "0o700" and box.state.stat().st_uid == int(uid)
     took = _stop(box)
@@ -337,11 +361,9 @@ def test_sim_enrollment_in_the_sandbox_watchdog_and_restart(box: Container, tmp_
     rid = receipt["record_id"]
     on_sd = [p for p in (box.state / "records").rglob("*") if p.is_file() and rid in p.name]
     assert on_sd, f"record {rid} not on the SD: {sorted((box.state / 'records').rglob('*'))}"
-    token = (box.state / "api.token").read_text().strip()
-    deadline = time.monotonic() + 30  # the stick (a folder under /media, ReadWritePaths=-/media) gets its copy
-    while not box.sh("find", STICK, "-name", f"*{rid}*", "-type", "f").stdout.strip():
-        assert time.monotonic() < deadline, f"record {rid} not mirrored to {STICK}\n{box.journal()}"
-        time.sleep(0.5)
+    # the stick (a folder under /media, writable through ReadWritePaths=-/media) gets its copy
+    wait_for(lambda: box.sh("find", STICK, "-name", f"*{rid}*", "-type", "f").stdout.strip(), 30,
+             f"record {rid} mirrored to {STICK}", step=0.5)
     # Three watchdog periods later: still the same process (no SIGABRT), and its pings arrive.
     time.sleep(12)
     now = box.show("MainPID", "NRestarts", "WatchdogTimestampMonotonic", "ActiveState")
@@ -350,10 +372,9 @@ def test_sim_enrollment_in_the_sandbox_watchdog_and_restart(box: Container, tmp_
     assert int(now["WatchdogTimestampMonotonic"]) > int(first["WatchdogTimestampMonotonic"]), now
     # Killed: Restart=always brings it back (RestartSec=3), READY again, the record still there.
     box.sh("systemctl", "kill", "--signal=SIGKILL", UNIT)
-    box.wait_for("restart after SIGKILL", lambda p: p["ActiveState"] == "active" and p["SubState"] == "running"
+    box.wait_unit("restart after SIGKILL", lambda p: p["ActiveState"] == "active" and p["SubState"] == "running"
                  and p["MainPID"] not in ("0", first["MainPID"]) and int(p["NRestarts"]) == int(first["NRestarts"]) + 1)
-    token = (box.state / "api.token").read_text().strip()  # a new local token every start
-    recs = httpx.get(f"{base}/api/v1/records", headers={"X-Rekam-Token": token}, timeout=30)
+    recs = _api(box, port, "/api/v1/records")
     assert recs.status_code == 200 and [r["id"] for r in recs.json()] == [rid], recs.text
     _stop(box)
 
@@ -362,7 +383,7 @@ def test_broken_config_is_not_restarted(box: Container, tmp_path: Path, dc_keys:
                                         corpus_dir: Path) -> None:
     _configure(box, tmp_path, dc_keys, corpus_dir, sim=False, broken=True)
     box.sh("systemctl", "start", UNIT, check=False, timeout=120)
-    props = box.wait_for("failed with 78", lambda p: p["ActiveState"] == "failed")
+    props = box.wait_unit("failed with 78", lambda p: p["ActiveState"] == "failed")
     assert props["ExecMainStatus"] == "78" and props["NRestarts"] == "0", (props, box.journal())
     time.sleep(4)  # past RestartSec=3: RestartPreventExitStatus= keeps it down
     again = box.show("ActiveState", "NRestarts")
@@ -394,26 +415,17 @@ def test_claimed_fleet_key_is_pinned_by_the_path_unit(box: Container, tmp_path: 
 
     first = Ed25519PrivateKey.generate()
     claim(first)
-    deadline = time.monotonic() + 30
-    while not pin.exists():
-        if time.monotonic() > deadline:
-            r = box.sh("journalctl", "-u", "rekam-fleet-pin.service", "-u", "rekam-fleet-pin.path", "--no-pager",
-                       "-o", "cat", check=False)
-            pytest.fail(f"no pin after the claim wrote control/fleet.pub:\n{r.stdout}")
-        time.sleep(0.2)
+    wait_for(pin.exists, 30, "the pin after the claim wrote control/fleet.pub", step=0.2)
     assert pin.read_text().strip() == cp.public_b64(first)
     assert pin.stat().st_uid == 0 and pin.stat().st_mode & 0o022 == 0
     # A compromised daemon swaps in its own key: the pin service refuses (exit 3) and keeps the pin. (Once the
     # first run is over: a change while the oneshot still runs does not queue a second run.)
-    while box.sh("systemctl", "is-active", "rekam-fleet-pin.service", check=False).stdout.strip() == "activating":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(lambda: box.sh("systemctl", "is-active", "rekam-fleet-pin.service", check=False).stdout.strip()
+             != "activating", 30, "the first pin run to end", step=0.1)
     claim(Ed25519PrivateKey.generate())
-    deadline = time.monotonic() + 30
-    while "fleet_key_changed" not in (log := box.sh("journalctl", "-u", "rekam-fleet-pin.service", "--no-pager",
-                                                     "-o", "cat", check=False).stdout):
-        assert time.monotonic() < deadline, log
-        time.sleep(0.2)
+    wait_for(lambda: "fleet_key_changed" in box.sh("journalctl", "-u", "rekam-fleet-pin.service", "--no-pager",
+                                                   "-o", "cat", check=False).stdout,
+             30, "fleet_key_changed in rekam-fleet-pin.service's journal", step=0.2)
     assert pin.read_text().strip() == cp.public_b64(first)
 
 
@@ -433,15 +445,8 @@ def test_pushed_update_that_cannot_start_is_rolled_back(box: Container, tmp_path
     box.sh("systemctl", "start", UNIT, timeout=120)
     box.sh("systemctl", "start", "rekam-update.path")
     before = box.show("MainPID")["MainPID"]
-    uid = int(box.sh("id", "-u", "rekam").stdout)
-    bundle = make_bundle(tmp_path, tiny_wheel(tmp_path, "0.2.0", "sys.exit(1)"), "0.2.0", fleet)
+    _drop_pending(box, make_bundle(tmp_path, tiny_wheel(tmp_path, "0.2.0", "sys.exit(1)"), "0.2.0", fleet))
     updates = box.state / "updates"
-    updates.mkdir(exist_ok=True)
-    os.chown(updates, uid, uid)
-    tmp = updates / ".pending.tmp"  # as update_fetch writes it: complete, then renamed into place
-    shutil.copy(bundle, tmp)
-    os.chown(tmp, uid, uid)
-    tmp.rename(updates / "pending.rkup")
 
     def updater_log() -> str:
         return box.sh("journalctl", "-u", "rekam-update.service", "--no-pager", "-o", "cat", check=False).stdout
@@ -454,17 +459,14 @@ def test_pushed_update_that_cannot_start_is_rolled_back(box: Container, tmp_path
         if time.monotonic() > deadline:
             pytest.fail(f"the updater did not run to its end:\n{log}\n{box.journal()}")
         time.sleep(0.5)
-    st = box.sh("/opt/rekam/current/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
-                check=False)
-    assert os.readlink(box.opt / "rekam" / "current") == "venv", (st.stdout, log)
-    status = json.loads(st.stdout)
+    status = _update_status(box)
+    assert os.readlink(box.opt / "rekam" / "current") == "venv", (status, log)
     assert status["last_result"]["version"] == "0.2.0" and status["last_result"]["status"] != "installed", status
     assert "0.2.0" in status["failed_versions"], (status, log)
-    props = box.wait_for("the previous daemon running again", lambda p: p["ActiveState"] == "active"
+    props = box.wait_unit("the previous daemon running again", lambda p: p["ActiveState"] == "active"
                          and p["SubState"] == "running")
     assert props["MainPID"] != before, props
-    token = (box.state / "api.token").read_text().strip()
-    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30)
+    r = _api(box, port, "/api/v1/status")
     assert r.status_code == 200, r.text
     _stop(box)
 
@@ -485,20 +487,10 @@ def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Containe
     port = _configure(box, tmp_path, dc_keys, corpus_dir, sim=False, control={"fleet_public_key": cp.public_b64(fleet)})
     box.sh("systemctl", "start", UNIT, timeout=120)
     box.sh("systemctl", "start", "rekam-update.path")
-    uid = int(box.sh("id", "-u", "rekam").stdout)
-    bundle = make_bundle(tmp_path, build_rekam_wheel(tmp_path / "wheel", "0.2.0"), "0.2.0", fleet)
-    updates = box.state / "updates"
-    updates.mkdir(exist_ok=True)
-    os.chown(updates, uid, uid)
-    tmp = updates / ".pending.tmp"
-    shutil.copy(bundle, tmp)
-    os.chown(tmp, uid, uid)
-    tmp.rename(updates / "pending.rkup")
+    _drop_pending(box, make_bundle(tmp_path, build_rekam_wheel(tmp_path / "wheel", "0.2.0"), "0.2.0", fleet))
 
     def status() -> dict[str, Any]:
-        r = box.sh("/opt/rekam/venv/bin/rekam", "--config", "/etc/rekam/rekam.toml", "update", "status", "--json",
-                   check=False)
-        return json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+        return _update_status(box)
 
     def logs() -> str:
         return box.sh("journalctl", "-u", "rekam-update.service", "-u", "rekam-rollback.service", "-u", UNIT,
@@ -510,8 +502,7 @@ def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Containe
             pytest.fail(f"0.2.0 not promoted: {status()}\n{logs()}")
         time.sleep(1)
     assert os.readlink(box.opt / "rekam" / "current") == "releases/0.2.0"
-    token = (box.state / "api.token").read_text().strip()
-    st = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30).json()
+    st = _api(box, port, "/api/v1/status").json()
     assert st["daemon"]["version"] == "0.2.0", st["daemon"]
     # The promoted release now fails at every start (a bad file, a broken dependency ...).
     (daemon_py,) = (box.opt / "rekam" / "releases" / "0.2.0").glob("lib/python3*/site-packages/firmware/daemon.py")
@@ -523,11 +514,10 @@ def test_promoted_update_then_crash_loop_rolled_back_by_on_failure(box: Containe
             pytest.fail(f"no crash-loop rollback: {status()}\n{logs()}")
         time.sleep(1)
     assert os.readlink(box.opt / "rekam" / "current") == "venv", status()
-    props = box.wait_for("the previous daemon running after the rollback",
+    props = box.wait_unit("the previous daemon running after the rollback",
                          lambda p: p["ActiveState"] == "active" and p["SubState"] == "running", timeout=90)
     assert props["ActiveState"] == "active"
-    token = (box.state / "api.token").read_text().strip()
-    st = httpx.get(f"http://127.0.0.1:{port}/api/v1/status", headers={"X-Rekam-Token": token}, timeout=30).json()
+    st = _api(box, port, "/api/v1/status").json()
     assert st["daemon"]["version"] == "0.1.0", st["daemon"]
     assert "Triggering OnFailure= dependencies" in logs(), logs()
     _stop(box)
@@ -630,7 +620,7 @@ def test_install_sh_on_a_machine_with_systemd(tmp_path_factory: pytest.TempPathF
         groups = c.sh("id", "-nG", "rekam").stdout.split()
         assert {"rekam", "dialout", "gpio", "video", "i2c"} <= set(groups), groups
         assert os.readlink(c.opt / "rekam" / "current") == "venv"
-        props = c.wait_for("rekamd running after install", lambda p: p["ActiveState"] == "active"
+        props = c.wait_unit("rekamd running after install", lambda p: p["ActiveState"] == "active"
                            and p["SubState"] == "running")
         st = _proc_status(c, props["MainPID"])
         assert st["Uid"].split()[0] == c.sh("id", "-u", "rekam").stdout.strip(), st["Uid"]
