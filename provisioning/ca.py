@@ -10,8 +10,12 @@ Two certificate authorities, so a claim certificate is useless anywhere but the 
 * the **claim CA** signs batch claim certificates (CN ``claim-<batch>``) that go into the kit
   image. Only the claim listener trusts it, and its ACL allows nothing but the claim topics.
 
+The fleet CA also certifies the fleet's Ed25519 signing key (``fleet-key.crt``, `certify_fleet_key`, format in
+`firmware.wire.fleet_key_cert`): the claim answer carries it, and the kit and its root updater check the fleet key
+against the CA certificate of the kit's image instead of trusting the first key they see.
+
 Layout of ``<data>/ca``: ``fleet-ca.{key,crt}``, ``claim-ca.{key,crt}``, ``server.{key,crt}``,
-``fleet-client.{key,crt}``, ``claim-<batch>.{key,crt}``, ``crl.pem``, ``issued.json``.
+``fleet-client.{key,crt}``, ``fleet-key.crt``, ``claim-<batch>.{key,crt}``, ``crl.pem``, ``issued.json``.
 Private keys are written mode 0600, atomically, into a new file (`_write_private`): never through a symlink, never
 keeping the mode of a file that was there.
 """
@@ -32,11 +36,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware.errors import CaError
 from firmware.system.fsutil import fsync_dir, write_all
 from firmware.system.i18n import N_
+from firmware.wire import fleet_key_cert
 from firmware.wire.ids import is_kit_id
 from provisioning.texts import Reason
 
@@ -54,6 +60,7 @@ class CaPaths:
         files = {"fleet_ca_key": "fleet-ca.key", "fleet_ca_crt": "fleet-ca.crt", "claim_ca_key": "claim-ca.key",
                  "claim_ca_crt": "claim-ca.crt", "server_key": "server.key", "server_crt": "server.crt",
                  "fleet_key": "fleet-client.key", "fleet_crt": "fleet-client.crt", "crl": "crl.pem",
+                 "fleet_key_crt": "fleet-key.crt",
                  "issued": "issued.json"}
         if name in files:
             return self.root / files[name]
@@ -197,6 +204,29 @@ def init_ca(root: Path, server_hosts: list[str], batch: str = "batch1", days: in
     issue_claim_cert(paths, batch, days)
     write_crl(paths)
     return paths
+
+
+def certify_fleet_key(paths: CaPaths, fleet_key: Ed25519PublicKey) -> bytes:
+    """The fleet CA's certificate for the fleet's Ed25519 signing key (`firmware.wire.fleet_key_cert`), valid as
+    long as the CA, written to ``fleet-key.crt``; returns its PEM. Made again (same key, new serial) if called
+    again: the old one stays as good, it certifies the same key."""
+    ca_key, ca_cert = _load_key(paths.fleet_ca_key), _load_cert(paths.fleet_ca_crt)
+    now = _now()
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(fleet_key_cert.SUBJECT_CN)).issuer_name(ca_cert.subject)
+            .public_key(fleet_key).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(ca_cert.not_valid_after_utc)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([fleet_key_cert.EKU_FLEET_KEY]), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = _pem(cert)
+    _write_file(paths.fleet_key_crt, pem, 0o644)
+    _record_issued(paths, cert, "fleet-key")
+    return pem
 
 
 def issue_claim_cert(paths: CaPaths, batch: str, days: int = 365) -> tuple[Path, Path]:

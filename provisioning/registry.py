@@ -64,6 +64,10 @@ class Fleet:
                 pass
             log.warning("fleet made its data-center ack key path=%s; copy it to the ingest hosts (--ack-key)",
                         self.data / ACK_KEY_FILE)
+        if not self.ca.fleet_key_crt.exists() and self.ca.fleet_ca_key.exists():
+            # A fleet folder from before the fleet key certificate: kits refuse a claim answer without one.
+            ca.certify_fleet_key(self.ca, self.signer.key.public_key())
+            log.warning("fleet certified its signing key with the fleet CA path=%s", self.ca.fleet_key_crt)
         self.key = self.signer.key  # the Ed25519 private key, for callers that sign by hand (tests)
         self.registry = registry or self.settings.get("registry") or None
         self.db = registry_db.open_registry(self.data, self.registry)
@@ -89,7 +93,7 @@ class Fleet:
                                        "--registry without it")))
         data.mkdir(parents=True, exist_ok=True)
         ca.init_ca(data / "ca", hosts, batch=batch)
-        Signer.create(data / KEY_FILE)
+        ca.certify_fleet_key(ca.CaPaths(data / "ca"), Signer.create(data / KEY_FILE).key.public_key())
         Signer.create(data / ACK_KEY_FILE)  # the ingest's ack key: copy it to the ingest hosts, never to the kits
         settings: dict[str, Any] = {"brokers": brokers, "claim_brokers": claim_brokers,
                                     "claim_batches": [f"claim-{batch}"], "claim_ttl_hours": claim_ttl_h}
@@ -463,7 +467,7 @@ class Fleet:
             self.event("claim_approved", kit_id, serial=serial, config_version=version)
         log.info("claim answered kit_id=%s cert_serial=%s config_version=%d", kit_id, serial, version)
         return answer("approved", certificate=cert.decode(), ca_certificate=self.ca.fleet_ca_crt.read_text(),
-                      config=doc.decode())
+                      fleet_key_certificate=self.ca.fleet_key_crt.read_text(), config=doc.decode())
 
     def default_sections(self) -> dict[str, Any]:
         """The sections of a newly claimed kit's config version 1 (`default-config.json`)."""

@@ -7,7 +7,8 @@ run them as root (the daemon itself cannot, its unit makes /opt read-only).
 
 `apply` verifies bundles only with a root-owned key (`firmware.control.update.root_fleet_key`):
 `control.fleet_public_key` of the config, else ``/etc/rekam/fleet.pub`` that `pin-fleet-key` (rekam-fleet-pin.service,
-as root) copies from the daemon's ``control/fleet.pub`` after the claim. Never the daemon-writable file itself.
+as root) copies from the daemon's ``control/fleet.pub`` after the claim, once the fleet CA of the image certified it
+(``control/fleet-key.crt``). Never the daemon-writable file itself.
 """
 
 from __future__ import annotations
@@ -70,9 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rollback)
     common(g.add_parser("recover", help=_("boot check: drop an interrupted install, roll back an unwatched trial"))
            ).set_defaults(func=cmd_recover)
-    p = g.add_parser("pin-fleet-key", help=_("as root: pin the claimed fleet key for the updater (trust on first use)"))
+    p = g.add_parser("pin-fleet-key", help=_("as root: pin the claimed fleet key for the updater, once the fleet CA "
+                                             "certified it"))
     p.add_argument("--replace", action="store_true",
                    help=_("replace a pin holding another key (a technician who checked the new key's fingerprint)"))
+    p.add_argument("--uncertified", action="store_true",
+                   help=_("pin a key the fleet CA did not certify (a technician who checked its fingerprint with "
+                          "the fleet operator)"))
     p.add_argument("--fleet-pin", default=None,
                    help=_("root-owned fleet key pin (default: fleet.pub beside the config, /etc/rekam/fleet.pub)"))
     p.add_argument("--json", action="store_true")
@@ -244,7 +249,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_pin_fleet_key(args: argparse.Namespace) -> int:
     """`rekam update pin-fleet-key`: copy the claimed fleet key to the root-owned pin (rekam-fleet-pin.service).
-    Exit 0 pinned or unchanged, 3 refused (another key already pinned: `--replace`; not claimed; bad files)."""
+    Exit 0 pinned or unchanged, 3 refused (not certified by the fleet CA: `--uncertified`; another key already
+    pinned: `--replace`; not claimed; bad files)."""
     import logging
 
     from firmware.control.claim import ControlPaths
@@ -260,7 +266,8 @@ def cmd_pin_fleet_key(args: argparse.Namespace) -> int:
         print(dumps(res) if args.json else "rekam: " + str(res["reason"]) + "; nothing to pin")
         return 0
     try:
-        res = pin_fleet_key(ControlPaths.of(cfg).fleet_key, pin, replace=args.replace)
+        res = pin_fleet_key(ControlPaths.of(cfg).fleet_key, pin, cfg.path(cfg.control.ca_file), replace=args.replace,
+                            uncertified=args.uncertified)
     except Refused as e:
         if args.json:
             print(dumps({"status": "refused", "code": e.reason, "reason": str(e)}))

@@ -9,8 +9,11 @@
    fleet key: the kit's certificate (signed by the fleet CA for that CSR), the CA certificate, the
    fleet public key and the first signed config document. Until then it answers ``pending``.
 4. The kit checks the answer (same nonce, certificate for its own key and id, signature by the
-   fleet key it carries - pinned here, trust on first claim unless `control.fleet_public_key`
-   presets it), stores everything atomically and from then on connects with its own certificate.
+   fleet key it carries, that key certified by the fleet CA of the image, `control.ca_file`:
+   `firmware.wire.fleet_key_cert`; the same as `control.fleet_public_key` when that presets it, or as
+   the key of an earlier claim), stores everything atomically and from then on connects with its
+   own certificate. The root updater pins the key only with its certificate (`rekam update
+   pin-fleet-key`).
 
 A claim attempt that gets no answer or ``pending`` is retried with capped, jittered backoff
 forever; the fleet drops pending claims after some hours, and the next retry renews it.
@@ -41,6 +44,7 @@ from firmware.system.backoff import Backoff
 from firmware.system.fsutil import atomic_write, fsync_dir, read_regular
 from firmware.system.mqtt import Broker, MqttLink, MqttSettings
 from firmware.wire import control_protocol as cp
+from firmware.wire import fleet_key_cert
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,10 @@ class ControlPaths:
     @property
     def fleet_key(self) -> Path:
         return self.root / "fleet.pub"
+
+    @property
+    def fleet_key_cert(self) -> Path:
+        return self.root / "fleet-key.crt"
 
     @property
     def claim_state(self) -> Path:
@@ -173,6 +181,16 @@ def check_response(data: bytes, cfg: Config, identity: KitIdentity, paths: Contr
     same_key = cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
     if not cn or cn[0].value != identity.kit_id or not same_key:
         raise ClaimError("bad_response", "certificate is not for this kit's id and TLS key")
+    # The fleet key signed this answer; the image's CA (not the answer's ca_certificate) says whose key that is.
+    ca_file = cfg.path(cfg.control.ca_file)
+    try:
+        cas = fleet_key_cert.load_ca_certificates(read_regular(ca_file, fleet_key_cert.MAX_CA_BYTES), str(ca_file))
+        fleet_key_cert.check(body["fleet_key_certificate"].encode(), cas, fleet_key,
+                             where="claim_response.fleet_key_certificate")
+    except OSError as e:
+        raise ClaimError("no_ca", f"cannot read the fleet CA {ca_file}: {e}") from None
+    except cp.ProtocolError as e:
+        raise ClaimError(e.reason, str(e)) from None
     return body
 
 
@@ -191,9 +209,11 @@ def _pinned_key(cfg: Config, paths: ControlPaths) -> Any:
 
 
 def store_credentials(paths: ControlPaths, body: dict[str, Any]) -> None:
-    """Write the certificate, CA and pinned fleet key (fleet key last: it marks the claim complete)."""
+    """Write the certificate, CA, the fleet key's certificate and the pinned fleet key (fleet key last: it marks the
+    claim complete and starts the root pin, which reads the certificate)."""
     atomic_write(paths.cert, body["certificate"].encode())
     atomic_write(paths.ca, body["ca_certificate"].encode())
+    atomic_write(paths.fleet_key_cert, body["fleet_key_certificate"].encode())
     atomic_write(paths.claim_state, json.dumps({"claimed_at": int(time.time()),
                                                 "fleet_key": cp.key_fingerprint(body["fleet_public_key"])}).encode())
     atomic_write(paths.fleet_key, body["fleet_public_key"].encode())

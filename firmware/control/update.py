@@ -74,7 +74,7 @@ from firmware.control.files import read_json, write_json
 from firmware.errors import BundleError, Refused, UntrustedFile
 from firmware.system.fsutil import atomic_write, fsync_dir, open_dir_beneath, open_untrusted, read_untrusted, space
 from firmware.wire import control_protocol as cp
-from firmware.wire import record_format, stick_layout
+from firmware.wire import fleet_key_cert, record_format, stick_layout
 from firmware.wire import update_bundle as ub
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ MAX_STICK_BUNDLES = 4  # bundles looked at on one stick
 KEEP_SLOTS = 2  # current and previous; older complete slots are removed after a promotion
 #: The root-owned fleet key pin, beside the root-owned config (`pin_path`): the updater's trust anchor.
 PIN_NAME = "fleet.pub"
+FLEET_KEY_CERT_NAME = "fleet-key.crt"  # beside the claimed control/fleet.pub (`firmware.control.claim.ControlPaths`)
 DEFAULT_PIN = Path("/etc/rekam") / PIN_NAME
 MAX_KEY_FILE_BYTES = 4096
 MAX_TRUSTED_CONFIG_BYTES = 1024 * 1024
@@ -131,7 +132,7 @@ def prefix_from_env() -> Path:
 # The updater runs as root and installs code: it must verify bundles with a key only root can have put there.
 # ``<state_dir>/control/fleet.pub`` is written by the daemon (User=rekam), so it is never the root anchor; the
 # anchor is `control.fleet_public_key` in the root-owned config, else the pin `rekam update pin-fleet-key` copied
-# (trust on first use) into the config folder.
+# into the config folder, only once the fleet CA of the root-owned image (`control.ca_file`) certified that key.
 
 
 def pin_path(cfg: Any) -> Path:
@@ -233,11 +234,39 @@ def _read_claimed_key(claimed: Path) -> Ed25519PublicKey:
         raise Refused("bad_fleet_key", f"{claimed}: {e}") from None
 
 
-def pin_fleet_key(claimed: Path, pin: Path, replace: bool = False) -> dict[str, Any]:
-    """Copy the claimed fleet key (``control/fleet.pub``, daemon-written) to the root-owned `pin` (trust on first
-    use). A pin holding the same key: nothing to do (``unchanged``). A pin holding another key: `Refused`
-    (``fleet_key_changed``, both fingerprints logged) and the pin is kept, unless `replace` (a technician's
-    decision). Returns ``{"status": pinned|unchanged|replaced, "fingerprint", "pin"}``."""
+def _check_certified(offered: Ed25519PublicKey, claimed: Path, ca_file: Path) -> None:
+    """`Refused` (``uncertified_fleet_key``) unless the certificate the claim stored beside `claimed`
+    (``control/fleet-key.crt``, daemon-written, read without following links) certifies `offered` under the CA
+    certificate `ca_file`, which must be root's alone (`read_root_owned`; ``untrusted_key`` otherwise)."""
+    cert_file = claimed.with_name(FLEET_KEY_CERT_NAME)
+    try:
+        cas = fleet_key_cert.load_ca_certificates(read_root_owned(ca_file, fleet_key_cert.MAX_CA_BYTES), str(ca_file))
+    except FileNotFoundError:
+        raise Refused(fleet_key_cert.REASON, f"no fleet CA certificate at {ca_file} (control.ca_file) to check the "
+                                             "fleet key with") from None
+    except cp.ProtocolError as e:
+        raise Refused(e.reason, str(e)) from None
+    try:
+        pem = read_untrusted(cert_file.parent, cert_file.name, fleet_key_cert.MAX_CERT_BYTES)
+    except FileNotFoundError:
+        raise Refused(fleet_key_cert.REASON, f"{cert_file} does not exist: the claim brought no fleet CA "
+                                             "certificate for the fleet key") from None
+    except OSError as e:
+        raise Refused(fleet_key_cert.REASON, f"{cert_file}: {e.strerror or e}") from None
+    try:
+        fleet_key_cert.check(pem, cas, offered, where=str(cert_file))
+    except cp.ProtocolError as e:
+        raise Refused(e.reason, str(e)) from None
+
+
+def pin_fleet_key(claimed: Path, pin: Path, ca_file: Path, replace: bool = False,
+                  uncertified: bool = False) -> dict[str, Any]:
+    """Copy the claimed fleet key (``control/fleet.pub``, daemon-written) to the root-owned `pin`, once the fleet CA
+    certificate `ca_file` (root's alone) certifies it through ``control/fleet-key.crt`` (`_check_certified`;
+    `uncertified`: a technician who checked the fingerprint pins without). A pin holding the same key: nothing to
+    do (``unchanged``). A pin holding another key: `Refused` (``fleet_key_changed``, both fingerprints logged) and
+    the pin is kept, unless `replace` (a technician's decision). Returns ``{"status": pinned|unchanged|replaced,
+    "fingerprint", "pin", "certified"}``."""
     offered = _read_claimed_key(claimed)
     fp = cp.key_fingerprint(offered)
     pin.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -256,6 +285,16 @@ def pin_fleet_key(claimed: Path, pin: Path, replace: bool = False) -> dict[str, 
     if old is not None and cp.public_raw(old) == cp.public_raw(offered):
         log.info("update fleet key pin unchanged fingerprint=%s pin=%s", fp, pin)
         return {"status": "unchanged", "fingerprint": fp, "pin": str(pin)}
+    certified = not uncertified
+    if certified:
+        try:
+            _check_certified(offered, claimed, ca_file)
+        except Refused as e:
+            log.error("update fleet key pin refused: the claimed key is not certified by the fleet CA claimed=%s "
+                      "problem=%s; updates stay %s; if the fleet operator confirms this fingerprint, a technician "
+                      "runs `rekam update pin-fleet-key --uncertified`", fp, e,
+                      "verified with the pinned key" if old is not None else "refused (no key pinned)")
+            raise
     if old is not None and not replace:
         log.error("update fleet key pin refused: the claimed key differs from the pinned one pinned=%s "
                   "claimed=%s pin=%s source=%s; updates stay verified with the pinned key; if the fleet key really "
@@ -267,9 +306,9 @@ def pin_fleet_key(claimed: Path, pin: Path, replace: bool = False) -> dict[str, 
     os.chown(pin, 0, 0)
     os.chmod(pin, 0o644)  # a public key: readable, root's alone to change
     status = "pinned" if old is None else "replaced"
-    log.warning("update fleet key %s fingerprint=%s pin=%s previous=%s", status, fp, pin,
-                cp.key_fingerprint(old) if old is not None else "-")
-    return {"status": status, "fingerprint": fp, "pin": str(pin)}
+    log.warning("update fleet key %s fingerprint=%s pin=%s previous=%s certified=%s", status, fp, pin,
+                cp.key_fingerprint(old) if old is not None else "-", "yes" if certified else "no (--uncertified)")
+    return {"status": status, "fingerprint": fp, "pin": str(pin), "certified": certified}
 
 
 # -- the crash-loop rollback window -------------------------------------------------------------------

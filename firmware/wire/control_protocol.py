@@ -263,7 +263,8 @@ def check_claim(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_claim_response(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Shape of a claim response: kit_id, nonce, status and, when approved, certificate, CA, fleet key, config."""
+    """Shape of a claim response: kit_id, nonce, status, fleet key and, when approved, certificate, CA, the fleet key's
+    certificate (`firmware.wire.fleet_key_cert`) and config."""
     _need(body, "kit_id", str, "claim_response")
     _need(body, "nonce", str, "claim_response")
     status = _need(body, "status", str, "claim_response")
@@ -271,6 +272,6 @@ def check_claim_response(body: Mapping[str, Any]) -> dict[str, Any]:
         raise ProtocolError("malformed", f"claim_response.status {status!r}")
     _need(body, "fleet_public_key", str, "claim_response")
     if status == "approved":
-        for k in ("certificate", "ca_certificate", "config"):
+        for k in ("certificate", "ca_certificate", "fleet_key_certificate", "config"):
             _need(body, k, str, "claim_response")
     return dict(body)

@@ -21,6 +21,7 @@ from firmware.errors import FleetError
 from firmware.wire import control_protocol as cp
 from provisioning import ca
 from provisioning.registry import Fleet
+from tests.support import rekam
 
 from .conftest import wait_for
 
@@ -38,6 +39,12 @@ def test_claim_pending_then_approved(new_kit, fleet, service) -> None:
     wait_for(ctl.connected.is_set, 20, "kit connects with its own certificate")
     paths = ControlPaths.of(k.cfg)
     assert paths.fleet_key.read_text() == fleet.public_key_b64  # pinned
+    # ... with the fleet CA's certificate for it, which root's pin (rekam-fleet-pin.service) checks
+    assert paths.fleet_key_cert.read_text() == fleet.ca.fleet_key_crt.read_text()
+    pin = Path(k.cfg.source).parent / "pin" / "fleet.pub"
+    r = rekam("update", "pin-fleet-key", "--json", "--fleet-pin", str(pin), cfg=Path(k.cfg.source))
+    assert r.returncode == 0 and json.loads(r.stdout)["certified"] is True, r.stdout + r.stderr
+    assert pin.read_text().strip() == fleet.public_key_b64
     assert (paths.tls_key.stat().st_mode & 0o777) == 0o600
     # The certificate is for the kit's own key, made on the kit: the fleet never saw the private key.
     assert b"PRIVATE" not in paths.cert.read_bytes()
@@ -117,6 +124,43 @@ def test_rekam_provision_claim_and_status(tmp_path, fleet, broker, service, caps
 def _unsigned_claim_response(body: dict[str, Any]) -> bytes:
     """A claim response envelope with an empty signature (anyone on the claim listener can send one)."""
     return cp.canonical({"v": cp.VERSION, "kind": "claim_response", "body": body, "sig": ""})
+
+
+def test_an_approved_answer_needs_the_fleet_key_certified_by_the_images_ca(new_kit, fleet, tmp_path) -> None:
+    """No trust on first claim: a rogue that can answer on the claim topic (its own fleet key, its own CA, a real
+    certificate for the kit's CSR) is refused unless the fleet CA of the image (`control.ca_file`) certified the key
+    that signed the answer; the genuine fleet's certificate (public, copied) does not certify another key."""
+    from firmware.control.claim import ClaimError, check_response, ensure_tls_key
+
+    k = new_kit(allow=False)
+    paths = ControlPaths.of(k.cfg)
+    csr = ensure_tls_key(paths, k.identity.kit_id)
+    rogue_ca = ca.init_ca(tmp_path / "rogue-ca", ["127.0.0.1"], batch="test")
+    rogue = Ed25519PrivateKey.generate()
+    kit_cert, _ = ca.sign_csr(rogue_ca, csr, k.identity.kit_id)
+
+    def answer(key: Ed25519PrivateKey, **over: Any) -> bytes:
+        body = {"kit_id": k.identity.kit_id, "nonce": "n1", "status": "approved", "reason": "",
+                "fleet_public_key": cp.public_b64(key), "certificate": kit_cert.decode(),
+                "ca_certificate": rogue_ca.fleet_ca_crt.read_text(), "config": "{}",
+                "fleet_key_certificate": ca.certify_fleet_key(rogue_ca, key.public_key()).decode(), **over}
+        return cp.sign("claim_response", {k2: v for k2, v in body.items() if v is not None}, key)
+
+    for data, match in ((answer(rogue), "not issued by the fleet CA of this kit"),
+                        (answer(rogue, fleet_key_certificate=fleet.ca.fleet_key_crt.read_text()),
+                         "not the fleet key offered"),
+                        (answer(rogue, fleet_key_certificate="junk"), "not a PEM certificate")):
+        with pytest.raises(ClaimError) as e:
+            check_response(data, k.cfg, k.identity, paths, "n1")
+        assert e.value.reason == "uncertified_fleet_key" and match in str(e.value), str(e.value)
+    with pytest.raises(ClaimError) as e:
+        check_response(answer(rogue, fleet_key_certificate=None), k.cfg, k.identity, paths, "n1")
+    assert e.value.reason == "bad_response" and "fleet_key_certificate" in str(e.value), str(e.value)
+    # the same answer from the genuine fleet key with its certificate passes (kit certificate of another CA aside,
+    # which the TLS connection after the claim would refuse)
+    assert check_response(answer(fleet.key, fleet_key_certificate=fleet.ca.fleet_key_crt.read_text()), k.cfg,
+                          k.identity, paths, "n1")["status"] == "approved"
+    assert not paths.fleet_key.exists() and not paths.fleet_key_cert.exists()
 
 
 @pytest.mark.parametrize("bad_key", ["abc", "!!!!not-base64", base64.b64encode(b"\x01" * 31).decode()],

@@ -393,28 +393,34 @@ def test_broken_config_is_not_restarted(box: Container, tmp_path: Path, dc_keys:
 
 def test_claimed_fleet_key_is_pinned_by_the_path_unit(box: Container, tmp_path: Path, dc_keys: dict[str, Any],
                                                       corpus_dir: Path) -> None:
-    """rekam-fleet-pin.path sees the claim write control/fleet.pub and starts the root oneshot that pins it;
-    a different key written later is refused and the pin kept (docs/updates.md)."""
+    """rekam-fleet-pin.path sees the claim write control/fleet.pub and starts the root oneshot that pins it, the key
+    certified by the image's fleet CA (/etc/rekam/fleet-ca.crt); a key of the daemon's own written later is refused
+    and the pin kept (docs/updates.md)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from firmware.wire import control_protocol as cp
+    from provisioning import ca
 
     _configure(box, tmp_path, dc_keys, corpus_dir, sim=False)
+    pki = ca.init_ca(tmp_path / "fleet-ca", ["127.0.0.1"], batch="test")
+    shutil.copy(pki.fleet_ca_crt, box.etc / "rekam" / "fleet-ca.crt")  # in the image, root's (control.ca_file)
+    os.chmod(box.etc / "rekam" / "fleet-ca.crt", 0o644)
     box.sh("systemctl", "start", "rekam-fleet-pin.path")  # install.sh starts it after enabling it
     uid = int(box.sh("id", "-u", "rekam").stdout)
     control, pin = box.state / "control", box.etc / "rekam" / "fleet.pub"
     control.mkdir(exist_ok=True)
     os.chown(control, uid, uid)
 
-    def claim(key: Ed25519PrivateKey) -> None:  # what the daemon's claim does, as the rekam user
-        tmp = control / ".fleet.pub.tmp"
-        tmp.write_text(cp.public_b64(key) + "\n")
+    def write(name: str, data: bytes) -> None:  # as the daemon's claim writes its files, as the rekam user
+        tmp = control / f".{name}.tmp"
+        tmp.write_bytes(data)
         os.chown(tmp, uid, uid)
         tmp.chmod(0o644)
-        tmp.rename(control / "fleet.pub")
+        tmp.rename(control / name)
 
     first = Ed25519PrivateKey.generate()
-    claim(first)
+    write("fleet-key.crt", ca.certify_fleet_key(pki, first.public_key()))
+    write("fleet.pub", (cp.public_b64(first) + "\n").encode())  # last, as the claim does: it starts the pin
     wait_for(pin.exists, 30, "the pin after the claim wrote control/fleet.pub", step=0.2)
     assert pin.read_text().strip() == cp.public_b64(first)
     assert pin.stat().st_uid == 0 and pin.stat().st_mode & 0o022 == 0
@@ -422,10 +428,10 @@ def test_claimed_fleet_key_is_pinned_by_the_path_unit(box: Container, tmp_path: 
     # first run is over: a change while the oneshot still runs does not queue a second run.)
     wait_for(lambda: box.sh("systemctl", "is-active", "rekam-fleet-pin.service", check=False).stdout.strip()
              != "activating", 30, "the first pin run to end", step=0.1)
-    claim(Ed25519PrivateKey.generate())
-    wait_for(lambda: "fleet_key_changed" in box.sh("journalctl", "-u", "rekam-fleet-pin.service", "--no-pager",
-                                                   "-o", "cat", check=False).stdout,
-             30, "fleet_key_changed in rekam-fleet-pin.service's journal", step=0.2)
+    write("fleet.pub", (cp.public_b64(Ed25519PrivateKey.generate()) + "\n").encode())
+    wait_for(lambda: "uncertified_fleet_key" in box.sh("journalctl", "-u", "rekam-fleet-pin.service", "--no-pager",
+                                                       "-o", "cat", check=False).stdout,
+             30, "uncertified_fleet_key in rekam-fleet-pin.service's journal", step=0.2)
     assert pin.read_text().strip() == cp.public_b64(first)
 
 

@@ -17,6 +17,7 @@ from firmware import config
 from firmware.control.update import pin_path, read_root_owned, root_fleet_key
 from firmware.errors import Refused
 from firmware.wire import control_protocol as cp
+from provisioning import ca
 from tests.support import rekam
 from tests.update.conftest import Kit, make_bundle, tiny_wheel
 
@@ -128,36 +129,78 @@ def test_apply_never_trusts_the_daemons_key(idle_kit: Kit, tmp_path: Path, fleet
     assert os.readlink(kit.prefix / "current") == "venv" and not (kit.prefix / "releases/0.3.0").exists()
 
 
-def test_pin_fleet_key_trust_on_first_use(idle_kit: Kit) -> None:
-    kit = idle_kit
+def test_pin_fleet_key_only_with_the_fleet_cas_certificate(tmp_path: Path, corpus_dir: Path,
+                                                           fleet_key: Ed25519PrivateKey) -> None:
+    """The pin closes the trust-on-first-use window: root pins the claimed key only when the fleet CA of the
+    root-owned image (`control.ca_file`) certifies it (control/fleet-key.crt, from the claim), so a daemon that
+    writes a key of its own before the first pin gets nothing pinned."""
+    pki = ca.init_ca(tmp_path / "fleet-ca", ["127.0.0.1"], batch="test")
+    kit = Kit(tmp_path, corpus_dir, fleet_key, extra=f'[control]\nca_file = "{pki.fleet_ca_crt}"\n')
+    try:
+        _pin_only_certified(kit, pki, fleet_key)
+    finally:
+        kit.sup.close()
+
+
+def _pin_only_certified(kit: Kit, pki: ca.CaPaths, fleet_key: Ed25519PrivateKey) -> None:
     kit.pin.unlink()
     claimed = kit.state_dir / "control/fleet.pub"
+    cert = claimed.with_name("fleet-key.crt")
 
     def pin(*extra: str) -> tuple[int, dict[str, object], str]:
         r = rekam("update", "pin-fleet-key", "--json", *extra, cfg=kit.cfg)
         return r.returncode, json.loads(r.stdout), r.stderr
 
+    # claimed but no certificate (a daemon's own key, or a fleet that sent none): nothing pinned, the way out named
+    rc, out, err = pin()
+    assert rc == 3 and out["code"] == "uncertified_fleet_key" and "fleet-key.crt does not exist" in str(out["reason"])
+    assert not kit.pin.exists() and "--uncertified" in err
+    # a certificate from a CA of the daemon's own making
+    rogue = ca.init_ca(pki.root.parent / "rogue-ca", ["127.0.0.1"], batch="test")
+    cert.write_bytes(ca.certify_fleet_key(rogue, fleet_key.public_key()))
     rc, out, _ = pin()
-    assert rc == 0 and out["status"] == "pinned", out
+    assert rc == 3 and out["code"] == "uncertified_fleet_key" and "not issued by the fleet CA" in str(out["reason"])
+    # the certificate read without following a link the daemon planted (to the genuine one elsewhere)
+    genuine = pki.root.parent / "genuine.crt"
+    genuine.write_bytes(ca.certify_fleet_key(pki, fleet_key.public_key()))
+    cert.unlink()
+    cert.symlink_to(genuine)
+    rc, out, _ = pin()
+    assert rc == 3 and out["code"] == "uncertified_fleet_key" and not kit.pin.exists()
+    cert.unlink()
+    cert.write_bytes(genuine.read_bytes())
+    # the CA file must be root's alone, like the pin
+    os.chown(pki.fleet_ca_crt, NOBODY, 0)
+    rc, out, _ = pin()
+    assert rc == 3 and out["code"] == "untrusted_key" and str(pki.fleet_ca_crt) in str(out["reason"])
+    os.chown(pki.fleet_ca_crt, 0, 0)
+    # certified by the image's CA: pinned
+    rc, out, _ = pin()
+    assert rc == 0 and out["status"] == "pinned" and out["certified"] is True, out
     st = os.lstat(kit.pin)
     assert st.st_uid == 0 and st.st_mode & 0o777 == 0o644
     assert kit.pin.read_text().strip() == claimed.read_text().strip()
-    assert pin()[:2] == (0, {**out, "status": "unchanged"})
-    # the claimed key changes (a re-claim, or a daemon writing its own): the pin stays, both fingerprints logged
+    assert pin()[:2] == (0, {"status": "unchanged", "fingerprint": out["fingerprint"], "pin": out["pin"]})
+    # a daemon writes its own key (with the genuine certificate beside it): refused, the pin kept
     old_fp = cp.key_fingerprint(claimed.read_text().strip())
+    before = kit.pin.read_bytes()
+    claimed.write_text(cp.public_b64(Ed25519PrivateKey.generate()))
+    rc, out, err = pin()
+    assert rc == 3 and out["code"] == "uncertified_fleet_key" and "not the fleet key offered" in str(out["reason"])
+    assert kit.pin.read_bytes() == before and "updates stay verified with the pinned key" in err
+    # another key the fleet CA did certify (a new fleet key): still a technician's decision, both fingerprints logged
     new = Ed25519PrivateKey.generate()
     claimed.write_text(cp.public_b64(new))
-    before = kit.pin.read_bytes()
+    cert.write_bytes(ca.certify_fleet_key(pki, new.public_key()))
     rc, out, err = pin()
     assert rc == 3 and out["code"] == "fleet_key_changed", out
     assert kit.pin.read_bytes() == before
     line = next(ln for ln in err.splitlines() if "pin refused" in ln)
     assert f"pinned={old_fp}" in line and f"claimed={cp.key_fingerprint(new)}" in line and "--replace" in line
-    # a technician who checked the new key replaces it
     rc, out, _ = pin("--replace")
-    assert rc == 0 and out["status"] == "replaced"
+    assert rc == 0 and out["status"] == "replaced" and out["certified"] is True
     assert kit.pin.read_text().strip() == cp.public_b64(new)
-    # root reads the daemon's file without following a link it planted
+    # root reads the daemon's key file without following a link it planted
     claimed.unlink()
     claimed.symlink_to("/etc/shadow")
     rc, out, _ = pin("--replace")
@@ -165,3 +208,9 @@ def test_pin_fleet_key_trust_on_first_use(idle_kit: Kit) -> None:
     claimed.unlink()
     rc, out, _ = pin()
     assert rc == 3 and out["code"] == "not_claimed"
+    # a technician who checked the fingerprint with the fleet operator pins an uncertified key
+    kit.pin.unlink()
+    cert.unlink()
+    claimed.write_text(cp.public_b64(fleet_key))
+    rc, out, err = pin("--uncertified")
+    assert rc == 0 and out["status"] == "pinned" and out["certified"] is False and "certified=no" in err
