@@ -131,39 +131,62 @@ class Fleet:
     EVENTS_KEEP = 100_000  # rows kept in the event log (fleet.json ``events_keep``)
     EVENTS_KEEP_DAYS = 90.0  # ... and days (fleet.json ``events_keep_days``)
     EVENTS_PRUNE_EVERY = 500  # events this process writes between two prunes (its first one prunes too)
+    # One delete statement drops at most this many rows (its own short transaction: the fleet service and other
+    # `rekam-fleet` commands write in between), one prune at most EVENTS_PRUNE_MAX; a prune that stopped there is
+    # continued at the next event. A fleet.db from before pruning (millions of rows) is so worked off in steps
+    # instead of one write transaction that held every other writer past its busy timeout.
+    EVENTS_PRUNE_BATCH = 5_000
+    EVENTS_PRUNE_MAX = 100_000
 
     def event(self, kind: str, kit_id: str | None = None, **detail: Any) -> None:
         """Append one row to the event log (detail as JSON, capped at 4000 characters).
 
         The log is pruned here, where it grows: the first event a process writes and every `EVENTS_PRUNE_EVERY`-th
-        after it drop the rows beyond the newest ``events_keep`` and older than ``events_keep_days`` (two indexed
-        deletes), so no stream of events (claims, refusals) fills the disk."""
+        after it drop the rows beyond the newest ``events_keep`` and older than ``events_keep_days`` (indexed
+        deletes in batches, `_prune_events`), so no stream of events (claims, refusals) fills the disk."""
         mem = self._process_memory()
         with self._lock:
             self.db.execute("INSERT INTO events (at, kit_id, kind, detail) VALUES (?,?,?,?)",
                             (int(time.time()), kit_id, kind, json.dumps(detail, default=str)[:4000]))
             mem["events"] += 1
-            if (mem["events"] - 1) % max(1, self.EVENTS_PRUNE_EVERY) == 0:
-                self._prune_events()
+            due = (mem["events"] - 1) % max(1, self.EVENTS_PRUNE_EVERY) == 0 or mem["prune_more"]
+        if due:
+            self._prune_events()
 
     def _prune_events(self) -> int:
-        """Drop the events beyond the newest ``events_keep`` rows or older than ``events_keep_days``; returns how
-        many went."""
+        """Drop the events older than ``events_keep_days``, then those beyond the newest ``events_keep`` rows, in
+        statements of at most `EVENTS_PRUNE_BATCH` rows and `EVENTS_PRUNE_MAX` in all (the rest: at the next event);
+        returns how many went."""
         keep = int(self.settings.get("events_keep", self.EVENTS_KEEP))
         days = float(self.settings.get("events_keep_days", self.EVENTS_KEEP_DAYS))
+        batch, most = max(1, self.EVENTS_PRUNE_BATCH), max(1, self.EVENTS_PRUNE_MAX)
         with self._lock:
-            n = self.db.execute("DELETE FROM events WHERE at < ?", (int(time.time() - days * 86400),)).rowcount
             top = self.db.execute("SELECT MAX(id) FROM events").fetchone()[0]
-            if top is not None:  # ids grow by one per row (a few gaps on PostgreSQL): about `keep` rows stay
-                n += self.db.execute("DELETE FROM events WHERE id <= ?", (int(top) - keep,)).rowcount
+        rules = [("at < ?", int(time.time() - days * 86400))]
+        if top is not None:  # ids grow by one per row (a few gaps on PostgreSQL): about `keep` rows stay
+            rules.append(("id <= ?", int(top) - keep))
+        n, more = 0, False
+        for rule, bound in rules:
+            while not more:
+                limit = min(batch, most - n)
+                with self._lock:  # released between statements: other threads' registry calls go in between
+                    got = max(0, self.db.execute(f"DELETE FROM events WHERE id IN (SELECT id FROM events WHERE {rule} "
+                                                 "LIMIT ?)", (bound, limit)).rowcount)
+                n += got
+                if got < limit:
+                    break  # this rule is done
+                more = n >= most
+        self._process_memory()["prune_more"] = more
         if n > 0:
-            log.info("events pruned count=%d keep=%d keep_days=%g", n, keep, days)
+            log.info("events pruned count=%d keep=%d keep_days=%g%s", n, keep, days,
+                     " more=yes (continued at the next event)" if more else "")
         return n
 
     def _process_memory(self) -> dict[str, Any]:
         """What this process remembers for the claim path and the event log (rate-limited notes, when pending
         claims were last expired, events written), made on first use."""
-        return self.__dict__.setdefault("_claim_memory", {"notes": {}, "expire_next": 0.0, "events": 0})
+        return self.__dict__.setdefault("_claim_memory", {"notes": {}, "expire_next": 0.0, "events": 0,
+                                                          "prune_more": False})
 
     # -- kits -------------------------------------------------------------------------------
 

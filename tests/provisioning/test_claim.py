@@ -427,6 +427,35 @@ def test_claim_rules_hold_on_both_registry_backends(tmp_path, request, backend: 
     f.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_big_event_backlog_is_pruned_in_bounded_steps(tmp_path, request, backend: str) -> None:
+    """A fleet.db from before pruning (millions of rows) was pruned by its first event in one delete: one write
+    transaction holding every other writer of the registry. Now at most EVENTS_PRUNE_MAX rows per prune, in
+    statements of EVENTS_PRUNE_BATCH, continued at the next event until done; the old rows go first."""
+    registry = None if backend == "sqlite" else request.getfixturevalue("pg_database")
+    f = _own_fleet(tmp_path, registry, events_keep=10)
+    f.EVENTS_PRUNE_BATCH, f.EVENTS_PRUNE_MAX = 7, 30
+    now = int(time.time())
+    for at in [now - 100 * 86400] * 50 + [now] * 40:
+        f.db.execute("INSERT INTO events (at, kit_id, kind, detail) VALUES (?, NULL, ?, '{}')",
+                     (at, "ancient" if at < now else "recent"))
+
+    def count(kind: str | None = None) -> int:
+        if kind is None:
+            return int(f.db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return int(f.db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()[0])
+
+    f.event("test_event", None, n=1)  # the process's first event prunes: 30 of the 50 ancient rows
+    assert (count(), count("ancient")) == (91 - 30, 20)
+    f.event("test_event", None, n=2)  # continued: the other 20 ancient, then 10 of the rows beyond the newest 10
+    assert (count(), count("ancient")) == (62 - 30, 0)
+    f.event("test_event", None, n=3)  # finished: the newest 10 stay
+    assert count() == 10 and count("test_event") == 3
+    f.event("test_event", None, n=4)  # nothing left over: the next prune waits its EVENTS_PRUNE_EVERY events
+    assert count() == 11
+    f.close()
+
+
 def test_private_keys_are_written_0600_into_a_new_file_never_through_a_symlink(tmp_path) -> None:
     """F8: `kits issue --out` again over a 0644 tls.key left it 0644, and wrote through a symlink planted there."""
     f = _own_fleet(tmp_path)
