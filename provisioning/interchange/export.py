@@ -324,7 +324,12 @@ class Exporter:
 
     def run_queue(self, since: str | None = None, limit: int | None = None) -> Summary:
         """Export what was archived after `since` (default: the saved cursor), retrying earlier failures
-        first; saves the cursor after every page, so an interrupted run resumes where it stopped."""
+        first; saves the cursor after every page, so an interrupted run resumes where it stopped.
+
+        `limit` bounds what this run exports besides the retries: the re-exports of late clock corrections take
+        at most half of it (rounded up, resumed next run where they stopped), the new records the rest, so a
+        correction covering months of one kit's records neither makes a bounded run unbounded nor holds back the
+        new records."""
         s = Summary()
         with self._locked(), self._workers():
             st = self._state()
@@ -332,10 +337,11 @@ class Exporter:
             mine = st.setdefault(self.opts.fmt, {})
             start = since if since is not None else mine.get("cursor")
             failed: dict[str, str] = dict(mine.get("failed", {}))
+            new_limit = limit
             if self.tty:  # the bar's total; this run then stops there (later arrivals are the next run's)
                 pending = self._pending(start)
-                limit = pending if limit is None else min(limit, pending)
-            bar = Progress(len(failed) + (limit or 0), self.opts.fmt, out=self.stream, enabled=self.tty)
+                new_limit = pending if limit is None else min(limit, pending)
+            bar = Progress(len(failed) + (new_limit or 0), self.opts.fmt, out=self.stream, enabled=self.tty)
             retry = sorted(failed)
             for rid, r in zip(retry, self._export_many([(x, None) for x in retry]), strict=True):
                 self._tally(s, rid, r)
@@ -344,10 +350,12 @@ class Exporter:
                 else:
                     failed[rid] = r[1]
                 bar.step()
-            self._late_corrections(st, mine, start, failed, s)
+            used = self._late_corrections(st, mine, start, failed, s, None if limit is None else (limit + 1) // 2)
+            if limit is not None and new_limit is not None:
+                new_limit = min(new_limit, limit - used)
             cursor, done = start, 0
-            while limit is None or done < limit:
-                page = self._since(cursor, PAGE if limit is None else min(PAGE, limit - done))
+            while new_limit is None or done < new_limit:
+                page = self._since(cursor, PAGE if new_limit is None else min(PAGE, new_limit - done))
                 if not page:
                     break
                 for rec, r in zip(page, self._export_many([(x.record_id, x.kit_id) for x in page]), strict=True):
@@ -369,14 +377,18 @@ class Exporter:
         return s
 
     def _late_corrections(self, st: dict[str, Any], mine: dict[str, Any], start: str | None,
-                          failed: dict[str, str], s: Summary) -> None:
+                          failed: dict[str, str], s: Summary, budget: int | None = None) -> int:
         """Re-export the records this folder already exported (archive cursor at most `start`) that a clock
         correction the fleet registry kept since the last run now covers; each file is replaced atomically and
         listed in `corrected`. The registry's correction id is this format's ``corrections_cursor``, saved after
         every page of corrections (ids grow in commit order: `provisioning.registry_db`). Without a registry:
-        nothing. Records not exported yet get their correction when the queue reaches them."""
+        nothing. Records not exported yet get their correction when the queue reaches them.
+
+        At most `budget` records are looked at (None: all); a pass stopped there saves where it was
+        (``corrections_resume``: the cursor it started from, the segment, the last record done) and the next run
+        goes on from there. Returns how many records it looked at."""
         if self.archive.fleet_db is None:
-            return
+            return 0
         try:
             upto = self.archive.cursor_key(start) if start else None
         except ValueError:
@@ -390,12 +402,14 @@ class Exporter:
         except ArchiveError as e:
             raise ExportError("archive_error", str(e)) from None
         seen = mine.get("corrections_registry")
+        resume = _resume_point(mine.pop("corrections_resume", None), after)
         if mark is not None and seen is not None and seen != mark:
             self.stream.write(f"export clock corrections of another fleet registry: all of them looked at again "
                               f"was={str(seen)[:80]} now={mark}\n")
-            after = 0
+            after, resume = 0, None
         if mark is not None:
             mine["corrections_registry"] = mark
+        used = 0
         while True:
             try:
                 segments, newest = self.archive.clock_segments_since(after)
@@ -404,23 +418,58 @@ class Exporter:
             if newest == after:
                 break
             for seg in segments if upto is not None else []:
-                self._reexport_segment(seg, upto, failed, s)
-            after = newest
+                key, page_after = (seg.correction_id, seg.first_seq), None
+                if resume is not None:  # the same segments in the same order (rows never change): skip those done
+                    if key < resume[0]:
+                        continue
+                    page_after = resume[1] if key == resume[0] else None
+                    resume = None
+                left = None if budget is None else budget - used
+                finished, page_after, n = self._reexport_segment(seg, upto, failed, s, page_after, left)
+                used += n
+                if not finished:
+                    mine.update(corrections_resume={"after": after, "segment": list(key),
+                                                    "page_after": list(page_after) if page_after else None},
+                                failed=dict(sorted(failed.items())))
+                    self._save(st)
+                    self.stream.write(f"export clock corrections paused at the run's limit records={used} "
+                                      f"correction_id={seg.correction_id}; the next run goes on from there\n")
+                    return used
+            after, resume = newest, None
             mine.update(corrections_cursor=after, failed=dict(sorted(failed.items())))
             self._save(st)  # after the files of these corrections are on disk
+        return used
 
-    def _reexport_segment(self, seg: Any, upto: tuple[int, ...], failed: dict[str, str], s: Summary) -> None:
-        """Re-export the already exported, unsynced records of one correction segment (`_late_corrections`)."""
-        page_after: tuple[int, str] | None = None
+    def _reexport_segment(self, seg: Any, upto: tuple[int, ...], failed: dict[str, str], s: Summary,
+                          page_after: tuple[int, str] | None = None, left: int | None = None
+                          ) -> tuple[bool, tuple[int, str] | None, int]:
+        """Re-export the already exported, unsynced records of one correction segment (`_late_corrections`), after
+        (seq, record id) `page_after`, at most `left` of them (None: all). Returns (finished, the last record looked
+        at, how many were)."""
+        n = 0
         while True:
             try:
                 page = self.archive.records_in_range(seg.kit_id, seg.first_seq, seg.last_seq, page_after, PAGE)
             except ArchiveError as e:
                 raise ExportError("archive_error", str(e)) from None
             if not page:
-                return
+                return True, page_after, n
+            if left is not None and n >= left:
+                return False, page_after, n
+
+            def wanted(r: Any) -> bool:
+                return r.record_id not in failed and self.archive.cursor_key(r.cursor) <= upto
+
+            if left is not None:  # the page up to its last record that fits in what is left
+                room, k = left - n, 0
+                for i, r in enumerate(page):
+                    k += wanted(r)
+                    if k == room:
+                        page = page[:i + 1]
+                        break
             page_after = (page[-1].seq, page[-1].record_id)
-            todo = [r for r in page if r.record_id not in failed and self.archive.cursor_key(r.cursor) <= upto]
+            todo = [r for r in page if wanted(r)]
+            n += len(todo)
             for rec, r in zip(todo, self._export_many([(x.record_id, x.kit_id) for x in todo], only_corrected=True),
                               strict=True):
                 self._tally(s, rec.record_id, r)
@@ -486,6 +535,22 @@ class _Lock:
         os.close(self.fd)
 
 
+def _resume_point(raw: Any, after: int) -> tuple[tuple[int, int], tuple[int, str] | None] | None:
+    """((correction id, first seq) of the segment, (seq, record id) of its last record done) where a bounded run
+    stopped its late corrections (``corrections_resume`` of `.rekam-export.json`), if it started from correction
+    cursor `after` and is well formed; None otherwise (the pass then starts at the cursor: re-exports are identical
+    bytes at worst)."""
+    if not isinstance(raw, dict) or raw.get("after") != after:
+        return None
+    seg, page = raw.get("segment"), raw.get("page_after")
+    if not (isinstance(seg, list) and len(seg) == 2 and all(type(v) is int for v in seg)):
+        return None
+    if page is not None and not (isinstance(page, list) and len(page) == 2 and type(page[0]) is int
+                                 and isinstance(page[1], str)):
+        return None
+    return (seg[0], seg[1]), (tuple(page) if page is not None else None)  # type: ignore[return-value]
+
+
 def _iter_failed(s: Summary) -> Iterator[str]:
     for rid, code, msg in s.failed:
         yield f"  {rid}: {code}: {msg}"
@@ -540,7 +605,8 @@ def register(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help=_("an2k (.an2) or cbeff (.xml)"))
     p.add_argument("--out", required=True, help=_("output folder (holds the queue's cursor)"))
     p.add_argument("--since", help=_("start after this archive cursor instead of the saved one"))
-    p.add_argument("--limit", type=int, help=_("at most this many new records in this run"))
+    p.add_argument("--limit", type=int, help=_("at most this many records in this run (late clock corrections take at "
+                                               "most half of them)"))
     p.add_argument("--agency", help=_("originating agency (Type-1 DAI/ORI, Type-14/10 SRC); default $REKAM_AGENCY"))
     p.add_argument("--tot", default="ENR", help=_("Type-1 transaction type (default ENR)"))
     p.add_argument("--uncompressed", action="store_true", help=_("Type-14 images uncompressed instead of WSQ"))

@@ -177,6 +177,47 @@ def test_a_correction_that_arrives_after_the_export_re_exports_on_the_next_queue
     g.close()
 
 
+def test_limit_bounds_the_late_corrections_which_resume_where_they_stopped(kit: Kit, tmp_path: Path) -> None:
+    """`--limit N` bounds the whole run: one correction covering many exported records takes at most half of N
+    (rounded up) and goes on next run from the record it stopped after (`corrections_resume`), the new records get
+    the rest; no record is re-exported twice for one correction."""
+    full = kit.records["full"]
+    recs = [kit.reseal(full, seq) for seq in range(3000, 3006)]
+    ids = [kit.open(r)[0].record_id for r in recs]
+    a = kit.archive(tmp_path / "archive", recs)
+    a.close()
+    f = fleet_with(tmp_path, kit)
+    fleet_db = str(tmp_path / "fleet" / "fleet.db")
+    out = tmp_path / "out"
+
+    def run(*extra: str) -> tuple[dict[str, Any], str]:
+        r = export(a.root, kit, out, "an2k", "--fleet-db", fleet_db, *extra)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout), r.stderr
+
+    assert sorted(run()[0]["written"]) == sorted(ids)
+    send_corrections(f, kit, ("boot-7", [(3000, 3005, 60.0)]))
+    first, err = run("--limit", "3")  # half of 3 rounded up: 2 corrections; no new records to export
+    assert first["corrected"] == ids[:2] and "paused at the run's limit" in err, first
+    state = json.loads((out / ".rekam-export.json").read_text())["an2k"]
+    assert state["corrections_resume"]["page_after"] == [3001, ids[1]] and "corrections_cursor" not in state
+    later = kit.reseal(full, 3100)
+    b = kit.archive(a.root, [])
+    assert b.store(later, kit.ident.kit_id, "test").status == "stored"
+    b.close()
+    second, _ = run("--limit", "4")  # 2 corrections, where the first run stopped; the new record in the rest
+    later_id = kit.open(later)[0].record_id
+    assert second["corrected"] == ids[2:4] and later_id in second["written"], second
+    third, _ = run("--limit", "4")  # the last two: the correction is done, its cursor saved
+    assert third["corrected"] == ids[4:] and third["written"] == ids[4:], third
+    state = json.loads((out / ".rekam-export.json").read_text())["an2k"]
+    assert "corrections_resume" not in state and state["corrections_cursor"] >= 1
+    assert run("--limit", "4")[0]["written"] == []
+    for rid in ids:
+        assert list(an2k(out / f"{rid}.an2")[1]._18[0])[0] == "60.000"
+    f.close()
+
+
 def an2k_time(data: bytes) -> str:
     import nistitl
 
