@@ -352,11 +352,23 @@ def ingest_group(group: str | None, key_file: str | Path | None) -> str:
         return group
     if not key_file:
         return "ingest"
+    return _secret_group("ingest", key_file, b"rekam ingest share group v1")
+
+
+def fleet_service_group(paths: CaPaths) -> str:
+    """The fleet services' shared-subscription group (`firmware.wire.control_protocol.fleet_service_filters`):
+    ``fleet-`` and 128 bits of an HMAC keyed with the fleet client key (``ca/fleet-client.key``), so every
+    `rekam-fleet serve` of one fleet folder lands in the same group and no kit can name it (why a secret: see
+    `ingest_group`; a kit in the group would black-hole its share of claims, results and telemetry)."""
+    return _secret_group("fleet", paths.fleet_key, b"rekam fleet service share group v1")
+
+
+def _secret_group(prefix: str, key_file: str | Path, label: bytes) -> str:
     try:
         key = Path(key_file).read_bytes()
     except OSError as e:
-        raise CaError(f"cannot read the ingest key {key_file}: {e}") from None
-    return "ingest-" + hmac.new(key, b"rekam ingest share group v1", hashlib.sha256).hexdigest()[:32]
+        raise CaError(f"cannot read the {prefix} key {key_file}: {e}") from None
+    return f"{prefix}-" + hmac.new(key, label, hashlib.sha256).hexdigest()[:32]
 
 
 def render_broker_config(paths: CaPaths, out: Path, *, port: int = 8883, claim_port: int = 8884,

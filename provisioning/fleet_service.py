@@ -4,7 +4,12 @@ command results (all through the registry, `provisioning.registry.Fleet`).
 
 With broker shards (`provisioning.shards`) it holds one connection per shard (and one to the fleet.json brokers,
 where the claim listener is), answers each claim on the connection it came from, publishes the claimed kit's
-config on that kit's shards, and opens connections to shards added while it runs (`refresh`)."""
+config on that kit's shards, and opens connections to shards added while it runs (`refresh`).
+
+Several services may run at once, on one host or several, on the same fleet folder and registry (PostgreSQL for
+more than one host): claims, results and telemetry are shared subscriptions of one group (`ca.fleet_service_group`,
+a secret of the fleet client key), so each message is handled by one of them and the others carry on when one
+stops; the kits' retained state goes to each (`firmware.wire.control_protocol.fleet_service_filters`)."""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 
 from firmware.system.mqtt import Message, client_id
 from firmware.wire import control_protocol as cp
+from provisioning import ca
 from provisioning.fleet_link import FleetLink
 from provisioning.registry import Fleet
 
@@ -27,15 +33,17 @@ REFRESH_EVERY_S = 5.0  # how often the shard table is re-read for shards added w
 class FleetService:
     """Answers claims, records telemetry/status/config state/results; `received` gets (kind, kit_id)."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, shared: bool = True) -> None:
         self.fleet = fleet
+        # `shared`: in the services' group (the default); False: every message to this service alone
+        self.filters = cp.fleet_service_filters(ca.fleet_service_group(fleet.ca) if shared else None)
         self.links: dict[tuple[str, ...], FleetLink] = {}
         self.link = self._make(fleet.service_brokers()[0] if fleet.service_brokers() else None)
         self.received: queue.Queue[tuple[str, str]] = queue.Queue()  # (kind, kit_id) for watchers/tests
         self._lock = threading.Lock()
 
     def _make(self, brokers: list[str] | None) -> FleetLink:
-        link = FleetLink(self.fleet, client_id("fleet", "service"), self._on_message, cp.FLEET_FILTERS, brokers=brokers)
+        link = FleetLink(self.fleet, client_id("fleet", "service"), self._on_message, self.filters, brokers=brokers)
         self.links[tuple(link.broker_list)] = link
         return link
 

@@ -88,8 +88,20 @@ def status_topic(kit_id: str) -> str:
     return f"{PREFIX}/{kit_id}/status"
 
 
-FLEET_FILTERS = (CLAIM_REQUEST_FILTER, f"{PREFIX}/+/config/applied", f"{PREFIX}/+/result",
-                 f"{PREFIX}/+/telemetry", f"{PREFIX}/+/status")
+# What the fleet service subscribes to. Claims, results and telemetry go to one member of the services' shared
+# subscription group (several `rekam-fleet serve` split them, any one of them may stop); the kits' retained state
+# (config state, online status) goes to every service: a shared subscription gets no retained messages, and a
+# service that starts must learn every kit's current state.
+FLEET_SHARED_FILTERS = (CLAIM_REQUEST_FILTER, f"{PREFIX}/+/result", f"{PREFIX}/+/telemetry")
+FLEET_STATE_FILTERS = (f"{PREFIX}/+/config/applied", f"{PREFIX}/+/status")
+FLEET_FILTERS = FLEET_SHARED_FILTERS + FLEET_STATE_FILTERS
+
+
+def fleet_service_filters(group: str | None) -> tuple[str, ...]:
+    """The fleet service's subscriptions: `FLEET_SHARED_FILTERS` in shared-subscription `group` (``$share/<group>/``;
+    None: plain, every service gets every message) and `FLEET_STATE_FILTERS` plain."""
+    shared = FLEET_SHARED_FILTERS if group is None else tuple(f"$share/{group}/{f}" for f in FLEET_SHARED_FILTERS)
+    return shared + FLEET_STATE_FILTERS
 
 
 def parse_kit_topic(topic: str) -> tuple[str, str] | None:

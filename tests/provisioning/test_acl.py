@@ -237,6 +237,38 @@ def test_kit_cannot_take_a_share_of_the_ingest_group(probes, fleet, broker, tmp_
             w.close()
 
 
+def test_kit_cannot_take_a_share_of_the_fleet_services_group(probes, fleet, broker, service) -> None:
+    """The same for the fleet services' shared subscriptions (claims, results, telemetry): a kit or a claimant in
+    any group it can name gets nothing and takes nothing away; every telemetry message of another kit reaches the
+    running service once (`provisioning.ca.fleet_service_group` is a secret of the fleet client key)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    kit, _, claimant = probes
+    thief, claim_thief = kit("rk-thiefccc"), claimant("rk-thiefddd")
+    for p in (thief, claim_thief):
+        for f in ("$share/fleet/rekam/v1/+/telemetry", "$share/fleet/rekam/v1/#", "$share/fleet-service/rekam/v1/#",
+                  "$share/rekam/rekam/v1/#", "$share/fleet/rekam/v1/claim/+/+/request", "$share/fleet/#", "#"):
+            p.subscribe(f)
+    key, kid = Ed25519PrivateKey.generate(), "rk-fsendaaa"
+    fleet.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES (?, ?, 'approved', 0)",
+                     (kid, cp.public_b64(key)))
+    sender = kit(kid)
+    seen = [0]
+
+    def handled() -> int:
+        while not service.received.empty():
+            seen[0] += service.received.get_nowait() == ("telemetry", kid)
+        return seen[0]
+
+    for n in range(30):
+        assert sender.publish(cp.telemetry_topic(kid), cp.sign("telemetry", {"kit_id": kid, "n": n}, key)) < 0x80
+    wait_for(lambda: handled() >= 30, 15, "30 telemetry messages at the fleet service")
+    time.sleep(0.5)  # anything else in flight lands now
+    assert handled() == 30 and thief.messages == [] and claim_thief.messages == []
+    g = ca.fleet_service_group(fleet.ca)
+    assert re.fullmatch(r"fleet-[0-9a-f]{32}", g) and g != ca.ingest_group(None, fleet.ca.fleet_key)
+
+
 def test_ingest_group_is_a_secret_of_the_ingest_key(fleet, tmp_path) -> None:
     """The default share group: the same for every worker with the same key, another for another key, never the
     guessable `ingest`; an explicit --group wins; an unreadable key is a clear error."""

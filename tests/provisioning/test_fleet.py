@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -237,3 +238,68 @@ def test_what_a_kit_reports_reaches_the_operators_terminal_escaped_and_cut(tmp_p
     status = _fleet_cli(f, capsys, "status")
     assert "locked: '\\x1b[2J\\x1b[Hstolen'" in status and "'\\x1b[3~" in status, status  # online: cut at 8
     f.close()
+
+
+def test_several_fleet_services_share_the_kits_messages_and_each_learns_the_retained_state(tmp_path) -> None:
+    """`rekam-fleet serve` on two hosts (here two services, each with its own registry handle, on the deployed
+    broker config): each telemetry message is handled by exactly one of them, both take a share, and when one stops
+    the other handles everything; the kits' retained status reaches every service, one started later included (a
+    shared subscription gets no retained messages)."""
+    from provisioning.fleet_link import FleetLink
+    from provisioning.fleet_service import FleetService
+    from provisioning.registry import Fleet
+    from tests.support import Mosquitto
+
+    b = Mosquitto(tmp_path / "broker", claim_listener=True)
+    f = Fleet.init(tmp_path / "fleet", [f"127.0.0.1:{b.port}"], [f"127.0.0.1:{b.claim_port}"], ["127.0.0.1"],
+                   batch="test")
+    b.use_shipped(f.ca)
+    b.start()
+    key, kid = Ed25519PrivateKey.generate(), "rk-shared01"
+    f.db.execute("INSERT INTO kits (kit_id, public_key, state, claimed_at) VALUES (?, ?, 'approved', 0)",
+                 (kid, cp.public_b64(key)))
+    services = [FleetService(Fleet(f.data)).start(), FleetService(Fleet(f.data)).start()]
+    link = FleetLink(f, "fleet-test-publisher").start()
+    late = None
+    try:
+        def send(n: int, first: int) -> None:
+            for i in range(first, first + n):
+                link.publish(cp.telemetry_topic(kid), cp.sign("telemetry", {"kit_id": kid, "n": i}, key))
+            link.flush()
+
+        def got(svc: FleetService) -> list[str]:
+            out = []
+            while not svc.received.empty():
+                out.append(svc.received.get_nowait()[0])
+            return out
+
+        send(40, 0)
+        counts = [0, 0]
+
+        def all_handled(want: int) -> bool:
+            for i, s in enumerate(services):
+                counts[i] += got(s).count("telemetry")
+            return sum(counts) >= want
+
+        wait_for(lambda: all_handled(40), 10, "40 telemetry messages handled")
+        time.sleep(0.5)
+        all_handled(40)
+        assert sum(counts) == 40 and min(counts) >= 5, counts  # once each, split (mosquitto: round robin)
+        services[1].close()
+        counts = [0, 0]
+        send(10, 40)
+        wait_for(lambda: all_handled(10), 10, "10 more, by the service left")
+        assert counts == [10, 0], counts
+        assert json.loads(f.kit(kid)["telemetry"])["n"] == 49
+        # retained state: to every service, and to one that starts later
+        link.publish(cp.status_topic(kid), cp.sign("status", {"kit_id": kid, "state": "online"}, key), retain=True)
+        link.flush()
+        wait_for(lambda: "status" in got(services[0]), 10, "the status at the running service")
+        late = FleetService(Fleet(f.data)).start()
+        wait_for(lambda: "status" in got(late), 10, "the retained status at a service started later")
+    finally:
+        link.close()
+        for s in [*services, *([late] if late else [])]:
+            s.close()
+        b.stop()
+        f.close()
