@@ -264,7 +264,7 @@ class ConsolePort:
         from firmware.store.journal import LIVE
 
         store = self._kit.store
-        stick = store.stick
+        stick = store.notice_stick()  # a stick inserted a moment ago: used now, not after the watcher's next poll
         if stick is None:
             return None
         copied = store.backfill(limit)

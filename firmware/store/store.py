@@ -616,13 +616,7 @@ class Store:
 
     def begin(self) -> Reservation:
         """Start an enrollment: reserve room for one record, or raise `CaptureHalted` with the reason."""
-        stick = self.stick
-        # A stick inserted or pulled since the last poll is noticed here (detect: 3 cheap syscalls). The
-        # poll's other work, fsyncing the stick index's appended lines, stays with the USB watcher's poll:
-        # the index is the importer's convenience (it also scans records/), each record file is already
-        # durable when its commit returns, and `reindex()` restores lines a yank cost.
-        if stick is None or not detect(stick.mount, self.cfg.usb.require_mountpoint):
-            self.poll_usb(backfill=False)
+        self.notice_stick()
         with self._begin_lock:  # measure and hold in one step: two enrollments cannot share the last room
             reservation = self.guard.reserve(self.media())
             if len(self._prepared) < PREPARED_KEYS_MAX:
@@ -938,6 +932,18 @@ class Store:
                 log.exception("store change listener failed")
 
     # --- USB ----------------------------------------------------------------------------
+
+    def notice_stick(self) -> Stick | None:
+        """The stick in use, after noticing one inserted or pulled since the last poll (`poll_usb` without its
+        backfill, only when the stick looks changed: detect is 3 cheap syscalls). For callers that act on the
+        stick now (an enrollment's start, an operator's export) instead of waiting for the USB watcher's next poll.
+        The poll's other work, fsyncing the stick index's appended lines, stays with the watcher: the index is the
+        importer's convenience (it also scans records/), each record file is already durable when its commit
+        returns, and `reindex()` restores lines a yank cost."""
+        stick = self.stick
+        if stick is None or not detect(stick.mount, self.cfg.usb.require_mountpoint):
+            self.poll_usb(backfill=False)
+        return self.stick
 
     def poll_usb(self, backfill: bool = True) -> None:
         """Notice a stick appearing or going; on insertion, backfill what it lacks (`backfill=False`: only
