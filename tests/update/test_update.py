@@ -225,8 +225,9 @@ def test_kill_9_mid_install_and_mid_trial(kit: Kit, rekam_wheel: Path, tmp_path:
     d.mkdir()
     b2 = make_bundle(d, tiny_wheel(d, "0.3.0", "time.sleep(600)"), "0.3.0", fleet_key)
     p = _cli_apply(kit, b2, "--restart-cmd", "sleep 60")
-    wait_for(lambda: _state(kit).get("state") == "trial", 60, "the trial to start")
-    assert _link(kit, "current") == "releases/0.3.0"
+    # the trial is saved before the switch (a cut between them undoes the half switch): wait for both
+    wait_for(lambda: _state(kit).get("state") == "trial" and _link(kit, "current") == "releases/0.3.0", 60,
+             "the trial to start and current to switch")
     # the crash-loop unit meanwhile: the live updater handles its own trial, so it does nothing (status 2)
     r = subprocess.run(_unit_argv(kit, "rekam-rollback.service", "ExecStart"), capture_output=True, text=True,
                        timeout=60, env={**slot_env(), "REKAM_PREFIX": str(kit.prefix)})
