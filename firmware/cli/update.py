@@ -266,8 +266,9 @@ def cmd_pin_fleet_key(args: argparse.Namespace) -> int:
         print(dumps(res) if args.json else "rekam: " + str(res["reason"]) + "; nothing to pin")
         return 0
     try:
-        res = pin_fleet_key(ControlPaths.of(cfg).fleet_key, pin, cfg.path(cfg.control.ca_file), replace=args.replace,
-                            uncertified=args.uncertified)
+        paths = ControlPaths.of(cfg)
+        res = pin_fleet_key(paths.fleet_key, pin, paths.fleet_key_cert, cfg.path(cfg.control.ca_file),
+                            replace=args.replace, uncertified=args.uncertified)
     except Refused as e:
         if args.json:
             print(dumps({"status": "refused", "code": e.reason, "reason": str(e)}))

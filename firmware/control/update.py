@@ -89,7 +89,6 @@ MAX_STICK_BUNDLES = 4  # bundles looked at on one stick
 KEEP_SLOTS = 2  # current and previous; older complete slots are removed after a promotion
 #: The root-owned fleet key pin, beside the root-owned config (`pin_path`): the updater's trust anchor.
 PIN_NAME = "fleet.pub"
-FLEET_KEY_CERT_NAME = "fleet-key.crt"  # beside the claimed control/fleet.pub (`firmware.control.claim.ControlPaths`)
 DEFAULT_PIN = Path("/etc/rekam") / PIN_NAME
 MAX_KEY_FILE_BYTES = 4096
 MAX_TRUSTED_CONFIG_BYTES = 1024 * 1024
@@ -234,11 +233,10 @@ def _read_claimed_key(claimed: Path) -> Ed25519PublicKey:
         raise Refused("bad_fleet_key", f"{claimed}: {e}") from None
 
 
-def _check_certified(offered: Ed25519PublicKey, claimed: Path, ca_file: Path) -> None:
-    """`Refused` (``uncertified_fleet_key``) unless the certificate the claim stored beside `claimed`
-    (``control/fleet-key.crt``, daemon-written, read without following links) certifies `offered` under the CA
+def _check_certified(offered: Ed25519PublicKey, cert_file: Path, ca_file: Path) -> None:
+    """`Refused` (``uncertified_fleet_key``) unless the certificate the claim stored (`cert_file`,
+    ``control/fleet-key.crt``, daemon-written, read without following links) certifies `offered` under the CA
     certificate `ca_file`, which must be root's alone (`read_root_owned`; ``untrusted_key`` otherwise)."""
-    cert_file = claimed.with_name(FLEET_KEY_CERT_NAME)
     try:
         cas = fleet_key_cert.load_ca_certificates(read_root_owned(ca_file, fleet_key_cert.MAX_CA_BYTES), str(ca_file))
     except FileNotFoundError:
@@ -259,14 +257,14 @@ def _check_certified(offered: Ed25519PublicKey, claimed: Path, ca_file: Path) ->
         raise Refused(e.reason, str(e)) from None
 
 
-def pin_fleet_key(claimed: Path, pin: Path, ca_file: Path, replace: bool = False,
+def pin_fleet_key(claimed: Path, pin: Path, cert_file: Path, ca_file: Path, replace: bool = False,
                   uncertified: bool = False) -> dict[str, Any]:
     """Copy the claimed fleet key (``control/fleet.pub``, daemon-written) to the root-owned `pin`, once the fleet CA
-    certificate `ca_file` (root's alone) certifies it through ``control/fleet-key.crt`` (`_check_certified`;
-    `uncertified`: a technician who checked the fingerprint pins without). A pin holding the same key: nothing to
-    do (``unchanged``). A pin holding another key: `Refused` (``fleet_key_changed``, both fingerprints logged) and
-    the pin is kept, unless `replace` (a technician's decision). Returns ``{"status": pinned|unchanged|replaced,
-    "fingerprint", "pin", "certified"}``."""
+    certificate `ca_file` (root's alone) certifies it through `cert_file` (``control/fleet-key.crt``;
+    `_check_certified`; `uncertified`: a technician who checked the fingerprint pins without). A pin holding the
+    same key: nothing to do (``unchanged``). A pin holding another key: `Refused` (``fleet_key_changed``, both
+    fingerprints logged) and the pin is kept, unless `replace` (a technician's decision). Returns
+    ``{"status": pinned|unchanged|replaced, "fingerprint", "pin", "certified"}``."""
     offered = _read_claimed_key(claimed)
     fp = cp.key_fingerprint(offered)
     pin.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -288,7 +286,7 @@ def pin_fleet_key(claimed: Path, pin: Path, ca_file: Path, replace: bool = False
     certified = not uncertified
     if certified:
         try:
-            _check_certified(offered, claimed, ca_file)
+            _check_certified(offered, cert_file, ca_file)
         except Refused as e:
             log.error("update fleet key pin refused: the claimed key is not certified by the fleet CA claimed=%s "
                       "problem=%s; updates stay %s; if the fleet operator confirms this fingerprint, a technician "
